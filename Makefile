@@ -1,0 +1,71 @@
+# kata-vfio — set-up, tests, image, demo and benchmarks.
+# `make demo` and `make test` work on a fresh Debian 12 machine (as root): they install
+# the Debian packages and the Python venv they need first.
+
+SHELL := /bin/bash
+PYTHON ?= /usr/bin/python3
+VENV ?= .venv
+BUILD ?= build
+PY := $(VENV)/bin/python
+# The guest kernel: the one Debian's linux-image-amd64 depends on.
+KVER ?= $(shell dpkg-query -W -f='$${Depends}' linux-image-amd64 2>/dev/null | sed -n 's/.*linux-image-\([0-9][^ ,]*\).*/\1/p')
+
+APT_PACKAGES := podman runc conmon catatonit uidmap fuse-overlayfs slirp4netns \
+	qemu-system-x86 dracut dracut-core linux-image-amd64 kmod cpio busybox-static \
+	golang-github-opencontainers-specs-dev pci.ids iproute2 python3-venv python3-pip
+PY_SOURCES := $(shell find common wrapper hook -name '*.py' -o -name '*.json') pyproject.toml
+
+.PHONY: all deps venv lint test test-unit initrd demo bench register-podman unregister-podman clean
+
+all: venv
+
+$(BUILD)/.deps:
+	@mkdir -p $(BUILD)
+	@missing=$$(dpkg-query -W -f='$${db:Status-Abbrev} $${Package}\n' $(APT_PACKAGES) 2>&1 \
+	  | awk '$$1 != "ii" {print $$NF}'); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:" $$missing; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+	    --no-install-recommends $(APT_PACKAGES); \
+	fi
+	@touch $@
+deps: $(BUILD)/.deps
+
+$(VENV)/.installed: $(BUILD)/.deps $(PY_SOURCES)
+	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check '.[test]'
+	@touch $@
+venv: $(VENV)/.installed
+
+lint: venv
+	$(VENV)/bin/ruff check common wrapper hook tests bench
+	$(VENV)/bin/mypy common/kata_vfio wrapper/kata_vfio_wrapper hook/kata_vfio_hook
+
+# Everything: unit tests, real podman end to end, QEMU guests. CI runs this.
+test: lint initrd
+	KATA_VFIO_INITRD=$(abspath $(BUILD))/kata-vfio-initrd.img KATA_VFIO_KVER=$(KVER) \
+	  $(VENV)/bin/pytest -m "" tests
+
+# Fast feedback: no podman, no VM.
+test-unit: venv
+	$(VENV)/bin/pytest -m "not podman and not vm" tests
+
+$(BUILD)/kata-vfio-initrd.img: venv $(wildcard initrd/*) $(PY_SOURCES)
+	$(PY) initrd/build.py --kver $(KVER) --output $@
+
+initrd: $(BUILD)/kata-vfio-initrd.img
+
+demo: initrd
+	$(PY) -m kata_vfio_vm.demo --initrd $(abspath $(BUILD))/kata-vfio-initrd.img --kver $(KVER)
+
+bench: initrd
+	$(PY) bench/run.py --initrd $(abspath $(BUILD))/kata-vfio-initrd.img --kver $(KVER)
+
+register-podman: venv
+	$(VENV)/bin/kata-vfio-ctl podman-register --runtime-path $(abspath $(VENV))/bin/kata-vfio
+
+unregister-podman: venv
+	$(VENV)/bin/kata-vfio-ctl podman-unregister
+
+clean:
+	rm -rf $(BUILD) $(VENV)

@@ -1,0 +1,54 @@
+"""JSON-lines event log for the guest hook, standard library only.
+
+The host side logs through structlog; the hook cannot afford its import
+(tens of milliseconds against a budget of a few Python start-ups), so it writes
+records of the same shape itself: timestamp, level, event, bound context.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _timestamp() -> str:
+    now = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z"
+
+
+class JsonLog:
+    """Appends one JSON object per line; a log that cannot be written is dropped quietly."""
+
+    def __init__(self, path: Path | None, context: dict[str, Any] | None = None) -> None:
+        self._path = path
+        self._context = dict(context or {})
+
+    def bind(self, **context: Any) -> JsonLog:
+        return JsonLog(self._path, {**self._context, **context})
+
+    def _emit(self, level: str, event: str, fields: dict[str, Any]) -> None:
+        if self._path is None:
+            return
+        record = {"timestamp": _timestamp(), "level": level, "event": event,
+                  **self._context, **fields}
+        line = json.dumps(record, default=str, separators=(",", ":")) + "\n"
+        try:
+            fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        except OSError:
+            return
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+
+    def info(self, event: str, **fields: Any) -> None:
+        self._emit("info", event, fields)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self._emit("warning", event, fields)
+
+    def error(self, event: str, **fields: Any) -> None:
+        self._emit("error", event, fields)

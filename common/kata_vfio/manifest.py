@@ -1,0 +1,133 @@
+"""The device manifest: what the host wrapper tells the guest hook.
+
+It travels as the annotation ``io.kata-vfio.manifest`` (annotations reach the
+guest; ``/dev/vfio`` entries do not). Versioned JSON, parsed strictly on both ends.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from kata_vfio.errors import SpecError
+from kata_vfio.pci import IommuGroup, PciAddress
+
+MANIFEST_ANNOTATION = "io.kata-vfio.manifest"
+DEVICES_ANNOTATION = "io.kata-vfio.devices"
+GUEST_HOOK_PATH_ANNOTATION = "io.katacontainers.config.hypervisor.guest_hook_path"
+MANIFEST_VERSION = 1
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def _parse_mac(value: object) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        octets = value.lower().split(":")
+        if len(octets) == 6 and all(len(o) == 2 and set(o) <= _HEX for o in octets):
+            return value.lower()
+    raise SpecError(f"manifest: {value!r} is not a MAC address", "regenerate the manifest")
+
+
+def _parse_id(obj: dict[str, Any], key: str, bits: int) -> int:
+    value = obj.get(key)
+    if isinstance(value, str) and value.startswith("0x"):
+        try:
+            number = int(value, 16)
+        except ValueError:
+            number = -1
+        if 0 <= number < (1 << bits):
+            return number
+    raise SpecError(f"manifest: {key}={value!r} is not a {bits}-bit hex number",
+                    "regenerate the manifest")
+
+
+@dataclass(frozen=True)
+class ManifestDevice:
+    host_address: PciAddress
+    vendor: int
+    device: int
+    subsystem_vendor: int
+    subsystem_device: int
+    class_code: int
+    mac: str | None = None
+
+    def to_obj(self) -> dict[str, Any]:
+        obj: dict[str, Any] = {
+            "host_address": str(self.host_address),
+            "vendor": f"0x{self.vendor:04x}",
+            "device": f"0x{self.device:04x}",
+            "subsystem_vendor": f"0x{self.subsystem_vendor:04x}",
+            "subsystem_device": f"0x{self.subsystem_device:04x}",
+            "class": f"0x{self.class_code:06x}",
+        }
+        if self.mac:
+            obj["mac"] = self.mac
+        return obj
+
+    @classmethod
+    def from_obj(cls, obj: Any) -> ManifestDevice:
+        if not isinstance(obj, dict) or not isinstance(obj.get("host_address"), str):
+            raise SpecError("manifest: a device entry has no host_address",
+                            "regenerate the manifest")
+        return cls(
+            host_address=PciAddress.parse(obj["host_address"]),
+            vendor=_parse_id(obj, "vendor", 16),
+            device=_parse_id(obj, "device", 16),
+            subsystem_vendor=_parse_id(obj, "subsystem_vendor", 16),
+            subsystem_device=_parse_id(obj, "subsystem_device", 16),
+            class_code=_parse_id(obj, "class", 24),
+            mac=_parse_mac(obj.get("mac")),
+        )
+
+
+@dataclass(frozen=True)
+class ManifestGroup:
+    host_group: IommuGroup
+    devices: tuple[ManifestDevice, ...]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    groups: tuple[ManifestGroup, ...]
+
+    @property
+    def devices(self) -> list[ManifestDevice]:
+        return [d for g in self.groups for d in g.devices]
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "version": MANIFEST_VERSION,
+                "groups": [
+                    {"host_group": g.host_group.number, "devices": [d.to_obj() for d in g.devices]}
+                    for g in self.groups
+                ],
+            },
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise SpecError(f"manifest annotation is not JSON ({exc})",
+                            "regenerate it with the kata-vfio wrapper") from None
+        if not isinstance(data, dict) or data.get("version") != MANIFEST_VERSION:
+            raise SpecError(
+                f"manifest version {data.get('version') if isinstance(data, dict) else None!r}"
+                f" is not {MANIFEST_VERSION}",
+                "use the same kata-vfio release on the host and in the guest image",
+            )
+        groups = []
+        for g in data.get("groups") or []:
+            number = g.get("host_group") if isinstance(g, dict) else None
+            if not isinstance(number, int) or isinstance(number, bool) or number < 0:
+                raise SpecError("manifest: a group has no host_group number",
+                                "regenerate the manifest")
+            devices = tuple(ManifestDevice.from_obj(d) for d in g.get("devices") or [])
+            groups.append(ManifestGroup(IommuGroup(number), devices))
+        return cls(tuple(groups))

@@ -1,0 +1,240 @@
+"""PCI addresses, IOMMU groups and the facts sysfs gives about a device.
+
+Every function that reads sysfs takes the sysfs root as a Path (``/sys`` in
+production, a fake tree in tests). Untrusted strings are parsed into
+`PciAddress` / `IommuGroup` before they are ever joined to a path.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from kata_vfio.errors import DeviceError
+
+_HEX = frozenset("0123456789abcdef")
+
+VFIO_PCI = "vfio-pci"
+PCI_STUB = "pci-stub"
+CLASS_BRIDGE_PCI = 0x0604  # base class 0x06 (bridge), subclass 0x04 (PCI-to-PCI)
+CLASS_NETWORK = 0x02
+
+
+def _hex_field(text: str, width: int, what: str, original: str) -> int:
+    if len(text) != width or not set(text) <= _HEX:
+        raise DeviceError(
+            f"malformed PCI address {original!r}: {what} must be {width} hex digits",
+            "write addresses as DDDD:BB:SS.F, e.g. 0000:03:00.0",
+        )
+    return int(text, 16)
+
+
+@dataclass(frozen=True, order=True)
+class PciAddress:
+    """A PCI function address, ``DDDD:BB:SS.F``; prints canonically (lower-case)."""
+
+    domain: int
+    bus: int
+    slot: int
+    function: int
+
+    @classmethod
+    def parse(cls, text: str) -> PciAddress:
+        raw = text.strip().lower()
+        parts = raw.split(":")
+        if len(parts) != 3 or raw.count(".") != 1 or not parts[2].count("."):
+            raise DeviceError(
+                f"malformed PCI address {text!r}",
+                "write addresses as DDDD:BB:SS.F, e.g. 0000:03:00.0",
+            )
+        domain_s, bus_s, rest = parts
+        slot_s, func_s = rest.split(".")
+        # Domains are 4 hex digits, or 5 behind an Intel VMD controller.
+        domain_width = 5 if len(domain_s) == 5 else 4
+        domain = _hex_field(domain_s, domain_width, "the domain", text)
+        bus = _hex_field(bus_s, 2, "the bus", text)
+        slot = _hex_field(slot_s, 2, "the slot", text)
+        function = _hex_field(func_s, 1, "the function", text)
+        if slot > 0x1F or function > 7:
+            raise DeviceError(
+                f"malformed PCI address {text!r}: slot must be <= 1f and function <= 7",
+                "write addresses as DDDD:BB:SS.F, e.g. 0000:03:00.0",
+            )
+        return cls(domain, bus, slot, function)
+
+    def __str__(self) -> str:
+        return f"{self.domain:04x}:{self.bus:02x}:{self.slot:02x}.{self.function:x}"
+
+
+@dataclass(frozen=True, order=True)
+class IommuGroup:
+    """An IOMMU group number, as in ``/dev/vfio/<N>``."""
+
+    number: int
+
+    @classmethod
+    def parse(cls, text: str) -> IommuGroup:
+        if not text or not text.isascii() or not text.isdigit() or len(text) > 9:
+            raise DeviceError(
+                f"{text!r} is not an IOMMU group number",
+                "IOMMU groups are plain decimal numbers, as in /dev/vfio/12",
+            )
+        return cls(int(text))
+
+    def __str__(self) -> str:
+        return str(self.number)
+
+
+@dataclass(frozen=True)
+class PciDevice:
+    """What sysfs says about one PCI function."""
+
+    address: PciAddress
+    vendor: int
+    device: int
+    subsystem_vendor: int
+    subsystem_device: int
+    class_code: int  # 24 bits: base class, subclass, programming interface
+    driver: str | None
+    iommu_group: IommuGroup | None
+    driver_override: str | None = None
+    physfn: PciAddress | None = None
+    net_interfaces: tuple[str, ...] = ()
+
+    @property
+    def is_bridge(self) -> bool:
+        return self.class_code >> 8 == CLASS_BRIDGE_PCI
+
+    @property
+    def is_network(self) -> bool:
+        return self.class_code >> 16 == CLASS_NETWORK
+
+    @property
+    def ids(self) -> str:
+        return f"{self.vendor:04x}:{self.device:04x}"
+
+
+def is_vfio_driver(driver: str | None) -> bool:
+    """vfio-pci itself or a vendor variant such as mlx5_vfio_pci."""
+    return driver is not None and (driver == VFIO_PCI or driver.endswith("_vfio_pci"))
+
+
+def usable_by_vfio(dev: PciDevice) -> bool:
+    """The kernel's group viability rule for one member of an IOMMU group."""
+    return (dev.driver is None or dev.driver == PCI_STUB or is_vfio_driver(dev.driver)
+            or dev.is_bridge)
+
+
+# --- sysfs paths: the kernel contract in one place ------------------------------------
+
+
+def device_dir(sysfs: Path, addr: PciAddress) -> Path:
+    return sysfs / "bus/pci/devices" / str(addr)
+
+
+def group_devices_dir(sysfs: Path, group: IommuGroup) -> Path:
+    return sysfs / "kernel/iommu_groups" / str(group) / "devices"
+
+
+def driver_dir(sysfs: Path, driver: str) -> Path:
+    return sysfs / "bus/pci/drivers" / driver
+
+
+def drivers_probe_path(sysfs: Path) -> Path:
+    return sysfs / "bus/pci/drivers_probe"
+
+
+def vfio_group_class_dir(sysfs: Path, group: IommuGroup) -> Path:
+    return sysfs / "class/vfio" / str(group)
+
+
+def _read_text(path: Path) -> str:
+    return path.read_text(encoding="ascii").strip()
+
+
+def _read_hex(path: Path) -> int:
+    return int(_read_text(path), 16)
+
+
+def _link_name(path: Path) -> str | None:
+    try:
+        return os.path.basename(os.readlink(path))
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def read_device(sysfs: Path, addr: PciAddress) -> PciDevice:
+    """Read one device's facts; `DeviceError` when sysfs has no such device."""
+    base = device_dir(sysfs, addr)
+    if not base.is_dir():
+        raise DeviceError(
+            f"no PCI device {addr} on this host",
+            "list the host's devices with: kata-vfio-ctl devices",
+        )
+    group_name = _link_name(base / "iommu_group")
+    physfn_name = _link_name(base / "physfn")
+    override_path = base / "driver_override"
+    override = _read_text(override_path) if override_path.exists() else ""
+    net_dir = base / "net"
+    nets = tuple(sorted(os.listdir(net_dir))) if net_dir.is_dir() else ()
+    return PciDevice(
+        address=addr,
+        vendor=_read_hex(base / "vendor"),
+        device=_read_hex(base / "device"),
+        subsystem_vendor=_read_hex(base / "subsystem_vendor"),
+        subsystem_device=_read_hex(base / "subsystem_device"),
+        class_code=_read_hex(base / "class"),
+        driver=_link_name(base / "driver"),
+        iommu_group=IommuGroup.parse(group_name) if group_name else None,
+        driver_override=None if override in ("", "(null)") else override,
+        physfn=PciAddress.parse(physfn_name) if physfn_name else None,
+        net_interfaces=nets,
+    )
+
+
+def list_addresses(sysfs: Path) -> list[PciAddress]:
+    """Every PCI function sysfs knows, sorted."""
+    root = sysfs / "bus/pci/devices"
+    if not root.is_dir():
+        return []
+    return sorted(PciAddress.parse(name) for name in os.listdir(root))
+
+
+def group_of(sysfs: Path, addr: PciAddress) -> IommuGroup:
+    """The IOMMU group of a device, or a `DeviceError` saying how to get one."""
+    dev = read_device(sysfs, addr)
+    if dev.iommu_group is None:
+        raise DeviceError(
+            f"PCI device {addr} has no IOMMU group",
+            "enable the IOMMU: boot the host with intel_iommu=on (Intel) or amd_iommu=on (AMD)",
+        )
+    return dev.iommu_group
+
+
+def group_members(sysfs: Path, group: IommuGroup) -> list[PciAddress]:
+    members_dir = group_devices_dir(sysfs, group)
+    if not members_dir.is_dir():
+        raise DeviceError(
+            f"IOMMU group {group} does not exist on this host",
+            "list groups and their devices with: kata-vfio-ctl devices",
+        )
+    return sorted(PciAddress.parse(name) for name in os.listdir(members_dir))
+
+
+def vfio_group_devnum(sysfs: Path, group: IommuGroup) -> tuple[int, int]:
+    """major:minor of ``/dev/vfio/<group>`` (dynamic: read from sysfs)."""
+    dev_file = vfio_group_class_dir(sysfs, group) / "dev"
+    try:
+        major_s, minor_s = _read_text(dev_file).split(":")
+        return int(major_s), int(minor_s)
+    except FileNotFoundError:
+        raise DeviceError(
+            f"/dev/vfio/{group} does not exist: IOMMU group {group} is not bound to vfio-pci",
+            f"bind its devices first: kata-vfio-ctl bind <address of a device in group {group}>",
+        ) from None
+    except ValueError:
+        raise DeviceError(f"cannot parse {dev_file}", "is this a sysfs tree?") from None
+
+
+VFIO_CONTAINER_DEVNUM = (10, 196)  # /dev/vfio/vfio, misc device

@@ -1,0 +1,96 @@
+"""Moving a PCI device between drivers the way the kernel wants it done.
+
+driver_override -> unbind -> drivers_probe, then the ``driver`` link is checked,
+because drivers_probe reports success even when nothing bound. Never ``new_id``:
+it hands every unbound device with the same IDs to the driver.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from kata_vfio.errors import BindError
+from kata_vfio.pci import PciAddress, device_dir, drivers_probe_path, read_device
+
+# The seam through which every sysfs attribute is written. Tests pass a fake kernel.
+SysfsWrite = Callable[[Path, str], None]
+
+
+def write_attr(path: Path, text: str) -> None:
+    """Write a sysfs attribute with one write(2), as the kernel expects."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, text.encode("ascii"))
+    finally:
+        os.close(fd)
+
+
+def current_driver(sysfs: Path, addr: PciAddress) -> str | None:
+    try:
+        return os.path.basename(os.readlink(device_dir(sysfs, addr) / "driver"))
+    except OSError:
+        return None
+
+
+def bind_to(
+    sysfs: Path, addr: PciAddress, driver: str, write: SysfsWrite = write_attr
+) -> str | None:
+    """Bind `addr` to `driver`; returns the driver it had. A no-op when already bound."""
+    before = current_driver(sysfs, addr)
+    if before == driver:
+        return before
+    base = device_dir(sysfs, addr)
+    write(base / "driver_override", driver)
+    if before is not None:
+        write(base / "driver" / "unbind", str(addr))
+    _probe(sysfs, addr, write)
+    after = current_driver(sysfs, addr)
+    if after != driver:
+        raise BindError(
+            f"{driver} did not take PCI device {addr} (driver now: {after or 'none'})",
+            f"is the {driver} module loaded? see the kernel log (dmesg) for {addr}",
+        )
+    return before
+
+
+def give_back(
+    sysfs: Path,
+    addr: PciAddress,
+    driver: str | None,
+    override: str | None = None,
+    write: SysfsWrite = write_attr,
+) -> None:
+    """Return `addr` to `driver` (None: leave it driver-less) and restore its override."""
+    base = device_dir(sysfs, addr)
+    write(base / "driver_override", override or "\n")
+    if current_driver(sysfs, addr) == driver:
+        return
+    if current_driver(sysfs, addr) is not None:
+        write(base / "driver" / "unbind", str(addr))
+    if driver is None:
+        return
+    _probe(sysfs, addr, write)
+    now = current_driver(sysfs, addr)
+    if now != driver:
+        raise BindError(
+            f"could not give PCI device {addr} back to {driver} (driver now: {now or 'none'})",
+            f"bind it by hand: echo {addr} > /sys/bus/pci/drivers/{driver}/bind",
+        )
+
+
+def _probe(sysfs: Path, addr: PciAddress, write: SysfsWrite) -> None:
+    try:
+        write(drivers_probe_path(sysfs), str(addr))
+    except OSError as exc:
+        # The kernel answers drivers_probe with an error when no driver matched;
+        # the driver link, checked by the caller, is what counts.
+        if exc.errno not in (errno.EINVAL, errno.ENODEV, errno.ENOENT):
+            raise
+
+
+def describe(sysfs: Path, addr: PciAddress) -> str:
+    dev = read_device(sysfs, addr)
+    return f"{addr} [{dev.ids}] driver={dev.driver or 'none'}"

@@ -1,0 +1,162 @@
+"""Fake sysfs trees with the kernel's real symlink shapes, and a fake kernel.
+
+One module for every test that needs /sys: the layout follows what Linux builds
+(``bus/pci/devices/<addr>`` -> ``devices/pci0000:00/<addr>``, ``iommu_group``,
+``driver``, ``physfn``/``virtfnN``, ``net/<ifname>``, ``class/vfio/<N>/dev``), so
+code that works on it resolves the same links it meets on a real host.
+`FakeKernel` plays the kernel's side of driver_override / unbind / drivers_probe.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from kata_vfio.pci import PciAddress
+
+E1000E = (0x8086, 0x10D3, 0x020000)
+NVME = (0x1B36, 0x0010, 0x010802)
+BRIDGE = (0x1B36, 0x0001, 0x060400)
+IGBVF = (0x8086, 0x10CA, 0x020000)
+
+
+@dataclass
+class FakeSysfs:
+    root: Path
+    vfio_major: int = 243
+
+    def __post_init__(self) -> None:
+        for d in ("devices/pci0000:00", "bus/pci/devices", "bus/pci/drivers",
+                  "kernel/iommu_groups", "class/vfio", "devices/virtual/vfio"):
+            (self.root / d).mkdir(parents=True, exist_ok=True)
+        (self.root / "bus/pci/drivers_probe").write_text("")
+        self.native: dict[str, str | None] = {}
+
+    # -- building ---------------------------------------------------------------------
+    def dev_dir(self, addr: str) -> Path:
+        return self.root / "devices/pci0000:00" / addr
+
+    def add_driver(self, name: str) -> Path:
+        d = self.root / "bus/pci/drivers" / name
+        if not d.is_dir():
+            d.mkdir(parents=True)
+            for attr in ("bind", "unbind", "new_id", "remove_id"):
+                (d / attr).write_text("")
+        return d
+
+    def add_device(
+        self,
+        addr: str,
+        ids: tuple[int, int, int] = E1000E,
+        *,
+        group: int | None = None,
+        driver: str | None = None,
+        subsystem: tuple[int, int] = (0x8086, 0x0000),
+        net: tuple[str, ...] = (),
+        mac: str = "52:54:00:12:34:56",
+    ) -> Path:
+        addr = str(PciAddress.parse(addr))
+        d = self.dev_dir(addr)
+        d.mkdir(parents=True)
+        vendor, device, class_code = ids
+        (d / "vendor").write_text(f"0x{vendor:04x}\n")
+        (d / "device").write_text(f"0x{device:04x}\n")
+        (d / "subsystem_vendor").write_text(f"0x{subsystem[0]:04x}\n")
+        (d / "subsystem_device").write_text(f"0x{subsystem[1]:04x}\n")
+        (d / "class").write_text(f"0x{class_code:06x}\n")
+        (d / "driver_override").write_text("(null)\n")
+        os.symlink(f"../../../devices/pci0000:00/{addr}", self.root / "bus/pci/devices" / addr)
+        if group is not None:
+            gdir = self.root / "kernel/iommu_groups" / str(group) / "devices"
+            gdir.mkdir(parents=True, exist_ok=True)
+            os.symlink(f"../../../../devices/pci0000:00/{addr}", gdir / addr)
+            os.symlink(f"../../../kernel/iommu_groups/{group}", d / "iommu_group")
+        for ifname in net:
+            (d / "net" / ifname).mkdir(parents=True)
+            (d / "net" / ifname / "address").write_text(mac + "\n")
+        self.native[addr] = driver
+        if driver:
+            self.set_driver(addr, driver)
+        return d
+
+    def add_vf(self, pf: str, vf: str, index: int) -> None:
+        os.symlink(f"../{pf}", self.dev_dir(vf) / "physfn")
+        os.symlink(f"../{vf}", self.dev_dir(pf) / f"virtfn{index}")
+
+    def add_vfio_group(self, group: int, minor: int | None = None) -> None:
+        vdir = self.root / "devices/virtual/vfio" / str(group)
+        vdir.mkdir(parents=True, exist_ok=True)
+        (vdir / "dev").write_text(f"{self.vfio_major}:{group if minor is None else minor}\n")
+        link = self.root / "class/vfio" / str(group)
+        if not link.is_symlink():
+            os.symlink(f"../../devices/virtual/vfio/{group}", link)
+
+    def set_driver(self, addr: str, driver: str | None) -> None:
+        d = self.dev_dir(addr)
+        old = self.driver(addr)
+        if old:
+            (d / "driver").unlink()
+            (self.root / "bus/pci/drivers" / old / addr).unlink()
+        if driver:
+            self.add_driver(driver)
+            os.symlink(f"../../../bus/pci/drivers/{driver}", d / "driver")
+            os.symlink(f"../../../../devices/pci0000:00/{addr}",
+                       self.root / "bus/pci/drivers" / driver / addr)
+
+    # -- reading ----------------------------------------------------------------------
+    def driver(self, addr: str) -> str | None:
+        link = self.dev_dir(addr) / "driver"
+        return os.path.basename(os.readlink(link)) if link.is_symlink() else None
+
+    def group(self, addr: str) -> int | None:
+        link = self.dev_dir(addr) / "iommu_group"
+        return int(os.path.basename(os.readlink(link))) if link.is_symlink() else None
+
+
+class FakeKernel:
+    """The kernel's side of the sysfs writes that move drivers, on a FakeSysfs.
+
+    driver_override stores the name; ``drivers/<d>/unbind`` drops the driver link;
+    ``drivers_probe`` binds the override if set (when that driver is registered),
+    else the device's native driver. Binding vfio-pci creates ``class/vfio/<group>``.
+    `refuse` names devices vfio-pci will not take (its probe fails).
+    """
+
+    def __init__(self, fs: FakeSysfs, refuse: frozenset[str] = frozenset()) -> None:
+        self.fs = fs
+        self.refuse = refuse
+        self.writes: list[tuple[str, str]] = []
+
+    def write(self, path: Path, text: str) -> None:
+        rel = os.path.relpath(os.path.realpath(path.parent), self.fs.root)
+        self.writes.append((f"{rel}/{path.name}", text))
+        if path.name == "driver_override":
+            value = text.strip()
+            Path(os.path.realpath(path)).write_text((value or "(null)") + "\n")
+        elif path.name == "unbind":
+            addr = str(PciAddress.parse(text))
+            self.fs.set_driver(addr, None)
+        elif path.name == "drivers_probe":
+            self._probe(str(PciAddress.parse(text)))
+        elif path.name == "new_id":
+            raise AssertionError("new_id must never be used")
+        else:
+            path.write_text(text)
+
+    def _probe(self, addr: str) -> None:
+        if self.fs.driver(addr):
+            return
+        override = (self.fs.dev_dir(addr) / "driver_override").read_text().strip()
+        if override and override != "(null)":
+            registered = (self.fs.root / "bus/pci/drivers" / override).is_dir()
+            if not registered or (override == "vfio-pci" and addr in self.refuse):
+                raise OSError(22, "Invalid argument")
+            self.fs.set_driver(addr, override)
+            group = self.fs.group(addr)
+            if override == "vfio-pci" and group is not None:
+                self.fs.add_vfio_group(group)
+            return
+        native = self.fs.native.get(addr)
+        if native:
+            self.fs.set_driver(addr, native)

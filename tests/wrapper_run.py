@@ -1,0 +1,64 @@
+"""Running the wrapper as podman does: a separate process, with a recording inner runtime."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+SOURCE_PATH = os.pathsep.join(str(REPO / d) for d in ("common", "wrapper", "hook"))
+
+RECORDER = """#!{python}
+import json, os, sys
+fds = sorted(int(f) for f in os.listdir("/proc/self/fd"))
+extra = {{}}
+for fd in fds:
+    if fd > 2:
+        try:
+            extra[fd] = os.read(fd, 100).decode(errors="replace")
+        except OSError:
+            pass
+with open(os.environ["RECORDER_OUT"], "w") as f:
+    json.dump({{"argv": sys.argv, "pid": os.getpid(), "fds": extra,
+               "stdin": sys.stdin.read()}}, f)
+sys.exit(int(os.environ.get("RECORDER_EXIT", "0")))
+"""
+
+
+def make_recorder(directory: Path) -> Path:
+    path = directory / "inner-runtime"
+    path.write_text(RECORDER.format(python=sys.executable))
+    path.chmod(0o755)
+    return path
+
+
+def write_config(directory: Path, **values: Any) -> Path:
+    lines = []
+    for key, value in values.items():
+        if isinstance(value, dict):
+            continue
+        lines.append(f"{key} = {json.dumps(value)}")
+    for key, value in values.items():
+        if isinstance(value, dict):
+            lines.append(f"[{key}]")
+            lines += [f"{json.dumps(k)} = {json.dumps(v)}" for k, v in value.items()]
+    path = directory / "config.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def wrapper_command() -> list[str]:
+    return [sys.executable, "-m", "kata_vfio_wrapper.runtime"]
+
+
+def run_wrapper(args: list[str], config: Path, record: Path, **kwargs: Any
+                ) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": SOURCE_PATH,
+           "KATA_VFIO_CONFIG": str(config), "RECORDER_OUT": str(record),
+           **kwargs.pop("env", {})}
+    return subprocess.run([*wrapper_command(), *args], env=env, text=True,
+                          capture_output=True, timeout=60, **kwargs)

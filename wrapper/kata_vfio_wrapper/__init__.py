@@ -1,0 +1,1 @@
+"""Host side of kata-vfio: the OCI runtime wrapper podman runs, and the host tools."""

@@ -1,0 +1,83 @@
+"""Reading just enough of an OCI runtime command line to act on it.
+
+The wrapper never rebuilds the command line: it finds the verb, the runtime log
+and, for create/run, the bundle and container id, and hands the argv on as is.
+"""
+
+from __future__ import annotations
+
+# Global flags (runc, crun, Kata 1.x) that take a value in the `--flag value` form.
+GLOBAL_VALUE_FLAGS = frozenset(
+    {"--root", "--log", "--log-format", "--log-level", "--criu", "--kata-config",
+     "--cgroup-manager"}
+)
+# runc's --rootless takes true|false|auto, but may also stand alone in other runtimes.
+ROOTLESS_VALUES = frozenset({"true", "false", "auto"})
+
+# Flags of create/run that take a value in the `--flag value` form.
+CREATE_VALUE_FLAGS = frozenset(
+    {"--bundle", "-b", "--console-socket", "--pid-file", "--preserve-fds", "--pidfd-socket"}
+)
+
+EDIT_VERBS = frozenset({"create", "run"})
+
+
+class Invocation:
+    """What the wrapper needs to know of one runtime call (a plain class: dataclasses
+    costs milliseconds to import, and this module is on every verb's path)."""
+
+    __slots__ = ("bundle", "container_id", "log_format", "log_path", "verb")
+
+    def __init__(self, verb: str | None, log_path: str | None = None,
+                 log_format: str | None = None, bundle: str | None = None,
+                 container_id: str | None = None) -> None:
+        self.verb = verb
+        self.log_path = log_path
+        self.log_format = log_format
+        self.bundle = bundle
+        self.container_id = container_id
+
+
+def _split(token: str) -> tuple[str, str | None]:
+    name, eq, value = token.partition("=")
+    return (name, value) if eq else (token, None)
+
+
+def parse(argv: list[str]) -> Invocation:
+    """Find verb, log settings and (for create/run) bundle and id in a runtime argv."""
+    log_path = log_format = None
+    i = 1
+    while i < len(argv) and argv[i].startswith("-") and argv[i] != "--":
+        name, value = _split(argv[i])
+        name = "--" + name.lstrip("-")
+        if value is None and name in GLOBAL_VALUE_FLAGS and i + 1 < len(argv):
+            value = argv[i + 1]
+            i += 1
+        elif value is None and name == "--rootless" and i + 1 < len(argv) \
+                and argv[i + 1] in ROOTLESS_VALUES:
+            i += 1
+        if name == "--log":
+            log_path = value
+        elif name == "--log-format":
+            log_format = value
+        i += 1
+    if i >= len(argv) or argv[i] == "--":
+        return Invocation(None, log_path, log_format)
+    verb = argv[i]
+    if verb not in EDIT_VERBS:
+        return Invocation(verb, log_path, log_format)
+    bundle = container_id = None
+    i += 1
+    while i < len(argv):
+        token = argv[i]
+        if token.startswith("-") and token != "-":
+            name, value = _split(token)
+            if value is None and name in CREATE_VALUE_FLAGS and i + 1 < len(argv):
+                value = argv[i + 1]
+                i += 1
+            if name in ("--bundle", "-b"):
+                bundle = value
+        elif container_id is None:
+            container_id = token
+        i += 1
+    return Invocation(verb, log_path, log_format, bundle, container_id)

@@ -1,0 +1,249 @@
+"""The create-time edit of config.json: plan it as values, then apply it in one place.
+
+The plan resolves every VFIO group the container asks for (``/dev/vfio/<N>``
+entries and the ``io.kata-vfio.devices`` annotation) against the host's sysfs,
+refuses groups the host has not handed to vfio-pci, and yields the device entries,
+allow rules and annotations to add. `apply_plan` is pure; `edit_bundle` writes
+the result atomically, or not at all when nothing changes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kata_vfio.errors import DeviceError, SpecError
+from kata_vfio.manifest import (
+    DEVICES_ANNOTATION,
+    GUEST_HOOK_PATH_ANNOTATION,
+    MANIFEST_ANNOTATION,
+    Manifest,
+    ManifestDevice,
+    ManifestGroup,
+)
+from kata_vfio.pci import (
+    VFIO_CONTAINER_DEVNUM,
+    IommuGroup,
+    PciAddress,
+    PciDevice,
+    group_members,
+    group_of,
+    read_device,
+    usable_by_vfio,
+    vfio_group_devnum,
+)
+from kata_vfio_wrapper.settings import Settings
+
+VFIO_DIR = "/dev/vfio/"
+VFIO_CONTAINER_PATH = "/dev/vfio/vfio"
+
+
+@dataclass(frozen=True)
+class DeviceNode:
+    path: str
+    major: int
+    minor: int
+
+    def spec_entry(self) -> dict[str, Any]:
+        return {"path": self.path, "type": "c", "major": self.major, "minor": self.minor,
+                "fileMode": 0o666, "uid": 0, "gid": 0}
+
+    def allow_rule(self) -> dict[str, Any]:
+        return {"allow": True, "type": "c", "major": self.major, "minor": self.minor,
+                "access": "rwm"}
+
+
+@dataclass(frozen=True)
+class SpecPlan:
+    nodes: tuple[DeviceNode, ...]  # every VFIO node the container gets, /dev/vfio/vfio first
+    annotations: dict[str, str]
+    manifest: Manifest
+
+
+def parse_address_list(text: str) -> list[PciAddress]:
+    """The io.kata-vfio.devices annotation: comma-separated PCI addresses."""
+    parts = [p.strip() for p in text.split(",")]
+    if not any(parts):
+        raise DeviceError(f"annotation {DEVICES_ANNOTATION} is empty",
+                          "list PCI addresses, e.g. 0000:03:00.0,0000:03:00.1")
+    return [PciAddress.parse(p) for p in parts if p]
+
+
+def group_of_entry(path: str) -> IommuGroup | None:
+    """The host group of a ``/dev/vfio/<N>`` spec entry; None for /dev/vfio/vfio."""
+    name = path[len(VFIO_DIR):]
+    if name == "vfio":
+        return None
+    try:
+        return IommuGroup.parse(name)
+    except DeviceError:
+        raise DeviceError(
+            f"config.json device {path!r} is neither /dev/vfio/vfio nor /dev/vfio/<group number>",
+            "pass VFIO groups as --device /dev/vfio/<N>",
+        ) from None
+
+
+def _manifest_device(sysfs: Path, dev: PciDevice) -> ManifestDevice:
+    mac = None
+    if dev.physfn is not None and dev.is_network:
+        from kata_vfio_wrapper.netinfo import vf_mac
+
+        mac = vf_mac(sysfs, dev.address, dev.physfn)
+    return ManifestDevice(dev.address, dev.vendor, dev.device, dev.subsystem_vendor,
+                          dev.subsystem_device, dev.class_code, mac)
+
+
+def resolve_group(sysfs: Path, group: IommuGroup) -> ManifestGroup:
+    """The group's endpoints, after checking every member can be left to VFIO."""
+    devices = []
+    for addr in group_members(sysfs, group):
+        dev = read_device(sysfs, addr)
+        if not usable_by_vfio(dev):
+            raise DeviceError(
+                f"PCI device {addr} in IOMMU group {group} is bound to {dev.driver}, not vfio-pci",
+                f"hand it to vfio-pci first: kata-vfio-ctl bind {addr}",
+            )
+        if not dev.is_bridge:  # Kata hot-plugs a group's endpoints, never its bridges
+            devices.append(_manifest_device(sysfs, dev))
+    return ManifestGroup(group, tuple(devices))
+
+
+def plan_edit(spec: dict[str, Any], settings: Settings) -> SpecPlan | None:
+    """What to add to `spec`; None when the container asks for no VFIO device."""
+    sysfs = settings.sysfs_path
+    linux = spec.get("linux") or {}
+    groups: dict[IommuGroup, DeviceNode | None] = {}
+    for entry in linux.get("devices") or []:
+        path = entry.get("path", "") if isinstance(entry, dict) else ""
+        if not path.startswith(VFIO_DIR):
+            continue
+        group = group_of_entry(path)
+        if group is not None:
+            groups[group] = DeviceNode(path, int(entry.get("major", -1)),
+                                       int(entry.get("minor", -1)))
+    wanted = (spec.get("annotations") or {}).get(DEVICES_ANNOTATION)
+    if wanted is not None:
+        for addr in parse_address_list(wanted):
+            groups.setdefault(group_of(sysfs, addr), None)
+    if not groups:
+        return None
+
+    resolved = [resolve_group(sysfs, g) for g in sorted(groups)]
+    nodes = [DeviceNode(VFIO_CONTAINER_PATH, *VFIO_CONTAINER_DEVNUM)]
+    for group in sorted(groups):
+        node = groups[group]
+        if node is None or node.major < 0:
+            node = DeviceNode(f"{VFIO_DIR}{group}", *vfio_group_devnum(sysfs, group))
+        nodes.append(node)
+    manifest = Manifest(tuple(resolved))
+    annotations = {
+        **settings.annotations,
+        GUEST_HOOK_PATH_ANNOTATION: settings.guest_hook_path,
+        MANIFEST_ANNOTATION: manifest.to_json(),
+    }
+    return SpecPlan(tuple(nodes), annotations, manifest)
+
+
+def _has_allow_rule(rules: list[Any], node: DeviceNode) -> bool:
+    return any(
+        isinstance(r, dict) and r.get("allow") is True and r.get("type") in ("c", "a")
+        and r.get("major", node.major) == node.major and r.get("minor", node.minor) == node.minor
+        and set("rw") <= set(r.get("access", "rwm"))
+        for r in rules
+    )
+
+
+def apply_plan(spec: dict[str, Any], plan: SpecPlan) -> dict[str, Any]:
+    """A new spec with the plan's nodes, allow rules and annotations; `spec` is untouched."""
+    new = copy.deepcopy(spec)
+    linux = new.setdefault("linux", {})
+    devices = linux.get("devices")
+    if devices is None:
+        devices = linux["devices"] = []
+    present = {d.get("path") for d in devices if isinstance(d, dict)}
+    resources = linux.get("resources")
+    if resources is None:
+        resources = linux["resources"] = {}
+    rules = resources.get("devices")
+    if rules is None:
+        rules = resources["devices"] = []
+    for node in plan.nodes:
+        if node.path not in present:
+            devices.append(node.spec_entry())
+        if not _has_allow_rule(rules, node):
+            rules.append(node.allow_rule())
+    annotations = new.get("annotations")
+    if annotations is None:
+        annotations = new["annotations"] = {}
+    annotations.update(plan.annotations)
+    return new
+
+
+def load_spec(bundle: Path) -> tuple[dict[str, Any], bytes]:
+    if not bundle.is_dir():
+        raise SpecError(f"bundle directory {bundle} does not exist",
+                        "pass the OCI bundle with --bundle")
+    path = bundle / "config.json"
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise SpecError(f"cannot read {path}: {exc.strerror}",
+                        "the bundle must hold the container's config.json") from None
+    try:
+        spec = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SpecError(f"{path} is not valid JSON ({exc})",
+                        "let the container engine write the bundle") from None
+    if not isinstance(spec, dict):
+        raise SpecError(f"{path} is not a JSON object", "let the container engine write the bundle")
+    return spec, raw
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Temp file beside `path`, fsync, rename: readers see the old or the new file."""
+    st = os.stat(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, st.st_mode & 0o7777)
+        if os.geteuid() == 0:
+            os.fchown(fd, st.st_uid, st.st_gid)
+        os.write(fd, data)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+@dataclass(frozen=True)
+class EditResult:
+    plan: SpecPlan | None
+    written: bool
+    seconds: float
+
+
+def edit_bundle(bundle: Path, settings: Settings) -> EditResult:
+    """Plan and apply the VFIO edit to <bundle>/config.json; raises before any write."""
+    started = time.perf_counter()
+    spec, _raw = load_spec(bundle)
+    plan = plan_edit(spec, settings)
+    written = False
+    if plan is not None:
+        new = apply_plan(spec, plan)
+        if new != spec:
+            write_atomically(bundle / "config.json", json.dumps(new).encode())
+            written = True
+    return EditResult(plan, written, time.perf_counter() - started)
