@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import pytest
 
-from fakesys import BRIDGE, NVME, FakeKernel, FakeSysfs
 from kata_vfio.errors import BindError, DeviceError
 from kata_vfio.pci import (
     IommuGroup,
@@ -14,6 +13,8 @@ from kata_vfio.pci import (
     vfio_group_devnum,
 )
 from kata_vfio.rebind import bind_to, give_back
+
+from fakesys import BRIDGE, NVME, FakeKernel, FakeSysfs
 
 
 @pytest.mark.parametrize(

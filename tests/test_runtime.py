@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from fakesys import FakeSysfs
 from kata_vfio.manifest import DEVICES_ANNOTATION, MANIFEST_ANNOTATION
+
+from fakesys import FakeSysfs
 from test_args import CASES
 from wrapper_run import SOURCE_PATH, make_recorder, run_wrapper, wrapper_command, write_config
 
@@ -119,7 +120,7 @@ def test_bad_requests_fail_cleanly(
     assert (bundle / "config.json").read_text() == text  # byte-identical
     assert not record.exists()  # the inner runtime never started
     (entry,) = [json.loads(x) for x in runtime_log.read_text().splitlines()]
-    assert entry["level"] == "error" and entry["msg"] == lines[0]
+    assert entry["level"] == "error" and "kata-vfio: " + entry["msg"] == lines[0]
 
 
 @pytest.mark.parametrize(

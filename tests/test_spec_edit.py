@@ -7,7 +7,6 @@ from typing import Any
 
 import pytest
 
-from fakesys import FakeSysfs
 from kata_vfio.manifest import (
     DEVICES_ANNOTATION,
     GUEST_HOOK_PATH_ANNOTATION,
@@ -16,6 +15,8 @@ from kata_vfio.manifest import (
 )
 from kata_vfio_wrapper.settings import Settings
 from kata_vfio_wrapper.spec_edit import apply_plan, edit_bundle, plan_edit
+
+from fakesys import FakeSysfs
 from ocischema import schema_errors
 
 

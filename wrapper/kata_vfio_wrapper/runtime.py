@@ -50,9 +50,9 @@ def prepare_create(inv: Invocation) -> str:
 
 
 def report(message: str, inv: Invocation) -> None:
-    """One line on stderr, and the same in the runtime log podman reads back."""
-    line = f"{PROG}: {message}"
-    print(line, file=sys.stderr)
+    """One line on stderr, and the same in the runtime log podman reads back
+    (podman puts the runtime's name in front of it itself)."""
+    print(f"{PROG}: {message}", file=sys.stderr)
     if not inv.log_path:
         return
     import json
@@ -60,9 +60,9 @@ def report(message: str, inv: Invocation) -> None:
 
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     if inv.log_format == "json":
-        record = json.dumps({"level": "error", "msg": line, "time": stamp}) + "\n"
+        record = json.dumps({"level": "error", "msg": message, "time": stamp}) + "\n"
     else:
-        record = f"time={json.dumps(stamp)} level=error msg={json.dumps(line)}\n"
+        record = f"time={json.dumps(stamp)} level=error msg={json.dumps(message)}\n"
     try:
         with open(inv.log_path, "a", encoding="utf-8") as f:
             f.write(record)

@@ -67,12 +67,13 @@ class SpecPlan:
 
 
 def parse_address_list(text: str) -> list[PciAddress]:
-    """The io.kata-vfio.devices annotation: comma-separated PCI addresses."""
-    parts = [p.strip() for p in text.split(",")]
-    if not any(parts):
+    """The io.kata-vfio.devices annotation: PCI addresses separated by commas or blanks
+    (podman's --annotation splits its argument at commas unless it is CSV-quoted)."""
+    parts = text.replace(",", " ").split()
+    if not parts:
         raise DeviceError(f"annotation {DEVICES_ANNOTATION} is empty",
                           "list PCI addresses, e.g. 0000:03:00.0,0000:03:00.1")
-    return [PciAddress.parse(p) for p in parts if p]
+    return [PciAddress.parse(p) for p in parts]
 
 
 def group_of_entry(path: str) -> IommuGroup | None:
