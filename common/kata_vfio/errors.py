@@ -43,3 +43,7 @@ class DeviceError(KataVfioError):
 
 class BindError(DeviceError):
     """The kernel did not move a device to the driver asked for."""
+
+
+class HookError(KataVfioError):
+    """The guest hook could not give the container its VFIO devices."""

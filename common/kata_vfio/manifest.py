@@ -17,6 +17,7 @@ MANIFEST_ANNOTATION = "io.kata-vfio.manifest"
 DEVICES_ANNOTATION = "io.kata-vfio.devices"
 GUEST_HOOK_PATH_ANNOTATION = "io.katacontainers.config.hypervisor.guest_hook_path"
 MANIFEST_VERSION = 1
+DEFAULT_HOTPLUG_TIMEOUT = 5.0
 
 _HEX = frozenset("0123456789abcdef")
 
@@ -92,6 +93,8 @@ class ManifestGroup:
 @dataclass(frozen=True)
 class Manifest:
     groups: tuple[ManifestGroup, ...]
+    # how long the guest hook waits for devices the hypervisor hot-plugs late
+    hotplug_timeout: float = DEFAULT_HOTPLUG_TIMEOUT
 
     @property
     def devices(self) -> list[ManifestDevice]:
@@ -101,6 +104,7 @@ class Manifest:
         return json.dumps(
             {
                 "version": MANIFEST_VERSION,
+                "hotplug_timeout": self.hotplug_timeout,
                 "groups": [
                     {"host_group": g.host_group.number, "devices": [d.to_obj() for d in g.devices]}
                     for g in self.groups
@@ -130,4 +134,9 @@ class Manifest:
                                 "regenerate the manifest")
             devices = tuple(ManifestDevice.from_obj(d) for d in g.get("devices") or [])
             groups.append(ManifestGroup(IommuGroup(number), devices))
-        return cls(tuple(groups))
+        timeout = data.get("hotplug_timeout", DEFAULT_HOTPLUG_TIMEOUT)
+        if not isinstance(timeout, int | float) or isinstance(timeout, bool) \
+                or not 0 <= timeout <= 60:
+            raise SpecError(f"manifest: hotplug_timeout={timeout!r} is not 0..60 seconds",
+                            "fix hotplug_timeout in the host's kata-vfio config.toml")
+        return cls(tuple(groups), float(timeout))

@@ -25,6 +25,7 @@ class Settings:
     sysfs: str = "/sys"
     state_dir: str = "/var/lib/kata-vfio"
     autobind_allow: tuple[str, ...] = ()
+    hotplug_timeout: float = 5.0
 
     @property
     def sysfs_path(self) -> Path:
@@ -60,6 +61,7 @@ def load_settings(path: str | None = None) -> Settings:
         sysfs=data.get("sysfs", Settings.sysfs),
         state_dir=data.get("state_dir", Settings.state_dir),
         autobind_allow=tuple(autobind.get("allow", ())),
+        hotplug_timeout=float(data.get("hotplug_timeout", Settings.hotplug_timeout)),
     )
     write_cache(path, settings.runtime)
     return settings

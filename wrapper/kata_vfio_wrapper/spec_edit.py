@@ -142,7 +142,7 @@ def plan_edit(spec: dict[str, Any], settings: Settings) -> SpecPlan | None:
         if node is None or node.major < 0:
             node = DeviceNode(f"{VFIO_DIR}{group}", *vfio_group_devnum(sysfs, group))
         nodes.append(node)
-    manifest = Manifest(tuple(resolved))
+    manifest = Manifest(tuple(resolved), settings.hotplug_timeout)
     annotations = {
         **settings.annotations,
         GUEST_HOOK_PATH_ANNOTATION: settings.guest_hook_path,

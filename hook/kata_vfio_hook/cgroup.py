@@ -1,0 +1,35 @@
+"""Letting the container open its new nodes through the devices cgroup.
+
+cgroup v1: append "c M:m rwm" to the container's devices.allow. cgroup v2 has no
+such file (device access is a BPF program the runtime attached from the spec's
+linux.resources.devices), so there the spec's rules decide, and we say so.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kata_vfio.errors import HookError
+
+
+def devices_cgroup(proc: Path, pid: int) -> str | None:
+    """The pid's cgroup v1 devices path ('/a/b'), or None without a v1 devices hierarchy."""
+    try:
+        lines = (proc / str(pid) / "cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "devices" in controllers.split(","):
+            if ".." in path.split("/"):
+                raise HookError(f"odd cgroup path {path!r} for pid {pid}", "check the guest")
+            return path
+    return None
+
+
+def allow_devices(cgroupfs: Path, cgroup_path: str, devnums: list[tuple[int, int]]) -> Path:
+    allow = cgroupfs / "devices" / cgroup_path.lstrip("/") / "devices.allow"
+    for major, minor in devnums:
+        with open(allow, "w", encoding="ascii") as f:  # one rule per write(2)
+            f.write(f"c {major}:{minor} rwm")
+    return allow
