@@ -1,0 +1,70 @@
+"""Runs one scenario inside the test guest (copied into the image by vmtools).
+
+argv: the scenario directory, holding bundle/config.json and expect.json.
+Prints "KVFIO <json>" lines: drivers before and after, what runc said, the hook log.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+PCI = "/sys/bus/pci/devices"
+
+
+def emit(**record):
+    print("KVFIO " + json.dumps(record), flush=True)
+
+
+def drivers():
+    out = {}
+    for addr in sorted(os.listdir(PCI)):
+        link = os.path.join(PCI, addr, "driver")
+        out[addr] = os.path.basename(os.readlink(link)) if os.path.islink(link) else None
+    return out
+
+
+def groups():
+    out = {}
+    for addr in sorted(os.listdir(PCI)):
+        link = os.path.join(PCI, addr, "iommu_group")
+        out[addr] = os.path.basename(os.readlink(link)) if os.path.islink(link) else None
+    return out
+
+
+def ids():
+    out = {}
+    for addr in sorted(os.listdir(PCI)):
+        vals = []
+        for f in ("vendor", "device", "subsystem_vendor", "subsystem_device", "class"):
+            with open(os.path.join(PCI, addr, f)) as fh:
+                vals.append(fh.read().strip())
+        out[addr] = vals
+    return out
+
+
+def hook_log():
+    try:
+        with open("/tmp/kata-vfio-hook.log") as f:
+            return [json.loads(line) for line in f]
+    except OSError:
+        return []
+
+
+def main():
+    scenario = sys.argv[1]
+    name = os.path.basename(scenario)
+    before = drivers()
+    emit(event="scenario", name=name, drivers_before=before, groups=groups(), ids=ids())
+    log_start = len(hook_log())
+    started = time.monotonic()
+    proc = subprocess.run(["/usr/sbin/runc", "--root", "/run/runc", "run", "--no-pivot", "--bundle",
+                           os.path.join(scenario, "bundle"), name],
+                          capture_output=True, text=True, timeout=60)
+    emit(event="result", name=name, rc=proc.returncode, seconds=time.monotonic() - started,
+         stdout=proc.stdout, stderr=proc.stderr, drivers_after=drivers(),
+         hook_log=hook_log()[log_start:])
+
+
+main()

@@ -1,0 +1,65 @@
+"""Which files a set of Python imports needs, for putting into a guest image.
+
+Runs the target interpreter with -I -S (as the hook runs), imports the names,
+and lists every loaded module's file: the standard library keeps its path,
+kata-vfio's packages go under /usr/lib/kata-vfio.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+GUEST_LIB = "/usr/lib/kata-vfio"
+HOOK_IMPORTS = (
+    "kata_vfio_hook.main", "kata_vfio_hook.events", "kata_vfio_hook.match",
+    "kata_vfio_hook.nodes", "kata_vfio_hook.cgroup", "kata_vfio.rebind", "kata_vfio.pci",
+    "threading", "subprocess", "ctypes", "encodings.ascii", "encodings.latin_1",
+    "encodings.utf_8", "encodings.aliases",
+)
+
+_LISTER = """
+import importlib, json, sys
+sys.path[:0] = json.loads(sys.argv[1])
+for name in json.loads(sys.argv[2]):
+    importlib.import_module(name)
+files = {}
+for name, mod in list(sys.modules.items()):
+    path = getattr(mod, "__file__", None)
+    if path:
+        files[name] = path
+print(json.dumps(files))
+"""
+
+
+def closure(python: str, package_root: Path, imports: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(source, destination) for every file the imports load, plus package __init__s."""
+    out = subprocess.run([python, "-I", "-S", "-c", _LISTER, json.dumps([str(package_root)]),
+                          json.dumps(list(imports))], check=True, capture_output=True, text=True)
+    pairs = set()
+    for path in json.loads(out.stdout).values():
+        if path.endswith(".so"):  # extension modules: the libraries they link, too
+            pairs.update((lib, lib) for lib in shared_libs(path))
+        src = Path(path).resolve()
+        if src.is_relative_to(package_root.resolve()):
+            dst = Path(GUEST_LIB) / src.relative_to(package_root.resolve())
+        else:
+            dst = src
+        pairs.add((str(src), str(dst)))
+    return sorted(pairs)
+
+
+def shared_libs(binary: str) -> list[str]:
+    """Absolute paths of the shared libraries `binary` links, as ldd resolves them."""
+    out = subprocess.run(["ldd", binary], capture_output=True, text=True, check=False).stdout
+    libs = []
+    for line in out.splitlines():
+        parts = line.split()
+        if "=>" in parts and len(parts) > parts.index("=>") + 1:
+            path = parts[parts.index("=>") + 1]
+            if path.startswith("/"):
+                libs.append(path)
+        elif parts and parts[0].startswith("/"):
+            libs.append(parts[0])
+    return libs

@@ -1,0 +1,272 @@
+"""A QEMU guest with a virtual IOMMU, for tests, the demo and the benchmarks.
+
+`make initrd`'s image is booted unchanged; a second, test-only cpio archive is
+appended (the kernel unpacks both) with busybox, runc, a tiny container, the
+native drivers of the emulated devices and the scenarios to run. The guest's
+PID 1 is that archive's /kvfio/init (rdinit=), which reports on the serial
+console in "KVFIO <json>" lines. TCG only: nested KVM hangs on these machines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from pyclosure import closure, shared_libs  # noqa: E402
+
+GUEST_PYTHON = "/usr/bin/python3.11"
+HOOK_IN_GUEST = "/usr/share/oci/hooks/prestart/kata-vfio-hook"
+
+
+@dataclass(frozen=True)
+class EmulatedDevice:
+    """One QEMU device, with the PCI identity a host would report for it."""
+
+    qemu: str            # -device argument
+    guest_driver: str    # the native guest driver module
+    vendor: int
+    device: int
+    subsystem_vendor: int
+    subsystem_device: int
+    class_code: int
+    mac: str | None = None
+
+
+def e1000e(mac: str, **placement: str) -> EmulatedDevice:
+    where = "".join(f",{k}={v}" for k, v in placement.items())
+    return EmulatedDevice(f"e1000e,mac={mac}{where}", "e1000e", 0x8086, 0x10D3, 0x8086, 0x0000,
+                          0x020000, mac)
+
+
+def e1000(mac: str, **placement: str) -> EmulatedDevice:
+    where = "".join(f",{k}={v}" for k, v in placement.items())
+    return EmulatedDevice(f"e1000,mac={mac}{where}", "e1000", 0x8086, 0x100E, 0x1AF4, 0x1100,
+                          0x020000, mac)
+
+
+def nvme(serial: str, **placement: str) -> EmulatedDevice:
+    where = "".join(f",{k}={v}" for k, v in placement.items())
+    return EmulatedDevice(f"nvme,serial={serial}{where}", "nvme", 0x1B36, 0x0010, 0x1AF4,
+                          0x1100, 0x010802)
+
+
+# The default guest: two e1000e and an NVMe drive on the root complex (a group each),
+# and two e1000 behind a PCIe-to-PCI bridge (one group, bridge included).
+BRIDGE = "pcie-pci-bridge,id=pbr,bus=pcie.0,addr=0x8"
+DEFAULT_DEVICES = (
+    e1000e("52:54:00:00:00:01", addr="0x3"),
+    e1000e("52:54:00:00:00:02", addr="0x4"),
+    nvme("kvfio-nvme-1", addr="0x5"),
+    e1000("52:54:00:00:01:01", bus="pbr", addr="0x1"),
+    e1000("52:54:00:00:01:02", bus="pbr", addr="0x2"),
+)
+
+
+@dataclass
+class Scenario:
+    """A container to create in the guest: its manifest and what its process runs."""
+
+    name: str
+    manifest_json: str
+    command: list[str] = field(default_factory=lambda: [
+        "/usr/bin/python3", "-I", "-S", "/check.py"])
+    script: str | None = None  # a shell script run instead of the container (bench)
+
+
+def kernel_image(kver: str) -> Path:
+    return Path(f"/boot/vmlinuz-{kver}")
+
+
+MERGED_USR = ("bin", "sbin", "lib", "lib64")  # symlinks into /usr in the dracut image
+
+
+def _copy(src: str | Path, root: Path, dst: str | Path | None = None) -> None:
+    rel = str(dst or src).lstrip("/")
+    if rel.split("/", 1)[0] in MERGED_USR:
+        rel = "usr/" + rel  # a real /lib in the appended archive would replace the symlink
+    target = root / rel
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src, target, follow_symlinks=True)
+
+
+def native_modules(kver: str, drivers: list[str]) -> list[str]:
+    """insmod order for the drivers and their dependencies."""
+    ordered: list[str] = []
+    for drv in drivers:
+        out = subprocess.run(["modprobe", "--show-depends", "-S", kver, drv],
+                             capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("insmod "):
+                ko = line.split()[1]
+                if ko not in ordered:
+                    ordered.append(ko)
+    return ordered
+
+
+def container_spec(name: str, scenario: Scenario) -> dict[str, Any]:
+    spec = _runc_spec()
+    spec["process"]["terminal"] = False
+    spec["process"]["args"] = scenario.command
+    spec["root"] = {"path": "/kvfio/ctr/rootfs", "readonly": True}
+    spec["hostname"] = name
+    spec["mounts"].append({"destination": "/usr", "type": "bind", "source": "/usr",
+                           "options": ["rbind", "ro"]})
+    # as kata-agent adds guest hooks: [name, "prestart"], empty environment, 10 s
+    spec["hooks"] = {"prestart": [{"path": HOOK_IN_GUEST, "args": ["kata-vfio-hook", "prestart"],
+                                   "env": [], "timeout": 10}]}
+    spec["annotations"] = {"io.kata-vfio.manifest": scenario.manifest_json}
+    return spec
+
+
+def _runc_spec() -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(["runc", "spec", "--bundle", tmp], check=True)
+        return json.loads((Path(tmp) / "config.json").read_text())
+
+
+def build_test_cpio(out: Path, kver: str, scenarios: list[Scenario],
+                    devices: tuple[EmulatedDevice, ...]) -> None:
+    """The test-only archive appended to the product initrd."""
+    with tempfile.TemporaryDirectory(prefix="kvfio-cpio.") as tmp:
+        root = Path(tmp)
+        _copy(HERE / "guest-init.sh", root, "/kvfio/init")
+        (root / "kvfio/init").chmod(0o755)
+        _copy("/bin/busybox", root, "/kvfio/bin/busybox")
+        for applet in ("sh", "cat", "ls", "sleep", "echo", "insmod", "poweroff", "mount"):
+            (root / "kvfio/bin" / applet).symlink_to("busybox")
+        _copy(HERE / "guest-scenario.py", root, "/kvfio/scenario.py")
+        for binary in ("/usr/sbin/runc",):
+            _copy(binary, root)
+            for lib in shared_libs(binary):
+                _copy(lib, root)
+        # the guest-side test programs need a few more stdlib modules than the hook
+        extra = closure(GUEST_PYTHON, HERE, ("json", "subprocess", "struct", "fcntl", "time"))
+        for src, dst in extra:
+            _copy(src, root, dst)
+        modules = native_modules(kver, sorted({d.guest_driver for d in devices}))
+        for ko in modules:
+            _copy(ko, root)
+        (root / "kvfio/native-modules").write_text("".join(m + "\n" for m in modules))
+        ctr = root / "kvfio/ctr/rootfs"
+        for d in ("proc", "sys", "dev", "tmp", "usr"):
+            (ctr / d).mkdir(parents=True, exist_ok=True)
+        for link in ("bin", "lib", "lib64", "sbin"):
+            (ctr / link).symlink_to(f"usr/{link}")
+        _copy(HERE / "container-check.py", root, "/kvfio/ctr/rootfs/check.py")
+        for i, scenario in enumerate(scenarios):
+            sdir = root / "kvfio/scenarios" / f"{i:02d}-{scenario.name}"
+            (sdir / "bundle").mkdir(parents=True)
+            (sdir / "bundle/config.json").write_text(
+                json.dumps(container_spec(scenario.name, scenario)))
+            run = sdir / "run"
+            if scenario.script is not None:
+                run.write_text(scenario.script)
+            else:
+                run.write_text('#!/kvfio/bin/sh\nexec /usr/bin/python3 -I -S /kvfio/scenario.py "$1"\n')
+            run.chmod(0o755)
+        files = subprocess.run(["find", ".", "-mindepth", "1"], cwd=root, check=True,
+                               capture_output=True, text=True).stdout
+        with open(out, "wb") as f:
+            subprocess.run(["cpio", "--quiet", "-o", "-H", "newc"], cwd=root, input=files.encode(),
+                           stdout=f, check=True)
+
+
+@dataclass
+class GuestRun:
+    console: str
+    records: list[dict[str, Any]]
+
+    def find(self, event: str, name: str | None = None) -> dict[str, Any]:
+        for r in self.records:
+            if r.get("event") == event and (name is None or r.get("name") == name):
+                return r
+        raise AssertionError(f"no {event} {name or ''} record; console:\n{self.console[-6000:]}")
+
+
+def boot(initrd: Path, kver: str, scenarios: list[Scenario],
+         devices: tuple[EmulatedDevice, ...] = DEFAULT_DEVICES, timeout: float = 300,
+         memory_mb: int = 1024, console_log: Path | None = None) -> GuestRun:
+    """Boot the product initrd plus the test archive; return the console and KVFIO records."""
+    with tempfile.TemporaryDirectory(prefix="kvfio-vm.") as tmp:
+        combined = Path(tmp) / "initrd.img"
+        console_file = console_log or Path(tmp) / "console.log"
+        test_cpio = Path(tmp) / "test.cpio"
+        build_test_cpio(test_cpio, kver, scenarios, devices)
+        with open(combined, "wb") as out:
+            for part in (initrd, test_cpio):
+                data = part.read_bytes()
+                # each archive must start 4-byte aligned: pad with zeros, which the kernel skips
+                out.write(data + b"\0" * (-len(data) % 512))
+        cmd = [
+            "qemu-system-x86_64", "-accel", "tcg", "-machine", "q35,kernel-irqchip=split",
+            "-device", "intel-iommu,intremap=on,caching-mode=on", "-cpu", "max", "-smp", "1",
+            "-m", str(memory_mb), "-display", "none", "-no-reboot", "-nodefaults",
+            "-serial", f"file:{console_file}", "-monitor", "none",
+            "-kernel", str(kernel_image(kver)), "-initrd", str(combined),
+            "-append", "console=ttyS0 rdinit=/kvfio/init intel_iommu=on iommu=pt panic=-1 "
+                       "loglevel=4",
+            "-device", BRIDGE,
+        ]
+        for dev in devices:
+            cmd += ["-device", dev.qemu]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, timeout=timeout, check=False,
+                                  stdin=subprocess.DEVNULL)
+            stderr = proc.stderr.decode(errors="replace")
+        except subprocess.TimeoutExpired:
+            stderr = f"QEMU killed after {timeout:g} s"
+        console = console_file.read_bytes().decode(errors="replace").replace("\r", "")
+    records = []
+    for line in console.splitlines():
+        if line.startswith("KVFIO "):
+            try:
+                records.append(json.loads(line[len("KVFIO "):]))
+            except ValueError:
+                pass
+    return GuestRun(console + stderr, records)
+
+
+def host_manifest(sysfs_root: Path, groups: list[list[EmulatedDevice]],
+                  hotplug_timeout: float = 5.0) -> str:
+    """The manifest the host wrapper's own code writes for these devices, each inner
+    list one host IOMMU group bound to vfio-pci (a fake host sysfs stands in for the host)."""
+    from kata_vfio.manifest import MANIFEST_ANNOTATION
+    from kata_vfio_wrapper.settings import Settings
+    from kata_vfio_wrapper.spec_edit import plan_edit
+
+    for d in ("bus/pci/devices", "kernel/iommu_groups", "class/vfio"):
+        (sysfs_root / d).mkdir(parents=True, exist_ok=True)
+    wanted = []
+    for g, members in enumerate(groups, start=30):
+        gdir = sysfs_root / "kernel/iommu_groups" / str(g) / "devices"
+        gdir.mkdir(parents=True)
+        (sysfs_root / "class/vfio" / str(g)).mkdir(parents=True)
+        (sysfs_root / "class/vfio" / str(g) / "dev").write_text(f"243:{g}\n")
+        for f, dev in enumerate(members):
+            addr = f"0000:{g:02x}:00.{f}"
+            ddir = sysfs_root / "devices" / addr
+            ddir.mkdir(parents=True)
+            for attr, value in (("vendor", dev.vendor), ("device", dev.device),
+                                ("subsystem_vendor", dev.subsystem_vendor),
+                                ("subsystem_device", dev.subsystem_device)):
+                (ddir / attr).write_text(f"0x{value:04x}\n")
+            (ddir / "class").write_text(f"0x{dev.class_code:06x}\n")
+            os.symlink(f"../../../kernel/iommu_groups/{g}", ddir / "iommu_group")
+            (sysfs_root / "bus/pci/drivers/vfio-pci").mkdir(parents=True, exist_ok=True)
+            os.symlink(f"../../../bus/pci/drivers/vfio-pci", ddir / "driver")
+            os.symlink(f"../../../devices/{addr}", sysfs_root / "bus/pci/devices" / addr)
+            os.symlink(f"../../../../devices/{addr}", gdir / addr)
+            wanted.append(addr)
+    spec: dict[str, Any] = {"annotations": {"io.kata-vfio.devices": ",".join(wanted)}}
+    plan = plan_edit(spec, Settings(sysfs=str(sysfs_root), hotplug_timeout=hotplug_timeout))
+    assert plan is not None
+    return plan.annotations[MANIFEST_ANNOTATION]
