@@ -38,7 +38,7 @@ $(VENV)/.installed: $(BUILD)/.deps $(PY_SOURCES)
 venv: $(VENV)/.installed
 
 lint: venv
-	$(VENV)/bin/ruff check common wrapper hook tests bench
+	$(VENV)/bin/ruff check common wrapper hook tests initrd bench
 	$(VENV)/bin/mypy common/kata_vfio wrapper/kata_vfio_wrapper hook/kata_vfio_hook
 
 # Everything: unit tests, real podman end to end, QEMU guests. CI runs this.

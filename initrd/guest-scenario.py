@@ -54,7 +54,7 @@ def hook_log():
 
 def main():
     scenario = sys.argv[1]
-    name = os.path.basename(scenario)
+    name = os.path.basename(scenario).split("-", 1)[1]  # "00-main" -> "main"
     before = drivers()
     emit(event="scenario", name=name, drivers_before=before, groups=groups(), ids=ids())
     log_start = len(hook_log())
@@ -62,9 +62,14 @@ def main():
     proc = subprocess.run(["/usr/sbin/runc", "--root", "/run/runc", "run", "--no-pivot", "--bundle",
                            os.path.join(scenario, "bundle"), name],
                           capture_output=True, text=True, timeout=60)
+    vfio_devs = {}
+    if os.path.isdir("/sys/class/vfio"):
+        for group in os.listdir("/sys/class/vfio"):
+            with open(f"/sys/class/vfio/{group}/dev") as f:
+                vfio_devs[group] = [int(x) for x in f.read().strip().split(":")]
     emit(event="result", name=name, rc=proc.returncode, seconds=time.monotonic() - started,
-         stdout=proc.stdout, stderr=proc.stderr, drivers_after=drivers(),
-         hook_log=hook_log()[log_start:])
+         stdout=proc.stdout, stderr=proc.stderr, drivers_after=drivers(), groups=groups(),
+         vfio_devs=vfio_devs, hook_log=hook_log()[log_start:])
 
 
 main()

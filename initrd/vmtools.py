@@ -71,6 +71,9 @@ DEFAULT_DEVICES = (
 )
 
 
+RUN_SCENARIO = '#!/kvfio/bin/sh\nexec /usr/bin/python3 -I -S /kvfio/scenario.py "$1"\n'
+
+
 @dataclass
 class Scenario:
     """A container to create in the guest: its manifest and what its process runs."""
@@ -143,7 +146,8 @@ def build_test_cpio(out: Path, kver: str, scenarios: list[Scenario],
         _copy("/bin/busybox", root, "/kvfio/bin/busybox")
         for applet in ("sh", "cat", "ls", "sleep", "echo", "insmod", "poweroff", "mount"):
             (root / "kvfio/bin" / applet).symlink_to("busybox")
-        _copy(HERE / "guest-scenario.py", root, "/kvfio/scenario.py")
+        for program in HERE.glob("guest-*.py"):
+            _copy(program, root, f"/kvfio/{program.name.removeprefix('guest-')}")
         for binary in ("/usr/sbin/runc",):
             _copy(binary, root)
             for lib in shared_libs(binary):
@@ -168,10 +172,7 @@ def build_test_cpio(out: Path, kver: str, scenarios: list[Scenario],
             (sdir / "bundle/config.json").write_text(
                 json.dumps(container_spec(scenario.name, scenario)))
             run = sdir / "run"
-            if scenario.script is not None:
-                run.write_text(scenario.script)
-            else:
-                run.write_text('#!/kvfio/bin/sh\nexec /usr/bin/python3 -I -S /kvfio/scenario.py "$1"\n')
+            run.write_text(scenario.script if scenario.script is not None else RUN_SCENARIO)
             run.chmod(0o755)
         files = subprocess.run(["find", ".", "-mindepth", "1"], cwd=root, check=True,
                                capture_output=True, text=True).stdout
@@ -262,7 +263,7 @@ def host_manifest(sysfs_root: Path, groups: list[list[EmulatedDevice]],
             (ddir / "class").write_text(f"0x{dev.class_code:06x}\n")
             os.symlink(f"../../../kernel/iommu_groups/{g}", ddir / "iommu_group")
             (sysfs_root / "bus/pci/drivers/vfio-pci").mkdir(parents=True, exist_ok=True)
-            os.symlink(f"../../../bus/pci/drivers/vfio-pci", ddir / "driver")
+            os.symlink("../../../bus/pci/drivers/vfio-pci", ddir / "driver")
             os.symlink(f"../../../devices/{addr}", sysfs_root / "bus/pci/devices" / addr)
             os.symlink(f"../../../../devices/{addr}", gdir / addr)
             wanted.append(addr)
