@@ -56,7 +56,7 @@ $(BUILD)/kata-vfio-initrd.img: venv $(wildcard initrd/*) $(PY_SOURCES)
 initrd: $(BUILD)/kata-vfio-initrd.img
 
 demo: initrd
-	$(PY) -m kata_vfio_vm.demo --initrd $(abspath $(BUILD))/kata-vfio-initrd.img --kver $(KVER)
+	$(PY) initrd/demo.py --initrd $(abspath $(BUILD))/kata-vfio-initrd.img --kver $(KVER)
 
 bench: initrd
 	$(PY) bench/run.py --initrd $(abspath $(BUILD))/kata-vfio-initrd.img --kver $(KVER)
