@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import vmtools  # noqa: E402
+import vmtools
 
 
 def main() -> int:

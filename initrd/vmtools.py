@@ -83,6 +83,7 @@ class Scenario:
     command: list[str] = field(default_factory=lambda: [
         "/usr/bin/python3", "-I", "-S", "/check.py"])
     script: str | None = None  # a shell script run instead of the container (bench)
+    files: dict[str, str] = field(default_factory=dict)  # extra files in the scenario dir
 
 
 def kernel_image(kver: str) -> Path:
@@ -171,6 +172,8 @@ def build_test_cpio(out: Path, kver: str, scenarios: list[Scenario],
             (sdir / "bundle").mkdir(parents=True)
             (sdir / "bundle/config.json").write_text(
                 json.dumps(container_spec(scenario.name, scenario)))
+            for fname, content in scenario.files.items():
+                (sdir / fname).write_text(content)
             run = sdir / "run"
             run.write_text(scenario.script if scenario.script is not None else RUN_SCENARIO)
             run.chmod(0o755)

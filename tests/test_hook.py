@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -18,6 +20,7 @@ from kata_vfio.manifest import MANIFEST_ANNOTATION, Manifest, ManifestDevice, Ma
 from kata_vfio.pci import IommuGroup, PciAddress
 from kata_vfio_hook.events import PollWakeups
 from kata_vfio_hook.main import GuestRoots, parse_state, run
+from kata_vfio_hook.nodes import make_nodes, rootfs_view
 
 from fakesys import E1000E, NVME, FakeKernel, FakeSysfs
 
@@ -48,7 +51,7 @@ class Guest:
         self.log_path = tmp / "hook.log"
         self.roots = GuestRoots(sysfs=fs.root, proc=self.proc, cgroupfs=self.cgroupfs,
                                 libcontainer=tmp / "libcontainer", modprobe=(),
-                                enter_mount_ns=False, write=kernel.write,
+                                via_proc_root=False, write=kernel.write,
                                 uevents=False)
 
     def state(self, annotation: str | None) -> str:
@@ -188,3 +191,27 @@ def test_poll_wakeups_bounded() -> None:
     started = time.monotonic()
     PollWakeups(0.05).wait(10)
     assert time.monotonic() - started < 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root")
+def test_nodes_land_in_the_containers_mount_namespace(tmp_path: Path) -> None:
+    """A process with its own /dev mount, as a container before pivot_root: the nodes
+    made through /proc/<pid>/root appear in its namespace, not in ours."""
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "dev").mkdir(parents=True)
+    ctr = subprocess.Popen(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c",
+         f"mount -t tmpfs ctr-dev {rootfs}/dev && echo ready && exec sleep 60"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert ctr.stdout is not None and ctr.stdout.readline().strip() == "ready"
+        make_nodes(rootfs_view(Path("/proc"), ctr.pid, str(rootfs)),
+                   [("vfio", 10, 196), ("7", 243, 7)])
+        assert not (rootfs / "dev/vfio").exists()  # our view: untouched
+        seen = subprocess.run(["nsenter", "-t", str(ctr.pid), "-m", "stat", "-c", "%F %t:%T %a",
+                               f"{rootfs}/dev/vfio/vfio", f"{rootfs}/dev/vfio/7"],
+                              capture_output=True, text=True, check=True).stdout.splitlines()
+        assert seen == ["character special file a:c4 666", "character special file f3:7 666"]
+    finally:
+        ctr.kill()
+        ctr.wait()

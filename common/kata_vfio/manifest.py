@@ -7,8 +7,7 @@ guest; ``/dev/vfio`` entries do not). Versioned JSON, parsed strictly on both en
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from kata_vfio.errors import SpecError
 from kata_vfio.pci import IommuGroup, PciAddress
@@ -45,8 +44,7 @@ def _parse_id(obj: dict[str, Any], key: str, bits: int) -> int:
                     "regenerate the manifest")
 
 
-@dataclass(frozen=True)
-class ManifestDevice:
+class ManifestDevice(NamedTuple):
     host_address: PciAddress
     vendor: int
     device: int
@@ -84,14 +82,12 @@ class ManifestDevice:
         )
 
 
-@dataclass(frozen=True)
-class ManifestGroup:
+class ManifestGroup(NamedTuple):
     host_group: IommuGroup
     devices: tuple[ManifestDevice, ...]
 
 
-@dataclass(frozen=True)
-class Manifest:
+class Manifest(NamedTuple):
     groups: tuple[ManifestGroup, ...]
     # how long the guest hook waits for devices the hypervisor hot-plugs late
     hotplug_timeout: float = DEFAULT_HOTPLUG_TIMEOUT

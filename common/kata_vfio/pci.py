@@ -8,8 +8,8 @@ production, a fake tree in tests). Untrusted strings are parsed into
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from kata_vfio.errors import DeviceError
 
@@ -30,8 +30,7 @@ def _hex_field(text: str, width: int, what: str, original: str) -> int:
     return int(text, 16)
 
 
-@dataclass(frozen=True, order=True)
-class PciAddress:
+class PciAddress(NamedTuple):
     """A PCI function address, ``DDDD:BB:SS.F``; prints canonically (lower-case)."""
 
     domain: int
@@ -67,8 +66,7 @@ class PciAddress:
         return f"{self.domain:04x}:{self.bus:02x}:{self.slot:02x}.{self.function:x}"
 
 
-@dataclass(frozen=True, order=True)
-class IommuGroup:
+class IommuGroup(NamedTuple):
     """An IOMMU group number, as in ``/dev/vfio/<N>``."""
 
     number: int
@@ -86,8 +84,7 @@ class IommuGroup:
         return str(self.number)
 
 
-@dataclass(frozen=True)
-class PciDevice:
+class PciDevice(NamedTuple):
     """What sysfs says about one PCI function."""
 
     address: PciAddress

@@ -12,9 +12,8 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from kata_vfio.errors import HookError, KataVfioError
 from kata_vfio.jsonlog import JsonLog
@@ -27,8 +26,7 @@ LOG_PATH = Path("/tmp/kata-vfio-hook.log")
 _ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 
 
-@dataclass(frozen=True)
-class State:
+class State(NamedTuple):
     """The OCI state the runtime passes on stdin."""
 
     id: str
@@ -37,8 +35,7 @@ class State:
     annotations: dict[str, str]
 
 
-@dataclass(frozen=True)
-class GuestRoots:
+class GuestRoots(NamedTuple):
     """Where the guest's kernel interfaces are (fake trees in tests)."""
 
     sysfs: Path = Path("/sys")
@@ -46,16 +43,16 @@ class GuestRoots:
     cgroupfs: Path = Path("/sys/fs/cgroup")
     libcontainer: Path = Path("/run/libcontainer")
     modprobe: tuple[str, ...] = ("/sbin/modprobe", "/usr/sbin/modprobe")
-    enter_mount_ns: bool = True
+    via_proc_root: bool = True  # reach the rootfs through /proc/<pid>/root (its mount ns)
     write: SysfsWrite = write_attr  # the seam tests put a fake kernel behind
     uevents: bool = True  # False: fake trees send no uevents, re-check by polling
 
 
-@dataclass
 class Outcome:
-    mapping: dict[str, str] = field(default_factory=dict)   # host address -> guest address
-    groups: dict[str, str] = field(default_factory=dict)    # host group -> guest group
-    steps_ms: dict[str, float] = field(default_factory=dict)
+    def __init__(self) -> None:
+        self.mapping: dict[str, str] = {}   # host address -> guest address
+        self.groups: dict[str, str] = {}    # host group -> guest group
+        self.steps_ms: dict[str, float] = {}
 
 
 def parse_state(text: str) -> State:
@@ -225,7 +222,7 @@ def give_devices(state: State, manifest: Manifest, spec: dict[str, Any], roots: 
     """Everything the hook does for one container that has VFIO devices."""
     from kata_vfio.pci import VFIO_CONTAINER_DEVNUM, group_of
     from kata_vfio_hook.cgroup import allow_devices, devices_cgroup
-    from kata_vfio_hook.nodes import make_nodes_in_container
+    from kata_vfio_hook.nodes import make_nodes, rootfs_view
 
     out = Outcome()
     clock = time.monotonic()
@@ -259,8 +256,8 @@ def give_devices(state: State, manifest: Manifest, spec: dict[str, Any], roots: 
     root = (spec.get("root") or {}).get("path") or "rootfs"
     rootfs = os.path.join(state.bundle, root) if not os.path.isabs(root) else root
     nodes = [("vfio", *VFIO_CONTAINER_DEVNUM)] + [(str(g), *numbers[g]) for g in guest_groups]
-    mount_ns = roots.proc / str(state.pid) / "ns" / "mnt" if roots.enter_mount_ns else None
-    make_nodes_in_container(mount_ns, rootfs, nodes)
+    make_nodes(rootfs_view(roots.proc, state.pid, rootfs) if roots.via_proc_root else rootfs,
+               nodes)
     step("nodes")
     cgroup = devices_cgroup(roots.proc, state.pid)
     if cgroup is None:
