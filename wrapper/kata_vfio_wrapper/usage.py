@@ -1,0 +1,94 @@
+"""Is a host device in use? Network (pyroute2), block devices, open VFIO groups (psutil).
+
+A device in use is refused by `kata-vfio-ctl bind` unless --force: unbinding a NIC
+that carries addresses or routes cuts the host off, and unbinding a busy driver can
+hang. Each reason is one phrase naming what uses the device.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from kata_vfio.pci import PciAddress, device_dir, read_device
+
+IFF_UP = 0x1
+
+
+def network_uses(ifname: str) -> list[str]:
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        indexes = ipr.link_lookup(ifname=ifname)
+        if not indexes:
+            return []
+        index = indexes[0]
+        link = ipr.get_links(index)[0]
+        reasons = []
+        master = link.get_attr("IFLA_MASTER")
+        if master:
+            master_name = ipr.get_links(master)[0].get_attr("IFLA_IFNAME")
+            reasons.append(f"interface {ifname} is a member of {master_name}")
+        if link["flags"] & IFF_UP:
+            addresses = [a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=index)]
+            if addresses:
+                reasons.append(f"interface {ifname} is up with addresses {', '.join(addresses)}")
+            routes = [r for r in ipr.get_routes(oif=index) if r.get_attr("RTA_TABLE") != 255]
+            if routes and not addresses:
+                reasons.append(f"interface {ifname} is up and carries routes")
+        return reasons
+
+
+def block_devices(sysfs: Path, addr: PciAddress) -> list[str]:
+    """Block devices (disks and partitions) the PCI device provides."""
+    base = os.path.realpath(device_dir(sysfs, addr))
+    class_block = sysfs / "class/block"
+    if not class_block.is_dir():
+        return []
+    return sorted(name for name in os.listdir(class_block)
+                  if os.path.realpath(class_block / name).startswith(base + "/"))
+
+
+def mounted_block_uses(sysfs: Path, proc: Path, addr: PciAddress) -> list[str]:
+    names = block_devices(sysfs, addr)
+    if not names:
+        return []
+    try:
+        mounts = (proc / "self/mounts").read_text().splitlines()
+    except OSError:
+        return []
+    reasons = []
+    for line in mounts:
+        source, target = line.split()[:2]
+        if source.startswith("/dev/") and source[5:] in names:
+            reasons.append(f"block device {source} is mounted on {target}")
+    return reasons
+
+
+def vfio_holders(proc: Path, group: int) -> list[str]:
+    """Processes with /dev/vfio/<group> open."""
+    import psutil
+
+    target = f"/dev/vfio/{group}"
+    reasons = []
+    for p in psutil.process_iter(["pid", "name"]):
+        fd_dir = proc / str(p.info["pid"]) / "fd"
+        try:
+            links = [os.readlink(fd_dir / fd) for fd in os.listdir(fd_dir)]
+        except OSError:
+            continue
+        if target in links:
+            reasons.append(f"{target} is open in process {p.info['pid']} ({p.info['name']})")
+    return reasons
+
+
+def uses(sysfs: Path, proc: Path, addr: PciAddress) -> list[str]:
+    """Everything that uses the device; empty when it is free to move."""
+    dev = read_device(sysfs, addr)
+    reasons = []
+    for ifname in dev.net_interfaces:
+        reasons += network_uses(ifname)
+    reasons += mounted_block_uses(sysfs, proc, addr)
+    if dev.iommu_group is not None:
+        reasons += vfio_holders(proc, dev.iommu_group.number)
+    return reasons
