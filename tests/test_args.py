@@ -28,7 +28,7 @@ CASES = [
     (["kata-vfio", *ROOT, "state", "abc"], ("state", None, None, None, None)),
     (["kata-vfio", *ROOT, "kill", "abc", "15"], ("kill", None, None, None, None)),
     (["kata-vfio", *ROOT, "kill", "--all", "abc", "9"], ("kill", None, None, None, None)),
-    (["kata-vfio", *ROOT, "delete", "--force", "abc"], ("delete", None, None, None, None)),
+    (["kata-vfio", *ROOT, "delete", "--force", "abc"], ("delete", None, None, None, "abc")),
     (["kata-vfio", "exec", "--pid-file", "/p", "--process", "/f", "--detach", "abc"],
      ("exec", None, None, None, None)),
     (["kata-vfio", "update", "--resources", "-", "abc"], ("update", None, None, None, None)),

@@ -64,6 +64,9 @@ def parse(argv: list[str]) -> Invocation:
     if i >= len(argv) or argv[i] == "--":
         return Invocation(None, log_path, log_format)
     verb = argv[i]
+    if verb == "delete":  # delete [--force] ID: the id says whose devices to give back
+        ids = [a for a in argv[i + 1:] if not a.startswith("-")]
+        return Invocation(verb, log_path, log_format, None, ids[0] if ids else None)
     if verb not in EDIT_VERBS:
         return Invocation(verb, log_path, log_format)
     bundle = container_id = None

@@ -13,9 +13,10 @@ from kata_vfio.errors import ConfigError
 
 DEFAULT_CONFIG = "/etc/kata-vfio/config.toml"
 DEFAULT_RUNTIME = "kata-runtime"
+DEFAULT_STATE_DIR = "/var/lib/kata-vfio"
 CONFIG_ENV = "KATA_VFIO_CONFIG"
 CACHE_DIR = "/run/kata-vfio/settings-cache"
-_CACHE_TAG = "kata-vfio settings cache v1"
+_CACHE_TAG = "kata-vfio settings cache v2"
 
 
 def config_path() -> str:
@@ -55,33 +56,35 @@ def _stat_key(path: str) -> str | None:
     return f"{st.st_ino} {st.st_size} {st.st_mtime_ns}"
 
 
-def write_cache(path: str, runtime: str) -> None:
+def write_cache(path: str, runtime: str, state_dir: str) -> None:
     key = _stat_key(path)
-    if key is None or "\n" in runtime:
+    if key is None or "\n" in runtime + state_dir:
         return
     try:
         os.makedirs(CACHE_DIR, mode=0o700, exist_ok=True)
         tmp = _cache_file(path) + f".{os.getpid()}"
         with open(tmp, "w", encoding="utf-8") as f:
-            f.write(f"{_CACHE_TAG}\n{key}\n{runtime}\n")
+            f.write(f"{_CACHE_TAG}\n{key}\n{runtime}\n{state_dir}\n")
         os.replace(tmp, _cache_file(path))
     except OSError:
         pass  # no cache: every passthrough verb parses the file, slower but correct
 
 
-def passthrough_runtime() -> str:
-    """The inner runtime's path, as cheaply as possible (standard library, no parsing)."""
+def passthrough_settings() -> tuple[str, str]:
+    """The inner runtime's path and the state directory, as cheaply as possible
+    (standard library, no TOML parsing when the cache is fresh)."""
     path = config_path()
     key = _stat_key(path)
     if key is None and path == DEFAULT_CONFIG:
-        return resolve_runtime(DEFAULT_RUNTIME, "the built-in default")
+        return resolve_runtime(DEFAULT_RUNTIME, "the built-in default"), DEFAULT_STATE_DIR
     try:
         with open(_cache_file(path), encoding="utf-8") as f:
-            tag, cached_key, runtime = f.read().split("\n")[:3]
+            tag, cached_key, runtime, state_dir = f.read().split("\n")[:4]
         if tag == _CACHE_TAG and cached_key == key:
-            return resolve_runtime(runtime, path)
+            return resolve_runtime(runtime, path), state_dir
     except (OSError, ValueError):
         pass
     from kata_vfio_wrapper.settings import load_settings
 
-    return resolve_runtime(load_settings(path).runtime, path)
+    settings = load_settings(path)
+    return resolve_runtime(settings.runtime, path), settings.state_dir

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 from kata_vfio.errors import KataVfioError
 from kata_vfio_wrapper.args import EDIT_VERBS, Invocation, parse
-from kata_vfio_wrapper.fastpath import passthrough_runtime
+from kata_vfio_wrapper.fastpath import passthrough_settings
 
 PROG = "kata-vfio"
 
@@ -32,10 +33,17 @@ def prepare_create(inv: Invocation) -> str:
     runtime = resolve_runtime(settings.runtime, config_path())
     log = file_logger(settings.log_file, container_id=inv.container_id, verb=inv.verb)
     bundle = Path(inv.bundle) if inv.bundle else Path.cwd()
+    bound: list[Any] = []
     try:
+        if settings.autobind_allow:
+            bound = auto_bind(bundle, settings, inv.container_id or "")
+            if bound:
+                log.info("auto-bound", devices=[str(a) for a in bound])
         result = edit_bundle(bundle, settings)
     except KataVfioError as err:
         log.error("spec edit refused", bundle=str(bundle), error=err.one_line())
+        if bound:
+            release_devices(settings.state_dir, settings.sysfs, inv.container_id or "")
         raise
     if result.plan is not None:
         log.info(
@@ -47,6 +55,41 @@ def prepare_create(inv: Invocation) -> str:
             runtime=runtime,
         )
     return runtime
+
+
+def auto_bind(bundle: Any, settings: Any, container_id: str) -> list[Any]:
+    from pathlib import Path
+
+    from kata_vfio_wrapper.autobind import autobind
+    from kata_vfio_wrapper.bindings import Host
+    from kata_vfio_wrapper.spec_edit import load_spec
+    from kata_vfio_wrapper.usage import uses
+
+    spec, _ = load_spec(bundle)
+    host = Host(sysfs=Path(settings.sysfs), state_dir=Path(settings.state_dir))
+    return autobind(spec, host, settings.autobind_allow, container_id,
+                    in_use=lambda addr: uses(host.sysfs, Path("/proc"), addr))
+
+
+def release_devices(state_dir: str, sysfs: str, container_id: str) -> list[str]:
+    from pathlib import Path
+
+    from kata_vfio_wrapper.autobind import release
+    from kata_vfio_wrapper.bindings import Host
+
+    return release(Host(sysfs=Path(sysfs), state_dir=Path(state_dir)), container_id)
+
+
+def delete_and_release(runtime: str, argv: list[str], inv: Invocation, state_dir: str) -> int:
+    """`delete` of a container that has auto-bound devices: the inner runtime first
+    (its exit code is ours), then the devices go back to their drivers."""
+    import subprocess
+
+    from kata_vfio_wrapper.settings import load_settings
+
+    code = subprocess.run([runtime, *argv[1:]], check=False).returncode
+    release_devices(state_dir, load_settings().sysfs, inv.container_id or "")
+    return code
 
 
 def report(message: str, inv: Invocation) -> None:
@@ -74,7 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
     inv = parse(argv)
     try:
-        runtime = prepare_create(inv) if inv.verb in EDIT_VERBS else passthrough_runtime()
+        if inv.verb in EDIT_VERBS:
+            runtime = prepare_create(inv)
+        else:
+            runtime, state_dir = passthrough_settings()
+            if inv.verb == "delete" and inv.container_id and "/" not in inv.container_id \
+                    and os.path.exists(f"{state_dir}/containers/{inv.container_id}"):
+                return delete_and_release(runtime, argv, inv, state_dir)
     except KataVfioError as err:
         report(err.one_line(), inv)
         return err.exit_code

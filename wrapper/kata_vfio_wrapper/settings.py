@@ -11,6 +11,7 @@ from kata_vfio_wrapper.fastpath import (
     CONFIG_ENV,
     DEFAULT_CONFIG,
     DEFAULT_RUNTIME,
+    DEFAULT_STATE_DIR,
     config_path,
     write_cache,
 )
@@ -23,7 +24,7 @@ class Settings:
     annotations: dict[str, str] = field(default_factory=dict)
     log_file: str = "/var/log/kata-vfio.log"
     sysfs: str = "/sys"
-    state_dir: str = "/var/lib/kata-vfio"
+    state_dir: str = DEFAULT_STATE_DIR
     autobind_allow: tuple[str, ...] = ()
     hotplug_timeout: float = 5.0
 
@@ -63,7 +64,7 @@ def load_settings(path: str | None = None) -> Settings:
         autobind_allow=tuple(autobind.get("allow", ())),
         hotplug_timeout=float(data.get("hotplug_timeout", Settings.hotplug_timeout)),
     )
-    write_cache(path, settings.runtime)
+    write_cache(path, settings.runtime, settings.state_dir)
     return settings
 
 

@@ -1,0 +1,195 @@
+"""Host device management on fake sysfs trees with a fake kernel behind the writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from kata_vfio.errors import DeviceError
+from kata_vfio.manifest import DEVICES_ANNOTATION
+from kata_vfio.pci import PciAddress
+from kata_vfio_wrapper.autobind import autobind, marker, release
+from kata_vfio_wrapper.bindings import ADMIN, Host, bind_group, read_journal, restore_all
+
+from fakesys import BRIDGE, IGBVF, NVME, FakeKernel, FakeSysfs
+
+
+def A(text: str) -> PciAddress:
+    return PciAddress.parse(text)
+
+
+@pytest.fixture
+def host(tmp_path: Path, fakesys: FakeSysfs, kernel: FakeKernel) -> Host:
+    fakesys.add_device("0000:00:03.0", group=3, driver="e1000e", net=("enp0s3",))
+    # conventional bridge with two NICs: one group
+    fakesys.add_device("0000:00:1e.0", BRIDGE, group=7, driver=None)
+    fakesys.add_device("0000:05:01.0", group=7, driver="e1000")
+    fakesys.add_device("0000:05:02.0", group=7, driver="e1000")
+    # PF and its VFs in one group (no ACS)
+    fakesys.add_device("0000:06:00.0", group=9, driver="igb", net=("enp6s0",))
+    fakesys.add_device("0000:06:10.0", IGBVF, group=9, driver="igbvf")
+    fakesys.add_vf("0000:06:00.0", "0000:06:10.0", 0)
+    fakesys.add_device("0000:08:00.0", NVME, group=11, driver="nvme")
+    fakesys.add_device("0000:09:00.0", driver="e1000e")  # no IOMMU group
+    return Host(sysfs=fakesys.root, state_dir=tmp_path / "state", write=kernel.write)
+
+
+def drivers(fs: FakeSysfs) -> dict[str, str | None]:
+    return {a: fs.driver(a) for a in sorted(os.listdir(fs.root / "bus/pci/devices"))}
+
+
+def test_bind_takes_the_whole_group_and_restore_gives_it_back(
+    host: Host, fakesys: FakeSysfs, kernel: FakeKernel
+) -> None:
+    before = drivers(fakesys)
+    group = bind_group(host, A("0000:05:02.0"), ADMIN)
+    assert group.number == 7
+    assert fakesys.driver("0000:05:01.0") == fakesys.driver("0000:05:02.0") == "vfio-pci"
+    assert fakesys.driver("0000:00:1e.0") is None  # bridges are left alone
+    assert (fakesys.root / "class/vfio/7/dev").exists()
+    journal = read_journal(host)
+    assert journal["0000:05:01.0"]["driver"] == "e1000" and journal["0000:05:01.0"]["group"] == 7
+    assert not any(w.endswith("new_id") for w, _ in kernel.writes)
+    assert sorted(restore_all(host)) == ["0000:05:01.0", "0000:05:02.0"]
+    assert drivers(fakesys) == before
+    assert read_journal(host) == {}
+
+
+def test_pf_and_vf_in_one_group_go_together(host: Host, fakesys: FakeSysfs) -> None:
+    bind_group(host, A("0000:06:10.0"), ADMIN)
+    assert fakesys.driver("0000:06:00.0") == fakesys.driver("0000:06:10.0") == "vfio-pci"
+    restore_all(host)
+    assert (fakesys.driver("0000:06:00.0"), fakesys.driver("0000:06:10.0")) == ("igb", "igbvf")
+
+
+def test_in_use_is_refused_unless_forced(host: Host, fakesys: FakeSysfs) -> None:
+    def in_use(addr: PciAddress) -> list[str]:
+        return ["interface enp6s0 is up with addresses 192.0.2.1"] if str(addr) == \
+            "0000:06:00.0" else []
+
+    with pytest.raises(DeviceError, match=r"0000:06:00\.0 is in use: interface enp6s0"):
+        bind_group(host, A("0000:06:10.0"), ADMIN, in_use=in_use)
+    assert fakesys.driver("0000:06:10.0") == "igbvf"
+    bind_group(host, A("0000:06:10.0"), ADMIN, force=True, in_use=in_use)
+    assert fakesys.driver("0000:06:00.0") == "vfio-pci"
+
+
+def test_no_group_and_unknown_device(host: Host) -> None:
+    with pytest.raises(DeviceError, match="intel_iommu=on"):
+        bind_group(host, A("0000:09:00.0"), ADMIN)
+    with pytest.raises(DeviceError, match="no PCI device 0000:0a:00.0"):
+        bind_group(host, A("0000:0a:00.0"), ADMIN)
+
+
+def spec_for(*addresses: str) -> dict[str, object]:
+    return {"annotations": {DEVICES_ANNOTATION: ",".join(addresses)}}
+
+
+def test_autobind_default_deny_and_allow_list(host: Host, fakesys: FakeSysfs) -> None:
+    with pytest.raises(DeviceError, match=r"not in the auto-bind allow-list"):
+        autobind(spec_for("0000:08:00.0"), host, (), "c1")
+    with pytest.raises(DeviceError, match=r"0000:05:01\.0 \[8086:10d3\].*allow-list"):
+        autobind(spec_for("0000:05:02.0"), host, ("0000:05:02.0",), "c1")  # member not allowed
+    assert fakesys.driver("0000:05:02.0") == "e1000"
+    assert autobind(spec_for("0000:08:00.0"), host, ("1b36:*",), "c1") == [A("0000:08:00.0")]
+    assert fakesys.driver("0000:08:00.0") == "vfio-pci"
+    assert marker(host.state_dir, "c1").exists()
+    # another container: refused, naming the owner
+    with pytest.raises(DeviceError, match="in use by container c1"):
+        autobind(spec_for("0000:08:00.0"), host, ("1b36:*",), "c2")
+    release(host, "c1")
+    assert fakesys.driver("0000:08:00.0") == "nvme"
+    assert not marker(host.state_dir, "c1").exists()
+
+
+STEPS = 7  # 0: after the journal; then override, unbind, probe for each of the two NICs
+
+
+@pytest.mark.parametrize("die_after_writes", range(STEPS))
+def test_sigkill_at_every_step_is_repaired_by_restore_all(
+    host: Host, fakesys: FakeSysfs, kernel: FakeKernel, die_after_writes: int
+) -> None:
+    """A child process auto-binds and is SIGKILLed after N sysfs writes (0: right after
+    the journal); restore --all then puts every device back."""
+    before = drivers(fakesys)
+    pid = os.fork()
+    if pid == 0:  # the "wrapper"
+        count = 0
+
+        def dying_write(path: Path, text: str) -> None:
+            nonlocal count
+            if count >= die_after_writes:
+                os.kill(os.getpid(), signal.SIGKILL)
+            count += 1
+            kernel.write(path, text)
+
+        dying = Host(host.sysfs, host.state_dir, dying_write)
+        try:
+            autobind(spec_for("0000:05:01.0"), dying, ("8086:*",), "ctr")
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    killed = os.WIFSIGNALED(status)
+    assert killed == (die_after_writes < 6)  # six writes bind the pair
+    restore_all(host)
+    assert drivers(fakesys) == before
+    assert read_journal(host) == {}
+
+
+def test_two_concurrent_creates_one_wins(host: Host, fakesys: FakeSysfs, kernel: FakeKernel,
+                                          tmp_path: Path) -> None:
+    def slow_write(path: Path, text: str) -> None:
+        time.sleep(0.05)  # widen the race window
+        kernel.write(path, text)
+
+    results = []
+    pids = []
+    for cid in ("a", "b"):
+        pid = os.fork()
+        if pid == 0:
+            out = tmp_path / f"result-{cid}"
+            try:
+                autobind(spec_for("0000:05:01.0"), Host(host.sysfs, host.state_dir, slow_write),
+                         ("8086:*",), cid)
+                out.write_text("ok")
+            except DeviceError as err:
+                out.write_text(str(err))
+            finally:
+                os._exit(0)
+        pids.append(pid)
+    for pid in pids:
+        os.waitpid(pid, 0)
+    results = sorted((tmp_path / f"result-{c}").read_text() for c in ("a", "b"))
+    assert results[1] == "ok"
+    assert "is in use by container " in results[0]
+    owners = {e["owner"] for e in read_journal(host).values()}
+    assert len(owners) == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a dummy interface")
+def test_network_use_is_seen_on_a_real_interface(tmp_path: Path) -> None:
+    from kata_vfio_wrapper.usage import network_uses
+
+    name = "kvfio-t0"
+    subprocess.run(["ip", "link", "add", name, "type", "dummy"], check=True)
+    try:
+        assert network_uses(name) == []
+        subprocess.run(["ip", "addr", "add", "192.0.2.10/24", "dev", name], check=True)
+        subprocess.run(["ip", "link", "set", name, "up"], check=True)
+        assert network_uses(name) == [f"interface {name} is up with addresses 192.0.2.10"]
+    finally:
+        subprocess.run(["ip", "link", "del", name], check=False)
+
+
+def test_journal_is_json_with_original_drivers(host: Host) -> None:
+    bind_group(host, A("0000:00:03.0"), ADMIN)
+    data = json.loads(host.journal.read_text())
+    assert data["version"] == 1
+    assert data["devices"]["0000:00:03.0"]["driver"] == "e1000e"
+    assert data["devices"]["0000:00:03.0"]["owner"] == ADMIN
