@@ -83,7 +83,7 @@ def test_in_use_is_refused_unless_forced(host: Host, fakesys: FakeSysfs) -> None
 def test_no_group_and_unknown_device(host: Host) -> None:
     with pytest.raises(DeviceError, match="intel_iommu=on"):
         bind_group(host, A("0000:09:00.0"), ADMIN)
-    with pytest.raises(DeviceError, match="no PCI device 0000:0a:00.0"):
+    with pytest.raises(DeviceError, match=r"no PCI device 0000:0a:00\.0"):
         bind_group(host, A("0000:0a:00.0"), ADMIN)
 
 
@@ -172,19 +172,26 @@ def test_two_concurrent_creates_one_wins(host: Host, fakesys: FakeSysfs, kernel:
     assert len(owners) == 1
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a dummy interface")
-def test_network_use_is_seen_on_a_real_interface(tmp_path: Path) -> None:
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for veth interfaces")
+def test_network_use_is_seen_on_real_interfaces() -> None:
     from kata_vfio_wrapper.usage import network_uses
 
-    name = "kvfio-t0"
-    subprocess.run(["ip", "link", "add", name, "type", "dummy"], check=True)
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True)
+
+    ip("link", "add", "kvfio-t0", "type", "veth", "peer", "name", "kvfio-t1")
     try:
-        assert network_uses(name) == []
-        subprocess.run(["ip", "addr", "add", "192.0.2.10/24", "dev", name], check=True)
-        subprocess.run(["ip", "link", "set", name, "up"], check=True)
-        assert network_uses(name) == [f"interface {name} is up with addresses 192.0.2.10"]
+        assert network_uses("kvfio-t0") == []  # down, no addresses: free
+        ip("addr", "add", "192.0.2.10/24", "dev", "kvfio-t0")
+        ip("link", "set", "kvfio-t0", "up")
+        assert network_uses("kvfio-t0") == ["interface kvfio-t0 is up with addresses 192.0.2.10"]
+        ip("link", "add", "kvfio-br0", "type", "bridge")
+        ip("link", "set", "kvfio-t1", "master", "kvfio-br0")
+        assert network_uses("kvfio-t1") == ["interface kvfio-t1 is a member of kvfio-br0"]
+        assert network_uses("kvfio-nonexistent") == []
     finally:
-        subprocess.run(["ip", "link", "del", name], check=False)
+        subprocess.run(["ip", "link", "del", "kvfio-t0"], check=False)
+        subprocess.run(["ip", "link", "del", "kvfio-br0"], check=False)
 
 
 def test_journal_is_json_with_original_drivers(host: Host) -> None:
