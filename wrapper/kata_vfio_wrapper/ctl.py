@@ -169,6 +169,56 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    import json
+
+    from kata_vfio_wrapper.doctor import FAIL, as_json, render, run_checks
+    from kata_vfio_wrapper.kata_conf import find_config
+    from kata_vfio_wrapper.settings import load_settings
+
+    settings = load_settings()
+    checks = run_checks(Path(settings.sysfs), Path("/proc"), find_config(args.kata_config),
+                        Path(args.conf), settings.guest_hook_path, settings.annotations)
+    print(json.dumps(as_json(checks), indent=1) if args.json else render(checks))
+    failed = [c.name for c in checks if c.status == FAIL]
+    if failed and not args.json:
+        print(f"not ready: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    from kata_vfio.errors import ConfigError
+    from kata_vfio_wrapper.kata_conf import find_config, install
+    from kata_vfio_wrapper.podman_conf import register
+    from kata_vfio_wrapper.settings import load_settings
+
+    settings = load_settings()
+    kata = find_config(args.kata_config)
+    if kata is None:
+        raise ConfigError("no Kata configuration.toml found", "pass --kata-config PATH")
+    changed = install(kata, Path(settings.state_dir), settings.guest_hook_path,
+                      settings.annotations)
+    print(f"{kata}: {'set ' + ', '.join(changed) if changed else 'already configured'}")
+    podman = register(Path(args.conf), args.runtime_path)
+    print(f"{args.conf}: {'registered kata-vfio' if podman else 'already registered'}")
+    return 0
+
+
+def cmd_uninstall(args: argparse.Namespace) -> int:
+    from kata_vfio_wrapper.kata_conf import find_config, uninstall
+    from kata_vfio_wrapper.podman_conf import unregister
+    from kata_vfio_wrapper.settings import load_settings
+
+    settings = load_settings()
+    kata = find_config(args.kata_config)
+    if kata is not None:
+        restored = uninstall(kata, Path(settings.state_dir))
+        print(f"{kata}: {'restored ' + ', '.join(restored) if restored else 'nothing to undo'}")
+    removed = unregister(Path(args.conf))
+    print(f"{args.conf}: {'removed kata-vfio' if removed else 'not registered'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from kata_vfio_wrapper.podman_conf import CONTAINERS_CONF
 
@@ -194,6 +244,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("addresses", nargs="*", metavar="ADDRESS")
     p.add_argument("--all", action="store_true", help="everything kata-vfio bound")
     p.set_defaults(func=cmd_restore)
+
+    p = sub.add_parser("doctor", help="check this host's readiness, say how to fix")
+    p.add_argument("--kata-config", help="Kata configuration.toml (default: Kata's search)")
+    p.add_argument("--conf", default=str(CONTAINERS_CONF), help="podman containers.conf")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_doctor)
+
+    for name, func, text in (("install", cmd_install, "configure Kata and podman for kata-vfio"),
+                             ("uninstall", cmd_uninstall, "undo install")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--kata-config", help="Kata configuration.toml (default: Kata's search)")
+        p.add_argument("--conf", default=str(CONTAINERS_CONF), help="podman containers.conf")
+        if name == "install":
+            p.add_argument("--runtime-path", default=_default_runtime_path())
+        p.set_defaults(func=func)
 
     p = sub.add_parser("podman-register", help="register kata-vfio as a podman runtime")
     p.add_argument("--conf", default=str(CONTAINERS_CONF))

@@ -1,0 +1,156 @@
+"""`kata-vfio-ctl doctor`: is this host ready for VFIO devices in Kata containers?
+
+Each check says what it found and, when it is not fine, how to fix it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+OK, WARN, FAIL = "ok", "warn", "fail"
+CAP_IPC_LOCK = 14
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: str
+    detail: str
+    fix: str = ""
+
+    def as_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def check_iommu(sysfs: Path, proc: Path) -> Check:
+    groups = sysfs / "kernel/iommu_groups"
+    count = len(os.listdir(groups)) if groups.is_dir() else 0
+    try:
+        cmdline = (proc / "cmdline").read_text().strip()
+    except OSError:
+        cmdline = "?"
+    if count:
+        return Check("iommu", OK, f"{count} IOMMU groups")
+    return Check("iommu", FAIL, f"no IOMMU groups (kernel command line: {cmdline})",
+                 "enable VT-d / AMD-Vi in the firmware and boot with intel_iommu=on iommu=pt "
+                 "(Intel) or amd_iommu=on (AMD)")
+
+
+def check_interrupt_remapping(proc: Path) -> Check:
+    try:
+        interrupts = (proc / "interrupts").read_text()
+    except OSError:
+        return Check("interrupt-remapping", WARN, "cannot read /proc/interrupts")
+    if "IR-" in interrupts:
+        return Check("interrupt-remapping", OK, "MSI interrupts are remapped (IR-)")
+    return Check("interrupt-remapping", FAIL, "no remapped interrupts in /proc/interrupts",
+                 "enable interrupt remapping (intremap) in firmware and kernel; vfio refuses "
+                 "devices without it unless vfio_iommu_type1 allow_unsafe_interrupts=1")
+
+
+def check_vfio_modules(sysfs: Path) -> Check:
+    loaded = [m for m in ("vfio", "vfio_pci", "vfio_iommu_type1")
+              if (sysfs / "module" / m).is_dir()]
+    if (sysfs / "bus/pci/drivers/vfio-pci").is_dir():
+        return Check("vfio-modules", OK, f"vfio-pci registered (modules: {', '.join(loaded)})")
+    import subprocess
+
+    found = subprocess.run(["modinfo", "-n", "vfio-pci"], capture_output=True, text=True,
+                           check=False)
+    if found.returncode == 0:
+        return Check("vfio-modules", OK, f"vfio-pci not loaded, available at "
+                     f"{found.stdout.strip()} (kata-vfio-ctl bind loads it)")
+    return Check("vfio-modules", FAIL, "no vfio-pci module for this kernel",
+                 "install the kernel's modules package (vfio-pci, vfio_iommu_type1)")
+
+
+def check_kata(path: Path | None, guest_hook_path: str, annotations: dict[str, str]
+               ) -> list[Check]:
+    from kata_vfio_wrapper.kata_conf import check
+
+    if path is None or not path.exists():
+        return [Check("kata-config", FAIL, "no Kata configuration.toml found",
+                      "install Kata, or pass --kata-config PATH")]
+    checks = [Check(f"kata:{key}", OK if ok else FAIL, f"{path}",
+                    "" if ok else f"set {fix} (kata-vfio-ctl install does it)")
+              for key, ok, fix in check(path, guest_hook_path, annotations)]
+    checks.append(check_kata_initrd(path))
+    return checks
+
+
+def check_kata_initrd(path: Path) -> Check:
+    import subprocess
+    import tomllib
+
+    from kata_vfio_wrapper.kata_conf import hypervisor_table
+
+    _, table = hypervisor_table(tomllib.loads(path.read_text()), path)
+    initrd = table.get("initrd")
+    if not initrd:
+        return Check("kata:initrd", FAIL, "Kata boots an image, not an initrd",
+                     "build one with `make initrd` and set initrd = \"…\" in " + str(path))
+    listing = subprocess.run(["lsinitrd", initrd, "usr/share/oci/hooks/prestart/kata-vfio-hook"],
+                             capture_output=True, text=True, check=False)
+    if listing.returncode == 0 and "kata-vfio-hook" in listing.stdout:
+        return Check("kata:initrd", OK, f"{initrd} has the kata-vfio hook")
+    return Check("kata:initrd", FAIL, f"{initrd} has no kata-vfio hook",
+                 "build the guest image with `make initrd` (initrd/90kata-vfio)")
+
+
+def check_podman(conf: Path) -> Check:
+    import tomllib
+
+    try:
+        engine = tomllib.loads(conf.read_text()).get("engine", {})
+    except (OSError, tomllib.TOMLDecodeError):
+        engine = {}
+    runtime = (engine.get("runtimes") or {}).get("kata-vfio")
+    json_ok = "kata-vfio" in (engine.get("runtime_supports_json") or [])
+    if runtime and json_ok:
+        return Check("podman", OK, f"kata-vfio = {runtime} in {conf}")
+    return Check("podman", FAIL, f"kata-vfio is not registered in {conf}",
+                 "kata-vfio-ctl podman-register (or install)")
+
+
+def check_memlock(proc: Path) -> Check:
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    cap_eff = 0
+    try:
+        for line in (proc / "self/status").read_text().splitlines():
+            if line.startswith("CapEff:"):
+                cap_eff = int(line.split()[1], 16)
+    except OSError:
+        pass
+    unlimited = soft == resource.RLIM_INFINITY
+    detail = (f"RLIMIT_MEMLOCK {'unlimited' if unlimited else f'{soft // 1024} KiB'}, "
+              f"CAP_IPC_LOCK {'held' if cap_eff >> CAP_IPC_LOCK & 1 else 'not held'} here")
+    if unlimited or soft >= 1 << 30:
+        return Check("memlock", OK, detail)
+    return Check("memlock", WARN, detail,
+                 "programs that map DMA memory need --cap-add IPC_LOCK and a large "
+                 "--ulimit memlock in the container")
+
+
+def run_checks(sysfs: Path, proc: Path, kata_config: Path | None, containers_conf: Path,
+               guest_hook_path: str, annotations: dict[str, str]) -> list[Check]:
+    return [check_iommu(sysfs, proc), check_interrupt_remapping(proc), check_vfio_modules(sysfs),
+            *check_kata(kata_config, guest_hook_path, annotations), check_podman(containers_conf),
+            check_memlock(proc)]
+
+
+def render(checks: list[Check]) -> str:
+    lines = []
+    for c in checks:
+        lines.append(f"[{c.status:4}] {c.name}: {c.detail}")
+        if c.fix:
+            lines.append(f"       fix: {c.fix}")
+    return "\n".join(lines)
+
+
+def as_json(checks: list[Check]) -> list[dict[str, Any]]:
+    return [c.as_dict() for c in checks]
