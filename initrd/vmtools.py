@@ -137,8 +137,36 @@ def _runc_spec() -> dict[str, Any]:
         return json.loads((Path(tmp) / "config.json").read_text())
 
 
+STDLIB_SKIP = ("test", "idlelib", "tkinter", "ensurepip", "lib2to3", "pydoc_data",
+               "turtledemo", "__pycache__")
+
+
+def add_host_tools(root: Path) -> None:
+    """kata-vfio-ctl and what it imports (pyroute2, psutil, ...), and the whole standard
+    library: the guest then plays an IOMMU host for the host tools."""
+    import sysconfig
+
+    stdlib = Path(sysconfig.get_paths(vars={"base": "/usr", "installed_base": "/usr"})["stdlib"])
+    for path in stdlib.rglob("*"):
+        rel = path.relative_to(stdlib)
+        if path.is_file() and not any(part in STDLIB_SKIP or part.startswith("config-")
+                                      for part in rel.parts):
+            _copy(path, root)
+            if path.suffix == ".so":
+                for lib in shared_libs(str(path)):
+                    _copy(lib, root)
+    site = Path(sysconfig.get_paths()["purelib"])
+    for package in ("kata_vfio", "kata_vfio_wrapper", "pyroute2", "psutil", "tomlkit"):
+        for path in (site / package).rglob("*"):
+            if path.is_file() and "__pycache__" not in path.parts:
+                _copy(path, root, f"/usr/lib/kata-vfio/{path.relative_to(site)}")
+                if path.suffix == ".so":
+                    for lib in shared_libs(str(path)):
+                        _copy(lib, root)
+
+
 def build_test_cpio(out: Path, kver: str, scenarios: list[Scenario],
-                    devices: tuple[EmulatedDevice, ...]) -> None:
+                    devices: tuple[EmulatedDevice, ...], host_tools: bool = False) -> None:
     """The test-only archive appended to the product initrd."""
     with tempfile.TemporaryDirectory(prefix="kvfio-cpio.") as tmp:
         root = Path(tmp)
@@ -161,6 +189,8 @@ def build_test_cpio(out: Path, kver: str, scenarios: list[Scenario],
         for ko in modules:
             _copy(ko, root)
         (root / "kvfio/native-modules").write_text("".join(m + "\n" for m in modules))
+        if host_tools:
+            add_host_tools(root)
         ctr = root / "kvfio/ctr/rootfs"
         for d in ("proc", "sys", "dev", "tmp", "usr"):
             (ctr / d).mkdir(parents=True, exist_ok=True)
@@ -198,13 +228,14 @@ class GuestRun:
 
 def boot(initrd: Path, kver: str, scenarios: list[Scenario],
          devices: tuple[EmulatedDevice, ...] = DEFAULT_DEVICES, timeout: float = 300,
-         memory_mb: int = 1024, console_log: Path | None = None) -> GuestRun:
+         memory_mb: int = 1024, console_log: Path | None = None,
+         host_tools: bool = False) -> GuestRun:
     """Boot the product initrd plus the test archive; return the console and KVFIO records."""
     with tempfile.TemporaryDirectory(prefix="kvfio-vm.") as tmp:
         combined = Path(tmp) / "initrd.img"
         console_file = console_log or Path(tmp) / "console.log"
         test_cpio = Path(tmp) / "test.cpio"
-        build_test_cpio(test_cpio, kver, scenarios, devices)
+        build_test_cpio(test_cpio, kver, scenarios, devices, host_tools)
         with open(combined, "wb") as out:
             for part in (initrd, test_cpio):
                 data = part.read_bytes()
