@@ -1,0 +1,56 @@
+"""Hot paths stay lean: what a passthrough verb and a hook without work import."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from wrapper_run import SOURCE_PATH
+
+HEAVY = {"structlog", "jsonschema", "tomllib", "tomlkit", "pyroute2", "psutil"}
+
+PROBE = """
+import os, sys
+def no_exec(*args):
+    raise SystemExit(0)
+os.execv = no_exec
+sys.argv = {argv!r}
+sys.stdin = __import__("io").StringIO({stdin!r})
+try:
+    import {module} as m
+    m.main()
+except SystemExit:
+    pass
+except OSError:
+    pass  # execv of a runtime that is not there: imports are what we look at
+print("MODULES " + " ".join(sorted(sys.modules)), file=sys.__stdout__)
+"""
+
+
+def imported(module: str, argv: list[str], stdin: str = "",
+             config: str = "/nonexistent.toml") -> set[str]:
+    code = PROBE.format(module=module, argv=argv, stdin=stdin)
+    out = subprocess.run([sys.executable, "-c",
+                          f"import sys; sys.path[:0] = {SOURCE_PATH.split(':')!r}\n" + code],
+                         capture_output=True, text=True, check=True,
+                         env={"KATA_VFIO_CONFIG": config, "PATH": "/usr/bin:/bin"}).stdout
+    return set(out.strip().splitlines()[-1].split()[1:])
+
+
+def test_passthrough_verb_imports_no_heavy_module(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('runtime = "true"\n')
+    argv = ["kata-vfio", "state", "x"]
+    assert "tomllib" in imported("kata_vfio_wrapper.runtime", argv, config=str(config))
+    modules = imported("kata_vfio_wrapper.runtime", argv, config=str(config))  # cache warm
+    assert "kata_vfio_wrapper.runtime" in modules
+    assert not modules & (HEAVY | {"typing", "dataclasses", "pathlib", "re"})
+
+
+def test_hook_without_manifest_imports_no_heavy_module() -> None:
+    state = json.dumps({"id": "c", "pid": 1, "bundle": "/nonexistent"})
+    modules = imported("kata_vfio_hook.main", ["kata-vfio-hook", "prestart"], state)
+    assert "kata_vfio_hook.main" in modules
+    assert not modules & (HEAVY | {"threading", "subprocess", "ctypes", "socket"})
