@@ -17,20 +17,21 @@ def emit(**record):
     print("KVFIO " + json.dumps(record), flush=True)
 
 
-def drivers():
+def link_names(attr):
+    """address -> the name a device's `attr` symlink points at (driver, iommu_group)."""
     out = {}
     for addr in sorted(os.listdir(PCI)):
-        link = os.path.join(PCI, addr, "driver")
+        link = os.path.join(PCI, addr, attr)
         out[addr] = os.path.basename(os.readlink(link)) if os.path.islink(link) else None
     return out
+
+
+def drivers():
+    return link_names("driver")
 
 
 def groups():
-    out = {}
-    for addr in sorted(os.listdir(PCI)):
-        link = os.path.join(PCI, addr, "iommu_group")
-        out[addr] = os.path.basename(os.readlink(link)) if os.path.islink(link) else None
-    return out
+    return link_names("iommu_group")
 
 
 def ids():

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kata_vfio.errors import BindError
-from kata_vfio.pci import PciAddress, device_dir, drivers_probe_path, read_device
+from kata_vfio.pci import PciAddress, device_dir, drivers_probe_path
 
 # The seam through which every sysfs attribute is written. Tests pass a fake kernel.
 SysfsWrite = Callable[[Path, str], None]
@@ -90,7 +90,3 @@ def _probe(sysfs: Path, addr: PciAddress, write: SysfsWrite) -> None:
         if exc.errno not in (errno.EINVAL, errno.ENODEV, errno.ENOENT):
             raise
 
-
-def describe(sysfs: Path, addr: PciAddress) -> str:
-    dev = read_device(sysfs, addr)
-    return f"{addr} [{dev.ids}] driver={dev.driver or 'none'}"

@@ -8,7 +8,6 @@ MAC matches first, so the same manifest always gives the same assignment.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from kata_vfio.manifest import ManifestDevice
@@ -72,9 +71,3 @@ def assign(
                 break
     return found, [i for i in range(len(wanted)) if i not in found]
 
-
-def listdir_or_empty(path: Path) -> list[str]:
-    try:
-        return os.listdir(path)
-    except OSError:
-        return []
