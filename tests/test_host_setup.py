@@ -54,12 +54,17 @@ def test_install_is_idempotent_and_uninstall_restores(tmp_path: Path) -> None:
     assert "# comment kept" in conf.read_text()
 
 
-def test_doctor_on_a_host_without_iommu(fakesys: FakeSysfs, tmp_path: Path) -> None:
+def fake_proc(tmp_path: Path, cmdline: str, interrupt: str) -> Path:
     proc = tmp_path / "proc"
     (proc / "self").mkdir(parents=True)
-    (proc / "cmdline").write_text("BOOT_IMAGE=/vmlinuz root=/dev/sda1\n")
-    (proc / "interrupts").write_text("  24:  1  PCI-MSI 512000-edge  eth0\n")
+    (proc / "cmdline").write_text(cmdline + "\n")
+    (proc / "interrupts").write_text(f"  24:  1  {interrupt} 512000-edge  eth0\n")
     (proc / "self/status").write_text("CapEff:\t000001ffffffffff\n")
+    return proc
+
+
+def test_doctor_on_a_host_without_iommu(fakesys: FakeSysfs, tmp_path: Path) -> None:
+    proc = fake_proc(tmp_path, "BOOT_IMAGE=/vmlinuz root=/dev/sda1", "PCI-MSI")
     kata = tmp_path / "configuration.toml"
     kata.write_text(KATA)
     checks = {c.name: c for c in run_checks(fakesys.root, proc, kata, tmp_path / "none.conf",
@@ -73,11 +78,7 @@ def test_doctor_on_a_host_without_iommu(fakesys: FakeSysfs, tmp_path: Path) -> N
 
 
 def test_doctor_on_a_ready_host(vfio_host: FakeSysfs, tmp_path: Path) -> None:
-    proc = tmp_path / "proc"
-    (proc / "self").mkdir(parents=True)
-    (proc / "cmdline").write_text("intel_iommu=on iommu=pt\n")
-    (proc / "interrupts").write_text("  24:  1  IR-PCI-MSI 512000-edge  eth0\n")
-    (proc / "self/status").write_text("CapEff:\t000001ffffffffff\n")
+    proc = fake_proc(tmp_path, "intel_iommu=on iommu=pt", "IR-PCI-MSI")
     vfio_host.add_driver("vfio-pci")
     checks = {c.name: c for c in run_checks(vfio_host.root, proc, None, tmp_path / "x",
                                             "/usr/share/oci/hooks", {})}

@@ -13,10 +13,28 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kata_vfio.errors import BindError
-from kata_vfio.pci import PciAddress, device_dir, drivers_probe_path
+from kata_vfio.pci import VFIO_PCI, PciAddress, device_dir, driver_dir, drivers_probe_path
 
 # The seam through which every sysfs attribute is written. Tests pass a fake kernel.
 SysfsWrite = Callable[[Path, str], None]
+
+MODPROBE = ("/sbin/modprobe", "/usr/sbin/modprobe")
+VFIO_MODULES = ("vfio-pci", "vfio_iommu_type1")
+
+
+def load_vfio_pci(sysfs: Path, modprobe: tuple[str, ...] = MODPROBE) -> bool:
+    """Make sure the vfio-pci driver is registered, loading its modules if need be
+    (absolute paths, empty environment: the guest hook runs without PATH)."""
+    if driver_dir(sysfs, VFIO_PCI).is_dir():
+        return True
+    import subprocess
+
+    found = next((m for m in modprobe if os.path.exists(m)), None)
+    if found is not None:
+        for module in VFIO_MODULES:
+            subprocess.run([found, "-q", module], env={}, capture_output=True, check=False,
+                           timeout=30)
+    return driver_dir(sysfs, VFIO_PCI).is_dir()
 
 
 def write_attr(path: Path, text: str) -> None:

@@ -19,7 +19,7 @@ from kata_vfio.errors import HookError, KataVfioError
 from kata_vfio.jsonlog import JsonLog
 from kata_vfio.manifest import MANIFEST_ANNOTATION, Manifest, ManifestDevice
 from kata_vfio.pci import VFIO_PCI, PciAddress, PciDevice
-from kata_vfio.rebind import SysfsWrite, write_attr
+from kata_vfio.rebind import MODPROBE, SysfsWrite, write_attr
 
 PROG = "kata-vfio-hook"
 LOG_PATH = Path("/tmp/kata-vfio-hook.log")
@@ -42,7 +42,7 @@ class GuestRoots(NamedTuple):
     proc: Path = Path("/proc")
     cgroupfs: Path = Path("/sys/fs/cgroup")
     libcontainer: Path = Path("/run/libcontainer")
-    modprobe: tuple[str, ...] = ("/sbin/modprobe", "/usr/sbin/modprobe")
+    modprobe: tuple[str, ...] = MODPROBE
     via_proc_root: bool = True  # reach the rootfs through /proc/<pid>/root (its mount ns)
     write: SysfsWrite = write_attr  # the seam tests put a fake kernel behind
     uevents: bool = True  # False: fake trees send no uevents, re-check by polling
@@ -132,17 +132,9 @@ def locate(manifest: Manifest, roots: GuestRoots, wakeups: Any) -> list[PciDevic
 
 
 def ensure_vfio_driver(roots: GuestRoots) -> None:
-    from kata_vfio.pci import driver_dir
+    from kata_vfio.rebind import load_vfio_pci
 
-    if driver_dir(roots.sysfs, VFIO_PCI).is_dir():
-        return
-    import subprocess
-
-    modprobe = next((m for m in roots.modprobe if os.path.exists(m)), None)
-    if modprobe is not None:
-        for module in ("vfio-pci", "vfio_iommu_type1"):
-            subprocess.run([modprobe, "-q", module], env={}, capture_output=True, timeout=5)
-    if not driver_dir(roots.sysfs, VFIO_PCI).is_dir():
+    if not load_vfio_pci(roots.sysfs, roots.modprobe):
         raise HookError("the vfio-pci driver is not available in the guest",
                         "build the guest image with kata-vfio's dracut module (make initrd)")
 

@@ -25,13 +25,12 @@ from kata_vfio.pci import (
     VFIO_PCI,
     IommuGroup,
     PciAddress,
-    driver_dir,
     group_members,
     group_of,
     read_device,
     vfio_group_class_dir,
 )
-from kata_vfio.rebind import SysfsWrite, bind_to, give_back, write_attr
+from kata_vfio.rebind import MODPROBE, SysfsWrite, bind_to, give_back, load_vfio_pci, write_attr
 
 ADMIN = "kata-vfio-ctl"
 
@@ -43,7 +42,7 @@ class Host:
     sysfs: Path
     state_dir: Path
     write: SysfsWrite = write_attr
-    modprobe: tuple[str, ...] = ("/sbin/modprobe", "/usr/sbin/modprobe")
+    modprobe: tuple[str, ...] = MODPROBE
 
     @property
     def journal(self) -> Path:
@@ -108,14 +107,7 @@ def endpoints(host: Host, addr: PciAddress) -> tuple[IommuGroup, list[PciAddress
 
 
 def ensure_vfio_pci(host: Host) -> None:
-    if driver_dir(host.sysfs, VFIO_PCI).is_dir():
-        return
-    import subprocess
-
-    modprobe = next((m for m in host.modprobe if os.path.exists(m)), None)
-    if modprobe:
-        subprocess.run([modprobe, "vfio-pci"], capture_output=True, check=False, timeout=30)
-    if not driver_dir(host.sysfs, VFIO_PCI).is_dir():
+    if not load_vfio_pci(host.sysfs, host.modprobe):
         raise DeviceError("the vfio-pci driver is not available",
                           "install the kernel's vfio-pci module (modprobe vfio-pci)")
 
@@ -142,6 +134,10 @@ def bind_group(host: Host, addr: PciAddress, owner: str, *, force: bool = False,
                               "wait for that container to be deleted")
         devices = [read_device(host.sysfs, m) for m in members]
         to_move = [d for d in devices if d.driver != VFIO_PCI]
+        entries: dict[str, dict[str, Any] | None] = {
+            str(d.address): {"driver": d.driver, "override": d.driver_override,
+                             "group": group.number, "owner": owner, "since": time.time()}
+            for d in devices}
         if not force and in_use is not None:
             for dev in to_move:
                 uses = in_use(dev.address)
@@ -150,16 +146,12 @@ def bind_group(host: Host, addr: PciAddress, owner: str, *, force: bool = False,
                         f"PCI device {dev.address} is in use: {'; '.join(uses)}",
                         "stop using it first, or pass --force")
         if not to_move:
-            if current is None:
-                update_journal(host, {str(d.address): {
-                    "driver": VFIO_PCI, "override": d.driver_override, "group": group.number,
-                    "owner": owner, "since": time.time()} for d in devices})
+            if current is None:  # already on vfio-pci: record ownership only
+                update_journal(host, entries)
             return group
         ensure_vfio_pci(host)
         # the intent first: a crash from here on leaves what to give back
-        update_journal(host, {str(d.address): {
-            "driver": d.driver, "override": d.driver_override, "group": group.number,
-            "owner": owner, "since": time.time()} for d in devices})
+        update_journal(host, entries)
         try:
             for dev in to_move:
                 bind_to(host.sysfs, dev.address, VFIO_PCI, host.write)
