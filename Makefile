@@ -38,8 +38,9 @@ $(VENV)/.installed: $(BUILD)/.deps $(PY_SOURCES)
 venv: $(VENV)/.installed
 
 lint: venv
-	$(VENV)/bin/ruff check common wrapper hook tests initrd bench
-	$(VENV)/bin/mypy common/kata_vfio wrapper/kata_vfio_wrapper hook/kata_vfio_hook
+	$(VENV)/bin/ruff check common wrapper hook tests initrd bench demo
+	$(VENV)/bin/mypy common/kata_vfio wrapper/kata_vfio_host wrapper/kata_vfio_runtime \
+	  wrapper/kata_vfio_ctl hook/kata_vfio_hook
 
 # Everything: unit tests, real podman end to end, QEMU guests. CI runs this.
 test: lint initrd
@@ -56,7 +57,7 @@ $(BUILD)/kata-vfio-initrd.img: venv $(wildcard initrd/*) $(PY_SOURCES)
 initrd: $(BUILD)/kata-vfio-initrd.img
 
 demo: initrd
-	$(PY) initrd/demo.py --initrd $(abspath $(BUILD))/kata-vfio-initrd.img --kver $(KVER)
+	$(PY) demo/demo.py --initrd $(abspath $(BUILD))/kata-vfio-initrd.img --kver $(KVER)
 
 bench: initrd
 	$(PY) bench/run.py --initrd $(abspath $(BUILD))/kata-vfio-initrd.img --kver $(KVER)

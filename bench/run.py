@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO / "tests"), str(REPO / "initrd")]
+sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests" / "vm"), str(REPO / "initrd")]
 RUNS = 30
 
 
@@ -70,8 +70,8 @@ def bench_passthrough(work: Path) -> None:
 
 
 def bench_create(work: Path) -> None:
-    from kata_vfio_wrapper.settings import Settings
-    from kata_vfio_wrapper.spec_edit import edit_bundle
+    from kata_vfio_host.settings import Settings
+    from kata_vfio_runtime.spec_edit import edit_bundle
 
     from fakesys import FakeSysfs
 

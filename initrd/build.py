@@ -17,7 +17,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from pyclosure import GUEST_LIB, HOOK_IMPORTS, closure  # noqa: E402
+from pyclosure import GUEST_LIB, HOOK_IMPORTS, HOOK_PACKAGES, closure  # noqa: E402
 
 SYSTEM_DRACUT = Path("/usr/lib/dracut")
 GUEST_PYTHON = "/usr/bin/python3.11"  # Debian bookworm's, the same in host and guest
@@ -50,7 +50,8 @@ def build(kver: str, output: Path, with_hook: bool = True, extra_modules: str = 
         work = Path(tmp)
         filelist = work / "files.tsv"
         filelist.write_text("".join(f"{s}\t{d}\n" for s, d in
-                                    closure(GUEST_PYTHON, package_root, HOOK_IMPORTS)))
+                                    closure(GUEST_PYTHON, package_root, HOOK_IMPORTS,
+                                            HOOK_PACKAGES)))
         launcher = work / "kata-vfio-hook"
         launcher.write_text(LAUNCHER)
         launcher.chmod(0o755)

@@ -12,16 +12,21 @@ import subprocess
 from pathlib import Path
 
 GUEST_LIB = "/usr/lib/kata-vfio"
+# Every module of these packages goes in (the hook imports some lazily, inside the
+# functions that need them), plus the standard-library modules those lazy imports name.
+HOOK_PACKAGES = ("kata_vfio", "kata_vfio_hook")
 HOOK_IMPORTS = (
-    "kata_vfio_hook.main", "kata_vfio_hook.events", "kata_vfio_hook.match",
-    "kata_vfio_hook.nodes", "kata_vfio_hook.cgroup", "kata_vfio.rebind", "kata_vfio.pci",
-    "threading", "subprocess", "ctypes", "encodings.ascii", "encodings.latin_1",
+    "threading", "subprocess", "select", "socket", "encodings.ascii", "encodings.latin_1",
     "encodings.utf_8", "encodings.aliases",
 )
 
 _LISTER = """
-import importlib, json, sys
+import importlib, json, pkgutil, sys
 sys.path[:0] = json.loads(sys.argv[1])
+for name in json.loads(sys.argv[3]):
+    package = importlib.import_module(name)
+    for info in pkgutil.walk_packages(package.__path__, name + "."):
+        importlib.import_module(info.name)
 for name in json.loads(sys.argv[2]):
     importlib.import_module(name)
 files = {}
@@ -33,10 +38,13 @@ print(json.dumps(files))
 """
 
 
-def closure(python: str, package_root: Path, imports: tuple[str, ...]) -> list[tuple[str, str]]:
-    """(source, destination) for every file the imports load, plus package __init__s."""
+def closure(python: str, package_root: Path, imports: tuple[str, ...],
+            packages: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    """(source, destination) for every file the imports load: each named module, every
+    module of each named package, and everything those import."""
     out = subprocess.run([python, "-I", "-S", "-c", _LISTER, json.dumps([str(package_root)]),
-                          json.dumps(list(imports))], check=True, capture_output=True, text=True)
+                          json.dumps(list(imports)), json.dumps(list(packages))],
+                         check=True, capture_output=True, text=True)
     pairs = set()
     for path in json.loads(out.stdout).values():
         if path.endswith(".so"):  # extension modules: the libraries they link, too

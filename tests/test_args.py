@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kata_vfio_wrapper.args import parse
+from kata_vfio_runtime.args import parse
 
 ROOT = ["--root", "/run/runc"]
 CASES = [

@@ -14,8 +14,8 @@ import pytest
 from kata_vfio.errors import DeviceError
 from kata_vfio.manifest import DEVICES_ANNOTATION
 from kata_vfio.pci import PciAddress
-from kata_vfio_wrapper.autobind import autobind, marker, release
-from kata_vfio_wrapper.bindings import ADMIN, Host, bind_group, read_journal, restore_all
+from kata_vfio_host.autobind import autobind, marker, release
+from kata_vfio_host.bindings import ADMIN, Host, bind_group, read_journal, restore_all
 
 from fakesys import BRIDGE, IGBVF, NVME, FakeKernel, FakeSysfs
 
@@ -174,7 +174,7 @@ def test_two_concurrent_creates_one_wins(host: Host, fakesys: FakeSysfs, kernel:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root for veth interfaces")
 def test_network_use_is_seen_on_real_interfaces() -> None:
-    from kata_vfio_wrapper.usage import network_uses
+    from kata_vfio_host.usage import network_uses
 
     def ip(*args: str) -> None:
         subprocess.run(["ip", *args], check=True)

@@ -17,7 +17,7 @@ import pytest
 from kata_vfio.errors import HookError
 from kata_vfio.jsonlog import JsonLog
 from kata_vfio.manifest import MANIFEST_ANNOTATION, Manifest, ManifestDevice, ManifestGroup
-from kata_vfio.pci import IommuGroup, PciAddress
+from kata_vfio.pci import IommuGroup, PciAddress, PciIdentity
 from kata_vfio_hook.events import PollWakeups
 from kata_vfio_hook.main import GuestRoots, parse_state, run
 from kata_vfio_hook.nodes import make_nodes, rootfs_view
@@ -28,7 +28,7 @@ from fakesys import E1000E, NVME, FakeKernel, FakeSysfs
 def mdev(addr: str, ids: tuple[int, int, int] = E1000E, mac: str | None = None
          ) -> ManifestDevice:
     vendor, device, cls = ids
-    return ManifestDevice(PciAddress.parse(addr), vendor, device, 0x8086, 0, cls, mac)
+    return ManifestDevice(PciAddress.parse(addr), PciIdentity(vendor, device, 0x8086, 0, cls), mac)
 
 
 def manifest(*groups: tuple[int, list[ManifestDevice]], timeout: float = 0.5) -> str:

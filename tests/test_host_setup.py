@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from kata_vfio_wrapper.ctl import main as ctl
-from kata_vfio_wrapper.doctor import FAIL, OK, run_checks
-from kata_vfio_wrapper.kata_conf import check, install, uninstall
+from kata_vfio_ctl.doctor import FAIL, OK, run_checks
+from kata_vfio_ctl.kata_conf import check, install, uninstall
+from kata_vfio_ctl.main import main as ctl
 
 from fakesys import FakeSysfs
 from wrapper_run import SOURCE_PATH
@@ -138,7 +138,7 @@ def test_delete_gives_auto_bound_devices_back(ctl_env: Path, vfio_host: FakeSysf
                                               tmp_path: Path) -> None:
     """The runtime's delete runs the inner runtime first (its exit code kept), then
     releases what was bound for the container."""
-    from kata_vfio_wrapper.bindings import Host, read_journal, update_journal
+    from kata_vfio_host.bindings import Host, read_journal, update_journal
 
     from wrapper_run import make_recorder, run_wrapper
 

@@ -43,9 +43,9 @@ def test_passthrough_verb_imports_no_heavy_module(tmp_path: Path) -> None:
     config = tmp_path / "config.toml"
     config.write_text('runtime = "true"\n')
     argv = ["kata-vfio", "state", "x"]
-    assert "tomllib" in imported("kata_vfio_wrapper.runtime", argv, config=str(config))
-    modules = imported("kata_vfio_wrapper.runtime", argv, config=str(config))  # cache warm
-    assert "kata_vfio_wrapper.runtime" in modules
+    assert "tomllib" in imported("kata_vfio_runtime.main", argv, config=str(config))
+    modules = imported("kata_vfio_runtime.main", argv, config=str(config))  # cache warm
+    assert "kata_vfio_runtime.main" in modules
     assert not modules & (HEAVY | {"typing", "dataclasses", "pathlib", "re"})
 
 

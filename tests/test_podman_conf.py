@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from kata_vfio.errors import ConfigError
-from kata_vfio_wrapper.ctl import main as ctl_main
-from kata_vfio_wrapper.podman_conf import DEFAULT_SUPPORTS_JSON, register, unregister
+from kata_vfio_ctl.main import main as ctl_main
+from kata_vfio_ctl.podman_conf import DEFAULT_SUPPORTS_JSON, register, unregister
 
 EXISTING = """\
 # site settings, keep me

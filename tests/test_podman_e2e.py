@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from kata_vfio.manifest import GUEST_HOOK_PATH_ANNOTATION, MANIFEST_ANNOTATION, Manifest
-from kata_vfio_wrapper.podman_conf import register
+from kata_vfio_ctl.podman_conf import register
 
 from fakesys import FakeSysfs
 from ocischema import schema_errors

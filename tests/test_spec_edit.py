@@ -13,8 +13,8 @@ from kata_vfio.manifest import (
     MANIFEST_ANNOTATION,
     Manifest,
 )
-from kata_vfio_wrapper.settings import Settings
-from kata_vfio_wrapper.spec_edit import apply_plan, edit_bundle, plan_edit
+from kata_vfio_host.settings import Settings
+from kata_vfio_runtime.spec_edit import apply_plan, edit_bundle, plan_edit
 
 from fakesys import FakeSysfs
 from ocischema import schema_errors
@@ -54,7 +54,8 @@ def test_group_from_device_entry(vfio_host: FakeSysfs, bundle: Path) -> None:
     manifest = Manifest.from_json(spec["annotations"][MANIFEST_ANNOTATION])
     assert [str(g.host_group) for g in manifest.groups] == ["12"]
     dev = manifest.groups[0].devices[0]
-    assert (str(dev.host_address), dev.vendor, dev.device, dev.class_code) == \
+    assert (str(dev.host_address), dev.identity.vendor, dev.identity.device,
+            dev.identity.class_code) == \
         ("0000:03:00.0", 0x8086, 0x10D3, 0x020000)
     assert spec["annotations"][GUEST_HOOK_PATH_ANNOTATION] == "/usr/share/oci/hooks"
 
@@ -130,7 +131,7 @@ def test_vf_mac_is_looked_up_without_failing_when_unknown(vfio_host: FakeSysfs) 
 
 
 def test_mac_from_link_picks_the_vf() -> None:
-    from kata_vfio_wrapper.netinfo import mac_from_link
+    from kata_vfio_host.netinfo import mac_from_link
 
     class Msg:
         def __init__(self, attrs: dict[str, Any]) -> None:

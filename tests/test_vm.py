@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 
+from kata_vfio.pci import PciIdentity
+
 import vmtools
 from vmtools import DEFAULT_DEVICES, EmulatedDevice, GuestRun, Scenario, host_manifest
 
@@ -20,7 +22,7 @@ pytestmark = pytest.mark.vm
 INITRD = Path(os.environ.get("KATA_VFIO_INITRD", "build/kata-vfio-initrd.img"))
 KVER = os.environ.get("KATA_VFIO_KVER", "")
 E1000E_A, E1000E_B, NVME, E1000_A, E1000_B = DEFAULT_DEVICES
-ABSENT = EmulatedDevice("", "mlx5_core", 0x15B3, 0x101E, 0x15B3, 0x0001, 0x020000)
+ABSENT = EmulatedDevice("", "mlx5_core", PciIdentity(0x15B3, 0x101E, 0x15B3, 0x0001, 0x020000))
 PASSED = ("0000:00:03.0", "0000:00:05.0", "0000:01:01.0", "0000:01:02.0")
 
 

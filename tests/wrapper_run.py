@@ -52,7 +52,7 @@ def write_config(directory: Path, **values: Any) -> Path:
 
 
 def wrapper_command() -> list[str]:
-    return [sys.executable, "-m", "kata_vfio_wrapper.runtime"]
+    return [sys.executable, "-m", "kata_vfio_runtime.main"]
 
 
 def run_wrapper(args: list[str], config: Path, record: Path, **kwargs: Any

@@ -9,14 +9,14 @@ from __future__ import annotations
 import json
 from typing import Any, NamedTuple
 
+from kata_vfio.defaults import HOTPLUG_TIMEOUT_DEFAULT, HOTPLUG_TIMEOUT_MAX
 from kata_vfio.errors import SpecError
-from kata_vfio.pci import IommuGroup, PciAddress
+from kata_vfio.pci import IommuGroup, PciAddress, PciIdentity
 
 MANIFEST_ANNOTATION = "io.kata-vfio.manifest"
 DEVICES_ANNOTATION = "io.kata-vfio.devices"
 GUEST_HOOK_PATH_ANNOTATION = "io.katacontainers.config.hypervisor.guest_hook_path"
 MANIFEST_VERSION = 1
-DEFAULT_HOTPLUG_TIMEOUT = 5.0
 
 _HEX = frozenset("0123456789abcdef")
 
@@ -46,21 +46,18 @@ def _parse_id(obj: dict[str, Any], key: str, bits: int) -> int:
 
 class ManifestDevice(NamedTuple):
     host_address: PciAddress
-    vendor: int
-    device: int
-    subsystem_vendor: int
-    subsystem_device: int
-    class_code: int
+    identity: PciIdentity
     mac: str | None = None
 
     def to_obj(self) -> dict[str, Any]:
+        ident = self.identity
         obj: dict[str, Any] = {
             "host_address": str(self.host_address),
-            "vendor": f"0x{self.vendor:04x}",
-            "device": f"0x{self.device:04x}",
-            "subsystem_vendor": f"0x{self.subsystem_vendor:04x}",
-            "subsystem_device": f"0x{self.subsystem_device:04x}",
-            "class": f"0x{self.class_code:06x}",
+            "vendor": f"0x{ident.vendor:04x}",
+            "device": f"0x{ident.device:04x}",
+            "subsystem_vendor": f"0x{ident.subsystem_vendor:04x}",
+            "subsystem_device": f"0x{ident.subsystem_device:04x}",
+            "class": f"0x{ident.class_code:06x}",
         }
         if self.mac:
             obj["mac"] = self.mac
@@ -71,15 +68,14 @@ class ManifestDevice(NamedTuple):
         if not isinstance(obj, dict) or not isinstance(obj.get("host_address"), str):
             raise SpecError("manifest: a device entry has no host_address",
                             "regenerate the manifest")
-        return cls(
-            host_address=PciAddress.parse(obj["host_address"]),
+        identity = PciIdentity(
             vendor=_parse_id(obj, "vendor", 16),
             device=_parse_id(obj, "device", 16),
             subsystem_vendor=_parse_id(obj, "subsystem_vendor", 16),
             subsystem_device=_parse_id(obj, "subsystem_device", 16),
             class_code=_parse_id(obj, "class", 24),
-            mac=_parse_mac(obj.get("mac")),
         )
+        return cls(PciAddress.parse(obj["host_address"]), identity, _parse_mac(obj.get("mac")))
 
 
 class ManifestGroup(NamedTuple):
@@ -90,7 +86,7 @@ class ManifestGroup(NamedTuple):
 class Manifest(NamedTuple):
     groups: tuple[ManifestGroup, ...]
     # how long the guest hook waits for devices the hypervisor hot-plugs late
-    hotplug_timeout: float = DEFAULT_HOTPLUG_TIMEOUT
+    hotplug_timeout: float = HOTPLUG_TIMEOUT_DEFAULT
 
     @property
     def devices(self) -> list[ManifestDevice]:
@@ -130,9 +126,10 @@ class Manifest(NamedTuple):
                                 "regenerate the manifest")
             devices = tuple(ManifestDevice.from_obj(d) for d in g.get("devices") or [])
             groups.append(ManifestGroup(IommuGroup(number), devices))
-        timeout = data.get("hotplug_timeout", DEFAULT_HOTPLUG_TIMEOUT)
+        timeout = data.get("hotplug_timeout", HOTPLUG_TIMEOUT_DEFAULT)
         if not isinstance(timeout, int | float) or isinstance(timeout, bool) \
-                or not 0 <= timeout <= 60:
-            raise SpecError(f"manifest: hotplug_timeout={timeout!r} is not 0..60 seconds",
+                or not 0 <= timeout <= HOTPLUG_TIMEOUT_MAX:
+            raise SpecError(f"manifest: hotplug_timeout={timeout!r} is not 0.."
+                            f"{HOTPLUG_TIMEOUT_MAX:g} seconds",
                             "fix hotplug_timeout in the host's kata-vfio config.toml")
         return cls(tuple(groups), float(timeout))

@@ -84,20 +84,54 @@ class IommuGroup(NamedTuple):
         return str(self.number)
 
 
-class PciDevice(NamedTuple):
-    """What sysfs says about one PCI function."""
+class PciIdentity(NamedTuple):
+    """What a PCI function is, as opposed to where it sits: the IDs that do not change
+    when the function is passed from host to guest."""
 
-    address: PciAddress
     vendor: int
     device: int
     subsystem_vendor: int
     subsystem_device: int
     class_code: int  # 24 bits: base class, subclass, programming interface
+
+    @property
+    def ids(self) -> str:
+        return f"{self.vendor:04x}:{self.device:04x}"
+
+    def describe(self) -> str:
+        return f"{self.ids} class {self.class_code:06x}"
+
+
+class PciDevice(NamedTuple):
+    """What sysfs says about one PCI function."""
+
+    address: PciAddress
+    identity: PciIdentity
     driver: str | None
     iommu_group: IommuGroup | None
     driver_override: str | None = None
     physfn: PciAddress | None = None
     net_interfaces: tuple[str, ...] = ()
+
+    @property
+    def vendor(self) -> int:
+        return self.identity.vendor
+
+    @property
+    def device(self) -> int:
+        return self.identity.device
+
+    @property
+    def subsystem_vendor(self) -> int:
+        return self.identity.subsystem_vendor
+
+    @property
+    def subsystem_device(self) -> int:
+        return self.identity.subsystem_device
+
+    @property
+    def class_code(self) -> int:
+        return self.identity.class_code
 
     @property
     def is_bridge(self) -> bool:
@@ -109,7 +143,7 @@ class PciDevice(NamedTuple):
 
     @property
     def ids(self) -> str:
-        return f"{self.vendor:04x}:{self.device:04x}"
+        return self.identity.ids
 
 
 def is_vfio_driver(driver: str | None) -> bool:
@@ -146,19 +180,52 @@ def vfio_group_class_dir(sysfs: Path, group: IommuGroup) -> Path:
     return sysfs / "class/vfio" / str(group)
 
 
-def _read_text(path: Path) -> str:
-    return path.read_text(encoding="ascii").strip()
+def read_attr(path: Path) -> str:
+    """A sysfs attribute as text; a non-ASCII byte or an unreadable file is a DeviceError."""
+    try:
+        return path.read_bytes().decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise DeviceError(f"{path} holds bytes that are not ASCII",
+                          "is this a sysfs tree? check the attribute by hand") from None
+    except PermissionError:
+        raise DeviceError(f"cannot read {path}: permission denied",
+                          "run as root") from None
 
 
 def _read_hex(path: Path) -> int:
-    return int(_read_text(path), 16)
+    text = read_attr(path)
+    try:
+        return int(text, 16)
+    except ValueError:
+        raise DeviceError(f"{path} holds {text!r}, not a hex number",
+                          "is this a sysfs tree? check the attribute by hand") from None
 
 
-def _link_name(path: Path) -> str | None:
+def read_link(path: Path) -> str | None:
+    """The last component of a sysfs symlink's target; None when the link is absent.
+
+    Absent (no driver, no IOMMU group) is a fact about the device; unreadable
+    (EACCES, EIO) is not, and is reported as such instead of being taken for absent.
+    """
     try:
         return os.path.basename(os.readlink(path))
-    except (FileNotFoundError, OSError):
+    except FileNotFoundError:
         return None
+    except OSError as exc:
+        if exc.errno == 22:  # EINVAL: a plain file where a link was expected
+            raise DeviceError(f"{path} is not a symlink", "is this a sysfs tree?") from None
+        raise DeviceError(f"cannot read the link {path}: {exc.strerror}",
+                          "run as root, and check the kernel log") from None
+
+
+def read_identity(base: Path) -> PciIdentity:
+    return PciIdentity(
+        vendor=_read_hex(base / "vendor"),
+        device=_read_hex(base / "device"),
+        subsystem_vendor=_read_hex(base / "subsystem_vendor"),
+        subsystem_device=_read_hex(base / "subsystem_device"),
+        class_code=_read_hex(base / "class"),
+    )
 
 
 def read_device(sysfs: Path, addr: PciAddress) -> PciDevice:
@@ -169,20 +236,16 @@ def read_device(sysfs: Path, addr: PciAddress) -> PciDevice:
             f"no PCI device {addr} on this host",
             "list the host's devices with: kata-vfio-ctl devices",
         )
-    group_name = _link_name(base / "iommu_group")
-    physfn_name = _link_name(base / "physfn")
+    group_name = read_link(base / "iommu_group")
+    physfn_name = read_link(base / "physfn")
     override_path = base / "driver_override"
-    override = _read_text(override_path) if override_path.exists() else ""
+    override = read_attr(override_path) if override_path.exists() else ""
     net_dir = base / "net"
     nets = tuple(sorted(os.listdir(net_dir))) if net_dir.is_dir() else ()
     return PciDevice(
         address=addr,
-        vendor=_read_hex(base / "vendor"),
-        device=_read_hex(base / "device"),
-        subsystem_vendor=_read_hex(base / "subsystem_vendor"),
-        subsystem_device=_read_hex(base / "subsystem_device"),
-        class_code=_read_hex(base / "class"),
-        driver=_link_name(base / "driver"),
+        identity=read_identity(base),
+        driver=read_link(base / "driver"),
         iommu_group=IommuGroup.parse(group_name) if group_name else None,
         driver_override=None if override in ("", "(null)") else override,
         physfn=PciAddress.parse(physfn_name) if physfn_name else None,
@@ -223,7 +286,7 @@ def vfio_group_devnum(sysfs: Path, group: IommuGroup) -> tuple[int, int]:
     """major:minor of ``/dev/vfio/<group>`` (dynamic: read from sysfs)."""
     dev_file = vfio_group_class_dir(sysfs, group) / "dev"
     try:
-        major_s, minor_s = _read_text(dev_file).split(":")
+        major_s, minor_s = read_attr(dev_file).split(":")
         return int(major_s), int(minor_s)
     except FileNotFoundError:
         raise DeviceError(
@@ -235,3 +298,28 @@ def vfio_group_devnum(sysfs: Path, group: IommuGroup) -> tuple[int, int]:
 
 
 VFIO_CONTAINER_DEVNUM = (10, 196)  # /dev/vfio/vfio, misc device
+
+
+def _class_entries_below(sysfs: Path, cls: str, addr: PciAddress) -> set[str]:
+    """Names in /sys/class/<cls> whose device lies anywhere below the PCI function:
+    a virtio NIC's interface sits at <function>/virtio2/net/eth0, not <function>/net/."""
+    base = os.path.realpath(device_dir(sysfs, addr)) + "/"
+    class_dir = sysfs / "class" / cls
+    try:
+        names = os.listdir(class_dir)
+    except OSError:
+        return set()
+    return {name for name in names
+            if os.path.realpath(class_dir / name).startswith(base)}
+
+
+def interfaces_below(sysfs: Path, addr: PciAddress) -> list[str]:
+    """Network interfaces the PCI function provides, directly or through a child device."""
+    direct = device_dir(sysfs, addr) / "net"
+    names = set(os.listdir(direct)) if direct.is_dir() else set()
+    return sorted(names | _class_entries_below(sysfs, "net", addr))
+
+
+def block_devices_below(sysfs: Path, addr: PciAddress) -> list[str]:
+    """Block devices (disks and partitions) the PCI function provides, at any depth."""
+    return sorted(_class_entries_below(sysfs, "block", addr))

@@ -13,7 +13,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kata_vfio.errors import BindError
-from kata_vfio.pci import VFIO_PCI, PciAddress, device_dir, driver_dir, drivers_probe_path
+from kata_vfio.pci import (
+    VFIO_PCI,
+    PciAddress,
+    device_dir,
+    driver_dir,
+    drivers_probe_path,
+    is_vfio_driver,
+    read_link,
+)
 
 # The seam through which every sysfs attribute is written. Tests pass a fake kernel.
 SysfsWrite = Callable[[Path, str], None]
@@ -27,13 +35,14 @@ def load_vfio_pci(sysfs: Path, modprobe: tuple[str, ...] = MODPROBE) -> bool:
     (absolute paths, empty environment: the guest hook runs without PATH)."""
     if driver_dir(sysfs, VFIO_PCI).is_dir():
         return True
-    import subprocess
+    from kata_vfio.run import run
 
     found = next((m for m in modprobe if os.path.exists(m)), None)
     if found is not None:
         for module in VFIO_MODULES:
-            subprocess.run([found, "-q", module], env={}, capture_output=True, check=False,
-                           timeout=30)
+            # the driver directory below is the verdict; modprobe's own failure is not
+            run([found, "-q", module], what=f"loading {module}", env={}, timeout=30,
+                check=False)
     return driver_dir(sysfs, VFIO_PCI).is_dir()
 
 
@@ -47,10 +56,7 @@ def write_attr(path: Path, text: str) -> None:
 
 
 def current_driver(sysfs: Path, addr: PciAddress) -> str | None:
-    try:
-        return os.path.basename(os.readlink(device_dir(sysfs, addr) / "driver"))
-    except OSError:
-        return None
+    return read_link(device_dir(sysfs, addr) / "driver")
 
 
 def bind_to(
@@ -58,7 +64,7 @@ def bind_to(
 ) -> str | None:
     """Bind `addr` to `driver`; returns the driver it had. A no-op when already bound."""
     before = current_driver(sysfs, addr)
-    if before == driver:
+    if before == driver or (driver == VFIO_PCI and is_vfio_driver(before)):
         return before
     base = device_dir(sysfs, addr)
     write(base / "driver_override", driver)

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 from kata_vfio.errors import HookError, KataVfioError
 from kata_vfio.jsonlog import JsonLog
 from kata_vfio.manifest import MANIFEST_ANNOTATION, Manifest, ManifestDevice
-from kata_vfio.pci import VFIO_PCI, PciAddress, PciDevice
+from kata_vfio.pci import VFIO_PCI, PciAddress, PciDevice, is_vfio_driver
 from kata_vfio.rebind import MODPROBE, SysfsWrite, write_attr
 
 PROG = "kata-vfio-hook"
@@ -105,8 +105,8 @@ def find_manifest(state: State, roots: GuestRoots) -> tuple[Manifest, dict[str, 
 
 
 def _describe(want: ManifestDevice) -> str:
-    return (f"{want.host_address} [{want.vendor:04x}:{want.device:04x} class "
-            f"{want.class_code:06x}{' mac ' + want.mac if want.mac else ''}]")
+    return (f"{want.host_address} [{want.identity.describe()}"
+            f"{' mac ' + want.mac if want.mac else ''}]")
 
 
 def locate(manifest: Manifest, roots: GuestRoots, wakeups: Any) -> list[PciDevice]:
@@ -156,7 +156,8 @@ def bind_all(roots: GuestRoots, devices: list[PciDevice], log: JsonLog) -> None:
         log.info("bind", guest_address=str(dev.address), from_driver=dev.driver,
                  ok=dev.address not in errors, ms=round((time.monotonic() - started) * 1e3, 3))
 
-    threads = [threading.Thread(target=bind, args=(d,)) for d in devices if d.driver != VFIO_PCI]
+    threads = [threading.Thread(target=bind, args=(d,)) for d in devices
+               if not is_vfio_driver(d.driver)]
     for t in threads:
         t.start()
     for t in threads:
@@ -164,7 +165,7 @@ def bind_all(roots: GuestRoots, devices: list[PciDevice], log: JsonLog) -> None:
     if not errors:
         return
     for dev in devices:  # all or nothing: each device back where it was
-        if dev.driver != VFIO_PCI:
+        if not is_vfio_driver(dev.driver):
             try:
                 give_back(roots.sysfs, dev.address, dev.driver, dev.driver_override,
                           roots.write)

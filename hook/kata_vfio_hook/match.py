@@ -38,9 +38,7 @@ def scan(sysfs: Path) -> list[PciDevice]:
 
 
 def _same_kind(want: ManifestDevice, have: PciDevice) -> bool:
-    return (want.vendor, want.device, want.subsystem_vendor, want.subsystem_device,
-            want.class_code) == (have.vendor, have.device, have.subsystem_vendor,
-                                 have.subsystem_device, have.class_code)
+    return want.identity == have.identity
 
 
 def assign(

@@ -19,7 +19,7 @@ def _default_runtime_path() -> str:
 
 
 def cmd_podman_register(args: argparse.Namespace) -> int:
-    from kata_vfio_wrapper.podman_conf import register
+    from kata_vfio_ctl.podman_conf import register
 
     changed = register(Path(args.conf), args.runtime_path)
     print(f"{'registered' if changed else 'already registered'}: kata-vfio = "
@@ -28,7 +28,7 @@ def cmd_podman_register(args: argparse.Namespace) -> int:
 
 
 def cmd_podman_unregister(args: argparse.Namespace) -> int:
-    from kata_vfio_wrapper.podman_conf import unregister
+    from kata_vfio_ctl.podman_conf import unregister
 
     changed = unregister(Path(args.conf))
     print(f"{'removed' if changed else 'not registered'}: kata-vfio in {args.conf}")
@@ -36,8 +36,8 @@ def cmd_podman_unregister(args: argparse.Namespace) -> int:
 
 
 def _host(args: argparse.Namespace) -> Any:
-    from kata_vfio_wrapper.bindings import Host
-    from kata_vfio_wrapper.settings import load_settings
+    from kata_vfio_host.bindings import Host
+    from kata_vfio_host.settings import load_settings
 
     settings = load_settings()
     return Host(sysfs=Path(settings.sysfs), state_dir=Path(settings.state_dir))
@@ -74,9 +74,9 @@ def device_records(args: argparse.Namespace, host: Any) -> list[dict[str, Any]]:
     import re
 
     from kata_vfio.pci import group_members, list_addresses, read_device
-    from kata_vfio_wrapper.bindings import read_journal
-    from kata_vfio_wrapper.pciids import device_name
-    from kata_vfio_wrapper.usage import uses
+    from kata_vfio_host.bindings import read_journal
+    from kata_vfio_host.pciids import device_name
+    from kata_vfio_host.usage import uses
 
     matchers = [id_filter(f) for f in args.ids or []]
     name_re = re.compile(args.name, re.IGNORECASE) if args.name else None
@@ -138,8 +138,8 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 
 def cmd_bind(args: argparse.Namespace) -> int:
-    from kata_vfio_wrapper.bindings import ADMIN, bind_group, wait_for_group_node
-    from kata_vfio_wrapper.usage import uses
+    from kata_vfio_host.bindings import ADMIN, bind_group, wait_for_group_node
+    from kata_vfio_host.usage import uses
 
     host = _host(args)
     addresses = _addresses(args.addresses)
@@ -156,7 +156,7 @@ def cmd_bind(args: argparse.Namespace) -> int:
 
 def cmd_restore(args: argparse.Namespace) -> int:
     from kata_vfio.errors import UsageError
-    from kata_vfio_wrapper.bindings import restore, restore_all
+    from kata_vfio_host.bindings import restore, restore_all
 
     host = _host(args)
     if args.all == bool(args.addresses):
@@ -172,9 +172,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     import json
 
-    from kata_vfio_wrapper.doctor import FAIL, as_json, render, run_checks
-    from kata_vfio_wrapper.kata_conf import find_config
-    from kata_vfio_wrapper.settings import load_settings
+    from kata_vfio_ctl.doctor import FAIL, as_json, render, run_checks
+    from kata_vfio_ctl.kata_conf import find_config
+    from kata_vfio_host.settings import load_settings
 
     settings = load_settings()
     checks = run_checks(Path(settings.sysfs), Path("/proc"), find_config(args.kata_config),
@@ -188,9 +188,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def cmd_install(args: argparse.Namespace) -> int:
     from kata_vfio.errors import ConfigError
-    from kata_vfio_wrapper.kata_conf import find_config, install
-    from kata_vfio_wrapper.podman_conf import register
-    from kata_vfio_wrapper.settings import load_settings
+    from kata_vfio_ctl.kata_conf import find_config, install
+    from kata_vfio_ctl.podman_conf import register
+    from kata_vfio_host.settings import load_settings
 
     settings = load_settings()
     kata = find_config(args.kata_config)
@@ -205,9 +205,9 @@ def cmd_install(args: argparse.Namespace) -> int:
 
 
 def cmd_uninstall(args: argparse.Namespace) -> int:
-    from kata_vfio_wrapper.kata_conf import find_config, uninstall
-    from kata_vfio_wrapper.podman_conf import unregister
-    from kata_vfio_wrapper.settings import load_settings
+    from kata_vfio_ctl.kata_conf import find_config, uninstall
+    from kata_vfio_ctl.podman_conf import unregister
+    from kata_vfio_host.settings import load_settings
 
     settings = load_settings()
     kata = find_config(args.kata_config)
@@ -220,7 +220,7 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from kata_vfio_wrapper.podman_conf import CONTAINERS_CONF
+    from kata_vfio_ctl.podman_conf import CONTAINERS_CONF
 
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__)
     parser.add_argument("--debug", action="store_true", help="tracebacks on errors")

@@ -69,7 +69,7 @@ def check_vfio_modules(sysfs: Path) -> Check:
 
 def check_kata(path: Path | None, guest_hook_path: str, annotations: dict[str, str]
                ) -> list[Check]:
-    from kata_vfio_wrapper.kata_conf import check
+    from kata_vfio_ctl.kata_conf import check
 
     if path is None or not path.exists():
         return [Check("kata-config", FAIL, "no Kata configuration.toml found",
@@ -85,7 +85,7 @@ def check_kata_initrd(path: Path) -> Check:
     import subprocess
     import tomllib
 
-    from kata_vfio_wrapper.kata_conf import hypervisor_table
+    from kata_vfio_ctl.kata_conf import hypervisor_table
 
     _, table = hypervisor_table(tomllib.loads(path.read_text()), path)
     initrd = table.get("initrd")

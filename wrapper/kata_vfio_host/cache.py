@@ -1,22 +1,20 @@
-"""The inner runtime's path for passthrough verbs, standard library only.
+"""The settings cache: what passthrough verbs need, without parsing config.toml.
 
 Passthrough verbs (state, kill, delete ...) run for every container operation and
-must not pay for tomllib and jsonschema. Loading a valid config leaves a tiny
-text cache keyed by the file's inode, size and mtime; passthrough reads that.
+must not pay for tomllib and jsonschema. Loading a valid config (settings.py)
+leaves a tiny text cache keyed by the file's inode, size and mtime; passthrough
+reads that. The import chain is one way: defaults -> cache -> settings.
 """
 
 from __future__ import annotations
 
 import os
 
+from kata_vfio.defaults import CONFIG_ENV, DEFAULT_CONFIG, SETTINGS_CACHE_DIR
 from kata_vfio.errors import ConfigError
 
-DEFAULT_CONFIG = "/etc/kata-vfio/config.toml"
-DEFAULT_RUNTIME = "kata-runtime"
-DEFAULT_STATE_DIR = "/var/lib/kata-vfio"
-CONFIG_ENV = "KATA_VFIO_CONFIG"
-CACHE_DIR = "/run/kata-vfio/settings-cache"
-_CACHE_TAG = "kata-vfio settings cache v2"
+CACHE_DIR = SETTINGS_CACHE_DIR
+_CACHE_TAG = "kata-vfio settings cache v3"
 
 
 def config_path() -> str:
@@ -56,35 +54,33 @@ def _stat_key(path: str) -> str | None:
     return f"{st.st_ino} {st.st_size} {st.st_mtime_ns}"
 
 
-def write_cache(path: str, runtime: str, state_dir: str) -> None:
+def write_cache(path: str, runtime: str, state_dir: str, full: str = "") -> None:
+    """Remember a valid load of `path`: the two values passthrough needs on their own
+    lines, then `full` (the create path's whole validated settings, as JSON)."""
     key = _stat_key(path)
-    if key is None or "\n" in runtime + state_dir:
+    if key is None or "\n" in runtime + state_dir + full:
         return
     try:
         os.makedirs(CACHE_DIR, mode=0o700, exist_ok=True)
         tmp = _cache_file(path) + f".{os.getpid()}"
         with open(tmp, "w", encoding="utf-8") as f:
-            f.write(f"{_CACHE_TAG}\n{key}\n{runtime}\n{state_dir}\n")
+            f.write(f"{_CACHE_TAG}\n{key}\n{runtime}\n{state_dir}\n{full}\n")
         os.replace(tmp, _cache_file(path))
     except OSError:
-        pass  # no cache: every passthrough verb parses the file, slower but correct
+        pass  # no cache: every verb parses the file, slower but correct
 
 
-def passthrough_settings() -> tuple[str, str]:
-    """The inner runtime's path and the state directory, as cheaply as possible
-    (standard library, no TOML parsing when the cache is fresh)."""
-    path = config_path()
+def read_cache(path: str) -> list[str] | None:
+    """[runtime, state_dir, full settings JSON] as the last valid load of `path` left
+    them; None when the file changed since, or there is no cache."""
     key = _stat_key(path)
-    if key is None and path == DEFAULT_CONFIG:
-        return resolve_runtime(DEFAULT_RUNTIME, "the built-in default"), DEFAULT_STATE_DIR
+    if key is None:
+        return None
     try:
         with open(_cache_file(path), encoding="utf-8") as f:
-            tag, cached_key, runtime, state_dir = f.read().split("\n")[:4]
-        if tag == _CACHE_TAG and cached_key == key:
-            return resolve_runtime(runtime, path), state_dir
-    except (OSError, ValueError):
-        pass
-    from kata_vfio_wrapper.settings import load_settings
-
-    settings = load_settings(path)
-    return resolve_runtime(settings.runtime, path), settings.state_dir
+            lines = f.read().split("\n")
+    except OSError:
+        return None
+    if len(lines) < 5 or lines[0] != _CACHE_TAG or lines[1] != key:
+        return None
+    return lines[2:5]

@@ -12,28 +12,46 @@ from __future__ import annotations
 import os
 import sys
 
+from kata_vfio.defaults import DEFAULT_CONFIG, DEFAULT_RUNTIME, DEFAULT_STATE_DIR
 from kata_vfio.errors import KataVfioError
-from kata_vfio_wrapper.args import EDIT_VERBS, Invocation, parse
-from kata_vfio_wrapper.fastpath import passthrough_settings
+from kata_vfio_host.cache import config_path, read_cache, resolve_runtime
+from kata_vfio_runtime.args import EDIT_VERBS, Invocation, parse
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: `typing` costs ~2 ms on every verb
 if TYPE_CHECKING:
     from pathlib import Path
 
     from kata_vfio.pci import PciAddress
-    from kata_vfio_wrapper.settings import Settings
+    from kata_vfio_host.settings import Settings
 
 PROG = "kata-vfio"
+
+
+def passthrough_settings() -> tuple[str, str]:
+    """The inner runtime's path and the state directory, as cheaply as possible: the
+    settings cache when config.toml has not changed, else a full load (which refills it)."""
+    path = config_path()
+    cached = read_cache(path)
+    if cached is not None:
+        runtime, state_dir = cached[0], cached[1]
+    elif path == DEFAULT_CONFIG and not os.path.exists(path):
+        runtime, state_dir = DEFAULT_RUNTIME, DEFAULT_STATE_DIR
+    else:
+        from kata_vfio_host.settings import load_settings
+
+        settings = load_settings(path)
+        runtime, state_dir = settings.runtime, settings.state_dir
+    return resolve_runtime(runtime, path), state_dir
 
 
 def prepare_create(inv: Invocation) -> str:
     """Edit the bundle for VFIO; returns the inner runtime to exec."""
     from pathlib import Path
 
-    from kata_vfio_wrapper.fastpath import config_path, resolve_runtime
-    from kata_vfio_wrapper.hostlog import file_logger
-    from kata_vfio_wrapper.settings import load_settings
-    from kata_vfio_wrapper.spec_edit import edit_bundle
+    from kata_vfio_host.cache import config_path, resolve_runtime
+    from kata_vfio_host.hostlog import file_logger
+    from kata_vfio_host.settings import load_settings
+    from kata_vfio_runtime.spec_edit import edit_bundle
 
     settings = load_settings()
     runtime = resolve_runtime(settings.runtime, config_path())
@@ -66,10 +84,10 @@ def prepare_create(inv: Invocation) -> str:
 def auto_bind(bundle: Path, settings: Settings, container_id: str) -> list[PciAddress]:
     from pathlib import Path
 
-    from kata_vfio_wrapper.autobind import autobind
-    from kata_vfio_wrapper.bindings import Host
-    from kata_vfio_wrapper.spec_edit import load_spec
-    from kata_vfio_wrapper.usage import uses
+    from kata_vfio_host.autobind import autobind
+    from kata_vfio_host.bindings import Host
+    from kata_vfio_host.usage import uses
+    from kata_vfio_runtime.spec_edit import load_spec
 
     spec, _ = load_spec(bundle)
     host = Host(sysfs=Path(settings.sysfs), state_dir=Path(settings.state_dir))
@@ -80,8 +98,8 @@ def auto_bind(bundle: Path, settings: Settings, container_id: str) -> list[PciAd
 def release_devices(state_dir: str, sysfs: str, container_id: str) -> list[str]:
     from pathlib import Path
 
-    from kata_vfio_wrapper.autobind import release
-    from kata_vfio_wrapper.bindings import Host
+    from kata_vfio_host.autobind import release
+    from kata_vfio_host.bindings import Host
 
     return release(Host(sysfs=Path(sysfs), state_dir=Path(state_dir)), container_id)
 
@@ -91,7 +109,7 @@ def delete_and_release(runtime: str, argv: list[str], inv: Invocation, state_dir
     (its exit code is ours), then the devices go back to their drivers."""
     import subprocess
 
-    from kata_vfio_wrapper.settings import load_settings
+    from kata_vfio_host.settings import load_settings
 
     code = subprocess.run([runtime, *argv[1:]], check=False).returncode
     release_devices(state_dir, load_settings().sysfs, inv.container_id or "")

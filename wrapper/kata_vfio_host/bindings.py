@@ -27,6 +27,7 @@ from kata_vfio.pci import (
     PciAddress,
     group_members,
     group_of,
+    is_vfio_driver,
     read_device,
     vfio_group_class_dir,
 )
@@ -77,7 +78,7 @@ def read_journal(host: Host) -> dict[str, dict[str, Any]]:
 
 
 def _write_journal(host: Host, devices: dict[str, dict[str, Any]]) -> None:
-    from kata_vfio_wrapper.spec_edit import write_atomically
+    from kata_vfio_runtime.spec_edit import write_atomically
 
     host.state_dir.mkdir(parents=True, exist_ok=True)
     if not host.journal.exists():
@@ -133,7 +134,7 @@ def bind_group(host: Host, addr: PciAddress, owner: str, *, force: bool = False,
             raise DeviceError(f"PCI device {addr} (IOMMU group {group}) is in use by {current}",
                               "wait for that container to be deleted")
         devices = [read_device(host.sysfs, m) for m in members]
-        to_move = [d for d in devices if d.driver != VFIO_PCI]
+        to_move = [d for d in devices if not is_vfio_driver(d.driver)]
         entries: dict[str, dict[str, Any] | None] = {
             str(d.address): {"driver": d.driver, "override": d.driver_override,
                              "group": group.number, "owner": owner, "since": time.time()}
@@ -190,7 +191,7 @@ def restore(host: Host, addresses: list[PciAddress], owner: str | None = None) -
         if owner is not None and entry.get("owner") != owner:
             continue
         driver = entry.get("driver")
-        if driver != VFIO_PCI:
+        if not is_vfio_driver(driver):
             give_back(host.sysfs, addr, driver, entry.get("override"), host.write)
         update_journal(host, {str(addr): None})
         done.append(str(addr))

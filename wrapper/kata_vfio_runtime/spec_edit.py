@@ -38,7 +38,7 @@ from kata_vfio.pci import (
     usable_by_vfio,
     vfio_group_devnum,
 )
-from kata_vfio_wrapper.settings import Settings
+from kata_vfio_host.settings import Settings
 
 VFIO_DIR = "/dev/vfio/"
 VFIO_CONTAINER_PATH = "/dev/vfio/vfio"
@@ -93,11 +93,10 @@ def group_of_entry(path: str) -> IommuGroup | None:
 def _manifest_device(sysfs: Path, dev: PciDevice) -> ManifestDevice:
     mac = None
     if dev.physfn is not None and dev.is_network:
-        from kata_vfio_wrapper.netinfo import vf_mac
+        from kata_vfio_host.netinfo import vf_mac
 
         mac = vf_mac(sysfs, dev.address, dev.physfn)
-    return ManifestDevice(dev.address, dev.vendor, dev.device, dev.subsystem_vendor,
-                          dev.subsystem_device, dev.class_code, mac)
+    return ManifestDevice(dev.address, dev.identity, mac)
 
 
 def resolve_group(sysfs: Path, group: IommuGroup) -> ManifestGroup:

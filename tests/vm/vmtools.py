@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent.parent / "initrd"))
 from pyclosure import closure, shared_libs  # noqa: E402
+
+from kata_vfio.pci import PciIdentity  # noqa: E402
 
 GUEST_PYTHON = "/usr/bin/python3.11"
 HOOK_IN_GUEST = "/usr/share/oci/hooks/prestart/kata-vfio-hook"
@@ -33,30 +35,28 @@ class EmulatedDevice:
 
     qemu: str            # -device argument
     guest_driver: str    # the native guest driver module
-    vendor: int
-    device: int
-    subsystem_vendor: int
-    subsystem_device: int
-    class_code: int
+    identity: PciIdentity
     mac: str | None = None
+
+
+E1000E_ID = PciIdentity(0x8086, 0x10D3, 0x8086, 0x0000, 0x020000)
+E1000_ID = PciIdentity(0x8086, 0x100E, 0x1AF4, 0x1100, 0x020000)
+NVME_ID = PciIdentity(0x1B36, 0x0010, 0x1AF4, 0x1100, 0x010802)
 
 
 def e1000e(mac: str, **placement: str) -> EmulatedDevice:
     where = "".join(f",{k}={v}" for k, v in placement.items())
-    return EmulatedDevice(f"e1000e,mac={mac}{where}", "e1000e", 0x8086, 0x10D3, 0x8086, 0x0000,
-                          0x020000, mac)
+    return EmulatedDevice(f"e1000e,mac={mac}{where}", "e1000e", E1000E_ID, mac)
 
 
 def e1000(mac: str, **placement: str) -> EmulatedDevice:
     where = "".join(f",{k}={v}" for k, v in placement.items())
-    return EmulatedDevice(f"e1000,mac={mac}{where}", "e1000", 0x8086, 0x100E, 0x1AF4, 0x1100,
-                          0x020000, mac)
+    return EmulatedDevice(f"e1000,mac={mac}{where}", "e1000", E1000_ID, mac)
 
 
 def nvme(serial: str, **placement: str) -> EmulatedDevice:
     where = "".join(f",{k}={v}" for k, v in placement.items())
-    return EmulatedDevice(f"nvme,serial={serial}{where}", "nvme", 0x1B36, 0x0010, 0x1AF4,
-                          0x1100, 0x010802)
+    return EmulatedDevice(f"nvme,serial={serial}{where}", "nvme", NVME_ID)
 
 
 # The default guest: two e1000e and an NVMe drive on the root complex (a group each),
@@ -141,6 +141,16 @@ STDLIB_SKIP = ("test", "idlelib", "tkinter", "ensurepip", "lib2to3", "pydoc_data
                "turtledemo", "__pycache__")
 
 
+# The guest-side test programs, each named: nothing goes into a test VM by pattern.
+GUEST_PROGRAMS = {
+    "guest-scenario.py": "/kvfio/scenario.py",
+    "guest-hosttest.py": "/kvfio/hosttest.py",
+    "guest-bench.py": "/kvfio/bench.py",
+}
+HOST_PACKAGES = ("kata_vfio", "kata_vfio_host", "kata_vfio_ctl", "kata_vfio_runtime",
+                 "pyroute2", "psutil", "tomlkit")
+
+
 def add_host_tools(root: Path) -> None:
     """kata-vfio-ctl and what it imports (pyroute2, psutil, ...), and the whole standard
     library: the guest then plays an IOMMU host for the host tools."""
@@ -156,7 +166,7 @@ def add_host_tools(root: Path) -> None:
                 for lib in shared_libs(str(path)):
                     _copy(lib, root)
     site = Path(sysconfig.get_paths()["purelib"])
-    for package in ("kata_vfio", "kata_vfio_wrapper", "pyroute2", "psutil", "tomlkit"):
+    for package in HOST_PACKAGES:
         for path in (site / package).rglob("*"):
             if path.is_file() and "__pycache__" not in path.parts:
                 _copy(path, root, f"/usr/lib/kata-vfio/{path.relative_to(site)}")
@@ -175,8 +185,8 @@ def build_test_cpio(out: Path, kver: str, scenarios: list[Scenario],
         _copy("/bin/busybox", root, "/kvfio/bin/busybox")
         for applet in ("sh", "cat", "ls", "sleep", "echo", "insmod", "poweroff", "mount"):
             (root / "kvfio/bin" / applet).symlink_to("busybox")
-        for program in HERE.glob("guest-*.py"):
-            _copy(program, root, f"/kvfio/{program.name.removeprefix('guest-')}")
+        for name, dest in GUEST_PROGRAMS.items():
+            _copy(HERE / name, root, dest)
         for binary in ("/usr/sbin/runc",):
             _copy(binary, root)
             for lib in shared_libs(binary):
@@ -275,8 +285,8 @@ def host_manifest(sysfs_root: Path, groups: list[list[EmulatedDevice]],
     """The manifest the host wrapper's own code writes for these devices, each inner
     list one host IOMMU group bound to vfio-pci (a fake host sysfs stands in for the host)."""
     from kata_vfio.manifest import MANIFEST_ANNOTATION
-    from kata_vfio_wrapper.settings import Settings
-    from kata_vfio_wrapper.spec_edit import plan_edit
+    from kata_vfio_host.settings import Settings
+    from kata_vfio_runtime.spec_edit import plan_edit
 
     for d in ("bus/pci/devices", "kernel/iommu_groups", "class/vfio"):
         (sysfs_root / d).mkdir(parents=True, exist_ok=True)
@@ -290,11 +300,12 @@ def host_manifest(sysfs_root: Path, groups: list[list[EmulatedDevice]],
             addr = f"0000:{g:02x}:00.{f}"
             ddir = sysfs_root / "devices" / addr
             ddir.mkdir(parents=True)
-            for attr, value in (("vendor", dev.vendor), ("device", dev.device),
-                                ("subsystem_vendor", dev.subsystem_vendor),
-                                ("subsystem_device", dev.subsystem_device)):
+            ident = dev.identity
+            for attr, value in (("vendor", ident.vendor), ("device", ident.device),
+                                ("subsystem_vendor", ident.subsystem_vendor),
+                                ("subsystem_device", ident.subsystem_device)):
                 (ddir / attr).write_text(f"0x{value:04x}\n")
-            (ddir / "class").write_text(f"0x{dev.class_code:06x}\n")
+            (ddir / "class").write_text(f"0x{ident.class_code:06x}\n")
             os.symlink(f"../../../kernel/iommu_groups/{g}", ddir / "iommu_group")
             (sysfs_root / "bus/pci/drivers/vfio-pci").mkdir(parents=True, exist_ok=True)
             os.symlink("../../../bus/pci/drivers/vfio-pci", ddir / "driver")

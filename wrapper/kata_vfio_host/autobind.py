@@ -19,7 +19,7 @@ from typing import Any
 from kata_vfio.errors import DeviceError
 from kata_vfio.manifest import DEVICES_ANNOTATION
 from kata_vfio.pci import PciAddress, read_device, usable_by_vfio
-from kata_vfio_wrapper.bindings import (
+from kata_vfio_host.bindings import (
     ADMIN,
     Host,
     bind_group,
@@ -56,7 +56,7 @@ def allowed(patterns: tuple[str, ...], addr: PciAddress, vendor: int, device: in
 def autobind(spec: dict[str, Any], host: Host, patterns: tuple[str, ...],
              container_id: str, in_use: Any = None) -> list[PciAddress]:
     """Bind what the annotation asks for and the allow-list permits; returns the bound."""
-    from kata_vfio_wrapper.spec_edit import parse_address_list
+    from kata_vfio_runtime.spec_edit import parse_address_list
 
     wanted = (spec.get("annotations") or {}).get(DEVICES_ANNOTATION)
     if wanted is None:

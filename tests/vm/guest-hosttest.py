@@ -11,7 +11,7 @@ import sys
 
 PCI = "/sys/bus/pci/devices"
 CTL = ("import sys; sys.path.insert(0, '/usr/lib/kata-vfio'); "
-       "from kata_vfio_wrapper.ctl import main; sys.exit(main(sys.argv[1:]))")
+       "from kata_vfio_ctl.main import main; sys.exit(main(sys.argv[1:]))")
 
 
 def emit(**record):

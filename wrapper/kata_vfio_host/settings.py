@@ -1,41 +1,70 @@
-"""/etc/kata-vfio/config.toml: loading and validation (create path and host tools)."""
+"""/etc/kata-vfio/config.toml: loading and validation (create path and host tools).
+
+A valid load is remembered in the settings cache (cache.py), so later calls skip
+tomllib and jsonschema until the file changes.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kata_vfio.errors import ConfigError
-from kata_vfio_wrapper.fastpath import (
+from kata_vfio.defaults import (
     CONFIG_ENV,
     DEFAULT_CONFIG,
+    DEFAULT_GUEST_HOOK_PATH,
+    DEFAULT_LOG_FILE,
     DEFAULT_RUNTIME,
     DEFAULT_STATE_DIR,
-    config_path,
-    write_cache,
+    DEFAULT_SYSFS,
+    HOTPLUG_TIMEOUT_DEFAULT,
+    HOTPLUG_TIMEOUT_MAX,
 )
+from kata_vfio.errors import ConfigError
+from kata_vfio_host.cache import config_path, read_cache, write_cache
 
 
 @dataclass(frozen=True)
 class Settings:
     runtime: str = DEFAULT_RUNTIME
-    guest_hook_path: str = "/usr/share/oci/hooks"
+    guest_hook_path: str = DEFAULT_GUEST_HOOK_PATH
     annotations: dict[str, str] = field(default_factory=dict)
-    log_file: str = "/var/log/kata-vfio.log"
-    sysfs: str = "/sys"
+    log_file: str = DEFAULT_LOG_FILE
+    sysfs: str = DEFAULT_SYSFS
     state_dir: str = DEFAULT_STATE_DIR
     autobind_allow: tuple[str, ...] = ()
-    hotplug_timeout: float = 5.0
+    hotplug_timeout: float = HOTPLUG_TIMEOUT_DEFAULT
 
     @property
     def sysfs_path(self) -> Path:
         return Path(self.sysfs)
 
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir)
+
+
+def _from_cache(path: str) -> Settings | None:
+    cached = read_cache(path)
+    if cached is None or not cached[2]:
+        return None
+    import json
+
+    try:
+        data = json.loads(cached[2])
+        data["autobind_allow"] = tuple(data["autobind_allow"])
+        return Settings(**data)
+    except (ValueError, TypeError, KeyError):
+        return None
+
 
 def load_settings(path: str | None = None) -> Settings:
     """Parse and validate the config file; missing default file means defaults."""
     path = path or config_path()
+    cached = _from_cache(path)
+    if cached is not None:
+        return cached
     try:
         raw = Path(path).read_bytes()
     except FileNotFoundError:
@@ -64,7 +93,9 @@ def load_settings(path: str | None = None) -> Settings:
         autobind_allow=tuple(autobind.get("allow", ())),
         hotplug_timeout=float(data.get("hotplug_timeout", Settings.hotplug_timeout)),
     )
-    write_cache(path, settings.runtime, settings.state_dir)
+    import json
+
+    write_cache(path, settings.runtime, settings.state_dir, json.dumps(asdict(settings)))
     return settings
 
 
@@ -74,6 +105,8 @@ def _validate(data: dict[str, Any], path: str) -> None:
     import jsonschema
 
     schema = json.loads((Path(__file__).parent / "config-schema.json").read_text())
+    # the bound lives in defaults.py, shared with the manifest parser and the hook
+    schema["properties"]["hotplug_timeout"]["maximum"] = HOTPLUG_TIMEOUT_MAX
     errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(data),
                     key=lambda e: list(e.absolute_path))
     if errors:
@@ -81,5 +114,3 @@ def _validate(data: dict[str, Any], path: str) -> None:
         where = ".".join(str(p) for p in err.absolute_path) or "(top level)"
         raise ConfigError(f"{path}: {where}: {err.message}",
                           "see the configuration section of the kata-vfio README")
-
-

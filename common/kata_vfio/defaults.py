@@ -1,0 +1,32 @@
+"""One home for every default and bound the host and the guest agree on.
+
+Imported by the passthrough path, the create path, the host tools and the guest
+hook: constants only, standard library only.
+"""
+
+from __future__ import annotations
+
+# --- host: kata-vfio's own configuration -------------------------------------------------
+CONFIG_ENV = "KATA_VFIO_CONFIG"
+DEFAULT_CONFIG = "/etc/kata-vfio/config.toml"
+DEFAULT_RUNTIME = "kata-runtime"
+DEFAULT_STATE_DIR = "/var/lib/kata-vfio"
+DEFAULT_LOG_FILE = "/var/log/kata-vfio.log"
+DEFAULT_GUEST_HOOK_PATH = "/usr/share/oci/hooks"
+DEFAULT_SYSFS = "/sys"
+SETTINGS_CACHE_DIR = "/run/kata-vfio/settings-cache"
+DEBUG_ENV = "KATA_VFIO_DEBUG"
+
+# --- guest hook timing -------------------------------------------------------------------
+# kata-agent kills a prestart hook after 10 s. The hook keeps a whole budget below that:
+# at most HOTPLUG_TIMEOUT_MAX waiting for late hot-plugged devices, then GROUP_WAIT for
+# /dev/vfio/<N> after the rebind, and never more than HOOK_DEADLINE in all.
+HOOK_KILL_AFTER = 10.0
+HOOK_DEADLINE = 8.5
+HOTPLUG_TIMEOUT_DEFAULT = 5.0
+HOTPLUG_TIMEOUT_MAX = 6.0
+GROUP_WAIT = 1.5
+
+# --- limits on untrusted input -----------------------------------------------------------
+MAX_CONFIG_JSON_BYTES = 16 << 20  # an OCI config.json is kilobytes; refuse anything absurd
+MAX_STATE_FILE_BYTES = 4 << 20

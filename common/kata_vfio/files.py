@@ -1,0 +1,94 @@
+"""Reading untrusted files with bounds, and writing files so that a reader sees the
+whole old content or the whole new one, never a short one.
+
+A bare ``os.write`` may write less than asked (a nearly full filesystem, a signal):
+`write_fully` loops until everything is written or the kernel says why not.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+from pathlib import Path
+
+from kata_vfio.errors import KataVfioError
+
+
+def write_fully(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:  # the kernel promises an error instead, but never loop forever
+            raise OSError(28, "No space left on device")
+        view = view[written:]
+
+
+def write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Temp file beside `path`, written fully, fsynced and checked, then renamed over it.
+
+    Mode and owner of an existing file are kept. On any failure the temp file is
+    removed and `path` is left exactly as it was.
+    """
+    try:
+        st: os.stat_result | None = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        try:
+            os.fchmod(fd, (st.st_mode & 0o7777) if st else mode)
+            if st is not None and os.geteuid() == 0:
+                os.fchown(fd, st.st_uid, st.st_gid)
+            write_fully(fd, data)
+            os.fsync(fd)
+            size = os.fstat(fd).st_size
+            if size != len(data):
+                raise OSError(5, f"wrote {size} of {len(data)} bytes")
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class UnsafeFileError(KataVfioError):
+    """A file that must be a regular file of sane size is not."""
+
+
+def read_regular(path: Path, limit: int, what: str) -> bytes:
+    """The bytes of `path`, which must be a regular file of at most `limit` bytes.
+
+    Opened non-blocking so a FIFO cannot hang us; checked with fstat before reading;
+    read with a bound so /dev/zero or a huge file cannot exhaust memory.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafeFileError(f"{what} {path} is not a regular file",
+                                  "it must be a plain file written by the container engine")
+        chunks = []
+        left = limit + 1
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        data = b"".join(chunks)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise UnsafeFileError(f"{what} {path} is larger than {limit} bytes",
+                              "this is not a file the container engine wrote")
+    return data

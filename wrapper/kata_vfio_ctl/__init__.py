@@ -1,0 +1,1 @@
+"""`kata-vfio-ctl`: the host tools (devices, bind/restore, doctor, install)."""
