@@ -14,14 +14,25 @@ import pytest
 from kata_vfio.errors import DeviceError
 from kata_vfio.manifest import DEVICES_ANNOTATION
 from kata_vfio.pci import PciAddress
-from kata_vfio_host.autobind import autobind, marker, release
-from kata_vfio_host.bindings import ADMIN, Host, bind_group, read_journal, restore_all
+from kata_vfio_host.bindings import acquire, bind_group, release_container, restore_all
+from kata_vfio_host.ledger import ADMIN, ContainerId, Host, marker, read_journal
+from kata_vfio_runtime.spec_edit import requested_addresses
 
 from fakesys import BRIDGE, IGBVF, NVME, FakeKernel, FakeSysfs
 
 
 def A(text: str) -> PciAddress:
     return PciAddress.parse(text)
+
+
+def autobind(spec: dict[str, object], host: Host, allow: tuple[str, ...], cid: str,
+             bundle: str | None = None) -> list[PciAddress]:
+    """What a container's create asks of the ledger for an io.kata-vfio.devices request."""
+    return acquire(host, ContainerId.parse(cid), [], requested_addresses(spec), allow, bundle)
+
+
+def release(host: Host, cid: str) -> list[str]:
+    return release_container(host, cid).restored
 
 
 @pytest.fixture
@@ -56,7 +67,7 @@ def test_bind_takes_the_whole_group_and_restore_gives_it_back(
     journal = read_journal(host)
     assert journal["0000:05:01.0"]["driver"] == "e1000" and journal["0000:05:01.0"]["group"] == 7
     assert not any(w.endswith("new_id") for w, _ in kernel.writes)
-    assert sorted(restore_all(host)) == ["0000:05:01.0", "0000:05:02.0"]
+    assert sorted(restore_all(host).restored) == ["0000:05:01.0", "0000:05:02.0"]
     assert drivers(fakesys) == before
     assert read_journal(host) == {}
 
@@ -92,8 +103,12 @@ def spec_for(*addresses: str) -> dict[str, object]:
 
 
 def test_autobind_default_deny_and_allow_list(host: Host, fakesys: FakeSysfs) -> None:
+    # default deny: no allow-list, nothing is bound (the spec edit then says how to bind)
+    assert autobind(spec_for("0000:08:00.0"), host, (), "c1") == []
+    assert fakesys.driver("0000:08:00.0") == "nvme"
+    release(host, "c1")
     with pytest.raises(DeviceError, match=r"not in the auto-bind allow-list"):
-        autobind(spec_for("0000:08:00.0"), host, (), "c1")
+        autobind(spec_for("0000:08:00.0"), host, ("8086:*",), "c1")
     with pytest.raises(DeviceError, match=r"0000:05:01\.0 \[8086:10d3\].*allow-list"):
         autobind(spec_for("0000:05:02.0"), host, ("0000:05:02.0",), "c1")  # member not allowed
     assert fakesys.driver("0000:05:02.0") == "e1000"
@@ -197,6 +212,6 @@ def test_network_use_is_seen_on_real_interfaces() -> None:
 def test_journal_is_json_with_original_drivers(host: Host) -> None:
     bind_group(host, A("0000:00:03.0"), ADMIN)
     data = json.loads(host.journal.read_text())
-    assert data["version"] == 1
+    assert data["version"] == 2
     assert data["devices"]["0000:00:03.0"]["driver"] == "e1000e"
     assert data["devices"]["0000:00:03.0"]["owner"] == ADMIN

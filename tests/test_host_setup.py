@@ -13,7 +13,6 @@ from kata_vfio_ctl.kata_conf import check, install, uninstall
 from kata_vfio_ctl.main import main as ctl
 
 from fakesys import FakeSysfs
-from wrapper_run import SOURCE_PATH
 
 KATA = """\
 # Kata Containers configuration (excerpt, shaped like the shipped file)
@@ -119,8 +118,8 @@ def test_devices_json_matches_sysfs(ctl_env: Path, capsys: pytest.CaptureFixture
     (["bind", "../../etc"], "malformed PCI address '../../etc'"),
     (["bind", "0000:zz:00.0"], "malformed PCI address '0000:zz:00.0'"),
     (["bind", "0000:07:00.0"], "has no IOMMU group"),
-    (["restore", "0000:05:00.0"], "was not bound by kata-vfio"),
-    (["restore"], "give addresses or --all"),
+    (["restore", "0000:05:00.0"], "0000:05:00.0: not bound by kata-vfio"),
+    (["restore"], "give addresses, --all or --stale"),
     (["devices", "-d", "80x6:1"], "bad device filter"),
 ])
 def test_bad_input_is_one_line_and_changes_nothing(
@@ -132,30 +131,3 @@ def test_bad_input_is_one_line_and_changes_nothing(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("kata-vfio-ctl: ") and message in err[0]
     assert {p: p.read_text() for p in vfio_host.root.rglob("driver_override")} == before
-
-
-def test_delete_gives_auto_bound_devices_back(ctl_env: Path, vfio_host: FakeSysfs,
-                                              tmp_path: Path) -> None:
-    """The runtime's delete runs the inner runtime first (its exit code kept), then
-    releases what was bound for the container."""
-    from kata_vfio_host.bindings import Host, read_journal, update_journal
-
-    from wrapper_run import make_recorder, run_wrapper
-
-    state = tmp_path / "state"
-    recorder = make_recorder(tmp_path)
-    config = tmp_path / "kv.toml"
-    config.write_text(config.read_text().replace('"/bin/true"', f'"{recorder}"'))
-    (state / "containers").mkdir(parents=True)
-    (state / "containers/ctr9").write_text("container ctr9\n")
-    host = Host(sysfs=vfio_host.root, state_dir=state)
-    update_journal(host, {"0000:03:00.0": {"driver": "vfio-pci", "override": None,
-                                           "group": 12, "owner": "container ctr9"}})
-    result = run_wrapper(["--root", "/r", "delete", "--force", "ctr9"], config,
-                         tmp_path / "rec.json", env={"RECORDER_EXIT": "3",
-                                                     "PYTHONPATH": SOURCE_PATH})
-    assert result.returncode == 3, result.stderr
-    assert json.loads((tmp_path / "rec.json").read_text())["argv"][1:] == \
-        ["--root", "/r", "delete", "--force", "ctr9"]
-    assert read_journal(host) == {}
-    assert not (state / "containers/ctr9").exists()

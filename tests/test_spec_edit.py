@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from kata_vfio.errors import DeviceError, SpecError
 from kata_vfio.manifest import (
     DEVICES_ANNOTATION,
     GUEST_HOOK_PATH_ANNOTATION,
@@ -157,3 +158,26 @@ def test_empty_device_annotation_is_refused(vfio_host: FakeSysfs, text: str) -> 
 
     with pytest.raises(DeviceError, match="is empty"):
         plan_edit({"annotations": {DEVICES_ANNOTATION: text}}, settings_for(vfio_host))
+
+
+@pytest.mark.parametrize("path", ["/dev/../dev/vfio/12", "//dev/vfio/12", "/dev/vfio/./12",
+                                  "/dev/vfio//12"])
+def test_non_canonical_vfio_paths_are_refused(vfio_host: FakeSysfs, bundle: Path,
+                                              path: str) -> None:
+    """Issue 7, defect 8: `/dev/../dev/vfio/14` passed unedited and unchecked."""
+    entry = {**vfio_device(12, 0), "path": path}
+    write_spec(bundle, lambda s: s["linux"].setdefault("devices", []).append(entry))
+    before = (bundle / "config.json").read_bytes()
+    with pytest.raises(SpecError, match="not canonical; write it as /dev/vfio/12"):
+        edit_bundle(bundle, settings_for(vfio_host))
+    assert (bundle / "config.json").read_bytes() == before
+
+
+def test_device_numbers_must_match_the_host(vfio_host: FakeSysfs, bundle: Path) -> None:
+    """Issue 7, defect 8: a /dev/vfio/N entry's major:minor was never checked."""
+    write_spec(bundle, lambda s: s["linux"].setdefault("devices", []).append(vfio_device(12, 5)))
+    before = (bundle / "config.json").read_bytes()
+    with pytest.raises(DeviceError, match=r"/dev/vfio/12 as 243:5, but the host's "
+                                          r"/dev/vfio/12 is 243:0"):
+        edit_bundle(bundle, settings_for(vfio_host))
+    assert (bundle / "config.json").read_bytes() == before

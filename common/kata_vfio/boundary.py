@@ -11,30 +11,34 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 
 from kata_vfio.defaults import DEBUG_ENV
 from kata_vfio.errors import KataVfioError
 
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: this module is on the lean paths
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 _steps: list[str] = []
 
 
-@contextmanager
-def step(name: str) -> Iterator[None]:
-    """Name what is under way, so an unexpected failure can say where it happened."""
-    _steps.append(name)
-    try:
-        yield
-    except BaseException as exc:
-        if getattr(exc, "kata_vfio_step", None) is None:  # the innermost step names it
-            try:
-                exc.kata_vfio_step = name  # type: ignore[attr-defined]
+class step:
+    """Name what is under way, so an unexpected failure can say where it happened.
+    (A class, not contextlib: this module is on the lean paths.)"""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __enter__(self) -> None:
+        _steps.append(self.name)
+
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        _steps.pop()
+        if exc is not None and getattr(exc, "kata_vfio_step", None) is None:
+            try:  # the innermost step names it
+                exc.kata_vfio_step = self.name  # type: ignore[attr-defined]
             except AttributeError:
                 pass
-        raise
-    finally:
-        _steps.pop()
 
 
 def step_of(exc: BaseException) -> str | None:

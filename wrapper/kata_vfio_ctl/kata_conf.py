@@ -90,7 +90,7 @@ def check(path: Path, guest_hook_path: str, annotations: dict[str, str]
 def install(path: Path, state_dir: Path, guest_hook_path: str,
             annotations: dict[str, str]) -> list[str]:
     """Set what kata-vfio needs; returns the keys changed. Idempotent."""
-    from kata_vfio_runtime.spec_edit import write_atomically
+    from kata_vfio.files import write_atomically
 
     doc = tomlkit.parse(path.read_text())
     _, table = hypervisor_table(doc, path)
@@ -125,7 +125,7 @@ def install(path: Path, state_dir: Path, guest_hook_path: str,
 
 def uninstall(path: Path, state_dir: Path) -> list[str]:
     """Put back what install changed in `path`; returns the keys restored."""
-    from kata_vfio_runtime.spec_edit import write_atomically
+    from kata_vfio.files import write_atomically
 
     record_path = state_dir / "install.json"
     record = json.loads(record_path.read_text()) if record_path.exists() else {}

@@ -74,7 +74,7 @@ def device_records(args: argparse.Namespace, host: Any) -> list[dict[str, Any]]:
     import re
 
     from kata_vfio.pci import group_members, list_addresses, read_device
-    from kata_vfio_host.bindings import read_journal
+    from kata_vfio_host.ledger import read_journal
     from kata_vfio_host.pciids import device_name
     from kata_vfio_host.usage import uses
 
@@ -156,17 +156,24 @@ def cmd_bind(args: argparse.Namespace) -> int:
 
 def cmd_restore(args: argparse.Namespace) -> int:
     from kata_vfio.errors import UsageError
-    from kata_vfio_host.bindings import restore, restore_all
+    from kata_vfio_host.bindings import release_gone, restore, restore_all
 
     host = _host(args)
-    if args.all == bool(args.addresses):
-        raise UsageError("give addresses or --all", "e.g. kata-vfio-ctl restore --all")
-    done = restore_all(host) if args.all else restore(host, _addresses(args.addresses))
-    for addr in done:
+    if (args.all + args.stale + bool(args.addresses)) != 1:
+        raise UsageError("give addresses, --all or --stale", "e.g. kata-vfio-ctl restore --all")
+    if args.stale:
+        gone, report = release_gone(host)
+        for cid in gone:
+            print(f"container {cid} is gone: its devices were released")
+    else:
+        report = restore_all(host) if args.all else restore(host, _addresses(args.addresses))
+    for addr in report.restored:
         print(f"{addr}: given back to its original driver")
-    if not done:
+    for failure in report.failed:
+        print(f"{PROG}: cannot restore {failure}", file=sys.stderr)
+    if not report.restored and not report.failed:
         print("nothing to restore")
-    return 0
+    return 1 if report.failed else 0
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -243,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("restore", help="give devices back to the drivers they had")
     p.add_argument("addresses", nargs="*", metavar="ADDRESS")
     p.add_argument("--all", action="store_true", help="everything kata-vfio bound")
+    p.add_argument("--stale", action="store_true",
+                   help="devices of containers that are gone (bundle removed, or an earlier "
+                        "boot)")
     p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("doctor", help="check this host's readiness, say how to fix")

@@ -39,7 +39,7 @@ def _load(conf: Path) -> Any:
 
 
 def _save(conf: Path, doc: Any) -> None:
-    from kata_vfio_runtime.spec_edit import write_atomically
+    from kata_vfio.files import write_atomically
 
     conf.parent.mkdir(parents=True, exist_ok=True)
     if not conf.exists():

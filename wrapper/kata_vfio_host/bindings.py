@@ -1,110 +1,67 @@
 """Handing host devices to vfio-pci and back, safely and crash-safely.
 
-Every change is journalled before sysfs is touched: `<state_dir>/bindings.json`
-records, per device, the driver and driver_override to give back and who asked
-(the admin through kata-vfio-ctl, or a container). A process killed at any step
-leaves a journal that `restore_all` (kata-vfio-ctl restore --all, and the wrapper's
-next create) acts on. One flock per IOMMU group serialises containers racing for
-the same devices; the journal lock serialises journal updates.
+Every change is written to the ledger's journal before sysfs is touched (ledger.py);
+a process killed at any step leaves a journal that `restore_all` acts on. Giving
+back never stops at the first failure: each device is tried, each failure reported.
+`acquire` and `release_container` are what a container's create and delete call,
+whatever engine started it.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import json
-import os
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from kata_vfio.errors import DeviceError
+from kata_vfio.errors import DeviceError, KataVfioError
 from kata_vfio.pci import (
     VFIO_PCI,
     IommuGroup,
     PciAddress,
+    PciDevice,
     group_members,
     group_of,
     is_vfio_driver,
     read_device,
+    usable_by_vfio,
     vfio_group_class_dir,
 )
-from kata_vfio.rebind import MODPROBE, SysfsWrite, bind_to, give_back, load_vfio_pci, write_attr
+from kata_vfio.rebind import bind_to, give_back, load_vfio_pci
+from kata_vfio_host.ledger import (
+    ADMIN,
+    ContainerId,
+    DeviceEntry,
+    Host,
+    InUse,
+    check_free,
+    claim_gone,
+    claim_groups,
+    editing,
+    group_lock,
+    group_locks,
+    marker,
+    read_journal_file,
+)
 
-ADMIN = "kata-vfio-ctl"
-
-
-@dataclass(frozen=True)
-class Host:
-    """The host's kernel interfaces and kata-vfio's state directory."""
-
-    sysfs: Path
-    state_dir: Path
-    write: SysfsWrite = write_attr
-    modprobe: tuple[str, ...] = MODPROBE
-
-    @property
-    def journal(self) -> Path:
-        return self.state_dir / "bindings.json"
-
-
-@contextlib.contextmanager
-def _flock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+__all__ = ["ADMIN", "Host", "RestoreReport", "acquire", "bind_group", "release_container",
+           "restore", "restore_all"]
 
 
-def group_lock(host: Host, group: IommuGroup) -> contextlib.AbstractContextManager[None]:
-    return _flock(host.state_dir / "locks" / f"group-{group}")
+@dataclass
+class RestoreReport:
+    restored: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)  # one line each: address and why
+
+    def extend(self, other: RestoreReport) -> None:
+        self.restored += other.restored
+        self.failed += other.failed
 
 
-def read_journal(host: Host) -> dict[str, dict[str, Any]]:
-    try:
-        data = json.loads(host.journal.read_text())
-    except FileNotFoundError:
-        return {}
-    except ValueError:
-        raise DeviceError(f"{host.journal} is damaged",
-                          "check it by hand; it records which drivers to give devices back to"
-                          ) from None
-    return dict(data.get("devices", {}))
-
-
-def _write_journal(host: Host, devices: dict[str, dict[str, Any]]) -> None:
-    from kata_vfio_runtime.spec_edit import write_atomically
-
-    host.state_dir.mkdir(parents=True, exist_ok=True)
-    if not host.journal.exists():
-        host.journal.write_text("{}")
-    write_atomically(host.journal, json.dumps({"version": 1, "devices": devices},
-                                              indent=1).encode())
-
-
-def update_journal(host: Host, change: dict[str, dict[str, Any] | None]) -> None:
-    """Set (or with None, drop) journal entries, under the journal lock."""
-    with _flock(host.state_dir / "journal.lock"):
-        devices = read_journal(host)
-        for addr, entry in change.items():
-            if entry is None:
-                devices.pop(addr, None)
-            else:
-                devices[addr] = entry
-        _write_journal(host, devices)
-
-
-def endpoints(host: Host, addr: PciAddress) -> tuple[IommuGroup, list[PciAddress]]:
+def endpoints(host: Host, addr: PciAddress) -> tuple[IommuGroup, list[PciDevice]]:
     """The device's group and every non-bridge member of it (all must go together)."""
     group = group_of(host.sysfs, addr)
-    members = [m for m in group_members(host.sysfs, group)
-               if not read_device(host.sysfs, m).is_bridge]
-    return group, members
+    members = [read_device(host.sysfs, m) for m in group_members(host.sysfs, group)]
+    return group, [d for d in members if not d.is_bridge]
 
 
 def ensure_vfio_pci(host: Host) -> None:
@@ -113,53 +70,61 @@ def ensure_vfio_pci(host: Host) -> None:
                           "install the kernel's vfio-pci module (modprobe vfio-pci)")
 
 
-def owner_of(host: Host, group: IommuGroup) -> str | None:
-    for entry in read_journal(host).values():
-        if entry.get("group") == group.number:
-            return str(entry.get("owner"))
-    return None
+def _bind_locked(host: Host, group: IommuGroup, devices: list[PciDevice], owner: str,
+                 *, force: bool, in_use: InUse | None) -> list[PciAddress]:
+    """Bind the group's endpoints (caller holds the group lock); returns what moved."""
+    to_move = [d for d in devices if not is_vfio_driver(d.driver)]
+    if not force and in_use is not None:
+        for dev in to_move:
+            uses = in_use(dev.address)
+            if uses:
+                raise DeviceError(f"PCI device {dev.address} is in use: {'; '.join(uses)}",
+                                  "stop using it first, or pass --force")
+    now = time.time()
+    with editing(host) as journal:
+        for d in devices:
+            known = journal.devices.get(str(d.address))
+            if known is not None and known.owner == owner:
+                continue  # already ours: keep the original driver recorded then
+            if known is not None and not to_move:
+                continue
+            journal.devices[str(d.address)] = DeviceEntry(
+                d.driver, d.driver_override, group.number, owner, host.boot_id, now)
+    if not to_move:
+        return []
+    ensure_vfio_pci(host)
+    moved = []
+    try:
+        for dev in to_move:
+            bind_to(host.sysfs, dev.address, VFIO_PCI, host.write)
+            moved.append(dev.address)
+    except BaseException:
+        restore(host, [d.address for d in devices], owner=owner)
+        raise
+    return moved
 
 
 def bind_group(host: Host, addr: PciAddress, owner: str, *, force: bool = False,
-               in_use: Any = None) -> IommuGroup:
+               in_use: InUse | None = None) -> IommuGroup:
     """Bind every endpoint of addr's group to vfio-pci, journalled; returns the group.
 
     `in_use(PciAddress) -> list[str]` names what uses a device; any use refuses the
-    bind unless `force`. Another container's devices are refused even with `force`.
+    bind unless `force`. A group held by a live container is refused even with `force`.
     """
-    group, members = endpoints(host, addr)
+    group, devices = endpoints(host, addr)
     with group_lock(host, group):
-        current = owner_of(host, group)
-        if current is not None and current not in (owner, ADMIN):
-            raise DeviceError(f"PCI device {addr} (IOMMU group {group}) is in use by {current}",
-                              "wait for that container to be deleted")
-        devices = [read_device(host.sysfs, m) for m in members]
-        to_move = [d for d in devices if not is_vfio_driver(d.driver)]
-        entries: dict[str, dict[str, Any] | None] = {
-            str(d.address): {"driver": d.driver, "override": d.driver_override,
-                             "group": group.number, "owner": owner, "since": time.time()}
-            for d in devices}
-        if not force and in_use is not None:
-            for dev in to_move:
-                uses = in_use(dev.address)
-                if uses:
-                    raise DeviceError(
-                        f"PCI device {dev.address} is in use: {'; '.join(uses)}",
-                        "stop using it first, or pass --force")
-        if not to_move:
-            if current is None:  # already on vfio-pci: record ownership only
-                update_journal(host, entries)
-            return group
-        ensure_vfio_pci(host)
-        # the intent first: a crash from here on leaves what to give back
-        update_journal(host, entries)
-        try:
-            for dev in to_move:
-                bind_to(host.sysfs, dev.address, VFIO_PCI, host.write)
-        except Exception:
-            restore(host, [d.address for d in devices], owner=None)
-            raise
+        if owner == ADMIN:
+            current = _live_claim(host, group)
+            if current is not None:
+                raise DeviceError(f"PCI device {addr} (IOMMU group {group}) is in use by "
+                                  f"{current}", "wait for that container to be deleted")
+        _bind_locked(host, group, devices, owner, force=force, in_use=in_use)
     return group
+
+
+def _live_claim(host: Host, group: IommuGroup) -> str | None:
+    claim = read_journal_file(host).claims.get(group.number)
+    return claim.owner if claim is not None and not claim_gone(host, claim) else None
 
 
 def wait_for_group_node(host: Host, group: IommuGroup, timeout: float = 5.0) -> Path:
@@ -176,30 +141,136 @@ def wait_for_group_node(host: Host, group: IommuGroup, timeout: float = 5.0) -> 
     return Path("/dev/vfio") / str(group)
 
 
-def restore(host: Host, addresses: list[PciAddress], owner: str | None = None) -> list[str]:
-    """Give journalled devices back to their recorded drivers; returns what was restored.
-
-    With `owner`, only that owner's entries. Unknown addresses are an error.
-    """
-    journal = read_journal(host)
-    done = []
+def restore(host: Host, addresses: list[PciAddress], owner: str | None = None) -> RestoreReport:
+    """Give journalled devices back to their recorded drivers, each on its own: a device
+    that fails is reported and keeps its entry; the others go on. With `owner`, only
+    that owner's entries. A device that no longer exists has nothing to give back."""
+    report = RestoreReport()
+    journal = read_journal_file(host)
     for addr in addresses:
-        entry = journal.get(str(addr))
+        entry = journal.devices.get(str(addr))
         if entry is None:
-            raise DeviceError(f"PCI device {addr} was not bound by kata-vfio",
-                              "see the journal: kata-vfio-ctl devices --json")
-        if owner is not None and entry.get("owner") != owner:
+            report.failed.append(f"{addr}: not bound by kata-vfio (see kata-vfio-ctl devices)")
             continue
-        driver = entry.get("driver")
-        if not is_vfio_driver(driver):
-            give_back(host.sysfs, addr, driver, entry.get("override"), host.write)
-        update_journal(host, {str(addr): None})
-        done.append(str(addr))
-    return done
+        if owner is not None and entry.owner != owner:
+            continue
+        try:
+            if not (host.sysfs / "bus/pci/devices" / str(addr)).exists():
+                pass  # hot-unplugged: nothing left to give back
+            elif not is_vfio_driver(entry.driver):
+                give_back(host.sysfs, addr, entry.driver, entry.override, host.write)
+        except (KataVfioError, OSError) as exc:
+            reason = exc.one_line() if isinstance(exc, KataVfioError) else \
+                f"{exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}"
+            report.failed.append(f"{addr}: {reason}")
+            continue
+        with editing(host) as current:
+            current.devices.pop(str(addr), None)
+        report.restored.append(str(addr))
+    return report
 
 
-def restore_all(host: Host, owner: str | None = None) -> list[str]:
-    entries = read_journal(host)
-    addresses = [PciAddress.parse(a) for a, e in entries.items()
-                 if owner is None or e.get("owner") == owner]
-    return restore(host, addresses, owner)
+def restore_all(host: Host, owner: str | None = None) -> RestoreReport:
+    journal = read_journal_file(host)
+    addresses = [PciAddress.parse(a) for a, e in journal.devices.items()
+                 if owner is None or e.owner == owner]
+    report = restore(host, addresses, owner)
+    report.failed += journal.damaged
+    if owner is None and not report.failed:
+        with editing(host) as current:  # everything is back: no container holds anything
+            current.claims.clear()
+    return report
+
+
+def release_container(host: Host, container: str) -> RestoreReport:
+    """A container is gone: give back what was bound for it and drop its claims. Its
+    marker goes only when everything went back, so a failure can be retried."""
+    cid = ContainerId.parse(container)
+    report = restore_all(host, cid.owner)
+    if not report.failed:
+        with editing(host) as journal:
+            for group in [g for g, c in journal.claims.items() if c.container == cid]:
+                del journal.claims[group]
+        try:
+            marker(host.state_dir, cid).unlink()
+        except FileNotFoundError:
+            pass
+    return report
+
+
+def release_gone(host: Host) -> tuple[list[str], RestoreReport]:
+    """Release every container whose owner is gone (earlier boot, bundle removed)."""
+    from kata_vfio_host.ledger import gone_containers
+
+    report = RestoreReport()
+    gone = gone_containers(host)
+    for cid in gone:
+        report.extend(release_container(host, cid))
+    return gone, report
+
+
+# --- a container's create: the allow-list, auto-bind, claims -----------------------------
+
+
+def allowed(patterns: tuple[str, ...], dev: PciDevice) -> bool:
+    from kata_vfio_host.allowlist import parse_allow_list
+
+    return any(rule.matches(dev) for rule in parse_allow_list(patterns))
+
+
+def acquire(host: Host, container: ContainerId, groups: list[IommuGroup],
+            addresses: list[PciAddress], allow: tuple[str, ...], bundle: str | None,
+            in_use: InUse | None = None) -> list[PciAddress]:
+    """Everything a container's create needs from the ledger, under the group locks:
+    devices of owners that are gone are handed back, groups held by another live
+    container refused, requested devices not yet on vfio-pci auto-bound if the admin's
+    allow-list permits every endpoint, and every group claimed. Returns what was bound.
+    On failure nothing stays bound or claimed for this container."""
+    by_addr = {addr: group_of(host.sysfs, addr) for addr in addresses}
+    wanted = sorted(set(groups) | set(by_addr.values()))
+    if not wanted:
+        return []
+    bound: list[PciAddress] = []
+    with group_locks(host, wanted):
+        _repair_gone(host, wanted)
+        check_free(host, container, wanted)
+        try:
+            for addr, group in by_addr.items():
+                _, devices = endpoints(host, addr)
+                if not allow or all(usable_by_vfio(d) for d in devices):
+                    continue  # no auto-bind: the spec edit says how to bind by hand
+                for dev in devices:
+                    if not allowed(allow, dev):
+                        raise DeviceError(
+                            f"PCI device {dev.address} [{dev.ids}] in IOMMU group {group} is "
+                            f"bound to {dev.driver} and not in the auto-bind allow-list",
+                            f"bind it first (kata-vfio-ctl bind {dev.address}) or allow it in "
+                            "[autobind] allow of config.toml")
+                # the marker first: a crash from here on is repaired by the delete
+                # podman runs after a failed create, or by any later create
+                claim_groups(host, container, wanted, bundle)
+                bound += _bind_locked(host, group, devices, container.owner, force=False,
+                                      in_use=in_use)
+            claim_groups(host, container, wanted, bundle)
+        except BaseException:
+            release_container(host, container)
+            raise
+    return bound
+
+
+def _repair_gone(host: Host, groups: list[IommuGroup]) -> None:
+    """Hand back devices in these (locked) groups whose owning container is gone."""
+    journal = read_journal_file(host)
+    for group in groups:
+        claim = journal.claims.get(group.number)
+        if claim is None or not claim_gone(host, claim):
+            continue
+        mine = [PciAddress.parse(a) for a, e in journal.devices.items()
+                if e.owner == claim.owner and e.group == group.number]
+        report = restore(host, mine, claim.owner)
+        if report.failed:
+            raise DeviceError(f"IOMMU group {group} was left by {claim.owner}, which is gone, "
+                              f"and cannot be given back: {report.failed[0]}",
+                              "run kata-vfio-ctl restore --stale and check the kernel log")
+        with editing(host) as current:
+            current.claims.pop(group.number, None)

@@ -83,6 +83,9 @@ def load_settings(path: str | None = None) -> Settings:
         raise ConfigError(f"{path} is not valid TOML: {exc}", "fix the syntax") from None
     _validate(data, path)
     autobind = data.get("autobind", {})
+    from kata_vfio_host.allowlist import parse_allow_list
+
+    parse_allow_list(tuple(autobind.get("allow", ())))  # refuse a loose pattern at load
     settings = Settings(
         runtime=data.get("runtime", Settings.runtime),
         guest_hook_path=data.get("guest_hook_path", Settings.guest_hook_path),

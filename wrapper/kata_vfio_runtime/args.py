@@ -26,16 +26,20 @@ class Invocation:
     """What the wrapper needs to know of one runtime call (a plain class: dataclasses
     costs milliseconds to import, and this module is on every verb's path)."""
 
-    __slots__ = ("bundle", "container_id", "log_format", "log_path", "verb")
+    __slots__ = ("bundle", "container_id", "log_format", "log_path", "problem", "verb",
+                 "verb_index")
 
     def __init__(self, verb: str | None, log_path: str | None = None,
                  log_format: str | None = None, bundle: str | None = None,
-                 container_id: str | None = None) -> None:
+                 container_id: str | None = None, verb_index: int = 0,
+                 problem: str | None = None) -> None:
         self.verb = verb
         self.log_path = log_path
         self.log_format = log_format
         self.bundle = bundle
         self.container_id = container_id
+        self.verb_index = verb_index  # argv[1:verb_index] are the global flags
+        self.problem = problem  # a create/run command line we must not guess about
 
 
 def _split(token: str) -> tuple[str, str | None]:
@@ -66,10 +70,11 @@ def parse(argv: list[str]) -> Invocation:
     verb = argv[i]
     if verb == "delete":  # delete [--force] ID: the id says whose devices to give back
         ids = [a for a in argv[i + 1:] if not a.startswith("-")]
-        return Invocation(verb, log_path, log_format, None, ids[0] if ids else None)
+        return Invocation(verb, log_path, log_format, None, ids[0] if ids else None, i)
     if verb not in EDIT_VERBS:
-        return Invocation(verb, log_path, log_format)
-    bundle = container_id = None
+        return Invocation(verb, log_path, log_format, verb_index=i)
+    verb_index = i
+    bundle = container_id = problem = None
     i += 1
     while i < len(argv):
         token = argv[i]
@@ -79,8 +84,10 @@ def parse(argv: list[str]) -> Invocation:
                 value = argv[i + 1]
                 i += 1
             if name in ("--bundle", "-b"):
+                if not value:
+                    problem = f"{name} needs a value (the OCI bundle directory)"
                 bundle = value
         elif container_id is None:
             container_id = token
         i += 1
-    return Invocation(verb, log_path, log_format, bundle, container_id)
+    return Invocation(verb, log_path, log_format, bundle, container_id, verb_index, problem)

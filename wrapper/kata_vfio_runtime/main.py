@@ -12,19 +12,23 @@ from __future__ import annotations
 import os
 import sys
 
+from kata_vfio.boundary import guarded, step
 from kata_vfio.defaults import DEFAULT_CONFIG, DEFAULT_RUNTIME, DEFAULT_STATE_DIR
-from kata_vfio.errors import KataVfioError
+from kata_vfio.errors import UsageError
 from kata_vfio_host.cache import config_path, read_cache, resolve_runtime
 from kata_vfio_runtime.args import EDIT_VERBS, Invocation, parse
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: `typing` costs ~2 ms on every verb
 if TYPE_CHECKING:
-    from pathlib import Path
+    from collections.abc import Callable
 
-    from kata_vfio.pci import PciAddress
+    from kata_vfio_host.ledger import Host
     from kata_vfio_host.settings import Settings
 
+    ExecFn = Callable[[str, list[str]], object]
+
 PROG = "kata-vfio"
+_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 
 
 def passthrough_settings() -> tuple[str, str]:
@@ -44,30 +48,67 @@ def passthrough_settings() -> tuple[str, str]:
     return resolve_runtime(runtime, path), state_dir
 
 
-def prepare_create(inv: Invocation) -> str:
-    """Edit the bundle for VFIO; returns the inner runtime to exec."""
+def plain_id(text: str | None) -> bool:
+    """Could this id have a marker file? (`.`, `..`, paths: never.)"""
+    return bool(text) and len(text or "") <= 256 and set(text or "") <= _ID_CHARS \
+        and not (text or "").startswith(".")
+
+
+def host_of(settings: Settings) -> Host:
     from pathlib import Path
 
-    from kata_vfio_host.cache import config_path, resolve_runtime
-    from kata_vfio_host.hostlog import file_logger
-    from kata_vfio_host.settings import load_settings
-    from kata_vfio_runtime.spec_edit import edit_bundle
+    from kata_vfio_host.ledger import Host
 
-    settings = load_settings()
-    runtime = resolve_runtime(settings.runtime, config_path())
+    return Host(sysfs=Path(settings.sysfs), state_dir=Path(settings.state_dir))
+
+
+def prepare_create(inv: Invocation) -> str:
+    """Claim and, if allowed, auto-bind the container's devices, then edit the bundle for
+    VFIO; returns the inner runtime to exec. Nothing stays bound or claimed on failure."""
+    from pathlib import Path
+
+    from kata_vfio_host.bindings import acquire, release_container
+    from kata_vfio_host.hostlog import file_logger
+    from kata_vfio_host.ledger import ContainerId
+    from kata_vfio_host.settings import load_settings
+    from kata_vfio_host.usage import uses
+    from kata_vfio_runtime.spec_edit import (
+        edit_bundle,
+        load_spec,
+        requested_addresses,
+        requested_groups,
+    )
+
+    if inv.problem:
+        raise UsageError(f"create: {inv.problem}", "podman and conmon always pass --bundle DIR")
+    with step("loading the configuration"):
+        settings = load_settings()
+        runtime = resolve_runtime(settings.runtime, config_path())
     log = file_logger(settings.log_file, container_id=inv.container_id, verb=inv.verb)
-    bundle = Path(inv.bundle) if inv.bundle else Path.cwd()
-    bound: list[PciAddress] = []
+    bundle = Path(inv.bundle).absolute() if inv.bundle else Path.cwd()
+    host = host_of(settings)
+    acquired = None
     try:
-        if settings.autobind_allow:
-            bound = auto_bind(bundle, settings, inv.container_id or "")
+        with step(f"reading {bundle}/config.json"):
+            spec, _ = load_spec(bundle)
+        groups = list(requested_groups(spec))
+        addresses = requested_addresses(spec)
+        if groups or addresses:
+            acquired = ContainerId.parse(inv.container_id)
+            with step("claiming the container's IOMMU groups"):
+                bound = acquire(host, acquired, groups, addresses, settings.autobind_allow,
+                                str(bundle),
+                                in_use=lambda addr: uses(host.sysfs, Path("/proc"), addr))
             if bound:
                 log.info("auto-bound", devices=[str(a) for a in bound])
-        result = edit_bundle(bundle, settings)
-    except KataVfioError as err:
-        log.error("spec edit refused", bundle=str(bundle), error=err.one_line())
-        if bound:
-            release_devices(settings.state_dir, settings.sysfs, inv.container_id or "")
+        with step(f"editing {bundle}/config.json"):
+            result = edit_bundle(bundle, settings)
+    except BaseException as exc:
+        log.error("create refused", bundle=str(bundle), error=repr(exc))
+        if acquired is not None:
+            report = release_container(host, acquired)
+            if report.failed:
+                log.error("give back failed", failures=report.failed)
         raise
     if result.plan is not None:
         log.info(
@@ -78,48 +119,51 @@ def prepare_create(inv: Invocation) -> str:
             edit_ms=round(result.seconds * 1000, 3),
             runtime=runtime,
         )
+    elif result.written:
+        log.warning("removed manifest/guest-hook annotations the container brought itself",
+                    bundle=str(bundle))
     return runtime
 
 
-def auto_bind(bundle: Path, settings: Settings, container_id: str) -> list[PciAddress]:
-    from pathlib import Path
-
-    from kata_vfio_host.autobind import autobind
-    from kata_vfio_host.bindings import Host
-    from kata_vfio_host.usage import uses
-    from kata_vfio_runtime.spec_edit import load_spec
-
-    spec, _ = load_spec(bundle)
-    host = Host(sysfs=Path(settings.sysfs), state_dir=Path(settings.state_dir))
-    return autobind(spec, host, settings.autobind_allow, container_id,
-                    in_use=lambda addr: uses(host.sysfs, Path("/proc"), addr))
-
-
-def release_devices(state_dir: str, sysfs: str, container_id: str) -> list[str]:
-    from pathlib import Path
-
-    from kata_vfio_host.autobind import release
-    from kata_vfio_host.bindings import Host
-
-    return release(Host(sysfs=Path(sysfs), state_dir=Path(state_dir)), container_id)
-
-
 def delete_and_release(runtime: str, argv: list[str], inv: Invocation, state_dir: str) -> int:
-    """`delete` of a container that has auto-bound devices: the inner runtime first
-    (its exit code is ours), then the devices go back to their drivers."""
-    import subprocess
-
+    """`delete` of a container that holds devices: the inner runtime first (its exit code
+    is ours). The devices go back only when the container is really gone: the delete
+    succeeded, or the inner runtime no longer knows the container."""
+    from kata_vfio.run import run
+    from kata_vfio_host.bindings import release_container
+    from kata_vfio_host.hostlog import file_logger
     from kata_vfio_host.settings import load_settings
 
-    code = subprocess.run([runtime, *argv[1:]], check=False).returncode
-    release_devices(state_dir, load_settings().sysfs, inv.container_id or "")
+    settings = load_settings()
+    log = file_logger(settings.log_file, container_id=inv.container_id, verb="delete")
+    code = run([runtime, *argv[1:]], what="deleting the container", capture=False,
+               timeout=None, check=False).returncode
+    if code != 0:
+        state = run([runtime, *argv[1:inv.verb_index], "state", inv.container_id or ""],
+                    what="asking the inner runtime about the container", check=False,
+                    timeout=60)
+        if state.returncode == 0:
+            log.warning("inner delete failed and the container still exists: its devices "
+                        "stay bound and owned", exit_code=code)
+            return code
+    report = release_container(host_of(settings), inv.container_id or "")
+    log.info("devices given back", devices=report.restored, failures=report.failed)
+    if report.failed:
+        report_line(f"delete {inv.container_id}: could not give back "
+                    f"{'; '.join(report.failed)}", inv)
+        return code or 1
     return code
 
 
-def report(message: str, inv: Invocation) -> None:
-    """One line on stderr, and the same in the runtime log podman reads back
-    (podman puts the runtime's name in front of it itself)."""
+def report_line(message: str, inv: Invocation) -> None:
+    """One line on stderr, and the same in the runtime log podman reads back."""
     print(f"{PROG}: {message}", file=sys.stderr)
+    log_record(message, inv)
+
+
+def log_record(message: str, inv: Invocation) -> None:
+    """An error record in the runtime log podman passed with --log, if any (podman puts
+    the runtime's name in front of it itself)."""
     if not inv.log_path:
         return
     import json
@@ -137,27 +181,34 @@ def report(message: str, inv: Invocation) -> None:
         pass
 
 
-def main(argv: list[str] | None = None) -> int:
+def decide(argv: list[str], inv: Invocation) -> str | int:
+    """The inner runtime to exec with argv, or an exit code when we are done ourselves."""
+    if inv.verb in EDIT_VERBS:
+        return prepare_create(inv)
+    runtime, state_dir = passthrough_settings()
+    if inv.verb == "delete" and plain_id(inv.container_id) \
+            and os.path.exists(f"{state_dir}/containers/{inv.container_id}"):
+        return delete_and_release(runtime, argv, inv, state_dir)
+    return runtime
+
+
+def main(argv: list[str] | None = None, exec_fn: ExecFn | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
     inv = parse(argv)
-    try:
-        if inv.verb in EDIT_VERBS:
-            runtime = prepare_create(inv)
-        else:
-            runtime, state_dir = passthrough_settings()
-            if inv.verb == "delete" and inv.container_id and "/" not in inv.container_id \
-                    and os.path.exists(f"{state_dir}/containers/{inv.container_id}"):
-                return delete_and_release(runtime, argv, inv, state_dir)
-    except KataVfioError as err:
-        report(err.one_line(), inv)
-        return err.exit_code
-    except Exception as exc:
-        if os.environ.get("KATA_VFIO_DEBUG"):
-            raise
-        report(f"internal error: {exc!r} (set KATA_VFIO_DEBUG=1 for a traceback)", inv)
-        return 1
-    os.execv(runtime, [runtime, *argv[1:]])
-    return 127  # not reached: execv replaces this process or raises
+    outcome: list[str | int] = []
+
+    def body() -> int:
+        outcome.append(decide(argv, inv))
+        return 0
+
+    code = guarded(PROG, body, report=lambda line: log_record(line, inv))
+    if not outcome:
+        return code
+    target = outcome[0]
+    if isinstance(target, int):
+        return target
+    (exec_fn or os.execv)(target, [target, *argv[1:]])
+    return 127  # not reached with os.execv: it replaces this process or raises
 
 
 if __name__ == "__main__":

@@ -12,13 +12,14 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kata_vfio.defaults import MAX_CONFIG_JSON_BYTES
 from kata_vfio.errors import DeviceError, SpecError
+from kata_vfio.files import read_regular, write_atomically
 from kata_vfio.manifest import (
     DEVICES_ANNOTATION,
     GUEST_HOOK_PATH_ANNOTATION,
@@ -42,6 +43,9 @@ from kata_vfio_host.settings import Settings
 
 VFIO_DIR = "/dev/vfio/"
 VFIO_CONTAINER_PATH = "/dev/vfio/vfio"
+# Annotations only the wrapper writes: a container that brings its own (on CRI engines
+# annotations come from pod specs) would steer the guest hook to devices of its choice.
+OWN_ANNOTATIONS = (MANIFEST_ANNOTATION, GUEST_HOOK_PATH_ANNOTATION)
 
 
 @dataclass(frozen=True)
@@ -114,23 +118,55 @@ def resolve_group(sysfs: Path, group: IommuGroup) -> ManifestGroup:
     return ManifestGroup(group, tuple(devices))
 
 
-def plan_edit(spec: dict[str, Any], settings: Settings) -> SpecPlan | None:
-    """What to add to `spec`; None when the container asks for no VFIO device."""
-    sysfs = settings.sysfs_path
+def _devnum(entry: dict[str, Any], key: str, path: str) -> int:
+    value = entry.get(key, -1)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise SpecError(f"config.json device {path}: {key} {value!r} is not a number",
+                        "let the container engine write the device entry")
+    return value
+
+
+def requested_groups(spec: dict[str, Any]) -> dict[IommuGroup, DeviceNode | None]:
+    """The groups named by ``/dev/vfio/<N>`` entries, with the node each entry gives.
+
+    Paths are compared in canonical form: ``/dev/../dev/vfio/14`` or ``//dev/vfio/14``
+    name the same node and are refused rather than passed on unchecked."""
     linux = spec.get("linux") or {}
     groups: dict[IommuGroup, DeviceNode | None] = {}
     for entry in linux.get("devices") or []:
         path = entry.get("path", "") if isinstance(entry, dict) else ""
+        if not isinstance(path, str):
+            continue
+        canonical = os.path.normpath("/" + path.lstrip("/"))
+        if (canonical + "/" == VFIO_DIR or canonical.startswith(VFIO_DIR)) \
+                and canonical != path:
+            raise SpecError(f"config.json device path {path!r} is not canonical",
+                                f"write it as {canonical}")
         if not path.startswith(VFIO_DIR):
             continue
         group = group_of_entry(path)
         if group is not None:
-            groups[group] = DeviceNode(path, int(entry.get("major", -1)),
-                                       int(entry.get("minor", -1)))
+            groups[group] = DeviceNode(path, _devnum(entry, "major", path),
+                                       _devnum(entry, "minor", path))
+    return groups
+
+
+def requested_addresses(spec: dict[str, Any]) -> list[PciAddress]:
     wanted = (spec.get("annotations") or {}).get(DEVICES_ANNOTATION)
-    if wanted is not None:
-        for addr in parse_address_list(wanted):
-            groups.setdefault(group_of(sysfs, addr), None)
+    if wanted is None:
+        return []
+    if not isinstance(wanted, str):
+        raise DeviceError(f"annotation {DEVICES_ANNOTATION} is not a string",
+                          "list PCI addresses, e.g. 0000:03:00.0,0000:03:00.1")
+    return parse_address_list(wanted)
+
+
+def plan_edit(spec: dict[str, Any], settings: Settings) -> SpecPlan | None:
+    """What to add to `spec`; None when the container asks for no VFIO device."""
+    sysfs = settings.sysfs_path
+    groups = requested_groups(spec)
+    for addr in requested_addresses(spec):
+        groups.setdefault(group_of(sysfs, addr), None)
     if not groups:
         return None
 
@@ -138,8 +174,14 @@ def plan_edit(spec: dict[str, Any], settings: Settings) -> SpecPlan | None:
     nodes = [DeviceNode(VFIO_CONTAINER_PATH, *VFIO_CONTAINER_DEVNUM)]
     for group in sorted(groups):
         node = groups[group]
+        host_devnum = vfio_group_devnum(sysfs, group)
         if node is None or node.major < 0:
-            node = DeviceNode(f"{VFIO_DIR}{group}", *vfio_group_devnum(sysfs, group))
+            node = DeviceNode(f"{VFIO_DIR}{group}", *host_devnum)
+        elif (node.major, node.minor) != host_devnum:
+            raise DeviceError(
+                f"config.json gives {node.path} as {node.major}:{node.minor}, but the host's "
+                f"/dev/vfio/{group} is {host_devnum[0]}:{host_devnum[1]}",
+                f"pass the host's node: --device /dev/vfio/{group}")
         nodes.append(node)
     manifest = Manifest(tuple(resolved), settings.hotplug_timeout)
     annotations = {
@@ -185,13 +227,24 @@ def apply_plan(spec: dict[str, Any], plan: SpecPlan) -> dict[str, Any]:
     return new
 
 
+def strip_own_annotations(spec: dict[str, Any]) -> dict[str, Any]:
+    """The spec without manifest or guest-hook annotations the wrapper did not write:
+    a container that asks for no VFIO device gets none of them."""
+    annotations = spec.get("annotations")
+    if not isinstance(annotations, dict) or not any(k in annotations for k in OWN_ANNOTATIONS):
+        return spec
+    new = dict(spec)
+    new["annotations"] = {k: v for k, v in annotations.items() if k not in OWN_ANNOTATIONS}
+    return new
+
+
 def load_spec(bundle: Path) -> tuple[dict[str, Any], bytes]:
     if not bundle.is_dir():
         raise SpecError(f"bundle directory {bundle} does not exist",
                         "pass the OCI bundle with --bundle")
     path = bundle / "config.json"
     try:
-        raw = path.read_bytes()
+        raw = read_regular(path, MAX_CONFIG_JSON_BYTES, "config.json")
     except OSError as exc:
         raise SpecError(f"cannot read {path}: {exc.strerror}",
                         "the bundle must hold the container's config.json") from None
@@ -203,29 +256,6 @@ def load_spec(bundle: Path) -> tuple[dict[str, Any], bytes]:
     if not isinstance(spec, dict):
         raise SpecError(f"{path} is not a JSON object", "let the container engine write the bundle")
     return spec, raw
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Temp file beside `path`, fsync, rename: readers see the old or the new file."""
-    st = os.stat(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, st.st_mode & 0o7777)
-        if os.geteuid() == 0:
-            os.fchown(fd, st.st_uid, st.st_gid)
-        os.write(fd, data)
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        os.unlink(tmp)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 @dataclass(frozen=True)
@@ -240,10 +270,9 @@ def edit_bundle(bundle: Path, settings: Settings) -> EditResult:
     started = time.perf_counter()
     spec, _raw = load_spec(bundle)
     plan = plan_edit(spec, settings)
+    new = apply_plan(spec, plan) if plan is not None else strip_own_annotations(spec)
     written = False
-    if plan is not None:
-        new = apply_plan(spec, plan)
-        if new != spec:
-            write_atomically(bundle / "config.json", json.dumps(new).encode())
-            written = True
+    if new != spec:
+        write_atomically(bundle / "config.json", json.dumps(new).encode())
+        written = True
     return EditResult(plan, written, time.perf_counter() - started)

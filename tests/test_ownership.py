@@ -1,0 +1,317 @@
+"""Device ownership through one ledger: every create checks it, delete ends it only when
+the container is really gone, earlier boots and removed bundles own nothing, a bad
+journal entry blocks nobody. Each test here reproduces a defect of issue 7."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from kata_vfio.errors import ConfigError, DeviceError
+from kata_vfio.manifest import DEVICES_ANNOTATION
+from kata_vfio.pci import IommuGroup, PciAddress
+from kata_vfio_host.bindings import acquire, bind_group, release_gone, restore_all
+from kata_vfio_host.ledger import ADMIN, ContainerId, Host, marker, read_journal
+from kata_vfio_host.settings import load_settings
+from kata_vfio_runtime import main as runtime_main
+
+from fakesys import NVME, FakeKernel, FakeSysfs
+from wrapper_run import make_recorder, write_config
+
+
+def A(text: str) -> PciAddress:
+    return PciAddress.parse(text)
+
+
+@pytest.fixture
+def host(tmp_path: Path, fakesys: FakeSysfs, kernel: FakeKernel) -> Host:
+    fakesys.add_device("0000:08:00.0", NVME, group=11, driver="nvme")
+    fakesys.add_device("0000:09:00.0", NVME, group=12, driver="nvme")
+    return Host(sysfs=fakesys.root, state_dir=tmp_path / "state", write=kernel.write,
+                boot_id="boot-1")
+
+
+def bundle_dir(tmp_path: Path, name: str) -> str:
+    d = tmp_path / "bundles" / name
+    d.mkdir(parents=True)
+    return str(d)
+
+
+def test_device_entry_for_another_containers_group_is_refused(host: Host, tmp_path: Path,
+                                                              fakesys: FakeSysfs) -> None:
+    """Defect 3: `--device /dev/vfio/N` for a group another container auto-bound."""
+    acquire(host, ContainerId("c1"), [], [A("0000:08:00.0")], ("1b36:0010",),
+            bundle_dir(tmp_path, "c1"))
+    assert fakesys.driver("0000:08:00.0") == "vfio-pci"
+    with pytest.raises(DeviceError, match="IOMMU group 11 is in use by container c1"):
+        acquire(host, ContainerId("c2"), [IommuGroup(11)], [], (), bundle_dir(tmp_path, "c2"))
+    assert fakesys.driver("0000:08:00.0") == "vfio-pci"  # c1 keeps it
+    assert not marker(host.state_dir, "c2").exists()
+
+
+def test_a_removed_bundle_ends_ownership(host: Host, tmp_path: Path,
+                                         fakesys: FakeSysfs) -> None:
+    """The owner is gone when its bundle directory is gone: the next create takes over."""
+    b1 = bundle_dir(tmp_path, "c1")
+    acquire(host, ContainerId("c1"), [], [A("0000:08:00.0")], ("1b36:*",), b1)
+    os.rmdir(b1)
+    acquire(host, ContainerId("c2"), [], [A("0000:08:00.0")], ("1b36:*",),
+            bundle_dir(tmp_path, "c2"))
+    owners = {e["owner"] for e in read_journal(host).values()}
+    assert owners == {"container c2"}
+    assert fakesys.driver("0000:08:00.0") == "vfio-pci"
+    assert not marker(host.state_dir, "c1").exists() or \
+        "c1" in release_gone(host)[0]
+
+
+def test_an_earlier_boot_owns_nothing(host: Host, tmp_path: Path, fakesys: FakeSysfs) -> None:
+    """Reboots: entries from an earlier boot are restorable but own nothing."""
+    acquire(host, ContainerId("old"), [], [A("0000:09:00.0")], ("*",),
+            bundle_dir(tmp_path, "old"))
+    rebooted = Host(host.sysfs, host.state_dir, host.write, boot_id="boot-2")
+    acquire(rebooted, ContainerId("new"), [IommuGroup(12)], [], (),
+            bundle_dir(tmp_path, "new"))
+    gone, report = release_gone(rebooted)
+    assert gone == ["old"] and report.failed == []
+    assert fakesys.driver("0000:09:00.0") == "nvme"  # the old boot's binding given back
+    assert not marker(host.state_dir, "old").exists()
+
+
+def test_restore_all_goes_past_bad_entries(host: Host, fakesys: FakeSysfs) -> None:
+    """Defect 5: a vanished device or a malformed key does not stop the others."""
+    bind_group(host, A("0000:08:00.0"), ADMIN)
+    data = json.loads(host.journal.read_text())
+    data["devices"]["0000:0a:00.0"] = {**data["devices"]["0000:08:00.0"], "group": 30}
+    data["devices"]["not-an-address"] = {"driver": "x"}
+    host.journal.write_text(json.dumps(data))
+    report = restore_all(host)
+    assert "0000:08:00.0" in report.restored and "0000:0a:00.0" in report.restored
+    assert fakesys.driver("0000:08:00.0") == "nvme"
+    assert any("not-an-address" in f for f in report.failed)
+    # the unreadable entry is kept for a human, out of the way
+    assert "not-an-address" in json.loads(host.journal.read_text())["damaged_devices"]
+
+
+def test_give_back_failure_is_reported_and_the_rest_goes_on(host: Host,
+                                                            fakesys: FakeSysfs) -> None:
+    bind_group(host, A("0000:08:00.0"), ADMIN)
+    bind_group(host, A("0000:09:00.0"), ADMIN)
+    (fakesys.dev_dir("0000:08:00.0") / "driver_override").unlink()
+    (fakesys.dev_dir("0000:08:00.0") / "driver_override").mkdir()  # writes now fail
+    report = restore_all(host)
+    assert report.restored == ["0000:09:00.0"]
+    assert len(report.failed) == 1 and report.failed[0].startswith("0000:08:00.0: ")
+    assert "0000:08:00.0" in read_journal(host)  # kept, to retry
+
+
+@pytest.mark.parametrize("pattern", [":", "8086:", ":10d3", "", "0000:03", "80 86:10d3"])
+def test_loose_allow_list_patterns_are_refused(tmp_path: Path, pattern: str) -> None:
+    """Defect 8: an empty part is not a wildcard in a security allow-list."""
+    config = write_config(tmp_path, autobind={"allow": [pattern]})
+    with pytest.raises(ConfigError, match="allow"):
+        load_settings(str(config))
+
+
+# --- the runtime wrapper in-process, with its exec seam ----------------------------------
+
+
+@pytest.fixture
+def wrapper(tmp_path: Path, host: Host, monkeypatch: pytest.MonkeyPatch) -> Path:
+    recorder = make_recorder(tmp_path)
+    config = write_config(tmp_path, runtime=str(recorder), sysfs=str(host.sysfs),
+                          state_dir=str(host.state_dir), log_file=str(tmp_path / "kv.log"),
+                          autobind={"allow": ["1b36:0010"]})
+    monkeypatch.setenv("KATA_VFIO_CONFIG", str(config))
+    monkeypatch.setattr(runtime_main, "host_of", lambda settings: host)
+    return recorder
+
+
+def make_bundle(tmp_path: Path, name: str, annotations: dict[str, str]) -> Path:
+    b = tmp_path / name
+    (b / "rootfs").mkdir(parents=True)
+    subprocess.run(["runc", "spec", "--bundle", str(b)], check=True)
+    spec = json.loads((b / "config.json").read_text())
+    spec["annotations"] = annotations
+    (b / "config.json").write_text(json.dumps(spec))
+    return b
+
+
+def run_main(argv: list[str]) -> tuple[int, list[list[str]]]:
+    execs: list[list[str]] = []
+    code = runtime_main.main(["kata-vfio", *argv],
+                             exec_fn=lambda path, args: execs.append(list(args)))
+    return code, execs
+
+
+def test_auto_bound_devices_go_back_when_the_edit_fails(
+        wrapper: Path, tmp_path: Path, fakesys: FakeSysfs, host: Host,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Defect 7: an OSError in the edit (a read-only bundle) leaves nothing bound."""
+    b = make_bundle(tmp_path, "ro", {DEVICES_ANNOTATION: "0000:08:00.0"})
+    before = (b / "config.json").read_bytes()
+    subprocess.run(["mount", "--bind", str(b), str(b)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(b)], check=True)
+        code, execs = run_main(["create", "--bundle", str(b), "ro1"])
+    finally:
+        subprocess.run(["umount", str(b)], check=True)
+    assert code != 0 and execs == []
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Read-only file system" in err[0] and "config.json" in err[0]
+    assert fakesys.driver("0000:08:00.0") == "nvme"
+    assert read_journal(host) == {} and not marker(host.state_dir, "ro1").exists()
+    assert (b / "config.json").read_bytes() == before
+
+
+def test_delete_keeps_devices_while_the_container_still_exists(
+        wrapper: Path, tmp_path: Path, fakesys: FakeSysfs, host: Host) -> None:
+    """Defect 4: the inner delete failed and the runtime still knows the container."""
+    b = make_bundle(tmp_path, "k", {DEVICES_ANNOTATION: "0000:08:00.0"})
+    code, execs = run_main(["create", "--bundle", str(b), "keep1"])
+    assert code == 127 and execs and fakesys.driver("0000:08:00.0") == "vfio-pci"
+    inner = tmp_path / "inner.sh"  # delete fails, state succeeds: the container lives on
+    inner.write_text("#!/bin/sh\nfor a; do [ \"$a\" = state ] && exit 0; done\nexit 1\n")
+    inner.chmod(0o755)
+    config = write_config(tmp_path, runtime=str(inner), sysfs=str(host.sysfs),
+                          state_dir=str(host.state_dir), log_file=str(tmp_path / "kv.log"))
+    os.environ["KATA_VFIO_CONFIG"] = str(config)
+    code, _ = run_main(["delete", "keep1"])
+    assert code == 1
+    assert fakesys.driver("0000:08:00.0") == "vfio-pci"
+    assert marker(host.state_dir, "keep1").exists()
+    log = (tmp_path / "kv.log").read_text()
+    assert "still exists" in log
+    # the runtime no longer knows it (state fails too): now the devices go back
+    inner.write_text("#!/bin/sh\nexit 1\n")
+    code, _ = run_main(["delete", "keep1"])
+    assert code == 1
+    assert fakesys.driver("0000:08:00.0") == "nvme"
+    assert not marker(host.state_dir, "keep1").exists()
+
+
+@pytest.mark.parametrize("cid", [".", ".."])
+def test_delete_dot_passes_the_inner_exit_code(wrapper: Path, host: Host, cid: str) -> None:
+    """Defect 8: `delete .` was answered with 1 by the wrapper itself."""
+    (host.state_dir / "containers").mkdir(parents=True)
+    code, execs = run_main(["delete", cid])
+    assert code == 127 and execs and execs[0][1:] == ["delete", cid]  # exec'd unchanged
+
+
+def test_create_bundle_without_value_is_refused(wrapper: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    b = make_bundle(tmp_path, "cwd", {DEVICES_ANNOTATION: "0000:08:00.0"})
+    before = (b / "config.json").read_bytes()
+    monkeypatch.chdir(b)
+    code, execs = run_main(["create", "ctr", "--bundle"])
+    assert code == 2 and execs == []
+    assert "--bundle needs a value" in capsys.readouterr().err
+    assert (b / "config.json").read_bytes() == before
+
+
+def test_forged_manifest_is_removed_from_a_plain_container(
+        wrapper: Path, tmp_path: Path) -> None:
+    """Defect 1 (host side): a container asking for no device keeps no manifest."""
+    forged = {"io.kata-vfio.manifest": '{"version":1,"groups":[]}',
+              "io.katacontainers.config.hypervisor.guest_hook_path": "/evil",
+              "org.example.keep": "yes"}
+    b = make_bundle(tmp_path, "plain", forged)
+    code, execs = run_main(["create", "--bundle", str(b), "plain1"])
+    assert code == 127 and execs
+    annotations = json.loads((b / "config.json").read_text())["annotations"]
+    assert annotations == {"org.example.keep": "yes"}
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "huge"])
+def test_config_json_must_be_a_sane_regular_file(
+        wrapper: Path, tmp_path: Path, kind: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Defect 8: a FIFO hung the wrapper, /dev/zero was read without bound."""
+    b = tmp_path / kind
+    b.mkdir()
+    if kind == "fifo":
+        os.mkfifo(b / "config.json")
+    elif kind == "dev-zero":
+        (b / "config.json").symlink_to("/dev/zero")
+    else:
+        with open(b / "config.json", "wb") as f:
+            f.truncate(17 << 20)
+    code, execs = run_main(["create", "--bundle", str(b), "x1"])
+    assert code == 1 and execs == []
+    err = capsys.readouterr().err
+    assert ("not a regular file" if kind != "huge" else "larger than") in err
+
+
+def test_short_writes_are_completed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Defect 2: os.write may write less than asked; the file must still be whole."""
+    from kata_vfio import files
+
+    real_write = os.write
+
+    def short_write(fd: int, data: bytes | memoryview) -> int:
+        return real_write(fd, bytes(data[:4096]))
+
+    target = tmp_path / "f.json"
+    target.write_text("{}")
+    payload = json.dumps({"k": "x" * 50_000}).encode()
+    monkeypatch.setattr(files.os, "write", short_write)
+    files.write_atomically(target, payload)
+    monkeypatch.undo()
+    assert target.read_bytes() == payload
+
+
+@pytest.fixture
+def tiny_fs(tmp_path: Path):  # type: ignore[no-untyped-def]
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40k", "tmpfs", str(mnt)], check=True)
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_full_filesystem_leaves_config_json_whole(
+        wrapper: Path, tiny_fs: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Defect 2: on a nearly full filesystem config.json was cut at 20,480 bytes, exit 0."""
+    b = tiny_fs / "bundle"
+    b.mkdir()
+    spec = {"ociVersion": "1.0.2", "process": {"args": ["sh"]}, "root": {"path": "rootfs"},
+            "linux": {}, "annotations": {DEVICES_ANNOTATION: "0000:09:00.0",
+                                         "pad": "x" * 24_000}}
+    original = json.dumps(spec).encode()
+    (b / "config.json").write_bytes(original)
+    # fill the rest so the edited copy cannot fit
+    with open(tiny_fs / "filler", "wb") as f:
+        try:
+            f.write(b"\0" * (40 << 10))
+        except OSError:
+            pass
+    code, execs = run_main(["create", "--bundle", str(b), "full1"])
+    assert code != 0 and execs == []
+    assert "No space left on device" in capsys.readouterr().err
+    assert (b / "config.json").read_bytes() == original
+    assert [p.name for p in b.iterdir()] == ["config.json"]  # no temp file left behind
+
+
+def test_full_state_dir_keeps_the_journal_readable(tiny_fs: Path, fakesys: FakeSysfs,
+                                                   kernel: FakeKernel) -> None:
+    """Defect 2: bindings.json was cut at 8,192 bytes and every restore said "damaged"."""
+    for i in range(60):
+        fakesys.add_device(f"0000:{0x20 + i:02x}:00.0", NVME, group=100 + i, driver="nvme")
+    host = Host(fakesys.root, tiny_fs / "state", kernel.write, boot_id="b")
+    (tiny_fs / "filler").write_bytes(b"\0" * (28 << 10))  # leaves three pages
+    bound = []
+    for i in range(60):
+        try:
+            bind_group(host, A(f"0000:{0x20 + i:02x}:00.0"), ADMIN)
+            bound.append(i)
+        except OSError:
+            break
+    else:
+        pytest.fail("the tiny filesystem never filled up")
+    journal = read_journal(host)  # still whole JSON, every bound device recorded
+    assert sorted(journal) == [f"0000:{0x20 + i:02x}:00.0" for i in bound]
+    failed = f"0000:{0x20 + len(bound):02x}:00.0"
+    assert fakesys.driver(failed) == "nvme"  # the journal came first: nothing moved

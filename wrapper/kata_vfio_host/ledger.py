@@ -1,0 +1,330 @@
+"""Who owns which host devices: one ledger for every way a container gets VFIO groups.
+
+The podman wrapper, the shim wrapper, auto-bind and the host tools all go through
+here. `<state_dir>/bindings.json` holds two tables, always read and written whole
+under the journal lock:
+
+- ``devices``: per PCI address, the driver and driver_override to give back and who
+  moved it to vfio-pci (``kata-vfio-ctl`` for the admin, or ``container <id>``).
+  Written *before* sysfs is touched, so a process killed at any step leaves what
+  to undo.
+- ``claims``: per IOMMU group, the container using it now, with the boot it was
+  made in and its bundle directory.
+
+An owner is gone when its claim comes from an earlier boot (the boot id differs),
+or its bundle directory no longer exists (podman's `rm`, containerd's delete and
+CRI-O's removal all take the bundle away). Entries of gone owners are restorable
+but own nothing: every create checks, and hands the devices of gone owners back.
+Each container with claims also has a marker file ``containers/<id>``, so the
+wrapper's passthrough `delete` can tell with one stat whether it has work to do.
+One flock per IOMMU group serialises containers racing for the same devices.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kata_vfio.errors import DeviceError, KataVfioError
+from kata_vfio.pci import IommuGroup, PciAddress
+from kata_vfio.rebind import MODPROBE, SysfsWrite, write_attr
+
+ADMIN = "kata-vfio-ctl"
+JOURNAL_VERSION = 2
+BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
+_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+
+InUse = Callable[[PciAddress], list[str]]
+
+
+def read_boot_id(path: Path = BOOT_ID_PATH) -> str:
+    try:
+        return path.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class Host:
+    """The host's kernel interfaces and kata-vfio's state directory."""
+
+    sysfs: Path
+    state_dir: Path
+    write: SysfsWrite = write_attr
+    modprobe: tuple[str, ...] = MODPROBE
+    boot_id: str = field(default_factory=read_boot_id)
+
+    @property
+    def journal(self) -> Path:
+        return self.state_dir / "bindings.json"
+
+
+class ContainerId(str):
+    """A container id that can safely name a file: engines use hex or simple names."""
+
+    @classmethod
+    def parse(cls, text: str | None) -> ContainerId:
+        if not text or len(text) > 256 or not set(text) <= _ID_CHARS or text.startswith("."):
+            raise DeviceError(f"container id {text!r} cannot name a state file",
+                              "use a plain container id (letters, digits, _ . -)")
+        return cls(text)
+
+    @classmethod
+    def maybe(cls, text: str | None) -> ContainerId | None:
+        try:
+            return cls.parse(text)
+        except DeviceError:
+            return None
+
+    @property
+    def owner(self) -> str:
+        return owner_name(self)
+
+
+def owner_name(container_id: str) -> str:
+    return f"container {container_id}"
+
+
+@dataclass(frozen=True)
+class DeviceEntry:
+    driver: str | None
+    override: str | None
+    group: int
+    owner: str
+    boot_id: str | None = None
+    since: float = 0.0
+
+    def to_obj(self) -> dict[str, Any]:
+        return {"driver": self.driver, "override": self.override, "group": self.group,
+                "owner": self.owner, "boot_id": self.boot_id, "since": self.since}
+
+
+@dataclass(frozen=True)
+class Claim:
+    container: str
+    boot_id: str | None
+    bundle: str | None
+    since: float = 0.0
+
+    @property
+    def owner(self) -> str:
+        return owner_name(self.container)
+
+    def to_obj(self) -> dict[str, Any]:
+        return {"container": self.container, "boot_id": self.boot_id, "bundle": self.bundle,
+                "since": self.since}
+
+
+@dataclass
+class Journal:
+    devices: dict[str, DeviceEntry] = field(default_factory=dict)
+    claims: dict[int, Claim] = field(default_factory=dict)
+    damaged: list[str] = field(default_factory=list)  # why entries could not be read
+    kept: dict[str, Any] = field(default_factory=dict)  # those entries, left for a human
+
+
+def _opt_str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _parse_device(key: str, obj: Any) -> DeviceEntry:
+    PciAddress.parse(key)
+    if not isinstance(obj, dict) or not isinstance(obj.get("group"), int) \
+            or not isinstance(obj.get("owner"), str):
+        raise ValueError("needs group and owner")
+    driver = obj.get("driver")
+    if driver is not None and (not isinstance(driver, str) or "/" in driver or not driver):
+        raise ValueError(f"driver {driver!r}")
+    since = obj.get("since", 0.0)
+    return DeviceEntry(driver, _opt_str(obj.get("override")), obj["group"], obj["owner"],
+                       _opt_str(obj.get("boot_id")),
+                       float(since) if isinstance(since, int | float) else 0.0)
+
+
+def _parse_claim(obj: Any) -> Claim:
+    if not isinstance(obj, dict):
+        raise ValueError("not an object")
+    ContainerId.parse(obj.get("container"))
+    since = obj.get("since", 0.0)
+    return Claim(obj["container"], _opt_str(obj.get("boot_id")), _opt_str(obj.get("bundle")),
+                 float(since) if isinstance(since, int | float) else 0.0)
+
+
+def read_journal_file(host: Host) -> Journal:
+    """The journal as typed entries; entries that cannot be read are listed in `damaged`
+    (and kept out of the way) instead of stopping everything."""
+    path = host.journal
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return Journal()
+    except IsADirectoryError:
+        raise DeviceError(f"{path} is a directory, not kata-vfio's journal",
+                          "move it away; the journal is a JSON file") from None
+    except OSError as exc:
+        raise DeviceError(f"cannot read {path}: {exc.strerror}", "run as root") from None
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise DeviceError(f"{path} is damaged (not JSON)",
+                          "check it by hand; it records which drivers to give devices back to"
+                          ) from None
+    if not isinstance(data, dict) or not isinstance(data.get("devices", {}), dict) \
+            or not isinstance(data.get("claims", {}), dict):
+        raise DeviceError(f"{path} is damaged (not a kata-vfio journal object)",
+                          "check it by hand; it records which drivers to give devices back to")
+    journal = Journal()
+    kept = data.get("damaged_devices")
+    journal.kept = dict(kept) if isinstance(kept, dict) else {}
+    for key, obj in data.get("devices", {}).items():
+        try:
+            journal.devices[str(PciAddress.parse(key))] = _parse_device(key, obj)
+        except (ValueError, KataVfioError) as exc:
+            journal.damaged.append(f"journal entry {key!r} is unreadable ({exc})")
+            journal.kept[str(key)] = obj
+    for key, obj in data.get("claims", {}).items():
+        try:
+            journal.claims[IommuGroup.parse(key).number] = _parse_claim(obj)
+        except (ValueError, KataVfioError) as exc:
+            journal.damaged.append(f"claim entry {key!r} is unreadable ({exc})")
+    return journal
+
+
+def _write_journal_file(host: Host, journal: Journal) -> None:
+    from kata_vfio.files import write_atomically
+
+    host.state_dir.mkdir(parents=True, exist_ok=True)
+    data: dict[str, Any] = {
+        "version": JOURNAL_VERSION,
+        "devices": {a: e.to_obj() for a, e in sorted(journal.devices.items())},
+        "claims": {str(g): c.to_obj() for g, c in sorted(journal.claims.items())},
+    }
+    if journal.kept:  # entries we could not read stay in the file for a human to look at
+        data["damaged_devices"] = journal.kept
+    write_atomically(host.journal, json.dumps(data, indent=1).encode(), mode=0o600)
+
+
+@contextlib.contextmanager
+def _flock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def group_lock(host: Host, group: IommuGroup) -> contextlib.AbstractContextManager[None]:
+    return _flock(host.state_dir / "locks" / f"group-{group}")
+
+
+@contextlib.contextmanager
+def group_locks(host: Host, groups: list[IommuGroup]) -> Iterator[None]:
+    """Every group's lock, taken in group order so two creates never deadlock."""
+    with contextlib.ExitStack() as stack:
+        for group in sorted(set(groups)):
+            stack.enter_context(group_lock(host, group))
+        yield
+
+
+@contextlib.contextmanager
+def editing(host: Host) -> Iterator[Journal]:
+    """The journal, to change in place; written back whole when the block ends."""
+    with _flock(host.state_dir / "journal.lock"):
+        journal = read_journal_file(host)
+        yield journal
+        _write_journal_file(host, journal)
+
+
+def read_journal(host: Host) -> dict[str, dict[str, Any]]:
+    """The device table as plain objects (for listings and tests)."""
+    return {a: e.to_obj() for a, e in read_journal_file(host).devices.items()}
+
+
+# --- who owns what -------------------------------------------------------------------------
+
+
+def marker(state_dir: Path, container_id: str) -> Path:
+    return state_dir / "containers" / ContainerId.parse(container_id)
+
+
+def claim_gone(host: Host, claim: Claim) -> bool:
+    """Is the container behind a claim gone? Another boot, or its bundle removed."""
+    if claim.boot_id != host.boot_id:
+        return True
+    return claim.bundle is not None and not os.path.isdir(claim.bundle)
+
+
+def owner_of(host: Host, group: IommuGroup, journal: Journal | None = None) -> str | None:
+    """Who holds the group now: a live container's claim, else the admin if the admin
+    bound it. Devices bound for a container that is gone are restorable, owned by none."""
+    journal = journal if journal is not None else read_journal_file(host)
+    claim = journal.claims.get(group.number)
+    if claim is not None and not claim_gone(host, claim):
+        return claim.owner
+    if any(e.group == group.number and e.owner == ADMIN for e in journal.devices.values()):
+        return ADMIN
+    return None
+
+
+def gone_containers(host: Host, journal: Journal | None = None) -> list[str]:
+    """Containers with claims or devices whose owner is gone."""
+    journal = journal if journal is not None else read_journal_file(host)
+    live = {c.container for c in journal.claims.values() if not claim_gone(host, c)}
+    gone = {c.container for c in journal.claims.values() if claim_gone(host, c)}
+    for entry in journal.devices.values():
+        if entry.owner.startswith("container "):
+            cid = entry.owner[len("container "):]
+            if cid not in live:
+                gone.add(cid)
+    markers = host.state_dir / "containers"
+    if markers.is_dir():
+        for name in os.listdir(markers):
+            if name not in live and ContainerId.maybe(name) is not None:
+                try:
+                    info = json.loads((markers / name).read_text())
+                    claim = Claim(name, _opt_str(info.get("boot_id")),
+                                  _opt_str(info.get("bundle")))
+                except (OSError, ValueError, AttributeError):
+                    claim = Claim(name, None, None)
+                if claim_gone(host, claim):
+                    gone.add(name)
+    return sorted(gone)
+
+
+def write_marker(host: Host, container: ContainerId, bundle: str | None) -> None:
+    from kata_vfio.files import write_atomically
+
+    path = marker(host.state_dir, container)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, json.dumps({"owner": container.owner, "boot_id": host.boot_id,
+                                       "bundle": bundle}).encode(), mode=0o600)
+
+
+def claim_groups(host: Host, container: ContainerId, groups: list[IommuGroup],
+                 bundle: str | None) -> None:
+    """Record that the container uses these groups (call under their group locks, after
+    `check_free`)."""
+    write_marker(host, container, bundle)
+    now = time.time()
+    with editing(host) as journal:
+        for group in groups:
+            journal.claims[group.number] = Claim(container, host.boot_id, bundle, now)
+
+
+def check_free(host: Host, container: ContainerId, groups: list[IommuGroup]) -> None:
+    """Refuse groups held by another live container (call under their group locks)."""
+    journal = read_journal_file(host)
+    for group in groups:
+        current = owner_of(host, group, journal)
+        if current not in (None, ADMIN, container.owner):
+            raise DeviceError(f"IOMMU group {group} is in use by {current}",
+                              "wait for that container to be deleted")
