@@ -70,6 +70,7 @@ def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
     config = top / "kata-vfio.toml"
     config.write_text(
         f'runtime = "runc"\nsysfs = "{fs.root}"\nlog_file = "{log_file}"\n'
+        f'state_dir = "{top / "state"}"\n'
         '[annotations]\n"io.katacontainers.config.hypervisor.enable_iommu" = "true"\n')
     # podman gives runtimes a clean environment: a launcher named kata-vfio carries the
     # config path (podman keys runtime features by basename, so the name matters)

@@ -37,6 +37,9 @@ def make_recorder(directory: Path) -> Path:
 
 
 def write_config(directory: Path, **values: Any) -> Path:
+    """A kata-vfio config.toml; the state directory stays inside `directory` unless given
+    (tests never touch the host's /var/lib/kata-vfio)."""
+    values.setdefault("state_dir", str(directory / "state"))
     lines = []
     for key, value in values.items():
         if isinstance(value, dict):
