@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 KVER ?= $(shell dpkg-query -W -f='$${Depends}' linux-image-amd64 2>/dev/null | sed -n 's/.*linux-image-\([0-9][^ ,]*\).*/\1/p')
 
 APT_PACKAGES := podman runc conmon catatonit uidmap fuse-overlayfs slirp4netns \
-	qemu-system-x86 dracut dracut-core linux-image-amd64 kmod cpio busybox-static \
+	qemu-system-x86 containerd dracut dracut-core linux-image-amd64 kmod cpio busybox-static \
 	golang-github-opencontainers-specs-dev pci.ids iproute2 python3-venv python3-pip
 PY_SOURCES := $(shell find common wrapper hook -name '*.py' -o -name '*.json') pyproject.toml
 
@@ -49,7 +49,7 @@ test: lint initrd
 
 # Fast feedback: no podman, no VM.
 test-unit: venv
-	$(VENV)/bin/pytest -m "not podman and not vm" tests
+	$(VENV)/bin/pytest -m "not podman and not vm and not containerd" tests
 
 $(BUILD)/kata-vfio-initrd.img: venv $(wildcard initrd/*) $(PY_SOURCES)
 	$(PY) initrd/build.py --kver $(KVER) --output $@

@@ -47,6 +47,22 @@ def test_passthrough_verb_imports_no_heavy_module(tmp_path: Path) -> None:
     modules = imported("kata_vfio_runtime.main", argv, config=str(config))  # cache warm
     assert "kata_vfio_runtime.main" in modules
     assert not modules & (HEAVY | {"typing", "dataclasses", "pathlib", "re"})
+    # the passthrough path never imports the host tools
+    assert not {m for m in modules if m.startswith(("kata_vfio_ctl", "kata_vfio_host.bindings",
+                                                    "kata_vfio_host.ledger"))}
+
+
+def test_shim_passthrough_actions_import_no_heavy_module(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('shim = "true"\n')
+    for argv in (["containerd-shim-kata-vfio-v2", "-v"],
+                 ["containerd-shim-kata-vfio-v2", "-namespace", "default", "-address", "/s",
+                  "-id", "x", "delete"]):
+        imported("kata_vfio_runtime.shim", argv, config=str(config))  # fills the cache
+        modules = imported("kata_vfio_runtime.shim", argv, config=str(config))
+        assert "kata_vfio_runtime.shim" in modules
+        assert not modules & (HEAVY | {"typing", "dataclasses", "pathlib", "re"})
+        assert not {m for m in modules if m.startswith(("kata_vfio_ctl", "kata_vfio_runtime.sp"))}
 
 
 def test_hook_without_manifest_imports_no_heavy_module() -> None:

@@ -17,6 +17,7 @@ from kata_vfio.pci import IommuGroup, PciAddress
 from kata_vfio_host.bindings import acquire, bind_group, release_gone, restore_all
 from kata_vfio_host.ledger import ADMIN, ContainerId, Host, marker, read_journal
 from kata_vfio_host.settings import load_settings
+from kata_vfio_runtime import lifecycle
 from kata_vfio_runtime import main as runtime_main
 
 from fakesys import NVME, FakeKernel, FakeSysfs
@@ -126,7 +127,7 @@ def wrapper(tmp_path: Path, host: Host, monkeypatch: pytest.MonkeyPatch) -> Path
                           state_dir=str(host.state_dir), log_file=str(tmp_path / "kv.log"),
                           autobind={"allow": ["1b36:0010"]})
     monkeypatch.setenv("KATA_VFIO_CONFIG", str(config))
-    monkeypatch.setattr(runtime_main, "host_of", lambda settings: host)
+    monkeypatch.setattr(lifecycle, "host_of", lambda settings: host)
     return recorder
 
 

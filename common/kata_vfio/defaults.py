@@ -10,6 +10,8 @@ from __future__ import annotations
 CONFIG_ENV = "KATA_VFIO_CONFIG"
 DEFAULT_CONFIG = "/etc/kata-vfio/config.toml"
 DEFAULT_RUNTIME = "kata-runtime"
+DEFAULT_SHIM = "containerd-shim-kata-v2"
+SHIM_WRAPPER = "containerd-shim-kata-vfio-v2"
 DEFAULT_STATE_DIR = "/var/lib/kata-vfio"
 DEFAULT_LOG_FILE = "/var/log/kata-vfio.log"
 DEFAULT_GUEST_HOOK_PATH = "/usr/share/oci/hooks"

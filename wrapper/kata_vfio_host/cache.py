@@ -14,7 +14,7 @@ from kata_vfio.defaults import CONFIG_ENV, DEFAULT_CONFIG, SETTINGS_CACHE_DIR
 from kata_vfio.errors import ConfigError
 
 CACHE_DIR = SETTINGS_CACHE_DIR
-_CACHE_TAG = "kata-vfio settings cache v3"
+_CACHE_TAG = "kata-vfio settings cache v4"
 
 
 def config_path() -> str:
@@ -54,25 +54,26 @@ def _stat_key(path: str) -> str | None:
     return f"{st.st_ino} {st.st_size} {st.st_mtime_ns}"
 
 
-def write_cache(path: str, runtime: str, state_dir: str, full: str = "") -> None:
-    """Remember a valid load of `path`: the two values passthrough needs on their own
-    lines, then `full` (the create path's whole validated settings, as JSON)."""
+def write_cache(path: str, runtime: str, state_dir: str, shim: str, full: str = "") -> None:
+    """Remember a valid load of `path`: the values passthrough verbs need on their own
+    lines (no JSON: `json` imports `re`), then `full`, the create path's whole
+    validated settings as JSON."""
     key = _stat_key(path)
-    if key is None or "\n" in runtime + state_dir + full:
+    if key is None or "\n" in runtime + state_dir + shim + full:
         return
     try:
         os.makedirs(CACHE_DIR, mode=0o700, exist_ok=True)
         tmp = _cache_file(path) + f".{os.getpid()}"
         with open(tmp, "w", encoding="utf-8") as f:
-            f.write(f"{_CACHE_TAG}\n{key}\n{runtime}\n{state_dir}\n{full}\n")
+            f.write(f"{_CACHE_TAG}\n{key}\n{runtime}\n{state_dir}\n{shim}\n{full}\n")
         os.replace(tmp, _cache_file(path))
     except OSError:
         pass  # no cache: every verb parses the file, slower but correct
 
 
 def read_cache(path: str) -> list[str] | None:
-    """[runtime, state_dir, full settings JSON] as the last valid load of `path` left
-    them; None when the file changed since, or there is no cache."""
+    """[runtime, state_dir, shim, full settings JSON] as the last valid load of `path`
+    left them; None when the file changed since, or there is no cache."""
     key = _stat_key(path)
     if key is None:
         return None
@@ -81,6 +82,6 @@ def read_cache(path: str) -> list[str] | None:
             lines = f.read().split("\n")
     except OSError:
         return None
-    if len(lines) < 5 or lines[0] != _CACHE_TAG or lines[1] != key:
+    if len(lines) < 6 or lines[0] != _CACHE_TAG or lines[1] != key:
         return None
-    return lines[2:5]
+    return lines[2:6]

@@ -16,6 +16,7 @@ from kata_vfio.defaults import (
     DEFAULT_GUEST_HOOK_PATH,
     DEFAULT_LOG_FILE,
     DEFAULT_RUNTIME,
+    DEFAULT_SHIM,
     DEFAULT_STATE_DIR,
     DEFAULT_SYSFS,
     HOTPLUG_TIMEOUT_DEFAULT,
@@ -28,6 +29,7 @@ from kata_vfio_host.cache import config_path, read_cache, write_cache
 @dataclass(frozen=True)
 class Settings:
     runtime: str = DEFAULT_RUNTIME
+    shim: str = DEFAULT_SHIM
     guest_hook_path: str = DEFAULT_GUEST_HOOK_PATH
     annotations: dict[str, str] = field(default_factory=dict)
     log_file: str = DEFAULT_LOG_FILE
@@ -47,12 +49,12 @@ class Settings:
 
 def _from_cache(path: str) -> Settings | None:
     cached = read_cache(path)
-    if cached is None or not cached[2]:
+    if cached is None or not cached[3]:
         return None
     import json
 
     try:
-        data = json.loads(cached[2])
+        data = json.loads(cached[3])
         data["autobind_allow"] = tuple(data["autobind_allow"])
         return Settings(**data)
     except (ValueError, TypeError, KeyError):
@@ -88,6 +90,7 @@ def load_settings(path: str | None = None) -> Settings:
     parse_allow_list(tuple(autobind.get("allow", ())))  # refuse a loose pattern at load
     settings = Settings(
         runtime=data.get("runtime", Settings.runtime),
+        shim=data.get("shim", Settings.shim),
         guest_hook_path=data.get("guest_hook_path", Settings.guest_hook_path),
         annotations=dict(data.get("annotations", {})),
         log_file=data.get("log_file", Settings.log_file),
@@ -98,7 +101,8 @@ def load_settings(path: str | None = None) -> Settings:
     )
     import json
 
-    write_cache(path, settings.runtime, settings.state_dir, json.dumps(asdict(settings)))
+    write_cache(path, settings.runtime, settings.state_dir, settings.shim,
+                json.dumps(asdict(settings)))
     return settings
 
 

@@ -22,9 +22,6 @@ TYPE_CHECKING = False  # not typing.TYPE_CHECKING: `typing` costs ~2 ms on every
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from kata_vfio_host.ledger import Host
-    from kata_vfio_host.settings import Settings
-
     ExecFn = Callable[[str, list[str]], object]
 
 PROG = "kata-vfio"
@@ -54,30 +51,13 @@ def plain_id(text: str | None) -> bool:
         and not (text or "").startswith(".")
 
 
-def host_of(settings: Settings) -> Host:
-    from pathlib import Path
-
-    from kata_vfio_host.ledger import Host
-
-    return Host(sysfs=Path(settings.sysfs), state_dir=Path(settings.state_dir))
-
-
 def prepare_create(inv: Invocation) -> str:
-    """Claim and, if allowed, auto-bind the container's devices, then edit the bundle for
-    VFIO; returns the inner runtime to exec. Nothing stays bound or claimed on failure."""
+    """Claim and edit for VFIO (lifecycle.prepare_bundle); returns the inner runtime."""
     from pathlib import Path
 
-    from kata_vfio_host.bindings import acquire, release_container
     from kata_vfio_host.hostlog import file_logger
-    from kata_vfio_host.ledger import ContainerId
     from kata_vfio_host.settings import load_settings
-    from kata_vfio_host.usage import uses
-    from kata_vfio_runtime.spec_edit import (
-        edit_bundle,
-        load_spec,
-        requested_addresses,
-        requested_groups,
-    )
+    from kata_vfio_runtime import lifecycle
 
     if inv.problem:
         raise UsageError(f"create: {inv.problem}", "podman and conmon always pass --bundle DIR")
@@ -86,56 +66,21 @@ def prepare_create(inv: Invocation) -> str:
         runtime = resolve_runtime(settings.runtime, config_path())
     log = file_logger(settings.log_file, container_id=inv.container_id, verb=inv.verb)
     bundle = Path(inv.bundle).absolute() if inv.bundle else Path.cwd()
-    host = host_of(settings)
-    acquired = None
-    try:
-        with step(f"reading {bundle}/config.json"):
-            spec, _ = load_spec(bundle)
-        groups = list(requested_groups(spec))
-        addresses = requested_addresses(spec)
-        if groups or addresses:
-            acquired = ContainerId.parse(inv.container_id)
-            with step("claiming the container's IOMMU groups"):
-                bound = acquire(host, acquired, groups, addresses, settings.autobind_allow,
-                                str(bundle),
-                                in_use=lambda addr: uses(host.sysfs, Path("/proc"), addr))
-            if bound:
-                log.info("auto-bound", devices=[str(a) for a in bound])
-        with step(f"editing {bundle}/config.json"):
-            result = edit_bundle(bundle, settings)
-    except BaseException as exc:
-        log.error("create refused", bundle=str(bundle), error=repr(exc))
-        if acquired is not None:
-            report = release_container(host, acquired)
-            if report.failed:
-                log.error("give back failed", failures=report.failed)
-        raise
-    if result.plan is not None:
-        log.info(
-            "spec edited" if result.written else "spec already edited",
-            bundle=str(bundle),
-            groups=[str(g.host_group) for g in result.plan.manifest.groups],
-            devices=[str(d.host_address) for d in result.plan.manifest.devices],
-            edit_ms=round(result.seconds * 1000, 3),
-            runtime=runtime,
-        )
-    elif result.written:
-        log.warning("removed manifest/guest-hook annotations the container brought itself",
-                    bundle=str(bundle))
+    lifecycle.prepare_bundle(inv.container_id, bundle, settings, lifecycle.host_of(settings),
+                             log.bind(runtime=runtime))
     return runtime
 
 
-def delete_and_release(runtime: str, argv: list[str], inv: Invocation, state_dir: str) -> int:
+def delete_and_release(runtime: str, argv: list[str], inv: Invocation) -> int:
     """`delete` of a container that holds devices: the inner runtime first (its exit code
     is ours). The devices go back only when the container is really gone: the delete
     succeeded, or the inner runtime no longer knows the container."""
     from kata_vfio.run import run
-    from kata_vfio_host.bindings import release_container
     from kata_vfio_host.hostlog import file_logger
     from kata_vfio_host.settings import load_settings
+    from kata_vfio_runtime import lifecycle
 
     settings = load_settings()
-    log = file_logger(settings.log_file, container_id=inv.container_id, verb="delete")
     code = run([runtime, *argv[1:]], what="deleting the container", capture=False,
                timeout=None, check=False).returncode
     if code != 0:
@@ -143,14 +88,14 @@ def delete_and_release(runtime: str, argv: list[str], inv: Invocation, state_dir
                     what="asking the inner runtime about the container", check=False,
                     timeout=60)
         if state.returncode == 0:
-            log.warning("inner delete failed and the container still exists: its devices "
-                        "stay bound and owned", exit_code=code)
+            file_logger(settings.log_file, container_id=inv.container_id, verb="delete").warning(
+                "inner delete failed and the container still exists: its devices stay bound "
+                "and owned", exit_code=code)
             return code
-    report = release_container(host_of(settings), inv.container_id or "")
-    log.info("devices given back", devices=report.restored, failures=report.failed)
-    if report.failed:
-        report_line(f"delete {inv.container_id}: could not give back "
-                    f"{'; '.join(report.failed)}", inv)
+    failed = lifecycle.release_after_delete(inv.container_id or "", settings,
+                                            lifecycle.host_of(settings))
+    if failed:
+        report_line(f"delete {inv.container_id}: could not give back {'; '.join(failed)}", inv)
         return code or 1
     return code
 
@@ -188,7 +133,7 @@ def decide(argv: list[str], inv: Invocation) -> str | int:
     runtime, state_dir = passthrough_settings()
     if inv.verb == "delete" and plain_id(inv.container_id) \
             and os.path.exists(f"{state_dir}/containers/{inv.container_id}"):
-        return delete_and_release(runtime, argv, inv, state_dir)
+        return delete_and_release(runtime, argv, inv)
     return runtime
 
 

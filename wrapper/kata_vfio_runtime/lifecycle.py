@@ -1,0 +1,79 @@
+"""What every engine's create and delete do to a bundle and the ledger.
+
+The podman wrapper (`kata-vfio create`) and the shim wrapper (`containerd-shim-
+kata-vfio-v2 start`) both call `prepare_bundle`; their delete paths both call
+`release_after_delete`. Imported only on those paths: it pulls in the settings,
+the ledger and structlog.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from kata_vfio.boundary import step
+from kata_vfio_host.bindings import acquire, release_container
+from kata_vfio_host.hostlog import file_logger
+from kata_vfio_host.ledger import ContainerId, Host
+from kata_vfio_host.settings import Settings
+from kata_vfio_host.usage import uses
+from kata_vfio_runtime.spec_edit import (
+    EditResult,
+    edit_bundle,
+    load_spec,
+    requested_addresses,
+    requested_groups,
+)
+
+
+def host_of(settings: Settings) -> Host:
+    return Host(sysfs=Path(settings.sysfs), state_dir=Path(settings.state_dir))
+
+
+def prepare_bundle(container_id: str | None, bundle: Path, settings: Settings, host: Host,
+                   log: Any) -> EditResult:
+    """Claim (and, if the allow-list permits, auto-bind) the container's devices, then edit
+    <bundle>/config.json. On any failure nothing stays bound or claimed for it."""
+    acquired = None
+    try:
+        with step(f"reading {bundle}/config.json"):
+            spec, _ = load_spec(bundle)
+        groups = list(requested_groups(spec))
+        addresses = requested_addresses(spec)
+        if groups or addresses:
+            acquired = ContainerId.parse(container_id)
+            with step("claiming the container's IOMMU groups"):
+                bound = acquire(host, acquired, groups, addresses, settings.autobind_allow,
+                                str(bundle),
+                                in_use=lambda addr: uses(host.sysfs, Path("/proc"), addr))
+            if bound:
+                log.info("auto-bound", devices=[str(a) for a in bound])
+        with step(f"editing {bundle}/config.json"):
+            result = edit_bundle(bundle, settings)
+    except BaseException as exc:
+        log.error("create refused", bundle=str(bundle), error=repr(exc))
+        if acquired is not None:
+            report = release_container(host, acquired)
+            if report.failed:
+                log.error("give back failed", failures=report.failed)
+        raise
+    if result.plan is not None:
+        log.info(
+            "spec edited" if result.written else "spec already edited",
+            bundle=str(bundle),
+            groups=[str(g.host_group) for g in result.plan.manifest.groups],
+            devices=[str(d.host_address) for d in result.plan.manifest.devices],
+            edit_ms=round(result.seconds * 1000, 3),
+        )
+    elif result.written:
+        log.warning("removed manifest/guest-hook annotations the container brought itself",
+                    bundle=str(bundle))
+    return result
+
+
+def release_after_delete(container_id: str, settings: Settings, host: Host) -> list[str]:
+    """The container is gone: give its devices back. Returns the failures, one line each."""
+    log = file_logger(settings.log_file, container_id=container_id, verb="delete")
+    report = release_container(host, container_id)
+    log.info("devices given back", devices=report.restored, failures=report.failed)
+    return report.failed

@@ -1,0 +1,182 @@
+"""`containerd-shim-kata-vfio-v2`: the same VFIO edit for containerd and CRI-O.
+
+containerd maps runtime ``io.containerd.kata-vfio.v2`` to this binary and runs
+``<shim> -namespace NS -address A -publish-binary B -id ID [-debug] start`` with
+the bundle as working directory (config.json already written); CRI-O does the
+same for ``runtime_type = "vm"``. On ``start`` the bundle is claimed and edited
+exactly as ``kata-vfio create`` does, then the inner shim (config.toml ``shim``,
+default ``containerd-shim-kata-v2``) is exec'd with the very same argv, stdin and
+fds. ``start`` must print nothing on success: containerd reads its combined
+output as the shim's address. Every other action (``delete``, ``-v``, ``-info``,
+the ttrpc server mode) goes to the inner shim unchanged; ``delete`` (containerd's
+clean-up after a shim died) also gives the container's devices back once the
+inner shim's delete succeeded.
+
+How ownership ends: containerd normally deletes a task over ttrpc, straight to
+the running shim server, never through this wrapper. The ledger therefore takes
+an owner as gone when its bundle directory is gone (containerd and CRI-O remove
+it with the container) or the boot changed; every later create for the same
+devices, the shim ``delete`` action and ``kata-vfio-ctl restore --stale`` act on it.
+
+Standard library only on the passthrough path, like `kata-vfio`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from kata_vfio.boundary import guarded, step
+from kata_vfio.defaults import DEFAULT_CONFIG, DEFAULT_SHIM, DEFAULT_STATE_DIR, SHIM_WRAPPER
+from kata_vfio.errors import ConfigError
+from kata_vfio_host.cache import config_path, read_cache, which
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    ExecFn = Callable[[str, list[str]], object]
+
+PROG = SHIM_WRAPPER
+# Go flag-package flags of containerd's shim command line that take a value
+VALUE_FLAGS = frozenset({"namespace", "address", "publish-binary", "id", "bundle", "socket",
+                         "debug-address"})
+_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+
+
+class ShimCall:
+    __slots__ = ("action", "bundle", "container_id", "namespace")
+
+    def __init__(self, action: str | None, container_id: str | None, namespace: str | None,
+                 bundle: str | None) -> None:
+        self.action = action
+        self.container_id = container_id
+        self.namespace = namespace
+        self.bundle = bundle
+
+
+def parse_shim_args(argv: list[str]) -> ShimCall:
+    """Go's flag rules: -flag or --flag, `-flag=value` or `-flag value` for value flags;
+    parsing stops at the first argument that is not a flag: the action."""
+    values: dict[str, str] = {}
+    i = 1
+    while i < len(argv):
+        token = argv[i]
+        if token == "--" or not token.startswith("-") or token == "-":
+            break
+        name, eq, value = token.lstrip("-").partition("=")
+        if not eq and name in VALUE_FLAGS and i + 1 < len(argv):
+            value = argv[i + 1]
+            i += 1
+        values[name] = value
+        i += 1
+    if i < len(argv) and argv[i] == "--":
+        i += 1
+    action = argv[i] if i < len(argv) else None
+    return ShimCall(action, values.get("id"), values.get("namespace"), values.get("bundle"))
+
+
+def inner_shim(name: str, source: str, me: str) -> str:
+    """The inner shim's path; never this wrapper itself (that would exec forever)."""
+    found = which(name)
+    if found is None:
+        raise ConfigError(f"inner shim {name!r} not found (from {source})",
+                          f"install it, or set shim = \"/path/to/shim\" in {config_path()}")
+    mine = which(me) if "/" not in me else me
+    if os.path.basename(found) == SHIM_WRAPPER or \
+            (mine is not None and os.path.realpath(found) == os.path.realpath(mine)):
+        raise ConfigError(f"inner shim {found} is {SHIM_WRAPPER} itself (from {source})",
+                          f"set shim = \"{DEFAULT_SHIM}\" (or another real shim) in "
+                          f"{config_path()}")
+    return found
+
+
+def passthrough_shim(me: str) -> tuple[str, str]:
+    """(inner shim, state dir) from the settings cache when config.toml is unchanged."""
+    path = config_path()
+    cached = read_cache(path)
+    source = path
+    if cached is not None:
+        shim, state_dir = cached[2], cached[1]
+    elif path == DEFAULT_CONFIG and not os.path.exists(path):
+        shim, state_dir = DEFAULT_SHIM, DEFAULT_STATE_DIR
+        source = "the built-in default"
+    else:
+        from kata_vfio_host.settings import load_settings
+
+        settings = load_settings(path)
+        shim, state_dir = settings.shim, settings.state_dir
+    return inner_shim(shim, source, me), state_dir
+
+
+def prepare_start(call: ShimCall, me: str) -> str:
+    from pathlib import Path
+
+    from kata_vfio_host.hostlog import file_logger
+    from kata_vfio_host.settings import load_settings
+    from kata_vfio_runtime import lifecycle
+
+    with step("loading the configuration"):
+        settings = load_settings()
+        shim = inner_shim(settings.shim, config_path(), me)
+    bundle = Path(call.bundle).absolute() if call.bundle else Path.cwd()
+    log = file_logger(settings.log_file, container_id=call.container_id, verb="shim start",
+                      namespace=call.namespace, shim=shim)
+    lifecycle.prepare_bundle(call.container_id, bundle, settings, lifecycle.host_of(settings),
+                             log)
+    return shim
+
+
+def delete_and_release(shim: str, argv: list[str], call: ShimCall) -> int:
+    """The shim's clean-up action: the inner shim's delete first (its stdout, a protobuf
+    answer, goes straight to containerd), then the devices go back if it succeeded."""
+    from kata_vfio.run import run
+    from kata_vfio_host.settings import load_settings
+    from kata_vfio_runtime import lifecycle
+
+    code = run([shim, *argv[1:]], what="the inner shim's delete", capture=False, timeout=None,
+               check=False).returncode
+    if code != 0:
+        return code
+    settings = load_settings()
+    failed = lifecycle.release_after_delete(call.container_id or "", settings,
+                                            lifecycle.host_of(settings))
+    if failed:
+        print(f"{PROG}: delete {call.container_id}: could not give back {'; '.join(failed)}",
+              file=sys.stderr)
+    return code
+
+
+def decide(argv: list[str], call: ShimCall) -> str | int:
+    me = argv[0]
+    if call.action == "start":
+        return prepare_start(call, me)
+    shim, state_dir = passthrough_shim(me)
+    cid = call.container_id or ""
+    if call.action == "delete" and cid and set(cid) <= _ID_CHARS and not cid.startswith(".") \
+            and os.path.exists(f"{state_dir}/containers/{cid}"):
+        return delete_and_release(shim, argv, call)
+    return shim
+
+
+def main(argv: list[str] | None = None, exec_fn: ExecFn | None = None) -> int:
+    argv = list(sys.argv if argv is None else argv)
+    call = parse_shim_args(argv)
+    outcome: list[str | int] = []
+
+    def body() -> int:
+        outcome.append(decide(argv, call))
+        return 0
+
+    code = guarded(PROG, body)
+    if not outcome:
+        return code
+    target = outcome[0]
+    if isinstance(target, int):
+        return target
+    (exec_fn or os.execv)(target, [target, *argv[1:]])
+    return 127  # not reached with os.execv
+
+
+if __name__ == "__main__":
+    sys.exit(main())
