@@ -1,8 +1,8 @@
-"""JSON-lines event log for the guest hook, standard library only.
+"""JSON-lines event log for the guest hook and the runtime wrappers, standard library only.
 
-The host side logs through structlog; the hook cannot afford its import
-(tens of milliseconds against a budget of a few Python start-ups), so it writes
-records of the same shape itself: timestamp, level, event, bound context.
+The host tools log through structlog; the hook and the wrappers cannot afford its
+import (~100 ms here against a budget of a few Python start-ups), so they write
+records of the same shape themselves: timestamp, level, event, bound context.
 """
 
 from __future__ import annotations
@@ -52,3 +52,10 @@ class JsonLog:
 
     def error(self, event: str, **fields: Any) -> None:
         self._emit("error", event, fields)
+
+
+def wrapper_log(path: str | None, **context: Any) -> JsonLog:
+    """The runtime and shim wrappers' event log: the same JSON-lines records the host
+    tools write with structlog, without structlog's import (~100 ms here, with asyncio),
+    which a container create cannot afford."""
+    return JsonLog(Path(path) if path else None, context)

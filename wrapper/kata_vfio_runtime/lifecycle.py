@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from kata_vfio.boundary import step
+from kata_vfio.jsonlog import wrapper_log
+from kata_vfio.pci import PciAddress
+from kata_vfio_host.allocate import SELECT_ANNOTATION, allocation_lock, choose, parse_select
 from kata_vfio_host.bindings import acquire, release_container
-from kata_vfio_host.hostlog import file_logger
 from kata_vfio_host.ledger import ContainerId, Host
 from kata_vfio_host.settings import Settings
 from kata_vfio_host.usage import uses
@@ -40,16 +42,29 @@ def prepare_bundle(container_id: str | None, bundle: Path, settings: Settings, h
             spec, _ = load_spec(bundle)
         groups = list(requested_groups(spec))
         addresses = requested_addresses(spec)
-        if groups or addresses:
+        select = (spec.get("annotations") or {}).get(SELECT_ANNOTATION)
+        chosen: list[PciAddress] = []
+        if groups or addresses or select is not None:
             acquired = ContainerId.parse(container_id)
+
+            def in_use(addr: PciAddress) -> list[str]:
+                return uses(host.sysfs, Path("/proc"), addr)
+
             with step("claiming the container's IOMMU groups"):
-                bound = acquire(host, acquired, groups, addresses, settings.autobind_allow,
-                                str(bundle),
-                                in_use=lambda addr: uses(host.sysfs, Path("/proc"), addr))
+                if select is None:
+                    bound = acquire(host, acquired, groups, addresses, settings.autobind_allow,
+                                    str(bundle), in_use=in_use)
+                else:
+                    requests = parse_select(str(select))
+                    with allocation_lock(host):
+                        chosen = choose(host, requests, settings.autobind_allow, acquired)
+                        bound = acquire(host, acquired, groups, addresses + chosen,
+                                        settings.autobind_allow, str(bundle), in_use=in_use)
+                    log.info("allocated", select=select, devices=[str(a) for a in chosen])
             if bound:
                 log.info("auto-bound", devices=[str(a) for a in bound])
         with step(f"editing {bundle}/config.json"):
-            result = edit_bundle(bundle, settings)
+            result = edit_bundle(bundle, settings, tuple(chosen))
     except BaseException as exc:
         log.error("create refused", bundle=str(bundle), error=repr(exc))
         if acquired is not None:
@@ -73,7 +88,7 @@ def prepare_bundle(container_id: str | None, bundle: Path, settings: Settings, h
 
 def release_after_delete(container_id: str, settings: Settings, host: Host) -> list[str]:
     """The container is gone: give its devices back. Returns the failures, one line each."""
-    log = file_logger(settings.log_file, container_id=container_id, verb="delete")
+    log = wrapper_log(settings.log_file, container_id=container_id, verb="delete")
     report = release_container(host, container_id)
     log.info("devices given back", devices=report.restored, failures=report.failed)
     return report.failed

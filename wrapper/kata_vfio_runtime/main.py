@@ -55,7 +55,7 @@ def prepare_create(inv: Invocation) -> str:
     """Claim and edit for VFIO (lifecycle.prepare_bundle); returns the inner runtime."""
     from pathlib import Path
 
-    from kata_vfio_host.hostlog import file_logger
+    from kata_vfio.jsonlog import wrapper_log
     from kata_vfio_host.settings import load_settings
     from kata_vfio_runtime import lifecycle
 
@@ -64,7 +64,7 @@ def prepare_create(inv: Invocation) -> str:
     with step("loading the configuration"):
         settings = load_settings()
         runtime = resolve_runtime(settings.runtime, config_path())
-    log = file_logger(settings.log_file, container_id=inv.container_id, verb=inv.verb)
+    log = wrapper_log(settings.log_file, container_id=inv.container_id, verb=inv.verb)
     bundle = Path(inv.bundle).absolute() if inv.bundle else Path.cwd()
     lifecycle.prepare_bundle(inv.container_id, bundle, settings, lifecycle.host_of(settings),
                              log.bind(runtime=runtime))
@@ -75,8 +75,8 @@ def delete_and_release(runtime: str, argv: list[str], inv: Invocation) -> int:
     """`delete` of a container that holds devices: the inner runtime first (its exit code
     is ours). The devices go back only when the container is really gone: the delete
     succeeded, or the inner runtime no longer knows the container."""
+    from kata_vfio.jsonlog import wrapper_log
     from kata_vfio.run import run
-    from kata_vfio_host.hostlog import file_logger
     from kata_vfio_host.settings import load_settings
     from kata_vfio_runtime import lifecycle
 
@@ -88,7 +88,7 @@ def delete_and_release(runtime: str, argv: list[str], inv: Invocation) -> int:
                     what="asking the inner runtime about the container", check=False,
                     timeout=60)
         if state.returncode == 0:
-            file_logger(settings.log_file, container_id=inv.container_id, verb="delete").warning(
+            wrapper_log(settings.log_file, container_id=inv.container_id, verb="delete").warning(
                 "inner delete failed and the container still exists: its devices stay bound "
                 "and owned", exit_code=code)
             return code

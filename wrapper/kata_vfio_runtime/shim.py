@@ -112,7 +112,7 @@ def passthrough_shim(me: str) -> tuple[str, str]:
 def prepare_start(call: ShimCall, me: str) -> str:
     from pathlib import Path
 
-    from kata_vfio_host.hostlog import file_logger
+    from kata_vfio.jsonlog import wrapper_log
     from kata_vfio_host.settings import load_settings
     from kata_vfio_runtime import lifecycle
 
@@ -120,7 +120,7 @@ def prepare_start(call: ShimCall, me: str) -> str:
         settings = load_settings()
         shim = inner_shim(settings.shim, config_path(), me)
     bundle = Path(call.bundle).absolute() if call.bundle else Path.cwd()
-    log = file_logger(settings.log_file, container_id=call.container_id, verb="shim start",
+    log = wrapper_log(settings.log_file, container_id=call.container_id, verb="shim start",
                       namespace=call.namespace, shim=shim)
     lifecycle.prepare_bundle(call.container_id, bundle, settings, lifecycle.host_of(settings),
                              log)

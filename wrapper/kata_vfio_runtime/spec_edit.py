@@ -45,7 +45,8 @@ VFIO_DIR = "/dev/vfio/"
 VFIO_CONTAINER_PATH = "/dev/vfio/vfio"
 # Annotations only the wrapper writes: a container that brings its own (on CRI engines
 # annotations come from pod specs) would steer the guest hook to devices of its choice.
-OWN_ANNOTATIONS = (MANIFEST_ANNOTATION, GUEST_HOOK_PATH_ANNOTATION)
+ALLOCATED_ANNOTATION = "io.kata-vfio.allocated"
+OWN_ANNOTATIONS = (MANIFEST_ANNOTATION, GUEST_HOOK_PATH_ANNOTATION, ALLOCATED_ANNOTATION)
 
 
 @dataclass(frozen=True)
@@ -161,11 +162,13 @@ def requested_addresses(spec: dict[str, Any]) -> list[PciAddress]:
     return parse_address_list(wanted)
 
 
-def plan_edit(spec: dict[str, Any], settings: Settings) -> SpecPlan | None:
-    """What to add to `spec`; None when the container asks for no VFIO device."""
+def plan_edit(spec: dict[str, Any], settings: Settings,
+              allocated: tuple[PciAddress, ...] = ()) -> SpecPlan | None:
+    """What to add to `spec`; None when the container asks for no VFIO device.
+    `allocated`: devices the wrapper chose for an io.kata-vfio.select request."""
     sysfs = settings.sysfs_path
     groups = requested_groups(spec)
-    for addr in requested_addresses(spec):
+    for addr in [*requested_addresses(spec), *allocated]:
         groups.setdefault(group_of(sysfs, addr), None)
     if not groups:
         return None
@@ -189,6 +192,8 @@ def plan_edit(spec: dict[str, Any], settings: Settings) -> SpecPlan | None:
         GUEST_HOOK_PATH_ANNOTATION: settings.guest_hook_path,
         MANIFEST_ANNOTATION: manifest.to_json(),
     }
+    if allocated:
+        annotations[ALLOCATED_ANNOTATION] = ",".join(str(a) for a in allocated)
     return SpecPlan(tuple(nodes), annotations, manifest)
 
 
@@ -265,11 +270,12 @@ class EditResult:
     seconds: float
 
 
-def edit_bundle(bundle: Path, settings: Settings) -> EditResult:
+def edit_bundle(bundle: Path, settings: Settings,
+                allocated: tuple[PciAddress, ...] = ()) -> EditResult:
     """Plan and apply the VFIO edit to <bundle>/config.json; raises before any write."""
     started = time.perf_counter()
     spec, _raw = load_spec(bundle)
-    plan = plan_edit(spec, settings)
+    plan = plan_edit(spec, settings, allocated)
     new = apply_plan(spec, plan) if plan is not None else strip_own_annotations(spec)
     written = False
     if new != spec:

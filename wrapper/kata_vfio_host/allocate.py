@@ -1,0 +1,185 @@
+"""Devices chosen by kind: ``io.kata-vfio.select`` (OpenNebula's model).
+
+A request is ``VENDOR:DEVICE[:CLASS][*COUNT]`` in lspci's ``-d`` syntax: each part
+hex, empty or ``*`` for any; CLASS is the class and subclass (``0200``) or the full
+24-bit code. ``1b36:0010*2`` asks for two NVMe functions, ``::0200`` for any
+Ethernet function. The wrapper picks COUNT free functions that match, virtual
+functions before physical ones, then in address order. Free means: not held by a
+live container (ledger), an IOMMU group that VFIO can use as it is or that the
+admin's allow-list lets kata-vfio bind, and no other endpoint of that group picked
+already. All of it happens under one allocation lock, so concurrent creates never
+get the same device; the claims themselves go through the ledger like any request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from typing import NamedTuple
+
+from kata_vfio.errors import DeviceError
+from kata_vfio.pci import (
+    IommuGroup,
+    PciAddress,
+    PciDevice,
+    device_dir,
+    group_members,
+    is_vfio_driver,
+    list_addresses,
+    read_device,
+)
+from kata_vfio_host.allowlist import parse_allow_list
+from kata_vfio_host.ledger import (
+    ContainerId,
+    Host,
+    _flock,
+    claim_gone,
+    read_journal_file,
+)
+
+SELECT_ANNOTATION = "io.kata-vfio.select"
+_REQUEST = re.compile(r"^(?P<ids>.*?)(?:\*(?P<count>\d+))?$")
+MAX_COUNT = 256
+
+
+class SelectRequest(NamedTuple):
+    text: str
+    vendor: int | None
+    device: int | None
+    class_code: int | None  # 16 bits (class, subclass) or 24 bits
+    class_bits: int
+    wanted: int
+
+    def matches(self, dev: PciDevice) -> bool:
+        if self.vendor is not None and dev.vendor != self.vendor:
+            return False
+        if self.device is not None and dev.device != self.device:
+            return False
+        if self.class_code is None:
+            return True
+        have = dev.class_code >> 8 if self.class_bits == 16 else dev.class_code
+        return have == self.class_code
+
+
+def _part(text: str, widths: tuple[int, ...], whole: str) -> int | None:
+    if text in ("", "*"):
+        return None
+    if len(text) not in widths or not all(c in "0123456789abcdef" for c in text):
+        raise DeviceError(f"{SELECT_ANNOTATION}: {whole!r}: {text!r} is not a hex ID",
+                          "write VENDOR:DEVICE[:CLASS][*COUNT], e.g. 1b36:0010*2 or ::0200")
+    return int(text, 16)
+
+
+def parse_select(text: str) -> list[SelectRequest]:
+    """One or more requests separated by commas or blanks."""
+    parts = text.replace(",", " ").split()
+    if not parts:
+        raise DeviceError(f"annotation {SELECT_ANNOTATION} is empty",
+                          "write VENDOR:DEVICE[:CLASS][*COUNT], e.g. 1b36:0010*2")
+    requests = []
+    for raw in parts:
+        m = _REQUEST.match(raw.lower())
+        if m is None or not 2 <= m.group("ids").count(":") + 1 <= 3:
+            raise DeviceError(f"{SELECT_ANNOTATION}: {raw!r} is not VENDOR:DEVICE[:CLASS][*COUNT]",
+                              "e.g. 1b36:0010*2, 8086:154c or ::0200")
+        fields = m.group("ids").split(":")
+        count = int(m.group("count") or 1)
+        if not 1 <= count <= MAX_COUNT:
+            raise DeviceError(f"{SELECT_ANNOTATION}: {raw!r} asks for {count} devices",
+                              f"ask for 1 to {MAX_COUNT}")
+        cls = fields[2] if len(fields) == 3 else ""
+        requests.append(SelectRequest(
+            raw, _part(fields[0], (4,), raw), _part(fields[1], (4,), raw),
+            _part(cls, (4, 6), raw), 24 if len(cls) == 6 else 16, count))
+    return requests
+
+
+def virtual_function_count(host: Host, addr: PciAddress) -> int:
+    import os
+
+    try:
+        return sum(1 for n in os.listdir(device_dir(host.sysfs, addr)) if n.startswith("virtfn"))
+    except OSError:
+        return 0
+
+
+@contextlib.contextmanager
+def allocation_lock(host: Host) -> Iterator[None]:
+    with _flock(host.state_dir / "locks" / "allocate"):
+        yield
+
+
+def _group_state(host: Host, group: IommuGroup, allow: tuple[str, ...],
+                 holders: dict[int, str], cache: dict[int, str | None]) -> str | None:
+    """None when the group can be given to a container; else why not."""
+    if group.number in cache:
+        return cache[group.number]
+    why: str | None = None
+    if group.number in holders:
+        why = f"held by {holders[group.number]}"
+    else:
+        members = [read_device(host.sysfs, m) for m in group_members(host.sysfs, group)]
+        rules = parse_allow_list(allow)
+        for dev in members:
+            if dev.is_bridge or is_vfio_driver(dev.driver):
+                continue
+            if not any(rule.matches(dev) for rule in rules):  # it would have to be bound
+                why = (f"is in IOMMU group {group} with {dev.address} on "
+                       f"{dev.driver or 'no driver'}, not in the auto-bind allow-list")
+                break
+    cache[group.number] = why
+    return why
+
+
+def choose(host: Host, requests: list[SelectRequest], allow: tuple[str, ...],
+           container: ContainerId) -> list[PciAddress]:
+    """The devices to give the container, or a DeviceError saying what is missing.
+    Call under the allocation lock."""
+    journal = read_journal_file(host)
+    holders = {g: c.owner for g, c in journal.claims.items()
+               if not claim_gone(host, c) and c.container != container}
+    devices = []
+    providers: dict[PciAddress, int] = {}
+    for addr in list_addresses(host.sysfs):
+        dev = read_device(host.sysfs, addr)
+        if not dev.is_bridge and dev.iommu_group is not None:
+            devices.append(dev)
+            vfs = virtual_function_count(host, addr)
+            if vfs:
+                providers[addr] = vfs
+    # virtual functions first (they exist to be handed out), then address order
+    devices.sort(key=lambda d: (d.physfn is None, d.address))
+    taken_groups: set[int] = set()
+    chosen: list[PciAddress] = []
+    cache: dict[int, str | None] = {}
+    for request in requests:
+        got = 0
+        refused: list[str] = []
+        matching = [d for d in devices if request.matches(d)]
+        for dev in matching:
+            if got == request.wanted:
+                break
+            assert dev.iommu_group is not None
+            if dev.address in providers:  # its VFs would go with it
+                refused.append(f"{dev.address} provides {providers[dev.address]} virtual "
+                               "functions")
+                continue
+            if dev.iommu_group.number in taken_groups:
+                refused.append(f"{dev.address} taken by this request already")
+                continue
+            why = _group_state(host, dev.iommu_group, allow, holders, cache)
+            if why is not None:
+                refused.append(f"{dev.address} {why}")
+                continue
+            chosen.append(dev.address)
+            taken_groups.add(dev.iommu_group.number)
+            got += 1
+        if got < request.wanted:
+            detail = "; ".join(refused[:6]) + ("; …" if len(refused) > 6 else "")
+            raise DeviceError(
+                f"{SELECT_ANNOTATION} {request.text}: {got} of {request.wanted} free, "
+                f"{len(matching)} devices match" + (f": {detail}" if detail else ""),
+                "wait for a holder to be deleted, or bind or create more devices "
+                "(kata-vfio-ctl bind, kata-vfio-ctl vfs)")
+    return chosen
