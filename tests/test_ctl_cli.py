@@ -220,6 +220,22 @@ def test_devices_piped_into_head(ctl_config: Path) -> None:
     assert len(result.stdout) == 10
 
 
+def test_a_damaged_pci_ids_costs_names_not_the_listing(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from kata_vfio_host import pciids
+
+    ids = tmp_path / "pci.ids"
+    ids.write_bytes(b"8086  Intel Corporation\n\t10d3  82574L\nzz\xff garbage\n\tq  x\n"
+                    b"1b36  Red Hat\n\t0010  QEMU NVM Express\n")
+    monkeypatch.setattr(pciids, "PCI_IDS", (ids,))
+    pciids._table.cache_clear()
+    try:
+        assert pciids.device_name(0x8086, 0x10D3) == "Intel Corporation 82574L"
+        assert pciids.device_name(0x1B36, 0x0010) == "Red Hat QEMU NVM Express"
+    finally:
+        pciids._table.cache_clear()
+
+
 def test_debug_shows_the_traceback(ctl_config: Path) -> None:
     result = run_ctl(["--debug", "devices", "--name", "("], ctl_config)
     assert result.returncode != 0 and "Traceback" in result.stderr
