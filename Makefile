@@ -15,7 +15,8 @@ APT_PACKAGES := podman runc conmon catatonit uidmap fuse-overlayfs slirp4netns \
 	golang-github-opencontainers-specs-dev pci.ids iproute2 python3-venv python3-pip
 PY_SOURCES := $(shell find common wrapper hook -name '*.py' -o -name '*.json') pyproject.toml
 
-.PHONY: all deps venv lint test test-unit initrd demo bench register-podman unregister-podman clean
+.PHONY: all deps venv lint test test-unit initrd install-dracut-module demo bench \
+	register-podman unregister-podman clean
 
 all: venv
 
@@ -47,14 +48,20 @@ test: lint initrd
 	KATA_VFIO_INITRD=$(abspath $(BUILD))/kata-vfio-initrd.img KATA_VFIO_KVER=$(KVER) \
 	  $(VENV)/bin/pytest -m "" tests
 
-# Fast feedback: no podman, no VM.
+# Fast feedback: no podman, no VM, no dracut run.
 test-unit: venv
-	$(VENV)/bin/pytest -m "not podman and not vm and not containerd" tests
+	$(VENV)/bin/pytest -m "not podman and not vm and not containerd and not dracut" tests
 
 $(BUILD)/kata-vfio-initrd.img: venv $(wildcard initrd/*) $(PY_SOURCES)
 	$(PY) initrd/build.py --kver $(KVER) --output $@
 
 initrd: $(BUILD)/kata-vfio-initrd.img
+
+# The dracut module, generated and self-contained, for the system's dracut (or osbuilder):
+# then add_dracutmodules+=" kata-vfio " in a dracut.conf.d file, or dracut --add kata-vfio.
+DRACUT_MODULES_DIR ?= /usr/lib/dracut/modules.d
+install-dracut-module: venv
+	$(PY) initrd/dracut_module.py --modules-dir $(DRACUT_MODULES_DIR)
 
 demo: initrd
 	$(PY) demo/demo.py --initrd $(abspath $(BUILD))/kata-vfio-initrd.img --kver $(KVER)

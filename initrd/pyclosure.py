@@ -8,8 +8,9 @@ kata-vfio's packages go under /usr/lib/kata-vfio.
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
+
+from kata_vfio.run import run
 
 GUEST_LIB = "/usr/lib/kata-vfio"
 # Every module of these packages goes in (the hook imports some lazily, inside the
@@ -42,9 +43,10 @@ def closure(python: str, package_root: Path, imports: tuple[str, ...],
             packages: tuple[str, ...] = ()) -> list[tuple[str, str]]:
     """(source, destination) for every file the imports load: each named module, every
     module of each named package, and everything those import."""
-    out = subprocess.run([python, "-I", "-S", "-c", _LISTER, json.dumps([str(package_root)]),
-                          json.dumps(list(imports)), json.dumps(list(packages))],
-                         check=True, capture_output=True, text=True)
+    # -B: importing must not leave __pycache__ behind in the package root
+    out = run([python, "-B", "-I", "-S", "-c", _LISTER, json.dumps([str(package_root)]),
+               json.dumps(list(imports)), json.dumps(list(packages))],
+              what="listing the Python modules the hook imports")
     pairs = set()
     for path in json.loads(out.stdout).values():
         if path.endswith(".so"):  # extension modules: the libraries they link, too
@@ -60,7 +62,7 @@ def closure(python: str, package_root: Path, imports: tuple[str, ...],
 
 def shared_libs(binary: str) -> list[str]:
     """Absolute paths of the shared libraries `binary` links, as ldd resolves them."""
-    out = subprocess.run(["ldd", binary], capture_output=True, text=True, check=False).stdout
+    out = run(["ldd", binary], what=f"listing the libraries of {binary}", check=False).stdout
     libs = []
     for line in out.splitlines():
         parts = line.split()

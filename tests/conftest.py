@@ -7,6 +7,11 @@ import pytest
 from fakesys import FakeKernel, FakeSysfs
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "dracut: runs the system's dracut on a scratch module directory (slow)")
+
+
 @pytest.fixture
 def fakesys(tmp_path: Path) -> FakeSysfs:
     return FakeSysfs(tmp_path / "sys")

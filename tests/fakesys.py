@@ -75,9 +75,38 @@ class FakeSysfs:
         for ifname in net:
             (d / "net" / ifname).mkdir(parents=True)
             (d / "net" / ifname / "address").write_text(mac + "\n")
+            self._class_link("net", ifname, f"{addr}/net/{ifname}")
         self.native[addr] = driver
         if driver:
             self.set_driver(addr, driver)
+        return d
+
+    def _class_link(self, cls: str, name: str, below_root_complex: str) -> None:
+        """/sys/class/<cls>/<name> -> ../../devices/pci0000:00/<path>, as the kernel links it."""
+        (self.root / "class" / cls).mkdir(parents=True, exist_ok=True)
+        os.symlink(f"../../devices/pci0000:00/{below_root_complex}",
+                   self.root / "class" / cls / name)
+
+    def add_child_interface(self, addr: str, ifname: str, child: str = "virtio2") -> Path:
+        """A network interface one device below the PCI function, as virtio-net makes it:
+        ``<function>/virtio2/net/eth0`` (no ``<function>/net``)."""
+        addr = str(PciAddress.parse(addr))
+        d = self.dev_dir(addr) / child / "net" / ifname
+        d.mkdir(parents=True)
+        self._class_link("net", ifname, f"{addr}/{child}/net/{ifname}")
+        return d
+
+    def add_child_block(self, addr: str, disk: str, partitions: tuple[str, ...] = (),
+                        child: str = "virtio3") -> Path:
+        """A disk (and its partitions) below the PCI function, as virtio-blk makes it:
+        ``<function>/virtio3/block/vda/vda1``."""
+        addr = str(PciAddress.parse(addr))
+        d = self.dev_dir(addr) / child / "block" / disk
+        d.mkdir(parents=True)
+        self._class_link("block", disk, f"{addr}/{child}/block/{disk}")
+        for part in partitions:
+            (d / part).mkdir()
+            self._class_link("block", part, f"{addr}/{child}/block/{disk}/{part}")
         return d
 
     def add_vf(self, pf: str, vf: str, index: int) -> None:

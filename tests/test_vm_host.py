@@ -48,6 +48,7 @@ def test_bind_moves_an_e1000e_and_restore_gives_it_back(guest: GuestRun) -> None
     bound = step(guest, "bind-one")
     assert bound["rc"] == 0, bound["stderr"]
     assert bound["drivers"]["0000:00:04.0"] == "vfio-pci"
+    assert bound["stdout"].startswith("moving 0000:00:04.0 (8086:10d3, e1000e) -> vfio-pci\n")
     assert "/dev/vfio/2" in bound["stdout"] and "2" in bound["dev_vfio"]
     restored = step(guest, "restore-one")
     assert restored["drivers"]["0000:00:04.0"] == "e1000e"
@@ -71,3 +72,21 @@ def test_nic_with_an_address_is_refused(guest: GuestRun) -> None:
     assert "PCI device 0000:00:03.0 is in use: interface" in lines[0]
     assert "up with addresses 192.0.2.1" in lines[0]
     assert refused["drivers"]["0000:00:03.0"] == "e1000e"
+
+
+def test_dry_run_by_interface_name_changes_nothing(guest: GuestRun) -> None:
+    dry = step(guest, "dry-run-ifname")
+    assert dry["rc"] == 0, dry["stderr"]
+    assert "would move 0000:00:04.0 (8086:10d3, e1000e) -> vfio-pci" in dry["stdout"]
+    assert dry["drivers"]["0000:00:04.0"] == "e1000e" and "2" not in dry["dev_vfio"]
+
+
+def test_bind_by_interface_name_and_restore_by_short_address(guest: GuestRun) -> None:
+    nic = guest.find("names")["second_nic"]
+    bound = step(guest, "bind-ifname")
+    assert bound["args"] == ["bind", nic]
+    assert bound["rc"] == 0, bound["stderr"]
+    assert bound["drivers"]["0000:00:04.0"] == "vfio-pci"
+    restored = step(guest, "restore-short")
+    assert restored["rc"] == 0, restored["stderr"]
+    assert restored["drivers"]["0000:00:04.0"] == "e1000e"

@@ -43,9 +43,14 @@ def sysfs_view():
 
 
 emit(event="sysfs", view=sysfs_view())
+second_nic = os.listdir(os.path.join(PCI, "0000:00:04.0", "net"))[0]
+emit(event="names", second_nic=second_nic)
 ctl("devices", "devices", "--json")
 ctl("bind-one", "bind", "0000:00:04.0")
 ctl("restore-one", "restore", "0000:00:04.0")
+ctl("dry-run-ifname", "bind", "--dry-run", second_nic)
+ctl("bind-ifname", "bind", second_nic)
+ctl("restore-short", "restore", "00:04.0")
 ctl("bind-bridged", "bind", "0000:01:02.0")
 ctl("restore-all", "restore", "--all")
 ifname = os.listdir(os.path.join(PCI, "0000:00:03.0", "net"))[0]

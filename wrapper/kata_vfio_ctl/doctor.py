@@ -12,6 +12,7 @@ from typing import Any
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 CAP_IPC_LOCK = 14
+HOOK_IN_IMAGE = "usr/share/oci/hooks/prestart/kata-vfio-hook"
 
 
 @dataclass(frozen=True)
@@ -56,15 +57,17 @@ def check_vfio_modules(sysfs: Path) -> Check:
               if (sysfs / "module" / m).is_dir()]
     if (sysfs / "bus/pci/drivers/vfio-pci").is_dir():
         return Check("vfio-modules", OK, f"vfio-pci registered (modules: {', '.join(loaded)})")
-    import subprocess
+    from kata_vfio.run import CommandError, run
 
-    found = subprocess.run(["modinfo", "-n", "vfio-pci"], capture_output=True, text=True,
-                           check=False)
-    if found.returncode == 0:
-        return Check("vfio-modules", OK, f"vfio-pci not loaded, available at "
-                     f"{found.stdout.strip()} (kata-vfio-ctl bind loads it)")
-    return Check("vfio-modules", FAIL, "no vfio-pci module for this kernel",
-                 "install the kernel's modules package (vfio-pci, vfio_iommu_type1)")
+    try:
+        found = run(["modinfo", "-n", "vfio-pci"], what="looking for the vfio-pci module",
+                    timeout=30)
+    except CommandError as err:
+        return Check("vfio-modules", FAIL, f"no vfio-pci module for this kernel ({err.message})",
+                     "install the kernel's modules package (vfio-pci, vfio_iommu_type1) "
+                     "and kmod (modinfo)")
+    return Check("vfio-modules", OK, f"vfio-pci not loaded, available at "
+                 f"{found.stdout.strip()} (kata-vfio-ctl bind loads it)")
 
 
 def check_kata(path: Path | None, guest_hook_path: str, annotations: dict[str, str]
@@ -74,17 +77,26 @@ def check_kata(path: Path | None, guest_hook_path: str, annotations: dict[str, s
     if path is None or not path.exists():
         return [Check("kata-config", FAIL, "no Kata configuration.toml found",
                       "install Kata, or pass --kata-config PATH")]
-    checks = [Check(f"kata:{key}", OK if ok else FAIL, f"{path}",
-                    "" if ok else f"set {fix} (kata-vfio-ctl install does it)")
-              for key, ok, fix in check(path, guest_hook_path, annotations)]
-    checks.append(check_kata_initrd(path))
+    import tomllib
+
+    from kata_vfio.errors import KataVfioError
+
+    try:
+        checks = [Check(f"kata:{key}", OK if ok else FAIL, f"{path}",
+                        "" if ok else f"set {fix} (kata-vfio-ctl install does it)")
+                  for key, ok, fix in check(path, guest_hook_path, annotations)]
+        checks.append(check_kata_initrd(path))
+    except (OSError, UnicodeError, tomllib.TOMLDecodeError, KataVfioError) as exc:
+        detail = (exc.message if isinstance(exc, KataVfioError) else
+                  f"cannot read {path}: {exc.strerror if isinstance(exc, OSError) else exc}")
+        return [Check("kata-config", FAIL, detail, "fix the file, or pass --kata-config PATH")]
     return checks
 
 
 def check_kata_initrd(path: Path) -> Check:
-    import subprocess
     import tomllib
 
+    from kata_vfio.run import CommandError, run
     from kata_vfio_ctl.kata_conf import hypervisor_table
 
     _, table = hypervisor_table(tomllib.loads(path.read_text()), path)
@@ -92,9 +104,13 @@ def check_kata_initrd(path: Path) -> Check:
     if not initrd:
         return Check("kata:initrd", FAIL, "Kata boots an image, not an initrd",
                      "build one with `make initrd` and set initrd = \"…\" in " + str(path))
-    listing = subprocess.run(["lsinitrd", initrd, "usr/share/oci/hooks/prestart/kata-vfio-hook"],
-                             capture_output=True, text=True, check=False)
-    if listing.returncode == 0 and "kata-vfio-hook" in listing.stdout:
+    try:
+        listing = run(["lsinitrd", str(initrd), HOOK_IN_IMAGE], what=f"listing {initrd}",
+                      timeout=120)
+    except CommandError as err:
+        return Check("kata:initrd", FAIL, f"cannot look inside {initrd}: {err.message}",
+                     err.hint)
+    if "kata-vfio-hook" in listing.stdout:
         return Check("kata:initrd", OK, f"{initrd} has the kata-vfio hook")
     return Check("kata:initrd", FAIL, f"{initrd} has no kata-vfio hook",
                  "build the guest image with `make initrd` (initrd/90kata-vfio)")

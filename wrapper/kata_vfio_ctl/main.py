@@ -9,9 +9,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kata_vfio.errors import KataVfioError
+from kata_vfio.boundary import guarded, step
+from kata_vfio.errors import DeviceError, UsageError
 
 PROG = "kata-vfio-ctl"
+IFNAMSIZ = 16  # the kernel's limit, terminating NUL included
 
 
 def _default_runtime_path() -> str:
@@ -43,16 +45,53 @@ def _host(args: argparse.Namespace) -> Any:
     return Host(sysfs=Path(settings.sysfs), state_dir=Path(settings.state_dir))
 
 
-def _addresses(texts: list[str]) -> list[Any]:
+def valid_interface_name(text: str) -> bool:
+    """The kernel's rule for interface names (dev_valid_name): a safe path component."""
+    return (0 < len(text) < IFNAMSIZ and text not in (".", "..") and text.isprintable()
+            and not any(c in text for c in "/: \t\n"))
+
+
+def function_of_interface(sysfs: Path, ifname: str) -> Any:
+    """The PCI function an interface lives on: the nearest PCI address above it in sysfs
+    (a virtio NIC's interface sits at <function>/virtio2/net/eth0)."""
+    from kata_vfio.errors import KataVfioError
+    from kata_vfio.pci import PciAddress, device_dir
+
+    link = sysfs / "class/net" / ifname
+    if not os.path.lexists(link):
+        raise DeviceError(f"no PCI device or network interface {ifname!r} on this host",
+                          "give DDDD:BB:SS.F, BB:SS.F or an interface name; "
+                          "list them with: kata-vfio-ctl devices")
+    target = Path(os.path.realpath(link))
+    root = Path(os.path.realpath(sysfs))
+    below = target.relative_to(root).parts if target.is_relative_to(root) else ()
+    for part in reversed(below):
+        try:
+            addr = PciAddress.parse(part)
+        except KataVfioError:
+            continue
+        if device_dir(sysfs, addr).is_dir():
+            return addr
+    raise DeviceError(f"interface {ifname} is not on a PCI device ({target})",
+                      "only PCI functions can be handed to vfio-pci; "
+                      "list them with: kata-vfio-ctl devices")
+
+
+def device_argument(sysfs: Path, text: str) -> Any:
+    """A device as users name it: DDDD:BB:SS.F, BB:SS.F (domain 0000, as lspci prints it)
+    or a network interface name. Parsed strictly; never joined to a path unchecked."""
     from kata_vfio.pci import PciAddress
 
-    return [PciAddress.parse(t) for t in texts]
+    text = text.strip()
+    if text.count(":") == 1:
+        return PciAddress.parse("0000:" + text)
+    if ":" not in text and valid_interface_name(text):
+        return function_of_interface(sysfs, text)
+    return PciAddress.parse(text)
 
 
 def id_filter(text: str) -> Callable[[Any], bool]:
     """lspci -d style: VENDOR:DEVICE[:CLASS], each part hex, empty or '*' for any."""
-    from kata_vfio.errors import UsageError
-
     parts = text.split(":")
     if not 2 <= len(parts) <= 3:
         raise UsageError(f"bad device filter {text!r}", "write VENDOR:DEVICE[:CLASS], e.g. 8086:*")
@@ -73,13 +112,17 @@ def device_records(args: argparse.Namespace, host: Any) -> list[dict[str, Any]]:
     import fnmatch
     import re
 
-    from kata_vfio.pci import group_members, list_addresses, read_device
+    from kata_vfio.pci import group_members, interfaces_below, list_addresses, read_device
     from kata_vfio_host.ledger import read_journal
     from kata_vfio_host.pciids import device_name
     from kata_vfio_host.usage import uses
 
     matchers = [id_filter(f) for f in args.ids or []]
-    name_re = re.compile(args.name, re.IGNORECASE) if args.name else None
+    try:
+        name_re = re.compile(args.name, re.IGNORECASE) if args.name else None
+    except re.error as exc:
+        raise UsageError(f"bad --name pattern {args.name!r}: {exc}",
+                         "a regular expression, e.g. --name 'I350|X710'") from None
     journal = read_journal(host)
     records = []
     for addr in list_addresses(host.sysfs):
@@ -101,7 +144,7 @@ def device_records(args: argparse.Namespace, host: Any) -> list[dict[str, Any]]:
             "class": f"{dev.class_code:06x}", "name": name, "driver": dev.driver,
             "iommu_group": dev.iommu_group.number if dev.iommu_group is not None else None,
             "group_members": others, "physfn": str(dev.physfn) if dev.physfn else None,
-            "virtfns": virtfns, "interfaces": list(dev.net_interfaces),
+            "virtfns": virtfns, "interfaces": interfaces_below(host.sysfs, addr),
             "in_use": [] if dev.is_bridge else uses(host.sysfs, Path("/proc"), addr),
             "bound_by": (journal.get(str(addr)) or {}).get("owner"),
         })
@@ -137,36 +180,71 @@ def cmd_devices(args: argparse.Namespace) -> int:
     return 0
 
 
+def plan_bind(sysfs: Path, addr: Any) -> tuple[Any, list[Any]]:
+    """addr's IOMMU group and the members a bind moves: every endpoint not on a vfio
+    driver yet (bridges stay where they are)."""
+    from kata_vfio.pci import group_members, group_of, is_vfio_driver, read_device
+
+    group = group_of(sysfs, addr)
+    members = [read_device(sysfs, m) for m in group_members(sysfs, group)]
+    return group, [d for d in members if not d.is_bridge and not is_vfio_driver(d.driver)]
+
+
 def cmd_bind(args: argparse.Namespace) -> int:
     from kata_vfio_host.bindings import ADMIN, bind_group, wait_for_group_node
     from kata_vfio_host.usage import uses
 
     host = _host(args)
-    addresses = _addresses(args.addresses)
+    addresses = [device_argument(host.sysfs, text) for text in args.addresses]
 
     def in_use(addr: Any) -> list[str]:
         return uses(host.sysfs, Path("/proc"), addr)
 
     for addr in addresses:
-        group = bind_group(host, addr, ADMIN, force=args.force, in_use=in_use)
-        node = wait_for_group_node(host, group, args.timeout)
-        print(f"{addr}: IOMMU group {group} on vfio-pci: {node}  (podman --device {node})")
+        with step(f"binding {addr}"):
+            group, moves = plan_bind(host.sysfs, addr)
+            if not args.force:
+                for dev in moves:
+                    reasons = in_use(dev.address)
+                    if reasons:
+                        raise DeviceError(
+                            f"PCI device {dev.address} is in use: {'; '.join(reasons)}",
+                            "stop using it first, or pass --force")
+            verb = "would move" if args.dry_run else "moving"
+            for dev in moves:
+                print(f"{verb} {dev.address} ({dev.ids}, {dev.driver or 'no driver'}) "
+                      "-> vfio-pci", flush=True)
+            if args.dry_run:
+                print(f"{addr}: IOMMU group {group} would be on vfio-pci: /dev/vfio/{group} "
+                      "(dry run: nothing changed)")
+                continue
+            try:
+                group = bind_group(host, addr, ADMIN, force=args.force, in_use=in_use)
+            except PermissionError as exc:
+                raise DeviceError(
+                    f"cannot write {exc.filename}: permission denied",
+                    "binding devices needs root: run kata-vfio-ctl as root" if os.geteuid()
+                    else "check the kernel log and the security policy (SELinux, AppArmor)"
+                ) from exc
+            node = wait_for_group_node(host, group, args.timeout)
+            print(f"{addr}: IOMMU group {group} on vfio-pci: {node}  (podman --device {node})")
     return 0
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from kata_vfio.errors import UsageError
     from kata_vfio_host.bindings import release_gone, restore, restore_all
 
     host = _host(args)
     if (args.all + args.stale + bool(args.addresses)) != 1:
         raise UsageError("give addresses, --all or --stale", "e.g. kata-vfio-ctl restore --all")
-    if args.stale:
-        gone, report = release_gone(host)
-        for cid in gone:
-            print(f"container {cid} is gone: its devices were released")
-    else:
-        report = restore_all(host) if args.all else restore(host, _addresses(args.addresses))
+    with step("giving devices back"):
+        if args.stale:
+            gone, report = release_gone(host)
+            for cid in gone:
+                print(f"container {cid} is gone: its devices were released")
+        else:
+            report = (restore_all(host) if args.all else
+                      restore(host, [device_argument(host.sysfs, t) for t in args.addresses]))
     for addr in report.restored:
         print(f"{addr}: given back to its original driver")
     for failure in report.failed:
@@ -188,8 +266,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
                         Path(args.conf), settings.guest_hook_path, settings.annotations)
     print(json.dumps(as_json(checks), indent=1) if args.json else render(checks))
     failed = [c.name for c in checks if c.status == FAIL]
-    if failed and not args.json:
-        print(f"not ready: {', '.join(failed)}", file=sys.stderr)
+    if failed:
+        sys.stdout.flush()
+        print(f"{PROG}: not ready: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -242,13 +321,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_devices)
 
     p = sub.add_parser("bind", help="hand devices (with their whole IOMMU group) to vfio-pci")
-    p.add_argument("addresses", nargs="+", metavar="ADDRESS")
+    p.add_argument("addresses", nargs="+", metavar="DEVICE",
+                   help="DDDD:BB:SS.F, BB:SS.F (domain 0000) or a network interface name")
     p.add_argument("--force", action="store_true", help="bind even when the device is in use")
+    p.add_argument("--dry-run", action="store_true",
+                   help="say what would move to vfio-pci, change nothing")
     p.add_argument("--timeout", type=float, default=5.0, help="wait for /dev/vfio/N (s)")
     p.set_defaults(func=cmd_bind)
 
     p = sub.add_parser("restore", help="give devices back to the drivers they had")
-    p.add_argument("addresses", nargs="*", metavar="ADDRESS")
+    p.add_argument("addresses", nargs="*", metavar="ADDRESS",
+                   help="DDDD:BB:SS.F or BB:SS.F (domain 0000)")
     p.add_argument("--all", action="store_true", help="everything kata-vfio bound")
     p.add_argument("--stale", action="store_true",
                    help="devices of containers that are gone (bundle removed, or an earlier "
@@ -284,13 +367,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
-    try:
-        return func(args)
-    except KataVfioError as err:
-        if args.debug or os.environ.get("KATA_VFIO_DEBUG"):
-            raise
-        print(f"{PROG}: {err.one_line()}", file=sys.stderr)
-        return err.exit_code
+
+    def body() -> int:
+        code = func(args)
+        sys.stdout.flush()  # a reader that went away (| head) shows here, inside the boundary
+        return code
+
+    return guarded(PROG, body, debug=args.debug)
 
 
 if __name__ == "__main__":

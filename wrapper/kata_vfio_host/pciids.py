@@ -4,27 +4,42 @@ from __future__ import annotations
 
 from functools import cache
 from pathlib import Path
+from string import hexdigits as HEXDIGITS
 
 PCI_IDS = (Path("/usr/share/misc/pci.ids"), Path("/usr/share/hwdata/pci.ids"))
 
 
+def _hex_id(text: str) -> int | None:
+    text = text.strip()
+    return int(text, 16) if len(text) == 4 and all(c in HEXDIGITS for c in text) else None
+
+
 @cache
 def _table() -> dict[tuple[int, int | None], str]:
+    """(vendor, None) and (vendor, device) -> name; lines that do not parse are skipped
+    (a damaged or locally edited pci.ids costs names, never the listing)."""
     names: dict[tuple[int, int | None], str] = {}
     path = next((p for p in PCI_IDS if p.exists()), None)
     if path is None:
         return names
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return names
     vendor = None
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in text.splitlines():
         if not line or line.startswith("#"):
             continue
         if line.startswith("C "):
             break  # the device-class section follows the vendors
         if not line.startswith("\t"):
-            vendor = int(line[:4], 16)
-            names[(vendor, None)] = line[4:].strip()
+            vendor = _hex_id(line[:4])
+            if vendor is not None:
+                names[(vendor, None)] = line[4:].strip()
         elif not line.startswith("\t\t") and vendor is not None:
-            names[(vendor, int(line[1:5], 16))] = line[5:].strip()
+            device = _hex_id(line[1:5])
+            if device is not None:
+                names[(vendor, device)] = line[5:].strip()
     return names
 
 

@@ -1,5 +1,8 @@
 """Is a host device in use? Network (pyroute2), block devices, open VFIO groups (psutil).
 
+Interfaces and disks count wherever they sit below the PCI function: virtio puts them
+one device further down (``<function>/virtio2/net/eth0``, ``…/virtio3/block/vda``).
+
 A device in use is refused by `kata-vfio-ctl bind` unless --force: unbinding a NIC
 that carries addresses or routes cuts the host off, and unbinding a busy driver can
 hang. Each reason is one phrase naming what uses the device.
@@ -10,7 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from kata_vfio.pci import PciAddress, device_dir, read_device
+from kata_vfio.pci import PciAddress, block_devices_below, interfaces_below, read_device
 
 IFF_UP = 0x1
 
@@ -39,18 +42,8 @@ def network_uses(ifname: str) -> list[str]:
         return reasons
 
 
-def block_devices(sysfs: Path, addr: PciAddress) -> list[str]:
-    """Block devices (disks and partitions) the PCI device provides."""
-    base = os.path.realpath(device_dir(sysfs, addr))
-    class_block = sysfs / "class/block"
-    if not class_block.is_dir():
-        return []
-    return sorted(name for name in os.listdir(class_block)
-                  if os.path.realpath(class_block / name).startswith(base + "/"))
-
-
 def mounted_block_uses(sysfs: Path, proc: Path, addr: PciAddress) -> list[str]:
-    names = block_devices(sysfs, addr)
+    names = block_devices_below(sysfs, addr)
     if not names:
         return []
     try:
@@ -86,7 +79,8 @@ def uses(sysfs: Path, proc: Path, addr: PciAddress) -> list[str]:
     """Everything that uses the device; empty when it is free to move."""
     dev = read_device(sysfs, addr)
     reasons = []
-    for ifname in dev.net_interfaces:
+    # anywhere below the function: a virtio NIC's interface is <function>/virtio2/net/eth0
+    for ifname in interfaces_below(sysfs, addr):
         reasons += network_uses(ifname)
     reasons += mounted_block_uses(sysfs, proc, addr)
     if dev.iommu_group is not None:
