@@ -6,7 +6,9 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,13 @@ import pytest
 from kata_vfio.errors import DeviceError
 from kata_vfio.manifest import DEVICES_ANNOTATION
 from kata_vfio.pci import PciAddress
-from kata_vfio_host.bindings import acquire, bind_group, release_container, restore_all
+from kata_vfio_host.bindings import (
+    acquire,
+    bind_group,
+    bind_groups,
+    release_container,
+    restore_all,
+)
 from kata_vfio_host.ledger import ADMIN, ContainerId, Host, marker, read_journal
 from kata_vfio_runtime.spec_edit import requested_addresses
 
@@ -126,6 +134,23 @@ def test_autobind_default_deny_and_allow_list(host: Host, fakesys: FakeSysfs) ->
 STEPS = 7  # 0: after the journal; then override, unbind, probe for each of the two NICs
 
 
+def dying_writer(kernel: FakeKernel, die_after_writes: int) -> Callable[[Path, str], None]:
+    """Sysfs writes that SIGKILL the process after N of them. Each write is atomic, as
+    the kernel's are (binds run in threads: the kill must not land inside the fake)."""
+    lock = threading.Lock()
+    count = 0
+
+    def write(path: Path, text: str) -> None:
+        nonlocal count
+        with lock:
+            if count >= die_after_writes:
+                os.kill(os.getpid(), signal.SIGKILL)
+            count += 1
+            kernel.write(path, text)
+
+    return write
+
+
 @pytest.mark.parametrize("die_after_writes", range(STEPS))
 def test_sigkill_at_every_step_is_repaired_by_restore_all(
     host: Host, fakesys: FakeSysfs, kernel: FakeKernel, die_after_writes: int
@@ -135,16 +160,7 @@ def test_sigkill_at_every_step_is_repaired_by_restore_all(
     before = drivers(fakesys)
     pid = os.fork()
     if pid == 0:  # the "wrapper"
-        count = 0
-
-        def dying_write(path: Path, text: str) -> None:
-            nonlocal count
-            if count >= die_after_writes:
-                os.kill(os.getpid(), signal.SIGKILL)
-            count += 1
-            kernel.write(path, text)
-
-        dying = Host(host.sysfs, host.state_dir, dying_write)
+        dying = Host(host.sysfs, host.state_dir, dying_writer(kernel, die_after_writes))
         try:
             autobind(spec_for("0000:05:01.0"), dying, ("8086:*",), "ctr")
         finally:
@@ -215,3 +231,33 @@ def test_journal_is_json_with_original_drivers(host: Host) -> None:
     assert data["version"] == 2
     assert data["devices"]["0000:00:03.0"]["driver"] == "e1000e"
     assert data["devices"]["0000:00:03.0"]["owner"] == ADMIN
+
+
+CONCURRENT = 8
+
+
+@pytest.mark.parametrize("die_after_writes", [0, 1, 5, 9, 14, 19, 23])
+def test_sigkill_during_a_concurrent_bind_of_eight(
+    tmp_path: Path, fakesys: FakeSysfs, kernel: FakeKernel, die_after_writes: int
+) -> None:
+    """Issue 10: eight groups bound at once (threads); a SIGKILL after any number of
+    sysfs writes leaves a journal from which restore --all puts everything back."""
+    for i in range(CONCURRENT):
+        fakesys.add_device(f"0000:{0x40 + i:02x}:00.0", NVME, group=40 + i, driver="nvme")
+    host = Host(fakesys.root, tmp_path / "state", kernel.write)
+    before = drivers(fakesys)
+    pid = os.fork()
+    if pid == 0:
+        dying = Host(host.sysfs, host.state_dir, dying_writer(kernel, die_after_writes))
+        try:
+            bind_groups(dying, [A(f"0000:{0x40 + i:02x}:00.0") for i in range(CONCURRENT)],
+                        ADMIN)
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) == (die_after_writes < 3 * CONCURRENT)
+    assert len(read_journal(host)) == CONCURRENT  # the whole intent was written first
+    report = restore_all(host)
+    assert report.failed == []
+    assert drivers(fakesys) == before
+    assert read_journal(host) == {}

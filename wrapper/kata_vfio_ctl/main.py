@@ -191,7 +191,7 @@ def plan_bind(sysfs: Path, addr: Any) -> tuple[Any, list[Any]]:
 
 
 def cmd_bind(args: argparse.Namespace) -> int:
-    from kata_vfio_host.bindings import ADMIN, bind_group, wait_for_group_node
+    from kata_vfio_host.bindings import ADMIN, bind_groups, wait_for_group_node
     from kata_vfio_host.usage import uses
 
     host = _host(args)
@@ -200,9 +200,12 @@ def cmd_bind(args: argparse.Namespace) -> int:
     def in_use(addr: Any) -> list[str]:
         return uses(host.sysfs, Path("/proc"), addr)
 
+    groups: dict[Any, Any] = {}
+    verb = "would move" if args.dry_run else "moving"
     for addr in addresses:
-        with step(f"binding {addr}"):
+        with step(f"planning the bind of {addr}"):
             group, moves = plan_bind(host.sysfs, addr)
+            groups.setdefault(group, addr)
             if not args.force:
                 for dev in moves:
                     reasons = in_use(dev.address)
@@ -210,24 +213,27 @@ def cmd_bind(args: argparse.Namespace) -> int:
                         raise DeviceError(
                             f"PCI device {dev.address} is in use: {'; '.join(reasons)}",
                             "stop using it first, or pass --force")
-            verb = "would move" if args.dry_run else "moving"
             for dev in moves:
                 print(f"{verb} {dev.address} ({dev.ids}, {dev.driver or 'no driver'}) "
                       "-> vfio-pci", flush=True)
-            if args.dry_run:
-                print(f"{addr}: IOMMU group {group} would be on vfio-pci: /dev/vfio/{group} "
-                      "(dry run: nothing changed)")
-                continue
-            try:
-                group = bind_group(host, addr, ADMIN, force=args.force, in_use=in_use)
-            except PermissionError as exc:
-                raise DeviceError(
-                    f"cannot write {exc.filename}: permission denied",
-                    "binding devices needs root: run kata-vfio-ctl as root" if os.geteuid()
-                    else "check the kernel log and the security policy (SELinux, AppArmor)"
-                ) from exc
-            node = wait_for_group_node(host, group, args.timeout)
-            print(f"{addr}: IOMMU group {group} on vfio-pci: {node}  (podman --device {node})")
+    if args.dry_run:
+        for group, addr in groups.items():
+            print(f"{addr}: IOMMU group {group} would be on vfio-pci: /dev/vfio/{group} "
+                  "(dry run: nothing changed)")
+        return 0
+    with step(f"binding {', '.join(str(a) for a in addresses)}"):
+        try:
+            # every group at once: the kernel work of all devices runs concurrently
+            bind_groups(host, list(groups.values()), ADMIN, force=args.force, in_use=in_use)
+        except PermissionError as exc:
+            raise DeviceError(
+                f"cannot write {exc.filename}: permission denied",
+                "binding devices needs root: run kata-vfio-ctl as root" if os.geteuid()
+                else "check the kernel log and the security policy (SELinux, AppArmor)"
+            ) from exc
+    for group, addr in groups.items():
+        node = wait_for_group_node(host, group, args.timeout)
+        print(f"{addr}: IOMMU group {group} on vfio-pci: {node}  (podman --device {node})")
     return 0
 
 
