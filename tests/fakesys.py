@@ -32,6 +32,7 @@ class FakeSysfs:
             (self.root / d).mkdir(parents=True, exist_ok=True)
         (self.root / "bus/pci/drivers_probe").write_text("")
         self.native: dict[str, str | None] = {}
+        self.sriov: dict[str, tuple[tuple[int, int, int], int]] = {}
 
     # -- building ---------------------------------------------------------------------
     def dev_dir(self, addr: str) -> Path:
@@ -109,6 +110,30 @@ class FakeSysfs:
             self._class_link("block", part, f"{addr}/{child}/block/{disk}/{part}")
         return d
 
+    def add_sriov_pf(self, pf: str, total: int, vf_ids: tuple[int, int, int],
+                     group_base: int) -> None:
+        """SR-IOV attributes on an existing device; FakeKernel makes VFs on sriov_numvfs
+        writes (at bus+1, group_base + index), as the kernel's rules say."""
+        d = self.dev_dir(pf)
+        (d / "sriov_totalvfs").write_text(f"{total}\n")
+        (d / "sriov_numvfs").write_text("0\n")
+        (d / "sriov_drivers_autoprobe").write_text("1\n")
+        self.sriov[pf] = (vf_ids, group_base)
+
+    def remove_device(self, addr: str) -> None:
+        import shutil
+
+        if self.driver(addr):
+            self.set_driver(addr, None)
+        group = self.group(addr)
+        if group is not None:
+            gdir = self.root / "kernel/iommu_groups" / str(group)
+            (gdir / "devices" / addr).unlink()
+            if not os.listdir(gdir / "devices"):
+                shutil.rmtree(gdir)
+        (self.root / "bus/pci/devices" / addr).unlink()
+        shutil.rmtree(self.dev_dir(addr))
+
     def add_vf(self, pf: str, vf: str, index: int) -> None:
         os.symlink(f"../{pf}", self.dev_dir(vf) / "physfn")
         os.symlink(f"../{vf}", self.dev_dir(pf) / f"virtfn{index}")
@@ -168,10 +193,32 @@ class FakeKernel:
             self.fs.set_driver(addr, None)
         elif path.name == "drivers_probe":
             self._probe(str(PciAddress.parse(text)))
+        elif path.name == "sriov_numvfs":
+            self._set_numvfs(os.path.basename(os.path.realpath(path.parent)), int(text))
         elif path.name == "new_id":
             raise AssertionError("new_id must never be used")
         else:
             path.write_text(text)
+
+    def _set_numvfs(self, pf: str, count: int) -> None:
+        d = self.fs.dev_dir(pf)
+        current = int((d / "sriov_numvfs").read_text())
+        if current and count:
+            raise OSError(16, "Device or resource busy")  # must go through 0
+        vf_ids, group_base = self.fs.sriov[pf]
+        if count == 0:
+            for link in sorted(d.glob("virtfn*")):
+                vf = os.path.basename(os.readlink(link))
+                link.unlink()
+                self.fs.remove_device(vf)
+        autoprobe = (d / "sriov_drivers_autoprobe").read_text().strip() == "1"
+        pf_addr = PciAddress.parse(pf)
+        for i in range(count):
+            vf = str(PciAddress(pf_addr.domain, pf_addr.bus + 1, i // 8, i % 8))
+            self.fs.add_device(vf, vf_ids, group=group_base + i,
+                               driver="vf-native" if autoprobe else None)
+            self.fs.add_vf(pf, vf, i)
+        (d / "sriov_numvfs").write_text(f"{count}\n")
 
     def _probe(self, addr: str) -> None:
         if self.fs.driver(addr):

@@ -123,7 +123,14 @@ def device_records(args: argparse.Namespace, host: Any) -> list[dict[str, Any]]:
     except re.error as exc:
         raise UsageError(f"bad --name pattern {args.name!r}: {exc}",
                          "a regular expression, e.g. --name 'I350|X710'") from None
+    from kata_vfio_host.allocate import Pool
+    from kata_vfio_host.ledger import claim_gone, read_journal_file
+    from kata_vfio_host.settings import load_settings
+
     journal = read_journal(host)
+    claims = {g: c for g, c in read_journal_file(host).claims.items()
+              if not claim_gone(host, c)}
+    pool = Pool(host, load_settings().autobind_allow)
     records = []
     for addr in list_addresses(host.sysfs):
         if args.addresses and not any(fnmatch.fnmatch(str(addr), g) for g in args.addresses):
@@ -137,6 +144,15 @@ def device_records(args: argparse.Namespace, host: Any) -> list[dict[str, Any]]:
                          if n.startswith("virtfn"))
         others = [str(m) for m in group_members(host.sysfs, dev.iommu_group)
                   if m != addr] if dev.iommu_group is not None else []
+        claim = claims.get(dev.iommu_group.number) if dev.iommu_group is not None else None
+        not_free: str | None
+        if dev.is_bridge or dev.iommu_group is None:
+            not_free = "a bridge" if dev.is_bridge else "no IOMMU group"
+        else:
+            not_free = pool.why_not_free(dev)
+        if args.free and not_free is not None:
+            continue
+        total = base / "sriov_totalvfs"
         records.append({
             "address": str(addr), "vendor": f"{dev.vendor:04x}", "device": f"{dev.device:04x}",
             "subsystem_vendor": f"{dev.subsystem_vendor:04x}",
@@ -147,6 +163,9 @@ def device_records(args: argparse.Namespace, host: Any) -> list[dict[str, Any]]:
             "virtfns": virtfns, "interfaces": interfaces_below(host.sysfs, addr),
             "in_use": [] if dev.is_bridge else uses(host.sysfs, Path("/proc"), addr),
             "bound_by": (journal.get(str(addr)) or {}).get("owner"),
+            "owner": claim.container if claim is not None else None,
+            "sriov_totalvfs": int(total.read_text()) if total.exists() else None,
+            "free": not_free is None, "not_free": not_free,
         })
     return records
 
@@ -158,18 +177,21 @@ def cmd_devices(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(records, indent=1))
         return 0
-    print(f"{'ADDRESS':13} {'IDS':9} {'CLASS':6} {'DRIVER':12} {'GROUP':>5}  NAME")
+    print(f"{'ADDRESS':13} {'IDS':9} {'CLASS':6} {'DRIVER':12} {'GROUP':>5}  "
+          f"{'OWNER':14} NAME")
     for r in records:
         group = "-" if r["iommu_group"] is None else str(r["iommu_group"])
+        owner = (r["owner"] or "-")[:14]
         print(f"{r['address']:13} {r['vendor']}:{r['device']} {r['class'][:4]:6} "
-              f"{r['driver'] or '-':12} {group:>5}  {r['name']}")
+              f"{r['driver'] or '-':12} {group:>5}  {owner:14} {r['name']}")
         notes = []
         if r["group_members"]:
             notes.append(f"group also: {', '.join(r['group_members'])}")
         if r["physfn"]:
             notes.append(f"VF of {r['physfn']}")
-        if r["virtfns"]:
-            notes.append(f"VFs: {', '.join(r['virtfns'])}")
+        if r["virtfns"] or r["sriov_totalvfs"]:
+            notes.append(f"VFs ({len(r['virtfns'])} of {r['sriov_totalvfs']}): "
+                         f"{', '.join(r['virtfns']) or 'none'}")
         if r["interfaces"]:
             notes.append(f"net: {', '.join(r['interfaces'])}")
         notes += [f"IN USE: {u}" for u in r["in_use"]]
@@ -177,6 +199,24 @@ def cmd_devices(args: argparse.Namespace) -> int:
             notes.append(f"bound by {r['bound_by']}")
         for note in notes:
             print(f"{'':14}{note}")
+    return 0
+
+
+def cmd_vfs(args: argparse.Namespace) -> int:
+    from kata_vfio.pci import read_device
+    from kata_vfio_host.sriov import set_vf_count
+
+    host = _host(args)
+    pf = device_argument(host.sysfs, args.pf)
+    with step(f"setting the virtual functions of {pf} to {args.count}"):
+        vfs = set_vf_count(host, pf, args.count, force=args.force)
+    for vf in vfs:
+        dev = read_device(host.sysfs, vf)
+        print(f"{vf}: VF of {pf} [{dev.ids}] IOMMU group "
+              f"{dev.iommu_group if dev.iommu_group is not None else '-'}, driver "
+              f"{dev.driver or 'none'}")
+    if not vfs:
+        print(f"{pf}: no virtual functions")
     return 0
 
 
@@ -323,8 +363,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-d", dest="ids", action="append", metavar="VENDOR:DEVICE[:CLASS]",
                    help="lspci -d style filter, parts hex or * (repeatable)")
     p.add_argument("--name", metavar="REGEX", help="match the pci.ids name")
+    p.add_argument("--free", action="store_true",
+                   help="only what an io.kata-vfio.select allocation could take")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_devices)
+
+    p = sub.add_parser("vfs", help="create (or remove) SR-IOV virtual functions for VFIO use")
+    p.add_argument("pf", metavar="PF", help="the physical function: address or interface name")
+    p.add_argument("count", type=int, metavar="COUNT", help="how many VFs (0 removes them)")
+    p.add_argument("--force", action="store_true",
+                   help="remove VFs even when containers own them or processes hold them")
+    p.set_defaults(func=cmd_vfs)
 
     p = sub.add_parser("bind", help="hand devices (with their whole IOMMU group) to vfio-pci")
     p.add_argument("addresses", nargs="+", metavar="DEVICE",

@@ -132,43 +132,56 @@ def _group_state(host: Host, group: IommuGroup, allow: tuple[str, ...],
     return why
 
 
+class Pool:
+    """The host's devices as an allocation sees them (read once, under the lock)."""
+
+    def __init__(self, host: Host, allow: tuple[str, ...], container: str | None = None
+                 ) -> None:
+        self.host = host
+        self.allow = allow
+        journal = read_journal_file(host)
+        self.holders = {g: c.owner for g, c in journal.claims.items()
+                        if not claim_gone(host, c) and c.container != container}
+        self.devices: list[PciDevice] = []
+        self.providers: dict[PciAddress, int] = {}
+        for addr in list_addresses(host.sysfs):
+            dev = read_device(host.sysfs, addr)
+            if not dev.is_bridge and dev.iommu_group is not None:
+                self.devices.append(dev)
+                vfs = virtual_function_count(host, addr)
+                if vfs:
+                    self.providers[addr] = vfs
+        # virtual functions first (they exist to be handed out), then address order
+        self.devices.sort(key=lambda d: (d.physfn is None, d.address))
+        self._groups: dict[int, str | None] = {}
+
+    def why_not_free(self, dev: PciDevice) -> str | None:
+        """None when an allocation may give this device to a container; else why not."""
+        if dev.address in self.providers:  # its VFs would go with it
+            return f"provides {self.providers[dev.address]} virtual functions"
+        assert dev.iommu_group is not None
+        return _group_state(self.host, dev.iommu_group, self.allow, self.holders, self._groups)
+
+
 def choose(host: Host, requests: list[SelectRequest], allow: tuple[str, ...],
            container: ContainerId) -> list[PciAddress]:
     """The devices to give the container, or a DeviceError saying what is missing.
     Call under the allocation lock."""
-    journal = read_journal_file(host)
-    holders = {g: c.owner for g, c in journal.claims.items()
-               if not claim_gone(host, c) and c.container != container}
-    devices = []
-    providers: dict[PciAddress, int] = {}
-    for addr in list_addresses(host.sysfs):
-        dev = read_device(host.sysfs, addr)
-        if not dev.is_bridge and dev.iommu_group is not None:
-            devices.append(dev)
-            vfs = virtual_function_count(host, addr)
-            if vfs:
-                providers[addr] = vfs
-    # virtual functions first (they exist to be handed out), then address order
-    devices.sort(key=lambda d: (d.physfn is None, d.address))
+    pool = Pool(host, allow, container)
     taken_groups: set[int] = set()
     chosen: list[PciAddress] = []
-    cache: dict[int, str | None] = {}
     for request in requests:
         got = 0
         refused: list[str] = []
-        matching = [d for d in devices if request.matches(d)]
+        matching = [d for d in pool.devices if request.matches(d)]
         for dev in matching:
             if got == request.wanted:
                 break
             assert dev.iommu_group is not None
-            if dev.address in providers:  # its VFs would go with it
-                refused.append(f"{dev.address} provides {providers[dev.address]} virtual "
-                               "functions")
-                continue
             if dev.iommu_group.number in taken_groups:
                 refused.append(f"{dev.address} taken by this request already")
                 continue
-            why = _group_state(host, dev.iommu_group, allow, holders, cache)
+            why = pool.why_not_free(dev)
             if why is not None:
                 refused.append(f"{dev.address} {why}")
                 continue
