@@ -24,6 +24,9 @@ KVER = os.environ.get("KATA_VFIO_KVER", "")
 E1000E_A, E1000E_B, NVME, E1000_A, E1000_B = DEFAULT_DEVICES
 ABSENT = EmulatedDevice("", "mlx5_core", PciIdentity(0x15B3, 0x101E, 0x15B3, 0x0001, 0x020000))
 PASSED = ("0000:00:03.0", "0000:00:05.0", "0000:01:01.0", "0000:01:02.0")
+# a device of the VM itself, as Kata's virtio net/blk/vsock are (modern virtio: 1af4:1041)
+VM_OWN = EmulatedDevice("virtio-net-pci,disable-legacy=on,addr=0x9", "virtio_pci",
+                        PciIdentity(0x1AF4, 0x1041, 0x1AF4, 0x1100, 0x020000))
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +36,10 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> GuestRun:
     top = tmp_path_factory.mktemp("vm")
     main = host_manifest(top / "host1", [[E1000E_A], [NVME], [E1000_A, E1000_B]])
     missing = host_manifest(top / "host2", [[NVME], [ABSENT]], hotplug_timeout=1.0)
-    return vmtools.boot(INITRD, KVER, [Scenario("missing", missing), Scenario("main", main),
-                                       Scenario("again", main)],
-                        console_log=top / "console.log")
+    forged = host_manifest(top / "host3", [[VM_OWN]], hotplug_timeout=1.0)
+    return vmtools.boot(INITRD, KVER, [Scenario("forged", forged), Scenario("missing", missing),
+                                       Scenario("main", main), Scenario("again", main)],
+                        devices=(*DEFAULT_DEVICES, VM_OWN), console_log=top / "console.log")
 
 
 def container_report(result: dict[str, Any]) -> dict[str, Any]:
@@ -98,3 +102,14 @@ def test_missing_device_fails_creation_within_the_bound(guest: GuestRun) -> None
     assert result["seconds"] < 10
     before = guest.find("scenario", "missing")["drivers_before"]
     assert result["drivers_after"] == before  # not even the NVMe that was there
+
+
+def test_forged_manifest_naming_the_vms_own_virtio_device_is_refused(guest: GuestRun) -> None:
+    before = guest.find("scenario", "forged")["drivers_before"]
+    assert before["0000:00:09.0"] == "virtio-pci"
+    result = guest.find("result", "forged")
+    assert result["rc"] != 0
+    assert "kata-vfio-hook: refusing guest device 0000:00:09.0 [1af4:1041 class 020000]: " \
+        "the VM depends on it (driver virtio-pci)" in result["stderr"]
+    assert result["drivers_after"] == before
+    assert not [e for e in result["hook_log"] if e["event"] == "bind"]

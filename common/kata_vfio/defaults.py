@@ -19,6 +19,12 @@ DEFAULT_SYSFS = "/sys"
 SETTINGS_CACHE_DIR = "/run/kata-vfio/settings-cache"
 DEBUG_ENV = "KATA_VFIO_DEBUG"
 
+# --- what the host tells the guest ---------------------------------------------------------
+# The device manifest's annotation key. Here, not only in kata_vfio.manifest, because the
+# guest hook looks for it on every container and must not import the manifest's parser
+# (nor pathlib, typing) for the many containers that have none.
+MANIFEST_ANNOTATION = "io.kata-vfio.manifest"
+
 # --- guest hook timing -------------------------------------------------------------------
 # kata-agent kills a prestart hook after 10 s. The hook keeps a whole budget below that:
 # at most HOTPLUG_TIMEOUT_MAX waiting for late hot-plugged devices, then GROUP_WAIT for
@@ -28,6 +34,11 @@ HOOK_DEADLINE = 8.5
 HOTPLUG_TIMEOUT_DEFAULT = 5.0
 HOTPLUG_TIMEOUT_MAX = 6.0
 GROUP_WAIT = 1.5
+
+# --- guest hook state ----------------------------------------------------------------------
+# Which container holds which guest device (identical devices in one pod): on the guest's
+# /run tmpfs, so a guest reboot forgets it with the containers.
+GUEST_CLAIMS_DIR = "/run/kata-vfio/claims"
 
 # --- limits on untrusted input -----------------------------------------------------------
 MAX_CONFIG_JSON_BYTES = 16 << 20  # an OCI config.json is kilobytes; refuse anything absurd

@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 from typing import Any, NamedTuple
 
+from kata_vfio import defaults
 from kata_vfio.defaults import HOTPLUG_TIMEOUT_DEFAULT, HOTPLUG_TIMEOUT_MAX
 from kata_vfio.errors import SpecError
 from kata_vfio.pci import IommuGroup, PciAddress, PciIdentity
 
-MANIFEST_ANNOTATION = "io.kata-vfio.manifest"
+MANIFEST_ANNOTATION = defaults.MANIFEST_ANNOTATION  # defined there for the hook's lean path
 DEVICES_ANNOTATION = "io.kata-vfio.devices"
 GUEST_HOOK_PATH_ANNOTATION = "io.katacontainers.config.hypervisor.guest_hook_path"
 MANIFEST_VERSION = 1

@@ -19,7 +19,10 @@ def devices_cgroup(proc: Path, pid: int) -> str | None:
     except OSError:
         return None
     for line in lines:
-        _, controllers, path = line.split(":", 2)
+        parts = line.split(":", 2)  # "hierarchy-ID:controllers:path"
+        if len(parts) != 3:
+            raise HookError(f"odd line {line!r} in /proc/{pid}/cgroup", "check the guest")
+        _, controllers, path = parts
         if "devices" in controllers.split(","):
             if ".." in path.split("/"):
                 raise HookError(f"odd cgroup path {path!r} for pid {pid}", "check the guest")

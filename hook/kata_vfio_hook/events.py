@@ -1,15 +1,19 @@
 """Waiting for the kernel without fixed sleeps: kobject uevents over netlink.
 
 A hot-plugged PCI device or a new VFIO group announces itself with a uevent;
-the hook wakes on it and looks again. Every wait is bounded by a deadline.
+the hook wakes on it and looks again. Every wait is bounded, and all of them
+together by the hook's one deadline: kata-agent kills a prestart hook 10 s after
+starting it, so the budget counts from the process's start, not from ours.
 """
 
 from __future__ import annotations
 
+import os
 import select
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Protocol, TypeVar
 
 NETLINK_KOBJECT_UEVENT = 15
@@ -80,3 +84,33 @@ def wait_for(check: Callable[[], T | None], wakeups: Wakeups, timeout: float) ->
         if left <= 0:
             return None
         wakeups.wait(left)
+
+
+def process_started(proc: Path) -> float | None:
+    """When this process started, on the time.monotonic() scale; None if /proc cannot say.
+
+    /proc/self/stat field 22 is the start in clock ticks since boot, /proc/uptime the
+    seconds since boot: their difference is what Python's start-up already spent (a
+    large share of the budget in a guest without KVM)."""
+    from kata_vfio_hook.claims import start_ticks
+
+    ticks = start_ticks(proc, "self")
+    try:
+        with open(proc / "uptime", encoding="ascii") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    if ticks is None:
+        return None
+    age = uptime - ticks / os.sysconf("SC_CLK_TCK")
+    return time.monotonic() - max(age, 0.0)
+
+
+class Deadline:
+    """The hook's whole budget: HOOK_DEADLINE seconds from `started`."""
+
+    def __init__(self, seconds: float, started: float) -> None:
+        self.at = started + seconds
+
+    def left(self) -> float:
+        return max(self.at - time.monotonic(), 0.0)

@@ -1,0 +1,113 @@
+"""Which container holds which guest device: the claim ledger.
+
+Two containers of one pod can ask for two different host devices with the same IDs;
+in the guest the two look alike, and a device already on vfio-pci looks free. So each
+hook records the guest devices it takes, keyed by guest PCI address, with the
+container's id, its init's pid and that pid's start time (``/proc/<pid>/stat`` field
+22, so a reused pid is not taken for the container). The record is written under an
+flock *before* anything is bound; the next hook skips devices claimed by a live
+container, drops claims whose container is gone, and gives a restarted container
+(same id, new pid) its own devices back. One JSON file on the guest's /run tmpfs.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import NamedTuple
+
+from kata_vfio.files import write_atomically
+
+LEDGER = "claims.json"
+LOCK = ".lock"
+
+
+class Claim(NamedTuple):
+    container_id: str
+    pid: int
+    start: int | None  # the pid's start time in clock ticks since boot
+
+    def to_obj(self) -> dict[str, object]:
+        return {"container_id": self.container_id, "pid": self.pid, "start": self.start}
+
+
+def start_ticks(proc: Path, pid: int | str) -> int | None:
+    """Field 22 of /proc/<pid>/stat (start time, ticks since boot); None if the process
+    is gone. The command name (field 2) may hold spaces and ')': split after the last ')'."""
+    try:
+        with open(proc / str(pid) / "stat", "rb") as f:
+            text = f.read()
+        return int(text[text.rindex(b")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def is_live(proc: Path, claim: Claim) -> bool:
+    return claim.start is not None and start_ticks(proc, claim.pid) == claim.start
+
+
+def _parse(data: bytes) -> dict[str, Claim]:
+    try:
+        raw = json.loads(data)
+    except ValueError:
+        return {}
+    claims = {}
+    if isinstance(raw, dict):
+        for addr, obj in raw.items():
+            if not isinstance(obj, dict):
+                continue
+            cid, pid, start = obj.get("container_id"), obj.get("pid"), obj.get("start")
+            if isinstance(cid, str) and isinstance(pid, int) \
+                    and (start is None or isinstance(start, int)):
+                claims[addr] = Claim(cid, pid, start)
+    return claims
+
+
+@contextmanager
+def ledger(root: Path) -> Iterator[dict[str, Claim]]:
+    """The claims (guest address -> Claim), held under the ledger's lock; changes made to
+    the dict are written back atomically when the block ends without an exception."""
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        # held for one look at sysfs and one small write; the kernel drops it if we die
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            with open(root / LEDGER, "rb") as f:
+                claims = _parse(f.read())
+        except FileNotFoundError:
+            claims = {}
+        before = dict(claims)
+        yield claims
+        if claims != before:
+            text = json.dumps({a: c.to_obj() for a, c in sorted(claims.items())})
+            write_atomically(root / LEDGER, text.encode(), 0o600)
+    finally:
+        os.close(fd)
+
+
+def sort_out(claims: dict[str, Claim], container_id: str, proc: Path
+             ) -> tuple[set[str], dict[str, Claim]]:
+    """(addresses this container claimed before, claims of other live containers);
+    drops the claims of containers that are gone."""
+    mine: set[str] = set()
+    theirs: dict[str, Claim] = {}
+    for addr, claim in list(claims.items()):
+        if claim.container_id == container_id:
+            mine.add(addr)
+        elif is_live(proc, claim):
+            theirs[addr] = claim
+        else:
+            del claims[addr]
+    return mine, theirs
+
+
+def release(root: Path, container_id: str) -> None:
+    """Drop every claim of the container (its hook failed: it holds nothing)."""
+    with ledger(root) as claims:
+        for addr in [a for a, c in claims.items() if c.container_id == container_id]:
+            del claims[addr]

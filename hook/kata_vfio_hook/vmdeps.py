@@ -1,0 +1,157 @@
+"""Guest devices the VM itself depends on, which no manifest may take.
+
+The manifest is an annotation: on CRI runtimes it comes from the pod spec, so a tenant
+can forge one naming the guest's own devices. Whatever it says, the hook never takes:
+
+- a device on a virtio driver (its own ``driver`` link: virtio-pci). That covers the
+  VM's virtio net and block devices and the agent's transport, virtio-vsock or
+  virtio-serial, which are virtio devices too;
+- a device with a mounted block device anywhere below it (disk, partition, or a
+  device-mapper/md device built on them), or one used as swap;
+- a device with an interface below it that is up and has an address (IPv4, or IPv6
+  other than link-local).
+
+Standard library only, and cheap: one read of the mount table, one socket for all
+the SIOCGIFADDR ioctls, and only for the devices a manifest matched.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+from kata_vfio.pci import PciDevice, block_devices_below, interfaces_below, is_vfio_driver
+
+SIOCGIFADDR = 0x8915  # struct ifreq: char ifr_name[16]; struct sockaddr_in ifr_addr
+IFF_UP = 0x1
+IPV6_SCOPE_LINK = 0x20
+IPV6_SCOPE_HOST = 0x10
+
+Ipv4Lookup = Callable[[str], "str | None"]
+
+
+def ipv4_address(ifname: str) -> str | None:
+    """The interface's IPv4 address by SIOCGIFADDR, None if it has none (or is gone)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            ifreq = fcntl.ioctl(sock.fileno(), SIOCGIFADDR,
+                                struct.pack("16s16x", ifname.encode()[:15]))
+        except OSError as exc:
+            if exc.errno in (errno.EADDRNOTAVAIL, errno.ENODEV, errno.ENXIO):
+                return None
+            raise
+    return socket.inet_ntoa(ifreq[20:24])
+
+
+def _unescape(field: str) -> str:
+    """The kernel writes blanks in /proc/mounts fields as octal escapes (\\040)."""
+    if "\\" not in field:
+        return field
+    return field.encode().decode("unicode_escape")
+
+
+class VmDependencies:
+    """Answers "does the VM depend on this guest device?"; reads the tables it needs once."""
+
+    def __init__(self, sysfs: Path, proc: Path, ipv4: Ipv4Lookup | None = None) -> None:
+        self._sysfs = sysfs
+        self._proc = proc
+        self._ipv4 = ipv4 or ipv4_address
+        self._in_use: set[str] | None = None
+        self._inet6: dict[str, str] | None = None
+
+    def reason(self, dev: PciDevice) -> str | None:
+        """Why the VM needs `dev` (a few words), or None when a container may have it."""
+        if dev.driver is None or is_vfio_driver(dev.driver):
+            return None  # no guest driver uses it
+        if dev.driver.startswith("virtio"):  # virtio net/blk/vsock/serial/fs: the VM's own
+            return f"driver {dev.driver}"
+        for name in block_devices_below(self._sysfs, dev.address):
+            user = self._block_user(name)
+            if user is not None:
+                return f"block device {name} is {user}"
+        for ifname in interfaces_below(self._sysfs, dev.address):
+            address = self._address_if_up(ifname)
+            if address is not None:
+                return f"interface {ifname} is up with address {address}"
+        return None
+
+    # -- block devices ------------------------------------------------------------------
+    def _block_user(self, name: str) -> str | None:
+        used = self._used_block_devices()
+        for dev in [name, *self._holders(name)]:
+            if dev in used:
+                return "mounted" if dev == name else f"under {dev}, which is mounted"
+        return None
+
+    def _holders(self, name: str, depth: int = 0) -> list[str]:
+        """dm/md devices stacked on `name` (``class/block/<name>/holders``), transitively."""
+        try:
+            direct = os.listdir(self._sysfs / "class/block" / name / "holders")
+        except OSError:
+            return []
+        found = list(direct)
+        if depth < 8:
+            for holder in direct:
+                found += self._holders(holder, depth + 1)
+        return found
+
+    def _used_block_devices(self) -> set[str]:
+        """Kernel names (sda1, dm-0) of mounted and swap block devices."""
+        if self._in_use is None:
+            used: set[str] = set()
+            for table, column in (("self/mounts", 0), ("swaps", 0)):
+                try:
+                    with open(self._proc / table, encoding="utf-8", errors="replace") as f:
+                        lines = f.read().splitlines()
+                except OSError:
+                    continue
+                for line in lines:
+                    fields = line.split()
+                    if len(fields) > column and fields[column].startswith("/dev/"):
+                        # /dev/mapper/x and /dev/disk/by-*/ are links to the kernel name
+                        path = os.path.realpath(_unescape(fields[column]))
+                        used.add(os.path.basename(path))
+            self._in_use = used
+        return self._in_use
+
+    # -- interfaces ---------------------------------------------------------------------
+    def _address_if_up(self, ifname: str) -> str | None:
+        try:
+            with open(self._sysfs / "class/net" / ifname / "flags", encoding="ascii") as f:
+                flags = int(f.read().strip(), 16)
+        except (OSError, ValueError):
+            return None  # not in this network namespace, or gone
+        if not flags & IFF_UP:
+            return None
+        return self._ipv4(ifname) or self._ipv6_addresses().get(ifname)
+
+    def _ipv6_addresses(self) -> dict[str, str]:
+        """interface -> an IPv6 address that is not link-local, from /proc/net/if_inet6
+        ("address ifindex prefixlen scope flags name", the address as 32 hex digits)."""
+        if self._inet6 is None:
+            found: dict[str, str] = {}
+            try:
+                with open(self._proc / "net/if_inet6", encoding="ascii") as f:
+                    lines = f.read().splitlines()
+            except OSError:
+                lines = []
+            for line in lines:
+                fields = line.split()
+                if len(fields) != 6 or len(fields[0]) != 32:
+                    continue
+                try:
+                    scope = int(fields[3], 16)
+                    bytes.fromhex(fields[0])
+                except ValueError:
+                    continue
+                if scope not in (IPV6_SCOPE_LINK, IPV6_SCOPE_HOST):
+                    address = socket.inet_ntop(socket.AF_INET6, bytes.fromhex(fields[0]))
+                    found.setdefault(fields[5], address)
+            self._inet6 = found
+        return self._inet6
