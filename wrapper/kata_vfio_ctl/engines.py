@@ -140,11 +140,20 @@ def _indents(runtimes: Any) -> tuple[str, str]:
     return "", ""
 
 
+def _indented(value: Any, indent: str) -> Any:
+    import tomlkit
+
+    item = tomlkit.item(value)
+    item.trivia.indent = indent
+    return item
+
+
 def _runtime_table(runtime: ShimRuntime, head: str, body: str) -> Any:
     import tomlkit
 
+    # tomlkit prefixes the indentation of a table to whatever is added to it, so the
+    # indentation is set once everything is in (absolute, as it appears in the file)
     table = tomlkit.table()
-    table.trivia.indent = head
     items: dict[str, Any] = {"runtime_type": SHIM_RUNTIME_TYPE}
     if runtime.shim_path:
         items["runtime_path"] = runtime.shim_path
@@ -152,16 +161,15 @@ def _runtime_table(runtime: ShimRuntime, head: str, body: str) -> Any:
     items["container_annotations"] = [ANNOTATION_GLOB]
     items["privileged_without_host_devices"] = True
     for key, value in items.items():
-        table.add(key, value)
-        table.value.item(key).trivia.indent = body
+        table.add(key, _indented(value, body))
     if runtime.kata_config:
         options = tomlkit.table()
-        options.trivia.indent = body[len(head):]  # tomlkit prefixes the parent's indent
-        options.add("ConfigPath", runtime.kata_config)
-        options.value.item("ConfigPath").trivia.indent = body + "  "
+        options.add("ConfigPath", _indented(runtime.kata_config, body + "  "))
+        options.trivia.indent = body
         table.add(tomlkit.nl())
         table.add("options", options)
     table.add(tomlkit.nl())
+    table.trivia.indent = head
     return table
 
 
@@ -184,8 +192,9 @@ def register_containerd(conf: Path, runtime: ShimRuntime, *, version: int | None
         # without `version` containerd would read the file as version 1
         if created:
             doc.add(tomlkit.comment(CREATED_HEADER[2:].rstrip("\n")))
-        doc.add("version", version)
-        doc.item("version").comment(ADDED_MARK)
+        marked = tomlkit.item(version)
+        marked.comment(ADDED_MARK)
+        doc.add("version", marked)
     node = doc
     for key in _runtimes_path(version):
         if key not in node:
@@ -237,8 +246,8 @@ def unregister_containerd(conf: Path) -> bool:
         if len(table) or not table.is_super_table():
             break
         del chain[depth - 1][keys[depth - 1]]
-    if (list(doc) == ["version"]
-            and doc.item("version").trivia.comment == ADDED_MARK):
+    version_item: Any = doc.item("version") if "version" in doc else None
+    if list(doc) == ["version"] and version_item.trivia.comment == ADDED_MARK:
         doc.remove("version")
     text = tomlkit.dumps(doc)
     if text == CREATED_HEADER:
