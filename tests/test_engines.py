@@ -365,3 +365,29 @@ def test_command_line_round_trips(tmp_path: Path, shim: str,
     assert ctl("crio-register", "--dropin", str(dropin), "--shim-path", "/x/kata-shim") == 2
     assert ctl("containerd-register", "--conf", str(conf), "--config-version", "3",
                "--shim-path", "relative/containerd-shim-kata-vfio-v2") == 2
+
+
+def test_install_and_uninstall_options(tmp_path: Path, shim: str) -> None:
+    """What `kata-vfio-ctl install/uninstall --containerd --crio` run."""
+    conf = tmp_path / "config.toml"
+    conf.write_text(DEBIAN_ETC)
+    dropin = tmp_path / "50-kata-vfio.conf"
+    install = argparse.ArgumentParser()
+    engines.add_install_options(install, install=True)
+    args = install.parse_args(["--containerd", str(conf), "--crio", str(dropin),
+                               "--shim-path", shim])
+    assert engines.install_engines(args, KATA_CONF) == [
+        f"{conf}: registered kata-vfio", f"{dropin}: written"]
+    assert registered_containerd(conf)["options"] == {"ConfigPath": KATA_CONF}  # type: ignore[index]
+    assert tomllib.loads(dropin.read_text())["crio"]["runtime"]["runtimes"]["kata-vfio"][
+        "runtime_config_path"] == KATA_CONF
+    uninstall = argparse.ArgumentParser()
+    engines.add_install_options(uninstall, install=False)
+    args = uninstall.parse_args(["--containerd", str(conf), "--crio", str(dropin)])
+    assert engines.uninstall_engines(args) == [f"{conf}: removed kata-vfio",
+                                               f"{dropin}: removed"]
+    assert conf.read_text() == DEBIAN_ETC and not dropin.exists()
+    # the flags alone mean the standard places
+    args = uninstall.parse_args(["--containerd", "--crio"])
+    assert (args.containerd, args.crio) == (str(engines.CONTAINERD_CONF), str(engines.CRIO_DROPIN))
+    assert engines.uninstall_engines(uninstall.parse_args([])) == []

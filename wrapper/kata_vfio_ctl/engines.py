@@ -373,6 +373,49 @@ def cmd_crio_unregister(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_install_options(p: argparse.ArgumentParser, *, install: bool) -> None:
+    """`install`/`uninstall --containerd [CONFIG] --crio [DROPIN]`."""
+    p.add_argument("--containerd", nargs="?", const=str(CONTAINERD_CONF), metavar="CONFIG",
+                   help=f"also (un)register with containerd (default: {CONTAINERD_CONF})")
+    p.add_argument("--crio", nargs="?", const=str(CRIO_DROPIN), metavar="DROPIN",
+                   help=f"also (un)register with CRI-O (default: {CRIO_DROPIN})")
+    if install:
+        p.add_argument("--shim-path", metavar="PATH",
+                       help=f"absolute path of {SHIM_BINARY} (default: beside kata-vfio-ctl)")
+
+
+def install_engines(args: argparse.Namespace, kata_config: str | None) -> list[str]:
+    """Register with the engines `install` was asked for; one line of news each.
+
+    `kata_config` is the Kata configuration the shim should use (ConfigPath /
+    runtime_config_path), e.g. the kata-vfio configuration install wrote.
+    """
+    news = []
+    if args.containerd:
+        runtime = _shim_runtime(argparse.Namespace(shim_path=args.shim_path,
+                                                   kata_config=kata_config), crio=False)
+        changed = register_containerd(Path(args.containerd), runtime)
+        news.append(f"{args.containerd}: "
+                    f"{'registered' if changed else 'already registered'} {RUNTIME_NAME}")
+    if args.crio:
+        runtime = _shim_runtime(argparse.Namespace(shim_path=args.shim_path,
+                                                   kata_config=kata_config), crio=True)
+        changed = register_crio(Path(args.crio), runtime)
+        news.append(f"{args.crio}: {'written' if changed else 'already up to date'}")
+    return news
+
+
+def uninstall_engines(args: argparse.Namespace) -> list[str]:
+    news = []
+    if args.containerd:
+        removed = unregister_containerd(Path(args.containerd))
+        news.append(f"{args.containerd}: {'removed' if removed else 'not registered:'} "
+                    f"{RUNTIME_NAME}")
+    if args.crio:
+        news.append(f"{args.crio}: {'removed' if unregister_crio(Path(args.crio)) else 'absent'}")
+    return news
+
+
 def add_shim_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shim-path", metavar="PATH",
                    help=f"absolute path of {SHIM_BINARY} (default: beside kata-vfio-ctl)")
