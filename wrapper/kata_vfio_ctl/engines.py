@@ -32,7 +32,9 @@ SHIM_RUNTIME_TYPE = "io.containerd.kata-vfio.v2"
 SHIM_BINARY = "containerd-shim-kata-vfio-v2"
 SHIM_PREFIX = "containerd-shim-"
 # What users may ask the wrapper for; io.kata-vfio.manifest is the wrapper's own
-# output (it strips forged ones), so CRI-O is not told to pass it.
+# output (it strips forged ones), so it is not listed. CRI-O copies pod annotations into
+# the OCI spec anyway; allowed_annotations gates the ones CRI-O itself acts on, so this
+# list states intent and keeps working if CRI-O ever filters more.
 USER_ANNOTATIONS = ("io.kata-vfio.devices", "io.kata-vfio.select", "io.kata-vfio.vf-config")
 ANNOTATION_GLOB = "io.kata-vfio.*"
 # containerd config version -> the plugin whose `containerd.runtimes` holds runtimes
