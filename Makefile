@@ -12,7 +12,7 @@ KVER ?= $(shell dpkg-query -W -f='$${Depends}' linux-image-amd64 2>/dev/null | s
 
 APT_PACKAGES := podman runc conmon catatonit uidmap fuse-overlayfs slirp4netns \
 	qemu-system-x86 containerd dracut dracut-core linux-image-amd64 kmod cpio busybox-static \
-	golang-github-opencontainers-specs-dev pci.ids iproute2 python3-venv python3-pip
+	golang-github-opencontainers-specs-dev pci.ids iproute2 python3-venv python3-pip python3-yaml
 PY_SOURCES := $(shell find common wrapper hook -name '*.py' -o -name '*.json') pyproject.toml
 
 .PHONY: all deps venv lint test test-unit initrd install-dracut-module demo bench \

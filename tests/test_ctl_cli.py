@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -404,11 +405,13 @@ def test_bind_names_every_member_before_moving_it(
 
     _, kernel, host = fake_host
     said_before_first_write: list[str] = []
+    lock = threading.Lock()  # the binds run in threads; sysfs writes are atomic
 
     def write(path: Path, text: str) -> None:
-        if not kernel.writes:
-            said_before_first_write.append(capsys.readouterr().out)
-        kernel.write(path, text)
+        with lock:
+            if not kernel.writes:
+                said_before_first_write.append(capsys.readouterr().out)
+            kernel.write(path, text)
 
     watched = Host(host.sysfs, host.state_dir, write)
     monkeypatch.setattr(kata_vfio_ctl.main, "_host", lambda args: watched)

@@ -333,6 +333,10 @@ def cmd_install(args: argparse.Namespace) -> int:
     print(f"{kata}: {'set ' + ', '.join(changed) if changed else 'already configured'}")
     podman = register(Path(args.conf), args.runtime_path)
     print(f"{args.conf}: {'registered kata-vfio' if podman else 'already registered'}")
+    from kata_vfio_ctl.engines import install_engines
+
+    for line in install_engines(args, str(kata)):
+        print(line)
     return 0
 
 
@@ -348,6 +352,10 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
         print(f"{kata}: {'restored ' + ', '.join(restored) if restored else 'nothing to undo'}")
     removed = unregister(Path(args.conf))
     print(f"{args.conf}: {'removed kata-vfio' if removed else 'not registered'}")
+    from kata_vfio_ctl.engines import uninstall_engines
+
+    for line in uninstall_engines(args):
+        print(line)
     return 0
 
 
@@ -406,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--conf", default=str(CONTAINERS_CONF), help="podman containers.conf")
         if name == "install":
             p.add_argument("--runtime-path", default=_default_runtime_path())
+        from kata_vfio_ctl.engines import add_install_options
+
+        add_install_options(p, install=name == "install")
         p.set_defaults(func=func)
 
     p = sub.add_parser("podman-register", help="register kata-vfio as a podman runtime")
@@ -416,6 +427,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("podman-unregister", help="remove the podman registration")
     p.add_argument("--conf", default=str(CONTAINERS_CONF))
     p.set_defaults(func=cmd_podman_unregister)
+
+    from kata_vfio_ctl import cdi, engines, k8s
+
+    engines.add_parsers(sub)  # containerd-register/-unregister, crio-register/-unregister
+    k8s.add_parsers(sub)  # runtimeclass
+    cdi.add_parsers(sub)  # cdi
     return parser
 
 
