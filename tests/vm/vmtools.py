@@ -59,6 +59,19 @@ def nvme(serial: str, **placement: str) -> EmulatedDevice:
     return EmulatedDevice(f"nvme,serial={serial}{where}", "nvme", NVME_ID)
 
 
+def nvme_sriov_pf(max_vfs: int, **placement: str) -> tuple[EmulatedDevice, ...]:
+    """QEMU's NVMe controller as an SR-IOV PF (its subsystem device first); each VF gets
+    its own IOMMU group in the guest."""
+    where = "".join(f",{k}={v}" for k, v in placement.items())
+    return (
+        EmulatedDevice("nvme-subsys,id=kvsub0,nqn=kvsub0", "nvme", NVME_ID),
+        EmulatedDevice(f"nvme,serial=kvfio-pf,subsys=kvsub0,sriov_max_vfs={max_vfs},"
+                       f"sriov_vq_flexible={2 * max_vfs},sriov_vi_flexible={max_vfs},"
+                       f"max_ioqpairs={2 * max_vfs + 2},msix_qsize={max_vfs + 2}{where}",
+                       "nvme", NVME_ID),
+    )
+
+
 # The default guest: two e1000e and an NVMe drive on the root complex (a group each),
 # and two e1000 behind a PCIe-to-PCI bridge (one group, bridge included).
 BRIDGE = "pcie-pci-bridge,id=pbr,bus=pcie.0,addr=0x8"
@@ -146,6 +159,7 @@ GUEST_PROGRAMS = {
     "guest-scenario.py": "/kvfio/scenario.py",
     "guest-hosttest.py": "/kvfio/hosttest.py",
     "guest-bench.py": "/kvfio/bench.py",
+    "guest-sriov.py": "/kvfio/sriov.py",
 }
 HOST_PACKAGES = ("kata_vfio", "kata_vfio_host", "kata_vfio_ctl", "kata_vfio_runtime",
                  "pyroute2", "psutil", "tomlkit")
@@ -183,7 +197,8 @@ def build_test_cpio(out: Path, kver: str, scenarios: list[Scenario],
         _copy(HERE / "guest-init.sh", root, "/kvfio/init")
         (root / "kvfio/init").chmod(0o755)
         _copy("/bin/busybox", root, "/kvfio/bin/busybox")
-        for applet in ("sh", "cat", "ls", "sleep", "echo", "insmod", "poweroff", "mount"):
+        for applet in ("sh", "cat", "ls", "sleep", "echo", "insmod", "poweroff", "mount",
+                       "true"):
             (root / "kvfio/bin" / applet).symlink_to("busybox")
         for name, dest in GUEST_PROGRAMS.items():
             _copy(HERE / name, root, dest)
