@@ -143,8 +143,10 @@ class FakeSysfs:
         vdir.mkdir(parents=True, exist_ok=True)
         (vdir / "dev").write_text(f"{self.vfio_major}:{group if minor is None else minor}\n")
         link = self.root / "class/vfio" / str(group)
-        if not link.is_symlink():
+        try:  # binds run in threads: two members of a group may both get here
             os.symlink(f"../../devices/virtual/vfio/{group}", link)
+        except FileExistsError:
+            pass
 
     def set_driver(self, addr: str, driver: str | None) -> None:
         d = self.dev_dir(addr)

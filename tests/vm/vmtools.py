@@ -162,7 +162,8 @@ GUEST_PROGRAMS = {
     "guest-sriov.py": "/kvfio/sriov.py",
 }
 HOST_PACKAGES = ("kata_vfio", "kata_vfio_host", "kata_vfio_ctl", "kata_vfio_runtime",
-                 "pyroute2", "psutil", "tomlkit")
+                 "pyroute2", "psutil", "tomlkit", "jsonschema", "jsonschema_specifications",
+                 "referencing", "rpds", "attr", "attrs", "typing_extensions.py")
 
 
 def add_host_tools(root: Path) -> None:
@@ -181,7 +182,8 @@ def add_host_tools(root: Path) -> None:
                     _copy(lib, root)
     site = Path(sysconfig.get_paths()["purelib"])
     for package in HOST_PACKAGES:
-        for path in (site / package).rglob("*"):
+        top = site / package
+        for path in (top.rglob("*") if top.is_dir() else [top]):
             if path.is_file() and "__pycache__" not in path.parts:
                 _copy(path, root, f"/usr/lib/kata-vfio/{path.relative_to(site)}")
                 if path.suffix == ".so":

@@ -37,6 +37,15 @@ def cmd_podman_unregister(args: argparse.Namespace) -> int:
     return 0
 
 
+def _event_log(args: argparse.Namespace) -> Any:
+    """structlog, JSON lines into config.toml's log_file: what the admin's commands
+    changed on the host (the wrappers write the same shape without structlog)."""
+    from kata_vfio_host.hostlog import file_logger
+    from kata_vfio_host.settings import load_settings
+
+    return file_logger(load_settings().log_file, tool=PROG, command=args.command)
+
+
 def _host(args: argparse.Namespace) -> Any:
     from kata_vfio_host.bindings import Host
     from kata_vfio_host.settings import load_settings
@@ -210,6 +219,7 @@ def cmd_vfs(args: argparse.Namespace) -> int:
     pf = device_argument(host.sysfs, args.pf)
     with step(f"setting the virtual functions of {pf} to {args.count}"):
         vfs = set_vf_count(host, pf, args.count, force=args.force)
+    _event_log(args).info("virtual functions set", pf=str(pf), vfs=[str(v) for v in vfs])
     for vf in vfs:
         dev = read_device(host.sysfs, vf)
         print(f"{vf}: VF of {pf} [{dev.ids}] IOMMU group "
@@ -271,6 +281,8 @@ def cmd_bind(args: argparse.Namespace) -> int:
                 "binding devices needs root: run kata-vfio-ctl as root" if os.geteuid()
                 else "check the kernel log and the security policy (SELinux, AppArmor)"
             ) from exc
+    _event_log(args).info("bound", devices=[str(a) for a in addresses],
+                          groups=[g.number for g in groups])
     for group, addr in groups.items():
         node = wait_for_group_node(host, group, args.timeout)
         print(f"{addr}: IOMMU group {group} on vfio-pci: {node}  (podman --device {node})")
@@ -291,6 +303,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         else:
             report = (restore_all(host) if args.all else
                       restore(host, [device_argument(host.sysfs, t) for t in args.addresses]))
+    _event_log(args).info("restored", devices=report.restored, failures=report.failed)
     for addr in report.restored:
         print(f"{addr}: given back to its original driver")
     for failure in report.failed:

@@ -3,7 +3,7 @@
 The podman wrapper (`kata-vfio create`) and the shim wrapper (`containerd-shim-
 kata-vfio-v2 start`) both call `prepare_bundle`; their delete paths both call
 `release_after_delete`. Imported only on those paths: it pulls in the settings,
-the ledger and structlog.
+the ledger and the JSON-lines event log.
 """
 
 from __future__ import annotations
