@@ -76,3 +76,23 @@ def test_hook_without_manifest_imports_no_heavy_module() -> None:
     ours = {m for m in modules if m.startswith("kata_vfio")}
     assert ours <= {"kata_vfio", "kata_vfio.boundary", "kata_vfio.defaults", "kata_vfio.errors",
                     "kata_vfio_hook", "kata_vfio_hook.main"}
+
+
+def test_create_of_a_container_without_devices_stays_lean(tmp_path: Path) -> None:
+    """Most containers ask for nothing: their create costs what a passthrough verb costs."""
+    config = tmp_path / "config.toml"
+    config.write_text('runtime = "true"\n')
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "config.json").write_text(json.dumps(
+        {"ociVersion": "1.0.2", "process": {"args": ["sh"]}, "annotations": {"a": "b"}}))
+    argv = ["kata-vfio", "create", "--bundle", str(bundle), "plain"]
+    imported("kata_vfio_runtime.main", argv, config=str(config))  # fills the cache
+    modules = imported("kata_vfio_runtime.main", argv, config=str(config))
+    assert not modules & (HEAVY | {"typing", "dataclasses", "pathlib", "re", "json"})
+    assert not {m for m in modules if m.startswith(("kata_vfio_host.ledger",
+                                                    "kata_vfio_runtime.spec_edit"))}
+    # one escaped character is enough to take the full path (JSON can hide "vfio")
+    (bundle / "config.json").write_text('{"annotations": {"io.kata-\\u0076fio.devices": "x"}}')
+    assert "kata_vfio_runtime.spec_edit" in imported("kata_vfio_runtime.main", argv,
+                                                     config=str(config))

@@ -106,7 +106,9 @@ def test_bad_requests_fail_cleanly(
         spec["linux"]["devices"] = [{"path": device_path, "type": "c", "major": 243, "minor": 0}]
     if address:
         spec["annotations"] = {DEVICES_ANNOTATION: address}
-    text = "{ not json" if case == "bad-json" else json.dumps(spec)
+    # truncated JSON that asks for a device (a plain broken spec is the inner runtime's)
+    text = ('{"annotations": {"io.kata-vfio.devices": "0000:03:00.0"' if case == "bad-json"
+            else json.dumps(spec))
     (bundle / "config.json").write_text(text)
     target = tmp_path / "missing" if case == "no-bundle" else bundle
     runtime_log = tmp_path / "runtime.log"

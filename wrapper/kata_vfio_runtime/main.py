@@ -129,7 +129,10 @@ def log_record(message: str, inv: Invocation) -> None:
 def decide(argv: list[str], inv: Invocation) -> str | int:
     """The inner runtime to exec with argv, or an exit code when we are done ourselves."""
     if inv.verb in EDIT_VERBS:
-        return prepare_create(inv)
+        from kata_vfio_runtime.scan import needs_edit
+
+        if inv.problem or needs_edit(inv.bundle or "."):
+            return prepare_create(inv)
     runtime, state_dir = passthrough_settings()
     if inv.verb == "delete" and plain_id(inv.container_id) \
             and os.path.exists(f"{state_dir}/containers/{inv.container_id}"):

@@ -150,7 +150,10 @@ def delete_and_release(shim: str, argv: list[str], call: ShimCall) -> int:
 def decide(argv: list[str], call: ShimCall) -> str | int:
     me = argv[0]
     if call.action == "start":
-        return prepare_start(call, me)
+        from kata_vfio_runtime.scan import needs_edit
+
+        if needs_edit(call.bundle or "."):
+            return prepare_start(call, me)
     shim, state_dir = passthrough_shim(me)
     cid = call.container_id or ""
     if call.action == "delete" and cid and set(cid) <= _ID_CHARS and not cid.startswith(".") \
