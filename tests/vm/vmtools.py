@@ -160,6 +160,7 @@ GUEST_PROGRAMS = {
     "guest-hosttest.py": "/kvfio/hosttest.py",
     "guest-bench.py": "/kvfio/bench.py",
     "guest-sriov.py": "/kvfio/sriov.py",
+    "guest-bindbench.py": "/kvfio/bindbench.py",
 }
 HOST_PACKAGES = ("kata_vfio", "kata_vfio_host", "kata_vfio_ctl", "kata_vfio_runtime",
                  "pyroute2", "psutil", "tomlkit", "jsonschema", "jsonschema_specifications",
@@ -256,7 +257,7 @@ class GuestRun:
 def boot(initrd: Path, kver: str, scenarios: list[Scenario],
          devices: tuple[EmulatedDevice, ...] = DEFAULT_DEVICES, timeout: float = 300,
          memory_mb: int = 1024, console_log: Path | None = None,
-         host_tools: bool = False) -> GuestRun:
+         host_tools: bool = False, smp: int = 1) -> GuestRun:
     """Boot the product initrd plus the test archive; return the console and KVFIO records."""
     with tempfile.TemporaryDirectory(prefix="kvfio-vm.") as tmp:
         combined = Path(tmp) / "initrd.img"
@@ -270,7 +271,7 @@ def boot(initrd: Path, kver: str, scenarios: list[Scenario],
                 out.write(data + b"\0" * (-len(data) % 512))
         cmd = [
             "qemu-system-x86_64", "-accel", "tcg", "-machine", "q35,kernel-irqchip=split",
-            "-device", "intel-iommu,intremap=on,caching-mode=on", "-cpu", "max", "-smp", "1",
+            "-device", "intel-iommu,intremap=on,caching-mode=on", "-cpu", "max", "-smp", str(smp),
             "-m", str(memory_mb), "-display", "none", "-no-reboot", "-nodefaults",
             "-serial", f"file:{console_file}", "-monitor", "none",
             "-kernel", str(kernel_image(kver)), "-initrd", str(combined),
