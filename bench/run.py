@@ -230,7 +230,7 @@ def bench_vf_binds(initrd: Path, kver: str) -> None:
 
     script = "#!/kvfio/bin/sh\nexec /usr/bin/python3 -I -S /kvfio/bindbench.py \"$1\"\n"
     run = vmtools.boot(initrd, kver, [vmtools.Scenario("bindbench", "{}", script=script)],
-                       devices=vmtools.nvme_sriov_pf(32, addr="0x6"), host_tools=True,
+                       devices=vmtools.nvme_sriov_pf(32, addr="0x10"), host_tools=True,
                        memory_mb=1536, smp=2)
     for r in run.records:
         if r.get("event") == "bindbench":
