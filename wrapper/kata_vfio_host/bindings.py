@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from kata_vfio.errors import DeviceError, KataVfioError
 from kata_vfio.pci import (
@@ -222,11 +223,71 @@ def restore_all(host: Host, owner: str | None = None) -> RestoreReport:
     journal = read_journal_file(host)
     addresses = [PciAddress.parse(a) for a, e in journal.devices.items()
                  if owner is None or e.owner == owner]
-    report = restore(host, addresses, owner)
+    report = restore_vf_configs(host, owner)
+    report.extend(restore(host, addresses, owner))
     report.failed += journal.damaged
     if owner is None and not report.failed:
         with editing(host) as current:  # everything is back: no container holds anything
             current.claims.clear()
+    return report
+
+
+def _netlink(host: Host) -> Any:
+    if host.netlink is not None:
+        return host.netlink
+    from kata_vfio_host.vfconfig import Netlink
+
+    return Netlink()
+
+
+def apply_vf_config(host: Host, container: ContainerId, text: str) -> list[str]:
+    """Set the MAC/VLAN a container asked for on its VFs, recording what the PF had
+    first; the VFs must be the container's own. Returns what was set, one line each."""
+    from kata_vfio_host.ledger import VfOriginal
+    from kata_vfio_host.vfconfig import parse_vf_config, vf_port
+
+    netlink = _netlink(host)
+    done = []
+    for setting in parse_vf_config(text):
+        group = group_of(host.sysfs, setting.vf)
+        claim = read_journal_file(host).claims.get(group.number)
+        if claim is None or claim.container != container:
+            raise DeviceError(f"io.kata-vfio.vf-config names {setting.vf}, which is not one of "
+                              f"container {container}'s devices",
+                              "ask for the VF too (io.kata-vfio.devices or select)")
+        port = vf_port(host.sysfs, setting.vf)
+        mac, vlan = netlink.get(port)
+        with editing(host) as journal:  # the original first: a crash leaves what to undo
+            known = journal.vf_configs.get(str(setting.vf))
+            if known is None or known.owner != container.owner:
+                journal.vf_configs[str(setting.vf)] = VfOriginal(
+                    container.owner, port.pf_interface, port.vf_index, mac, vlan, host.boot_id)
+        netlink.set(port, setting.mac, setting.vlan)
+        done.append(f"{setting.vf}: {port.pf_interface} vf {port.vf_index}"
+                    f"{' mac ' + setting.mac if setting.mac else ''}"
+                    f"{' vlan ' + str(setting.vlan) if setting.vlan is not None else ''}")
+    return done
+
+
+def restore_vf_configs(host: Host, owner: str | None = None) -> RestoreReport:
+    """Give PFs back the MAC/VLAN their VFs had before containers changed them."""
+    from kata_vfio_host.vfconfig import VfPort
+
+    report = RestoreReport()
+    journal = read_journal_file(host)
+    mine = {a: v for a, v in journal.vf_configs.items() if owner is None or v.owner == owner}
+    if not mine:
+        return report
+    netlink = _netlink(host)
+    for addr, original in mine.items():
+        try:
+            netlink.set(VfPort(original.pf_interface, original.index),
+                        original.mac or "00:00:00:00:00:00", original.vlan or 0)
+        except (KataVfioError, OSError) as exc:
+            report.failed.append(f"{addr}: VF settings: {exc}")
+            continue
+        with editing(host) as current:
+            current.vf_configs.pop(addr, None)
     return report
 
 

@@ -60,6 +60,7 @@ class Host:
     write: SysfsWrite = write_attr
     modprobe: tuple[str, ...] = MODPROBE
     boot_id: str = field(default_factory=read_boot_id)
+    netlink: Any = None  # VF settings on the PF (vfconfig.Netlink when None); tests fake it
 
     @property
     def journal(self) -> Path:
@@ -122,10 +123,37 @@ class Claim:
                 "since": self.since}
 
 
+@dataclass(frozen=True)
+class VfOriginal:
+    """What a PF had for one of its VFs before a container's io.kata-vfio.vf-config."""
+
+    owner: str
+    pf_interface: str
+    index: int
+    mac: str | None
+    vlan: int | None
+    boot_id: str | None = None
+
+    def to_obj(self) -> dict[str, Any]:
+        return {"owner": self.owner, "pf_interface": self.pf_interface, "index": self.index,
+                "mac": self.mac, "vlan": self.vlan, "boot_id": self.boot_id}
+
+
+def _parse_vf_original(obj: Any) -> VfOriginal:
+    if not isinstance(obj, dict) or not isinstance(obj.get("owner"), str) \
+            or not isinstance(obj.get("pf_interface"), str) \
+            or not isinstance(obj.get("index"), int):
+        raise ValueError("needs owner, pf_interface and index")
+    vlan = obj.get("vlan")
+    return VfOriginal(obj["owner"], obj["pf_interface"], obj["index"], _opt_str(obj.get("mac")),
+                      vlan if isinstance(vlan, int) else None, _opt_str(obj.get("boot_id")))
+
+
 @dataclass
 class Journal:
     devices: dict[str, DeviceEntry] = field(default_factory=dict)
     claims: dict[int, Claim] = field(default_factory=dict)
+    vf_configs: dict[str, VfOriginal] = field(default_factory=dict)
     damaged: list[str] = field(default_factory=list)  # why entries could not be read
     kept: dict[str, Any] = field(default_factory=dict)  # those entries, left for a human
 
@@ -194,6 +222,12 @@ def read_journal_file(host: Host) -> Journal:
             journal.claims[IommuGroup.parse(key).number] = _parse_claim(obj)
         except (ValueError, KataVfioError) as exc:
             journal.damaged.append(f"claim entry {key!r} is unreadable ({exc})")
+    vf_configs = data.get("vf_configs", {})
+    for key, obj in (vf_configs.items() if isinstance(vf_configs, dict) else ()):
+        try:
+            journal.vf_configs[str(PciAddress.parse(key))] = _parse_vf_original(obj)
+        except (ValueError, KataVfioError) as exc:
+            journal.damaged.append(f"VF settings entry {key!r} are unreadable ({exc})")
     return journal
 
 
@@ -206,6 +240,8 @@ def _write_journal_file(host: Host, journal: Journal) -> None:
         "devices": {a: e.to_obj() for a, e in sorted(journal.devices.items())},
         "claims": {str(g): c.to_obj() for g, c in sorted(journal.claims.items())},
     }
+    if journal.vf_configs:
+        data["vf_configs"] = {a: v.to_obj() for a, v in sorted(journal.vf_configs.items())}
     if journal.kept:  # entries we could not read stay in the file for a human to look at
         data["damaged_devices"] = journal.kept
     write_atomically(host.journal, json.dumps(data, indent=1).encode(), mode=0o600)

@@ -13,12 +13,14 @@ from typing import Any
 
 from kata_vfio.boundary import step
 from kata_vfio.jsonlog import wrapper_log
+from kata_vfio.errors import DeviceError
 from kata_vfio.pci import PciAddress
 from kata_vfio_host.allocate import SELECT_ANNOTATION, allocation_lock, choose, parse_select
-from kata_vfio_host.bindings import acquire, release_container
+from kata_vfio_host.bindings import acquire, apply_vf_config, release_container
 from kata_vfio_host.ledger import ContainerId, Host
 from kata_vfio_host.settings import Settings
 from kata_vfio_host.usage import uses
+from kata_vfio_host.vfconfig import VF_CONFIG_ANNOTATION, parse_vf_config
 from kata_vfio_runtime.spec_edit import (
     EditResult,
     edit_bundle,
@@ -44,6 +46,11 @@ def prepare_bundle(container_id: str | None, bundle: Path, settings: Settings, h
         addresses = requested_addresses(spec)
         select = (spec.get("annotations") or {}).get(SELECT_ANNOTATION)
         chosen: list[PciAddress] = []
+        macs: dict[PciAddress, str] = {}
+        if (spec.get("annotations") or {}).get(VF_CONFIG_ANNOTATION) is not None \
+                and not (groups or addresses or select is not None):
+            raise DeviceError(f"{VF_CONFIG_ANNOTATION} names VFs the container does not ask for",
+                              "ask for them with io.kata-vfio.devices or io.kata-vfio.select")
         if groups or addresses or select is not None:
             acquired = ContainerId.parse(container_id)
 
@@ -63,8 +70,14 @@ def prepare_bundle(container_id: str | None, bundle: Path, settings: Settings, h
                     log.info("allocated", select=select, devices=[str(a) for a in chosen])
             if bound:
                 log.info("auto-bound", devices=[str(a) for a in bound])
+            vf_config = (spec.get("annotations") or {}).get(VF_CONFIG_ANNOTATION)
+            if vf_config is not None:
+                with step("setting the VFs' MAC and VLAN on their PF"):
+                    done = apply_vf_config(host, acquired, str(vf_config))
+                    macs = {s.vf: s.mac for s in parse_vf_config(str(vf_config)) if s.mac}
+                log.info("VF settings", settings=done)
         with step(f"editing {bundle}/config.json"):
-            result = edit_bundle(bundle, settings, tuple(chosen))
+            result = edit_bundle(bundle, settings, tuple(chosen), macs)
     except BaseException as exc:
         log.error("create refused", bundle=str(bundle), error=repr(exc))
         if acquired is not None:

@@ -95,16 +95,18 @@ def group_of_entry(path: str) -> IommuGroup | None:
         ) from None
 
 
-def _manifest_device(sysfs: Path, dev: PciDevice) -> ManifestDevice:
-    mac = None
-    if dev.physfn is not None and dev.is_network:
+def _manifest_device(sysfs: Path, dev: PciDevice, macs: dict[PciAddress, str]
+                     ) -> ManifestDevice:
+    mac = macs.get(dev.address)  # set by io.kata-vfio.vf-config just now
+    if mac is None and dev.physfn is not None and dev.is_network:
         from kata_vfio_host.netinfo import vf_mac
 
         mac = vf_mac(sysfs, dev.address, dev.physfn)
     return ManifestDevice(dev.address, dev.identity, mac)
 
 
-def resolve_group(sysfs: Path, group: IommuGroup) -> ManifestGroup:
+def resolve_group(sysfs: Path, group: IommuGroup,
+                  macs: dict[PciAddress, str] | None = None) -> ManifestGroup:
     """The group's endpoints, after checking every member can be left to VFIO."""
     devices = []
     for addr in group_members(sysfs, group):
@@ -115,7 +117,7 @@ def resolve_group(sysfs: Path, group: IommuGroup) -> ManifestGroup:
                 f"hand it to vfio-pci first: kata-vfio-ctl bind {addr}",
             )
         if not dev.is_bridge:  # Kata hot-plugs a group's endpoints, never its bridges
-            devices.append(_manifest_device(sysfs, dev))
+            devices.append(_manifest_device(sysfs, dev, macs or {}))
     return ManifestGroup(group, tuple(devices))
 
 
@@ -163,7 +165,8 @@ def requested_addresses(spec: dict[str, Any]) -> list[PciAddress]:
 
 
 def plan_edit(spec: dict[str, Any], settings: Settings,
-              allocated: tuple[PciAddress, ...] = ()) -> SpecPlan | None:
+              allocated: tuple[PciAddress, ...] = (),
+              macs: dict[PciAddress, str] | None = None) -> SpecPlan | None:
     """What to add to `spec`; None when the container asks for no VFIO device.
     `allocated`: devices the wrapper chose for an io.kata-vfio.select request."""
     sysfs = settings.sysfs_path
@@ -173,7 +176,7 @@ def plan_edit(spec: dict[str, Any], settings: Settings,
     if not groups:
         return None
 
-    resolved = [resolve_group(sysfs, g) for g in sorted(groups)]
+    resolved = [resolve_group(sysfs, g, macs) for g in sorted(groups)]
     nodes = [DeviceNode(VFIO_CONTAINER_PATH, *VFIO_CONTAINER_DEVNUM)]
     for group in sorted(groups):
         node = groups[group]
@@ -271,11 +274,12 @@ class EditResult:
 
 
 def edit_bundle(bundle: Path, settings: Settings,
-                allocated: tuple[PciAddress, ...] = ()) -> EditResult:
+                allocated: tuple[PciAddress, ...] = (),
+                macs: dict[PciAddress, str] | None = None) -> EditResult:
     """Plan and apply the VFIO edit to <bundle>/config.json; raises before any write."""
     started = time.perf_counter()
     spec, _raw = load_spec(bundle)
-    plan = plan_edit(spec, settings, allocated)
+    plan = plan_edit(spec, settings, allocated, macs)
     new = apply_plan(spec, plan) if plan is not None else strip_own_annotations(spec)
     written = False
     if new != spec:
