@@ -142,7 +142,7 @@ def cpio_gz(tree: Path) -> bytes:
     """A reproducible newc archive of `tree` (directories before their contents), gzipped."""
     names = sorted(str(p.relative_to(tree)) for p in tree.rglob("*"))
     r = subprocess.run(["cpio", "--quiet", "-o", "-H", "newc", "--reproducible", "-R", "0:0"],
-                       cwd=tree, input="\n".join(names) + "\n", capture_output=True,
+                       cwd=tree, input=("\n".join(names) + "\n").encode(), capture_output=True,
                        check=False, text=False)
     if r.returncode != 0:
         raise SystemExit(f"kata_image: cpio failed: {r.stderr.decode(errors='replace')}")
