@@ -273,7 +273,7 @@ A=""
 for d in /sys/bus/pci/drivers/vfio-pci/0000:*; do A="$A -a ${d##*/}"; done
 echo "ports:$A"
 ls /dev/vfio
-timeout -s INT {seconds} dpdk-testpmd --lcores 0@0,1@0 $A --iova-mode=va --no-huge -m 256 \\
+timeout -s INT SECONDS dpdk-testpmd --lcores 0@0,1@0 $A --iova-mode=va --no-huge -m 256 \\
     -- --total-num-mbufs=2048 --tx-first --stats-period 5 </dev/null || true
 """
 
@@ -300,12 +300,14 @@ def port_stats(out: str) -> list[tuple[int, int, int]]:
 def test_dpdk_testpmd_forwards_between_two_e1000e(kata: Kata) -> None:
     result, cid, took = kata.run(
         *annotation(*HOST_NICS), "--ulimit", "memlock=-1:-1", "--cap-add", "IPC_LOCK",
-        "--tmpfs", "/run", DPDK, "sh", "-c", TESTPMD.format(seconds=45), timeout=300)
+        "--tmpfs", "/run", DPDK, "sh", "-c", TESTPMD.replace("SECONDS", "45"), timeout=300)
     kata.timings["podman run dpdk-testpmd (45 s of forwarding)"] = took
     out = result.stdout + result.stderr
+    (kata.top / "testpmd.out").write_text(out)
     assert result.returncode == 0, out + kata.console(cid)[-3000:]
     assert out.count("net_e1000_em") >= 2, out
     stats = port_stats(out)
+    print(f"\ntestpmd: {len(stats)} port statistics, last: {stats[-2:]}")
     for port in (0, 1):
         mine = [(rx, tx) for p, rx, tx in stats if p == port]
         assert len(mine) >= 2, out
