@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 AGENT_IN_GUEST = "/usr/bin/kata-agent"
@@ -107,9 +108,9 @@ def build_layer(base: Path, kver: str, agent: Path, layer: Path, drivers: list[s
                 (root / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(ko, root / rel)
             added.append(ko.name)
-    for src in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):
-        host = Path(f"/lib/modules/{kver}/{src}")
-        rel = real_rel(f"/lib/modules/{kver}/{src}", full)
+    for index_name in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):
+        host = Path(f"/lib/modules/{kver}/{index_name}")
+        rel = real_rel(host, full)
         if host.exists() and not (full / rel).exists():
             shutil.copy2(host, full / rel)
     if added:
@@ -158,7 +159,7 @@ def build(kver: str, output: Path, agent: Path, base_initrd: Path | None = None,
           add_drivers: list[str] | None = None,
           extra_files: list[tuple[Path, str]] | None = None,
           python: str = sys.executable, strip: bool = True,
-          compress: bool = False) -> dict[str, object]:
+          compress: bool = False) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="kata-vfio-kata-image.") as tmp:
         work = Path(tmp)
         base = base_initrd
@@ -207,9 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     info = build(args.kver, args.output, Path(args.agent), args.base_initrd,
                  args.add_drivers.split(), extras, strip=not args.no_strip,
                  compress=args.gzip)
-    print(f"{args.output}: {int(info['bytes']) / 1e6:.1f} MB "  # type: ignore[call-overload]
-          f"(kata layer {int(info['layer_bytes']) / 1e6:.1f} MB, "  # type: ignore[call-overload]
-          f"modules added: {' '.join(info['modules_added']) or 'none'})")  # type: ignore[arg-type]
+    added = " ".join(info["modules_added"]) or "none"
+    print(f"{args.output}: {args.output.stat().st_size / 1e6:.1f} MB "
+          f"(kata layer {info['layer_bytes']} bytes, modules added: {added})")
     return 0
 
 

@@ -11,7 +11,8 @@ $KATA_VFIO_CACHE (default: <repo>/build), so a CI job can keep it across clean c
 every output already exists for that hash the build is skipped. Prints a JSON summary
 (paths and build seconds) on stdout as its last line.
 
-Usage: build_kata1.py [--tarball F] [--cache DIR] [--jobs N] [--no-apt]
+Usage: build_kata1.py [--tarball F] [--cache DIR] [--jobs N] [--no-apt] [--print NAME]
+(--print kata-agent: print only that output's path, e.g. for KATA_AGENT=$(...) in make)
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
 import time
 from pathlib import Path
+from typing import Any, TextIO
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_TARBALL = REPO.parent / "shared" / "third_party" / "kata-1.x-src.tar.gz"
@@ -125,16 +126,19 @@ def unpack(tarball: Path, out: Path) -> None:
         return
     dest.mkdir(parents=True, exist_ok=True)
     with tarfile.open(tarball) as tf:
-        tf.extractall(dest, filter="tar") if hasattr(tarfile, "data_filter") else tf.extractall(dest)
+        if hasattr(tarfile, "tar_filter"):  # Python >= 3.11.4
+            tf.extractall(dest, filter="tar")
+        else:
+            tf.extractall(dest)
 
 
 def build(tarball: Path, cache: Path | None = None, jobs: int | None = None,
-          apt: bool = True, log=sys.stderr) -> dict[str, object]:
+          apt: bool = True, log: TextIO = sys.stderr) -> dict[str, Any]:
     out = build_dir(tarball, cache)
     if complete(out):
-        info = json.loads((out / "done.json").read_text())
-        info["cached"] = True
-        return info
+        cached: dict[str, Any] = json.loads((out / "done.json").read_text())
+        cached["cached"] = True
+        return cached
     if apt:
         ensure_apt()
     out.mkdir(parents=True, exist_ok=True)
@@ -159,7 +163,7 @@ def build(tarball: Path, cache: Path | None = None, jobs: int | None = None,
         raise RuntimeError(f"kata 1.x build produced no {missing}")
     go_version = subprocess.run(["go", "version"], env=env, capture_output=True,
                                 text=True).stdout.strip()
-    info: dict[str, object] = {
+    info: dict[str, Any] = {
         "dir": str(out),
         "tarball": str(tarball),
         "go": go_version,
@@ -179,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="cache root (default $KATA_VFIO_CACHE or <repo>/build)")
     ap.add_argument("--jobs", type=int, default=None)
     ap.add_argument("--no-apt", action="store_true", help="do not install Debian packages")
+    ap.add_argument("--print", dest="print_name", metavar="NAME",
+                    help="print only the path of output NAME (kata-agent, kata-runtime, ...)")
     args = ap.parse_args(argv)
     if not args.tarball.is_file():
         print(f"no Kata 1.x source tarball at {args.tarball}", file=sys.stderr)
@@ -188,7 +194,14 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, subprocess.CalledProcessError) as e:
         print(e, file=sys.stderr)
         return 1
-    print(json.dumps(info))
+    if args.print_name:
+        if args.print_name not in info["outputs"]:
+            print(f"no output {args.print_name!r}; have {sorted(info['outputs'])}",
+                  file=sys.stderr)
+            return 2
+        print(info["outputs"][args.print_name])
+    else:
+        print(json.dumps(info))
     return 0
 
 
