@@ -21,6 +21,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -172,6 +173,9 @@ def build(tarball: Path, cache: Path | None = None, jobs: int | None = None,
         "outputs": {k: str(v) for k, v in outputs(out).items()},
     }
     (out / "done.json").write_text(json.dumps(info, indent=1) + "\n")
+    # outputs are cached by tarball hash, never rebuilt incrementally: the Go build cache
+    # is dead weight in a CI cache
+    shutil.rmtree(out / "gocache", ignore_errors=True)
     info["cached"] = False
     return info
 
