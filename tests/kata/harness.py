@@ -93,29 +93,24 @@ def _propagation(path: Path) -> tuple[str, str]:
     return target, prop
 
 
-@contextlib.contextmanager
-def shared_sandboxes() -> Iterator[None]:
+def shared_sandboxes() -> bool:
     """Kata 1.13 bind-mounts each container's rootfs under `.../sandboxes/<id>/mounts` and
     relies on propagation to the read-only `.../shared` view the guest gets over 9p. On a
     host whose root mount is private, make the sandboxes directory a shared mount of its
-    own (LAB.md section 4); undone afterwards if we did it."""
+    own (LAB.md section 4). Returns whether it changed anything.
+
+    Deliberately not undone: the fix is idempotent and harmless, and other Kata users of
+    this host (another test session, a Kata 3.x runtime) use the same directory; unmounting
+    it under a running sandbox would break that sandbox."""
     SHARED_SANDBOXES.mkdir(parents=True, exist_ok=True)
     target, prop = _propagation(SHARED_SANDBOXES)
     if "shared" in prop.split(","):
-        yield
-        return
-    mounted = target != str(SHARED_SANDBOXES)
-    if mounted:
+        return False
+    if target != str(SHARED_SANDBOXES):
         subprocess.run(["mount", "--bind", str(SHARED_SANDBOXES), str(SHARED_SANDBOXES)],
                        check=True)
     subprocess.run(["mount", "--make-shared", str(SHARED_SANDBOXES)], check=True)
-    try:
-        yield
-    finally:
-        if mounted:
-            subprocess.run(["umount", "-l", str(SHARED_SANDBOXES)], check=False)
-        else:
-            subprocess.run(["mount", "--make-private", str(SHARED_SANDBOXES)], check=False)
+    return True
 
 
 # -- the hypervisor launcher -------------------------------------------------------------
