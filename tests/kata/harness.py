@@ -223,7 +223,6 @@ def write_kata_config(generated: Path, out: Path, *, qemu: Path, kernel: Path, i
     text = generated.read_text()
     hv = "hypervisor.qemu"
     text = _set(text, hv, "path", q(str(qemu)))
-    text = _set(text, hv, "valid_hypervisor_paths", f"[{q(str(qemu))}]")
     text = _set(text, hv, "kernel", q(str(kernel)))
     text = _set(text, hv, "initrd", q(str(initrd)))
     text = _drop(text, hv, "image")
