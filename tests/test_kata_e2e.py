@@ -122,15 +122,19 @@ class Kata:
 
 
 @pytest.fixture(scope="module")
-def kata() -> Iterator[Kata]:
+def kata(request: pytest.FixtureRequest) -> Iterator[Kata]:
     # Not under pytest's tmp_path: a concurrent pytest session on the same machine prunes
     # /tmp/pytest-of-<user>/ down to 3 runs and would delete podman's storage, the launchers
-    # and the Kata configuration while VMs use them. KATA_VFIO_KEEP_RUN=1 keeps the directory.
+    # and the Kata configuration while VMs use them. Kept (console files, syslog, configs)
+    # when a test failed or KATA_VFIO_KEEP_RUN=1; podman's storage goes in any case.
     top = Path(tempfile.mkdtemp(prefix="kata-vfio-kata-e2e.", dir="/var/tmp"))
+    failed_before = request.session.testsfailed
     try:
         yield from _kata(top)
     finally:
-        if os.environ.get("KATA_VFIO_KEEP_RUN") == "1":
+        if os.environ.get("KATA_VFIO_KEEP_RUN") == "1" or \
+                request.session.testsfailed > failed_before:
+            shutil.rmtree(top / "storage", ignore_errors=True)
             print(f"\nkata e2e run directory kept: {top}")
         else:
             shutil.rmtree(top, ignore_errors=True)
@@ -286,11 +290,12 @@ def test_absent_device_fails_podman_run_with_the_hooks_line(kata: Kata) -> None:
     assert HOST_ABSENT in result.stderr, result.stderr
     print(f"\nabsent device: podman run exit {result.returncode} after {took:.1f} s: "
           f"{result.stderr.strip().splitlines()[-1]}")
-    # 15 s on an idle machine (measured 13-14.5 s: TCG boot ~11 s + the 1 s hook wait). TCG
-    # time stretches with the machine's load, so the bound also admits what a successful
-    # run took just before plus the hook's wait: "fails promptly", never Kata's own timeouts
+    # 15 s on an idle machine (measured 13-14.5 s: TCG boot ~11 s + the hook's wait). TCG
+    # time stretches with the machine's load (22-27 s at load 6 on 2 cores), so the bound
+    # scales with what a successful run took just before: "fails promptly", not Kata's
+    # own timeouts or a hang
     ok_run = kata.timings.get("podman run busybox (2 devices)") or kata.baseline()
-    limit = max(15.0, ok_run + HOTPLUG_TIMEOUT + 2.0)
+    limit = max(15.0, 1.5 * ok_run + HOTPLUG_TIMEOUT)
     assert took < limit, f"took {took:.1f} s (a successful run: {ok_run:.1f} s)"
     if cid:
         assert not harness.qemu_pids(cid)
