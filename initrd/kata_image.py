@@ -73,7 +73,7 @@ def module_files(kver: str, names: list[str]) -> list[Path]:
 
 def unpack(image: Path, dest: Path) -> None:
     dest.mkdir(parents=True)
-    subprocess.run(["lsinitrd", "--unpack", str(image)], cwd=dest, check=True,
+    subprocess.run(["lsinitrd", "--unpack", str(image.resolve())], cwd=dest, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
