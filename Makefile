@@ -12,7 +12,13 @@ KVER ?= $(shell dpkg-query -W -f='$${Depends}' linux-image-amd64 2>/dev/null | s
 
 APT_PACKAGES := podman runc conmon catatonit uidmap fuse-overlayfs slirp4netns \
 	qemu-system-x86 containerd dracut dracut-core linux-image-amd64 kmod cpio busybox-static \
-	golang-github-opencontainers-specs-dev pci.ids iproute2 python3-venv python3-pip python3-yaml
+	golang-github-opencontainers-specs-dev pci.ids iproute2 python3-venv python3-pip python3-yaml \
+	golang-go build-essential dpdk dpdk-dev
+# Kata 1.x from ../shared/third_party (a test dependency), built once and cached by the
+# tarball's hash under $(KATA_VFIO_CACHE) (CI keeps that across clean clones)
+KATA_VFIO_KATA1_TARBALL ?= $(abspath ../shared/third_party/kata-1.x-src.tar.gz)
+KATA_VFIO_CACHE ?= $(abspath $(BUILD))
+export KATA_VFIO_CACHE KATA_VFIO_KATA1_TARBALL
 PY_SOURCES := $(shell find common wrapper hook -name '*.py' -o -name '*.json') pyproject.toml
 
 .PHONY: all deps venv lint test test-unit initrd install-dracut-module demo bench \
@@ -50,7 +56,7 @@ test: lint initrd
 
 # Fast feedback: no podman, no VM, no dracut run.
 test-unit: venv
-	$(VENV)/bin/pytest -m "not podman and not vm and not containerd and not dracut" tests
+	$(VENV)/bin/pytest -m "not podman and not vm and not containerd and not dracut and not kata" tests
 
 $(BUILD)/kata-vfio-initrd.img: venv $(wildcard initrd/*) $(PY_SOURCES)
 	$(PY) initrd/build.py --kver $(KVER) --output $@
@@ -77,3 +83,19 @@ unregister-podman: venv
 
 clean:
 	rm -rf $(BUILD) $(VENV)
+
+# Kata 1.x runtime, agent, shim, proxy from source, cached by the tarball's hash
+kata1: deps
+	$(PYTHON) tests/kata/build_kata1.py --tarball $(KATA_VFIO_KATA1_TARBALL)
+
+# The guest image for a real Kata 1.x: `make initrd` + kata-agent as PID 1
+# (KATA_AGENT=PATH: any other agent binary)
+$(BUILD)/kata-vfio-kata.img: $(BUILD)/kata-vfio-initrd.img initrd/kata_image.py
+	agent="$${KATA_AGENT:-$$($(PYTHON) tests/kata/build_kata1.py --tarball $(KATA_VFIO_KATA1_TARBALL) --print kata-agent)}" \
+	  && $(PY) initrd/kata_image.py --kver $(KVER) --base-initrd $< --agent "$$agent" --output $@
+kata-image: $(BUILD)/kata-vfio-kata.img
+
+test-kata: venv initrd
+	KATA_VFIO_INITRD=$(abspath $(BUILD))/kata-vfio-initrd.img KATA_VFIO_KVER=$(KVER) \
+	  KATA_VFIO_REQUIRE_KATA=1 \
+	  $(VENV)/bin/pytest -m kata tests/test_kata_e2e.py

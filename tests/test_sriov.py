@@ -13,9 +13,9 @@ from kata_vfio_host.ledger import Host
 from kata_vfio_host.settings import Settings as _Settings
 from kata_vfio_host.sriov import set_vf_count
 from kata_vfio_runtime.lifecycle import prepare_bundle
-from test_allocate import NoLog, make_bundle
 
 from fakesys import NVME, FakeKernel, FakeSysfs
+from test_allocate import NoLog, make_bundle
 
 PF = "0000:00:06.0"
 

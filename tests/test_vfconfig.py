@@ -17,9 +17,9 @@ from kata_vfio_host.ledger import Host, read_journal_file
 from kata_vfio_host.settings import Settings
 from kata_vfio_host.vfconfig import Netlink, VfPort, parse_vf_config
 from kata_vfio_runtime.lifecycle import prepare_bundle
-from test_allocate import NoLog
 
 from fakesys import IGBVF, FakeKernel, FakeSysfs
+from test_allocate import NoLog
 
 MAC = "52:54:00:12:34:56"
 

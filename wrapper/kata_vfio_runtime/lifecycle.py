@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from kata_vfio.boundary import step
-from kata_vfio.jsonlog import wrapper_log
 from kata_vfio.errors import DeviceError
+from kata_vfio.jsonlog import wrapper_log
 from kata_vfio.pci import PciAddress
 from kata_vfio_host.allocate import SELECT_ANNOTATION, allocation_lock, choose, parse_select
 from kata_vfio_host.bindings import acquire, apply_vf_config, release_container
