@@ -181,3 +181,35 @@ def test_device_numbers_must_match_the_host(vfio_host: FakeSysfs, bundle: Path) 
                                           r"/dev/vfio/12 is 243:0"):
         edit_bundle(bundle, settings_for(vfio_host))
     assert (bundle / "config.json").read_bytes() == before
+
+
+def memlock(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    return [r for r in spec["process"].get("rlimits", []) if r["type"] == "RLIMIT_MEMLOCK"]
+
+
+def test_vfio_containers_get_memlock_for_dma(vfio_host: FakeSysfs, bundle: Path) -> None:
+    """Issue 8: DPDK pins DMA memory; inside the VM it is the guest's, so raise the limit."""
+    def ask(s: dict[str, Any]) -> None:
+        s["annotations"] = {DEVICES_ANNOTATION: "0000:03:00.0"}
+        s["process"]["rlimits"] = [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024},
+                                   {"type": "RLIMIT_MEMLOCK", "hard": 65536, "soft": 65536}]
+
+    write_spec(bundle, ask)
+    edit_bundle(bundle, settings_for(vfio_host))
+    spec = json.loads((bundle / "config.json").read_text())
+    assert memlock(spec) == [{"type": "RLIMIT_MEMLOCK", "hard": 2**64 - 1, "soft": 2**64 - 1}]
+    assert {"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024} in spec["process"]["rlimits"]
+    assert schema_errors({"ociVersion": "1.0.2", "process": spec["process"]}) == []
+
+
+def test_memlock_switch_and_plain_containers(vfio_host: FakeSysfs, bundle: Path) -> None:
+    write_spec(bundle, lambda s: s.update(annotations={DEVICES_ANNOTATION: "0000:03:00.0"}))
+    edit_bundle(bundle, settings_for(vfio_host, raise_memlock=False))
+    assert memlock(json.loads((bundle / "config.json").read_text())) == []
+    def plain(s: dict[str, Any]) -> None:
+        s.update(annotations={})
+        s["linux"]["devices"] = []
+
+    write_spec(bundle, plain)
+    edit_bundle(bundle, settings_for(vfio_host))  # no device: nothing raised
+    assert memlock(json.loads((bundle / "config.json").read_text())) == []

@@ -37,6 +37,7 @@ class Settings:
     state_dir: str = DEFAULT_STATE_DIR
     autobind_allow: tuple[str, ...] = ()
     hotplug_timeout: float = HOTPLUG_TIMEOUT_DEFAULT
+    raise_memlock: bool = True  # VFIO containers get RLIMIT_MEMLOCK unlimited (DPDK)
 
     @property
     def sysfs_path(self) -> Path:
@@ -98,6 +99,7 @@ def load_settings(path: str | None = None) -> Settings:
         state_dir=data.get("state_dir", Settings.state_dir),
         autobind_allow=tuple(autobind.get("allow", ())),
         hotplug_timeout=float(data.get("hotplug_timeout", Settings.hotplug_timeout)),
+        raise_memlock=bool(data.get("raise_memlock", Settings.raise_memlock)),
     )
     import json
 

@@ -91,6 +91,7 @@ def prepare_bundle(container_id: str | None, bundle: Path, settings: Settings, h
             bundle=str(bundle),
             groups=[str(g.host_group) for g in result.plan.manifest.groups],
             devices=[str(d.host_address) for d in result.plan.manifest.devices],
+            memlock="unlimited" if result.plan.memlock is not None else "as the spec says",
             edit_ms=round(result.seconds * 1000, 3),
         )
     elif result.written:

@@ -69,6 +69,14 @@ class SpecPlan:
     nodes: tuple[DeviceNode, ...]  # every VFIO node the container gets, /dev/vfio/vfio first
     annotations: dict[str, str]
     manifest: Manifest
+    memlock: int | None = None  # RLIMIT_MEMLOCK to raise process.rlimits to, if lower
+
+
+# A userspace driver pins its DMA memory: without CAP_IPC_LOCK or a large RLIMIT_MEMLOCK,
+# DPDK fails with "Cannot set up DMA remapping, error 12". Inside a Kata VM the memory
+# locked is the guest's own, so VFIO containers get it unlimited unless config.toml says
+# raise_memlock = false.
+RLIM_INFINITY = (1 << 64) - 1
 
 
 def parse_address_list(text: str) -> list[PciAddress]:
@@ -197,7 +205,8 @@ def plan_edit(spec: dict[str, Any], settings: Settings,
     }
     if allocated:
         annotations[ALLOCATED_ANNOTATION] = ",".join(str(a) for a in allocated)
-    return SpecPlan(tuple(nodes), annotations, manifest)
+    return SpecPlan(tuple(nodes), annotations, manifest,
+                    RLIM_INFINITY if settings.raise_memlock else None)
 
 
 def _has_allow_rule(rules: list[Any], node: DeviceNode) -> bool:
@@ -232,7 +241,23 @@ def apply_plan(spec: dict[str, Any], plan: SpecPlan) -> dict[str, Any]:
     if annotations is None:
         annotations = new["annotations"] = {}
     annotations.update(plan.annotations)
+    if plan.memlock is not None and isinstance(new.get("process"), dict):
+        raise_memlock(new["process"], plan.memlock)
     return new
+
+
+def raise_memlock(process: dict[str, Any], limit: int) -> None:
+    """RLIMIT_MEMLOCK at least `limit` (soft and hard); a higher one is kept."""
+    rlimits = process.get("rlimits")
+    if not isinstance(rlimits, list):
+        rlimits = process["rlimits"] = []
+    for entry in rlimits:
+        if isinstance(entry, dict) and entry.get("type") == "RLIMIT_MEMLOCK":
+            for key in ("soft", "hard"):
+                if not isinstance(entry.get(key), int) or entry[key] < limit:
+                    entry[key] = limit
+            return
+    rlimits.append({"type": "RLIMIT_MEMLOCK", "hard": limit, "soft": limit})
 
 
 def strip_own_annotations(spec: dict[str, Any]) -> dict[str, Any]:
