@@ -260,8 +260,10 @@ def bench_hook(initrd: Path, kver: str) -> None:
     print(f"hook (guest, TCG): bare python3 -I -S {bare:.0f} ms; hook(1) {hook1:.0f} ms "
           f"(kernel rebind {reb1:.0f} ms = {reb1 / hook1:.0%}); hook({n}) {hookn:.0f} ms "
           f"(kernel rebind {rebn:.0f} ms = {rebn / hookn:.0%})")
-    print(f"  hook(1) - rebind = {(hook1 - reb1) / bare:.1f}x bare start (target <= 4x); "
-          f"hook({n}) / hook(1) = {hookn / hook1:.2f} (target <= 1.5)")
+    first = (result["first_hook"] - result["first_rebind"]) * 1e3
+    print(f"  hook(1) - rebind = {(hook1 - reb1) / bare:.1f}x bare start warm, "
+          f"{first / bare:.1f}x on the first run in a fresh guest ({first:.0f} ms; target "
+          f"<= 4x for both); hook({n}) / hook(1) = {hookn / hook1:.2f} (target <= 1.5)")
 
 
 def initrd_sizes(initrd: Path, kver: str) -> None:

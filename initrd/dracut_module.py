@@ -8,8 +8,10 @@ writes ``<modules.d>/90kata-vfio`` with everything its ``install()`` needs besid
     module-setup.sh   the module itself (check / depends / installkernel / install)
     kata-vfio-hook    the hook's launcher, a real file in the image (kata-agent skips symlinks)
     pylib/            the kata_vfio and kata_vfio_hook packages, for /usr/lib/kata-vfio
+    pyc/              bytecode for every one of those .py files (unchecked-hash pycs):
+                      the hook's first run in each VM, the one Kata pays for, compiles nothing
     files.tsv         "source<TAB>destination": exactly the standard-library files the hook
-                      imports (absolute paths on this host) and pylib/ (relative paths)
+                      imports (absolute paths on this host), pylib/ and pyc/ (relative paths)
     python            the interpreter to install as /usr/bin/python3
 
 `make initrd` (build.py) generates the same thing into a temporary copy.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import shutil
 import sys
@@ -58,16 +61,49 @@ def generate(moddir: Path, python: str = GUEST_PYTHON) -> None:
         shutil.copytree(package_dir(name), pylib / name,
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     lines = []
-    for src, dst in closure(python, pylib, HOOK_IMPORTS, HOOK_PACKAGES):
+    files = closure(python, pylib, HOOK_IMPORTS, HOOK_PACKAGES)
+    for src, dst in files:
         source = Path(src)
         if source.is_relative_to(pylib.resolve()):  # copied beside the module: keep it movable
             source = source.relative_to(moddir.resolve())
         lines.append(f"{source}\t{dst}\n")
+    for pyc, dst in compile_bytecode(python, moddir, files):
+        lines.append(f"{pyc}\t{dst}\n")
     (moddir / "files.tsv").write_text("".join(lines))
     (moddir / "python").write_text(python + "\n")
     launcher = moddir / "kata-vfio-hook"
     launcher.write_text(LAUNCHER)
     launcher.chmod(0o755)
+
+
+_COMPILER = """
+import json, py_compile, sys
+for src, cfile, dfile in json.loads(sys.argv[1]):
+    py_compile.compile(src, cfile=cfile, dfile=dfile, doraise=True,
+                       invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+"""
+
+
+def compile_bytecode(python: str, moddir: Path, files: list[tuple[str, str]]
+                     ) -> list[tuple[str, str]]:
+    """Unchecked-hash pycs, compiled by the guest's own interpreter, for every .py the hook
+    imports: (pyc relative to moddir, its place in the image's __pycache__). Reproducible:
+    no timestamps inside, and the interpreter never rewrites them."""
+    from kata_vfio.run import run
+
+    tag = run([python, "-I", "-S", "-c", "import sys; print(sys.implementation.cache_tag)"],
+              what="asking the guest python for its bytecode tag").stdout.strip()
+    (moddir / "pyc").mkdir(exist_ok=True)
+    jobs, pairs = [], []
+    for n, (src, dst) in enumerate(sorted(f for f in files if f[0].endswith(".py"))):
+        source = moddir / src if not src.startswith("/") else Path(src)
+        where = Path(dst)
+        cfile = f"pyc/{n:04d}-{where.stem}.{tag}.pyc"
+        jobs.append((str(source), str(moddir / cfile), dst))
+        pairs.append((cfile, str(where.parent / "__pycache__" / f"{where.stem}.{tag}.pyc")))
+    run([python, "-I", "-S", "-c", _COMPILER, json.dumps(jobs)],
+        what="compiling the hook's bytecode")
+    return pairs
 
 
 def install_module(modules_dir: Path, python: str = GUEST_PYTHON) -> Path:

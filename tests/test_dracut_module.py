@@ -108,6 +108,16 @@ def test_the_readme_route_with_the_system_dracut(tmp_path: Path) -> None:
     assert entries[HOOK].startswith("-rwxr-xr-x"), entries.get(HOOK)  # a real, executable file
     assert entries["usr/bin/python3"].startswith("-rwx")
     assert "usr/lib/kata-vfio/kata_vfio_hook/main.py" in entries
+    # issue 8: bytecode for what the hook imports, so its first run compiles nothing
+    for pyc in ("usr/lib/kata-vfio/kata_vfio_hook/__pycache__/main.cpython-311.pyc",
+                "usr/lib/python3.11/__pycache__/json.cpython-311.pyc"
+                if "usr/lib/python3.11/json.py" in entries else
+                "usr/lib/python3.11/json/__pycache__/__init__.cpython-311.pyc"):
+        assert pyc in entries, pyc
+    header = subprocess.run(["lsinitrd", "-f", "usr/lib/kata-vfio/kata_vfio_hook/__pycache__/"
+                             "main.cpython-311.pyc", str(image)], capture_output=True,
+                            check=True).stdout[:16]
+    assert int.from_bytes(header[4:8], "little") == 1  # unchecked hash: never recompiled
     modules = {Path(name).name.split(".")[0] for name in entries if ".ko" in name}
     assert {"vfio", "vfio-pci", "vfio_iommu_type1"} <= modules, modules
     hook = subprocess.run(["lsinitrd", "-f", HOOK, str(image)], capture_output=True,

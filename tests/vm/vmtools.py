@@ -164,7 +164,7 @@ GUEST_PROGRAMS = {
 }
 HOST_PACKAGES = ("kata_vfio", "kata_vfio_host", "kata_vfio_ctl", "kata_vfio_runtime",
                  "pyroute2", "psutil", "tomlkit", "jsonschema", "jsonschema_specifications",
-                 "referencing", "rpds", "attr", "attrs", "typing_extensions.py")
+                 "referencing", "rpds", "attr", "attrs", "typing_extensions.py", "structlog")
 
 
 def add_host_tools(root: Path) -> None:
