@@ -297,3 +297,31 @@ def test_doctor_leaves_kata1_to_its_own_checks(host: tuple[Path, Path, Path]) ->
     kata, _, _ = host
     kata.write_text(KATA1)
     assert doctor_checks(kata, Settings(), runtimes=NO_PROGRAM) is None
+
+
+def test_doctor_looks_for_the_hook_in_the_initrd(host: tuple[Path, Path, Path], tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    kata, config, state = host
+    lsinitrd = tmp_path / "bin" / "lsinitrd"
+    lsinitrd.parent.mkdir(exist_ok=True)
+    listing = tmp_path / "listing"
+    lsinitrd.write_text(f"#!/bin/sh\ncat {listing}\n")
+    lsinitrd.chmod(0o755)
+    initrd = tmp_path / "kata-vfio-initrd.img"
+    initrd.write_bytes(b"070701")
+    with pytest.raises(ConfigError, match="does not exist"):
+        install_kata(kata, Settings(), config, state, initrd=str(tmp_path / "none.img"),
+                     runtimes=NO_PROGRAM)
+    install_kata(kata, Settings(), config, state, initrd=str(initrd), runtimes=NO_PROGRAM)
+    settings = Settings(kata_config_path=str(kata.with_name(GENERATED_NAME)))
+    monkeypatch.setenv("PATH", f"{lsinitrd.parent}:{os.environ['PATH']}")
+    for text, status in [
+        ("-rwxr-xr-x 1 root root 273 Nov 24 08:03 usr/share/oci/hooks/prestart/"
+         "kata-vfio-hook\n", OK),
+        ("-rw-r--r-- 1 root root 273 Nov 24 08:03 usr/share/oci/hooks/prestart/"
+         "kata-vfio-hook\n", FAIL),
+        ("drwxr-xr-x 2 root root 0 Nov 24 08:03 usr/share/oci/hooks\n", FAIL),
+    ]:
+        listing.write_text(text)
+        checks = doctor_checks(kata, settings, runtimes=NO_PROGRAM)
+        assert checks is not None and statuses(checks)["kata:image"] == status, text

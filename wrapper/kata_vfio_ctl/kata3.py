@@ -343,6 +343,11 @@ def install_kata(installed: Path, settings: Settings, config_file: Path, state_d
         return InstallResult(release, None, (
             f"{installed}: {release}: "
             + ("set " + ", ".join(changed) if changed else "already configured"),))
+    if initrd:
+        initrd = os.path.abspath(initrd)
+        if not os.path.isfile(initrd):
+            raise ConfigError(f"guest initrd {initrd} does not exist",
+                              "build it with `make initrd`, or leave --guest-initrd out")
     target = generated_path(installed, settings)
     if target.resolve() == installed.resolve():
         raise ConfigError(f"kata_config_path {target} is the installed configuration",
@@ -553,9 +558,30 @@ def check_image(path: Path, qemu: dict[str, Any], settings: Settings) -> Check:
         return Check("kata:image", OK, f"{guest} (the agent rebinds; it needs vfio-pci in the "
                      "guest kernel)")
     if initrd:
-        from kata_vfio_ctl.doctor import check_kata_initrd
-
-        return check_kata_initrd(path)
+        return check_initrd_hook(initrd, settings.guest_hook_path)
     return Check("kata:image", WARN, f"{image} is a disk image: kata-vfio cannot look inside",
                  f"make sure it has {settings.guest_hook_path}/prestart/kata-vfio-hook, or "
                  "kata-vfio-ctl install --guest-initrd build/kata-vfio-initrd.img")
+
+
+def check_initrd_hook(initrd: str, guest_hook_path: str) -> Check:
+    """Is the hook in the initrd, where the agent looks (a real file: it skips symlinks)?"""
+    from kata_vfio.run import CommandError, run
+
+    wanted = f"{guest_hook_path.strip('/')}/prestart/kata-vfio-hook"
+    try:
+        listing = run(["lsinitrd", initrd], what="listing the guest initrd", check=False,
+                      timeout=60).stdout
+    except CommandError as err:
+        return Check("kata:image", WARN, f"cannot look into {initrd}: {err.message}", err.hint)
+    for line in listing.splitlines():
+        fields = line.split()
+        if fields and fields[-1] == wanted:
+            if line.startswith("-") and "x" in fields[0]:
+                return Check("kata:image", OK, f"{initrd} has /{wanted}")
+            return Check("kata:image", FAIL, f"{initrd}: /{wanted} is not an executable file "
+                         "(the agent skips symlinks and non-executables)",
+                         "rebuild it with `make initrd`")
+    return Check("kata:image", FAIL, f"{initrd} has no /{wanted}",
+                 "build the guest image with `make initrd` (initrd/90kata-vfio), or set "
+                 "guest_hook_path to where its hook is")
