@@ -325,3 +325,25 @@ def test_doctor_looks_for_the_hook_in_the_initrd(host: tuple[Path, Path, Path], 
         listing.write_text(text)
         checks = doctor_checks(kata, settings, runtimes=NO_PROGRAM)
         assert checks is not None and statuses(checks)["kata:image"] == status, text
+
+
+def test_uninstall_after_the_state_dir_was_lost(host: tuple[Path, Path, Path],
+                                                tmp_path: Path) -> None:
+    kata, config, state = host
+    install_kata(kata, Settings(), config, state, runtimes=NO_PROGRAM)
+    generated = kata.with_name(GENERATED_NAME)
+    uninstall_kata(kata, Settings(kata_config_path=str(generated)), config,
+                   tmp_path / "another-state")
+    assert not generated.exists()
+    assert "kata_config_path" not in tomllib.loads(config.read_text())
+
+
+def test_kata1_with_kata_config_path_is_refused(host: tuple[Path, Path, Path]) -> None:
+    kata, config, state = host
+    kata.write_text(KATA1)
+    settings = Settings(kata_config_path=str(kata.with_name(GENERATED_NAME)))
+    with pytest.raises(ConfigError, match="kata_config_path"):
+        install_kata(kata, settings, config, state, runtimes=NO_PROGRAM)
+    checks = doctor_checks(kata, settings, runtimes=NO_PROGRAM)
+    assert checks is not None and statuses(checks)["kata:config_path"] == FAIL
+    assert kata.read_text() == KATA1

@@ -336,6 +336,11 @@ def install_kata(installed: Path, settings: Settings, config_file: Path, state_d
     if release.major < 2:
         from kata_vfio_ctl.kata_conf import install
 
+        if settings.kata_config_path:
+            raise ConfigError(
+                f"kata_config_path is set in {config_file}, but this is {release}: the wrapper "
+                "would name a configuration file instead of adding the guest_hook_path "
+                "annotation Kata 1.x needs", "remove kata_config_path from config.toml")
         if initrd:
             raise ConfigError("--guest-initrd is for Kata >= 2",
                               f"for {release} set initrd = \"{initrd}\" in {installed}")
@@ -387,14 +392,19 @@ def uninstall_kata(installed: Path | None, settings: Settings, config_file: Path
             lines.append(f"{target}: removed")
         elif target.exists():
             lines.append(f"{target}: left alone (not written by kata-vfio)")
-        _undo_config_key(Path(entry.get("config_file") or config_file), "kata_config_path",
-                         entry.get("config_undo") or {})
-        lines.append(f"{entry.get('config_file') or config_file}: kata_config_path restored")
+        undo = entry.get("config_undo") or {}
+        _undo_config_key(Path(entry.get("config_file") or config_file), "kata_config_path", undo)
+        if undo.get("after") != undo.get("before"):
+            lines.append(f"{entry.get('config_file') or config_file}: kata_config_path removed")
     if record:
         _write_record(state_dir, {})
-    if not record and settings.kata_config_path and is_generated(Path(settings.kata_config_path)):
-        Path(settings.kata_config_path).unlink()  # a record lost with its state dir
+    elif settings.kata_config_path and is_generated(Path(settings.kata_config_path)):
+        # the record went with its state dir: still remove the file, and the key naming it
+        Path(settings.kata_config_path).unlink()
         lines.append(f"{settings.kata_config_path}: removed")
+        _undo_config_key(config_file, "kata_config_path",
+                         {"before": None, "after": "", "present": False})
+        lines.append(f"{config_file}: kata_config_path removed")
     if installed is not None and installed.exists():
         from kata_vfio_ctl.kata_conf import uninstall
 
@@ -420,7 +430,14 @@ def doctor_checks(installed: Path | None, settings: Settings, *,
     except ConfigError as err:
         return [Check("kata:version", FAIL, err.message, err.hint)]
     if release.major < 2:
-        return None
+        if not settings.kata_config_path:
+            return None
+        from kata_vfio_ctl.doctor import check_kata
+
+        return [Check("kata:config_path", FAIL, f"{release}, but kata_config_path is set: VFIO "
+                      "containers would not get the guest_hook_path annotation",
+                      "remove kata_config_path from config.toml"),
+                *check_kata(installed, settings.guest_hook_path, settings.annotations)]
     return [Check("kata:version", OK, str(release)), *check_generated(installed, settings, release)]
 
 
