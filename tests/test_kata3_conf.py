@@ -119,12 +119,12 @@ def test_version_lines_of_both_majors() -> None:
 
 
 @pytest.mark.parametrize(("text", "release"), [
-    (KATA3, (3, 2)), (KATA2, (2, 0)), (KATA1, (1, 0)),
+    (KATA3, (3, 2)), (KATA2, None), (KATA1, (1, 0)),
     (KATA2 + '\n[runtime]\nvfio_mode = "vfio"\n', (2, 3)),
 ])
-def test_release_from_configuration_keys(text: str, release: tuple[int, int]) -> None:
+def test_release_from_configuration_keys(text: str, release: tuple[int, int] | None) -> None:
     found = release_from_keys(tomllib.loads(text))
-    assert (found.major, found.minor) == release
+    assert (None if found is None else (found.major, found.minor)) == release
 
 
 def test_program_wins_over_keys_and_disagreement_is_refused(tmp_path: Path) -> None:
@@ -136,6 +136,12 @@ def test_program_wins_over_keys_and_disagreement_is_refused(tmp_path: Path) -> N
     with pytest.raises(ConfigError, match="--kata-version"):
         detect_release(conf, data, runtimes=fake_runtime(tmp_path, "1.13.0"))
     assert detect_release(conf, data, "1.13", runtimes=NO_PROGRAM).major == 1
+    # a file that tells nothing: the program decides, and without one install asks
+    trimmed = tomllib.loads(KATA2)
+    assert detect_release(conf, trimmed, runtimes=fake_runtime(tmp_path, "2.2.3")) \
+        == KataRelease(2, 2)
+    with pytest.raises(ConfigError, match="--kata-version"):
+        detect_release(conf, trimmed, runtimes=NO_PROGRAM)
 
 
 # --- the generated file ---------------------------------------------------------------------

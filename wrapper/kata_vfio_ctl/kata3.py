@@ -14,10 +14,12 @@ Which Kata? (`detect_release`)
   1. `--kata-version` when given;
   2. `kata-runtime --version` ("kata-runtime  : 3.30.0"), asked through run();
   3. the configuration's own keys: `[proxy.*]` or `[shim.*]` tables, or `use_vsock` in the
-     hypervisor table, exist only in 1.x; `hot_plug_vfio` / `cold_plug_vfio` only in
-     >= 3.2; `[runtime] vfio_mode` only in >= 2.3; anything else without 1.x tables is 2.0.
-  When the program and the file disagree on 1.x against >= 2, install refuses and asks for
-  --kata-version: it cannot know which of them the engine uses.
+     hypervisor table, exist only in 1.x (its shipped files always have both tables);
+     `hot_plug_vfio` / `cold_plug_vfio` only in >= 3.2; `[runtime] vfio_mode` only in
+     >= 2.3 (both uncommented in the shipped files).
+  When the program and the file disagree on 1.x against >= 2, or neither tells (no program,
+  a trimmed file), install refuses and asks for --kata-version: it will not guess which
+  Kata the engine uses.
 
 What the generated file sets ([hypervisor.qemu] unless said):
   machine_type = "q35", enable_iommu = true (Kata adds intel_iommu=on iommu=pt itself);
@@ -83,8 +85,9 @@ def parse_version(text: str, source: str) -> KataRelease | None:
     return KataRelease(int(found[1]), int(found[2]), source) if found else None
 
 
-def release_from_keys(data: dict[str, Any]) -> KataRelease:
-    """What the configuration file's own keys tell (see the module docstring)."""
+def release_from_keys(data: dict[str, Any]) -> KataRelease | None:
+    """What the configuration file's own keys tell (see the module docstring); None when
+    they tell nothing for sure (a trimmed file, or 2.0-2.2)."""
     source = "configuration keys"
     hypervisor = _qemu_or_first(data)
     if "proxy" in data or "shim" in data or "use_vsock" in hypervisor:
@@ -93,7 +96,7 @@ def release_from_keys(data: dict[str, Any]) -> KataRelease:
         return KataRelease(3, 2, source)
     if "vfio_mode" in (data.get("runtime") or {}):
         return KataRelease(2, 3, source)
-    return KataRelease(2, 0, source)
+    return None
 
 
 def release_from_program(runtimes: tuple[str, ...] = KATA_RUNTIMES) -> KataRelease | None:
@@ -129,7 +132,13 @@ def detect_release(path: Path, data: dict[str, Any], explicit: str | None = None
     by_keys = release_from_keys(data)
     by_program = release_from_program(runtimes)
     if by_program is None:
+        if by_keys is None:
+            raise ConfigError(f"cannot tell which Kata uses {path}: no kata-runtime to ask, "
+                              "and none of the keys that differ between Kata 1.x and 2.x/3.x",
+                              "pass --kata-version (e.g. 1.13 or 3.30)")
         return by_keys
+    if by_keys is None:
+        return by_program
     if (by_program.major == 1) != (by_keys.major == 1):
         raise ConfigError(
             f"{by_program} but {path} looks like Kata {by_keys.major}.x",
@@ -458,7 +467,7 @@ def check_generated(installed: Path | None, settings: Settings,
     except ConfigError as err:
         return [Check("kata:generated", FAIL, err.message, "kata-vfio-ctl install")]
     checks = [_check_origin(path, installed)]
-    release = release or release_from_keys(data)
+    release = release or release_from_keys(data) or KataRelease(2, 0, "unknown")
     qemu = (data.get("hypervisor") or {}).get("qemu") or {}
     checks.append(check_iommu(qemu))
     checks.append(check_plug(qemu, release))
