@@ -42,10 +42,10 @@ from kata_vfio.pci import (
 from kata_vfio_host.settings import GUEST_AGENT, Settings
 
 VFIO_DIR = "/dev/vfio/"
+VFIO_CONTAINER_PATH = "/dev/vfio/vfio"
 # Kata >= 2 reads neither behind enable_annotations (src/runtime/pkg/annotations).
 KATA_CONFIG_PATH_ANNOTATION = "io.katacontainers.config_path"
 KATA_VFIO_MODE_ANNOTATION = "io.katacontainers.config.runtime.vfio_mode"
-VFIO_CONTAINER_PATH = "/dev/vfio/vfio"
 # Annotations only the wrapper writes: a container that brings its own (on CRI engines
 # annotations come from pod specs) would steer the guest hook to devices of its choice.
 ALLOCATED_ANNOTATION = "io.kata-vfio.allocated"
