@@ -353,3 +353,17 @@ def test_kata1_with_kata_config_path_is_refused(host: tuple[Path, Path, Path]) -
     checks = doctor_checks(kata, settings, runtimes=NO_PROGRAM)
     assert checks is not None and statuses(checks)["kata:config_path"] == FAIL
     assert kata.read_text() == KATA1
+
+
+def test_doctor_on_a_file_that_tells_no_release(host: tuple[Path, Path, Path]) -> None:
+    """Then the wrapper's own rule decides: no kata_config_path, Kata 1.x checks."""
+    kata, config, state = host
+    kata.write_text(KATA2)
+    assert doctor_checks(kata, Settings(), runtimes=NO_PROGRAM) is None
+    install_kata(kata, Settings(), config, state, kata_version="2.2", runtimes=NO_PROGRAM)
+    settings = Settings(kata_config_path=str(kata.with_name(GENERATED_NAME)))
+    checks = doctor_checks(kata, settings, runtimes=NO_PROGRAM)
+    assert checks is not None
+    found = statuses(checks)
+    assert (found["kata:version"], found["kata:generated"], found["kata:plug"]) == \
+        (WARN, OK, OK)
