@@ -14,15 +14,16 @@ Which Kata? (`detect_release`)
   1. `--kata-version` when given;
   2. `kata-runtime --version` ("kata-runtime  : 3.30.0"), asked through run();
   3. the configuration's own keys: `[proxy.*]` or `[shim.*]` tables, or `use_vsock` in the
-     hypervisor table, exist only in 1.x (its shipped files always have both tables);
+     hypervisor table, exist only in 1.x (1.13's shipped files have both tables);
      `hot_plug_vfio` / `cold_plug_vfio` only in >= 3.2; `[runtime] vfio_mode` only in
-     >= 2.3 (both uncommented in the shipped files).
+     >= 2.3 (3.30's shipped file sets all three uncommented).
   When the program and the file disagree on 1.x against >= 2, or neither tells (no program,
   a trimmed file), install refuses and asks for --kata-version: it will not guess which
   Kata the engine uses.
 
 What the generated file sets ([hypervisor.qemu] unless said):
-  machine_type = "q35", enable_iommu = true (Kata adds intel_iommu=on iommu=pt itself);
+  machine_type = "q35", enable_iommu = true (3.30 adds intel_iommu=on iommu=pt itself,
+  virtcontainers/qemu_amd64.go);
   >= 3.2: hot_plug_vfio = "root-port", cold_plug_vfio = "no-port" (only one may be set; a
           file that cold-plugs keeps cold_plug_vfio = "root-port" and hot_plug_vfio off),
           pcie_root_port >= 2 (the root ports a hot-plug has to land on);
