@@ -16,7 +16,9 @@ import tomlkit
 from kata_vfio.errors import ConfigError
 
 KATA_CONFIGS = (Path("/etc/kata-containers/configuration.toml"),
-                Path("/usr/share/defaults/kata-containers/configuration.toml"))
+                Path("/usr/share/defaults/kata-containers/configuration.toml"),
+                # Kata's release tarball and kata-deploy (3.x)
+                Path("/opt/kata/share/defaults/kata-containers/configuration.toml"))
 IOMMU_PARAMS = ("intel_iommu=on", "iommu=pt")
 HYPERVISOR_ANNOTATION_PREFIX = "io.katacontainers.config.hypervisor."
 

@@ -25,6 +25,9 @@ from kata_vfio.defaults import (
 from kata_vfio.errors import ConfigError
 from kata_vfio_host.cache import config_path, read_cache, write_cache
 
+GUEST_HOOK = "hook"
+GUEST_AGENT = "agent"
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -38,6 +41,12 @@ class Settings:
     autobind_allow: tuple[str, ...] = ()
     hotplug_timeout: float = HOTPLUG_TIMEOUT_DEFAULT
     raise_memlock: bool = True  # VFIO containers get RLIMIT_MEMLOCK unlimited (DPDK)
+    # Kata >= 2: how the guest gets its devices ("hook": this project's guest hook with
+    # Kata's vfio_mode = "guest-kernel"; "agent": Kata's vfio_mode = "vfio") and the
+    # configuration file `kata-vfio-ctl install` generated. Empty: Kata 1.x, where the
+    # wrapper adds the guest_hook_path annotation instead of io.katacontainers.config_path.
+    guest: str = GUEST_HOOK
+    kata_config_path: str = ""
 
     @property
     def sysfs_path(self) -> Path:
@@ -100,6 +109,8 @@ def load_settings(path: str | None = None) -> Settings:
         autobind_allow=tuple(autobind.get("allow", ())),
         hotplug_timeout=float(data.get("hotplug_timeout", Settings.hotplug_timeout)),
         raise_memlock=bool(data.get("raise_memlock", Settings.raise_memlock)),
+        guest=data.get("guest", Settings.guest),
+        kata_config_path=data.get("kata_config_path", Settings.kata_config_path),
     )
     import json
 

@@ -39,10 +39,13 @@ from kata_vfio.pci import (
     usable_by_vfio,
     vfio_group_devnum,
 )
-from kata_vfio_host.settings import Settings
+from kata_vfio_host.settings import GUEST_AGENT, Settings
 
 VFIO_DIR = "/dev/vfio/"
 VFIO_CONTAINER_PATH = "/dev/vfio/vfio"
+# Kata >= 2 reads neither behind enable_annotations (src/runtime/pkg/annotations).
+KATA_CONFIG_PATH_ANNOTATION = "io.katacontainers.config_path"
+KATA_VFIO_MODE_ANNOTATION = "io.katacontainers.config.runtime.vfio_mode"
 # Annotations only the wrapper writes: a container that brings its own (on CRI engines
 # annotations come from pod specs) would steer the guest hook to devices of its choice.
 ALLOCATED_ANNOTATION = "io.kata-vfio.allocated"
@@ -200,13 +203,28 @@ def plan_edit(spec: dict[str, Any], settings: Settings,
     manifest = Manifest(tuple(resolved), settings.hotplug_timeout)
     annotations = {
         **settings.annotations,
-        GUEST_HOOK_PATH_ANNOTATION: settings.guest_hook_path,
+        **kata_annotations(settings),
         MANIFEST_ANNOTATION: manifest.to_json(),
     }
     if allocated:
         annotations[ALLOCATED_ANNOTATION] = ",".join(str(a) for a in allocated)
     return SpecPlan(tuple(nodes), annotations, manifest,
                     RLIM_INFINITY if settings.raise_memlock else None)
+
+
+def kata_annotations(settings: Settings) -> dict[str, str]:
+    """How a VFIO container tells Kata what it needs.
+
+    Kata 1.x (no kata_config_path): the guest_hook_path annotation. Kata >= 2 refuses
+    that one unless enable_annotations lists it, so there the container names the
+    configuration file `kata-vfio-ctl install` generated (hook path, IOMMU, root-port
+    plugging, vfio_mode all inside); neither key below is gated."""
+    if not settings.kata_config_path:
+        return {GUEST_HOOK_PATH_ANNOTATION: settings.guest_hook_path}
+    annotations = {KATA_CONFIG_PATH_ANNOTATION: settings.kata_config_path}
+    if settings.guest == GUEST_AGENT:
+        annotations[KATA_VFIO_MODE_ANNOTATION] = "vfio"
+    return annotations
 
 
 def _has_allow_rule(rules: list[Any], node: DeviceNode) -> bool:
