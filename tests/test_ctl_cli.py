@@ -158,7 +158,8 @@ def test_doctor_reads_lsinitrd_output_that_is_not_utf8(bare_config: Path, tmp_pa
                                                        kata_with_initrd: Path) -> None:
     bin_dir = tmp_path / "bin"
     fake_tool(bin_dir, "lsinitrd",
-              r"printf '\377\376 usr/share/oci/hooks/prestart/kata-vfio-hook\n'")
+              r"printf '\377\376 not text\n-rwxr-xr-x   1 root root  212 Nov 24 08:00 "
+              r"usr/share/oci/hooks/prestart/kata-vfio-hook\n'")
     fake_tool(bin_dir, "modinfo", "echo 'modinfo: ERROR: Module vfio-pci not found.' >&2; exit 1")
     result = run_ctl(["doctor", "--json", "--kata-config", str(kata_with_initrd),
                       "--conf", str(tmp_path / "c.conf")], bare_config, path=str(bin_dir))

@@ -123,3 +123,9 @@ def test_the_readme_route_with_the_system_dracut(tmp_path: Path) -> None:
     hook = subprocess.run(["lsinitrd", "-f", HOOK, str(image)], capture_output=True,
                           text=True, check=True).stdout
     assert hook.startswith("#!/usr/bin/python3 -IS") and "kata_vfio_hook.main" in hook
+    # doctor finds the hook in the listing of this very image
+    from kata_vfio_ctl.doctor import OK, check_kata_initrd
+
+    conf = tmp_path / "configuration.toml"
+    conf.write_text(f'[hypervisor.qemu]\ninitrd = "{image}"\n')
+    assert check_kata_initrd(conf).status == OK

@@ -131,3 +131,18 @@ def test_bad_input_is_one_line_and_changes_nothing(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("kata-vfio-ctl: ") and message in err[0]
     assert {p: p.read_text() for p in vfio_host.root.rglob("driver_override")} == before
+
+
+def test_doctor_says_what_dpdk_needs(tmp_path: Path) -> None:
+    """Issue 8: memlock for DMA and two vCPUs for testpmd's two lcores."""
+    from kata_vfio_ctl.doctor import OK, WARN, check_dpdk
+    from kata_vfio_host.settings import Settings
+
+    conf = tmp_path / "configuration.toml"
+    conf.write_text("[hypervisor.qemu]\ndefault_vcpus = 1\n")
+    one = check_dpdk(Settings(), conf)
+    assert one.status == WARN and "--lcores 0@0,1@0" in one.detail
+    off = check_dpdk(Settings(raise_memlock=False), None)
+    assert off.status == WARN and "--cap-add IPC_LOCK" in off.detail
+    conf.write_text("[hypervisor.qemu]\ndefault_vcpus = 2\n")
+    assert check_dpdk(Settings(), conf).status == OK

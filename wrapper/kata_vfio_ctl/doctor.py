@@ -8,7 +8,10 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kata_vfio_host.settings import Settings
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 CAP_IPC_LOCK = 14
@@ -105,12 +108,13 @@ def check_kata_initrd(path: Path) -> Check:
         return Check("kata:initrd", FAIL, "Kata boots an image, not an initrd",
                      "build one with `make initrd` and set initrd = \"…\" in " + str(path))
     try:
-        listing = run(["lsinitrd", str(initrd), HOOK_IN_IMAGE], what=f"listing {initrd}",
-                      timeout=120)
+        # the listing (lsinitrd IMG FILE would print the file's contents instead)
+        listing = run(["lsinitrd", str(initrd)], what=f"listing {initrd}", timeout=120)
     except CommandError as err:
         return Check("kata:initrd", FAIL, f"cannot look inside {initrd}: {err.message}",
                      err.hint)
-    if "kata-vfio-hook" in listing.stdout:
+    if any(line.split()[-1:] == [HOOK_IN_IMAGE] and line.startswith("-rwx")
+           for line in listing.stdout.splitlines()):
         return Check("kata:initrd", OK, f"{initrd} has the kata-vfio hook")
     return Check("kata:initrd", FAIL, f"{initrd} has no kata-vfio hook",
                  "build the guest image with `make initrd` (initrd/90kata-vfio)")
@@ -152,11 +156,53 @@ def check_memlock(proc: Path) -> Check:
                  "--ulimit memlock in the container")
 
 
+def check_dpdk(settings: Settings | None, kata_config: Path | None) -> Check:
+    """What a DPDK/SPDK program in a Kata container needs beyond the /dev/vfio nodes:
+    locked memory for DMA, two vCPUs for testpmd's two lcores (or an --lcores map),
+    /sys (read-only is enough) and a writable /run or /tmp."""
+    needs = "DPDK needs RLIMIT_MEMLOCK or CAP_IPC_LOCK, /sys, a writable /run or /tmp"
+    problems = []
+    if settings is not None and not settings.raise_memlock:
+        problems.append("raise_memlock = false: pass --cap-add IPC_LOCK or "
+                        "--ulimit memlock=-1:-1 yourself")
+    vcpus = None
+    if kata_config is not None:
+        import tomllib
+
+        try:
+            for table in tomllib.loads(kata_config.read_text()).get("hypervisor", {}).values():
+                vcpus = table.get("default_vcpus", vcpus)
+        except (OSError, ValueError):
+            pass
+    if isinstance(vcpus, int) and 0 < vcpus < 2:
+        problems.append(f"Kata gives guests {vcpus} vCPU: run testpmd with "
+                        "--lcores 0@0,1@0, or set default_vcpus = 2")
+    if problems:
+        return Check("dpdk", WARN, f"{needs}; " + "; ".join(problems))
+    return Check("dpdk", OK, f"{needs}: VFIO containers get RLIMIT_MEMLOCK unlimited")
+
+
 def run_checks(sysfs: Path, proc: Path, kata_config: Path | None, containers_conf: Path,
-               guest_hook_path: str, annotations: dict[str, str]) -> list[Check]:
+               guest_hook_path: str, annotations: dict[str, str],
+               settings: Settings | None = None, kata_version: str | None = None
+               ) -> list[Check]:
     return [check_iommu(sysfs, proc), check_interrupt_remapping(proc), check_vfio_modules(sysfs),
-            *check_kata(kata_config, guest_hook_path, annotations), check_podman(containers_conf),
-            check_memlock(proc)]
+            *check_kata_release(kata_config, guest_hook_path, annotations, settings,
+                                kata_version),
+            check_podman(containers_conf), check_memlock(proc),
+            check_dpdk(settings, kata_config)]
+
+
+def check_kata_release(path: Path | None, guest_hook_path: str, annotations: dict[str, str],
+                       settings: Settings | None, kata_version: str | None) -> list[Check]:
+    """Kata >= 2: the generated configuration (kata3.py); Kata 1.x: the in-place settings."""
+    if settings is not None:
+        from kata_vfio_ctl.kata3 import doctor_checks
+
+        checks = doctor_checks(path, settings, kata_version=kata_version)
+        if checks is not None:
+            return checks
+    return check_kata(path, guest_hook_path, annotations)
 
 
 def render(checks: list[Check]) -> str:

@@ -322,7 +322,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     settings = load_settings()
     checks = run_checks(Path(settings.sysfs), Path("/proc"), find_config(args.kata_config),
-                        Path(args.conf), settings.guest_hook_path, settings.annotations)
+                        Path(args.conf), settings.guest_hook_path, settings.annotations,
+                        settings=settings, kata_version=args.kata_version)
     print(json.dumps(as_json(checks), indent=1) if args.json else render(checks))
     failed = [c.name for c in checks if c.status == FAIL]
     if failed:
@@ -333,36 +334,43 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def cmd_install(args: argparse.Namespace) -> int:
     from kata_vfio.errors import ConfigError
-    from kata_vfio_ctl.kata_conf import find_config, install
+    from kata_vfio_ctl.kata3 import install_kata
+    from kata_vfio_ctl.kata_conf import find_config
     from kata_vfio_ctl.podman_conf import register
+    from kata_vfio_host.cache import config_path
     from kata_vfio_host.settings import load_settings
 
     settings = load_settings()
     kata = find_config(args.kata_config)
     if kata is None:
         raise ConfigError("no Kata configuration.toml found", "pass --kata-config PATH")
-    changed = install(kata, Path(settings.state_dir), settings.guest_hook_path,
-                      settings.annotations)
-    print(f"{kata}: {'set ' + ', '.join(changed) if changed else 'already configured'}")
+    # Kata 1.x: kata_conf's in-place edit; Kata >= 2: configuration-kata-vfio.toml beside
+    # it, named by kata_config_path in config.toml
+    result = install_kata(kata, settings, Path(config_path()), Path(settings.state_dir),
+                          initrd=args.guest_initrd, kata_version=args.kata_version)
+    for line in result.lines:
+        print(line)
     podman = register(Path(args.conf), args.runtime_path)
     print(f"{args.conf}: {'registered kata-vfio' if podman else 'already registered'}")
     from kata_vfio_ctl.engines import install_engines
 
-    for line in install_engines(args, str(kata)):
+    for line in install_engines(args, str(result.generated or kata)):
         print(line)
     return 0
 
 
 def cmd_uninstall(args: argparse.Namespace) -> int:
-    from kata_vfio_ctl.kata_conf import find_config, uninstall
+    from kata_vfio_ctl.kata3 import uninstall_kata
+    from kata_vfio_ctl.kata_conf import find_config
     from kata_vfio_ctl.podman_conf import unregister
+    from kata_vfio_host.cache import config_path
     from kata_vfio_host.settings import load_settings
 
     settings = load_settings()
     kata = find_config(args.kata_config)
-    if kata is not None:
-        restored = uninstall(kata, Path(settings.state_dir))
-        print(f"{kata}: {'restored ' + ', '.join(restored) if restored else 'nothing to undo'}")
+    lines = uninstall_kata(kata, settings, Path(config_path()), Path(settings.state_dir))
+    for line in lines or [f"{kata or 'Kata configuration'}: nothing to undo"]:
+        print(line)
     removed = unregister(Path(args.conf))
     print(f"{args.conf}: {'removed kata-vfio' if removed else 'not registered'}")
     from kata_vfio_ctl.engines import uninstall_engines
@@ -418,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kata-config", help="Kata configuration.toml (default: Kata's search)")
     p.add_argument("--conf", default=str(CONTAINERS_CONF), help="podman containers.conf")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--kata-version", metavar="MAJOR.MINOR",
+                   help="which Kata uses the configuration (default: kata-runtime --version, "
+                        "else the configuration's keys)")
     p.set_defaults(func=cmd_doctor)
 
     for name, func, text in (("install", cmd_install, "configure Kata and podman for kata-vfio"),
@@ -427,6 +438,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--conf", default=str(CONTAINERS_CONF), help="podman containers.conf")
         if name == "install":
             p.add_argument("--runtime-path", default=_default_runtime_path())
+            p.add_argument("--kata-version", metavar="MAJOR.MINOR",
+                           help="which Kata uses the configuration (default: kata-runtime "
+                                "--version, else the configuration's keys)")
+            p.add_argument("--guest-initrd", metavar="PATH",
+                           help="Kata >= 2: boot this initrd (e.g. build/kata-vfio-initrd.img) "
+                                "in the generated configuration instead of the installed image")
         from kata_vfio_ctl.engines import add_install_options
 
         add_install_options(p, install=name == "install")
