@@ -85,7 +85,10 @@ def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]
     log_file = top / "kata-vfio.log"
     config = top / "kata-vfio.toml"
     config.write_text(f'shim = "containerd-shim-runc-v2"\nsysfs = "{fs.root}"\n'
-                      f'log_file = "{log_file}"\nstate_dir = "{state_dir}"\n')
+                      f'log_file = "{log_file}"\nstate_dir = "{state_dir}"\n'
+                      # runc stands in for Kata: without CAP_SYS_RESOURCE here it cannot
+                      # raise RLIMIT_MEMLOCK (Kata applies it inside the guest)
+                      'raise_memlock = false\n')
     # containerd finds containerd-shim-kata-vfio-v2 on its PATH, and hands its own
     # environment (KATA_VFIO_CONFIG) to the shims it starts
     bindir = top / "bin"

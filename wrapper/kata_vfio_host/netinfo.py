@@ -26,17 +26,26 @@ def vf_index(sysfs: Path, pf: PciAddress, vf: PciAddress) -> int | None:
     return None
 
 
-def mac_from_link(link: Any, index: int) -> str | None:
-    """Pick VF `index`'s MAC out of an RTM_NEWLINK message with VF info."""
+def vf_attr(link: Any, index: int, name: str) -> Any:
+    """VF `index`'s attribute `name` (IFLA_VF_MAC, IFLA_VF_VLAN, …) out of an RTM_NEWLINK
+    message with VF info; None when the message has none."""
     vfinfo_list = link.get_attr("IFLA_VFINFO_LIST")
     if vfinfo_list is None:
         return None
     for info in vfinfo_list.get_attrs("IFLA_VF_INFO"):
-        mac = info.get_attr("IFLA_VF_MAC")
-        if mac and mac.get("vf") == index:
-            text = str(mac.get("mac", "")).lower()[:17]
-            return text if text and text != _ZERO_MAC else None
+        attr = info.get_attr(name)
+        if attr and attr.get("vf") == index:
+            return attr
     return None
+
+
+def mac_from_link(link: Any, index: int) -> str | None:
+    """Pick VF `index`'s MAC out of an RTM_NEWLINK message with VF info."""
+    mac = vf_attr(link, index, "IFLA_VF_MAC")
+    if mac is None:
+        return None
+    text = str(mac.get("mac", "")).lower()[:17]
+    return text if text and text != _ZERO_MAC else None
 
 
 def vf_mac(sysfs: Path, vf: PciAddress, pf: PciAddress) -> str | None:

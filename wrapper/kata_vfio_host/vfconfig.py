@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from kata_vfio.errors import DeviceError
-from kata_vfio.pci import PciAddress, device_dir, interfaces_below, read_device
+from kata_vfio.pci import PciAddress, interfaces_below, read_device
 
 VF_CONFIG_ANNOTATION = "io.kata-vfio.vf-config"
 _HEX = frozenset("0123456789abcdef")
@@ -76,12 +76,9 @@ def vf_port(sysfs: Path, vf: PciAddress) -> VfPort:
     if dev.physfn is None:
         raise DeviceError(f"{VF_CONFIG_ANNOTATION}: {vf} is not an SR-IOV virtual function",
                           "MAC and VLAN can be set for VFs only")
-    pf_dir = device_dir(sysfs, dev.physfn)
-    index = None
-    for name in os.listdir(pf_dir):
-        if name.startswith("virtfn") and name[6:].isdigit() \
-                and os.path.basename(os.readlink(pf_dir / name)) == str(vf):
-            index = int(name[6:])
+    from kata_vfio_host.netinfo import vf_index
+
+    index = vf_index(sysfs, dev.physfn, vf)
     interfaces = interfaces_below(sysfs, dev.physfn)
     if index is None or not interfaces:
         raise DeviceError(f"{VF_CONFIG_ANNOTATION}: the PF {dev.physfn} of {vf} has no network "
@@ -127,14 +124,10 @@ class Netlink:
 
 
 def vlan_from_link(link: Any, index: int) -> int | None:
-    vfinfo_list = link.get_attr("IFLA_VFINFO_LIST")
-    if vfinfo_list is None:
-        return None
-    for info in vfinfo_list.get_attrs("IFLA_VF_INFO"):
-        vlan = info.get_attr("IFLA_VF_VLAN")
-        if vlan and vlan.get("vf") == index:
-            return int(vlan.get("vlan", 0))
-    return None
+    from kata_vfio_host.netinfo import vf_attr
+
+    vlan = vf_attr(link, index, "IFLA_VF_VLAN")
+    return None if vlan is None else int(vlan.get("vlan", 0))
 
 
 NetlinkFactory = Callable[[], Any]

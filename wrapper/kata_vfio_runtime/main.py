@@ -12,20 +12,18 @@ from __future__ import annotations
 import os
 import sys
 
-from kata_vfio.boundary import guarded, step
+from kata_vfio.boundary import step
 from kata_vfio.defaults import DEFAULT_CONFIG, DEFAULT_RUNTIME, DEFAULT_STATE_DIR
 from kata_vfio.errors import UsageError
 from kata_vfio_host.cache import config_path, read_cache, resolve_runtime
-from kata_vfio_runtime.args import EDIT_VERBS, Invocation, parse
+from kata_vfio_runtime.args import EDIT_VERBS, Invocation, parse, plain_id
+from kata_vfio_runtime.handover import hand_over
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: `typing` costs ~2 ms on every verb
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
-    ExecFn = Callable[[str, list[str]], object]
+    from kata_vfio_runtime.handover import ExecFn
 
 PROG = "kata-vfio"
-_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 
 
 def passthrough_settings() -> tuple[str, str]:
@@ -43,12 +41,6 @@ def passthrough_settings() -> tuple[str, str]:
         settings = load_settings(path)
         runtime, state_dir = settings.runtime, settings.state_dir
     return resolve_runtime(runtime, path), state_dir
-
-
-def plain_id(text: str | None) -> bool:
-    """Could this id have a marker file? (`.`, `..`, paths: never.)"""
-    return bool(text) and len(text or "") <= 256 and set(text or "") <= _ID_CHARS \
-        and not (text or "").startswith(".")
 
 
 def prepare_create(inv: Invocation) -> str:
@@ -143,20 +135,8 @@ def decide(argv: list[str], inv: Invocation) -> str | int:
 def main(argv: list[str] | None = None, exec_fn: ExecFn | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
     inv = parse(argv)
-    outcome: list[str | int] = []
-
-    def body() -> int:
-        outcome.append(decide(argv, inv))
-        return 0
-
-    code = guarded(PROG, body, report=lambda line: log_record(line, inv))
-    if not outcome:
-        return code
-    target = outcome[0]
-    if isinstance(target, int):
-        return target
-    (exec_fn or os.execv)(target, [target, *argv[1:]])
-    return 127  # not reached with os.execv: it replaces this process or raises
+    return hand_over(PROG, argv, lambda: decide(argv, inv), exec_fn,
+                     report=lambda line: log_record(line, inv))
 
 
 if __name__ == "__main__":

@@ -26,22 +26,21 @@ from __future__ import annotations
 import os
 import sys
 
-from kata_vfio.boundary import guarded, step
+from kata_vfio.boundary import step
 from kata_vfio.defaults import DEFAULT_CONFIG, DEFAULT_SHIM, DEFAULT_STATE_DIR, SHIM_WRAPPER
 from kata_vfio.errors import ConfigError
 from kata_vfio_host.cache import config_path, read_cache, which
+from kata_vfio_runtime.args import plain_id
+from kata_vfio_runtime.handover import hand_over
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
-    ExecFn = Callable[[str, list[str]], object]
+    from kata_vfio_runtime.handover import ExecFn
 
 PROG = SHIM_WRAPPER
 # Go flag-package flags of containerd's shim command line that take a value
 VALUE_FLAGS = frozenset({"namespace", "address", "publish-binary", "id", "bundle", "socket",
                          "debug-address"})
-_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 
 
 class ShimCall:
@@ -156,7 +155,7 @@ def decide(argv: list[str], call: ShimCall) -> str | int:
             return prepare_start(call, me)
     shim, state_dir = passthrough_shim(me)
     cid = call.container_id or ""
-    if call.action == "delete" and cid and set(cid) <= _ID_CHARS and not cid.startswith(".") \
+    if call.action == "delete" and plain_id(cid) \
             and os.path.exists(f"{state_dir}/containers/{cid}"):
         return delete_and_release(shim, argv, call)
     return shim
@@ -165,20 +164,7 @@ def decide(argv: list[str], call: ShimCall) -> str | int:
 def main(argv: list[str] | None = None, exec_fn: ExecFn | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
     call = parse_shim_args(argv)
-    outcome: list[str | int] = []
-
-    def body() -> int:
-        outcome.append(decide(argv, call))
-        return 0
-
-    code = guarded(PROG, body)
-    if not outcome:
-        return code
-    target = outcome[0]
-    if isinstance(target, int):
-        return target
-    (exec_fn or os.execv)(target, [target, *argv[1:]])
-    return 127  # not reached with os.execv
+    return hand_over(PROG, argv, lambda: decide(argv, call), exec_fn)
 
 
 if __name__ == "__main__":
