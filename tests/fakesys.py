@@ -238,3 +238,15 @@ class FakeKernel:
         native = self.fs.native.get(addr)
         if native:
             self.fs.set_driver(addr, native)
+
+
+def engine_host(root: Path) -> FakeSysfs:
+    """The host the engine tests (podman, containerd, CDI) share: group 12 with one NIC,
+    group 13 with two, both already handed to vfio-pci by an admin."""
+    fs = FakeSysfs(root)
+    fs.add_device("0000:03:00.0", group=12, driver="vfio-pci")
+    fs.add_vfio_group(12, minor=0)
+    fs.add_device("0000:04:00.0", group=13, driver="vfio-pci")
+    fs.add_device("0000:04:00.1", group=13, driver="vfio-pci")
+    fs.add_vfio_group(13, minor=1)
+    return fs

@@ -14,7 +14,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from fakesys import FakeSysfs
+from fakesys import engine_host
+from wrapper_run import busybox_rootfs, installed
 
 pytestmark = [
     pytest.mark.containerd,
@@ -65,22 +65,10 @@ class Containerd:
         return json.loads(journal.read_text())["claims"] if journal.exists() else {}
 
 
-def installed_shim() -> Path:
-    path = Path(sys.executable).with_name("containerd-shim-kata-vfio-v2")
-    if not path.exists():
-        pytest.skip("containerd-shim-kata-vfio-v2 is not installed here (run through make test)")
-    return path
-
-
 @pytest.fixture(scope="module")
 def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]:
     top = tmp_path_factory.mktemp("containerd")
-    fs = FakeSysfs(top / "sys")
-    fs.add_device("0000:04:00.0", group=13, driver="vfio-pci")
-    fs.add_device("0000:04:00.1", group=13, driver="vfio-pci")
-    fs.add_vfio_group(13, minor=1)
-    fs.add_device("0000:03:00.0", group=12, driver="vfio-pci")
-    fs.add_vfio_group(12, minor=0)
+    fs = engine_host(top / "sys")
     state_dir = top / "state"
     log_file = top / "kata-vfio.log"
     config = top / "kata-vfio.toml"
@@ -93,7 +81,7 @@ def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]
     # environment (KATA_VFIO_CONFIG) to the shims it starts
     bindir = top / "bin"
     bindir.mkdir()
-    (bindir / "containerd-shim-kata-vfio-v2").symlink_to(installed_shim())
+    (bindir / "containerd-shim-kata-vfio-v2").symlink_to(installed("containerd-shim-kata-vfio-v2"))
     env = {**os.environ, "KATA_VFIO_CONFIG": str(config),
            "PATH": f"{bindir}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
     sock = top / "containerd.sock"
@@ -104,13 +92,7 @@ def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]
         'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
         f'[grpc]\n  address = "{sock}"\n[ttrpc]\n  address = "{sock}.ttrpc"\n'
         f'[debug]\n  address = "{sock}.debug"\n')
-    rootfs = top / "rootfs"
-    (rootfs / "bin").mkdir(parents=True)
-    for d in ("proc", "sys", "dev", "tmp"):
-        (rootfs / d).mkdir()
-    shutil.copy("/bin/busybox", rootfs / "bin/busybox")
-    for applet in ("sh", "cat", "stat", "sleep", "ls", "echo", "true"):
-        (rootfs / "bin" / applet).symlink_to("busybox")
+    rootfs = busybox_rootfs(top / "rootfs")
     daemon_log = open(top / "containerd.log", "w")  # noqa: SIM115
     daemon = subprocess.Popen(["containerd", "--config", str(cfg)], env=env,
                               stdout=daemon_log, stderr=subprocess.STDOUT)

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +20,9 @@ import pytest
 from kata_vfio.manifest import GUEST_HOOK_PATH_ANNOTATION, MANIFEST_ANNOTATION, Manifest
 from kata_vfio_ctl.podman_conf import register
 
-from fakesys import FakeSysfs
+from fakesys import FakeSysfs, engine_host
 from ocischema import schema_errors
+from wrapper_run import busybox_rootfs, installed
 
 pytestmark = [
     pytest.mark.podman,
@@ -49,23 +49,10 @@ class Podman:
         return result
 
 
-def installed_wrapper() -> Path:
-    """The kata-vfio that `pip install` put beside this interpreter (what users run)."""
-    path = Path(sys.executable).with_name("kata-vfio")
-    if not path.exists():
-        pytest.skip("kata-vfio is not installed in this environment (run through make test)")
-    return path
-
-
 @pytest.fixture(scope="module")
 def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
     top = tmp_path_factory.mktemp("podman")
-    fs = FakeSysfs(top / "sys")
-    fs.add_device("0000:04:00.0", group=13, driver="vfio-pci")
-    fs.add_device("0000:04:00.1", group=13, driver="vfio-pci")
-    fs.add_vfio_group(13, minor=1)
-    fs.add_device("0000:03:00.0", group=12, driver="vfio-pci")
-    fs.add_vfio_group(12, minor=0)
+    fs = engine_host(top / "sys")
     log_file = top / "kata-vfio.log"
     config = top / "kata-vfio.toml"
     config.write_text(
@@ -79,7 +66,8 @@ def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
     # config path (podman keys runtime features by basename, so the name matters)
     launcher = top / "bin" / "kata-vfio"
     launcher.parent.mkdir()
-    launcher.write_text(f"#!/bin/sh\nKATA_VFIO_CONFIG={config} exec {installed_wrapper()} \"$@\"\n")
+    wrapper = installed("kata-vfio")
+    launcher.write_text(f"#!/bin/sh\nKATA_VFIO_CONFIG={config} exec {wrapper} \"$@\"\n")
     launcher.chmod(0o755)
     conf = top / "containers.conf"
     conf.write_text('[containers]\ndefault_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]\n'
@@ -88,11 +76,7 @@ def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
     env = {**os.environ, "CONTAINERS_CONF": str(conf)}
     base = ["podman", "--root", str(top / "storage"), "--runroot", str(top / "run"),
             "--storage-driver", "vfs", "--runtime", "kata-vfio"]
-    rootfs = top / "rootfs"
-    (rootfs / "bin").mkdir(parents=True)
-    shutil.copy("/bin/busybox", rootfs / "bin/busybox")
-    for applet in ("sh", "cat", "stat", "sleep", "ls", "echo"):
-        (rootfs / "bin" / applet).symlink_to("busybox")
+    rootfs = busybox_rootfs(top / "rootfs", ("sh", "cat", "stat", "sleep", "ls", "echo"))
     subprocess.run(["tar", "-C", str(rootfs), "-cf", str(top / "rootfs.tar"), "."], check=True)
     pm = Podman(base, env, fs, log_file)
     pm.run("import", str(top / "rootfs.tar"), IMAGE, check=True)

@@ -65,3 +65,28 @@ def run_wrapper(args: list[str], config: Path, record: Path, **kwargs: Any
            **kwargs.pop("env", {})}
     return subprocess.run([*wrapper_command(), *args], env=env, text=True,
                           capture_output=True, timeout=60, **kwargs)
+
+
+def installed(name: str) -> Path:
+    """A command `pip install` put beside this interpreter (what users run); the test is
+    skipped where the package is not installed (make test installs it)."""
+    import pytest
+
+    path = Path(sys.executable).with_name(name)
+    if not path.exists():
+        pytest.skip(f"{name} is not installed in this environment (run through make test)")
+    return path
+
+
+def busybox_rootfs(root: Path, applets: tuple[str, ...] = (
+        "sh", "cat", "stat", "sleep", "ls", "echo", "true")) -> Path:
+    """A container root filesystem of busybox and some applets."""
+    import shutil
+
+    (root / "bin").mkdir(parents=True)
+    for d in ("proc", "sys", "dev", "tmp"):
+        (root / d).mkdir(exist_ok=True)
+    shutil.copy("/bin/busybox", root / "bin/busybox")
+    for applet in applets:
+        (root / "bin" / applet).symlink_to("busybox")
+    return root
