@@ -43,3 +43,7 @@ GUEST_CLAIMS_DIR = "/run/kata-vfio/claims"
 # --- limits on untrusted input -----------------------------------------------------------
 MAX_CONFIG_JSON_BYTES = 16 << 20  # an OCI config.json is kilobytes; refuse anything absurd
 MAX_STATE_FILE_BYTES = 4 << 20
+
+# --- annotations a container may set (the wrapper's own live in kata_vfio.manifest) -----
+SELECT_ANNOTATION = "io.kata-vfio.select"
+VF_CONFIG_ANNOTATION = "io.kata-vfio.vf-config"

@@ -18,6 +18,7 @@ import re
 from collections.abc import Iterator
 from typing import NamedTuple
 
+from kata_vfio.defaults import SELECT_ANNOTATION
 from kata_vfio.errors import DeviceError
 from kata_vfio.pci import (
     IommuGroup,
@@ -38,7 +39,6 @@ from kata_vfio_host.ledger import (
     read_journal_file,
 )
 
-SELECT_ANNOTATION = "io.kata-vfio.select"
 _REQUEST = re.compile(r"^(?P<ids>.*?)(?:\*(?P<count>\d+))?$")
 MAX_COUNT = 256
 

@@ -14,10 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from kata_vfio.defaults import VF_CONFIG_ANNOTATION
 from kata_vfio.errors import DeviceError
 from kata_vfio.pci import PciAddress, interfaces_below, read_device
 
-VF_CONFIG_ANNOTATION = "io.kata-vfio.vf-config"
 _HEX = frozenset("0123456789abcdef")
 
 

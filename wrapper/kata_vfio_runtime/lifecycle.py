@@ -12,15 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from kata_vfio.boundary import step
+from kata_vfio.defaults import SELECT_ANNOTATION, VF_CONFIG_ANNOTATION
 from kata_vfio.errors import DeviceError
 from kata_vfio.jsonlog import wrapper_log
 from kata_vfio.pci import PciAddress
-from kata_vfio_host.allocate import SELECT_ANNOTATION, allocation_lock, choose, parse_select
 from kata_vfio_host.bindings import acquire, apply_vf_config, release_container
 from kata_vfio_host.ledger import ContainerId, Host
 from kata_vfio_host.settings import Settings
-from kata_vfio_host.usage import uses
-from kata_vfio_host.vfconfig import VF_CONFIG_ANNOTATION, parse_vf_config
 from kata_vfio_runtime.spec_edit import (
     EditResult,
     edit_bundle,
@@ -55,6 +53,8 @@ def prepare_bundle(container_id: str | None, bundle: Path, settings: Settings, h
             acquired = ContainerId.parse(container_id)
 
             def in_use(addr: PciAddress) -> list[str]:
+                from kata_vfio_host.usage import uses
+
                 return uses(host.sysfs, Path("/proc"), addr)
 
             with step("claiming the container's IOMMU groups"):
@@ -62,6 +62,8 @@ def prepare_bundle(container_id: str | None, bundle: Path, settings: Settings, h
                     bound = acquire(host, acquired, groups, addresses, settings.autobind_allow,
                                     str(bundle), in_use=in_use)
                 else:
+                    from kata_vfio_host.allocate import allocation_lock, choose, parse_select
+
                     requests = parse_select(str(select))
                     with allocation_lock(host):
                         chosen = choose(host, requests, settings.autobind_allow, acquired)
@@ -72,6 +74,8 @@ def prepare_bundle(container_id: str | None, bundle: Path, settings: Settings, h
                 log.info("auto-bound", devices=[str(a) for a in bound])
             vf_config = (spec.get("annotations") or {}).get(VF_CONFIG_ANNOTATION)
             if vf_config is not None:
+                from kata_vfio_host.vfconfig import parse_vf_config
+
                 with step("setting the VFs' MAC and VLAN on their PF"):
                     done = apply_vf_config(host, acquired, str(vf_config))
                     macs = {s.vf: s.mac for s in parse_vf_config(str(vf_config)) if s.mac}
