@@ -14,9 +14,9 @@ gives the guest two e1000e standing for the two host devices asked for.
 Output: the 1.x shim deadlocks `ctr run -d` without --null-io (stdin FIFO), and --null-io
 drops the container's stdout. `ctr tasks exec` is no way out: it has no --null-io, always
 opens FIFOs, and wedged the 1.x shim the same way when tried here (the exec did not return
-within 120 s, nor did the `ctr tasks kill` after it). The container therefore writes what it sees into a host directory bind-mounted into
-it (Kata shares it with the guest over 9p); the hook's own log
-reaches the guest console through the test relay hook (tests/kata/guest/), as in
+within 120 s, nor did the `ctr tasks kill` after it). The container therefore writes what
+it sees into a host directory bind-mounted into it (Kata shares it with the guest over 9p);
+the hook's own log reaches the guest console through the test relay hook (tests/kata/guest/), as in
 test_kata_e2e.py.
 
 Skipped when the Kata 1.x source tarball is missing, unless KATA_VFIO_REQUIRE_KATA=1.
