@@ -22,6 +22,7 @@ import signal
 import socket
 import stat
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,36 +64,68 @@ def _dev_log_alive() -> bool:
         return False
 
 
-@contextlib.contextmanager
-def syslog(log_file: Path) -> Iterator[Path | None]:
-    """A syslog listener on /dev/log writing to `log_file` for the duration.
-
-    If one is already running it is used as is and None is yielded (its log is elsewhere).
-    """
-    if _dev_log_alive():
-        yield None
-        return
+def _start_syslogd(log_file: Path) -> subprocess.Popen[bytes]:
     with contextlib.suppress(FileNotFoundError):
         os.unlink("/dev/log")  # a stale socket from a killed listener
     busybox = shutil.which("busybox") or "/bin/busybox"
     proc = subprocess.Popen([busybox, "syslogd", "-n", "-O", str(log_file)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 5
-        while not _dev_log_alive():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"busybox syslogd did not start (exit {proc.poll()})")
-            time.sleep(0.02)
-        yield log_file
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
+    deadline = time.monotonic() + 5
+    while not _dev_log_alive():
+        if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             proc.wait()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink("/dev/log")
+            raise RuntimeError(f"busybox syslogd did not start (exit {proc.poll()})")
+        time.sleep(0.02)
+    return proc
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@contextlib.contextmanager
+def syslog(log_file: Path) -> Iterator[Path | None]:
+    """A syslog listener on /dev/log for the duration, writing to `log_file` when it is ours.
+
+    /dev/log is one per machine: another Kata session may own the listener and take it (and
+    the socket) away while our VMs still log. A watcher thread starts ours whenever /dev/log
+    stops answering; ours is stopped, and its socket removed, at the end. Yields `log_file`
+    if ours ran from the start, else None (the log is elsewhere)."""
+    procs: list[subprocess.Popen[bytes]] = []
+    stop = threading.Event()
+
+    def ensure() -> None:
+        if _dev_log_alive():
+            return
+        for proc in procs:  # ours lost its socket (someone unlinked it)
+            _stop(proc)
+        procs[:] = [_start_syslogd(log_file)]
+
+    ours_first = not _dev_log_alive()
+    ensure()
+
+    def watch() -> None:
+        while not stop.wait(0.2):
+            with contextlib.suppress(RuntimeError, OSError):
+                ensure()
+
+    watcher = threading.Thread(target=watch, name="kata-vfio-syslog", daemon=True)
+    watcher.start()
+    try:
+        yield log_file if ours_first else None
+    finally:
+        stop.set()
+        watcher.join()
+        for proc in procs:
+            _stop(proc)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink("/dev/log")
 
 
 # -- mount propagation ----------------------------------------------------------------

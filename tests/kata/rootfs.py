@@ -77,7 +77,8 @@ def dpdk_rootfs(root: Path) -> Path:
     ensure_dpdk()
     busybox_rootfs(root)
     testpmd = shutil.which("dpdk-testpmd") or "/usr/bin/dpdk-testpmd"
-    todo = [testpmd]
+    # glibc dlopens libgcc_s for pthread_cancel (testpmd's exit): without it, SIGSEGV at exit
+    todo = [testpmd, "/usr/lib/x86_64-linux-gnu/libgcc_s.so.1"]
     for name in DPDK_PLUGINS:
         todo.append(f"{PMD_DIR}/{name}.so")
     seen: set[str] = set()
