@@ -6,6 +6,10 @@ create-time edit for 1, 8 and 32 VFIO devices (target <= 40 ms for 8).
 Hook, in one guest boot: wall time for 1 and for 4 devices against a bare
 `python3 -I -S -c pass`, and the share that is the kernel's rebind
 (targets: hook(1) <= 4x bare + kernel time, hook(N) <= 1.5x hook(1)).
+Real Kata 1.x (TCG: ratios only; when its build is cached, see tests/kata/): `podman run
+--rm` to the container's first line with 0, 1 and 4 VFIO devices, the hook's share of it
+(total_ms of its "done" record), dpdk-testpmd's start to link up
+(targets: hook(4) <= 1.5x hook(1), hook < 10 % of the whole start).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests" / "vm"), str(REPO / "initrd")]
 RUNS = 30
+KATA_RUNS = 5
 
 
 def median_ms(samples: list[float]) -> float:
@@ -269,6 +274,112 @@ def bench_hook(initrd: Path, kver: str) -> None:
           f"<= 4x for both); hook({n}) / hook(1) = {hookn / hook1:.2f} (target <= 1.5)")
 
 
+TESTPMD_LINK = """
+echo kvfio-exec-testpmd
+A=""
+for d in /sys/bus/pci/drivers/vfio-pci/0000:*; do A="$A -a ${d##*/}"; done
+exec dpdk-testpmd --lcores 0@0,1@0 $A --iova-mode=va --no-huge -m 256 \\
+    -- --total-num-mbufs=2048 --no-lsc-interrupt </dev/null
+"""
+# --no-lsc-interrupt: testpmd's start-up link check then polls (every 100 ms, up to 9 s) until
+# every port is up and prints "Port N Link up ..." for each; with LSC interrupts it looks once
+# and prints nothing if a link is not up yet. stdin at EOF: testpmd exits after starting.
+
+
+def link_up(lines: list[tuple[float, str]], ports: int) -> float | None:
+    """When testpmd had reported every port's link up: the last of the "Port N Link up"
+    lines of ports 0..ports-1 (its start-up link check, printed once all ports are up)."""
+    import re
+
+    first: dict[int, float] = {}
+    for t, line in lines:
+        m = re.match(r"Port (\d+) Link up", line)
+        if m and int(m.group(1)) not in first:
+            first[int(m.group(1))] = t
+    if not all(p in first for p in range(ports)):
+        return None
+    return max(first[p] for p in range(ports))
+
+
+def bench_kata(initrd: Path | None, kver: str | None, runs: int) -> None:
+    """Under a real Kata 1.x (TCG: ratios only), through podman and kata-vfio."""
+    from kata.env import Unavailable, environment
+
+    if initrd:
+        os.environ.setdefault("KATA_VFIO_INITRD", str(initrd))  # the image's base layer
+    if kver:
+        os.environ.setdefault("KATA_VFIO_KVER", kver)
+    runs = max(runs, 5)
+    # not under /tmp: podman's storage and the VMs' files live here for minutes
+    with tempfile.TemporaryDirectory(prefix="kata-vfio-bench-kata.", dir="/var/tmp") as tmp:
+        try:
+            with environment(Path(tmp), build=False) as kata:
+                _bench_kata(kata, runs)
+        except Unavailable as exc:
+            print(f"kata 1.x: skipped: {exc}")
+
+
+def _bench_kata(kata: object, runs: int) -> None:
+    from kata.env import BUSYBOX, DPDK, HOST_NICS, Kata, annotation
+
+    assert isinstance(kata, Kata)
+    counts = (0, 1, 4)
+    first: dict[int, list[float]] = {n: [] for n in counts}
+    hook: dict[int, list[float]] = {n: [] for n in counts if n}
+    share: dict[int, list[float]] = {n: [] for n in counts if n}
+
+    def one(n: int) -> tuple[float, float | None]:
+        run = kata.run_streamed(*annotation(*HOST_NICS[:n]), BUSYBOX, "echo", "kvfio-first")
+        at = run.first(r"^kvfio-first$")
+        if run.returncode != 0 or at is None:
+            raise RuntimeError(f"podman run with {n} devices: exit {run.returncode}:\n"
+                               f"{run.text[-2000:]}\n{kata.console(run.cid)[-2000:]}")
+        if not n:
+            return at, None
+        done = [r for r in kata.hook_log(run.cid) if r.get("event") == "done"]
+        if not done:
+            raise RuntimeError(f"no hook 'done' record for {n} devices:\n"
+                               f"{kata.console(run.cid)[-3000:]}")
+        return at, float(done[-1]["total_ms"]) / 1e3  # type: ignore[arg-type]
+
+    one(1)  # warm-up: page cache, podman's storage
+    for _ in range(runs):  # interleaved: every count sees the same machine noise
+        for n in counts:
+            at, took = one(n)
+            first[n].append(at)
+            if took is not None:
+                hook[n].append(took)
+                share[n].append(took / at)
+    med = {n: statistics.median(v) for n, v in first.items()}
+    hmed = {n: statistics.median(v) for n, v in hook.items()}
+    smed = {n: statistics.median(v) for n, v in share.items()}
+    print(f"kata 1.x (TCG, {runs} runs each, medians; ratios are what count): `podman run "
+          f"--rm` to the container's first line: 1 device = {med[1] / med[0]:.2f}x, 4 devices = "
+          f"{med[4] / med[0]:.2f}x the run without devices ({med[0]:.1f} s, {med[1]:.1f} s, "
+          f"{med[4]:.1f} s)")
+    print(f"  hook (total_ms of its done record): hook(4)/hook(1) = {hmed[4] / hmed[1]:.2f} "
+          f"(target <= 1.5; {hmed[1] * 1e3:.0f} ms, {hmed[4] * 1e3:.0f} ms); share of the whole "
+          f"start: {smed[1]:.1%} with 1 device, {smed[4]:.1%} with 4 (target < 10%)")
+
+    link: list[float] = []
+    whole: list[float] = []
+    for _ in range(runs):
+        run = kata.run_streamed("-t", *annotation(*HOST_NICS[:2]), DPDK, "sh", "-c",
+                                TESTPMD_LINK, timeout=300)
+        start = run.first(r"^kvfio-exec-testpmd$")
+        up = link_up(run.lines, 2)
+        if start is None or up is None:
+            print(f"  dpdk-testpmd: no link-up seen (exit {run.returncode}); output tail:\n"
+                  f"{run.text[-2000:]}")
+            return
+        link.append(up - start)
+        whole.append(up)
+    lmed, wmed = statistics.median(link), statistics.median(whole)
+    print(f"  dpdk-testpmd, 2 e1000e: exec to every port's link up = {lmed / med[1]:.2f}x a "
+          f"1-device podman run to its first line ({lmed:.1f} s; podman run to link up "
+          f"{wmed:.1f} s, of which testpmd {lmed / wmed:.0%})")
+
+
 def initrd_sizes(initrd: Path, kver: str) -> None:
     from build import build
 
@@ -285,7 +396,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--initrd", type=Path)
     parser.add_argument("--kver")
+    parser.add_argument("--kata-runs", type=int, default=KATA_RUNS,
+                        help=f"runs per real-Kata figure (default {KATA_RUNS}, at least 5)")
+    parser.add_argument("--only-kata", action="store_true", help="only the real-Kata bench")
     args = parser.parse_args()
+    if args.only_kata:
+        bench_kata(args.initrd, args.kver, args.kata_runs)
+        return 0
     with tempfile.TemporaryDirectory(prefix="kata-vfio-bench.") as tmp:
         bench_passthrough(Path(tmp))
         bench_create(Path(tmp))
@@ -295,6 +412,7 @@ def main() -> int:
         initrd_sizes(args.initrd, args.kver)
         bench_hook(args.initrd, args.kver)
         bench_vf_binds(args.initrd, args.kver)
+    bench_kata(args.initrd, args.kver, args.kata_runs)
     return 0
 
 

@@ -22,6 +22,7 @@ import signal
 import socket
 import stat
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,15 +30,26 @@ from pathlib import Path
 SHARED_SANDBOXES = Path("/run/kata-containers/shared/sandboxes")
 QEMU = "/usr/bin/qemu-system-x86_64"
 
-# Two e1000e on one QEMU hub forward to each other (LAB.md section 1). Placed high on the
-# root complex, away from the slots Kata gives its own devices.
-E1000E_MACS = ("52:54:00:00:00:11", "52:54:00:00:00:12")
-E1000E_ARGS = (
-    "-netdev", "hubport,id=kvfioh1,hubid=0",
-    "-device", f"e1000e,netdev=kvfioh1,mac={E1000E_MACS[0]},romfile=,bus=pcie.0,addr=0x1a",
-    "-netdev", "hubport,id=kvfioh2,hubid=0",
-    "-device", f"e1000e,netdev=kvfioh2,mac={E1000E_MACS[1]},romfile=,bus=pcie.0,addr=0x1b",
-)
+# Two e1000e on one QEMU hub forward to each other (LAB.md section 1), two more on a second
+# hub for the 4-device benchmark (the 2-device tests get the first two: identical devices
+# are matched in address order). Placed high on the root complex, away from the slots Kata
+# gives its own devices.
+E1000E_MACS = ("52:54:00:00:00:11", "52:54:00:00:00:12", "52:54:00:00:00:13",
+               "52:54:00:00:00:14")
+E1000E_SLOTS = ("0x1a", "0x1b", "0x1c", "0x1d")
+
+
+def e1000e_args(count: int = len(E1000E_MACS)) -> tuple[str, ...]:
+    """QEMU arguments for `count` e1000e: pairs on one hub each (hub 0: the first two)."""
+    args: list[str] = []
+    for n in range(count):
+        args += ["-netdev", f"hubport,id=kvfioh{n + 1},hubid={n // 2}",
+                 "-device", f"e1000e,netdev=kvfioh{n + 1},mac={E1000E_MACS[n]},romfile=,"
+                            f"bus=pcie.0,addr={E1000E_SLOTS[n]}"]
+    return tuple(args)
+
+
+E1000E_ARGS = e1000e_args()
 
 
 # -- syslog -----------------------------------------------------------------------------
@@ -52,36 +64,68 @@ def _dev_log_alive() -> bool:
         return False
 
 
-@contextlib.contextmanager
-def syslog(log_file: Path) -> Iterator[Path | None]:
-    """A syslog listener on /dev/log writing to `log_file` for the duration.
-
-    If one is already running it is used as is and None is yielded (its log is elsewhere).
-    """
-    if _dev_log_alive():
-        yield None
-        return
+def _start_syslogd(log_file: Path) -> subprocess.Popen[bytes]:
     with contextlib.suppress(FileNotFoundError):
         os.unlink("/dev/log")  # a stale socket from a killed listener
     busybox = shutil.which("busybox") or "/bin/busybox"
     proc = subprocess.Popen([busybox, "syslogd", "-n", "-O", str(log_file)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 5
-        while not _dev_log_alive():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"busybox syslogd did not start (exit {proc.poll()})")
-            time.sleep(0.02)
-        yield log_file
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
+    deadline = time.monotonic() + 5
+    while not _dev_log_alive():
+        if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             proc.wait()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink("/dev/log")
+            raise RuntimeError(f"busybox syslogd did not start (exit {proc.poll()})")
+        time.sleep(0.02)
+    return proc
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@contextlib.contextmanager
+def syslog(log_file: Path) -> Iterator[Path | None]:
+    """A syslog listener on /dev/log for the duration, writing to `log_file` when it is ours.
+
+    /dev/log is one per machine: another Kata session may own the listener and take it (and
+    the socket) away while our VMs still log. A watcher thread starts ours whenever /dev/log
+    stops answering; ours is stopped, and its socket removed, at the end. Yields `log_file`
+    if ours ran from the start, else None (the log is elsewhere)."""
+    procs: list[subprocess.Popen[bytes]] = []
+    stop = threading.Event()
+
+    def ensure() -> None:
+        if _dev_log_alive():
+            return
+        for proc in procs:  # ours lost its socket (someone unlinked it)
+            _stop(proc)
+        procs[:] = [_start_syslogd(log_file)]
+
+    ours_first = not _dev_log_alive()
+    ensure()
+
+    def watch() -> None:
+        while not stop.wait(0.2):
+            with contextlib.suppress(RuntimeError, OSError):
+                ensure()
+
+    watcher = threading.Thread(target=watch, name="kata-vfio-syslog", daemon=True)
+    watcher.start()
+    try:
+        yield log_file if ours_first else None
+    finally:
+        stop.set()
+        watcher.join()
+        for proc in procs:
+            _stop(proc)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink("/dev/log")
 
 
 # -- mount propagation ----------------------------------------------------------------
@@ -278,8 +322,18 @@ if verb is not None:
         with open(path + ".tmp", "w") as f:
             json.dump(spec, f)
         os.replace(path + ".tmp", path)
+    process = spec.get("process") or {{}}
+    caps = process.get("capabilities") or {{}}
+    record = {{
+        "argv": args, "dropped": len(devices) - len(keep),
+        # what kata-runtime gets besides: the process's rlimits and capability sets, the
+        # mount targets (the test checks nothing DPDK needs was added by hand)
+        "rlimits": process.get("rlimits") or [],
+        "capabilities": {{k: v for k, v in caps.items() if isinstance(v, list)}},
+        "mounts": [m.get("destination") for m in spec.get("mounts") or []],
+    }}
     with open(LOG, "a") as f:
-        f.write(json.dumps({{"argv": args, "dropped": len(devices) - len(keep)}}) + "\\n")
+        f.write(json.dumps(record) + "\\n")
 os.execv(KATA, [KATA, "--kata-config", CONFIG, *args])
 '''
 

@@ -77,7 +77,8 @@ def dpdk_rootfs(root: Path) -> Path:
     ensure_dpdk()
     busybox_rootfs(root)
     testpmd = shutil.which("dpdk-testpmd") or "/usr/bin/dpdk-testpmd"
-    todo = [testpmd]
+    # glibc dlopens libgcc_s for pthread_cancel (testpmd's exit): without it, SIGSEGV at exit
+    todo = [testpmd, "/usr/lib/x86_64-linux-gnu/libgcc_s.so.1"]
     for name in DPDK_PLUGINS:
         todo.append(f"{PMD_DIR}/{name}.so")
     seen: set[str] = set()
@@ -88,6 +89,14 @@ def dpdk_rootfs(root: Path) -> Path:
         seen.add(path)
         _copy(path, root)
         todo.extend(_libraries(os.path.realpath(path)))
+    # DPDK's runtime directory as root is /var/run/dpdk/<prefix> (/var/run -> ../run): its
+    # multi-process socket (mp_socket) is an AF_UNIX socket, and under Kata 1.x the rootfs
+    # is 9p, where bind() gives ENXIO ("EAL: failed to bind /var/run/dpdk/rte/mp_socket: No
+    # such device or address", EAL exits). /dev/shm is a tmpfs inside the guest in every
+    # container podman makes: the image points DPDK's directory there, so no --tmpfs /run
+    link = root / "run/dpdk"
+    if not link.is_symlink():
+        link.symlink_to("/dev/shm")
     # merged /usr as on the host: the loader is asked for as /lib64/ld-linux-x86-64.so.2
     for link in ("lib64", "lib"):
         if not (root / link).exists() and (root / "usr" / link).is_dir():

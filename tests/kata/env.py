@@ -1,0 +1,256 @@
+"""The whole real-Kata set-up, shared by tests/test_kata_e2e.py and `make bench`.
+
+`environment(top)` builds (or finds cached) Kata 1.x, the guest image, the launchers, the
+test configuration.toml (after `kata-vfio-ctl install`), the fake host sysfs, podman's
+configuration and the two container images, starts a syslog listener and yields a `Kata`
+that runs podman against it. Everything lives under `top`; what is missing raises
+`Unavailable` with the reason (the test skips or fails on it, the bench prints it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import build_kata1, harness, rootfs
+from fakesys import NVME, FakeSysfs
+
+REPO = Path(__file__).resolve().parents[2]
+DEVICES = "io.kata-vfio.devices"
+BUSYBOX = "localhost/kata-vfio-kata-busybox"
+DPDK = "localhost/kata-vfio-kata-dpdk"
+ULIMITS = ("--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024")
+# the host view: e1000e on vfio-pci (one group each) stand for the QEMU e1000e the launcher
+# gives the guest (harness.E1000E_ARGS; matched in address order: the first two are the
+# pair on one hub); an NVMe drive the guest never gets
+HOST_NICS = ("0000:03:00.0", "0000:04:00.0", "0000:06:00.0", "0000:07:00.0")
+HOST_ABSENT = "0000:05:00.0"
+HOTPLUG_TIMEOUT = 1.0  # devices are there at boot; keeps the failing run short
+
+
+class Unavailable(Exception):
+    """A prerequisite of the real-Kata set-up is missing (the message says which)."""
+
+
+def guest_kver() -> str:
+    kver = os.environ.get("KATA_VFIO_KVER")
+    if kver:
+        return kver
+    r = subprocess.run(["dpkg-query", "-W", "-f=${Depends}", "linux-image-amd64"],
+                       capture_output=True, text=True)
+    m = re.search(r"linux-image-(\d[^ ,]*)", r.stdout)
+    return m.group(1) if m else os.uname().release
+
+
+def annotation(*addresses: str) -> list[str]:
+    # podman splits --annotation at commas unless the whole value is CSV-quoted
+    return ["--annotation", f'"{DEVICES}={",".join(addresses)}"'] if addresses else []
+
+
+@dataclass
+class Streamed:
+    """A `podman run` read line by line: each line with the seconds since the start."""
+    returncode: int
+    lines: list[tuple[float, str]]
+    cid: str
+    seconds: float
+
+    def first(self, pattern: str) -> float | None:
+        rx = re.compile(pattern)
+        return next((t for t, line in self.lines if rx.search(line)), None)
+
+    @property
+    def text(self) -> str:
+        return "\n".join(line for _, line in self.lines)
+
+
+@dataclass
+class Kata:
+    base: list[str]
+    env: dict[str, str]
+    top: Path
+    console_dir: Path
+    inner_log: Path
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def podman(self, *args: str, timeout: float = 240, stdin: str | None = None
+               ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*self.base, *args], env=self.env, text=True, input=stdin,
+                              capture_output=True, timeout=timeout)
+
+    def _cidfile(self) -> Path:
+        return self.top / f"cid-{time.monotonic_ns()}"
+
+    def run(self, *args: str, timeout: float = 240) -> tuple[subprocess.CompletedProcess[str],
+                                                            str, float]:
+        """podman run --rm with a cid file: (result, container id, seconds)."""
+        cidfile = self._cidfile()
+        started = time.monotonic()
+        result = self.podman("run", "--rm", "--cidfile", str(cidfile), *ULIMITS, *args,
+                             timeout=timeout)
+        took = time.monotonic() - started
+        cid = cidfile.read_text().strip() if cidfile.exists() else ""
+        return result, cid, took
+
+    def run_streamed(self, *args: str, timeout: float = 240) -> Streamed:
+        """podman run --rm, stdout and stderr read as they come, each line timed from the
+        moment `podman` was started (pass -t for line-buffered output from C programs)."""
+        cidfile = self._cidfile()
+        started = time.monotonic()
+        proc = subprocess.Popen([*self.base, "run", "--rm", "--cidfile", str(cidfile),
+                                 *ULIMITS, *args], env=self.env, text=True,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+        lines = []
+        assert proc.stdout is not None
+        try:
+            for line in proc.stdout:
+                lines.append((time.monotonic() - started, line.rstrip("\r\n")))
+                if time.monotonic() - started > timeout:
+                    raise subprocess.TimeoutExpired(proc.args, timeout)
+            proc.wait(max(1.0, timeout - (time.monotonic() - started)))
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        cid = cidfile.read_text().strip() if cidfile.exists() else ""
+        return Streamed(proc.returncode, lines, cid, time.monotonic() - started)
+
+    def baseline(self) -> float:
+        """Seconds a successful `podman run --rm` of a one-device container takes now."""
+        result, _, took = self.run(*annotation(HOST_NICS[0]), BUSYBOX, "true")
+        assert result.returncode == 0, result.stderr
+        self.timings["podman run busybox (1 device, baseline)"] = took
+        return took
+
+    def console(self, cid: str) -> str:
+        path = self.console_dir / f"{cid}.console"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def hook_log(self, cid: str) -> list[dict[str, object]]:
+        """The guest hook's JSON log lines, relayed through the console (see tests/kata/guest)."""
+        records, partial = [], ""
+        for line in self.console(cid).splitlines():
+            m = re.search(r"kata-vfio-hook\.log(\+?): (.*)$", line)
+            if not m:
+                continue
+            partial += m.group(2)
+            if m.group(1) == "+":
+                continue
+            with contextlib.suppress(json.JSONDecodeError):
+                records.append(json.loads(partial))
+            partial = ""
+        return records
+
+    def inner_records(self) -> list[dict[str, object]]:
+        """What the test-only inner runtime saw of each spec kata-runtime got."""
+        if not self.inner_log.exists():
+            return []
+        return [json.loads(x) for x in self.inner_log.read_text().splitlines()]
+
+
+def _check(ok: bool, reason: str) -> None:
+    if not ok:
+        raise Unavailable(reason)
+
+
+@contextlib.contextmanager
+def environment(top: Path, *, build: bool = True) -> Iterator[Kata]:
+    """The real-Kata set-up under `top` (see the module's doc). With build=False a Kata 1.x
+    that is not built and cached yet is Unavailable instead of being built."""
+    tarball = build_kata1.default_tarball()
+    _check(tarball.is_file(), f"no Kata 1.x source tarball at {tarball}")
+    _check(os.geteuid() == 0, "needs root")
+    _check(shutil.which("podman") is not None, "needs podman (make venv)")
+    _check(Path(harness.QEMU).exists(), "needs qemu-system-x86")
+    wrapper = Path(sys.executable).with_name("kata-vfio")
+    ctl = Path(sys.executable).with_name("kata-vfio-ctl")
+    _check(wrapper.exists() and ctl.exists(), "kata-vfio is not installed here (make venv)")
+    kver = guest_kver()
+    kernel = Path(f"/boot/vmlinuz-{kver}")
+    _check(kernel.exists(), f"no guest kernel {kernel}")
+    if not build:
+        out = build_kata1.build_dir(tarball)
+        _check(build_kata1.complete(out), f"Kata 1.x is not built in {out} (make kata1; "
+                                          "set KATA_VFIO_CACHE to the build cache)")
+
+    timings: dict[str, float] = {}
+    t = time.monotonic()
+    built = build_kata1.build(tarball)
+    timings["kata1 build (0 when cached)"] = 0.0 if built["cached"] else float(built["seconds"])
+    timings["kata1 build call"] = time.monotonic() - t
+    bins = {k: Path(v) for k, v in built["outputs"].items()}
+
+    t = time.monotonic()
+    image = top / "kata-vfio-kata.img"
+    cmd = [sys.executable, str(REPO / "initrd/kata_image.py"), "--kver", kver,
+           "--output", str(image), "--agent", str(bins["kata-agent"]),
+           "--add-drivers", "e1000e",
+           "--add-file", f"{REPO / 'tests/kata/guest/zz-kata-vfio-test-relay'}:"
+                         "/usr/share/oci/hooks/prestart/zz-kata-vfio-test-relay"]
+    base = os.environ.get("KATA_VFIO_INITRD")  # `make test` builds it first: reuse it
+    if base and Path(base).is_file():
+        cmd += ["--base-initrd", base]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    timings["guest image"] = time.monotonic() - t
+
+    console_dir = top / "console"
+    qemu = harness.write_qemu_launcher(top / "bin/qemu-tcg", console_dir)
+    kata_config = harness.write_kata_config(
+        bins["configuration-qemu.toml"], top / "kata/configuration.toml", qemu=qemu,
+        kernel=kernel, initrd=image, binaries=bins,
+        debug=os.environ.get("KATA_VFIO_KATA_DEBUG") == "1")
+    inner_log = top / "inner-runtime.log"
+    inner = harness.write_inner_runtime(top / "bin/kata-runtime-test", bins["kata-runtime"],
+                                        kata_config, inner_log)
+
+    fs = FakeSysfs(top / "sys")
+    for n, addr in enumerate(HOST_NICS):
+        fs.add_device(addr, group=12 + n, driver="vfio-pci")
+        fs.add_vfio_group(12 + n, minor=n)
+    fs.add_device(HOST_ABSENT, NVME, group=20, driver="vfio-pci", subsystem=(0x1AF4, 0x1100))
+    fs.add_vfio_group(20, minor=len(HOST_NICS))
+    config = top / "kata-vfio.toml"
+    config.write_text(
+        f'runtime = "{inner}"\nsysfs = "{fs.root}"\nlog_file = "{top / "kata-vfio.log"}"\n'
+        f'state_dir = "{top / "state"}"\nhotplug_timeout = {HOTPLUG_TIMEOUT}\n')
+    # podman gives runtimes a clean environment: a launcher named kata-vfio carries the
+    # config path (podman keys runtime features by basename)
+    launcher = top / "bin/kata-vfio"
+    launcher.write_text(f"#!/bin/sh\nKATA_VFIO_CONFIG={config} exec {wrapper} \"$@\"\n")
+    launcher.chmod(0o755)
+    conf = top / "containers.conf"
+    conf.write_text('[engine]\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\n')
+    # the kata-vfio settings in Kata's file and the podman registration: the product's step
+    subprocess.run([str(ctl), "install", "--kata-config", str(kata_config), "--conf", str(conf),
+                    "--runtime-path", str(launcher)],
+                   env={**os.environ, "KATA_VFIO_CONFIG": str(config)}, check=True,
+                   capture_output=True, text=True)
+
+    env = {**os.environ, "CONTAINERS_CONF": str(conf)}
+    base_cmd = ["podman", "--root", str(top / "storage"), "--runroot", str(top / "run"),
+                "--storage-driver", "vfs", "--runtime", "kata-vfio"]
+    t = time.monotonic()
+    rootfs.import_image(base_cmd, env, rootfs.busybox_rootfs(top / "busybox"),
+                        top / "busybox.tar", BUSYBOX)
+    rootfs.import_image(base_cmd, env, rootfs.dpdk_rootfs(top / "dpdk"), top / "dpdk.tar", DPDK)
+    timings["images"] = time.monotonic() - t
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(harness.syslog(top / "syslog.log"))
+        harness.shared_sandboxes()
+        k = Kata(base_cmd, env, top, console_dir, inner_log, timings)
+        try:
+            yield k
+        finally:
+            k.podman("rm", "--all", "--force", timeout=120)
+            harness.kill_pids(harness.qemu_pids(str(console_dir)))
