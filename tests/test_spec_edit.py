@@ -213,3 +213,34 @@ def test_memlock_switch_and_plain_containers(vfio_host: FakeSysfs, bundle: Path)
     write_spec(bundle, plain)
     edit_bundle(bundle, settings_for(vfio_host))  # no device: nothing raised
     assert memlock(json.loads((bundle / "config.json").read_text())) == []
+
+
+def test_vfio_containers_get_a_tmpfs_for_dpdks_socket(vfio_host: FakeSysfs, bundle: Path) -> None:
+    """Issue 8: DPDK binds a Unix socket under /run/dpdk; Kata 1.x's 9p rootfs refuses it."""
+    write_spec(bundle, lambda s: s.update(annotations={DEVICES_ANNOTATION: "0000:03:00.0"}))
+    edit_bundle(bundle, settings_for(vfio_host))
+    spec = json.loads((bundle / "config.json").read_text())
+    ours = [m for m in spec["mounts"] if m["destination"] == "/run/dpdk"]
+    assert ours == [{"destination": "/run/dpdk", "type": "tmpfs", "source": "tmpfs",
+                     "options": ["nosuid", "nodev", "mode=755", "size=64m"]}]
+    assert schema_errors({"ociVersion": "1.0.2", "mounts": ours}) == []
+    edit_bundle(bundle, settings_for(vfio_host))  # idempotent: no second mount
+    assert len([m for m in json.loads((bundle / "config.json").read_text())["mounts"]
+                if m["destination"] == "/run/dpdk"]) == 1
+
+
+def test_a_container_with_its_own_run_keeps_it(vfio_host: FakeSysfs, bundle: Path) -> None:
+    def ask(s: dict[str, Any]) -> None:
+        s["annotations"] = {DEVICES_ANNOTATION: "0000:03:00.0"}
+        s["mounts"].append({"destination": "/run", "type": "tmpfs", "source": "tmpfs"})
+
+    write_spec(bundle, ask)
+    edit_bundle(bundle, settings_for(vfio_host))
+    destinations = [m["destination"] for m in json.loads(
+        (bundle / "config.json").read_text())["mounts"]]
+    assert "/run/dpdk" not in destinations and destinations.count("/run") == 1
+    write_spec(bundle, lambda s: s.update(mounts=[m for m in s["mounts"]
+                                                  if m["destination"] != "/run"]))
+    edit_bundle(bundle, settings_for(vfio_host, dpdk_run_tmpfs=False))
+    assert "/run/dpdk" not in [m["destination"] for m in json.loads(
+        (bundle / "config.json").read_text())["mounts"]]

@@ -89,14 +89,9 @@ def dpdk_rootfs(root: Path) -> Path:
         seen.add(path)
         _copy(path, root)
         todo.extend(_libraries(os.path.realpath(path)))
-    # DPDK's runtime directory as root is /var/run/dpdk/<prefix> (/var/run -> ../run): its
-    # multi-process socket (mp_socket) is an AF_UNIX socket, and under Kata 1.x the rootfs
-    # is 9p, where bind() gives ENXIO ("EAL: failed to bind /var/run/dpdk/rte/mp_socket: No
-    # such device or address", EAL exits). /dev/shm is a tmpfs inside the guest in every
-    # container podman makes: the image points DPDK's directory there, so no --tmpfs /run
-    link = root / "run/dpdk"
-    if not link.is_symlink():
-        link.symlink_to("/dev/shm")
+    # DPDK's runtime directory as root is /var/run/dpdk (/var/run -> ../run): under Kata 1.x
+    # the rootfs is 9p, where its Unix socket cannot be bound; the kata-vfio wrapper mounts
+    # a tmpfs there for VFIO containers, so the image needs nothing special
     # merged /usr as on the host: the loader is asked for as /lib64/ld-linux-x86-64.so.2
     for link in ("lib64", "lib"):
         if not (root / link).exists() and (root / "usr" / link).is_dir():

@@ -41,6 +41,7 @@ class Settings:
     autobind_allow: tuple[str, ...] = ()
     hotplug_timeout: float = HOTPLUG_TIMEOUT_DEFAULT
     raise_memlock: bool = True  # VFIO containers get RLIMIT_MEMLOCK unlimited (DPDK)
+    dpdk_run_tmpfs: bool = True  # ... and a tmpfs on /run/dpdk unless /run is mounted
     # Kata >= 2: how the guest gets its devices ("hook": this project's guest hook with
     # Kata's vfio_mode = "guest-kernel"; "agent": Kata's vfio_mode = "vfio") and the
     # configuration file `kata-vfio-ctl install` generated. Empty: Kata 1.x, where the
@@ -109,6 +110,7 @@ def load_settings(path: str | None = None) -> Settings:
         autobind_allow=tuple(autobind.get("allow", ())),
         hotplug_timeout=float(data.get("hotplug_timeout", Settings.hotplug_timeout)),
         raise_memlock=bool(data.get("raise_memlock", Settings.raise_memlock)),
+        dpdk_run_tmpfs=bool(data.get("dpdk_run_tmpfs", Settings.dpdk_run_tmpfs)),
         guest=data.get("guest", Settings.guest),
         kata_config_path=data.get("kata_config_path", Settings.kata_config_path),
     )

@@ -73,6 +73,7 @@ class SpecPlan:
     annotations: dict[str, str]
     manifest: Manifest
     memlock: int | None = None  # RLIMIT_MEMLOCK to raise process.rlimits to, if lower
+    run_tmpfs: bool = False  # a tmpfs on DPDK's runtime directory, unless /run is mounted
 
 
 # A userspace driver pins its DMA memory: without CAP_IPC_LOCK or a large RLIMIT_MEMLOCK,
@@ -80,6 +81,12 @@ class SpecPlan:
 # locked is the guest's own, so VFIO containers get it unlimited unless config.toml says
 # raise_memlock = false.
 RLIM_INFINITY = (1 << 64) - 1
+# DPDK's runtime directory as root. Its multi-process channel is a Unix socket there, and
+# Kata 1.x serves the container's rootfs over 9p, where bind() of a socket fails (ENXIO:
+# "EAL: failed to bind /var/run/dpdk/rte/mp_socket"). A tmpfs there (inside the VM) fixes it.
+DPDK_RUN_DIRS = ("/run", "/var/run", "/run/dpdk", "/var/run/dpdk")
+DPDK_RUN_TMPFS = {"destination": "/run/dpdk", "type": "tmpfs", "source": "tmpfs",
+                  "options": ["nosuid", "nodev", "mode=755", "size=64m"]}
 
 
 def parse_address_list(text: str) -> list[PciAddress]:
@@ -209,7 +216,7 @@ def plan_edit(spec: dict[str, Any], settings: Settings,
     if allocated:
         annotations[ALLOCATED_ANNOTATION] = ",".join(str(a) for a in allocated)
     return SpecPlan(tuple(nodes), annotations, manifest,
-                    RLIM_INFINITY if settings.raise_memlock else None)
+                    RLIM_INFINITY if settings.raise_memlock else None, settings.dpdk_run_tmpfs)
 
 
 def kata_annotations(settings: Settings) -> dict[str, str]:
@@ -261,6 +268,10 @@ def apply_plan(spec: dict[str, Any], plan: SpecPlan) -> dict[str, Any]:
     annotations.update(plan.annotations)
     if plan.memlock is not None and isinstance(new.get("process"), dict):
         raise_memlock(new["process"], plan.memlock)
+    mounts = new.get("mounts")
+    if plan.run_tmpfs and isinstance(mounts, list) and not any(
+            isinstance(m, dict) and m.get("destination") in DPDK_RUN_DIRS for m in mounts):
+        mounts.append(copy.deepcopy(DPDK_RUN_TMPFS))
     return new
 
 
