@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from fakesys import engine_host
-from wrapper_run import busybox_rootfs, installed
+from wrapper_run import busybox_rootfs, installed, private_containerd_config
 
 pytestmark = [
     pytest.mark.containerd,
@@ -84,19 +84,12 @@ def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]
     (bindir / "containerd-shim-kata-vfio-v2").symlink_to(installed("containerd-shim-kata-vfio-v2"))
     env = {**os.environ, "KATA_VFIO_CONFIG": str(config),
            "PATH": f"{bindir}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
-    sock = top / "containerd.sock"
-    task_root = top / "state-containerd"
-    cfg = top / "containerd.toml"
-    cfg.write_text(
-        f'version = 2\nroot = "{top / "root"}"\nstate = "{task_root}"\n'
-        'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
-        f'[grpc]\n  address = "{sock}"\n[ttrpc]\n  address = "{sock}.ttrpc"\n'
-        f'[debug]\n  address = "{sock}.debug"\n')
+    cfg, sock, tasks = private_containerd_config(top)
     rootfs = busybox_rootfs(top / "rootfs")
     daemon_log = open(top / "containerd.log", "w")  # noqa: SIM115
     daemon = subprocess.Popen(["containerd", "--config", str(cfg)], env=env,
                               stdout=daemon_log, stderr=subprocess.STDOUT)
-    cd = Containerd(sock, state_dir, task_root / "io.containerd.runtime.v2.task", log_file,
+    cd = Containerd(sock, state_dir, tasks, log_file,
                     rootfs, env)
     deadline = time.monotonic() + 30
     while cd.ctr("version").returncode != 0:

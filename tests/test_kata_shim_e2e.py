@@ -42,6 +42,7 @@ import pytest
 
 from fakesys import FakeSysfs
 from kata import build_kata1, harness, rootfs, shim_harness
+from wrapper_run import private_containerd_config
 
 REPO = Path(__file__).resolve().parents[1]
 RUNTIME = "io.containerd.kata-vfio.v2"
@@ -90,23 +91,10 @@ class Shim:
                               text=True, capture_output=True, timeout=timeout)
 
     def console(self, cid: str) -> str:
-        path = self.console_dir / f"{cid}.console"
-        return path.read_text(errors="replace") if path.exists() else ""
+        return harness.console_text(self.console_dir, cid)
 
     def hook_log(self, cid: str) -> list[dict[str, object]]:
-        """The guest hook's JSON log lines, relayed through the console (tests/kata/guest)."""
-        records, partial = [], ""
-        for line in self.console(cid).splitlines():
-            m = re.search(r"kata-vfio-hook\.log(\+?): (.*)$", line)
-            if not m:
-                continue
-            partial += m.group(2)
-            if m.group(1) == "+":
-                continue
-            with contextlib.suppress(json.JSONDecodeError):
-                records.append(json.loads(partial))
-            partial = ""
-        return records
+        return harness.relayed_hook_log(self.console(cid))
 
     def claims(self) -> dict[str, dict[str, object]]:
         journal = self.state_dir / "bindings.json"
@@ -206,14 +194,7 @@ def _shim(top: Path) -> Iterator[Shim]:
     (bindir / "containerd-shim-kata-vfio-v2").symlink_to(wrapper)
     env = {**os.environ, "KATA_VFIO_CONFIG": str(config),
            "PATH": f"{bindir}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
-    sock = top / "containerd.sock"
-    task_root = top / "state-containerd"
-    cfg = top / "containerd.toml"
-    cfg.write_text(
-        f'version = 2\nroot = "{top / "root"}"\nstate = "{task_root}"\n'
-        'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
-        f'[grpc]\n  address = "{sock}"\n[ttrpc]\n  address = "{sock}.ttrpc"\n'
-        f'[debug]\n  address = "{sock}.debug"\n')
+    cfg, sock, tasks = private_containerd_config(top)
     script = shim_harness.namespace_script(kata_config, top / "ns", harness.SHARED_SANDBOXES,
                                            ["containerd", "--config", str(cfg)])
     (top / "ns.sh").write_text(script)
@@ -228,7 +209,7 @@ def _shim(top: Path) -> Iterator[Shim]:
             ["unshare", "-m", "--propagation", "private", "sh", str(top / "ns.sh")],
             env=env, stdout=daemon_log, stderr=subprocess.STDOUT)
         s = Shim(top, sock, env, root, console_dir, inner_log, log_file, state_dir,
-                 task_root / "io.containerd.runtime.v2.task", config, timings)
+                 tasks, config, timings)
         try:
             deadline = time.monotonic() + 30
             while s.ctr("version").returncode != 0:

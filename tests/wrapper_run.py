@@ -90,3 +90,17 @@ def busybox_rootfs(root: Path, applets: tuple[str, ...] = (
     for applet in applets:
         (root / "bin" / applet).symlink_to("busybox")
     return root
+
+
+def private_containerd_config(top: Path) -> tuple[Path, Path, Path]:
+    """A containerd 1.6 configuration of its own (root, state, sockets under `top`, the
+    CRI plugin off: `ctr run --rootfs` needs no registry); (config, socket, task root)."""
+    sock = top / "containerd.sock"
+    task_root = top / "state-containerd"
+    cfg = top / "containerd.toml"
+    cfg.write_text(
+        f'version = 2\nroot = "{top / "root"}"\nstate = "{task_root}"\n'
+        'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
+        f'[grpc]\n  address = "{sock}"\n[ttrpc]\n  address = "{sock}.ttrpc"\n'
+        f'[debug]\n  address = "{sock}.debug"\n')
+    return cfg, sock, task_root / "io.containerd.runtime.v2.task"

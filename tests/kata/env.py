@@ -133,23 +133,10 @@ class Kata:
         return took
 
     def console(self, cid: str) -> str:
-        path = self.console_dir / f"{cid}.console"
-        return path.read_text(errors="replace") if path.exists() else ""
+        return harness.console_text(self.console_dir, cid)
 
     def hook_log(self, cid: str) -> list[dict[str, object]]:
-        """The guest hook's JSON log lines, relayed through the console (see tests/kata/guest)."""
-        records, partial = [], ""
-        for line in self.console(cid).splitlines():
-            m = re.search(r"kata-vfio-hook\.log(\+?): (.*)$", line)
-            if not m:
-                continue
-            partial += m.group(2)
-            if m.group(1) == "+":
-                continue
-            with contextlib.suppress(json.JSONDecodeError):
-                records.append(json.loads(partial))
-            partial = ""
-        return records
+        return harness.relayed_hook_log(self.console(cid))
 
     def inner_records(self) -> list[dict[str, object]]:
         """What the test-only inner runtime saw of each spec kata-runtime got."""

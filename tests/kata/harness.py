@@ -367,3 +367,28 @@ def kill_pids(pids: list[int]) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+
+
+def console_text(console_dir: Path, cid: str) -> str:
+    """The guest console of a container's sandbox, as the QEMU launcher wrote it."""
+    path = console_dir / f"{cid}.console"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def relayed_hook_log(console: str) -> list[dict[str, object]]:
+    """The guest hook's JSON log lines, relayed through the console by the test relay
+    hook (tests/kata/guest): long lines come in pieces marked "+"."""
+    import json
+
+    records, partial = [], ""
+    for line in console.splitlines():
+        m = re.search(r"kata-vfio-hook\.log(\+?): (.*)$", line)
+        if not m:
+            continue
+        partial += m.group(2)
+        if m.group(1) == "+":
+            continue
+        with contextlib.suppress(json.JSONDecodeError):
+            records.append(json.loads(partial))
+        partial = ""
+    return records
