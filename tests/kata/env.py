@@ -178,16 +178,7 @@ def environment(top: Path, *, build: bool = True) -> Iterator[Kata]:
     bins = {k: Path(v) for k, v in built["outputs"].items()}
 
     t = time.monotonic()
-    image = top / "kata-vfio-kata.img"
-    cmd = [sys.executable, str(REPO / "initrd/kata_image.py"), "--kver", kver,
-           "--output", str(image), "--agent", str(bins["kata-agent"]),
-           "--add-drivers", "e1000e",
-           "--add-file", f"{REPO / 'tests/kata/guest/zz-kata-vfio-test-relay'}:"
-                         "/usr/share/oci/hooks/prestart/zz-kata-vfio-test-relay"]
-    base = os.environ.get("KATA_VFIO_INITRD")  # `make test` builds it first: reuse it
-    if base and Path(base).is_file():
-        cmd += ["--base-initrd", base]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    image = harness.build_guest_image(top / "kata-vfio-kata.img", kver, bins["kata-agent"])
     timings["guest image"] = time.monotonic() - t
 
     console_dir = top / "console"

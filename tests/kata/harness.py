@@ -392,3 +392,21 @@ def relayed_hook_log(console: str) -> list[dict[str, object]]:
             records.append(json.loads(partial))
         partial = ""
     return records
+
+
+def build_guest_image(image: Path, kver: str, agent: Path) -> Path:
+    """`initrd/kata_image.py` with the test's additions: the native e1000e driver for the
+    launcher's devices and the relay hook that copies our hook's log to the console.
+    Reuses `make test`'s product initrd (KATA_VFIO_INITRD) when there is one."""
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent.parent
+    relay = repo / "tests/kata/guest/zz-kata-vfio-test-relay"
+    cmd = [sys.executable, str(repo / "initrd/kata_image.py"), "--kver", kver,
+           "--output", str(image), "--agent", str(agent), "--add-drivers", "e1000e",
+           "--add-file", f"{relay}:/usr/share/oci/hooks/prestart/zz-kata-vfio-test-relay"]
+    base = os.environ.get("KATA_VFIO_INITRD")
+    if base and Path(base).is_file():
+        cmd += ["--base-initrd", base]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return image
