@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -42,6 +41,7 @@ import pytest
 
 from fakesys import FakeSysfs
 from kata import build_kata1, harness, rootfs, shim_harness
+from kata.env import guest_kver
 from wrapper_run import private_containerd_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,16 +60,6 @@ def need(ok: bool, reason: str) -> None:
         if REQUIRE:
             pytest.fail(f"KATA_VFIO_REQUIRE_KATA=1: {reason}")
         pytest.skip(reason)
-
-
-def guest_kver() -> str:
-    kver = os.environ.get("KATA_VFIO_KVER")
-    if kver:
-        return kver
-    r = subprocess.run(["dpkg-query", "-W", "-f=${Depends}", "linux-image-amd64"],
-                       capture_output=True, text=True)
-    m = re.search(r"linux-image-(\d[^ ,]*)", r.stdout)
-    return m.group(1) if m else os.uname().release
 
 
 @dataclass
@@ -148,16 +138,7 @@ def _shim(top: Path) -> Iterator[Shim]:
     bins = {k: Path(v) for k, v in built["outputs"].items()}
     need("containerd-shim-kata-v2" in bins, "the Kata 1.x build has no containerd-shim-kata-v2")
 
-    t = time.monotonic()
-    image = harness.build_guest_image(top / "kata-vfio-kata.img", kver, bins["kata-agent"])
-    timings["guest image"] = time.monotonic() - t
-
-    console_dir = top / "console"
-    qemu = harness.write_qemu_launcher(top / "bin/qemu-tcg", console_dir)
-    kata_config = harness.write_kata_config(
-        bins["configuration-qemu.toml"], top / "kata/configuration.toml", qemu=qemu,
-        kernel=kernel, initrd=image, binaries=bins,
-        debug=os.environ.get("KATA_VFIO_KATA_DEBUG") == "1")
+    console_dir, kata_config = harness.prepare_kata(top, kver, kernel, bins, timings)
     inner_log = top / "inner-shim.log"
     inner = shim_harness.write_inner_shim(top / "bin/kata-shim-test",
                                           bins["containerd-shim-kata-v2"], inner_log)

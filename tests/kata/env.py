@@ -177,16 +177,7 @@ def environment(top: Path, *, build: bool = True) -> Iterator[Kata]:
     timings["kata1 build call"] = time.monotonic() - t
     bins = {k: Path(v) for k, v in built["outputs"].items()}
 
-    t = time.monotonic()
-    image = harness.build_guest_image(top / "kata-vfio-kata.img", kver, bins["kata-agent"])
-    timings["guest image"] = time.monotonic() - t
-
-    console_dir = top / "console"
-    qemu = harness.write_qemu_launcher(top / "bin/qemu-tcg", console_dir)
-    kata_config = harness.write_kata_config(
-        bins["configuration-qemu.toml"], top / "kata/configuration.toml", qemu=qemu,
-        kernel=kernel, initrd=image, binaries=bins,
-        debug=os.environ.get("KATA_VFIO_KATA_DEBUG") == "1")
+    console_dir, kata_config = harness.prepare_kata(top, kver, kernel, bins, timings)
     inner_log = top / "inner-runtime.log"
     inner = harness.write_inner_runtime(top / "bin/kata-runtime-test", bins["kata-runtime"],
                                         kata_config, inner_log)

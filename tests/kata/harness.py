@@ -410,3 +410,23 @@ def build_guest_image(image: Path, kver: str, agent: Path) -> Path:
         cmd += ["--base-initrd", base]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return image
+
+
+def prepare_kata(top: Path, kver: str, kernel: Path, bins: dict[str, Path],
+                 timings: dict[str, float]) -> tuple[Path, Path]:
+    """What every real-Kata test sets up under `top`: the guest image, the TCG launcher
+    writing each sandbox's console into a directory, and the test configuration.
+    Returns (console directory, configuration.toml)."""
+    import time
+
+    t = time.monotonic()
+    image = build_guest_image(top / "kata-vfio-kata.img", kver, bins["kata-agent"])
+    timings["guest image"] = time.monotonic() - t
+    console_dir = top / "console"
+    qemu = write_qemu_launcher(top / "bin/qemu-tcg", console_dir)
+    kata_config = write_kata_config(
+        bins["configuration-qemu.toml"], top / "kata/configuration.toml", qemu=qemu,
+        kernel=kernel, initrd=image, binaries=bins,
+        debug=os.environ.get("KATA_VFIO_KATA_DEBUG") == "1")
+    return console_dir, kata_config
+
