@@ -184,7 +184,8 @@ class FakeKernel:
         self.refuse = refuse
         self.writes: list[tuple[str, str]] = []
 
-    def write(self, path: Path, text: str) -> None:
+    def write(self, path: str | Path, text: str) -> None:
+        path = Path(path)
         rel = os.path.relpath(os.path.realpath(path.parent), self.fs.root)
         self.writes.append((f"{rel}/{path.name}", text))
         if path.name == "driver_override":

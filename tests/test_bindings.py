@@ -122,13 +122,13 @@ def test_autobind_default_deny_and_allow_list(host: Host, fakesys: FakeSysfs) ->
     assert fakesys.driver("0000:05:02.0") == "e1000"
     assert autobind(spec_for("0000:08:00.0"), host, ("1b36:*",), "c1") == [A("0000:08:00.0")]
     assert fakesys.driver("0000:08:00.0") == "vfio-pci"
-    assert marker(host.state_dir, "c1").exists()
+    assert Path(marker(host.state_dir, "c1")).exists()
     # another container: refused, naming the owner
     with pytest.raises(DeviceError, match="in use by container c1"):
         autobind(spec_for("0000:08:00.0"), host, ("1b36:*",), "c2")
     release(host, "c1")
     assert fakesys.driver("0000:08:00.0") == "nvme"
-    assert not marker(host.state_dir, "c1").exists()
+    assert not Path(marker(host.state_dir, "c1")).exists()
 
 
 STEPS = 7  # 0: after the journal; then override, unbind, probe for each of the two NICs
@@ -227,7 +227,7 @@ def test_network_use_is_seen_on_real_interfaces() -> None:
 
 def test_journal_is_json_with_original_drivers(host: Host) -> None:
     bind_group(host, A("0000:00:03.0"), ADMIN)
-    data = json.loads(host.journal.read_text())
+    data = json.loads(Path(host.journal).read_text())
     assert data["version"] == 2
     assert data["devices"]["0000:00:03.0"]["driver"] == "e1000e"
     assert data["devices"]["0000:00:03.0"]["owner"] == ADMIN

@@ -462,7 +462,7 @@ def test_groups_that_never_appear_end_the_hook_before_the_deadline(
 
     def slow_probe(path: Path, text: str) -> None:
         real_write(path, text)
-        if path.name == "drivers_probe" and guest.fs.driver(plug[0]) == "vfio-pci":
+        if Path(path).name == "drivers_probe" and guest.fs.driver(plug[0]) == "vfio-pci":
             clock.advance(1.5)
 
     monkeypatch.setattr(guest.fs, "add_vfio_group", lambda *args, **kw: None)
@@ -501,7 +501,7 @@ def _fail_pid_exits(guest: Guest) -> None:
 
     def write_then_exit(path: Path, text: str) -> None:
         real_write(path, text)
-        if path.name == "drivers_probe" and (guest.proc / "4242").exists():
+        if Path(path).name == "drivers_probe" and (guest.proc / "4242").exists():
             guest.end_process(4242)  # the container's init dies while we bind
 
     guest.roots = guest.roots._replace(write=write_then_exit)

@@ -96,3 +96,41 @@ def test_create_of_a_container_without_devices_stays_lean(tmp_path: Path) -> Non
     (bundle / "config.json").write_text('{"annotations": {"io.kata-\\u0076fio.devices": "x"}}')
     assert "kata_vfio_runtime.spec_edit" in imported("kata_vfio_runtime.main", argv,
                                                      config=str(config))
+
+
+# What `kata-vfio create` of a VFIO container and the guest hook with a manifest must not
+# import: each costs a good part of a bare interpreter start (`re` comes with json,
+# pathlib and enum; inspect with dataclasses), and both run once per container.
+STARTUP_HEAVY = {"typing", "dataclasses", "pathlib", "re", "json", "enum", "inspect",
+                 "copy", "contextlib", "collections", "functools", "tempfile"}
+
+
+def test_create_with_eight_devices_imports_only_what_it_uses(tmp_path: Path) -> None:
+    """The whole create of a VFIO container (issue 10's ≤ 3× a bare start): settings from
+    the cache, the ledger, sysfs, the edit, the log; none of the start-up-heavy modules."""
+    from fakesys import FakeSysfs
+
+    fs = FakeSysfs(tmp_path / "sys")
+    addresses = []
+    for g in range(8):
+        addr = f"0000:{0x40 + g:02x}:00.0"
+        fs.add_device(addr, group=100 + g, driver="vfio-pci")
+        fs.add_vfio_group(100 + g)
+        addresses.append(addr)
+    config = tmp_path / "config.toml"
+    config.write_text(f'runtime = "true"\nsysfs = "{fs.root}"\nlog_file = "{tmp_path}/log"\n'
+                      f'state_dir = "{tmp_path}/state"\n')
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    spec = {"ociVersion": "1.0.2", "process": {"args": ["sh"]},
+            "annotations": {"io.kata-vfio.devices": ",".join(addresses)}}
+    argv = ["kata-vfio", "create", "--bundle", str(bundle), "eight"]
+    (bundle / "config.json").write_text(json.dumps(spec))
+    imported("kata_vfio_runtime.main", argv, config=str(config))  # fills the cache
+    (bundle / "config.json").write_text(json.dumps(spec))
+    modules = imported("kata_vfio_runtime.main", argv, config=str(config))
+    # it did the work: the edit is in config.json, the devices in the ledger
+    edited = json.loads((bundle / "config.json").read_text())
+    assert len(json.loads(edited["annotations"]["io.kata-vfio.manifest"])["groups"]) == 8
+    assert {"kata_vfio_runtime.spec_edit", "kata_vfio_host.ledger"} <= modules
+    assert not modules & (HEAVY | STARTUP_HEAVY), sorted(modules & (HEAVY | STARTUP_HEAVY))

@@ -51,7 +51,7 @@ def test_device_entry_for_another_containers_group_is_refused(host: Host, tmp_pa
     with pytest.raises(DeviceError, match="IOMMU group 11 is in use by container c1"):
         acquire(host, ContainerId("c2"), [IommuGroup(11)], [], (), bundle_dir(tmp_path, "c2"))
     assert fakesys.driver("0000:08:00.0") == "vfio-pci"  # c1 keeps it
-    assert not marker(host.state_dir, "c2").exists()
+    assert not Path(marker(host.state_dir, "c2")).exists()
 
 
 def test_a_removed_bundle_ends_ownership(host: Host, tmp_path: Path,
@@ -65,7 +65,7 @@ def test_a_removed_bundle_ends_ownership(host: Host, tmp_path: Path,
     owners = {e["owner"] for e in read_journal(host).values()}
     assert owners == {"container c2"}
     assert fakesys.driver("0000:08:00.0") == "vfio-pci"
-    assert not marker(host.state_dir, "c1").exists() or \
+    assert not Path(marker(host.state_dir, "c1")).exists() or \
         "c1" in release_gone(host)[0]
 
 
@@ -79,22 +79,22 @@ def test_an_earlier_boot_owns_nothing(host: Host, tmp_path: Path, fakesys: FakeS
     gone, report = release_gone(rebooted)
     assert gone == ["old"] and report.failed == []
     assert fakesys.driver("0000:09:00.0") == "nvme"  # the old boot's binding given back
-    assert not marker(host.state_dir, "old").exists()
+    assert not Path(marker(host.state_dir, "old")).exists()
 
 
 def test_restore_all_goes_past_bad_entries(host: Host, fakesys: FakeSysfs) -> None:
     """Defect 5: a vanished device or a malformed key does not stop the others."""
     bind_group(host, A("0000:08:00.0"), ADMIN)
-    data = json.loads(host.journal.read_text())
+    data = json.loads(Path(host.journal).read_text())
     data["devices"]["0000:0a:00.0"] = {**data["devices"]["0000:08:00.0"], "group": 30}
     data["devices"]["not-an-address"] = {"driver": "x"}
-    host.journal.write_text(json.dumps(data))
+    Path(host.journal).write_text(json.dumps(data))
     report = restore_all(host)
     assert "0000:08:00.0" in report.restored and "0000:0a:00.0" in report.restored
     assert fakesys.driver("0000:08:00.0") == "nvme"
     assert any("not-an-address" in f for f in report.failed)
     # the unreadable entry is kept for a human, out of the way
-    assert "not-an-address" in json.loads(host.journal.read_text())["damaged_devices"]
+    assert "not-an-address" in json.loads(Path(host.journal).read_text())["damaged_devices"]
 
 
 def test_give_back_failure_is_reported_and_the_rest_goes_on(host: Host,
@@ -164,7 +164,7 @@ def test_auto_bound_devices_go_back_when_the_edit_fails(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "Read-only file system" in err[0] and "config.json" in err[0]
     assert fakesys.driver("0000:08:00.0") == "nvme"
-    assert read_journal(host) == {} and not marker(host.state_dir, "ro1").exists()
+    assert read_journal(host) == {} and not Path(marker(host.state_dir, "ro1")).exists()
     assert (b / "config.json").read_bytes() == before
 
 
@@ -183,7 +183,7 @@ def test_delete_keeps_devices_while_the_container_still_exists(
     code, _ = run_main(["delete", "keep1"])
     assert code == 1
     assert fakesys.driver("0000:08:00.0") == "vfio-pci"
-    assert marker(host.state_dir, "keep1").exists()
+    assert Path(marker(host.state_dir, "keep1")).exists()
     log = (tmp_path / "kv.log").read_text()
     assert "still exists" in log
     # the runtime no longer knows it (state fails too): now the devices go back
@@ -191,13 +191,13 @@ def test_delete_keeps_devices_while_the_container_still_exists(
     code, _ = run_main(["delete", "keep1"])
     assert code == 1
     assert fakesys.driver("0000:08:00.0") == "nvme"
-    assert not marker(host.state_dir, "keep1").exists()
+    assert not Path(marker(host.state_dir, "keep1")).exists()
 
 
 @pytest.mark.parametrize("cid", [".", ".."])
 def test_delete_dot_passes_the_inner_exit_code(wrapper: Path, host: Host, cid: str) -> None:
     """Defect 8: `delete .` was answered with 1 by the wrapper itself."""
-    (host.state_dir / "containers").mkdir(parents=True)
+    (Path(host.state_dir) / "containers").mkdir(parents=True)
     code, execs = run_main(["delete", cid])
     assert code == 127 and execs and execs[0][1:] == ["delete", cid]  # exec'd unchanged
 

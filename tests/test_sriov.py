@@ -91,5 +91,5 @@ def test_owned_vfs_are_not_removed_without_force(pf_host: Host, tmp_path: Path,
     assert fakesys.driver("0000:01:00.0") == "vfio-pci"
     assert ctl(["vfs", PF, "0", "--force"]) == 0
     assert vf_drivers(fakesys) == {}
-    journal = json.loads(pf_host.journal.read_text())
+    journal = json.loads(Path(pf_host.journal).read_text())
     assert journal["devices"] == {} and journal["claims"] == {}

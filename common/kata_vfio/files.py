@@ -10,9 +10,12 @@ from __future__ import annotations
 import os
 import stat
 import time
-from pathlib import Path
 
 from kata_vfio.errors import KataVfioError
+
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: the hook and create avoid importing typing
+if TYPE_CHECKING:
+    from kata_vfio.pci import StrPath
 
 
 def write_fully(fd: int, data: bytes) -> None:
@@ -24,9 +27,16 @@ def write_fully(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-def write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Temp file beside `path`, written fully, fsynced and checked, then renamed over it.
+def write_atomically(path: StrPath, data: bytes, mode: int = 0o644, *,
+                     durable: bool = True) -> None:
+    """Temp file beside `path`, written fully, checked, then renamed over it: a reader,
+    or a process killed at any step, sees the old content or the new, never a mix.
 
+    `durable` also fsyncs the file and its directory, so the new content survives a
+    power loss too: for files that outlive the boot (configuration, the ledger's
+    journal). A container's config.json or the ledger's per-container markers belong
+    to this boot only (after a crash their containers are gone whatever they say), and
+    `kata-vfio create` should not pay two disk flushes each for them.
     Mode and owner of an existing file are kept. On any failure the temp file is
     removed and `path` is left exactly as it was.
     """
@@ -34,8 +44,9 @@ def write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
         st: os.stat_result | None = os.stat(path)
     except FileNotFoundError:
         st = None
+    parent, name = os.path.split(os.fspath(path))
     # a name only this process uses (tempfile would cost the hook ~5 ms of imports)
-    tmp = str(path.parent / f".{path.name}.{os.getpid()}.{time.monotonic_ns()}")
+    tmp = os.path.join(parent, f".{name}.{os.getpid()}.{time.monotonic_ns()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         try:
@@ -43,7 +54,8 @@ def write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
             if st is not None and os.geteuid() == 0:
                 os.fchown(fd, st.st_uid, st.st_gid)
             write_fully(fd, data)
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
             size = os.fstat(fd).st_size
             if size != len(data):
                 raise OSError(5, f"wrote {size} of {len(data)} bytes")
@@ -56,7 +68,9 @@ def write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
         except FileNotFoundError:
             pass
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    if not durable:
+        return
+    dir_fd = os.open(parent or ".", os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dir_fd)
     finally:
@@ -67,7 +81,7 @@ class UnsafeFileError(KataVfioError):
     """A file that must be a regular file of sane size is not."""
 
 
-def read_regular(path: Path, limit: int, what: str) -> bytes:
+def read_regular(path: StrPath, limit: int, what: str) -> bytes:
     """The bytes of `path`, which must be a regular file of at most `limit` bytes.
 
     Opened non-blocking so a FIFO cannot hang us; checked with fstat before reading;

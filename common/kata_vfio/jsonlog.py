@@ -7,11 +7,16 @@ records of the same shape themselves: timestamp, level, event, bound context.
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from pathlib import Path
-from typing import Any
+
+from kata_vfio.jsoncodec import dumps
+
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: the hook and create avoid importing typing
+if TYPE_CHECKING:
+    from typing import Any
+
+    from kata_vfio.pci import StrPath
 
 
 def _timestamp() -> str:
@@ -22,7 +27,7 @@ def _timestamp() -> str:
 class JsonLog:
     """Appends one JSON object per line; a log that cannot be written is dropped quietly."""
 
-    def __init__(self, path: Path | None, context: dict[str, Any] | None = None) -> None:
+    def __init__(self, path: StrPath | None, context: dict[str, Any] | None = None) -> None:
         self._path = path
         self._context = dict(context or {})
 
@@ -34,7 +39,7 @@ class JsonLog:
             return
         record = {"timestamp": _timestamp(), "level": level, "event": event,
                   **self._context, **fields}
-        line = json.dumps(record, default=str, separators=(",", ":")) + "\n"
+        line = dumps(record, compact=True, default=str) + "\n"
         try:
             fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         except OSError:
@@ -58,4 +63,4 @@ def wrapper_log(path: str | None, **context: Any) -> JsonLog:
     """The runtime and shim wrappers' event log: the same JSON-lines records the host
     tools write with structlog, without structlog's import (~100 ms here, with asyncio),
     which a container create cannot afford."""
-    return JsonLog(Path(path) if path else None, context)
+    return JsonLog(path or None, context)

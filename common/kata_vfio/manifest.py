@@ -6,13 +6,15 @@ guest; ``/dev/vfio`` entries do not). Versioned JSON, parsed strictly on both en
 
 from __future__ import annotations
 
-import json
-from typing import Any, NamedTuple
-
 from kata_vfio import defaults
 from kata_vfio.defaults import HOTPLUG_TIMEOUT_DEFAULT, HOTPLUG_TIMEOUT_MAX
 from kata_vfio.errors import SpecError
+from kata_vfio.jsoncodec import dumps, loads
 from kata_vfio.pci import IommuGroup, PciAddress, PciIdentity
+
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: the hook and create avoid importing typing
+if TYPE_CHECKING:
+    from typing import Any
 
 MANIFEST_ANNOTATION = defaults.MANIFEST_ANNOTATION  # defined there for the hook's lean path
 DEVICES_ANNOTATION = "io.kata-vfio.devices"
@@ -45,10 +47,26 @@ def _parse_id(obj: dict[str, Any], key: str, bits: int) -> int:
                     "regenerate the manifest")
 
 
-class ManifestDevice(NamedTuple):
-    host_address: PciAddress
-    identity: PciIdentity
-    mac: str | None = None
+class ManifestDevice(tuple[PciAddress, PciIdentity, "str | None"]):
+    """One device of the manifest: where it sat on the host, what it is, its MAC."""
+
+    __slots__ = ()
+
+    def __new__(cls, host_address: PciAddress, identity: PciIdentity,
+                mac: str | None = None) -> ManifestDevice:
+        return tuple.__new__(cls, (host_address, identity, mac))
+
+    @property
+    def host_address(self) -> PciAddress:
+        return self[0]
+
+    @property
+    def identity(self) -> PciIdentity:
+        return self[1]
+
+    @property
+    def mac(self) -> str | None:
+        return self[2]
 
     def to_obj(self) -> dict[str, Any]:
         ident = self.identity
@@ -79,22 +97,44 @@ class ManifestDevice(NamedTuple):
         return cls(PciAddress.parse(obj["host_address"]), identity, _parse_mac(obj.get("mac")))
 
 
-class ManifestGroup(NamedTuple):
-    host_group: IommuGroup
-    devices: tuple[ManifestDevice, ...]
+class ManifestGroup(tuple[IommuGroup, "tuple[ManifestDevice, ...]"]):
+    __slots__ = ()
+
+    def __new__(cls, host_group: IommuGroup,
+                devices: tuple[ManifestDevice, ...]) -> ManifestGroup:
+        return tuple.__new__(cls, (host_group, devices))
+
+    @property
+    def host_group(self) -> IommuGroup:
+        return self[0]
+
+    @property
+    def devices(self) -> tuple[ManifestDevice, ...]:
+        return self[1]
 
 
-class Manifest(NamedTuple):
-    groups: tuple[ManifestGroup, ...]
-    # how long the guest hook waits for devices the hypervisor hot-plugs late
-    hotplug_timeout: float = HOTPLUG_TIMEOUT_DEFAULT
+class Manifest(tuple["tuple[ManifestGroup, ...]", float]):
+    __slots__ = ()
+
+    def __new__(cls, groups: tuple[ManifestGroup, ...],
+                hotplug_timeout: float = HOTPLUG_TIMEOUT_DEFAULT) -> Manifest:
+        return tuple.__new__(cls, (groups, hotplug_timeout))
+
+    @property
+    def groups(self) -> tuple[ManifestGroup, ...]:
+        return self[0]
+
+    @property
+    def hotplug_timeout(self) -> float:
+        """How long the guest hook waits for devices the hypervisor hot-plugs late."""
+        return self[1]
 
     @property
     def devices(self) -> list[ManifestDevice]:
         return [d for g in self.groups for d in g.devices]
 
     def to_json(self) -> str:
-        return json.dumps(
+        return dumps(
             {
                 "version": MANIFEST_VERSION,
                 "hotplug_timeout": self.hotplug_timeout,
@@ -103,13 +143,13 @@ class Manifest(NamedTuple):
                     for g in self.groups
                 ],
             },
-            separators=(",", ":"),
+            compact=True,
         )
 
     @classmethod
     def from_json(cls, text: str) -> Manifest:
         try:
-            data = json.loads(text)
+            data = loads(text)
         except ValueError as exc:
             raise SpecError(f"manifest annotation is not JSON ({exc})",
                             "regenerate it with the kata-vfio wrapper") from None

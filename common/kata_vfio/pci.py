@@ -1,17 +1,28 @@
 """PCI addresses, IOMMU groups and the facts sysfs gives about a device.
 
-Every function that reads sysfs takes the sysfs root as a Path (``/sys`` in
-production, a fake tree in tests). Untrusted strings are parsed into
-`PciAddress` / `IommuGroup` before they are ever joined to a path.
+Every function that reads sysfs takes the sysfs root as a path (``/sys`` in
+production, a fake tree in tests) and gives paths back as strings. Untrusted strings
+are parsed into `PciAddress` / `IommuGroup` before they are ever joined to a path.
+
+The guest hook and ``kata-vfio create`` run this once per container, so it imports
+neither pathlib nor typing (with `re`, `enum` and `collections` behind them they cost
+more than a bare interpreter start): paths are `os.path` strings and the value types
+are plain tuple subclasses.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import NamedTuple
 
 from kata_vfio.errors import DeviceError
+
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: see above
+if TYPE_CHECKING:
+    from os import PathLike
+
+    StrPath = str | PathLike[str]
+
+_join = os.path.join
 
 _HEX = frozenset("0123456789abcdef")
 
@@ -30,13 +41,33 @@ def _hex_field(text: str, width: int, what: str, original: str) -> int:
     return int(text, 16)
 
 
-class PciAddress(NamedTuple):
-    """A PCI function address, ``DDDD:BB:SS.F``; prints canonically (lower-case)."""
+class PciAddress(tuple[int, int, int, int]):
+    """A PCI function address, ``DDDD:BB:SS.F``; prints canonically (lower-case).
+    Ordered and hashed as (domain, bus, slot, function)."""
 
-    domain: int
-    bus: int
-    slot: int
-    function: int
+    __slots__ = ()
+
+    def __new__(cls, domain: int, bus: int, slot: int, function: int) -> PciAddress:
+        return tuple.__new__(cls, (domain, bus, slot, function))
+
+    @property
+    def domain(self) -> int:
+        return self[0]
+
+    @property
+    def bus(self) -> int:
+        return self[1]
+
+    @property
+    def slot(self) -> int:
+        return self[2]
+
+    @property
+    def function(self) -> int:
+        return self[3]
+
+    def __repr__(self) -> str:
+        return f"PciAddress({str(self)!r})"
 
     @classmethod
     def parse(cls, text: str) -> PciAddress:
@@ -66,10 +97,20 @@ class PciAddress(NamedTuple):
         return f"{self.domain:04x}:{self.bus:02x}:{self.slot:02x}.{self.function:x}"
 
 
-class IommuGroup(NamedTuple):
+class IommuGroup(tuple[int]):
     """An IOMMU group number, as in ``/dev/vfio/<N>``."""
 
-    number: int
+    __slots__ = ()
+
+    def __new__(cls, number: int) -> IommuGroup:
+        return tuple.__new__(cls, (number,))
+
+    @property
+    def number(self) -> int:
+        return self[0]
+
+    def __repr__(self) -> str:
+        return f"IommuGroup({self[0]})"
 
     @classmethod
     def parse(cls, text: str) -> IommuGroup:
@@ -84,15 +125,37 @@ class IommuGroup(NamedTuple):
         return str(self.number)
 
 
-class PciIdentity(NamedTuple):
+class PciIdentity(tuple[int, int, int, int, int]):
     """What a PCI function is, as opposed to where it sits: the IDs that do not change
     when the function is passed from host to guest."""
 
-    vendor: int
-    device: int
-    subsystem_vendor: int
-    subsystem_device: int
-    class_code: int  # 24 bits: base class, subclass, programming interface
+    __slots__ = ()
+
+    def __new__(cls, vendor: int, device: int, subsystem_vendor: int, subsystem_device: int,
+                class_code: int) -> PciIdentity:
+        return tuple.__new__(cls, (vendor, device, subsystem_vendor, subsystem_device,
+                                   class_code))
+
+    @property
+    def vendor(self) -> int:
+        return self[0]
+
+    @property
+    def device(self) -> int:
+        return self[1]
+
+    @property
+    def subsystem_vendor(self) -> int:
+        return self[2]
+
+    @property
+    def subsystem_device(self) -> int:
+        return self[3]
+
+    @property
+    def class_code(self) -> int:
+        """24 bits: base class, subclass, programming interface."""
+        return self[4]
 
     @property
     def ids(self) -> str:
@@ -102,16 +165,51 @@ class PciIdentity(NamedTuple):
         return f"{self.ids} class {self.class_code:06x}"
 
 
-class PciDevice(NamedTuple):
+class PciDevice(tuple[PciAddress, PciIdentity, "str | None", "IommuGroup | None",
+                      "str | None", "PciAddress | None", "tuple[str, ...]"]):
     """What sysfs says about one PCI function."""
 
-    address: PciAddress
-    identity: PciIdentity
-    driver: str | None
-    iommu_group: IommuGroup | None
-    driver_override: str | None = None
-    physfn: PciAddress | None = None
-    net_interfaces: tuple[str, ...] = ()
+    __slots__ = ()
+
+    def __new__(cls, address: PciAddress, identity: PciIdentity, driver: str | None,
+                iommu_group: IommuGroup | None, driver_override: str | None = None,
+                physfn: PciAddress | None = None,
+                net_interfaces: tuple[str, ...] = ()) -> PciDevice:
+        return tuple.__new__(cls, (address, identity, driver, iommu_group, driver_override,
+                                   physfn, net_interfaces))
+
+    @property
+    def address(self) -> PciAddress:
+        return self[0]
+
+    @property
+    def identity(self) -> PciIdentity:
+        return self[1]
+
+    @property
+    def driver(self) -> str | None:
+        return self[2]
+
+    @property
+    def iommu_group(self) -> IommuGroup | None:
+        return self[3]
+
+    @property
+    def driver_override(self) -> str | None:
+        return self[4]
+
+    @property
+    def physfn(self) -> PciAddress | None:
+        """The PF of an SR-IOV VF."""
+        return self[5]
+
+    @property
+    def net_interfaces(self) -> tuple[str, ...]:
+        return self[6]
+
+    def __repr__(self) -> str:
+        return (f"PciDevice({self.address}, {self.identity.describe()}, driver={self.driver}, "
+                f"group={self.iommu_group})")
 
     @property
     def vendor(self) -> int:
@@ -160,30 +258,35 @@ def usable_by_vfio(dev: PciDevice) -> bool:
 # --- sysfs paths: the kernel contract in one place ------------------------------------
 
 
-def device_dir(sysfs: Path, addr: PciAddress) -> Path:
-    return sysfs / "bus/pci/devices" / str(addr)
+def device_dir(sysfs: StrPath, addr: PciAddress) -> str:
+    return _join(sysfs, "bus/pci/devices", str(addr))
 
 
-def group_devices_dir(sysfs: Path, group: IommuGroup) -> Path:
-    return sysfs / "kernel/iommu_groups" / str(group) / "devices"
+def group_devices_dir(sysfs: StrPath, group: IommuGroup) -> str:
+    return _join(sysfs, "kernel/iommu_groups", str(group), "devices")
 
 
-def driver_dir(sysfs: Path, driver: str) -> Path:
-    return sysfs / "bus/pci/drivers" / driver
+def driver_dir(sysfs: StrPath, driver: str) -> str:
+    return _join(sysfs, "bus/pci/drivers", driver)
 
 
-def drivers_probe_path(sysfs: Path) -> Path:
-    return sysfs / "bus/pci/drivers_probe"
+def drivers_probe_path(sysfs: StrPath) -> str:
+    return _join(sysfs, "bus/pci/drivers_probe")
 
 
-def vfio_group_class_dir(sysfs: Path, group: IommuGroup) -> Path:
-    return sysfs / "class/vfio" / str(group)
+def vfio_group_class_dir(sysfs: StrPath, group: IommuGroup) -> str:
+    return _join(sysfs, "class/vfio", str(group))
 
 
-def read_attr(path: Path) -> str:
+def read_attr(path: StrPath) -> str:
     """A sysfs attribute as text; a non-ASCII byte or an unreadable file is a DeviceError."""
     try:
-        return path.read_bytes().decode("ascii").strip()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # no io objects: 250 reads a create
+        try:
+            data = os.read(fd, 4096)
+        finally:
+            os.close(fd)
+        return data.decode("ascii").strip()
     except UnicodeDecodeError:
         raise DeviceError(f"{path} holds bytes that are not ASCII",
                           "is this a sysfs tree? check the attribute by hand") from None
@@ -192,7 +295,7 @@ def read_attr(path: Path) -> str:
                           "run as root") from None
 
 
-def _read_hex(path: Path) -> int:
+def _read_hex(path: StrPath) -> int:
     text = read_attr(path)
     try:
         return int(text, 16)
@@ -201,7 +304,7 @@ def _read_hex(path: Path) -> int:
                           "is this a sysfs tree? check the attribute by hand") from None
 
 
-def read_link(path: Path) -> str | None:
+def read_link(path: StrPath) -> str | None:
     """The last component of a sysfs symlink's target; None when the link is absent.
 
     Absent (no driver, no IOMMU group) is a fact about the device; unreadable
@@ -218,34 +321,34 @@ def read_link(path: Path) -> str | None:
                           "run as root, and check the kernel log") from None
 
 
-def read_identity(base: Path) -> PciIdentity:
+def read_identity(base: str) -> PciIdentity:
     return PciIdentity(
-        vendor=_read_hex(base / "vendor"),
-        device=_read_hex(base / "device"),
-        subsystem_vendor=_read_hex(base / "subsystem_vendor"),
-        subsystem_device=_read_hex(base / "subsystem_device"),
-        class_code=_read_hex(base / "class"),
+        vendor=_read_hex(_join(base, "vendor")),
+        device=_read_hex(_join(base, "device")),
+        subsystem_vendor=_read_hex(_join(base, "subsystem_vendor")),
+        subsystem_device=_read_hex(_join(base, "subsystem_device")),
+        class_code=_read_hex(_join(base, "class")),
     )
 
 
-def read_device(sysfs: Path, addr: PciAddress) -> PciDevice:
+def read_device(sysfs: StrPath, addr: PciAddress) -> PciDevice:
     """Read one device's facts; `DeviceError` when sysfs has no such device."""
     base = device_dir(sysfs, addr)
-    if not base.is_dir():
+    if not os.path.isdir(base):
         raise DeviceError(
             f"no PCI device {addr} on this host",
             "list the host's devices with: kata-vfio-ctl devices",
         )
-    group_name = read_link(base / "iommu_group")
-    physfn_name = read_link(base / "physfn")
-    override_path = base / "driver_override"
-    override = read_attr(override_path) if override_path.exists() else ""
-    net_dir = base / "net"
-    nets = tuple(sorted(os.listdir(net_dir))) if net_dir.is_dir() else ()
+    group_name = read_link(_join(base, "iommu_group"))
+    physfn_name = read_link(_join(base, "physfn"))
+    override_path = _join(base, "driver_override")
+    override = read_attr(override_path) if os.path.exists(override_path) else ""
+    net_dir = _join(base, "net")
+    nets = tuple(sorted(os.listdir(net_dir))) if os.path.isdir(net_dir) else ()
     return PciDevice(
         address=addr,
         identity=read_identity(base),
-        driver=read_link(base / "driver"),
+        driver=read_link(_join(base, "driver")),
         iommu_group=IommuGroup.parse(group_name) if group_name else None,
         driver_override=None if override in ("", "(null)") else override,
         physfn=PciAddress.parse(physfn_name) if physfn_name else None,
@@ -253,28 +356,31 @@ def read_device(sysfs: Path, addr: PciAddress) -> PciDevice:
     )
 
 
-def list_addresses(sysfs: Path) -> list[PciAddress]:
+def list_addresses(sysfs: StrPath) -> list[PciAddress]:
     """Every PCI function sysfs knows, sorted."""
-    root = sysfs / "bus/pci/devices"
-    if not root.is_dir():
+    root = _join(sysfs, "bus/pci/devices")
+    if not os.path.isdir(root):
         return []
     return sorted(PciAddress.parse(name) for name in os.listdir(root))
 
 
-def group_of(sysfs: Path, addr: PciAddress) -> IommuGroup:
+def group_of(sysfs: StrPath, addr: PciAddress) -> IommuGroup:
     """The IOMMU group of a device, or a `DeviceError` saying how to get one."""
-    dev = read_device(sysfs, addr)
-    if dev.iommu_group is None:
-        raise DeviceError(
-            f"PCI device {addr} has no IOMMU group",
-            "enable the IOMMU: boot the host with intel_iommu=on (Intel) or amd_iommu=on (AMD)",
-        )
-    return dev.iommu_group
+    base = device_dir(sysfs, addr)
+    group_name = read_link(_join(base, "iommu_group"))
+    if group_name:
+        return IommuGroup.parse(group_name)
+    if not os.path.isdir(base):
+        read_device(sysfs, addr)  # "no PCI device ..."
+    raise DeviceError(
+        f"PCI device {addr} has no IOMMU group",
+        "enable the IOMMU: boot the host with intel_iommu=on (Intel) or amd_iommu=on (AMD)",
+    )
 
 
-def group_members(sysfs: Path, group: IommuGroup) -> list[PciAddress]:
+def group_members(sysfs: StrPath, group: IommuGroup) -> list[PciAddress]:
     members_dir = group_devices_dir(sysfs, group)
-    if not members_dir.is_dir():
+    if not os.path.isdir(members_dir):
         raise DeviceError(
             f"IOMMU group {group} does not exist on this host",
             "list groups and their devices with: kata-vfio-ctl devices",
@@ -282,9 +388,9 @@ def group_members(sysfs: Path, group: IommuGroup) -> list[PciAddress]:
     return sorted(PciAddress.parse(name) for name in os.listdir(members_dir))
 
 
-def vfio_group_devnum(sysfs: Path, group: IommuGroup) -> tuple[int, int]:
+def vfio_group_devnum(sysfs: StrPath, group: IommuGroup) -> tuple[int, int]:
     """major:minor of ``/dev/vfio/<group>`` (dynamic: read from sysfs)."""
-    dev_file = vfio_group_class_dir(sysfs, group) / "dev"
+    dev_file = _join(vfio_group_class_dir(sysfs, group), "dev")
     try:
         major_s, minor_s = read_attr(dev_file).split(":")
         return int(major_s), int(minor_s)
@@ -300,26 +406,26 @@ def vfio_group_devnum(sysfs: Path, group: IommuGroup) -> tuple[int, int]:
 VFIO_CONTAINER_DEVNUM = (10, 196)  # /dev/vfio/vfio, misc device
 
 
-def _class_entries_below(sysfs: Path, cls: str, addr: PciAddress) -> set[str]:
+def _class_entries_below(sysfs: StrPath, cls: str, addr: PciAddress) -> set[str]:
     """Names in /sys/class/<cls> whose device lies anywhere below the PCI function:
     a virtio NIC's interface sits at <function>/virtio2/net/eth0, not <function>/net/."""
     base = os.path.realpath(device_dir(sysfs, addr)) + "/"
-    class_dir = sysfs / "class" / cls
+    class_dir = _join(sysfs, "class", cls)
     try:
         names = os.listdir(class_dir)
     except OSError:
         return set()
     return {name for name in names
-            if os.path.realpath(class_dir / name).startswith(base)}
+            if os.path.realpath(_join(class_dir, name)).startswith(base)}
 
 
-def interfaces_below(sysfs: Path, addr: PciAddress) -> list[str]:
+def interfaces_below(sysfs: StrPath, addr: PciAddress) -> list[str]:
     """Network interfaces the PCI function provides, directly or through a child device."""
-    direct = device_dir(sysfs, addr) / "net"
-    names = set(os.listdir(direct)) if direct.is_dir() else set()
+    direct = _join(device_dir(sysfs, addr), "net")
+    names = set(os.listdir(direct)) if os.path.isdir(direct) else set()
     return sorted(names | _class_entries_below(sysfs, "net", addr))
 
 
-def block_devices_below(sysfs: Path, addr: PciAddress) -> list[str]:
+def block_devices_below(sysfs: StrPath, addr: PciAddress) -> list[str]:
     """Block devices (disks and partitions) the PCI function provides, at any depth."""
     return sorted(_class_entries_below(sysfs, "block", addr))

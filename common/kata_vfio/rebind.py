@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable
-from pathlib import Path
 
 from kata_vfio.errors import BindError
 from kata_vfio.pci import (
@@ -23,17 +21,23 @@ from kata_vfio.pci import (
     read_link,
 )
 
-# The seam through which every sysfs attribute is written. Tests pass a fake kernel.
-SysfsWrite = Callable[[Path, str], None]
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: the hook and create avoid importing typing
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from kata_vfio.pci import StrPath
+
+    # The seam through which every sysfs attribute is written. Tests pass a fake kernel.
+    SysfsWrite = Callable[[str, str], None]
 
 MODPROBE = ("/sbin/modprobe", "/usr/sbin/modprobe")
 VFIO_MODULES = ("vfio-pci", "vfio_iommu_type1")
 
 
-def load_vfio_pci(sysfs: Path, modprobe: tuple[str, ...] = MODPROBE) -> bool:
+def load_vfio_pci(sysfs: StrPath, modprobe: tuple[str, ...] = MODPROBE) -> bool:
     """Make sure the vfio-pci driver is registered, loading its modules if need be
     (absolute paths, empty environment: the guest hook runs without PATH)."""
-    if driver_dir(sysfs, VFIO_PCI).is_dir():
+    if os.path.isdir(driver_dir(sysfs, VFIO_PCI)):
         return True
     from kata_vfio.run import run
 
@@ -43,10 +47,10 @@ def load_vfio_pci(sysfs: Path, modprobe: tuple[str, ...] = MODPROBE) -> bool:
             # the driver directory below is the verdict; modprobe's own failure is not
             run([found, "-q", module], what=f"loading {module}", env={}, timeout=30,
                 check=False)
-    return driver_dir(sysfs, VFIO_PCI).is_dir()
+    return os.path.isdir(driver_dir(sysfs, VFIO_PCI))
 
 
-def write_attr(path: Path, text: str) -> None:
+def write_attr(path: StrPath, text: str) -> None:
     """Write a sysfs attribute with one write(2), as the kernel expects."""
     fd = os.open(path, os.O_WRONLY)
     try:
@@ -55,21 +59,21 @@ def write_attr(path: Path, text: str) -> None:
         os.close(fd)
 
 
-def current_driver(sysfs: Path, addr: PciAddress) -> str | None:
-    return read_link(device_dir(sysfs, addr) / "driver")
+def current_driver(sysfs: StrPath, addr: PciAddress) -> str | None:
+    return read_link(os.path.join(device_dir(sysfs, addr), "driver"))
 
 
 def bind_to(
-    sysfs: Path, addr: PciAddress, driver: str, write: SysfsWrite = write_attr
+    sysfs: StrPath, addr: PciAddress, driver: str, write: SysfsWrite = write_attr
 ) -> str | None:
     """Bind `addr` to `driver`; returns the driver it had. A no-op when already bound."""
     before = current_driver(sysfs, addr)
     if before == driver or (driver == VFIO_PCI and is_vfio_driver(before)):
         return before
     base = device_dir(sysfs, addr)
-    write(base / "driver_override", driver)
+    write(os.path.join(base, "driver_override"), driver)
     if before is not None:
-        write(base / "driver" / "unbind", str(addr))
+        write(os.path.join(base, "driver", "unbind"), str(addr))
     _probe(sysfs, addr, write)
     after = current_driver(sysfs, addr)
     if after != driver:
@@ -81,7 +85,7 @@ def bind_to(
 
 
 def give_back(
-    sysfs: Path,
+    sysfs: StrPath,
     addr: PciAddress,
     driver: str | None,
     override: str | None = None,
@@ -89,11 +93,11 @@ def give_back(
 ) -> None:
     """Return `addr` to `driver` (None: leave it driver-less) and restore its override."""
     base = device_dir(sysfs, addr)
-    write(base / "driver_override", override or "\n")
+    write(os.path.join(base, "driver_override"), override or "\n")
     if current_driver(sysfs, addr) == driver:
         return
     if current_driver(sysfs, addr) is not None:
-        write(base / "driver" / "unbind", str(addr))
+        write(os.path.join(base, "driver", "unbind"), str(addr))
     if driver is None:
         return
     _probe(sysfs, addr, write)
@@ -105,7 +109,7 @@ def give_back(
         )
 
 
-def _probe(sysfs: Path, addr: PciAddress, write: SysfsWrite) -> None:
+def _probe(sysfs: StrPath, addr: PciAddress, write: SysfsWrite) -> None:
     try:
         write(drivers_probe_path(sysfs), str(addr))
     except OSError as exc:

@@ -8,6 +8,7 @@ MAC matches first, so the same manifest always gives the same assignment.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from kata_vfio.manifest import ManifestDevice
@@ -17,8 +18,9 @@ from kata_vfio.pci import PciAddress, PciDevice, device_dir, list_addresses, rea
 def guest_mac(sysfs: Path, dev: PciDevice) -> str | None:
     for ifname in dev.net_interfaces:
         try:
-            return (device_dir(sysfs, dev.address) / "net" / ifname / "address") \
-                .read_text().strip().lower()
+            with open(os.path.join(device_dir(sysfs, dev.address), "net", ifname, "address"),
+                      "rb") as f:
+                return f.read().decode("ascii", "replace").strip().lower()
         except OSError:
             continue
     return None

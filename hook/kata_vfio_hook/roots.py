@@ -10,9 +10,13 @@ from pathlib import Path
 from typing import NamedTuple
 
 from kata_vfio.defaults import GUEST_CLAIMS_DIR
-from kata_vfio.rebind import MODPROBE, SysfsWrite, write_attr
+from kata_vfio.rebind import MODPROBE, write_attr
 from kata_vfio_hook.main import LIBCONTAINER
 from kata_vfio_hook.vmdeps import Ipv4Lookup, ipv4_address
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from kata_vfio.rebind import SysfsWrite
 
 
 class GuestRoots(NamedTuple):

@@ -66,7 +66,7 @@ def function_of_interface(sysfs: Path, ifname: str) -> Any:
     from kata_vfio.errors import KataVfioError
     from kata_vfio.pci import PciAddress, device_dir
 
-    link = sysfs / "class/net" / ifname
+    link = Path(sysfs) / "class/net" / ifname
     if not os.path.lexists(link):
         raise DeviceError(f"no PCI device or network interface {ifname!r} on this host",
                           "give DDDD:BB:SS.F, BB:SS.F or an interface name; "
@@ -79,7 +79,7 @@ def function_of_interface(sysfs: Path, ifname: str) -> Any:
             addr = PciAddress.parse(part)
         except KataVfioError:
             continue
-        if device_dir(sysfs, addr).is_dir():
+        if os.path.isdir(device_dir(sysfs, addr)):
             return addr
     raise DeviceError(f"interface {ifname} is not on a PCI device ({target})",
                       "only PCI functions can be handed to vfio-pci; "
@@ -148,7 +148,7 @@ def device_records(args: argparse.Namespace, host: Any) -> list[dict[str, Any]]:
         name = device_name(dev.vendor, dev.device)
         if any(not m(dev) for m in matchers) or (name_re and not name_re.search(name)):
             continue
-        base = host.sysfs / "bus/pci/devices" / str(addr)
+        base = Path(host.sysfs) / "bus/pci/devices" / str(addr)
         virtfns = sorted(os.path.basename(os.readlink(base / n)) for n in os.listdir(base)
                          if n.startswith("virtfn"))
         others = [str(m) for m in group_members(host.sysfs, dev.iommu_group)

@@ -13,9 +13,8 @@ get the same device; the claims themselves go through the ledger like any reques
 
 from __future__ import annotations
 
-import contextlib
+import os
 import re
-from collections.abc import Iterator
 from typing import NamedTuple
 
 from kata_vfio.defaults import SELECT_ANNOTATION
@@ -34,7 +33,7 @@ from kata_vfio_host.allowlist import parse_allow_list
 from kata_vfio_host.ledger import (
     ContainerId,
     Host,
-    _flock,
+    Locks,
     claim_gone,
     read_journal_file,
 )
@@ -104,10 +103,8 @@ def virtual_function_count(host: Host, addr: PciAddress) -> int:
         return 0
 
 
-@contextlib.contextmanager
-def allocation_lock(host: Host) -> Iterator[None]:
-    with _flock(host.state_dir / "locks" / "allocate"):
-        yield
+def allocation_lock(host: Host) -> Locks:
+    return Locks([os.path.join(host.state_dir, "locks", "allocate")])
 
 
 def _group_state(host: Host, group: IommuGroup, allow: tuple[str, ...],

@@ -9,10 +9,8 @@ whatever engine started it.
 
 from __future__ import annotations
 
+import os
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 from kata_vfio.errors import DeviceError, KataVfioError
 from kata_vfio.pci import (
@@ -32,7 +30,6 @@ from kata_vfio_host.ledger import (
     ContainerId,
     DeviceEntry,
     Host,
-    InUse,
     check_free,
     claim_gone,
     claim_groups,
@@ -42,14 +39,20 @@ from kata_vfio_host.ledger import (
     read_journal_file,
 )
 
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: `kata-vfio create` avoids importing typing
+if TYPE_CHECKING:
+    from typing import Any
+
+    from kata_vfio_host.ledger import InUse
+
 __all__ = ["ADMIN", "Host", "RestoreReport", "acquire", "bind_group", "release_container",
            "restore", "restore_all"]
 
 
-@dataclass
 class RestoreReport:
-    restored: list[str] = field(default_factory=list)
-    failed: list[str] = field(default_factory=list)  # one line each: address and why
+    def __init__(self) -> None:
+        self.restored: list[str] = []
+        self.failed: list[str] = []  # one line each: address and why
 
     def extend(self, other: RestoreReport) -> None:
         self.restored += other.restored
@@ -69,7 +72,8 @@ def ensure_vfio_pci(host: Host) -> None:
                           "install the kernel's vfio-pci module (modprobe vfio-pci)")
 
 
-GroupPlan = tuple[IommuGroup, list[PciDevice]]
+if TYPE_CHECKING:
+    GroupPlan = tuple[IommuGroup, list[PciDevice]]
 MAX_BIND_THREADS = 16
 
 
@@ -176,18 +180,18 @@ def _live_claim(host: Host, group: IommuGroup) -> str | None:
     return claim.owner if claim is not None and not claim_gone(host, claim) else None
 
 
-def wait_for_group_node(host: Host, group: IommuGroup, timeout: float = 5.0) -> Path:
+def wait_for_group_node(host: Host, group: IommuGroup, timeout: float = 5.0) -> str:
     """/sys/class/vfio/<N> appears when vfio-pci takes the group; udev then makes /dev/vfio/N."""
     deadline = time.monotonic() + timeout
-    node = vfio_group_class_dir(host.sysfs, group) / "dev"
+    node = os.path.join(vfio_group_class_dir(host.sysfs, group), "dev")
     delay = 0.005
-    while not node.exists():
+    while not os.path.exists(node):
         if time.monotonic() > deadline:
             raise DeviceError(f"/dev/vfio/{group} did not appear after binding",
                               "check the kernel log for vfio errors")
         time.sleep(delay)
         delay = min(delay * 2, 0.2)
-    return Path("/dev/vfio") / str(group)
+    return f"/dev/vfio/{group}"
 
 
 def restore(host: Host, addresses: list[PciAddress], owner: str | None = None) -> RestoreReport:
@@ -204,7 +208,7 @@ def restore(host: Host, addresses: list[PciAddress], owner: str | None = None) -
         if owner is not None and entry.owner != owner:
             continue
         try:
-            if not (host.sysfs / "bus/pci/devices" / str(addr)).exists():
+            if not os.path.exists(os.path.join(host.sysfs, "bus/pci/devices", str(addr))):
                 pass  # hot-unplugged: nothing left to give back
             elif not is_vfio_driver(entry.driver):
                 give_back(host.sysfs, addr, entry.driver, entry.override, host.write)
@@ -243,6 +247,8 @@ def _netlink(host: Host) -> Any:
 def apply_vf_config(host: Host, container: ContainerId, text: str) -> list[str]:
     """Set the MAC/VLAN a container asked for on its VFs, recording what the PF had
     first; the VFs must be the container's own. Returns what was set, one line each."""
+    from pathlib import Path
+
     from kata_vfio_host.ledger import VfOriginal
     from kata_vfio_host.vfconfig import parse_vf_config, vf_port
 
@@ -255,7 +261,7 @@ def apply_vf_config(host: Host, container: ContainerId, text: str) -> list[str]:
             raise DeviceError(f"io.kata-vfio.vf-config names {setting.vf}, which is not one of "
                               f"container {container}'s devices",
                               "ask for the VF too (io.kata-vfio.devices or select)")
-        port = vf_port(host.sysfs, setting.vf)
+        port = vf_port(Path(host.sysfs), setting.vf)
         mac, vlan = netlink.get(port)
         with editing(host) as journal:  # the original first: a crash leaves what to undo
             known = journal.vf_configs.get(str(setting.vf))
@@ -301,7 +307,7 @@ def release_container(host: Host, container: str) -> RestoreReport:
             for group in [g for g, c in journal.claims.items() if c.container == cid]:
                 del journal.claims[group]
         try:
-            marker(host.state_dir, cid).unlink()
+            os.unlink(marker(host.state_dir, cid))
         except FileNotFoundError:
             pass
     return report
@@ -345,9 +351,9 @@ def acquire(host: Host, container: ContainerId, groups: list[IommuGroup],
         check_free(host, container, wanted)
         try:
             plans: dict[IommuGroup, list[PciDevice]] = {}
-            for addr, group in by_addr.items():
+            for addr, group in by_addr.items() if allow else ():
                 _, devices = endpoints(host, addr)
-                if not allow or all(is_vfio_driver(d.driver) for d in devices):
+                if all(is_vfio_driver(d.driver) for d in devices):
                     continue  # no auto-bind: the spec edit says how to bind by hand
                 for dev in devices:
                     if not allowed(allow, dev):

@@ -22,49 +22,63 @@ One flock per IOMMU group serialises containers racing for the same devices.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
-import json
 import os
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 from kata_vfio.errors import DeviceError, KataVfioError
+from kata_vfio.jsoncodec import dumps, loads
 from kata_vfio.pci import IommuGroup, PciAddress
-from kata_vfio.rebind import MODPROBE, SysfsWrite, write_attr
+from kata_vfio.rebind import MODPROBE, write_attr
+
+# `kata-vfio create` runs this once per container: no typing, dataclasses, contextlib,
+# pathlib or json (each costs a good part of a bare interpreter start).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
+
+    from kata_vfio.pci import StrPath
+    from kata_vfio.rebind import SysfsWrite
+
+    InUse = Callable[[PciAddress], list[str]]
 
 ADMIN = "kata-vfio-ctl"
 JOURNAL_VERSION = 2
-BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
+BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 _ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+_join = os.path.join
 
-InUse = Callable[[PciAddress], list[str]]
 
-
-def read_boot_id(path: Path = BOOT_ID_PATH) -> str:
+def read_boot_id(path: StrPath = BOOT_ID_PATH) -> str:
     try:
-        return path.read_text(encoding="ascii").strip()
+        with open(path, "rb") as f:
+            return f.read().decode("ascii").strip()
     except (OSError, UnicodeDecodeError):
         return "unknown"
 
 
-@dataclass(frozen=True)
 class Host:
-    """The host's kernel interfaces and kata-vfio's state directory."""
+    """The host's kernel interfaces and kata-vfio's state directory (paths as strings)."""
 
-    sysfs: Path
-    state_dir: Path
-    write: SysfsWrite = write_attr
-    modprobe: tuple[str, ...] = MODPROBE
-    boot_id: str = field(default_factory=read_boot_id)
-    netlink: Any = None  # VF settings on the PF (vfconfig.Netlink when None); tests fake it
+    __slots__ = ("boot_id", "modprobe", "netlink", "state_dir", "sysfs", "write")
+
+    def __init__(self, sysfs: StrPath, state_dir: StrPath, write: SysfsWrite = write_attr,
+                 modprobe: tuple[str, ...] = MODPROBE, boot_id: str | None = None,
+                 netlink: Any = None) -> None:
+        self.sysfs = os.fspath(sysfs)
+        self.state_dir = os.fspath(state_dir)
+        self.write = write
+        self.modprobe = modprobe
+        self.boot_id = read_boot_id() if boot_id is None else boot_id
+        self.netlink = netlink  # VF settings on the PF (vfconfig.Netlink when None)
 
     @property
-    def journal(self) -> Path:
-        return self.state_dir / "bindings.json"
+    def journal(self) -> str:
+        return _join(self.state_dir, "bindings.json")
+
+    def __repr__(self) -> str:
+        return f"Host(sysfs={self.sysfs!r}, state_dir={self.state_dir!r})"
 
 
 class ContainerId(str):
@@ -93,26 +107,56 @@ def owner_name(container_id: str) -> str:
     return f"container {container_id}"
 
 
-@dataclass(frozen=True)
-class DeviceEntry:
-    driver: str | None
-    override: str | None
-    group: int
-    owner: str
-    boot_id: str | None = None
-    since: float = 0.0
+class _Record:
+    """Value semantics for the journal's small records (what a frozen dataclass gives,
+    without the import and the class-creation cost)."""
+
+    __slots__: tuple[str, ...] = ()
+
+    def _values(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and self._values() == other._values()  # type: ignore[attr-defined,unused-ignore]
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__)
+        return f"{type(self).__name__}({fields})"
+
+
+class DeviceEntry(_Record):
+    """A device kata-vfio moved: what to give it back to, its group and owner."""
+
+    __slots__ = ("boot_id", "driver", "group", "override", "owner", "since")
+
+    def __init__(self, driver: str | None, override: str | None, group: int, owner: str,
+                 boot_id: str | None = None, since: float = 0.0) -> None:
+        self.driver = driver
+        self.override = override
+        self.group = group
+        self.owner = owner
+        self.boot_id = boot_id
+        self.since = since
 
     def to_obj(self) -> dict[str, Any]:
         return {"driver": self.driver, "override": self.override, "group": self.group,
                 "owner": self.owner, "boot_id": self.boot_id, "since": self.since}
 
 
-@dataclass(frozen=True)
-class Claim:
-    container: str
-    boot_id: str | None
-    bundle: str | None
-    since: float = 0.0
+class Claim(_Record):
+    """A container's use of an IOMMU group."""
+
+    __slots__ = ("boot_id", "bundle", "container", "since")
+
+    def __init__(self, container: str, boot_id: str | None, bundle: str | None,
+                 since: float = 0.0) -> None:
+        self.container = container
+        self.boot_id = boot_id
+        self.bundle = bundle
+        self.since = since
 
     @property
     def owner(self) -> str:
@@ -123,16 +167,19 @@ class Claim:
                 "since": self.since}
 
 
-@dataclass(frozen=True)
-class VfOriginal:
+class VfOriginal(_Record):
     """What a PF had for one of its VFs before a container's io.kata-vfio.vf-config."""
 
-    owner: str
-    pf_interface: str
-    index: int
-    mac: str | None
-    vlan: int | None
-    boot_id: str | None = None
+    __slots__ = ("boot_id", "index", "mac", "owner", "pf_interface", "vlan")
+
+    def __init__(self, owner: str, pf_interface: str, index: int, mac: str | None,
+                 vlan: int | None, boot_id: str | None = None) -> None:
+        self.owner = owner
+        self.pf_interface = pf_interface
+        self.index = index
+        self.mac = mac
+        self.vlan = vlan
+        self.boot_id = boot_id
 
     def to_obj(self) -> dict[str, Any]:
         return {"owner": self.owner, "pf_interface": self.pf_interface, "index": self.index,
@@ -149,13 +196,15 @@ def _parse_vf_original(obj: Any) -> VfOriginal:
                       vlan if isinstance(vlan, int) else None, _opt_str(obj.get("boot_id")))
 
 
-@dataclass
 class Journal:
-    devices: dict[str, DeviceEntry] = field(default_factory=dict)
-    claims: dict[int, Claim] = field(default_factory=dict)
-    vf_configs: dict[str, VfOriginal] = field(default_factory=dict)
-    damaged: list[str] = field(default_factory=list)  # why entries could not be read
-    kept: dict[str, Any] = field(default_factory=dict)  # those entries, left for a human
+    __slots__ = ("claims", "damaged", "devices", "kept", "vf_configs")
+
+    def __init__(self) -> None:
+        self.devices: dict[str, DeviceEntry] = {}
+        self.claims: dict[int, Claim] = {}
+        self.vf_configs: dict[str, VfOriginal] = {}
+        self.damaged: list[str] = []  # why entries could not be read
+        self.kept: dict[str, Any] = {}  # those entries, left for a human
 
 
 def _opt_str(value: Any) -> str | None:
@@ -190,7 +239,8 @@ def read_journal_file(host: Host) -> Journal:
     (and kept out of the way) instead of stopping everything."""
     path = host.journal
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as f:
+            raw = f.read()
     except FileNotFoundError:
         return Journal()
     except IsADirectoryError:
@@ -199,7 +249,7 @@ def read_journal_file(host: Host) -> Journal:
     except OSError as exc:
         raise DeviceError(f"cannot read {path}: {exc.strerror}", "run as root") from None
     try:
-        data = json.loads(raw)
+        data = loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise DeviceError(f"{path} is damaged (not JSON)",
                           "check it by hand; it records which drivers to give devices back to"
@@ -234,7 +284,7 @@ def read_journal_file(host: Host) -> Journal:
 def _write_journal_file(host: Host, journal: Journal) -> None:
     from kata_vfio.files import write_atomically
 
-    host.state_dir.mkdir(parents=True, exist_ok=True)
+    os.makedirs(host.state_dir, exist_ok=True)
     data: dict[str, Any] = {
         "version": JOURNAL_VERSION,
         "devices": {a: e.to_obj() for a, e in sorted(journal.devices.items())},
@@ -244,40 +294,68 @@ def _write_journal_file(host: Host, journal: Journal) -> None:
         data["vf_configs"] = {a: v.to_obj() for a, v in sorted(journal.vf_configs.items())}
     if journal.kept:  # entries we could not read stay in the file for a human to look at
         data["damaged_devices"] = journal.kept
-    write_atomically(host.journal, json.dumps(data, indent=1).encode(), mode=0o600)
+    write_atomically(host.journal, dumps(data).encode(), mode=0o600)
 
 
-@contextlib.contextmanager
-def _flock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+class Locks:
+    """flock(2) on lock files, taken in the order given, released in reverse when the
+    block ends (or the process dies)."""
+
+    def __init__(self, paths: list[str]) -> None:
+        self._paths = paths
+        self._fds: list[int] = []
+
+    def __enter__(self) -> None:
+        try:
+            for path in self._paths:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                self._fds.append(fd)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            self._release()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        while self._fds:
+            os.close(self._fds.pop())
 
 
-def group_lock(host: Host, group: IommuGroup) -> contextlib.AbstractContextManager[None]:
-    return _flock(host.state_dir / "locks" / f"group-{group}")
+def group_lock(host: Host, group: IommuGroup) -> Locks:
+    return group_locks(host, [group])
 
 
-@contextlib.contextmanager
-def group_locks(host: Host, groups: list[IommuGroup]) -> Iterator[None]:
+def group_locks(host: Host, groups: list[IommuGroup]) -> Locks:
     """Every group's lock, taken in group order so two creates never deadlock."""
-    with contextlib.ExitStack() as stack:
-        for group in sorted(set(groups)):
-            stack.enter_context(group_lock(host, group))
-        yield
+    return Locks([_join(host.state_dir, "locks", f"group-{g}") for g in sorted(set(groups))])
 
 
-@contextlib.contextmanager
-def editing(host: Host) -> Iterator[Journal]:
-    """The journal, to change in place; written back whole when the block ends."""
-    with _flock(host.state_dir / "journal.lock"):
-        journal = read_journal_file(host)
-        yield journal
-        _write_journal_file(host, journal)
+class editing:
+    """The journal, to change in place; written back whole when the block ends without
+    an exception."""
+
+    def __init__(self, host: Host) -> None:
+        self._host = host
+        self._lock = Locks([_join(host.state_dir, "journal.lock")])
+
+    def __enter__(self) -> Journal:
+        self._lock.__enter__()
+        try:
+            self._journal = read_journal_file(self._host)
+        except BaseException:
+            self._lock.__exit__()
+            raise
+        return self._journal
+
+    def __exit__(self, kind: object, *rest: object) -> None:
+        try:
+            if kind is None:
+                _write_journal_file(self._host, self._journal)
+        finally:
+            self._lock.__exit__()
 
 
 def read_journal(host: Host) -> dict[str, dict[str, Any]]:
@@ -288,8 +366,8 @@ def read_journal(host: Host) -> dict[str, dict[str, Any]]:
 # --- who owns what -------------------------------------------------------------------------
 
 
-def marker(state_dir: Path, container_id: str) -> Path:
-    return state_dir / "containers" / ContainerId.parse(container_id)
+def marker(state_dir: StrPath, container_id: str) -> str:
+    return _join(state_dir, "containers", ContainerId.parse(container_id))
 
 
 def claim_gone(host: Host, claim: Claim) -> bool:
@@ -321,12 +399,13 @@ def gone_containers(host: Host, journal: Journal | None = None) -> list[str]:
             cid = entry.owner[len("container "):]
             if cid not in live:
                 gone.add(cid)
-    markers = host.state_dir / "containers"
-    if markers.is_dir():
+    markers = _join(host.state_dir, "containers")
+    if os.path.isdir(markers):
         for name in os.listdir(markers):
             if name not in live and ContainerId.maybe(name) is not None:
                 try:
-                    info = json.loads((markers / name).read_text())
+                    with open(_join(markers, name), "rb") as f:
+                        info = loads(f.read())
                     claim = Claim(name, _opt_str(info.get("boot_id")),
                                   _opt_str(info.get("bundle")))
                 except (OSError, ValueError, AttributeError):
@@ -340,9 +419,10 @@ def write_marker(host: Host, container: ContainerId, bundle: str | None) -> None
     from kata_vfio.files import write_atomically
 
     path = marker(host.state_dir, container)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, json.dumps({"owner": container.owner, "boot_id": host.boot_id,
-                                       "bundle": bundle}).encode(), mode=0o600)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    record = {"owner": container.owner, "boot_id": host.boot_id, "bundle": bundle}
+    # a marker of this boot only: no disk flush (see write_atomically)
+    write_atomically(path, dumps(record).encode(), mode=0o600, durable=False)
 
 
 def claim_groups(host: Host, container: ContainerId, groups: list[IommuGroup],

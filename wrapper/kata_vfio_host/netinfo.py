@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kata_vfio.pci import PciAddress, device_dir
+
+if TYPE_CHECKING:
+    from kata_vfio.pci import StrPath
 
 RTEXT_FILTER_VF = 1
 _ZERO_MAC = "00:00:00:00:00:00"
 
 
-def vf_index(sysfs: Path, pf: PciAddress, vf: PciAddress) -> int | None:
+def vf_index(sysfs: StrPath, pf: PciAddress, vf: PciAddress) -> int | None:
     """N such that <pf>/virtfnN points at the VF."""
-    pf_dir = device_dir(sysfs, pf)
+    pf_dir = Path(device_dir(sysfs, pf))
     for name in os.listdir(pf_dir):
         if name.startswith("virtfn") and name[6:].isdigit() \
                 and os.path.basename(os.readlink(pf_dir / name)) == str(vf):
@@ -48,10 +51,10 @@ def mac_from_link(link: Any, index: int) -> str | None:
     return text if text and text != _ZERO_MAC else None
 
 
-def vf_mac(sysfs: Path, vf: PciAddress, pf: PciAddress) -> str | None:
+def vf_mac(sysfs: StrPath, vf: PciAddress, pf: PciAddress) -> str | None:
     """The VF's administratively set MAC, or None when it cannot be known."""
     index = vf_index(sysfs, pf, vf)
-    net = device_dir(sysfs, pf) / "net"
+    net = Path(device_dir(sysfs, pf)) / "net"
     if index is None or not net.is_dir():
         return None
     interfaces = sorted(os.listdir(net))

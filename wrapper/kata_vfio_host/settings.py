@@ -6,9 +6,7 @@ tomllib and jsonschema until the file changes.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
+import os
 
 from kata_vfio.defaults import (
     CONFIG_ENV,
@@ -25,47 +23,102 @@ from kata_vfio.defaults import (
 from kata_vfio.errors import ConfigError
 from kata_vfio_host.cache import config_path, read_cache, write_cache
 
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: every create loads the settings
+if TYPE_CHECKING:
+    from typing import Any
+
 GUEST_HOOK = "hook"
 GUEST_AGENT = "agent"
 
 
-@dataclass(frozen=True)
 class Settings:
-    runtime: str = DEFAULT_RUNTIME
-    shim: str = DEFAULT_SHIM
-    guest_hook_path: str = DEFAULT_GUEST_HOOK_PATH
-    annotations: dict[str, str] = field(default_factory=dict)
-    log_file: str = DEFAULT_LOG_FILE
-    sysfs: str = DEFAULT_SYSFS
-    state_dir: str = DEFAULT_STATE_DIR
-    autobind_allow: tuple[str, ...] = ()
-    hotplug_timeout: float = HOTPLUG_TIMEOUT_DEFAULT
-    raise_memlock: bool = True  # VFIO containers get RLIMIT_MEMLOCK unlimited (DPDK)
-    dpdk_run_tmpfs: bool = True  # ... and a tmpfs on /run/dpdk unless /run is mounted
-    # Kata >= 2: how the guest gets its devices ("hook": this project's guest hook with
-    # Kata's vfio_mode = "guest-kernel"; "agent": Kata's vfio_mode = "vfio") and the
-    # configuration file `kata-vfio-ctl install` generated. Empty: Kata 1.x, where the
-    # wrapper adds the guest_hook_path annotation instead of io.katacontainers.config_path.
-    guest: str = GUEST_HOOK
-    kata_config_path: str = ""
+    """The validated configuration; read-only once made. (A plain class: a dataclass
+    costs `kata-vfio create` the dataclasses and inspect imports on every container.)"""
 
-    @property
-    def sysfs_path(self) -> Path:
-        return Path(self.sysfs)
+    __slots__ = (
+        "annotations",
+        "autobind_allow",
+        "dpdk_run_tmpfs",
+        "guest",
+        "guest_hook_path",
+        "hotplug_timeout",
+        "kata_config_path",
+        "log_file",
+        "raise_memlock",
+        "runtime",
+        "shim",
+        "state_dir",
+        "sysfs",
+    )
 
-    @property
-    def state_path(self) -> Path:
-        return Path(self.state_dir)
+    def __init__(self, *, runtime: str = DEFAULT_RUNTIME, shim: str = DEFAULT_SHIM,
+                 guest_hook_path: str = DEFAULT_GUEST_HOOK_PATH,
+                 annotations: dict[str, str] | None = None, log_file: str = DEFAULT_LOG_FILE,
+                 sysfs: str = DEFAULT_SYSFS, state_dir: str = DEFAULT_STATE_DIR,
+                 autobind_allow: tuple[str, ...] = (),
+                 hotplug_timeout: float = HOTPLUG_TIMEOUT_DEFAULT,
+                 raise_memlock: bool = True, dpdk_run_tmpfs: bool = True,
+                 guest: str = GUEST_HOOK, kata_config_path: str = "") -> None:
+        setattr_ = object.__setattr__
+        setattr_(self, "runtime", runtime)
+        setattr_(self, "shim", shim)
+        setattr_(self, "guest_hook_path", guest_hook_path)
+        setattr_(self, "annotations", dict(annotations or {}))
+        setattr_(self, "log_file", log_file)
+        setattr_(self, "sysfs", sysfs)
+        setattr_(self, "state_dir", state_dir)
+        setattr_(self, "autobind_allow", tuple(autobind_allow))
+        setattr_(self, "hotplug_timeout", hotplug_timeout)
+        # VFIO containers get RLIMIT_MEMLOCK unlimited (DPDK) ...
+        setattr_(self, "raise_memlock", raise_memlock)
+        # ... and a tmpfs on /run/dpdk unless /run is mounted
+        setattr_(self, "dpdk_run_tmpfs", dpdk_run_tmpfs)
+        # Kata >= 2: how the guest gets its devices ("hook": this project's guest hook
+        # with Kata's vfio_mode = "guest-kernel"; "agent": Kata's vfio_mode = "vfio") and
+        # the configuration file `kata-vfio-ctl install` generated. Empty: Kata 1.x, where
+        # the wrapper adds the guest_hook_path annotation instead of
+        # io.katacontainers.config_path.
+        setattr_(self, "guest", guest)
+        setattr_(self, "kata_config_path", kata_config_path)
+
+    if TYPE_CHECKING:
+        runtime: str
+        shim: str
+        guest_hook_path: str
+        annotations: dict[str, str]
+        log_file: str
+        sysfs: str
+        state_dir: str
+        autobind_allow: tuple[str, ...]
+        hotplug_timeout: float
+        raise_memlock: bool
+        dpdk_run_tmpfs: bool
+        guest: str
+        kata_config_path: str
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"Settings are read-only ({name})")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Settings) and self.as_dict() == other.as_dict()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Settings({self.as_dict()!r})"
 
 
 def _from_cache(path: str) -> Settings | None:
     cached = read_cache(path)
     if cached is None or not cached[3]:
         return None
-    import json
+    from kata_vfio.jsoncodec import loads
 
     try:
-        data = json.loads(cached[3])
+        data = loads(cached[3])
         data["autobind_allow"] = tuple(data["autobind_allow"])
         return Settings(**data)
     except (ValueError, TypeError, KeyError):
@@ -79,7 +132,8 @@ def load_settings(path: str | None = None) -> Settings:
     if cached is not None:
         return cached
     try:
-        raw = Path(path).read_bytes()
+        with open(path, "rb") as f:
+            raw = f.read()
     except FileNotFoundError:
         if path == DEFAULT_CONFIG:
             return Settings()
@@ -100,24 +154,24 @@ def load_settings(path: str | None = None) -> Settings:
 
     parse_allow_list(tuple(autobind.get("allow", ())))  # refuse a loose pattern at load
     settings = Settings(
-        runtime=data.get("runtime", Settings.runtime),
-        shim=data.get("shim", Settings.shim),
-        guest_hook_path=data.get("guest_hook_path", Settings.guest_hook_path),
+        runtime=data.get("runtime", DEFAULT_RUNTIME),
+        shim=data.get("shim", DEFAULT_SHIM),
+        guest_hook_path=data.get("guest_hook_path", DEFAULT_GUEST_HOOK_PATH),
         annotations=dict(data.get("annotations", {})),
-        log_file=data.get("log_file", Settings.log_file),
-        sysfs=data.get("sysfs", Settings.sysfs),
-        state_dir=data.get("state_dir", Settings.state_dir),
+        log_file=data.get("log_file", DEFAULT_LOG_FILE),
+        sysfs=data.get("sysfs", DEFAULT_SYSFS),
+        state_dir=data.get("state_dir", DEFAULT_STATE_DIR),
         autobind_allow=tuple(autobind.get("allow", ())),
-        hotplug_timeout=float(data.get("hotplug_timeout", Settings.hotplug_timeout)),
-        raise_memlock=bool(data.get("raise_memlock", Settings.raise_memlock)),
-        dpdk_run_tmpfs=bool(data.get("dpdk_run_tmpfs", Settings.dpdk_run_tmpfs)),
-        guest=data.get("guest", Settings.guest),
-        kata_config_path=data.get("kata_config_path", Settings.kata_config_path),
+        hotplug_timeout=float(data.get("hotplug_timeout", HOTPLUG_TIMEOUT_DEFAULT)),
+        raise_memlock=bool(data.get("raise_memlock", True)),
+        dpdk_run_tmpfs=bool(data.get("dpdk_run_tmpfs", True)),
+        guest=data.get("guest", GUEST_HOOK),
+        kata_config_path=data.get("kata_config_path", ""),
     )
-    import json
+    from kata_vfio.jsoncodec import dumps
 
     write_cache(path, settings.runtime, settings.state_dir, settings.shim,
-                json.dumps(asdict(settings)))
+                dumps(settings.as_dict()))
     return settings
 
 
@@ -126,7 +180,8 @@ def _validate(data: dict[str, Any], path: str) -> None:
 
     import jsonschema
 
-    schema = json.loads((Path(__file__).parent / "config-schema.json").read_text())
+    with open(os.path.join(os.path.dirname(__file__), "config-schema.json"), "rb") as f:
+        schema = json.loads(f.read())
     # the bound lives in defaults.py, shared with the manifest parser and the hook
     schema["properties"]["hotplug_timeout"]["maximum"] = HOTPLUG_TIMEOUT_MAX
     errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(data),

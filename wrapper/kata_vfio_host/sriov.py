@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kata_vfio.errors import DeviceError
 from kata_vfio.pci import PciAddress, device_dir, read_attr, read_device, read_link
 from kata_vfio_host.ledger import Host, claim_gone, read_journal_file
 
+if TYPE_CHECKING:
+    from kata_vfio.pci import StrPath
 
-def virtual_functions(sysfs: Path, pf: PciAddress) -> list[PciAddress]:
-    base = device_dir(sysfs, pf)
+
+def virtual_functions(sysfs: StrPath, pf: PciAddress) -> list[PciAddress]:
+    base = Path(device_dir(sysfs, pf))
     found = []
     for name in os.listdir(base):
         if name.startswith("virtfn") and name[6:].isdigit():
@@ -28,9 +32,9 @@ def virtual_functions(sysfs: Path, pf: PciAddress) -> list[PciAddress]:
     return [addr for _, addr in sorted(found)]
 
 
-def total_vfs(sysfs: Path, pf: PciAddress) -> int:
+def total_vfs(sysfs: StrPath, pf: PciAddress) -> int:
     read_device(sysfs, pf)  # "no PCI device ..." first
-    path = device_dir(sysfs, pf) / "sriov_totalvfs"
+    path = Path(device_dir(sysfs, pf)) / "sriov_totalvfs"
     if not path.exists():
         raise DeviceError(f"PCI device {pf} has no SR-IOV capability (no sriov_totalvfs)",
                           "list SR-IOV devices with: kata-vfio-ctl devices (PF lines show VFs)")
@@ -63,7 +67,7 @@ def set_vf_count(host: Host, pf: PciAddress, count: int, *, force: bool = False
     if not 0 <= count <= total:
         raise DeviceError(f"PCI device {pf} supports 0 to {total} virtual functions, not "
                           f"{count}", f"ask for at most {total}")
-    base = device_dir(host.sysfs, pf)
+    base = Path(device_dir(host.sysfs, pf))
     current = int(read_attr(base / "sriov_numvfs"))
     if current == count:
         return virtual_functions(host.sysfs, pf)
@@ -75,13 +79,13 @@ def set_vf_count(host: Host, pf: PciAddress, count: int, *, force: bool = False
                               + "; ".join(reasons),
                               "delete those containers or stop those processes, "
                               "or pass --force")
-        host.write(base / "sriov_numvfs", "0")  # the kernel refuses N -> M directly
+        host.write(str(base / "sriov_numvfs"), "0")  # the kernel refuses N -> M directly
         _forget(host, old)
     if count:
         autoprobe = base / "sriov_drivers_autoprobe"
         if autoprobe.exists():
-            host.write(autoprobe, "0")  # no host driver grabs the new VFs
-        host.write(base / "sriov_numvfs", str(count))
+            host.write(str(autoprobe), "0")  # no host driver grabs the new VFs
+        host.write(str(base / "sriov_numvfs"), str(count))
     return virtual_functions(host.sysfs, pf)
 
 

@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kata_vfio.pci import PciAddress, block_devices_below, interfaces_below, read_device
+
+if TYPE_CHECKING:
+    from kata_vfio.pci import StrPath
 
 IFF_UP = 0x1
 
@@ -42,7 +46,7 @@ def network_uses(ifname: str) -> list[str]:
         return reasons
 
 
-def mounted_block_uses(sysfs: Path, proc: Path, addr: PciAddress) -> list[str]:
+def mounted_block_uses(sysfs: StrPath, proc: Path, addr: PciAddress) -> list[str]:
     names = block_devices_below(sysfs, addr)
     if not names:
         return []
@@ -75,7 +79,7 @@ def vfio_holders(proc: Path, group: int) -> list[str]:
     return reasons
 
 
-def uses(sysfs: Path, proc: Path, addr: PciAddress) -> list[str]:
+def uses(sysfs: StrPath, proc: Path, addr: PciAddress) -> list[str]:
     """Everything that uses the device; empty when it is free to move."""
     dev = read_device(sysfs, addr)
     reasons = []

@@ -8,9 +8,6 @@ the ledger and the JSON-lines event log.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 from kata_vfio.boundary import step
 from kata_vfio.defaults import SELECT_ANNOTATION, VF_CONFIG_ANNOTATION
 from kata_vfio.errors import DeviceError
@@ -27,12 +24,19 @@ from kata_vfio_runtime.spec_edit import (
     requested_groups,
 )
 
+# Every VFIO container's create runs this: no typing, no pathlib.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+    from kata_vfio.pci import StrPath
+
 
 def host_of(settings: Settings) -> Host:
-    return Host(sysfs=Path(settings.sysfs), state_dir=Path(settings.state_dir))
+    return Host(sysfs=settings.sysfs, state_dir=settings.state_dir)
 
 
-def prepare_bundle(container_id: str | None, bundle: Path, settings: Settings, host: Host,
+def prepare_bundle(container_id: str | None, bundle: StrPath, settings: Settings, host: Host,
                    log: Any) -> EditResult:
     """Claim (and, if the allow-list permits, auto-bind) the container's devices, then edit
     <bundle>/config.json. On any failure nothing stays bound or claimed for it."""
@@ -53,6 +57,8 @@ def prepare_bundle(container_id: str | None, bundle: Path, settings: Settings, h
             acquired = ContainerId.parse(container_id)
 
             def in_use(addr: PciAddress) -> list[str]:
+                from pathlib import Path
+
                 from kata_vfio_host.usage import uses
 
                 return uses(host.sysfs, Path("/proc"), addr)
@@ -81,7 +87,7 @@ def prepare_bundle(container_id: str | None, bundle: Path, settings: Settings, h
                     macs = {s.vf: s.mac for s in parse_vf_config(str(vf_config)) if s.mac}
                 log.info("VF settings", settings=done)
         with step(f"editing {bundle}/config.json"):
-            result = edit_bundle(bundle, settings, tuple(chosen), macs)
+            result = edit_bundle(bundle, settings, tuple(chosen), macs, spec)
     except BaseException as exc:
         log.error("create refused", bundle=str(bundle), error=repr(exc))
         if acquired is not None:

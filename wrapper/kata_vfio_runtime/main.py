@@ -45,8 +45,6 @@ def passthrough_settings() -> tuple[str, str]:
 
 def prepare_create(inv: Invocation) -> str:
     """Claim and edit for VFIO (lifecycle.prepare_bundle); returns the inner runtime."""
-    from pathlib import Path
-
     from kata_vfio.jsonlog import wrapper_log
     from kata_vfio_host.settings import load_settings
     from kata_vfio_runtime import lifecycle
@@ -57,7 +55,7 @@ def prepare_create(inv: Invocation) -> str:
         settings = load_settings()
         runtime = resolve_runtime(settings.runtime, config_path())
     log = wrapper_log(settings.log_file, container_id=inv.container_id, verb=inv.verb)
-    bundle = Path(inv.bundle).absolute() if inv.bundle else Path.cwd()
+    bundle = os.path.abspath(inv.bundle) if inv.bundle else os.getcwd()
     lifecycle.prepare_bundle(inv.container_id, bundle, settings, lifecycle.host_of(settings),
                              log.bind(runtime=runtime))
     return runtime

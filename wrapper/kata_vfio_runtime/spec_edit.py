@@ -9,17 +9,13 @@ the result atomically, or not at all when nothing changes.
 
 from __future__ import annotations
 
-import copy
-import json
 import os
 import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 from kata_vfio.defaults import MAX_CONFIG_JSON_BYTES
 from kata_vfio.errors import DeviceError, SpecError
 from kata_vfio.files import read_regular, write_atomically
+from kata_vfio.jsoncodec import dumps, loads
 from kata_vfio.manifest import (
     DEVICES_ANNOTATION,
     GUEST_HOOK_PATH_ANNOTATION,
@@ -41,6 +37,13 @@ from kata_vfio.pci import (
 )
 from kata_vfio_host.settings import GUEST_AGENT, Settings
 
+# Every VFIO container's create runs this: no typing, dataclasses, copy, pathlib or json.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+    from kata_vfio.pci import StrPath
+
 VFIO_DIR = "/dev/vfio/"
 VFIO_CONTAINER_PATH = "/dev/vfio/vfio"
 # Kata >= 2 reads neither behind enable_annotations (src/runtime/pkg/annotations).
@@ -52,11 +55,23 @@ ALLOCATED_ANNOTATION = "io.kata-vfio.allocated"
 OWN_ANNOTATIONS = (MANIFEST_ANNOTATION, GUEST_HOOK_PATH_ANNOTATION, ALLOCATED_ANNOTATION)
 
 
-@dataclass(frozen=True)
 class DeviceNode:
-    path: str
-    major: int
-    minor: int
+    __slots__ = ("major", "minor", "path")
+
+    def __init__(self, path: str, major: int, minor: int) -> None:
+        self.path = path
+        self.major = major
+        self.minor = minor
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, DeviceNode) and \
+            (self.path, self.major, self.minor) == (other.path, other.major, other.minor)
+
+    def __hash__(self) -> int:
+        return hash((self.path, self.major, self.minor))
+
+    def __repr__(self) -> str:
+        return f"DeviceNode({self.path!r}, {self.major}, {self.minor})"
 
     def spec_entry(self) -> dict[str, Any]:
         return {"path": self.path, "type": "c", "major": self.major, "minor": self.minor,
@@ -67,13 +82,17 @@ class DeviceNode:
                 "access": "rwm"}
 
 
-@dataclass(frozen=True)
 class SpecPlan:
-    nodes: tuple[DeviceNode, ...]  # every VFIO node the container gets, /dev/vfio/vfio first
-    annotations: dict[str, str]
-    manifest: Manifest
-    memlock: int | None = None  # RLIMIT_MEMLOCK to raise process.rlimits to, if lower
-    run_tmpfs: bool = False  # a tmpfs on DPDK's runtime directory, unless /run is mounted
+    __slots__ = ("annotations", "manifest", "memlock", "nodes", "run_tmpfs")
+
+    def __init__(self, nodes: tuple[DeviceNode, ...], annotations: dict[str, str],
+                 manifest: Manifest, memlock: int | None = None,
+                 run_tmpfs: bool = False) -> None:
+        self.nodes = nodes  # every VFIO node the container gets, /dev/vfio/vfio first
+        self.annotations = annotations
+        self.manifest = manifest
+        self.memlock = memlock  # RLIMIT_MEMLOCK to raise process.rlimits to, if lower
+        self.run_tmpfs = run_tmpfs  # a tmpfs on DPDK's runtime directory, unless /run is
 
 
 # A userspace driver pins its DMA memory: without CAP_IPC_LOCK or a large RLIMIT_MEMLOCK,
@@ -113,7 +132,7 @@ def group_of_entry(path: str) -> IommuGroup | None:
         ) from None
 
 
-def _manifest_device(sysfs: Path, dev: PciDevice, macs: dict[PciAddress, str]
+def _manifest_device(sysfs: StrPath, dev: PciDevice, macs: dict[PciAddress, str]
                      ) -> ManifestDevice:
     mac = macs.get(dev.address)  # set by io.kata-vfio.vf-config just now
     if mac is None and dev.physfn is not None and dev.is_network:
@@ -123,7 +142,7 @@ def _manifest_device(sysfs: Path, dev: PciDevice, macs: dict[PciAddress, str]
     return ManifestDevice(dev.address, dev.identity, mac)
 
 
-def resolve_group(sysfs: Path, group: IommuGroup,
+def resolve_group(sysfs: StrPath, group: IommuGroup,
                   macs: dict[PciAddress, str] | None = None) -> ManifestGroup:
     """The group's endpoints, after checking every member can be left to VFIO."""
     devices = []
@@ -187,7 +206,7 @@ def plan_edit(spec: dict[str, Any], settings: Settings,
               macs: dict[PciAddress, str] | None = None) -> SpecPlan | None:
     """What to add to `spec`; None when the container asks for no VFIO device.
     `allocated`: devices the wrapper chose for an io.kata-vfio.select request."""
-    sysfs = settings.sysfs_path
+    sysfs = settings.sysfs
     groups = requested_groups(spec)
     for addr in [*requested_addresses(spec), *allocated]:
         groups.setdefault(group_of(sysfs, addr), None)
@@ -243,9 +262,19 @@ def _has_allow_rule(rules: list[Any], node: DeviceNode) -> bool:
     )
 
 
+def _json_copy(value: Any) -> Any:
+    """A deep copy of parsed JSON (dicts, lists and immutable scalars only): what
+    copy.deepcopy gives here, without its import."""
+    if isinstance(value, dict):
+        return {k: _json_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_copy(v) for v in value]
+    return value
+
+
 def apply_plan(spec: dict[str, Any], plan: SpecPlan) -> dict[str, Any]:
     """A new spec with the plan's nodes, allow rules and annotations; `spec` is untouched."""
-    new = copy.deepcopy(spec)
+    new: dict[str, Any] = _json_copy(spec)
     linux = new.setdefault("linux", {})
     devices = linux.get("devices")
     if devices is None:
@@ -271,7 +300,7 @@ def apply_plan(spec: dict[str, Any], plan: SpecPlan) -> dict[str, Any]:
     mounts = new.get("mounts")
     if plan.run_tmpfs and isinstance(mounts, list) and not any(
             isinstance(m, dict) and m.get("destination") in DPDK_RUN_DIRS for m in mounts):
-        mounts.append(copy.deepcopy(DPDK_RUN_TMPFS))
+        mounts.append(_json_copy(DPDK_RUN_TMPFS))
     return new
 
 
@@ -300,18 +329,18 @@ def strip_own_annotations(spec: dict[str, Any]) -> dict[str, Any]:
     return new
 
 
-def load_spec(bundle: Path) -> tuple[dict[str, Any], bytes]:
-    if not bundle.is_dir():
+def load_spec(bundle: StrPath) -> tuple[dict[str, Any], bytes]:
+    if not os.path.isdir(bundle):
         raise SpecError(f"bundle directory {bundle} does not exist",
                         "pass the OCI bundle with --bundle")
-    path = bundle / "config.json"
+    path = os.path.join(bundle, "config.json")
     try:
         raw = read_regular(path, MAX_CONFIG_JSON_BYTES, "config.json")
     except OSError as exc:
         raise SpecError(f"cannot read {path}: {exc.strerror}",
                         "the bundle must hold the container's config.json") from None
     try:
-        spec = json.loads(raw)
+        spec = loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise SpecError(f"{path} is not valid JSON ({exc})",
                         "let the container engine write the bundle") from None
@@ -320,23 +349,29 @@ def load_spec(bundle: Path) -> tuple[dict[str, Any], bytes]:
     return spec, raw
 
 
-@dataclass(frozen=True)
 class EditResult:
-    plan: SpecPlan | None
-    written: bool
-    seconds: float
+    __slots__ = ("plan", "seconds", "written")
+
+    def __init__(self, plan: SpecPlan | None, written: bool, seconds: float) -> None:
+        self.plan = plan
+        self.written = written
+        self.seconds = seconds
 
 
-def edit_bundle(bundle: Path, settings: Settings,
+def edit_bundle(bundle: StrPath, settings: Settings,
                 allocated: tuple[PciAddress, ...] = (),
-                macs: dict[PciAddress, str] | None = None) -> EditResult:
-    """Plan and apply the VFIO edit to <bundle>/config.json; raises before any write."""
+                macs: dict[PciAddress, str] | None = None,
+                spec: dict[str, Any] | None = None) -> EditResult:
+    """Plan and apply the VFIO edit to <bundle>/config.json; raises before any write.
+    `spec`: config.json as the caller has just read it (load_spec), to skip a re-read."""
     started = time.perf_counter()
-    spec, _raw = load_spec(bundle)
+    if spec is None:
+        spec, _raw = load_spec(bundle)
     plan = plan_edit(spec, settings, allocated, macs)
     new = apply_plan(spec, plan) if plan is not None else strip_own_annotations(spec)
     written = False
     if new != spec:
-        write_atomically(bundle / "config.json", json.dumps(new).encode())
+        write_atomically(os.path.join(bundle, "config.json"), dumps(new).encode(),
+                         durable=False)
         written = True
     return EditResult(plan, written, time.perf_counter() - started)
