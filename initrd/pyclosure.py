@@ -17,7 +17,8 @@ GUEST_LIB = "/usr/lib/kata-vfio"
 # functions that need them), plus the standard-library modules those lazy imports name.
 HOOK_PACKAGES = ("kata_vfio", "kata_vfio_hook")
 HOOK_IMPORTS = (
-    "threading", "subprocess", "select", "socket", "encodings.ascii", "encodings.latin_1",
+    "threading", "subprocess", "select", "socket", "_socket", "_thread", "_json",
+    "encodings.ascii", "encodings.latin_1",
     "encodings.utf_8", "encodings.aliases",
 )
 

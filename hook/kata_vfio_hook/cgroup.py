@@ -7,15 +7,20 @@ linux.resources.devices), so there the spec's rules decide, and we say so.
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 from kata_vfio.errors import HookError
 
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: the hook imports no typing (its start-up)
+if TYPE_CHECKING:
+    from kata_vfio.pci import StrPath
 
-def devices_cgroup(proc: Path, pid: int) -> str | None:
+
+def devices_cgroup(proc: StrPath, pid: int) -> str | None:
     """The pid's cgroup v1 devices path ('/a/b'), or None without a v1 devices hierarchy."""
     try:
-        lines = (proc / str(pid) / "cgroup").read_text().splitlines()
+        with open(os.path.join(proc, str(pid), "cgroup"), encoding="utf-8") as f:
+            lines = f.read().splitlines()
     except OSError:
         return None
     for line in lines:
@@ -30,8 +35,9 @@ def devices_cgroup(proc: Path, pid: int) -> str | None:
     return None
 
 
-def allow_devices(cgroupfs: Path, cgroup_path: str, devnums: list[tuple[int, int]]) -> Path:
-    allow = cgroupfs / "devices" / cgroup_path.lstrip("/") / "devices.allow"
+def allow_devices(cgroupfs: StrPath, cgroup_path: str, devnums: list[tuple[int, int]]
+                  ) -> str:
+    allow = os.path.join(cgroupfs, "devices", cgroup_path.lstrip("/"), "devices.allow")
     for major, minor in devnums:
         with open(allow, "w", encoding="ascii") as f:  # one rule per write(2)
             f.write(f"c {major}:{minor} rwm")

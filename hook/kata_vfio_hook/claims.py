@@ -13,46 +13,60 @@ container, drops claims whose container is gone, and gives a restarted container
 from __future__ import annotations
 
 import fcntl
-import json
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
-from typing import NamedTuple
 
 from kata_vfio.files import write_atomically
+from kata_vfio.jsoncodec import dumps, loads
+
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: the hook imports no typing (its start-up)
+if TYPE_CHECKING:
+    from kata_vfio.pci import StrPath
 
 LEDGER = "claims.json"
 LOCK = ".lock"
 
 
-class Claim(NamedTuple):
-    container_id: str
-    pid: int
-    start: int | None  # the pid's start time in clock ticks since boot
+class Claim(tuple[str, int, "int | None"]):
+    __slots__ = ()
+
+    def __new__(cls, container_id: str, pid: int, start: int | None) -> Claim:
+        return tuple.__new__(cls, (container_id, pid, start))
+
+    @property
+    def container_id(self) -> str:
+        return self[0]
+
+    @property
+    def pid(self) -> int:
+        return self[1]
+
+    @property
+    def start(self) -> int | None:
+        """The pid's start time in clock ticks since boot."""
+        return self[2]
 
     def to_obj(self) -> dict[str, object]:
         return {"container_id": self.container_id, "pid": self.pid, "start": self.start}
 
 
-def start_ticks(proc: Path, pid: int | str) -> int | None:
+def start_ticks(proc: StrPath, pid: int | str) -> int | None:
     """Field 22 of /proc/<pid>/stat (start time, ticks since boot); None if the process
     is gone. The command name (field 2) may hold spaces and ')': split after the last ')'."""
     try:
-        with open(proc / str(pid) / "stat", "rb") as f:
+        with open(os.path.join(proc, str(pid), "stat"), "rb") as f:
             text = f.read()
         return int(text[text.rindex(b")") + 2:].split()[19])
     except (OSError, ValueError, IndexError):
         return None
 
 
-def is_live(proc: Path, claim: Claim) -> bool:
+def is_live(proc: StrPath, claim: Claim) -> bool:
     return claim.start is not None and start_ticks(proc, claim.pid) == claim.start
 
 
 def _parse(data: bytes) -> dict[str, Claim]:
     try:
-        raw = json.loads(data)
+        raw = loads(data)
     except ValueError:
         return {}
     claims = {}
@@ -67,30 +81,41 @@ def _parse(data: bytes) -> dict[str, Claim]:
     return claims
 
 
-@contextmanager
-def ledger(root: Path) -> Iterator[dict[str, Claim]]:
+class ledger:  # a class, not contextlib (the hook's start-up): `with ledger(root) as c`
     """The claims (guest address -> Claim), held under the ledger's lock; changes made to
     the dict are written back atomically when the block ends without an exception."""
-    root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        # held for one look at sysfs and one small write; the kernel drops it if we die
-        fcntl.flock(fd, fcntl.LOCK_EX)
+
+    def __init__(self, root: StrPath) -> None:
+        self._root = os.fspath(root)
+
+    def __enter__(self) -> dict[str, Claim]:
+        os.makedirs(self._root, mode=0o700, exist_ok=True)
+        self._fd = os.open(os.path.join(self._root, LOCK),
+                           os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            with open(root / LEDGER, "rb") as f:
-                claims = _parse(f.read())
-        except FileNotFoundError:
-            claims = {}
-        before = dict(claims)
-        yield claims
-        if claims != before:
-            text = json.dumps({a: c.to_obj() for a, c in sorted(claims.items())})
-            write_atomically(root / LEDGER, text.encode(), 0o600)
-    finally:
-        os.close(fd)
+            # held for one look at sysfs and one small write; the kernel drops it if we die
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                with open(os.path.join(self._root, LEDGER), "rb") as f:
+                    self._claims = _parse(f.read())
+            except FileNotFoundError:
+                self._claims = {}
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._before = dict(self._claims)
+        return self._claims
+
+    def __exit__(self, kind: object, *rest: object) -> None:
+        try:
+            if kind is None and self._claims != self._before:
+                text = dumps({a: c.to_obj() for a, c in sorted(self._claims.items())})
+                write_atomically(os.path.join(self._root, LEDGER), text.encode(), 0o600)
+        finally:
+            os.close(self._fd)
 
 
-def sort_out(claims: dict[str, Claim], container_id: str, proc: Path
+def sort_out(claims: dict[str, Claim], container_id: str, proc: StrPath
              ) -> tuple[set[str], dict[str, Claim]]:
     """(addresses this container claimed before, claims of other live containers);
     drops the claims of containers that are gone."""
@@ -106,7 +131,7 @@ def sort_out(claims: dict[str, Claim], container_id: str, proc: Path
     return mine, theirs
 
 
-def release(root: Path, container_id: str) -> None:
+def release(root: StrPath, container_id: str) -> None:
     """Drop every claim of the container (its hook failed: it holds nothing)."""
     with ledger(root) as claims:
         for addr in [a for a, c in claims.items() if c.container_id == container_id]:

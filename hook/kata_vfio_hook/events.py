@@ -10,30 +10,36 @@ from __future__ import annotations
 
 import os
 import select
-import socket
 import time
-from collections.abc import Callable
-from pathlib import Path
-from typing import Protocol, TypeVar
+
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: the hook imports no typing (its start-up)
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Protocol, TypeVar
+
+    from kata_vfio.pci import StrPath
+
+    T = TypeVar("T")
+
+    class Wakeups(Protocol):
+        def wait(self, timeout: float) -> bool:
+            """Block until something may have changed (True) or `timeout` passed."""
+
+        def close(self) -> None: ...
 
 NETLINK_KOBJECT_UEVENT = 15
 KERNEL_EVENTS_GROUP = 1
-
-T = TypeVar("T")
-
-
-class Wakeups(Protocol):
-    def wait(self, timeout: float) -> bool:
-        """Block until something may have changed (True) or `timeout` passed (False)."""
-
-    def close(self) -> None: ...
 
 
 class UeventWakeups:
     """Wakes on every kernel uevent (device add/bind, vfio group creation)."""
 
     def __init__(self) -> None:
-        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_KOBJECT_UEVENT)
+        # _socket, the C module behind `socket`: socket.py costs the hook `enum`'s import
+        import _socket
+
+        self._sock = _socket.socket(_socket.AF_NETLINK, _socket.SOCK_DGRAM,
+                                    NETLINK_KOBJECT_UEVENT)
         self._sock.bind((0, KERNEL_EVENTS_GROUP))
         self._sock.setblocking(False)
 
@@ -86,7 +92,7 @@ def wait_for(check: Callable[[], T | None], wakeups: Wakeups, timeout: float) ->
         wakeups.wait(left)
 
 
-def process_started(proc: Path) -> float | None:
+def process_started(proc: StrPath) -> float | None:
     """When this process started, on the time.monotonic() scale; None if /proc cannot say.
 
     /proc/self/stat field 22 is the start in clock ticks since boot, /proc/uptime the
@@ -96,7 +102,7 @@ def process_started(proc: Path) -> float | None:
 
     ticks = start_ticks(proc, "self")
     try:
-        with open(proc / "uptime", encoding="ascii") as f:
+        with open(os.path.join(proc, "uptime"), encoding="ascii") as f:
             uptime = float(f.read().split()[0])
     except (OSError, ValueError, IndexError):
         return None

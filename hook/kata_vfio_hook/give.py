@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
 
 from kata_vfio.boundary import step
 from kata_vfio.defaults import GROUP_WAIT, HOOK_DEADLINE
@@ -22,9 +19,15 @@ from kata_vfio.errors import HookError, KataVfioError
 from kata_vfio.jsonlog import JsonLog
 from kata_vfio.manifest import Manifest, ManifestDevice
 from kata_vfio.pci import VFIO_PCI, PciAddress, PciDevice, is_vfio_driver
-from kata_vfio_hook.events import Deadline, Wakeups, process_started, wait_for
+from kata_vfio_hook.events import Deadline, process_started, wait_for
 from kata_vfio_hook.main import State
 from kata_vfio_hook.roots import GuestRoots
+
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: the hook imports no typing (its start-up)
+if TYPE_CHECKING:
+    from typing import Any
+
+    from kata_vfio_hook.events import Wakeups
 
 
 class Outcome:
@@ -36,14 +39,25 @@ class Outcome:
         self.groups: dict[str, str] = {}    # host group -> guest group(s)
         self.steps_ms: dict[str, float] = {}
 
-    @contextmanager
-    def phase(self, event: str, doing: str) -> Iterator[None]:
+    def phase(self, event: str, doing: str) -> _Phase:
         """A step: named for the error boundary (`doing`), timed in the log (`event`)."""
-        started = time.monotonic()
-        with step(doing):
-            yield
-        self.steps_ms[event] = round((time.monotonic() - started) * 1e3, 3)
-        self.log.info(event, ms=self.steps_ms[event])
+        return _Phase(self, event, doing)
+
+
+class _Phase:
+    def __init__(self, outcome: Outcome, event: str, doing: str) -> None:
+        self._outcome, self._event, self._step = outcome, event, step(doing)
+
+    def __enter__(self) -> None:
+        self._started = time.monotonic()
+        self._step.__enter__()
+
+    def __exit__(self, kind: Any, value: Any, traceback: Any) -> None:
+        self._step.__exit__(kind, value, traceback)
+        if kind is None:
+            outcome = self._outcome
+            outcome.steps_ms[self._event] = round((time.monotonic() - self._started) * 1e3, 3)
+            outcome.log.info(self._event, ms=outcome.steps_ms[self._event])
 
 
 def _describe(want: ManifestDevice) -> str:
@@ -137,7 +151,9 @@ def bind_all(roots: GuestRoots, devices: list[PciDevice], log: JsonLog,
              moved: list[PciDevice]) -> None:
     """Rebind every device to vfio-pci concurrently. Each device is added to `moved`
     before the first write to it, so the caller can give back everything touched."""
-    import threading
+    # _thread (documented, low level): `threading` costs the hook functools, collections
+    # and more at start-up, for a few threads that only wait on sysfs writes
+    import _thread
 
     from kata_vfio.rebind import bind_to
 
@@ -154,11 +170,30 @@ def bind_all(roots: GuestRoots, devices: list[PciDevice], log: JsonLog,
 
     todo = [d for d in devices if not is_vfio_driver(d.driver)]
     moved.extend(todo)
-    threads = [threading.Thread(target=bind, args=(d,)) for d in todo]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    crashed: list[BaseException] = []
+
+    def worker(dev: PciDevice, finished: Any) -> None:
+        try:
+            bind(dev)
+        except BaseException as exc:  # re-raised below, in the hook's own thread
+            crashed.append(exc)
+        finally:
+            finished.release()
+
+    waits = []
+    for dev in todo[1:]:  # this thread binds the first device itself
+        finished = _thread.allocate_lock()
+        finished.acquire()
+        _thread.start_new_thread(worker, (dev, finished))
+        waits.append(finished)
+    try:
+        if todo:
+            bind(todo[0])
+    finally:
+        for finished in waits:
+            finished.acquire()
+    if crashed:
+        raise crashed[0]
     if errors:
         failed, failure = next(iter(errors.items()))
         detail = failure.one_line() if isinstance(failure, KataVfioError) else str(failure)
@@ -227,7 +262,7 @@ def give_devices(state: State, manifest: Manifest, spec: dict[str, Any], roots: 
                  driver=dev.driver)
     moved: list[PciDevice] = []
     try:
-        if not os.path.isdir(roots.proc / str(state.pid)):
+        if not os.path.isdir(os.path.join(roots.proc, str(state.pid))):
             raise HookError(f"the container's init (pid {state.pid}) has exited",
                             "nothing to give devices to")
         with out.phase("vfio driver", "loading vfio-pci"):

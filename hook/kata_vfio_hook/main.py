@@ -3,19 +3,21 @@
 kata-agent runs it as ``[name, "prestart"]`` with an empty environment and the OCI
 state on stdin, after the rootfs is ready and before pivot_root, and kills it
 after 10 s. Most containers have no VFIO devices: for them it reads stdin, finds
-no manifest and exits, having imported json and the error boundary only (no
-pathlib, no typing: see tests/test_lean_paths.py). The work is in give.py.
+no manifest and exits, having imported the C JSON codec and the error boundary only
+(no pathlib, no typing, no json package: see tests/test_lean_paths.py). The work is
+in give.py, which keeps to the same rule: the hook's first run in a fresh VM is what
+Kata waits for.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 
 from kata_vfio.boundary import guarded, step
 from kata_vfio.defaults import MANIFEST_ANNOTATION
 from kata_vfio.errors import HookError
+from kata_vfio.jsoncodec import loads
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: `typing` costs ~2 ms on every container
 if TYPE_CHECKING:
@@ -44,7 +46,7 @@ class State:
 
 def parse_state(text: str) -> State:
     try:
-        data = json.loads(text)
+        data = loads(text)
     except ValueError:
         raise HookError("stdin is not the OCI state JSON",
                         "run me as an OCI prestart hook") from None
@@ -65,7 +67,7 @@ def parse_state(text: str) -> State:
 def _load_json(path: str) -> dict[str, Any] | None:
     try:
         with open(path, "rb") as f:
-            data = json.loads(f.read())
+            data = loads(f.read())
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
@@ -125,11 +127,9 @@ def run(stdin_text: str, roots: GuestRoots | None = None, log: JsonLog | None = 
 
 
 def _open_log(context: dict[str, Any]) -> JsonLog:
-    from pathlib import Path
-
     from kata_vfio.jsonlog import JsonLog
 
-    return JsonLog(Path(LOG_PATH), context)
+    return JsonLog(LOG_PATH, context)
 
 
 def main(argv: list[str] | None = None, roots: GuestRoots | None = None) -> int:

@@ -9,13 +9,16 @@ MAC matches first, so the same manifest always gives the same assignment.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from kata_vfio.manifest import ManifestDevice
 from kata_vfio.pci import PciAddress, PciDevice, device_dir, list_addresses, read_device
 
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: the hook imports no typing (its start-up)
+if TYPE_CHECKING:
+    from kata_vfio.pci import StrPath
 
-def guest_mac(sysfs: Path, dev: PciDevice) -> str | None:
+
+def guest_mac(sysfs: StrPath, dev: PciDevice) -> str | None:
     for ifname in dev.net_interfaces:
         try:
             with open(os.path.join(device_dir(sysfs, dev.address), "net", ifname, "address"),
@@ -26,7 +29,7 @@ def guest_mac(sysfs: Path, dev: PciDevice) -> str | None:
     return None
 
 
-def scan(sysfs: Path) -> list[PciDevice]:
+def scan(sysfs: StrPath) -> list[PciDevice]:
     """Every guest endpoint (bridges are not passed through)."""
     devices = []
     for addr in list_addresses(sysfs):
@@ -44,7 +47,7 @@ def _same_kind(want: ManifestDevice, have: PciDevice) -> bool:
 
 
 def assign(
-    sysfs: Path, wanted: list[ManifestDevice], guest: list[PciDevice]
+    sysfs: StrPath, wanted: list[ManifestDevice], guest: list[PciDevice]
 ) -> tuple[dict[int, PciDevice], list[int]]:
     """Map manifest index -> guest device; also the indexes left without one."""
     taken: set[PciAddress] = set()

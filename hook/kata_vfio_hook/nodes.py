@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import os
 import stat
-from pathlib import Path
 
 from kata_vfio.errors import HookError
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: the hook imports no typing (its start-up)
+if TYPE_CHECKING:
+    from kata_vfio.pci import StrPath
 
-Node = tuple[str, int, int]  # name under /dev/vfio, major, minor
+    Node = tuple[str, int, int]  # name under /dev/vfio, major, minor
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def _open_subdir(parent_fd: int, name: str, where: str) -> int:
@@ -32,7 +35,7 @@ def _open_subdir(parent_fd: int, name: str, where: str) -> int:
                         "the container image must not replace /dev/vfio") from None
 
 
-def rootfs_view(proc: Path, pid: int, rootfs: str) -> str:
+def rootfs_view(proc: StrPath, pid: int, rootfs: str) -> str:
     """The container's rootfs as seen from its mount namespace, via /proc/<pid>/root."""
     return f"{proc}/{pid}/root/{rootfs.lstrip('/')}"
 

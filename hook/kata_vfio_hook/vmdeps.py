@@ -20,32 +20,40 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import socket
 import struct
-from collections.abc import Callable
-from pathlib import Path
 
 from kata_vfio.pci import PciDevice, block_devices_below, interfaces_below, is_vfio_driver
+
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: the hook imports no typing (its start-up)
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from kata_vfio.pci import StrPath
+
+    Ipv4Lookup = Callable[[str], "str | None"]
 
 SIOCGIFADDR = 0x8915  # struct ifreq: char ifr_name[16]; struct sockaddr_in ifr_addr
 IFF_UP = 0x1
 IPV6_SCOPE_LINK = 0x20
 IPV6_SCOPE_HOST = 0x10
 
-Ipv4Lookup = Callable[[str], "str | None"]
-
 
 def ipv4_address(ifname: str) -> str | None:
     """The interface's IPv4 address by SIOCGIFADDR, None if it has none (or is gone)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        try:
-            ifreq = fcntl.ioctl(sock.fileno(), SIOCGIFADDR,
-                                struct.pack("16s16x", ifname.encode()[:15]))
-        except OSError as exc:
-            if exc.errno in (errno.EADDRNOTAVAIL, errno.ENODEV, errno.ENXIO):
-                return None
-            raise
-    return socket.inet_ntoa(ifreq[20:24])
+    # _socket, the C module behind `socket`: socket.py costs the hook `enum`'s import
+    import _socket
+
+    sock = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
+    try:
+        ifreq = fcntl.ioctl(sock.fileno(), SIOCGIFADDR,
+                            struct.pack("16s16x", ifname.encode()[:15]))
+    except OSError as exc:
+        if exc.errno in (errno.EADDRNOTAVAIL, errno.ENODEV, errno.ENXIO):
+            return None
+        raise
+    finally:
+        sock.close()
+    return _socket.inet_ntoa(ifreq[20:24])
 
 
 def _unescape(field: str) -> str:
@@ -58,7 +66,7 @@ def _unescape(field: str) -> str:
 class VmDependencies:
     """Answers "does the VM depend on this guest device?"; reads the tables it needs once."""
 
-    def __init__(self, sysfs: Path, proc: Path, ipv4: Ipv4Lookup | None = None) -> None:
+    def __init__(self, sysfs: StrPath, proc: StrPath, ipv4: Ipv4Lookup | None = None) -> None:
         self._sysfs = sysfs
         self._proc = proc
         self._ipv4 = ipv4 or ipv4_address
@@ -92,7 +100,7 @@ class VmDependencies:
     def _holders(self, name: str, depth: int = 0) -> list[str]:
         """dm/md devices stacked on `name` (``class/block/<name>/holders``), transitively."""
         try:
-            direct = os.listdir(self._sysfs / "class/block" / name / "holders")
+            direct = os.listdir(os.path.join(self._sysfs, "class/block", name, "holders"))
         except OSError:
             return []
         found = list(direct)
@@ -107,7 +115,8 @@ class VmDependencies:
             used: set[str] = set()
             for table, column in (("self/mounts", 0), ("swaps", 0)):
                 try:
-                    with open(self._proc / table, encoding="utf-8", errors="replace") as f:
+                    with open(os.path.join(self._proc, table), encoding="utf-8",
+                              errors="replace") as f:
                         lines = f.read().splitlines()
                 except OSError:
                     continue
@@ -123,7 +132,8 @@ class VmDependencies:
     # -- interfaces ---------------------------------------------------------------------
     def _address_if_up(self, ifname: str) -> str | None:
         try:
-            with open(self._sysfs / "class/net" / ifname / "flags", encoding="ascii") as f:
+            with open(os.path.join(self._sysfs, "class/net", ifname, "flags"),
+                      encoding="ascii") as f:
                 flags = int(f.read().strip(), 16)
         except (OSError, ValueError):
             return None  # not in this network namespace, or gone
@@ -137,7 +147,7 @@ class VmDependencies:
         if self._inet6 is None:
             found: dict[str, str] = {}
             try:
-                with open(self._proc / "net/if_inet6", encoding="ascii") as f:
+                with open(os.path.join(self._proc, "net/if_inet6"), encoding="ascii") as f:
                     lines = f.read().splitlines()
             except OSError:
                 lines = []
@@ -151,7 +161,9 @@ class VmDependencies:
                 except ValueError:
                     continue
                 if scope not in (IPV6_SCOPE_LINK, IPV6_SCOPE_HOST):
-                    address = socket.inet_ntop(socket.AF_INET6, bytes.fromhex(fields[0]))
+                    import _socket
+
+                    address = _socket.inet_ntop(_socket.AF_INET6, bytes.fromhex(fields[0]))
                     found.setdefault(fields[5], address)
             self._inet6 = found
         return self._inet6
