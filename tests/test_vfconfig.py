@@ -109,7 +109,9 @@ def test_only_the_containers_own_vfs(nic_host: Host, tmp_path: Path) -> None:
 def test_restore_all_gives_pf_values_back(nic_host: Host, tmp_path: Path) -> None:
     create(nic_host, tmp_path, "c4", {"io.kata-vfio.devices": "0000:3b:02.0",
                                       "io.kata-vfio.vf-config": "0000:3b:02.0 vlan=42"})
-    assert restore_all(nic_host).failed == []
+    report = restore_all(nic_host)
+    assert report.failed == []
+    assert report.vf_settings == ["0000:3b:02.0: enp59s0 vf 0 mac 02:00:00:00:00:01 vlan 0"]
     assert nic_host.netlink.table[("enp59s0", 0)] == ("02:00:00:00:00:01", 0)
 
 
