@@ -117,8 +117,9 @@ def test_restore_all_gives_pf_values_back(nic_host: Host, tmp_path: Path) -> Non
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a veth pair")
 def test_the_netlink_request_reaches_the_kernel() -> None:
-    """No SR-IOV NIC and no netdevsim here (Debian's kernels lack CONFIG_NETDEVSIM): a veth
-    takes the real IFLA_VFINFO_LIST request and answers it, and the answer becomes one line."""
+    """No SR-IOV NIC here and Debian's kernels lack CONFIG_NETDEVSIM (test_vm_netdevsim.py
+    builds it for a guest, where a driver applies the settings): on this host a veth takes the
+    real IFLA_VFINFO_LIST request and refuses it, and the refusal becomes one line."""
     subprocess.run(["ip", "link", "add", "kvfio-vf0", "type", "veth", "peer", "name",
                     "kvfio-vf1"], check=True)
     try:
