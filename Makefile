@@ -13,7 +13,10 @@ KVER ?= $(shell dpkg-query -W -f='$${Depends}' linux-image-amd64 2>/dev/null | s
 APT_PACKAGES := podman runc conmon catatonit uidmap fuse-overlayfs slirp4netns \
 	qemu-system-x86 containerd dracut dracut-core linux-image-amd64 kmod cpio busybox-static \
 	golang-github-opencontainers-specs-dev pci.ids iproute2 python3-venv python3-pip python3-yaml \
-	golang-go build-essential dpdk dpdk-dev
+	golang-go build-essential dpdk dpdk-dev linux-headers-amd64 linux-source xz-utils
+# linux-headers-amd64 and linux-source follow linux-image-amd64: the VF-settings VM test
+# builds the kernel's netdevsim for the guest kernel from them (tests/vm/build_netdevsim.py,
+# cached under $(KATA_VFIO_CACHE) by kernel and package versions)
 # Kata 1.x from ../shared/third_party (a test dependency), built once and cached by the
 # tarball's hash under $(KATA_VFIO_CACHE) (CI keeps that across clean clones)
 KATA_VFIO_KATA1_TARBALL ?= $(abspath ../shared/third_party/kata-1.x-src.tar.gz)
@@ -22,7 +25,7 @@ export KATA_VFIO_CACHE KATA_VFIO_KATA1_TARBALL
 PY_SOURCES := $(shell find common wrapper hook -name '*.py' -o -name '*.json') pyproject.toml
 
 .PHONY: all deps venv lint test test-unit initrd install-dracut-module demo bench \
-	register-podman unregister-podman clean
+	register-podman unregister-podman clean netdevsim
 
 all: venv
 
@@ -83,6 +86,10 @@ unregister-podman: venv
 
 clean:
 	rm -rf $(BUILD) $(VENV)
+
+# netdevsim.ko for the guest kernel (the VM test builds it too when it is not cached)
+netdevsim: deps
+	$(PYTHON) tests/vm/build_netdevsim.py --kver $(KVER)
 
 # Kata 1.x runtime, agent, shim, proxy from source, cached by the tarball's hash
 kata1: deps

@@ -109,14 +109,17 @@ def test_only_the_containers_own_vfs(nic_host: Host, tmp_path: Path) -> None:
 def test_restore_all_gives_pf_values_back(nic_host: Host, tmp_path: Path) -> None:
     create(nic_host, tmp_path, "c4", {"io.kata-vfio.devices": "0000:3b:02.0",
                                       "io.kata-vfio.vf-config": "0000:3b:02.0 vlan=42"})
-    assert restore_all(nic_host).failed == []
+    report = restore_all(nic_host)
+    assert report.failed == []
+    assert report.vf_settings == ["0000:3b:02.0: enp59s0 vf 0 mac 02:00:00:00:00:01 vlan 0"]
     assert nic_host.netlink.table[("enp59s0", 0)] == ("02:00:00:00:00:01", 0)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a veth pair")
 def test_the_netlink_request_reaches_the_kernel() -> None:
-    """No SR-IOV NIC and no netdevsim here (Debian's kernels lack CONFIG_NETDEVSIM): a veth
-    takes the real IFLA_VFINFO_LIST request and answers it, and the answer becomes one line."""
+    """No SR-IOV NIC here and Debian's kernels lack CONFIG_NETDEVSIM (test_vm_netdevsim.py
+    builds it for a guest, where a driver applies the settings): on this host a veth takes the
+    real IFLA_VFINFO_LIST request and refuses it, and the refusal becomes one line."""
     subprocess.run(["ip", "link", "add", "kvfio-vf0", "type", "veth", "peer", "name",
                     "kvfio-vf1"], check=True)
     try:

@@ -161,6 +161,7 @@ GUEST_PROGRAMS = {
     "guest-bench.py": "/kvfio/bench.py",
     "guest-sriov.py": "/kvfio/sriov.py",
     "guest-bindbench.py": "/kvfio/bindbench.py",
+    "guest-netdevsim.py": "/kvfio/netdevsim.py",
 }
 HOST_PACKAGES = ("kata_vfio", "kata_vfio_host", "kata_vfio_ctl", "kata_vfio_runtime",
                  "pyroute2", "psutil", "tomlkit", "jsonschema", "jsonschema_specifications",
@@ -193,8 +194,11 @@ def add_host_tools(root: Path) -> None:
 
 
 def build_test_cpio(out: Path, kver: str, scenarios: list[Scenario],
-                    devices: tuple[EmulatedDevice, ...], host_tools: bool = False) -> None:
-    """The test-only archive appended to the product initrd."""
+                    devices: tuple[EmulatedDevice, ...], host_tools: bool = False,
+                    modules: tuple[str, ...] = (), files: dict[str, Path] | None = None) -> None:
+    """The test-only archive appended to the product initrd. `modules`: more kernel modules
+    (by name, with what they depend on) loaded at boot; `files`: guest path -> host file,
+    an executable with the shared libraries it links."""
     with tempfile.TemporaryDirectory(prefix="kvfio-cpio.") as tmp:
         root = Path(tmp)
         _copy(HERE / "guest-init.sh", root, "/kvfio/init")
@@ -213,10 +217,15 @@ def build_test_cpio(out: Path, kver: str, scenarios: list[Scenario],
         extra = closure(GUEST_PYTHON, HERE, ("json", "subprocess", "struct", "fcntl", "time"))
         for src, dst in extra:
             _copy(src, root, dst)
-        modules = native_modules(kver, sorted({d.guest_driver for d in devices}))
-        for ko in modules:
+        kos = native_modules(kver, [*sorted({d.guest_driver for d in devices}), *modules])
+        for ko in kos:
             _copy(ko, root)
-        (root / "kvfio/native-modules").write_text("".join(m + "\n" for m in modules))
+        (root / "kvfio/native-modules").write_text("".join(m + "\n" for m in kos))
+        for dest, src in (files or {}).items():
+            _copy(src, root, dest)
+            if os.access(src, os.X_OK):
+                for lib in shared_libs(str(src)):
+                    _copy(lib, root)
         if host_tools:
             add_host_tools(root)
         ctr = root / "kvfio/ctr/rootfs"
@@ -257,13 +266,15 @@ class GuestRun:
 def boot(initrd: Path, kver: str, scenarios: list[Scenario],
          devices: tuple[EmulatedDevice, ...] = DEFAULT_DEVICES, timeout: float = 300,
          memory_mb: int = 1024, console_log: Path | None = None,
-         host_tools: bool = False, smp: int = 1) -> GuestRun:
-    """Boot the product initrd plus the test archive; return the console and KVFIO records."""
+         host_tools: bool = False, smp: int = 1, modules: tuple[str, ...] = (),
+         files: dict[str, Path] | None = None) -> GuestRun:
+    """Boot the product initrd plus the test archive; return the console and KVFIO records.
+    `modules` and `files`: see build_test_cpio."""
     with tempfile.TemporaryDirectory(prefix="kvfio-vm.") as tmp:
         combined = Path(tmp) / "initrd.img"
         console_file = console_log or Path(tmp) / "console.log"
         test_cpio = Path(tmp) / "test.cpio"
-        build_test_cpio(test_cpio, kver, scenarios, devices, host_tools)
+        build_test_cpio(test_cpio, kver, scenarios, devices, host_tools, modules, files)
         with open(combined, "wb") as out:
             for part in (initrd, test_cpio):
                 data = part.read_bytes()

@@ -303,12 +303,15 @@ def cmd_restore(args: argparse.Namespace) -> int:
         else:
             report = (restore_all(host) if args.all else
                       restore(host, [device_argument(host.sysfs, t) for t in args.addresses]))
-    _event_log(args).info("restored", devices=report.restored, failures=report.failed)
+    _event_log(args).info("restored", devices=report.restored, failures=report.failed,
+                          vf_settings=report.vf_settings)
     for addr in report.restored:
         print(f"{addr}: given back to its original driver")
+    for line in report.vf_settings:
+        print(f"{line}: the PF's VF settings given back")
     for failure in report.failed:
         print(f"{PROG}: cannot restore {failure}", file=sys.stderr)
-    if not report.restored and not report.failed:
+    if not report.restored and not report.failed and not report.vf_settings:
         print("nothing to restore")
     return 1 if report.failed else 0
 

@@ -53,10 +53,12 @@ class RestoreReport:
     def __init__(self) -> None:
         self.restored: list[str] = []
         self.failed: list[str] = []  # one line each: address and why
+        self.vf_settings: list[str] = []  # PF values set again, one line each
 
     def extend(self, other: RestoreReport) -> None:
         self.restored += other.restored
         self.failed += other.failed
+        self.vf_settings += other.vf_settings
 
 
 def endpoints(host: Host, addr: PciAddress) -> tuple[IommuGroup, list[PciDevice]]:
@@ -286,14 +288,16 @@ def restore_vf_configs(host: Host, owner: str | None = None) -> RestoreReport:
         return report
     netlink = _netlink(host)
     for addr, original in mine.items():
+        mac, vlan = original.mac or "00:00:00:00:00:00", original.vlan or 0
         try:
-            netlink.set(VfPort(original.pf_interface, original.index),
-                        original.mac or "00:00:00:00:00:00", original.vlan or 0)
+            netlink.set(VfPort(original.pf_interface, original.index), mac, vlan)
         except (KataVfioError, OSError) as exc:
             report.failed.append(f"{addr}: VF settings: {exc}")
             continue
         with editing(host) as current:
             current.vf_configs.pop(addr, None)
+        report.vf_settings.append(f"{addr}: {original.pf_interface} vf {original.index} "
+                                  f"mac {mac} vlan {vlan}")
     return report
 
 

@@ -114,5 +114,6 @@ def release_after_delete(container_id: str, settings: Settings, host: Host) -> l
     """The container is gone: give its devices back. Returns the failures, one line each."""
     log = wrapper_log(settings.log_file, container_id=container_id, verb="delete")
     report = release_container(host, container_id)
-    log.info("devices given back", devices=report.restored, failures=report.failed)
+    log.info("devices given back", devices=report.restored, failures=report.failed,
+             vf_settings=report.vf_settings)
     return report.failed
