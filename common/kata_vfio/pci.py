@@ -406,26 +406,46 @@ def vfio_group_devnum(sysfs: StrPath, group: IommuGroup) -> tuple[int, int]:
 VFIO_CONTAINER_DEVNUM = (10, 196)  # /dev/vfio/vfio, misc device
 
 
-def _class_entries_below(sysfs: StrPath, cls: str, addr: PciAddress) -> set[str]:
+class ClassIndex:
+    """Where each entry of /sys/class/<cls> lives (its resolved device path), resolved once:
+    asking about several devices then costs no more realpath walks of sysfs."""
+
+    def __init__(self, sysfs: StrPath) -> None:
+        self._sysfs = sysfs
+        self._paths: dict[str, dict[str, str]] = {}
+
+    def paths(self, cls: str) -> dict[str, str]:
+        found = self._paths.get(cls)
+        if found is None:
+            class_dir = _join(self._sysfs, "class", cls)
+            try:
+                names = os.listdir(class_dir)
+            except OSError:
+                names = []
+            found = self._paths[cls] = {
+                name: os.path.realpath(_join(class_dir, name)) for name in names}
+        return found
+
+
+def _class_entries_below(sysfs: StrPath, cls: str, addr: PciAddress,
+                         index: ClassIndex | None) -> set[str]:
     """Names in /sys/class/<cls> whose device lies anywhere below the PCI function:
     a virtio NIC's interface sits at <function>/virtio2/net/eth0, not <function>/net/."""
     base = os.path.realpath(device_dir(sysfs, addr)) + "/"
-    class_dir = _join(sysfs, "class", cls)
-    try:
-        names = os.listdir(class_dir)
-    except OSError:
-        return set()
-    return {name for name in names
-            if os.path.realpath(_join(class_dir, name)).startswith(base)}
+    paths = (index or ClassIndex(sysfs)).paths(cls)
+    return {name for name, path in paths.items() if path.startswith(base)}
 
 
-def interfaces_below(sysfs: StrPath, addr: PciAddress) -> list[str]:
-    """Network interfaces the PCI function provides, directly or through a child device."""
+def interfaces_below(sysfs: StrPath, addr: PciAddress, index: ClassIndex | None = None
+                     ) -> list[str]:
+    """Network interfaces the PCI function provides, directly or through a child device.
+    `index`: /sys/class resolved once for several calls."""
     direct = _join(device_dir(sysfs, addr), "net")
     names = set(os.listdir(direct)) if os.path.isdir(direct) else set()
-    return sorted(names | _class_entries_below(sysfs, "net", addr))
+    return sorted(names | _class_entries_below(sysfs, "net", addr, index))
 
 
-def block_devices_below(sysfs: StrPath, addr: PciAddress) -> list[str]:
+def block_devices_below(sysfs: StrPath, addr: PciAddress, index: ClassIndex | None = None
+                        ) -> list[str]:
     """Block devices (disks and partitions) the PCI function provides, at any depth."""
-    return sorted(_class_entries_below(sysfs, "block", addr))
+    return sorted(_class_entries_below(sysfs, "block", addr, index))

@@ -89,12 +89,13 @@ def locate(manifest: Manifest, state: State, roots: GuestRoots, wakeups: Wakeups
 
     wanted = manifest.devices
     kinds = {w.identity for w in wanted}
-    deps = VmDependencies(roots.sysfs, roots.proc, roots.ipv4_address)
     my_start = start_ticks(roots.proc, state.pid)
     look = _Look()
 
     def attempt() -> list[PciDevice] | None:
         guest = [d for d in scan(roots.sysfs) if d.identity in kinds]
+        # afresh each look: a late hot-plug brings its interfaces and block devices
+        deps = VmDependencies(roots.sysfs, roots.proc, roots.ipv4_address)
         look.refused, look.held = [], []
         with ledger(roots.claims) as claims:
             mine, theirs = sort_out(claims, state.id, roots.proc)

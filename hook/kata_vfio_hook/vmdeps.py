@@ -22,7 +22,13 @@ import fcntl
 import os
 import struct
 
-from kata_vfio.pci import PciDevice, block_devices_below, interfaces_below, is_vfio_driver
+from kata_vfio.pci import (
+    ClassIndex,
+    PciDevice,
+    block_devices_below,
+    interfaces_below,
+    is_vfio_driver,
+)
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: the hook imports no typing (its start-up)
 if TYPE_CHECKING:
@@ -72,6 +78,7 @@ class VmDependencies:
         self._ipv4 = ipv4 or ipv4_address
         self._in_use: set[str] | None = None
         self._inet6: dict[str, str] | None = None
+        self._classes = ClassIndex(sysfs)  # /sys/class/{net,block} resolved once per run
 
     def reason(self, dev: PciDevice) -> str | None:
         """Why the VM needs `dev` (a few words), or None when a container may have it."""
@@ -79,11 +86,11 @@ class VmDependencies:
             return None  # no guest driver uses it
         if dev.driver.startswith("virtio"):  # virtio net/blk/vsock/serial/fs: the VM's own
             return f"driver {dev.driver}"
-        for name in block_devices_below(self._sysfs, dev.address):
+        for name in block_devices_below(self._sysfs, dev.address, self._classes):
             user = self._block_user(name)
             if user is not None:
                 return f"block device {name} is {user}"
-        for ifname in interfaces_below(self._sysfs, dev.address):
+        for ifname in interfaces_below(self._sysfs, dev.address, self._classes):
             address = self._address_if_up(ifname)
             if address is not None:
                 return f"interface {ifname} is up with address {address}"
