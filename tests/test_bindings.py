@@ -261,3 +261,34 @@ def test_sigkill_during_a_concurrent_bind_of_eight(
     assert report.failed == []
     assert drivers(fakesys) == before
     assert read_journal(host) == {}
+
+
+def test_a_bind_of_eight_groups_reads_and_writes_the_journal_once(
+    tmp_path: Path, fakesys: FakeSysfs, kernel: FakeKernel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 10: the per-batch work is done once per batch: one journal read (the claim
+    check is made in it) and one write, whatever the number of groups; every device's
+    driver is read once, under the group locks, and the kernel work starts from it."""
+    from kata_vfio_host import bindings, ledger
+
+    for i in range(CONCURRENT):
+        fakesys.add_device(f"0000:{0x40 + i:02x}:00.0", NVME, group=40 + i, driver="nvme")
+    host = Host(fakesys.root, tmp_path / "state", kernel.write)
+    calls: list[str] = []
+    read, write = ledger.read_journal_file, ledger._write_journal_file
+    monkeypatch.setattr(ledger, "read_journal_file", lambda h: calls.append("read") or read(h))
+    monkeypatch.setattr(bindings, "read_journal_file", ledger.read_journal_file)
+    monkeypatch.setattr(ledger, "_write_journal_file",
+                        lambda h, j: calls.append("write") or write(h, j))
+    bind_groups(host, [A(f"0000:{0x40 + i:02x}:00.0") for i in range(CONCURRENT)], ADMIN)
+    assert calls == ["read", "write"]
+    assert set(drivers(fakesys).values()) == {"vfio-pci"}
+    assert [e["driver"] for e in read_journal(host).values()] == ["nvme"] * CONCURRENT
+
+
+def test_bind_threads_follow_the_cpus() -> None:
+    from kata_vfio_host.bindings import bind_pool_size
+
+    assert bind_pool_size(1) == 1
+    assert 2 <= bind_pool_size(32) <= 8
+    assert bind_pool_size(32) == min(max(2, os.cpu_count() or 1), 8)
