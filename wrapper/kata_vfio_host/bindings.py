@@ -76,8 +76,11 @@ def ensure_vfio_pci(host: Host) -> None:
 
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
-    from typing import Protocol
+    from collections.abc import Callable, Sequence
+    from typing import Protocol, TypeVar
+
+    _T = TypeVar("_T")
+    _R = TypeVar("_R")
 
     class Movable(Protocol):
         """A device as a bind needs it: PciDevice (a container's create reads everything,
@@ -226,30 +229,94 @@ def wait_for_group_node(host: Host, group: IommuGroup, timeout: float = 5.0) -> 
 def restore(host: Host, addresses: list[PciAddress], owner: str | None = None) -> RestoreReport:
     """Give journalled devices back to their recorded drivers, each on its own: a device
     that fails is reported and keeps its entry; the others go on. With `owner`, only
-    that owner's entries. A device that no longer exists has nothing to give back."""
+    that owner's entries. A device that no longer exists has nothing to give back.
+
+    The kernel work runs concurrently, as a bind's does (vfio-pci wakes each device from
+    D3hot on the way out: a 10 ms sleep per device); the entries of the devices given
+    back leave the journal in one write at the end. A process killed before it leaves
+    entries that the next restore gives back again, which changes nothing for a device
+    already on its driver; an entry rewritten meanwhile by another owner stays."""
     report = RestoreReport()
     journal = read_journal_file(host)
-    for addr in addresses:
+    outcome: list[tuple[PciAddress, DeviceEntry | None]] = []
+    for addr in dict.fromkeys(addresses):  # each once: two threads must not race on one
         entry = journal.devices.get(str(addr))
+        if entry is None or owner is None or entry.owner == owner:
+            outcome.append((addr, entry))
+    work = [(addr, entry) for addr, entry in outcome if entry is not None]
+    given = _in_pool(work, _give_back_one, host, GIVE_BACK_THREADS)
+    reasons = dict(zip([a for a, _ in work], given, strict=True))
+    done = []
+    for addr, entry in outcome:
         if entry is None:
             report.failed.append(f"{addr}: not bound by kata-vfio (see kata-vfio-ctl devices)")
-            continue
-        if owner is not None and entry.owner != owner:
-            continue
-        try:
-            if not os.path.exists(os.path.join(host.sysfs, "bus/pci/devices", str(addr))):
-                pass  # hot-unplugged: nothing left to give back
-            elif not is_vfio_driver(entry.driver):
-                give_back(host.sysfs, addr, entry.driver, entry.override, host.write)
-        except (KataVfioError, OSError) as exc:
-            reason = exc.one_line() if isinstance(exc, KataVfioError) else \
-                f"{exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}"
-            report.failed.append(f"{addr}: {reason}")
-            continue
+        elif reasons[addr] is not None:
+            report.failed.append(f"{addr}: {reasons[addr]}")
+        else:
+            report.restored.append(str(addr))
+            done.append((addr, entry))
+    if done:
         with editing(host) as current:
-            current.devices.pop(str(addr), None)
-        report.restored.append(str(addr))
+            for addr, entry in done:
+                if current.devices.get(str(addr)) == entry:
+                    del current.devices[str(addr)]
     return report
+
+
+def _give_back_one(host: Host, item: tuple[PciAddress, DeviceEntry]) -> str | None:
+    """Give one device back; None, or why it failed (one line)."""
+    addr, entry = item
+    try:
+        if not os.path.exists(os.path.join(host.sysfs, "bus/pci/devices", str(addr))):
+            pass  # hot-unplugged: nothing left to give back
+        elif not is_vfio_driver(entry.driver):
+            give_back(host.sysfs, addr, entry.driver, entry.override, host.write)
+    except (KataVfioError, OSError) as exc:
+        return exc.one_line() if isinstance(exc, KataVfioError) else \
+            f"{exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}"
+    return None
+
+
+# Giving back sleeps in the kernel (vfio-pci wakes the device from D3hot: 10 ms each), so
+# threads beyond the CPUs overlap those sleeps: in the 2-vCPU bench guest 32 VFs went back
+# in 290 ms on 8 threads, 400 ms on 4, 700 ms on 2, 1.5 s one by one.
+GIVE_BACK_THREADS = 8
+
+
+def _in_pool(items: list[_T], work: Callable[[Host, _T], _R], host: Host,
+             threads: int) -> list[_R]:
+    """work(host, item) for every item on up to `threads` threads; the results in the
+    items' order. An exception other than what `work` handles is raised once all are done."""
+    if len(items) <= 1:
+        return [work(host, item) for item in items]
+    import threading
+
+    results: dict[int, _R] = {}
+    errors: list[BaseException] = []
+    todo = list(reversed(range(len(items))))
+    lock = threading.Lock()
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if not todo:
+                    return
+                index = todo.pop()
+            try:
+                results[index] = work(host, items[index])
+            except BaseException as exc:
+                with lock:
+                    errors.append(exc)
+
+    pool = [threading.Thread(target=worker, daemon=True)
+            for _ in range(min(len(items), threads))]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    if errors:
+        raise errors[0]
+    return [results[i] for i in range(len(items))]
 
 
 def restore_all(host: Host, owner: str | None = None) -> RestoreReport:
