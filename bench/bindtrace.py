@@ -46,6 +46,8 @@ def main() -> int:
     for r in records:
         if r["event"] == "bindtrace-setup":
             print(f"not traceable: {', '.join(r['missing']) or 'none'}")
+        if r["event"] == "bindtrace-restore":
+            print(f"  restore --all of those {r['count']} VFs: {r['restore_ms']:.0f} ms")
         if r["event"] != "bindtrace":
             continue
         print(f"\n{r['mode']} bind of {r['count']} VFs: {r['wall_ms']:.0f} ms")

@@ -286,7 +286,10 @@ def main():
                              "__mutex_lock_slowpath", "driver_override_store",
                              "vfio_register_group_dev", "msleep", "pm_runtime_work",
                              "rwsem_down_write_slowpath", "rwsem_down_read_slowpath")])
+            t0 = time.monotonic()
             report = restore_all(host)
+            emit(event="bindtrace-restore", after=mode, count=COUNT,
+                 restore_ms=round((time.monotonic() - t0) * 1e3, 1))
             assert not report.failed, report.failed
     set_vf_count(host, PciAddress.parse(pf), 0)
 
