@@ -240,9 +240,13 @@ def bench_vf_binds(initrd: Path, kver: str) -> None:
     for r in run.records:
         if r.get("event") == "bindbench":
             n, serial, conc = r["count"], r["serial_ms"], r["concurrent_ms"]
+            ratios = r.get("ratios") or [conc / serial]
             print(f"bind {n:2} VFs (real kernel, TCG guest, 2 vCPUs): serial {serial:.0f} ms, "
                   f"concurrent {conc:.0f} ms -> {conc / serial:.2f}x"
-                  f"{' (target <= 0.5x)' if n == 32 else ''}")
+                  f"{' (target <= 0.5x)' if n == 32 else ''}; per alternated round "
+                  f"{min(ratios):.2f}x to {max(ratios):.2f}x")
+    print("  (medians of 11, 11 and 5 alternated rounds; 2 vCPUs = this host's cores; "
+          "bench/bindtrace.py shows where the time goes)")
     if not any(r.get("event") == "bindbench" for r in run.records):
         print("bind bench: no result; console tail:\n" + run.console[-2000:])
 

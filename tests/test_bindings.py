@@ -261,3 +261,82 @@ def test_sigkill_during_a_concurrent_bind_of_eight(
     assert report.failed == []
     assert drivers(fakesys) == before
     assert read_journal(host) == {}
+
+
+def test_a_bind_of_eight_groups_reads_and_writes_the_journal_once(
+    tmp_path: Path, fakesys: FakeSysfs, kernel: FakeKernel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 10: the per-batch work is done once per batch: one journal read (the claim
+    check is made in it) and one write, whatever the number of groups; every device's
+    driver is read once, under the group locks, and the kernel work starts from it."""
+    from kata_vfio_host import bindings, ledger
+
+    for i in range(CONCURRENT):
+        fakesys.add_device(f"0000:{0x40 + i:02x}:00.0", NVME, group=40 + i, driver="nvme")
+    host = Host(fakesys.root, tmp_path / "state", kernel.write)
+    calls: list[str] = []
+    read, write = ledger.read_journal_file, ledger._write_journal_file
+    monkeypatch.setattr(ledger, "read_journal_file", lambda h: calls.append("read") or read(h))
+    monkeypatch.setattr(bindings, "read_journal_file", ledger.read_journal_file)
+    monkeypatch.setattr(ledger, "_write_journal_file",
+                        lambda h, j: calls.append("write") or write(h, j))
+    bind_groups(host, [A(f"0000:{0x40 + i:02x}:00.0") for i in range(CONCURRENT)], ADMIN)
+    assert calls == ["read", "write"]
+    assert set(drivers(fakesys).values()) == {"vfio-pci"}
+    assert [e["driver"] for e in read_journal(host).values()] == ["nvme"] * CONCURRENT
+
+
+def test_bind_threads_follow_the_cpus() -> None:
+    from kata_vfio_host.bindings import bind_pool_size
+
+    assert bind_pool_size(1) == 1
+    assert 2 <= bind_pool_size(32) <= 8
+    assert bind_pool_size(32) == min(max(2, os.cpu_count() or 1), 8)
+
+
+@pytest.mark.parametrize("die_after_writes", [0, 1, 5, 9, 13, 23, 24])
+def test_sigkill_during_a_concurrent_restore_of_eight(
+    tmp_path: Path, fakesys: FakeSysfs, kernel: FakeKernel, die_after_writes: int
+) -> None:
+    """Giving back runs concurrently too and drops the journal entries in one write at
+    the end: a SIGKILL after any number of sysfs writes leaves entries from which the
+    next restore --all puts everything back (again, for those already back)."""
+    for i in range(CONCURRENT):
+        fakesys.add_device(f"0000:{0x40 + i:02x}:00.0", NVME, group=40 + i, driver="nvme")
+    host = Host(fakesys.root, tmp_path / "state", kernel.write)
+    before = drivers(fakesys)
+    bind_groups(host, [A(f"0000:{0x40 + i:02x}:00.0") for i in range(CONCURRENT)], ADMIN)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            restore_all(Host(host.sysfs, host.state_dir,
+                             dying_writer(kernel, die_after_writes)))
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) == (die_after_writes < 3 * CONCURRENT)
+    if os.WIFSIGNALED(status):
+        assert len(read_journal(host)) == CONCURRENT  # nothing dropped before the end
+    report = restore_all(host)
+    assert report.failed == []
+    assert drivers(fakesys) == before
+    assert read_journal(host) == {}
+
+
+def test_restore_keeps_an_entry_another_owner_wrote_meanwhile(
+    host: Host, fakesys: FakeSysfs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kata_vfio_host import bindings
+    from kata_vfio_host.ledger import DeviceEntry, editing
+
+    bind_group(host, A("0000:00:03.0"), ADMIN)
+    give_back = bindings.give_back
+
+    def rebound_meanwhile(*args: object, **kwargs: object) -> None:
+        give_back(*args, **kwargs)  # type: ignore[arg-type]
+        with editing(host) as journal:  # another owner binds it again before we finish
+            journal.devices["0000:00:03.0"] = DeviceEntry("e1000e", None, 5, "container x")
+
+    monkeypatch.setattr(bindings, "give_back", rebound_meanwhile)
+    assert restore_all(host, ADMIN).restored == ["0000:00:03.0"]
+    assert read_journal(host)["0000:00:03.0"]["owner"] == "container x"

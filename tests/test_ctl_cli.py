@@ -430,3 +430,32 @@ def test_dry_run_reports_a_refusal(fake_host: tuple[FakeSysfs, FakeKernel, Host]
     assert ctl(["bind", "--dry-run", "09:00.0"]) == 1
     assert "is in use: interface lo" in capsys.readouterr().err
     assert kernel.writes == []
+
+
+def test_one_walk_over_proc_for_the_devices_of_one_command(
+        fakesys: FakeSysfs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 10: `kata-vfio-ctl bind A B C …` checks each device before and again under
+    the group locks; the walk over every process's open files (a readlink per descriptor
+    of every process) is done once for all of them, not twice per device."""
+    from kata_vfio_host import usage
+
+    from fakesys import NVME
+
+    for i in range(4):
+        fakesys.add_device(f"0000:{0x40 + i:02x}:00.0", NVME, group=40 + i, driver="nvme")
+    proc = tmp_path / "proc"
+    fds = proc / str(os.getpid()) / "fd"
+    fds.mkdir(parents=True)
+    os.symlink("/dev/vfio/41", fds / "7")
+    os.symlink("/dev/vfio/410", fds / "8")  # group 410, not 41
+    (proc / "self").mkdir()
+    (proc / "self/mounts").write_text("")
+    walks: list[Path] = []
+    walk = usage.vfio_holders_by_group
+    monkeypatch.setattr(usage, "vfio_holders_by_group", lambda p: walks.append(p) or walk(p))
+    check = usage.use_checker(fakesys.root, proc)
+    found = [check(PciAddress.parse(f"0000:{0x40 + i:02x}:00.0")) for i in range(4)] * 2
+    assert len(walks) == 1
+    assert [len(f) for f in found[:4]] == [0, 1, 0, 0]
+    assert found[1][0].startswith(f"/dev/vfio/41 is open in process {os.getpid()} (")
+    assert usage.vfio_holders(proc, 410)[0].startswith("/dev/vfio/410 is open")

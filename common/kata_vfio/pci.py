@@ -356,6 +356,50 @@ def read_device(sysfs: StrPath, addr: PciAddress) -> PciDevice:
     )
 
 
+class BindState(tuple[PciAddress, "str | None", "str | None", bool]):
+    """What moving a PCI function between drivers needs to know, and to give back."""
+
+    __slots__ = ()
+
+    def __new__(cls, address: PciAddress, driver: str | None, driver_override: str | None,
+                is_bridge: bool) -> BindState:
+        return tuple.__new__(cls, (address, driver, driver_override, is_bridge))
+
+    @property
+    def address(self) -> PciAddress:
+        return self[0]
+
+    @property
+    def driver(self) -> str | None:
+        return self[1]
+
+    @property
+    def driver_override(self) -> str | None:
+        return self[2]
+
+    @property
+    def is_bridge(self) -> bool:
+        return self[3]
+
+
+def read_bind_state(sysfs: StrPath, addr: PciAddress) -> BindState:
+    """A device's driver, its driver_override and whether it is a bridge (bridges stay
+    where they are): 3 of `read_device`'s 12 reads, for binds of many devices at once."""
+    base = device_dir(sysfs, addr)
+    try:
+        class_code = _read_hex(_join(base, "class"))
+    except FileNotFoundError:
+        read_device(sysfs, addr)  # "no PCI device ..."
+        raise
+    try:
+        override = read_attr(_join(base, "driver_override"))
+    except FileNotFoundError:
+        override = ""
+    return BindState(addr, read_link(_join(base, "driver")),
+                     None if override in ("", "(null)") else override,
+                     class_code >> 8 == CLASS_BRIDGE_PCI)
+
+
 def list_addresses(sysfs: StrPath) -> list[PciAddress]:
     """Every PCI function sysfs knows, sorted."""
     root = _join(sysfs, "bus/pci/devices")

@@ -70,6 +70,14 @@ def bind_to(
     before = current_driver(sysfs, addr)
     if before == driver or (driver == VFIO_PCI and is_vfio_driver(before)):
         return before
+    move_to(sysfs, addr, before, driver, write)
+    return before
+
+
+def move_to(sysfs: StrPath, addr: PciAddress, before: str | None, driver: str,
+            write: SysfsWrite = write_attr) -> None:
+    """`bind_to` for a caller that has just read the device's driver (`before`, not
+    `driver`) under its own locks: the same writes and check, one sysfs read fewer."""
     base = device_dir(sysfs, addr)
     write(os.path.join(base, "driver_override"), driver)
     if before is not None:
@@ -81,7 +89,6 @@ def bind_to(
             f"{driver} did not take PCI device {addr} (driver now: {after or 'none'})",
             f"is the {driver} module loaded? see the kernel log (dmesg) for {addr}",
         )
-    return before
 
 
 def give_back(

@@ -162,6 +162,7 @@ GUEST_PROGRAMS = {
     "guest-sriov.py": "/kvfio/sriov.py",
     "guest-bindbench.py": "/kvfio/bindbench.py",
     "guest-netdevsim.py": "/kvfio/netdevsim.py",
+    "guest-bindtrace.py": "/kvfio/bindtrace.py",
 }
 HOST_PACKAGES = ("kata_vfio", "kata_vfio_host", "kata_vfio_ctl", "kata_vfio_runtime",
                  "pyroute2", "psutil", "tomlkit", "jsonschema", "jsonschema_specifications",

@@ -124,8 +124,9 @@ def device_records(args: argparse.Namespace, host: Any) -> list[dict[str, Any]]:
     from kata_vfio.pci import group_members, interfaces_below, list_addresses, read_device
     from kata_vfio_host.ledger import read_journal
     from kata_vfio_host.pciids import device_name
-    from kata_vfio_host.usage import uses
+    from kata_vfio_host.usage import use_checker
 
+    uses = use_checker(host.sysfs, Path("/proc"))  # one walk over /proc for the listing
     matchers = [id_filter(f) for f in args.ids or []]
     try:
         name_re = re.compile(args.name, re.IGNORECASE) if args.name else None
@@ -170,7 +171,7 @@ def device_records(args: argparse.Namespace, host: Any) -> list[dict[str, Any]]:
             "iommu_group": dev.iommu_group.number if dev.iommu_group is not None else None,
             "group_members": others, "physfn": str(dev.physfn) if dev.physfn else None,
             "virtfns": virtfns, "interfaces": interfaces_below(host.sysfs, addr),
-            "in_use": [] if dev.is_bridge else uses(host.sysfs, Path("/proc"), addr),
+            "in_use": [] if dev.is_bridge else uses(addr),
             "bound_by": (journal.get(str(addr)) or {}).get("owner"),
             "owner": claim.container if claim is not None else None,
             "sriov_totalvfs": int(total.read_text()) if total.exists() else None,
@@ -242,13 +243,11 @@ def plan_bind(sysfs: Path, addr: Any) -> tuple[Any, list[Any]]:
 
 def cmd_bind(args: argparse.Namespace) -> int:
     from kata_vfio_host.bindings import ADMIN, bind_groups, wait_for_group_node
-    from kata_vfio_host.usage import uses
+    from kata_vfio_host.usage import use_checker
 
     host = _host(args)
     addresses = [device_argument(host.sysfs, text) for text in args.addresses]
-
-    def in_use(addr: Any) -> list[str]:
-        return uses(host.sysfs, Path("/proc"), addr)
+    in_use = use_checker(host.sysfs, Path("/proc"))  # one walk over /proc for every device
 
     groups: dict[Any, Any] = {}
     verb = "would move" if args.dry_run else "moving"

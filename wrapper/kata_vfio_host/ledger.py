@@ -307,8 +307,11 @@ class Locks:
 
     def __enter__(self) -> None:
         try:
+            made = None
             for path in self._paths:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
+                if os.path.dirname(path) != made:  # once for a bind's 32 group locks
+                    made = os.path.dirname(path)
+                    os.makedirs(made, exist_ok=True)
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
                 self._fds.append(fd)
                 fcntl.flock(fd, fcntl.LOCK_EX)

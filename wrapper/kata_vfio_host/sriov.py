@@ -43,11 +43,12 @@ def total_vfs(sysfs: StrPath, pf: PciAddress) -> int:
 
 def vf_holders(host: Host, vfs: list[PciAddress], in_use: object = None) -> list[str]:
     """Why each VF cannot go: owned by a live container, or its group open somewhere."""
-    from kata_vfio_host.usage import vfio_holders
+    from kata_vfio_host.usage import vfio_holders_by_group
 
     journal = read_journal_file(host)
     live = {g: c for g, c in journal.claims.items() if not claim_gone(host, c)}
     reasons = []
+    holders: dict[int, list[str]] | None = None
     for vf in vfs:
         dev = read_device(host.sysfs, vf)
         if dev.iommu_group is None:
@@ -55,7 +56,9 @@ def vf_holders(host: Host, vfs: list[PciAddress], in_use: object = None) -> list
         claim = live.get(dev.iommu_group.number)
         if claim is not None:
             reasons.append(f"{vf} is owned by {claim.owner}")
-        for use in vfio_holders(Path("/proc"), dev.iommu_group.number):
+        if holders is None:  # one walk over /proc for all the VFs
+            holders = vfio_holders_by_group(Path("/proc"))
+        for use in holders.get(dev.iommu_group.number, []):
             reasons.append(f"{vf}: {use}")
     return reasons
 

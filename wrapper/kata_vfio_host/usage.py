@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 from kata_vfio.pci import PciAddress, block_devices_below, interfaces_below, read_device
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from kata_vfio.pci import StrPath
 
 IFF_UP = 0x1
@@ -62,31 +64,54 @@ def mounted_block_uses(sysfs: StrPath, proc: Path, addr: PciAddress) -> list[str
     return reasons
 
 
-def vfio_holders(proc: Path, group: int) -> list[str]:
-    """Processes with /dev/vfio/<group> open."""
+def vfio_holders_by_group(proc: Path) -> dict[int, list[str]]:
+    """Every process with a /dev/vfio/<N> open, per group N: one walk over every
+    process's open files (the costly part of `uses`, a readlink per descriptor)."""
     import psutil
 
-    target = f"/dev/vfio/{group}"
-    reasons = []
+    found: dict[int, list[str]] = {}
     for p in psutil.process_iter(["pid", "name"]):
         fd_dir = proc / str(p.info["pid"]) / "fd"
         try:
-            links = [os.readlink(fd_dir / fd) for fd in os.listdir(fd_dir)]
+            links = {os.readlink(fd_dir / fd) for fd in os.listdir(fd_dir)}
         except OSError:
             continue
-        if target in links:
-            reasons.append(f"{target} is open in process {p.info['pid']} ({p.info['name']})")
-    return reasons
+        for link in sorted(links):
+            number = link[len("/dev/vfio/"):] if link.startswith("/dev/vfio/") else ""
+            if number.isdigit():
+                found.setdefault(int(number), []).append(
+                    f"{link} is open in process {p.info['pid']} ({p.info['name']})")
+    return found
+
+
+def vfio_holders(proc: Path, group: int) -> list[str]:
+    """Processes with /dev/vfio/<group> open."""
+    return vfio_holders_by_group(proc).get(group, [])
+
+
+def use_checker(sysfs: StrPath, proc: Path) -> Callable[[PciAddress], list[str]]:
+    """`uses` for the devices of one command (a bind of many, a listing): the walk over
+    every process's open files is done once, at the first device in an IOMMU group,
+    instead of once per device (and again under the group locks)."""
+    holders: dict[int, list[str]] | None = None
+
+    def check(addr: PciAddress) -> list[str]:
+        nonlocal holders
+        dev = read_device(sysfs, addr)
+        reasons = []
+        # anywhere below the function: a virtio NIC's interface is <function>/virtio2/net/eth0
+        for ifname in interfaces_below(sysfs, addr):
+            reasons += network_uses(ifname)
+        reasons += mounted_block_uses(sysfs, proc, addr)
+        if dev.iommu_group is not None:
+            if holders is None:
+                holders = vfio_holders_by_group(proc)
+            reasons += holders.get(dev.iommu_group.number, [])
+        return reasons
+
+    return check
 
 
 def uses(sysfs: StrPath, proc: Path, addr: PciAddress) -> list[str]:
     """Everything that uses the device; empty when it is free to move."""
-    dev = read_device(sysfs, addr)
-    reasons = []
-    # anywhere below the function: a virtio NIC's interface is <function>/virtio2/net/eth0
-    for ifname in interfaces_below(sysfs, addr):
-        reasons += network_uses(ifname)
-    reasons += mounted_block_uses(sysfs, proc, addr)
-    if dev.iommu_group is not None:
-        reasons += vfio_holders(proc, dev.iommu_group.number)
-    return reasons
+    return use_checker(sysfs, proc)(addr)

@@ -56,12 +56,17 @@ def prepare_bundle(container_id: str | None, bundle: StrPath, settings: Settings
         if groups or addresses or select is not None:
             acquired = ContainerId.parse(container_id)
 
+            checks: list[Any] = []  # one walk over /proc for every device auto-bound
+
             def in_use(addr: PciAddress) -> list[str]:
-                from pathlib import Path
+                if not checks:  # only when something is auto-bound: create stays lean
+                    from pathlib import Path
 
-                from kata_vfio_host.usage import uses
+                    from kata_vfio_host.usage import use_checker
 
-                return uses(host.sysfs, Path("/proc"), addr)
+                    checks.append(use_checker(host.sysfs, Path("/proc")))
+                result: list[str] = checks[0](addr)
+                return result
 
             with step("claiming the container's IOMMU groups"):
                 if select is None:
