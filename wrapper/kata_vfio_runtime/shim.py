@@ -109,8 +109,6 @@ def passthrough_shim(me: str) -> tuple[str, str]:
 
 
 def prepare_start(call: ShimCall, me: str) -> str:
-    from pathlib import Path
-
     from kata_vfio.jsonlog import wrapper_log
     from kata_vfio_host.settings import load_settings
     from kata_vfio_runtime import lifecycle
@@ -118,7 +116,7 @@ def prepare_start(call: ShimCall, me: str) -> str:
     with step("loading the configuration"):
         settings = load_settings()
         shim = inner_shim(settings.shim, config_path(), me)
-    bundle = Path(call.bundle).absolute() if call.bundle else Path.cwd()
+    bundle = os.path.abspath(call.bundle) if call.bundle else os.getcwd()
     log = wrapper_log(settings.log_file, container_id=call.container_id, verb="shim start",
                       namespace=call.namespace, shim=shim)
     lifecycle.prepare_bundle(call.container_id, bundle, settings, lifecycle.host_of(settings),
