@@ -81,12 +81,7 @@ def bench_create(work: Path) -> None:
     from fakesys import FakeSysfs
 
     fs = FakeSysfs(work / "sys")
-    addresses = []
-    for g in range(32):
-        addr = f"0000:{0x40 + g:02x}:00.0"
-        fs.add_device(addr, group=100 + g, driver="vfio-pci")
-        fs.add_vfio_group(100 + g)
-        addresses.append(addr)
+    addresses = fs.add_vfio_endpoints(32, 0x40, 100)
     settings = Settings(sysfs=str(fs.root))
     config = work / "create.toml"
     state = work / "create-state"
@@ -128,12 +123,7 @@ def bench_shim_start(work: Path) -> None:
     from fakesys import FakeSysfs
 
     fs = FakeSysfs(work / "shim-sys")
-    addresses = []
-    for g in range(8):
-        addr = f"0000:{0x60 + g:02x}:00.0"
-        fs.add_device(addr, group=200 + g, driver="vfio-pci")
-        fs.add_vfio_group(200 + g)
-        addresses.append(addr)
+    addresses = fs.add_vfio_endpoints(8, 0x60, 200)
     state = work / "shim-state"
     config = work / "shim.toml"
     config.write_text(f'shim = "{inner}"\nsysfs = "{fs.root}"\nlog_file = "{work}/s.log"\n'

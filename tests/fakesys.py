@@ -138,6 +138,17 @@ class FakeSysfs:
         os.symlink(f"../{pf}", self.dev_dir(vf) / "physfn")
         os.symlink(f"../{vf}", self.dev_dir(pf) / f"virtfn{index}")
 
+    def add_vfio_endpoints(self, count: int, first_bus: int, first_group: int) -> list[str]:
+        """`count` functions (e1000e IDs) already on vfio-pci, one per group (0000:<bus>:00.0 in
+        group <group>, counting up): what a VFIO container asks for."""
+        addresses = []
+        for i in range(count):
+            addr = f"0000:{first_bus + i:02x}:00.0"
+            self.add_device(addr, group=first_group + i, driver="vfio-pci")
+            self.add_vfio_group(first_group + i)
+            addresses.append(addr)
+        return addresses
+
     def add_vfio_group(self, group: int, minor: int | None = None) -> None:
         vdir = self.root / "devices/virtual/vfio" / str(group)
         vdir.mkdir(parents=True, exist_ok=True)

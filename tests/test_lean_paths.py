@@ -114,12 +114,7 @@ def test_create_with_eight_devices_imports_only_what_it_uses(tmp_path: Path) -> 
     from fakesys import FakeSysfs
 
     fs = FakeSysfs(tmp_path / "sys")
-    addresses = []
-    for g in range(8):
-        addr = f"0000:{0x40 + g:02x}:00.0"
-        fs.add_device(addr, group=100 + g, driver="vfio-pci")
-        fs.add_vfio_group(100 + g)
-        addresses.append(addr)
+    addresses = fs.add_vfio_endpoints(8, 0x40, 100)
     config = tmp_path / "config.toml"
     config.write_text(f'runtime = "true"\nshim = "true"\nsysfs = "{fs.root}"\n'
                       f'log_file = "{tmp_path}/log"\n'
