@@ -24,11 +24,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -54,13 +51,8 @@ pytestmark = [pytest.mark.kata]
 
 @pytest.fixture(scope="module")
 def kata(request: pytest.FixtureRequest) -> Iterator[Kata]:
-    # Not under pytest's tmp_path: a concurrent pytest session on the same machine prunes
-    # /tmp/pytest-of-<user>/ down to 3 runs and would delete podman's storage, the launchers
-    # and the Kata configuration while VMs use them. Kept (console files, syslog, configs)
-    # when a test failed or KATA_VFIO_KEEP_RUN=1; podman's storage goes in any case.
-    top = Path(tempfile.mkdtemp(prefix="kata-vfio-kata-e2e.", dir="/var/tmp"))
-    failed_before = request.session.testsfailed
-    try:
+    with harness.run_directory(request, "kata-vfio-kata-e2e.", "kata e2e",
+                               drop_when_kept=("storage",)) as top:
         try:
             with environment(top) as k:
                 yield k
@@ -70,13 +62,6 @@ def kata(request: pytest.FixtureRequest) -> Iterator[Kata]:
             if REQUIRE:
                 pytest.fail(f"KATA_VFIO_REQUIRE_KATA=1: {exc}")
             pytest.skip(str(exc))
-    finally:
-        if os.environ.get("KATA_VFIO_KEEP_RUN") == "1" or \
-                request.session.testsfailed > failed_before:
-            shutil.rmtree(top / "storage", ignore_errors=True)
-            print(f"\nkata e2e run directory kept: {top}")
-        else:
-            shutil.rmtree(top, ignore_errors=True)
 
 
 NODES_SCRIPT = """

@@ -42,7 +42,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import zlib
 from pathlib import Path
@@ -210,9 +209,7 @@ def prepare(top: Path) -> tuple[list[str], Path]:
 
 @pytest.fixture(scope="module")
 def nested(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
-    top = Path(tempfile.mkdtemp(prefix="kata-vfio-nested.", dir="/var/tmp"))
-    failed_before = request.session.testsfailed
-    try:
+    with harness.run_directory(request, "kata-vfio-nested.", "nested kata") as top:
         try:
             vng_cmd, _ = prepare(top)
         except Unavailable as exc:
@@ -239,12 +236,6 @@ def nested(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
         result["l1_output_tail"] = output[-3000:]
         print(f"\nnested kata: L1 {took:.1f} s; steps: {json.dumps(result.get('steps'))}")
         yield result
-    finally:
-        if os.environ.get("KATA_VFIO_KEEP_RUN") == "1" or \
-                request.session.testsfailed > failed_before:
-            print(f"\nnested kata run directory kept: {top}")
-        else:
-            shutil.rmtree(top, ignore_errors=True)
 
 
 def test_real_vfio_group_passes_through_kata_into_the_container(nested: dict) -> None:

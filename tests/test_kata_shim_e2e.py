@@ -27,11 +27,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -40,8 +38,8 @@ from pathlib import Path
 import pytest
 
 from fakesys import FakeSysfs
-from kata import build_kata1, harness, rootfs, shim_harness
-from kata.env import guest_kver
+from kata import harness, rootfs, shim_harness
+from kata.env import Unavailable, kata1_host
 from wrapper_run import private_containerd_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,40 +100,20 @@ class Shim:
 
 @pytest.fixture(scope="module")
 def shim(request: pytest.FixtureRequest) -> Iterator[Shim]:
-    # under /var/tmp, not pytest's tmp_path (see test_kata_e2e.py: a concurrent session
-    # prunes /tmp/pytest-of-<user>/); kept when a test failed or KATA_VFIO_KEEP_RUN=1
-    top = Path(tempfile.mkdtemp(prefix="kata-vfio-kata-shim.", dir="/var/tmp"))
-    failed_before = request.session.testsfailed
-    try:
+    with harness.run_directory(request, "kata-vfio-kata-shim.", "kata shim e2e") as top:
         yield from _shim(top)
-    finally:
-        if os.environ.get("KATA_VFIO_KEEP_RUN") == "1" or \
-                request.session.testsfailed > failed_before:
-            print(f"\nkata shim e2e run directory kept: {top}")
-        else:
-            shutil.rmtree(top, ignore_errors=True)
 
 
 def _shim(top: Path) -> Iterator[Shim]:
-    tarball = build_kata1.default_tarball()
-    need(tarball.is_file(), f"no Kata 1.x source tarball at {tarball}")
-    need(os.geteuid() == 0, "needs root")
-    for tool in ("containerd", "ctr", "unshare", "mountpoint"):
-        need(shutil.which(tool) is not None, f"needs {tool} (Debian's containerd, util-linux)")
-    need(Path(harness.QEMU).exists(), "needs qemu-system-x86")
-    wrapper = Path(sys.executable).with_name("containerd-shim-kata-vfio-v2")
-    ctl = Path(sys.executable).with_name("kata-vfio-ctl")
-    need(wrapper.exists() and ctl.exists(), "kata-vfio is not installed here (make venv)")
-    kver = guest_kver()
-    kernel = Path(f"/boot/vmlinuz-{kver}")
-    need(kernel.exists(), f"no guest kernel {kernel}")
-
-    timings: dict[str, float] = {}
-    t = time.monotonic()
-    built = build_kata1.build(tarball)
-    timings["kata1 build (0 when cached)"] = 0.0 if built["cached"] else float(built["seconds"])
-    timings["kata1 build call"] = time.monotonic() - t
-    bins = {k: Path(v) for k, v in built["outputs"].items()}
+    tools = {t: "Debian's containerd, util-linux" for t in ("containerd", "ctr", "unshare",
+                                                                "mountpoint")}
+    try:
+        host = kata1_host("containerd-shim-kata-vfio-v2", tools)
+    except Unavailable as exc:
+        need(False, str(exc))
+        raise
+    wrapper, ctl, kver, kernel = host.wrapper, host.ctl, host.kver, host.kernel
+    bins, timings = host.bins, host.timings
     need("containerd-shim-kata-v2" in bins, "the Kata 1.x build has no containerd-shim-kata-v2")
 
     console_dir, kata_config = harness.prepare_kata(top, kver, kernel, bins, timings)

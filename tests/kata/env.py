@@ -150,16 +150,30 @@ def _check(ok: bool, reason: str) -> None:
         raise Unavailable(reason)
 
 
-@contextlib.contextmanager
-def environment(top: Path, *, build: bool = True) -> Iterator[Kata]:
-    """The real-Kata set-up under `top` (see the module's doc). With build=False a Kata 1.x
-    that is not built and cached yet is Unavailable instead of being built."""
+@dataclass
+class Kata1Host:
+    """What every real-Kata set-up starts from: our entry point, the host tools, the guest
+    kernel and Kata 1.x's binaries (built once, cached by the tarball's hash)."""
+
+    wrapper: Path
+    ctl: Path
+    kver: str
+    kernel: Path
+    bins: dict[str, Path]
+    timings: dict[str, float]
+
+
+def kata1_host(wrapper_name: str, tools: dict[str, str], *, build: bool = True) -> Kata1Host:
+    """The prerequisites (Unavailable names the first one missing), then Kata 1.x's build.
+    `tools`: programs the set-up needs, each with where it comes from. With build=False a
+    Kata 1.x that is not built and cached yet is Unavailable instead of being built."""
     tarball = build_kata1.default_tarball()
     _check(tarball.is_file(), f"no Kata 1.x source tarball at {tarball}")
     _check(os.geteuid() == 0, "needs root")
-    _check(shutil.which("podman") is not None, "needs podman (make venv)")
+    for tool, source in tools.items():
+        _check(shutil.which(tool) is not None, f"needs {tool} ({source})")
     _check(Path(harness.QEMU).exists(), "needs qemu-system-x86")
-    wrapper = Path(sys.executable).with_name("kata-vfio")
+    wrapper = Path(sys.executable).with_name(wrapper_name)
     ctl = Path(sys.executable).with_name("kata-vfio-ctl")
     _check(wrapper.exists() and ctl.exists(), "kata-vfio is not installed here (make venv)")
     kver = guest_kver()
@@ -169,13 +183,22 @@ def environment(top: Path, *, build: bool = True) -> Iterator[Kata]:
         out = build_kata1.build_dir(tarball)
         _check(build_kata1.complete(out), f"Kata 1.x is not built in {out} (make kata1; "
                                           "set KATA_VFIO_CACHE to the build cache)")
-
     timings: dict[str, float] = {}
     t = time.monotonic()
     built = build_kata1.build(tarball)
     timings["kata1 build (0 when cached)"] = 0.0 if built["cached"] else float(built["seconds"])
     timings["kata1 build call"] = time.monotonic() - t
     bins = {k: Path(v) for k, v in built["outputs"].items()}
+    return Kata1Host(wrapper, ctl, kver, kernel, bins, timings)
+
+
+@contextlib.contextmanager
+def environment(top: Path, *, build: bool = True) -> Iterator[Kata]:
+    """The real-Kata set-up under `top` (see the module's doc). With build=False a Kata 1.x
+    that is not built and cached yet is Unavailable instead of being built."""
+    host = kata1_host("kata-vfio", {"podman": "make venv"}, build=build)
+    wrapper, ctl, kver, kernel = host.wrapper, host.ctl, host.kver, host.kernel
+    bins, timings = host.bins, host.timings
 
     console_dir, kata_config = harness.prepare_kata(top, kver, kernel, bins, timings)
     inner_log = top / "inner-runtime.log"

@@ -430,3 +430,27 @@ def prepare_kata(top: Path, kver: str, kernel: Path, bins: dict[str, Path],
         debug=os.environ.get("KATA_VFIO_KATA_DEBUG") == "1")
     return console_dir, kata_config
 
+
+
+@contextlib.contextmanager
+def run_directory(request: object, prefix: str, what: str,
+                  drop_when_kept: tuple[str, ...] = ()) -> Iterator[Path]:
+    """A real-Kata test module's working directory, under /var/tmp rather than pytest's
+    tmp_path (a concurrent pytest session prunes /tmp/pytest-of-<user>/ down to 3 runs and
+    would delete podman's storage, launchers and configurations while VMs use them).
+    Kept for a look (consoles, syslog, configurations) when a test of the module failed or
+    KATA_VFIO_KEEP_RUN=1, minus `drop_when_kept` (e.g. podman's storage); else removed."""
+    import tempfile
+
+    session = request.session  # type: ignore[attr-defined]
+    top = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
+    failed_before = session.testsfailed
+    try:
+        yield top
+    finally:
+        if os.environ.get("KATA_VFIO_KEEP_RUN") == "1" or session.testsfailed > failed_before:
+            for name in drop_when_kept:
+                shutil.rmtree(top / name, ignore_errors=True)
+            print(f"\n{what} run directory kept: {top}")
+        else:
+            shutil.rmtree(top, ignore_errors=True)
