@@ -150,35 +150,10 @@ def bind_all(host: Host, moves: list[tuple[PciAddress, str | None]]) -> None:
     """driver_override -> unbind -> drivers_probe for each (device, its driver as just
     read under the group locks), concurrently; raises the first failure once every
     thread is done."""
-    if len(moves) == 1:
-        move_to(host.sysfs, moves[0][0], moves[0][1], VFIO_PCI, host.write)
-        return
-    import threading
+    def move(host: Host, item: tuple[PciAddress, str | None]) -> None:
+        move_to(host.sysfs, item[0], item[1], VFIO_PCI, host.write)
 
-    errors: list[BaseException] = []
-    todo = list(reversed(moves))
-    lock = threading.Lock()
-
-    def worker() -> None:
-        while True:
-            with lock:
-                if not todo or errors:
-                    return
-                addr, before = todo.pop()
-            try:
-                move_to(host.sysfs, addr, before, VFIO_PCI, host.write)
-            except BaseException as exc:
-                with lock:
-                    errors.append(exc)
-
-    threads = [threading.Thread(target=worker, daemon=True)
-               for _ in range(bind_pool_size(len(moves)))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
+    _in_pool(moves, move, host, bind_pool_size(len(moves)), stop_on_error=True)
 
 
 def bind_groups(host: Host, addresses: list[PciAddress], owner: str, *, force: bool = False,
@@ -284,9 +259,10 @@ GIVE_BACK_THREADS = 8
 
 
 def _in_pool(items: list[_T], work: Callable[[Host, _T], _R], host: Host,
-             threads: int) -> list[_R]:
+             threads: int, *, stop_on_error: bool = False) -> list[_R]:
     """work(host, item) for every item on up to `threads` threads; the results in the
-    items' order. An exception other than what `work` handles is raised once all are done."""
+    items' order. An exception other than what `work` handles is raised once all are done
+    (`stop_on_error`: no item is started after the first one)."""
     if len(items) <= 1:
         return [work(host, item) for item in items]
     import threading
@@ -299,7 +275,7 @@ def _in_pool(items: list[_T], work: Callable[[Host, _T], _R], host: Host,
     def worker() -> None:
         while True:
             with lock:
-                if not todo:
+                if not todo or (stop_on_error and errors):
                     return
                 index = todo.pop()
             try:

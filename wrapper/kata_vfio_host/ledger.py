@@ -327,10 +327,6 @@ class Locks:
             os.close(self._fds.pop())
 
 
-def group_lock(host: Host, group: IommuGroup) -> Locks:
-    return group_locks(host, [group])
-
-
 def group_locks(host: Host, groups: list[IommuGroup]) -> Locks:
     """Every group's lock, taken in group order so two creates never deadlock."""
     return Locks([_join(host.state_dir, "locks", f"group-{g}") for g in sorted(set(groups))])
