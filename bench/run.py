@@ -6,9 +6,10 @@ create-time edit for 1, 8 and 32 VFIO devices (target <= 40 ms for 8).
 Hook, in one guest boot: wall time for 1 and for 4 devices against a bare
 `python3 -I -S -c pass`, and the share that is the kernel's rebind
 (targets: hook(1) <= 4x bare + kernel time, hook(N) <= 1.5x hook(1)).
-Real Kata 1.x (TCG: ratios only; when its build is cached, see tests/kata/): `podman run
---rm` to the container's first line with 0, 1 and 4 VFIO devices, the hook's share of it
-(total_ms of its "done" record), dpdk-testpmd's start to link up
+Real Kata 1.x (TCG: ratios only; only when the user gives an installed one, see
+tests/kata/installed.py): `podman run --rm` to the container's first line with 0, 1 and 4
+VFIO devices, the hook's share of it (total_ms of its "done" record), dpdk-testpmd's start
+to link up
 (targets: hook(4) <= 1.5x hook(1), hook < 10 % of the whole start).
 """
 
@@ -311,7 +312,7 @@ def bench_kata(initrd: Path | None, kver: str | None, runs: int) -> None:
     # not under /tmp: podman's storage and the VMs' files live here for minutes
     with tempfile.TemporaryDirectory(prefix="kata-vfio-bench-kata.", dir="/var/tmp") as tmp:
         try:
-            with environment(Path(tmp), build=False) as kata:
+            with environment(Path(tmp)) as kata:
                 _bench_kata(kata, runs)
         except Unavailable as exc:
             print(f"kata 1.x: skipped: {exc}")

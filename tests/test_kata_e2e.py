@@ -3,7 +3,7 @@
 podman 4.3 runs `--runtime kata-vfio` (our wrapper, registered by `kata-vfio-ctl install`);
 the wrapper edits the spec against a fake host sysfs (this host has no IOMMU) and execs a
 test-only inner runtime that drops the /dev/vfio/<N> host-group entries (no host hot-plug
-here) and execs the real kata-runtime 1.x built from source (tests/kata/build_kata1.py).
+here) and execs the user's installed kata-runtime 1.x (tests/kata/installed.py).
 kata-runtime boots Debian's kernel under TCG with initrd/kata_image.py's image: the project's
 dracut initrd with kata-agent as PID 1. The QEMU launcher appends e1000e, two on one hub
 (what the host would have hot-plugged; tests/kata/env.py sets it all up, shared with
@@ -16,7 +16,8 @@ The hook's log (/tmp/kata-vfio-hook.log in the guest, outside the container) is 
 the guest console: a test-only second prestart hook (tests/kata/guest/) copies it to
 /dev/console, and the QEMU launcher sends the console to a file per sandbox.
 
-Skipped when the Kata 1.x source tarball is missing, unless KATA_VFIO_REQUIRE_KATA=1.
+Against an installed Kata only (`make test-kata`): skipped when none is given, unless
+KATA_VFIO_REQUIRE_KATA=1 (set by `make test-kata`).
 """
 
 from __future__ import annotations

@@ -30,8 +30,9 @@ through its configuration only: `default_memory = 512` (L1's QEMU pins all of L2
 VFIO), `default_vcpus = 1`, `kernel_params += "mitigations=off"`. The containers run with
 `--network none` (no podman network set-up inside L1).
 
-Skipped when the Kata 1.x source tarball or virtme-ng is missing, unless
-KATA_VFIO_REQUIRE_KATA=1. About 3-6 minutes (two container cycles), more on a loaded host.
+Against an installed Kata 1.x only (`make test-kata`, tests/kata/installed.py): skipped when
+none is given or virtme-ng is missing, unless KATA_VFIO_REQUIRE_KATA=1 (set by make
+test-kata). About 3-6 minutes (two container cycles), more on a loaded host.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from pathlib import Path
 
 import pytest
 
-from kata import build_kata1, harness, rootfs
+from kata import harness, installed, rootfs
 from kata.env import REPO, Unavailable, guest_kver
 
 REQUIRE = os.environ.get("KATA_VFIO_REQUIRE_KATA") == "1"
@@ -69,6 +70,9 @@ def extract_vmlinux(bzimage: Path, out: Path) -> Path:
     decompressor. L2 (TCG inside TCG) with Kata's intel-iommu device resets in exactly that
     stretch (right after "Probing EDD"), with the bzImage; and PVH saves ~12 s (LAB.md 7)."""
     data = bzimage.read_bytes()
+    if data[:4] == b"\x7fELF":  # a Kata guest kernel is often a vmlinux already
+        out.write_bytes(data)
+        return out
     start = data.find(b"\xfd7zXZ\x00")
     _check(start >= 0, f"{bzimage}: no XZ payload (only XZ-compressed kernels handled)")
     elf = lzma.LZMADecompressor().decompress(data[start:])
@@ -158,10 +162,8 @@ def _check(ok: bool, reason: str) -> None:
 
 def prepare(top: Path) -> tuple[list[str], Path]:
     """Everything L1 needs, under `top` (shared into L1 at the same path): the Kata
-    binaries (L1 mounts a tmpfs on /var/cache, so the build cache is not visible there), the
+    binaries (copied: L1 sees this host's root, but only `top` is certain to be shared), the
     guest image, the busybox rootfs and the plan. Returns the vng command and the plan."""
-    tarball = build_kata1.default_tarball()
-    _check(tarball.is_file(), f"no Kata 1.x source tarball at {tarball}")
     _check(os.geteuid() == 0, "needs root")
     _check(shutil.which("podman") is not None, "needs podman (make venv)")
     venv_bin = Path(sys.executable).parent
@@ -169,18 +171,17 @@ def prepare(top: Path) -> tuple[list[str], Path]:
     _check(vng.exists(), f"needs virtme-ng in the venv ({vng}: make venv, the test extras)")
     _check((venv_bin / "kata-vfio").exists(), "kata-vfio is not installed here (make venv)")
     kver = guest_kver()
+    # L1 boots this host's kernel; L2 the Kata guest kernel (Debian's by default)
     kernel = Path(f"/boot/vmlinuz-{kver}")
     _check(kernel.exists(), f"no kernel {kernel}")
+    guest_kernel = installed.guest_kernel(kver)
 
-    built = build_kata1.build(tarball)
+    kata = installed.kata1()
     bins = top / "kata-bin"
     bins.mkdir(parents=True)
     for name in BINARIES:
-        src = Path(built["outputs"]["kata-runtime"]).with_name("kata-netmon") \
-            if name == "kata-netmon" else Path(built["outputs"][name])
-        shutil.copy2(src, bins / name)
-    image = harness.build_guest_image(top / "kata-vfio-kata.img", kver,
-                                      Path(built["outputs"]["kata-agent"]))
+        shutil.copy2(kata[name], bins / name)
+    image = harness.build_guest_image(top / "kata-vfio-kata.img", kver, kata["kata-agent"])
     # uncompressed: L2 inflates gzip slowly, the loader copies a plain archive fast
     cpio = top / "kata-vfio-kata.cpio"
     cpio.write_bytes(uncompressed_initrd(image.read_bytes()))
@@ -191,7 +192,7 @@ def prepare(top: Path) -> tuple[list[str], Path]:
     plan = top / "plan.json"
     plan.write_text(json.dumps({
         "top": str(top), "venv_bin": str(venv_bin), "device": L1_DEVICE,
-        "kernel": str(extract_vmlinux(kernel, top / "vmlinux")),
+        "kernel": str(extract_vmlinux(guest_kernel, top / "vmlinux")),
         "image": str(image), "busybox": str(busybox),
         "binaries": {n: str(bins / n) for n in BINARIES},
         "debug": os.environ.get("KATA_VFIO_KATA_DEBUG") == "1",

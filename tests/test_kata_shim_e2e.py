@@ -7,8 +7,8 @@ test's Kata configuration: the 1.x shim reads no other path (LAB.md section 4), 
 stays untouched. `ctr run -d --null-io --runtime io.containerd.kata-vfio.v2` starts the
 container through our shim wrapper; its inner shim (config.toml `shim`) is a test-only script
 that drops the /dev/vfio/<N> host-group entries (no IOMMU here, so no host hot-plug) and execs
-the real containerd-shim-kata-v2 built from the 1.x tarball (tests/kata/build_kata1.py, with
-our main package: the tarball lacks it). The host PCI view is a fake sysfs; the QEMU launcher
+the user's installed Kata 1.x containerd-shim-kata-v2 (KATA_VFIO_KATA_SHIM_V2, see
+tests/kata/installed.py). The host PCI view is a fake sysfs; the QEMU launcher
 gives the guest two e1000e standing for the two host devices asked for.
 
 Output: the 1.x shim deadlocks `ctr run -d` without --null-io (stdin FIFO), and --null-io
@@ -19,7 +19,8 @@ it sees into a host directory bind-mounted into it (Kata shares it with the gues
 the hook's own log reaches the guest console through the test relay hook (tests/kata/guest/), as in
 test_kata_e2e.py.
 
-Skipped when the Kata 1.x source tarball is missing, unless KATA_VFIO_REQUIRE_KATA=1.
+Against an installed Kata only (`make test-kata`): skipped when none is given, unless
+KATA_VFIO_REQUIRE_KATA=1 (set by `make test-kata`).
 """
 
 from __future__ import annotations
@@ -108,13 +109,12 @@ def _shim(top: Path) -> Iterator[Shim]:
     tools = {t: "Debian's containerd, util-linux" for t in ("containerd", "ctr", "unshare",
                                                                 "mountpoint")}
     try:
-        host = kata1_host("containerd-shim-kata-vfio-v2", tools)
+        host = kata1_host("containerd-shim-kata-vfio-v2", tools, shim_v2=True)
     except Unavailable as exc:
         need(False, str(exc))
         raise
     wrapper, ctl, kver, kernel = host.wrapper, host.ctl, host.kver, host.kernel
     bins, timings = host.bins, host.timings
-    need("containerd-shim-kata-v2" in bins, "the Kata 1.x build has no containerd-shim-kata-v2")
 
     console_dir, kata_config = harness.prepare_kata(top, kver, kernel, bins, timings)
     inner_log = top / "inner-shim.log"

@@ -1,10 +1,11 @@
 """The whole real-Kata set-up, shared by tests/test_kata_e2e.py and `make bench`.
 
-`environment(top)` builds (or finds cached) Kata 1.x, the guest image, the launchers, the
-test configuration.toml (after `kata-vfio-ctl install`), the fake host sysfs, podman's
-configuration and the two container images, starts a syslog listener and yields a `Kata`
-that runs podman against it. Everything lives under `top`; what is missing raises
-`Unavailable` with the reason (the test skips or fails on it, the bench prints it).
+`environment(top)` takes the user's installed Kata 1.x (tests/kata/installed.py), builds
+the guest image, the launchers, the test configuration.toml (after `kata-vfio-ctl install`),
+the fake host sysfs, podman's configuration and the two container images, starts a syslog
+listener and yields a `Kata` that runs podman against it. Everything lives under `top`;
+what is missing raises `Unavailable` with the reason (the test fails on it, the bench
+prints it).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import build_kata1, harness, rootfs
+from . import harness, installed, rootfs
+from .installed import Unavailable
 from fakesys import NVME, FakeSysfs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,10 +37,6 @@ ULIMITS = ("--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024")
 HOST_NICS = ("0000:03:00.0", "0000:04:00.0", "0000:06:00.0", "0000:07:00.0")
 HOST_ABSENT = "0000:05:00.0"
 HOTPLUG_TIMEOUT = 1.0  # devices are there at boot; keeps the failing run short
-
-
-class Unavailable(Exception):
-    """A prerequisite of the real-Kata set-up is missing (the message says which)."""
 
 
 def guest_kver() -> str:
@@ -153,7 +151,7 @@ def _check(ok: bool, reason: str) -> None:
 @dataclass
 class Kata1Host:
     """What every real-Kata set-up starts from: our entry point, the host tools, the guest
-    kernel and Kata 1.x's binaries (built once, cached by the tarball's hash)."""
+    kernel and the user's installed Kata 1.x (tests/kata/installed.py)."""
 
     wrapper: Path
     ctl: Path
@@ -163,12 +161,10 @@ class Kata1Host:
     timings: dict[str, float]
 
 
-def kata1_host(wrapper_name: str, tools: dict[str, str], *, build: bool = True) -> Kata1Host:
-    """The prerequisites (Unavailable names the first one missing), then Kata 1.x's build.
-    `tools`: programs the set-up needs, each with where it comes from. With build=False a
-    Kata 1.x that is not built and cached yet is Unavailable instead of being built."""
-    tarball = build_kata1.default_tarball()
-    _check(tarball.is_file(), f"no Kata 1.x source tarball at {tarball}")
+def kata1_host(wrapper_name: str, tools: dict[str, str], *, shim_v2: bool = False
+               ) -> Kata1Host:
+    """The prerequisites and the installed Kata 1.x (Unavailable names the first one
+    missing). `tools`: programs the set-up needs, each with where it comes from."""
     _check(os.geteuid() == 0, "needs root")
     for tool, source in tools.items():
         _check(shutil.which(tool) is not None, f"needs {tool} ({source})")
@@ -176,27 +172,16 @@ def kata1_host(wrapper_name: str, tools: dict[str, str], *, build: bool = True) 
     wrapper = Path(sys.executable).with_name(wrapper_name)
     ctl = Path(sys.executable).with_name("kata-vfio-ctl")
     _check(wrapper.exists() and ctl.exists(), "kata-vfio is not installed here (make venv)")
+    bins = installed.kata1(shim_v2=shim_v2)
     kver = guest_kver()
-    kernel = Path(f"/boot/vmlinuz-{kver}")
-    _check(kernel.exists(), f"no guest kernel {kernel}")
-    if not build:
-        out = build_kata1.build_dir(tarball)
-        _check(build_kata1.complete(out), f"Kata 1.x is not built in {out} (make kata1; "
-                                          "set KATA_VFIO_CACHE to the build cache)")
-    timings: dict[str, float] = {}
-    t = time.monotonic()
-    built = build_kata1.build(tarball)
-    timings["kata1 build (0 when cached)"] = 0.0 if built["cached"] else float(built["seconds"])
-    timings["kata1 build call"] = time.monotonic() - t
-    bins = {k: Path(v) for k, v in built["outputs"].items()}
-    return Kata1Host(wrapper, ctl, kver, kernel, bins, timings)
+    kernel = installed.guest_kernel(kver)
+    return Kata1Host(wrapper, ctl, kver, kernel, bins, {})
 
 
 @contextlib.contextmanager
-def environment(top: Path, *, build: bool = True) -> Iterator[Kata]:
-    """The real-Kata set-up under `top` (see the module's doc). With build=False a Kata 1.x
-    that is not built and cached yet is Unavailable instead of being built."""
-    host = kata1_host("kata-vfio", {"podman": "make venv"}, build=build)
+def environment(top: Path) -> Iterator[Kata]:
+    """The real-Kata set-up under `top` (see the module's doc) around the installed Kata."""
+    host = kata1_host("kata-vfio", {"podman": "make venv"})
     wrapper, ctl, kver, kernel = host.wrapper, host.ctl, host.kver, host.kernel
     bins, timings = host.bins, host.timings
 
