@@ -261,8 +261,9 @@ def write_kata_config(generated: Path, out: Path, *, qemu: Path, kernel: Path, i
     """Kata 1.x's generated configuration-qemu.toml with the test-only changes.
 
     Test-only: hypervisor path (the launcher), kernel, initrd instead of image, no
-    vhost-net, no vsock, the shim/proxy/netmon paths of the binaries we built (they are not
-    installed), optionally debug logs. The kata-vfio settings are `kata-vfio-ctl install`'s.
+    vhost-net, no vsock, the shim/proxy/netmon paths of the installed Kata (the nested test
+    copies them into L1's shared directory), optionally debug logs. The kata-vfio settings
+    are `kata-vfio-ctl install`'s.
     """
     text = generated.read_text()
     hv = "hypervisor.qemu"
@@ -274,7 +275,7 @@ def write_kata_config(generated: Path, out: Path, *, qemu: Path, kernel: Path, i
     text = _set(text, hv, "use_vsock", q(False))
     text = _set(text, "proxy.kata", "path", q(str(binaries["kata-proxy"])))
     text = _set(text, "shim.kata", "path", q(str(binaries["kata-shim"])))
-    text = _set(text, "netmon", "path", q(str(binaries["kata-runtime"].with_name("kata-netmon"))))
+    text = _set(text, "netmon", "path", q(str(binaries["kata-netmon"])))
     if debug:
         for table in (hv, "proxy.kata", "shim.kata", "agent.kata", "runtime"):
             text = _set(text, table, "enable_debug", q(True))
