@@ -39,6 +39,12 @@ Stand-ins for Kata (there is none in any registry):
 
 One guest runs both containers: the absent-device one first (its hook waits
 `hotplug_timeout` = 1 s and fails the container with its own line), then testpmd.
+
+What made testpmd work is the wrapper's spec: without its RLIMIT_MEMLOCK the same run
+fails in the guest with "EAL: Cannot set up DMA remapping, error 12" and no probed port
+(checked by hand with `raise_memlock = false`). The /run/dpdk tmpfs is checked in the
+spec only: the guest's rootfs lies in the initramfs, where DPDK can bind its socket
+anyway (on Kata 1.x's 9p rootfs it cannot).
 """
 
 from __future__ import annotations
@@ -59,11 +65,12 @@ from typing import Any
 import pytest
 
 from kata_vfio.manifest import GUEST_HOOK_PATH_ANNOTATION, MANIFEST_ANNOTATION, Manifest
+from kata_vfio.pci import PciIdentity
 from kata_vfio_ctl.podman_conf import register
 from test_kata_e2e import TESTPMD, port_stats
 
 import vmtools
-from fakesys import NVME, FakeSysfs
+from fakesys import FakeSysfs
 from kata import rootfs
 from kata.env import HOST_ABSENT, HOTPLUG_TIMEOUT, annotation
 from kata.env import HOST_NICS as ALL_HOST_NICS
@@ -122,11 +129,17 @@ def podman_host(top: Path, timings: dict[str, float]) -> tuple[list[str], dict[s
     (podman gives runtimes a clean environment and keys runtime features by basename).
     The wrapper's config: the fake host sysfs and the recording inner runtime."""
     fs = FakeSysfs(top / "sys")
-    for n, addr in enumerate(HOST_NICS):  # e1000e IDs with QEMU's subsystem 8086:0000
-        fs.add_device(addr, group=12 + n, driver="vfio-pci")
-        fs.add_vfio_group(12 + n, minor=n)
-    fs.add_device(HOST_ABSENT, NVME, group=20, driver="vfio-pci", subsystem=(0x1AF4, 0x1100))
-    fs.add_vfio_group(20, minor=len(HOST_NICS))
+
+    def add(addr: str, ident: PciIdentity, group: int) -> None:
+        # the identity QEMU's device shows the guest: what the hook matches on
+        fs.add_device(addr, (ident.vendor, ident.device, ident.class_code), group=group,
+                      driver="vfio-pci",
+                      subsystem=(ident.subsystem_vendor, ident.subsystem_device))
+        fs.add_vfio_group(group, minor=group - 12)
+
+    for n, addr in enumerate(HOST_NICS):
+        add(addr, GUEST_NICS[n].identity, 12 + n)
+    add(HOST_ABSENT, vmtools.NVME_ID, 20)  # a device the guest never gets
     specs = top / "specs"
     specs.mkdir()
     inner = top / "bin/kata-runtime-stand-in"
