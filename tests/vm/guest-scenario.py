@@ -1,6 +1,8 @@
 """Runs one scenario inside the test guest (copied into the image by vmtools).
 
-argv: the scenario directory, holding bundle/config.json and expect.json.
+argv: the scenario directory, holding bundle/config.json and expect.json, and optionally
+`timeout`: the seconds runc may run (default 60; a container that runs a workload needs more
+when TCG is slow).
 Prints "KVFIO <json>" lines: drivers before and after, what runc said, the hook log.
 """
 
@@ -53,6 +55,14 @@ def hook_log():
         return []
 
 
+def runc_timeout(scenario):
+    try:
+        with open(os.path.join(scenario, "timeout")) as f:
+            return float(f.read())
+    except OSError:
+        return 60
+
+
 def main():
     scenario = sys.argv[1]
     name = os.path.basename(scenario).split("-", 1)[1]  # "00-main" -> "main"
@@ -62,7 +72,7 @@ def main():
     started = time.monotonic()
     proc = subprocess.run(["/usr/sbin/runc", "--root", "/run/runc", "run", "--no-pivot", "--bundle",
                            os.path.join(scenario, "bundle"), name],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=runc_timeout(scenario))
     vfio_devs = {}
     if os.path.isdir("/sys/class/vfio"):
         for group in os.listdir("/sys/class/vfio"):

@@ -37,6 +37,7 @@ class EmulatedDevice:
     guest_driver: str    # the native guest driver module
     identity: PciIdentity
     mac: str | None = None
+    netdev: str | None = None  # a -netdev argument the device needs, given before it
 
 
 E1000E_ID = PciIdentity(0x8086, 0x10D3, 0x8086, 0x0000, 0x020000)
@@ -47,6 +48,15 @@ NVME_ID = PciIdentity(0x1B36, 0x0010, 0x1AF4, 0x1100, 0x010802)
 def e1000e(mac: str, **placement: str) -> EmulatedDevice:
     where = "".join(f",{k}={v}" for k, v in placement.items())
     return EmulatedDevice(f"e1000e,mac={mac}{where}", "e1000e", E1000E_ID, mac)
+
+
+def e1000e_on_hub(mac: str, port: str, hub: int = 0, **placement: str) -> EmulatedDevice:
+    """An e1000e on port `port` of QEMU hub `hub`: two on one hub forward to each other
+    (LAB.md section 1), without any network outside the VM. No option ROM: nothing boots
+    from it."""
+    where = "".join(f",{k}={v}" for k, v in placement.items())
+    return EmulatedDevice(f"e1000e,netdev={port},mac={mac},romfile={where}", "e1000e",
+                          E1000E_ID, mac, netdev=f"hubport,id={port},hubid={hub}")
 
 
 def e1000(mac: str, **placement: str) -> EmulatedDevice:
@@ -97,6 +107,7 @@ class Scenario:
         "/usr/bin/python3", "-I", "-S", "/check.py"])
     script: str | None = None  # a shell script run instead of the container (bench)
     files: dict[str, str] = field(default_factory=dict)  # extra files in the scenario dir
+    spec: dict[str, Any] | None = None  # the bundle's whole config.json (else container_spec)
 
 
 def kernel_image(kver: str) -> Path:
@@ -137,11 +148,16 @@ def container_spec(name: str, scenario: Scenario) -> dict[str, Any]:
     spec["hostname"] = name
     spec["mounts"].append({"destination": "/usr", "type": "bind", "source": "/usr",
                            "options": ["rbind", "ro"]})
-    # as kata-agent adds guest hooks: [name, "prestart"], empty environment, 10 s
-    spec["hooks"] = {"prestart": [{"path": HOOK_IN_GUEST, "args": ["kata-vfio-hook", "prestart"],
-                                   "env": [], "timeout": 10}]}
+    spec["hooks"] = {"prestart": [guest_prestart_hook()]}
     spec["annotations"] = {"io.kata-vfio.manifest": scenario.manifest_json}
     return spec
+
+
+def guest_prestart_hook() -> dict[str, Any]:
+    """Our hook as an OCI prestart hook, as kata-agent runs guest hooks: [name, "prestart"],
+    empty environment, 10 s."""
+    return {"path": HOOK_IN_GUEST, "args": ["kata-vfio-hook", "prestart"], "env": [],
+            "timeout": 10}
 
 
 def _runc_spec() -> dict[str, Any]:
@@ -196,10 +212,12 @@ def add_host_tools(root: Path) -> None:
 
 def build_test_cpio(out: Path, kver: str, scenarios: list[Scenario],
                     devices: tuple[EmulatedDevice, ...], host_tools: bool = False,
-                    modules: tuple[str, ...] = (), files: dict[str, Path] | None = None) -> None:
+                    modules: tuple[str, ...] = (), files: dict[str, Path] | None = None,
+                    trees: dict[str, Path] | None = None) -> None:
     """The test-only archive appended to the product initrd. `modules`: more kernel modules
     (by name, with what they depend on) loaded at boot; `files`: guest path -> host file,
-    an executable with the shared libraries it links."""
+    an executable with the shared libraries it links; `trees`: guest directory -> host
+    directory copied as it is, symlinks kept (a container's root filesystem)."""
     with tempfile.TemporaryDirectory(prefix="kvfio-cpio.") as tmp:
         root = Path(tmp)
         _copy(HERE / "guest-init.sh", root, "/kvfio/init")
@@ -227,6 +245,8 @@ def build_test_cpio(out: Path, kver: str, scenarios: list[Scenario],
             if os.access(src, os.X_OK):
                 for lib in shared_libs(str(src)):
                     _copy(lib, root)
+        for dest, src in (trees or {}).items():
+            shutil.copytree(src, root / dest.lstrip("/"), symlinks=True)
         if host_tools:
             add_host_tools(root)
         ctr = root / "kvfio/ctr/rootfs"
@@ -238,8 +258,9 @@ def build_test_cpio(out: Path, kver: str, scenarios: list[Scenario],
         for i, scenario in enumerate(scenarios):
             sdir = root / "kvfio/scenarios" / f"{i:02d}-{scenario.name}"
             (sdir / "bundle").mkdir(parents=True)
-            (sdir / "bundle/config.json").write_text(
-                json.dumps(container_spec(scenario.name, scenario)))
+            spec = scenario.spec if scenario.spec is not None else \
+                container_spec(scenario.name, scenario)
+            (sdir / "bundle/config.json").write_text(json.dumps(spec))
             for fname, content in scenario.files.items():
                 (sdir / fname).write_text(content)
             run = sdir / "run"
@@ -268,14 +289,15 @@ def boot(initrd: Path, kver: str, scenarios: list[Scenario],
          devices: tuple[EmulatedDevice, ...] = DEFAULT_DEVICES, timeout: float = 300,
          memory_mb: int = 1024, console_log: Path | None = None,
          host_tools: bool = False, smp: int = 1, modules: tuple[str, ...] = (),
-         files: dict[str, Path] | None = None) -> GuestRun:
+         files: dict[str, Path] | None = None, trees: dict[str, Path] | None = None
+         ) -> GuestRun:
     """Boot the product initrd plus the test archive; return the console and KVFIO records.
-    `modules` and `files`: see build_test_cpio."""
+    `modules`, `files` and `trees`: see build_test_cpio."""
     with tempfile.TemporaryDirectory(prefix="kvfio-vm.") as tmp:
         combined = Path(tmp) / "initrd.img"
         console_file = console_log or Path(tmp) / "console.log"
         test_cpio = Path(tmp) / "test.cpio"
-        build_test_cpio(test_cpio, kver, scenarios, devices, host_tools, modules, files)
+        build_test_cpio(test_cpio, kver, scenarios, devices, host_tools, modules, files, trees)
         with open(combined, "wb") as out:
             for part in (initrd, test_cpio):
                 data = part.read_bytes()
@@ -292,6 +314,8 @@ def boot(initrd: Path, kver: str, scenarios: list[Scenario],
             "-device", BRIDGE,
         ]
         for dev in devices:
+            if dev.netdev:
+                cmd += ["-netdev", dev.netdev]
             cmd += ["-device", dev.qemu]
         try:
             proc = subprocess.run(cmd, capture_output=True, timeout=timeout, check=False,
