@@ -64,10 +64,10 @@ from typing import Any
 
 import pytest
 
+from dpdk import TESTPMD, port_stats
 from kata_vfio.manifest import GUEST_HOOK_PATH_ANNOTATION, MANIFEST_ANNOTATION, Manifest
 from kata_vfio.pci import PciIdentity
 from kata_vfio_ctl.podman_conf import register
-from test_kata_e2e import TESTPMD, port_stats
 
 import vmtools
 from fakesys import FakeSysfs

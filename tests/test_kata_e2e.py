@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from collections.abc import Iterator
 
 import pytest
+
+from dpdk import TESTPMD, port_stats
 
 from kata import harness
 from kata.env import (
@@ -130,36 +131,6 @@ def test_absent_device_fails_podman_run_with_the_hooks_line(kata: Kata) -> None:
     assert took < limit, f"took {took:.1f} s (a successful run: {ok_run:.1f} s)"
     if cid:
         assert not harness.qemu_pids(cid)
-
-
-TESTPMD = """
-set -e
-A=""
-for d in /sys/bus/pci/drivers/vfio-pci/0000:*; do A="$A -a ${d##*/}"; done
-echo "ports:$A"
-ls /dev/vfio
-timeout -s INT SECONDS dpdk-testpmd --lcores 0@0,1@0 $A --iova-mode=va --no-huge -m 256 \\
-    -- --total-num-mbufs=2048 --tx-first --stats-period 5 </dev/null || true
-"""
-
-
-def port_stats(out: str) -> list[tuple[int, int, int]]:
-    """(port, RX-packets, TX-packets) per statistics block, in output order."""
-    stats = []
-    port = -1
-    rx = None
-    for line in out.splitlines():
-        if "statistics" in line:  # NIC statistics blocks only, not the final forward totals
-            m = re.search(r"NIC statistics for port (\d+)", line)
-            port = int(m.group(1)) if m else -1
-        m = re.search(r"RX-packets:\s*(\d+)", line)
-        if m:
-            rx = int(m.group(1))
-        m = re.search(r"TX-packets:\s*(\d+)", line)
-        if m and rx is not None and port >= 0:
-            stats.append((port, rx, int(m.group(1))))
-            rx = None
-    return stats
 
 
 def test_dpdk_testpmd_forwards_between_two_e1000e(kata: Kata) -> None:
