@@ -140,6 +140,17 @@ def test_devices_rebound_nodes_made_and_cgroup_allowed(guest: Guest) -> None:
     assert done["groups"] == {"7": "4", "9": "5"} and done["container_id"] == "c1"
 
 
+def test_a_full_guest_tmp_does_not_fail_the_hook(guest: Guest) -> None:
+    """The hook's log sits in the guest's /tmp: full (/dev/full: ENOSPC on every write),
+    the container still gets its devices; the lines are dropped and counted."""
+    before = JsonLog.dropped
+    m = manifest((9, [mdev("0000:82:00.0", NVME)]))
+    assert run(guest.state(m), guest.roots, JsonLog("/dev/full")) == 0
+    assert guest.fs.driver("0000:00:05.0") == "vfio-pci"
+    assert stat.S_ISCHR(guest.node("5").st_mode)
+    assert JsonLog.dropped > before
+
+
 def test_identical_devices_assigned_in_address_order_and_rerun_is_harmless(
     guest: Guest, tmp_path: Path
 ) -> None:

@@ -25,7 +25,12 @@ def _timestamp() -> str:
 
 
 class JsonLog:
-    """Appends one JSON object per line; a log that cannot be written is dropped quietly."""
+    """Appends one JSON object per line. Logging never decides the outcome of a verb: a
+    line that cannot be written (no such directory, a full filesystem, EIO) is dropped and
+    counted in `JsonLog.dropped`, never raised; the wrappers cannot say more (a shim's
+    `start` output is containerd's address, a hook's stderr the container's error)."""
+
+    dropped = 0  # lines dropped by this process, every logger together
 
     def __init__(self, path: StrPath | None, context: dict[str, Any] | None = None) -> None:
         self._path = path
@@ -40,12 +45,18 @@ class JsonLog:
         record = {"timestamp": _timestamp(), "level": level, "event": event,
                   **self._context, **fields}
         line = dumps(record, compact=True, default=str) + "\n"
+        data = line.encode()
         try:
-            fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK,
+                         0o600)
         except OSError:
+            JsonLog.dropped += 1
             return
         try:
-            os.write(fd, line.encode())
+            if os.write(fd, data) != len(data):  # a short write: the rest would interleave
+                JsonLog.dropped += 1
+        except OSError:
+            JsonLog.dropped += 1
         finally:
             os.close(fd)
 

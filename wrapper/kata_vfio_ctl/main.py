@@ -43,7 +43,8 @@ def _event_log(args: argparse.Namespace) -> Any:
     from kata_vfio_host.hostlog import file_logger
     from kata_vfio_host.settings import load_settings
 
-    return file_logger(load_settings().log_file, tool=PROG, command=args.command)
+    return file_logger(load_settings().log_file, warn=sys.stderr, tool=PROG,
+                       command=args.command)
 
 
 def _host(args: argparse.Namespace) -> Any:
