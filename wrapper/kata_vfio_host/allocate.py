@@ -38,7 +38,8 @@ from kata_vfio_host.ledger import (
     read_journal_file,
 )
 
-_REQUEST = re.compile(r"^(?P<ids>.*?)(?:\*(?P<count>\d+))?$")
+# ASCII digits only: \d would take other scripts' digits, which int() then reads
+_REQUEST = re.compile(r"^(?P<ids>.*?)(?:\*(?P<count>[0-9]+))?$")
 MAX_COUNT = 256
 
 
@@ -83,9 +84,11 @@ def parse_select(text: str) -> list[SelectRequest]:
             raise DeviceError(f"{SELECT_ANNOTATION}: {raw!r} is not VENDOR:DEVICE[:CLASS][*COUNT]",
                               "e.g. 1b36:0010*2, 8086:154c or ::0200")
         fields = m.group("ids").split(":")
-        count = int(m.group("count") or 1)
+        digits = m.group("count") or "1"
+        count = int(digits) if len(digits) <= len(str(MAX_COUNT)) else MAX_COUNT + 1
         if not 1 <= count <= MAX_COUNT:
-            raise DeviceError(f"{SELECT_ANNOTATION}: {raw!r} asks for {count} devices",
+            asked = digits if len(digits) <= 12 else f"{digits[:12]}… ({len(digits)} digits)"
+            raise DeviceError(f"{SELECT_ANNOTATION}: asks for {asked} devices",
                               f"ask for 1 to {MAX_COUNT}")
         cls = fields[2] if len(fields) == 3 else ""
         requests.append(SelectRequest(

@@ -149,6 +149,10 @@ def load_settings(path: str | None = None) -> Settings:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}", "fix the syntax") from None
     _validate(data, path)
+    timeout = data.get("hotplug_timeout", HOTPLUG_TIMEOUT_DEFAULT)
+    if timeout != timeout:  # NaN compares false with both schema bounds, so it passes them
+        raise ConfigError(f"{path}: hotplug_timeout: nan is not a number of seconds",
+                          f"write a number from 0 to {HOTPLUG_TIMEOUT_MAX}")
     autobind = data.get("autobind", {})
     from kata_vfio_host.allowlist import parse_allow_list
 

@@ -37,7 +37,7 @@ class VfPort(NamedTuple):
 def _mac(text: str, whole: str) -> str:
     octets = text.lower().split(":")
     if len(octets) != 6 or not all(len(o) == 2 and set(o) <= _HEX for o in octets) \
-            or int(octets[0], 16) & 1:
+            or int(octets[0], 16) & 1 or octets == ["00"] * 6:  # 00:..:00 clears, not sets
         raise DeviceError(f"{VF_CONFIG_ANNOTATION}: {text!r} in {whole!r} is not a unicast MAC",
                           "write mac=52:54:00:12:34:56")
     return text.lower()
@@ -55,7 +55,8 @@ def parse_vf_config(text: str) -> list[VfSetting]:
             key, eq, value = field.partition("=")
             if key == "mac" and eq:
                 mac = _mac(value, entry)
-            elif key == "vlan" and eq and value.isdigit() and int(value) <= 4095:
+            elif key == "vlan" and eq and value.isascii() and value.isdigit() \
+                    and len(value) <= 4 and int(value) <= 4095:
                 vlan = int(value)
             else:
                 raise DeviceError(f"{VF_CONFIG_ANNOTATION}: {field!r} in {entry!r} is not "
