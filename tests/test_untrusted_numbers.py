@@ -34,7 +34,7 @@ def test_a_leading_zero_count_within_bounds_is_still_a_count() -> None:
 
 @pytest.mark.parametrize("vlan", [*OTHER_DIGITS, "1" * 5000, "-1", "+5", " 5"])
 def test_a_vlan_is_ascii_digits_and_bounded(vlan: str) -> None:
-    with pytest.raises(DeviceError, match="vlan=0..4095"):
+    with pytest.raises(DeviceError, match=r"vlan=0\.\.4095"):
         parse_vf_config(f"0000:3b:02.0 vlan={vlan}")
 
 

@@ -142,6 +142,7 @@ def load_settings(path: str | None = None) -> Settings:
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}",
                           "check its permissions") from None
+    import math
     import tomllib
 
     try:
@@ -150,7 +151,7 @@ def load_settings(path: str | None = None) -> Settings:
         raise ConfigError(f"{path} is not valid TOML: {exc}", "fix the syntax") from None
     _validate(data, path)
     timeout = data.get("hotplug_timeout", HOTPLUG_TIMEOUT_DEFAULT)
-    if timeout != timeout:  # NaN compares false with both schema bounds, so it passes them
+    if isinstance(timeout, float) and math.isnan(timeout):  # NaN passes both schema bounds
         raise ConfigError(f"{path}: hotplug_timeout: nan is not a number of seconds",
                           f"write a number from 0 to {HOTPLUG_TIMEOUT_MAX}")
     autobind = data.get("autobind", {})
