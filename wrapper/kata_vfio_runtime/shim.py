@@ -126,7 +126,8 @@ def prepare_start(call: ShimCall, me: str) -> str:
 
 def delete_and_release(shim: str, argv: list[str], call: ShimCall) -> int:
     """The shim's clean-up action: the inner shim's delete first (its stdout, a protobuf
-    answer, goes straight to containerd), then the devices go back if it succeeded."""
+    answer, goes straight to containerd), then the devices go back if it succeeded; a
+    device that could not be given back makes the action fail (exit 1, one line)."""
     from kata_vfio.run import run
     from kata_vfio_host.settings import load_settings
     from kata_vfio_runtime import lifecycle
@@ -139,8 +140,10 @@ def delete_and_release(shim: str, argv: list[str], call: ShimCall) -> int:
     failed = lifecycle.release_after_delete(call.container_id or "", settings,
                                             lifecycle.host_of(settings))
     if failed:
+        # containerd reads the answer from stdout and shows stderr with a non-zero exit
         print(f"{PROG}: delete {call.container_id}: could not give back {'; '.join(failed)}",
               file=sys.stderr)
+        return 1
     return code
 
 
