@@ -586,6 +586,27 @@ def test_identical_devices_go_to_different_containers_of_a_pod(guest: Guest) -> 
     assert guest.claims() == {"0000:00:02.0": "c", "0000:00:03.0": "b"}
 
 
+@pytest.mark.parametrize("damage", [
+    b"{not json", b"[]", b'{"0000:00:02.0": "a"}', b'{"0000:00:02.0": {"container_id": "a"}}',
+    b'{"0000:00:02.0": {"container_id": "a", "pid": "100", "start": 1000}}',
+    b'{"0000:00:02.0": {"container_id": "a", "pid": true, "start": 1000}}', b"\xff\xfe"])
+def test_a_damaged_claims_file_fails_closed(guest: Guest, damage: bytes) -> None:
+    """Container a holds a device; its claim record is damaged: the next container gets
+    nothing (one line naming the file), rather than a device a live container holds."""
+    one_nic = manifest((7, [mdev("0000:81:00.0")]))
+    guest.start_process(100)
+    assert guest.run(one_nic, "a", 100) == 0
+    ledger_file = guest.roots.claims / "claims.json"
+    ledger_file.write_bytes(damage)
+    guest.start_process(200)
+    writes = len(guest.kernel.writes)
+    with pytest.raises(KataVfioError, match=f"the claims file {ledger_file} is damaged"):
+        guest.run(one_nic, "b", 200)
+    assert guest.kernel.writes[writes:] == []  # nothing bound for b
+    assert ledger_file.read_bytes() == damage  # and the evidence left as it was
+    assert not (guest.bundle / "rootfs/dev/vfio/3").exists()
+
+
 def test_a_restarted_container_gets_its_own_device_back(guest: Guest) -> None:
     one_nic = manifest((7, [mdev("0000:81:00.0")]))
     guest.start_process(100)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import os
 
+from kata_vfio.errors import HookError
 from kata_vfio.files import write_atomically
 from kata_vfio.jsoncodec import dumps, loads
 
@@ -64,20 +65,29 @@ def is_live(proc: StrPath, claim: Claim) -> bool:
     return claim.start is not None and start_ticks(proc, claim.pid) == claim.start
 
 
-def _parse(data: bytes) -> dict[str, Claim]:
+def _damaged(path: str, why: str) -> HookError:
+    return HookError(f"the claims file {path} is damaged ({why}): which container holds "
+                     "which device is unknown, so no device is given",
+                     "remove it once no container of this pod holds VFIO devices")
+
+
+def _parse(data: bytes, path: str) -> dict[str, Claim]:
+    """Every entry or none: a damaged file fails closed (a device one container holds
+    must not look free to the next), never as "no claims"."""
     try:
         raw = loads(data)
-    except ValueError:
-        return {}
+    except ValueError as exc:
+        raise _damaged(path, f"not JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise _damaged(path, "not an object")
     claims = {}
-    if isinstance(raw, dict):
-        for addr, obj in raw.items():
-            if not isinstance(obj, dict):
-                continue
-            cid, pid, start = obj.get("container_id"), obj.get("pid"), obj.get("start")
-            if isinstance(cid, str) and isinstance(pid, int) \
-                    and (start is None or isinstance(start, int)):
-                claims[addr] = Claim(cid, pid, start)
+    for addr, obj in raw.items():
+        cid, pid, start = (obj.get("container_id"), obj.get("pid"), obj.get("start")) \
+            if isinstance(obj, dict) else (None, None, None)
+        if not (isinstance(cid, str) and cid and type(pid) is int
+                and (start is None or type(start) is int)):
+            raise _damaged(path, f"entry {addr!r} is not a claim")
+        claims[addr] = Claim(cid, pid, start)
     return claims
 
 
@@ -95,9 +105,10 @@ class ledger:  # a class, not contextlib (the hook's start-up): `with ledger(roo
         try:
             # held for one look at sysfs and one small write; the kernel drops it if we die
             fcntl.flock(self._fd, fcntl.LOCK_EX)
+            path = os.path.join(self._root, LEDGER)
             try:
-                with open(os.path.join(self._root, LEDGER), "rb") as f:
-                    self._claims = _parse(f.read())
+                with open(path, "rb") as f:
+                    self._claims = _parse(f.read(), path)
             except FileNotFoundError:
                 self._claims = {}
         except BaseException:

@@ -275,7 +275,7 @@ def give_devices(state: State, manifest: Manifest, spec: dict[str, Any], roots: 
         give_back_all(roots, moved, log)
         try:
             release(roots.claims, state.id)
-        except OSError as exc:
+        except (OSError, KataVfioError) as exc:  # a damaged file: the first error stands
             log.error("cannot drop the claims", error=str(exc))
         raise
     return out
