@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -107,8 +108,13 @@ def test_only_the_containers_own_vfs(nic_host: Host, tmp_path: Path) -> None:
 
 
 def test_restore_all_gives_pf_values_back(nic_host: Host, tmp_path: Path) -> None:
-    create(nic_host, tmp_path, "c4", {"io.kata-vfio.devices": "0000:3b:02.0",
-                                      "io.kata-vfio.vf-config": "0000:3b:02.0 vlan=42"})
+    bundle = create(nic_host, tmp_path, "c4", {"io.kata-vfio.devices": "0000:3b:02.0",
+                                               "io.kata-vfio.vf-config": "0000:3b:02.0 vlan=42"})
+    live = restore_all(nic_host)  # c4 still runs: its VF settings stay
+    assert live.vf_settings == [] and len(live.failed) == 1
+    assert "VF settings of live container c4 kept" in live.failed[0]
+    assert nic_host.netlink.table[("enp59s0", 0)][1] == 42
+    shutil.rmtree(bundle)  # the engine removed c4
     report = restore_all(nic_host)
     assert report.failed == []
     assert report.vf_settings == ["0000:3b:02.0: enp59s0 vf 0 mac 02:00:00:00:00:01 vlan 0"]

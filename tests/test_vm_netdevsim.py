@@ -118,6 +118,11 @@ def test_one_container_sets_two_vfs_and_delete_gives_both_back(guest: GuestRun) 
 def test_a_vlan_is_cleared_back_to_none_by_restore_all(guest: GuestRun) -> None:
     call(guest, "create-c2")
     assert vf_table(guest, "c2-created") == {**BEFORE, 2: (ZERO, 300)}
+    # c2 is live: restore --all keeps its VF settings, naming it, unless forced
+    refused = record(guest, "call", step="restore-all-refused")
+    assert refused["rc"] == 1
+    assert "VF settings of live container c2 kept" in refused["stderr"], refused
+    assert vf_table(guest, "refused-all") == {**BEFORE, 2: (ZERO, 300)}
     restored = call(guest, "restore-all")
     pf = record(guest, "pf")["pf"]
     assert restored["stdout"] == (f"0000:3b:02.2: {pf} vf 2 mac {ZERO} vlan 0: "

@@ -129,10 +129,13 @@ call("delete-c1", WRAPPER, "delete", "c1")
 show(pf, "c1-deleted")
 journal_vf_configs("c1-deleted")
 
-# a VLAN on a VF that had none, given back by restore --all (the container never deleted)
+# a VLAN on a VF that had none, given back by restore --all --force (the container is
+# never deleted: it is live, and its settings go back only when the admin forces it)
 create("c2", "0000:3b:02.2", "0000:3b:02.2 vlan=300")
 show(pf, "c2-created")
-call("restore-all", CTL, "restore", "--all")
+call("restore-all-refused", CTL, "restore", "--all")
+show(pf, "refused-all")
+call("restore-all", CTL, "restore", "--all", "--force")
 show(pf, "restored-all")
 journal_vf_configs("restored-all")
 try:

@@ -301,14 +301,17 @@ def cmd_restore(args: argparse.Namespace) -> int:
             for cid in gone:
                 print(f"container {cid} is gone: its devices were released")
         else:
-            report = (restore_all(host) if args.all else
-                      restore(host, [device_argument(host.sysfs, t) for t in args.addresses]))
+            report = (restore_all(host, force=args.force) if args.all else
+                      restore(host, [device_argument(host.sysfs, t) for t in args.addresses],
+                              force=args.force))
     _event_log(args).info("restored", devices=report.restored, failures=report.failed,
-                          vf_settings=report.vf_settings)
+                          vf_settings=report.vf_settings, taken=report.taken)
     for addr in report.restored:
         print(f"{addr}: given back to its original driver")
     for line in report.vf_settings:
         print(f"{line}: the PF's VF settings given back")
+    for line in report.taken:
+        print(line)
     for failure in report.failed:
         print(f"{PROG}: cannot restore {failure}", file=sys.stderr)
     if not report.restored and not report.failed and not report.vf_settings:
@@ -423,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stale", action="store_true",
                    help="devices of containers that are gone (bundle removed, or an earlier "
                         "boot)")
+    p.add_argument("--force", action="store_true",
+                   help="also give back devices a live container holds (its claim is dropped; "
+                        "the device leaves that container's VM)")
     p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("doctor", help="check this host's readiness, say how to fix")

@@ -31,6 +31,7 @@ from kata_vfio_host.ledger import (
     ContainerId,
     DeviceEntry,
     Host,
+    Journal,
     check_free,
     claim_gone,
     claim_groups,
@@ -55,11 +56,24 @@ class RestoreReport:
         self.restored: list[str] = []
         self.failed: list[str] = []  # one line each: address and why
         self.vf_settings: list[str] = []  # PF values set again, one line each
+        self.taken: list[str] = []  # with force: live containers whose claims were dropped
 
     def extend(self, other: RestoreReport) -> None:
         self.restored += other.restored
         self.failed += other.failed
         self.vf_settings += other.vf_settings
+        self.taken += other.taken
+
+
+def live_holders(host: Host, journal: Journal) -> dict[int, str]:
+    """IOMMU group number -> the live container that holds it."""
+    return {g: c.owner for g, c in journal.claims.items() if not claim_gone(host, c)}
+
+
+def _held(addr: object, group: int, holder: str) -> str:
+    return (f"{addr}: IOMMU group {group} is held by live {holder}: giving it back would pull "
+            "it out of that container's VM; delete the container first, or pass --force to "
+            "take it (its claim is dropped)")
 
 
 def endpoints(host: Host, addr: PciAddress) -> tuple[IommuGroup, list[PciDevice]]:
@@ -201,10 +215,13 @@ def wait_for_group_node(host: Host, group: IommuGroup, timeout: float = 5.0) -> 
     return f"/dev/vfio/{group}"
 
 
-def restore(host: Host, addresses: list[PciAddress], owner: str | None = None) -> RestoreReport:
+def restore(host: Host, addresses: list[PciAddress], owner: str | None = None, *,
+            force: bool = False) -> RestoreReport:
     """Give journalled devices back to their recorded drivers, each on its own: a device
     that fails is reported and keeps its entry; the others go on. With `owner`, only
     that owner's entries. A device that no longer exists has nothing to give back.
+    Without `owner` (the admin's restore) a device whose group a live container holds is
+    refused, unless `force`: then it goes back and that container's claim is dropped.
 
     The kernel work runs concurrently, as a bind's does (vfio-pci wakes each device from
     D3hot on the way out: a 10 ms sleep per device); the entries of the devices given
@@ -213,9 +230,16 @@ def restore(host: Host, addresses: list[PciAddress], owner: str | None = None) -
     already on its driver; an entry rewritten meanwhile by another owner stays."""
     report = RestoreReport()
     journal = read_journal_file(host)
+    held = live_holders(host, journal) if owner is None else {}
+    taken: dict[int, str] = {}
     outcome: list[tuple[PciAddress, DeviceEntry | None]] = []
     for addr in dict.fromkeys(addresses):  # each once: two threads must not race on one
         entry = journal.devices.get(str(addr))
+        if entry is not None and entry.group in held:
+            if not force:
+                report.failed.append(_held(addr, entry.group, held[entry.group]))
+                continue
+            taken[entry.group] = held[entry.group]
         if entry is None or owner is None or entry.owner == owner:
             outcome.append((addr, entry))
     work = [(addr, entry) for addr, entry in outcome if entry is not None]
@@ -230,11 +254,17 @@ def restore(host: Host, addresses: list[PciAddress], owner: str | None = None) -
         else:
             report.restored.append(str(addr))
             done.append((addr, entry))
+    given_groups = {entry.group for _, entry in done}
+    dropped = {g: who for g, who in taken.items() if g in given_groups}
     if done:
         with editing(host) as current:
             for addr, entry in done:
                 if current.devices.get(str(addr)) == entry:
                     del current.devices[str(addr)]
+            for group in dropped:
+                current.claims.pop(group, None)
+    report.taken += [f"IOMMU group {g} taken from live {who} (--force): its claim dropped"
+                     for g, who in sorted(dropped.items())]
     return report
 
 
@@ -295,16 +325,19 @@ def _in_pool(items: list[_T], work: Callable[[Host, _T], _R], host: Host,
     return [results[i] for i in range(len(items))]
 
 
-def restore_all(host: Host, owner: str | None = None) -> RestoreReport:
+def restore_all(host: Host, owner: str | None = None, *, force: bool = False
+                ) -> RestoreReport:
     journal = read_journal_file(host)
     addresses = [PciAddress.parse(a) for a, e in journal.devices.items()
                  if owner is None or e.owner == owner]
-    report = restore_vf_configs(host, owner)
-    report.extend(restore(host, addresses, owner))
+    report = restore_vf_configs(host, owner, force=force)
+    report.extend(restore(host, addresses, owner, force=force))
     report.failed += journal.damaged
     if owner is None and not report.failed:
-        with editing(host) as current:  # everything is back: no container holds anything
-            current.claims.clear()
+        with editing(host) as current:  # everything is back: drop the claims that held it
+            for group in [g for g, c in current.claims.items()
+                          if force or claim_gone(host, c)]:
+                del current.claims[group]
     return report
 
 
@@ -347,13 +380,20 @@ def apply_vf_config(host: Host, container: ContainerId, text: str) -> list[str]:
     return done
 
 
-def restore_vf_configs(host: Host, owner: str | None = None) -> RestoreReport:
-    """Give PFs back the MAC/VLAN their VFs had before containers changed them."""
+def restore_vf_configs(host: Host, owner: str | None = None, *, force: bool = False
+                       ) -> RestoreReport:
+    """Give PFs back the MAC/VLAN their VFs had before containers changed them. Without
+    `owner`, a live container's VF settings stay unless `force`."""
     from kata_vfio_host.vfconfig import VfPort
 
     report = RestoreReport()
     journal = read_journal_file(host)
     mine = {a: v for a, v in journal.vf_configs.items() if owner is None or v.owner == owner}
+    if owner is None and not force:
+        live = set(live_holders(host, journal).values())
+        for addr in [a for a, v in mine.items() if v.owner in live]:
+            report.failed.append(f"{addr}: VF settings of live {mine.pop(addr).owner} kept; "
+                                 "delete the container first, or pass --force")
     if not mine:
         return report
     netlink = _netlink(host)
