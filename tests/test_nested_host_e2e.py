@@ -156,6 +156,11 @@ def nested(request: pytest.FixtureRequest) -> Iterator[dict[str, object]]:
         result["l1_output_tail"] = output[-4000:]
         print(f"\nnested host: prepare {timings.get('prepare on the host')} s, "
               f"L1 {took:.1f} s; steps in L1: {json.dumps(result.get('steps'))}")
+        for cycle in ("run", "autobind_run"):
+            data = result.get(cycle)
+            if isinstance(data, dict):
+                print(f"  {cycle}: L2, seconds from the container's start: "
+                      f"{json.dumps(data.get('l2_timing'))}")
         yield result
 
 

@@ -32,7 +32,7 @@ from kata import harness, rootfs  # noqa: E402
 from kata.nested_l1 import NODES_SCRIPT, cgroup_v1, driver_of  # noqa: E402
 
 IMAGE = "localhost/kata-vfio-nested-busybox"
-L2_MEMORY_MB = 512  # L1's QEMU pins all of L2's RAM for VFIO
+L2_MEMORY_MB = 256  # L1's QEMU pins (and maps through L1's vIOMMU) all of L2's RAM for VFIO
 L2_KERNEL_PARAMS = "mitigations=off"
 L2_BOOT_TIMEOUT = 150.0  # the launcher's bound from QEMU's start to L2's init
 RUN_TIMEOUT = 200.0
@@ -84,7 +84,9 @@ def l2_report(console_dir: Path, cid: str) -> dict[str, object]:
     records = l2_records(console_dir, cid)
     argv = console_dir / f"{cid}.argv"
     console = console_dir / f"{cid}.console"
+    timing = console_dir / f"{cid}.timing.json"
     return {
+        "l2_timing": json.loads(timing.read_text()) if timing.exists() else None,
         "l2": next((r for r in records if r.get("event") == "l2"), None),
         "booted": next((r for r in records if r.get("event") == "booted"), None),
         "hook_log": next((r for r in records if r.get("event") == "hook_log"), None),
@@ -92,6 +94,20 @@ def l2_report(console_dir: Path, cid: str) -> dict[str, object]:
         "console_tail": console.read_text(errors="replace")[-3000:] if console.exists()
         else "",
     }
+
+
+def wrapper_log(cid: str) -> list[dict[str, object]]:
+    """kata-vfio's own log records for a container (what it did, edit_ms)."""
+    path = top / "kata-vfio.log"
+    records = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("container_id") == cid:
+            records.append(record)
+    return records
 
 
 def autobind_cycle(podman: list[str], penv: dict[str, str], config: Path, addr: str,
@@ -108,13 +124,17 @@ def autobind_cycle(podman: list[str], penv: dict[str, str], config: Path, addr: 
              "sh", "-c", NODES_SCRIPT + "echo ready; exec sleep 600"], env=penv)
     step("podman run -d (auto-bind) returned", time.monotonic() - t)
     cid = cidfile.read_text().strip() if cidfile.exists() else ""
-    out = ""
-    while r.returncode == 0 and "ready" not in out.split() and \
-            time.monotonic() - t < RUN_TIMEOUT:
-        logs = run([*podman, "logs", cid], env=penv)
-        out = logs.stdout + logs.stderr
-        if "ready" not in out.split():
-            time.sleep(1)
+    # the launcher relays the container's lines as L2 writes them to its console: wait
+    # there (a podman command a second would compete with L2 for L1's two vCPUs), then
+    # read what podman has
+    console = console_dir / f"{cid}.console"
+    while r.returncode == 0 and time.monotonic() - t < RUN_TIMEOUT and not (
+            console.exists() and ('KVFIO-OUT "ready"' in console.read_text(errors="replace")
+                                  or "KVFIO-EXIT" in console.read_text(errors="replace"))):
+        time.sleep(0.5)
+    time.sleep(0.5)  # the launcher polls the console every 0.1 s
+    logs = run([*podman, "logs", cid], env=penv)
+    out = logs.stdout + logs.stderr
     step("podman run -d (auto-bind) to the container's output", time.monotonic() - t)
     report("autobind_run", {"rc": r.returncode, "out": out, "err": r.stderr[-4000:],
                             "cid": cid, "driver": driver_of(addr),
@@ -124,7 +144,8 @@ def autobind_cycle(podman: list[str], penv: dict[str, str], config: Path, addr: 
     step("podman rm -f (auto-bound device given back)", time.monotonic() - t)
     report("autobind_rm", {"rc": r.returncode, "err": r.stderr[-2000:],
                            "driver": driver_of(addr),
-                           "qemu_left": harness.qemu_pids(str(console_dir))})
+                           "qemu_left": harness.qemu_pids(str(console_dir)),
+                           "kata_vfio_log": wrapper_log(cid)})
 
 
 def main() -> int:
@@ -205,6 +226,7 @@ def main() -> int:
     report("run", {"rc": r.returncode, "out": r.stdout, "err": r.stderr[-4000:], "cid": cid,
                    **l2_report(console_dir, cid)})
     report("qemu_left", harness.qemu_pids(str(console_dir)))
+    report("kata_vfio_log", wrapper_log(cid))
     if r.returncode != 0:
         report("l1_dmesg_tail", run(["dmesg"]).stdout.splitlines()[-40:])
     report("driver_while_bound", driver_of(addr))

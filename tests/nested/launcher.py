@@ -333,12 +333,20 @@ def supervise(cfg: Config, cid: str, sdir: str, devices: list[str]) -> int:
     os.write(fd, b"0")
     os.close(fd)
     t0 = time.monotonic()
+    base = f"{cfg.console_dir}/{cid}"
+    timing: dict[str, float] = {}
+
+    def mark(what: str) -> None:  # seconds since start, in ID.timing.json
+        if what not in timing:
+            timing[what] = round(time.monotonic() - t0, 1)
+            write_atomic(base + ".timing.json", json.dumps(timing))
+
     initrd = f"{sdir}/initrd.img"
     shutil.copyfile(cfg.initrd, initrd)
     with open(initrd, "ab") as out, open(f"{sdir}/container.cpio", "rb") as part:
         out.write(b"\0" * (-out.tell() % 4))  # each archive 4-byte aligned
         shutil.copyfileobj(part, out)
-    base = f"{cfg.console_dir}/{cid}"
+    mark("L2 initrd written")
     console = base + ".console"
     argv = qemu_argv(cfg, cid, devices, initrd, console)
     write_atomic(base + ".argv", "\n".join(argv) + "\n")
@@ -348,6 +356,7 @@ def supervise(cfg: Config, cid: str, sdir: str, devices: list[str]) -> int:
                                 preexec_fn=_die_with_parent)  # noqa: PLW1509 (one thread)
     st = proc_stat(qemu.pid)
     write_atomic(f"{sdir}/qemu.pid", f"{qemu.pid} {st[1] if st else ''}\n")
+    mark("QEMU started")
 
     def stop(signum: int, _frame: object) -> None:
         qemu.kill()
@@ -365,21 +374,28 @@ def supervise(cfg: Config, cid: str, sdir: str, devices: list[str]) -> int:
         if console_file is None and os.path.exists(console):
             console_file = open(console, "rb")  # noqa: SIM115 (read to the end below)
         chunk = console_file.read() if console_file else b""
+        if chunk:
+            mark("L2 console's first output")
         pending += chunk
         *lines, pending = pending.split(b"\n")
         for raw in lines:
             line = raw.decode(errors="replace").replace("\r", "")
-            booted = booted or line.startswith(MARK_RECORD)
-            for mark, fd_out in ((MARK_OUT, 1), (MARK_ERR, 2)):
-                if line.startswith(mark):
+            if line.startswith(MARK_RECORD):
+                booted = True
+                mark("L2 init")
+            for prefix, fd_out in ((MARK_OUT, 1), (MARK_ERR, 2)):
+                if line.startswith(prefix):
                     try:
-                        text = json.loads(line[len(mark):])
+                        text = json.loads(line[len(prefix):])
                     except ValueError:
                         continue
+                    mark("the container's first output")
                     write_all(fd_out, (str(text) + "\n").encode())
             if line.startswith(MARK_EXIT):
                 code = int(line[len(MARK_EXIT):].split()[0])
+                mark("the container's exit")
         if ended and not chunk:
+            mark("L2 off")
             break
         if not booted and time.monotonic() - t0 > cfg.boot_timeout:
             qemu.kill()
@@ -516,8 +532,8 @@ def parse_signal(text: str) -> int:
         return int(text)
     name = text.upper()
     try:
-        return int(signal.Signals(name if name.startswith("SIG") else "SIG" + name))
-    except (KeyError, ValueError):
+        return int(signal.Signals[name if name.startswith("SIG") else "SIG" + name])
+    except KeyError:
         raise Failure(f"unknown signal {text!r}") from None
 
 
