@@ -277,7 +277,8 @@ def guest_spec(spec: dict[str, object], bundle: str, stage: str) -> dict[str, ob
             mount["source"] = f"{L2_DIR}/mounts/{name}"
         mounts.append(mount)
     g["mounts"] = mounts
-    return g
+    edited: dict[str, object] = g
+    return edited
 
 
 def container_archive(spec: dict[str, object], bundle: str, cid: str, sdir: str) -> str:
