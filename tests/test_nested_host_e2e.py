@@ -117,6 +117,11 @@ def prepare(top: Path, timings: dict[str, float]) -> list[str]:
         f"-netdev user,id=kvfion0 -device {L1_DRIVER},netdev=kvfion0,romfile=,addr=0x10"]
 
 
+def _text(data: str | bytes | None) -> str:
+    """A TimeoutExpired's partial output (bytes even with text=True)."""
+    return data.decode(errors="replace") if isinstance(data, bytes) else data or ""
+
+
 def _consoles(top: Path) -> str:
     """The tails of every L2 console, for a failure message."""
     out = []
@@ -137,6 +142,7 @@ def nested(request: pytest.FixtureRequest) -> Iterator[dict[str, object]]:
         venv_bin = str(Path(sys.executable).parent)
         env = {**os.environ, "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}"}
         started = time.monotonic()
+        timed_out = None
         try:
             proc = subprocess.run(vng_cmd, env=env, text=True, capture_output=True,
                                   timeout=L1_TIMEOUT, stdin=subprocess.DEVNULL)
@@ -144,13 +150,15 @@ def nested(request: pytest.FixtureRequest) -> Iterator[dict[str, object]]:
         except subprocess.TimeoutExpired as exc:
             # vng is gone; its QEMU (L1) is not: it runs the command line naming `top`
             kill_pids(qemu_pids(str(top)))
-            output = (f"L1 timed out after {L1_TIMEOUT:g} s (KATA_VFIO_NESTED_HOST_TIMEOUT)\n"
-                      + str(exc.stdout or "") + "\n--- stderr ---\n" + str(exc.stderr or "")
-                      + "\n" + _consoles(top))
+            timed_out = f"L1 timed out after {L1_TIMEOUT:g} s (KATA_VFIO_NESTED_HOST_TIMEOUT)"
+            output = (_text(exc.stdout) + "\n--- stderr ---\n" + _text(exc.stderr) + "\n"
+                      + _consoles(top) + "\n" + timed_out)
         took = time.monotonic() - started
         (top / "l1.out").write_text(output)
         path = top / "result.json"
         result: dict[str, object] = json.loads(path.read_text()) if path.exists() else {}
+        if timed_out:
+            result["l1_timeout"] = timed_out
         result["l1_seconds"] = round(took, 1)
         result["host_steps"] = timings
         result["l1_output_tail"] = output[-4000:]
@@ -171,8 +179,10 @@ def _lines(run: dict[str, object]) -> list[str]:
 def test_real_vfio_group_reaches_the_container_through_kata_vfio(
         nested: dict[str, object]) -> None:
     info = json.dumps({k: v for k, v in nested.items() if k != "l1_output_tail"},
-                      indent=1)[-9000:] + "\n" + str(nested.get("l1_output_tail", ""))
-    assert "error" not in nested, info
+                      indent=1)[-9000:] + "\n--- L1 output (tail) ---\n" + \
+        str(nested.get("l1_output_tail", "")) + "\n" + str(nested.get("l1_timeout", ""))
+    # L1 ran to its end (else: how far it came, with L1's output and L2's console tails)
+    assert "l1_timeout" not in nested and "error" not in nested, info
     l1 = nested.get("l1")
     assert isinstance(l1, dict), info
     assert l1.get("driver") == L1_DRIVER and l1.get("kvm"), info  # L2 runs on L1's KVM
