@@ -28,9 +28,9 @@ tests/nested/l2_container.py plays the agent's part in L2 (guest hooks, runc).
 Fails (never skips) when something is missing: root, podman, virtme-ng, gcc, the kernel,
 `make initrd`'s image. Measured on 2 cores: 148-156 s with the machine otherwise quiet (L1
 boot ~22 s; per cycle L2 takes 20-27 s from QEMU's start to its init, ~9 s of which before
-L2's kernel runs, and the container's output ~7 s later); 379 s for a first version (512 MB
-L2, polling `podman logs`) while another engineer's TCG guests ran; with two CPU hogs beside
-it 3-4.5x slower, over the bound. kata-vfio-ctl bind and an auto-binding create spend most
+L2's kernel runs, and the container's output ~7 s later); 348 s while another engineer's
+TCG guests ran (L2 to its init 45-48 s); with two CPU hogs beside it 3-4.5x slower, over the
+bound. kata-vfio-ctl bind and an auto-binding create spend most
 of their time in L1 importing pyroute2 (its package __init__ imports ndb, ipdb, conntrack,
 ...): 7.4 s of `bind`'s 10.7 s, measured in L1. KATA_VFIO_NESTED_HOST_TIMEOUT bounds L1
 (480 s);
