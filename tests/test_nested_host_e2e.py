@@ -54,8 +54,8 @@ import vmtools
 from kata import rootfs
 from kata.env import REPO, Unavailable, guest_kver
 from kata.harness import kill_pids, qemu_pids, run_directory
+from nested.images import extract_vmlinux, uncompressed_initrd, vfio_viable
 from nested.launcher import L2_PROGRAM
-from test_kata_nested_e2e import extract_vmlinux, uncompressed_initrd, vfio_viable
 
 L1_DEVICE = "0000:00:10.0"  # virtme-ng takes slot 5; ours from 0x10 up (LAB.md section 3)
 L1_DRIVER = "e1000e"

@@ -30,14 +30,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # tests/: `kata` package
 
 from kata import harness, rootfs  # noqa: E402
+from nested.inside import NODES_SCRIPT, cgroup_v1, driver_of  # noqa: E402
 
 BUSYBOX = "localhost/kata-vfio-kata-busybox"
-NODES_SCRIPT = """
-ls /dev/vfio | sort | tr '\\n' ' '; echo
-for d in /sys/bus/pci/drivers/vfio-pci/0000:*; do echo "vfio-pci ${d##*/}"; done
-for n in /dev/vfio/*; do if exec 3<>"$n"; then echo "opened $n"; exec 3>&-; fi; done
-vfio-viable
-"""
 # Kata 1.x settings for the nested set-up (configuration only; see the test's docstring):
 # L1's QEMU pins all of L2's RAM for VFIO, so L2 stays small
 L2_MEMORY_MB = 512
@@ -149,30 +144,6 @@ def write_l2_launcher(path: Path, console_dir: Path) -> Path:
                                        wait=BOOT_WAIT))
     path.chmod(0o755)
     return path
-
-
-CGROUP_V1 = ("cpu", "cpuacct", "cpuset", "memory", "devices", "freezer", "blkio", "pids")
-
-
-def cgroup_v1() -> None:
-    """Kata 1.x places each sandbox in cgroup v1 hierarchies ("Could not create cgroup for
-    /libpod_parent/kata_...: cgroups: cgroup mountpoint does not exist" on cgroup2); virtme-ng
-    mounts cgroup2 on /sys/fs/cgroup with no child groups, so the controllers are free to
-    move: L1 gets this host's layout (tmpfs, one v1 hierarchy per controller)."""
-    root = Path("/sys/fs/cgroup")
-    if (root / "devices").is_dir():
-        return
-    subprocess.run(["umount", str(root)], check=False)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=755", "cgroup", str(root)], check=True)
-    for name, opts in [*((c, c) for c in CGROUP_V1), ("systemd", "none,name=systemd")]:
-        (root / name).mkdir()
-        subprocess.run(["mount", "-t", "cgroup", "-o", opts, "cgroup", str(root / name)],
-                       check=True)
-
-
-def driver_of(addr: str) -> str | None:
-    link = Path("/sys/bus/pci/devices") / addr / "driver"
-    return os.path.basename(os.readlink(link)) if link.is_symlink() else None
 
 
 def autobind_cycle(podman: list[str], penv: dict[str, str], config: Path, addr: str,

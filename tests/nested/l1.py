@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # tests/: the `kata` and `nested` packages
 
 from kata import harness, rootfs  # noqa: E402
-from kata.nested_l1 import NODES_SCRIPT, cgroup_v1, driver_of  # noqa: E402
+from nested.inside import NODES_SCRIPT, cgroup_v1, driver_of  # noqa: E402
 
 IMAGE = "localhost/kata-vfio-nested-busybox"
 L2_MEMORY_MB = 256  # L1's QEMU pins (and maps through L1's vIOMMU) all of L2's RAM for VFIO
