@@ -21,7 +21,7 @@ from kata_vfio.defaults import (
     HOTPLUG_TIMEOUT_MAX,
 )
 from kata_vfio.errors import ConfigError
-from kata_vfio_host.cache import config_path, read_cache, write_cache
+from kata_vfio_host.cache import config_path, read_cache, read_config, write_cache
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: every create loads the settings
 if TYPE_CHECKING:
@@ -132,8 +132,7 @@ def load_settings(path: str | None = None) -> Settings:
     if cached is not None:
         return cached
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        raw = read_config(path)
     except FileNotFoundError:
         if path == DEFAULT_CONFIG:
             return Settings()
@@ -175,7 +174,7 @@ def load_settings(path: str | None = None) -> Settings:
     )
     from kata_vfio.jsoncodec import dumps
 
-    write_cache(path, settings.runtime, settings.state_dir, settings.shim,
+    write_cache(path, raw, settings.runtime, settings.state_dir, settings.shim,
                 dumps(settings.as_dict()))
     return settings
 
