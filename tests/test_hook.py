@@ -607,6 +607,34 @@ def test_a_damaged_claims_file_fails_closed(guest: Guest, damage: bytes) -> None
     assert not (guest.bundle / "rootfs/dev/vfio/3").exists()
 
 
+def test_a_held_claims_lock_is_waited_for_within_the_deadline(
+        guest: Guest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another hook stuck holding the claims lock: this one gives up before its deadline,
+    with one line saying what it waited for, and binds nothing."""
+    import fcntl
+    import time
+
+    import kata_vfio_hook.give
+
+    monkeypatch.setattr(kata_vfio_hook.give, "HOOK_DEADLINE", 2.5)  # GROUP_WAIT 1.5 + 1 s
+    guest.roots.claims.mkdir(parents=True, exist_ok=True)
+    lock = guest.roots.claims / ".lock"
+    holder = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    guest.start_process(100)
+    started = time.monotonic()
+    try:
+        with pytest.raises(KataVfioError, match=f"for the claims lock {lock}, which another "
+                                                "hook holds") as err:
+            guest.run(manifest((7, [mdev("0000:81:00.0")])), "a", 100)
+    finally:
+        os.close(holder)
+    took = time.monotonic() - started
+    assert 0.8 < took < 2.5, took  # waited, and ended before the deadline
+    assert str(err.value).startswith("waited "), err.value
+    assert guest.kernel.writes == []
+
+
 def test_a_restarted_container_gets_its_own_device_back(guest: Guest) -> None:
     one_nic = manifest((7, [mdev("0000:81:00.0")]))
     guest.start_process(100)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 
 from kata_vfio.errors import HookError
 from kata_vfio.files import write_atomically
@@ -91,12 +92,36 @@ def _parse(data: bytes, path: str) -> dict[str, Claim]:
     return claims
 
 
+LOCK_POLL = 0.01  # seconds between tries for a lock another hook holds
+
+
 class ledger:  # a class, not contextlib (the hook's start-up): `with ledger(root) as c`
     """The claims (guest address -> Claim), held under the ledger's lock; changes made to
-    the dict are written back atomically when the block ends without an exception."""
+    the dict are written back atomically when the block ends without an exception.
 
-    def __init__(self, root: StrPath) -> None:
+    The lock is waited for until `until` (time.monotonic()), never longer: another hook
+    holds it for one look at sysfs and one small write, so a lock still held at the hook's
+    deadline means a stuck holder, and the hook must still end before the agent kills it."""
+
+    def __init__(self, root: StrPath, until: float) -> None:
         self._root = os.fspath(root)
+        self._until = until
+
+    def _lock(self) -> None:
+        started = time.monotonic()
+        while True:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                now = time.monotonic()
+                if now >= self._until:
+                    path = os.path.join(self._root, LOCK)
+                    raise HookError(
+                        f"waited {now - started:.1f} s for the claims lock {path}, which "
+                        "another hook holds: no device is given",
+                        "a hook stuck in this guest holds it; restart the pod") from None
+                time.sleep(min(LOCK_POLL, self._until - now))
 
     def __enter__(self) -> dict[str, Claim]:
         os.makedirs(self._root, mode=0o700, exist_ok=True)
@@ -104,7 +129,7 @@ class ledger:  # a class, not contextlib (the hook's start-up): `with ledger(roo
                            os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             # held for one look at sysfs and one small write; the kernel drops it if we die
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            self._lock()
             path = os.path.join(self._root, LEDGER)
             try:
                 with open(path, "rb") as f:
@@ -142,8 +167,8 @@ def sort_out(claims: dict[str, Claim], container_id: str, proc: StrPath
     return mine, theirs
 
 
-def release(root: StrPath, container_id: str) -> None:
+def release(root: StrPath, container_id: str, until: float) -> None:
     """Drop every claim of the container (its hook failed: it holds nothing)."""
-    with ledger(root) as claims:
+    with ledger(root, until) as claims:
         for addr in [a for a, c in claims.items() if c.container_id == container_id]:
             del claims[addr]

@@ -77,7 +77,7 @@ class _Look:
 
 
 def locate(manifest: Manifest, state: State, roots: GuestRoots, wakeups: Wakeups,
-           timeout: float) -> list[PciDevice]:
+           timeout: float, lock_until: float) -> list[PciDevice]:
     """The guest device for each manifest device, waiting (bounded) for late hot-plugs,
     and claimed for the container in the ledger before this returns.
 
@@ -97,7 +97,7 @@ def locate(manifest: Manifest, state: State, roots: GuestRoots, wakeups: Wakeups
         # afresh each look: a late hot-plug brings its interfaces and block devices
         deps = VmDependencies(roots.sysfs, roots.proc, roots.ipv4_address)
         look.refused, look.held = [], []
-        with ledger(roots.claims) as claims:
+        with ledger(roots.claims, lock_until) as claims:
             mine, theirs = sort_out(claims, state.id, roots.proc)
             free = []
             for dev in guest:
@@ -256,7 +256,8 @@ def give_devices(state: State, manifest: Manifest, spec: dict[str, Any], roots: 
     out = Outcome(log)
     with out.phase("locate", "locating devices"):
         wait = min(manifest.hotplug_timeout, deadline.left() - GROUP_WAIT)
-        devices = locate(manifest, state, roots, wakeups, max(wait, 0.0))
+        devices = locate(manifest, state, roots, wakeups, max(wait, 0.0),
+                         deadline.at - GROUP_WAIT)
     for want, dev in zip(manifest.devices, devices, strict=True):
         out.mapping[str(want.host_address)] = str(dev.address)
         log.info("found", host_address=str(want.host_address), guest_address=str(dev.address),
@@ -274,7 +275,7 @@ def give_devices(state: State, manifest: Manifest, spec: dict[str, Any], roots: 
     except BaseException:
         give_back_all(roots, moved, log)
         try:
-            release(roots.claims, state.id)
+            release(roots.claims, state.id, deadline.at)
         except (OSError, KataVfioError) as exc:  # a damaged file: the first error stands
             log.error("cannot drop the claims", error=str(exc))
         raise
