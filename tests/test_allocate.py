@@ -106,6 +106,42 @@ def test_three_creates_over_four_vfs(sriov_host: Host, tmp_path: Path,
     assert all(fakesys.driver(f"0000:00:04.{i}") is None for i in range(1, 5))
 
 
+def test_select_adds_devices_beyond_the_named_ones(sriov_host: Host, tmp_path: Path,
+                                                  fakesys: FakeSysfs) -> None:
+    """io.kata-vfio.devices and io.kata-vfio.select together: the selection picks among
+    the devices not already named (two devices, not the named one twice)."""
+    allow = ("1b36:0010",)
+    b = make_bundle(tmp_path, "both", "1b36:0010*1")
+    spec = json.loads((b / "config.json").read_text())
+    spec["annotations"]["io.kata-vfio.devices"] = "0000:00:04.1"
+    (b / "config.json").write_text(json.dumps(spec))
+    settings = Settings(sysfs=str(sriov_host.sysfs), state_dir=str(sriov_host.state_dir),
+                        autobind_allow=allow)
+    prepare_bundle("both", b, settings, sriov_host, NoLog())
+    annotations = json.loads((b / "config.json").read_text())["annotations"]
+    assert annotations[ALLOCATED_ANNOTATION] == "0000:00:04.2"
+    manifest = json.loads(annotations["io.kata-vfio.manifest"])
+    assert sorted(d["host_address"] for g in manifest["groups"] for d in g["devices"]) == \
+        ["0000:00:04.1", "0000:00:04.2"]
+    claimed = {g for g, c in read_journal_file(sriov_host).claims.items()
+               if c.container == "both"}
+    assert claimed == {10, 11}
+
+
+def test_select_that_only_the_named_device_would_satisfy_is_refused(
+        sriov_host: Host, tmp_path: Path) -> None:
+    b = make_bundle(tmp_path, "one", "1b36:0010*4")
+    spec = json.loads((b / "config.json").read_text())
+    spec["annotations"]["io.kata-vfio.devices"] = "0000:00:04.1"
+    (b / "config.json").write_text(json.dumps(spec))
+    settings = Settings(sysfs=str(sriov_host.sysfs), state_dir=str(sriov_host.state_dir),
+                        autobind_allow=("1b36:0010",))
+    with pytest.raises(DeviceError, match=r"3 of 4 free.*0000:00:04\.1 named by the "
+                                          "container already"):
+        prepare_bundle("one", b, settings, sriov_host, NoLog())
+    assert read_journal_file(sriov_host).claims == {}
+
+
 def test_not_allowed_devices_are_not_free(sriov_host: Host, tmp_path: Path) -> None:
     with pytest.raises(DeviceError, match=r"0000:00:05.0 is in IOMMU group 5 with 0000:00:05.0 "
                                           r"on e1000e, not in the auto-bind allow-list"):

@@ -164,9 +164,11 @@ class Pool:
 
 
 def choose(host: Host, requests: list[SelectRequest], allow: tuple[str, ...],
-           container: ContainerId) -> list[PciAddress]:
+           container: ContainerId, named: frozenset[int] = frozenset()) -> list[PciAddress]:
     """The devices to give the container, or a DeviceError saying what is missing.
-    Call under the allocation lock."""
+    `named`: the IOMMU groups the container already asks for by address or node: a
+    selection adds devices beyond them, never one of them again. Call under the
+    allocation lock."""
     pool = Pool(host, allow, container)
     taken_groups: set[int] = set()
     chosen: list[PciAddress] = []
@@ -178,6 +180,9 @@ def choose(host: Host, requests: list[SelectRequest], allow: tuple[str, ...],
             if got == request.wanted:
                 break
             assert dev.iommu_group is not None
+            if dev.iommu_group.number in named:
+                refused.append(f"{dev.address} named by the container already")
+                continue
             if dev.iommu_group.number in taken_groups:
                 refused.append(f"{dev.address} taken by this request already")
                 continue

@@ -12,7 +12,7 @@ from kata_vfio.boundary import step
 from kata_vfio.defaults import SELECT_ANNOTATION, VF_CONFIG_ANNOTATION
 from kata_vfio.errors import DeviceError
 from kata_vfio.jsonlog import wrapper_log
-from kata_vfio.pci import PciAddress
+from kata_vfio.pci import PciAddress, group_of
 from kata_vfio_host.bindings import acquire, apply_vf_config, release_container
 from kata_vfio_host.ledger import ContainerId, Host
 from kata_vfio_host.settings import Settings
@@ -76,8 +76,11 @@ def prepare_bundle(container_id: str | None, bundle: StrPath, settings: Settings
                     from kata_vfio_host.allocate import allocation_lock, choose, parse_select
 
                     requests = parse_select(str(select))
+                    named = frozenset({g.number for g in groups} |
+                                      {group_of(host.sysfs, a).number for a in addresses})
                     with allocation_lock(host):
-                        chosen = choose(host, requests, settings.autobind_allow, acquired)
+                        chosen = choose(host, requests, settings.autobind_allow, acquired,
+                                        named)
                         bound = acquire(host, acquired, groups, addresses + chosen,
                                         settings.autobind_allow, str(bundle), in_use=in_use)
                     log.info("allocated", select=select, devices=[str(a) for a in chosen])
