@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from kata_vfio.errors import DeviceError
 from kata_vfio.jsonlog import JsonLog
 from kata_vfio.manifest import DEVICES_ANNOTATION
 from kata_vfio_ctl.main import main as ctl
@@ -88,3 +89,41 @@ def test_restore_all_gives_back_a_gone_containers_device(live: tuple[FakeSysfs, 
     assert f"{NVME_ADDR}: given back" in capsys.readouterr().out
     assert fs.driver(NVME_ADDR) == "nvme"
     assert read_journal_file(host).claims == {}
+
+
+PF, VF = "0000:06:00.0", "0000:06:10.0"  # vfio_host: an igb PF and its VF (group 21)
+
+
+def vf_owner(fs: FakeSysfs, host: Host, tmp_path: Path) -> None:
+    """Container v1 runs with the PF's VF."""
+    bundle = tmp_path / "bundles/v1"
+    bundle.mkdir(parents=True)
+    (bundle / "config.json").write_text(json.dumps(
+        {"ociVersion": "1.0.2", "process": {"args": ["true"]}, "root": {"path": "rootfs"},
+         "annotations": {DEVICES_ANNOTATION: VF}}))
+    prepare_bundle("v1", str(bundle), Settings(sysfs=str(fs.root),
+                                               state_dir=str(host.state_dir)),
+                   host, JsonLog(None))
+
+
+def test_a_pf_is_not_taken_while_a_container_holds_its_vf(
+        live: tuple[FakeSysfs, Host, Path], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    fs, host, _ = live
+    vf_owner(fs, host, tmp_path)
+    assert ctl(["bind", "--timeout", "0", "--force", PF]) == 1
+    err = capsys.readouterr().err
+    assert f"{PF} is the PF of {VF}, which container v1 holds" in err, err
+    assert fs.driver(PF) == "igb"
+    # nor by a container whose allow-list covers the PF
+    bundle = tmp_path / "bundles/p1"
+    bundle.mkdir(parents=True)
+    (bundle / "config.json").write_text(json.dumps(
+        {"ociVersion": "1.0.2", "process": {"args": ["true"]}, "root": {"path": "rootfs"},
+         "annotations": {DEVICES_ANNOTATION: PF}}))
+    settings = Settings(sysfs=str(fs.root), state_dir=str(host.state_dir),
+                        autobind_allow=(PF,))
+    with pytest.raises(DeviceError, match=f"{PF} is the PF of {VF}, which container v1"):
+        prepare_bundle("p1", str(bundle), settings, host, JsonLog(None))
+    assert fs.driver(PF) == "igb"
+    assert "p1" not in {c.container for c in read_journal_file(host).claims.values()}

@@ -18,11 +18,13 @@ from kata_vfio.pci import (
     IommuGroup,
     PciAddress,
     PciDevice,
+    device_dir,
     group_members,
     group_of,
     is_vfio_driver,
     read_bind_state,
     read_device,
+    read_link,
     vfio_group_class_dir,
 )
 from kata_vfio.rebind import give_back, load_vfio_pci, move_to
@@ -120,6 +122,22 @@ def bind_pool_size(count: int) -> int:
     return max(1, min(count, max(2, os.cpu_count() or 1), 8))
 
 
+def _vf_groups(host: Host, pf: PciAddress) -> list[tuple[str, int]]:
+    """(VF address, its IOMMU group) for each VF of `pf` (none for a device without)."""
+    base = device_dir(host.sysfs, pf)
+    try:
+        names = [n for n in os.listdir(base) if n.startswith("virtfn") and n[6:].isdigit()]
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        vf = read_link(os.path.join(base, name))
+        group = read_link(os.path.join(base, name, "iommu_group")) if vf else None
+        if vf and group and group.isdigit():
+            found.append((vf, int(group)))
+    return sorted(found)
+
+
 def _bind_locked(host: Host, plans: list[GroupPlan], owner: str, *, force: bool,
                  in_use: InUse | None, refuse_claimed: bool = False) -> list[PciAddress]:
     """Bind the groups' endpoints (caller holds the group locks); returns what moved.
@@ -138,6 +156,14 @@ def _bind_locked(host: Host, plans: list[GroupPlan], owner: str, *, force: bool,
                                   "stop using it first, or pass --force")
     now = time.time()
     with editing(host) as journal:
+        for dev in to_move:  # a PF leaving its driver takes its VFs with it
+            for vf, vf_group in _vf_groups(host, dev.address):
+                held = journal.claims.get(vf_group)
+                if held is not None and held.owner != owner and not claim_gone(host, held):
+                    raise DeviceError(
+                        f"PCI device {dev.address} is the PF of {vf}, which {held.owner} "
+                        "holds: taking the PF from its driver would take the VF from that "
+                        "container", "delete that container first")
         for group, members in plans:
             claim = journal.claims.get(group.number) if refuse_claimed else None
             if claim is not None and not claim_gone(host, claim):
