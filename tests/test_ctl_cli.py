@@ -280,6 +280,39 @@ def test_a_disk_below_a_virtio_function_is_in_use(vfio_host: FakeSysfs, tmp_path
         "block device /dev/vdz1 is mounted on /srv"]
 
 
+@pytest.mark.parametrize(("mounts", "swaps", "holder", "reason"), [
+    ("", "/dev/vdz2 partition 1048572 0 -2\n", None, "block device /dev/vdz2 is active swap"),
+    ("/dev/dm-0 / ext4 rw 0 0\n", "", "vdz1",
+     "block device /dev/vdz1 is under dm-0, which is mounted on /"),
+    ("", "/dev/dm-0 partition 1 0 -2\n", "vdz", "block device /dev/vdz is under dm-0, which "
+                                                 "is active swap"),
+    ("", "", "vdz1", "block device /dev/vdz1 is held by dm-0 (device-mapper or md)"),
+])
+def test_a_disk_the_host_stands_on_is_in_use(vfio_host: FakeSysfs, tmp_path: Path,
+                                             mounts: str, swaps: str, holder: str | None,
+                                             reason: str) -> None:
+    """Beyond a mounted partition: active swap, and a device-mapper/md device (LVM,
+    dm-crypt, RAID) stacked on the disk or a partition, mounted, swap or merely there."""
+    from kata_vfio_host.usage import uses
+
+    vfio_host.add_device("0000:00:05.0", (0x1AF4, 0x1042, 0x010000), group=31,
+                         driver="virtio-pci")
+    vfio_host.add_child_block("0000:00:05.0", "vdz", ("vdz1", "vdz2"))
+    dm = vfio_host.root / "devices/virtual/block/dm-0"
+    dm.mkdir(parents=True)
+    os.symlink("../../devices/virtual/block/dm-0", vfio_host.root / "class/block/dm-0")
+    if holder is not None:
+        holders = vfio_host.root / "class/block" / holder / "holders"
+        holders.mkdir()
+        os.symlink("../../../../../../../virtual/block/dm-0", holders / "dm-0")
+    proc = tmp_path / "proc"
+    (proc / "self").mkdir(parents=True)
+    (proc / "self/mounts").write_text(mounts)
+    (proc / "swaps").write_text("Filename Type Size Used Priority\n" + swaps)
+    got = uses(vfio_host.root, proc, PciAddress.parse("0000:00:05.0"))
+    assert got == [reason], got
+
+
 def default_route_function() -> tuple[str, str] | None:
     """(interface, PCI function) of this machine's default route, if a PCI device has it."""
     try:

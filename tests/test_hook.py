@@ -350,7 +350,7 @@ def test_device_with_a_mounted_block_device_is_refused(guest: Guest) -> None:
         "rootfs / rootfs rw 0 0\n/dev/nvme0n1p1 /run/data ext4 rw 0 0\n")
     with pytest.raises(HookError, match=r"refusing guest device 0000:00:05\.0 \[1b36:0010 "
                                         r"class 010802\]: the VM depends on it \(block device "
-                                        r"nvme0n1p1 is mounted\)"):
+                                        r"nvme0n1p1 is mounted on /run/data\)"):
         guest.run(manifest((9, [mdev("0000:82:00.0", NVME)]), timeout=0.1))
     assert guest.fs.driver("0000:00:05.0") == "nvme" and guest.kernel.writes == []
 

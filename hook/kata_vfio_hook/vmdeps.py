@@ -22,6 +22,7 @@ import fcntl
 import os
 import struct
 
+from kata_vfio.blockuse import BlockUsers
 from kata_vfio.pci import (
     ClassIndex,
     PciDevice,
@@ -62,13 +63,6 @@ def ipv4_address(ifname: str) -> str | None:
     return _socket.inet_ntoa(ifreq[20:24])
 
 
-def _unescape(field: str) -> str:
-    """The kernel writes blanks in /proc/mounts fields as octal escapes (\\040)."""
-    if "\\" not in field:
-        return field
-    return field.encode().decode("unicode_escape")
-
-
 class VmDependencies:
     """Answers "does the VM depend on this guest device?"; reads the tables it needs once."""
 
@@ -76,7 +70,7 @@ class VmDependencies:
         self._sysfs = sysfs
         self._proc = proc
         self._ipv4 = ipv4 or ipv4_address
-        self._in_use: set[str] | None = None
+        self._blocks = BlockUsers(sysfs, proc)
         self._inet6: dict[str, str] | None = None
         self._classes = ClassIndex(sysfs)  # /sys/class/{net,block} resolved once per run
 
@@ -98,43 +92,7 @@ class VmDependencies:
 
     # -- block devices ------------------------------------------------------------------
     def _block_user(self, name: str) -> str | None:
-        used = self._used_block_devices()
-        for dev in [name, *self._holders(name)]:
-            if dev in used:
-                return "mounted" if dev == name else f"under {dev}, which is mounted"
-        return None
-
-    def _holders(self, name: str, depth: int = 0) -> list[str]:
-        """dm/md devices stacked on `name` (``class/block/<name>/holders``), transitively."""
-        try:
-            direct = os.listdir(os.path.join(self._sysfs, "class/block", name, "holders"))
-        except OSError:
-            return []
-        found = list(direct)
-        if depth < 8:
-            for holder in direct:
-                found += self._holders(holder, depth + 1)
-        return found
-
-    def _used_block_devices(self) -> set[str]:
-        """Kernel names (sda1, dm-0) of mounted and swap block devices."""
-        if self._in_use is None:
-            used: set[str] = set()
-            for table, column in (("self/mounts", 0), ("swaps", 0)):
-                try:
-                    with open(os.path.join(self._proc, table), encoding="utf-8",
-                              errors="replace") as f:
-                        lines = f.read().splitlines()
-                except OSError:
-                    continue
-                for line in lines:
-                    fields = line.split()
-                    if len(fields) > column and fields[column].startswith("/dev/"):
-                        # /dev/mapper/x and /dev/disk/by-*/ are links to the kernel name
-                        path = os.path.realpath(_unescape(fields[column]))
-                        used.add(os.path.basename(path))
-            self._in_use = used
-        return self._in_use
+        return self._blocks.user(name)
 
     # -- interfaces ---------------------------------------------------------------------
     def _address_if_up(self, ifname: str) -> str | None:

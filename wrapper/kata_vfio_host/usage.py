@@ -1,4 +1,5 @@
-"""Is a host device in use? Network (pyroute2), block devices, open VFIO groups (psutil).
+"""Is a host device in use? Network (pyroute2), block devices (mounted, swap, under dm/md:
+kata_vfio.blockuse), open VFIO groups (psutil).
 
 Interfaces and disks count wherever they sit below the PCI function: virtio puts them
 one device further down (``<function>/virtio2/net/eth0``, ``…/virtio3/block/vda``).
@@ -48,19 +49,18 @@ def network_uses(ifname: str) -> list[str]:
         return reasons
 
 
-def mounted_block_uses(sysfs: StrPath, proc: Path, addr: PciAddress) -> list[str]:
-    names = block_devices_below(sysfs, addr)
-    if not names:
-        return []
-    try:
-        mounts = (proc / "self/mounts").read_text().splitlines()
-    except OSError:
-        return []
+def block_uses(sysfs: StrPath, proc: Path, addr: PciAddress) -> list[str]:
+    """The disks and partitions below the function that are mounted, active swap, or
+    held by a device-mapper/md device (LVM, dm-crypt, RAID: SPDK's setup.sh refuses
+    those too), each one phrase."""
+    from kata_vfio.blockuse import BlockUsers
+
+    users = BlockUsers(sysfs, proc)
     reasons = []
-    for line in mounts:
-        source, target = line.split()[:2]
-        if source.startswith("/dev/") and source[5:] in names:
-            reasons.append(f"block device {source} is mounted on {target}")
+    for name in block_devices_below(sysfs, addr):
+        user = users.user(name, any_holder=True)
+        if user is not None:
+            reasons.append(f"block device /dev/{name} is {user}")
     return reasons
 
 
@@ -102,7 +102,7 @@ def use_checker(sysfs: StrPath, proc: Path) -> Callable[[PciAddress], list[str]]
         # anywhere below the function: a virtio NIC's interface is <function>/virtio2/net/eth0
         for ifname in interfaces_below(sysfs, addr):
             reasons += network_uses(ifname)
-        reasons += mounted_block_uses(sysfs, proc, addr)
+        reasons += block_uses(sysfs, proc, addr)
         if dev.iommu_group is not None:
             if holders is None:
                 holders = vfio_holders_by_group(proc)
