@@ -8,6 +8,8 @@ the ledger and the JSON-lines event log.
 
 from __future__ import annotations
 
+import os
+
 from kata_vfio.boundary import step
 from kata_vfio.defaults import SELECT_ANNOTATION, VF_CONFIG_ANNOTATION
 from kata_vfio.errors import DeviceError
@@ -19,9 +21,11 @@ from kata_vfio_host.settings import Settings
 from kata_vfio_runtime.spec_edit import (
     EditResult,
     edit_bundle,
+    is_sandbox,
     load_spec,
     requested_addresses,
     requested_groups,
+    sandbox_spec,
 )
 
 # Every VFIO container's create runs this: no typing, no pathlib.
@@ -47,6 +51,9 @@ def prepare_bundle(container_id: str | None, bundle: StrPath, settings: Settings
         groups = list(requested_groups(spec))
         addresses = requested_addresses(spec)
         select = (spec.get("annotations") or {}).get(SELECT_ANNOTATION)
+        if is_sandbox(spec):
+            return _edit_sandbox(bundle, spec, settings, bool(groups or addresses or
+                                                              select is not None), log)
         chosen: list[PciAddress] = []
         macs: dict[PciAddress, str] = {}
         if (spec.get("annotations") or {}).get(VF_CONFIG_ANNOTATION) is not None \
@@ -116,6 +123,26 @@ def prepare_bundle(container_id: str | None, bundle: StrPath, settings: Settings
         log.warning("removed manifest/guest-hook annotations the container brought itself",
                     bundle=str(bundle))
     return result
+
+
+def _edit_sandbox(bundle: StrPath, spec: dict[str, Any], settings: Settings, asks: bool,
+                  log: Any) -> EditResult:
+    """A CRI pod sandbox: nothing claimed, no manifest, no nodes (see sandbox_spec)."""
+    import time
+
+    from kata_vfio.files import write_atomically
+    from kata_vfio.jsoncodec import dumps
+
+    started = time.perf_counter()
+    new = sandbox_spec(spec, settings, asks)
+    if new != spec:
+        with step(f"editing {bundle}/config.json"):
+            write_atomically(os.path.join(bundle, "config.json"), dumps(new).encode(),
+                             durable=False)
+    if asks:
+        log.info("pod sandbox: its containers get the devices they ask for",
+                 bundle=str(bundle))
+    return EditResult(None, new != spec, time.perf_counter() - started)
 
 
 def release_after_delete(container_id: str, settings: Settings, host: Host) -> list[str]:

@@ -318,6 +318,30 @@ def raise_memlock(process: dict[str, Any], limit: int) -> None:
     rlimits.append({"type": "RLIMIT_MEMLOCK", "hard": limit, "soft": limit})
 
 
+# On CRI engines a pod's annotations reach the pod sandbox's spec as well as each of its
+# containers' specs; these say which one a spec is (Kata's shim tells them apart the same way)
+CONTAINER_TYPE_ANNOTATIONS = ("io.kubernetes.cri.container-type",   # containerd
+                              "io.kubernetes.cri-o.ContainerType")  # CRI-O
+SANDBOX = "sandbox"
+
+
+def is_sandbox(spec: dict[str, Any]) -> bool:
+    annotations = spec.get("annotations")
+    return isinstance(annotations, dict) and any(
+        annotations.get(key) == SANDBOX for key in CONTAINER_TYPE_ANNOTATIONS)
+
+
+def sandbox_spec(spec: dict[str, Any], settings: Settings, asks: bool) -> dict[str, Any]:
+    """A pod sandbox never gets devices: they go to the container that asked. When the pod
+    asks for some, the sandbox gets only how Kata must start the VM (the configuration
+    file, or Kata 1.x's guest hook path): Kata reads those when it creates the sandbox."""
+    new = strip_own_annotations(spec)
+    if asks:
+        new = dict(new)
+        new["annotations"] = {**(new.get("annotations") or {}), **kata_annotations(settings)}
+    return new
+
+
 def strip_own_annotations(spec: dict[str, Any]) -> dict[str, Any]:
     """The spec without manifest or guest-hook annotations the wrapper did not write:
     a container that asks for no VFIO device gets none of them."""
