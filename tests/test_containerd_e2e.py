@@ -171,21 +171,26 @@ def test_a_group_in_use_is_refused_until_its_owner_is_deleted(containerd: Contai
 
 
 def test_pod_style_group_of_two_containers(containerd: Containerd) -> None:
-    """Two containers served by one shim (a CRI sandbox), each with its own device."""
-    start_detached(containerd, "pod1", "0000:03:00.0",
+    """A CRI pod through one shim: the pod's annotation asking for a device reaches the
+    sandbox's spec and the app container's (containerd's pod_annotations); the sandbox
+    claims nothing and gets no node, the app container gets the device."""
+    pod_ask = "0000:03:00.0"
+    start_detached(containerd, "pod1", pod_ask,
                    ("--annotation", "io.kubernetes.cri.container-type=sandbox",
                     "--annotation", "io.kubernetes.cri.sandbox-id=pod1"))
     try:
-        start_detached(containerd, "pod1-app", "0000:04:00.0",
+        assert containerd.claims() == {}
+        none = containerd.ctr("tasks", "exec", "--exec-id", "x0", "pod1", "/bin/ls", "/dev")
+        assert none.returncode == 0 and "vfio" not in none.stdout.split(), none.stdout
+        start_detached(containerd, "pod1-app", pod_ask,
                        ("--annotation", "io.kubernetes.cri.container-type=container",
                         "--annotation", "io.kubernetes.cri.sandbox-id=pod1"))
         try:
             claims = containerd.claims()
-            assert claims["12"]["container"] == "pod1"
-            assert claims["13"]["container"] == "pod1-app"
+            assert {g: c["container"] for g, c in claims.items()} == {"12": "pod1-app"}
             seen = containerd.ctr("tasks", "exec", "--exec-id", "x1", "pod1-app", "/bin/stat", "-c",
-                                  "%t:%T %n", "/dev/vfio/13")
-            assert stat_nodes(seen) == {"/dev/vfio/13": "f3:1"}
+                                  "%t:%T %n", "/dev/vfio/12")
+            assert stat_nodes(seen) == {"/dev/vfio/12": "f3:0"}
         finally:
             remove(containerd, "pod1-app")
     finally:

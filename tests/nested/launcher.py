@@ -55,6 +55,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 VERSION = "kata-vfio-test-l2-launcher 1"
 VFIO_PREFIX = "/dev/vfio/"
@@ -328,36 +329,22 @@ def _die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def supervise(cfg: Config, cid: str, sdir: str, devices: list[str]) -> int:
-    """The container process, from `start` on: boots L2, relays, returns the exit code."""
-    fd = os.open(f"{sdir}/start.fifo", os.O_WRONLY)  # blocks until `start` opens it
-    os.write(fd, b"0")
-    os.close(fd)
-    t0 = time.monotonic()
-    base = f"{cfg.console_dir}/{cid}"
-    timing: dict[str, float] = {}
+class _BootTimeout(Exception):
+    """L2 did not reach its init in time; the message is the console's tail."""
 
-    def mark(what: str) -> None:  # seconds since start, in ID.timing.json
-        if what not in timing:
-            timing[what] = round(time.monotonic() - t0, 1)
-            write_atomic(base + ".timing.json", json.dumps(timing))
 
-    initrd = f"{sdir}/initrd.img"
-    shutil.copyfile(cfg.initrd, initrd)
-    with open(initrd, "ab") as out, open(f"{sdir}/container.cpio", "rb") as part:
-        out.write(b"\0" * (-out.tell() % 4))  # each archive 4-byte aligned
-        shutil.copyfileobj(part, out)
-    mark("L2 initrd written")
-    console = base + ".console"
-    argv = qemu_argv(cfg, cid, devices, initrd, console)
-    write_atomic(base + ".argv", "\n".join(argv) + "\n")
-    with open(base + ".qemu.log", "wb") as qlog:
+def _run_l2(cfg: Config, argv: list[str], sdir: str, base: str, console: str,
+            mark: Callable[[str], None]) -> tuple[int | None, subprocess.Popen[bytes]]:
+    """One boot of L2: QEMU started, the console relayed until L2 is off; returns the
+    container's exit code (None if L2 never said it) and the QEMU process."""
+    with open(base + ".qemu.log", "ab") as qlog:
         qemu = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qlog,
                                 stderr=subprocess.STDOUT,
                                 preexec_fn=_die_with_parent)  # noqa: PLW1509 (one thread)
     st = proc_stat(qemu.pid)
     write_atomic(f"{sdir}/qemu.pid", f"{qemu.pid} {st[1] if st else ''}\n")
     mark("QEMU started")
+    started = time.monotonic()
 
     def stop(signum: int, _frame: object) -> None:
         qemu.kill()
@@ -398,13 +385,59 @@ def supervise(cfg: Config, cid: str, sdir: str, devices: list[str]) -> int:
         if ended and not chunk:
             mark("L2 off")
             break
-        if not booted and time.monotonic() - t0 > cfg.boot_timeout:
+        if not booted and time.monotonic() - started > cfg.boot_timeout:
             qemu.kill()
             qemu.wait()
-            raise Failure(f"L2 did not reach its init within {cfg.boot_timeout:g} s; "
-                          f"console tail:\n{tail(console)}")
+            if console_file is not None:
+                console_file.close()
+            raise _BootTimeout(tail(console))
         if not chunk:
             time.sleep(0.1)
+    if console_file is not None:
+        console_file.close()
+    return code, qemu
+
+
+def supervise(cfg: Config, cid: str, sdir: str, devices: list[str]) -> int:
+    """The container process, from `start` on: boots L2, relays, returns the exit code."""
+    fd = os.open(f"{sdir}/start.fifo", os.O_WRONLY)  # blocks until `start` opens it
+    os.write(fd, b"0")
+    os.close(fd)
+    t0 = time.monotonic()
+    base = f"{cfg.console_dir}/{cid}"
+    timing: dict[str, float] = {}
+
+    def mark(what: str) -> None:  # seconds since start, in ID.timing.json
+        if what not in timing:
+            timing[what] = round(time.monotonic() - t0, 1)
+            write_atomic(base + ".timing.json", json.dumps(timing))
+
+    initrd = f"{sdir}/initrd.img"
+    shutil.copyfile(cfg.initrd, initrd)
+    with open(initrd, "ab") as out, open(f"{sdir}/container.cpio", "rb") as part:
+        out.write(b"\0" * (-out.tell() % 4))  # each archive 4-byte aligned
+        shutil.copyfileobj(part, out)
+    mark("L2 initrd written")
+    console = base + ".console"
+    argv = qemu_argv(cfg, cid, devices, initrd, console)
+    write_atomic(base + ".argv", "\n".join(argv) + "\n")
+    # L2 on L1's emulated KVM (SVM under TCG) now and then never reaches its init, with no
+    # console output at all (seen once in ~10 runs, the second L2 of a test). That is the
+    # emulation under the stand-in, not kata-vfio: one more boot of the same VM, said in
+    # the timing record, before giving up.
+    for attempt in (1, 2):
+        try:
+            code, qemu = _run_l2(cfg, argv, sdir, base, console, mark)
+            break
+        except _BootTimeout as exc:
+            mark(f"L2 boot {attempt} did not reach init")
+            if attempt == 2:
+                raise Failure(f"L2 did not reach its init within {cfg.boot_timeout:g} s, "
+                              f"twice; console tail:\n{exc}") from None
+            try:
+                os.replace(console, f"{console}.attempt{attempt}")
+            except FileNotFoundError:
+                pass
     if code is None:
         raise Failure(f"L2 ended without the container's exit status (QEMU exit "
                       f"{qemu.returncode}); QEMU said:\n{tail(base + '.qemu.log')}\n"
