@@ -30,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # tests/: `kata` package
 
 from kata import harness, rootfs  # noqa: E402
-from nested.inside import NODES_SCRIPT, cgroup_v1, driver_of  # noqa: E402
+from nested.inside import NODES_SCRIPT, Results, cgroup_v1, driver_of, run  # noqa: E402
 
 BUSYBOX = "localhost/kata-vfio-kata-busybox"
 # Kata 1.x settings for the nested set-up (configuration only; see the test's docstring):
@@ -47,26 +47,8 @@ L2_KERNEL_PARAMS = "mitigations=off"
 # virtio-serial port (VSERPORT_CHANGE, id channel0, open), at most BOOT_WAIT seconds.
 BOOT_WAIT = 200.0  # podman gives the whole `create` 240 s (libpod ContainerCreateTimeout)
 
-result: dict[str, object] = {"steps": {}}
-top = Path()
-
-
-def report(key: str, value: object) -> None:
-    result[key] = value
-    print("KVFIO " + json.dumps({key: value}), flush=True)
-    (top / "result.json").write_text(json.dumps(result, indent=1) + "\n")
-
-
-def step(name: str, seconds: float) -> None:
-    steps = result["steps"]
-    assert isinstance(steps, dict)
-    steps[name] = round(seconds, 1)
-    report("steps", steps)
-
-
-def run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 300
-        ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, env=env, text=True, capture_output=True, timeout=timeout)
+RESULTS = Results()
+report, step = RESULTS.report, RESULTS.step
 
 
 # L2 runs on KVM *inside* L1: L1 is a TCG guest with `-cpu max`, whose emulated AMD SVM
@@ -181,9 +163,8 @@ def autobind_cycle(podman: list[str], penv: dict[str, str], config: Path, addr: 
 
 
 def main() -> int:
-    global top
     plan = json.loads(Path(sys.argv[1]).read_text())
-    top = Path(plan["top"])
+    top = RESULTS.top = Path(plan["top"])
     started = time.monotonic()
     # L1's QEMU (Kata's L2) pins all of L2's RAM for VFIO: CAP_IPC_LOCK as root, and a
     # memlock limit for everything below us (podman -> kata-runtime -> QEMU)

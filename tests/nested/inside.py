@@ -1,9 +1,10 @@
 """Run inside the nested tests' L1 (both: without Kata, tests/nested/l1.py; against an
-installed Kata, tests/kata/nested_l1.py): what the container prints, cgroup v1 mounts, a
-device's driver."""
+installed Kata, tests/kata/nested_l1.py): how they report, commands with a bound, what the
+container prints, cgroup v1 mounts, a device's driver."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -41,3 +42,34 @@ def cgroup_v1() -> None:
 def driver_of(addr: str) -> str | None:
     link = Path("/sys/bus/pci/devices") / addr / "driver"
     return os.path.basename(os.readlink(link)) if link.is_symlink() else None
+
+
+class Results:
+    """What an L1 script reports: a "KVFIO {key: value}" line on L1's console per record,
+    and everything so far in result.json in the directory shared with the host (`top`)."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, object] = {"steps": {}}
+        self.top = Path()
+
+    def report(self, key: str, value: object) -> None:
+        self.data[key] = value
+        print("KVFIO " + json.dumps({key: value}), flush=True)
+        (self.top / "result.json").write_text(json.dumps(self.data, indent=1) + "\n")
+
+    def step(self, name: str, seconds: float) -> None:
+        steps = self.data["steps"]
+        assert isinstance(steps, dict)
+        steps[name] = round(seconds, 1)
+        self.report("steps", steps)
+
+
+def run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 300.0
+        ) -> subprocess.CompletedProcess[str]:
+    """The command's result; one that outlives `timeout` is a result too (exit -1)."""
+    try:
+        return subprocess.run(cmd, env=env, text=True, capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else \
+            str(exc.stdout or "")
+        return subprocess.CompletedProcess(cmd, -1, out, f"timeout after {timeout:g} s")

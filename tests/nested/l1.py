@@ -29,7 +29,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # tests/: the `kata` and `nested` packages
 
 from kata import harness, rootfs  # noqa: E402
-from nested.inside import NODES_SCRIPT, cgroup_v1, driver_of  # noqa: E402
+from nested.inside import NODES_SCRIPT, Results, cgroup_v1, driver_of  # noqa: E402
+from nested.inside import run as bounded_run  # noqa: E402
 
 IMAGE = "localhost/kata-vfio-nested-busybox"
 L2_MEMORY_MB = 256  # L1's QEMU pins (and maps through L1's vIOMMU) all of L2's RAM for VFIO
@@ -39,31 +40,13 @@ L2_KERNEL_PARAMS = "mitigations=off"
 L2_BOOT_TIMEOUT = 100.0
 RUN_TIMEOUT = 200.0
 
-result: dict[str, object] = {"steps": {}}
-top = Path()
-
-
-def report(key: str, value: object) -> None:
-    result[key] = value
-    print("KVFIO " + json.dumps({key: value}), flush=True)
-    (top / "result.json").write_text(json.dumps(result, indent=1) + "\n")
-
-
-def step(name: str, seconds: float) -> None:
-    steps = result["steps"]
-    assert isinstance(steps, dict)
-    steps[name] = round(seconds, 1)
-    report("steps", steps)
+RESULTS = Results()
+report, step = RESULTS.report, RESULTS.step
 
 
 def run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = RUN_TIMEOUT
         ) -> subprocess.CompletedProcess[str]:
-    try:
-        return subprocess.run(cmd, env=env, text=True, capture_output=True, timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else \
-            str(exc.stdout or "")
-        return subprocess.CompletedProcess(cmd, -1, out, f"timeout after {timeout:g} s")
+    return bounded_run(cmd, env, timeout)
 
 
 def l2_records(console_dir: Path, cid: str) -> list[dict[str, object]]:
@@ -100,7 +83,7 @@ def l2_report(console_dir: Path, cid: str) -> dict[str, object]:
 
 def wrapper_log(cid: str) -> list[dict[str, object]]:
     """kata-vfio's own log records for a container (what it did, edit_ms)."""
-    path = top / "kata-vfio.log"
+    path = RESULTS.top / "kata-vfio.log"
     records = []
     for line in path.read_text().splitlines() if path.exists() else []:
         try:
@@ -151,9 +134,8 @@ def autobind_cycle(podman: list[str], penv: dict[str, str], config: Path, addr: 
 
 
 def main() -> int:
-    global top
     plan = json.loads(Path(sys.argv[1]).read_text())
-    top = Path(plan["top"])
+    top = RESULTS.top = Path(plan["top"])
     started = time.monotonic()
     # L1's QEMU (the L2 VM) pins all of L2's RAM for VFIO: CAP_IPC_LOCK as root, and a
     # memlock limit for everything below us (podman -> conmon -> kata-vfio -> launcher)
