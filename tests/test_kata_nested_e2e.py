@@ -49,7 +49,7 @@ import pytest
 
 from kata import harness, installed, rootfs
 from kata.env import REPO, Unavailable, guest_kver
-from nested.images import extract_vmlinux, uncompressed_initrd, vfio_viable
+from nested.images import extract_vmlinux, l1_sources, uncompressed_initrd, vfio_viable
 
 REQUIRE = os.environ.get("KATA_VFIO_REQUIRE_KATA") == "1"
 L1_DEVICE = "0000:00:10.0"  # virtme-ng takes slot 5; ours from 0x10 up (LAB.md section 3)
@@ -109,7 +109,7 @@ def prepare(top: Path) -> tuple[list[str], Path]:
     vng_cmd = [
         str(vng), "--run", str(kernel), "--disable-kvm", "--disable-microvm", "--force-9p",
         "--cpus", "2", "--memory", "3G", "--append", "intel_iommu=on",
-        "--rwdir", str(top), "--exec", l1_cmd,
+        "--rwdir", str(top), *l1_sources(), "--exec", l1_cmd,
         "--qemu-opts=-machine q35,kernel-irqchip=split "
         "-device intel-iommu,intremap=on,caching-mode=on "
         "-netdev user,id=kvfion0 -device e1000e,netdev=kvfion0,romfile=,addr=0x10"]

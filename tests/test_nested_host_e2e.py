@@ -54,7 +54,7 @@ import vmtools
 from kata import rootfs
 from kata.env import REPO, Unavailable, guest_kver
 from kata.harness import kill_pids, qemu_pids, run_directory
-from nested.images import extract_vmlinux, uncompressed_initrd, vfio_viable
+from nested.images import extract_vmlinux, l1_sources, uncompressed_initrd, vfio_viable
 from nested.launcher import L2_PROGRAM
 
 L1_DEVICE = "0000:00:10.0"  # virtme-ng takes slot 5; ours from 0x10 up (LAB.md section 3)
@@ -117,7 +117,7 @@ def prepare(top: Path, timings: dict[str, float]) -> list[str]:
     return [
         str(vng), "--run", str(kernel), "--disable-kvm", "--disable-microvm", "--force-9p",
         "--cpus", "2", "--memory", "3G", "--append", "intel_iommu=on",
-        "--rwdir", str(top), "--exec", l1_cmd,
+        "--rwdir", str(top), *l1_sources(), "--exec", l1_cmd,
         "--qemu-opts=-machine q35,kernel-irqchip=split "
         "-device intel-iommu,intremap=on,caching-mode=on "
         f"-netdev user,id=kvfion0 -device {L1_DRIVER},netdev=kvfion0,romfile=,addr=0x10"]

@@ -1,6 +1,7 @@
 """What both nested tests (with no Kata: test_nested_host_e2e.py; against an installed Kata:
-test_kata_nested_e2e.py) put into their L1 and L2: the kernel as an ELF vmlinux, the guest
-image uncompressed, and the static VFIO checker the container runs."""
+test_kata_nested_e2e.py) put into their L1 and L2: the project's own directories, the kernel
+as an ELF vmlinux, the guest image uncompressed, and the static VFIO checker the container
+runs."""
 
 from __future__ import annotations
 
@@ -11,6 +12,18 @@ import zlib
 from pathlib import Path
 
 from kata.installed import Unavailable
+
+
+def l1_sources() -> list[str]:
+    """virtme-ng options that show L1 the project and its venv at their own paths: L1 sees
+    this host's root, but with tmpfs over /tmp, /var/tmp and more, where a clone (CI's own
+    among them) may live."""
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    dirs = [repo] + ([] if Path(sys.prefix).resolve().is_relative_to(repo)
+                     else [Path(sys.prefix).resolve()])
+    return [arg for d in dirs for arg in ("--rodir", str(d))]
 
 
 def _check(ok: bool, reason: str) -> None:
