@@ -55,3 +55,16 @@ def test_non_utf8_bytes_and_unserializable_objects_are_errors() -> None:
 def test_bytes_with_a_bom_are_read_as_json_reads_them() -> None:
     raw = b'\xef\xbb\xbf{"a": [1]}'
     assert jsoncodec.loads(raw) == json.loads(raw) == {"a": [1]}
+
+
+def test_errors_without_json_imported() -> None:
+    """In a process that never imported json (the wrapper's create, the guest hook), a
+    bad document is a ValueError with json's message, on every CPython 3.11 (3.11.2's C
+    scanner fails without an exception there)."""
+    code = ("import sys; sys.path.insert(0, 'common')\n"
+            "from kata_vfio.jsoncodec import loads\n"
+            "try:\n    loads('{\"a\": {\"b\": 1')\n"
+            "except ValueError as e:\n    print('ValueError', e)\n")
+    out = subprocess.run(["/usr/bin/python3", "-I", "-S", "-c", code], capture_output=True,
+                         text=True, check=True, cwd=Path(__file__).parent.parent).stdout
+    assert out.startswith("ValueError Expecting ',' delimiter: line 1 column 14"), out

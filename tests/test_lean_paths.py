@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from wrapper_run import SOURCE_PATH
@@ -42,7 +44,9 @@ def imported(module: str, argv: list[str], stdin: str = "",
 
 def test_passthrough_verb_imports_no_heavy_module(tmp_path: Path) -> None:
     config = tmp_path / "config.toml"
-    config.write_text('runtime = "true"\n')
+    # content of its own: the cache is keyed by path and bytes, and a path pytest reuses
+    # with the same bytes from an earlier run would make the first load a warm one
+    config.write_text(f'runtime = "true"\n# {os.getpid()} {time.time_ns()}\n')
     argv = ["kata-vfio", "state", "x"]
     assert "tomllib" in imported("kata_vfio_runtime.main", argv, config=str(config))
     modules = imported("kata_vfio_runtime.main", argv, config=str(config))  # cache warm

@@ -66,6 +66,13 @@ def loads(data: str | bytes) -> Any:
         value, end = _scan(text, start)
     except StopIteration as stop:
         raise ValueError(f"Expecting value: {_where(text, stop.value)}") from None
+    except SystemError:
+        # CPython before 3.11.4 (bookworm's 3.11.2): the scanner raises its JSONDecodeError
+        # only when json.decoder is already imported, else it fails without an exception.
+        # Only bad input gets here, so json's own parse gives the message.
+        import json
+
+        return json.loads(text)
     if text[end:].strip(_WHITESPACE):
         end = len(text) - len(text[end:].lstrip(_WHITESPACE))
         raise ValueError(f"Extra data: {_where(text, end)}")
