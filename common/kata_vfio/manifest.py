@@ -2,6 +2,8 @@
 
 It travels as the annotation ``io.kata-vfio.manifest`` (annotations reach the
 guest; ``/dev/vfio`` entries do not). Versioned JSON, parsed strictly on both ends.
+Keys a reader does not know are ignored, so an optional key (a device's ``mac`` or
+``resource``) added later keeps version 1: an older hook reads a newer host's manifest.
 """
 
 from __future__ import annotations
@@ -20,8 +22,44 @@ MANIFEST_ANNOTATION = defaults.MANIFEST_ANNOTATION  # defined there for the hook
 DEVICES_ANNOTATION = "io.kata-vfio.devices"
 GUEST_HOOK_PATH_ANNOTATION = "io.katacontainers.config.hypervisor.guest_hook_path"
 MANIFEST_VERSION = 1
+# `io.kata-vfio.resource.<name>` = host addresses: the container asks for those devices
+# (as with io.kata-vfio.devices) and they are resource kata-vfio.io/<name>, as a device
+# plugin allocated them. One key per resource: kubelet merges the annotations of all
+# the allocations of a container, and keeps only one value of a key they share.
+RESOURCE_ANNOTATION_PREFIX = "io.kata-vfio.resource."
+RESOURCE_DOMAIN = "kata-vfio.io"
+# The environment variable of the devices without a resource name (named by address,
+# /dev/vfio/<N> or io.kata-vfio.select): as if they were resource kata-vfio.io/devices.
+UNNAMED_RESOURCE = RESOURCE_DOMAIN + "/devices"
 
 _HEX = frozenset("0123456789abcdef")
+_ALNUM = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+_NAME_CHARS = _ALNUM | frozenset("-_.")
+_DOMAIN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-.")
+
+
+def is_resource_name_part(text: str) -> bool:
+    """Kubernetes' name part of a qualified name (an extended resource's after the '/'):
+    at most 63 letters, digits, '-', '_', '.', a letter or digit at each end."""
+    return 0 < len(text) <= 63 and set(text) <= _NAME_CHARS \
+        and text[0] in _ALNUM and text[-1] in _ALNUM
+
+
+def is_resource_name(text: object) -> bool:
+    """An extended resource name, DOMAIN/NAME (kata-vfio.io/nvme, intel.com/sriov_net)."""
+    if not isinstance(text, str) or text.count("/") != 1:
+        return False
+    domain, name = text.split("/")
+    return 0 < len(domain) <= 253 and set(domain) <= _DOMAIN_CHARS \
+        and domain[0] in _ALNUM and domain[-1] in _ALNUM and is_resource_name_part(name)
+
+
+def resource_env_name(resource: str | None) -> str:
+    """The variable a Kubernetes device plugin sets for a resource's PCI addresses:
+    PCIDEVICE_ and the name upper-cased, every other character '_'
+    (kata-vfio.io/nvme -> PCIDEVICE_KATA_VFIO_IO_NVME); None is UNNAMED_RESOURCE's."""
+    name = (resource or UNNAMED_RESOURCE).upper()
+    return "PCIDEVICE_" + "".join(c if c in _ALNUM else "_" for c in name)
 
 
 def _parse_mac(value: object) -> str | None:
@@ -47,14 +85,23 @@ def _parse_id(obj: dict[str, Any], key: str, bits: int) -> int:
                     "regenerate the manifest")
 
 
-class ManifestDevice(tuple[PciAddress, PciIdentity, "str | None"]):
-    """One device of the manifest: where it sat on the host, what it is, its MAC."""
+def _parse_resource(value: object) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str) and is_resource_name(value):
+        return value
+    raise SpecError(f"manifest: {value!r} is not a resource name", "regenerate the manifest")
+
+
+class ManifestDevice(tuple[PciAddress, PciIdentity, "str | None", "str | None"]):
+    """One device of the manifest: where it sat on the host, what it is, its MAC, and
+    the resource name it was allocated as (kata-vfio.io/nvme), if any."""
 
     __slots__ = ()
 
     def __new__(cls, host_address: PciAddress, identity: PciIdentity,
-                mac: str | None = None) -> ManifestDevice:
-        return tuple.__new__(cls, (host_address, identity, mac))
+                mac: str | None = None, resource: str | None = None) -> ManifestDevice:
+        return tuple.__new__(cls, (host_address, identity, mac, resource))
 
     @property
     def host_address(self) -> PciAddress:
@@ -68,6 +115,10 @@ class ManifestDevice(tuple[PciAddress, PciIdentity, "str | None"]):
     def mac(self) -> str | None:
         return self[2]
 
+    @property
+    def resource(self) -> str | None:
+        return self[3]
+
     def to_obj(self) -> dict[str, Any]:
         ident = self.identity
         obj: dict[str, Any] = {
@@ -80,6 +131,8 @@ class ManifestDevice(tuple[PciAddress, PciIdentity, "str | None"]):
         }
         if self.mac:
             obj["mac"] = self.mac
+        if self.resource:
+            obj["resource"] = self.resource
         return obj
 
     @classmethod
@@ -94,7 +147,8 @@ class ManifestDevice(tuple[PciAddress, PciIdentity, "str | None"]):
             subsystem_device=_parse_id(obj, "subsystem_device", 16),
             class_code=_parse_id(obj, "class", 24),
         )
-        return cls(PciAddress.parse(obj["host_address"]), identity, _parse_mac(obj.get("mac")))
+        return cls(PciAddress.parse(obj["host_address"]), identity, _parse_mac(obj.get("mac")),
+                   _parse_resource(obj.get("resource")))
 
 
 class ManifestGroup(tuple[IommuGroup, "tuple[ManifestDevice, ...]"]):

@@ -249,7 +249,18 @@ def group_devnums(roots: GuestRoots, groups: list[int], wakeups: Wakeups, timeou
 
 def give_devices(state: State, manifest: Manifest, spec: dict[str, Any], roots: GuestRoots,
                  log: JsonLog, wakeups: Wakeups, started: float) -> Outcome:
-    """Everything the hook does for one container that has VFIO devices."""
+    """Everything the hook does for one container that has VFIO devices. On failure, the
+    /run/kata-vfio files an earlier start of the container left are removed too (Kata >= 2
+    starts a container whose hook failed)."""
+    try:
+        return _give_devices(state, manifest, spec, roots, log, wakeups, started)
+    except BaseException:
+        _forget_files(state, spec, roots, log)
+        raise
+
+
+def _give_devices(state: State, manifest: Manifest, spec: dict[str, Any], roots: GuestRoots,
+                  log: JsonLog, wakeups: Wakeups, started: float) -> Outcome:
     from kata_vfio_hook.claims import release
 
     deadline = Deadline(HOOK_DEADLINE, process_started(roots.proc) or started)
@@ -282,31 +293,54 @@ def give_devices(state: State, manifest: Manifest, spec: dict[str, Any], roots: 
     return out
 
 
+def container_root(state: State, spec: dict[str, Any], roots: GuestRoots) -> str:
+    """The container's rootfs as the hook reaches it: in its mount namespace, through
+    /proc/<pid>/root (unless a test's roots say otherwise)."""
+    from kata_vfio_hook.nodes import rootfs_view
+
+    root = (spec.get("root") or {}).get("path") or "rootfs"
+    rootfs = os.path.join(state.bundle, root) if not os.path.isabs(root) else root
+    return rootfs_view(roots.proc, state.pid, rootfs) if roots.via_proc_root else rootfs
+
+
+def _forget_files(state: State, spec: dict[str, Any], roots: GuestRoots,
+                  log: JsonLog) -> None:
+    from kata_vfio_hook.devfiles import forget
+
+    try:
+        forget(container_root(state, spec, roots))
+    except (OSError, KataVfioError) as exc:  # the error being handled is the one to report
+        log.info("no /run/kata-vfio files removed", error=str(exc))
+
+
 def _finish(state: State, manifest: Manifest, spec: dict[str, Any], roots: GuestRoots,
             out: Outcome, devices: list[PciDevice], wakeups: Wakeups,
             deadline: Deadline) -> None:
-    """After binding: the groups, the nodes in the container, the cgroup rules."""
+    """After binding: the groups, the nodes in the container, the cgroup rules, and last
+    the files that tell the container its guest addresses."""
     from kata_vfio.pci import VFIO_CONTAINER_DEVNUM, group_of
+    from kata_vfio_hook import devfiles
     from kata_vfio_hook.cgroup import allow_devices, devices_cgroup
-    from kata_vfio_hook.nodes import make_nodes, rootfs_view
+    from kata_vfio_hook.nodes import make_nodes
 
     log = out.log
     with out.phase("groups", "waiting for the VFIO groups"):
         guest_groups = check_groups(roots, devices)
         numbers = group_devnums(roots, guest_groups, wakeups,
                                 min(GROUP_WAIT, deadline.left()))
+    placed = [(str(want.host_address), str(dev.address),
+               group_of(roots.sysfs, dev.address).number, want.resource)
+              for want, dev in zip(manifest.devices, devices, strict=True)]
+    guest_group = {host: group for host, _, group, _ in placed}
     for group in manifest.groups:
-        guest = {group_of(roots.sysfs, PciAddress.parse(out.mapping[str(d.host_address)]))
-                 for d in group.devices}
+        guest = {guest_group[str(d.host_address)] for d in group.devices}
         out.groups[str(group.host_group)] = ",".join(sorted(str(g) for g in guest))
     log.info("group mapping", host_to_guest=out.groups)
 
-    root = (spec.get("root") or {}).get("path") or "rootfs"
-    rootfs = os.path.join(state.bundle, root) if not os.path.isabs(root) else root
+    rootfs = container_root(state, spec, roots)
     nodes = [("vfio", *VFIO_CONTAINER_DEVNUM)] + [(str(g), *numbers[g]) for g in guest_groups]
     with out.phase("nodes", "creating /dev/vfio in the container"):
-        make_nodes(rootfs_view(roots.proc, state.pid, rootfs) if roots.via_proc_root
-                   else rootfs, nodes)
+        make_nodes(rootfs, nodes)
     with out.phase("cgroup", "allowing the devices in the container's cgroup"):
         cgroup = devices_cgroup(roots.proc, state.pid)
         if cgroup is None:
@@ -314,3 +348,5 @@ def _finish(state: State, manifest: Manifest, spec: dict[str, Any], roots: Guest
         else:
             allowed = allow_devices(roots.cgroupfs, cgroup, [(m, n) for _, m, n in nodes])
             log.info("devices cgroup", allow=str(allowed))
+    with out.phase("addresses", f"writing {devfiles.RUN_DIR} in the container"):
+        devfiles.write(rootfs, placed)

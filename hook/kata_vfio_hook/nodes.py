@@ -24,15 +24,32 @@ if TYPE_CHECKING:
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def _open_subdir(parent_fd: int, name: str, where: str) -> int:
+def open_subdir(parent_fd: int, name: str, where: str, hint: str, create: bool = True) -> int:
+    """The directory `name` below `parent_fd`, made (0755) if missing and `create`
+    (else FileNotFoundError); never a symlink."""
     try:
         return os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
     except FileNotFoundError:
+        if not create:
+            raise
         os.mkdir(name, 0o755, dir_fd=parent_fd)
         return os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
-    except OSError as exc:  # ELOOP: a symlink; ENOTDIR: a file
-        raise HookError(f"{where} is not a plain directory ({exc.strerror})",
-                        "the container image must not replace /dev/vfio") from None
+    except OSError as exc:  # ENOTDIR or ELOOP: a symlink or a file
+        why = exc.strerror
+        try:
+            if stat.S_ISLNK(os.stat(name, dir_fd=parent_fd, follow_symlinks=False).st_mode):
+                why = "a symbolic link"
+        except OSError:
+            pass
+        raise HookError(f"{where} is not a plain directory ({why})", hint) from None
+
+
+def open_rootfs(rootfs: str) -> int:
+    try:
+        return os.open(rootfs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise HookError(f"cannot open the container's rootfs {rootfs}: {exc.strerror}",
+                        "is the container's init still there?") from None
 
 
 def rootfs_view(proc: StrPath, pid: int, rootfs: str) -> str:
@@ -42,15 +59,11 @@ def rootfs_view(proc: StrPath, pid: int, rootfs: str) -> str:
 
 def make_nodes(rootfs: str, nodes: list[Node]) -> None:
     """mknod each node at <rootfs>/dev/vfio/<name> (mode 0666), verified."""
+    fds = [open_rootfs(rootfs)]
+    hint = "the container image must not replace /dev/vfio"
     try:
-        root_fd = os.open(rootfs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise HookError(f"cannot open the container's rootfs {rootfs}: {exc.strerror}",
-                        "is the container's init still there?") from None
-    fds = [root_fd]
-    try:
-        fds.append(_open_subdir(fds[-1], "dev", f"{rootfs}/dev"))
-        fds.append(_open_subdir(fds[-1], "vfio", f"{rootfs}/dev/vfio"))
+        fds.append(open_subdir(fds[-1], "dev", f"{rootfs}/dev", hint))
+        fds.append(open_subdir(fds[-1], "vfio", f"{rootfs}/dev/vfio", hint))
         vfio_fd = fds[-1]
         for name, major, minor in nodes:
             want = os.makedev(major, minor)

@@ -20,9 +20,12 @@ from kata_vfio.manifest import (
     DEVICES_ANNOTATION,
     GUEST_HOOK_PATH_ANNOTATION,
     MANIFEST_ANNOTATION,
+    RESOURCE_ANNOTATION_PREFIX,
+    RESOURCE_DOMAIN,
     Manifest,
     ManifestDevice,
     ManifestGroup,
+    is_resource_name_part,
 )
 from kata_vfio.pci import (
     VFIO_CONTAINER_DEVNUM,
@@ -108,12 +111,12 @@ DPDK_RUN_TMPFS = {"destination": "/run/dpdk", "type": "tmpfs", "source": "tmpfs"
                   "options": ["nosuid", "nodev", "mode=755", "size=64m"]}
 
 
-def parse_address_list(text: str) -> list[PciAddress]:
+def parse_address_list(text: str, annotation: str = DEVICES_ANNOTATION) -> list[PciAddress]:
     """The io.kata-vfio.devices annotation: PCI addresses separated by commas or blanks
     (podman's --annotation splits its argument at commas unless it is CSV-quoted)."""
     parts = text.replace(",", " ").split()
     if not parts:
-        raise DeviceError(f"annotation {DEVICES_ANNOTATION} is empty",
+        raise DeviceError(f"annotation {annotation} is empty",
                           "list PCI addresses, e.g. 0000:03:00.0,0000:03:00.1")
     return [PciAddress.parse(p) for p in parts]
 
@@ -132,18 +135,19 @@ def group_of_entry(path: str) -> IommuGroup | None:
         ) from None
 
 
-def _manifest_device(sysfs: StrPath, dev: PciDevice, macs: dict[PciAddress, str]
-                     ) -> ManifestDevice:
+def _manifest_device(sysfs: StrPath, dev: PciDevice, macs: dict[PciAddress, str],
+                     resources: dict[PciAddress, str]) -> ManifestDevice:
     mac = macs.get(dev.address)  # set by io.kata-vfio.vf-config just now
     if mac is None and dev.physfn is not None and dev.is_network:
         from kata_vfio_host.netinfo import vf_mac
 
         mac = vf_mac(sysfs, dev.address, dev.physfn)
-    return ManifestDevice(dev.address, dev.identity, mac)
+    return ManifestDevice(dev.address, dev.identity, mac, resources.get(dev.address))
 
 
 def resolve_group(sysfs: StrPath, group: IommuGroup,
-                  macs: dict[PciAddress, str] | None = None) -> ManifestGroup:
+                  macs: dict[PciAddress, str] | None = None,
+                  resources: dict[PciAddress, str] | None = None) -> ManifestGroup:
     """The group's endpoints, after checking every member can be left to VFIO."""
     devices = []
     for addr in group_members(sysfs, group):
@@ -154,7 +158,7 @@ def resolve_group(sysfs: StrPath, group: IommuGroup,
                 f"hand it to vfio-pci first: kata-vfio-ctl bind {addr}",
             )
         if not dev.is_bridge:  # Kata hot-plugs a group's endpoints, never its bridges
-            devices.append(_manifest_device(sysfs, dev, macs or {}))
+            devices.append(_manifest_device(sysfs, dev, macs or {}, resources or {}))
     return ManifestGroup(group, tuple(devices))
 
 
@@ -192,13 +196,39 @@ def requested_groups(spec: dict[str, Any]) -> dict[IommuGroup, DeviceNode | None
 
 
 def requested_addresses(spec: dict[str, Any]) -> list[PciAddress]:
+    """The devices io.kata-vfio.devices names, then those only resource annotations name."""
     wanted = (spec.get("annotations") or {}).get(DEVICES_ANNOTATION)
-    if wanted is None:
-        return []
-    if not isinstance(wanted, str):
+    if wanted is not None and not isinstance(wanted, str):
         raise DeviceError(f"annotation {DEVICES_ANNOTATION} is not a string",
                           "list PCI addresses, e.g. 0000:03:00.0,0000:03:00.1")
-    return parse_address_list(wanted)
+    addresses = parse_address_list(wanted) if wanted is not None else []
+    addresses += [a for a in requested_resources(spec) if a not in addresses]
+    return addresses
+
+
+def requested_resources(spec: dict[str, Any]) -> dict[PciAddress, str]:
+    """host address -> resource name, from io.kata-vfio.resource.<name> annotations
+    (a device plugin's Allocate sets one per resource)."""
+    annotations = spec.get("annotations") or {}
+    named: dict[PciAddress, str] = {}
+    for key in sorted(k for k in annotations if k.startswith(RESOURCE_ANNOTATION_PREFIX)):
+        name = key[len(RESOURCE_ANNOTATION_PREFIX):]
+        if not is_resource_name_part(name):
+            raise DeviceError(f"annotation {key}: {name!r} is not a resource name",
+                              "use the device plugin's name: at most 63 letters, digits, "
+                              "'-', '_' or '.', a letter or digit first and last")
+        value = annotations[key]
+        if not isinstance(value, str):
+            raise DeviceError(f"annotation {key} is not a string",
+                              "list PCI addresses, e.g. 0000:03:00.0,0000:03:00.1")
+        resource = f"{RESOURCE_DOMAIN}/{name}"
+        for addr in parse_address_list(value, key):
+            other = named.setdefault(addr, resource)
+            if other != resource:
+                raise DeviceError(f"PCI device {addr} is named by two resources, {other} and "
+                                  f"{resource}",
+                                  "name each device in one io.kata-vfio.resource.* annotation")
+    return named
 
 
 def plan_edit(spec: dict[str, Any], settings: Settings,
@@ -213,7 +243,8 @@ def plan_edit(spec: dict[str, Any], settings: Settings,
     if not groups:
         return None
 
-    resolved = [resolve_group(sysfs, g, macs) for g in sorted(groups)]
+    resources = requested_resources(spec)
+    resolved = [resolve_group(sysfs, g, macs, resources) for g in sorted(groups)]
     nodes = [DeviceNode(VFIO_CONTAINER_PATH, *VFIO_CONTAINER_DEVNUM)]
     for group in sorted(groups):
         node = groups[group]
