@@ -335,17 +335,25 @@ def boot(initrd: Path, kver: str, scenarios: list[Scenario],
 
 
 def host_manifest(sysfs_root: Path, groups: list[list[EmulatedDevice]],
-                  hotplug_timeout: float = 5.0) -> str:
+                  hotplug_timeout: float = 5.0, first_group: int = 30,
+                  resources: dict[int, str] | None = None) -> str:
     """The manifest the host wrapper's own code writes for these devices, each inner
-    list one host IOMMU group bound to vfio-pci (a fake host sysfs stands in for the host)."""
+    list one host IOMMU group bound to vfio-pci (a fake host sysfs stands in for the host).
+    Host group numbers (and buses) count from `first_group`; `resources`: index in
+    `groups` -> resource name, asked for as a device plugin does
+    (io.kata-vfio.resource.<name>), the others by address."""
     from kata_vfio.manifest import MANIFEST_ANNOTATION
     from kata_vfio_host.settings import Settings
     from kata_vfio_runtime.spec_edit import plan_edit
 
     for d in ("bus/pci/devices", "kernel/iommu_groups", "class/vfio"):
         (sysfs_root / d).mkdir(parents=True, exist_ok=True)
-    wanted = []
-    for g, members in enumerate(groups, start=30):
+    wanted: list[str] = []
+    named: dict[str, list[str]] = {}
+    for index, members in enumerate(groups):
+        g = first_group + index
+        resource = (resources or {}).get(index)
+        asked = wanted if resource is None else named.setdefault(resource, [])
         gdir = sysfs_root / "kernel/iommu_groups" / str(g) / "devices"
         gdir.mkdir(parents=True)
         (sysfs_root / "class/vfio" / str(g)).mkdir(parents=True)
@@ -365,8 +373,12 @@ def host_manifest(sysfs_root: Path, groups: list[list[EmulatedDevice]],
             os.symlink("../../../bus/pci/drivers/vfio-pci", ddir / "driver")
             os.symlink(f"../../../devices/{addr}", sysfs_root / "bus/pci/devices" / addr)
             os.symlink(f"../../../../devices/{addr}", gdir / addr)
-            wanted.append(addr)
-    spec: dict[str, Any] = {"annotations": {"io.kata-vfio.devices": ",".join(wanted)}}
+            asked.append(addr)
+    annotations = {f"io.kata-vfio.resource.{name}": ",".join(addresses)
+                   for name, addresses in named.items()}
+    if wanted:
+        annotations["io.kata-vfio.devices"] = ",".join(wanted)
+    spec: dict[str, Any] = {"annotations": annotations}
     plan = plan_edit(spec, Settings(sysfs=str(sysfs_root), hotplug_timeout=hotplug_timeout))
     assert plan is not None
     return plan.annotations[MANIFEST_ANNOTATION]
