@@ -17,6 +17,11 @@ ls /dev/vfio
 timeout -s INT SECONDS dpdk-testpmd --lcores 0@0,1@0 $A --iova-mode=va --no-huge -m 256 \\
     -- --total-num-mbufs=2048 --tx-first --stats-period 5 </dev/null || true
 """
+# the same, each port from the hook's /run/kata-vfio/env (the README's line), no /sys scan
+TESTPMD_FROM_ENV = TESTPMD.replace(
+    'A=""\nfor d in /sys/bus/pci/drivers/vfio-pci/0000:*; do A="$A -a ${d##*/}"; done\n',
+    "A=$(sed -n 's/^PCIDEVICE_[A-Z0-9_]*=/,/; s/,/ -a /gp' /run/kata-vfio/env)\n")
+assert TESTPMD_FROM_ENV != TESTPMD
 
 
 def port_stats(out: str) -> list[tuple[int, int, int]]:

@@ -37,6 +37,9 @@ Stand-ins for Kata (there is none in any registry):
   wrapper's RLIMIT_MEMLOCK), the annotations (the wrapper's manifest), the wrapper's
   `/run/dpdk` tmpfs and every other non-bind mount, `linux.cgroupsPath`.
 
+testpmd's `-a` options come from the hook's /run/kata-vfio/env (`sed` as the README
+shows it), not from a scan of /sys.
+
 One guest runs both containers: the absent-device one first (its hook waits
 `hotplug_timeout` = 1 s and fails the container with its own line), then testpmd.
 
@@ -64,7 +67,7 @@ from typing import Any
 
 import pytest
 
-from dpdk import TESTPMD, port_stats
+from dpdk import TESTPMD_FROM_ENV, port_stats
 from kata_vfio.manifest import GUEST_HOOK_PATH_ANNOTATION, MANIFEST_ANNOTATION, Manifest
 from kata_vfio.pci import PciIdentity
 from kata_vfio_ctl.podman_conf import register
@@ -249,7 +252,8 @@ def host(request: pytest.FixtureRequest) -> Iterator[Host]:
         try:
             # no podman flag beyond the device request: what DPDK needs is the wrapper's
             dpdk = podman_run(base, env, specs, *annotation(*HOST_NICS), IMAGE,
-                              "sh", "-c", TESTPMD.replace("SECONDS", str(TESTPMD_SECONDS)))
+                              "sh", "-c",
+                              TESTPMD_FROM_ENV.replace("SECONDS", str(TESTPMD_SECONDS)))
             absent = podman_run(base, env, specs, *annotation(HOST_ABSENT), IMAGE,
                                 "echo", ABSENT_MARK)
             timings["podman run (dpdk)"] = dpdk.seconds
@@ -340,6 +344,7 @@ def test_hook_gives_the_container_only_its_own_groups(host: Host, guest: Guest) 
     result = result_of(guest, host.dpdk)
     assert [result["drivers_after"][a] for a in GUEST_ADDRESSES] == ["vfio-pci", "vfio-pci"]
     lines = result["stdout"].splitlines()
+    # testpmd's -a options, from the hook's /run/kata-vfio/env: the guest addresses
     assert lines[0].split() == ["ports:", *[x for a in GUEST_ADDRESSES for x in ("-a", a)]]
     own = sorted(result["groups"][a] for a in GUEST_ADDRESSES)
     listed = lines[1 : 1 + len(own) + 1]  # `ls /dev/vfio`, one name a line

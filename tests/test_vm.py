@@ -196,6 +196,7 @@ def test_a_pod_container_still_sees_only_its_own_once_the_other_started(
         guest: GuestRun) -> None:
     """a, asked again after b's hook ran: the same files, nothing of b's."""
     first = container_report(guest.find("result", "pod-a"))
+    assert first["run_files"] is not None
     again = container_reports(guest.find("detached", "pod-a")["stdout"])
     assert len(again) == 2, again
     assert again[1]["run_files"] == first["run_files"]
