@@ -74,6 +74,9 @@ def main() -> int:
             for group, info in report["groups"].items():
                 print(f"   /dev/vfio/{group} (char {info['dev'][0]}:{info['dev'][1]}) opened, "
                       f"viable={info['viable']}")
+            env = (report.get("run_files") or {}).get("env")
+            if env:
+                print(f"   cat /run/kata-vfio/env: {env['text'].strip()}")
     changed = {a: d for a, d in result["drivers_after"].items()
                if d != before["drivers_before"][a]}
     print(f"\n   guest drivers now: {changed}")
