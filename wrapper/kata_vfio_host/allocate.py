@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from kata_vfio.defaults import SELECT_ANNOTATION
 from kata_vfio.errors import DeviceError
@@ -111,7 +111,7 @@ def allocation_lock(host: Host) -> Locks:
 
 
 def _group_state(host: Host, group: IommuGroup, allow: tuple[str, ...],
-                 holders: dict[int, str], cache: dict[int, str | None]) -> str | None:
+                 holders: _LiveHolders, cache: dict[int, str | None]) -> str | None:
     """None when the group can be given to a container; else why not."""
     if group.number in cache:
         return cache[group.number]
@@ -132,6 +132,34 @@ def _group_state(host: Host, group: IommuGroup, allow: tuple[str, ...],
     return why
 
 
+class _LiveHolders:
+    """IOMMU group -> the live container (other than the one allocating) that holds it,
+    asked group by group: whether an owner is gone is looked up (its bundle, its token)
+    only for the groups an allocation considers, not for every claim on the host."""
+
+    def __init__(self, host: Host, claims: dict[int, Any], container: str | None) -> None:
+        self._host = host
+        self._claims = claims
+        self._container = container
+        self._known: dict[int, str | None] = {}
+
+    def get(self, group: int) -> str | None:
+        if group not in self._known:
+            claim = self._claims.get(group)
+            self._known[group] = None if claim is None or claim.container == self._container \
+                or claim_gone(self._host, claim) else claim.owner
+        return self._known[group]
+
+    def __contains__(self, group: object) -> bool:
+        return isinstance(group, int) and self.get(group) is not None
+
+    def __getitem__(self, group: int) -> str:
+        holder = self.get(group)
+        if holder is None:
+            raise KeyError(group)
+        return holder
+
+
 class Pool:
     """The host's devices as an allocation sees them (read once, under the lock)."""
 
@@ -139,9 +167,7 @@ class Pool:
                  ) -> None:
         self.host = host
         self.allow = allow
-        journal = read_journal_file(host)
-        self.holders = {g: c.owner for g, c in journal.claims.items()
-                        if not claim_gone(host, c) and c.container != container}
+        self.holders = _LiveHolders(host, read_journal_file(host).claims, container)
         self.devices: list[PciDevice] = []
         self.providers: dict[PciAddress, int] = {}
         for addr in list_addresses(host.sysfs):

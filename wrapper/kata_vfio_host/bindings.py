@@ -36,11 +36,11 @@ from kata_vfio_host.ledger import (
     Journal,
     check_free,
     claim_gone,
-    claim_groups,
     editing,
     group_locks,
     marker,
     read_journal_file,
+    record_claims,
 )
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: `kata-vfio create` avoids importing typing
@@ -140,11 +140,14 @@ def _vf_groups(host: Host, pf: PciAddress) -> list[tuple[str, int]]:
 
 
 def _bind_locked(host: Host, plans: list[GroupPlan], owner: str, *, force: bool,
-                 in_use: InUse | None, refuse_claimed: bool = False) -> list[PciAddress]:
+                 in_use: InUse | None, refuse_claimed: bool = False,
+                 add_claims: Callable[[Journal], object] | None = None,
+                 on_claimed: Callable[[], object] | None = None) -> list[PciAddress]:
     """Bind the groups' endpoints (caller holds the group locks); returns what moved.
 
     The journal gets every device first, in one write (with `refuse_claimed`, after
-    checking in that same read that no live container holds one of the groups); then the
+    checking in that same read that no live container holds one of the groups; `add_claims`
+    adds a create's claims to that same write, `on_claimed` runs after it); then the
     kernel work runs concurrently (FastIOV's lesson: rebinding VFs one by one dominates
     start time); on any failure everything of these groups goes back."""
     devices = [d for _, members in plans for d in members]
@@ -176,6 +179,10 @@ def _bind_locked(host: Host, plans: list[GroupPlan], owner: str, *, force: bool,
                     continue  # keep the original driver recorded when it was moved
                 journal.devices[str(d.address)] = DeviceEntry(
                     d.driver, d.driver_override, group.number, owner, host.boot_id, now)
+        if add_claims is not None:
+            add_claims(journal)
+    if on_claimed is not None:
+        on_claimed()
     if not to_move:
         return []
     ensure_vfio_pci(host)
@@ -582,8 +589,10 @@ def acquire(host: Host, container: ContainerId, groups: list[IommuGroup],
         return []
     bound: list[PciAddress] = []
     with group_locks(host, wanted):
-        _repair_gone(host, wanted)
-        check_free(host, container, wanted)
+        journal = read_journal_file(host)
+        if _repair_gone(host, wanted, journal):
+            journal = read_journal_file(host)
+        check_free(host, container, wanted, journal=journal)
         try:
             plans: dict[IommuGroup, list[PciDevice]] = {}
             for addr, group in by_addr.items() if allow else ():
@@ -598,24 +607,33 @@ def acquire(host: Host, container: ContainerId, groups: list[IommuGroup],
                             f"bind it first (kata-vfio-ctl bind {dev.address}) or allow it in "
                             "[autobind] allow of config.toml")
                 plans[group] = devices
-            # the claims (and marker) first: a crash from here on is repaired by the
-            # delete podman runs after a failed create, or by any later create
-            claim_groups(host, container, wanted, bundle)
-            if on_claimed is not None:
-                on_claimed()
+            # the claims (and marker) with the devices' entries, before any kernel work:
+            # a crash from here on is repaired by the delete podman runs after a failed
+            # create, or by any later create
+            def claim(journal: Journal) -> None:
+                record_claims(host, journal, container, wanted, bundle)
+
             if plans:
                 bound = _bind_locked(host, list(plans.items()), container.owner, force=False,
-                                     in_use=in_use)
+                                     in_use=in_use, add_claims=claim, on_claimed=on_claimed)
+            else:
+                with editing(host) as current:
+                    claim(current)
+                if on_claimed is not None:
+                    on_claimed()
         except BaseException:
             release_container(host, container)
             raise
     return bound
 
 
-def _repair_gone(host: Host, groups: list[IommuGroup]) -> None:
+def _repair_gone(host: Host, groups: list[IommuGroup], journal: Journal | None = None
+                 ) -> bool:
     """Hand back what owners that are gone left in these (locked) groups: VF settings
-    first (the next owner starts from the PF's own values), then devices."""
-    journal = read_journal_file(host)
+    first (the next owner starts from the PF's own values), then devices. True when it
+    changed the journal (`journal`: as read under the locks)."""
+    journal = journal if journal is not None else read_journal_file(host)
+    changed = False
     for group in groups:
         claim = journal.claims.get(group.number)
         live = claim is not None and not claim_gone(host, claim)
@@ -628,6 +646,7 @@ def _repair_gone(host: Host, groups: list[IommuGroup]) -> None:
                 raise DeviceError(f"IOMMU group {group}: the VF settings a container that is "
                                   f"gone left cannot be set back: {report.failed[0]}",
                                   "run kata-vfio-ctl restore --stale and check the PF")
+            changed = True
         if claim is None or live:
             continue
         mine = [PciAddress.parse(a) for a, e in journal.devices.items()
@@ -639,3 +658,5 @@ def _repair_gone(host: Host, groups: list[IommuGroup]) -> None:
                               "run kata-vfio-ctl restore --stale and check the kernel log")
         with editing(host) as current:
             current.claims.pop(group.number, None)
+        changed = True
+    return changed

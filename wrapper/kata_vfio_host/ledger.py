@@ -511,17 +511,26 @@ def claim_groups(host: Host, container: ContainerId, groups: list[IommuGroup],
     """Record that the container uses these groups (call under their group locks, after
     `check_free`). The claim belongs to this container instance: the token it writes
     into the bundle."""
+    with editing(host) as journal:
+        record_claims(host, journal, container, groups, bundle)
+
+
+def record_claims(host: Host, journal: Journal, container: ContainerId,
+                  groups: list[IommuGroup], bundle: str | None) -> None:
+    """`claim_groups` inside an edit of the journal the caller makes anyway (a create
+    writes its claims and its devices' entries in one write)."""
     instance = write_instance(bundle)
     write_marker(host, container, bundle, instance)
     now = time.time()
-    with editing(host) as journal:
-        for group in groups:
-            journal.claims[group.number] = Claim(container, host.boot_id, bundle, now, instance)
+    for group in groups:
+        journal.claims[group.number] = Claim(container, host.boot_id, bundle, now, instance)
 
 
-def check_free(host: Host, container: ContainerId, groups: list[IommuGroup]) -> None:
-    """Refuse groups held by another live container (call under their group locks)."""
-    journal = read_journal_file(host)
+def check_free(host: Host, container: ContainerId, groups: list[IommuGroup], *,
+               journal: Journal | None = None) -> None:
+    """Refuse groups held by another live container (call under their group locks;
+    `journal`: as read under them)."""
+    journal = journal if journal is not None else read_journal_file(host)
     for group in groups:
         current = owner_of(host, group, journal)
         if current not in (None, ADMIN, container.owner):
