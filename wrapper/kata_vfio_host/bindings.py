@@ -159,9 +159,11 @@ def _bind_locked(host: Host, plans: list[GroupPlan], owner: str, *, force: bool,
                 raise DeviceError(f"PCI device {dev.address} is in use: {'; '.join(uses)}",
                                   "stop using it first, or pass --force")
     now = time.time()
-    with editing(host) as journal:
-        for dev in to_move:  # a PF leaving its driver takes its VFs with it
-            for vf, vf_group in _vf_groups(host, dev.address):
+    pf_vfs = [(dev, _vf_groups(host, dev.address)) for dev in to_move]
+    decided = {g.number for g, _ in plans} | {g for _, vfs in pf_vfs for _, g in vfs}
+    with editing(host, groups=decided) as journal:
+        for dev, vfs in pf_vfs:  # a PF leaving its driver takes its VFs with it
+            for vf, vf_group in vfs:
                 held = journal.claims.get(vf_group)
                 if held is not None and held.owner != owner and not claim_gone(host, held):
                     raise DeviceError(
@@ -589,9 +591,10 @@ def acquire(host: Host, container: ContainerId, groups: list[IommuGroup],
         return []
     bound: list[PciAddress] = []
     with group_locks(host, wanted):
-        journal = read_journal_file(host)
+        numbers = {g.number for g in wanted}
+        journal = read_journal_file(host, groups=numbers)
         if _repair_gone(host, wanted, journal):
-            journal = read_journal_file(host)
+            journal = read_journal_file(host, groups=numbers)
         check_free(host, container, wanted, journal=journal)
         try:
             plans: dict[IommuGroup, list[PciDevice]] = {}
@@ -617,7 +620,7 @@ def acquire(host: Host, container: ContainerId, groups: list[IommuGroup],
                 bound = _bind_locked(host, list(plans.items()), container.owner, force=False,
                                      in_use=in_use, add_claims=claim, on_claimed=on_claimed)
             else:
-                with editing(host) as current:
+                with editing(host, groups=numbers) as current:
                     claim(current)
                 if on_claimed is not None:
                     on_claimed()

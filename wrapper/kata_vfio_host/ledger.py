@@ -215,11 +215,12 @@ def _parse_vf_original(obj: Any) -> VfOriginal:
 
 
 class Journal:
-    __slots__ = ("claims", "damaged", "devices", "kept", "vf_configs")
+    __slots__ = ("claims", "damaged", "devices", "kept", "other_claims", "vf_configs")
 
     def __init__(self) -> None:
         self.devices: dict[str, DeviceEntry] = {}
         self.claims: dict[int, Claim] = {}
+        self.other_claims: dict[str, Any] = {}  # read for some groups: the rest, as found
         self.vf_configs: dict[str, VfOriginal] = {}
         self.damaged: list[str] = []  # why entries could not be read
         self.kept: dict[str, Any] = {}  # those entries, left for a human
@@ -253,9 +254,11 @@ def _parse_claim(obj: Any) -> Claim:
                  _opt_str(obj.get("instance")))
 
 
-def read_journal_file(host: Host) -> Journal:
+def read_journal_file(host: Host, *, groups: set[int] | None = None) -> Journal:
     """The journal as typed entries; entries that cannot be read are listed in `damaged`
-    (and kept out of the way) instead of stopping everything."""
+    (and kept out of the way) instead of stopping everything. With `groups`, only the
+    claims of those groups are read (a create's decisions need no others: its work does
+    not grow with the containers on the host); the rest stay as found, to write back."""
     path = host.journal
     try:
         with open(path, "rb") as f:
@@ -286,7 +289,11 @@ def read_journal_file(host: Host) -> Journal:
         except (ValueError, KataVfioError) as exc:
             journal.damaged.append(f"journal entry {key!r} is unreadable ({exc})")
             journal.kept[str(key)] = obj
+    wanted = None if groups is None else {str(g) for g in groups}
     for key, obj in data.get("claims", {}).items():
+        if wanted is not None and key not in wanted:
+            journal.other_claims[key] = obj
+            continue
         try:
             journal.claims[IommuGroup.parse(key).number] = _parse_claim(obj)
         except (ValueError, KataVfioError) as exc:
@@ -307,7 +314,7 @@ def _write_journal_file(host: Host, journal: Journal) -> None:
     data: dict[str, Any] = {
         "version": JOURNAL_VERSION,
         "devices": {a: e.to_obj() for a, e in sorted(journal.devices.items())},
-        "claims": {str(g): c.to_obj() for g, c in sorted(journal.claims.items())},
+        "claims": _claims_obj(journal),
     }
     if journal.vf_configs:
         data["vf_configs"] = {a: v.to_obj() for a, v in sorted(journal.vf_configs.items())}
@@ -317,6 +324,16 @@ def _write_journal_file(host: Host, journal: Journal) -> None:
 
 
 _HELD: set[tuple[int, str]] = set()  # (thread, lock path) this process holds now
+
+
+def _claims_obj(journal: Journal) -> dict[str, Any]:
+    if not journal.other_claims:
+        return {str(g): c.to_obj() for g, c in sorted(journal.claims.items())}
+    merged = dict(journal.other_claims)
+    for g in journal.claims:
+        merged.pop(str(g), None)
+    merged.update((str(g), c.to_obj()) for g, c in journal.claims.items())
+    return dict(sorted(merged.items(), key=lambda kv: (len(kv[0]), kv[0])))
 
 
 class Locks:
@@ -372,16 +389,18 @@ def group_locks(host: Host, groups: list[IommuGroup]) -> Locks:
 
 class editing:
     """The journal, to change in place; written back whole when the block ends without
-    an exception."""
+    an exception. With `groups`, only those groups' claims are in `claims` (the caller
+    holds their locks); the others are written back as they were found."""
 
-    def __init__(self, host: Host) -> None:
+    def __init__(self, host: Host, *, groups: set[int] | None = None) -> None:
         self._host = host
+        self._groups = groups
         self._lock = Locks([_join(host.state_dir, "journal.lock")])
 
     def __enter__(self) -> Journal:
         self._lock.__enter__()
         try:
-            self._journal = read_journal_file(self._host)
+            self._journal = read_journal_file(self._host, groups=self._groups)
         except BaseException:
             self._lock.__exit__()
             raise
@@ -511,7 +530,7 @@ def claim_groups(host: Host, container: ContainerId, groups: list[IommuGroup],
     """Record that the container uses these groups (call under their group locks, after
     `check_free`). The claim belongs to this container instance: the token it writes
     into the bundle."""
-    with editing(host) as journal:
+    with editing(host, groups={g.number for g in groups}) as journal:
         record_claims(host, journal, container, groups, bundle)
 
 
