@@ -3,6 +3,9 @@
 
 Wrapper: `kata-vfio state` vs the inner runtime's own `state` (target <= +10 ms), and the
 create-time edit for 1, 8 and 32 VFIO devices (target <= 40 ms for 8).
+Ledger (fake host of 128 VFs, forked creates): p99 of 100 concurrent creates, naming
+and allocating, against the floor 100 x one create's median / cores (target <= 1.5x);
+one create with 1,000 other live claims against one with 10 (target <= 1.5x).
 Hook, in one guest boot: wall time for 1 and for 4 devices against a bare
 `python3 -I -S -c pass`, and the share that is the kernel's rebind
 (targets: hook(1) <= 4x bare + kernel time, hook(N) <= 1.5x hook(1)).
