@@ -277,7 +277,8 @@ def test_a_bind_of_eight_groups_reads_and_writes_the_journal_once(
     host = Host(fakesys.root, tmp_path / "state", kernel.write)
     calls: list[str] = []
     read, write = ledger.read_journal_file, ledger._write_journal_file
-    monkeypatch.setattr(ledger, "read_journal_file", lambda h: calls.append("read") or read(h))
+    monkeypatch.setattr(ledger, "read_journal_file",
+                        lambda h, **kw: calls.append("read") or read(h, **kw))
     monkeypatch.setattr(bindings, "read_journal_file", ledger.read_journal_file)
     monkeypatch.setattr(ledger, "_write_journal_file",
                         lambda h, j: calls.append("write") or write(h, j))

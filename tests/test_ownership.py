@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def test_a_removed_bundle_ends_ownership(host: Host, tmp_path: Path,
     """The owner is gone when its bundle directory is gone: the next create takes over."""
     b1 = bundle_dir(tmp_path, "c1")
     acquire(host, ContainerId("c1"), [], [A("0000:08:00.0")], ("1b36:*",), b1)
-    os.rmdir(b1)
+    shutil.rmtree(b1)  # as engines remove a bundle, with what is in it
     acquire(host, ContainerId("c2"), [], [A("0000:08:00.0")], ("1b36:*",),
             bundle_dir(tmp_path, "c2"))
     owners = {e["owner"] for e in read_journal(host).values()}
@@ -316,3 +317,100 @@ def test_full_state_dir_keeps_the_journal_readable(tiny_fs: Path, fakesys: FakeS
     assert sorted(journal) == [f"0000:{0x20 + i:02x}:00.0" for i in bound]
     failed = f"0000:{0x20 + len(bound):02x}:00.0"
     assert fakesys.driver(failed) == "nvme"  # the journal came first: nothing moved
+
+
+# --- issue 15: releases under the group locks, claims of one container instance ----------
+
+
+def test_restore_stale_racing_a_takeover_never_leaves_a_claim_unbound(
+        host: Host, tmp_path: Path, fakesys: FakeSysfs, kernel: FakeKernel) -> None:
+    """Issue 15 defect 5: `restore --stale` (a slow sysfs) gives a gone owner's device back
+    while a create takes the group over. The create's claim must say what is true: its
+    device is on vfio-pci, not back on its host driver behind the claim's back."""
+    b1 = bundle_dir(tmp_path, "gone")
+    acquire(host, ContainerId("gone"), [], [A("0000:08:00.0")], ("1b36:*",), b1)
+    shutil.rmtree(b1)  # the containerd way: bundle removed, no delete
+    started = tmp_path / "give-back-started"
+
+    def slow_write(path: str | Path, text: str) -> None:
+        if os.path.basename(path) == "driver_override" and not started.exists():
+            started.write_text("x")  # the give-back has begun; a slow sysfs from here
+            import time
+
+            time.sleep(0.6)
+        kernel.write(path, text)
+
+    pid = os.fork()
+    if pid == 0:
+        slow = Host(host.sysfs, host.state_dir, slow_write, boot_id=host.boot_id)
+        try:
+            _, report = release_gone(slow)
+            os._exit(0 if report.failed == [] else 1)
+        except BaseException:
+            os._exit(2)
+    for _ in range(500):
+        if started.exists():
+            break
+        os.waitpid(pid, os.WNOHANG)
+        import time
+
+        time.sleep(0.005)
+    assert started.exists(), "restore --stale never began giving back"
+    acquire(host, ContainerId("new"), [], [A("0000:08:00.0")], ("1b36:*",),
+            bundle_dir(tmp_path, "new"))
+    assert os.waitpid(pid, 0)[1] == 0
+    journal = read_journal(host)
+    assert journal["0000:08:00.0"]["owner"] == "container new"
+    assert fakesys.driver("0000:08:00.0") == "vfio-pci"  # what the claim says it has
+
+
+def test_release_gone_keeps_a_new_instance_under_the_same_id(
+        host: Host, tmp_path: Path, fakesys: FakeSysfs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15 defect 5's class: `restore --stale` decides "gone" and then gives back;
+    a container that claimed in between under the same id must keep its devices."""
+    b1 = bundle_dir(tmp_path, "x")
+    acquire(host, ContainerId("x"), [], [A("0000:08:00.0")], ("1b36:*",), b1)
+    shutil.rmtree(b1)
+    from kata_vfio_host import ledger
+
+    seen = ledger.gone_containers(host)
+    assert seen == ["x"]
+    acquire(host, ContainerId("x"), [], [A("0000:08:00.0")], ("1b36:*",),
+            bundle_dir(tmp_path, "x2"))  # the new instance, before the release ran
+    monkeypatch.setattr(ledger, "gone_containers", lambda host: seen)  # what it saw first
+    _, report = release_gone(host)
+    assert report.restored == [] and report.failed == []
+    assert fakesys.driver("0000:08:00.0") == "vfio-pci"
+    assert Path(marker(host.state_dir, "x")).exists()
+
+
+def test_a_recreated_bundle_is_not_the_old_owner(host: Host, tmp_path: Path,
+                                                 fakesys: FakeSysfs) -> None:
+    """Issue 15 defect 11: a claim belongs to one container instance. The engine removed
+    container x's bundle and a new container with the same id recreated the directory:
+    `restore --stale` gives x's devices back and another container can have the group."""
+    b1 = bundle_dir(tmp_path, "x")
+    acquire(host, ContainerId("x"), [], [A("0000:08:00.0")], ("1b36:*",), b1)
+    shutil.rmtree(b1)
+    os.makedirs(b1)  # the new instance's engine made the same path again
+    gone, report = release_gone(host)
+    assert gone == ["x"] and report.failed == []
+    assert fakesys.driver("0000:08:00.0") == "nvme"
+    acquire(host, ContainerId("other"), [IommuGroup(11)], [A("0000:08:00.0")], ("1b36:*",),
+            bundle_dir(tmp_path, "other"))
+    assert read_journal(host)["0000:08:00.0"]["owner"] == "container other"
+
+
+def test_a_recreated_bundle_does_not_block_a_create(host: Host, tmp_path: Path,
+                                                    fakesys: FakeSysfs) -> None:
+    """Defect 11 without `restore --stale`: the next create takes over the group of an
+    owner whose bundle path now holds another instance."""
+    b1 = bundle_dir(tmp_path, "x")
+    acquire(host, ContainerId("x"), [], [A("0000:09:00.0")], ("1b36:*",), b1)
+    shutil.rmtree(b1)
+    os.makedirs(b1)
+    acquire(host, ContainerId("y"), [], [A("0000:09:00.0")], ("1b36:*",),
+            bundle_dir(tmp_path, "y"))
+    assert read_journal(host)["0000:09:00.0"]["owner"] == "container y"
+    assert fakesys.driver("0000:09:00.0") == "vfio-pci"

@@ -135,3 +135,71 @@ def test_the_netlink_request_reaches_the_kernel() -> None:
         assert (mac, vlan) == (None, None)  # a veth has no VFs to report
     finally:
         subprocess.run(["ip", "link", "del", "kvfio-vf0"], check=False)
+
+
+# --- issue 15 defect 2: VF settings never outlive their owner --------------------------
+
+PF_OWN = ("02:00:00:00:00:01", 0)  # what the PF had for VF 0 before any container
+
+
+def test_the_next_owner_gets_the_pfs_values_not_the_gone_owners(nic_host: Host,
+                                                                tmp_path: Path) -> None:
+    """A sets VF 0's MAC and VLAN and ends the containerd way (bundle removed, no delete);
+    B gets the same VF and must find the PF's own values, and `restore --stale` must not
+    touch the VF under B."""
+    from kata_vfio_host.bindings import release_gone
+
+    a = create(nic_host, tmp_path, "a", {"io.kata-vfio.devices": "0000:3b:02.0",
+                                         "io.kata-vfio.vf-config": f"0000:3b:02.0 mac={MAC} "
+                                                                   "vlan=100"})
+    shutil.rmtree(a)
+    create(nic_host, tmp_path, "b", {"io.kata-vfio.devices": "0000:3b:02.0"})
+    assert nic_host.netlink.table[("enp59s0", 0)] == PF_OWN
+    calls = list(nic_host.netlink.calls)
+    release_gone(nic_host)  # restore --stale with B live
+    assert nic_host.netlink.calls == calls  # nothing set under B
+    assert nic_host.netlink.table[("enp59s0", 0)] == PF_OWN
+    assert read_journal_file(nic_host).claims[10].container == "b"
+
+
+def test_the_pfs_values_survive_a_second_owners_settings(nic_host: Host,
+                                                          tmp_path: Path) -> None:
+    """A and then B set VF 0; after both are gone `restore --all` gives the PF its own
+    values, never A's; while B lives, its settings stay."""
+    a = create(nic_host, tmp_path, "a", {"io.kata-vfio.devices": "0000:3b:02.0",
+                                         "io.kata-vfio.vf-config": f"0000:3b:02.0 mac={MAC} "
+                                                                   "vlan=100"})
+    shutil.rmtree(a)
+    b = create(nic_host, tmp_path, "b", {"io.kata-vfio.devices": "0000:3b:02.0",
+                                         "io.kata-vfio.vf-config": "0000:3b:02.0 "
+                                                                   "mac=52:54:00:00:00:0b"})
+    assert nic_host.netlink.table[("enp59s0", 0)] == ("52:54:00:00:00:0b", 0)
+    assert restore_all(nic_host).vf_settings == []  # B lives: kept
+    assert nic_host.netlink.table[("enp59s0", 0)] == ("52:54:00:00:00:0b", 0)
+    shutil.rmtree(b)
+    report = restore_all(nic_host)
+    assert report.failed == []
+    assert nic_host.netlink.table[("enp59s0", 0)] == PF_OWN
+
+
+def test_a_gone_owners_entry_on_a_live_containers_vf_is_never_reset(
+        nic_host: Host, tmp_path: Path) -> None:
+    """The class, whatever left the entry there (a journal of an older version, a failed
+    give-back): VF settings recorded by a gone owner for a VF a live container holds now
+    stay on the VF for that container, and go back to the PF's values when it ends."""
+    from kata_vfio_host.bindings import release_gone
+    from kata_vfio_host.ledger import VfOriginal, editing
+
+    b = create(nic_host, tmp_path, "b", {"io.kata-vfio.devices": "0000:3b:02.0"})
+    nic_host.netlink.table[("enp59s0", 0)] = (MAC, 100)  # what gone "a" set
+    with editing(nic_host) as journal:
+        journal.vf_configs["0000:3b:02.0"] = VfOriginal("container a", "enp59s0", 0,
+                                                        *PF_OWN, boot_id="b")
+    calls = list(nic_host.netlink.calls)
+    release_gone(nic_host)
+    restore_all(nic_host)
+    assert nic_host.netlink.calls == calls  # nothing reset under B
+    assert read_journal_file(nic_host).vf_configs["0000:3b:02.0"].owner == "container b"
+    shutil.rmtree(b)
+    assert release_container(nic_host, "b").failed == []
+    assert nic_host.netlink.table[("enp59s0", 0)] == PF_OWN

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from kata_vfio.defaults import SELECT_ANNOTATION
 from kata_vfio.errors import DeviceError
@@ -111,7 +111,7 @@ def allocation_lock(host: Host) -> Locks:
 
 
 def _group_state(host: Host, group: IommuGroup, allow: tuple[str, ...],
-                 holders: dict[int, str], cache: dict[int, str | None]) -> str | None:
+                 holders: _LiveHolders, cache: dict[int, str | None]) -> str | None:
     """None when the group can be given to a container; else why not."""
     if group.number in cache:
         return cache[group.number]
@@ -132,44 +132,79 @@ def _group_state(host: Host, group: IommuGroup, allow: tuple[str, ...],
     return why
 
 
+class _LiveHolders:
+    """IOMMU group -> the live container (other than the one allocating) that holds it,
+    asked group by group: whether an owner is gone is looked up (its bundle, its token)
+    only for the groups an allocation considers, not for every claim on the host."""
+
+    def __init__(self, host: Host, claims: dict[int, Any], container: str | None) -> None:
+        self._host = host
+        self._claims = claims
+        self._container = container
+        self._known: dict[int, str | None] = {}
+
+    def get(self, group: int) -> str | None:
+        if group not in self._known:
+            claim = self._claims.get(group)
+            self._known[group] = None if claim is None or claim.container == self._container \
+                or claim_gone(self._host, claim) else claim.owner
+        return self._known[group]
+
+    def __contains__(self, group: object) -> bool:
+        return isinstance(group, int) and self.get(group) is not None
+
+    def __getitem__(self, group: int) -> str:
+        holder = self.get(group)
+        if holder is None:
+            raise KeyError(group)
+        return holder
+
+
 class Pool:
-    """The host's devices as an allocation sees them (read once, under the lock)."""
+    """The host's devices as an allocation sees them. What a device is (IDs, group) may
+    be read before the allocation lock; who holds what, drivers and VF counts are read
+    by `refresh` and `why_not_free`, under it."""
 
     def __init__(self, host: Host, allow: tuple[str, ...], container: str | None = None
                  ) -> None:
         self.host = host
         self.allow = allow
-        journal = read_journal_file(host)
-        self.holders = {g: c.owner for g, c in journal.claims.items()
-                        if not claim_gone(host, c) and c.container != container}
+        self.container = container
         self.devices: list[PciDevice] = []
-        self.providers: dict[PciAddress, int] = {}
         for addr in list_addresses(host.sysfs):
             dev = read_device(host.sysfs, addr)
             if not dev.is_bridge and dev.iommu_group is not None:
                 self.devices.append(dev)
-                vfs = virtual_function_count(host, addr)
-                if vfs:
-                    self.providers[addr] = vfs
         # virtual functions first (they exist to be handed out), then address order
         self.devices.sort(key=lambda d: (d.physfn is None, d.address))
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Who holds which group now (call under the allocation lock)."""
+        self.holders = _LiveHolders(self.host, read_journal_file(self.host).claims,
+                                    self.container)
         self._groups: dict[int, str | None] = {}
 
     def why_not_free(self, dev: PciDevice) -> str | None:
         """None when an allocation may give this device to a container; else why not."""
-        if dev.address in self.providers:  # its VFs would go with it
-            return f"provides {self.providers[dev.address]} virtual functions"
+        vfs = virtual_function_count(self.host, dev.address)
+        if vfs:  # its VFs would go with it
+            return f"provides {vfs} virtual functions"
         assert dev.iommu_group is not None
         return _group_state(self.host, dev.iommu_group, self.allow, self.holders, self._groups)
 
 
 def choose(host: Host, requests: list[SelectRequest], allow: tuple[str, ...],
-           container: ContainerId, named: frozenset[int] = frozenset()) -> list[PciAddress]:
+           container: ContainerId, named: frozenset[int] = frozenset(), *,
+           pool: Pool | None = None) -> list[PciAddress]:
     """The devices to give the container, or a DeviceError saying what is missing.
     `named`: the IOMMU groups the container already asks for by address or node: a
     selection adds devices beyond them, never one of them again. Call under the
-    allocation lock."""
-    pool = Pool(host, allow, container)
+    allocation lock; `pool`: the host's devices as read before it."""
+    if pool is None:
+        pool = Pool(host, allow, container)
+    else:
+        pool.refresh()
     taken_groups: set[int] = set()
     chosen: list[PciAddress] = []
     for request in requests:

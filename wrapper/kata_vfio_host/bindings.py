@@ -36,15 +36,16 @@ from kata_vfio_host.ledger import (
     Journal,
     check_free,
     claim_gone,
-    claim_groups,
     editing,
     group_locks,
     marker,
     read_journal_file,
+    record_claims,
 )
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: `kata-vfio create` avoids importing typing
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
     from kata_vfio_host.ledger import InUse
@@ -139,11 +140,14 @@ def _vf_groups(host: Host, pf: PciAddress) -> list[tuple[str, int]]:
 
 
 def _bind_locked(host: Host, plans: list[GroupPlan], owner: str, *, force: bool,
-                 in_use: InUse | None, refuse_claimed: bool = False) -> list[PciAddress]:
+                 in_use: InUse | None, refuse_claimed: bool = False,
+                 add_claims: Callable[[Journal], object] | None = None,
+                 on_claimed: Callable[[], object] | None = None) -> list[PciAddress]:
     """Bind the groups' endpoints (caller holds the group locks); returns what moved.
 
     The journal gets every device first, in one write (with `refuse_claimed`, after
-    checking in that same read that no live container holds one of the groups); then the
+    checking in that same read that no live container holds one of the groups; `add_claims`
+    adds a create's claims to that same write, `on_claimed` runs after it); then the
     kernel work runs concurrently (FastIOV's lesson: rebinding VFs one by one dominates
     start time); on any failure everything of these groups goes back."""
     devices = [d for _, members in plans for d in members]
@@ -155,9 +159,11 @@ def _bind_locked(host: Host, plans: list[GroupPlan], owner: str, *, force: bool,
                 raise DeviceError(f"PCI device {dev.address} is in use: {'; '.join(uses)}",
                                   "stop using it first, or pass --force")
     now = time.time()
-    with editing(host) as journal:
-        for dev in to_move:  # a PF leaving its driver takes its VFs with it
-            for vf, vf_group in _vf_groups(host, dev.address):
+    pf_vfs = [(dev, _vf_groups(host, dev.address)) for dev in to_move]
+    decided = {g.number for g, _ in plans} | {g for _, vfs in pf_vfs for _, g in vfs}
+    with editing(host, groups=decided) as journal:
+        for dev, vfs in pf_vfs:  # a PF leaving its driver takes its VFs with it
+            for vf, vf_group in vfs:
                 held = journal.claims.get(vf_group)
                 if held is not None and held.owner != owner and not claim_gone(host, held):
                     raise DeviceError(
@@ -175,6 +181,10 @@ def _bind_locked(host: Host, plans: list[GroupPlan], owner: str, *, force: bool,
                     continue  # keep the original driver recorded when it was moved
                 journal.devices[str(d.address)] = DeviceEntry(
                     d.driver, d.driver_override, group.number, owner, host.boot_id, now)
+        if add_claims is not None:
+            add_claims(journal)
+    if on_claimed is not None:
+        on_claimed()
     if not to_move:
         return []
     ensure_vfio_pci(host)
@@ -241,8 +251,22 @@ def wait_for_group_node(host: Host, group: IommuGroup, timeout: float = 5.0) -> 
     return f"/dev/vfio/{group}"
 
 
+def _entry_groups(host: Host, addresses: list[PciAddress]) -> list[IommuGroup]:
+    journal = read_journal_file(host)
+    return [IommuGroup(e.group) for a in addresses
+            if (e := journal.devices.get(str(a))) is not None]
+
+
 def restore(host: Host, addresses: list[PciAddress], owner: str | None = None, *,
             force: bool = False) -> RestoreReport:
+    """See `_restore_locked`: under the groups' locks, as a claim is made (a create taking
+    over the group waits until the devices are back, and sees them back)."""
+    with group_locks(host, _entry_groups(host, addresses)):
+        return _restore_locked(host, addresses, owner, force=force)
+
+
+def _restore_locked(host: Host, addresses: list[PciAddress], owner: str | None = None, *,
+                    force: bool = False) -> RestoreReport:
     """Give journalled devices back to their recorded drivers, each on its own: a device
     that fails is reported and keeps its entry; the others go on. With `owner`, only
     that owner's entries. A device that no longer exists has nothing to give back.
@@ -351,19 +375,43 @@ def _in_pool(items: list[_T], work: Callable[[Host, _T], _R], host: Host,
     return [results[i] for i in range(len(items))]
 
 
+def _groups_of(host: Host, journal: Journal, owner: str | None) -> list[IommuGroup]:
+    """Every group the owner (None: anyone) has a claim, a device or VF settings in."""
+    groups = {g for g, c in journal.claims.items() if owner is None or c.owner == owner}
+    groups |= {e.group for e in journal.devices.values() if owner is None or e.owner == owner}
+    for addr, original in journal.vf_configs.items():
+        if owner is None or original.owner == owner:
+            group = _vf_group(host, addr, original.group)
+            if group is not None:
+                groups.add(group)
+    return [IommuGroup(g) for g in groups]
+
+
+def _vf_group(host: Host, addr: str, recorded: int | None) -> int | None:
+    if recorded is not None:
+        return recorded
+    try:
+        return group_of(host.sysfs, PciAddress.parse(addr)).number
+    except (KataVfioError, OSError, ValueError):
+        return None
+
+
 def restore_all(host: Host, owner: str | None = None, *, force: bool = False
                 ) -> RestoreReport:
-    journal = read_journal_file(host)
-    addresses = [PciAddress.parse(a) for a, e in journal.devices.items()
-                 if owner is None or e.owner == owner]
-    report = restore_vf_configs(host, owner, force=force)
-    report.extend(restore(host, addresses, owner, force=force))
-    report.failed += journal.damaged
-    if owner is None and not report.failed:
-        with editing(host) as current:  # everything is back: drop the claims that held it
-            for group in [g for g, c in current.claims.items()
-                          if force or claim_gone(host, c)]:
-                del current.claims[group]
+    """Give back everything journalled (of `owner`), under the locks of every group
+    involved: nothing is given back under a create deciding about the same group."""
+    with group_locks(host, _groups_of(host, read_journal_file(host), owner)):
+        journal = read_journal_file(host)
+        addresses = [PciAddress.parse(a) for a, e in journal.devices.items()
+                     if owner is None or e.owner == owner]
+        report = restore_vf_configs(host, owner, force=force)
+        report.extend(_restore_locked(host, addresses, owner, force=force))
+        report.failed += journal.damaged
+        if owner is None and not report.failed:
+            with editing(host) as current:  # everything is back: drop the claims that held it
+                for group in [g for g, c in current.claims.items()
+                              if force or claim_gone(host, c)]:
+                    del current.claims[group]
     return report
 
 
@@ -387,19 +435,27 @@ def apply_vf_config(host: Host, container: ContainerId, text: str) -> list[str]:
     done = []
     for setting in parse_vf_config(text):
         group = group_of(host.sysfs, setting.vf)
-        claim = read_journal_file(host).claims.get(group.number)
-        if claim is None or claim.container != container:
-            raise DeviceError(f"io.kata-vfio.vf-config names {setting.vf}, which is not one of "
-                              f"container {container}'s devices",
-                              "ask for the VF too (io.kata-vfio.devices or select)")
-        port = vf_port(Path(host.sysfs), setting.vf)
-        mac, vlan = netlink.get(port)
-        with editing(host) as journal:  # the original first: a crash leaves what to undo
-            known = journal.vf_configs.get(str(setting.vf))
-            if known is None or known.owner != container.owner:
-                journal.vf_configs[str(setting.vf)] = VfOriginal(
-                    container.owner, port.pf_interface, port.vf_index, mac, vlan, host.boot_id)
-        netlink.set(port, setting.mac, setting.vlan)
+        with group_locks(host, [group]):
+            claim = read_journal_file(host).claims.get(group.number)
+            if claim is None or claim.container != container:
+                raise DeviceError(f"io.kata-vfio.vf-config names {setting.vf}, which is not one "
+                                  f"of container {container}'s devices",
+                                  "ask for the VF too (io.kata-vfio.devices or select)")
+            port = vf_port(Path(host.sysfs), setting.vf)
+            mac, vlan = netlink.get(port)
+            with editing(host) as journal:  # the original first: a crash leaves what to undo
+                known = journal.vf_configs.get(str(setting.vf))
+                if known is None:
+                    journal.vf_configs[str(setting.vf)] = VfOriginal(
+                        container.owner, port.pf_interface, port.vf_index, mac, vlan,
+                        host.boot_id, group.number)
+                elif known.owner != container.owner:
+                    # settings an earlier owner left: the PF's own values are still those
+                    # recorded then, never what that owner set
+                    journal.vf_configs[str(setting.vf)] = VfOriginal(
+                        container.owner, known.pf_interface, known.index, known.mac,
+                        known.vlan, host.boot_id, group.number)
+            netlink.set(port, setting.mac, setting.vlan)
         done.append(f"{setting.vf}: {port.pf_interface} vf {port.vf_index}"
                     f"{' mac ' + setting.mac if setting.mac else ''}"
                     f"{' vlan ' + str(setting.vlan) if setting.vlan is not None else ''}")
@@ -408,21 +464,48 @@ def apply_vf_config(host: Host, container: ContainerId, text: str) -> list[str]:
 
 def restore_vf_configs(host: Host, owner: str | None = None, *, force: bool = False
                        ) -> RestoreReport:
-    """Give PFs back the MAC/VLAN their VFs had before containers changed them. Without
-    `owner`, a live container's VF settings stay unless `force`."""
+    """Give PFs back the MAC/VLAN their VFs had before containers changed them, under
+    the VFs' group locks. Without `owner`, a live container's VF settings stay unless
+    `force`. A VF that a live container other than the entry's owner holds now is never
+    reset: that container has it, so the entry (the PF's own values) becomes its own, to
+    give back when it ends."""
+    journal = read_journal_file(host)
+    groups = {a: _vf_group(host, a, v.group) for a, v in journal.vf_configs.items()
+              if owner is None or v.owner == owner}
+    with group_locks(host, [IommuGroup(g) for g in groups.values() if g is not None]):
+        return _restore_vf_locked(host, owner, force=force, groups=groups)
+
+
+def _restore_vf_locked(host: Host, owner: str | None, *, force: bool,
+                       groups: dict[str, int | None], only_group: int | None = None
+                       ) -> RestoreReport:
+    from kata_vfio_host.ledger import VfOriginal
     from kata_vfio_host.vfconfig import VfPort
 
     report = RestoreReport()
     journal = read_journal_file(host)
-    mine = {a: v for a, v in journal.vf_configs.items() if owner is None or v.owner == owner}
-    if owner is None and not force:
-        live = set(live_holders(host, journal).values())
-        for addr in [a for a, v in mine.items() if v.owner in live]:
-            report.failed.append(f"{addr}: VF settings of live {mine.pop(addr).owner} kept; "
+    held = live_holders(host, journal)
+    live = set(held.values())
+    mine: dict[str, VfOriginal] = {}
+    handed: dict[str, VfOriginal] = {}
+    for addr, original in journal.vf_configs.items():
+        if owner is not None and original.owner != owner:
+            continue
+        group = groups[addr] if addr in groups else _vf_group(host, addr, original.group)
+        if only_group is not None and group != only_group:
+            continue
+        holder = held.get(group) if group is not None else None
+        if holder is not None and holder != original.owner and not (owner is None and force):
+            handed[addr] = VfOriginal(holder, original.pf_interface, original.index,
+                                      original.mac, original.vlan, original.boot_id, group)
+        elif owner is None and not force and (holder == original.owner or
+                                              (group is None and original.owner in live)):
+            report.failed.append(f"{addr}: VF settings of live {original.owner} kept; "
                                  "delete the container first, or pass --force")
-    if not mine:
-        return report
-    netlink = _netlink(host)
+        else:
+            mine[addr] = original
+    done: list[str] = []
+    netlink: Any = _netlink(host) if mine else None
     for addr, original in mine.items():
         mac, vlan = original.mac or "00:00:00:00:00:00", original.vlan or 0
         try:
@@ -430,26 +513,44 @@ def restore_vf_configs(host: Host, owner: str | None = None, *, force: bool = Fa
         except (KataVfioError, OSError) as exc:
             report.failed.append(f"{addr}: VF settings: {exc}")
             continue
-        with editing(host) as current:
-            current.vf_configs.pop(addr, None)
+        done.append(addr)
         report.vf_settings.append(f"{addr}: {original.pf_interface} vf {original.index} "
                                   f"mac {mac} vlan {vlan}")
+    if done or handed:
+        with editing(host) as current:
+            for addr in done:
+                if current.vf_configs.get(addr) == mine[addr]:
+                    del current.vf_configs[addr]
+            for addr, entry in handed.items():
+                if current.vf_configs.get(addr) == journal.vf_configs[addr]:
+                    current.vf_configs[addr] = entry
     return report
 
 
-def release_container(host: Host, container: str) -> RestoreReport:
+def release_container(host: Host, container: str, *, only_gone: bool = False
+                      ) -> RestoreReport:
     """A container is gone: give back what was bound for it and drop its claims. Its
-    marker goes only when everything went back, so a failure can be retried."""
+    marker goes only when everything went back, so a failure can be retried.
+
+    All of it under the locks of the container's groups, as its claims were made. With
+    `only_gone` (restore --stale) the container must still be gone once those locks are
+    held: a new container instance under the same id keeps what it claimed."""
     cid = ContainerId.parse(container)
-    report = restore_all(host, cid.owner)
-    if not report.failed:
-        with editing(host) as journal:
-            for group in [g for g, c in journal.claims.items() if c.container == cid]:
-                del journal.claims[group]
-        try:
-            os.unlink(marker(host.state_dir, cid))
-        except FileNotFoundError:
-            pass
+    with group_locks(host, _groups_of(host, read_journal_file(host), cid.owner)):
+        if only_gone:
+            journal = read_journal_file(host)
+            if any(c.container == cid and not claim_gone(host, c)
+                   for c in journal.claims.values()):
+                return RestoreReport()
+        report = restore_all(host, cid.owner)
+        if not report.failed:
+            with editing(host) as journal:
+                for group in [g for g, c in journal.claims.items() if c.container == cid]:
+                    del journal.claims[group]
+            try:
+                os.unlink(marker(host.state_dir, cid))
+            except FileNotFoundError:
+                pass
     return report
 
 
@@ -460,7 +561,7 @@ def release_gone(host: Host) -> tuple[list[str], RestoreReport]:
     report = RestoreReport()
     gone = gone_containers(host)
     for cid in gone:
-        report.extend(release_container(host, cid))
+        report.extend(release_container(host, cid, only_gone=True))
     return gone, report
 
 
@@ -475,20 +576,26 @@ def allowed(patterns: tuple[str, ...], dev: PciDevice) -> bool:
 
 def acquire(host: Host, container: ContainerId, groups: list[IommuGroup],
             addresses: list[PciAddress], allow: tuple[str, ...], bundle: str | None,
-            in_use: InUse | None = None) -> list[PciAddress]:
+            in_use: InUse | None = None, *, on_claimed: Callable[[], object] | None = None
+            ) -> list[PciAddress]:
     """Everything a container's create needs from the ledger, under the group locks:
     devices of owners that are gone are handed back, groups held by another live
     container refused, requested devices not yet on vfio-pci auto-bound if the admin's
     allow-list permits every endpoint, and every group claimed. Returns what was bound.
-    On failure nothing stays bound or claimed for this container."""
+    On failure nothing stays bound or claimed for this container. `on_claimed` runs once
+    the claims are in the journal, before any kernel work (an allocation ends its lock
+    there: the next one sees these groups held)."""
     by_addr = {addr: group_of(host.sysfs, addr) for addr in addresses}
     wanted = sorted(set(groups) | set(by_addr.values()))
     if not wanted:
         return []
     bound: list[PciAddress] = []
     with group_locks(host, wanted):
-        _repair_gone(host, wanted)
-        check_free(host, container, wanted)
+        numbers = {g.number for g in wanted}
+        journal = read_journal_file(host, groups=numbers)
+        if _repair_gone(host, wanted, journal):
+            journal = read_journal_file(host, groups=numbers)
+        check_free(host, container, wanted, journal=journal)
         try:
             plans: dict[IommuGroup, list[PciDevice]] = {}
             for addr, group in by_addr.items() if allow else ():
@@ -503,24 +610,47 @@ def acquire(host: Host, container: ContainerId, groups: list[IommuGroup],
                             f"bind it first (kata-vfio-ctl bind {dev.address}) or allow it in "
                             "[autobind] allow of config.toml")
                 plans[group] = devices
-            # the claims (and marker) first: a crash from here on is repaired by the
-            # delete podman runs after a failed create, or by any later create
-            claim_groups(host, container, wanted, bundle)
+            # the claims (and marker) with the devices' entries, before any kernel work:
+            # a crash from here on is repaired by the delete podman runs after a failed
+            # create, or by any later create
+            def claim(journal: Journal) -> None:
+                record_claims(host, journal, container, wanted, bundle)
+
             if plans:
                 bound = _bind_locked(host, list(plans.items()), container.owner, force=False,
-                                     in_use=in_use)
+                                     in_use=in_use, add_claims=claim, on_claimed=on_claimed)
+            else:
+                with editing(host, groups=numbers) as current:
+                    claim(current)
+                if on_claimed is not None:
+                    on_claimed()
         except BaseException:
             release_container(host, container)
             raise
     return bound
 
 
-def _repair_gone(host: Host, groups: list[IommuGroup]) -> None:
-    """Hand back devices in these (locked) groups whose owning container is gone."""
-    journal = read_journal_file(host)
+def _repair_gone(host: Host, groups: list[IommuGroup], journal: Journal | None = None
+                 ) -> bool:
+    """Hand back what owners that are gone left in these (locked) groups: VF settings
+    first (the next owner starts from the PF's own values), then devices. True when it
+    changed the journal (`journal`: as read under the locks)."""
+    journal = journal if journal is not None else read_journal_file(host)
+    changed = False
     for group in groups:
         claim = journal.claims.get(group.number)
-        if claim is None or not claim_gone(host, claim):
+        live = claim is not None and not claim_gone(host, claim)
+        if not live and any(_vf_group(host, a, v.group) == group.number
+                            for a, v in journal.vf_configs.items()):
+            # nobody live holds the group: whoever set these is gone
+            report = _restore_vf_locked(host, None, force=True, groups={},
+                                        only_group=group.number)
+            if report.failed:
+                raise DeviceError(f"IOMMU group {group}: the VF settings a container that is "
+                                  f"gone left cannot be set back: {report.failed[0]}",
+                                  "run kata-vfio-ctl restore --stale and check the PF")
+            changed = True
+        if claim is None or live:
             continue
         mine = [PciAddress.parse(a) for a, e in journal.devices.items()
                 if e.owner == claim.owner and e.group == group.number]
@@ -531,3 +661,5 @@ def _repair_gone(host: Host, groups: list[IommuGroup]) -> None:
                               "run kata-vfio-ctl restore --stale and check the kernel log")
         with editing(host) as current:
             current.claims.pop(group.number, None)
+        changed = True
+    return changed

@@ -9,15 +9,21 @@ under the journal lock:
   Written *before* sysfs is touched, so a process killed at any step leaves what
   to undo.
 - ``claims``: per IOMMU group, the container using it now, with the boot it was
-  made in and its bundle directory.
+  made in, its bundle directory and the instance token of that create.
 
 An owner is gone when its claim comes from an earlier boot (the boot id differs),
 or its bundle directory no longer exists (podman's `rm`, containerd's delete and
-CRI-O's removal all take the bundle away). Entries of gone owners are restorable
+CRI-O's removal all take the bundle away), or the bundle directory there now is not
+the one it claimed from: each claim writes a random token into the bundle
+(``kata-vfio.instance``) and records it, so a new container that recreated the same
+bundle path under the same id is not taken for the old owner. Entries of gone owners are restorable
 but own nothing: every create checks, and hands the devices of gone owners back.
 Each container with claims also has a marker file ``containers/<id>``, so the
 wrapper's passthrough `delete` can tell with one stat whether it has work to do.
-One flock per IOMMU group serialises containers racing for the same devices.
+One flock per IOMMU group serialises containers racing for the same devices, and
+every release takes the same locks as a claim: a decision about a group and the
+journal records it leads to happen under that group's lock. The locks are re-entrant
+per thread (a release inside a create's failure path takes nothing twice).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 import fcntl
 import os
 import time
+from _thread import get_ident
 
 from kata_vfio.errors import DeviceError, KataVfioError
 from kata_vfio.jsoncodec import dumps, loads
@@ -46,6 +53,7 @@ if TYPE_CHECKING:
 ADMIN = "kata-vfio-ctl"
 JOURNAL_VERSION = 2
 BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
+INSTANCE_FILE = "kata-vfio.instance"  # in a claimed container's bundle directory
 _ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 _join = os.path.join
 
@@ -149,41 +157,50 @@ class DeviceEntry(_Record):
 class Claim(_Record):
     """A container's use of an IOMMU group."""
 
-    __slots__ = ("boot_id", "bundle", "container", "since")
+    __slots__ = ("boot_id", "bundle", "container", "instance", "since")
 
     def __init__(self, container: str, boot_id: str | None, bundle: str | None,
-                 since: float = 0.0) -> None:
+                 since: float = 0.0, instance: str | None = None) -> None:
         self.container = container
         self.boot_id = boot_id
         self.bundle = bundle
         self.since = since
+        self.instance = instance  # the token written into the bundle (None: older claims)
 
     @property
     def owner(self) -> str:
         return owner_name(self.container)
 
     def to_obj(self) -> dict[str, Any]:
-        return {"container": self.container, "boot_id": self.boot_id, "bundle": self.bundle,
-                "since": self.since}
+        obj = {"container": self.container, "boot_id": self.boot_id, "bundle": self.bundle,
+               "since": self.since}
+        if self.instance is not None:
+            obj["instance"] = self.instance
+        return obj
 
 
 class VfOriginal(_Record):
     """What a PF had for one of its VFs before a container's io.kata-vfio.vf-config."""
 
-    __slots__ = ("boot_id", "index", "mac", "owner", "pf_interface", "vlan")
+    __slots__ = ("boot_id", "group", "index", "mac", "owner", "pf_interface", "vlan")
 
     def __init__(self, owner: str, pf_interface: str, index: int, mac: str | None,
-                 vlan: int | None, boot_id: str | None = None) -> None:
+                 vlan: int | None, boot_id: str | None = None, group: int | None = None
+                 ) -> None:
         self.owner = owner
         self.pf_interface = pf_interface
         self.index = index
         self.mac = mac
         self.vlan = vlan
         self.boot_id = boot_id
+        self.group = group  # the VF's IOMMU group (None in entries of older versions)
 
     def to_obj(self) -> dict[str, Any]:
-        return {"owner": self.owner, "pf_interface": self.pf_interface, "index": self.index,
-                "mac": self.mac, "vlan": self.vlan, "boot_id": self.boot_id}
+        obj = {"owner": self.owner, "pf_interface": self.pf_interface, "index": self.index,
+               "mac": self.mac, "vlan": self.vlan, "boot_id": self.boot_id}
+        if self.group is not None:
+            obj["group"] = self.group
+        return obj
 
 
 def _parse_vf_original(obj: Any) -> VfOriginal:
@@ -191,17 +208,19 @@ def _parse_vf_original(obj: Any) -> VfOriginal:
             or not isinstance(obj.get("pf_interface"), str) \
             or not isinstance(obj.get("index"), int):
         raise ValueError("needs owner, pf_interface and index")
-    vlan = obj.get("vlan")
+    vlan, group = obj.get("vlan"), obj.get("group")
     return VfOriginal(obj["owner"], obj["pf_interface"], obj["index"], _opt_str(obj.get("mac")),
-                      vlan if isinstance(vlan, int) else None, _opt_str(obj.get("boot_id")))
+                      vlan if isinstance(vlan, int) else None, _opt_str(obj.get("boot_id")),
+                      group if isinstance(group, int) else None)
 
 
 class Journal:
-    __slots__ = ("claims", "damaged", "devices", "kept", "vf_configs")
+    __slots__ = ("claims", "damaged", "devices", "kept", "other_claims", "vf_configs")
 
     def __init__(self) -> None:
         self.devices: dict[str, DeviceEntry] = {}
         self.claims: dict[int, Claim] = {}
+        self.other_claims: dict[str, Any] = {}  # read for some groups: the rest, as found
         self.vf_configs: dict[str, VfOriginal] = {}
         self.damaged: list[str] = []  # why entries could not be read
         self.kept: dict[str, Any] = {}  # those entries, left for a human
@@ -231,12 +250,15 @@ def _parse_claim(obj: Any) -> Claim:
     ContainerId.parse(obj.get("container"))
     since = obj.get("since", 0.0)
     return Claim(obj["container"], _opt_str(obj.get("boot_id")), _opt_str(obj.get("bundle")),
-                 float(since) if isinstance(since, int | float) else 0.0)
+                 float(since) if isinstance(since, int | float) else 0.0,
+                 _opt_str(obj.get("instance")))
 
 
-def read_journal_file(host: Host) -> Journal:
+def read_journal_file(host: Host, *, groups: set[int] | None = None) -> Journal:
     """The journal as typed entries; entries that cannot be read are listed in `damaged`
-    (and kept out of the way) instead of stopping everything."""
+    (and kept out of the way) instead of stopping everything. With `groups`, only the
+    claims of those groups are read (a create's decisions need no others: its work does
+    not grow with the containers on the host); the rest stay as found, to write back."""
     path = host.journal
     try:
         with open(path, "rb") as f:
@@ -267,7 +289,11 @@ def read_journal_file(host: Host) -> Journal:
         except (ValueError, KataVfioError) as exc:
             journal.damaged.append(f"journal entry {key!r} is unreadable ({exc})")
             journal.kept[str(key)] = obj
+    wanted = None if groups is None else {str(g) for g in groups}
     for key, obj in data.get("claims", {}).items():
+        if wanted is not None and key not in wanted:
+            journal.other_claims[key] = obj
+            continue
         try:
             journal.claims[IommuGroup.parse(key).number] = _parse_claim(obj)
         except (ValueError, KataVfioError) as exc:
@@ -288,7 +314,7 @@ def _write_journal_file(host: Host, journal: Journal) -> None:
     data: dict[str, Any] = {
         "version": JOURNAL_VERSION,
         "devices": {a: e.to_obj() for a, e in sorted(journal.devices.items())},
-        "claims": {str(g): c.to_obj() for g, c in sorted(journal.claims.items())},
+        "claims": _claims_obj(journal),
     }
     if journal.vf_configs:
         data["vf_configs"] = {a: v.to_obj() for a, v in sorted(journal.vf_configs.items())}
@@ -297,24 +323,47 @@ def _write_journal_file(host: Host, journal: Journal) -> None:
     write_atomically(host.journal, dumps(data).encode(), mode=0o600)
 
 
+_HELD: set[tuple[int, str]] = set()  # (thread, lock path) this process holds now
+
+
+def _claims_obj(journal: Journal) -> dict[str, Any]:
+    if not journal.other_claims:
+        return {str(g): c.to_obj() for g, c in sorted(journal.claims.items())}
+    merged = dict(journal.other_claims)
+    for g in journal.claims:
+        merged.pop(str(g), None)
+    merged.update((str(g), c.to_obj()) for g, c in journal.claims.items())
+    return dict(sorted(merged.items(), key=lambda kv: (len(kv[0]), kv[0])))
+
+
 class Locks:
     """flock(2) on lock files, taken in the order given, released in reverse when the
-    block ends (or the process dies)."""
+    block ends (or the process dies). Re-entrant per thread: a path this thread holds
+    already is skipped (flock on a second open file would wait for ourselves)."""
 
     def __init__(self, paths: list[str]) -> None:
         self._paths = paths
-        self._fds: list[int] = []
+        self._fds: list[tuple[int, tuple[int, str]]] = []
 
     def __enter__(self) -> None:
+        thread = get_ident()
         try:
             made = None
             for path in self._paths:
+                key = (thread, path)
+                if key in _HELD:
+                    continue
                 if os.path.dirname(path) != made:  # once for a bind's 32 group locks
                     made = os.path.dirname(path)
                     os.makedirs(made, exist_ok=True)
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-                self._fds.append(fd)
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                self._fds.append((fd, key))
+                _HELD.add(key)
         except BaseException:
             self._release()
             raise
@@ -322,9 +371,15 @@ class Locks:
     def __exit__(self, *exc: object) -> None:
         self._release()
 
+    def release(self) -> None:
+        """End the block early (what `with` does at its end; a second call does nothing)."""
+        self._release()
+
     def _release(self) -> None:
         while self._fds:
-            os.close(self._fds.pop())
+            fd, key = self._fds.pop()
+            _HELD.discard(key)
+            os.close(fd)
 
 
 def group_locks(host: Host, groups: list[IommuGroup]) -> Locks:
@@ -334,16 +389,18 @@ def group_locks(host: Host, groups: list[IommuGroup]) -> Locks:
 
 class editing:
     """The journal, to change in place; written back whole when the block ends without
-    an exception."""
+    an exception. With `groups`, only those groups' claims are in `claims` (the caller
+    holds their locks); the others are written back as they were found."""
 
-    def __init__(self, host: Host) -> None:
+    def __init__(self, host: Host, *, groups: set[int] | None = None) -> None:
         self._host = host
+        self._groups = groups
         self._lock = Locks([_join(host.state_dir, "journal.lock")])
 
     def __enter__(self) -> Journal:
         self._lock.__enter__()
         try:
-            self._journal = read_journal_file(self._host)
+            self._journal = read_journal_file(self._host, groups=self._groups)
         except BaseException:
             self._lock.__exit__()
             raise
@@ -370,10 +427,49 @@ def marker(state_dir: StrPath, container_id: str) -> str:
 
 
 def claim_gone(host: Host, claim: Claim) -> bool:
-    """Is the container behind a claim gone? Another boot, or its bundle removed."""
+    """Is the container behind a claim gone? Another boot, its bundle removed, or the
+    bundle there now made by another container instance (its token differs)."""
     if claim.boot_id != host.boot_id:
         return True
-    return claim.bundle is not None and not os.path.isdir(claim.bundle)
+    if claim.bundle is None:
+        return False
+    if claim.instance is None:  # a claim of an older version: the directory alone
+        return not os.path.isdir(claim.bundle)
+    return read_instance(claim.bundle) != claim.instance
+
+
+def read_instance(bundle: str) -> str | None:
+    """The instance token in a bundle directory (None: no bundle, or no token)."""
+    try:
+        fd = os.open(_join(bundle, INSTANCE_FILE), os.O_RDONLY | os.O_NOFOLLOW |
+                     os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, 64).decode("ascii", "replace").strip() or None
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def write_instance(bundle: str | None) -> str | None:
+    """A new instance token in the bundle (the one there already when this same instance
+    claims again); None when there is no bundle or it cannot be written."""
+    if bundle is None or not os.path.isdir(bundle):
+        return None
+    current = read_instance(bundle)
+    if current is not None:
+        return current
+    from kata_vfio.files import write_atomically
+
+    token = os.urandom(16).hex()
+    try:
+        write_atomically(_join(bundle, INSTANCE_FILE), token.encode(), mode=0o600,
+                         durable=False)
+    except OSError:
+        return None
+    return token
 
 
 def owner_of(host: Host, group: IommuGroup, journal: Journal | None = None) -> str | None:
@@ -406,7 +502,8 @@ def gone_containers(host: Host, journal: Journal | None = None) -> list[str]:
                     with open(_join(markers, name), "rb") as f:
                         info = loads(f.read())
                     claim = Claim(name, _opt_str(info.get("boot_id")),
-                                  _opt_str(info.get("bundle")))
+                                  _opt_str(info.get("bundle")),
+                                  instance=_opt_str(info.get("instance")))
                 except (OSError, ValueError, AttributeError):
                     claim = Claim(name, None, None)
                 if claim_gone(host, claim):
@@ -414,12 +511,16 @@ def gone_containers(host: Host, journal: Journal | None = None) -> list[str]:
     return sorted(gone)
 
 
-def write_marker(host: Host, container: ContainerId, bundle: str | None) -> None:
+def write_marker(host: Host, container: ContainerId, bundle: str | None,
+                 instance: str | None = None) -> None:
     from kata_vfio.files import write_atomically
 
     path = marker(host.state_dir, container)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    record = {"owner": container.owner, "boot_id": host.boot_id, "bundle": bundle}
+    record: dict[str, Any] = {"owner": container.owner, "boot_id": host.boot_id,
+                              "bundle": bundle}
+    if instance is not None:
+        record["instance"] = instance
     # a marker of this boot only: no disk flush (see write_atomically)
     write_atomically(path, dumps(record).encode(), mode=0o600, durable=False)
 
@@ -427,17 +528,28 @@ def write_marker(host: Host, container: ContainerId, bundle: str | None) -> None
 def claim_groups(host: Host, container: ContainerId, groups: list[IommuGroup],
                  bundle: str | None) -> None:
     """Record that the container uses these groups (call under their group locks, after
-    `check_free`)."""
-    write_marker(host, container, bundle)
+    `check_free`). The claim belongs to this container instance: the token it writes
+    into the bundle."""
+    with editing(host, groups={g.number for g in groups}) as journal:
+        record_claims(host, journal, container, groups, bundle)
+
+
+def record_claims(host: Host, journal: Journal, container: ContainerId,
+                  groups: list[IommuGroup], bundle: str | None) -> None:
+    """`claim_groups` inside an edit of the journal the caller makes anyway (a create
+    writes its claims and its devices' entries in one write)."""
+    instance = write_instance(bundle)
+    write_marker(host, container, bundle, instance)
     now = time.time()
-    with editing(host) as journal:
-        for group in groups:
-            journal.claims[group.number] = Claim(container, host.boot_id, bundle, now)
+    for group in groups:
+        journal.claims[group.number] = Claim(container, host.boot_id, bundle, now, instance)
 
 
-def check_free(host: Host, container: ContainerId, groups: list[IommuGroup]) -> None:
-    """Refuse groups held by another live container (call under their group locks)."""
-    journal = read_journal_file(host)
+def check_free(host: Host, container: ContainerId, groups: list[IommuGroup], *,
+               journal: Journal | None = None) -> None:
+    """Refuse groups held by another live container (call under their group locks;
+    `journal`: as read under them)."""
+    journal = journal if journal is not None else read_journal_file(host)
     for group in groups:
         current = owner_of(host, group, journal)
         if current not in (None, ADMIN, container.owner):

@@ -80,16 +80,26 @@ def prepare_bundle(container_id: str | None, bundle: StrPath, settings: Settings
                     bound = acquire(host, acquired, groups, addresses, settings.autobind_allow,
                                     str(bundle), in_use=in_use)
                 else:
-                    from kata_vfio_host.allocate import allocation_lock, choose, parse_select
+                    from kata_vfio_host.allocate import (
+                        Pool,
+                        allocation_lock,
+                        choose,
+                        parse_select,
+                    )
 
                     requests = parse_select(str(select))
                     named = frozenset({g.number for g in groups} |
                                       {group_of(host.sysfs, a).number for a in addresses})
-                    with allocation_lock(host):
+                    # the lock covers the choice and its claims only: the binds of one
+                    # allocation run while the next one chooses
+                    pool = Pool(host, settings.autobind_allow, acquired)  # what devices are
+                    lock = allocation_lock(host)
+                    with lock:
                         chosen = choose(host, requests, settings.autobind_allow, acquired,
-                                        named)
+                                        named, pool=pool)
                         bound = acquire(host, acquired, groups, addresses + chosen,
-                                        settings.autobind_allow, str(bundle), in_use=in_use)
+                                        settings.autobind_allow, str(bundle), in_use=in_use,
+                                        on_claimed=lock.release)
                     log.info("allocated", select=select, devices=[str(a) for a in chosen])
             if bound:
                 log.info("auto-bound", devices=[str(a) for a in bound])
