@@ -374,7 +374,8 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
 
     settings = load_settings()
     kata = find_config(args.kata_config)
-    lines = uninstall_kata(kata, settings, Path(config_path()), Path(settings.state_dir))
+    lines = uninstall_kata(kata, settings, Path(config_path()), Path(settings.state_dir),
+                           named=args.kata_config is not None)
     for line in lines or [f"{kata or 'Kata configuration'}: nothing to undo"]:
         print(line)
     removed = unregister(Path(args.conf))
