@@ -260,14 +260,16 @@ def _header_path(line: str) -> tuple[str, ...] | None:
     return tuple(keys) if node == {} else None
 
 
-OURS = tuple(_runtimes_path(v) + (RUNTIME_NAME,) for v in CRI_PLUGINS)
+OURS = tuple((*_runtimes_path(v), RUNTIME_NAME) for v in CRI_PLUGINS)
 
 
 def _our_blocks(text: str) -> list[tuple[int, int]]:
     """Line ranges of the runtime tables register added: from a header marked as ours
     up to the next table that is not one of its own sub-tables."""
     lines = text.splitlines(keepends=True)
-    blocks, start, ours = [], None, ()
+    blocks: list[tuple[int, int]] = []
+    start: int | None = None
+    ours: tuple[str, ...] = ()
     for i, line in enumerate(lines):
         path = _header_path(line) if line.lstrip().startswith("[") else None
         if path is None and not line.lstrip().startswith("[["):
@@ -348,7 +350,7 @@ def _problem(base: str, new: str, version: int, runtime: ShimRuntime, back: str)
 
 
 def register_containerd(conf: Path, runtime: ShimRuntime, *, version: int | None = None,
-                        containerd: str = "containerd") -> bool:
+                        containerd: str = "containerd", dry_run: bool = False) -> bool:
     """Add (or update) the kata-vfio runtime; True when the file changed.
 
     The result is checked before anything is written: our runtime where containerd reads
@@ -390,7 +392,8 @@ def register_containerd(conf: Path, runtime: ShimRuntime, *, version: int | None
         if problem is None:
             if new == text:
                 return False
-            found.save(new)
+            if not dry_run:
+                found.save(new)
             return True
         reasons.append(problem)
     raise ConfigError(
@@ -411,7 +414,7 @@ def unregister_containerd(conf: Path) -> bool:
     text = found.text
     new = _take_out(text)
     before = tomllib.loads(text)
-    versions = [v for v in CRI_PLUGINS if _runtimes_path(v) + (RUNTIME_NAME,) in
+    versions = [v for v in CRI_PLUGINS if (*_runtimes_path(v), RUNTIME_NAME) in
                 {_header_path(text.splitlines()[s]) for s, _ in _our_blocks(text)}]
     try:
         after = tomllib.loads(new)
@@ -485,13 +488,16 @@ def _crio_dropin_is_ours(dropin: Path) -> bool | None:
 
     if os.path.islink(dropin):
         return False  # ours is a plain file; a link is the admin's arrangement
-    found = read_found(dropin, "CRI-O drop-in")
+    try:
+        found = read_found(dropin, "CRI-O drop-in")
+    except ConfigError:
+        return False  # a FIFO, a device, a huge file ...: not what crio-register writes
     if not found.exists:
         return None
     return found.text.startswith(CRIO_FIRST_LINE + "\n")
 
 
-def register_crio(dropin: Path, runtime: ShimRuntime) -> bool:
+def register_crio(dropin: Path, runtime: ShimRuntime, *, dry_run: bool = False) -> bool:
     """Write the drop-in; True when it changed. A file there that crio-register did not
     write (another drop-in, a link) is refused, never replaced."""
     from kata_vfio.files import write_atomically
@@ -509,6 +515,8 @@ def register_crio(dropin: Path, runtime: ShimRuntime) -> bool:
                           f"{CRIO_DROPIN}")
     if ours and read_found(dropin, "CRI-O drop-in").raw == text.encode():
         return False
+    if dry_run:
+        return True
     dropin.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(dropin, text.encode())
     return True
@@ -556,8 +564,8 @@ def cmd_containerd_register(args: argparse.Namespace) -> int:
 
 def cmd_containerd_unregister(args: argparse.Namespace) -> int:
     conf = Path(args.conf)
-    print(f"{conf}: "
-          + (f"removed {RUNTIME_NAME}" if unregister_containerd(conf) else _containerd_absent(conf)))
+    news = f"removed {RUNTIME_NAME}" if unregister_containerd(conf) else _containerd_absent(conf)
+    print(f"{conf}: {news}")
     return 0
 
 
@@ -585,23 +593,26 @@ def add_install_options(p: argparse.ArgumentParser, *, install: bool) -> None:
                        help=f"absolute path of {SHIM_BINARY} (default: beside kata-vfio-ctl)")
 
 
-def install_engines(args: argparse.Namespace, kata_config: str | None) -> list[str]:
+def install_engines(args: argparse.Namespace, kata_config: str | None, *,
+                    dry_run: bool = False) -> list[str]:
     """Register with the engines `install` was asked for; one line of news each.
 
     `kata_config` is the Kata configuration the shim should use (ConfigPath /
-    runtime_config_path), e.g. the kata-vfio configuration install wrote.
+    runtime_config_path), e.g. the kata-vfio configuration install wrote. `dry_run`
+    checks that every registration would take, writing nothing (install runs it before
+    it changes any file, so a refusal leaves everything as it was).
     """
     news = []
     if args.containerd:
         runtime = _shim_runtime(argparse.Namespace(shim_path=args.shim_path,
                                                    kata_config=kata_config), crio=False)
-        changed = register_containerd(Path(args.containerd), runtime)
+        changed = register_containerd(Path(args.containerd), runtime, dry_run=dry_run)
         news.append(f"{args.containerd}: "
                     f"{'registered' if changed else 'already registered'} {RUNTIME_NAME}")
     if args.crio:
         runtime = _shim_runtime(argparse.Namespace(shim_path=args.shim_path,
                                                    kata_config=kata_config), crio=True)
-        changed = register_crio(Path(args.crio), runtime)
+        changed = register_crio(Path(args.crio), runtime, dry_run=dry_run)
         news.append(f"{args.crio}: {'written' if changed else 'already up to date'}")
     return news
 

@@ -291,6 +291,12 @@ def _set_config_key(config_file: Path, key: str, value: str) -> dict[str, Any]:
         return undo
     doc[key] = value  # tomlkit puts a new top-level key before the first table
     text = tomlkit.dumps(doc)
+    import tomllib
+
+    want = dict(tomllib.loads(found.text), **{key: value})
+    if tomllib.loads(text) != want:
+        raise ConfigError(f"{config_file}: cannot set {key} in this layout safely; "
+                          "nothing was changed", f'add {key} = "{value}" at its top by hand')
     undo["after"] = found.render(text).decode()
     found.save(text)
     return undo
@@ -394,13 +400,13 @@ def install_kata(installed: Path, settings: Settings, config_file: Path, state_d
 
     text = derive(read_text(installed, "Kata configuration"), installed, release, settings,
                   initrd)
+    record = _read_record(state_dir)  # before anything is written: it may be unreadable
     lines = []
     if read_bytes(target, "generated Kata configuration") == text.encode():
         lines.append(f"{target}: up to date ({release})")
     else:
         write_atomically(target, text.encode(), mode=0o644)
         lines.append(f"{target}: written from {installed} ({release}, guest = {settings.guest})")
-    record = _read_record(state_dir)
     entry = record.get(str(target)) or {"installed": str(installed)}
     undo = _set_config_key(config_file, "kata_config_path", str(target))
     entry.setdefault("config_file", str(config_file))
@@ -441,7 +447,9 @@ def uninstall_kata(installed: Path | None, settings: Settings, config_file: Path
             lines.append(f"{entry.get('config_file') or config_file}: kata_config_path removed")
     if record:
         _write_record(state_dir, kept)
-    elif settings.kata_config_path and is_generated(Path(settings.kata_config_path)):
+    elif settings.kata_config_path and is_generated(Path(settings.kata_config_path)) and (
+            not named or installed is None or _same_file(
+                generated_from(Path(settings.kata_config_path)), installed)):
         # the record went with its state dir: still remove the file, and the key naming it
         Path(settings.kata_config_path).unlink()
         lines.append(f"{settings.kata_config_path}: removed")
@@ -455,6 +463,10 @@ def uninstall_kata(installed: Path | None, settings: Settings, config_file: Path
         if restored:
             lines.append(f"{installed}: restored {', '.join(restored)}")
     return lines
+
+
+def _same_file(a: Path | None, b: Path) -> bool:
+    return a is not None and os.path.realpath(a) == os.path.realpath(b)
 
 
 # --- doctor ---------------------------------------------------------------------------------

@@ -137,6 +137,30 @@ def _parse(path: Path, text: str) -> Any:
         raise ConfigError(f"cannot read {path}: {exc}", "fix or reinstall Kata") from None
 
 
+def _problem(before: str, after: str, path: Path, values: dict[str, Any]) -> str | None:
+    """Why `after` is not `before` with `values` set in its hypervisor table, as Kata
+    reads it; None when it is."""
+    import tomllib
+
+    try:
+        new, old = tomllib.loads(after), tomllib.loads(before)
+    except tomllib.TOMLDecodeError as exc:
+        return f"the result would not be valid TOML: {exc}"
+    name, _ = hypervisor_table(old, path)
+    table = (new.get("hypervisor") or {}).get(name)
+    if not isinstance(table, dict):
+        return f"[hypervisor.{name}] would be lost"
+    plain = {k: v.unwrap() if hasattr(v, "unwrap") else v for k, v in values.items()}
+    if any(table.get(k) != v for k, v in plain.items()):
+        return f"the settings would not land in [hypervisor.{name}]"
+    for key in plain:
+        table.pop(key, None)
+        old["hypervisor"][name].pop(key, None)
+    if new != old:
+        return "other settings would change"
+    return None
+
+
 def install(path: Path, state_dir: Path, guest_hook_path: str,
             annotations: dict[str, str]) -> list[str]:
     """Set what kata-vfio needs; returns the keys changed. Idempotent.
@@ -174,9 +198,15 @@ def install(path: Path, state_dir: Path, guest_hook_path: str,
         table[key] = new
         changed.append(key)
     if changed:
+        text = tomlkit.dumps(doc)
+        problem = _problem(found.text, text, path, {k: table[k] for k in changed})
+        if problem is not None:
+            raise ConfigError(f"{path}: cannot set {', '.join(changed)} in this layout safely "
+                              f"({problem}); nothing was changed",
+                              "write [hypervisor.NAME] as a table of plain keys, or set them "
+                              "by hand (kata-vfio-ctl doctor says what is missing)")
         if entry.get("after") not in (None, found.raw.decode()):
             entry["before"] = None  # edited since the last install: its bytes are not ours
-        text = tomlkit.dumps(doc)
         entry["after"] = found.render(text).decode()
         record[str(found.target)] = entry
         write_record(record_path, record)  # first: an uninstall must know what we did

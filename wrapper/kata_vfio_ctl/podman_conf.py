@@ -60,7 +60,10 @@ def _marked(item: Any) -> bool:
 
 
 def _item(table: Any, key: str) -> Any:
-    return table.item(key) if key in table else None
+    try:
+        return table.item(key) if key in table else None
+    except AttributeError:  # a table tomlkit pieces together from dotted keys
+        return None
 
 
 def _add_table(parent: Any, key: str) -> None:
@@ -101,9 +104,9 @@ def _add(conf: Path, text: str, runtime_path: str, name: str, created: bool) -> 
 def _take_out(text: str, name: str) -> str | None:
     """`text` without what register added; None when it holds nothing of ours."""
     doc = tomlkit.parse(text)
-    engine = doc.get("engine")
-    runtimes = engine.get("runtimes") if isinstance(engine, dict) else None
-    ours = _item(runtimes, name) if isinstance(runtimes, dict) else None
+    engine: Any = doc.get("engine")
+    runtimes: Any = engine.get("runtimes") if isinstance(engine, dict) else None
+    ours: Any = _item(runtimes, name) if isinstance(runtimes, dict) else None
     if not _marked(ours):
         return None
     comment = ours.trivia.comment
@@ -155,7 +158,8 @@ def _without_empty(data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def register(conf: Path, runtime_path: str, name: str = RUNTIME_NAME) -> bool:
+def register(conf: Path, runtime_path: str, name: str = RUNTIME_NAME, *,
+             dry_run: bool = False) -> bool:
     """Add the runtime and its feature entries; True when the file changed.
 
     Checked before anything is written: the runtime where podman reads it, every other
@@ -178,7 +182,7 @@ def register(conf: Path, runtime_path: str, name: str = RUNTIME_NAME) -> bool:
             raise ConfigError(
                 f"{conf} already has a runtime {name} = {runtimes[name].unwrap()!r} that "
                 "kata-vfio-ctl did not add; nothing was changed",
-                f"rename or remove it and register again, or keep it as it is")
+                "rename or remove it and register again, or keep it as it is")
         base = _take_out(text, name) or text
     back = CREATED_HEADER if not found.exists else base
     try:
@@ -186,8 +190,8 @@ def register(conf: Path, runtime_path: str, name: str = RUNTIME_NAME) -> bool:
         problem = _problem(base, new, runtime_path, name, back)
     except ConfigError:
         raise
-    except Exception as exc:  # tomlkit refuses some layouts (inline tables ...)
-        problem = str(exc)
+    except Exception:  # tomlkit cannot edit some layouts (dotted keys out of order ...)
+        problem = "[engine] is made of dotted keys or inline tables here"
     if problem is not None:
         raise ConfigError(f"{conf}: cannot add the {name} runtime to this layout safely "
                           f"({problem}); nothing was changed",
@@ -195,7 +199,8 @@ def register(conf: Path, runtime_path: str, name: str = RUNTIME_NAME) -> bool:
                           f'["{runtime_path}"] to [engine.runtimes] by hand')
     if new == text:
         return False
-    found.save(new)
+    if not dry_run:
+        found.save(new)
     return True
 
 
@@ -209,7 +214,12 @@ def unregister(conf: Path, name: str = RUNTIME_NAME) -> bool:
     if not found.exists:
         return False
     _parse(conf, found.text)
-    new = _take_out(found.text, name)
+    try:
+        new = _take_out(found.text, name)
+    except Exception:  # tomlkit cannot edit some layouts
+        raise ConfigError(f"{conf}: cannot take the {name} runtime out of this layout safely; "
+                          "nothing was changed", f"remove {name} from [engine.runtimes] by "
+                          "hand") from None
     if new is None:
         return False
     if new == CREATED_HEADER and not os.path.islink(conf):
