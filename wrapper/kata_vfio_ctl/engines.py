@@ -5,9 +5,11 @@ spec and execs Kata's shim. containerd maps the runtime type `io.containerd.kata
 to that binary (or to `runtime_path`); CRI-O runs `runtime_path` for `runtime_type = "vm"`
 and requires the `containerd-shim-` prefix in its name.
 
-containerd: one `kata-vfio` table in /etc/containerd/config.toml, edited with tomlkit so
-comments and other runtimes survive, and `unregister_containerd` takes out exactly what
-`register_containerd` put in (a file it created is removed again). Where the runtimes
+containerd: one `kata-vfio` table in /etc/containerd/config.toml, its header marked as
+ours, edited with tomlkit so comments and other runtimes survive (or appended with its full
+name where the tables above it are dotted keys); each edit is checked before it is written,
+and `unregister_containerd` takes out exactly the marked table (a file register created is
+removed again). Where the runtimes
 live depends on the config's `version`: 1 and 2 are containerd 1.x (`cri`,
 `io.containerd.grpc.v1.cri`), 3 is containerd 2.x (`io.containerd.cri.v1.runtime`).
 CRI-O: a drop-in of our own, /etc/crio/crio.conf.d/50-kata-vfio.conf.
@@ -39,7 +41,8 @@ USER_ANNOTATIONS = ("io.kata-vfio.devices", "io.kata-vfio.select", "io.kata-vfio
 ANNOTATION_GLOB = "io.kata-vfio.*"
 # containerd config version -> the plugin whose `containerd.runtimes` holds runtimes
 CRI_PLUGINS = {1: "cri", 2: "io.containerd.grpc.v1.cri", 3: "io.containerd.cri.v1.runtime"}
-# A key we add to a file that had none is marked, so that unregister knows it is ours.
+# What register adds (our runtime table's header, a `version` key) carries this mark, so
+# unregister takes out only what is ours, never an admin's own kata-vfio runtime.
 ADDED_MARK = "# added by kata-vfio-ctl"
 CRIO_FIRST_LINE = "# kata-vfio: VFIO devices in Kata containers. Written by kata-vfio-ctl"
 CREATED_HEADER = ("# Created by kata-vfio-ctl containerd-register; "
