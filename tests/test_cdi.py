@@ -82,7 +82,7 @@ def test_no_usable_group_removes_a_stale_spec(fakesys: FakeSysfs, tmp_path: Path
                                               capsys: pytest.CaptureFixture[str]) -> None:
     fakesys.add_device("0000:05:00.0", group=14, driver="nvme")
     out = tmp_path / "kata-vfio.json"
-    out.write_text('{"cdiVersion": "0.5.0"}')
+    out.write_text('{"cdiVersion": "0.5.0", "kind": "kata-vfio.io/pci", "devices": []}')
     assert ctl("cdi", "--sysfs", str(fakesys.root), "--output", str(out)) == 1
     assert not out.exists()
     assert ("no IOMMU group is usable by VFIO on this host, so there is no CDI device "

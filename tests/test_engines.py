@@ -176,7 +176,8 @@ def test_new_runtime_lines_up_with_its_siblings(tmp_path: Path) -> None:
     register_containerd(conf, ShimRuntime(SHIM, KATA_CONF))
     lines = conf.read_text().splitlines()
     head = lines.index(
-        '        [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.kata-vfio]')
+        '        [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.kata-vfio]'
+        ' # added by kata-vfio-ctl')  # the mark: unregister takes out only what it added
     assert lines[head + 1] == '          runtime_type = "io.containerd.kata-vfio.v2"'
     assert '            ConfigPath = "/etc/kata-containers/kata-vfio.toml"' in lines
     # a blank line still separates the next table from ours

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,9 +113,37 @@ def build_spec(groups: list[UsableGroup]) -> dict[str, Any]:
     }
 
 
+SPEC_LIMIT = 4 << 20  # a spec of every function of a big host is well below this
+
+
+def spec_is_ours(path: Path) -> bool | None:
+    """None: no file there; True: a CDI spec of our kind (ours to replace or remove);
+    False: anything else (another vendor's spec, a FIFO, a device ...), never touched."""
+    from kata_vfio.errors import ConfigError
+    from kata_vfio_ctl.textfile import read_bytes
+
+    if os.path.islink(path):
+        return False
+    try:
+        raw = read_bytes(path, "CDI spec", SPEC_LIMIT)
+    except ConfigError:
+        return False
+    if raw is None:
+        return None
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return False
+    return isinstance(data, dict) and data.get("kind") == CDI_KIND
+
+
 def write_spec(path: Path, spec: dict[str, Any]) -> None:
+    from kata_vfio.errors import ConfigError
     from kata_vfio.files import write_atomically
 
+    if spec_is_ours(path) is False:
+        raise ConfigError(f"{path} exists and is not a {CDI_KIND} spec; nothing was changed",
+                          f"pass --output with a file of its own, e.g. {DEFAULT_SPEC}")
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(path, (json.dumps(spec, indent=2) + "\n").encode(), mode=0o644)
 
@@ -144,10 +173,10 @@ def cmd_cdi(args: argparse.Namespace) -> int:
 
 
 def _remove(path: Path) -> bool:
-    try:
-        path.unlink()
-    except FileNotFoundError:
+    """Remove our stale spec; a file that is not ours stays where it is."""
+    if not spec_is_ours(path):
         return False
+    path.unlink()
     return True
 
 

@@ -101,8 +101,9 @@ def check_kata_initrd(path: Path) -> Check:
 
     from kata_vfio.run import CommandError, run
     from kata_vfio_ctl.kata_conf import hypervisor_table
+    from kata_vfio_ctl.textfile import read_text
 
-    _, table = hypervisor_table(tomllib.loads(path.read_text()), path)
+    _, table = hypervisor_table(tomllib.loads(read_text(path, "Kata configuration")), path)
     initrd = table.get("initrd")
     if not initrd:
         return Check("kata:initrd", FAIL, "Kata boots an image, not an initrd",
@@ -123,9 +124,15 @@ def check_kata_initrd(path: Path) -> Check:
 def check_podman(conf: Path) -> Check:
     import tomllib
 
+    from kata_vfio.errors import KataVfioError
+    from kata_vfio_ctl.textfile import read_text
+
     try:
-        engine = tomllib.loads(conf.read_text()).get("engine", {})
-    except (OSError, tomllib.TOMLDecodeError):
+        engine = tomllib.loads(read_text(conf, "containers.conf")).get("engine", {})
+    except (KataVfioError, tomllib.TOMLDecodeError) as exc:
+        if not isinstance(exc, KataVfioError) or conf.exists():
+            return Check("podman", FAIL, f"cannot read {conf}: {exc}",
+                         "fix the file, or pass --conf PATH")
         engine = {}
     runtime = (engine.get("runtimes") or {}).get("kata-vfio")
     json_ok = "kata-vfio" in (engine.get("runtime_supports_json") or [])
@@ -169,10 +176,14 @@ def check_dpdk(settings: Settings | None, kata_config: Path | None) -> Check:
     if kata_config is not None:
         import tomllib
 
+        from kata_vfio.errors import KataVfioError
+        from kata_vfio_ctl.textfile import read_text
+
         try:
-            for table in tomllib.loads(kata_config.read_text()).get("hypervisor", {}).values():
+            text = read_text(kata_config, "Kata configuration")
+            for table in tomllib.loads(text).get("hypervisor", {}).values():
                 vcpus = table.get("default_vcpus", vcpus)
-        except (OSError, ValueError):
+        except (KataVfioError, ValueError):
             pass
     if isinstance(vcpus, int) and 0 < vcpus < 2:
         problems.append(f"Kata gives guests {vcpus} vCPU: run testpmd with "

@@ -5,9 +5,11 @@ spec and execs Kata's shim. containerd maps the runtime type `io.containerd.kata
 to that binary (or to `runtime_path`); CRI-O runs `runtime_path` for `runtime_type = "vm"`
 and requires the `containerd-shim-` prefix in its name.
 
-containerd: one `kata-vfio` table in /etc/containerd/config.toml, edited with tomlkit so
-comments and other runtimes survive, and `unregister_containerd` takes out exactly what
-`register_containerd` put in (a file it created is removed again). Where the runtimes
+containerd: one `kata-vfio` table in /etc/containerd/config.toml, its header marked as
+ours, edited with tomlkit so comments and other runtimes survive (or appended with its full
+name where the tables above it are dotted keys); each edit is checked before it is written,
+and `unregister_containerd` takes out exactly the marked table (a file register created is
+removed again). Where the runtimes
 live depends on the config's `version`: 1 and 2 are containerd 1.x (`cri`,
 `io.containerd.grpc.v1.cri`), 3 is containerd 2.x (`io.containerd.cri.v1.runtime`).
 CRI-O: a drop-in of our own, /etc/crio/crio.conf.d/50-kata-vfio.conf.
@@ -39,8 +41,10 @@ USER_ANNOTATIONS = ("io.kata-vfio.devices", "io.kata-vfio.select", "io.kata-vfio
 ANNOTATION_GLOB = "io.kata-vfio.*"
 # containerd config version -> the plugin whose `containerd.runtimes` holds runtimes
 CRI_PLUGINS = {1: "cri", 2: "io.containerd.grpc.v1.cri", 3: "io.containerd.cri.v1.runtime"}
-# A key we add to a file that had none is marked, so that unregister knows it is ours.
+# What register adds (our runtime table's header, a `version` key) carries this mark, so
+# unregister takes out only what is ours, never an admin's own kata-vfio runtime.
 ADDED_MARK = "# added by kata-vfio-ctl"
+CRIO_FIRST_LINE = "# kata-vfio: VFIO devices in Kata containers. Written by kata-vfio-ctl"
 CREATED_HEADER = ("# Created by kata-vfio-ctl containerd-register; "
                   "kata-vfio-ctl containerd-unregister removes this file again.\n")
 
@@ -90,43 +94,61 @@ def containerd_binary_version(binary: str = "containerd") -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
-def config_version(doc: Any, conf: Path, containerd: str = "containerd") -> int:
+def config_version(data: Any, conf: Path, containerd: str = "containerd") -> int:
     """The config format containerd will read `conf` as.
 
     A file with a `version` says so. A file with settings but no `version` is read as
     version 1 by every containerd. An empty or missing file takes the format of the
     installed containerd: 2 for 1.x, 3 for 2.x.
     """
-    if "version" in doc:
-        version = doc["version"]
-        if not isinstance(version, int) or version not in CRI_PLUGINS:
+    if "version" in data:
+        version = data["version"]
+        if not isinstance(version, int) or isinstance(version, bool) \
+                or version not in CRI_PLUGINS:
             raise ConfigError(f"{conf}: unknown config version {version!r}",
                               "containerd 1.x writes version = 2, containerd 2.x version = 3")
         return int(version)
-    if len(doc):
+    if len(data):
         return 1
     major, _ = containerd_binary_version(containerd)
     return 3 if major >= 2 else 2
 
 
-def _load(conf: Path) -> Any:
-    import tomlkit
+def _read(conf: Path) -> Any:
+    from kata_vfio_ctl.textfile import read_found
+
+    return read_found(conf, "containerd config")
+
+
+def _plain(conf: Path, text: str) -> dict[str, Any]:
+    """What containerd reads: the file parsed strictly (tomllib, TOML 1.0)."""
+    import tomllib
 
     try:
-        return tomlkit.parse(conf.read_text(encoding="utf-8"))
-    except Exception as exc:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{conf} is not valid TOML: {exc}", "fix it by hand first") from None
-
-
-def _save(conf: Path, text: str) -> None:
-    from kata_vfio.files import write_atomically
-
-    conf.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(conf, text.encode())
 
 
 def _runtimes_path(version: int) -> tuple[str, ...]:
     return ("plugins", CRI_PLUGINS[version], "containerd", "runtimes")
+
+
+def _dotted(keys: tuple[str, ...]) -> str:
+    return ".".join(k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else f'"{k}"' for k in keys)
+
+
+def _runtimes(data: dict[str, Any], version: int, conf: Path) -> dict[str, Any] | None:
+    node: Any = data
+    path = _runtimes_path(version)
+    for depth, key in enumerate(path):
+        if key not in node:
+            return None
+        node = node[key]
+        if not isinstance(node, dict):
+            raise ConfigError(f"{conf}: {_dotted(path[:depth + 1])} is not a table",
+                              "fix the file by hand first")
+    return node  # type: ignore[no-any-return]
 
 
 def _indents(runtimes: Any) -> tuple[str, str]:
@@ -172,6 +194,7 @@ def _runtime_table(runtime: ShimRuntime, head: str, body: str) -> Any:
         table.add("options", options)
     table.add(tomlkit.nl())
     table.trivia.indent = head
+    table.comment(ADDED_MARK)  # the header line says whose table this is
     return table
 
 
@@ -180,16 +203,11 @@ def wanted_runtime(runtime: ShimRuntime) -> dict[str, Any]:
     return _runtime_table(runtime, "", "").unwrap()  # type: ignore[no-any-return]
 
 
-def register_containerd(conf: Path, runtime: ShimRuntime, *, version: int | None = None,
-                        containerd: str = "containerd") -> bool:
-    """Add (or update) the kata-vfio runtime; True when the file changed."""
+def _insert_nested(base: str, version: int, runtime: ShimRuntime, created: bool) -> str:
+    """Ours beside its sibling runtimes, through tomlkit (the usual layouts)."""
     import tomlkit
 
-    created = not conf.exists()
-    doc = tomlkit.document() if created else _load(conf)
-    before = tomlkit.dumps(doc)
-    if version is None:
-        version = config_version(doc, conf, containerd)
+    doc = tomlkit.parse(base)
     if "version" not in doc and version != 1:
         # without `version` containerd would read the file as version 1
         if created:
@@ -203,13 +221,6 @@ def register_containerd(conf: Path, runtime: ShimRuntime, *, version: int | None
             node.add(key, tomlkit.table(is_super_table=True))
             node[key].trivia.indent = ""  # see below: no blank line outside our table
         node = node[key]
-        if not isinstance(node, dict):
-            raise ConfigError(f"{conf}: {'.'.join(_runtimes_path(version))} is not a table",
-                              "fix the file by hand first")
-    if RUNTIME_NAME in node:
-        if node[RUNTIME_NAME].unwrap() == wanted_runtime(runtime):
-            return False
-        del node[RUNTIME_NAME]
     head, body = _indents(node)
     node.add(RUNTIME_NAME, _runtime_table(runtime, head, body))
     # tomlkit puts a blank line before a new table when the text before it has none;
@@ -217,70 +228,223 @@ def register_containerd(conf: Path, runtime: ShimRuntime, *, version: int | None
     # could not take it out again. Ours starts at its header and ends with a blank line.
     node[RUNTIME_NAME].trivia.indent = head
     text = tomlkit.dumps(doc)
-    if text.endswith("\n\n") and not before.endswith("\n\n"):
+    if text.endswith("\n\n") and not base.endswith("\n\n"):
         text = text.rstrip("\n") + "\n"  # ours came last: no blank line at the end
-    if text == before:
-        return False
-    _save(conf, text)
-    return True
+    return text
+
+
+def _append_table(base: str, version: int, runtime: ShimRuntime, created: bool) -> str:
+    """Ours as one table with its full name at the end of the file: for layouts that
+    define the tables above it with dotted keys (TOML lets a [header] add a sub-table to a
+    table made of dotted keys; containerd reads it)."""
+    if _plain(Path("-"), base).get("version") is None and version != 1:
+        raise ValueError("the file names no config version")
+    block = _insert_nested("", 1, runtime, created=False)
+    # _insert_nested wrote it for version 1's path: name the version's own
+    old = f"[{_dotted(_runtimes_path(1))}.{RUNTIME_NAME}"
+    new = f"[{_dotted(_runtimes_path(version))}.{RUNTIME_NAME}"
+    return base + block.replace(old, new)
+
+
+def _header_path(line: str) -> tuple[str, ...] | None:
+    """The table a header line opens, as its keys; None for any other line."""
+    import tomllib
+
+    if not line.lstrip().startswith("[") or line.lstrip().startswith("[["):
+        return None
+    try:
+        node: Any = tomllib.loads(line)
+    except tomllib.TOMLDecodeError:
+        return None
+    keys = []
+    while isinstance(node, dict) and len(node) == 1:
+        key, node = next(iter(node.items()))
+        keys.append(key)
+    return tuple(keys) if node == {} else None
+
+
+OURS = tuple((*_runtimes_path(v), RUNTIME_NAME) for v in CRI_PLUGINS)
+
+
+def _our_blocks(text: str) -> list[tuple[int, int]]:
+    """Line ranges of the runtime tables register added: from a header marked as ours
+    up to the next table that is not one of its own sub-tables."""
+    lines = text.splitlines(keepends=True)
+    blocks: list[tuple[int, int]] = []
+    start: int | None = None
+    ours: tuple[str, ...] = ()
+    for i, line in enumerate(lines):
+        path = _header_path(line) if line.lstrip().startswith("[") else None
+        if path is None and not line.lstrip().startswith("[["):
+            continue
+        if start is not None and (path is None or path[:len(ours)] != ours):
+            blocks.append((start, i))
+            start = None
+        if start is None and path in OURS and line.rstrip().endswith(ADDED_MARK):
+            start, ours = i, path
+    if start is not None:
+        blocks.append((start, len(lines)))
+    return blocks
+
+
+def _take_out(text: str) -> str:
+    """`text` without what register added: our tables, and a `version` marked as ours
+    once nothing else is left."""
+    import tomllib
+
+    lines = text.splitlines(keepends=True)
+    for start, end in reversed(_our_blocks(text)):
+        del lines[start:end]
+    text = "".join(lines)
+    try:
+        left = tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        return text
+    if list(left) == ["version"]:
+        text = re.sub(rf"(?m)^version[ \t]*=[ \t]*\d+[ \t]*{re.escape(ADDED_MARK)}[ \t]*\n",
+                      "", text)
+    return text
+
+
+def _without(data: dict[str, Any], version: int) -> dict[str, Any]:
+    """Parsed config without our runtime, `version` and tables empty all the way down."""
+    import copy
+
+    data = copy.deepcopy(data)
+    data.pop("version", None)
+    node: Any = data
+    for key in _runtimes_path(version):
+        node = node.get(key) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+        node.pop(RUNTIME_NAME, None)
+    return _without_empty(data)
+
+
+def _without_empty(data: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in data.items():
+        kept = _without_empty(value) if isinstance(value, dict) else value
+        if kept or not isinstance(value, dict):
+            out[key] = kept
+    return out
+
+
+def _problem(base: str, new: str, version: int, runtime: ShimRuntime, back: str) -> str | None:
+    """Why `new` is not `base` plus our runtime where containerd reads it, exactly
+    reversible; None when it is."""
+    import tomllib
+
+    try:
+        after = tomllib.loads(new)
+    except tomllib.TOMLDecodeError as exc:
+        return f"the result would not be valid TOML: {exc}"
+    node: Any = after
+    for key in _runtimes_path(version):
+        node = node.get(key) if isinstance(node, dict) else None
+    if not isinstance(node, dict) or node.get(RUNTIME_NAME) != wanted_runtime(runtime):
+        return f"the runtime would not land in {_dotted(_runtimes_path(version))}"
+    if after.get("version", version if version != 1 else None) not in (version, None):
+        return "the config version would change"
+    if _without(after, version) != _without(tomllib.loads(base), version):
+        return "other settings would change"
+    if _take_out(new) != back:
+        return "it could not be taken out again exactly"
+    return None
+
+
+def register_containerd(conf: Path, runtime: ShimRuntime, *, version: int | None = None,
+                        containerd: str = "containerd", dry_run: bool = False) -> bool:
+    """Add (or update) the kata-vfio runtime; True when the file changed.
+
+    The result is checked before anything is written: our runtime where containerd reads
+    it, every other setting as it was, and unregister's edit giving back these very
+    bytes. A layout where that cannot be had is refused, and so is a `kata-vfio` runtime
+    kata-vfio-ctl did not add (the admin's own: never replaced, never removed).
+    """
+    found = _read(conf)
+    text = found.text
+    data = _plain(conf, text)
+    if version is None:
+        version = config_version(data, conf, containerd)
+    where = f"{_dotted(_runtimes_path(version))}.{RUNTIME_NAME}"
+    runtimes = _runtimes(data, version, conf)
+    base = text
+    if runtimes is not None and RUNTIME_NAME in runtimes:
+        if not _our_blocks(text):
+            raise ConfigError(
+                f"{conf} already has a {RUNTIME_NAME} runtime ([{where}]) that kata-vfio-ctl "
+                "did not add; nothing was changed",
+                "rename or remove that table and register again, or keep it as it is")
+        if runtimes[RUNTIME_NAME] == wanted_runtime(runtime):
+            return False
+        base = "".join(line for i, line in enumerate(text.splitlines(keepends=True))
+                       if not any(s <= i < e for s, e in _our_blocks(text)))
+    back = CREATED_HEADER if not found.exists else _take_out(base)
+    reasons = []
+    for attempt in (_insert_nested, _append_table):
+        try:
+            new = attempt(base, version, runtime, not found.exists)
+        except Exception as exc:  # tomlkit refuses some layouts (inline tables ...)
+            if "Inline tables" in str(exc):
+                reasons = ["a table above it is written inline ({ ... }), and TOML lets "
+                           "nobody add to an inline table"]
+                break
+            reasons.append(str(exc))
+            continue
+        problem = _problem(base, new, version, runtime, back)
+        if problem is None:
+            if new == text:
+                return False
+            if not dry_run:
+                found.save(new)
+            return True
+        reasons.append(problem)
+    raise ConfigError(
+        f"{conf}: cannot add [{where}] to this layout safely ({'; '.join(reasons)}); "
+        "nothing was changed",
+        f"write the tables above it as [..] headers, or add [{where}] by hand")
 
 
 def unregister_containerd(conf: Path) -> bool:
-    """Remove the kata-vfio runtime and whatever register added around it; True when changed.
+    """Take out what register added; True when the file changed. A `kata-vfio` runtime
+    kata-vfio-ctl did not add is left alone (see `registered_containerd`); a file
+    register created is removed once it is back to its header."""
+    import tomllib
 
-    Tables that only existed to hold it (implicit super-tables) go with it, a `version`
-    key marked as ours goes when nothing else is left, and a file register created is
-    removed once it is back to its header.
-    """
-    import tomlkit
-
-    if not conf.exists():
+    found = _read(conf)
+    if not found.exists or not _our_blocks(found.text):
         return False
-    doc = _load(conf)
-    found = _find_runtime(doc)
-    if found is None:
-        return False
-    version, chain = found
-    del chain[-1][RUNTIME_NAME]
-    keys = _runtimes_path(version)
-    for depth in range(len(keys), 0, -1):
-        table = chain[depth]
-        if len(table) or not table.is_super_table():
-            break
-        del chain[depth - 1][keys[depth - 1]]
-    version_item: Any = doc.item("version") if "version" in doc else None
-    if list(doc) == ["version"] and version_item.trivia.comment == ADDED_MARK:
-        doc.remove("version")
-    text = tomlkit.dumps(doc)
-    if text == CREATED_HEADER:
+    text = found.text
+    new = _take_out(text)
+    before = tomllib.loads(text)
+    versions = [v for v in CRI_PLUGINS if (*_runtimes_path(v), RUNTIME_NAME) in
+                {_header_path(text.splitlines()[s]) for s, _ in _our_blocks(text)}]
+    try:
+        after = tomllib.loads(new)
+        problem = None
+        for version in versions:
+            before = _without(before, version)
+        if _without_empty({k: v for k, v in after.items() if k != "version"}) != before:
+            problem = "other settings would change"
+    except tomllib.TOMLDecodeError as exc:
+        problem = f"the result would not be valid TOML: {exc}"
+    if problem is not None:
+        raise ConfigError(f"{conf}: cannot take the {RUNTIME_NAME} runtime out of this layout "
+                          f"safely ({problem}); nothing was changed",
+                          f"remove its [..runtimes.{RUNTIME_NAME}] table by hand")
+    if new == CREATED_HEADER and not os.path.islink(conf):
         conf.unlink()
     else:
-        _save(conf, text)
+        found.save(new)
     return True
-
-
-def _find_runtime(doc: Any) -> tuple[int, list[Any]] | None:
-    """The config version whose runtimes table holds ours, and the tables down to it."""
-    for version in CRI_PLUGINS:
-        chain = [doc]
-        for key in _runtimes_path(version):
-            nxt = chain[-1].get(key)
-            if not isinstance(nxt, dict):
-                break
-            chain.append(nxt)
-        else:
-            if RUNTIME_NAME in chain[-1]:
-                return version, chain
-    return None
 
 
 def registered_containerd(conf: Path) -> dict[str, Any] | None:
     """The kata-vfio runtime table as containerd reads it, or None (doctor, tests)."""
-    import tomllib
-
-    if not conf.exists():
+    found = _read(conf)
+    if not found.exists:
         return None
-    data = tomllib.loads(conf.read_text(encoding="utf-8"))
+    data = _plain(conf, found.text)
     for version in CRI_PLUGINS:
         node: Any = data
         for key in _runtimes_path(version):
@@ -288,6 +452,11 @@ def registered_containerd(conf: Path) -> dict[str, Any] | None:
         if isinstance(node, dict) and RUNTIME_NAME in node:
             return dict(node[RUNTIME_NAME])
     return None
+
+
+def containerd_registration_is_ours(conf: Path) -> bool:
+    found = _read(conf)
+    return found.exists and bool(_our_blocks(found.text))
 
 
 # --- CRI-O ---------------------------------------------------------------------------
@@ -301,7 +470,7 @@ def crio_dropin_text(runtime: ShimRuntime) -> str:
         raise UsageError("CRI-O needs the shim's absolute path", "pass --shim-path")
     # JSON strings are valid TOML basic strings (the same escapes)
     lines = [
-        "# kata-vfio: VFIO devices in Kata containers. Written by kata-vfio-ctl",
+        CRIO_FIRST_LINE,
         "# crio-register; kata-vfio-ctl crio-unregister removes this file.",
         f"[crio.runtime.runtimes.{RUNTIME_NAME}]",
         'runtime_type = "vm"',
@@ -316,24 +485,63 @@ def crio_dropin_text(runtime: ShimRuntime) -> str:
     return "\n".join(lines) + "\n"
 
 
-def register_crio(dropin: Path, runtime: ShimRuntime) -> bool:
-    """Write the drop-in; True when it changed."""
+def _crio_dropin_is_ours(dropin: Path) -> bool | None:
+    """None: no file; True: a plain file crio-register wrote; False: anything else."""
+    from kata_vfio_ctl.textfile import read_found
+
+    if os.path.islink(dropin):
+        return False  # ours is a plain file; a link is the admin's arrangement
+    try:
+        found = read_found(dropin, "CRI-O drop-in")
+    except ConfigError:
+        return False  # a FIFO, a device, a huge file ...: not what crio-register writes
+    if not found.exists:
+        return None
+    return found.text.startswith(CRIO_FIRST_LINE + "\n")
+
+
+def register_crio(dropin: Path, runtime: ShimRuntime, *, dry_run: bool = False) -> bool:
+    """Write the drop-in; True when it changed. A file there that crio-register did not
+    write (another drop-in, a link) is refused, never replaced."""
+    from kata_vfio.files import write_atomically
+    from kata_vfio_ctl.textfile import read_found
+
     if runtime.shim_path is None:
         raise UsageError("CRI-O needs the shim's absolute path", "pass --shim-path")
     check_shim_path(runtime.shim_path, require_prefix=True)
     text = crio_dropin_text(runtime)
-    if dropin.exists() and dropin.read_text(encoding="utf-8") == text:
+    ours = _crio_dropin_is_ours(dropin)
+    if ours is False:
+        raise ConfigError(f"{dropin} exists and was not written by kata-vfio-ctl; "
+                          "nothing was changed",
+                          "pass --dropin with a file name of kata-vfio's own, e.g. "
+                          f"{CRIO_DROPIN}")
+    if ours and read_found(dropin, "CRI-O drop-in").raw == text.encode():
         return False
-    _save(dropin, text)
+    if dry_run:
+        return True
+    dropin.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(dropin, text.encode())
     return True
 
 
 def unregister_crio(dropin: Path) -> bool:
-    try:
-        dropin.unlink()
-    except FileNotFoundError:
+    """Remove the drop-in crio-register wrote; anything else at that path stays."""
+    if not _crio_dropin_is_ours(dropin):
         return False
+    dropin.unlink()
     return True
+
+
+def _crio_absent(dropin: Path) -> str:
+    return "absent" if not os.path.lexists(dropin) else \
+        "not written by kata-vfio-ctl: left alone"
+
+
+def _containerd_absent(conf: Path) -> str:
+    if registered_containerd(conf) is not None:
+        return f"{RUNTIME_NAME} there was not added by kata-vfio-ctl: left alone"
+    return f"not registered: {RUNTIME_NAME}"
 
 
 # --- the command line ----------------------------------------------------------------
@@ -358,8 +566,9 @@ def cmd_containerd_register(args: argparse.Namespace) -> int:
 
 
 def cmd_containerd_unregister(args: argparse.Namespace) -> int:
-    changed = unregister_containerd(Path(args.conf))
-    print(f"{args.conf}: {'removed' if changed else 'not registered:'} {RUNTIME_NAME}")
+    conf = Path(args.conf)
+    news = f"removed {RUNTIME_NAME}" if unregister_containerd(conf) else _containerd_absent(conf)
+    print(f"{conf}: {news}")
     return 0
 
 
@@ -371,7 +580,8 @@ def cmd_crio_register(args: argparse.Namespace) -> int:
 
 
 def cmd_crio_unregister(args: argparse.Namespace) -> int:
-    print(f"{args.dropin}: {'removed' if unregister_crio(Path(args.dropin)) else 'absent'}")
+    dropin = Path(args.dropin)
+    print(f"{dropin}: {'removed' if unregister_crio(dropin) else _crio_absent(dropin)}")
     return 0
 
 
@@ -386,23 +596,26 @@ def add_install_options(p: argparse.ArgumentParser, *, install: bool) -> None:
                        help=f"absolute path of {SHIM_BINARY} (default: beside kata-vfio-ctl)")
 
 
-def install_engines(args: argparse.Namespace, kata_config: str | None) -> list[str]:
+def install_engines(args: argparse.Namespace, kata_config: str | None, *,
+                    dry_run: bool = False) -> list[str]:
     """Register with the engines `install` was asked for; one line of news each.
 
     `kata_config` is the Kata configuration the shim should use (ConfigPath /
-    runtime_config_path), e.g. the kata-vfio configuration install wrote.
+    runtime_config_path), e.g. the kata-vfio configuration install wrote. `dry_run`
+    checks that every registration would take, writing nothing (install runs it before
+    it changes any file, so a refusal leaves everything as it was).
     """
     news = []
     if args.containerd:
         runtime = _shim_runtime(argparse.Namespace(shim_path=args.shim_path,
                                                    kata_config=kata_config), crio=False)
-        changed = register_containerd(Path(args.containerd), runtime)
+        changed = register_containerd(Path(args.containerd), runtime, dry_run=dry_run)
         news.append(f"{args.containerd}: "
                     f"{'registered' if changed else 'already registered'} {RUNTIME_NAME}")
     if args.crio:
         runtime = _shim_runtime(argparse.Namespace(shim_path=args.shim_path,
                                                    kata_config=kata_config), crio=True)
-        changed = register_crio(Path(args.crio), runtime)
+        changed = register_crio(Path(args.crio), runtime, dry_run=dry_run)
         news.append(f"{args.crio}: {'written' if changed else 'already up to date'}")
     return news
 
@@ -410,11 +623,12 @@ def install_engines(args: argparse.Namespace, kata_config: str | None) -> list[s
 def uninstall_engines(args: argparse.Namespace) -> list[str]:
     news = []
     if args.containerd:
-        removed = unregister_containerd(Path(args.containerd))
-        news.append(f"{args.containerd}: {'removed' if removed else 'not registered:'} "
-                    f"{RUNTIME_NAME}")
+        conf = Path(args.containerd)
+        news.append(f"{conf}: " + (f"removed {RUNTIME_NAME}" if unregister_containerd(conf)
+                                   else _containerd_absent(conf)))
     if args.crio:
-        news.append(f"{args.crio}: {'removed' if unregister_crio(Path(args.crio)) else 'absent'}")
+        dropin = Path(args.crio)
+        news.append(f"{dropin}: {'removed' if unregister_crio(dropin) else _crio_absent(dropin)}")
     return news
 
 

@@ -170,9 +170,11 @@ def _qemu_table(doc: Any, path: Path) -> Any:
 def read_toml(path: Path) -> dict[str, Any]:
     import tomllib
 
+    from kata_vfio_ctl.textfile import read_text
+
     try:
-        return tomllib.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        return tomllib.loads(read_text(path, "Kata configuration"))
+    except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"cannot read {path}: {exc}", "fix or reinstall Kata") from None
 
 
@@ -247,19 +249,27 @@ def derive(text: str, installed: Path, release: KataRelease, settings: Settings,
     return header + tomlkit.dumps(doc)
 
 
-def is_generated(path: Path) -> bool:
+def _first_line(path: Path) -> str | None:
+    """The first line of a plain file (bounded, never blocking on a FIFO); None for no file
+    or anything else."""
+    from kata_vfio_ctl.textfile import read_bytes
+
     try:
-        with path.open(encoding="utf-8", errors="replace") as f:
-            return f.readline().startswith(MARKER)
-    except OSError:
-        return False
+        raw = read_bytes(path, "Kata configuration")
+    except ConfigError:
+        return None
+    if raw is None:
+        return None
+    return raw.split(b"\n", 1)[0].decode("utf-8", errors="replace").rstrip("\r")
+
+
+def is_generated(path: Path) -> bool:
+    return (_first_line(path) or "").startswith(MARKER)
 
 
 def generated_from(path: Path) -> Path | None:
-    try:
-        with path.open(encoding="utf-8", errors="replace") as f:
-            first = f.readline().rstrip("\n")
-    except OSError:
+    first = _first_line(path)
+    if first is None:
         return None
     prefix = f"{MARKER} from "
     return Path(first[len(prefix):]) if first.startswith(prefix) else None
@@ -270,40 +280,58 @@ def generated_from(path: Path) -> Path | None:
 def _set_config_key(config_file: Path, key: str, value: str) -> dict[str, Any]:
     """Set `key` in config.toml (tomlkit keeps the rest); returns what undoes it: the
     file's text before and after, so an untouched file gets its very bytes back."""
-    from kata_vfio.files import write_atomically
+    from kata_vfio_ctl.textfile import read_found
 
-    before = config_file.read_text() if config_file.exists() else None
-    doc = tomlkit.parse(before) if before is not None else tomlkit.document()
+    found = read_found(config_file, "kata-vfio config")
+    before = found.raw.decode() if found.raw is not None else None
+    doc = _parse_config(config_file, found.text)
     undo: dict[str, Any] = {"before": before, "after": before,
                             "present": key in doc, "value": _plain(doc.get(key))}
     if undo["value"] == value:
         return undo
     doc[key] = value  # tomlkit puts a new top-level key before the first table
-    after = tomlkit.dumps(doc)
-    config_file.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(config_file, after.encode())
-    undo["after"] = after
+    text = tomlkit.dumps(doc)
+    import tomllib
+
+    want = dict(tomllib.loads(found.text), **{key: value})
+    if tomllib.loads(text) != want:
+        raise ConfigError(f"{config_file}: cannot set {key} in this layout safely; "
+                          "nothing was changed", f'add {key} = "{value}" at its top by hand')
+    undo["after"] = found.render(text).decode()
+    found.save(text)
     return undo
+
+
+def _parse_config(config_file: Path, text: str) -> Any:
+    import tomllib
+
+    try:
+        tomllib.loads(text)
+        return tomlkit.parse(text)
+    except Exception as exc:
+        raise ConfigError(f"{config_file} is not valid TOML: {exc}",
+                          "fix it by hand first") from None
 
 
 def _undo_config_key(config_file: Path, key: str, undo: dict[str, Any]) -> None:
     from kata_vfio.files import write_atomically
+    from kata_vfio_ctl.textfile import read_found
 
-    if not config_file.exists() or undo.get("after") == undo.get("before"):
+    found = read_found(config_file, "kata-vfio config")
+    if not found.exists or undo.get("after") == undo.get("before"):
         return
-    current = config_file.read_text()
-    if current == undo.get("after"):  # untouched since install: the old bytes, exactly
+    if found.raw == str(undo.get("after")).encode():  # untouched since: the old bytes
         if undo.get("before") is None:
             config_file.unlink()
         else:
-            write_atomically(config_file, str(undo["before"]).encode())
+            write_atomically(found.target, str(undo["before"]).encode())
         return
-    doc = tomlkit.parse(current)  # edited since: take out (or put back) the one key
-    if undo.get("present"):
+    doc = _parse_config(config_file, found.text)  # edited since: take out (or put back)
+    if undo.get("present"):                       # the one key
         doc[key] = undo["value"]
     elif key in doc:
         del doc[key]
-    write_atomically(config_file, tomlkit.dumps(doc).encode())
+    found.save(tomlkit.dumps(doc))
 
 
 # --- install / uninstall --------------------------------------------------------------------
@@ -320,15 +348,9 @@ def _record_path(state_dir: Path) -> Path:
 
 
 def _read_record(state_dir: Path) -> dict[str, Any]:
-    path = _record_path(state_dir)
-    if not path.exists():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read {path}: {exc}", "remove it and run install again") \
-            from None
-    return data if isinstance(data, dict) else {}
+    from kata_vfio_ctl.kata_conf import read_record
+
+    return read_record(_record_path(state_dir))
 
 
 def _write_record(state_dir: Path, record: dict[str, Any]) -> None:
@@ -374,14 +396,17 @@ def install_kata(installed: Path, settings: Settings, config_file: Path, state_d
     if target.exists() and not is_generated(target):
         raise ConfigError(f"{target} exists and was not written by kata-vfio",
                           "move it away, or set kata_config_path to another file")
-    text = derive(installed.read_text(), installed, release, settings, initrd)
+    from kata_vfio_ctl.textfile import read_bytes, read_text
+
+    text = derive(read_text(installed, "Kata configuration"), installed, release, settings,
+                  initrd)
+    record = _read_record(state_dir)  # before anything is written: it may be unreadable
     lines = []
-    if target.exists() and target.read_text() == text:
+    if read_bytes(target, "generated Kata configuration") == text.encode():
         lines.append(f"{target}: up to date ({release})")
     else:
         write_atomically(target, text.encode(), mode=0o644)
         lines.append(f"{target}: written from {installed} ({release}, guest = {settings.guest})")
-    record = _read_record(state_dir)
     entry = record.get(str(target)) or {"installed": str(installed)}
     undo = _set_config_key(config_file, "kata_config_path", str(target))
     entry.setdefault("config_file", str(config_file))
@@ -394,13 +419,23 @@ def install_kata(installed: Path, settings: Settings, config_file: Path, state_d
 
 
 def uninstall_kata(installed: Path | None, settings: Settings, config_file: Path,
-                   state_dir: Path) -> list[str]:
+                   state_dir: Path, *, named: bool = False) -> list[str]:
     """Remove every generated file install recorded (and its config.toml key); undo the
-    Kata 1.x in-place edit of `installed`."""
+    Kata 1.x in-place edit of `installed`.
+
+    `named`: the user named `installed` (--kata-config): only what was derived from that
+    file is undone; what install derived from another stays, with its record."""
     lines = []
     record = _read_record(state_dir)
+    kept = {}
     for name, entry in sorted(record.items()):
         target = Path(name)
+        source = str(entry.get("installed") or "")
+        if named and installed is not None and (
+                os.path.realpath(source) != os.path.realpath(installed)):
+            kept[name] = entry
+            lines.append(f"{target}: left alone (derived from {source}, not {installed})")
+            continue
         if is_generated(target):
             target.unlink()
             lines.append(f"{target}: removed")
@@ -411,8 +446,10 @@ def uninstall_kata(installed: Path | None, settings: Settings, config_file: Path
         if undo.get("after") != undo.get("before"):
             lines.append(f"{entry.get('config_file') or config_file}: kata_config_path removed")
     if record:
-        _write_record(state_dir, {})
-    elif settings.kata_config_path and is_generated(Path(settings.kata_config_path)):
+        _write_record(state_dir, kept)
+    elif settings.kata_config_path and is_generated(Path(settings.kata_config_path)) and (
+            not named or installed is None or _same_file(
+                generated_from(Path(settings.kata_config_path)), installed)):
         # the record went with its state dir: still remove the file, and the key naming it
         Path(settings.kata_config_path).unlink()
         lines.append(f"{settings.kata_config_path}: removed")
@@ -426,6 +463,10 @@ def uninstall_kata(installed: Path | None, settings: Settings, config_file: Path
         if restored:
             lines.append(f"{installed}: restored {', '.join(restored)}")
     return lines
+
+
+def _same_file(a: Path | None, b: Path) -> bool:
+    return a is not None and os.path.realpath(a) == os.path.realpath(b)
 
 
 # --- doctor ---------------------------------------------------------------------------------

@@ -60,14 +60,24 @@ def annotation_enabled(patterns: list[str], suffix: str) -> bool:
     return any(re.fullmatch(p, suffix) for p in patterns)
 
 
+def _read(path: Path) -> Any:
+    from kata_vfio_ctl.textfile import read_found
+
+    found = read_found(path, "Kata configuration")
+    if not found.exists:
+        raise ConfigError(f"Kata configuration {path} does not exist",
+                          "pass --kata-config PATH")
+    return found
+
+
 def check(path: Path, guest_hook_path: str, annotations: dict[str, str]
           ) -> list[tuple[str, bool, str]]:
     """(setting, ok, what to set) for each setting kata-vfio needs."""
     import tomllib
 
     try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+        data = tomllib.loads(_read(path).text)
+    except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"cannot read {path}: {exc}", "fix or reinstall Kata") from None
     _, table = hypervisor_table(data, path)
     results = []
@@ -89,16 +99,85 @@ def check(path: Path, guest_hook_path: str, annotations: dict[str, str]
     return results
 
 
-def install(path: Path, state_dir: Path, guest_hook_path: str,
-            annotations: dict[str, str]) -> list[str]:
-    """Set what kata-vfio needs; returns the keys changed. Idempotent."""
+RECORD_NAME = "install.json"
+
+
+def read_record(record_path: Path) -> dict[str, Any]:
+    """An install record (bounded, never blocking); {} when there is none."""
+    from kata_vfio_ctl.textfile import read_bytes
+
+    raw = read_bytes(record_path, "install record")
+    if raw is None:
+        return {}
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise ConfigError(f"cannot read install record {record_path}: {exc}",
+                          "remove it and run install again") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"install record {record_path} is not a JSON object",
+                          "remove it and run install again")
+    return data
+
+
+def write_record(record_path: Path, record: dict[str, Any]) -> None:
     from kata_vfio.files import write_atomically
 
-    doc = tomlkit.parse(path.read_text())
+    record_path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(record_path, json.dumps(record, indent=1).encode())
+
+
+def _parse(path: Path, text: str) -> Any:
+    import tomllib
+
+    try:
+        tomllib.loads(text)  # Kata reads TOML 1.0; tomlkit is laxer
+        return tomlkit.parse(text)
+    except Exception as exc:
+        raise ConfigError(f"cannot read {path}: {exc}", "fix or reinstall Kata") from None
+
+
+def _problem(before: str, after: str, path: Path, values: dict[str, Any]) -> str | None:
+    """Why `after` is not `before` with `values` set in its hypervisor table, as Kata
+    reads it; None when it is."""
+    import tomllib
+
+    try:
+        new, old = tomllib.loads(after), tomllib.loads(before)
+    except tomllib.TOMLDecodeError as exc:
+        return f"the result would not be valid TOML: {exc}"
+    name, _ = hypervisor_table(old, path)
+    table = (new.get("hypervisor") or {}).get(name)
+    if not isinstance(table, dict):
+        return f"[hypervisor.{name}] would be lost"
+    plain = {k: v.unwrap() if hasattr(v, "unwrap") else v for k, v in values.items()}
+    if any(table.get(k) != v for k, v in plain.items()):
+        return f"the settings would not land in [hypervisor.{name}]"
+    for key in plain:
+        table.pop(key, None)
+        old["hypervisor"][name].pop(key, None)
+    if new != old:
+        return "other settings would change"
+    return None
+
+
+def install(path: Path, state_dir: Path, guest_hook_path: str,
+            annotations: dict[str, str]) -> list[str]:
+    """Set what kata-vfio needs; returns the keys changed. Idempotent.
+
+    The record (keyed by the file's real path) keeps each value replaced and the file's
+    bytes before and after: uninstall gives back the very bytes while the file is as
+    install left it, and puts the values back (in the file's form) once it was edited.
+    """
+    found = _read(path)
+    doc = _parse(path, found.text)
     _, table = hypervisor_table(doc, path)
-    record_path = state_dir / "install.json"
-    record = json.loads(record_path.read_text()) if record_path.exists() else {}
-    originals = record.setdefault(str(path), {})
+    record_path = state_dir / RECORD_NAME
+    record = read_record(record_path)
+    entry = record.get(str(found.target)) or {"keys": {}, "before": found.raw.decode()}
+    if "keys" not in entry:  # a record of an older kata-vfio-ctl: the values alone
+        entry = {"keys": entry, "before": None}
+    originals = entry["keys"]
     changed = []
     for key, want in wanted_settings(guest_hook_path, annotations).items():
         have = table.get(key)
@@ -119,28 +198,46 @@ def install(path: Path, state_dir: Path, guest_hook_path: str,
         table[key] = new
         changed.append(key)
     if changed:
-        write_atomically(path, tomlkit.dumps(doc).encode())
-        state_dir.mkdir(parents=True, exist_ok=True)
-        record_path.write_text(json.dumps(record, indent=1))
+        text = tomlkit.dumps(doc)
+        problem = _problem(found.text, text, path, {k: table[k] for k in changed})
+        if problem is not None:
+            raise ConfigError(f"{path}: cannot set {', '.join(changed)} in this layout safely "
+                              f"({problem}); nothing was changed",
+                              "write [hypervisor.NAME] as a table of plain keys, or set them "
+                              "by hand (kata-vfio-ctl doctor says what is missing)")
+        if entry.get("after") not in (None, found.raw.decode()):
+            entry["before"] = None  # edited since the last install: its bytes are not ours
+        entry["after"] = found.render(text).decode()
+        record[str(found.target)] = entry
+        write_record(record_path, record)  # first: an uninstall must know what we did
+        found.save(text)
     return changed
 
 
 def uninstall(path: Path, state_dir: Path) -> list[str]:
-    """Put back what install changed in `path`; returns the keys restored."""
+    """Put back what install changed in `path`; returns the keys restored. A path install
+    never edited changes nothing, here or in the record."""
     from kata_vfio.files import write_atomically
 
-    record_path = state_dir / "install.json"
-    record = json.loads(record_path.read_text()) if record_path.exists() else {}
-    originals = record.pop(str(path), {})
-    if not originals:
+    record_path = state_dir / RECORD_NAME
+    record = read_record(record_path)
+    found = _read(path)
+    name = next((n for n in (str(found.target), str(path)) if n in record), None)
+    if name is None:
         return []
-    doc = tomlkit.parse(path.read_text())
-    _, table = hypervisor_table(doc, path)
-    for key, original in originals.items():
-        if original["present"]:
-            table[key] = original["value"]
-        elif key in table:
-            del table[key]
-    write_atomically(path, tomlkit.dumps(doc).encode())
-    record_path.write_text(json.dumps(record, indent=1))
+    entry = record[name]
+    originals = entry.get("keys", entry) if isinstance(entry, dict) else {}
+    if entry.get("before") is not None and found.raw == str(entry.get("after")).encode():
+        write_atomically(found.target, str(entry["before"]).encode())  # the very bytes
+    elif originals:
+        doc = _parse(path, found.text)
+        _, table = hypervisor_table(doc, path)
+        for key, original in originals.items():
+            if original["present"]:
+                table[key] = original["value"]
+            elif key in table:
+                del table[key]
+        found.save(tomlkit.dumps(doc))
+    del record[name]
+    write_record(record_path, record)
     return sorted(originals)

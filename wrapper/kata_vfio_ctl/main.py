@@ -33,8 +33,16 @@ def cmd_podman_unregister(args: argparse.Namespace) -> int:
     from kata_vfio_ctl.podman_conf import unregister
 
     changed = unregister(Path(args.conf))
-    print(f"{'removed' if changed else 'not registered'}: kata-vfio in {args.conf}")
+    print(f"{'removed' if changed else podman_absent(Path(args.conf))}: kata-vfio in {args.conf}")
     return 0
+
+
+def podman_absent(conf: Path) -> str:
+    from kata_vfio_ctl.podman_conf import registered
+
+    value, ours = registered(conf)
+    return "not registered" if value is None or ours else \
+        "not added by kata-vfio-ctl, left alone"
 
 
 def _event_log(args: argparse.Namespace) -> Any:
@@ -350,6 +358,12 @@ def cmd_install(args: argparse.Namespace) -> int:
     kata = find_config(args.kata_config)
     if kata is None:
         raise ConfigError("no Kata configuration.toml found", "pass --kata-config PATH")
+    from kata_vfio_ctl.engines import install_engines
+
+    # every file install will edit, checked first: a refusal (a layout it cannot edit, a
+    # FIFO, a runtime of the admin's own) comes before anything is written
+    register(Path(args.conf), args.runtime_path, dry_run=True)
+    install_engines(args, str(kata), dry_run=True)
     # Kata 1.x: kata_conf's in-place edit; Kata >= 2: configuration-kata-vfio.toml beside
     # it, named by kata_config_path in config.toml
     result = install_kata(kata, settings, Path(config_path()), Path(settings.state_dir),
@@ -358,8 +372,6 @@ def cmd_install(args: argparse.Namespace) -> int:
         print(line)
     podman = register(Path(args.conf), args.runtime_path)
     print(f"{args.conf}: {'registered kata-vfio' if podman else 'already registered'}")
-    from kata_vfio_ctl.engines import install_engines
-
     for line in install_engines(args, str(result.generated or kata)):
         print(line)
     return 0
@@ -374,11 +386,13 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
 
     settings = load_settings()
     kata = find_config(args.kata_config)
-    lines = uninstall_kata(kata, settings, Path(config_path()), Path(settings.state_dir))
+    lines = uninstall_kata(kata, settings, Path(config_path()), Path(settings.state_dir),
+                           named=args.kata_config is not None)
     for line in lines or [f"{kata or 'Kata configuration'}: nothing to undo"]:
         print(line)
     removed = unregister(Path(args.conf))
-    print(f"{args.conf}: {'removed kata-vfio' if removed else 'not registered'}")
+    print(f"{args.conf}: "
+          + ("removed kata-vfio" if removed else f"kata-vfio {podman_absent(Path(args.conf))}"))
     from kata_vfio_ctl.engines import uninstall_engines
 
     for line in uninstall_engines(args):
