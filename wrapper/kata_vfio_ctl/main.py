@@ -470,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     from kata_vfio_ctl import cdi, devplugin, engines, k8s
 
     engines.add_parsers(sub)  # containerd-register/-unregister, crio-register/-unregister
-    k8s.add_parsers(sub)  # runtimeclass
+    k8s.add_parsers(sub)  # k8s, runtimeclass
     cdi.add_parsers(sub)  # cdi
     devplugin.add_parsers(sub)  # device-plugin
     return parser
