@@ -273,6 +273,11 @@ def test_list_and_watch_follows_the_host_within_a_second(run: Run, fakesys: Fake
     fakesys.remove_device(PF1_VFS[3])
     health = next_change("unplug")
     assert health[PF1_VFS[3]] == "Unhealthy"
+    # a NIC appears in a VF's group: the group no longer matches as a whole
+    fakesys.add_device("0000:00:07.0", E1000E, group=21, driver="e1000e")
+    health = next_change("mixed group")
+    assert health[PF2_VFS[1]] == "Unhealthy" and health[PF2_VFS[0]] == "Healthy"
+    assert any(line.startswith("IOMMU group 21 not offered") for line in run.logs)
     stream.cancel()
 
 

@@ -42,6 +42,7 @@ from kata_vfio.pci import PciAddress, read_device
 from kata_vfio_ctl import plugin_ledger
 from kata_vfio_ctl.plugin_devices import (
     HEALTHY,
+    UNHEALTHY,
     HealthCheck,
     Resource,
     Unit,
@@ -129,7 +130,9 @@ class Plugin:
         self._kubelet_seen: tuple[int, int] | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()  # Allocate vs the release pass
-        self._refresh_lock = threading.Lock()  # the poll loop vs Allocate's refresh
+        self._refresh_lock = threading.Lock()  # the poll loop vs Allocate's CDI refresh
+        self._allocating = 0
+        self._surveyed: dict[str, set[str]] = {}  # the unit IDs the last survey offered
         self._last_release = 0.0
         self._cdi_written: dict[str, Any] = {}
 
@@ -159,17 +162,19 @@ class Plugin:
                     self.log(line)
             self._layout = key
             new_units = {name: {u.id: u for u in found} for name, found in units.items()}
+            self._surveyed = {name: set(found) for name, found in new_units.items()}
             for name, known in self.state.units.items():
                 for uid, unit in known.items():  # gone (or no longer offerable): listed
                     new_units[name].setdefault(uid, unit)  # as Unhealthy, not dropped
         else:
             new_units = self.state.units
-        holders = plugin_ledger.live_holders(self.host)
+        holders, recorded = plugin_ledger.snapshot(self.host)
         ours: set[int] = set()
-        for allocation in plugin_ledger.allocations(self.host).values():
+        for allocation in recorded.values():
             ours |= allocation.groups
         health = {name: {uid: self.check.health(u, holders.get(u.group.number),
                                                 u.group.number in ours)
+                         if uid in self._surveyed.get(name, ()) else UNHEALTHY
                          for uid, u in found.items()}
                   for name, found in new_units.items()}
         changed = new_units != self.state.units or health != self.state.health
@@ -241,9 +246,13 @@ class Plugin:
         chosen = [units[d] for d in sorted(device_ids, key=PciAddress.parse)]
         groups = [u.group for u in chosen]
         endpoints = [a for u in chosen for a in u.endpoints]
-        with self._lock:
-            plugin_ledger.allocate(self.host, resource.resource_name, device_ids, groups,
-                                   endpoints, self._host_uses)
+        self._allocating += 1
+        try:
+            with self._lock:
+                plugin_ledger.allocate(self.host, resource.resource_name, device_ids, groups,
+                                       endpoints, self._host_uses)
+        finally:
+            self._allocating -= 1
         addresses = ",".join(str(a) for a in endpoints)
         specs = [pb.DeviceSpec(container_path="/dev/vfio/vfio",
                                host_path=os.path.join(self.options.vfio_dev, "vfio"),
@@ -410,6 +419,8 @@ class Plugin:
             self.serve(name)
 
     def step(self) -> None:
+        if self._allocating:
+            return  # an Allocate runs: its latency first, the next poll catches up
         self.refresh()
         self.keep_registered()
         now = time.monotonic()
@@ -494,7 +505,6 @@ class Servicer:
                     plugin_ledger.release_allocation(self.plugin.host, allocation)
             self.plugin.log(f"Allocate refused: {exc.one_line()}")
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, exc.one_line())
-        self.plugin.refresh()  # the kubelet's next list shows the new owner at once
         return pb.AllocateResponse(container_responses=replies)
 
     def PreStartContainer(self, request: Any, context: Any) -> Any:

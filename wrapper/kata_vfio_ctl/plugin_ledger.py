@@ -35,6 +35,7 @@ from kata_vfio_host.ledger import (
     ContainerId,
     DeviceEntry,
     Host,
+    Journal,
     claim_gone,
     editing,
     group_locks,
@@ -85,6 +86,8 @@ def _hand_over_stale(host: Host, cid: ContainerId, groups: list[IommuGroup]) -> 
     only when the pod that had it is gone). A group a live container holds stays its own
     (acquire refuses it). Returns the allocations that lost something."""
     wanted = {g.number for g in groups}
+    if not _stale_in(host, read_journal_file(host), cid, wanted):
+        return []  # the usual case: no lock, no journal write
     losers: set[str] = set()
     with group_locks(host, groups), editing(host) as journal:
         live = {g: c for g, c in journal.claims.items() if not claim_gone(host, c)}
@@ -105,6 +108,17 @@ def _hand_over_stale(host: Host, cid: ContainerId, groups: list[IommuGroup]) -> 
     for loser in losers:
         _forget_groups(host, loser, wanted)
     return sorted(losers)
+
+
+def _stale_in(host: Host, journal: Journal, cid: ContainerId, wanted: set[int]) -> bool:
+    for g in wanted:
+        claim = journal.claims.get(g)
+        if claim is not None and claim.container.startswith(KUBERNETES_ALLOCATION) \
+                and claim.container != cid and not claim_gone(host, claim):
+            return True
+    return any(e.group in wanted and e.owner != cid.owner
+               and e.owner.startswith("container " + KUBERNETES_ALLOCATION)
+               for e in journal.devices.values())
 
 
 def _forget_groups(host: Host, cid: str, groups: set[int]) -> None:
@@ -146,9 +160,28 @@ def allocate(host: Host, resource: str, device_ids: list[str], groups: list[Iomm
     return allocation
 
 
+_records_cache: dict[str, tuple[int, dict[str, Allocation]]] = {}
+
+
 def read_records(host: Host) -> dict[str, Allocation]:
-    found: dict[str, Allocation] = {}
+    """Our allocation records; read again only when the directory changed (every record
+    is written by rename or removed, which changes the directory's mtime)."""
     directory = os.path.join(host.state_dir, RECORDS)
+    try:
+        stamp = os.stat(directory).st_mtime_ns
+    except FileNotFoundError:
+        return {}
+    cached = _records_cache.get(directory)
+    # a change within the filesystem's timestamp granularity of the last read: read again
+    if cached is not None and cached[0] == stamp and time.time_ns() - stamp > 50_000_000:
+        return dict(cached[1])
+    found = _read_records(directory)
+    _records_cache[directory] = (stamp, found)
+    return dict(found)
+
+
+def _read_records(directory: str) -> dict[str, Allocation]:
+    found: dict[str, Allocation] = {}
     try:
         names = os.listdir(directory)
     except FileNotFoundError:
@@ -167,10 +200,10 @@ def read_records(host: Host) -> dict[str, Allocation]:
     return found
 
 
-def allocations(host: Host) -> dict[str, Allocation]:
+def allocations(host: Host, journal: Journal | None = None) -> dict[str, Allocation]:
     """Every allocation the ledger or our records know of (a plugin's restart recovers
     them from here)."""
-    journal = read_journal_file(host)
+    journal = read_journal_file(host) if journal is None else journal
     found = read_records(host)
     groups: dict[str, set[int]] = {}
     since: dict[str, float] = {}
@@ -193,10 +226,16 @@ def allocations(host: Host) -> dict[str, Allocation]:
     return found
 
 
-def live_holders(host: Host) -> dict[int, str]:
+def live_holders(host: Host, journal: Journal | None = None) -> dict[int, str]:
     """IOMMU group number -> the container id holding it now (live claims only)."""
-    journal = read_journal_file(host)
+    journal = read_journal_file(host) if journal is None else journal
     return {g: c.container for g, c in journal.claims.items() if not claim_gone(host, c)}
+
+
+def snapshot(host: Host) -> tuple[dict[int, str], dict[str, Allocation]]:
+    """live_holders and allocations from one read of the journal (the poll loop's)."""
+    journal = read_journal_file(host)
+    return live_holders(host, journal), allocations(host, journal)
 
 
 def release_allocation(host: Host, allocation: Allocation) -> bool:
