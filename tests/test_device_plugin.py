@@ -431,3 +431,18 @@ def test_good_configuration_reads_back(tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
         resources_from_settings(())
     assert os.environ.get("KATA_VFIO_CONFIG") != str(cfg)
+
+
+def test_a_pod_request_is_all_or_nothing_across_its_containers(run: Run,
+                                                               fakesys: FakeSysfs) -> None:
+    run.start()
+    acquire(run.host, ContainerId.parse("podman-one"), [IommuGroup(21)], [], (), None)
+    request = pb.AllocateRequest(container_requests=[
+        pb.ContainerAllocateRequest(devices_ids=[PF2_VFS[0]]),
+        pb.ContainerAllocateRequest(devices_ids=[PF2_VFS[1]])])  # held by podman-one
+    with pytest.raises(grpc.RpcError) as err:
+        run.stub().Allocate(request, timeout=10)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    # the first container's allocation went back with the refusal
+    assert owner_of(run.host, IommuGroup(20)) is None and fakesys.driver(PF2_VFS[0]) is None
+    assert plugin_ledger.allocations(run.host) == {}
