@@ -131,7 +131,8 @@ class Plugin:
         self._stop = threading.Event()
         self._lock = threading.Lock()  # Allocate vs the release pass
         self._refresh_lock = threading.Lock()  # the poll loop vs Allocate's CDI refresh
-        self._allocating = 0
+        self._allocating = 0  # Allocates under way (the poll loop waits for them)
+        self._count_lock = threading.Lock()
         self._surveyed: dict[str, set[str]] = {}  # the unit IDs the last survey offered
         self._last_release = 0.0
         self._cdi_written: dict[str, Any] = {}
@@ -246,13 +247,15 @@ class Plugin:
         chosen = [units[d] for d in sorted(device_ids, key=PciAddress.parse)]
         groups = [u.group for u in chosen]
         endpoints = [a for u in chosen for a in u.endpoints]
-        self._allocating += 1
+        with self._count_lock:
+            self._allocating += 1
         try:
             with self._lock:
                 plugin_ledger.allocate(self.host, resource.resource_name, device_ids, groups,
                                        endpoints, self._host_uses)
         finally:
-            self._allocating -= 1
+            with self._count_lock:
+                self._allocating -= 1
         addresses = ",".join(str(a) for a in endpoints)
         specs = [pb.DeviceSpec(container_path="/dev/vfio/vfio",
                                host_path=os.path.join(self.options.vfio_dev, "vfio"),
@@ -264,7 +267,8 @@ class Plugin:
             envs={resource.env_name: addresses}, devices=specs,
             annotations={DEVICES_ANNOTATION: addresses})
         if resource.cdi:
-            self.write_cdi(name)
+            with self._refresh_lock:  # the poll loop writes it too
+                self.write_cdi(name)
             response.cdi_devices.extend(
                 [pb.CDIDevice(name=f"{resource.resource_name}={u.id}") for u in chosen])
         return response
