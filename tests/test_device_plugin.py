@@ -446,3 +446,53 @@ def test_a_pod_request_is_all_or_nothing_across_its_containers(run: Run,
     # the first container's allocation went back with the refusal
     assert owner_of(run.host, IommuGroup(20)) is None and fakesys.driver(PF2_VFS[0]) is None
     assert plugin_ledger.allocations(run.host) == {}
+
+
+def test_the_command_serves_until_sigterm(tmp_path: Path, fakesys: FakeSysfs) -> None:
+    """`kata-vfio-ctl device-plugin` as its own process: registers, allocates a group an
+    admin bound already (both its functions), and on SIGTERM exits 0 and takes its socket
+    away."""
+    import signal
+    import subprocess
+    import sys
+
+    from fakesys import engine_host
+    from wrapper_run import SOURCE_PATH
+
+    engine_host(fakesys.root)  # groups 12 (03:00.0) and 13 (04:00.0, 04:00.1) on vfio-pci
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f'sysfs = "{fakesys.root}"\nstate_dir = "{tmp_path / "state"}"\n'
+                   '[[device_plugin.resource]]\nname = "nic"\nselect = "8086:10d3"\n')
+    kubelet = Kubelet(tmp_path / "device-plugins")
+    kubelet.start()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from kata_vfio_ctl.main import main; "
+                               "sys.exit(main())", "device-plugin", "--config", str(cfg),
+         "--kubelet-dir", str(kubelet.path.parent), "--pod-resources", str(tmp_path / "no"),
+         "--vfio-dev", "/host/dev/vfio"],
+        env={**os.environ, "PYTHONPATH": SOURCE_PATH}, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: kubelet.requests, timeout=30, what="registration")
+        assert kubelet.requests[0].resource_name == "kata-vfio.io/nic"
+        with grpc.insecure_channel(
+                f"unix://{kubelet.path.parent / 'kata-vfio-nic.sock'}") as channel:
+            stub = rpc.DevicePluginStub(channel)
+            devices, stream = first_list(stub)
+            stream.cancel()
+            assert sorted(devices) == ["0000:03:00.0", "0000:04:00.0"]
+            reply = allocate(stub, "0000:04:00.0")
+        assert [d.host_path for d in reply.devices] == ["/host/dev/vfio/vfio",
+                                                        "/host/dev/vfio/13"]
+        assert dict(reply.envs) == {"PCIDEVICE_KATA_VFIO_IO_NIC": "0000:04:00.0,0000:04:00.1"}
+        host = Host(fakesys.root, tmp_path / "state")
+        assert owner_of(host, IommuGroup(13)) == "container kubernetes-allocation-0000-04-00.0"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+        assert not (kubelet.path.parent / "kata-vfio-nic.sock").exists()
+        assert proc.stderr is not None
+        assert "registered kata-vfio.io/nic" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        kubelet.stop()
