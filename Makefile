@@ -21,7 +21,9 @@ APT_PACKAGES := podman runc conmon catatonit uidmap fuse-overlayfs slirp4netns \
 # Expensive builds of registry dependencies (netdevsim.ko) are cached here by their versions
 KATA_VFIO_CACHE ?= $(abspath $(BUILD))
 export KATA_VFIO_CACHE
-PY_SOURCES := $(shell find common wrapper hook -name '*.py' -o -name '*.json') pyproject.toml
+# the kubelet API modules generated from the .proto files (*_pb2*) are outputs, not sources
+PY_SOURCES := $(shell find common wrapper hook \( -name '*.py' -o -name '*.json' -o -name '*.proto' \) \
+	! -name '*_pb2*') pyproject.toml setup.py
 
 .PHONY: all deps venv lint test test-unit initrd install-dracut-module demo bench \
 	register-podman unregister-podman clean netdevsim kata-image kata-given test-kata
@@ -43,6 +45,9 @@ deps: $(BUILD)/.deps
 $(VENV)/.installed: $(BUILD)/.deps $(PY_SOURCES)
 	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check '.[test]'
+	# the kubelet API modules for the tests, which import the source tree (pip's build
+	# generated those of the installed package)
+	$(PY) wrapper/kata_vfio_ctl/kubeapi/generate.py
 	@touch $@
 venv: $(VENV)/.installed
 

@@ -86,3 +86,77 @@ def test_strings_that_yaml_would_misread_stay_strings(capsys: pytest.CaptureFixt
 def test_bad_address_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     code, out = ctl(capsys, "runtimeclass", "--device", "03:00.0")
     assert code == 1 and out == ""
+
+
+# --- kata-vfio-ctl k8s: one manifest per flag, checked against Kubernetes' own schemas ------
+
+K8S_VERSION = "1.32"  # the schemas of one release (kubernetes-validate ships them)
+
+
+def k8s_validate(obj: Any) -> None:
+    """Strict validation (no unknown fields) against the release's OpenAPI schemas."""
+    import kubernetes_validate
+
+    kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("flag", ["--daemonset", "--runtimeclass", "--pod"])
+def test_each_k8s_manifest_is_one_valid_object(capsys: pytest.CaptureFixture[str],
+                                               flag: str) -> None:
+    code, out = ctl(capsys, "k8s", flag)
+    assert code == 0
+    (obj,) = parse_yaml(out)  # exactly one manifest: `| kubectl apply -f -` applies it alone
+    k8s_validate(obj)
+    code, out = ctl(capsys, "k8s", flag, "--json")
+    assert code == 0 and json.loads(out) == obj
+
+
+def test_daemonset_is_privileged_with_the_host_paths(capsys: pytest.CaptureFixture[str]
+                                                     ) -> None:
+    _, out = ctl(capsys, "k8s", "--daemonset", "--image", "registry.example/kata-vfio:1",
+                 "--node-label", "example.com/vfio=yes")
+    (ds,) = parse_yaml(out)
+    pod = ds["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["securityContext"] == {"privileged": True}
+    assert container["image"] == "registry.example/kata-vfio:1"
+    assert container["command"] == ["kata-vfio-ctl", "device-plugin"]
+    assert pod["nodeSelector"] == {"example.com/vfio": "yes"}
+    paths = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"]}
+    assert set(paths.values()) >= {"/sys", "/dev/vfio", "/var/lib/kubelet/device-plugins",
+                                   "/etc/kata-vfio", "/var/lib/kata-vfio", "/var/run/cdi"}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts == paths  # each host path at the same place inside
+    assert ds["spec"]["selector"]["matchLabels"] == ds["spec"]["template"]["metadata"]["labels"]
+
+
+def test_runtimeclass_and_resource_pod(capsys: pytest.CaptureFixture[str]) -> None:
+    _, out = ctl(capsys, "k8s", "--runtimeclass", "--overhead-cpu", "500m")
+    (rc,) = parse_yaml(out)
+    assert rc["handler"] == "kata-vfio"
+    assert rc["overhead"] == {"podFixed": {"cpu": "500m", "memory": "160Mi"}}
+    assert rc["scheduling"] == {"nodeSelector": {"kata-vfio.io/node": "true"}}
+    _, out = ctl(capsys, "k8s", "--pod", "--resource", "nics")
+    (pod,) = parse_yaml(out)
+    assert pod["spec"]["runtimeClassName"] == "kata-vfio"
+    assert pod["spec"]["containers"][0]["resources"] == {"limits": {"kata-vfio.io/nics": 1}}
+    assert "PCIDEVICE_KATA_VFIO_IO_NICS" in pod["spec"]["containers"][0]["command"][2]
+
+
+def test_the_validator_catches_a_broken_manifest(capsys: pytest.CaptureFixture[str]) -> None:
+    """The schema check is strict: what a typo would produce is refused."""
+    import kubernetes_validate
+
+    _, out = ctl(capsys, "k8s", "--daemonset", "--json")
+    ds = json.loads(out)
+    ds["spec"]["template"]["spec"]["volumes"][0]["hostPath"]["typ"] = "Directory"
+    with pytest.raises(kubernetes_validate.ValidationError, match="'typ' was unexpected"):
+        k8s_validate(ds)
+
+
+@pytest.mark.parametrize("argv", [["--node-label", "novalue"], ["--resource", "Bad Name"],
+                                  ["--node-label", "a b=c"]])
+def test_bad_k8s_options_are_refused(capsys: pytest.CaptureFixture[str], argv: list[str]
+                                     ) -> None:
+    code, out = ctl(capsys, "k8s", "--pod", *argv)
+    assert code != 0 and out == ""

@@ -481,11 +481,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--conf", default=str(CONTAINERS_CONF))
     p.set_defaults(func=cmd_podman_unregister)
 
-    from kata_vfio_ctl import cdi, engines, k8s
+    from kata_vfio_ctl import cdi, devplugin, engines, k8s
 
     engines.add_parsers(sub)  # containerd-register/-unregister, crio-register/-unregister
-    k8s.add_parsers(sub)  # runtimeclass
+    k8s.add_parsers(sub)  # k8s, runtimeclass
     cdi.add_parsers(sub)  # cdi
+    devplugin.add_parsers(sub)  # device-plugin
     return parser
 
 

@@ -545,13 +545,32 @@ def record_claims(host: Host, journal: Journal, container: ContainerId,
         journal.claims[group.number] = Claim(container, host.boot_id, bundle, now, instance)
 
 
+KUBERNETES_ALLOCATION = "kubernetes-allocation-"
+
+
 def check_free(host: Host, container: ContainerId, groups: list[IommuGroup], *,
                journal: Journal | None = None) -> None:
     """Refuse groups held by another live container (call under their group locks;
-    `journal`: as read under them)."""
+    `journal`: as read under them).
+
+    The device plugin's allocations (claims of ``kubernetes-allocation-<id>``) are held
+    for the container the kubelet made them for: a container that asks for every group
+    of such an allocation takes it over (its claim replaces the allocation's); one that
+    asks for only some of them is refused like any other."""
     journal = journal if journal is not None else read_journal_file(host)
+    wanted = {g.number for g in groups}
+    whole: Journal | None = None
     for group in groups:
         current = owner_of(host, group, journal)
-        if current not in (None, ADMIN, container.owner):
-            raise DeviceError(f"IOMMU group {group} is in use by {current}",
-                              "wait for that container to be deleted")
+        if current in (None, ADMIN, container.owner):
+            continue
+        claim = journal.claims.get(group.number)
+        if claim is not None and claim.container.startswith(KUBERNETES_ALLOCATION):
+            # the allocation's other groups may lie outside the part of the journal read
+            whole = whole if whole is not None else read_journal_file(host)
+            allocation = {g for g, c in whole.claims.items()
+                          if c.container == claim.container and not claim_gone(host, c)}
+            if allocation <= wanted:
+                continue
+        raise DeviceError(f"IOMMU group {group} is in use by {current}",
+                          "wait for that container to be deleted")

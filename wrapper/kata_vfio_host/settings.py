@@ -38,6 +38,7 @@ class Settings:
     __slots__ = (
         "annotations",
         "autobind_allow",
+        "device_plugin_resources",
         "dpdk_run_tmpfs",
         "guest",
         "guest_hook_path",
@@ -58,7 +59,8 @@ class Settings:
                  autobind_allow: tuple[str, ...] = (),
                  hotplug_timeout: float = HOTPLUG_TIMEOUT_DEFAULT,
                  raise_memlock: bool = True, dpdk_run_tmpfs: bool = True,
-                 guest: str = GUEST_HOOK, kata_config_path: str = "") -> None:
+                 guest: str = GUEST_HOOK, kata_config_path: str = "",
+                 device_plugin_resources: tuple[dict[str, Any], ...] = ()) -> None:
         setattr_ = object.__setattr__
         setattr_(self, "runtime", runtime)
         setattr_(self, "shim", shim)
@@ -80,6 +82,9 @@ class Settings:
         # io.katacontainers.config_path.
         setattr_(self, "guest", guest)
         setattr_(self, "kata_config_path", kata_config_path)
+        # [[device_plugin.resource]] tables, checked at load: name, select (a string or
+        # None), devices (a list of address globs), cdi (bool)
+        setattr_(self, "device_plugin_resources", tuple(device_plugin_resources))
 
     if TYPE_CHECKING:
         runtime: str
@@ -95,6 +100,7 @@ class Settings:
         dpdk_run_tmpfs: bool
         guest: str
         kata_config_path: str
+        device_plugin_resources: tuple[dict[str, Any], ...]
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"Settings are read-only ({name})")
@@ -120,6 +126,7 @@ def _from_cache(path: str) -> Settings | None:
     try:
         data = loads(cached[3])
         data["autobind_allow"] = tuple(data["autobind_allow"])
+        data["device_plugin_resources"] = tuple(data.get("device_plugin_resources", ()))
         return Settings(**data)
     except (ValueError, TypeError, KeyError):
         return None
@@ -157,6 +164,9 @@ def load_settings(path: str | None = None) -> Settings:
     from kata_vfio_host.allowlist import parse_allow_list
 
     parse_allow_list(tuple(autobind.get("allow", ())))  # refuse a loose pattern at load
+    resources = data.get("device_plugin", {}).get("resource", [])
+    if resources:
+        resources = _device_plugin_resources(resources, path)
     settings = Settings(
         runtime=data.get("runtime", DEFAULT_RUNTIME),
         shim=data.get("shim", DEFAULT_SHIM),
@@ -171,6 +181,7 @@ def load_settings(path: str | None = None) -> Settings:
         dpdk_run_tmpfs=bool(data.get("dpdk_run_tmpfs", True)),
         guest=data.get("guest", GUEST_HOOK),
         kata_config_path=data.get("kata_config_path", ""),
+        device_plugin_resources=tuple(resources),
     )
     from kata_vfio.jsoncodec import dumps
 
@@ -195,3 +206,52 @@ def _validate(data: dict[str, Any], path: str) -> None:
         where = ".".join(str(p) for p in err.absolute_path) or "(top level)"
         raise ConfigError(f"{path}: {where}: {err.message}",
                           "see the configuration section of the kata-vfio README")
+
+
+def _device_plugin_resources(tables: list[dict[str, Any]], path: str) -> list[dict[str, Any]]:
+    """[[device_plugin.resource]], each checked with the parsers the plugin uses: select by
+    io.kata-vfio.select's (one request, no count), devices by [autobind] allow's (address
+    globs only)."""
+    from kata_vfio.errors import KataVfioError
+    from kata_vfio_host.allocate import parse_select
+    from kata_vfio_host.allowlist import parse_rule
+
+    seen: set[str] = set()
+    resources = []
+    for index, table in enumerate(tables):
+        name = table["name"]
+        where = f"{path}: device_plugin.resource[{index}] ({name})"
+        if name in seen:
+            raise ConfigError(f"{where}: the name is used twice",
+                              "give each [[device_plugin.resource]] its own name")
+        seen.add(name)
+        select, devices = table.get("select"), list(table.get("devices", ()))
+        if select is None and not devices:
+            raise ConfigError(f"{where}: neither select nor devices says which devices",
+                              'add select = "VENDOR:DEVICE[:CLASS]" or devices = [ADDRESS_GLOB]')
+        if select is not None:
+            try:
+                requests = parse_select(select)
+            except KataVfioError as exc:
+                raise ConfigError(f"{where}: select {select!r}: {exc.message}",
+                                  "write VENDOR:DEVICE[:CLASS], e.g. 1b36:0010 or ::0108"
+                                  ) from None
+            if len(requests) != 1 or _has_count(select):
+                raise ConfigError(f"{where}: select {select!r} is not one VENDOR:DEVICE[:CLASS]",
+                                  "one kind per resource, without a count (the kubelet counts)")
+        for pattern in devices:
+            try:
+                rule = parse_rule(pattern)
+            except KataVfioError:
+                rule = None
+            if rule is None or rule.address_glob is None:
+                raise ConfigError(f"{where}: devices: {pattern!r} is not a PCI address glob",
+                                  'write e.g. "0000:3b:*.*" or "0000:03:00.?"')
+        resources.append({"name": name, "select": select, "devices": devices,
+                          "cdi": bool(table.get("cdi", False))})
+    return resources
+
+
+def _has_count(select: str) -> bool:
+    head, star, tail = select.strip().rpartition("*")
+    return bool(star) and tail.isdigit() and bool(head)

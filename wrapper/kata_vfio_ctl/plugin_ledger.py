@@ -1,0 +1,254 @@
+"""Every call the device plugin makes into the ledger and bindings, in one place.
+
+An allocation is a ledger claim of the container id ``kubernetes-allocation-<id>`` (<id>:
+the first device ID of the kubelet's request, ``:`` written ``-``), made by
+`bindings.acquire` under the same group locks and journal as every create: a group held
+by a live container is refused, never shared. When the pod's container starts, the shim's
+create asks for the same groups (the ``io.kata-vfio.devices`` annotation) and takes the
+claim over (`ledger.check_free`); the devices bound for the allocation stay recorded under
+the allocation's owner, so a restarted container finds them still on vfio-pci.
+
+An allocation is released (its devices given back, its claims dropped) by
+`release_allocation` when no live container holds any of its groups and the plugin has
+decided its pod is gone (devplugin.py says when), or at once when the kubelet hands one of
+its devices to a new allocation: the kubelet assigns a device again only when the pod
+that had it is no longer active.
+
+Besides the ledger, each allocation has a small record of ours under
+``<state_dir>/device-plugin/`` (resource, device IDs, groups, when): the claims say which
+groups an allocation holds until a container takes them over, the record says it after.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from kata_vfio.errors import DeviceError
+from kata_vfio.pci import IommuGroup, PciAddress
+from kata_vfio_host.bindings import acquire, release_container, wait_for_group_node
+from kata_vfio_host.ledger import (
+    KUBERNETES_ALLOCATION,
+    ContainerId,
+    DeviceEntry,
+    Host,
+    Journal,
+    claim_gone,
+    editing,
+    group_locks,
+    read_journal_file,
+)
+
+if TYPE_CHECKING:
+    from kata_vfio_host.ledger import InUse
+
+RECORDS = "device-plugin"
+
+
+@dataclass(frozen=True)
+class Allocation:
+    id: str  # the ledger's container id: kubernetes-allocation-<id>
+    resource: str  # kata-vfio.io/<name>, "" when only the ledger knew it
+    device_ids: tuple[str, ...]
+    groups: frozenset[int]
+    since: float
+
+    @property
+    def owner(self) -> str:
+        return ContainerId.parse(self.id).owner
+
+
+def allocation_id(device_ids: list[str]) -> ContainerId:
+    return ContainerId.parse(KUBERNETES_ALLOCATION + sorted(device_ids)[0].replace(":", "-"))
+
+
+def _record_path(host: Host, cid: str) -> str:
+    return os.path.join(host.state_dir, RECORDS, f"{ContainerId.parse(cid)}.json")
+
+
+def _write_record(host: Host, allocation: Allocation) -> None:
+    from kata_vfio.files import write_atomically
+
+    path = _record_path(host, allocation.id)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    data = {"id": allocation.id, "resource": allocation.resource,
+            "device_ids": list(allocation.device_ids), "groups": sorted(allocation.groups),
+            "since": allocation.since}
+    write_atomically(path, json.dumps(data).encode(), mode=0o600, durable=False)
+
+
+def _hand_over_stale(host: Host, cid: ContainerId, groups: list[IommuGroup]) -> list[str]:
+    """Before a new allocation of these groups: other allocations' claims on them end and
+    their device entries become the new allocation's (the kubelet gives a device again
+    only when the pod that had it is gone). A group a live container holds stays its own
+    (acquire refuses it). Returns the allocations that lost something."""
+    wanted = {g.number for g in groups}
+    if not _stale_in(host, read_journal_file(host), cid, wanted):
+        return []  # the usual case: no lock, no journal write
+    losers: set[str] = set()
+    with group_locks(host, groups), editing(host) as journal:
+        live = {g: c for g, c in journal.claims.items() if not claim_gone(host, c)}
+        for g in wanted:
+            claim = live.get(g)
+            if claim is not None and claim.container.startswith(KUBERNETES_ALLOCATION) \
+                    and claim.container != cid:
+                losers.add(claim.container)
+                del journal.claims[g]
+        for addr, entry in list(journal.devices.items()):
+            holder = live.get(entry.group)
+            if entry.group in wanted and entry.owner != cid.owner \
+                    and entry.owner.startswith("container " + KUBERNETES_ALLOCATION) \
+                    and (holder is None or holder.container.startswith(KUBERNETES_ALLOCATION)):
+                losers.add(entry.owner[len("container "):])
+                journal.devices[addr] = DeviceEntry(entry.driver, entry.override, entry.group,
+                                                    cid.owner, entry.boot_id, entry.since)
+    for loser in losers:
+        _forget_groups(host, loser, wanted)
+    return sorted(losers)
+
+
+def _stale_in(host: Host, journal: Journal, cid: ContainerId, wanted: set[int]) -> bool:
+    for g in wanted:
+        claim = journal.claims.get(g)
+        if claim is not None and claim.container.startswith(KUBERNETES_ALLOCATION) \
+                and claim.container != cid and not claim_gone(host, claim):
+            return True
+    return any(e.group in wanted and e.owner != cid.owner
+               and e.owner.startswith("container " + KUBERNETES_ALLOCATION)
+               for e in journal.devices.values())
+
+
+def _forget_groups(host: Host, cid: str, groups: set[int]) -> None:
+    record = read_records(host).get(cid)
+    if record is None:
+        return
+    left = record.groups - groups
+    if left:
+        _write_record(host, Allocation(record.id, record.resource, record.device_ids, left,
+                                       record.since))
+    else:
+        _remove_record(host, cid)
+
+
+def _remove_record(host: Host, cid: str) -> None:
+    try:
+        os.unlink(_record_path(host, cid))
+    except FileNotFoundError:
+        pass
+
+
+def allocate(host: Host, resource: str, device_ids: list[str], groups: list[IommuGroup],
+             endpoints: list[PciAddress], in_use: InUse | None) -> Allocation:
+    """Claim the groups for a new allocation and bind their endpoints to vfio-pci (the
+    resource's configuration is the admin's permission to bind them); wait for the
+    /dev/vfio nodes. Nothing stays claimed or bound on failure."""
+    cid = allocation_id(device_ids)
+    _hand_over_stale(host, cid, groups)
+    allocation = Allocation(cid, resource, tuple(sorted(device_ids)),
+                            frozenset(g.number for g in groups), time.time())
+    acquire(host, cid, groups, endpoints, tuple(str(a) for a in endpoints), None, in_use)
+    try:
+        for group in groups:
+            wait_for_group_node(host, group)
+        _write_record(host, allocation)
+    except BaseException:
+        release_container(host, cid)
+        raise
+    return allocation
+
+
+_records_cache: dict[str, tuple[int, dict[str, Allocation]]] = {}
+
+
+def read_records(host: Host) -> dict[str, Allocation]:
+    """Our allocation records; read again only when the directory changed (every record
+    is written by rename or removed, which changes the directory's mtime)."""
+    directory = os.path.join(host.state_dir, RECORDS)
+    try:
+        stamp = os.stat(directory).st_mtime_ns
+    except FileNotFoundError:
+        return {}
+    cached = _records_cache.get(directory)
+    # a change within the filesystem's timestamp granularity of the last read: read again
+    if cached is not None and cached[0] == stamp and time.time_ns() - stamp > 50_000_000:
+        return dict(cached[1])
+    found = _read_records(directory)
+    _records_cache[directory] = (stamp, found)
+    return dict(found)
+
+
+def _read_records(directory: str) -> dict[str, Allocation]:
+    found: dict[str, Allocation] = {}
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return found
+    for name in names:
+        try:
+            with open(os.path.join(directory, name), "rb") as f:
+                data = json.loads(f.read())
+            cid = str(ContainerId.parse(data["id"]))
+            found[cid] = Allocation(cid, str(data["resource"]),
+                                    tuple(str(d) for d in data["device_ids"]),
+                                    frozenset(int(g) for g in data["groups"]),
+                                    float(data["since"]))
+        except (OSError, ValueError, KeyError, TypeError, DeviceError):
+            continue  # not ours, or half written by a killed plugin: the ledger still tells
+    return found
+
+
+def allocations(host: Host, journal: Journal | None = None) -> dict[str, Allocation]:
+    """Every allocation the ledger or our records know of (a plugin's restart recovers
+    them from here)."""
+    journal = read_journal_file(host) if journal is None else journal
+    found = read_records(host)
+    groups: dict[str, set[int]] = {}
+    since: dict[str, float] = {}
+    for g, claim in journal.claims.items():
+        if claim.container.startswith(KUBERNETES_ALLOCATION) and not claim_gone(host, claim):
+            groups.setdefault(claim.container, set()).add(g)
+            since[claim.container] = claim.since
+    for entry in journal.devices.values():
+        if entry.owner.startswith("container " + KUBERNETES_ALLOCATION):
+            cid = entry.owner[len("container "):]
+            groups.setdefault(cid, set()).add(entry.group)
+            since.setdefault(cid, entry.since)
+    for cid, numbers in groups.items():
+        known = found.get(cid)
+        if known is None:
+            found[cid] = Allocation(cid, "", (), frozenset(numbers), since.get(cid, 0.0))
+        else:
+            found[cid] = Allocation(cid, known.resource, known.device_ids,
+                                    known.groups | numbers, known.since)
+    return found
+
+
+def live_holders(host: Host, journal: Journal | None = None) -> dict[int, str]:
+    """IOMMU group number -> the container id holding it now (live claims only)."""
+    journal = read_journal_file(host) if journal is None else journal
+    return {g: c.container for g, c in journal.claims.items() if not claim_gone(host, c)}
+
+
+def snapshot(host: Host) -> tuple[dict[int, str], dict[str, Allocation]]:
+    """live_holders and allocations from one read of the journal (the poll loop's)."""
+    journal = read_journal_file(host)
+    return live_holders(host, journal), allocations(host, journal)
+
+
+def release_allocation(host: Host, allocation: Allocation) -> bool:
+    """Give the allocation's devices back and drop its claims and record, unless a live
+    container (one that took it over) still holds one of its groups: then False."""
+    groups = [IommuGroup(g) for g in sorted(allocation.groups)]
+    with group_locks(host, groups):
+        holders = live_holders(host)
+        if any(holders.get(g, allocation.id) != allocation.id for g in allocation.groups):
+            return False
+        report = release_container(host, allocation.id)
+    if report.failed:
+        raise DeviceError(f"{allocation.id}: cannot give back: {report.failed[0]}",
+                          "check the kernel log; kata-vfio-ctl restore --stale retries")
+    _remove_record(host, allocation.id)
+    return True
