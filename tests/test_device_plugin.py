@@ -221,7 +221,7 @@ def test_allocate_binds_through_the_ledger_and_answers_nodes_env_and_cdi(
         ("/dev/vfio/11", "/dev/vfio/11", "rw")]
     both = f"{PF1_VFS[0]},{PF1_VFS[1]}"
     assert dict(reply.envs) == {"PCIDEVICE_KATA_VFIO_IO_NVME": both}
-    assert dict(reply.annotations) == {"io.kata-vfio.devices": both}
+    assert dict(reply.annotations) == {"io.kata-vfio.resource.nvme": both}
     assert [c.name for c in reply.cdi_devices] == [f"kata-vfio.io/nvme={PF1_VFS[0]}",
                                                    f"kata-vfio.io/nvme={PF1_VFS[1]}"]
     assert fakesys.driver(PF1_VFS[0]) == fakesys.driver(PF1_VFS[1]) == "vfio-pci"

@@ -116,8 +116,9 @@ def build_spec(groups: list[UsableGroup]) -> dict[str, Any]:
 SPEC_LIMIT = 4 << 20  # a spec of every function of a big host is well below this
 
 
-def spec_is_ours(path: Path) -> bool | None:
-    """None: no file there; True: a CDI spec of our kind (ours to replace or remove);
+def spec_is_ours(path: Path, kind: str = CDI_KIND) -> bool | None:
+    """None: no file there; True: a CDI spec of our `kind` (ours to replace or remove;
+    the device plugin writes one of kind kata-vfio.io/<resource> per resource);
     False: anything else (another vendor's spec, a FIFO, a device ...), never touched."""
     from kata_vfio.errors import ConfigError
     from kata_vfio_ctl.textfile import read_bytes
@@ -134,15 +135,16 @@ def spec_is_ours(path: Path) -> bool | None:
         data = json.loads(raw)
     except ValueError:
         return False
-    return isinstance(data, dict) and data.get("kind") == CDI_KIND
+    return isinstance(data, dict) and data.get("kind") == kind
 
 
 def write_spec(path: Path, spec: dict[str, Any]) -> None:
     from kata_vfio.errors import ConfigError
     from kata_vfio.files import write_atomically
 
-    if spec_is_ours(path) is False:
-        raise ConfigError(f"{path} exists and is not a {CDI_KIND} spec; nothing was changed",
+    kind = str(spec["kind"])
+    if spec_is_ours(path, kind) is False:
+        raise ConfigError(f"{path} exists and is not a {kind} spec; nothing was changed",
                           f"pass --output with a file of its own, e.g. {DEFAULT_SPEC}")
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(path, (json.dumps(spec, indent=2) + "\n").encode(), mode=0o644)

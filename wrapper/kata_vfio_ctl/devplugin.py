@@ -9,8 +9,10 @@ ListAndWatch streams get a new list within a poll of a change; a kubelet that re
 
 Allocate claims the groups through the ledger (plugin_ledger.py), binds them to vfio-pci
 and answers /dev/vfio/vfio and /dev/vfio/<N> (rw), ``PCIDEVICE_KATA_VFIO_IO_<NAME>`` and
-the ``io.kata-vfio.devices`` annotation with the host addresses (so the shim wrapper's
-edit and manifest follow), and with ``cdi = true`` the CDI name
+the annotation ``io.kata-vfio.resource.<name>`` with the host addresses (so the shim
+wrapper's edit and manifest follow, and the guest hook's /run/kata-vfio/env names the
+resource; one key per resource, so two resources of one container never overwrite each
+other's value), and with ``cdi = true`` the CDI name
 ``kata-vfio.io/<name>=<id>`` from a spec kept in the CDI directory.
 
 When an allocation is released: when none of its groups is held by a live container
@@ -37,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from kata_vfio.errors import DeviceError, KataVfioError
-from kata_vfio.manifest import DEVICES_ANNOTATION
+from kata_vfio.manifest import RESOURCE_ANNOTATION_PREFIX
 from kata_vfio.pci import PciAddress, read_device
 from kata_vfio_ctl import plugin_ledger
 from kata_vfio_ctl.plugin_devices import (
@@ -265,7 +267,7 @@ class Plugin:
                                 permissions="rw") for g in groups]
         response = pb.ContainerAllocateResponse(
             envs={resource.env_name: addresses}, devices=specs,
-            annotations={DEVICES_ANNOTATION: addresses})
+            annotations={RESOURCE_ANNOTATION_PREFIX + resource.name: addresses})
         if resource.cdi:
             with self._refresh_lock:  # the poll loop writes it too
                 self.write_cdi(name)
