@@ -219,7 +219,9 @@ def test_network_use_is_seen_on_real_interfaces() -> None:
         assert network_uses("kvfio-t0") == ["interface kvfio-t0 is up with addresses 192.0.2.10"]
         ip("link", "add", "kvfio-br0", "type", "bridge")
         ip("link", "set", "kvfio-t1", "master", "kvfio-br0")
-        assert network_uses("kvfio-t1") == ["interface kvfio-t1 is a member of kvfio-br0"]
+        assert network_uses("kvfio-t1") == ["interface kvfio-t1 is a member of bridge "
+                                            "kvfio-br0, which is down (ip link set kvfio-t1 "
+                                            "nomaster frees it)"]
         assert network_uses("kvfio-nonexistent") == []
     finally:
         subprocess.run(["ip", "link", "del", "kvfio-t0"], check=False)

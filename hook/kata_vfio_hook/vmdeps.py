@@ -8,8 +8,12 @@ can forge one naming the guest's own devices. Whatever it says, the hook never t
   virtio-serial, which are virtio devices too;
 - a device with a mounted block device anywhere below it (disk, partition, or a
   device-mapper/md device built on them), or one used as swap;
-- a device with an interface below it that is up and has an address (IPv4, or IPv6
-  other than link-local).
+- a device with an interface below it that is a port of a bridge, bond or team (its
+  ``master`` link, whatever the master's state), that is up and has an address (IPv4,
+  or IPv6 other than link-local: every up interface has one of those), that carries
+  IPv4 routes (``/proc/net/route``), or that has a VLAN/macvlan (``upper_*`` link) in
+  use by these rules. The host tools judge routes of every table and family over
+  netlink; the hook stays with what /proc and /sys give without a library.
 
 Standard library only, and cheap: one read of the mount table, one socket for all
 the SIOCGIFADDR ioctls, and only for the devices a manifest matched.
@@ -72,6 +76,7 @@ class VmDependencies:
         self._ipv4 = ipv4 or ipv4_address
         self._blocks = BlockUsers(sysfs, proc)
         self._inet6: dict[str, str] | None = None
+        self._routes: set[str] | None = None
         self._classes = ClassIndex(sysfs)  # /sys/class/{net,block} resolved once per run
 
     def reason(self, dev: PciDevice) -> str | None:
@@ -85,9 +90,9 @@ class VmDependencies:
             if user is not None:
                 return f"block device {name} is {user}"
         for ifname in interfaces_below(self._sysfs, dev.address, self._classes):
-            address = self._address_if_up(ifname)
-            if address is not None:
-                return f"interface {ifname} is up with address {address}"
+            use = self._interface_use(ifname, 0)
+            if use is not None:
+                return use
         return None
 
     # -- block devices ------------------------------------------------------------------
@@ -95,6 +100,38 @@ class VmDependencies:
         return self._blocks.user(name)
 
     # -- interfaces ---------------------------------------------------------------------
+    def _interface_use(self, ifname: str, depth: int) -> str | None:
+        net = os.path.join(self._sysfs, "class/net", ifname)
+        if os.path.islink(os.path.join(net, "master")):
+            master = os.path.basename(os.readlink(os.path.join(net, "master")))
+            return f"interface {ifname} is a member of {master}"
+        address = self._address_if_up(ifname)
+        if address is not None:
+            return f"interface {ifname} is up with address {address}"
+        if ifname in self._ipv4_route_interfaces():
+            return f"interface {ifname} carries routes"
+        try:
+            uppers = sorted(e[6:] for e in os.listdir(net) if e.startswith("upper_"))
+        except OSError:
+            uppers = []
+        for upper in uppers if depth < 8 else []:
+            use = self._interface_use(upper, depth + 1)
+            if use is not None:
+                return f"{use} (on {ifname})"
+        return None
+
+    def _ipv4_route_interfaces(self) -> set[str]:
+        """Interfaces IPv4 routes of the main table go through (``/proc/net/route``:
+        "Iface Destination Gateway …", one route a line)."""
+        if self._routes is None:
+            try:
+                with open(os.path.join(self._proc, "net/route"), encoding="ascii") as f:
+                    lines = f.read().splitlines()[1:]
+            except (OSError, ValueError):
+                lines = []
+            self._routes = {line.split()[0] for line in lines if line.split()}
+        return self._routes
+
     def _address_if_up(self, ifname: str) -> str | None:
         try:
             with open(os.path.join(self._sysfs, "class/net", ifname, "flags"),
