@@ -78,8 +78,9 @@ class Kubelet:
         self.path.unlink(missing_ok=True)
 
 
-class PodResources:
-    """The kubelet's pod-resources List: `listed` = (resource, device ID) of active pods."""
+class PodResources(pr_rpc.PodResourcesListerServicer):  # type: ignore[misc]
+    """The kubelet's pod-resources List: `listed` = (resource, device ID) of active pods
+    (the plugin calls List only; the base class answers the rest UNIMPLEMENTED)."""
 
     def __init__(self, path: Path) -> None:
         self.listed: list[tuple[str, str]] = []
