@@ -414,3 +414,30 @@ def test_a_recreated_bundle_does_not_block_a_create(host: Host, tmp_path: Path,
             bundle_dir(tmp_path, "y"))
     assert read_journal(host)["0000:09:00.0"]["owner"] == "container y"
     assert fakesys.driver("0000:09:00.0") == "vfio-pci"
+
+
+def test_an_edit_for_some_groups_writes_the_other_groups_entries_back_as_found(
+        tmp_path: Path) -> None:
+    """A create reads and parses only its own groups' device entries and claims; the
+    rest of the journal must come back unchanged, even entries written by hand in a form
+    of their own (upper-case address, extra keys)."""
+    from kata_vfio_host.ledger import DeviceEntry, editing, read_journal_file
+
+    host = Host(tmp_path / "sys", tmp_path / "state", lambda *a: None, boot_id="b")
+    with editing(host) as journal:
+        journal.devices["0000:03:00.0"] = DeviceEntry("nvme", None, 1, "container a", "b", 1.0)
+        journal.devices["0000:04:00.0"] = DeviceEntry("igb", None, 2, "container b", "b", 2.0)
+    data = json.loads(Path(host.journal).read_text())
+    data["devices"]["0000:05:00.0"] = dict(data["devices"].pop("0000:04:00.0"), note="kept")
+    data["devices"]["0000:05:00.0"]["group"] = 3
+    data["devices"]["0000:0A:00.0"] = {"driver": "e1000e", "group": 4, "owner": "admin"}
+    Path(host.journal).write_text(json.dumps(data))
+    others = {k: v for k, v in data["devices"].items() if k != "0000:03:00.0"}
+    with editing(host, groups={1}) as journal:
+        assert set(journal.devices) == {"0000:03:00.0"}  # only its own group parsed
+        journal.devices["0000:03:00.1"] = DeviceEntry("nvme", None, 1, "container a", "b", 3.0)
+    after = json.loads(Path(host.journal).read_text())["devices"]
+    assert {k: v for k, v in after.items() if not k.startswith("0000:03:")} == others
+    assert set(after) >= {"0000:03:00.0", "0000:03:00.1"}
+    whole = read_journal_file(host)
+    assert whole.devices["0000:0a:00.0"].owner == "admin" and not whole.damaged

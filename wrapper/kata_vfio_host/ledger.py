@@ -215,12 +215,14 @@ def _parse_vf_original(obj: Any) -> VfOriginal:
 
 
 class Journal:
-    __slots__ = ("claims", "damaged", "devices", "kept", "other_claims", "vf_configs")
+    __slots__ = ("claims", "damaged", "devices", "kept", "other_claims", "other_devices",
+                 "vf_configs")
 
     def __init__(self) -> None:
         self.devices: dict[str, DeviceEntry] = {}
         self.claims: dict[int, Claim] = {}
         self.other_claims: dict[str, Any] = {}  # read for some groups: the rest, as found
+        self.other_devices: dict[str, Any] = {}  # the same for device entries
         self.vf_configs: dict[str, VfOriginal] = {}
         self.damaged: list[str] = []  # why entries could not be read
         self.kept: dict[str, Any] = {}  # those entries, left for a human
@@ -230,8 +232,21 @@ def _opt_str(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _parse_device(key: str, obj: Any) -> DeviceEntry:
-    PciAddress.parse(key)
+_HEX = frozenset("0123456789abcdef")
+
+
+def _address_key(key: str) -> str:
+    """The journal key of a device: `key` itself when it is already written as
+    str(PciAddress) writes it (what the journal holds: checked in a few character tests,
+    since a create reads every entry), else parsed (which refuses a malformed one)."""
+    if (len(key) == 12 and key[4] == ":" and key[7] == ":" and key[10] == "."
+            and key[8] in "01" and key[11] in "01234567" and _HEX.issuperset(key[:4])
+            and _HEX.issuperset(key[5:7]) and key[9] in _HEX):
+        return key
+    return str(PciAddress.parse(key))
+
+
+def _parse_device(obj: Any) -> DeviceEntry:
     if not isinstance(obj, dict) or not isinstance(obj.get("group"), int) \
             or not isinstance(obj.get("owner"), str):
         raise ValueError("needs group and owner")
@@ -257,8 +272,9 @@ def _parse_claim(obj: Any) -> Claim:
 def read_journal_file(host: Host, *, groups: set[int] | None = None) -> Journal:
     """The journal as typed entries; entries that cannot be read are listed in `damaged`
     (and kept out of the way) instead of stopping everything. With `groups`, only the
-    claims of those groups are read (a create's decisions need no others: its work does
-    not grow with the containers on the host); the rest stay as found, to write back."""
+    claims and device entries of those groups are read (a create's decisions need no
+    others: its work does not grow with the containers on the host); the rest stay as
+    found, to write back."""
     path = host.journal
     try:
         with open(path, "rb") as f:
@@ -283,9 +299,14 @@ def read_journal_file(host: Host, *, groups: set[int] | None = None) -> Journal:
     journal = Journal()
     kept = data.get("damaged_devices")
     journal.kept = dict(kept) if isinstance(kept, dict) else {}
+    numbers = groups
     for key, obj in data.get("devices", {}).items():
+        if numbers is not None and type(obj) is dict and type(obj.get("group")) is int \
+                and obj["group"] not in numbers:
+            journal.other_devices[key] = obj  # another group's: written back as found
+            continue
         try:
-            journal.devices[str(PciAddress.parse(key))] = _parse_device(key, obj)
+            journal.devices[_address_key(key)] = _parse_device(obj)
         except (ValueError, KataVfioError) as exc:
             journal.damaged.append(f"journal entry {key!r} is unreadable ({exc})")
             journal.kept[str(key)] = obj
@@ -313,7 +334,7 @@ def _write_journal_file(host: Host, journal: Journal) -> None:
     os.makedirs(host.state_dir, exist_ok=True)
     data: dict[str, Any] = {
         "version": JOURNAL_VERSION,
-        "devices": {a: e.to_obj() for a, e in sorted(journal.devices.items())},
+        "devices": _devices_obj(journal),
         "claims": _claims_obj(journal),
     }
     if journal.vf_configs:
@@ -324,6 +345,12 @@ def _write_journal_file(host: Host, journal: Journal) -> None:
 
 
 _HELD: set[tuple[int, str]] = set()  # (thread, lock path) this process holds now
+
+
+def _devices_obj(journal: Journal) -> dict[str, Any]:
+    merged = {a: o for a, o in journal.other_devices.items() if a not in journal.devices}
+    merged.update((a, e.to_obj()) for a, e in journal.devices.items())
+    return dict(sorted(merged.items()))
 
 
 def _claims_obj(journal: Journal) -> dict[str, Any]:
