@@ -13,11 +13,13 @@ KVER ?= $(shell dpkg-query -W -f='$${Depends}' linux-image-amd64 2>/dev/null | s
 APT_PACKAGES := podman runc conmon catatonit uidmap fuse-overlayfs slirp4netns \
 	qemu-system-x86 containerd dracut dracut-core linux-image-amd64 kmod cpio busybox-static \
 	golang-github-opencontainers-specs-dev pci.ids iproute2 python3-venv python3-pip python3-yaml \
-	build-essential dpdk dpdk-dev linux-headers-amd64 linux-source xz-utils file
+	build-essential dpdk dpdk-dev linux-headers-amd64 linux-source xz-utils file dmsetup mdadm
 # linux-headers-amd64 and linux-source follow linux-image-amd64: the VF-settings VM test
 # builds the kernel's netdevsim for the guest kernel from them (tests/vm/build_netdevsim.py,
 # cached under $(KATA_VFIO_CACHE) by kernel and package versions)
 # `file`: virtme-ng (the nested VM tests) runs it on the kernel image.
+# dmsetup, mdadm: the IOMMU-host VM test stacks device-mapper and md devices on a disk it
+# then must refuse to bind (tests/test_vm_host.py)
 # Expensive builds of registry dependencies (netdevsim.ko) are cached here by their versions
 KATA_VFIO_CACHE ?= $(abspath $(BUILD))
 export KATA_VFIO_CACHE

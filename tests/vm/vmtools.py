@@ -38,6 +38,7 @@ class EmulatedDevice:
     identity: PciIdentity
     mac: str | None = None
     netdev: str | None = None  # a -netdev argument the device needs, given before it
+    drive: str | None = None   # a -drive argument the device needs, given before it
 
 
 E1000E_ID = PciIdentity(0x8086, 0x10D3, 0x8086, 0x0000, 0x020000)
@@ -67,6 +68,15 @@ def e1000(mac: str, **placement: str) -> EmulatedDevice:
 def nvme(serial: str, **placement: str) -> EmulatedDevice:
     where = "".join(f",{k}={v}" for k, v in placement.items())
     return EmulatedDevice(f"nvme,serial={serial}{where}", "nvme", NVME_ID)
+
+
+def nvme_with_disk(serial: str, image: Path, **placement: str) -> EmulatedDevice:
+    """An NVMe drive with one namespace backed by the raw file `image` (nvmeXn1 and its
+    partitions in the guest)."""
+    where = "".join(f",{k}={v}" for k, v in placement.items())
+    drive_id = f"kvdisk-{serial}"
+    return EmulatedDevice(f"nvme,serial={serial},drive={drive_id}{where}", "nvme", NVME_ID,
+                          drive=f"file={image},if=none,id={drive_id},format=raw")
 
 
 def nvme_sriov_pf(max_vfs: int, **placement: str) -> tuple[EmulatedDevice, ...]:
@@ -316,6 +326,8 @@ def boot(initrd: Path, kver: str, scenarios: list[Scenario],
         for dev in devices:
             if dev.netdev:
                 cmd += ["-netdev", dev.netdev]
+            if dev.drive:
+                cmd += ["-drive", dev.drive]
             cmd += ["-device", dev.qemu]
         try:
             proc = subprocess.run(cmd, capture_output=True, timeout=timeout, check=False,
