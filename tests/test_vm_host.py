@@ -170,8 +170,8 @@ def test_a_disk_with_swap_on_a_partition_is_refused(guest: GuestRun) -> None:
 
 def test_a_disk_under_device_mapper_is_refused_also_mounted_through_its_mapper_node(
         guest: GuestRun) -> None:
-    """No udev in the guest: dmsetup makes /dev/mapper/kvlin a node of its own, so only
-    the device number says the mount is dm-0's (main said only "held by dm-0")."""
+    """No udev in the guest: dmsetup makes /dev/mapper/kvlin a node of its own; the mount
+    through it still counts as dm-0's."""
     disk = disk_name(guest)
     setups_ok(guest, "swapoff-p2", "dm-create", "mkfs-dm", "mount-dm")
     mapper = guest.find("mapper")
