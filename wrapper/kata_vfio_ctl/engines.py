@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from kata_vfio.errors import ConfigError, UsageError
+from kata_vfio_ctl.textfile import without_empty_tables
 
 CONTAINERD_CONF = Path("/etc/containerd/config.toml")
 CRIO_DROPIN = Path("/etc/crio/crio.conf.d/50-kata-vfio.conf")
@@ -317,16 +318,7 @@ def _without(data: dict[str, Any], version: int) -> dict[str, Any]:
         node = node.get(key) if isinstance(node, dict) else None
     if isinstance(node, dict):
         node.pop(RUNTIME_NAME, None)
-    return _without_empty(data)
-
-
-def _without_empty(data: dict[str, Any]) -> dict[str, Any]:
-    out = {}
-    for key, value in data.items():
-        kept = _without_empty(value) if isinstance(value, dict) else value
-        if kept or not isinstance(value, dict):
-            out[key] = kept
-    return out
+    return without_empty_tables(data)
 
 
 def _problem(base: str, new: str, version: int, runtime: ShimRuntime, back: str) -> str | None:
@@ -424,7 +416,7 @@ def unregister_containerd(conf: Path) -> bool:
         problem = None
         for version in versions:
             before = _without(before, version)
-        if _without_empty({k: v for k, v in after.items() if k != "version"}) != before:
+        if without_empty_tables({k: v for k, v in after.items() if k != "version"}) != before:
             problem = "other settings would change"
     except tomllib.TOMLDecodeError as exc:
         problem = f"the result would not be valid TOML: {exc}"

@@ -14,6 +14,7 @@ from typing import Any
 import tomlkit
 
 from kata_vfio.errors import ConfigError
+from kata_vfio_ctl.textfile import without_empty_tables
 
 CONTAINERS_CONF = Path("/etc/containers/containers.conf")
 RUNTIME_NAME = "kata-vfio"
@@ -142,20 +143,11 @@ def _problem(base: str, new: str, runtime_path: str, name: str, back: str) -> st
             del engine[key]
         elif name not in old[key]:
             engine[key].remove(name)
-    if _without_empty(after) != _without_empty(before):
+    if without_empty_tables(after) != without_empty_tables(before):
         return "other settings would change"
     if _take_out(new, name) != back:
         return "it could not be taken out again exactly"
     return None
-
-
-def _without_empty(data: dict[str, Any]) -> dict[str, Any]:
-    out = {}
-    for key, value in data.items():
-        kept = _without_empty(value) if isinstance(value, dict) else value
-        if kept or not isinstance(value, dict):
-            out[key] = kept
-    return out
 
 
 def register(conf: Path, runtime_path: str, name: str = RUNTIME_NAME, *,

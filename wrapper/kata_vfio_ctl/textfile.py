@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kata_vfio.errors import ConfigError
 
@@ -94,3 +95,15 @@ def read_text(path: Path, what: str, limit: int = CONF_LIMIT) -> str:
     if not found.exists:
         raise ConfigError(f"{what} {path} does not exist", "check the path")
     return found.text
+
+
+def without_empty_tables(data: dict[str, Any]) -> dict[str, Any]:
+    """`data` without the tables that are empty (or hold only empty tables): what an
+    installer compares before and after an edit, since taking our entry out may leave
+    its empty parent table behind."""
+    out = {}
+    for key, value in data.items():
+        kept = without_empty_tables(value) if isinstance(value, dict) else value
+        if kept or not isinstance(value, dict):
+            out[key] = kept
+    return out
