@@ -31,6 +31,7 @@ sys.path.insert(0, str(HERE.parent))  # tests/: the `kata` and `nested` packages
 from kata import harness, rootfs  # noqa: E402
 from nested.inside import NODES_SCRIPT, Results, cgroup_v1, driver_of  # noqa: E402
 from nested.inside import run as bounded_run  # noqa: E402
+from nested.launcher import console_lines  # noqa: E402
 
 IMAGE = "localhost/kata-vfio-nested-busybox"
 L2_MEMORY_MB = 256  # L1's QEMU pins (and maps through L1's vIOMMU) all of L2's RAM for VFIO
@@ -54,7 +55,7 @@ def l2_records(console_dir: Path, cid: str) -> list[dict[str, object]]:
     path = console_dir / f"{cid}.console"
     records = []
     text = path.read_text(errors="replace") if path.exists() else ""
-    for line in text.replace("\r", "").splitlines():
+    for line in console_lines(text):
         if line.startswith("KVFIO "):
             try:
                 records.append(json.loads(line[len("KVFIO "):]))

@@ -13,10 +13,11 @@ sandbox's; this L2 has no sandbox, so the container gets a network namespace of 
 (with podman's `--network none` both have only loopback; runc refuses net.* sysctls, which
 podman sets, without one).
 
-On the serial console: "KVFIO-OUT <json string>" / "KVFIO-ERR <json string>" per line of
-the container's stdout / stderr (runc's own errors included), "KVFIO <json>" records (the
-guest's PCI drivers, the kata-vfio hook's log once the container runs) and finally
-"KVFIO-EXIT <code>".
+On the serial console (through the kernel's log when the command line has
+kvfio.console=kmsg, long lines in pieces: see say()): "KVFIO-OUT <json string>" /
+"KVFIO-ERR <json string>" per line of the container's stdout / stderr (runc's own errors
+included), "KVFIO <json>" records (the guest's PCI drivers, the kata-vfio hook's log once
+the container runs) and finally "KVFIO-EXIT <code>".
 """
 
 import json
@@ -30,12 +31,37 @@ DEFAULT_GUEST_HOOK_PATH = "/usr/share/oci/hooks"
 HOOK_LOG = "/tmp/kata-vfio-hook.log"
 PCI = "/sys/bus/pci/devices"
 lock = threading.Lock()
+PIECE = 800  # bytes of a line per kernel log record
+
+
+def kmsg_console():
+    """/dev/kmsg, opened, when the kernel command line asks for it (kvfio.console=kmsg, see
+    tests/vm/guest-init.sh); else None: the lines go to stdout, the console's tty."""
+    with open("/proc/cmdline") as f:
+        if "kvfio.console=kmsg" not in f.read().split():
+            return None
+    return os.open("/dev/kmsg", os.O_WRONLY)
+
+
+KMSG = kmsg_console()
 
 
 def say(line):
+    """One line on the console. Through /dev/kmsg a record holds at most ~1 KB: a longer line
+    goes in pieces, "KVFIO+ <piece>" for all but the last, "KVFIO= <last piece>"
+    (tests/nested/launcher.py's Pieces joins them)."""
     with lock:
-        sys.stdout.write(line + "\n")
-        sys.stdout.flush()
+        if KMSG is None:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+            return
+        data = line.encode(errors="replace")
+        if len(data) <= PIECE:
+            os.write(KMSG, b"<2>" + data + b"\n")
+            return
+        for start in range(0, len(data), PIECE):
+            mark = b"KVFIO= " if start + PIECE >= len(data) else b"KVFIO+ "
+            os.write(KMSG, b"<2>" + mark + data[start:start + PIECE] + b"\n")
 
 
 def emit(**record):

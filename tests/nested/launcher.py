@@ -73,6 +73,7 @@ L2_DIR = "/kvfio/scenarios/00-container"
 L2_RUN = f'#!/kvfio/bin/sh\nexec /usr/bin/python3 -I -S {L2_PROGRAM} "$1"\n'
 # marked lines on L2's console (tests/nested/l2_container.py writes them)
 MARK_OUT, MARK_ERR, MARK_EXIT, MARK_RECORD = "KVFIO-OUT ", "KVFIO-ERR ", "KVFIO-EXIT ", "KVFIO "
+MARK_PIECE, MARK_LAST_PIECE = "KVFIO+ ", "KVFIO= "
 GLOBAL_WITH_VALUE = ("--root", "--log", "--log-format", "--criu", "--rootless",
                      "--launcher-config")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
@@ -194,6 +195,30 @@ def tail(path: str, size: int = 1500) -> str:
         return ""
 
 
+class Pieces:
+    """Joins the lines L2 wrote in pieces (a kernel log record holds ~1 KB; see
+    tests/nested/l2_container.py's say()): feed the console's lines in order, get back
+    whole lines, None for a piece that is not the last."""
+
+    def __init__(self) -> None:
+        self.partial = ""
+
+    def feed(self, line: str) -> str | None:
+        if line.startswith(MARK_PIECE):
+            self.partial += line[len(MARK_PIECE):]
+            return None
+        if line.startswith(MARK_LAST_PIECE):
+            line, self.partial = self.partial + line[len(MARK_LAST_PIECE):], ""
+        return line
+
+
+def console_lines(text: str) -> list[str]:
+    """A whole console file's lines, pieces joined."""
+    pieces = Pieces()
+    lines = (pieces.feed(line) for line in text.replace("\r", "").splitlines())
+    return [line for line in lines if line is not None]
+
+
 def write_all(fd: int, data: bytes) -> None:
     while data:
         try:
@@ -308,8 +333,10 @@ def container_archive(spec: dict[str, object], bundle: str, cid: str, sdir: str)
 
 def qemu_argv(cfg: Config, cid: str, devices: list[str], initrd: str, console: str
               ) -> list[str]:
+    # kvfio.console=kmsg: L2's lines through the kernel's log (tests/vm/guest-init.sh says
+    # why), unthrottled, without timestamps
     append = ("console=ttyS0 rdinit=/kvfio/init intel_iommu=on iommu=pt panic=-1 loglevel=4 "
-              + cfg.append).strip()
+              "kvfio.console=kmsg printk.devkmsg=on printk.time=0 " + cfg.append).strip()
     argv = [cfg.qemu, "-name", f"kata-vfio-l2-{cid[:12]}", "-accel", "kvm",
             "-machine", "q35,kernel-irqchip=split", "-cpu", "host",
             "-smp", str(cfg.vcpus), "-m", str(cfg.memory_mb), "-nodefaults", "-no-reboot",
@@ -356,6 +383,7 @@ def _run_l2(cfg: Config, argv: list[str], sdir: str, base: str, console: str,
     code: int | None = None
     booted = False
     pending = b""
+    pieces = Pieces()
     console_file = None
     while True:
         ended = qemu.poll() is not None
@@ -367,7 +395,10 @@ def _run_l2(cfg: Config, argv: list[str], sdir: str, base: str, console: str,
         pending += chunk
         *lines, pending = pending.split(b"\n")
         for raw in lines:
-            line = raw.decode(errors="replace").replace("\r", "")
+            whole = pieces.feed(raw.decode(errors="replace").replace("\r", ""))
+            if whole is None:
+                continue
+            line = whole
             if line.startswith(MARK_RECORD):
                 booted = True
                 mark("L2 init")
