@@ -22,9 +22,10 @@ from kata_vfio.jsonlog import JsonLog
 from kata_vfio.manifest import MANIFEST_ANNOTATION, Manifest, ManifestDevice, ManifestGroup
 from kata_vfio.pci import IommuGroup, PciAddress, PciIdentity
 from kata_vfio_hook.events import PollWakeups
-from kata_vfio_hook.main import parse_state, run
+from kata_vfio_hook.main import run
 from kata_vfio_hook.nodes import make_nodes, rootfs_view
 from kata_vfio_hook.roots import GuestRoots
+from kata_vfio_hook.state import parse_state
 
 from fakesys import E1000E, IGBVF, NVME, FakeKernel, FakeSysfs
 

@@ -80,7 +80,8 @@ def test_hook_without_manifest_imports_no_heavy_module() -> None:
                                    "tempfile", "select", "typing", "pathlib", "dataclasses"})
     ours = {m for m in modules if m.startswith("kata_vfio")}
     assert ours <= {"kata_vfio", "kata_vfio.boundary", "kata_vfio.defaults", "kata_vfio.errors",
-                    "kata_vfio.jsoncodec", "kata_vfio_hook", "kata_vfio_hook.main"}
+                    "kata_vfio.jsoncodec", "kata_vfio_hook", "kata_vfio_hook.main",
+                    "kata_vfio_hook.state"}
     assert "json" not in modules
 
 

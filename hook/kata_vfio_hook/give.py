@@ -20,8 +20,8 @@ from kata_vfio.jsonlog import JsonLog
 from kata_vfio.manifest import Manifest, ManifestDevice
 from kata_vfio.pci import VFIO_PCI, PciAddress, PciDevice, is_vfio_driver
 from kata_vfio_hook.events import Deadline, process_started, wait_for
-from kata_vfio_hook.main import State
 from kata_vfio_hook.roots import GuestRoots
+from kata_vfio_hook.state import State
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: the hook imports no typing (its start-up)
 if TYPE_CHECKING:

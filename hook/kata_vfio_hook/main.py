@@ -15,9 +15,7 @@ import sys
 import time
 
 from kata_vfio.boundary import guarded, step
-from kata_vfio.defaults import MANIFEST_ANNOTATION
-from kata_vfio.errors import HookError
-from kata_vfio.jsoncodec import loads
+from kata_vfio_hook.state import LIBCONTAINER, find_manifest, parse_state
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: `typing` costs ~2 ms on every container
 if TYPE_CHECKING:
@@ -28,69 +26,6 @@ if TYPE_CHECKING:
 
 PROG = "kata-vfio-hook"
 LOG_PATH = "/tmp/kata-vfio-hook.log"
-LIBCONTAINER = "/run/libcontainer"  # Kata 1.x keeps each container's spec below it
-_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
-
-
-class State:
-    """The OCI state the runtime passes on stdin."""
-
-    __slots__ = ("annotations", "bundle", "id", "pid")
-
-    def __init__(self, id: str, pid: int, bundle: str, annotations: dict[str, str]) -> None:
-        self.id = id
-        self.pid = pid
-        self.bundle = bundle
-        self.annotations = annotations
-
-
-def parse_state(text: str) -> State:
-    try:
-        data = loads(text)
-    except ValueError:
-        raise HookError("stdin is not the OCI state JSON",
-                        "run me as an OCI prestart hook") from None
-    if not isinstance(data, dict):
-        raise HookError("stdin is not the OCI state JSON", "run me as an OCI prestart hook")
-    cid, pid, bundle = data.get("id"), data.get("pid"), data.get("bundle")
-    if not isinstance(cid, str) or not cid or not set(cid) <= _ID_CHARS or cid.startswith("."):
-        raise HookError(f"OCI state has no usable container id ({cid!r})",
-                        "run me as an OCI prestart hook")
-    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
-        raise HookError(f"OCI state of {cid} has no container pid",
-                        "run me as a prestart hook, when the container's init exists")
-    annotations = data.get("annotations") or {}
-    return State(cid, pid, bundle if isinstance(bundle, str) else "",
-                 annotations if isinstance(annotations, dict) else {})
-
-
-def _load_json(path: str) -> dict[str, Any] | None:
-    try:
-        with open(path, "rb") as f:
-            data = loads(f.read())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def find_manifest(state: State, libcontainer: str) -> tuple[str, dict[str, Any]] | None:
-    """The manifest's text from the state's annotations, the bundle's config.json, or
-    Kata 1.x's copy under /run/libcontainer; with the spec (empty if none could be read)."""
-    specs = []
-    if state.bundle:
-        specs.append(f"{state.bundle}/config.json")
-    specs.append(f"{libcontainer}/{state.id}/config.json")
-    spec: dict[str, Any] = {}
-    for path in specs:
-        loaded = _load_json(path)
-        if loaded is not None:
-            spec = loaded
-            break
-    text = state.annotations.get(MANIFEST_ANNOTATION)
-    if text is None:
-        annotations = spec.get("annotations")
-        text = annotations.get(MANIFEST_ANNOTATION) if isinstance(annotations, dict) else None
-    return (text, spec) if text and isinstance(text, str) else None
 
 
 def run(stdin_text: str, roots: GuestRoots | None = None, log: JsonLog | None = None,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from kata_vfio.defaults import GUEST_CLAIMS_DIR
 from kata_vfio.rebind import MODPROBE, write_attr
-from kata_vfio_hook.main import LIBCONTAINER
+from kata_vfio_hook.state import LIBCONTAINER
 from kata_vfio_hook.vmdeps import ipv4_address
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: the hook imports no typing (its start-up)
