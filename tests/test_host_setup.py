@@ -135,14 +135,14 @@ def test_bad_input_is_one_line_and_changes_nothing(
 
 def test_doctor_says_what_dpdk_needs(tmp_path: Path) -> None:
     """Issue 8: memlock for DMA and two vCPUs for testpmd's two lcores."""
-    from kata_vfio_ctl.doctor import OK, WARN, check_dpdk
+    from kata_vfio_ctl.doctor import OK, WARN, check_dpdk, check_memlock
     from kata_vfio_host.settings import Settings
 
     conf = tmp_path / "configuration.toml"
     conf.write_text("[hypervisor.qemu]\ndefault_vcpus = 1\n")
     one = check_dpdk(Settings(), conf)
     assert one.status == WARN and "--lcores 0@0,1@0" in one.detail
-    off = check_dpdk(Settings(raise_memlock=False), None)
-    assert off.status == WARN and "--cap-add IPC_LOCK" in off.detail
+    off = check_memlock(Settings(raise_memlock=False))
+    assert off.status == WARN and "--cap-add IPC_LOCK" in off.fix
     conf.write_text("[hypervisor.qemu]\ndefault_vcpus = 2\n")
     assert check_dpdk(Settings(), conf).status == OK
