@@ -335,18 +335,20 @@ def check_podman_engine(root: Path, conf: Path, release: Any) -> list[Check]:
     version = _version_line(program) if program else ""
     seen = f" ({version})" if version else ""
     if release is not None and release.major >= 2:
+        from kata_vfio.errors import KataVfioError
         from kata_vfio_ctl.podman_conf import registered
 
         try:
             value, _ = registered(conf)
-        except Exception:  # an unreadable file says the same here
-            value = None
-        where = f"; kata-vfio is registered in {conf}" if value is not None else ""
+            where = f"; kata-vfio is registered in {conf}" if value is not None else ""
+        except KataVfioError as err:
+            where = f"; {err.message}"
         return [Check("podman", WARN, f"podman{seen} cannot run Kata containers with "
                       f"{release}: podman -> kata-vfio -> kata-runtime needs Kata 1.x (Kata >= 2 "
                       f"has no `kata-runtime create`, kata#722){where}",
                       "run VFIO containers through containerd or CRI-O"
-                      + ("; kata-vfio-ctl podman-unregister" if where else ""))]
+                      + ("; kata-vfio-ctl podman-unregister" if "registered in" in where
+                         else ""))]
     check = check_podman(conf)
     return [Check(check.name, check.status, check.detail + seen, check.fix)]
 

@@ -358,11 +358,9 @@ def cmd_install(args: argparse.Namespace) -> int:
     kata = find_config(args.kata_config)
     if kata is None:
         raise ConfigError("no Kata configuration.toml found", "pass --kata-config PATH")
-    from kata_vfio_ctl.engines import install_engines
-
     # every file install will edit, checked first: a refusal (a layout it cannot edit, a
     # FIFO, a runtime of the admin's own) comes before anything is written
-    from kata_vfio_ctl.engines import podman_skip_reason
+    from kata_vfio_ctl.engines import install_engines, podman_skip_reason
 
     skip_podman = podman_skip_reason(kata, args.kata_version)
     if skip_podman is None:
