@@ -247,7 +247,7 @@ def test_plug_ports_are_checked_in_the_file_containerds_shim_reads(
     plug = by_name(check_engines(root, root / "none", other, Settings(), "3.30"))[
         "containerd:plug"]
     assert plug.status == status and says in plug.detail
-    assert plug.detail.startswith(f"{named} (names): ")
+    assert plug.detail.startswith(f"{named} (named by the kata-vfio runtime): ")
 
 
 def test_containerd_register_says_the_shim_must_be_on_path_for_containerd_16(
@@ -349,3 +349,24 @@ def test_install_does_not_register_podman_for_kata3(tmp_path: Path,
     assert not podman.exists()
     assert (f"{podman}: podman not registered: Kata 3.30 (--kata-version) has no OCI command "
             "line for podman (only Kata 1.x does); use --containerd or --crio") in out
+
+
+def test_kata1_shim_under_containerd_is_told_it_ignores_config_path(tmp_path: Path,
+                                                                     shim: str) -> None:
+    named = kata_conf(tmp_path / "kata/configuration-kata-vfio.toml")
+    root = containerd_node(tmp_path, shim, named)
+    etc = root / "etc/kata-containers/configuration.toml"
+    etc.parent.mkdir(parents=True)
+    etc.write_text('[hypervisor.qemu]\nhotplug_vfio_on_root_bus = false\npcie_root_port = 0\n'
+                   '[proxy.kata]\n')
+    found = by_name(check_engines(root, root / "none", None, Settings(), "1.13"))
+    assert found["containerd:kata-config"].status == FAIL
+    assert found["containerd:kata-config"].detail == (
+        f"Kata 1.13 (--kata-version)'s shim ignores ConfigPath = '{named}': it reads only "
+        "/etc/kata-containers/configuration.toml or "
+        "/usr/share/defaults/kata-containers/configuration.toml")
+    # the plug ports are read where that shim reads them
+    plug = found["containerd:plug"]
+    assert plug.detail.startswith(f"{etc} (what Kata 1.x's shim reads): "
+                                  "hotplug_vfio_on_root_bus = False")
+    assert plug.status == WARN and "kata#2899" in plug.detail

@@ -271,6 +271,9 @@ ENGINE_FILES = {"podman": ("etc/containers/containers.conf",),
                 "cri-o": ("etc/crio/crio.conf", "etc/crio/crio.conf.d"),
                 "kubelet": ("var/lib/kubelet/device-plugins", "etc/kubernetes/kubelet.conf")}
 KATA_SHIM = "containerd-shim-kata-v2"
+# where Kata 1.x's containerd shim looks, and nowhere else (LAB.md section 4)
+KATA1_SHIM_CONFIGS = ("/etc/kata-containers/configuration.toml",
+                      "/usr/share/defaults/kata-containers/configuration.toml")
 
 
 def find_program(name: str, root: Path) -> str | None:
@@ -354,17 +357,17 @@ def check_podman_engine(root: Path, conf: Path, release: Any) -> list[Check]:
 
 
 def check_engine_kata(engine: str, kata_path: str | None, fallback: Path | None,
-                      release: Any) -> Check:
+                      release: Any, how: str = "") -> Check:
     """The plug-port settings in the configuration this engine's shim reads (kata#9014:
     the setting went into a file the shim does not load)."""
     from kata_vfio.errors import KataVfioError
     from kata_vfio_ctl import kata3
 
     path = Path(kata_path) if kata_path else fallback
-    said = "names" if kata_path else "uses Kata's default"
+    how = how or ("named by the kata-vfio runtime" if kata_path else "Kata's default")
     if path is None or not path.is_file():
-        return Check(f"{engine}:plug", FAIL, f"{engine}'s kata-vfio runtime {said} "
-                     f"{path or 'configuration'}, which does not exist",
+        return Check(f"{engine}:plug", FAIL, f"{engine}'s kata-vfio runtime uses "
+                     f"{path or 'Kata configuration'} ({how}), which does not exist",
                      "kata-vfio-ctl install (writes it and names it)")
     try:
         data = kata3.read_toml(path)
@@ -373,8 +376,7 @@ def check_engine_kata(engine: str, kata_path: str | None, fallback: Path | None,
     release = kata3.release_from_keys(data) or release or kata3.KataRelease(2, 0, "unknown")
     qemu = (data.get("hypervisor") or {}).get("qemu") or {}
     plug = kata3.check_plug(qemu, release)
-    return Check(f"{engine}:plug", plug.status, f"{path} ({said[0:5] if kata_path else said}): "
-                 + plug.detail, plug.fix)
+    return Check(f"{engine}:plug", plug.status, f"{path} ({how}): " + plug.detail, plug.fix)
 
 
 def check_containerd_engine(root: Path, kata_config: Path | None, release: Any) -> list[Check]:
@@ -419,8 +421,20 @@ def check_containerd_engine(root: Path, kata_config: Path | None, release: Any) 
         checks.append(Check("containerd:shim", OK, f"{shim_on_path or path}"))
     checks.append(check_kata_shim(root, "containerd", release))
     options = table.get("options") or {}
-    checks.append(check_engine_kata("containerd", options.get("ConfigPath"), kata_config,
-                                    release))
+    named = options.get("ConfigPath")
+    if release is not None and release.major == 1 and named and \
+            named not in KATA1_SHIM_CONFIGS:
+        # the 1.x shim loads its defaults first and never reads ConfigPath
+        checks.append(Check("containerd:kata-config", FAIL, f"{release}'s shim ignores "
+                            f"ConfigPath = {named!r}: it reads only "
+                            + " or ".join(KATA1_SHIM_CONFIGS),
+                            f"kata-vfio-ctl install --kata-config {KATA1_SHIM_CONFIGS[0]}"))
+        named = next((p for p in KATA1_SHIM_CONFIGS if (root / p.lstrip("/")).is_file()),
+                     KATA1_SHIM_CONFIGS[0])
+        checks.append(check_engine_kata("containerd", str(root / named.lstrip("/")), None,
+                                        release, "what Kata 1.x's shim reads"))
+        return checks
+    checks.append(check_engine_kata("containerd", named, kata_config, release))
     return checks
 
 
