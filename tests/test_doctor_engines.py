@@ -370,3 +370,15 @@ def test_kata1_shim_under_containerd_is_told_it_ignores_config_path(tmp_path: Pa
     assert plug.detail.startswith(f"{etc} (what Kata 1.x's shim reads): "
                                   "hotplug_vfio_on_root_bus = False")
     assert plug.status == WARN and "kata#2899" in plug.detail
+
+
+def test_podman_unregistered_beside_a_registered_containerd_does_not_fail_the_node(
+        tmp_path: Path, shim: str) -> None:
+    kata = kata_conf(tmp_path / "kata/configuration-kata-vfio.toml")
+    root = containerd_node(tmp_path, shim, kata)
+    link_program(root, "podman", real("podman"))
+    found = by_name(check_engines(root, root / "etc/containers/containers.conf", None,
+                                  Settings(), "1.13"))
+    assert found["containerd"].status == OK
+    assert found["podman"].status == WARN
+    assert found["podman"].detail.endswith("(kata-vfio is registered with containerd)")

@@ -552,6 +552,12 @@ def check_engines(root: Path, podman_conf: Path, kata_config: Path | None,
         checks += check_crio_engine(root, kata_config, release)
     if "kubelet" in engines:
         checks += check_kubelet_engine(root, settings)
+    served = [c.name for c in checks if c.name in ("containerd", "cri-o") and c.status == OK]
+    for i, c in enumerate(checks):
+        if c.name == "podman" and c.status == FAIL and "not registered" in c.detail and served:
+            # podman beside a registered CRI engine: one way in is enough
+            checks[i] = Check(c.name, WARN, c.detail + f" (kata-vfio is registered with "
+                              f"{' and '.join(served)})", c.fix)
     if not engines:
         checks.append(Check("engines", FAIL, "no podman, containerd, CRI-O or kubelet found",
                             "install the container engine kata-vfio should serve"))
