@@ -290,9 +290,12 @@ def test_crio_dropin_is_what_crio_reads_and_goes_again(tmp_path: Path, shim: str
         "runtime_path": shim,
         "runtime_config_path": KATA_CONF,
         "privileged_without_host_devices": True,
-        "allowed_annotations": ["io.kata-vfio.devices", "io.kata-vfio.select",
-                                "io.kata-vfio.vf-config"],
     }}}}}
+    # issue 16: CRI-O refuses an allowed_annotations entry it does not know ("invalid
+    # allowed_annotation") and drops only its own annotations, by prefix: io.kata-vfio.*
+    # (the device plugin's io.kata-vfio.resource.<name> too) pass as they are
+    assert "allowed_annotations" not in dropin.read_text().replace(
+        "# no allowed_annotations", "")
     assert dropin.read_text().startswith("# kata-vfio:")
     assert oct(dropin.stat().st_mode & 0o777) == "0o644"
     assert not register_crio(dropin, ShimRuntime(shim, KATA_CONF))
@@ -377,8 +380,10 @@ def test_install_and_uninstall_options(tmp_path: Path, shim: str) -> None:
     engines.add_install_options(install, install=True)
     args = install.parse_args(["--containerd", str(conf), "--crio", str(dropin),
                                "--shim-path", shim])
-    assert engines.install_engines(args, KATA_CONF) == [
-        f"{conf}: registered kata-vfio", f"{dropin}: written"]
+    news = engines.install_engines(args, KATA_CONF)
+    # issue 17: each registration says the engine must be restarted to see it
+    assert news[0] == f"{conf}: registered kata-vfio; restart containerd to use it"
+    assert news[-1] == f"{dropin}: written; restart CRI-O to use it"
     assert registered_containerd(conf)["options"] == {"ConfigPath": KATA_CONF}  # type: ignore[index]
     assert tomllib.loads(dropin.read_text())["crio"]["runtime"]["runtimes"]["kata-vfio"][
         "runtime_config_path"] == KATA_CONF

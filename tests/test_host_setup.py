@@ -66,21 +66,22 @@ def test_doctor_on_a_host_without_iommu(fakesys: FakeSysfs, tmp_path: Path) -> N
     proc = fake_proc(tmp_path, "BOOT_IMAGE=/vmlinuz root=/dev/sda1", "PCI-MSI")
     kata = tmp_path / "configuration.toml"
     kata.write_text(KATA)
+    (tmp_path / "root").mkdir()
     checks = {c.name: c for c in run_checks(fakesys.root, proc, kata, tmp_path / "none.conf",
-                                            "/usr/share/oci/hooks", {})}
+                                            "/usr/share/oci/hooks", {}, root=tmp_path / "root")}
     assert checks["iommu"].status == FAIL and "intel_iommu=on" in checks["iommu"].fix
-    assert "root=/dev/sda1" in checks["iommu"].detail
+    assert "root=/dev/sda1" not in checks["iommu"].fix  # only what to add (issue 17)
     assert checks["interrupt-remapping"].status == FAIL
     assert checks["kata:machine_type"].status == FAIL
     assert checks["kata:initrd"].status == FAIL
-    assert checks["podman"].status == FAIL
+    assert checks["engines"].status == FAIL  # no podman, containerd, CRI-O or kubelet
 
 
 def test_doctor_on_a_ready_host(vfio_host: FakeSysfs, tmp_path: Path) -> None:
     proc = fake_proc(tmp_path, "intel_iommu=on iommu=pt", "IR-PCI-MSI")
     vfio_host.add_driver("vfio-pci")
     checks = {c.name: c for c in run_checks(vfio_host.root, proc, None, tmp_path / "x",
-                                            "/usr/share/oci/hooks", {})}
+                                            "/usr/share/oci/hooks", {}, root=tmp_path)}
     assert checks["iommu"].status == OK and checks["interrupt-remapping"].status == OK
     assert checks["vfio-modules"].status == OK
     assert checks["kata-config"].status == FAIL
@@ -135,14 +136,14 @@ def test_bad_input_is_one_line_and_changes_nothing(
 
 def test_doctor_says_what_dpdk_needs(tmp_path: Path) -> None:
     """Issue 8: memlock for DMA and two vCPUs for testpmd's two lcores."""
-    from kata_vfio_ctl.doctor import OK, WARN, check_dpdk
+    from kata_vfio_ctl.doctor import OK, WARN, check_dpdk, check_memlock
     from kata_vfio_host.settings import Settings
 
     conf = tmp_path / "configuration.toml"
     conf.write_text("[hypervisor.qemu]\ndefault_vcpus = 1\n")
     one = check_dpdk(Settings(), conf)
     assert one.status == WARN and "--lcores 0@0,1@0" in one.detail
-    off = check_dpdk(Settings(raise_memlock=False), None)
-    assert off.status == WARN and "--cap-add IPC_LOCK" in off.detail
+    off = check_memlock(Settings(raise_memlock=False))
+    assert off.status == WARN and "--cap-add IPC_LOCK" in off.fix
     conf.write_text("[hypervisor.qemu]\ndefault_vcpus = 2\n")
     assert check_dpdk(Settings(), conf).status == OK

@@ -34,11 +34,14 @@ RUNTIME_NAME = "kata-vfio"
 SHIM_RUNTIME_TYPE = "io.containerd.kata-vfio.v2"
 SHIM_BINARY = "containerd-shim-kata-vfio-v2"
 SHIM_PREFIX = "containerd-shim-"
-# What users may ask the wrapper for; io.kata-vfio.manifest is the wrapper's own
-# output (it strips forged ones), so it is not listed. CRI-O copies pod annotations into
-# the OCI spec anyway; allowed_annotations gates the ones CRI-O itself acts on, so this
-# list states intent and keeps working if CRI-O ever filters more.
-USER_ANNOTATIONS = ("io.kata-vfio.devices", "io.kata-vfio.select", "io.kata-vfio.vf-config")
+# CRI-O and annotations (cri-o pkg/config: validateAllowedAndGenerateDisallowedAnnotations,
+# FilterDisallowedAnnotations): allowed_annotations may name only annotations CRI-O itself
+# knows ("invalid allowed_annotation: X" otherwise: the configuration does not load), and
+# CRI-O drops a pod's annotation only when it starts with one of its own known annotations
+# that the handler did not allow (a prefix match). Every io.kata-vfio.* key - the user's
+# devices/select/vf-config and the device plugin's io.kata-vfio.resource.<name> - reaches the
+# spec untouched, so the drop-in has no allowed_annotations at all.
+CRIO_FOREIGN_PREFIX = "io.kata-vfio."
 ANNOTATION_GLOB = "io.kata-vfio.*"
 # containerd config version -> the plugin whose `containerd.runtimes` holds runtimes
 CRI_PLUGINS = {1: "cri", 2: "io.containerd.grpc.v1.cri", 3: "io.containerd.cri.v1.runtime"}
@@ -472,7 +475,9 @@ def crio_dropin_text(runtime: ShimRuntime) -> str:
         lines.append(f"runtime_config_path = {json.dumps(runtime.kata_config)}")
     lines += [
         "privileged_without_host_devices = true",
-        "allowed_annotations = [" + ", ".join(json.dumps(a) for a in USER_ANNOTATIONS) + "]",
+        "# no allowed_annotations: CRI-O passes io.kata-vfio.* (devices, select, vf-config,",
+        "# the device plugin's resource.<name>) as it is, and refuses to list keys it does not",
+        "# know",
     ]
     return "\n".join(lines) + "\n"
 
@@ -549,11 +554,37 @@ def _shim_runtime(args: argparse.Namespace, *, crio: bool) -> ShimRuntime:
     return ShimRuntime(shim_path=shim, kata_config=kata)
 
 
+def containerd_path_note(runtime: ShimRuntime, containerd: str = "containerd") -> str | None:
+    """containerd before 1.7 ignores runtime_path (containerd#8207, against 1.6.19; the key
+    came with containerd#6206): it finds the shim by its name on its own PATH. None when
+    containerd uses runtime_path, or the shim is on PATH already."""
+    import shutil
+
+    from kata_vfio.errors import KataVfioError
+
+    try:
+        major, minor = containerd_binary_version(containerd)
+    except KataVfioError:
+        return None  # no containerd here to ask: nothing to say about its PATH
+    if (major, minor) >= (1, 7):
+        return None
+    found = shutil.which(SHIM_BINARY)
+    if found is not None and (runtime.shim_path is None
+                              or os.path.realpath(found) == os.path.realpath(runtime.shim_path)):
+        return None
+    where = runtime.shim_path or default_shim_path()
+    return (f"containerd {major}.{minor} ignores runtime_path: {SHIM_BINARY} must be on "
+            f"containerd's PATH (e.g. ln -s {where} /usr/local/bin/{SHIM_BINARY})")
+
+
 def cmd_containerd_register(args: argparse.Namespace) -> int:
     runtime = _shim_runtime(args, crio=False)
     changed = register_containerd(Path(args.conf), runtime, version=args.config_version)
     print(f"{args.conf}: {'registered' if changed else 'already registered'} runtime "
           f"{RUNTIME_NAME} ({SHIM_RUNTIME_TYPE}); restart containerd to use it")
+    note = containerd_path_note(runtime)
+    if note:
+        print(note)
     return 0
 
 
@@ -603,13 +634,31 @@ def install_engines(args: argparse.Namespace, kata_config: str | None, *,
                                                    kata_config=kata_config), crio=False)
         changed = register_containerd(Path(args.containerd), runtime, dry_run=dry_run)
         news.append(f"{args.containerd}: "
-                    f"{'registered' if changed else 'already registered'} {RUNTIME_NAME}")
+                    f"{'registered' if changed else 'already registered'} {RUNTIME_NAME}"
+                    + ("; restart containerd to use it" if changed else ""))
+        note = None if dry_run else containerd_path_note(runtime)
+        if note:
+            news.append(note)
     if args.crio:
         runtime = _shim_runtime(argparse.Namespace(shim_path=args.shim_path,
                                                    kata_config=kata_config), crio=True)
         changed = register_crio(Path(args.crio), runtime, dry_run=dry_run)
-        news.append(f"{args.crio}: {'written' if changed else 'already up to date'}")
+        news.append(f"{args.crio}: "
+                    + ("written; restart CRI-O to use it" if changed else "already up to date"))
     return news
+
+
+def podman_skip_reason(kata_config: Path, kata_version: str | None) -> str | None:
+    """Why install leaves podman alone, or None: podman -> kata-vfio -> kata-runtime is
+    Kata 1.x's OCI command line; Kata >= 2 has none (`kata-runtime create` is "Invalid
+    command", kata#722), so a registration there could only fail."""
+    from kata_vfio_ctl.kata3 import detect_release, read_toml
+
+    release = detect_release(kata_config, read_toml(kata_config), kata_version)
+    if release.major < 2:
+        return None
+    return (f"{release} has no OCI command line for podman (only Kata 1.x does); use "
+            "--containerd or --crio")
 
 
 def uninstall_engines(args: argparse.Namespace) -> list[str]:

@@ -358,11 +358,13 @@ def cmd_install(args: argparse.Namespace) -> int:
     kata = find_config(args.kata_config)
     if kata is None:
         raise ConfigError("no Kata configuration.toml found", "pass --kata-config PATH")
-    from kata_vfio_ctl.engines import install_engines
-
     # every file install will edit, checked first: a refusal (a layout it cannot edit, a
     # FIFO, a runtime of the admin's own) comes before anything is written
-    register(Path(args.conf), args.runtime_path, dry_run=True)
+    from kata_vfio_ctl.engines import install_engines, podman_skip_reason
+
+    skip_podman = podman_skip_reason(kata, args.kata_version)
+    if skip_podman is None:
+        register(Path(args.conf), args.runtime_path, dry_run=True)
     install_engines(args, str(kata), dry_run=True)
     # Kata 1.x: kata_conf's in-place edit; Kata >= 2: configuration-kata-vfio.toml beside
     # it, named by kata_config_path in config.toml
@@ -370,8 +372,11 @@ def cmd_install(args: argparse.Namespace) -> int:
                           initrd=args.guest_initrd, kata_version=args.kata_version)
     for line in result.lines:
         print(line)
-    podman = register(Path(args.conf), args.runtime_path)
-    print(f"{args.conf}: {'registered kata-vfio' if podman else 'already registered'}")
+    if skip_podman is None:
+        podman = register(Path(args.conf), args.runtime_path)
+        print(f"{args.conf}: {'registered kata-vfio' if podman else 'already registered'}")
+    else:
+        print(f"{args.conf}: podman not registered: {skip_podman}")
     for line in install_engines(args, str(result.generated or kata)):
         print(line)
     return 0
