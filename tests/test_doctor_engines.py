@@ -16,11 +16,8 @@ from pathlib import Path
 import pytest
 
 from kata_vfio_ctl import engines
+from kata_vfio_ctl.checks import FAIL, OK, WARN, Check
 from kata_vfio_ctl.doctor import (
-    FAIL,
-    OK,
-    WARN,
-    Check,
     check_engines,
     check_iommu,
     check_memlock,

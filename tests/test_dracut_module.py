@@ -124,7 +124,8 @@ def test_the_readme_route_with_the_system_dracut(tmp_path: Path) -> None:
                           text=True, check=True).stdout
     assert hook.startswith("#!/usr/bin/python3 -IS") and "kata_vfio_hook.main" in hook
     # doctor finds the hook in the listing of this very image
-    from kata_vfio_ctl.doctor import OK, check_kata_initrd
+    from kata_vfio_ctl.checks import OK
+    from kata_vfio_ctl.kata_checks import check_kata_initrd
 
     conf = tmp_path / "configuration.toml"
     conf.write_text(f'[hypervisor.qemu]\ninitrd = "{image}"\n')

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from kata_vfio_ctl.doctor import FAIL, OK, run_checks
+from kata_vfio_ctl.checks import FAIL, OK
+from kata_vfio_ctl.doctor import run_checks
 from kata_vfio_ctl.kata_conf import check, install, uninstall
 from kata_vfio_ctl.main import main as ctl
 
@@ -136,7 +137,8 @@ def test_bad_input_is_one_line_and_changes_nothing(
 
 def test_doctor_says_what_dpdk_needs(tmp_path: Path) -> None:
     """Issue 8: memlock for DMA and two vCPUs for testpmd's two lcores."""
-    from kata_vfio_ctl.doctor import OK, WARN, check_dpdk, check_memlock
+    from kata_vfio_ctl.checks import OK, WARN
+    from kata_vfio_ctl.doctor import check_dpdk, check_memlock
     from kata_vfio_host.settings import Settings
 
     conf = tmp_path / "configuration.toml"

@@ -10,18 +10,18 @@ from pathlib import Path
 import pytest
 
 from kata_vfio.errors import ConfigError
-from kata_vfio_ctl.doctor import FAIL, OK, WARN
+from kata_vfio_ctl.checks import FAIL, OK, WARN
 from kata_vfio_ctl.kata3 import (
     GENERATED_NAME,
     KataRelease,
     derive,
     detect_release,
-    doctor_checks,
     install_kata,
     parse_version,
     release_from_keys,
     uninstall_kata,
 )
+from kata_vfio_ctl.kata_checks import doctor_checks
 from kata_vfio_host.settings import Settings
 
 # shaped like Kata 3.30's configuration-qemu.toml (excerpt; comments as shipped)

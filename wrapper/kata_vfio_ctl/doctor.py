@@ -6,27 +6,15 @@ Each check says what it found and, when it is not fine, how to fix it.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from kata_vfio_ctl.checks import FAIL, OK, WARN, Check
 
 if TYPE_CHECKING:
     from kata_vfio_host.settings import Settings
 
-OK, WARN, FAIL = "ok", "warn", "fail"
 CAP_IPC_LOCK = 14
-HOOK_IN_IMAGE = "usr/share/oci/hooks/prestart/kata-vfio-hook"
-
-
-@dataclass(frozen=True)
-class Check:
-    name: str
-    status: str
-    detail: str
-    fix: str = ""
-
-    def as_dict(self) -> dict[str, str]:
-        return asdict(self)
 
 
 # DMI sys_vendor / product_name of the common hypervisors (the guest's side of them)
@@ -152,54 +140,6 @@ def check_vfio_modules(sysfs: Path) -> Check:
                      "and kmod (modinfo)")
     return Check("vfio-modules", OK, f"vfio-pci not loaded, available at "
                  f"{found.stdout.strip()} (kata-vfio-ctl bind loads it)")
-
-
-def check_kata(path: Path | None, guest_hook_path: str, annotations: dict[str, str]
-               ) -> list[Check]:
-    from kata_vfio_ctl.kata_conf import check
-
-    if path is None or not path.exists():
-        return [Check("kata-config", FAIL, "no Kata configuration.toml found",
-                      "install Kata, or pass --kata-config PATH")]
-    import tomllib
-
-    from kata_vfio.errors import KataVfioError
-
-    try:
-        checks = [Check(f"kata:{key}", OK if ok else FAIL, f"{path}",
-                        "" if ok else f"set {fix} (kata-vfio-ctl install does it)")
-                  for key, ok, fix in check(path, guest_hook_path, annotations)]
-        checks.append(check_kata_initrd(path))
-    except (OSError, UnicodeError, tomllib.TOMLDecodeError, KataVfioError) as exc:
-        detail = (exc.message if isinstance(exc, KataVfioError) else
-                  f"cannot read {path}: {exc.strerror if isinstance(exc, OSError) else exc}")
-        return [Check("kata-config", FAIL, detail, "fix the file, or pass --kata-config PATH")]
-    return checks
-
-
-def check_kata_initrd(path: Path) -> Check:
-    import tomllib
-
-    from kata_vfio.run import CommandError, run
-    from kata_vfio_ctl.kata_conf import hypervisor_table
-    from kata_vfio_ctl.textfile import read_text
-
-    _, table = hypervisor_table(tomllib.loads(read_text(path, "Kata configuration")), path)
-    initrd = table.get("initrd")
-    if not initrd:
-        return Check("kata:initrd", FAIL, "Kata boots an image, not an initrd",
-                     "build one with `make initrd` and set initrd = \"…\" in " + str(path))
-    try:
-        # the listing (lsinitrd IMG FILE would print the file's contents instead)
-        listing = run(["lsinitrd", str(initrd)], what=f"listing {initrd}", timeout=120)
-    except CommandError as err:
-        return Check("kata:initrd", FAIL, f"cannot look inside {initrd}: {err.message}",
-                     err.hint)
-    if any(line.split()[-1:] == [HOOK_IN_IMAGE] and line.startswith("-rwx")
-           for line in listing.stdout.splitlines()):
-        return Check("kata:initrd", OK, f"{initrd} has the kata-vfio hook")
-    return Check("kata:initrd", FAIL, f"{initrd} has no kata-vfio hook",
-                 "build the guest image with `make initrd` (initrd/90kata-vfio)")
 
 
 def check_podman(conf: Path) -> Check:
@@ -362,6 +302,7 @@ def check_engine_kata(engine: str, kata_path: str | None, fallback: Path | None,
     the setting went into a file the shim does not load)."""
     from kata_vfio.errors import KataVfioError
     from kata_vfio_ctl import kata3
+    from kata_vfio_ctl.kata_checks import check_plug
 
     path = Path(kata_path) if kata_path else fallback
     how = how or ("named by the kata-vfio runtime" if kata_path else "Kata's default")
@@ -375,7 +316,7 @@ def check_engine_kata(engine: str, kata_path: str | None, fallback: Path | None,
         return Check(f"{engine}:plug", FAIL, err.message, err.hint)
     release = kata3.release_from_keys(data) or release or kata3.KataRelease(2, 0, "unknown")
     qemu = (data.get("hypervisor") or {}).get("qemu") or {}
-    plug = kata3.check_plug(qemu, release)
+    plug = check_plug(qemu, release)
     return Check(f"{engine}:plug", plug.status, f"{path} ({how}): " + plug.detail, plug.fix)
 
 
@@ -580,11 +521,13 @@ def check_kata_release(path: Path | None, guest_hook_path: str, annotations: dic
                        settings: Settings | None, kata_version: str | None) -> list[Check]:
     """Kata >= 2: the generated configuration (kata3.py); Kata 1.x: the in-place settings."""
     if settings is not None:
-        from kata_vfio_ctl.kata3 import doctor_checks
+        from kata_vfio_ctl.kata_checks import doctor_checks
 
         checks = doctor_checks(path, settings, kata_version=kata_version)
         if checks is not None:
             return checks
+    from kata_vfio_ctl.kata_checks import check_kata
+
     return check_kata(path, guest_hook_path, annotations)
 
 

@@ -330,7 +330,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     import json
 
-    from kata_vfio_ctl.doctor import FAIL, as_json, render, run_checks
+    from kata_vfio_ctl.checks import FAIL
+    from kata_vfio_ctl.doctor import as_json, render, run_checks
     from kata_vfio_ctl.kata_conf import find_config
     from kata_vfio_host.settings import load_settings
 
