@@ -108,8 +108,13 @@ def test_man_page_and_completions_are_the_parsers(root: Path) -> None:
                             "printf '%s\\n' \"${COMPREPLY[@]}\""],
                            capture_output=True, text=True, env=NODE_ENV)
     assert "restore" in words.stdout.split(), words
-    zsh = root / "usr/local/share/zsh/site-functions/_kata-vfio-ctl"
-    assert zsh.read_text().startswith("#compdef kata-vfio-ctl")
+    # zsh's compinit finds it on fpath for kata-vfio-ctl and loads the function
+    functions = root / "usr/local/share/zsh/site-functions"
+    zsh = subprocess.run(["zsh", "-f", "-c", f"fpath=({functions} $fpath); autoload -Uz compinit"
+                          " && compinit -u -D && print -r -- ${_comps[kata-vfio-ctl]} && "
+                          "autoload -Uz +X _kata-vfio-ctl && print loaded"],
+                         capture_output=True, text=True, env=NODE_ENV)
+    assert zsh.stdout.split() == ["_kata-vfio-ctl", "loaded"], zsh
 
 
 def test_the_rest_of_the_layout(root: Path) -> None:
