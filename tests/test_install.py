@@ -70,7 +70,8 @@ def test_installed_commands_run_from_the_scratch_root(root: Path, tmp_path: Path
     fs = FakeSysfs(tmp_path / "sys")
     fs.add_device("0000:03:00.0", group=12, driver="e1000e")
     config = tmp_path / "config.toml"
-    config.write_text(f'sysfs = "{fs.root}"\nstate_dir = "{tmp_path / "state"}"\n'
+    config.write_text(f'runtime = "/bin/true"\nshim = "/bin/true"\n'
+                      f'sysfs = "{fs.root}"\nstate_dir = "{tmp_path / "state"}"\n'
                       f'log_file = "{tmp_path / "log"}"\n')
     listed = run_installed(root, ["kata-vfio-ctl", "devices", "--json"],
                            KATA_VFIO_CONFIG=str(config),
@@ -89,6 +90,10 @@ def test_installed_commands_run_from_the_scratch_root(root: Path, tmp_path: Path
                                "--config-version", "2"], KATA_VFIO_CONFIG=str(config))
     assert reg.returncode == 0, reg.stderr
     assert f'runtime_path = "{bindir}/containerd-shim-kata-vfio-v2"' in cconf.read_text()
+    # and what they name runs: a passthrough verb reaches the inner runtime / shim
+    for argv in (["kata-vfio", "state", "x"], ["containerd-shim-kata-vfio-v2", "-v"]):
+        done = run_installed(root, argv, KATA_VFIO_CONFIG=str(config))
+        assert done.returncode == 0, (argv, done.stderr)
 
 
 def test_man_page_and_completions_are_the_parsers(root: Path) -> None:
