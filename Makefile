@@ -124,7 +124,8 @@ INSTALL_DIRS := --destdir "$(DESTDIR)" --prefix "$(PREFIX)" --sysconfdir "$(SYSC
 	--unitdir "$(SYSTEMD_UNIT_DIR)" --dracut-modules-dir "$(DRACUT_MODULES_DIR)" --python $(PYTHON)
 
 $(WHEEL): $(BUILD)/.node-deps $(PY_SOURCES) README.md
-	rm -rf $(BUILD)/dist
+	@# setuptools builds in ./build/lib and never removes what is gone from the sources
+	rm -rf $(BUILD)/dist build/lib
 	$(PYTHON) -m pip wheel -q --disable-pip-version-check --no-deps -w $(BUILD)/dist .
 wheel: $(WHEEL)
 

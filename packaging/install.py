@@ -255,6 +255,17 @@ def install(args: argparse.Namespace) -> int:
     wheel = Path(args.wheel).resolve()
     version = wheel.name.split("-")[1]
     old = _read_manifest(layout.staged(layout.manifest))
+    # the directories this install creates (and those an earlier one did): uninstall
+    # removes them when empty, and never a directory that was there before
+    targets = [layout.payload, layout.bindir, layout.mandir / "man1", layout.bash_completions,
+               layout.zsh_functions, layout.dracut_modules, layout.unitdir,
+               layout.config.parent, layout.logrotate.parent]
+    created = {e[1] for e in old if e[0] == "dir"}
+    for target in targets:
+        for parent in (target, *target.parents):
+            if layout.staged(parent).exists():
+                break
+            created.add(str(parent))
     entries: list[tuple[str, ...]] = [("tree", str(layout.payload))]
     _payload(layout, wheel, python)
     entries += [("file", str(p)) for p in _launchers(layout, python)]
@@ -279,20 +290,12 @@ def install(args: argparse.Namespace) -> int:
            LOGROTATE.format(config=layout.config, log_file=DEFAULT_LOG_FILE))
     entries.append(("file", str(layout.logrotate)))
     entries.append(("file", str(layout.manifest)))
+    # deepest first, so that uninstall empties a directory before its parent
+    entries += [("dir", d) for d in sorted(created, key=lambda d: (-d.count("/"), d))]
     _write(layout.staged(layout.manifest), "".join("\t".join(e) + "\n" for e in entries))
     print(f"installed kata-vfio {version}: {', '.join(COMMANDS)} in {layout.bindir}; "
           f"uninstall with: make uninstall PREFIX={layout.prefix}")
     return 0
-
-
-def _prune(path: Path, stop: Path) -> None:
-    """Remove the empty directories from `path` up to (not including) `stop`."""
-    while path != stop and path.is_relative_to(stop):
-        try:
-            path.rmdir()
-        except OSError:
-            return
-        path = path.parent
 
 
 def uninstall(args: argparse.Namespace) -> int:
@@ -302,10 +305,14 @@ def uninstall(args: argparse.Namespace) -> int:
     if not entries:
         raise InstallError(f"no kata-vfio installed under {layout.prefix} ({layout.manifest} "
                            "is missing): give the PREFIX (and DESTDIR) the install used")
-    root = Path(layout.destdir or "/")
     for kind, final, *rest in entries:
         path = layout.staged(Path(final))
-        if kind == "tree":
+        if kind == "dir":
+            try:
+                path.rmdir()
+            except OSError:  # not empty (something else put files there) or gone: leave it
+                pass
+        elif kind == "tree":
             shutil.rmtree(path, ignore_errors=True)
         elif kind == "config":
             if path.exists() and _sha256(path) != rest[0]:
@@ -314,7 +321,6 @@ def uninstall(args: argparse.Namespace) -> int:
             path.unlink(missing_ok=True)
         else:
             path.unlink(missing_ok=True)
-        _prune(path.parent, root)
     print(f"uninstalled kata-vfio from {layout.prefix}")
     return 0
 

@@ -144,12 +144,15 @@ def test_the_rest_of_the_layout(root: Path) -> None:
 def test_uninstall_removes_what_install_put_and_keeps_a_changed_config(root: Path) -> None:
     done = make("uninstall", root)
     assert done.returncode == 0, done.stderr
-    assert installed_files(root) == set()
+    assert list(root.iterdir()) == []  # no file, and none of the directories it made
 
     again = make("uninstall", root)
     assert again.returncode != 0
     assert "no kata-vfio installed under /usr/local" in again.stderr
 
+    # a directory that was there before (zsh-common leaves this one) stays
+    site_functions = root / "usr/local/share/zsh/site-functions"
+    site_functions.mkdir(parents=True)
     assert make("install", root).returncode == 0
     config = root / "etc/kata-vfio/config.toml"
     config.write_text('runtime = "/usr/bin/kata-runtime"\n')
@@ -161,3 +164,7 @@ def test_uninstall_removes_what_install_put_and_keeps_a_changed_config(root: Pat
     assert done.returncode == 0, done.stderr
     assert "changed since install, kept" in done.stdout
     assert installed_files(root) == {"etc/kata-vfio/config.toml"}
+    assert site_functions.is_dir()
+    assert sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_dir()) == [
+        "etc", "etc/kata-vfio", "usr", "usr/local", "usr/local/share", "usr/local/share/zsh",
+        "usr/local/share/zsh/site-functions"]
