@@ -122,12 +122,24 @@ def test_man_page_and_completions_are_the_parsers(root: Path) -> None:
     assert zsh.stdout.split() == ["_kata-vfio-ctl", "loaded"], zsh
 
 
-def test_the_rest_of_the_layout(root: Path) -> None:
+def test_the_rest_of_the_layout(root: Path, tmp_path: Path) -> None:
     module = root / "usr/lib/dracut/modules.d/90kata-vfio"
     assert os.access(module / "module-setup.sh", os.X_OK)
     assert os.access(module / "kata-vfio-hook", os.X_OK)
-    rotate = (root / "etc/logrotate.d/kata-vfio").read_text()
-    assert "/var/log/kata-vfio.log {" in rotate
+    # the logrotate snippet: logrotate reads it, and it rotates the log in place
+    snippet = root / "etc/logrotate.d/kata-vfio"
+    state = tmp_path / "logrotate.state"
+    check = subprocess.run(["logrotate", "-d", "-s", str(state), str(snippet)],
+                           capture_output=True, text=True, env=NODE_ENV)
+    assert check.returncode == 0 and "rotating pattern: /var/log/kata-vfio.log" in \
+        check.stderr + check.stdout, check
+    log = tmp_path / "kata-vfio.log"
+    log.write_text('{"event": "bound"}\n')
+    here = tmp_path / "kata-vfio.logrotate"
+    here.write_text(snippet.read_text().replace("/var/log/kata-vfio.log", str(log)))
+    subprocess.run(["logrotate", "-f", "-s", str(state), str(here)], env=NODE_ENV, check=True)
+    assert log.read_text() == "" and (tmp_path / "kata-vfio.log.1").read_text() == \
+        '{"event": "bound"}\n'
     units = sorted(p.name for p in (REPO / "systemd").glob("*.service")) \
         if (REPO / "systemd").is_dir() else []
     for unit in units:
