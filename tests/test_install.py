@@ -180,3 +180,29 @@ def test_uninstall_removes_what_install_put_and_keeps_a_changed_config(root: Pat
     assert sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_dir()) == [
         "etc", "etc/kata-vfio", "usr", "usr/local", "usr/local/share", "usr/local/share/zsh",
         "usr/local/share/zsh/site-functions"]
+
+
+def test_the_wheel_installs_with_pip_into_a_venv(tmp_path: Path) -> None:
+    """The other route: `pip install` of `make wheel`'s file, the kubelet API modules in it."""
+    done = subprocess.run(["make", "-s", "-C", str(REPO), "wheel"], capture_output=True,
+                          text=True, timeout=600,
+                          env={k: v for k, v in os.environ.items() if not k.startswith("MAKE")})
+    assert done.returncode == 0, done.stderr
+    wheel, = (REPO / "build/dist").glob("kata_vfio-*.whl")
+    venv = tmp_path / "venv"
+    subprocess.run(["/usr/bin/python3", "-m", "venv", str(venv)], check=True, env=NODE_ENV)
+    subprocess.run([str(venv / "bin/pip"), "install", "-q", "--disable-pip-version-check",
+                    str(wheel)], check=True, env=NODE_ENV, timeout=600)
+    config = tmp_path / "config.toml"
+    config.write_text('runtime = "/bin/true"\nshim = "/bin/true"\n')
+    env = {**NODE_ENV, "KATA_VFIO_CONFIG": str(config)}
+    for argv in (["kata-vfio-ctl", "--help"], ["kata-vfio", "state", "x"],
+                 ["containerd-shim-kata-vfio-v2", "-v"]):
+        ran = subprocess.run([str(venv / "bin" / argv[0]), *argv[1:]], capture_output=True,
+                             text=True, env=env, cwd="/")
+        assert ran.returncode == 0, (argv, ran.stderr)
+    grpc_code = subprocess.run([str(venv / "bin/python"), "-c",
+                                "import kata_vfio_ctl.kubeapi.deviceplugin_pb2_grpc as g; "
+                                "print(g.__file__)"], capture_output=True, text=True, env=env,
+                               cwd="/", check=True)
+    assert grpc_code.stdout.startswith(str(venv))
