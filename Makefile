@@ -10,16 +10,24 @@ PY := $(VENV)/bin/python
 # The guest kernel: the one Debian's linux-image-amd64 depends on.
 KVER ?= $(shell dpkg-query -W -f='$${Depends}' linux-image-amd64 2>/dev/null | sed -n 's/.*linux-image-\([0-9][^ ,]*\).*/\1/p')
 
-APT_PACKAGES := podman runc conmon catatonit uidmap fuse-overlayfs slirp4netns \
-	qemu-system-x86 containerd dracut dracut-core linux-image-amd64 kmod cpio busybox-static \
-	golang-github-opencontainers-specs-dev pci.ids iproute2 python3-venv python3-pip python3-yaml \
-	build-essential dpdk dpdk-dev linux-headers-amd64 linux-source xz-utils file dmsetup mdadm
+# What a node needs to install and run kata-vfio (make install): python3 and pip (the
+# Python dependencies come from PyPI into a private directory), kmod (modprobe, modinfo),
+# pci.ids (device names). Everything else is for the tests, the demo and the guest image.
+NODE_APT_PACKAGES := python3 python3-pip kmod pci.ids
+TEST_APT_PACKAGES := podman runc conmon catatonit uidmap fuse-overlayfs slirp4netns \
+	qemu-system-x86 containerd dracut dracut-core linux-image-amd64 cpio busybox-static \
+	golang-github-opencontainers-specs-dev iproute2 python3-venv python3-yaml \
+	build-essential dpdk dpdk-dev linux-headers-amd64 linux-source xz-utils file dmsetup mdadm \
+	man-db zsh logrotate
+APT_PACKAGES := $(NODE_APT_PACKAGES) $(TEST_APT_PACKAGES)
 # linux-headers-amd64 and linux-source follow linux-image-amd64: the VF-settings VM test
 # builds the kernel's netdevsim for the guest kernel from them (tests/vm/build_netdevsim.py,
 # cached under $(KATA_VFIO_CACHE) by kernel and package versions)
 # `file`: virtme-ng (the nested VM tests) runs it on the kernel image.
 # dmsetup, mdadm: the IOMMU-host VM test stacks device-mapper and md devices on a disk it
 # then must refuse to bind (tests/test_vm_host.py)
+# man-db, zsh, logrotate: the install test renders the man page (man -l), loads the zsh
+# completion and rotates a log with the installed snippet
 # Expensive builds of registry dependencies (netdevsim.ko) are cached here by their versions
 KATA_VFIO_CACHE ?= $(abspath $(BUILD))
 export KATA_VFIO_CACHE
@@ -28,25 +36,31 @@ PY_SOURCES := $(shell find common wrapper hook \( -name '*.py' -o -name '*.json'
 	! -name '*_pb2*') pyproject.toml setup.py
 
 .PHONY: all deps venv lint test test-unit initrd install-dracut-module demo bench \
-	register-podman unregister-podman clean netdevsim kata-image kata-given test-kata k8s-bins
+	register-podman unregister-podman install uninstall wheel clean netdevsim kata-image kata-given test-kata k8s-bins
 
 all: venv
 
-$(BUILD)/.deps:
+# $(call apt_install,PACKAGES): install those of PACKAGES not installed yet
+define apt_install
 	@mkdir -p $(BUILD)
-	@missing=$$(dpkg-query -W -f='$${db:Status-Abbrev} $${Package}\n' $(APT_PACKAGES) 2>&1 \
+	@missing=$$(dpkg-query -W -f='$${db:Status-Abbrev} $${Package}\n' $(1) 2>&1 \
 	  | awk '$$1 != "ii" {print $$NF}'); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:" $$missing; \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-	    --no-install-recommends $(APT_PACKAGES); \
+	    --no-install-recommends $(1); \
 	fi
 	@touch $@
+endef
+$(BUILD)/.deps:
+	$(call apt_install,$(APT_PACKAGES))
+$(BUILD)/.node-deps:
+	$(call apt_install,$(NODE_APT_PACKAGES))
 deps: $(BUILD)/.deps
 
 $(VENV)/.installed: $(BUILD)/.deps $(PY_SOURCES)
 	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check '.[test]'
+	$(PY) -m pip install -q --disable-pip-version-check '.[test,build]'
 	# the kubelet API modules for the tests, which import the source tree (pip's build
 	# generated those of the installed package)
 	$(PY) wrapper/kata_vfio_ctl/kubeapi/generate.py
@@ -54,7 +68,7 @@ $(VENV)/.installed: $(BUILD)/.deps $(PY_SOURCES)
 venv: $(VENV)/.installed
 
 lint: venv
-	$(VENV)/bin/ruff check common wrapper hook tests initrd bench demo
+	$(VENV)/bin/ruff check common wrapper hook tests initrd bench demo packaging
 	$(VENV)/bin/mypy common/kata_vfio wrapper/kata_vfio_host wrapper/kata_vfio_runtime \
 	  wrapper/kata_vfio_ctl hook/kata_vfio_hook
 
@@ -85,11 +99,50 @@ demo: initrd
 bench: initrd
 	$(PY) bench/run.py --initrd $(abspath $(BUILD))/kata-vfio-initrd.img --kver $(KVER)
 
-register-podman: venv
-	$(VENV)/bin/kata-vfio-ctl podman-register --runtime-path $(abspath $(VENV))/bin/kata-vfio
+# On a node: the installed commands (make install), which register themselves (the
+# runtime beside the kata-vfio-ctl that runs)
+register-podman: install
+	@[ -z "$(DESTDIR)" ] || { echo "make register-podman: registers the installed" \
+	  "commands; run it without DESTDIR"; exit 2; }
+	$(BINDIR)/kata-vfio-ctl podman-register
 
-unregister-podman: venv
-	$(VENV)/bin/kata-vfio-ctl podman-unregister
+unregister-podman:
+	$(BINDIR)/kata-vfio-ctl podman-unregister
+
+# --- a node's installation -----------------------------------------------------------
+# make install [PREFIX=/usr/local] [DESTDIR=]: needs only NODE_APT_PACKAGES and PyPI.
+# The wheel (the generated kubelet API modules in it) and its dependencies go into
+# PREFIX/lib/kata-vfio/python with launchers in PREFIX/bin; packaging/install.py says
+# what else goes where and why.
+PREFIX ?= /usr/local
+DESTDIR ?=
+BINDIR := $(PREFIX)/bin
+SYSCONFDIR ?= /etc
+SYSTEMD_UNIT_DIR ?= $(PREFIX)/lib/systemd/system
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+WHEEL := $(BUILD)/dist/kata_vfio-$(VERSION)-py3-none-any.whl
+INSTALL_DIRS := --destdir "$(DESTDIR)" --prefix "$(PREFIX)" --sysconfdir "$(SYSCONFDIR)" \
+	--unitdir "$(SYSTEMD_UNIT_DIR)" --dracut-modules-dir "$(DRACUT_MODULES_DIR)" --python $(PYTHON)
+
+$(WHEEL): $(BUILD)/.node-deps $(PY_SOURCES) README.md
+	@# setuptools builds in ./build/lib and never removes what is gone from the sources
+	rm -rf $(BUILD)/dist build/lib
+	$(PYTHON) -m pip wheel -q --disable-pip-version-check --no-deps -w $(BUILD)/dist .
+wheel: $(WHEEL)
+
+# argparse-manpage and shtab (pyproject's `build` extra), for the man page and completions
+$(BUILD)/doctools/.installed: $(BUILD)/.node-deps pyproject.toml
+	rm -rf $(BUILD)/doctools
+	$(PYTHON) -m pip install -q --disable-pip-version-check --root-user-action=ignore --target $(BUILD)/doctools \
+	  $$($(PYTHON) packaging/install.py build-requirements)
+	@touch $@
+
+install: $(WHEEL) $(BUILD)/doctools/.installed
+	$(PYTHON) packaging/install.py install $(INSTALL_DIRS) --wheel $(WHEEL) \
+	  --doctools $(BUILD)/doctools
+
+uninstall:
+	$(PYTHON) packaging/install.py uninstall $(INSTALL_DIRS)
 
 clean:
 	rm -rf $(BUILD) $(VENV)
