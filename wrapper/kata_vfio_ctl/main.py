@@ -109,21 +109,11 @@ def device_argument(sysfs: Path, text: str) -> Any:
 
 
 def id_filter(text: str) -> Callable[[Any], bool]:
-    """lspci -d style: VENDOR:DEVICE[:CLASS], each part hex, empty or '*' for any."""
-    parts = text.split(":")
-    if not 2 <= len(parts) <= 3:
-        raise UsageError(f"bad device filter {text!r}", "write VENDOR:DEVICE[:CLASS], e.g. 8086:*")
-    try:
-        wanted = [None if p in ("", "*") else int(p, 16) for p in parts]
-    except ValueError:
-        raise UsageError(f"bad device filter {text!r}: parts are hex numbers or *",
-                         "e.g. 8086:10d3 or :*:0200") from None
+    """lspci -d style: VENDOR:DEVICE[:CLASS], the parser io.kata-vfio.select uses."""
+    from kata_vfio_host.allocate import parse_ids
 
-    def match(dev: Any) -> bool:
-        have = (dev.vendor, dev.device, dev.class_code >> 8)
-        return all(w is None or w == h for w, h in zip(wanted, have, strict=False))
-
-    return match
+    return parse_ids(text, "devices -d", error=UsageError,
+                     example="8086:*, 8086:10d3 or ::0200").matches
 
 
 def device_records(args: argparse.Namespace, host: Any) -> list[dict[str, Any]]:
