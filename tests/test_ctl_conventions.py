@@ -5,6 +5,9 @@ parser for `devices -d` and `io.kata-vfio.select`, `--version`, exit codes, exam
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,7 @@ from kata_vfio_ctl.main import main as ctl
 from kata_vfio_host.allocate import parse_select
 
 from fakesys import FakeSysfs
+from wrapper_run import SOURCE_PATH, write_config
 
 
 @pytest.fixture
@@ -75,3 +79,69 @@ def test_devices_d_and_select_share_one_parser(
     else:
         assert code == 0, err
         assert listed == matched and chosen == matched
+
+
+def pyproject_version() -> str:
+    import tomllib
+
+    with open(Path(__file__).resolve().parent.parent / "pyproject.toml", "rb") as f:
+        return str(tomllib.load(f)["project"]["version"])
+
+
+def run_module(module: str, args: list[str], config: Path) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": SOURCE_PATH,
+           "KATA_VFIO_CONFIG": str(config)}
+    return subprocess.run([sys.executable, "-m", module, *args], env=env, text=True,
+                          capture_output=True, timeout=60, check=False)
+
+
+def fake_inner(directory: Path, name: str, answer: str) -> Path:
+    """An inner runtime or shim that answers with `answer` and the arguments it got."""
+    path = directory / name
+    path.write_text(f"#!/bin/sh\necho \"{answer} $*\"\n")
+    path.chmod(0o755)
+    return path
+
+
+def test_kata_vfio_ctl_version(tmp_path: Path) -> None:
+    result = run_module("kata_vfio_ctl.main", ["--version"], write_config(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"kata-vfio-ctl {pyproject_version()}\n"
+
+
+@pytest.mark.parametrize("flag", ["--version", "-v"])
+def test_kata_vfio_version_then_the_inner_runtimes(flag: str, tmp_path: Path) -> None:
+    inner = fake_inner(tmp_path, "runc", "runc version 1.1.5")
+    result = run_module("kata_vfio_runtime.main", [flag],
+                        write_config(tmp_path, runtime=str(inner)))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"kata-vfio version {pyproject_version()}\nrunc version 1.1.5 {flag}\n"
+
+
+@pytest.mark.parametrize("flag", ["-v", "--v", "-v=true", "--version", "-version"])
+def test_shim_version_in_go_flag_forms(flag: str, tmp_path: Path) -> None:
+    inner = fake_inner(tmp_path, "containerd-shim-kata-v2", "containerd-shim-kata-v2: got")
+    result = run_module("kata_vfio_runtime.shim", [flag], write_config(tmp_path, shim=str(inner)))
+    assert result.returncode == 0, result.stderr
+    # the inner shim is asked with the -v every Go shim knows
+    assert result.stdout == (f"containerd-shim-kata-vfio-v2:\n  Version: {pyproject_version()}\n"
+                             "containerd-shim-kata-v2: got -v\n")
+
+
+def test_shim_v_false_is_not_a_version_request() -> None:
+    from kata_vfio_runtime.shim import parse_shim_args
+
+    assert not parse_shim_args(["shim", "-v=false", "-id", "x", "start"]).version
+    assert parse_shim_args(["shim", "-id", "x", "-v", "start"]).version
+
+
+def test_version_from_the_dist_info_or_says_not_installed(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from kata_vfio.version import NOT_INSTALLED, package_version
+
+    monkeypatch.setattr(sys, "path", [str(tmp_path / "missing"), str(tmp_path)])
+    assert package_version() == NOT_INSTALLED
+    (tmp_path / "kata_vfio-9.8.7.dist-info").mkdir()
+    (tmp_path / "kata_vfio-9.8.7.dist-info/METADATA").write_text(
+        "Metadata-Version: 2.1\nName: kata-vfio\nVersion: 9.8.7\n\nVersion: 0\n")
+    assert package_version() == "9.8.7"

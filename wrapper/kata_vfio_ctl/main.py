@@ -391,10 +391,12 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from kata_vfio.version import package_version
     from kata_vfio_ctl.podman_conf import CONTAINERS_CONF
 
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__)
     parser.add_argument("--debug", action="store_true", help="tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"{PROG} {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("devices", help="list PCI devices with IOMMU groups, drivers, use")
