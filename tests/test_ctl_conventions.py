@@ -16,6 +16,7 @@ from kata_vfio.errors import KataVfioError
 from kata_vfio.pci import list_addresses, read_device
 from kata_vfio_ctl.main import main as ctl
 from kata_vfio_host.allocate import parse_select
+from kata_vfio_host.ledger import Host, read_journal
 
 from fakesys import FakeSysfs
 from wrapper_run import SOURCE_PATH, write_config
@@ -145,3 +146,22 @@ def test_version_from_the_dist_info_or_says_not_installed(tmp_path: Path,
     (tmp_path / "kata_vfio-9.8.7.dist-info/METADATA").write_text(
         "Metadata-Version: 2.1\nName: kata-vfio\nVersion: 9.8.7\n\nVersion: 0\n")
     assert package_version() == "9.8.7"
+
+
+def test_bind_refusing_the_second_device_moves_and_says_nothing_of_the_first(
+        ctl_config: Path, vfio_host: FakeSysfs, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # "lo" is up with addresses on every host: the second device is in use
+    vfio_host.add_device("0000:00:03.0", (0x1AF4, 0x1041, 0x020000), group=30,
+                         driver="virtio-pci")
+    vfio_host.add_child_interface("0000:00:03.0", "lo", "virtio2")
+    before = {str(p): p.read_text() for p in vfio_host.root.rglob("driver_override")}
+    code = ctl(["bind", "0000:05:00.0", "0000:00:03.0"])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert "moving" not in out, out
+    assert "0000:00:03.0 is in use" in err and "nothing was moved" in err, err
+    assert {str(p): p.read_text() for p in vfio_host.root.rglob("driver_override")} == before
+    assert vfio_host.driver("0000:05:00.0") == "nvme"
+    assert not (tmp_path / "state").exists() or not read_journal(
+        Host(vfio_host.root, tmp_path / "state"))

@@ -250,21 +250,31 @@ def cmd_bind(args: argparse.Namespace) -> int:
 
     groups: dict[Any, Any] = {}
     verb = "would move" if args.dry_run else "moving"
+    planned: list[Any] = []
+    # every device decided before a word of what will happen: a refusal of the last
+    # one leaves nothing moved and no "moving" said
     for addr in addresses:
         with step(f"planning the bind of {addr}"):
             group, moves = plan_bind(host.sysfs, addr)
-            groups.setdefault(group, addr)
+            if group in groups:
+                continue
+            groups[group] = addr
             if not args.force:
                 for dev in moves:
                     reasons = in_use(dev.address)
                     if reasons:
                         raise DeviceError(
                             f"PCI device {dev.address} is in use: {'; '.join(reasons)}",
-                            "stop using it first, or pass --force")
-            for dev in moves:
-                print(f"{verb} {dev.address} ({dev.ids}, {dev.driver or 'no driver'}) "
-                      "-> vfio-pci", flush=True)
+                            "stop using it first, or pass --force; nothing was moved")
+            planned += moves
+
+    def say_moves() -> None:
+        for dev in planned:
+            print(f"{verb} {dev.address} ({dev.ids}, {dev.driver or 'no driver'}) "
+                  "-> vfio-pci", flush=True)
+
     if args.dry_run:
+        say_moves()
         for group, addr in groups.items():
             print(f"{addr}: IOMMU group {group} would be on vfio-pci: /dev/vfio/{group} "
                   "(dry run: nothing changed)")
@@ -272,7 +282,9 @@ def cmd_bind(args: argparse.Namespace) -> int:
     with step(f"binding {', '.join(str(a) for a in addresses)}"):
         try:
             # every group at once: the kernel work of all devices runs concurrently
-            bind_groups(host, list(groups.values()), ADMIN, force=args.force, in_use=in_use)
+            # "moving" only once the ledger took the bind (no live container holds a group)
+            bind_groups(host, list(groups.values()), ADMIN, force=args.force, in_use=in_use,
+                        on_decided=say_moves)
         except PermissionError as exc:
             raise DeviceError(
                 f"cannot write {exc.filename}: permission denied",
