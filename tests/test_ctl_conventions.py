@@ -165,3 +165,40 @@ def test_bind_refusing_the_second_device_moves_and_says_nothing_of_the_first(
     assert vfio_host.driver("0000:05:00.0") == "nvme"
     assert not (tmp_path / "state").exists() or not read_journal(
         Host(vfio_host.root, tmp_path / "state"))
+
+
+def test_a_held_ledger_lock_is_named_then_given_up_on(ctl_config: Path, tmp_path: Path) -> None:
+    import fcntl
+    import time
+
+    lock = tmp_path / "state/journal.lock"
+    lock.parent.mkdir(parents=True)
+    holder = subprocess.Popen(  # another process holds the journal's lock
+        [sys.executable, "-c", "import fcntl, sys, time\n"
+         f"f = open({str(lock)!r}, 'w'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+         "print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": SOURCE_PATH,
+               "KATA_VFIO_CONFIG": str(ctl_config), "KATA_VFIO_LOCK_TIMEOUT": "3"}
+        started = time.monotonic()
+        result = subprocess.run([sys.executable, "-m", "kata_vfio_ctl.main", "bind",
+                                 "0000:05:00.0"], env=env, capture_output=True, text=True,
+                                timeout=60, check=False)
+        waited = time.monotonic() - started
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2, result.stderr
+    assert lines[0].startswith(f"kata-vfio-ctl: waiting for the lock {lock}, held by pid "
+                               f"{holder.pid} ({sys.executable} -c import fcntl, sys, time "
+                               "f = open(") and lines[0].endswith("(giving up after 3 s)")
+    assert lines[1].startswith(f"kata-vfio-ctl: gave up after 3 s waiting for the lock {lock}, "
+                               f"held by pid {holder.pid}"), lines[1]
+    assert "KATA_VFIO_LOCK_TIMEOUT" in lines[1]
+    assert waited >= 3
+    assert "moving" not in result.stdout
+    with open(lock) as f:  # nothing left holding it
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

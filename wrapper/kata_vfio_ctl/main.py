@@ -499,6 +499,9 @@ def main(argv: list[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
 
     def body() -> int:
+        from kata_vfio_host import lockwait
+
+        lockwait.notice = lambda line: print(f"{PROG}: {line}", file=sys.stderr, flush=True)
         code = func(args)
         sys.stdout.flush()  # a reader that went away (| head) shows here, inside the boundary
         return code
