@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 
 from kata_vfio.errors import KataVfioError
-from kata_vfio.pci import list_addresses, read_device
+from kata_vfio.pci import PciAddress, list_addresses, read_device
 from kata_vfio_ctl.main import main as ctl
 from kata_vfio_host.allocate import parse_select
 from kata_vfio_host.ledger import Host, read_journal
 
-from fakesys import FakeSysfs
+from fakesys import NVME, FakeKernel, FakeSysfs
 from wrapper_run import SOURCE_PATH, write_config
 
 
@@ -202,3 +202,163 @@ def test_a_held_ledger_lock_is_named_then_given_up_on(ctl_config: Path, tmp_path
     assert "moving" not in result.stdout
     with open(lock) as f:  # nothing left holding it
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+PF = "0000:00:06.0"
+
+
+@pytest.fixture
+def pf_host(tmp_path: Path, fakesys: FakeSysfs, kernel: FakeKernel,
+            monkeypatch: pytest.MonkeyPatch) -> Host:
+    """An SR-IOV PF with 4 possible VFs; the CLI writes sysfs through the fake kernel."""
+    fakesys.add_device(PF, NVME, group=6, driver="nvme")
+    fakesys.add_sriov_pf(PF, total=4, vf_ids=NVME, group_base=20)
+    host = Host(fakesys.root, tmp_path / "state", kernel.write, boot_id="b")
+    config = tmp_path / "kv.toml"
+    config.write_text(f'sysfs = "{fakesys.root}"\nstate_dir = "{host.state_dir}"\n'
+                      f'log_file = "{tmp_path / "kata-vfio.log"}"\n')
+    monkeypatch.setenv("KATA_VFIO_CONFIG", str(config))
+    monkeypatch.setattr("kata_vfio_ctl.main._host", lambda args: host)
+    return host
+
+
+def test_vfs_says_the_next_step_and_json(pf_host: Host,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    assert ctl(["vfs", PF, "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1].startswith("next: kata-vfio-ctl bind 0000:01:00.0 0000:01:00.1 hands them "
+                              "to vfio-pci"), out
+    assert ctl(["vfs", PF, "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["pf"] == PF and result["unbound"] == ["0000:01:00.0", "0000:01:00.1"]
+    assert [v["driver"] for v in result["vfs"]] == [None, None]
+
+
+def test_resizing_refuses_to_drop_the_admins_binds_silently(
+        pf_host: Host, fakesys: FakeSysfs, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert ctl(["vfs", PF, "2"]) == 0
+    assert ctl(["bind", "0000:01:00.1"]) == 0
+    capsys.readouterr()
+    assert ctl(["vfs", PF, "3"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1, err
+    assert "kata-vfio bound 0000:01:00.1; changing the count to 3 removes them all" in err
+    assert "kata-vfio-ctl restore 0000:01:00.1" in err and "--force" in err
+    assert fakesys.driver("0000:01:00.1") == "vfio-pci" and len(vf_drivers(fakesys)) == 2
+    assert ctl(["vfs", PF, "3", "--force"]) == 0
+    assert "the binds of 0000:01:00.1 went with the old virtual functions" in \
+        capsys.readouterr().out
+    assert len(vf_drivers(fakesys)) == 3
+    log = [json.loads(line) for line in (tmp_path / "kata-vfio.log").read_text().splitlines()]
+    refused = [r for r in log if r.get("command") == "vfs"]
+    assert refused[-1]["binds_dropped"] == ["0000:01:00.1"]
+
+
+def vf_drivers(fs: FakeSysfs) -> dict[str, str | None]:
+    return {str(PciAddress(0, 1, 0, i)): fs.driver(str(PciAddress(0, 1, 0, i)))
+            for i in range(4) if fs.dev_dir(str(PciAddress(0, 1, 0, i))).exists()}
+
+
+def test_bind_and_restore_json(pf_host: Host, capsys: pytest.CaptureFixture[str]) -> None:
+    assert ctl(["vfs", PF, "1"]) == 0
+    capsys.readouterr()
+    assert ctl(["bind", "0000:01:00.0", "--json"]) == 0
+    bound = json.loads(capsys.readouterr().out)
+    assert bound["moves"] == [{"address": "0000:01:00.0", "ids": "1b36:0010", "driver": None}]
+    assert bound["groups"][0]["address"] == "0000:01:00.0"
+    assert bound["groups"][0]["node"].startswith("/dev/vfio/")
+    assert ctl(["restore", "0000:01:00.0", "--json"]) == 0
+    restored = json.loads(capsys.readouterr().out)
+    assert restored["restored"] == ["0000:01:00.0"] and restored["failed"] == []
+
+
+def test_restore_stale_says_what_happened(pf_host: Host,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    assert ctl(["restore", "--stale"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("no container is gone: nothing to release"), out
+    assert "released" not in out.replace("nothing to release", "")
+
+
+def test_restore_stale_of_a_gone_container_whose_devices_stay_on_vfio(
+        pf_host: Host, tmp_path: Path, fakesys: FakeSysfs,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    from kata_vfio_host.settings import Settings
+    from kata_vfio_runtime.lifecycle import prepare_bundle
+
+    from test_allocate import NoLog, make_bundle
+
+    assert ctl(["vfs", PF, "1"]) == 0 and ctl(["bind", "0000:01:00.0"]) == 0
+    bundle = make_bundle(tmp_path, "holder", "1b36:0010")
+    prepare_bundle("holder", bundle, Settings(sysfs=str(pf_host.sysfs),
+                                              state_dir=str(pf_host.state_dir)), pf_host, NoLog())
+    shutil.rmtree(bundle)  # the engine removed the container: its owner is gone
+    capsys.readouterr()
+    assert ctl(["restore", "--stale"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["container holder is gone: its claims were dropped",
+                   "no device needed giving back: they stay on vfio-pci, free for the next "
+                   "container (kata-vfio-ctl restore --all gives back what kata-vfio bound)"]
+    assert fakesys.driver("0000:01:00.0") == "vfio-pci"
+
+
+def subcommands() -> dict[str, object]:
+    from kata_vfio_ctl.main import build_parser
+
+    parser = build_parser()
+    action = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    return dict(action.choices)
+
+
+@pytest.mark.parametrize("name", sorted(subcommands()))
+def test_every_command_shows_examples_that_parse(name: str,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    import shlex
+
+    from kata_vfio_ctl.main import build_parser
+
+    with pytest.raises(SystemExit) as done:
+        ctl([name, "--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    assert "\nexamples:\n" in text, text
+    examples = [line.strip() for line in text.split("\nexamples:\n", 1)[1].splitlines()
+                if line.strip()]
+    assert examples and all(e.startswith(f"kata-vfio-ctl {name}") for e in examples), examples
+    for example in examples:
+        argv = shlex.split(example.split(" | ")[0], comments=True)[1:]
+        args = build_parser().parse_args(argv)  # a usage error here exits 2
+        assert args.command == name
+
+
+@pytest.mark.parametrize(("argv", "code"), [
+    # usage errors: 2
+    (["no-such-command"], 2),
+    (["bind"], 2),
+    (["bind", "--no-such-flag", "03:00.0"], 2),
+    (["vfs", PF, "many"], 2),
+    (["devices", "-d", "8086"], 2),
+    (["devices", "-d", "8086:10d3:02"], 2),  # was 0 with an empty table
+    (["devices", "--name", "("], 2),
+    (["restore"], 2),
+    (["restore", "--all", "--stale"], 2),
+    # refusals: 1
+    (["bind", "0000:09:00.0"], 1),  # no such device
+    (["bind", "no-such-if0"], 1),
+    (["bind", "0000:07:00.0"], 1),  # no IOMMU group
+    (["vfs", "0000:05:00.0", "2"], 1),  # no SR-IOV
+    (["restore", "zz:zz.z"], 1),
+    # fine: 0
+    (["devices", "-d", "::0200"], 0),
+    (["restore", "--stale"], 0),
+])
+def test_exit_codes_usage_2_refusal_1(argv: list[str], code: int, ctl_config: Path) -> None:
+    result = run_module("kata_vfio_ctl.main", argv, ctl_config)
+    assert result.returncode == code, (result.stdout, result.stderr)
+    if code:
+        assert "Traceback" not in result.stderr
+        assert result.stderr.strip().splitlines()[-1].startswith("kata-vfio-ctl"), \
+            result.stderr

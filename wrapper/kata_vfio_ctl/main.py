@@ -140,7 +140,7 @@ def device_records(args: argparse.Namespace, host: Any) -> list[dict[str, Any]]:
     claims = {g: c for g, c in read_journal_file(host).claims.items()
               if not claim_gone(host, c)}
     pool = Pool(host, load_settings().autobind_allow)
-    records = []
+    records: list[dict[str, Any]] = []
     for addr in list_addresses(host.sysfs):
         if args.addresses and not any(fnmatch.fnmatch(str(addr), g) for g in args.addresses):
             continue
@@ -212,21 +212,60 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 
 def cmd_vfs(args: argparse.Namespace) -> int:
+    import json
+
     from kata_vfio.pci import read_device
-    from kata_vfio_host.sriov import set_vf_count
+    from kata_vfio_host.bindings import ADMIN
+    from kata_vfio_host.ledger import read_journal
+    from kata_vfio_host.sriov import set_vf_count, total_vfs, virtual_functions
 
     host = _host(args)
     pf = device_argument(host.sysfs, args.pf)
-    with step(f"setting the virtual functions of {pf} to {args.count}"):
-        vfs = set_vf_count(host, pf, args.count, force=args.force)
-    _event_log(args).info("virtual functions set", pf=str(pf), vfs=[str(v) for v in vfs])
+    total_vfs(host.sysfs, pf)  # "no PCI device", "no SR-IOV capability" first
+    before = virtual_functions(host.sysfs, pf)
+    journal = read_journal(host)
+    # the admin's binds (containers' own show up as owners in set_vf_count's refusal)
+    bound = [str(v) for v in before if (journal.get(str(v)) or {}).get("owner") == ADMIN]
+    resizing = bool(before) and len(before) != args.count
+    if resizing and bound and not args.force:
+        # the kernel only resizes through 0: every existing VF goes, binds included
+        raise DeviceError(
+            f"{pf} has {len(before)} virtual functions and kata-vfio bound "
+            f"{', '.join(bound)}; changing the count to {args.count} removes them all",
+            f"give them back first (kata-vfio-ctl restore {' '.join(bound)}), "
+            "or pass --force to drop those binds with their VFs")
+    log = _event_log(args)
+    try:
+        with step(f"setting the virtual functions of {pf} to {args.count}"):
+            vfs = set_vf_count(host, pf, args.count, force=args.force)
+    except Exception as exc:
+        log.error("virtual functions not set", pf=str(pf), count=args.count, error=str(exc))
+        raise
+    dropped = bound if resizing else []
+    log.info("virtual functions set", pf=str(pf), count=args.count,
+             vfs=[str(v) for v in vfs], binds_dropped=dropped)
+    records: list[dict[str, Any]] = []
     for vf in vfs:
         dev = read_device(host.sysfs, vf)
-        print(f"{vf}: VF of {pf} [{dev.ids}] IOMMU group "
-              f"{dev.iommu_group if dev.iommu_group is not None else '-'}, driver "
-              f"{dev.driver or 'none'}")
+        records.append({"address": str(vf), "ids": dev.ids, "driver": dev.driver,
+                        "iommu_group": dev.iommu_group.number
+                        if dev.iommu_group is not None else None})
+    unbound = [r["address"] for r in records if r["driver"] is None]
+    if args.json:
+        print(json.dumps({"pf": str(pf), "vfs": records, "binds_dropped": dropped,
+                          "unbound": unbound}, indent=1))
+        return 0
+    for r in records:
+        print(f"{r['address']}: VF of {pf} [{r['ids']}] IOMMU group "
+              f"{'-' if r['iommu_group'] is None else r['iommu_group']}, driver "
+              f"{r['driver'] or 'none'}")
+    if dropped:
+        print(f"{pf}: the binds of {', '.join(dropped)} went with the old virtual functions")
     if not vfs:
         print(f"{pf}: no virtual functions")
+    elif unbound:
+        print(f"next: kata-vfio-ctl bind {' '.join(unbound)} hands them to vfio-pci "
+              "(or let io.kata-vfio.select take them through the auto-bind allow-list)")
     return 0
 
 
@@ -241,6 +280,8 @@ def plan_bind(sysfs: Path, addr: Any) -> tuple[Any, list[Any]]:
 
 
 def cmd_bind(args: argparse.Namespace) -> int:
+    import json
+
     from kata_vfio_host.bindings import ADMIN, bind_groups, wait_for_group_node
     from kata_vfio_host.usage import use_checker
 
@@ -269,16 +310,25 @@ def cmd_bind(args: argparse.Namespace) -> int:
             planned += moves
 
     def say_moves() -> None:
+        if args.json:
+            return  # stdout is the JSON document
         for dev in planned:
             print(f"{verb} {dev.address} ({dev.ids}, {dev.driver or 'no driver'}) "
                   "-> vfio-pci", flush=True)
 
+    moved = [{"address": str(d.address), "ids": d.ids, "driver": d.driver} for d in planned]
     if args.dry_run:
         say_moves()
+        if args.json:
+            print(json.dumps({"dry_run": True, "moves": moved, "groups": [
+                {"address": str(a), "iommu_group": g.number, "node": f"/dev/vfio/{g}"}
+                for g, a in groups.items()]}, indent=1))
+            return 0
         for group, addr in groups.items():
             print(f"{addr}: IOMMU group {group} would be on vfio-pci: /dev/vfio/{group} "
                   "(dry run: nothing changed)")
         return 0
+    log = _event_log(args)
     with step(f"binding {', '.join(str(a) for a in addresses)}"):
         try:
             # every group at once: the kernel work of all devices runs concurrently
@@ -291,31 +341,53 @@ def cmd_bind(args: argparse.Namespace) -> int:
                 "binding devices needs root: run kata-vfio-ctl as root" if os.geteuid()
                 else "check the kernel log and the security policy (SELinux, AppArmor)"
             ) from exc
-    _event_log(args).info("bound", devices=[str(a) for a in addresses],
-                          groups=[g.number for g in groups])
+        except Exception as exc:
+            log.error("bind failed", devices=[str(a) for a in addresses], error=str(exc))
+            raise
+    log.info("bound", devices=[str(a) for a in addresses],
+             groups=[g.number for g in groups])
+    nodes = []
     for group, addr in groups.items():
         node = wait_for_group_node(host, group, args.timeout)
-        print(f"{addr}: IOMMU group {group} on vfio-pci: {node}  (podman --device {node})")
+        nodes.append({"address": str(addr), "iommu_group": group.number, "node": node})
+        if not args.json:
+            print(f"{addr}: IOMMU group {group} on vfio-pci: {node}  (podman --device {node})")
+    if args.json:
+        print(json.dumps({"dry_run": False, "moves": moved, "groups": nodes}, indent=1))
     return 0
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    import json
+
     from kata_vfio_host.bindings import release_gone, restore, restore_all
 
     host = _host(args)
     if (args.all + args.stale + bool(args.addresses)) != 1:
         raise UsageError("give addresses, --all or --stale", "e.g. kata-vfio-ctl restore --all")
+    log = _event_log(args)
+    gone: list[str] = []
     with step("giving devices back"):
         if args.stale:
             gone, report = release_gone(host)
-            for cid in gone:
-                print(f"container {cid} is gone: its devices were released")
         else:
             report = (restore_all(host, force=args.force) if args.all else
                       restore(host, [device_argument(host.sysfs, t) for t in args.addresses],
                               force=args.force))
-    _event_log(args).info("restored", devices=report.restored, failures=report.failed,
-                          vf_settings=report.vf_settings, taken=report.taken)
+    fields = {"devices": report.restored, "failures": report.failed,
+              "vf_settings": report.vf_settings, "taken": report.taken,
+              "containers_released": gone}
+    if report.failed:  # a device left on vfio-pci that should have gone back
+        log.error("restore failed", **fields)
+    else:
+        log.info("restored", **fields)
+    if args.json:
+        print(json.dumps({"restored": report.restored, "failed": report.failed,
+                          "vf_settings": report.vf_settings, "taken": report.taken,
+                          "containers_released": gone}, indent=1))
+        return 1 if report.failed else 0
+    for cid in gone:
+        print(f"container {cid} is gone: its claims were dropped")
     for addr in report.restored:
         print(f"{addr}: given back to its original driver")
     for line in report.vf_settings:
@@ -324,8 +396,17 @@ def cmd_restore(args: argparse.Namespace) -> int:
         print(line)
     for failure in report.failed:
         print(f"{PROG}: cannot restore {failure}", file=sys.stderr)
-    if not report.restored and not report.failed and not report.vf_settings:
-        print("nothing to restore")
+    if report.restored or report.failed or report.vf_settings:
+        pass
+    elif args.stale and gone:
+        print("no device needed giving back: they stay on vfio-pci, free for the next "
+              "container (kata-vfio-ctl restore --all gives back what kata-vfio bound)")
+    elif args.stale:
+        print("no container is gone: nothing to release (kata-vfio-ctl devices shows "
+              "the owners)")
+    else:
+        print("nothing to restore: kata-vfio bound none of these (kata-vfio-ctl devices "
+              "shows what it bound)")
     return 1 if report.failed else 0
 
 
@@ -425,7 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pf", metavar="PF", help="the physical function: address or interface name")
     p.add_argument("count", type=int, metavar="COUNT", help="how many VFs (0 removes them)")
     p.add_argument("--force", action="store_true",
-                   help="remove VFs even when containers own them or processes hold them")
+                   help="remove VFs even when containers own them, processes hold them or "
+                        "kata-vfio bound them")
+    p.add_argument("--json", action="store_true", help="the result as JSON")
     p.set_defaults(func=cmd_vfs)
 
     p = sub.add_parser("bind", help="hand devices (with their whole IOMMU group) to vfio-pci")
@@ -435,6 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="say what would move to vfio-pci, change nothing")
     p.add_argument("--timeout", type=float, default=5.0, help="wait for /dev/vfio/N (s)")
+    p.add_argument("--json", action="store_true", help="the result as JSON")
     p.set_defaults(func=cmd_bind)
 
     p = sub.add_parser("restore", help="give devices back to the drivers they had")
@@ -447,6 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="also give back devices a live container holds (its claim is dropped; "
                         "the device leaves that container's VM)")
+    p.add_argument("--json", action="store_true", help="the result as JSON")
     p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("doctor", help="check this host's readiness, say how to fix")
@@ -491,7 +576,47 @@ def build_parser() -> argparse.ArgumentParser:
     k8s.add_parsers(sub)  # k8s, runtimeclass
     cdi.add_parsers(sub)  # cdi
     devplugin.add_parsers(sub)  # device-plugin
+    for name, sub_parser in sub.choices.items():
+        sub_parser.formatter_class = argparse.RawDescriptionHelpFormatter
+        sub_parser.epilog = "examples:\n" + "\n".join(
+            f"  {PROG} {line}" for line in EXAMPLES.get(name, ()))
     return parser
+
+
+# shown under each command's --help; tests parse every one of them
+EXAMPLES: dict[str, tuple[str, ...]] = {
+    "devices": ("devices                      # every PCI function, group, driver, owner",
+                "devices --free               # what io.kata-vfio.select could take, or why not",
+                "devices -d 8086:* -d ::0200  # lspci -d syntax, as io.kata-vfio.select",
+                "devices 03:00.0 eth1 --json  # short addresses and interface names"),
+    "vfs": ("vfs eth1 4                   # four VFs on eth1's PF (left unbound)",
+            "vfs 0000:06:00.0 0           # remove them again"),
+    "bind": ("bind 03:00.0                 # the device and its whole IOMMU group",
+             "bind eth1 --dry-run          # say what would move, change nothing",
+             "bind 0000:06:10.0 0000:06:10.1 --json"),
+    "restore": ("restore 03:00.0              # back to the driver it had",
+                "restore --stale              # devices of containers that are gone",
+                "restore --all --json"),
+    "doctor": ("doctor", "doctor --json --kata-config /etc/kata-containers/configuration.toml"),
+    "install": ("install", "install --containerd --crio",
+                "install --kata-config /etc/kata-containers/configuration.toml"),
+    "uninstall": ("uninstall", "uninstall --containerd --crio"),
+    "podman-register": ("podman-register",
+                        "podman-register --conf /etc/containers/containers.conf"),
+    "podman-unregister": ("podman-unregister",),
+    "containerd-register": ("containerd-register",
+                            "containerd-register --conf /etc/containerd/config.toml"),
+    "containerd-unregister": ("containerd-unregister",),
+    "crio-register": ("crio-register",),
+    "crio-unregister": ("crio-unregister",),
+    "k8s": ("k8s --daemonset | kubectl apply -f -", "k8s --runtimeclass",
+            "k8s --pod --resource nvme"),
+    "runtimeclass": ("runtimeclass --no-pod | kubectl apply -f -",
+                     "runtimeclass --device 0000:03:00.0"),
+    "cdi": ("cdi                          # /etc/cdi/kata-vfio.json", "cdi --output -"),
+    "device-plugin": ("device-plugin                # as the DaemonSet runs it",
+                      "device-plugin --config /etc/kata-vfio/config.toml"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
