@@ -362,3 +362,41 @@ def test_exit_codes_usage_2_refusal_1(argv: list[str], code: int, ctl_config: Pa
         assert "Traceback" not in result.stderr
         assert result.stderr.strip().splitlines()[-1].startswith("kata-vfio-ctl"), \
             result.stderr
+
+
+def test_devices_takes_binds_forms_and_shows_lspci_class_names(
+        ctl_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # a short address, a full one, an interface name (kvfiotest0 is on 0000:06:00.0)
+    assert ctl(["devices", "05:00.0", "0000:03:00.0", "kvfiotest0", "--json"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert [r["address"] for r in records] == ["0000:03:00.0", "0000:05:00.0", "0000:06:00.0"]
+    assert {r["address"]: r["class_name"] for r in records} == {
+        "0000:03:00.0": "Ethernet controller", "0000:05:00.0": "Non-Volatile memory controller",
+        "0000:06:00.0": "Ethernet controller"}
+    assert ctl(["devices", "05:*"]) == 0
+    line = capsys.readouterr().out.splitlines()[1]
+    assert line.startswith("0000:05:00.0") and "Non-Volatile memory controller: " in line
+    assert ctl(["devices", "no-such-if0"]) == 1
+    assert "no PCI device or network interface 'no-such-if0'" in capsys.readouterr().err
+
+
+def test_class_names_fall_back_as_lspci_does_without_pci_ids(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from kata_vfio_host import pciids
+
+    monkeypatch.setattr(pciids, "PCI_IDS", (tmp_path / "absent.ids",))
+    pciids._class_table.cache_clear()
+    try:
+        assert pciids.class_name(0x020000) == "Class 0200"
+    finally:
+        pciids._class_table.cache_clear()
+
+
+def test_devices_free_says_why_nothing_is_free(ctl_config: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    assert ctl(["devices", "--free", "05:00.0", "07:00.0"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "nothing is free:", out
+    assert out[1].startswith("  0000:05:00.0: is in IOMMU group 14 with 0000:05:00.0 on nvme, "
+                             "not in the auto-bind allow-list"), out
+    assert out[2] == "  0000:07:00.0: no IOMMU group"

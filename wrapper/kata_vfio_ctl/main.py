@@ -134,15 +134,25 @@ def device_records(args: argparse.Namespace, host: Any) -> list[dict[str, Any]]:
                          "a regular expression, e.g. --name 'I350|X710'") from None
     from kata_vfio_host.allocate import Pool
     from kata_vfio_host.ledger import claim_gone, read_journal_file
+    from kata_vfio_host.pciids import class_name
     from kata_vfio_host.settings import load_settings
 
+    # the forms bind takes (DDDD:BB:SS.F, BB:SS.F, an interface name), or address globs
+    exact: set[str] = set()
+    globs: list[str] = []
+    for text in args.addresses or []:
+        if any(c in text for c in "*?["):
+            globs.append("0000:" + text if text.count(":") == 1 else text)
+        else:
+            exact.add(str(device_argument(host.sysfs, text)))
     journal = read_journal(host)
     claims = {g: c for g, c in read_journal_file(host).claims.items()
               if not claim_gone(host, c)}
     pool = Pool(host, load_settings().autobind_allow)
     records: list[dict[str, Any]] = []
     for addr in list_addresses(host.sysfs):
-        if args.addresses and not any(fnmatch.fnmatch(str(addr), g) for g in args.addresses):
+        if args.addresses and str(addr) not in exact \
+                and not any(fnmatch.fnmatch(str(addr), g) for g in globs):
             continue
         dev = read_device(host.sysfs, addr)
         name = device_name(dev.vendor, dev.device)
@@ -160,13 +170,16 @@ def device_records(args: argparse.Namespace, host: Any) -> list[dict[str, Any]]:
         else:
             not_free = pool.why_not_free(dev)
         if args.free and not_free is not None:
+            if isinstance(getattr(args, "not_free", None), list):
+                args.not_free.append((str(addr), not_free))  # for "nothing is free"
             continue
         total = base / "sriov_totalvfs"
         records.append({
             "address": str(addr), "vendor": f"{dev.vendor:04x}", "device": f"{dev.device:04x}",
             "subsystem_vendor": f"{dev.subsystem_vendor:04x}",
             "subsystem_device": f"{dev.subsystem_device:04x}",
-            "class": f"{dev.class_code:06x}", "name": name, "driver": dev.driver,
+            "class": f"{dev.class_code:06x}", "class_name": class_name(dev.class_code),
+            "name": name, "driver": dev.driver,
             "iommu_group": dev.iommu_group.number if dev.iommu_group is not None else None,
             "group_members": others, "physfn": str(dev.physfn) if dev.physfn else None,
             "virtfns": virtfns, "interfaces": interfaces_below(host.sysfs, addr),
@@ -182,9 +195,18 @@ def device_records(args: argparse.Namespace, host: Any) -> list[dict[str, Any]]:
 def cmd_devices(args: argparse.Namespace) -> int:
     import json
 
+    args.not_free = []
     records = device_records(args, _host(args))
     if args.json:
         print(json.dumps(records, indent=1))
+        return 0
+    if args.free and not records:
+        # why nothing is free, device by device (bridges are never handed out)
+        reasons = [(a, why) for a, why in args.not_free if why != "a bridge"]
+        print("nothing is free" + (":" if reasons else
+                                   " (no device matches; kata-vfio-ctl devices lists them)"))
+        for addr, why in reasons:
+            print(f"  {addr}: {why}")
         return 0
     print(f"{'ADDRESS':13} {'IDS':9} {'CLASS':6} {'DRIVER':12} {'GROUP':>5}  "
           f"{'OWNER':14} NAME")
@@ -192,7 +214,8 @@ def cmd_devices(args: argparse.Namespace) -> int:
         group = "-" if r["iommu_group"] is None else str(r["iommu_group"])
         owner = (r["owner"] or "-")[:14]
         print(f"{r['address']:13} {r['vendor']}:{r['device']} {r['class'][:4]:6} "
-              f"{r['driver'] or '-':12} {group:>5}  {owner:14} {r['name']}")
+              f"{r['driver'] or '-':12} {group:>5}  {owner:14} {r['class_name']}: "
+              f"{r['name']}")
         notes = []
         if r["group_members"]:
             notes.append(f"group also: {', '.join(r['group_members'])}")
@@ -493,7 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("devices", help="list PCI devices with IOMMU groups, drivers, use")
-    p.add_argument("addresses", nargs="*", metavar="ADDRESS-GLOB", help="e.g. 0000:03:*")
+    p.add_argument("addresses", nargs="*", metavar="DEVICE",
+                   help="DDDD:BB:SS.F, BB:SS.F, an interface name, or a glob (0000:03:*)")
     p.add_argument("-d", dest="ids", action="append", metavar="VENDOR:DEVICE[:CLASS]",
                    help="lspci -d style filter, parts hex or * (repeatable)")
     p.add_argument("--name", metavar="REGEX", help="match the pci.ids name")
