@@ -400,3 +400,39 @@ def test_devices_free_says_why_nothing_is_free(ctl_config: Path,
     assert out[1].startswith("  0000:05:00.0: is in IOMMU group 14 with 0000:05:00.0 on nvme, "
                              "not in the auto-bind allow-list"), out
     assert out[2] == "  0000:07:00.0: no IOMMU group"
+
+
+def test_under_systemd_events_go_to_the_journal_with_priorities(
+        ctl_config: Path, tmp_path: Path) -> None:
+    """JOURNAL_STREAM names the stderr systemd connected: each event is a `<N>` line there
+    (a failed restore at error, 3), the file log is kept, and the error field is text."""
+    stderr_file = tmp_path / "stderr"
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": SOURCE_PATH,
+           "KATA_VFIO_CONFIG": str(ctl_config)}
+    with open(stderr_file, "w") as err:
+        st = os.fstat(err.fileno())
+        env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+        subprocess.run([sys.executable, "-m", "kata_vfio_ctl.main", "vfs", "0000:05:00.0", "2"],
+                       env=env, stderr=err, stdout=subprocess.DEVNULL, timeout=60, check=False)
+    lines = stderr_file.read_text().splitlines()
+    assert lines[0].startswith('<3>kata-vfio-ctl: virtual functions not set command="vfs" '
+                               'pf="0000:05:00.0" count=2 error="PCI device 0000:05:00.0 has '
+                               'no SR-IOV'), lines
+    assert lines[-1].startswith("kata-vfio-ctl: PCI device 0000:05:00.0 has no SR-IOV")
+    record = json.loads((tmp_path / "kata-vfio.log").read_text().splitlines()[-1])
+    assert record["level"] == "error" and record["event"] == "virtual functions not set"
+    assert record["error"].startswith("PCI device 0000:05:00.0 has no SR-IOV capability")
+    # not the journal's stream (a redirected stderr): no <N> lines
+    env["JOURNAL_STREAM"] = "1:1"
+    result = subprocess.run([sys.executable, "-m", "kata_vfio_ctl.main", "vfs", "0000:05:00.0",
+                             "2"], env=env, capture_output=True, text=True, timeout=60,
+                            check=False)
+    assert result.returncode == 1 and not result.stderr.startswith("<")
+
+
+def test_journal_lines_are_text_with_the_level_as_priority() -> None:
+    from kata_vfio_host.hostlog import journal_line
+
+    assert journal_line({"event": "restore failed", "level": "error", "tool": "kata-vfio-ctl",
+                         "failures": ["0000:03:00.0: driver nvme refused it"]}) == \
+        '<3>kata-vfio-ctl: restore failed failures=["0000:03:00.0: driver nvme refused it"]'

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kata_vfio.boundary import guarded, step
+from kata_vfio.boundary import describe, guarded, step
 from kata_vfio.errors import DeviceError, UsageError
 
 PROG = "kata-vfio-ctl"
@@ -51,8 +51,8 @@ def _event_log(args: argparse.Namespace) -> Any:
     from kata_vfio_host.hostlog import file_logger
     from kata_vfio_host.settings import load_settings
 
-    return file_logger(load_settings().log_file, warn=sys.stderr, tool=PROG,
-                       command=args.command)
+    return file_logger(load_settings().log_file, warn=sys.stderr, journal=sys.stderr,
+                       tool=PROG, command=args.command)
 
 
 def _host(args: argparse.Namespace) -> Any:
@@ -244,25 +244,27 @@ def cmd_vfs(args: argparse.Namespace) -> int:
 
     host = _host(args)
     pf = device_argument(host.sysfs, args.pf)
-    total_vfs(host.sysfs, pf)  # "no PCI device", "no SR-IOV capability" first
-    before = virtual_functions(host.sysfs, pf)
-    journal = read_journal(host)
-    # the admin's binds (containers' own show up as owners in set_vf_count's refusal)
-    bound = [str(v) for v in before if (journal.get(str(v)) or {}).get("owner") == ADMIN]
-    resizing = bool(before) and len(before) != args.count
-    if resizing and bound and not args.force:
-        # the kernel only resizes through 0: every existing VF goes, binds included
-        raise DeviceError(
-            f"{pf} has {len(before)} virtual functions and kata-vfio bound "
-            f"{', '.join(bound)}; changing the count to {args.count} removes them all",
-            f"give them back first (kata-vfio-ctl restore {' '.join(bound)}), "
-            "or pass --force to drop those binds with their VFs")
     log = _event_log(args)
     try:
+        total_vfs(host.sysfs, pf)  # "no PCI device", "no SR-IOV capability" first
+        before = virtual_functions(host.sysfs, pf)
+        journal = read_journal(host)
+        # the admin's binds (containers' own show up as owners in set_vf_count's refusal)
+        bound = [str(v) for v in before
+                 if (journal.get(str(v)) or {}).get("owner") == ADMIN]
+        resizing = bool(before) and len(before) != args.count
+        if resizing and bound and not args.force:
+            # the kernel only resizes through 0: every existing VF goes, binds included
+            raise DeviceError(
+                f"{pf} has {len(before)} virtual functions and kata-vfio bound "
+                f"{', '.join(bound)}; changing the count to {args.count} removes them all",
+                f"give them back first (kata-vfio-ctl restore {' '.join(bound)}), "
+                "or pass --force to drop those binds with their VFs")
         with step(f"setting the virtual functions of {pf} to {args.count}"):
             vfs = set_vf_count(host, pf, args.count, force=args.force)
     except Exception as exc:
-        log.error("virtual functions not set", pf=str(pf), count=args.count, error=str(exc))
+        log.error("virtual functions not set", pf=str(pf), count=args.count,
+                  error=describe(exc)[0])
         raise
     dropped = bound if resizing else []
     log.info("virtual functions set", pf=str(pf), count=args.count,
@@ -365,7 +367,8 @@ def cmd_bind(args: argparse.Namespace) -> int:
                 else "check the kernel log and the security policy (SELinux, AppArmor)"
             ) from exc
         except Exception as exc:
-            log.error("bind failed", devices=[str(a) for a in addresses], error=str(exc))
+            log.error("bind failed", devices=[str(a) for a in addresses],
+                      error=describe(exc)[0])
             raise
     log.info("bound", devices=[str(a) for a in addresses],
              groups=[g.number for g in groups])
