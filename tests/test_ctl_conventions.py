@@ -436,3 +436,13 @@ def test_journal_lines_are_text_with_the_level_as_priority() -> None:
     assert journal_line({"event": "restore failed", "level": "error", "tool": "kata-vfio-ctl",
                          "failures": ["0000:03:00.0: driver nvme refused it"]}) == \
         '<3>kata-vfio-ctl: restore failed failures=["0000:03:00.0: driver nvme refused it"]'
+
+
+def test_a_failed_restore_is_logged_as_an_error(pf_host: Host, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    code = ctl(["restore", PF])  # kata-vfio never bound it: nothing can go back
+    err = capsys.readouterr().err
+    log = [json.loads(line) for line in (tmp_path / "kata-vfio.log").read_text().splitlines()]
+    assert code == 1 and f"cannot restore {PF}: not bound by kata-vfio" in err, err
+    assert log[-1]["event"] == "restore failed" and log[-1]["level"] == "error", log[-1]
+    assert log[-1]["failures"] == [f"{PF}: not bound by kata-vfio (see kata-vfio-ctl devices)"]
