@@ -446,3 +446,16 @@ def test_a_failed_restore_is_logged_as_an_error(pf_host: Host, tmp_path: Path,
     assert code == 1 and f"cannot restore {PF}: not bound by kata-vfio" in err, err
     assert log[-1]["event"] == "restore failed" and log[-1]["level"] == "error", log[-1]
     assert log[-1]["failures"] == [f"{PF}: not bound by kata-vfio (see kata-vfio-ctl devices)"]
+
+
+@pytest.mark.parametrize(("module", "argv", "code"), [
+    ("kata_vfio_runtime.main", ["create", "--bundle"], 2),  # usage
+    ("kata_vfio_runtime.main", ["create", "--bundle", "/nonexistent-bundle", "c1"], 1),
+    ("kata_vfio_runtime.shim", ["-id", "c1", "-bundle", "/nonexistent-bundle", "start"], 1),
+])
+def test_exit_codes_of_the_wrappers(module: str, argv: list[str], code: int,
+                                    tmp_path: Path) -> None:
+    config = write_config(tmp_path, runtime="/bin/true", shim="/bin/true")
+    result = run_module(module, argv, config)
+    assert result.returncode == code, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
