@@ -142,7 +142,8 @@ def device_records(args: argparse.Namespace, host: Any) -> list[dict[str, Any]]:
     globs: list[str] = []
     for text in args.addresses or []:
         if any(c in text for c in "*?["):
-            globs.append("0000:" + text if text.count(":") == 1 else text)
+            short = text.count(":") == 1 and len(text.partition(":")[0]) <= 2  # BB:SS.F
+            globs.append("0000:" + text if short else text)
         else:
             exact.add(str(device_argument(host.sysfs, text)))
     journal = read_journal(host)
