@@ -122,7 +122,7 @@ def test_devices_json_matches_sysfs(ctl_env: Path, capsys: pytest.CaptureFixture
     (["bind", "0000:07:00.0"], "has no IOMMU group"),
     (["restore", "0000:05:00.0"], "0000:05:00.0: not bound by kata-vfio"),
     (["restore"], "give addresses, --all or --stale"),
-    (["devices", "-d", "80x6:1"], "bad device filter"),
+    (["devices", "-d", "80x6:1"], "devices -d: '80x6:1': '80x6' is not a hex ID"),
 ])
 def test_bad_input_is_one_line_and_changes_nothing(
     ctl_env: Path, vfio_host: FakeSysfs, capsys: pytest.CaptureFixture[str],

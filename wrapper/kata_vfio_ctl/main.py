@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kata_vfio.boundary import guarded, step
+from kata_vfio.boundary import describe, guarded, step
 from kata_vfio.errors import DeviceError, UsageError
 
 PROG = "kata-vfio-ctl"
@@ -51,8 +51,8 @@ def _event_log(args: argparse.Namespace) -> Any:
     from kata_vfio_host.hostlog import file_logger
     from kata_vfio_host.settings import load_settings
 
-    return file_logger(load_settings().log_file, warn=sys.stderr, tool=PROG,
-                       command=args.command)
+    return file_logger(load_settings().log_file, warn=sys.stderr, journal=sys.stderr,
+                       tool=PROG, command=args.command)
 
 
 def _host(args: argparse.Namespace) -> Any:
@@ -109,21 +109,11 @@ def device_argument(sysfs: Path, text: str) -> Any:
 
 
 def id_filter(text: str) -> Callable[[Any], bool]:
-    """lspci -d style: VENDOR:DEVICE[:CLASS], each part hex, empty or '*' for any."""
-    parts = text.split(":")
-    if not 2 <= len(parts) <= 3:
-        raise UsageError(f"bad device filter {text!r}", "write VENDOR:DEVICE[:CLASS], e.g. 8086:*")
-    try:
-        wanted = [None if p in ("", "*") else int(p, 16) for p in parts]
-    except ValueError:
-        raise UsageError(f"bad device filter {text!r}: parts are hex numbers or *",
-                         "e.g. 8086:10d3 or :*:0200") from None
+    """lspci -d style: VENDOR:DEVICE[:CLASS], the parser io.kata-vfio.select uses."""
+    from kata_vfio_host.allocate import parse_ids
 
-    def match(dev: Any) -> bool:
-        have = (dev.vendor, dev.device, dev.class_code >> 8)
-        return all(w is None or w == h for w, h in zip(wanted, have, strict=False))
-
-    return match
+    return parse_ids(text, "devices -d", error=UsageError,
+                     example="8086:*, 8086:10d3 or ::0200").matches
 
 
 def device_records(args: argparse.Namespace, host: Any) -> list[dict[str, Any]]:
@@ -144,15 +134,26 @@ def device_records(args: argparse.Namespace, host: Any) -> list[dict[str, Any]]:
                          "a regular expression, e.g. --name 'I350|X710'") from None
     from kata_vfio_host.allocate import Pool
     from kata_vfio_host.ledger import claim_gone, read_journal_file
+    from kata_vfio_host.pciids import class_name
     from kata_vfio_host.settings import load_settings
 
+    # the forms bind takes (DDDD:BB:SS.F, BB:SS.F, an interface name), or address globs
+    exact: set[str] = set()
+    globs: list[str] = []
+    for text in args.addresses or []:
+        if any(c in text for c in "*?["):
+            short = text.count(":") == 1 and len(text.partition(":")[0]) <= 2  # BB:SS.F
+            globs.append("0000:" + text if short else text)
+        else:
+            exact.add(str(device_argument(host.sysfs, text)))
     journal = read_journal(host)
     claims = {g: c for g, c in read_journal_file(host).claims.items()
               if not claim_gone(host, c)}
     pool = Pool(host, load_settings().autobind_allow)
-    records = []
+    records: list[dict[str, Any]] = []
     for addr in list_addresses(host.sysfs):
-        if args.addresses and not any(fnmatch.fnmatch(str(addr), g) for g in args.addresses):
+        if args.addresses and str(addr) not in exact \
+                and not any(fnmatch.fnmatch(str(addr), g) for g in globs):
             continue
         dev = read_device(host.sysfs, addr)
         name = device_name(dev.vendor, dev.device)
@@ -170,13 +171,16 @@ def device_records(args: argparse.Namespace, host: Any) -> list[dict[str, Any]]:
         else:
             not_free = pool.why_not_free(dev)
         if args.free and not_free is not None:
+            if isinstance(getattr(args, "not_free", None), list):
+                args.not_free.append((str(addr), not_free))  # for "nothing is free"
             continue
         total = base / "sriov_totalvfs"
         records.append({
             "address": str(addr), "vendor": f"{dev.vendor:04x}", "device": f"{dev.device:04x}",
             "subsystem_vendor": f"{dev.subsystem_vendor:04x}",
             "subsystem_device": f"{dev.subsystem_device:04x}",
-            "class": f"{dev.class_code:06x}", "name": name, "driver": dev.driver,
+            "class": f"{dev.class_code:06x}", "class_name": class_name(dev.class_code),
+            "name": name, "driver": dev.driver,
             "iommu_group": dev.iommu_group.number if dev.iommu_group is not None else None,
             "group_members": others, "physfn": str(dev.physfn) if dev.physfn else None,
             "virtfns": virtfns, "interfaces": interfaces_below(host.sysfs, addr),
@@ -192,9 +196,18 @@ def device_records(args: argparse.Namespace, host: Any) -> list[dict[str, Any]]:
 def cmd_devices(args: argparse.Namespace) -> int:
     import json
 
+    args.not_free = []
     records = device_records(args, _host(args))
     if args.json:
         print(json.dumps(records, indent=1))
+        return 0
+    if args.free and not records:
+        # why nothing is free, device by device (bridges are never handed out)
+        reasons = [(a, why) for a, why in args.not_free if why != "a bridge"]
+        print("nothing is free" + (":" if reasons else
+                                   " (no device matches; kata-vfio-ctl devices lists them)"))
+        for addr, why in reasons:
+            print(f"  {addr}: {why}")
         return 0
     print(f"{'ADDRESS':13} {'IDS':9} {'CLASS':6} {'DRIVER':12} {'GROUP':>5}  "
           f"{'OWNER':14} NAME")
@@ -202,7 +215,8 @@ def cmd_devices(args: argparse.Namespace) -> int:
         group = "-" if r["iommu_group"] is None else str(r["iommu_group"])
         owner = (r["owner"] or "-")[:14]
         print(f"{r['address']:13} {r['vendor']}:{r['device']} {r['class'][:4]:6} "
-              f"{r['driver'] or '-':12} {group:>5}  {owner:14} {r['name']}")
+              f"{r['driver'] or '-':12} {group:>5}  {owner:14} {r['class_name']}: "
+              f"{r['name']}")
         notes = []
         if r["group_members"]:
             notes.append(f"group also: {', '.join(r['group_members'])}")
@@ -222,21 +236,62 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 
 def cmd_vfs(args: argparse.Namespace) -> int:
+    import json
+
     from kata_vfio.pci import read_device
-    from kata_vfio_host.sriov import set_vf_count
+    from kata_vfio_host.bindings import ADMIN
+    from kata_vfio_host.ledger import read_journal
+    from kata_vfio_host.sriov import set_vf_count, total_vfs, virtual_functions
 
     host = _host(args)
     pf = device_argument(host.sysfs, args.pf)
-    with step(f"setting the virtual functions of {pf} to {args.count}"):
-        vfs = set_vf_count(host, pf, args.count, force=args.force)
-    _event_log(args).info("virtual functions set", pf=str(pf), vfs=[str(v) for v in vfs])
+    log = _event_log(args)
+    try:
+        total_vfs(host.sysfs, pf)  # "no PCI device", "no SR-IOV capability" first
+        before = virtual_functions(host.sysfs, pf)
+        journal = read_journal(host)
+        # the admin's binds (containers' own show up as owners in set_vf_count's refusal)
+        bound = [str(v) for v in before
+                 if (journal.get(str(v)) or {}).get("owner") == ADMIN]
+        resizing = bool(before) and len(before) != args.count
+        if resizing and bound and not args.force:
+            # the kernel only resizes through 0: every existing VF goes, binds included
+            raise DeviceError(
+                f"{pf} has {len(before)} virtual functions and kata-vfio bound "
+                f"{', '.join(bound)}; changing the count to {args.count} removes them all",
+                f"give them back first (kata-vfio-ctl restore {' '.join(bound)}), "
+                "or pass --force to drop those binds with their VFs")
+        with step(f"setting the virtual functions of {pf} to {args.count}"):
+            vfs = set_vf_count(host, pf, args.count, force=args.force)
+    except Exception as exc:
+        log.error("virtual functions not set", pf=str(pf), count=args.count,
+                  error=describe(exc)[0])
+        raise
+    dropped = bound if resizing else []
+    log.info("virtual functions set", pf=str(pf), count=args.count,
+             vfs=[str(v) for v in vfs], binds_dropped=dropped)
+    records: list[dict[str, Any]] = []
     for vf in vfs:
         dev = read_device(host.sysfs, vf)
-        print(f"{vf}: VF of {pf} [{dev.ids}] IOMMU group "
-              f"{dev.iommu_group if dev.iommu_group is not None else '-'}, driver "
-              f"{dev.driver or 'none'}")
+        records.append({"address": str(vf), "ids": dev.ids, "driver": dev.driver,
+                        "iommu_group": dev.iommu_group.number
+                        if dev.iommu_group is not None else None})
+    unbound = [r["address"] for r in records if r["driver"] is None]
+    if args.json:
+        print(json.dumps({"pf": str(pf), "vfs": records, "binds_dropped": dropped,
+                          "unbound": unbound}, indent=1))
+        return 0
+    for r in records:
+        print(f"{r['address']}: VF of {pf} [{r['ids']}] IOMMU group "
+              f"{'-' if r['iommu_group'] is None else r['iommu_group']}, driver "
+              f"{r['driver'] or 'none'}")
+    if dropped:
+        print(f"{pf}: the binds of {', '.join(dropped)} went with the old virtual functions")
     if not vfs:
         print(f"{pf}: no virtual functions")
+    elif unbound:
+        print(f"next: kata-vfio-ctl bind {' '.join(unbound)} hands them to vfio-pci "
+              "(or let io.kata-vfio.select take them through the auto-bind allow-list)")
     return 0
 
 
@@ -251,6 +306,8 @@ def plan_bind(sysfs: Path, addr: Any) -> tuple[Any, list[Any]]:
 
 
 def cmd_bind(args: argparse.Namespace) -> int:
+    import json
+
     from kata_vfio_host.bindings import ADMIN, bind_groups, wait_for_group_node
     from kata_vfio_host.usage import use_checker
 
@@ -260,60 +317,104 @@ def cmd_bind(args: argparse.Namespace) -> int:
 
     groups: dict[Any, Any] = {}
     verb = "would move" if args.dry_run else "moving"
+    planned: list[Any] = []
+    # every device decided before a word of what will happen: a refusal of the last
+    # one leaves nothing moved and no "moving" said
     for addr in addresses:
         with step(f"planning the bind of {addr}"):
             group, moves = plan_bind(host.sysfs, addr)
-            groups.setdefault(group, addr)
+            if group in groups:
+                continue
+            groups[group] = addr
             if not args.force:
                 for dev in moves:
                     reasons = in_use(dev.address)
                     if reasons:
                         raise DeviceError(
                             f"PCI device {dev.address} is in use: {'; '.join(reasons)}",
-                            "stop using it first, or pass --force")
-            for dev in moves:
-                print(f"{verb} {dev.address} ({dev.ids}, {dev.driver or 'no driver'}) "
-                      "-> vfio-pci", flush=True)
+                            "stop using it first, or pass --force; nothing was moved")
+            planned += moves
+
+    def say_moves() -> None:
+        if args.json:
+            return  # stdout is the JSON document
+        for dev in planned:
+            print(f"{verb} {dev.address} ({dev.ids}, {dev.driver or 'no driver'}) "
+                  "-> vfio-pci", flush=True)
+
+    moved = [{"address": str(d.address), "ids": d.ids, "driver": d.driver} for d in planned]
     if args.dry_run:
+        say_moves()
+        if args.json:
+            print(json.dumps({"dry_run": True, "moves": moved, "groups": [
+                {"address": str(a), "iommu_group": g.number, "node": f"/dev/vfio/{g}"}
+                for g, a in groups.items()]}, indent=1))
+            return 0
         for group, addr in groups.items():
             print(f"{addr}: IOMMU group {group} would be on vfio-pci: /dev/vfio/{group} "
                   "(dry run: nothing changed)")
         return 0
+    log = _event_log(args)
     with step(f"binding {', '.join(str(a) for a in addresses)}"):
         try:
             # every group at once: the kernel work of all devices runs concurrently
-            bind_groups(host, list(groups.values()), ADMIN, force=args.force, in_use=in_use)
+            # "moving" only once the ledger took the bind (no live container holds a group)
+            bind_groups(host, list(groups.values()), ADMIN, force=args.force, in_use=in_use,
+                        on_decided=say_moves)
         except PermissionError as exc:
             raise DeviceError(
                 f"cannot write {exc.filename}: permission denied",
                 "binding devices needs root: run kata-vfio-ctl as root" if os.geteuid()
                 else "check the kernel log and the security policy (SELinux, AppArmor)"
             ) from exc
-    _event_log(args).info("bound", devices=[str(a) for a in addresses],
-                          groups=[g.number for g in groups])
+        except Exception as exc:
+            log.error("bind failed", devices=[str(a) for a in addresses],
+                      error=describe(exc)[0])
+            raise
+    log.info("bound", devices=[str(a) for a in addresses],
+             groups=[g.number for g in groups])
+    nodes = []
     for group, addr in groups.items():
         node = wait_for_group_node(host, group, args.timeout)
-        print(f"{addr}: IOMMU group {group} on vfio-pci: {node}  (podman --device {node})")
+        nodes.append({"address": str(addr), "iommu_group": group.number, "node": node})
+        if not args.json:
+            print(f"{addr}: IOMMU group {group} on vfio-pci: {node}  (podman --device {node})")
+    if args.json:
+        print(json.dumps({"dry_run": False, "moves": moved, "groups": nodes}, indent=1))
     return 0
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    import json
+
     from kata_vfio_host.bindings import release_gone, restore, restore_all
 
     host = _host(args)
     if (args.all + args.stale + bool(args.addresses)) != 1:
         raise UsageError("give addresses, --all or --stale", "e.g. kata-vfio-ctl restore --all")
+    log = _event_log(args)
+    gone: list[str] = []
     with step("giving devices back"):
         if args.stale:
             gone, report = release_gone(host)
-            for cid in gone:
-                print(f"container {cid} is gone: its devices were released")
         else:
             report = (restore_all(host, force=args.force) if args.all else
                       restore(host, [device_argument(host.sysfs, t) for t in args.addresses],
                               force=args.force))
-    _event_log(args).info("restored", devices=report.restored, failures=report.failed,
-                          vf_settings=report.vf_settings, taken=report.taken)
+    fields = {"devices": report.restored, "failures": report.failed,
+              "vf_settings": report.vf_settings, "taken": report.taken,
+              "containers_released": gone}
+    if report.failed:  # a device left on vfio-pci that should have gone back
+        log.error("restore failed", **fields)
+    else:
+        log.info("restored", **fields)
+    if args.json:
+        print(json.dumps({"restored": report.restored, "failed": report.failed,
+                          "vf_settings": report.vf_settings, "taken": report.taken,
+                          "containers_released": gone}, indent=1))
+        return 1 if report.failed else 0
+    for cid in gone:
+        print(f"container {cid} is gone: its claims were dropped")
     for addr in report.restored:
         print(f"{addr}: given back to its original driver")
     for line in report.vf_settings:
@@ -322,8 +423,17 @@ def cmd_restore(args: argparse.Namespace) -> int:
         print(line)
     for failure in report.failed:
         print(f"{PROG}: cannot restore {failure}", file=sys.stderr)
-    if not report.restored and not report.failed and not report.vf_settings:
-        print("nothing to restore")
+    if report.restored or report.failed or report.vf_settings:
+        pass
+    elif args.stale and gone:
+        print("no device needed giving back: they stay on vfio-pci, free for the next "
+              "container (kata-vfio-ctl restore --all gives back what kata-vfio bound)")
+    elif args.stale:
+        print("no container is gone: nothing to release (kata-vfio-ctl devices shows "
+              "the owners)")
+    else:
+        print("nothing to restore: kata-vfio bound none of these (kata-vfio-ctl devices "
+              "shows what it bound)")
     return 1 if report.failed else 0
 
 
@@ -407,14 +517,17 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from kata_vfio.version import package_version
     from kata_vfio_ctl.podman_conf import CONTAINERS_CONF
 
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__)
     parser.add_argument("--debug", action="store_true", help="tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"{PROG} {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("devices", help="list PCI devices with IOMMU groups, drivers, use")
-    p.add_argument("addresses", nargs="*", metavar="ADDRESS-GLOB", help="e.g. 0000:03:*")
+    p.add_argument("addresses", nargs="*", metavar="DEVICE",
+                   help="DDDD:BB:SS.F, BB:SS.F, an interface name, or a glob (0000:03:*)")
     p.add_argument("-d", dest="ids", action="append", metavar="VENDOR:DEVICE[:CLASS]",
                    help="lspci -d style filter, parts hex or * (repeatable)")
     p.add_argument("--name", metavar="REGEX", help="match the pci.ids name")
@@ -427,7 +540,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pf", metavar="PF", help="the physical function: address or interface name")
     p.add_argument("count", type=int, metavar="COUNT", help="how many VFs (0 removes them)")
     p.add_argument("--force", action="store_true",
-                   help="remove VFs even when containers own them or processes hold them")
+                   help="remove VFs even when containers own them, processes hold them or "
+                        "kata-vfio bound them")
+    p.add_argument("--json", action="store_true", help="the result as JSON")
     p.set_defaults(func=cmd_vfs)
 
     p = sub.add_parser("bind", help="hand devices (with their whole IOMMU group) to vfio-pci")
@@ -437,6 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="say what would move to vfio-pci, change nothing")
     p.add_argument("--timeout", type=float, default=5.0, help="wait for /dev/vfio/N (s)")
+    p.add_argument("--json", action="store_true", help="the result as JSON")
     p.set_defaults(func=cmd_bind)
 
     p = sub.add_parser("restore", help="give devices back to the drivers they had")
@@ -449,6 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="also give back devices a live container holds (its claim is dropped; "
                         "the device leaves that container's VM)")
+    p.add_argument("--json", action="store_true", help="the result as JSON")
     p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("doctor", help="check this host's readiness, say how to fix")
@@ -493,7 +610,47 @@ def build_parser() -> argparse.ArgumentParser:
     k8s.add_parsers(sub)  # k8s, runtimeclass
     cdi.add_parsers(sub)  # cdi
     devplugin.add_parsers(sub)  # device-plugin
+    for name, sub_parser in sub.choices.items():
+        sub_parser.formatter_class = argparse.RawDescriptionHelpFormatter
+        sub_parser.epilog = "examples:\n" + "\n".join(
+            f"  {PROG} {line}" for line in EXAMPLES.get(name, ()))
     return parser
+
+
+# shown under each command's --help; tests parse every one of them
+EXAMPLES: dict[str, tuple[str, ...]] = {
+    "devices": ("devices                      # every PCI function, group, driver, owner",
+                "devices --free               # what io.kata-vfio.select could take, or why not",
+                "devices -d 8086:* -d ::0200  # lspci -d syntax, as io.kata-vfio.select",
+                "devices 03:00.0 eth1 --json  # short addresses and interface names"),
+    "vfs": ("vfs eth1 4                   # four VFs on eth1's PF (left unbound)",
+            "vfs 0000:06:00.0 0           # remove them again"),
+    "bind": ("bind 03:00.0                 # the device and its whole IOMMU group",
+             "bind eth1 --dry-run          # say what would move, change nothing",
+             "bind 0000:06:10.0 0000:06:10.1 --json"),
+    "restore": ("restore 03:00.0              # back to the driver it had",
+                "restore --stale              # devices of containers that are gone",
+                "restore --all --json"),
+    "doctor": ("doctor", "doctor --json --kata-config /etc/kata-containers/configuration.toml"),
+    "install": ("install", "install --containerd --crio",
+                "install --kata-config /etc/kata-containers/configuration.toml"),
+    "uninstall": ("uninstall", "uninstall --containerd --crio"),
+    "podman-register": ("podman-register",
+                        "podman-register --conf /etc/containers/containers.conf"),
+    "podman-unregister": ("podman-unregister",),
+    "containerd-register": ("containerd-register",
+                            "containerd-register --conf /etc/containerd/config.toml"),
+    "containerd-unregister": ("containerd-unregister",),
+    "crio-register": ("crio-register",),
+    "crio-unregister": ("crio-unregister",),
+    "k8s": ("k8s --daemonset | kubectl apply -f -", "k8s --runtimeclass",
+            "k8s --pod --resource nvme"),
+    "runtimeclass": ("runtimeclass --no-pod | kubectl apply -f -",
+                     "runtimeclass --device 0000:03:00.0"),
+    "cdi": ("cdi                          # /etc/cdi/kata-vfio.json", "cdi --output -"),
+    "device-plugin": ("device-plugin                # as the DaemonSet runs it",
+                      "device-plugin --config /etc/kata-vfio/config.toml"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -501,6 +658,9 @@ def main(argv: list[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
 
     def body() -> int:
+        from kata_vfio_host import lockwait
+
+        lockwait.notice = lambda line: print(f"{PROG}: {line}", file=sys.stderr, flush=True)
         code = func(args)
         sys.stdout.flush()  # a reader that went away (| head) shows here, inside the boundary
         return code

@@ -18,7 +18,7 @@ import re
 from typing import Any, NamedTuple
 
 from kata_vfio.defaults import SELECT_ANNOTATION
-from kata_vfio.errors import DeviceError
+from kata_vfio.errors import DeviceError, KataVfioError
 from kata_vfio.pci import (
     IommuGroup,
     PciAddress,
@@ -62,38 +62,62 @@ class SelectRequest(NamedTuple):
         return have == self.class_code
 
 
-def _part(text: str, widths: tuple[int, ...], whole: str) -> int | None:
+IDS_SYNTAX = "VENDOR:DEVICE[:CLASS] in hex, empty or * for any"
+
+
+def _part(text: str, widths: tuple[int, ...], whole: str, source: str,
+          error: type[KataVfioError], example: str) -> int | None:
     if text in ("", "*"):
         return None
     if len(text) not in widths or not all(c in "0123456789abcdef" for c in text):
-        raise DeviceError(f"{SELECT_ANNOTATION}: {whole!r}: {text!r} is not a hex ID",
-                          "write VENDOR:DEVICE[:CLASS][*COUNT], e.g. 1b36:0010*2 or ::0200")
+        digits = " or ".join(str(w) for w in widths)
+        raise error(f"{source}: {whole!r}: {text!r} is not a hex ID of {digits} digits",
+                    f"write {IDS_SYNTAX}, e.g. {example}")
     return int(text, 16)
+
+
+def parse_ids(text: str, source: str, *, error: type[KataVfioError] = DeviceError,
+              example: str = "8086:154c or ::0200", whole: str | None = None,
+              wanted: int = 1) -> SelectRequest:
+    """lspci's ``-d`` syntax, the one parser of ``kata-vfio-ctl devices -d`` and
+    ``io.kata-vfio.select``: VENDOR:DEVICE[:CLASS], each part hex, empty or ``*``;
+    CLASS is the class and subclass (``0200``) or the full 24-bit code (``020000``).
+    `source` names where the text came from in the message."""
+    whole = text if whole is None else whole
+    fields = text.lower().split(":")
+    if not 2 <= len(fields) <= 3:
+        raise error(f"{source}: {whole!r} is not VENDOR:DEVICE[:CLASS]",
+                    f"write {IDS_SYNTAX}, e.g. {example}")
+    cls = fields[2] if len(fields) == 3 else ""
+    return SelectRequest(
+        whole, _part(fields[0], (4,), whole, source, error, example),
+        _part(fields[1], (4,), whole, source, error, example),
+        _part(cls, (4, 6), whole, source, error, example), 24 if len(cls) == 6 else 16,
+        wanted)
 
 
 def parse_select(text: str) -> list[SelectRequest]:
     """One or more requests separated by commas or blanks."""
     parts = text.replace(",", " ").split()
+    example = "1b36:0010*2, 8086:154c or ::0200"
     if not parts:
         raise DeviceError(f"annotation {SELECT_ANNOTATION} is empty",
                           "write VENDOR:DEVICE[:CLASS][*COUNT], e.g. 1b36:0010*2")
     requests = []
     for raw in parts:
         m = _REQUEST.match(raw.lower())
-        if m is None or not 2 <= m.group("ids").count(":") + 1 <= 3:
+        if m is None:
             raise DeviceError(f"{SELECT_ANNOTATION}: {raw!r} is not VENDOR:DEVICE[:CLASS][*COUNT]",
-                              "e.g. 1b36:0010*2, 8086:154c or ::0200")
-        fields = m.group("ids").split(":")
+                              f"e.g. {example}")
         digits = m.group("count") or "1"
         count = int(digits) if len(digits) <= len(str(MAX_COUNT)) else MAX_COUNT + 1
+        request = parse_ids(m.group("ids"), SELECT_ANNOTATION, example=example, whole=raw,
+                            wanted=count)
         if not 1 <= count <= MAX_COUNT:
             asked = digits if len(digits) <= 12 else f"{digits[:12]}… ({len(digits)} digits)"
             raise DeviceError(f"{SELECT_ANNOTATION}: asks for {asked} devices",
                               f"ask for 1 to {MAX_COUNT}")
-        cls = fields[2] if len(fields) == 3 else ""
-        requests.append(SelectRequest(
-            raw, _part(fields[0], (4,), raw), _part(fields[1], (4,), raw),
-            _part(cls, (4, 6), raw), 24 if len(cls) == 6 else 16, count))
+        requests.append(request)
     return requests
 
 

@@ -207,9 +207,11 @@ def bind_all(host: Host, moves: list[tuple[PciAddress, str | None]]) -> None:
 
 
 def bind_groups(host: Host, addresses: list[PciAddress], owner: str, *, force: bool = False,
-                in_use: InUse | None = None) -> list[IommuGroup]:
+                in_use: InUse | None = None,
+                on_decided: Callable[[], object] | None = None) -> list[IommuGroup]:
     """Bind the groups of all these devices to vfio-pci at once (concurrent kernel work),
     journalled; returns the groups. A group held by a live container is refused.
+    `on_decided` runs once every refusal is past, before the kernel work.
 
     What each device is bound to now is read under the group locks, once, and is what
     the journal records and the kernel work starts from."""
@@ -222,7 +224,7 @@ def bind_groups(host: Host, addresses: list[PciAddress], owner: str, *, force: b
             states = [read_bind_state(host.sysfs, m) for m in group_members(host.sysfs, group)]
             plans.append((group, [s for s in states if not s.is_bridge]))
         _bind_locked(host, plans, owner, force=force, in_use=in_use,
-                     refuse_claimed=owner == ADMIN)
+                     refuse_claimed=owner == ADMIN, on_claimed=on_decided)
     return list(groups)
 
 

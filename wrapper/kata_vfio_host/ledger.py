@@ -28,7 +28,6 @@ per thread (a release inside a create's failure path takes nothing twice).
 
 from __future__ import annotations
 
-import fcntl
 import os
 import time
 from _thread import get_ident
@@ -37,6 +36,7 @@ from kata_vfio.errors import DeviceError, KataVfioError
 from kata_vfio.jsoncodec import dumps, loads
 from kata_vfio.pci import IommuGroup, PciAddress
 from kata_vfio.rebind import MODPROBE, write_attr
+from kata_vfio_host.lockwait import flock_bounded
 
 # `kata-vfio create` runs this once per container: no typing, dataclasses, contextlib,
 # pathlib or json (each costs a good part of a bare interpreter start).
@@ -385,7 +385,7 @@ class Locks:
                     os.makedirs(made, exist_ok=True)
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
                 try:
-                    fcntl.flock(fd, fcntl.LOCK_EX)
+                    flock_bounded(fd, path)  # says what it waits for, gives up after a bound
                 except BaseException:
                     os.close(fd)
                     raise

@@ -48,3 +48,45 @@ def device_name(vendor: int, device: int) -> str:
     v = table.get((vendor, None), f"vendor {vendor:04x}")
     d = table.get((vendor, device), f"device {device:04x}")
     return f"{v} {d}"
+
+
+@cache
+def _class_table() -> dict[tuple[int, int | None], str]:
+    """(class, None) and (class, subclass) -> name, from pci.ids' "C" section (lines
+    `C 02  Network controller`, then `\\t00  Ethernet controller`)."""
+    names: dict[tuple[int, int | None], str] = {}
+    path = next((p for p in PCI_IDS if p.exists()), None)
+    if path is None:
+        return names
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return names
+    start = text.find("\nC ")
+    if start < 0:
+        return names
+    cls = None
+    for line in text[start + 1:].splitlines():
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("C "):
+            code = line[2:4]
+            cls = int(code, 16) if all(c in HEXDIGITS for c in code) and len(code) == 2 \
+                else None
+            if cls is not None:
+                names[(cls, None)] = line[4:].strip()
+        elif line.startswith("\t") and not line.startswith("\t\t") and cls is not None:
+            code = line[1:3]
+            if len(code) == 2 and all(c in HEXDIGITS for c in code):
+                names[(cls, int(code, 16))] = line[3:].strip()
+        elif not line.startswith("\t"):
+            cls = None  # another section
+    return names
+
+
+def class_name(class_code: int) -> str:
+    """The name lspci shows for a 24-bit class code: the subclass's name, else the
+    class's, else `Class CCSS` (lspci's own fallback, also without pci.ids)."""
+    table = _class_table()
+    base, sub = class_code >> 16, (class_code >> 8) & 0xFF
+    return table.get((base, sub)) or table.get((base, None)) or f"Class {class_code >> 8:04x}"

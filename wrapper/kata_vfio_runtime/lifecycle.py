@@ -114,7 +114,9 @@ def prepare_bundle(container_id: str | None, bundle: StrPath, settings: Settings
         with step(f"editing {bundle}/config.json"):
             result = edit_bundle(bundle, settings, tuple(chosen), macs, spec)
     except BaseException as exc:
-        log.error("create refused", bundle=str(bundle), error=repr(exc))
+        from kata_vfio.boundary import describe
+
+        log.error("create refused", bundle=str(bundle), error=describe(exc)[0])
         if acquired is not None:
             report = release_container(host, acquired)
             if report.failed:

@@ -118,6 +118,11 @@ def log_record(message: str, inv: Invocation) -> None:
 
 def decide(argv: list[str], inv: Invocation) -> str | int:
     """The inner runtime to exec with argv, or an exit code when we are done ourselves."""
+    if inv.verb is None and ("--version" in argv or "-v" in argv):
+        # runc's global flag: our line first, then the inner runtime's own answer
+        from kata_vfio.version import package_version
+
+        print(f"{PROG} version {package_version()}", flush=True)
     if inv.verb in EDIT_VERBS:
         from kata_vfio_runtime.scan import needs_edit
 

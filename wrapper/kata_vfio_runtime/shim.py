@@ -43,15 +43,21 @@ VALUE_FLAGS = frozenset({"namespace", "address", "publish-binary", "id", "bundle
                          "debug-address"})
 
 
+# containerd's shim flag set has a boolean -v ("show the shim version and exit"); Go's
+# flag package takes -v, --v and -v=true alike. -version is ours (operators type it).
+VERSION_FLAGS = frozenset({"v", "version"})
+
+
 class ShimCall:
-    __slots__ = ("action", "bundle", "container_id", "namespace")
+    __slots__ = ("action", "bundle", "container_id", "namespace", "version")
 
     def __init__(self, action: str | None, container_id: str | None, namespace: str | None,
-                 bundle: str | None) -> None:
+                 bundle: str | None, version: bool = False) -> None:
         self.action = action
         self.container_id = container_id
         self.namespace = namespace
         self.bundle = bundle
+        self.version = version
 
 
 def parse_shim_args(argv: list[str]) -> ShimCall:
@@ -72,7 +78,10 @@ def parse_shim_args(argv: list[str]) -> ShimCall:
     if i < len(argv) and argv[i] == "--":
         i += 1
     action = argv[i] if i < len(argv) else None
-    return ShimCall(action, values.get("id"), values.get("namespace"), values.get("bundle"))
+    version = any(values.get(f, "false") not in ("false", "0", "f", "F", "FALSE", "False")
+                  for f in VERSION_FLAGS)
+    return ShimCall(action, values.get("id"), values.get("namespace"), values.get("bundle"),
+                    version)
 
 
 def inner_shim(name: str, source: str, me: str) -> str:
@@ -149,6 +158,13 @@ def delete_and_release(shim: str, argv: list[str], call: ShimCall) -> int:
 
 def decide(argv: list[str], call: ShimCall) -> str | int:
     me = argv[0]
+    if call.version:
+        # containerd's shape (name, then an indented Version line); the inner shim's
+        # own -v answer follows
+        from kata_vfio.version import package_version
+
+        print(f"{PROG}:\n  Version: {package_version()}", flush=True)
+        return passthrough_shim(me)[0]
     if call.action == "start":
         from kata_vfio_runtime.scan import needs_edit
 
@@ -165,6 +181,8 @@ def decide(argv: list[str], call: ShimCall) -> str | int:
 def main(argv: list[str] | None = None, exec_fn: ExecFn | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
     call = parse_shim_args(argv)
+    if call.version:  # the inner shim is asked in its own words: Go shims know no -version
+        return hand_over(PROG, [argv[0], "-v"], lambda: decide(argv, call), exec_fn)
     return hand_over(PROG, argv, lambda: decide(argv, call), exec_fn)
 
 
