@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+from kata_vfio_ctl import plugin_ledger
+
 from k8s.grpcapi import PeerPlugin, allocatable, compiled, pod_devices
 from k8s.node import NODE_NAME, KubeletNode
+from k8s.plugin import KataPlugin
 
 pytestmark = [pytest.mark.kubelet]
 DEVICES = "io.kata-vfio.devices"
@@ -142,3 +148,110 @@ def test_a_device_plugin_registers_and_its_devices_reach_a_pod(
             wait_pod_gone(kubelet_node, "peer1")
     finally:
         peer.stop()
+
+
+# -- kata-vfio's own device plugin on this kubelet ----------------------------------------
+# engine_host's fake sysfs: two E1000E groups, 12 (0000:03:00.0, /dev/vfio/12 = 243:0) and
+# 13 (0000:04:00.0 and .1, 243:1); one resource offers both, one unit per group
+NIC = "nic"
+UNIT12, UNIT13 = "0000:03:00.0", "0000:04:00.0"
+ALLOCATION = "kubernetes-allocation-"
+
+
+@pytest.fixture(scope="module")
+def kata_plugin(kubelet_node: KubeletNode) -> Iterator[KataPlugin]:
+    """`kata-vfio-ctl device-plugin` offering kata-vfio.io/nic (select 8086:10d3), the
+    kubelet's allocatable list showing both groups."""
+    plugin = KataPlugin(kubelet_node, NIC, "8086:10d3", release_grace=2.0)
+    plugin.start()
+    try:
+        plugin.wait_line(f"registered {plugin.resource} with the kubelet")
+        wait_allocatable(kubelet_node, plugin, [UNIT12, UNIT13])
+        yield plugin
+    finally:
+        assert plugin.stop() == 0, plugin.log()
+
+
+def wait_allocatable(node: KubeletNode, plugin: KataPlugin, ids: list[str]) -> None:
+    api = compiled()
+    node.wait_for(lambda: allocatable(api, node.pod_resources_sock).get(plugin.resource) == ids,
+                  60, f"{plugin.resource} {ids} in the kubelet's allocatable resources")
+
+
+def device_pod(node: KubeletNode, plugin: KataPlugin, name: str, count: int) -> Path:
+    command = ["/bin/sh", "-c", f"{STAT} /dev/vfio/*; echo env=${plugin.env_name}; "
+               "echo ready; exec sleep 600"]
+    return node.write_pod(name, command, limits={plugin.resource: str(count)})
+
+
+def env_line(out: str) -> str:
+    return next(line[len("env="):] for line in out.splitlines() if line.startswith("env="))
+
+
+def allocations(node: KubeletNode) -> dict[str, frozenset[int]]:
+    """The plugin's allocations as the ledger and its records hold them: id -> groups."""
+    return {a.id: a.groups for a in plugin_ledger.allocations(node.ledger()).values()}
+
+
+def stop_pod(node: KubeletNode, name: str) -> None:
+    node.delete_pod(name)
+    wait_pod_gone(node, name)
+
+
+def test_our_plugin_registers_and_a_pod_gets_a_whole_group(
+        kubelet_node: KubeletNode, kata_plugin: KataPlugin) -> None:
+    """kata-vfio's plugin on the real kubelet: registered, the kubelet lists one device per
+    group as allocatable (the fixture waits for it), a static pod asking for one is
+    admitted and its container sees /dev/vfio/vfio and its group's node with the host's
+    major:minor and PCIDEVICE_KATA_VFIO_IO_NIC; the container's create took the ledger's
+    claim over from the allocation."""
+    node = kubelet_node
+    device_pod(node, kata_plugin, "dp1", 1)
+    try:
+        out = wait_ready_line(node, "dp1")
+        assert node_lines(out) == {"/dev/vfio/vfio": "a:c4", "/dev/vfio/12": "f3:0"}, out
+        assert env_line(out) == UNIT12
+        container = node.container("dp1")
+        assert container is not None
+        assert node.holders() == {12: container["id"]}
+        assert allocations(node) == {ALLOCATION + "0000-03-00.0": {12}}
+        given = pod_devices(compiled(), node.pod_resources_sock)
+        assert given[(f"dp1-{NODE_NAME}", "app")] == {kata_plugin.resource: [UNIT12]}
+    finally:
+        stop_pod(node, "dp1")
+
+
+def pod_status(node: KubeletNode, name: str) -> dict[str, Any]:
+    for pod in node.kubelet_pods():
+        if pod["metadata"]["name"] == f"{name}-{NODE_NAME}":
+            return pod.get("status") or {}
+    return {}
+
+
+def test_a_pod_asking_for_more_than_is_free_is_refused_and_nothing_is_claimed(
+        kubelet_node: KubeletNode, kata_plugin: KataPlugin) -> None:
+    """With one of the two groups in use, a pod asking for two is refused by the kubelet's
+    admission (UnexpectedAdmissionError in its status, no sandbox made); the ledger holds
+    only the running pod's claim and no allocation was made for the refused one."""
+    node = kubelet_node
+    device_pod(node, kata_plugin, "dp2", 1)
+    try:
+        wait_ready_line(node, "dp2")
+        first = node.container("dp2")
+        assert first is not None
+        before = allocations(node)
+        device_pod(node, kata_plugin, "big", 2)
+        try:
+            status = node.wait_for(lambda: pod_status(node, "big").get("reason"), 60,
+                                   "the kubelet's verdict on pod big")
+            assert status == "UnexpectedAdmissionError"
+            message = pod_status(node, "big")["message"]
+            assert kata_plugin.resource in message and "Requested: 2" in message, message
+            assert pod_status(node, "big")["phase"] == "Failed"
+            assert node.sandbox("big") is None
+            assert node.holders() == {12: first["id"]}
+            assert allocations(node) == before
+        finally:
+            node.delete_pod("big")
+    finally:
+        stop_pod(node, "dp2")

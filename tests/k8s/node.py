@@ -406,9 +406,22 @@ class KubeletNode:
                                     timeout=10) as r:
             return list(json.load(r)["items"])
 
+    def ledger(self) -> Any:
+        from kata_vfio_host.ledger import Host
+
+        return Host(self.fs.root, self.state_dir)
+
     def claims(self) -> dict[str, dict[str, Any]]:
-        journal = self.state_dir / "bindings.json"
-        return json.loads(journal.read_text())["claims"] if journal.exists() else {}
+        """group -> its claim as the ledger records it (the ledger's own reader)."""
+        from kata_vfio_host.ledger import read_journal_file
+
+        return {str(g): c.to_obj() for g, c in read_journal_file(self.ledger()).claims.items()}
+
+    def holders(self) -> dict[int, str]:
+        """group -> the container id holding it now (live claims only)."""
+        from kata_vfio_ctl.plugin_ledger import live_holders
+
+        return live_holders(self.ledger())
 
     def events(self) -> list[dict[str, Any]]:
         if not self.log_file.exists():
