@@ -255,3 +255,90 @@ def test_a_pod_asking_for_more_than_is_free_is_refused_and_nothing_is_claimed(
             node.delete_pod("big")
     finally:
         stop_pod(node, "dp2")
+
+
+def test_deleting_the_pod_frees_its_group_for_the_next_pod(
+        kubelet_node: KubeletNode, kata_plugin: KataPlugin) -> None:
+    """Removing the static manifest stops the pod; once no container holds the group, the
+    grace period (--release-grace 2) has passed and the kubelet's PodResources no longer
+    lists the device, the plugin releases the allocation (its log says so, the ledger
+    holds nothing of it) and the next pod asking gets the same group."""
+    node = kubelet_node
+    device_pod(node, kata_plugin, "dp3", 1)
+    try:
+        wait_ready_line(node, "dp3")
+        assert allocations(node) == {ALLOCATION + "0000-03-00.0": {12}}
+    finally:
+        stop_pod(node, "dp3")
+    released = f"released {ALLOCATION}0000-03-00.0 (its pod is gone): groups 12"
+    done = kata_plugin.lines(released)
+    kata_plugin.wait_line(released, done + 1, timeout=60)
+    assert allocations(node) == {}
+    assert node.holders() == {}
+    device_pod(node, kata_plugin, "dp3b", 1)
+    try:
+        out = wait_ready_line(node, "dp3b")
+        assert node_lines(out)["/dev/vfio/12"] == "f3:0", out
+        second = node.container("dp3b")
+        assert second is not None
+        assert node.holders() == {12: second["id"]}
+    finally:
+        stop_pod(node, "dp3b")
+
+
+def kubelet_sock(node: KubeletNode) -> tuple[int, int]:
+    st = (node.device_plugins / "kubelet.sock").stat()
+    return st.st_ino, st.st_ctime_ns
+
+
+def test_restarting_the_plugin_then_the_kubelet_keeps_every_allocation(
+        kubelet_node: KubeletNode, kata_plugin: KataPlugin) -> None:
+    """A pod holds group 12. The plugin restarts (SIGTERM, exit 0, started again): it
+    recovers the allocation from the ledger and registers again. Then the kubelet
+    restarts: kubelet.sock is made anew, the plugin registers on it, the allocatable list
+    is both groups again, the running pod keeps its container and its claim, and the next
+    pod gets the other group, never 12 twice."""
+    node = kubelet_node
+    device_pod(node, kata_plugin, "dp4", 1)
+    try:
+        wait_ready_line(node, "dp4")
+        running = node.container("dp4")
+        assert running is not None
+        holders = {12: running["id"]}
+        assert node.holders() == holders
+        registered = f"registered {kata_plugin.resource} with the kubelet"
+        times = kata_plugin.lines(registered)
+        assert kata_plugin.stop() == 0, kata_plugin.log()
+        kata_plugin.start()
+        kata_plugin.wait_line(registered, times + 1)
+        assert f"recovered 1 allocations from the ledger: {ALLOCATION}0000-03-00.0" \
+            in kata_plugin.log()
+        wait_allocatable(node, kata_plugin, [UNIT12, UNIT13])
+        assert node.holders() == holders
+        assert allocations(node) == {ALLOCATION + "0000-03-00.0": {12}}
+
+        before = kubelet_sock(node)
+        node.stop_kubelet()
+        node.start_kubelet()
+        kata_plugin.wait_line(registered, times + 2)
+        assert kubelet_sock(node) != before
+        wait_allocatable(node, kata_plugin, [UNIT12, UNIT13])
+        given = pod_devices(compiled(), node.pod_resources_sock)
+        assert given[(f"dp4-{NODE_NAME}", "app")] == {kata_plugin.resource: [UNIT12]}
+        now = node.container("dp4")
+        assert now is not None and now["id"] == running["id"]
+        assert now["state"] == "CONTAINER_RUNNING"
+        assert node.holders() == holders
+
+        device_pod(node, kata_plugin, "dp4b", 1)
+        try:
+            out = wait_ready_line(node, "dp4b")
+            assert node_lines(out) == {"/dev/vfio/vfio": "a:c4", "/dev/vfio/13": "f3:1"}, out
+            assert env_line(out) == "0000:04:00.0,0000:04:00.1"
+            other = node.container("dp4b")
+            assert other is not None
+            assert node.holders() == {12: running["id"], 13: other["id"]}
+        finally:
+            stop_pod(node, "dp4b")
+    finally:
+        stop_pod(node, "dp4")
