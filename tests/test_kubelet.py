@@ -342,3 +342,27 @@ def test_restarting_the_plugin_then_the_kubelet_keeps_every_allocation(
             stop_pod(node, "dp4b")
     finally:
         stop_pod(node, "dp4")
+
+
+def test_a_pod_made_while_the_last_one_stops_gets_its_group(
+        kubelet_node: KubeletNode, kata_plugin: KataPlugin) -> None:
+    """The manifest of a pod holding group 12 removed and at once a new pod asking for
+    both groups written: the kubelet hands group 12's device out again while the old
+    container is still being stopped; the new pod starts with both groups."""
+    node = kubelet_node
+    device_pod(node, kata_plugin, "dp5", 1)
+    try:
+        wait_ready_line(node, "dp5")
+    finally:
+        node.delete_pod("dp5")
+    device_pod(node, kata_plugin, "dp5b", 2)
+    try:
+        out = wait_ready_line(node, "dp5b")
+        assert node_lines(out) == {"/dev/vfio/vfio": "a:c4", "/dev/vfio/12": "f3:0",
+                                   "/dev/vfio/13": "f3:1"}, out
+        second = node.container("dp5b")
+        assert second is not None
+        assert node.holders() == {12: second["id"], 13: second["id"]}
+    finally:
+        stop_pod(node, "dp5b")
+        wait_pod_gone(node, "dp5")
