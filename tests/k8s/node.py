@@ -319,8 +319,11 @@ class KubeletNode:
             manifest.unlink()
         if self.kubelet_proc is not None and self.kubelet_proc.poll() is None:
             with contextlib.suppress(Exception):
-                self.wait_for(lambda: not self.crictl_json("pods", "-o", "json")["items"],
-                              30, "the kubelet to remove its pods")
+                # stopped is enough: the sandboxes are removed below (the kubelet takes
+                # its time to remove those of static pods, 30 s and more)
+                self.wait_for(lambda: all(p["state"] == "SANDBOX_NOTREADY" for p in
+                                          self.crictl_json("pods", "-o", "json")["items"]),
+                              30, "the kubelet to stop its pods")
         self.stop_kubelet()
         with contextlib.suppress(Exception):
             for pod in self.crictl_json("pods", "-q", raw=True).split():
