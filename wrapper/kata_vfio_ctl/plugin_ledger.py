@@ -145,7 +145,7 @@ def stopping_holders(host: Host, groups: list[IommuGroup]) -> dict[int, str]:
     allocations over: group -> that container. The kubelet hands a device out again only
     when the pod that had it is no longer active, so such a container is being stopped."""
     wanted = {g.number for g in groups}
-    journal = read_journal_file(host)
+    journal = read_journal_file(host, groups=wanted)  # only these groups' claims parsed
     held = {g: c.container for g, c in journal.claims.items() if g in wanted
             and not c.container.startswith(KUBERNETES_ALLOCATION) and not claim_gone(host, c)}
     if not held:
