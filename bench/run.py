@@ -16,6 +16,8 @@ to link up
 (targets: hook(4) <= 1.5x hook(1), hook < 10 % of the whole start).
 Device plugin (bench/deviceplugin.py): Allocate p50/p99 with 256 VFs offered (target p99
 <= 20 ms), a VF's removal to the ListAndWatch update (target <= 1 s).
+Real kubelet (bench/kubelet.py): a static pod's start to its first output line with 1
+device from kata-vfio's device plugin vs 0 (target <= 1.2x).
 """
 
 from __future__ import annotations
@@ -315,6 +317,11 @@ def bench_device_plugin(work: Path) -> None:
     bench(work)
 
 
+def bench_kubelet(work: Path) -> None:
+    from kubelet import bench_kubelet as bench
+    bench(work)
+
+
 def bench_vf_binds(initrd: Path, kver: str) -> None:
     import vmtools
 
@@ -500,7 +507,8 @@ def main() -> int:
                             ("shim", bench_shim_start),
                             ("allocation", bench_concurrent_allocation),
                             ("ledger", bench_ledger_scale),
-                            ("deviceplugin", bench_device_plugin)):
+                            ("deviceplugin", bench_device_plugin),
+                            ("kubelet", bench_kubelet)):
             if name in parts:
                 bench(Path(tmp))
     if args.initrd and args.kver:
@@ -514,8 +522,8 @@ def main() -> int:
     return 0
 
 
-PARTS = ["passthrough", "create", "shim", "allocation", "ledger", "deviceplugin", "hook",
-         "binds", "kata"]
+PARTS = ["passthrough", "create", "shim", "allocation", "ledger", "deviceplugin", "kubelet",
+         "hook", "binds", "kata"]
 
 
 if __name__ == "__main__":

@@ -497,3 +497,32 @@ def test_the_command_serves_until_sigterm(tmp_path: Path, fakesys: FakeSysfs) ->
             proc.kill()
             proc.wait()
         kubelet.stop()
+
+
+def test_allocate_waits_for_the_stopping_container_of_the_pod_that_had_the_device(
+        run: Run) -> None:
+    """The kubelet hands a device out again as soon as its pod is no longer active, while
+    the container that took the allocation over is still stopping: Allocate waits for it
+    to let go (up to --handover-wait) instead of refusing the new pod. A group held by a
+    container that never took one of our allocations is still refused at once."""
+    run.options.handover_wait = 20.0
+    run.start()
+    stub = run.stub()
+    allocate(stub, PF1_VFS[0])
+    acquire(run.host, ContainerId.parse("app"), [IommuGroup(10)], [], (), None)
+    stopped = threading.Timer(0.5, release_container, (run.host, "app"))
+    stopped.start()
+    started = time.monotonic()
+    reply = allocate(stub, PF1_VFS[0])
+    waited = time.monotonic() - started
+    stopped.join()
+    assert 0.4 < waited < 10, waited
+    assert [d.container_path for d in reply.devices] == ["/dev/vfio/vfio", "/dev/vfio/10"]
+    assert owner_of(run.host, IommuGroup(10)) == "container kubernetes-allocation-" \
+        + PF1_VFS[0].replace(":", "-")
+    # a podman container's group (no allocation of ours): refused without waiting
+    acquire(run.host, ContainerId.parse("other"), [IommuGroup(11)], [], (), None)
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError, match="in use by container other"):
+        allocate(stub, PF1_VFS[1])
+    assert time.monotonic() - started < 5

@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+from kata_vfio_ctl import plugin_ledger
+
 from k8s.grpcapi import PeerPlugin, allocatable, compiled, pod_devices
 from k8s.node import NODE_NAME, KubeletNode
+from k8s.plugin import KataPlugin
 
 pytestmark = [pytest.mark.kubelet]
 DEVICES = "io.kata-vfio.devices"
@@ -142,3 +148,221 @@ def test_a_device_plugin_registers_and_its_devices_reach_a_pod(
             wait_pod_gone(kubelet_node, "peer1")
     finally:
         peer.stop()
+
+
+# -- kata-vfio's own device plugin on this kubelet ----------------------------------------
+# engine_host's fake sysfs: two E1000E groups, 12 (0000:03:00.0, /dev/vfio/12 = 243:0) and
+# 13 (0000:04:00.0 and .1, 243:1); one resource offers both, one unit per group
+NIC = "nic"
+UNIT12, UNIT13 = "0000:03:00.0", "0000:04:00.0"
+ALLOCATION = "kubernetes-allocation-"
+
+
+@pytest.fixture(scope="module")
+def kata_plugin(kubelet_node: KubeletNode) -> Iterator[KataPlugin]:
+    """`kata-vfio-ctl device-plugin` offering kata-vfio.io/nic (select 8086:10d3), the
+    kubelet's allocatable list showing both groups."""
+    plugin = KataPlugin(kubelet_node, NIC, "8086:10d3", release_grace=2.0)
+    plugin.start()
+    try:
+        plugin.wait_line(f"registered {plugin.resource} with the kubelet")
+        wait_allocatable(kubelet_node, plugin, [UNIT12, UNIT13])
+        yield plugin
+    finally:
+        assert plugin.stop() == 0, plugin.log()
+
+
+def wait_allocatable(node: KubeletNode, plugin: KataPlugin, ids: list[str]) -> None:
+    api = compiled()
+    node.wait_for(lambda: allocatable(api, node.pod_resources_sock).get(plugin.resource) == ids,
+                  60, f"{plugin.resource} {ids} in the kubelet's allocatable resources")
+
+
+def device_pod(node: KubeletNode, plugin: KataPlugin, name: str, count: int) -> Path:
+    command = ["/bin/sh", "-c", f"{STAT} /dev/vfio/*; echo env=${plugin.env_name}; "
+               "echo ready; exec sleep 600"]
+    return node.write_pod(name, command, limits={plugin.resource: str(count)})
+
+
+def env_line(out: str) -> str:
+    return next(line[len("env="):] for line in out.splitlines() if line.startswith("env="))
+
+
+def allocations(node: KubeletNode) -> dict[str, frozenset[int]]:
+    """The plugin's allocations as the ledger and its records hold them: id -> groups."""
+    return {a.id: a.groups for a in plugin_ledger.allocations(node.ledger()).values()}
+
+
+def stop_pod(node: KubeletNode, name: str) -> None:
+    node.delete_pod(name)
+    wait_pod_gone(node, name)
+
+
+def test_our_plugin_registers_and_a_pod_gets_a_whole_group(
+        kubelet_node: KubeletNode, kata_plugin: KataPlugin) -> None:
+    """kata-vfio's plugin on the real kubelet: registered, the kubelet lists one device per
+    group as allocatable (the fixture waits for it), a static pod asking for one is
+    admitted and its container sees /dev/vfio/vfio and its group's node with the host's
+    major:minor and PCIDEVICE_KATA_VFIO_IO_NIC; the container's create took the ledger's
+    claim over from the allocation."""
+    node = kubelet_node
+    device_pod(node, kata_plugin, "dp1", 1)
+    try:
+        out = wait_ready_line(node, "dp1")
+        assert node_lines(out) == {"/dev/vfio/vfio": "a:c4", "/dev/vfio/12": "f3:0"}, out
+        assert env_line(out) == UNIT12
+        container = node.container("dp1")
+        assert container is not None
+        assert node.holders() == {12: container["id"]}
+        assert allocations(node) == {ALLOCATION + "0000-03-00.0": {12}}
+        given = pod_devices(compiled(), node.pod_resources_sock)
+        assert given[(f"dp1-{NODE_NAME}", "app")] == {kata_plugin.resource: [UNIT12]}
+    finally:
+        stop_pod(node, "dp1")
+
+
+def pod_status(node: KubeletNode, name: str) -> dict[str, Any]:
+    for pod in node.kubelet_pods():
+        if pod["metadata"]["name"] == f"{name}-{NODE_NAME}":
+            return pod.get("status") or {}
+    return {}
+
+
+def test_a_pod_asking_for_more_than_is_free_is_refused_and_nothing_is_claimed(
+        kubelet_node: KubeletNode, kata_plugin: KataPlugin) -> None:
+    """With one of the two groups in use, a pod asking for two is refused by the kubelet's
+    admission (UnexpectedAdmissionError in its status, no sandbox made); the ledger holds
+    only the running pod's claim and no allocation was made for the refused one."""
+    node = kubelet_node
+    device_pod(node, kata_plugin, "dp2", 1)
+    try:
+        wait_ready_line(node, "dp2")
+        first = node.container("dp2")
+        assert first is not None
+        before = allocations(node)
+        device_pod(node, kata_plugin, "big", 2)
+        try:
+            status = node.wait_for(lambda: pod_status(node, "big").get("reason"), 60,
+                                   "the kubelet's verdict on pod big")
+            assert status == "UnexpectedAdmissionError"
+            message = pod_status(node, "big")["message"]
+            assert kata_plugin.resource in message and "Requested: 2" in message, message
+            assert pod_status(node, "big")["phase"] == "Failed"
+            assert node.sandbox("big") is None
+            assert node.holders() == {12: first["id"]}
+            assert allocations(node) == before
+        finally:
+            node.delete_pod("big")
+    finally:
+        stop_pod(node, "dp2")
+
+
+def test_deleting_the_pod_frees_its_group_for_the_next_pod(
+        kubelet_node: KubeletNode, kata_plugin: KataPlugin) -> None:
+    """Removing the static manifest stops the pod; once no container holds the group, the
+    grace period (--release-grace 2) has passed and the kubelet's PodResources no longer
+    lists the device, the plugin releases the allocation (its log says so, the ledger
+    holds nothing of it) and the next pod asking gets the same group."""
+    node = kubelet_node
+    device_pod(node, kata_plugin, "dp3", 1)
+    try:
+        wait_ready_line(node, "dp3")
+        assert allocations(node) == {ALLOCATION + "0000-03-00.0": {12}}
+    finally:
+        stop_pod(node, "dp3")
+    released = f"released {ALLOCATION}0000-03-00.0 (its pod is gone): groups 12"
+    done = kata_plugin.lines(released)
+    kata_plugin.wait_line(released, done + 1, timeout=60)
+    assert allocations(node) == {}
+    assert node.holders() == {}
+    device_pod(node, kata_plugin, "dp3b", 1)
+    try:
+        out = wait_ready_line(node, "dp3b")
+        assert node_lines(out)["/dev/vfio/12"] == "f3:0", out
+        second = node.container("dp3b")
+        assert second is not None
+        assert node.holders() == {12: second["id"]}
+    finally:
+        stop_pod(node, "dp3b")
+
+
+def kubelet_sock(node: KubeletNode) -> tuple[int, int]:
+    st = (node.device_plugins / "kubelet.sock").stat()
+    return st.st_ino, st.st_ctime_ns
+
+
+def test_restarting_the_plugin_then_the_kubelet_keeps_every_allocation(
+        kubelet_node: KubeletNode, kata_plugin: KataPlugin) -> None:
+    """A pod holds group 12. The plugin restarts (SIGTERM, exit 0, started again): it
+    recovers the allocation from the ledger and registers again. Then the kubelet
+    restarts: kubelet.sock is made anew, the plugin registers on it, the allocatable list
+    is both groups again, the running pod keeps its container and its claim, and the next
+    pod gets the other group, never 12 twice."""
+    node = kubelet_node
+    device_pod(node, kata_plugin, "dp4", 1)
+    try:
+        wait_ready_line(node, "dp4")
+        running = node.container("dp4")
+        assert running is not None
+        holders = {12: running["id"]}
+        assert node.holders() == holders
+        registered = f"registered {kata_plugin.resource} with the kubelet"
+        times = kata_plugin.lines(registered)
+        assert kata_plugin.stop() == 0, kata_plugin.log()
+        kata_plugin.start()
+        kata_plugin.wait_line(registered, times + 1)
+        assert f"recovered 1 allocations from the ledger: {ALLOCATION}0000-03-00.0" \
+            in kata_plugin.log()
+        wait_allocatable(node, kata_plugin, [UNIT12, UNIT13])
+        assert node.holders() == holders
+        assert allocations(node) == {ALLOCATION + "0000-03-00.0": {12}}
+
+        before = kubelet_sock(node)
+        node.stop_kubelet()
+        node.start_kubelet()
+        kata_plugin.wait_line(registered, times + 2)
+        assert kubelet_sock(node) != before
+        wait_allocatable(node, kata_plugin, [UNIT12, UNIT13])
+        given = pod_devices(compiled(), node.pod_resources_sock)
+        assert given[(f"dp4-{NODE_NAME}", "app")] == {kata_plugin.resource: [UNIT12]}
+        now = node.container("dp4")
+        assert now is not None and now["id"] == running["id"]
+        assert now["state"] == "CONTAINER_RUNNING"
+        assert node.holders() == holders
+
+        device_pod(node, kata_plugin, "dp4b", 1)
+        try:
+            out = wait_ready_line(node, "dp4b")
+            assert node_lines(out) == {"/dev/vfio/vfio": "a:c4", "/dev/vfio/13": "f3:1"}, out
+            assert env_line(out) == "0000:04:00.0,0000:04:00.1"
+            other = node.container("dp4b")
+            assert other is not None
+            assert node.holders() == {12: running["id"], 13: other["id"]}
+        finally:
+            stop_pod(node, "dp4b")
+    finally:
+        stop_pod(node, "dp4")
+
+
+def test_a_pod_made_while_the_last_one_stops_gets_its_group(
+        kubelet_node: KubeletNode, kata_plugin: KataPlugin) -> None:
+    """The manifest of a pod holding group 12 removed and at once a new pod asking for
+    both groups written: the kubelet hands group 12's device out again while the old
+    container is still being stopped; the new pod starts with both groups."""
+    node = kubelet_node
+    device_pod(node, kata_plugin, "dp5", 1)
+    try:
+        wait_ready_line(node, "dp5")
+    finally:
+        node.delete_pod("dp5")
+    device_pod(node, kata_plugin, "dp5b", 2)
+    try:
+        out = wait_ready_line(node, "dp5b")
+        assert node_lines(out) == {"/dev/vfio/vfio": "a:c4", "/dev/vfio/12": "f3:0",
+                                   "/dev/vfio/13": "f3:1"}, out
+        second = node.container("dp5b")
+        assert second is not None
+        assert node.holders() == {12: second["id"], 13: second["id"]}
+    finally:
+        stop_pod(node, "dp5b")
+        wait_pod_gone(node, "dp5")

@@ -319,8 +319,11 @@ class KubeletNode:
             manifest.unlink()
         if self.kubelet_proc is not None and self.kubelet_proc.poll() is None:
             with contextlib.suppress(Exception):
-                self.wait_for(lambda: not self.crictl_json("pods", "-o", "json")["items"],
-                              30, "the kubelet to remove its pods")
+                # stopped is enough: the sandboxes are removed below (the kubelet takes
+                # its time to remove those of static pods, 30 s and more)
+                self.wait_for(lambda: all(p["state"] == "SANDBOX_NOTREADY" for p in
+                                          self.crictl_json("pods", "-o", "json")["items"]),
+                              30, "the kubelet to stop its pods")
         self.stop_kubelet()
         with contextlib.suppress(Exception):
             for pod in self.crictl_json("pods", "-q", raw=True).split():
@@ -406,9 +409,22 @@ class KubeletNode:
                                     timeout=10) as r:
             return list(json.load(r)["items"])
 
+    def ledger(self) -> Any:
+        from kata_vfio_host.ledger import Host
+
+        return Host(self.fs.root, self.state_dir)
+
     def claims(self) -> dict[str, dict[str, Any]]:
-        journal = self.state_dir / "bindings.json"
-        return json.loads(journal.read_text())["claims"] if journal.exists() else {}
+        """group -> its claim as the ledger records it (the ledger's own reader)."""
+        from kata_vfio_host.ledger import read_journal_file
+
+        return {str(g): c.to_obj() for g, c in read_journal_file(self.ledger()).claims.items()}
+
+    def holders(self) -> dict[int, str]:
+        """group -> the container id holding it now (live claims only)."""
+        from kata_vfio_ctl.plugin_ledger import live_holders
+
+        return live_holders(self.ledger())
 
     def events(self) -> list[dict[str, Any]]:
         if not self.log_file.exists():

@@ -15,6 +15,10 @@ resource; one key per resource, so two resources of one container never overwrit
 other's value), and with ``cdi = true`` the CDI name
 ``kata-vfio.io/<name>=<id>`` from a spec kept in the CDI directory.
 
+A group still held by the container of a pod the kubelet no longer counts active (it
+hands the device out again at once, while that container is being stopped) is waited for,
+up to ``--handover-wait`` (30 s), before it is claimed; any other live holder is refused.
+
 When an allocation is released: when none of its groups is held by a live container
 (the pod's container took it over and is gone, or never came), it is older than the
 grace period (``--release-grace``, 60 s: the kubelet allocates before it creates the
@@ -95,6 +99,7 @@ class Options:
     cdi_dir: str = DEFAULT_CDI_DIR
     vfio_dev: str = "/dev/vfio"  # host_path of the DeviceSpecs
     release_grace: float = 60.0
+    handover_wait: float = 30.0
     proc: str = "/proc"
     write: Any = None  # sysfs writes (tests: the fake kernel)
     boot_id: str | None = None
@@ -249,6 +254,15 @@ class Plugin:
         chosen = [units[d] for d in sorted(device_ids, key=PciAddress.parse)]
         groups = [u.group for u in chosen]
         endpoints = [a for u in chosen for a in u.endpoints]
+        # the kubelet gives a device again as soon as the pod that had it is no longer
+        # active, while its container may still be stopping: wait for it (not counted as
+        # an Allocate under way, so the poll loop goes on), then claim
+        held = plugin_ledger.wait_for_stopping(self.host, groups, self.options.handover_wait)
+        if held:
+            self.log(f"{resource.resource_name}: the container of the pod that had IOMMU "
+                     f"group{'s' if len(held) > 1 else ''} "
+                     f"{', '.join(str(g) for g in sorted(held))} did not stop within "
+                     f"{self.options.handover_wait:g} s (--handover-wait)")
         with self._count_lock:
             self._allocating += 1
         try:
@@ -527,7 +541,7 @@ def cmd_device_plugin(args: argparse.Namespace) -> int:
     options = Options(sysfs=args.sysfs or settings.sysfs, state_dir=settings.state_dir,
                       kubelet_dir=args.kubelet_dir, pod_resources=args.pod_resources,
                       cdi_dir=args.cdi_dir, vfio_dev=args.vfio_dev,
-                      release_grace=args.release_grace)
+                      release_grace=args.release_grace, handover_wait=args.handover_wait)
     plugin = Plugin(options, resources)
     import signal
 
@@ -552,6 +566,10 @@ def add_parsers(sub: Any) -> None:
                    help="the host's /dev/vfio, as the DeviceSpecs' host paths")
     p.add_argument("--release-grace", type=float, default=60.0, metavar="SECONDS",
                    help="an allocation no container took is kept at least this long")
+    p.add_argument("--handover-wait", type=float, default=30.0, metavar="SECONDS",
+                   help="how long Allocate waits for the container of a pod that is being "
+                        "stopped to let go of a group the kubelet hands out again (default "
+                        "30, the kubelet's default termination grace)")
     p.add_argument("--config", help="config.toml (default: KATA_VFIO_CONFIG, else "
                                     "/etc/kata-vfio/config.toml)")
     p.add_argument("--sysfs", help="sysfs root (default: from config.toml, else /sys)")

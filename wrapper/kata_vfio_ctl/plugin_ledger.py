@@ -140,6 +140,33 @@ def _remove_record(host: Host, cid: str) -> None:
         pass
 
 
+def stopping_holders(host: Host, groups: list[IommuGroup]) -> dict[int, str]:
+    """Groups of a new allocation still held by a live container that took one of our
+    allocations over: group -> that container. The kubelet hands a device out again only
+    when the pod that had it is no longer active, so such a container is being stopped."""
+    wanted = {g.number for g in groups}
+    journal = read_journal_file(host, groups=wanted)  # only these groups' claims parsed
+    held = {g: c.container for g, c in journal.claims.items() if g in wanted
+            and not c.container.startswith(KUBERNETES_ALLOCATION) and not claim_gone(host, c)}
+    if not held:
+        return {}
+    ours: set[int] = set()
+    for record in read_records(host).values():
+        ours |= record.groups
+    return {g: c for g, c in held.items() if g in ours}
+
+
+def wait_for_stopping(host: Host, groups: list[IommuGroup], timeout: float) -> dict[int, str]:
+    """Wait up to `timeout` s until no container of an old allocation holds these groups
+    (see `stopping_holders`); what still holds them then (`allocate` refuses it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        held = stopping_holders(host, groups)
+        if not held or time.monotonic() >= deadline:
+            return held
+        time.sleep(0.05)
+
+
 def allocate(host: Host, resource: str, device_ids: list[str], groups: list[IommuGroup],
              endpoints: list[PciAddress], in_use: InUse | None) -> Allocation:
     """Claim the groups for a new allocation and bind their endpoints to vfio-pci (the
