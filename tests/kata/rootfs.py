@@ -102,5 +102,6 @@ def dpdk_rootfs(root: Path) -> Path:
 def import_image(podman: list[str], env: dict[str, str], root: Path, tar: Path,
                  name: str) -> None:
     subprocess.run(["tar", "-C", str(root), "-cf", str(tar), "."], check=True)
+    # captured: podman's progress lines are noise; its error is in CalledProcessError.stderr
     subprocess.run([*podman, "import", str(tar), name], env=env, check=True,
-                   stdout=subprocess.DEVNULL)
+                   capture_output=True, text=True)
