@@ -23,6 +23,7 @@ APT_PACKAGES := $(NODE_APT_PACKAGES) $(TEST_APT_PACKAGES)
 # linux-headers-amd64 and linux-source follow linux-image-amd64: the VF-settings VM test
 # builds the kernel's netdevsim for the guest kernel from them (tests/vm/build_netdevsim.py,
 # cached under $(KATA_VFIO_CACHE) by kernel and package versions)
+# dpdk, dpdk-dev (dpdk-dev holds dpdk-testpmd): the DPDK VM test and `make demo`
 # `file`: virtme-ng (the nested VM tests) runs it on the kernel image.
 # dmsetup, mdadm: the IOMMU-host VM test stacks device-mapper and md devices on a disk it
 # then must refuse to bind (tests/test_vm_host.py)
@@ -93,6 +94,9 @@ DRACUT_MODULES_DIR ?= /usr/lib/dracut/modules.d
 install-dracut-module: venv
 	$(PY) initrd/dracut_module.py --modules-dir $(DRACUT_MODULES_DIR)
 
+# dpdk-testpmd forwarding in a container of a TCG guest, through podman, the wrapper and
+# the hook (demo/demo.py; the path tests/test_dpdk_vm.py checks): about 1 min after the
+# installs (APT_PACKAGES, the venv)
 demo: initrd
 	$(PY) demo/demo.py --initrd $(abspath $(BUILD))/kata-vfio-initrd.img --kver $(KVER)
 

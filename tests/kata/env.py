@@ -196,15 +196,8 @@ def environment(top: Path) -> Iterator[Kata]:
         fs.add_vfio_group(12 + n, minor=n)
     fs.add_device(HOST_ABSENT, NVME, group=20, driver="vfio-pci", subsystem=(0x1AF4, 0x1100))
     fs.add_vfio_group(20, minor=len(HOST_NICS))
-    config = top / "kata-vfio.toml"
-    config.write_text(
-        f'runtime = "{inner}"\nsysfs = "{fs.root}"\nlog_file = "{top / "kata-vfio.log"}"\n'
-        f'state_dir = "{top / "state"}"\nhotplug_timeout = {HOTPLUG_TIMEOUT}\n')
-    # podman gives runtimes a clean environment: a launcher named kata-vfio carries the
-    # config path (podman keys runtime features by basename)
-    launcher = top / "bin/kata-vfio"
-    launcher.write_text(f"#!/bin/sh\nKATA_VFIO_CONFIG={config} exec {wrapper} \"$@\"\n")
-    launcher.chmod(0o755)
+    config, launcher = harness.write_wrapper_launcher(top, wrapper, inner, fs.root,
+                                                      HOTPLUG_TIMEOUT)
     conf = top / "containers.conf"
     conf.write_text('[engine]\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\n')
     # the kata-vfio settings in Kata's file and the podman registration: the product's step

@@ -347,6 +347,23 @@ def write_inner_runtime(path: Path, kata_runtime: Path, kata_config: Path, log: 
     return path
 
 
+
+def write_wrapper_launcher(top: Path, wrapper: Path, inner: Path, sysfs: Path,
+                           hotplug_timeout: float) -> tuple[Path, Path]:
+    """The wrapper's configuration (its inner runtime, the host sysfs it sees, its log and
+    state under `top`) and the launcher `top/bin/kata-vfio` that carries its path: podman
+    gives runtimes a clean environment and keys runtime features by basename.
+    Returns (configuration, launcher)."""
+    config = top / "kata-vfio.toml"
+    config.write_text(
+        f'runtime = "{inner}"\nsysfs = "{sysfs}"\nlog_file = "{top / "kata-vfio.log"}"\n'
+        f'state_dir = "{top / "state"}"\nhotplug_timeout = {hotplug_timeout}\n')
+    launcher = top / "bin/kata-vfio"
+    launcher.parent.mkdir(parents=True, exist_ok=True)
+    launcher.write_text(f"#!/bin/sh\nKATA_VFIO_CONFIG={config} exec {wrapper} \"$@\"\n")
+    launcher.chmod(0o755)
+    return config, launcher
+
 # -- processes ---------------------------------------------------------------------------
 def qemu_pids(marker: str) -> list[int]:
     """QEMU processes whose command line mentions `marker` (a sandbox id, a directory)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 BUSYBOX_APPLETS = ("sh", "cat", "stat", "sleep", "ls", "echo", "grep", "head", "tail",
@@ -102,5 +103,9 @@ def dpdk_rootfs(root: Path) -> Path:
 def import_image(podman: list[str], env: dict[str, str], root: Path, tar: Path,
                  name: str) -> None:
     subprocess.run(["tar", "-C", str(root), "-cf", str(tar), "."], check=True)
-    subprocess.run([*podman, "import", str(tar), name], env=env, check=True,
-                   stdout=subprocess.DEVNULL)
+    # podman's progress lines are noise: its stderr is shown only when the import fails
+    r = subprocess.run([*podman, "import", str(tar), name], env=env, capture_output=True,
+                       text=True)
+    if r.returncode != 0:
+        sys.stderr.write(r.stderr)
+        raise subprocess.CalledProcessError(r.returncode, r.args, r.stdout, r.stderr)
