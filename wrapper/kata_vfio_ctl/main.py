@@ -276,53 +276,91 @@ def cmd_bind(args: argparse.Namespace) -> int:
                       "-> vfio-pci", flush=True)
     if args.dry_run:
         for group, addr in groups.items():
-            print(f"{addr}: IOMMU group {group} would be on vfio-pci: /dev/vfio/{group} "
+            print(f"{addr}: IOMMU group {group} would be on vfio-pci: /dev/vfio/{group}"
+                  f"{', and again at every boot' if args.persist else ''} "
                   "(dry run: nothing changed)")
         return 0
+    from kata_vfio_ctl import persistent
+
+    # the persistent list first: a file that cannot be written refuses with nothing moved
+    before = persistent.record_persistent(host, addresses) if args.persist else None
     with step(f"binding {', '.join(str(a) for a in addresses)}"):
         try:
             # every group at once: the kernel work of all devices runs concurrently
             bind_groups(host, list(groups.values()), ADMIN, force=args.force, in_use=in_use)
+            before = None
         except PermissionError as exc:
             raise DeviceError(
                 f"cannot write {exc.filename}: permission denied",
                 "binding devices needs root: run kata-vfio-ctl as root" if os.geteuid()
                 else "check the kernel log and the security policy (SELinux, AppArmor)"
             ) from exc
+        finally:
+            if before is not None:  # the bind failed: not persistent either
+                persistent.put_back(before)
     _event_log(args).info("bound", devices=[str(a) for a in addresses],
                           groups=[g.number for g in groups])
     for group, addr in groups.items():
         node = wait_for_group_node(host, group, args.timeout)
         print(f"{addr}: IOMMU group {group} on vfio-pci: {node}  (podman --device {node})")
+    if args.persist:
+        from kata_vfio_host.persist import persist_path
+
+        for addr in addresses:
+            print(f"{addr}: bound again at every boot (kata-vfio-boot.service; listed in "
+                  f"{persist_path()})")
     return 0
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    from kata_vfio_ctl import persistent
     from kata_vfio_host.bindings import release_gone, restore, restore_all
 
     host = _host(args)
     if (args.all + args.stale + bool(args.addresses)) != 1:
         raise UsageError("give addresses, --all or --stale", "e.g. kata-vfio-ctl restore --all")
+    persistent.check_readable()  # a broken list of persistent binds: refused, nothing changed
     with step("giving devices back"):
         if args.stale:
             gone, report = release_gone(host)
             for cid in gone:
                 print(f"container {cid} is gone: its devices were released")
         else:
+            named = [device_argument(host.sysfs, t) for t in args.addresses]
             report = (restore_all(host, force=args.force) if args.all else
-                      restore(host, [device_argument(host.sysfs, t) for t in args.addresses],
-                              force=args.force))
+                      restore(host, named, force=args.force))
+    unpersisted: list[str] = []
+    if not args.stale:
+        # given back, or its bind ended with an earlier boot: the admin wants it off
+        # vfio-pci, at the next boot too
+        unpersisted = persistent.drop_persistent(
+            host, [*report.restored, *report.forgotten_devices],
+            everything=args.all and not report.failed)
+        if args.addresses:  # persistent, but not kata-vfio's in this boot: forget it too
+            unbound = {str(a) for a in named} & {f.split(": ", 1)[0] for f in report.failed
+                                                 if ": not bound by kata-vfio" in f}
+            more = persistent.drop_persistent(host, sorted(unbound), everything=False)
+            dropped = {line.split(": ", 1)[0] for line in more}
+            report.failed = [f for f in report.failed if f.split(": ", 1)[0] not in dropped
+                             or ": not bound by kata-vfio" not in f]
+            unpersisted += more
     _event_log(args).info("restored", devices=report.restored, failures=report.failed,
-                          vf_settings=report.vf_settings, taken=report.taken)
+                          vf_settings=report.vf_settings, taken=report.taken,
+                          earlier_boot=report.forgotten, unpersisted=unpersisted)
     for addr in report.restored:
         print(f"{addr}: given back to its original driver")
+    for line in report.forgotten:
+        print(line)
+    for line in unpersisted:
+        print(line)
     for line in report.vf_settings:
         print(f"{line}: the PF's VF settings given back")
     for line in report.taken:
         print(line)
     for failure in report.failed:
         print(f"{PROG}: cannot restore {failure}", file=sys.stderr)
-    if not report.restored and not report.failed and not report.vf_settings:
+    if not report.restored and not report.failed and not report.vf_settings \
+            and not report.forgotten and not unpersisted:
         print("nothing to restore")
     return 1 if report.failed else 0
 
@@ -430,6 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="bind even when the device is in use")
     p.add_argument("--dry-run", action="store_true",
                    help="say what would move to vfio-pci, change nothing")
+    p.add_argument("--persist", action="store_true",
+                   help="bind them again at every boot (kata-vfio-boot.service runs "
+                        "kata-vfio-ctl boot); restore removes that")
     p.add_argument("--timeout", type=float, default=5.0, help="wait for /dev/vfio/N (s)")
     p.set_defaults(func=cmd_bind)
 
@@ -487,6 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
     k8s.add_parsers(sub)  # k8s, runtimeclass
     cdi.add_parsers(sub)  # cdi
     devplugin.add_parsers(sub)  # device-plugin
+    from kata_vfio_ctl import persistent
+
+    persistent.add_parsers(sub)  # boot
     return parser
 
 
