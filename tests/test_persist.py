@@ -197,3 +197,40 @@ def test_a_bad_persist_file_is_one_line_and_changes_nothing(
     if content not in ("directory", "fifo"):
         assert path.read_bytes() == (content.encode() if isinstance(content, str)
                                      else content)
+
+
+def test_the_boot_unit_runs_the_boot_command_before_the_engines() -> None:
+    import configparser
+    import shlex
+
+    from kata_vfio_ctl.main import build_parser
+
+    unit = configparser.ConfigParser(strict=True, interpolation=None)
+    unit.read(Path(__file__).parent.parent / "systemd/kata-vfio-boot.service")
+    argv = shlex.split(unit["Service"]["ExecStart"])
+    assert argv[0] == "kata-vfio-ctl" and unit["Service"]["Type"] == "oneshot"
+    build_parser().parse_args(argv[1:])  # a command kata-vfio-ctl has (SystemExit if not)
+    before = unit["Unit"]["Before"].split()
+    for engine in ("containerd", "crio", "kubelet", "podman"):
+        assert f"{engine}.service" in before
+    assert "systemd-modules-load.service" in unit["Unit"]["After"].split()
+
+
+def test_devices_after_a_reboot_names_no_binder_and_shows_persistence(
+        machine: Machine, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before the fix `devices` said "bound by kata-vfio-ctl" for a device the reboot had
+    put back on its driver."""
+    import json
+
+    assert ctl(["bind", "--timeout", "0", "0000:09:00.0"]) == 0
+    assert ctl(["bind", "--persist", "--timeout", "0", NIC]) == 0
+    machine.reboot()
+    capsys.readouterr()
+    assert ctl(["devices", "--json", "0000:09:00.0", NIC]) == 0
+    records = {r["address"]: r for r in json.loads(capsys.readouterr().out)}
+    assert records["0000:09:00.0"]["bound_by"] is None
+    assert records["0000:09:00.0"]["persistent"] is False
+    assert records[NIC]["persistent"] is True and records[NIC]["bound_by"] is None
+    assert ctl(["devices", NIC]) == 0
+    table = capsys.readouterr().out
+    assert "bound again at every boot (bind --persist)" in table and "bound by" not in table

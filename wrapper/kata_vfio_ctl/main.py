@@ -143,10 +143,14 @@ def device_records(args: argparse.Namespace, host: Any) -> list[dict[str, Any]]:
         raise UsageError(f"bad --name pattern {args.name!r}: {exc}",
                          "a regular expression, e.g. --name 'I350|X710'") from None
     from kata_vfio_host.allocate import Pool
-    from kata_vfio_host.ledger import claim_gone, read_journal_file
+    from kata_vfio_host.ledger import claim_gone, earlier_boot, read_journal_file
+    from kata_vfio_host.persist import read_binds
     from kata_vfio_host.settings import load_settings
 
-    journal = read_journal(host)
+    # a bind of an earlier boot ended with it: nobody has bound the device now
+    journal = {a: e for a, e in read_journal(host).items()
+               if not earlier_boot(host, e.get("boot_id"))}
+    persistent = {str(b.address) for b in read_binds()}
     claims = {g: c for g, c in read_journal_file(host).claims.items()
               if not claim_gone(host, c)}
     pool = Pool(host, load_settings().autobind_allow)
@@ -185,6 +189,7 @@ def device_records(args: argparse.Namespace, host: Any) -> list[dict[str, Any]]:
             "owner": claim.container if claim is not None else None,
             "sriov_totalvfs": int(total.read_text()) if total.exists() else None,
             "free": not_free is None, "not_free": not_free,
+            "persistent": str(addr) in persistent,
         })
     return records
 
@@ -216,6 +221,8 @@ def cmd_devices(args: argparse.Namespace) -> int:
         notes += [f"IN USE: {u}" for u in r["in_use"]]
         if r["bound_by"]:
             notes.append(f"bound by {r['bound_by']}")
+        if r["persistent"]:
+            notes.append("bound again at every boot (bind --persist)")
         for note in notes:
             print(f"{'':14}{note}")
     return 0
