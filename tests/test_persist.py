@@ -79,6 +79,8 @@ def test_boot_binds_the_persistent_device_again_and_clears_the_old_claims(
     assert "cleared the claims of containers ctr-a, ctr-b from the previous boot" in out
     assert f"re-bound {NIC} (8086:10d3, persistent): {NIC} (e1000e) -> vfio-pci" in out
     assert "given back" not in out
+    assert ("0000:09:00.0: the previous boot's bind by container ctr-a ended with the reboot "
+            "(now on nvme): its record dropped, the device not touched") in out
     assert read_journal_file(machine.host).claims == {}
     assert machine.fs.driver("0000:09:00.0") == "nvme"  # untouched: the reboot did it
     assert read_journal(machine.host)[NIC]["boot_id"] == "boot-2"

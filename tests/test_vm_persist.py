@@ -90,6 +90,8 @@ def test_the_boot_command_binds_again_and_clears_the_old_claims(guest: GuestRun)
     assert "cleared the claims of containers ctr-a, ctr-b from the previous boot" in out
     assert f"re-bound {NIC} (8086:10d3, persistent): {NIC} (e1000e) -> vfio-pci" in out
     assert "given back" not in out
+    assert (f"{NVME}: the previous boot's bind by container ctr-a ended with the reboot "
+            "(now on nvme): its record dropped, the device not touched") in out
     assert event(guest, "claims", 2)["claims"] == {}  # the ledger's own reading
     again = step(guest, 2, "boot-again")
     assert again["rc"] == 0, again["stderr"]

@@ -16,6 +16,7 @@ from typing import Any
 
 from kata_vfio.boundary import step
 from kata_vfio.errors import DeviceError, KataVfioError
+from kata_vfio.pci import PciAddress
 
 PROG = "kata-vfio-ctl"
 
@@ -59,7 +60,7 @@ def drop_persistent(host: Any, given_back: list[str], *, everything: bool) -> li
     """After a restore: the persistent binds of the devices given back (and of any
     device in the same IOMMU group: the group cannot be whole on vfio-pci again) go;
     `everything` (restore --all): all of them. One line each, saying so."""
-    from kata_vfio.pci import PciAddress, group_of
+    from kata_vfio.pci import group_of
     from kata_vfio_host.persist import editing_binds, persist_path
 
     def group(addr: PciAddress) -> int | None:
@@ -102,9 +103,13 @@ def cmd_boot(args: argparse.Namespace) -> int:
         lines.append("cleared the claims of containers "
                      f"{', '.join(sorted(dropped.claims))} from the previous boot "
                      "(no container survives a reboot)")
+    from kata_vfio.pci import device_dir, read_link
+
     for addr, entry in dropped.devices.items():
-        lines.append(f"{addr}: the previous boot's bind by {entry.owner} ended with it: "
-                     "its record dropped (the reboot had given the device back)")
+        now = read_link(os.path.join(device_dir(host.sysfs, PciAddress.parse(addr)), "driver"))
+        lines.append(f"{addr}: the previous boot's bind by {entry.owner} ended with the "
+                     f"reboot (now on {now or 'no driver'}): its record dropped, the device "
+                     "not touched")
     for addr, original in dropped.vf_configs.items():
         lines.append(f"{addr}: the previous boot's VF settings of {original.owner}: "
                      "record dropped (the reboot reset them)")
