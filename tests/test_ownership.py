@@ -74,12 +74,17 @@ def test_an_earlier_boot_owns_nothing(host: Host, tmp_path: Path, fakesys: FakeS
     """Reboots: entries from an earlier boot are restorable but own nothing."""
     acquire(host, ContainerId("old"), [], [A("0000:09:00.0")], ("*",),
             bundle_dir(tmp_path, "old"))
+    fakesys.set_driver("0000:09:00.0", "nvme")  # what the reboot itself does
     rebooted = Host(host.sysfs, host.state_dir, host.write, boot_id="boot-2")
     acquire(rebooted, ContainerId("new"), [IommuGroup(12)], [], (),
             bundle_dir(tmp_path, "new"))
     gone, report = release_gone(rebooted)
     assert gone == ["old"] and report.failed == []
-    assert fakesys.driver("0000:09:00.0") == "nvme"  # the old boot's binding given back
+    # the old boot's bind ended with it: the new create dropped its record, gave nothing
+    # back (issue 17)
+    assert report.restored == []
+    assert fakesys.driver("0000:09:00.0") == "nvme"
+    assert "0000:09:00.0" not in read_journal(rebooted)
     assert not Path(marker(host.state_dir, "old")).exists()
 
 

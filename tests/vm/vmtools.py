@@ -189,6 +189,7 @@ GUEST_PROGRAMS = {
     "guest-bindbench.py": "/kvfio/bindbench.py",
     "guest-netdevsim.py": "/kvfio/netdevsim.py",
     "guest-bindtrace.py": "/kvfio/bindtrace.py",
+    "guest-persist.py": "/kvfio/persist.py",
 }
 HOST_PACKAGES = ("kata_vfio", "kata_vfio_host", "kata_vfio_ctl", "kata_vfio_runtime",
                  "pyroute2", "psutil", "tomlkit", "jsonschema", "jsonschema_specifications",
@@ -299,10 +300,11 @@ def boot(initrd: Path, kver: str, scenarios: list[Scenario],
          devices: tuple[EmulatedDevice, ...] = DEFAULT_DEVICES, timeout: float = 300,
          memory_mb: int = 1024, console_log: Path | None = None,
          host_tools: bool = False, smp: int = 1, modules: tuple[str, ...] = (),
-         files: dict[str, Path] | None = None, trees: dict[str, Path] | None = None
-         ) -> GuestRun:
+         files: dict[str, Path] | None = None, trees: dict[str, Path] | None = None,
+         reboots: bool = False) -> GuestRun:
     """Boot the product initrd plus the test archive; return the console and KVFIO records.
-    `modules`, `files` and `trees`: see build_test_cpio."""
+    `modules`, `files` and `trees`: see build_test_cpio. `reboots`: a guest reboot boots
+    the same VM again (QEMU resets it) instead of ending the run."""
     with tempfile.TemporaryDirectory(prefix="kvfio-vm.") as tmp:
         combined = Path(tmp) / "initrd.img"
         console_file = console_log or Path(tmp) / "console.log"
@@ -316,7 +318,8 @@ def boot(initrd: Path, kver: str, scenarios: list[Scenario],
         cmd = [
             "qemu-system-x86_64", "-accel", "tcg", "-machine", "q35,kernel-irqchip=split",
             "-device", "intel-iommu,intremap=on,caching-mode=on", "-cpu", "max", "-smp", str(smp),
-            "-m", str(memory_mb), "-display", "none", "-no-reboot", "-nodefaults",
+            "-m", str(memory_mb), "-display", "none", *([] if reboots else ["-no-reboot"]),
+            "-nodefaults",
             "-serial", f"file:{console_file}", "-monitor", "none",
             "-kernel", str(kernel_image(kver)), "-initrd", str(combined),
             "-append", "console=ttyS0 rdinit=/kvfio/init intel_iommu=on iommu=pt panic=-1 "

@@ -133,8 +133,9 @@ def device_records(args: argparse.Namespace, host: Any) -> list[dict[str, Any]]:
         raise UsageError(f"bad --name pattern {args.name!r}: {exc}",
                          "a regular expression, e.g. --name 'I350|X710'") from None
     from kata_vfio_host.allocate import Pool
-    from kata_vfio_host.ledger import claim_gone, read_journal_file
+    from kata_vfio_host.ledger import claim_gone, earlier_boot, read_journal_file
     from kata_vfio_host.pciids import class_name
+    from kata_vfio_host.persist import read_binds
     from kata_vfio_host.settings import load_settings
 
     # the forms bind takes (DDDD:BB:SS.F, BB:SS.F, an interface name), or address globs
@@ -146,7 +147,10 @@ def device_records(args: argparse.Namespace, host: Any) -> list[dict[str, Any]]:
             globs.append("0000:" + text if short else text)
         else:
             exact.add(str(device_argument(host.sysfs, text)))
-    journal = read_journal(host)
+    # a bind of an earlier boot ended with it: nobody has bound the device now
+    journal = {a: e for a, e in read_journal(host).items()
+               if not earlier_boot(host, e.get("boot_id"))}
+    persistent = {str(b.address) for b in read_binds()}
     claims = {g: c for g, c in read_journal_file(host).claims.items()
               if not claim_gone(host, c)}
     pool = Pool(host, load_settings().autobind_allow)
@@ -189,6 +193,7 @@ def device_records(args: argparse.Namespace, host: Any) -> list[dict[str, Any]]:
             "owner": claim.container if claim is not None else None,
             "sriov_totalvfs": int(total.read_text()) if total.exists() else None,
             "free": not_free is None, "not_free": not_free,
+            "persistent": str(addr) in persistent,
         })
     return records
 
@@ -230,6 +235,8 @@ def cmd_devices(args: argparse.Namespace) -> int:
         notes += [f"IN USE: {u}" for u in r["in_use"]]
         if r["bound_by"]:
             notes.append(f"bound by {r['bound_by']}")
+        if r["persistent"]:
+            notes.append("bound again at every boot (bind --persist)")
         for note in notes:
             print(f"{'':14}{note}")
     return 0
@@ -351,16 +358,22 @@ def cmd_bind(args: argparse.Namespace) -> int:
                 for g, a in groups.items()]}, indent=1))
             return 0
         for group, addr in groups.items():
-            print(f"{addr}: IOMMU group {group} would be on vfio-pci: /dev/vfio/{group} "
+            print(f"{addr}: IOMMU group {group} would be on vfio-pci: /dev/vfio/{group}"
+                  f"{', and again at every boot' if args.persist else ''} "
                   "(dry run: nothing changed)")
         return 0
+    from kata_vfio_ctl import persistent
+
     log = _event_log(args)
+    # the persistent list first: a file that cannot be written refuses with nothing moved
+    before = persistent.record_persistent(host, addresses) if args.persist else None
     with step(f"binding {', '.join(str(a) for a in addresses)}"):
         try:
             # every group at once: the kernel work of all devices runs concurrently
             # "moving" only once the ledger took the bind (no live container holds a group)
             bind_groups(host, list(groups.values()), ADMIN, force=args.force, in_use=in_use,
                         on_decided=say_moves)
+            before = None
         except PermissionError as exc:
             raise DeviceError(
                 f"cannot write {exc.filename}: permission denied",
@@ -371,22 +384,33 @@ def cmd_bind(args: argparse.Namespace) -> int:
             log.error("bind failed", devices=[str(a) for a in addresses],
                       error=describe(exc)[0])
             raise
+        finally:
+            if before is not None:  # the bind failed: not persistent either
+                persistent.put_back(before)
     log.info("bound", devices=[str(a) for a in addresses],
              groups=[g.number for g in groups])
     nodes = []
     for group, addr in groups.items():
         node = wait_for_group_node(host, group, args.timeout)
-        nodes.append({"address": str(addr), "iommu_group": group.number, "node": node})
+        nodes.append({"address": str(addr), "iommu_group": group.number, "node": node,
+                      "persistent": bool(args.persist)})
         if not args.json:
             print(f"{addr}: IOMMU group {group} on vfio-pci: {node}  (podman --device {node})")
     if args.json:
         print(json.dumps({"dry_run": False, "moves": moved, "groups": nodes}, indent=1))
+    elif args.persist:
+        from kata_vfio_host.persist import persist_path
+
+        for addr in addresses:
+            print(f"{addr}: bound again at every boot (kata-vfio-boot.service; listed in "
+                  f"{persist_path()})")
     return 0
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
     import json
 
+    from kata_vfio_ctl import persistent
     from kata_vfio_host.bindings import release_gone, restore, restore_all
 
     host = _host(args)
@@ -394,16 +418,33 @@ def cmd_restore(args: argparse.Namespace) -> int:
         raise UsageError("give addresses, --all or --stale", "e.g. kata-vfio-ctl restore --all")
     log = _event_log(args)
     gone: list[str] = []
+    persistent.check_readable()  # a broken list of persistent binds: refused, nothing changed
     with step("giving devices back"):
         if args.stale:
             gone, report = release_gone(host)
         else:
+            named = [device_argument(host.sysfs, t) for t in args.addresses]
             report = (restore_all(host, force=args.force) if args.all else
-                      restore(host, [device_argument(host.sysfs, t) for t in args.addresses],
-                              force=args.force))
+                      restore(host, named, force=args.force))
+    unpersisted: list[str] = []
+    if not args.stale:
+        # given back, or its bind ended with an earlier boot: the admin wants it off
+        # vfio-pci, at the next boot too
+        unpersisted = persistent.drop_persistent(
+            host, [*report.restored, *report.forgotten_devices],
+            everything=args.all and not report.failed)
+        if args.addresses:  # persistent, but not kata-vfio's in this boot: forget it too
+            unbound = {str(a) for a in named} & {f.split(": ", 1)[0] for f in report.failed
+                                                 if ": not bound by kata-vfio" in f}
+            more = persistent.drop_persistent(host, sorted(unbound), everything=False)
+            dropped = {line.split(": ", 1)[0] for line in more}
+            report.failed = [f for f in report.failed if f.split(": ", 1)[0] not in dropped
+                             or ": not bound by kata-vfio" not in f]
+            unpersisted += more
     fields = {"devices": report.restored, "failures": report.failed,
               "vf_settings": report.vf_settings, "taken": report.taken,
-              "containers_released": gone}
+              "containers_released": gone, "earlier_boot": report.forgotten,
+              "unpersisted": unpersisted}
     if report.failed:  # a device left on vfio-pci that should have gone back
         log.error("restore failed", **fields)
     else:
@@ -411,19 +452,25 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"restored": report.restored, "failed": report.failed,
                           "vf_settings": report.vf_settings, "taken": report.taken,
-                          "containers_released": gone}, indent=1))
+                          "containers_released": gone, "earlier_boot": report.forgotten,
+                          "unpersisted": unpersisted}, indent=1))
         return 1 if report.failed else 0
     for cid in gone:
         print(f"container {cid} is gone: its claims were dropped")
     for addr in report.restored:
         print(f"{addr}: given back to its original driver")
+    for line in report.forgotten:
+        print(line)
+    for line in unpersisted:
+        print(line)
     for line in report.vf_settings:
         print(f"{line}: the PF's VF settings given back")
     for line in report.taken:
         print(line)
     for failure in report.failed:
         print(f"{PROG}: cannot restore {failure}", file=sys.stderr)
-    if report.restored or report.failed or report.vf_settings:
+    if report.restored or report.failed or report.vf_settings or report.forgotten \
+            or unpersisted:
         pass
     elif args.stale and gone:
         print("no device needed giving back: they stay on vfio-pci, free for the next "
@@ -551,6 +598,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="bind even when the device is in use")
     p.add_argument("--dry-run", action="store_true",
                    help="say what would move to vfio-pci, change nothing")
+    p.add_argument("--persist", action="store_true",
+                   help="bind them again at every boot (kata-vfio-boot.service runs "
+                        "kata-vfio-ctl boot); restore removes that")
     p.add_argument("--timeout", type=float, default=5.0, help="wait for /dev/vfio/N (s)")
     p.add_argument("--json", action="store_true", help="the result as JSON")
     p.set_defaults(func=cmd_bind)
@@ -610,6 +660,9 @@ def build_parser() -> argparse.ArgumentParser:
     k8s.add_parsers(sub)  # k8s, runtimeclass
     cdi.add_parsers(sub)  # cdi
     devplugin.add_parsers(sub)  # device-plugin
+    from kata_vfio_ctl import persistent
+
+    persistent.add_parsers(sub)  # boot
     for name, sub_parser in sub.choices.items():
         sub_parser.formatter_class = argparse.RawDescriptionHelpFormatter
         sub_parser.epilog = "examples:\n" + "\n".join(
@@ -627,7 +680,9 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
             "vfs 0000:06:00.0 0           # remove them again"),
     "bind": ("bind 03:00.0                 # the device and its whole IOMMU group",
              "bind eth1 --dry-run          # say what would move, change nothing",
-             "bind 0000:06:10.0 0000:06:10.1 --json"),
+             "bind 0000:06:10.0 0000:06:10.1 --json",
+             "bind 03:00.0 --persist        # and again at every boot (kata-vfio-boot.service)"),
+    "boot": ("boot                         # at boot: persistent binds again, old claims cleared",),
     "restore": ("restore 03:00.0              # back to the driver it had",
                 "restore --stale              # devices of containers that are gone",
                 "restore --all --json"),

@@ -36,6 +36,7 @@ from kata_vfio_host.ledger import (
     Journal,
     check_free,
     claim_gone,
+    earlier_boot,
     editing,
     group_locks,
     marker,
@@ -60,12 +61,17 @@ class RestoreReport:
         self.failed: list[str] = []  # one line each: address and why
         self.vf_settings: list[str] = []  # PF values set again, one line each
         self.taken: list[str] = []  # with force: live containers whose claims were dropped
+        # records of an earlier boot dropped with nothing done: the reboot ended those binds
+        self.forgotten: list[str] = []
+        self.forgotten_devices: list[str] = []  # their addresses
 
     def extend(self, other: RestoreReport) -> None:
         self.restored += other.restored
         self.failed += other.failed
         self.vf_settings += other.vf_settings
         self.taken += other.taken
+        self.forgotten += other.forgotten
+        self.forgotten_devices += other.forgotten_devices
 
 
 def live_holders(host: Host, journal: Journal) -> dict[int, str]:
@@ -177,8 +183,10 @@ def _bind_locked(host: Host, plans: list[GroupPlan], owner: str, *, force: bool,
                                   "wait for that container to be deleted")
             for d in members:
                 known = journal.devices.get(str(d.address))
-                if known is not None and (known.owner == owner or is_vfio_driver(d.driver)):
+                if known is not None and not earlier_boot(host, known.boot_id) and (
+                        known.owner == owner or is_vfio_driver(d.driver)):
                     continue  # keep the original driver recorded when it was moved
+                # (an entry of an earlier boot is history: the reboot gave the device back)
                 journal.devices[str(d.address)] = DeviceEntry(
                     d.driver, d.driver_override, group.number, owner, host.boot_id, now)
         if add_claims is not None:
@@ -285,8 +293,13 @@ def _restore_locked(host: Host, addresses: list[PciAddress], owner: str | None =
     held = live_holders(host, journal) if owner is None else {}
     taken: dict[int, str] = {}
     outcome: list[tuple[PciAddress, DeviceEntry | None]] = []
+    forgotten: list[tuple[PciAddress, DeviceEntry]] = []
     for addr in dict.fromkeys(addresses):  # each once: two threads must not race on one
         entry = journal.devices.get(str(addr))
+        if entry is not None and earlier_boot(host, entry.boot_id):
+            if owner is None or entry.owner == owner:
+                forgotten.append((addr, entry))  # the reboot gave it back: nothing to do
+            continue
         if entry is not None and entry.group in held:
             if not force:
                 report.failed.append(_held(addr, entry.group, held[entry.group]))
@@ -308,9 +321,15 @@ def _restore_locked(host: Host, addresses: list[PciAddress], owner: str | None =
             done.append((addr, entry))
     given_groups = {entry.group for _, entry in done}
     dropped = {g: who for g, who in taken.items() if g in given_groups}
-    if done:
+    for addr, entry in forgotten:
+        report.forgotten_devices.append(str(addr))
+        now = read_link(os.path.join(device_dir(host.sysfs, addr), "driver"))
+        report.forgotten.append(
+            f"{addr}: bound by {entry.owner} in an earlier boot, a bind the reboot ended "
+            f"(now on {now or 'no driver'}): its record dropped, the device not touched")
+    if done or forgotten:
         with editing(host) as current:
-            for addr, entry in done:
+            for addr, entry in done + forgotten:
                 if current.devices.get(str(addr)) == entry:
                     del current.devices[str(addr)]
             for group in dropped:
@@ -490,6 +509,7 @@ def _restore_vf_locked(host: Host, owner: str | None, *, force: bool,
     live = set(held.values())
     mine: dict[str, VfOriginal] = {}
     handed: dict[str, VfOriginal] = {}
+    forgotten: dict[str, VfOriginal] = {}
     for addr, original in journal.vf_configs.items():
         if owner is not None and original.owner != owner:
             continue
@@ -497,7 +517,9 @@ def _restore_vf_locked(host: Host, owner: str | None, *, force: bool,
         if only_group is not None and group != only_group:
             continue
         holder = held.get(group) if group is not None else None
-        if holder is not None and holder != original.owner and not (owner is None and force):
+        if earlier_boot(host, original.boot_id):
+            forgotten[addr] = original  # the reboot reset the PF: nothing to set back
+        elif holder is not None and holder != original.owner and not (owner is None and force):
             handed[addr] = VfOriginal(holder, original.pf_interface, original.index,
                                       original.mac, original.vlan, original.boot_id, group)
         elif owner is None and not force and (holder == original.owner or
@@ -518,10 +540,16 @@ def _restore_vf_locked(host: Host, owner: str | None, *, force: bool,
         done.append(addr)
         report.vf_settings.append(f"{addr}: {original.pf_interface} vf {original.index} "
                                   f"mac {mac} vlan {vlan}")
-    if done or handed:
+    report.forgotten += [f"{addr}: VF settings recorded by {v.owner} in an earlier boot, "
+                         "which the reboot reset: the record dropped, nothing set"
+                         for addr, v in forgotten.items()]
+    if done or handed or forgotten:
         with editing(host) as current:
             for addr in done:
                 if current.vf_configs.get(addr) == mine[addr]:
+                    del current.vf_configs[addr]
+            for addr, original in forgotten.items():
+                if current.vf_configs.get(addr) == original:
                     del current.vf_configs[addr]
             for addr, entry in handed.items():
                 if current.vf_configs.get(addr) == journal.vf_configs[addr]:
