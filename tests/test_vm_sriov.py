@@ -11,12 +11,13 @@ from typing import Any
 import pytest
 
 import vmtools
-from vmtools import GuestRun
+from vmtools import GuestRun, Scenario
 
 pytestmark = pytest.mark.vm
 
 INITRD = Path(os.environ.get("KATA_VFIO_INITRD", "build/kata-vfio-initrd.img"))
 KVER = os.environ.get("KATA_VFIO_KVER", "")
+SCRIPT = '#!/kvfio/bin/sh\nexec /usr/bin/python3 -I -S /kvfio/sriov.py "$1"\n'
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,9 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> GuestRun:
     if not INITRD.exists() or not KVER or not vmtools.kernel_image(KVER).exists():
         pytest.skip("needs `make initrd` (KATA_VFIO_INITRD, KATA_VFIO_KVER): run `make test`")
     log = tmp_path_factory.mktemp("vmsriov") / "console.log"
-    return vmtools.boot_sriov_host("/kvfio/sriov.py", 4, log, INITRD, KVER)
+    return vmtools.boot(INITRD, KVER, [Scenario("sriov", "{}", script=SCRIPT)],
+                        devices=vmtools.nvme_sriov_pf(4, addr="0x6"), console_log=log,
+                        host_tools=True)
 
 
 def record(guest: GuestRun, event: str, **match: Any) -> dict[str, Any]:

@@ -189,19 +189,13 @@ GUEST_PROGRAMS = {
     "guest-bindbench.py": "/kvfio/bindbench.py",
     "guest-netdevsim.py": "/kvfio/netdevsim.py",
     "guest-bindtrace.py": "/kvfio/bindtrace.py",
-    "guest-plugin.py": "/kvfio/plugin.py",
-    "guestlib.py": "/kvfio/guestlib.py",
 }
 HOST_PACKAGES = ("kata_vfio", "kata_vfio_host", "kata_vfio_ctl", "kata_vfio_runtime",
                  "pyroute2", "psutil", "tomlkit", "jsonschema", "jsonschema_specifications",
                  "referencing", "rpds", "attr", "attrs", "typing_extensions.py", "structlog")
 
 
-# what `kata-vfio-ctl device-plugin` imports besides (grpcio, protobuf)
-PLUGIN_PACKAGES = ("grpc", "google")
-
-
-def add_host_tools(root: Path, packages: tuple[str, ...] = ()) -> None:
+def add_host_tools(root: Path) -> None:
     """kata-vfio-ctl and what it imports (pyroute2, psutil, ...), and the whole standard
     library: the guest then plays an IOMMU host for the host tools."""
     import sysconfig
@@ -216,7 +210,7 @@ def add_host_tools(root: Path, packages: tuple[str, ...] = ()) -> None:
                 for lib in shared_libs(str(path)):
                     _copy(lib, root)
     site = Path(sysconfig.get_paths()["purelib"])
-    for package in (*HOST_PACKAGES, *packages):
+    for package in HOST_PACKAGES:
         top = site / package
         for path in (top.rglob("*") if top.is_dir() else [top]):
             if path.is_file() and "__pycache__" not in path.parts:
@@ -229,13 +223,11 @@ def add_host_tools(root: Path, packages: tuple[str, ...] = ()) -> None:
 def build_test_cpio(out: Path, kver: str, scenarios: list[Scenario],
                     devices: tuple[EmulatedDevice, ...], host_tools: bool = False,
                     modules: tuple[str, ...] = (), files: dict[str, Path] | None = None,
-                    trees: dict[str, Path] | None = None,
-                    host_packages: tuple[str, ...] = ()) -> None:
+                    trees: dict[str, Path] | None = None) -> None:
     """The test-only archive appended to the product initrd. `modules`: more kernel modules
     (by name, with what they depend on) loaded at boot; `files`: guest path -> host file,
     an executable with the shared libraries it links; `trees`: guest directory -> host
-    directory copied as it is, symlinks kept (a container's root filesystem);
-    `host_packages`: more site-packages beside the host tools' (PLUGIN_PACKAGES)."""
+    directory copied as it is, symlinks kept (a container's root filesystem)."""
     with tempfile.TemporaryDirectory(prefix="kvfio-cpio.") as tmp:
         root = Path(tmp)
         _copy(HERE / "guest-init.sh", root, "/kvfio/init")
@@ -266,7 +258,7 @@ def build_test_cpio(out: Path, kver: str, scenarios: list[Scenario],
         for dest, src in (trees or {}).items():
             shutil.copytree(src, root / dest.lstrip("/"), symlinks=True)
         if host_tools:
-            add_host_tools(root, host_packages)
+            add_host_tools(root)
         ctr = root / "kvfio/ctr/rootfs"
         for d in ("proc", "sys", "dev", "tmp", "usr"):
             (ctr / d).mkdir(parents=True, exist_ok=True)
@@ -307,16 +299,15 @@ def boot(initrd: Path, kver: str, scenarios: list[Scenario],
          devices: tuple[EmulatedDevice, ...] = DEFAULT_DEVICES, timeout: float = 300,
          memory_mb: int = 1024, console_log: Path | None = None,
          host_tools: bool = False, smp: int = 1, modules: tuple[str, ...] = (),
-         files: dict[str, Path] | None = None, trees: dict[str, Path] | None = None,
-         host_packages: tuple[str, ...] = ()) -> GuestRun:
+         files: dict[str, Path] | None = None, trees: dict[str, Path] | None = None
+         ) -> GuestRun:
     """Boot the product initrd plus the test archive; return the console and KVFIO records.
-    `modules`, `files`, `trees` and `host_packages`: see build_test_cpio."""
+    `modules`, `files` and `trees`: see build_test_cpio."""
     with tempfile.TemporaryDirectory(prefix="kvfio-vm.") as tmp:
         combined = Path(tmp) / "initrd.img"
         console_file = console_log or Path(tmp) / "console.log"
         test_cpio = Path(tmp) / "test.cpio"
-        build_test_cpio(test_cpio, kver, scenarios, devices, host_tools, modules, files, trees,
-                        host_packages)
+        build_test_cpio(test_cpio, kver, scenarios, devices, host_tools, modules, files, trees)
         with open(combined, "wb") as out:
             for part in (initrd, test_cpio):
                 data = part.read_bytes()
@@ -353,17 +344,6 @@ def boot(initrd: Path, kver: str, scenarios: list[Scenario],
             except ValueError:
                 pass
     return GuestRun(console + stderr, records)
-
-
-def boot_sriov_host(program: str, max_vfs: int, console_log: Path, initrd: Path, kver: str,
-                    **options: Any) -> GuestRun:
-    """A guest that is an SR-IOV host: QEMU's NVMe PF with `max_vfs` VFs possible (at
-    slot 6), the host tools, and the guest program `program` (a GUEST_PROGRAMS
-    destination) run once as its scenario. `options`: more of boot's."""
-    script = f'#!/kvfio/bin/sh\nexec /usr/bin/python3 -I -S {program} "$1"\n'
-    return boot(initrd, kver, [Scenario("sriov", "{}", script=script)],
-                devices=nvme_sriov_pf(max_vfs, addr="0x6"), console_log=console_log,
-                host_tools=True, **options)
 
 
 def host_manifest(sysfs_root: Path, groups: list[list[EmulatedDevice]],
