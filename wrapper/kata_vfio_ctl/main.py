@@ -302,20 +302,16 @@ def cmd_vfs(args: argparse.Namespace) -> int:
     return 0
 
 
-def plan_bind(sysfs: Path, addr: Any) -> tuple[Any, list[Any]]:
-    """addr's IOMMU group and the members a bind moves: every endpoint not on a vfio
-    driver yet (bridges stay where they are)."""
-    from kata_vfio.pci import group_members, group_of, is_vfio_driver, read_device
+def cmd_boot(args: argparse.Namespace) -> int:
+    from kata_vfio_ctl import persistent
 
-    group = group_of(sysfs, addr)
-    members = [read_device(sysfs, m) for m in group_members(sysfs, group)]
-    return group, [d for d in members if not d.is_bridge and not is_vfio_driver(d.driver)]
+    return persistent.cmd_boot(args, _host(args), _event_log(args))
 
 
 def cmd_bind(args: argparse.Namespace) -> int:
     import json
 
-    from kata_vfio_host.bindings import ADMIN, bind_groups, wait_for_group_node
+    from kata_vfio_host.bindings import ADMIN, bind_groups, plan_bind, wait_for_group_node
     from kata_vfio_host.usage import use_checker
 
     host = _host(args)
@@ -662,7 +658,7 @@ def build_parser() -> argparse.ArgumentParser:
     devplugin.add_parsers(sub)  # device-plugin
     from kata_vfio_ctl import persistent
 
-    persistent.add_parsers(sub)  # boot
+    persistent.add_parsers(sub).set_defaults(func=cmd_boot)  # boot
     for name, sub_parser in sub.choices.items():
         sub_parser.formatter_class = argparse.RawDescriptionHelpFormatter
         sub_parser.epilog = "examples:\n" + "\n".join(

@@ -86,14 +86,14 @@ def drop_persistent(host: Any, given_back: list[str], *, everything: bool) -> li
     return lines
 
 
-def cmd_boot(args: argparse.Namespace) -> int:
-    from kata_vfio_ctl.main import _event_log, _host, plan_bind
-    from kata_vfio_host.bindings import ADMIN, bind_groups, wait_for_group_node
+def cmd_boot(args: argparse.Namespace, host: Any, log: Any) -> int:
+    """`kata-vfio-ctl boot` on `host`, logging to `log` (main.py passes both: this module
+    does not import main)."""
+    from kata_vfio_host.bindings import ADMIN, bind_groups, plan_bind, wait_for_group_node
     from kata_vfio_host.ledger import forget_earlier_boots
     from kata_vfio_host.persist import persist_path, read_binds
     from kata_vfio_host.usage import use_checker
 
-    host = _host(args)
     binds = read_binds()  # a broken file: one line, before anything changes
     with step("dropping what earlier boots left in the ledger"):
         dropped = forget_earlier_boots(host)
@@ -147,7 +147,7 @@ def cmd_boot(args: argparse.Namespace) -> int:
         else:
             lines.append(f"{what}: already on vfio-pci (IOMMU group {group}: {node}), "
                          "nothing moved")
-    _event_log(args).info("boot", claims_cleared=sorted(dropped.claims),
+    log.info("boot", claims_cleared=sorted(dropped.claims),
                           records_dropped=sorted(dropped.devices), bound=bound,
                           failures=failed)
     for line in lines:
@@ -160,9 +160,9 @@ def cmd_boot(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def add_parsers(sub: Any) -> None:
+def add_parsers(sub: Any) -> Any:
     p = sub.add_parser(
         "boot", help="at boot (kata-vfio-boot.service): drop the previous boot's claims and "
                      "records, bind the persistent devices (bind --persist) again")
     p.add_argument("--timeout", type=float, default=5.0, help="wait for /dev/vfio/N (s)")
-    p.set_defaults(func=cmd_boot)
+    return p  # main.py sets its func: cmd_boot with the command's host and log

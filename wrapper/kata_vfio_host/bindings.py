@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any
 
+    from kata_vfio.pci import StrPath
     from kata_vfio_host.ledger import InUse
 
 __all__ = ["ADMIN", "Host", "RestoreReport", "acquire", "bind_group", "release_container",
@@ -693,3 +694,13 @@ def _repair_gone(host: Host, groups: list[IommuGroup], journal: Journal | None =
             current.claims.pop(group.number, None)
         changed = True
     return changed
+
+
+def plan_bind(sysfs: StrPath, addr: Any) -> tuple[Any, list[Any]]:
+    """addr's IOMMU group and the members a bind moves: every endpoint not on a vfio
+    driver yet (bridges stay where they are)."""
+    from kata_vfio.pci import group_members, group_of, is_vfio_driver, read_device
+
+    group = group_of(sysfs, addr)
+    members = [read_device(sysfs, m) for m in group_members(sysfs, group)]
+    return group, [d for d in members if not d.is_bridge and not is_vfio_driver(d.driver)]
