@@ -407,8 +407,9 @@ class KubeletNode:
             return list(json.load(r)["items"])
 
     def claims(self) -> dict[str, dict[str, Any]]:
-        journal = self.state_dir / "bindings.json"
-        return json.loads(journal.read_text())["claims"] if journal.exists() else {}
+        from ledgerfiles import claims
+
+        return claims(self.state_dir)
 
     def events(self) -> list[dict[str, Any]]:
         if not self.log_file.exists():
