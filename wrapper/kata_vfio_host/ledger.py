@@ -1,8 +1,10 @@
 """Who owns which host devices: one ledger for every way a container gets VFIO groups.
 
 The podman wrapper, the shim wrapper, auto-bind and the host tools all go through
-here. `<state_dir>/bindings.json` holds two tables, always read and written whole
-under the journal lock:
+here. The ledger is one file per IOMMU group, `<state_dir>/ledger/group-<N>.json`
+(`host.json` for what belongs to no group; see "the ledger's files" below for the
+layout and the one-time conversion of the single `bindings.json` of version 2), so a
+create reads and writes only its own groups' files. Its tables:
 
 - ``devices``: per PCI address, the driver and driver_override to give back and who
   moved it to vfio-pci (``kata-vfio-ctl`` for the admin, or ``container <id>``).
@@ -23,7 +25,9 @@ wrapper's passthrough `delete` can tell with one stat whether it has work to do.
 One flock per IOMMU group serialises containers racing for the same devices, and
 every release takes the same locks as a claim: a decision about a group and the
 journal records it leads to happen under that group's lock. The locks are re-entrant
-per thread (a release inside a create's failure path takes nothing twice).
+per thread (a release inside a create's failure path takes nothing twice) and taken in
+ascending group order, also across nested blocks (see `Locks`); the journal lock
+(conversion, host.json) is taken last, with nothing taken under it.
 """
 
 from __future__ import annotations
