@@ -35,7 +35,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests" / "vm"), str(REPO / "initrd"),
+# the tree's own code, not what the venv installed (what the tests import too)
+sys.path[:0] = [str(REPO / "common"), str(REPO / "wrapper"), str(REPO / "hook"),
+                str(REPO / "tests"), str(REPO / "tests" / "vm"), str(REPO / "initrd"),
                 str(REPO / "bench")]
 RUNS = 30
 KATA_RUNS = 5
@@ -283,12 +285,13 @@ def bench_concurrent_allocation(work: Path) -> None:
 def bench_ledger_scale(work: Path) -> None:
     """One create (naming one VF) with 10 and with 1,000 other containers' live claims in
     the ledger, each holder also owning a bound device's entry (what an auto-binding
-    create leaves in the journal). Target: 1,000 <= 1.5x 10."""
+    create leaves in the journal). The creates on the two hosts alternate, so both see
+    the same machine. Target: 1,000 <= 1.5x 10."""
     from kata_vfio.pci import IommuGroup
     from kata_vfio_host.bindings import release_container
     from kata_vfio_host.ledger import ContainerId, DeviceEntry, claim_groups, editing, owner_name
 
-    results = {}
+    hosts = {}
     for live in (10, 1000):
         _, host, settings = _vf_host(work, f"scale{live}", vfs=8)
         held = work / f"scale{live}-held"
@@ -300,15 +303,19 @@ def bench_ledger_scale(work: Path) -> None:
             for n in range(live):
                 journal.devices[f"0001:{n // 32:02x}:{n % 32:02x}.0"] = DeviceEntry(
                     "igbvf", None, 5000 + n, owner_name(f"h{n}"), host.boot_id, time.time())
-        samples = []
-        for r in range(15):
+        hosts[live] = (host, settings)
+    os.sync()  # the set-up's writes are not the creates' to flush
+    samples: dict[int, list[float]] = {10: [], 1000: []}
+    for r in range(31):
+        for live, (host, settings) in hosts.items():
             b = _bundle(work / f"scale{live}-b", f"m{r}",
                         {"io.kata-vfio.devices": _vf_address(r % 8)})
-            samples += _forked_creates([(f"m{r}", b)], settings, host)
+            samples[live] += _forked_creates([(f"m{r}", b)], settings, host)
             release_container(host, f"m{r}")
-        results[live] = median_ms(samples)
+    results = {live: median_ms(s) for live, s in samples.items()}
     print(f"one create with 10 live claims (and their devices) {results[10]:.1f} ms, with 1,000 "
-          f"{results[1000]:.1f} ms -> {results[1000] / results[10]:.2f}x (target <= 1.5x)")
+          f"{results[1000]:.1f} ms -> {results[1000] / results[10]:.2f}x (target <= 1.5x; "
+          "31 each, alternating)")
 
 
 def bench_device_plugin(work: Path) -> None:

@@ -61,8 +61,9 @@ class Containerd:
         return self.state_dir / "containers" / cid
 
     def claims(self) -> dict[str, dict[str, object]]:
-        journal = self.state_dir / "bindings.json"
-        return json.loads(journal.read_text())["claims"] if journal.exists() else {}
+        from ledgerfiles import claims
+
+        return claims(self.state_dir)
 
 
 @pytest.fixture(scope="module")

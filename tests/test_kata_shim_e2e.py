@@ -86,8 +86,9 @@ class Shim:
         return harness.relayed_hook_log(self.console(cid))
 
     def claims(self) -> dict[str, dict[str, object]]:
-        journal = self.state_dir / "bindings.json"
-        return json.loads(journal.read_text())["claims"] if journal.exists() else {}
+        from ledgerfiles import claims
+
+        return claims(self.state_dir)
 
     def remove(self, cid: str) -> None:
         self.ctr("tasks", "kill", "-s", "SIGKILL", cid)

@@ -20,6 +20,7 @@ from kata_vfio_host.ledger import ADMIN, ContainerId, Host, marker, read_journal
 from kata_vfio_host.settings import load_settings
 from kata_vfio_runtime import lifecycle
 from kata_vfio_runtime import main as runtime_main
+from ledgerfiles import read_ledger, write_ledger
 
 from fakesys import NVME, FakeKernel, FakeSysfs
 from wrapper_run import make_recorder, write_config
@@ -91,16 +92,16 @@ def test_an_earlier_boot_owns_nothing(host: Host, tmp_path: Path, fakesys: FakeS
 def test_restore_all_goes_past_bad_entries(host: Host, fakesys: FakeSysfs) -> None:
     """Defect 5: a vanished device or a malformed key does not stop the others."""
     bind_group(host, A("0000:08:00.0"), ADMIN)
-    data = json.loads(Path(host.journal).read_text())
+    data = read_ledger(host.state_dir)
     data["devices"]["0000:0a:00.0"] = {**data["devices"]["0000:08:00.0"], "group": 30}
     data["devices"]["not-an-address"] = {"driver": "x"}
-    Path(host.journal).write_text(json.dumps(data))
+    write_ledger(host.state_dir, data)
     report = restore_all(host)
     assert "0000:08:00.0" in report.restored and "0000:0a:00.0" in report.restored
     assert fakesys.driver("0000:08:00.0") == "nvme"
     assert any("not-an-address" in f for f in report.failed)
     # the unreadable entry is kept for a human, out of the way
-    assert "not-an-address" in json.loads(Path(host.journal).read_text())["damaged_devices"]
+    assert "not-an-address" in read_ledger(host.state_dir)["damaged_devices"]
 
 
 def test_give_back_failure_is_reported_and_the_rest_goes_on(host: Host,
@@ -432,16 +433,16 @@ def test_an_edit_for_some_groups_writes_the_other_groups_entries_back_as_found(
     with editing(host) as journal:
         journal.devices["0000:03:00.0"] = DeviceEntry("nvme", None, 1, "container a", "b", 1.0)
         journal.devices["0000:04:00.0"] = DeviceEntry("igb", None, 2, "container b", "b", 2.0)
-    data = json.loads(Path(host.journal).read_text())
+    data = read_ledger(host.state_dir)
     data["devices"]["0000:05:00.0"] = dict(data["devices"].pop("0000:04:00.0"), note="kept")
     data["devices"]["0000:05:00.0"]["group"] = 3
     data["devices"]["0000:0A:00.0"] = {"driver": "e1000e", "group": 4, "owner": "admin"}
-    Path(host.journal).write_text(json.dumps(data))
+    write_ledger(host.state_dir, data)
     others = {k: v for k, v in data["devices"].items() if k != "0000:03:00.0"}
     with editing(host, groups={1}) as journal:
         assert set(journal.devices) == {"0000:03:00.0"}  # only its own group parsed
         journal.devices["0000:03:00.1"] = DeviceEntry("nvme", None, 1, "container a", "b", 3.0)
-    after = json.loads(Path(host.journal).read_text())["devices"]
+    after = read_ledger(host.state_dir)["devices"]
     assert {k: v for k, v in after.items() if not k.startswith("0000:03:")} == others
     assert set(after) >= {"0000:03:00.0", "0000:03:00.1"}
     whole = read_journal_file(host)

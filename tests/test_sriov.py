@@ -13,6 +13,7 @@ from kata_vfio_host.ledger import Host
 from kata_vfio_host.settings import Settings as _Settings
 from kata_vfio_host.sriov import set_vf_count
 from kata_vfio_runtime.lifecycle import prepare_bundle
+from ledgerfiles import read_ledger
 
 from fakesys import NVME, FakeKernel, FakeSysfs
 from test_allocate import NoLog, make_bundle
@@ -91,5 +92,5 @@ def test_owned_vfs_are_not_removed_without_force(pf_host: Host, tmp_path: Path,
     assert fakesys.driver("0000:01:00.0") == "vfio-pci"
     assert ctl(["vfs", PF, "0", "--force"]) == 0
     assert vf_drivers(fakesys) == {}
-    journal = json.loads(Path(pf_host.journal).read_text())
+    journal = read_ledger(pf_host.state_dir)
     assert journal["devices"] == {} and journal["claims"] == {}

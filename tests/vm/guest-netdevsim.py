@@ -64,11 +64,12 @@ def call(step, code, *args):
 
 
 def journal_vf_configs(step):
-    try:
-        data = json.loads(Path(STATE, "bindings.json").read_text())
-    except FileNotFoundError:
-        data = {}
-    emit(event="journal", step=step, vf_configs=data.get("vf_configs", {}))
+    # the ledger: one file per IOMMU group (and host.json) under STATE/ledger
+    vf_configs = {}
+    ledger = Path(STATE, "ledger")
+    for path in sorted(ledger.glob("*.json")) if ledger.is_dir() else []:
+        vf_configs.update(json.loads(path.read_text()).get("vf_configs", {}))
+    emit(event="journal", step=step, vf_configs=vf_configs)
 
 
 def create(name, devices, vf_config):

@@ -86,10 +86,10 @@ def _hand_over_stale(host: Host, cid: ContainerId, groups: list[IommuGroup]) -> 
     only when the pod that had it is gone). A group a live container holds stays its own
     (acquire refuses it). Returns the allocations that lost something."""
     wanted = {g.number for g in groups}
-    if not _stale_in(host, read_journal_file(host), cid, wanted):
-        return []  # the usual case: no lock, no journal write
+    if not _stale_in(host, read_journal_file(host, groups=wanted), cid, wanted):
+        return []  # the usual case: no lock, no journal write, only these groups read
     losers: set[str] = set()
-    with group_locks(host, groups), editing(host) as journal:
+    with group_locks(host, groups), editing(host, groups=wanted) as journal:
         live = {g: c for g, c in journal.claims.items() if not claim_gone(host, c)}
         for g in wanted:
             claim = live.get(g)
@@ -268,7 +268,11 @@ def snapshot(host: Host) -> tuple[dict[int, str], dict[str, Allocation]]:
 def release_allocation(host: Host, allocation: Allocation) -> bool:
     """Give the allocation's devices back and drop its claims and record, unless a live
     container (one that took it over) still holds one of its groups: then False."""
-    groups = [IommuGroup(g) for g in sorted(allocation.groups)]
+    # every lock release_container takes too, up front: a lock is never taken below one
+    # held (ledger.Locks)
+    owned = {e.group for e in read_journal_file(host).devices.values()
+             if e.owner == allocation.owner}
+    groups = [IommuGroup(g) for g in sorted(allocation.groups | owned)]
     with group_locks(host, groups):
         holders = live_holders(host)
         if any(holders.get(g, allocation.id) != allocation.id for g in allocation.groups):

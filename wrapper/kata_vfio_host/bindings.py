@@ -200,7 +200,7 @@ def _bind_locked(host: Host, plans: list[GroupPlan], owner: str, *, force: bool,
     try:
         bind_all(host, [(d.address, d.driver) for d in to_move])
     except BaseException:
-        restore(host, [d.address for d in devices], owner=owner)
+        restore(host, [d.address for d in devices], owner=owner, groups=[g for g, _ in plans])
         raise
     return [d.address for d in to_move]
 
@@ -269,15 +269,20 @@ def _entry_groups(host: Host, addresses: list[PciAddress]) -> list[IommuGroup]:
 
 
 def restore(host: Host, addresses: list[PciAddress], owner: str | None = None, *,
-            force: bool = False) -> RestoreReport:
+            force: bool = False, groups: list[IommuGroup] | None = None) -> RestoreReport:
     """See `_restore_locked`: under the groups' locks, as a claim is made (a create taking
-    over the group waits until the devices are back, and sees them back)."""
-    with group_locks(host, _entry_groups(host, addresses)):
-        return _restore_locked(host, addresses, owner, force=force)
+    over the group waits until the devices are back, and sees them back). `groups`: the
+    groups the devices' entries are in, when the caller knows them (only those groups'
+    ledger files are read)."""
+    if groups is None:
+        groups = _entry_groups(host, addresses)
+    with group_locks(host, groups):
+        return _restore_locked(host, addresses, owner, force=force,
+                               groups={g.number for g in groups})
 
 
 def _restore_locked(host: Host, addresses: list[PciAddress], owner: str | None = None, *,
-                    force: bool = False) -> RestoreReport:
+                    force: bool = False, groups: set[int] | None = None) -> RestoreReport:
     """Give journalled devices back to their recorded drivers, each on its own: a device
     that fails is reported and keeps its entry; the others go on. With `owner`, only
     that owner's entries. A device that no longer exists has nothing to give back.
@@ -290,7 +295,7 @@ def _restore_locked(host: Host, addresses: list[PciAddress], owner: str | None =
     entries that the next restore gives back again, which changes nothing for a device
     already on its driver; an entry rewritten meanwhile by another owner stays."""
     report = RestoreReport()
-    journal = read_journal_file(host)
+    journal = read_journal_file(host, groups=groups)
     held = live_holders(host, journal) if owner is None else {}
     taken: dict[int, str] = {}
     outcome: list[tuple[PciAddress, DeviceEntry | None]] = []
@@ -422,15 +427,19 @@ def restore_all(host: Host, owner: str | None = None, *, force: bool = False
                 ) -> RestoreReport:
     """Give back everything journalled (of `owner`), under the locks of every group
     involved: nothing is given back under a create deciding about the same group."""
-    with group_locks(host, _groups_of(host, read_journal_file(host), owner)):
+    locked = _groups_of(host, read_journal_file(host), owner)
+    with group_locks(host, locked):
+        numbers = {g.number for g in locked}
         journal = read_journal_file(host)
         addresses = [PciAddress.parse(a) for a, e in journal.devices.items()
-                     if owner is None or e.owner == owner]
+                     if (owner is None or e.owner == owner) and e.group in numbers]
         report = restore_vf_configs(host, owner, force=force)
         report.extend(_restore_locked(host, addresses, owner, force=force))
         report.failed += journal.damaged
         if owner is None and not report.failed:
-            with editing(host) as current:  # everything is back: drop the claims that held it
+            # everything is back: drop the claims that held it (of the groups locked: a
+            # group claimed since is that create's)
+            with editing(host, groups=numbers) as current:
                 for group in [g for g, c in current.claims.items()
                               if force or claim_gone(host, c)]:
                     del current.claims[group]
@@ -465,7 +474,8 @@ def apply_vf_config(host: Host, container: ContainerId, text: str) -> list[str]:
                                   "ask for the VF too (io.kata-vfio.devices or select)")
             port = vf_port(Path(host.sysfs), setting.vf)
             mac, vlan = netlink.get(port)
-            with editing(host) as journal:  # the original first: a crash leaves what to undo
+            # the original first: a crash leaves what to undo
+            with editing(host, groups={group.number}) as journal:
                 known = journal.vf_configs.get(str(setting.vf))
                 if known is None:
                     journal.vf_configs[str(setting.vf)] = VfOriginal(
@@ -499,24 +509,26 @@ def restore_vf_configs(host: Host, owner: str | None = None, *, force: bool = Fa
 
 
 def _restore_vf_locked(host: Host, owner: str | None, *, force: bool,
-                       groups: dict[str, int | None], only_group: int | None = None
+                       groups: dict[str, int | None], only_groups: set[int] | None = None
                        ) -> RestoreReport:
     from kata_vfio_host.ledger import VfOriginal
     from kata_vfio_host.vfconfig import VfPort
 
     report = RestoreReport()
-    journal = read_journal_file(host)
+    journal = read_journal_file(host, groups=only_groups)
     held = live_holders(host, journal)
     live = set(held.values())
     mine: dict[str, VfOriginal] = {}
     handed: dict[str, VfOriginal] = {}
     forgotten: dict[str, VfOriginal] = {}
+    where: dict[str, int | None] = {}  # each VF's group
     for addr, original in journal.vf_configs.items():
         if owner is not None and original.owner != owner:
             continue
         group = groups[addr] if addr in groups else _vf_group(host, addr, original.group)
-        if only_group is not None and group != only_group:
+        if only_groups is not None and group not in only_groups:
             continue
+        where[addr] = group
         holder = held.get(group) if group is not None else None
         if earlier_boot(host, original.boot_id):
             forgotten[addr] = original  # the reboot reset the PF: nothing to set back
@@ -567,7 +579,8 @@ def release_container(host: Host, container: str, *, only_gone: bool = False
     `only_gone` (restore --stale) the container must still be gone once those locks are
     held: a new container instance under the same id keeps what it claimed."""
     cid = ContainerId.parse(container)
-    with group_locks(host, _groups_of(host, read_journal_file(host), cid.owner)):
+    locked = _groups_of(host, read_journal_file(host), cid.owner)
+    with group_locks(host, locked):
         if only_gone:
             journal = read_journal_file(host)
             if any(c.container == cid and not claim_gone(host, c)
@@ -575,13 +588,28 @@ def release_container(host: Host, container: str, *, only_gone: bool = False
                 return RestoreReport()
         report = restore_all(host, cid.owner)
         if not report.failed:
-            with editing(host) as journal:
+            with editing(host, groups={g.number for g in locked}) as journal:
                 for group in [g for g, c in journal.claims.items() if c.container == cid]:
                     del journal.claims[group]
             try:
                 os.unlink(marker(host.state_dir, cid))
             except FileNotFoundError:
                 pass
+    return report
+
+
+def _release_within(host: Host, cid: ContainerId, numbers: set[int]) -> RestoreReport:
+    """What `release_container` does, for these groups only (the caller holds their locks
+    and takes no lower one: see ledger.Locks); the marker stays (the container may hold
+    other groups)."""
+    report = _restore_vf_locked(host, cid.owner, force=False, groups={}, only_groups=numbers)
+    journal = read_journal_file(host, groups=numbers)
+    mine = [PciAddress.parse(a) for a, e in journal.devices.items() if e.owner == cid.owner]
+    report.extend(_restore_locked(host, mine, cid.owner, groups=numbers))
+    if not report.failed:
+        with editing(host, groups=numbers) as current:
+            for group in [g for g, c in current.claims.items() if c.container == cid]:
+                del current.claims[group]
     return report
 
 
@@ -620,6 +648,24 @@ def acquire(host: Host, container: ContainerId, groups: list[IommuGroup],
     wanted = sorted(set(groups) | set(by_addr.values()))
     if not wanted:
         return []
+    started: list[bool] = []  # past the checks: a failure from there releases
+    try:
+        return _acquire_locked(host, container, wanted, by_addr, allow, bundle, in_use,
+                               on_claimed, started)
+    except BaseException:
+        if started:
+            # what this create claimed went back under its locks; the container's other
+            # groups (an earlier claim under the same id) only now, their locks taken in
+            # order: a lower group's lock is never waited for while a higher one is held
+            release_container(host, container)
+        raise
+
+
+def _acquire_locked(host: Host, container: ContainerId, wanted: list[IommuGroup],
+                    by_addr: dict[PciAddress, IommuGroup], allow: tuple[str, ...],
+                    bundle: str | None, in_use: InUse | None,
+                    on_claimed: Callable[[], object] | None, started: list[bool]
+                    ) -> list[PciAddress]:
     bound: list[PciAddress] = []
     with group_locks(host, wanted):
         numbers = {g.number for g in wanted}
@@ -627,6 +673,7 @@ def acquire(host: Host, container: ContainerId, groups: list[IommuGroup],
         if _repair_gone(host, wanted, journal):
             journal = read_journal_file(host, groups=numbers)
         check_free(host, container, wanted, journal=journal)
+        started.append(True)
         try:
             plans: dict[IommuGroup, list[PciDevice]] = {}
             for addr, group in by_addr.items() if allow else ():
@@ -656,7 +703,7 @@ def acquire(host: Host, container: ContainerId, groups: list[IommuGroup],
                 if on_claimed is not None:
                     on_claimed()
         except BaseException:
-            release_container(host, container)
+            _release_within(host, container, numbers)
             raise
     return bound
 
@@ -675,7 +722,7 @@ def _repair_gone(host: Host, groups: list[IommuGroup], journal: Journal | None =
                             for a, v in journal.vf_configs.items()):
             # nobody live holds the group: whoever set these is gone
             report = _restore_vf_locked(host, None, force=True, groups={},
-                                        only_group=group.number)
+                                        only_groups={group.number})
             if report.failed:
                 raise DeviceError(f"IOMMU group {group}: the VF settings a container that is "
                                   f"gone left cannot be set back: {report.failed[0]}",
@@ -685,12 +732,12 @@ def _repair_gone(host: Host, groups: list[IommuGroup], journal: Journal | None =
             continue
         mine = [PciAddress.parse(a) for a, e in journal.devices.items()
                 if e.owner == claim.owner and e.group == group.number]
-        report = restore(host, mine, claim.owner)
+        report = restore(host, mine, claim.owner, groups=[group])
         if report.failed:
             raise DeviceError(f"IOMMU group {group} was left by {claim.owner}, which is gone, "
                               f"and cannot be given back: {report.failed[0]}",
                               "run kata-vfio-ctl restore --stale and check the kernel log")
-        with editing(host) as current:
+        with editing(host, groups={group.number}) as current:
             current.claims.pop(group.number, None)
         changed = True
     return changed

@@ -1,8 +1,10 @@
 """Who owns which host devices: one ledger for every way a container gets VFIO groups.
 
 The podman wrapper, the shim wrapper, auto-bind and the host tools all go through
-here. `<state_dir>/bindings.json` holds two tables, always read and written whole
-under the journal lock:
+here. The ledger is one file per IOMMU group, `<state_dir>/ledger/group-<N>.json`
+(`host.json` for what belongs to no group; see "the ledger's files" below for the
+layout and the one-time conversion of the single `bindings.json` of version 2), so a
+create reads and writes only its own groups' files. Its tables:
 
 - ``devices``: per PCI address, the driver and driver_override to give back and who
   moved it to vfio-pci (``kata-vfio-ctl`` for the admin, or ``container <id>``).
@@ -23,11 +25,14 @@ wrapper's passthrough `delete` can tell with one stat whether it has work to do.
 One flock per IOMMU group serialises containers racing for the same devices, and
 every release takes the same locks as a claim: a decision about a group and the
 journal records it leads to happen under that group's lock. The locks are re-entrant
-per thread (a release inside a create's failure path takes nothing twice).
+per thread (a release inside a create's failure path takes nothing twice) and taken in
+ascending group order, also across nested blocks (see `Locks`); the journal lock
+(conversion, host.json) is taken last, with nothing taken under it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import time
 from _thread import get_ident
@@ -51,7 +56,6 @@ if TYPE_CHECKING:
     InUse = Callable[[PciAddress], list[str]]
 
 ADMIN = "kata-vfio-ctl"
-JOURNAL_VERSION = 2
 BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 INSTANCE_FILE = "kata-vfio.instance"  # in a claimed container's bundle directory
 _ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
@@ -83,7 +87,13 @@ class Host:
 
     @property
     def journal(self) -> str:
+        """The single-file ledger of version 2: converted once (see `migrate`)."""
         return _join(self.state_dir, "bindings.json")
+
+    @property
+    def ledger_dir(self) -> str:
+        """The ledger: one file per IOMMU group, and host.json."""
+        return _join(self.state_dir, "ledger")
 
     def __repr__(self) -> str:
         return f"Host(sysfs={self.sysfs!r}, state_dir={self.state_dir!r})"
@@ -215,17 +225,18 @@ def _parse_vf_original(obj: Any) -> VfOriginal:
 
 
 class Journal:
-    __slots__ = ("claims", "damaged", "devices", "kept", "other_claims", "other_devices",
-                 "vf_configs")
+    __slots__ = ("claims", "damaged", "devices", "kept", "kept_in", "read", "vf_configs")
 
     def __init__(self) -> None:
         self.devices: dict[str, DeviceEntry] = {}
         self.claims: dict[int, Claim] = {}
-        self.other_claims: dict[str, Any] = {}  # read for some groups: the rest, as found
-        self.other_devices: dict[str, Any] = {}  # the same for device entries
         self.vf_configs: dict[str, VfOriginal] = {}
         self.damaged: list[str] = []  # why entries could not be read
         self.kept: dict[str, Any] = {}  # those entries, left for a human
+        self.kept_in: dict[str, str] = {}  # the ledger file each kept entry was found in
+        # ledger file name -> its tables as read (the entries' own objects), so that a
+        # write changes only what the edit changed
+        self.read: dict[str, dict[str, dict[str, Any]]] = {}
 
 
 def _opt_str(value: Any) -> str | None:
@@ -269,21 +280,48 @@ def _parse_claim(obj: Any) -> Claim:
                  _opt_str(obj.get("instance")))
 
 
-def read_journal_file(host: Host, *, groups: set[int] | None = None) -> Journal:
-    """The journal as typed entries; entries that cannot be read are listed in `damaged`
-    (and kept out of the way) instead of stopping everything. With `groups`, only the
-    claims and device entries of those groups are read (a create's decisions need no
-    others: its work does not grow with the containers on the host); the rest stay as
-    found, to write back."""
-    path = host.journal
+# --- the ledger's files: one per IOMMU group ----------------------------------------------
+#
+# <state_dir>/ledger/group-<N>.json holds group N's claim, its device entries and its VFs'
+# settings; <state_dir>/ledger/host.json what belongs to no group (VF settings recorded by
+# versions that did not note the group, entries that could not be read). Each file has
+# the tables of the single journal of version 2 (<state_dir>/bindings.json), restricted
+# to its group, so a create reads, writes and fsyncs only the files of its own groups;
+# whole-ledger views read them all.
+#
+# Migration from bindings.json (once, under the journal lock, by the first edit): every
+# file is written into ledger.migrating/, that directory is renamed to ledger/ in one
+# step, then bindings.json is removed. The rule for a reader: ledger/ exists -> it is the
+# ledger, whole (it only ever appears by that rename); a bindings.json beside it is the
+# leftover of a migration killed after the rename, ignored (and removed by the next
+# edit). No ledger/ -> bindings.json is the ledger, and ledger.migrating/ is the leftover
+# of a migration killed before the rename (removed by the next migration). A SIGKILL at
+# any step loses nothing.
+
+LEDGER_VERSION = 3
+_TABLES = ("claims", "devices", "vf_configs", "damaged_devices")
+HOST_FILE = "host.json"
+
+
+def _group_file(group: int) -> str:
+    return f"group-{group}.json"
+
+
+def _is_ledger_file(name: str) -> bool:
+    return name == HOST_FILE or (name.startswith("group-") and name.endswith(".json")
+                                 and name[6:-5].isdigit() and name[6:-5].isascii())
+
+
+def _load(path: str) -> dict[str, Any] | None:
+    """A ledger file's object (None: no such file); DeviceError when unreadable."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
     except FileNotFoundError:
-        return Journal()
+        return None
     except IsADirectoryError:
-        raise DeviceError(f"{path} is a directory, not kata-vfio's journal",
-                          "move it away; the journal is a JSON file") from None
+        raise DeviceError(f"{path} is a directory, not part of kata-vfio's ledger",
+                          "move it away; the ledger's files are JSON files") from None
     except OSError as exc:
         raise DeviceError(f"cannot read {path}: {exc.strerror}", "run as root") from None
     try:
@@ -292,81 +330,269 @@ def read_journal_file(host: Host, *, groups: set[int] | None = None) -> Journal:
         raise DeviceError(f"{path} is damaged (not JSON)",
                           "check it by hand; it records which drivers to give devices back to"
                           ) from None
-    if not isinstance(data, dict) or not isinstance(data.get("devices", {}), dict) \
-            or not isinstance(data.get("claims", {}), dict):
+    if not isinstance(data, dict) or not all(isinstance(data.get(t, {}), dict)
+                                             for t in _TABLES):
         raise DeviceError(f"{path} is damaged (not a kata-vfio journal object)",
                           "check it by hand; it records which drivers to give devices back to")
-    journal = Journal()
-    kept = data.get("damaged_devices")
-    journal.kept = dict(kept) if isinstance(kept, dict) else {}
-    numbers = groups
+    return data
+
+
+def _parse_into(journal: Journal, data: dict[str, Any], name: str,
+                groups: set[int] | None) -> None:
+    """Add one file's entries (of `groups`, None: all) to the journal; remember what the
+    file held as the entries' own objects, to write back only what changed."""
+    seen: dict[str, dict[str, Any]] = {t: {} for t in _TABLES}
+    kept = data.get("damaged_devices") or {}
+    for key, obj in kept.items():
+        journal.kept[str(key)] = obj
+        journal.kept_in[str(key)] = name
+        seen["damaged_devices"][str(key)] = obj
     for key, obj in data.get("devices", {}).items():
-        if numbers is not None and type(obj) is dict and type(obj.get("group")) is int \
-                and obj["group"] not in numbers:
-            journal.other_devices[key] = obj  # another group's: written back as found
-            continue
+        if groups is not None and type(obj) is dict and type(obj.get("group")) is int \
+                and obj["group"] not in groups:
+            continue  # another group's (in bindings.json): not this read's business
         try:
-            journal.devices[_address_key(key)] = _parse_device(obj)
+            entry = _parse_device(obj)
+            address = _address_key(key)
         except (ValueError, KataVfioError) as exc:
             journal.damaged.append(f"journal entry {key!r} is unreadable ({exc})")
             journal.kept[str(key)] = obj
-    wanted = None if groups is None else {str(g) for g in groups}
+            journal.kept_in[str(key)] = name
+            seen["devices"][key] = obj  # moves to damaged_devices on the next write
+            continue
+        journal.devices[address] = entry
+        seen["devices"][address] = entry.to_obj()
     for key, obj in data.get("claims", {}).items():
-        if wanted is not None and key not in wanted:
-            journal.other_claims[key] = obj
+        if groups is not None and not (key.isdigit() and int(key) in groups):
             continue
         try:
-            journal.claims[IommuGroup.parse(key).number] = _parse_claim(obj)
+            number = IommuGroup.parse(key).number
+            claim = _parse_claim(obj)
         except (ValueError, KataVfioError) as exc:
             journal.damaged.append(f"claim entry {key!r} is unreadable ({exc})")
-    vf_configs = data.get("vf_configs", {})
-    for key, obj in (vf_configs.items() if isinstance(vf_configs, dict) else ()):
+            seen["claims"][key] = obj  # dropped on the next write, as always
+            continue
+        journal.claims[number] = claim
+        seen["claims"][str(number)] = claim.to_obj()
+    for key, obj in data.get("vf_configs", {}).items():
+        group = obj.get("group") if type(obj) is dict else None
+        if groups is not None and type(group) is int and group not in groups:
+            continue
         try:
-            journal.vf_configs[str(PciAddress.parse(key))] = _parse_vf_original(obj)
+            address = str(PciAddress.parse(key))
+            original = _parse_vf_original(obj)
         except (ValueError, KataVfioError) as exc:
             journal.damaged.append(f"VF settings entry {key!r} are unreadable ({exc})")
+            seen["vf_configs"][key] = obj
+            continue
+        journal.vf_configs[address] = original
+        seen["vf_configs"][address] = original.to_obj()
+    journal.read[name] = seen
+
+
+def read_journal_file(host: Host, *, groups: set[int] | None = None) -> Journal:
+    """The ledger as typed entries; entries that cannot be read are listed in `damaged`
+    (and kept out of the way) instead of stopping everything. With `groups`, only the
+    files of those groups (and host.json) are read: a create's decisions need no others,
+    so its work does not grow with the containers on the host."""
+    journal = Journal()
+    directory = host.ledger_dir
+    if not os.path.isdir(directory):
+        data = _load(host.journal)  # not migrated yet: the single file of version 2
+        if data is not None or not os.path.isdir(directory):
+            if data is not None:
+                _parse_into(journal, data, _V2, groups)
+            return journal
+        # bindings.json went away between the two looks: migrated meanwhile, read ledger/
+    if groups is None:
+        try:
+            names = sorted(n for n in os.listdir(directory) if _is_ledger_file(n))
+        except OSError as exc:
+            raise DeviceError(f"cannot read {directory}: {exc.strerror}", "run as root"
+                              ) from None
+    else:
+        names = [_group_file(g) for g in sorted(groups)] + [HOST_FILE]
+    for name in names:
+        data = _load(_join(directory, name))
+        if data is not None:
+            _parse_into(journal, data, name, groups)
     return journal
 
 
+_V2 = "bindings.json"  # Journal.read's name for the single file of version 2
+
+
+def _file_of_group(group: int | None) -> str:
+    return HOST_FILE if group is None else _group_file(group)
+
+
+def _tables(journal: Journal) -> dict[str, dict[str, dict[str, Any]]]:
+    """What each ledger file should hold now, by file name."""
+    files: dict[str, dict[str, dict[str, Any]]] = {}
+
+    def table(name: str, kind: str) -> dict[str, Any]:
+        return files.setdefault(name, {t: {} for t in _TABLES})[kind]
+
+    for number, claim in journal.claims.items():
+        table(_group_file(number), "claims")[str(number)] = claim.to_obj()
+    for address, entry in journal.devices.items():
+        table(_group_file(entry.group), "devices")[address] = entry.to_obj()
+    for address, original in journal.vf_configs.items():
+        table(_file_of_group(original.group), "vf_configs")[address] = original.to_obj()
+    for key, obj in journal.kept.items():
+        origin = journal.kept_in.get(key, HOST_FILE)
+        table(HOST_FILE if origin == _V2 else origin, "damaged_devices")[key] = obj
+    return files
+
+
+def _split_v2(data: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    """A version-2 journal's tables, as found, cut into the files of the new layout."""
+    files: dict[str, dict[str, dict[str, Any]]] = {}
+
+    def table(name: str, kind: str) -> dict[str, Any]:
+        return files.setdefault(name, {t: {} for t in _TABLES})[kind]
+
+    for key, obj in data.get("claims", {}).items():
+        table(_group_file(int(key)) if key.isdigit() and key.isascii() else HOST_FILE,
+              "claims")[key] = obj
+    for kind in ("devices", "vf_configs"):
+        for key, obj in data.get(kind, {}).items():
+            group = obj.get("group") if type(obj) is dict else None
+            table(_file_of_group(group if type(group) is int and group >= 0 else None),
+                  kind)[key] = obj
+    for key, obj in data.get("damaged_devices", {}).items():
+        table(HOST_FILE, "damaged_devices")[key] = obj
+    return files
+
+
+def _file_bytes(tables: dict[str, dict[str, Any]]) -> bytes:
+    data: dict[str, Any] = {"version": LEDGER_VERSION}
+    for kind in _TABLES:
+        if tables.get(kind):
+            items = tables[kind].items()
+            data[kind] = dict(sorted(items, key=lambda kv: (len(kv[0]), kv[0]))
+                              if kind == "claims" else sorted(items))
+    return dumps(data).encode()
+
+
 def _write_journal_file(host: Host, journal: Journal) -> None:
+    """Write back the files whose entries changed, each atomically and durably, group
+    files in group order, host.json last. What changed is applied to each file as it is
+    now (read again just before): entries of the file that this edit did not change stay
+    as they are, whoever wrote them."""
+    now = _tables(journal)
+    empty: dict[str, dict[str, Any]] = {t: {} for t in _TABLES}
+    changed = [name for name in set(now) | set(journal.read)
+               if name != _V2 and now.get(name, empty) != journal.read.get(name, empty)]
+    if not changed:
+        return
     from kata_vfio.files import write_atomically
 
-    os.makedirs(host.state_dir, exist_ok=True)
-    data: dict[str, Any] = {
-        "version": JOURNAL_VERSION,
-        "devices": _devices_obj(journal),
-        "claims": _claims_obj(journal),
-    }
-    if journal.vf_configs:
-        data["vf_configs"] = {a: v.to_obj() for a, v in sorted(journal.vf_configs.items())}
-    if journal.kept:  # entries we could not read stay in the file for a human to look at
-        data["damaged_devices"] = journal.kept
-    write_atomically(host.journal, dumps(data).encode(), mode=0o600)
+    os.makedirs(host.ledger_dir, mode=0o700, exist_ok=True)
+
+    def order(name: str) -> tuple[int, int]:
+        return (1, 0) if name == HOST_FILE else (0, int(name[6:-5]))
+
+    for name in sorted(changed, key=order):
+        before, after = journal.read.get(name, empty), now.get(name, empty)
+        path = _join(host.ledger_dir, name)
+        # each file is read again and written under its lock: the group's (which the
+        # caller holds: re-entrant), the journal lock for host.json (no group's)
+        lock = _join(host.state_dir, "journal.lock") if name == HOST_FILE else \
+            _join(host.state_dir, "locks", f"group-{name[6:-5]}")
+        with Locks([lock]):
+            current = _load(path) or {}
+            tables = {t: dict(current.get(t) or {}) for t in _TABLES}
+            for kind in _TABLES:
+                for key in before[kind].keys() | after[kind].keys():
+                    if key in after[kind]:
+                        if before[kind].get(key) != after[kind][key]:
+                            tables[kind][key] = after[kind][key]
+                    elif key in before[kind]:
+                        tables[kind].pop(key, None)
+            if any(tables.values()):
+                write_atomically(path, _file_bytes(tables), mode=0o600)
+            else:  # nothing left of the group: no file (a released group costs nothing)
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+        journal.read[name] = after
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_tree(path: str) -> None:
+    """A flat directory of ours (ledger.migrating/) and what is in it."""
+    try:
+        names = os.listdir(path)
+    except FileNotFoundError:
+        return
+    for name in names:
+        os.unlink(_join(path, name))
+    os.rmdir(path)
+
+
+def migrate(host: Host) -> bool:
+    """Convert a single-file ledger (bindings.json, version 2) to one file per group, once,
+    crash-safe (see the rule above); True when this call converted it. Under the journal
+    lock, which no other lock is ever taken under."""
+    old, directory = host.journal, host.ledger_dir
+    with Locks([_join(host.state_dir, "journal.lock")]):
+        if os.path.isdir(directory):
+            if os.path.lexists(old):  # a migration killed after its rename: a leftover
+                os.unlink(old)
+                _fsync_dir(host.state_dir)
+            return False
+        data = _load(old)
+        if data is None:
+            return False
+        from kata_vfio.files import write_atomically
+
+        staging = _join(host.state_dir, "ledger.migrating")
+        _remove_tree(staging)  # what a killed migration left: bindings.json still holds all
+        os.mkdir(staging, 0o700)
+        for name, tables in sorted(_split_v2(data).items()):
+            write_atomically(_join(staging, name), _file_bytes(tables), mode=0o600)
+        _fsync_dir(staging)
+        os.rename(staging, directory)
+        _fsync_dir(host.state_dir)
+        os.unlink(old)
+        _fsync_dir(host.state_dir)
+        return True
+
+
+def _ensure_layout(host: Host) -> None:
+    """Before an edit: the ledger is in files per group (converted if still one file)."""
+    if os.path.lexists(host.journal):
+        migrate(host)
 
 
 _HELD: set[tuple[int, str]] = set()  # (thread, lock path) this process holds now
+_OUT_OF_ORDER_WAIT = 10.0  # seconds a lock taken out of group order may be waited for
 
 
-def _devices_obj(journal: Journal) -> dict[str, Any]:
-    merged = {a: o for a, o in journal.other_devices.items() if a not in journal.devices}
-    merged.update((a, e.to_obj()) for a, e in journal.devices.items())
-    return dict(sorted(merged.items()))
-
-
-def _claims_obj(journal: Journal) -> dict[str, Any]:
-    if not journal.other_claims:
-        return {str(g): c.to_obj() for g, c in sorted(journal.claims.items())}
-    merged = dict(journal.other_claims)
-    for g in journal.claims:
-        merged.pop(str(g), None)
-    merged.update((str(g), c.to_obj()) for g, c in journal.claims.items())
-    return dict(sorted(merged.items(), key=lambda kv: (len(kv[0]), kv[0])))
+def _group_number(path: str) -> int | None:
+    name = os.path.basename(path)
+    return int(name[6:]) if name.startswith("group-") and name[6:].isdigit() else None
 
 
 class Locks:
     """flock(2) on lock files, taken in the order given, released in reverse when the
     block ends (or the process dies). Re-entrant per thread: a path this thread holds
-    already is skipped (flock on a second open file would wait for ourselves)."""
+    already is skipped (flock on a second open file would wait for ourselves).
+
+    Group locks are always taken in ascending group order, also across nested blocks:
+    a thread that holds group 7's lock and needs group 3's would deadlock with one that
+    holds 3 and waits for 7. Callers take every lock they need up front; should a nested
+    block still ask for a lower group than one it holds, it never waits blindly: it tries
+    for up to 10 s and then fails with one line instead of deadlocking."""
 
     def __init__(self, paths: list[str]) -> None:
         self._paths = paths
@@ -384,8 +610,15 @@ class Locks:
                     made = os.path.dirname(path)
                     os.makedirs(made, exist_ok=True)
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                number = _group_number(path)
+                highest = None if number is None else max(
+                    (n for t, p in _HELD if t == thread and os.path.dirname(p) == made
+                     if (n := _group_number(p)) is not None), default=None)
                 try:
-                    flock_bounded(fd, path)  # says what it waits for, gives up after a bound
+                    if highest is not None and number is not None and number < highest:
+                        _flock_out_of_order(fd, number, highest)
+                    else:
+                        flock_bounded(fd, path)  # says what it waits for, gives up after a bound
                 except BaseException:
                     os.close(fd)
                     raise
@@ -409,36 +642,44 @@ class Locks:
             os.close(fd)
 
 
+def _flock_out_of_order(fd: int, number: int, highest: int) -> None:
+    deadline = time.monotonic() + _OUT_OF_ORDER_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise DeviceError(f"IOMMU group {number}'s lock is held by another process "
+                                  f"while this one holds group {highest}'s",
+                                  "try again; locks are taken in group order") from None
+            time.sleep(0.01)
+
+
 def group_locks(host: Host, groups: list[IommuGroup]) -> Locks:
     """Every group's lock, taken in group order so two creates never deadlock."""
     return Locks([_join(host.state_dir, "locks", f"group-{g}") for g in sorted(set(groups))])
 
 
 class editing:
-    """The journal, to change in place; written back whole when the block ends without
-    an exception. With `groups`, only those groups' claims are in `claims` (the caller
-    holds their locks); the others are written back as they were found."""
+    """The ledger, to change in place; the files whose entries changed are written back
+    when the block ends without an exception. With `groups`, only those groups' entries
+    are read (the caller holds their locks); without, every group's. Either way a change
+    to a group's entries is made under that group's lock (the caller's), and what this
+    edit did not change in a file stays as it is there."""
 
     def __init__(self, host: Host, *, groups: set[int] | None = None) -> None:
         self._host = host
         self._groups = groups
-        self._lock = Locks([_join(host.state_dir, "journal.lock")])
 
     def __enter__(self) -> Journal:
-        self._lock.__enter__()
-        try:
-            self._journal = read_journal_file(self._host, groups=self._groups)
-        except BaseException:
-            self._lock.__exit__()
-            raise
+        _ensure_layout(self._host)
+        self._journal = read_journal_file(self._host, groups=self._groups)
         return self._journal
 
     def __exit__(self, kind: object, *rest: object) -> None:
-        try:
-            if kind is None:
-                _write_journal_file(self._host, self._journal)
-        finally:
-            self._lock.__exit__()
+        if kind is None:
+            _write_journal_file(self._host, self._journal)
 
 
 def read_journal(host: Host) -> dict[str, dict[str, Any]]:
