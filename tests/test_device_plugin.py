@@ -116,7 +116,7 @@ class Run:
         self.pod_resources.server.stop(grace=0)
 
 
-def wait_for(check: Any, timeout: float = 5.0, what: str = "") -> Any:
+def wait_for(check: Any, timeout: float = 15.0, what: str = "") -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         got = check()
@@ -314,7 +314,7 @@ def test_re_registers_when_the_kubelet_restarts_and_recovers_after_its_own_resta
     # the kubelet restarts: its socket is new, ours was removed
     run.kubelet.stop()
     run.kubelet.start()
-    wait_for(lambda: len(run.kubelet.requests) >= 2, what="a second registration")
+    wait_for(lambda: len(run.kubelet.requests) >= 2, timeout=30, what="a second registration")
     devices, stream = first_list(run.stub())
     stream.cancel()
     assert devices[PF1_VFS[0]][0] == "Healthy"
