@@ -171,9 +171,9 @@ def test_a_held_ledger_lock_is_named_then_given_up_on(ctl_config: Path, tmp_path
     import fcntl
     import time
 
-    lock = tmp_path / "state/journal.lock"
+    lock = tmp_path / "state/locks/group-14"  # 0000:05:00.0's IOMMU group (conftest)
     lock.parent.mkdir(parents=True)
-    holder = subprocess.Popen(  # another process holds the journal's lock
+    holder = subprocess.Popen(  # another process holds the group's ledger lock
         [sys.executable, "-c", "import fcntl, sys, time\n"
          f"f = open({str(lock)!r}, 'w'); fcntl.flock(f, fcntl.LOCK_EX)\n"
          "print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
