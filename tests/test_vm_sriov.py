@@ -47,8 +47,11 @@ def test_vfs_are_made_for_vfio(guest: GuestRun) -> None:
     assert made["rc"] == 0, made["stderr"]
     sriov = record(guest, "sriov")
     assert (sriov["autoprobe"], sriov["numvfs"]) == ("0", "4")
-    vfs = [line.split(": ", 1)[0] for line in made["stdout"].splitlines()]
+    *lines, next_step = made["stdout"].splitlines()  # one line a VF, then the next step
+    vfs = [line.split(": ", 1)[0] for line in lines]
     assert len(vfs) == 4 and all(made["drivers"][v] is None for v in vfs)  # autoprobe off
+    assert next_step.startswith("next: kata-vfio-ctl bind ") and all(
+        v in next_step for v in vfs), next_step
     groups = sriov["groups"]
     assert len({groups[v] for v in vfs} | {groups[pf]}) == 5  # a group each
     assert call(guest, "vfs-4-again")["rc"] == 0
