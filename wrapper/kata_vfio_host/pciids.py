@@ -14,18 +14,21 @@ def _hex_id(text: str) -> int | None:
     return int(text, 16) if len(text) == 4 and all(c in HEXDIGITS for c in text) else None
 
 
+def _pci_ids_text() -> str:
+    """The first pci.ids there is, or "" (no names: the listing goes on without them)."""
+    path = next((p for p in PCI_IDS if p.exists()), None)
+    try:
+        return path.read_text(encoding="utf-8", errors="replace") if path else ""
+    except OSError:
+        return ""
+
+
 @cache
 def _table() -> dict[tuple[int, int | None], str]:
     """(vendor, None) and (vendor, device) -> name; lines that do not parse are skipped
     (a damaged or locally edited pci.ids costs names, never the listing)."""
     names: dict[tuple[int, int | None], str] = {}
-    path = next((p for p in PCI_IDS if p.exists()), None)
-    if path is None:
-        return names
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return names
+    text = _pci_ids_text()
     vendor = None
     for line in text.splitlines():
         if not line or line.startswith("#"):
@@ -55,13 +58,7 @@ def _class_table() -> dict[tuple[int, int | None], str]:
     """(class, None) and (class, subclass) -> name, from pci.ids' "C" section (lines
     `C 02  Network controller`, then `\\t00  Ethernet controller`)."""
     names: dict[tuple[int, int | None], str] = {}
-    path = next((p for p in PCI_IDS if p.exists()), None)
-    if path is None:
-        return names
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return names
+    text = _pci_ids_text()
     start = text.find("\nC ")
     if start < 0:
         return names
