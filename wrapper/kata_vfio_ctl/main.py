@@ -246,6 +246,7 @@ def cmd_vfs(args: argparse.Namespace) -> int:
     import json
 
     from kata_vfio.pci import read_device
+    from kata_vfio_ctl import persistent
     from kata_vfio_host.bindings import ADMIN
     from kata_vfio_host.ledger import read_journal
     from kata_vfio_host.sriov import set_vf_count, total_vfs, virtual_functions
@@ -253,6 +254,9 @@ def cmd_vfs(args: argparse.Namespace) -> int:
     host = _host(args)
     pf = device_argument(host.sysfs, args.pf)
     log = _event_log(args)
+    if args.count == 0 and (gone := persistent.forget_absent_pf(host, pf)):
+        print("\n".join(gone))  # a persistent VF count of a PF that is not here
+        return 0
     try:
         total_vfs(host.sysfs, pf)  # "no PCI device", "no SR-IOV capability" first
         before = virtual_functions(host.sysfs, pf)
@@ -268,8 +272,16 @@ def cmd_vfs(args: argparse.Namespace) -> int:
                 f"{', '.join(bound)}; changing the count to {args.count} removes them all",
                 f"give them back first (kata-vfio-ctl restore {' '.join(bound)}), "
                 "or pass --force to drop those binds with their VFs")
+        # the persistent VF count and binds first: refused, or put back, with nothing set
+        kept, persisted = persistent.record_vfs(host, pf, args.count, args.persist, before,
+                                                resizing)
         with step(f"setting the virtual functions of {pf} to {args.count}"):
-            vfs = set_vf_count(host, pf, args.count, force=args.force)
+            try:
+                vfs = set_vf_count(host, pf, args.count, force=args.force)
+            except BaseException:
+                if kept is not None:
+                    persistent.put_back(kept)
+                raise
     except Exception as exc:
         log.error("virtual functions not set", pf=str(pf), count=args.count,
                   error=describe(exc)[0])
@@ -286,7 +298,7 @@ def cmd_vfs(args: argparse.Namespace) -> int:
     unbound = [r["address"] for r in records if r["driver"] is None]
     if args.json:
         print(json.dumps({"pf": str(pf), "vfs": records, "binds_dropped": dropped,
-                          "unbound": unbound}, indent=1))
+                          "unbound": unbound, "persistent": persisted}, indent=1))
         return 0
     for r in records:
         print(f"{r['address']}: VF of {pf} [{r['ids']}] IOMMU group "
@@ -294,6 +306,8 @@ def cmd_vfs(args: argparse.Namespace) -> int:
               f"{r['driver'] or 'none'}")
     if dropped:
         print(f"{pf}: the binds of {', '.join(dropped)} went with the old virtual functions")
+    for line in persisted:
+        print(line)
     if not vfs:
         print(f"{pf}: no virtual functions")
     elif unbound:
@@ -345,8 +359,12 @@ def cmd_bind(args: argparse.Namespace) -> int:
             print(f"{verb} {dev.address} ({dev.ids}, {dev.driver or 'no driver'}) "
                   "-> vfio-pci", flush=True)
 
+    from kata_vfio_ctl import persistent
+
     moved = [{"address": str(d.address), "ids": d.ids, "driver": d.driver} for d in planned]
     if args.dry_run:
+        if args.persist:
+            persistent.check_persistable(host, addresses)
         say_moves()
         if args.json:
             print(json.dumps({"dry_run": True, "moves": moved, "groups": [
@@ -358,8 +376,6 @@ def cmd_bind(args: argparse.Namespace) -> int:
                   f"{', and again at every boot' if args.persist else ''} "
                   "(dry run: nothing changed)")
         return 0
-    from kata_vfio_ctl import persistent
-
     log = _event_log(args)
     # the persistent list first: a file that cannot be written refuses with nothing moved
     before = persistent.record_persistent(host, addresses) if args.persist else None
@@ -585,6 +601,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="remove VFs even when containers own them, processes hold them or "
                         "kata-vfio bound them")
+    p.add_argument("--persist", action=argparse.BooleanOptionalAction, default=None,
+                   help="make this count again at every boot (kata-vfio-ctl boot), or "
+                        "--no-persist: no longer (default: a persistent count stays so)")
     p.add_argument("--json", action="store_true", help="the result as JSON")
     p.set_defaults(func=cmd_vfs)
 
@@ -673,12 +692,16 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
                 "devices -d 8086:* -d ::0200  # lspci -d syntax, as io.kata-vfio.select",
                 "devices 03:00.0 eth1 --json  # short addresses and interface names"),
     "vfs": ("vfs eth1 4                   # four VFs on eth1's PF (left unbound)",
-            "vfs 0000:06:00.0 0           # remove them again"),
+            "vfs 0000:06:00.0 0           # remove them again (and their persistence)",
+            "vfs eth1 4 --persist         # and make them again at every boot (boot)",
+            "vfs eth1 4 --no-persist      # keep them now, no longer at boot"),
     "bind": ("bind 03:00.0                 # the device and its whole IOMMU group",
              "bind eth1 --dry-run          # say what would move, change nothing",
              "bind 0000:06:10.0 0000:06:10.1 --json",
-             "bind 03:00.0 --persist        # and again at every boot (kata-vfio-boot.service)"),
-    "boot": ("boot                         # at boot: persistent binds again, old claims cleared",),
+             "bind 03:00.0 --persist        # and again at every boot (kata-vfio-boot.service)",
+             "bind 0000:07:00.1 --persist   # a VF: after vfs PF N --persist (made first)"),
+    "boot": ("boot                         # at boot: persistent binds again, old claims cleared",
+             "boot --timeout 30             # PF drivers, VFs and /dev/vfio/N may take time"),
     "restore": ("restore 03:00.0              # back to the driver it had",
                 "restore --stale              # devices of containers that are gone",
                 "restore --all --json"),

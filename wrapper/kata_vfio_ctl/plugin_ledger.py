@@ -15,8 +15,10 @@ its devices to a new allocation: the kubelet assigns a device again only when th
 that had it is no longer active.
 
 Besides the ledger, each allocation has a small record of ours under
-``<state_dir>/device-plugin/`` (resource, device IDs, groups, when): the claims say which
-groups an allocation holds until a container takes them over, the record says it after.
+``<state_dir>/device-plugin/`` (resource, device IDs, groups, when, the boot id): the
+claims say which groups an allocation holds until a container takes them over, the record
+says it after. No pod survives a reboot: `kata-vfio-ctl boot` drops the records of earlier
+boots (`forget_earlier_boots`) with the ledger's claims.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class Allocation:
     device_ids: tuple[str, ...]
     groups: frozenset[int]
     since: float
+    boot_id: str | None = None  # None: written before records held one
 
     @property
     def owner(self) -> str:
@@ -76,7 +79,7 @@ def _write_record(host: Host, allocation: Allocation) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     data = {"id": allocation.id, "resource": allocation.resource,
             "device_ids": list(allocation.device_ids), "groups": sorted(allocation.groups),
-            "since": allocation.since}
+            "since": allocation.since, "boot_id": allocation.boot_id}
     write_atomically(path, json.dumps(data).encode(), mode=0o600, durable=False)
 
 
@@ -128,7 +131,7 @@ def _forget_groups(host: Host, cid: str, groups: set[int]) -> None:
     left = record.groups - groups
     if left:
         _write_record(host, Allocation(record.id, record.resource, record.device_ids, left,
-                                       record.since))
+                                       record.since, record.boot_id))
     else:
         _remove_record(host, cid)
 
@@ -175,7 +178,7 @@ def allocate(host: Host, resource: str, device_ids: list[str], groups: list[Iomm
     cid = allocation_id(device_ids)
     _hand_over_stale(host, cid, groups)
     allocation = Allocation(cid, resource, tuple(sorted(device_ids)),
-                            frozenset(g.number for g in groups), time.time())
+                            frozenset(g.number for g in groups), time.time(), host.boot_id)
     acquire(host, cid, groups, endpoints, tuple(str(a) for a in endpoints), None, in_use)
     try:
         for group in groups:
@@ -218,10 +221,12 @@ def _read_records(directory: str) -> dict[str, Allocation]:
             with open(os.path.join(directory, name), "rb") as f:
                 data = json.loads(f.read())
             cid = str(ContainerId.parse(data["id"]))
+            boot_id = data.get("boot_id")
             found[cid] = Allocation(cid, str(data["resource"]),
                                     tuple(str(d) for d in data["device_ids"]),
                                     frozenset(int(g) for g in data["groups"]),
-                                    float(data["since"]))
+                                    float(data["since"]),
+                                    boot_id if isinstance(boot_id, str) else None)
         except (OSError, ValueError, KeyError, TypeError, DeviceError):
             continue  # not ours, or half written by a killed plugin: the ledger still tells
     return found
@@ -249,7 +254,7 @@ def allocations(host: Host, journal: Journal | None = None) -> dict[str, Allocat
             found[cid] = Allocation(cid, "", (), frozenset(numbers), since.get(cid, 0.0))
         else:
             found[cid] = Allocation(cid, known.resource, known.device_ids,
-                                    known.groups | numbers, known.since)
+                                    known.groups | numbers, known.since, known.boot_id)
     return found
 
 
@@ -283,3 +288,27 @@ def release_allocation(host: Host, allocation: Allocation) -> bool:
                           "check the kernel log; kata-vfio-ctl restore --stale retries")
     _remove_record(host, allocation.id)
     return True
+
+
+def forget_earlier_boots(host: Host) -> list[Allocation]:
+    """For `kata-vfio-ctl boot`, after the ledger's `forget_earlier_boots`: the records of
+    allocations made in an earlier boot go (no pod survives a reboot; their claims and
+    device entries went with the ledger's). A record written before records held a boot
+    id goes when the ledger holds nothing of it: no claim of it, no device it bound, no
+    live claim on one of its groups. Returns what went, by id."""
+    from kata_vfio_host.ledger import earlier_boot
+
+    journal = read_journal_file(host)
+    live = {g for g, c in journal.claims.items() if not claim_gone(host, c)}
+    dropped = []
+    for cid, record in sorted(_read_records(os.path.join(host.state_dir, RECORDS)).items()):
+        if record.boot_id is not None:
+            stale = earlier_boot(host, record.boot_id)
+        else:
+            stale = not (any(c.container == cid for c in journal.claims.values())
+                         or any(e.owner == record.owner for e in journal.devices.values())
+                         or record.groups & live)
+        if stale:
+            _remove_record(host, cid)
+            dropped.append(record)
+    return dropped

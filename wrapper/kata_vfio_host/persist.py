@@ -1,12 +1,19 @@
-"""Persistent admin binds: `kata-vfio-ctl bind --persist`, bound again at every boot.
+"""Persistent admin binds and VF counts: `bind --persist`, `vfs --persist`, made
+again at every boot.
 
-A kernel forgets every driver move when it reboots. The devices an admin wants on
-vfio-pci for good are listed in a file of ours, `/etc/kata-vfio/persistent-binds`
-($KATA_VFIO_PERSIST for tests), one ``DDDD:BB:SS.F VVVV:DDDD`` per line: the address
-and the vendor:device IDs it had when bound, so that a different card in the same
-slot after a reboot is never taken. `kata-vfio-ctl boot` (kata-vfio-boot.service)
-binds them again early at boot; `restore` removes them. Read strictly (a line we did
-not write is an error naming it), written atomically, edited under a flock.
+A kernel forgets every driver move and every SR-IOV VF when it reboots. What an admin
+wants for good is listed in a file of ours, `/etc/kata-vfio/persistent-binds`
+($KATA_VFIO_PERSIST for tests):
+
+- ``DDDD:BB:SS.F VVVV:DDDD vfs=N``: the PF at that address, with those vendor:device
+  IDs, gets N VFs again (`vfs PF N --persist`; `vfs PF 0` or `--no-persist` removes it);
+- ``DDDD:BB:SS.F VVVV:DDDD``: that device goes to vfio-pci again (`bind --persist`;
+  `restore` removes it). A VF's bind needs its PF's VF count listed.
+
+The IDs are those the device had when listed, so that a different card in the same slot
+after a reboot is never taken. `kata-vfio-ctl boot` (kata-vfio-boot.service) makes the
+VFs first, then binds. Read strictly (a line we did not write is an error naming it),
+written atomically, edited under a flock.
 """
 
 from __future__ import annotations
@@ -26,9 +33,12 @@ DEFAULT_PERSIST = "/etc/kata-vfio/persistent-binds"
 LIMIT = 1 << 20  # a few lines per device; a bigger file is not ours
 HEADER = ("# kata-vfio-ctl bind --persist: bound to vfio-pci again at every boot by\n"
           "# kata-vfio-ctl boot (kata-vfio-boot.service); kata-vfio-ctl restore removes a\n"
-          "# line. One 'DDDD:BB:SS.F VVVV:DDDD' (address, IDs when bound) per line.\n")
+          "# line. One 'DDDD:BB:SS.F VVVV:DDDD' (address, IDs when bound) per line.\n"
+          "# kata-vfio-ctl vfs --persist: 'DDDD:BB:SS.F VVVV:DDDD vfs=N', a PF given N VFs\n"
+          "# again at boot, before the binds; kata-vfio-ctl vfs PF 0 removes it.\n")
 _FORMAT_HINT = ("fix or delete that line: each line is 'DDDD:BB:SS.F VVVV:DDDD' (e.g. "
-                "'0000:03:00.0 8086:10d3'), as kata-vfio-ctl bind --persist writes it")
+                "'0000:03:00.0 8086:10d3'), as kata-vfio-ctl bind --persist writes it, or "
+                "'DDDD:BB:SS.F VVVV:DDDD vfs=N', as vfs --persist writes it")
 
 
 def persist_path() -> str:
@@ -62,6 +72,57 @@ class PersistentBind:
         return f"PersistentBind({self.line().strip()!r})"
 
 
+class PersistentVfs:
+    """A PF whose VF count is made again at every boot: where it is, what it was, how
+    many VFs."""
+
+    __slots__ = ("address", "count", "device", "vendor")
+
+    def __init__(self, address: PciAddress, vendor: int, device: int, count: int) -> None:
+        self.address = address
+        self.vendor = vendor
+        self.device = device
+        self.count = count
+
+    @property
+    def ids(self) -> str:
+        return f"{self.vendor:04x}:{self.device:04x}"
+
+    def line(self) -> str:
+        return f"{self.address} {self.ids} vfs={self.count}\n"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PersistentVfs) and self.line() == other.line()
+
+    def __hash__(self) -> int:
+        return hash(self.line())
+
+    def __repr__(self) -> str:
+        return f"PersistentVfs({self.line().strip()!r})"
+
+
+class Persisted:
+    """Everything the file lists: the VF counts (made first at boot) and the binds."""
+
+    __slots__ = ("binds", "vfs")
+
+    def __init__(self, binds: list[PersistentBind], vfs: list[PersistentVfs]) -> None:
+        self.binds = binds
+        self.vfs = vfs
+
+    def vf_count(self, pf: PciAddress) -> PersistentVfs | None:
+        return next((v for v in self.vfs if v.address == pf), None)
+
+    def copy(self) -> Persisted:
+        return Persisted(list(self.binds), list(self.vfs))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Persisted) and (self.binds, self.vfs) == (other.binds,
+                                                                           other.vfs)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
+
 def _hex4(text: str) -> int | None:
     if len(text) != 4 or any(c not in "0123456789abcdef" for c in text):
         return None
@@ -69,9 +130,15 @@ def _hex4(text: str) -> int | None:
 
 
 def parse_binds(text: str, path: str) -> list[PersistentBind]:
+    return parse_persisted(text, path).binds
+
+
+def parse_persisted(text: str, path: str) -> Persisted:
     """The file's lines, strictly: blank lines and '#' comments aside, each line is one
-    canonical address and its IDs, each address once."""
+    canonical address and its IDs, then ``vfs=N`` for a VF count; each address once as a
+    bind and once as a VF count."""
     binds: list[PersistentBind] = []
+    vfs: list[PersistentVfs] = []
     seen: set[str] = set()
     for number, raw in enumerate(text.split("\n"), 1):
         line = raw.strip()
@@ -79,7 +146,16 @@ def parse_binds(text: str, path: str) -> list[PersistentBind]:
             continue
         fields = line.split()
         where = f"{path} line {number}"
-        if len(fields) != 2:
+        count = None
+        if len(fields) == 3:
+            value = fields[2].removeprefix("vfs=")
+            if not fields[2].startswith("vfs=") or not value.isascii() \
+                    or not value.isdigit() or len(value) > 5 or int(value) == 0 \
+                    or str(int(value)) != value:
+                raise ConfigError(f"{where}: {fields[2]!r} is not vfs=N (a VF count from 1)",
+                                  _FORMAT_HINT)
+            count = int(value)
+        elif len(fields) != 2:
             raise ConfigError(f"{where}: {line!r} is not an address and its IDs", _FORMAT_HINT)
         try:
             addr = PciAddress.parse(fields[0])
@@ -93,21 +169,31 @@ def parse_binds(text: str, path: str) -> list[PersistentBind]:
         if vendor is None or device is None:
             raise ConfigError(f"{where}: {fields[1]!r} is not VVVV:DDDD (four lower-case hex "
                               "digits each)", _FORMAT_HINT)
-        if fields[0] in seen:
-            raise ConfigError(f"{where}: {fields[0]} is listed twice",
+        key = fields[0] if count is None else f"{fields[0]} vfs"
+        if key in seen:
+            raise ConfigError(f"{where}: {fields[0]} is listed twice"
+                              f"{'' if count is None else ' with a VF count'}",
                               "delete one of the two lines")
-        seen.add(fields[0])
-        binds.append(PersistentBind(addr, vendor, device))
-    return binds
+        seen.add(key)
+        if count is None:
+            binds.append(PersistentBind(addr, vendor, device))
+        else:
+            vfs.append(PersistentVfs(addr, vendor, device, count))
+    return Persisted(binds, vfs)
 
 
 def read_binds(path: str | None = None) -> list[PersistentBind]:
     """The persistent binds ([] when the file does not exist)."""
+    return read_persisted(path).binds
+
+
+def read_persisted(path: str | None = None) -> Persisted:
+    """The persistent binds and VF counts (none when the file does not exist)."""
     path = path or persist_path()
     try:
         raw = read_regular(path, LIMIT, "persistent binds file")
     except FileNotFoundError:
-        return []
+        return Persisted([], [])
     except UnsafeFileError as exc:
         raise ConfigError(exc.message, f"move it away: {path} is kata-vfio-ctl's own list "
                           "of persistent binds, a plain text file") from None
@@ -123,14 +209,14 @@ def read_binds(path: str | None = None) -> list[PersistentBind]:
     except UnicodeDecodeError:
         raise ConfigError(f"persistent binds file {path} holds bytes that are not ASCII",
                           _FORMAT_HINT.replace("that line", "the file")) from None
-    return parse_binds(text, path)
+    return parse_persisted(text, path)
 
 
-def write_binds(path: str, binds: list[PersistentBind]) -> None:
+def write_persisted(path: str, persisted: Persisted) -> None:
+    lines = [v.line() for v in persisted.vfs] + [b.line() for b in persisted.binds]
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        write_atomically(path, (HEADER + "".join(b.line() for b in binds)).encode(),
-                         mode=0o644)
+        write_atomically(path, (HEADER + "".join(lines)).encode(), mode=0o644)
     except OSError as exc:
         raise ConfigError(f"cannot write persistent binds file {path}: "
                           f"{exc.strerror or exc}",
@@ -141,8 +227,16 @@ def write_binds(path: str, binds: list[PersistentBind]) -> None:
 
 @contextmanager
 def editing_binds(path: str | None = None) -> Iterator[list[PersistentBind]]:
-    """The persistent binds to change in place, under a flock beside the file; written
-    back (atomically) when the block ends without an exception and they changed."""
+    """The persistent binds to change in place (see `editing`)."""
+    with editing(path) as persisted:
+        yield persisted.binds
+
+
+@contextmanager
+def editing(path: str | None = None) -> Iterator[Persisted]:
+    """The persistent binds and VF counts to change in place, under a flock beside the
+    file; written back (atomically) when the block ends without an exception and they
+    changed."""
     path = path or persist_path()
     lock = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.lock")
     try:
@@ -154,10 +248,10 @@ def editing_binds(path: str | None = None) -> Iterator[list[PersistentBind]]:
             from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        binds = read_binds(path)
-        before = list(binds)
-        yield binds
-        if binds != before:
-            write_binds(path, binds)
+        persisted = read_persisted(path)
+        before = persisted.copy()
+        yield persisted
+        if persisted != before:
+            write_persisted(path, persisted)
     finally:
         os.close(fd)
