@@ -2,9 +2,12 @@
 times over one state disk holding /etc/kata-vfio and /var/lib/kata-vfio.
 
 Boot 1: `bind --persist` an e1000e, two containers claim (and auto-bind) an NVMe
-controller and the bridged e1000 pair. Boot 2: `kata-vfio-ctl boot` binds the e1000e
-again and clears the containers' claims, saying so. Boot 3, without the boot command:
-`restore --all` says the earlier boot's binds ended with it, and gives nothing back.
+controller and the bridged e1000 pair, `vfs --persist` gives QEMU's SR-IOV NVMe PF two
+VFs and `bind --persist` takes the second, the device plugin allocates the other e1000e.
+Boot 2: `kata-vfio-ctl boot` makes the two VFs again, binds the e1000e and the VF again,
+and clears the containers' claims and the plugin's allocation, saying so; `vfs PF 0
+--force` then drops the VFs' persistence. Boot 3, without the boot command: `restore
+--all` says the earlier boot's binds ended with it, and gives nothing back.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ SCRIPT = '#!/kvfio/bin/sh\nexec /usr/bin/python3 -I -S /kvfio/persist.py "$1"\n'
 NIC = "0000:00:04.0"
 NVME = "0000:00:05.0"
 PAIR = ("0000:01:01.0", "0000:01:02.0")
+SRIOV_PF = "0000:00:07.0"
+ALLOCATED = "0000:00:03.0"
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +41,9 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> GuestRun:
     state = tmp / "state.img"
     with open(state, "wb") as f:
         f.truncate(32 << 20)
-    devices = (*vmtools.DEFAULT_DEVICES, vmtools.nvme_with_disk("kvfio-state", state,
-                                                                 addr="0x6"))
+    devices = (*vmtools.DEFAULT_DEVICES,
+               vmtools.nvme_with_disk("kvfio-state", state, addr="0x6"),
+               *vmtools.nvme_sriov_pf(2, addr="0x7"))
     return vmtools.boot(INITRD, KVER, [Scenario("persist", "{}", script=SCRIPT)],
                         devices=devices, console_log=tmp / "console.log", host_tools=True,
                         modules=("ext4",), timeout=1200, reboots=True)
@@ -116,3 +122,54 @@ def test_restore_all_after_a_reboot_without_the_boot_command_gives_nothing_back(
     nothing = step(guest, 3, "boot")
     assert nothing["rc"] == 0 and nothing["stdout"].startswith("nothing to do"), nothing
     assert nothing["drivers"][NIC] == "e1000e"
+
+
+def test_boot_makes_the_persistent_vfs_again_and_binds_the_persistent_vf(
+        guest: GuestRun) -> None:
+    made = step(guest, 1, "vfs-persist")
+    assert made["rc"] == 0, made["stderr"]
+    assert f"{SRIOV_PF}: 2 VFs made again at every boot" in made["stdout"]
+    vfs = event(guest, "allocation", 1)["vfs"]
+    assert len(vfs) == 2
+    bound = step(guest, 1, "bind-vf-persist")
+    assert bound["rc"] == 0, bound["stderr"]
+    assert bound["drivers"][vfs[1]] == "vfio-pci"
+    after_reboot = event(guest, "booted-state", 2)
+    assert after_reboot["numvfs"] == 0 and after_reboot["vfs"] == []  # the reboot took them
+    assert not any(v in after_reboot["drivers"] for v in vfs)
+    ran = step(guest, 2, "boot")
+    assert ran["rc"] == 0, ran["stderr"]
+    out = ran["stdout"]
+    assert f"made 2 VFs of {SRIOV_PF} (1b36:0010, persistent) again: {', '.join(vfs)}" in out
+    assert f"re-bound {vfs[1]} (1b36:0010, persistent): {vfs[1]} (no driver) -> vfio-pci" \
+        in out
+    state = event(guest, "claims", 2)
+    assert state["numvfs"] == 2 and state["vfs"] == vfs  # the same VFs, at the same places
+    assert state["drivers"][vfs[1]] == "vfio-pci" and state["drivers"][vfs[0]] is None
+    again = step(guest, 2, "boot-again")["stdout"]
+    assert f"{SRIOV_PF} (1b36:0010, persistent): already has 2 VFs" in again
+    assert f"{vfs[1]} (1b36:0010, persistent): already on vfio-pci" in again
+
+
+def test_boot_drops_the_device_plugins_allocation_of_the_previous_boot(
+        guest: GuestRun) -> None:
+    allocation = event(guest, "allocation", 1)
+    assert allocation["drivers"][ALLOCATED] == "vfio-pci"
+    assert allocation["plugin_records"] == [f"{allocation['id']}.json"]
+    assert event(guest, "booted-state", 2)["plugin_records"] == [f"{allocation['id']}.json"]
+    out = step(guest, 2, "boot")["stdout"]
+    assert (f"cleared the device plugin's allocations {allocation['id']} (kata-vfio.io/nic) "
+            "from the previous boot (no pod survives a reboot)") in out
+    assert event(guest, "claims", 2)["plugin_records"] == []  # the record is gone
+    assert f"{ALLOCATED}: the previous boot's bind by container {allocation['id']} ended " \
+        "with the reboot (now on e1000e)" in out
+
+
+def test_vfs_to_zero_drops_the_persistent_vfs_and_their_binds(guest: GuestRun) -> None:
+    refused = step(guest, 2, "vfs-0")
+    assert refused["rc"] == 1 and "kata-vfio bound" in refused["stderr"]
+    removed = step(guest, 2, "vfs-0-force")
+    assert removed["rc"] == 0, removed["stderr"]
+    assert f"{SRIOV_PF}: its VFs are no longer made at boot" in removed["stdout"]
+    assert "no longer bound at boot (its VF went" in removed["stdout"]
+    assert event(guest, "booted-state", 3)["numvfs"] == 0

@@ -1,8 +1,10 @@
 """Persistent binds across reboots of a real kernel (copied in by vmtools).
 
 The guest keeps /etc/kata-vfio and /var/lib/kata-vfio on an ext4 state disk (the NVMe
-drive at 0000:00:06.0) and counts its boots there: boot 1 binds with --persist and
-leaves two containers' claims, then reboots; boot 2 runs `kata-vfio-ctl boot`; boot 3
+drive at 0000:00:06.0) and counts its boots there: boot 1 binds with --persist, gives
+the SR-IOV NVMe PF (0000:00:07.0) two VFs with --persist and binds its second VF with
+--persist, leaves two containers' claims and a device-plugin allocation, then reboots;
+boot 2 runs `kata-vfio-ctl boot`, then removes the VFs (and their persistence); boot 3
 runs `restore --all` without it. Prints "KVFIO <json>" records.
 """
 
@@ -18,6 +20,8 @@ PCI = "/sys/bus/pci/devices"
 BB = "/kvfio/bin/busybox"
 STATE = "/kvfio/state"
 DISK_FN = "0000:00:06.0"
+SRIOV_PF = "0000:00:07.0"
+ALLOCATED = "0000:00:03.0"  # the device plugin's allocation
 CTL = ("import sys; sys.path.insert(0, '/usr/lib/kata-vfio'); "
        "from kata_vfio_ctl.main import main; sys.exit(main(sys.argv[1:]))")
 
@@ -66,6 +70,31 @@ def ledger_claims():
     return {str(g): c.container for g, c in read_journal_file(host).claims.items()}
 
 
+def sriov_state():
+    """The PF's VF count, its VFs (virtfnN order) and the device plugin's records."""
+    pf = os.path.join(PCI, SRIOV_PF)
+    with open(os.path.join(pf, "sriov_numvfs")) as f:
+        count = int(f.read())
+    vfs = sorted((n for n in os.listdir(pf) if n.startswith("virtfn")), key=lambda n: int(n[6:]))
+    records = "/var/lib/kata-vfio/device-plugin"
+    return {"numvfs": count, "vfs": [os.path.basename(os.readlink(os.path.join(pf, n)))
+                                     for n in vfs],
+            "plugin_records": sorted(os.listdir(records)) if os.path.isdir(records) else []}
+
+
+def plugin_allocation():
+    """What the device plugin's Allocate does for the kubelet: a claim, a bind, a record."""
+    from kata_vfio.pci import PciAddress, group_of
+    from kata_vfio_ctl import plugin_ledger
+    from kata_vfio_host.ledger import Host
+
+    host = Host("/sys", "/var/lib/kata-vfio")
+    addr = PciAddress.parse(ALLOCATED)
+    allocation = plugin_ledger.allocate(host, "kata-vfio.io/nic", [ALLOCATED],
+                                        [group_of("/sys", addr)], [addr], None)
+    emit(event="allocation", boot=1, id=allocation.id, drivers=drivers(), **sriov_state())
+
+
 def container_claims():
     """Two containers' creates, through the ledger path every engine's create takes:
     ctr-a auto-binds the NVMe controller, ctr-b the two e1000 behind the bridge."""
@@ -100,18 +129,25 @@ for sub, where in (("etc", "/etc/kata-vfio"), ("lib", "/var/lib/kata-vfio")):
     os.makedirs(where, exist_ok=True)
     run(BB, "mount", "-o", "bind", os.path.join(STATE, sub), where)
 with open("/proc/sys/kernel/random/boot_id") as f:
-    emit(event="booted-state", boot=boot, boot_id=f.read().strip(), drivers=drivers())
+    emit(event="booted-state", boot=boot, boot_id=f.read().strip(), drivers=drivers(),
+         **sriov_state())
 
 if boot == 1:
     ctl(boot, "bind-persist", "bind", "--persist", "0000:00:04.0")
     container_claims()
     emit(event="claims", boot=boot, claims=ledger_claims(), drivers=drivers())
+    ctl(boot, "vfs-persist", "vfs", SRIOV_PF, "2", "--persist")
+    ctl(boot, "bind-vf-persist", "bind", "--persist", sriov_state()["vfs"][1])
+    plugin_allocation()
 elif boot == 2:
     ctl(boot, "devices", "devices", "--json")
-    ctl(boot, "boot", "boot")
-    emit(event="claims", boot=boot, claims=ledger_claims(), drivers=drivers())
+    ctl(boot, "boot", "boot", "--timeout", "30")
+    emit(event="claims", boot=boot, claims=ledger_claims(), drivers=drivers(),
+         **sriov_state())
     ctl(boot, "boot-again", "boot")
     ctl(boot, "bind-plain", "bind", "0000:00:05.0")
+    ctl(boot, "vfs-0", "vfs", SRIOV_PF, "0")  # kata-vfio bound a VF: refused
+    ctl(boot, "vfs-0-force", "vfs", SRIOV_PF, "0", "--force")
 elif boot == 3:
     ctl(boot, "restore-all", "restore", "--all")
     ctl(boot, "boot", "boot")
