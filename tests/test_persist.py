@@ -276,6 +276,8 @@ def test_boot_makes_the_persistent_vfs_again_then_binds_the_persistent_vf(
     out = capsys.readouterr().out
     assert numvfs(machine) == 2
     assert machine.fs.driver(VF1) == "vfio-pci" and machine.fs.driver(VF0) is None
+    assert ctl(["devices", PF]) == 0
+    assert "2 VFs made again at every boot (vfs --persist)" in capsys.readouterr().out
     assert (machine.fs.dev_dir(PF) / "sriov_drivers_autoprobe").read_text() == "0"
     lines = out.splitlines()
     made = lines.index(f"made 2 VFs of {PF} (1b36:0010, persistent) again: {VF0}, {VF1}")

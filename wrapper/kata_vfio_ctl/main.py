@@ -135,7 +135,7 @@ def device_records(args: argparse.Namespace, host: Any) -> list[dict[str, Any]]:
     from kata_vfio_host.allocate import Pool
     from kata_vfio_host.ledger import claim_gone, earlier_boot, read_journal_file
     from kata_vfio_host.pciids import class_name
-    from kata_vfio_host.persist import read_binds
+    from kata_vfio_host.persist import read_persisted
     from kata_vfio_host.settings import load_settings
 
     # the forms bind takes (DDDD:BB:SS.F, BB:SS.F, an interface name), or address globs
@@ -150,7 +150,9 @@ def device_records(args: argparse.Namespace, host: Any) -> list[dict[str, Any]]:
     # a bind of an earlier boot ended with it: nobody has bound the device now
     journal = {a: e for a, e in read_journal(host).items()
                if not earlier_boot(host, e.get("boot_id"))}
-    persistent = {str(b.address) for b in read_binds()}
+    persisted = read_persisted()
+    persistent = {str(b.address) for b in persisted.binds}
+    vf_counts = {str(v.address): v.count for v in persisted.vfs}
     claims = {g: c for g, c in read_journal_file(host).claims.items()
               if not claim_gone(host, c)}
     pool = Pool(host, load_settings().autobind_allow)
@@ -193,7 +195,7 @@ def device_records(args: argparse.Namespace, host: Any) -> list[dict[str, Any]]:
             "owner": claim.container if claim is not None else None,
             "sriov_totalvfs": int(total.read_text()) if total.exists() else None,
             "free": not_free is None, "not_free": not_free,
-            "persistent": str(addr) in persistent,
+            "persistent": str(addr) in persistent, "persistent_vfs": vf_counts.get(str(addr)),
         })
     return records
 
@@ -237,6 +239,8 @@ def cmd_devices(args: argparse.Namespace) -> int:
             notes.append(f"bound by {r['bound_by']}")
         if r["persistent"]:
             notes.append("bound again at every boot (bind --persist)")
+        if r["persistent_vfs"]:
+            notes.append(f"{r['persistent_vfs']} VFs made again at every boot (vfs --persist)")
         for note in notes:
             print(f"{'':14}{note}")
     return 0
