@@ -36,7 +36,8 @@ class FreshRootError(Exception):
 
 
 def _deb822(text: str) -> list[dict[str, str]]:
-    stanzas, current = [], {}
+    stanzas: list[dict[str, str]] = []
+    current: dict[str, str] = {}
     for line in text.splitlines():
         if line.startswith("#"):
             continue
@@ -179,10 +180,12 @@ def make_root(root: Path, packages: list[str], suite: str = SUITE) -> Path:
     return tar
 
 
-# in a private mount namespace: proc, the host's /sys (read-only unless sys_rw) and /dev,
-# a tmpfs on /run, then chroot; the mounts end with the namespace
+# in a private mount namespace: the root bound on itself (a machine's / is a mount point:
+# podman's layer unpacking remounts it), proc, the host's /sys (read-only unless sys_rw)
+# and /dev, a tmpfs on /run, then chroot; the mounts end with the namespace
 _ENTER = """set -e
 root=$1; shift
+mount --bind "$root" "$root"
 mount -t proc proc "$root/proc"
 mount --rbind /sys "$root/sys"
 [ "$FRESHROOT_SYS" = rw ] || mount -o remount,bind,ro "$root/sys"
