@@ -7,7 +7,14 @@ The root's apt sources, apt settings, keyrings and CA certificates are the host'
 copied in at run time; no archive host is named here.
 
     python3 tests/freshroot.py make ROOT [--suite bookworm] PACKAGE...   # unpack a root
-    python3 tests/freshroot.py run ROOT -- COMMAND...                      # run in it
+    python3 tests/freshroot.py run [--sys-rw] ROOT -- COMMAND...           # run in it
+
+A newcomer's `make demo` from scratch (README, "Develop"), the cache private to the root:
+
+    python3 tests/freshroot.py make R python3 python3-venv python3-pip make git ca-certificates
+    git clone . R/root/kata-vfio
+    python3 tests/freshroot.py run --sys-rw R -- sh -c 'cd /root/kata-vfio && time make demo'
+    rm -rf --one-file-system R
 """
 
 from __future__ import annotations
