@@ -81,9 +81,9 @@ test: lint initrd k8s-bins
 	KATA_VFIO_INITRD=$(abspath $(BUILD))/kata-vfio-initrd.img KATA_VFIO_KVER=$(KVER) \
 	  $(VENV)/bin/pytest -m "not kata and not kata3" tests
 
-# Fast feedback: no podman, no VM, no dracut run.
+# Fast feedback: no podman, no VM, no dracut run, no debootstrap root.
 test-unit: venv
-	$(VENV)/bin/pytest -m "not podman and not vm and not containerd and not kubelet and not dracut and not kata and not kata3" tests
+	$(VENV)/bin/pytest -m "not podman and not vm and not containerd and not kubelet and not dracut and not freshroot and not kata and not kata3" tests
 
 $(BUILD)/kata-vfio-initrd.img: venv $(wildcard initrd/*) $(PY_SOURCES)
 	$(PY) initrd/build.py --kver $(KVER) --output $@

@@ -22,6 +22,8 @@ import pytest
 from fakesys import FakeSysfs
 from freshroot import make_root, mounts_under, root_env, run_in_root
 
+pytestmark = pytest.mark.freshroot
+
 REPO = Path(__file__).resolve().parent.parent
 SOURCE = "/root/kata-vfio"  # where the operator put the tree, inside the root
 # not the node's files: the kernel's and the run's file systems, the source copy and its
