@@ -18,7 +18,7 @@ TEST_APT_PACKAGES := podman runc conmon catatonit uidmap fuse-overlayfs slirp4ne
 	qemu-system-x86 containerd dracut dracut-core linux-image-amd64 cpio busybox-static \
 	golang-github-opencontainers-specs-dev iproute2 python3-venv python3-yaml \
 	build-essential dpdk dpdk-dev linux-headers-amd64 linux-source xz-utils file dmsetup mdadm \
-	man-db zsh logrotate
+	man-db zsh logrotate debootstrap
 APT_PACKAGES := $(NODE_APT_PACKAGES) $(TEST_APT_PACKAGES)
 # linux-headers-amd64 and linux-source follow linux-image-amd64: the VF-settings VM test
 # builds the kernel's netdevsim for the guest kernel from them (tests/vm/build_netdevsim.py,
@@ -29,6 +29,8 @@ APT_PACKAGES := $(NODE_APT_PACKAGES) $(TEST_APT_PACKAGES)
 # then must refuse to bind (tests/test_vm_host.py)
 # man-db, zsh, logrotate: the install test renders the man page (man -l), loads the zsh
 # completion and rotates a log with the installed snippet
+# debootstrap: the fresh-node install test makes a Debian 12 root with only make and
+# NODE_APT_PACKAGES (tests/test_install_fresh_root.py, cached under $(KATA_VFIO_CACHE)/freshroot)
 # Expensive builds of registry dependencies (netdevsim.ko) are cached here by their versions
 KATA_VFIO_CACHE ?= $(abspath $(BUILD))
 export KATA_VFIO_CACHE
@@ -79,9 +81,9 @@ test: lint initrd k8s-bins
 	KATA_VFIO_INITRD=$(abspath $(BUILD))/kata-vfio-initrd.img KATA_VFIO_KVER=$(KVER) \
 	  $(VENV)/bin/pytest -m "not kata and not kata3" tests
 
-# Fast feedback: no podman, no VM, no dracut run.
+# Fast feedback: no podman, no VM, no dracut run, no debootstrap root.
 test-unit: venv
-	$(VENV)/bin/pytest -m "not podman and not vm and not containerd and not kubelet and not dracut and not kata and not kata3" tests
+	$(VENV)/bin/pytest -m "not podman and not vm and not containerd and not kubelet and not dracut and not freshroot and not kata and not kata3" tests
 
 $(BUILD)/kata-vfio-initrd.img: venv $(wildcard initrd/*) $(PY_SOURCES)
 	$(PY) initrd/build.py --kver $(KVER) --output $@
