@@ -479,3 +479,36 @@ def test_allocate_waits_for_the_stopping_container_of_the_pod_that_had_the_devic
     with pytest.raises(grpc.RpcError, match="in use by container other"):
         allocate(stub, PF1_VFS[1])
     assert time.monotonic() - started < 5
+
+
+def test_restore_names_an_allocation_left_by_a_stopped_plugin_as_the_plugins(
+        tmp_path: Path, fakesys: FakeSysfs, kernel: FakeKernel,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Seen on a real kernel (tests/test_vm_plugin.py): the plugin stopped with an
+    allocation whose pod never started, `restore --all` refused it as a "live container"
+    to delete from its VM — there is no container and no VM. It is refused (the pod may
+    still start) with a line that says whose it is and what gives it back; nothing moves."""
+    build_host(fakesys)
+    r = Run(tmp_path, fakesys, kernel)
+    r.options.boot_id = None  # this boot's id, as kata-vfio-ctl reads it
+    try:
+        r.start()
+        allocate(r.stub(), PF1_VFS[0])
+        r.channel.close()
+        r.stop_plugin()
+    finally:
+        r.close()
+    cfg = tmp_path / "ctl.toml"
+    cfg.write_text(f'sysfs = "{fakesys.root}"\nstate_dir = "{tmp_path / "state"}"\n')
+    monkeypatch.setenv("KATA_VFIO_CONFIG", str(cfg))
+    capsys.readouterr()
+    assert ctl_main(["restore", "--all"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "IOMMU group 10 is held by Kubernetes allocation " \
+           "kubernetes-allocation-0000-00-04.1 (kata-vfio-ctl device-plugin)" in err[0], err
+    assert "VM" not in err[0] and "delete the container" not in err[0], err
+    assert "--force" in err[0]
+    assert fakesys.driver(PF1_VFS[0]) == "vfio-pci"
+    host = Host(fakesys.root, tmp_path / "state")
+    assert owner_of(host, IommuGroup(10)) == "container kubernetes-allocation-0000-00-04.1"
