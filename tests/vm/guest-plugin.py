@@ -7,9 +7,11 @@ One boot, the steps in order, each reported as a "KVFIO <json>" record:
 vfs (the PF makes 3 VFs, autoprobe off) -> registered / offered (first ListAndWatch) ->
 allocate-a (VF 0 and 1, one request) and allocate-b (VF 2), each checked on sysfs,
 /dev/vfio and the ledger -> released (pod A is no longer listed: the plugin gives A back)
--> stopped (SIGTERM) -> restore (kata-vfio-ctl restore --all gives B back) -> restarted
-(a second plugin) -> removed (sriov_numvfs to 0: the ListAndWatch update) -> pf-offered
-(the PF without VFs) -> allocate-pf (away from nvme) -> restore-pf (back to nvme).
+-> stopped (SIGTERM, B still allocated) -> restore-refused (restore --all: B is the
+plugin's) -> restore (restore --all --force gives B back) -> restarted (a second plugin)
+-> removed (sriov_numvfs to 0: the ListAndWatch update) -> pf-offered (the PF without
+VFs) -> allocate-pf (away from nvme) -> released-pf (its pod gone: back to nvme) ->
+restore-pf (restore --all: nothing left).
 """
 
 import fcntl
@@ -93,7 +95,9 @@ def group_status(number):
             os.close(fd)
     finally:
         os.close(container)
-    return {"node": True, "viable": bool(flags & VFIO_GROUP_FLAGS_VIABLE)}
+    st = os.stat(path)
+    return {"node": True, "viable": bool(flags & VFIO_GROUP_FLAGS_VIABLE),
+            "dev": [os.major(st.st_rdev), os.minor(st.st_rdev)]}
 
 
 class Watch:
@@ -246,9 +250,14 @@ def main():
     rc = plugin.stop()
     emit(event="stopped", rc=rc, socket=os.path.exists(f"{KUBELET_DIR}/{request.endpoint}"),
          log=plugin.lines())
-    # B's pod never started either, and its plugin is gone: the admin gives back
-    restored = ctl("restore", "--all")
-    emit(event="restore", **restored, drivers={v: driver(v) for v in vfs}, owners=owners())
+    # B's pod never started either, and its plugin is gone: restore refuses (the pod may
+    # still start), then the admin takes it back with --force
+    refused = ctl("restore", "--all")
+    emit(event="restore-refused", **refused, drivers={v: driver(v) for v in vfs},
+         owners=owners())
+    restored = ctl("restore", "--all", "--force")
+    emit(event="restore", **restored, drivers={v: driver(v) for v in vfs}, owners=owners(),
+         nodes={v: os.path.exists(f"/dev/vfio/{group_of(v)}") for v in vfs})
 
     # a plugin again, watching while the admin removes the VFs (sriov_numvfs lowered)
     plugin = Plugin("/tmp/plugin-2.log")
@@ -274,12 +283,17 @@ def main():
     taken = allocate(stub, pf)
     taken["owners"] = owners()
     emit(event="allocate-pf", **taken)
+    # its pod is gone: the plugin gives the PF back to nvme
+    pods.listed = []
+    line = plugin.wait_line("released kubernetes-allocation-" + pf.replace(":", "-"), timeout=60)
+    emit(event="released-pf", line=line, driver=driver(pf), owners=owners(),
+         controllers=sorted(os.listdir(os.path.join(PCI, pf, "nvme")))
+         if os.path.isdir(os.path.join(PCI, pf, "nvme")) else None)
     channel.close()
     rc = plugin.stop()
     restored = ctl("restore", "--all")
     emit(event="restore-pf", **restored, stopped=rc, pf_driver=driver(pf), owners=owners(),
-         nvme=sorted(os.listdir(os.path.join(PCI, pf, "nvme")))
-         if os.path.isdir(os.path.join(PCI, pf, "nvme")) else None)
+         log=plugin.lines())
     kubelet.stop()
     pods.server.stop(grace=0)
 
