@@ -512,3 +512,41 @@ def test_restore_names_an_allocation_left_by_a_stopped_plugin_as_the_plugins(
     assert fakesys.driver(PF1_VFS[0]) == "vfio-pci"
     host = Host(fakesys.root, tmp_path / "state")
     assert owner_of(host, IommuGroup(10)) == "container kubernetes-allocation-0000-00-04.1"
+
+
+def test_a_gone_vf_is_reported_before_a_slow_survey_of_the_rest(
+        tmp_path: Path, fakesys: FakeSysfs, kernel: FakeKernel,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seen on a real kernel (tests/test_vm_plugin.py, 1.28 s): the VFs' removal changes
+    the PCI layout, and the survey that follows (in-use checks of every matching function
+    on a host driver: process and mount scans) ran before the gone VFs were reported.
+    Gone endpoints are Unhealthy in the next message, whatever the survey costs."""
+    from kata_vfio_host import usage
+
+    build_host(fakesys)
+    fakesys.add_device("0000:00:09.0", NVME, group=40, driver="nvme")  # the host's disk
+    slow = threading.Event()
+
+    def checker(sysfs: Any, proc: Any) -> Any:
+        def uses(addr: Any) -> list[str]:
+            if slow.is_set():
+                time.sleep(2.0)
+            return []
+        return uses
+
+    monkeypatch.setattr(usage, "use_checker", checker)
+    r = Run(tmp_path, fakesys, kernel)
+    try:
+        r.start()
+        devices, stream = first_list(r.stub())
+        assert devices[PF1_VFS[3]][0] == "Healthy"
+        slow.set()
+        fakesys.remove_device(PF1_VFS[3])
+        started = time.monotonic()
+        message = next(stream)
+        took = time.monotonic() - started
+        assert {d.ID: d.health for d in message.devices}[PF1_VFS[3]] == "Unhealthy"
+        assert took < 1.0, took
+        stream.cancel()
+    finally:
+        r.close()
