@@ -119,7 +119,7 @@ def test_a_pod_that_never_started_is_released_and_restore_gives_the_rest_back(
 
 
 def test_removing_the_vfs_reaches_list_and_watch_within_a_second(guest: GuestRun) -> None:
-    pf, vfs, _ = layout(guest)
+    _, vfs, _ = layout(guest)
     assert guest.record("restarted")["devices"] == {v: "Healthy" for v in vfs}
     removed = guest.record("removed")
     assert removed["present"] == []  # sriov_numvfs 0: the kernel removed them

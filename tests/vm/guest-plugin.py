@@ -28,6 +28,7 @@ from pathlib import Path
 sys.path[:0] = ["/usr/lib/kata-vfio", "/kvfio"]
 
 import grpc  # noqa: E402
+
 from plugin_peers import Kubelet, PodResources, pb, rpc  # noqa: E402
 
 PCI = "/sys/bus/pci/devices"
@@ -69,6 +70,13 @@ def ctl(*args):
                           capture_output=True, text=True, timeout=120)
     return {"args": list(args), "rc": proc.returncode, "stdout": proc.stdout,
             "stderr": proc.stderr}
+
+
+def read_json(path):
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def owners():
@@ -138,7 +146,7 @@ class Plugin:
 
     def __init__(self, log):
         self.log_path = log
-        self.log_file = open(log, "w")
+        self.log_file = open(log, "w")  # noqa: SIM115  (the plugin's stdout until stop)
         self.proc = subprocess.Popen(
             ["/usr/bin/python3", "-I", "-S", "-c", CTL, "device-plugin",
              "--kubelet-dir", KUBELET_DIR, "--pod-resources", POD_RESOURCES,
@@ -234,7 +242,7 @@ def main():
     b["owners"] = owners()
     emit(event="allocate-b", **b)
     cdi = "/run/cdi/kata-vfio.io-nvme.json"
-    emit(event="cdi", spec=json.load(open(cdi)) if os.path.exists(cdi) else None)
+    emit(event="cdi", spec=read_json(cdi))
 
     # pod A is gone before its container ever started: the kubelet no longer lists it
     pods.listed = [(RESOURCE, vfs[2])]
@@ -244,8 +252,7 @@ def main():
          drivers={v: driver(v) for v in vfs}, owners=owners(),
          nodes={v: os.path.exists(f"/dev/vfio/{group_of(v)}") for v in vfs})
 
-    emit(event="cdi-after-release",
-         spec=json.load(open(cdi)) if os.path.exists(cdi) else None)
+    emit(event="cdi-after-release", spec=read_json(cdi))
     channel.close()
     rc = plugin.stop()
     emit(event="stopped", rc=rc, socket=os.path.exists(f"{KUBELET_DIR}/{request.endpoint}"),

@@ -315,8 +315,8 @@ def boot(initrd: Path, kver: str, scenarios: list[Scenario],
          files: dict[str, Path] | None = None, trees: dict[str, Path] | None = None,
          reboots: bool = False, host_packages: tuple[str, ...] = ()) -> GuestRun:
     """Boot the product initrd plus the test archive; return the console and KVFIO records.
-    `modules`, `files`, `trees` and `host_packages`: see build_test_cpio. `reboots`: a guest reboot boots
-    the same VM again (QEMU resets it) instead of ending the run."""
+    `modules`, `files`, `trees` and `host_packages`: see build_test_cpio. `reboots`: a
+    guest reboot boots the same VM again (QEMU resets it) instead of ending the run."""
     with tempfile.TemporaryDirectory(prefix="kvfio-vm.") as tmp:
         combined = Path(tmp) / "initrd.img"
         console_file = console_log or Path(tmp) / "console.log"
