@@ -101,6 +101,8 @@ def test_a_pod_that_never_started_is_released_and_restore_gives_the_rest_back(
     assert released["drivers"] == {vfs[0]: None, vfs[1]: None, vfs[2]: "vfio-pci"}
     assert released["nodes"] == {vfs[0]: False, vfs[1]: False, vfs[2]: True}
     assert [released["owners"][v] for v in vfs] == [None, None, allocation(vfs[2])]
+    spec = guest.record("cdi-after-release")["spec"]
+    assert [d["name"] for d in spec["devices"]] == [vfs[2]]
     # B's pod may still start: restore says whose it is and moves nothing
     refused = guest.record("restore-refused")
     assert refused["rc"] != 0 and refused["stderr"].count("\n") == 1

@@ -258,6 +258,11 @@ def main():
          drivers={v: driver(v) for v in vfs}, owners=owners(),
          nodes={v: os.path.exists(f"/dev/vfio/{group_of(v)}") for v in vfs})
 
+    # the CDI spec names the groups whose /dev/vfio node exists: A's go (a poll later)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(
+            d["name"] in vfs[:2] for d in (read_json(cdi) or {"devices": []})["devices"]):
+        time.sleep(0.1)
     emit(event="cdi-after-release", spec=read_json(cdi))
     # B's pod has not started: restore refuses it as the plugin's, then the admin takes it
     # back with --force
