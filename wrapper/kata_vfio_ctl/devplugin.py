@@ -4,8 +4,10 @@ offers IOMMU groups by kind and allocates them through the ledger.
 Per ``[[device_plugin.resource]]`` of config.toml it serves ``kata-vfio-<name>.sock`` in
 the kubelet's device-plugin directory and registers ``kata-vfio.io/<name>`` with the
 kubelet (``kubelet.sock``). One poll loop (every 0.25 s) reads sysfs and the ledger:
-ListAndWatch streams get a new list within a poll of a change; a kubelet that restarted
-(its socket recreated, ours removed) gets our socket again and a new registration.
+ListAndWatch streams get a new list within a poll of a change (a unit whose function is
+gone is reported Unhealthy before the survey a changed PCI layout starts, whose in-use
+checks can take seconds); a kubelet that restarted (its socket recreated, ours removed)
+gets our socket again and a new registration.
 
 Allocate claims the groups through the ledger (plugin_ledger.py), binds them to vfio-pci
 and answers /dev/vfio/vfio and /dev/vfio/<N> (rw), ``PCIDEVICE_KATA_VFIO_IO_<NAME>`` and
