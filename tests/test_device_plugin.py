@@ -479,3 +479,74 @@ def test_allocate_waits_for_the_stopping_container_of_the_pod_that_had_the_devic
     with pytest.raises(grpc.RpcError, match="in use by container other"):
         allocate(stub, PF1_VFS[1])
     assert time.monotonic() - started < 5
+
+
+def test_restore_names_an_allocation_left_by_a_stopped_plugin_as_the_plugins(
+        tmp_path: Path, fakesys: FakeSysfs, kernel: FakeKernel,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Seen on a real kernel (tests/test_vm_plugin.py): the plugin stopped with an
+    allocation whose pod never started, `restore --all` refused it as a "live container"
+    to delete from its VM — there is no container and no VM. It is refused (the pod may
+    still start) with a line that says whose it is and what gives it back; nothing moves."""
+    build_host(fakesys)
+    r = Run(tmp_path, fakesys, kernel)
+    r.options.boot_id = None  # this boot's id, as kata-vfio-ctl reads it
+    try:
+        r.start()
+        allocate(r.stub(), PF1_VFS[0])
+        r.channel.close()
+        r.stop_plugin()
+    finally:
+        r.close()
+    cfg = tmp_path / "ctl.toml"
+    cfg.write_text(f'sysfs = "{fakesys.root}"\nstate_dir = "{tmp_path / "state"}"\n')
+    monkeypatch.setenv("KATA_VFIO_CONFIG", str(cfg))
+    capsys.readouterr()
+    assert ctl_main(["restore", "--all"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "IOMMU group 10 is held by Kubernetes allocation " \
+           "kubernetes-allocation-0000-00-04.1 (kata-vfio-ctl device-plugin)" in err[0], err
+    assert "VM" not in err[0] and "delete the container" not in err[0], err
+    assert "--force" in err[0]
+    assert fakesys.driver(PF1_VFS[0]) == "vfio-pci"
+    host = Host(fakesys.root, tmp_path / "state")
+    assert owner_of(host, IommuGroup(10)) == "container kubernetes-allocation-0000-00-04.1"
+
+
+def test_a_gone_vf_is_reported_before_a_slow_survey_of_the_rest(
+        tmp_path: Path, fakesys: FakeSysfs, kernel: FakeKernel,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seen on a real kernel (tests/test_vm_plugin.py, 1.28 s): the VFs' removal changes
+    the PCI layout, and the survey that follows (in-use checks of every matching function
+    on a host driver: process and mount scans) ran before the gone VFs were reported.
+    Gone endpoints are Unhealthy in the next message, whatever the survey costs."""
+    from kata_vfio_host import usage
+
+    build_host(fakesys)
+    fakesys.add_device("0000:00:09.0", NVME, group=40, driver="nvme")  # the host's disk
+    slow = threading.Event()
+
+    def checker(sysfs: Any, proc: Any) -> Any:
+        def uses(addr: Any) -> list[str]:
+            if slow.is_set():
+                time.sleep(2.0)
+            return []
+        return uses
+
+    monkeypatch.setattr(usage, "use_checker", checker)
+    r = Run(tmp_path, fakesys, kernel)
+    try:
+        r.start()
+        devices, stream = first_list(r.stub())
+        assert devices[PF1_VFS[3]][0] == "Healthy"
+        slow.set()
+        fakesys.remove_device(PF1_VFS[3])
+        started = time.monotonic()
+        message = next(stream)
+        took = time.monotonic() - started
+        assert {d.ID: d.health for d in message.devices}[PF1_VFS[3]] == "Unhealthy"
+        assert took < 1.0, took
+        stream.cancel()
+    finally:
+        r.close()

@@ -4,37 +4,24 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 import vmtools
-from vmtools import GuestRun, Scenario
+from vmtools import GuestRun
 
 pytestmark = pytest.mark.vm
-
-INITRD = Path(os.environ.get("KATA_VFIO_INITRD", "build/kata-vfio-initrd.img"))
-KVER = os.environ.get("KATA_VFIO_KVER", "")
-SCRIPT = '#!/kvfio/bin/sh\nexec /usr/bin/python3 -I -S /kvfio/sriov.py "$1"\n'
 
 
 @pytest.fixture(scope="module")
 def guest(tmp_path_factory: pytest.TempPathFactory) -> GuestRun:
-    if not INITRD.exists() or not KVER or not vmtools.kernel_image(KVER).exists():
-        pytest.skip("needs `make initrd` (KATA_VFIO_INITRD, KATA_VFIO_KVER): run `make test`")
     log = tmp_path_factory.mktemp("vmsriov") / "console.log"
-    return vmtools.boot(INITRD, KVER, [Scenario("sriov", "{}", script=SCRIPT)],
-                        devices=vmtools.nvme_sriov_pf(4, addr="0x6"), console_log=log,
-                        host_tools=True)
+    return vmtools.boot_sriov_host("/kvfio/sriov.py", log)
 
 
 def record(guest: GuestRun, event: str, **match: Any) -> dict[str, Any]:
-    for r in guest.records:
-        if r.get("event") == event and all(r.get(k) == v for k, v in match.items()):
-            return r
-    raise AssertionError(f"no {event} {match}; console:\n{guest.console[-4000:]}")
+    return guest.record(event, **match)
 
 
 def call(guest: GuestRun, step: str) -> dict[str, Any]:

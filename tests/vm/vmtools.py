@@ -190,15 +190,18 @@ GUEST_PROGRAMS = {
     "guest-netdevsim.py": "/kvfio/netdevsim.py",
     "guest-bindtrace.py": "/kvfio/bindtrace.py",
     "guest-persist.py": "/kvfio/persist.py",
+    "guest-plugin.py": "/kvfio/plugin.py",
 }
 HOST_PACKAGES = ("kata_vfio", "kata_vfio_host", "kata_vfio_ctl", "kata_vfio_runtime",
                  "pyroute2", "psutil", "tomlkit", "jsonschema", "jsonschema_specifications",
                  "referencing", "rpds", "attr", "attrs", "typing_extensions.py", "structlog")
+PLUGIN_PACKAGES = ("grpc", "google")  # the device plugin's gRPC: grpcio, protobuf
 
 
-def add_host_tools(root: Path) -> None:
+def add_host_tools(root: Path, more: tuple[str, ...] = ()) -> None:
     """kata-vfio-ctl and what it imports (pyroute2, psutil, ...), and the whole standard
-    library: the guest then plays an IOMMU host for the host tools."""
+    library: the guest then plays an IOMMU host for the host tools. `more`: further
+    top-level names of the venv's site-packages (PLUGIN_PACKAGES)."""
     import sysconfig
 
     stdlib = Path(sysconfig.get_paths(vars={"base": "/usr", "installed_base": "/usr"})["stdlib"])
@@ -211,7 +214,7 @@ def add_host_tools(root: Path) -> None:
                 for lib in shared_libs(str(path)):
                     _copy(lib, root)
     site = Path(sysconfig.get_paths()["purelib"])
-    for package in HOST_PACKAGES:
+    for package in (*HOST_PACKAGES, *more):
         top = site / package
         for path in (top.rglob("*") if top.is_dir() else [top]):
             if path.is_file() and "__pycache__" not in path.parts:
@@ -224,11 +227,13 @@ def add_host_tools(root: Path) -> None:
 def build_test_cpio(out: Path, kver: str, scenarios: list[Scenario],
                     devices: tuple[EmulatedDevice, ...], host_tools: bool = False,
                     modules: tuple[str, ...] = (), files: dict[str, Path] | None = None,
-                    trees: dict[str, Path] | None = None) -> None:
+                    trees: dict[str, Path] | None = None,
+                    host_packages: tuple[str, ...] = ()) -> None:
     """The test-only archive appended to the product initrd. `modules`: more kernel modules
     (by name, with what they depend on) loaded at boot; `files`: guest path -> host file,
     an executable with the shared libraries it links; `trees`: guest directory -> host
-    directory copied as it is, symlinks kept (a container's root filesystem)."""
+    directory copied as it is, symlinks kept (a container's root filesystem);
+    `host_packages`: more site packages with the host tools (add_host_tools)."""
     with tempfile.TemporaryDirectory(prefix="kvfio-cpio.") as tmp:
         root = Path(tmp)
         _copy(HERE / "guest-init.sh", root, "/kvfio/init")
@@ -259,7 +264,7 @@ def build_test_cpio(out: Path, kver: str, scenarios: list[Scenario],
         for dest, src in (trees or {}).items():
             shutil.copytree(src, root / dest.lstrip("/"), symlinks=True)
         if host_tools:
-            add_host_tools(root)
+            add_host_tools(root, host_packages)
         ctr = root / "kvfio/ctr/rootfs"
         for d in ("proc", "sys", "dev", "tmp", "usr"):
             (ctr / d).mkdir(parents=True, exist_ok=True)
@@ -295,21 +300,29 @@ class GuestRun:
                 return r
         raise AssertionError(f"no {event} {name or ''} record; console:\n{self.console[-6000:]}")
 
+    def record(self, event: str, **match: Any) -> dict[str, Any]:
+        """The first record of `event` whose fields have the values in `match`."""
+        for r in self.records:
+            if r.get("event") == event and all(r.get(k) == v for k, v in match.items()):
+                return r
+        raise AssertionError(f"no {event} {match}; console:\n{self.console[-4000:]}")
+
 
 def boot(initrd: Path, kver: str, scenarios: list[Scenario],
          devices: tuple[EmulatedDevice, ...] = DEFAULT_DEVICES, timeout: float = 300,
          memory_mb: int = 1024, console_log: Path | None = None,
          host_tools: bool = False, smp: int = 1, modules: tuple[str, ...] = (),
          files: dict[str, Path] | None = None, trees: dict[str, Path] | None = None,
-         reboots: bool = False) -> GuestRun:
+         reboots: bool = False, host_packages: tuple[str, ...] = ()) -> GuestRun:
     """Boot the product initrd plus the test archive; return the console and KVFIO records.
-    `modules`, `files` and `trees`: see build_test_cpio. `reboots`: a guest reboot boots
-    the same VM again (QEMU resets it) instead of ending the run."""
+    `modules`, `files`, `trees` and `host_packages`: see build_test_cpio. `reboots`: a
+    guest reboot boots the same VM again (QEMU resets it) instead of ending the run."""
     with tempfile.TemporaryDirectory(prefix="kvfio-vm.") as tmp:
         combined = Path(tmp) / "initrd.img"
         console_file = console_log or Path(tmp) / "console.log"
         test_cpio = Path(tmp) / "test.cpio"
-        build_test_cpio(test_cpio, kver, scenarios, devices, host_tools, modules, files, trees)
+        build_test_cpio(test_cpio, kver, scenarios, devices, host_tools, modules, files, trees,
+                        host_packages)
         with open(combined, "wb") as out:
             for part in (initrd, test_cpio):
                 data = part.read_bytes()
@@ -347,6 +360,25 @@ def boot(initrd: Path, kver: str, scenarios: list[Scenario],
             except ValueError:
                 pass
     return GuestRun(console + stderr, records)
+
+
+def boot_sriov_host(program: str, console_log: Path, max_vfs: int = 4,
+                    **options: Any) -> GuestRun:
+    """One boot of the guest as an SR-IOV host for the host tools: QEMU's NVMe as a PF
+    with `max_vfs` VFs (slot 6), kata-vfio-ctl in the guest, and the guest program
+    `program` (a GUEST_PROGRAMS destination) run once. `options`: more of boot's.
+    Skips (a failure in CI) without `make initrd` (KATA_VFIO_INITRD, KATA_VFIO_KVER)."""
+    import pytest
+
+    initrd = Path(os.environ.get("KATA_VFIO_INITRD", "build/kata-vfio-initrd.img"))
+    kver = os.environ.get("KATA_VFIO_KVER", "")
+    if not initrd.exists() or not kver or not kernel_image(kver).exists():
+        pytest.skip("needs `make initrd` (KATA_VFIO_INITRD, KATA_VFIO_KVER): run `make test`")
+    script = f'#!/kvfio/bin/sh\nexec /usr/bin/python3 -I -S {program} "$1"\n'
+    name = Path(program).stem
+    return boot(initrd, kver, [Scenario(name, "{}", script=script)],
+                devices=nvme_sriov_pf(max_vfs, addr="0x6"), console_log=console_log,
+                host_tools=True, **options)
 
 
 def host_manifest(sysfs_root: Path, groups: list[list[EmulatedDevice]],

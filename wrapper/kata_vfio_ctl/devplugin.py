@@ -4,8 +4,10 @@ offers IOMMU groups by kind and allocates them through the ledger.
 Per ``[[device_plugin.resource]]`` of config.toml it serves ``kata-vfio-<name>.sock`` in
 the kubelet's device-plugin directory and registers ``kata-vfio.io/<name>`` with the
 kubelet (``kubelet.sock``). One poll loop (every 0.25 s) reads sysfs and the ledger:
-ListAndWatch streams get a new list within a poll of a change; a kubelet that restarted
-(its socket recreated, ours removed) gets our socket again and a new registration.
+ListAndWatch streams get a new list within a poll of a change (a unit whose function is
+gone is reported Unhealthy before the survey a changed PCI layout starts, whose in-use
+checks can take seconds); a kubelet that restarted (its socket recreated, ours removed)
+gets our socket again and a new registration.
 
 Allocate claims the groups through the ledger (plugin_ledger.py), binds them to vfio-pci
 and answers /dev/vfio/vfio and /dev/vfio/<N> (rw), ``PCIDEVICE_KATA_VFIO_IO_<NAME>`` and
@@ -44,7 +46,7 @@ from typing import Any
 
 from kata_vfio.errors import DeviceError, KataVfioError
 from kata_vfio.manifest import RESOURCE_ANNOTATION_PREFIX
-from kata_vfio.pci import PciAddress, read_device
+from kata_vfio.pci import PciAddress, device_dir, read_device
 from kata_vfio_ctl import plugin_ledger
 from kata_vfio_ctl.plugin_devices import (
     HEALTHY,
@@ -162,6 +164,8 @@ class Plugin:
     def _refresh(self) -> bool:
         key = layout_key(self.options.sysfs)
         if key != self._layout:
+            if self._layout is not None:
+                self._publish_gone()  # first: the survey's in-use checks can take seconds
             units, skipped = survey(self.options.sysfs, list(self.resources.values()),
                                     self._host_uses)
             for line in skipped:
@@ -195,6 +199,20 @@ class Plugin:
         for name in self.resources:
             self.write_cdi(name)
         return changed
+
+    def _publish_gone(self) -> None:
+        """Units with an endpoint gone from sysfs: Unhealthy in the next message."""
+        sysfs = self.options.sysfs
+        health = {name: {uid: UNHEALTHY if any(not os.path.isdir(device_dir(sysfs, a))
+                                               for a in unit.endpoints)
+                         else self.state.health.get(name, {}).get(uid, HEALTHY)
+                         for uid, unit in found.items()}
+                  for name, found in self.state.units.items()}
+        if health != self.state.health:
+            with self.state.cond:
+                self.state.health = health
+                self.state.version += 1
+                self.state.cond.notify_all()
 
     def devices_message(self, name: str) -> Any:
         pb, _ = _api()

@@ -30,6 +30,7 @@ from kata_vfio.pci import (
 from kata_vfio.rebind import give_back, load_vfio_pci, move_to
 from kata_vfio_host.ledger import (
     ADMIN,
+    KUBERNETES_ALLOCATION,
     ContainerId,
     DeviceEntry,
     Host,
@@ -81,6 +82,11 @@ def live_holders(host: Host, journal: Journal) -> dict[int, str]:
 
 
 def _held(addr: object, group: int, holder: str) -> str:
+    if holder.startswith("container " + KUBERNETES_ALLOCATION):  # no container, no VM yet
+        return (f"{addr}: IOMMU group {group} is held by Kubernetes allocation "
+                f"{holder.split(' ', 1)[1]} (kata-vfio-ctl device-plugin) for a pod whose "
+                "container has not taken it: the plugin gives it back once the kubelet no "
+                "longer lists the pod; or pass --force to take it (its claim is dropped)")
     return (f"{addr}: IOMMU group {group} is held by live {holder}: giving it back would pull "
             "it out of that container's VM; delete the container first, or pass --force to "
             "take it (its claim is dropped)")
