@@ -207,7 +207,7 @@ def test_a_group_a_container_holds_is_refused_and_nothing_is_claimed(
     assert plugin_ledger.allocations(run.host) == {}
 
 
-def test_list_and_watch_follows_the_host_within_a_second(run: Run, fakesys: FakeSysfs) -> None:
+def test_list_and_watch_follows_the_host_by_itself(run: Run, fakesys: FakeSysfs) -> None:
     run.start()
     devices, stream = first_list(run.stub())
     assert devices[PF1_VFS[0]][0] == "Healthy"
@@ -215,7 +215,8 @@ def test_list_and_watch_follows_the_host_within_a_second(run: Run, fakesys: Fake
     def next_change(what: str) -> dict[str, str]:
         started = time.monotonic()
         message = next(stream)
-        assert time.monotonic() - started < 1.0, what
+        # from the poll loop (0.25 s), not a later request; the 1 s target is make bench's
+        assert time.monotonic() - started < 5.0, what
         return {d.ID: d.health for d in message.devices}
 
     # held by a container that is not a pod's: Unhealthy
@@ -526,11 +527,12 @@ def test_a_gone_vf_is_reported_before_a_slow_survey_of_the_rest(
     build_host(fakesys)
     fakesys.add_device("0000:00:09.0", NVME, group=40, driver="nvme")  # the host's disk
     slow = threading.Event()
+    reported = threading.Event()  # the survey of the rest waits until the test saw the update
 
     def checker(sysfs: Any, proc: Any) -> Any:
         def uses(addr: Any) -> list[str]:
             if slow.is_set():
-                time.sleep(2.0)
+                reported.wait(timeout=30)
             return []
         return uses
 
@@ -542,11 +544,16 @@ def test_a_gone_vf_is_reported_before_a_slow_survey_of_the_rest(
         assert devices[PF1_VFS[3]][0] == "Healthy"
         slow.set()
         fakesys.remove_device(PF1_VFS[3])
-        started = time.monotonic()
-        message = next(stream)
-        took = time.monotonic() - started
-        assert {d.ID: d.health for d in message.devices}[PF1_VFS[3]] == "Unhealthy"
-        assert took < 1.0, took
+        # the update must come while the survey of the rest is still blocked: with the
+        # survey first, no message could arrive before `reported` is set (an ordering,
+        # not a timing: the 1 s figure is make bench's)
+        got: list[Any] = []
+        reader = threading.Thread(target=lambda: got.append(next(stream)), daemon=True)
+        reader.start()
+        reader.join(timeout=15)
+        reported.set()
+        assert got, "no ListAndWatch update while the survey of the other devices ran"
+        assert {d.ID: d.health for d in got[0].devices}[PF1_VFS[3]] == "Unhealthy"
         stream.cancel()
     finally:
         r.close()
