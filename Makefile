@@ -15,7 +15,7 @@ KVER ?= $(shell dpkg-query -W -f='$${Depends}' linux-image-amd64 2>/dev/null | s
 # pci.ids (device names). Everything else is for the tests, the demo and the guest image.
 NODE_APT_PACKAGES := python3 python3-pip kmod pci.ids
 TEST_APT_PACKAGES := podman runc conmon catatonit uidmap fuse-overlayfs slirp4netns \
-	qemu-system-x86 containerd dracut dracut-core linux-image-amd64 cpio busybox-static \
+	qemu-system-x86 containerd dracut-core linux-image-amd64 cpio busybox-static \
 	golang-github-opencontainers-specs-dev iproute2 python3-venv python3-yaml \
 	build-essential dpdk dpdk-dev linux-headers-amd64 linux-source xz-utils file dmsetup mdadm \
 	man-db zsh logrotate debootstrap
@@ -23,6 +23,8 @@ APT_PACKAGES := $(NODE_APT_PACKAGES) $(TEST_APT_PACKAGES)
 # linux-headers-amd64 and linux-source follow linux-image-amd64: the VF-settings VM test
 # builds the kernel's netdevsim for the guest kernel from them (tests/vm/build_netdevsim.py,
 # cached under $(KATA_VFIO_CACHE) by kernel and package versions)
+# dracut-core, not dracut: the initrd build needs only its dracut command, and the `dracut`
+# package replaces initramfs-tools as the machine's own initrd generator (it conflicts with it)
 # dpdk, dpdk-dev (dpdk-dev holds dpdk-testpmd): the DPDK VM test and `make demo`
 # `file`: virtme-ng (the nested VM tests) runs it on the kernel image.
 # dmsetup, mdadm: the IOMMU-host VM test stacks device-mapper and md devices on a disk it
