@@ -366,3 +366,53 @@ def test_a_pod_made_while_the_last_one_stops_gets_its_group(
     finally:
         stop_pod(node, "dp5b")
         wait_pod_gone(node, "dp5")
+
+
+def test_the_kubelet_restarting_while_the_plugin_is_down_keeps_every_claim(
+        kubelet_node: KubeletNode, kata_plugin: KataPlugin) -> None:
+    """A pod holds group 12. The plugin stops (SIGTERM, exit 0); the kubelet restarts
+    while no plugin serves kata-vfio.io/nic (its socket made anew, the device checkpoint
+    its only memory of the pod's device); then the plugin starts: it recovers the
+    allocation from the ledger and registers on the new socket, the allocatable list is
+    both groups again, the running pod keeps its container, its device and its claim,
+    and the next pod gets the free group 13."""
+    node = kubelet_node
+    device_pod(node, kata_plugin, "dp6", 1)
+    try:
+        wait_ready_line(node, "dp6")
+        running = node.container("dp6")
+        assert running is not None
+        assert node.holders() == {12: running["id"]}
+        registered = f"registered {kata_plugin.resource} with the kubelet"
+        times = kata_plugin.lines(registered)
+        assert kata_plugin.stop() == 0, kata_plugin.log()
+        before = kubelet_sock(node)
+        node.stop_kubelet()
+        node.start_kubelet()
+        assert kubelet_sock(node) != before
+        assert node.holders() == {12: running["id"]}
+        kata_plugin.start()
+        kata_plugin.wait_line(registered, times + 1)
+        assert f"recovered 1 allocations from the ledger: {ALLOCATION}0000-03-00.0" \
+            in kata_plugin.log()
+        wait_allocatable(node, kata_plugin, [UNIT12, UNIT13])
+        given = pod_devices(compiled(), node.pod_resources_sock)
+        assert given[(f"dp6-{NODE_NAME}", "app")] == {kata_plugin.resource: [UNIT12]}
+        now = node.container("dp6")
+        assert now is not None and now["id"] == running["id"]
+        assert now["state"] == "CONTAINER_RUNNING"
+        assert node.holders() == {12: running["id"]}
+        assert allocations(node) == {ALLOCATION + "0000-03-00.0": {12}}
+
+        device_pod(node, kata_plugin, "dp6b", 1)
+        try:
+            out = wait_ready_line(node, "dp6b")
+            assert node_lines(out) == {"/dev/vfio/vfio": "a:c4", "/dev/vfio/13": "f3:1"}, out
+            assert env_line(out) == "0000:04:00.0,0000:04:00.1"
+            other = node.container("dp6b")
+            assert other is not None
+            assert node.holders() == {12: running["id"], 13: other["id"]}
+        finally:
+            stop_pod(node, "dp6b")
+    finally:
+        stop_pod(node, "dp6")
