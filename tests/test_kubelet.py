@@ -412,6 +412,9 @@ def test_the_kubelet_restarting_while_the_plugin_is_down_keeps_every_claim(
             other = node.container("dp6b")
             assert other is not None
             assert node.holders() == {12: running["id"], 13: other["id"]}
+            # the recovered allocation of the running pod was not released meanwhile
+            assert allocations(node) == {ALLOCATION + "0000-03-00.0": {12},
+                                         ALLOCATION + "0000-04-00.0": {13}}
         finally:
             stop_pod(node, "dp6b")
     finally:
