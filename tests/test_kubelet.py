@@ -372,7 +372,8 @@ def test_the_kubelet_restarting_while_the_plugin_is_down_keeps_every_claim(
         kubelet_node: KubeletNode, kata_plugin: KataPlugin) -> None:
     """A pod holds group 12. The plugin stops (SIGTERM, exit 0); the kubelet restarts
     while no plugin serves kata-vfio.io/nic (its socket made anew, the device checkpoint
-    its only memory of the pod's device); then the plugin starts: it recovers the
+    its only memory of the pod's device), and refuses a pod asking for one meanwhile;
+    then the plugin starts: it recovers the
     allocation from the ledger and registers on the new socket, the allocatable list is
     both groups again, the running pod keeps its container, its device and its claim,
     and the next pod gets the free group 13."""
@@ -391,6 +392,16 @@ def test_the_kubelet_restarting_while_the_plugin_is_down_keeps_every_claim(
         node.start_kubelet()
         assert kubelet_sock(node) != before
         assert node.holders() == {12: running["id"]}
+        # no plugin serves the resource now: a pod asking for it is refused, none claimed
+        device_pod(node, kata_plugin, "dp6c", 1)
+        try:
+            status = node.wait_for(lambda: pod_status(node, "dp6c").get("reason"), 60,
+                                   "the kubelet's verdict on pod dp6c")
+            assert status == "UnexpectedAdmissionError", pod_status(node, "dp6c")
+            assert node.sandbox("dp6c") is None
+            assert node.holders() == {12: running["id"]}
+        finally:
+            node.delete_pod("dp6c")
         kata_plugin.start()
         kata_plugin.wait_line(registered, times + 1)
         assert f"recovered 1 allocations from the ledger: {ALLOCATION}0000-03-00.0" \
