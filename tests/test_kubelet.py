@@ -286,9 +286,25 @@ def test_deleting_the_pod_frees_its_group_for_the_next_pod(
         stop_pod(node, "dp3b")
 
 
+def pod_devices_of(node: KubeletNode, name: str) -> dict[str, list[str]]:
+    """The pod's devices as the kubelet's PodResources lists them; a kubelet that just
+    restarted lists its pods again within a few seconds."""
+    def listed() -> dict[str, list[str]] | None:
+        return pod_devices(compiled(), node.pod_resources_sock).get(  # type: ignore[no-any-return]
+            (f"{name}-{NODE_NAME}", "app"))
+    return node.wait_for(listed, 30, f"pod {name} in the kubelet's PodResources")  # type: ignore[no-any-return]
+
+
 def kubelet_sock(node: KubeletNode) -> tuple[int, int]:
     st = (node.device_plugins / "kubelet.sock").stat()
     return st.st_ino, st.st_ctime_ns
+
+
+def new_kubelet_sock(node: KubeletNode, before: tuple[int, int]) -> bool:
+    try:
+        return kubelet_sock(node) != before
+    except FileNotFoundError:
+        return False
 
 
 def test_restarting_the_plugin_then_the_kubelet_keeps_every_allocation(
@@ -323,8 +339,7 @@ def test_restarting_the_plugin_then_the_kubelet_keeps_every_allocation(
         kata_plugin.wait_line(registered, times + 2)
         assert kubelet_sock(node) != before
         wait_allocatable(node, kata_plugin, [UNIT12, UNIT13])
-        given = pod_devices(compiled(), node.pod_resources_sock)
-        assert given[(f"dp4-{NODE_NAME}", "app")] == {kata_plugin.resource: [UNIT12]}
+        assert pod_devices_of(node, "dp4") == {kata_plugin.resource: [UNIT12]}
         now = node.container("dp4")
         assert now is not None and now["id"] == running["id"]
         assert now["state"] == "CONTAINER_RUNNING"
@@ -390,7 +405,8 @@ def test_the_kubelet_restarting_while_the_plugin_is_down_keeps_every_claim(
         before = kubelet_sock(node)
         node.stop_kubelet()
         node.start_kubelet()
-        assert kubelet_sock(node) != before
+        # healthy can come before the device manager has made its socket anew
+        node.wait_for(lambda: new_kubelet_sock(node, before), 30, "a new kubelet.sock")
         assert node.holders() == {12: running["id"]}
         # no plugin serves the resource now: a pod asking for it is refused, none claimed
         device_pod(node, kata_plugin, "dp6c", 1)
@@ -407,8 +423,7 @@ def test_the_kubelet_restarting_while_the_plugin_is_down_keeps_every_claim(
         assert f"recovered 1 allocations from the ledger: {ALLOCATION}0000-03-00.0" \
             in kata_plugin.log()
         wait_allocatable(node, kata_plugin, [UNIT12, UNIT13])
-        given = pod_devices(compiled(), node.pod_resources_sock)
-        assert given[(f"dp6-{NODE_NAME}", "app")] == {kata_plugin.resource: [UNIT12]}
+        assert pod_devices_of(node, "dp6") == {kata_plugin.resource: [UNIT12]}
         now = node.container("dp6")
         assert now is not None and now["id"] == running["id"]
         assert now["state"] == "CONTAINER_RUNNING"
