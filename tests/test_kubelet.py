@@ -286,9 +286,25 @@ def test_deleting_the_pod_frees_its_group_for_the_next_pod(
         stop_pod(node, "dp3b")
 
 
+def pod_devices_of(node: KubeletNode, name: str) -> dict[str, list[str]]:
+    """The pod's devices as the kubelet's PodResources lists them; a kubelet that just
+    restarted lists its pods again within a few seconds."""
+    def listed() -> dict[str, list[str]] | None:
+        return pod_devices(compiled(), node.pod_resources_sock).get(  # type: ignore[no-any-return]
+            (f"{name}-{NODE_NAME}", "app"))
+    return node.wait_for(listed, 30, f"pod {name} in the kubelet's PodResources")  # type: ignore[no-any-return]
+
+
 def kubelet_sock(node: KubeletNode) -> tuple[int, int]:
     st = (node.device_plugins / "kubelet.sock").stat()
     return st.st_ino, st.st_ctime_ns
+
+
+def new_kubelet_sock(node: KubeletNode, before: tuple[int, int]) -> bool:
+    try:
+        return kubelet_sock(node) != before
+    except FileNotFoundError:
+        return False
 
 
 def test_restarting_the_plugin_then_the_kubelet_keeps_every_allocation(
@@ -323,8 +339,7 @@ def test_restarting_the_plugin_then_the_kubelet_keeps_every_allocation(
         kata_plugin.wait_line(registered, times + 2)
         assert kubelet_sock(node) != before
         wait_allocatable(node, kata_plugin, [UNIT12, UNIT13])
-        given = pod_devices(compiled(), node.pod_resources_sock)
-        assert given[(f"dp4-{NODE_NAME}", "app")] == {kata_plugin.resource: [UNIT12]}
+        assert pod_devices_of(node, "dp4") == {kata_plugin.resource: [UNIT12]}
         now = node.container("dp4")
         assert now is not None and now["id"] == running["id"]
         assert now["state"] == "CONTAINER_RUNNING"
@@ -366,3 +381,67 @@ def test_a_pod_made_while_the_last_one_stops_gets_its_group(
     finally:
         stop_pod(node, "dp5b")
         wait_pod_gone(node, "dp5")
+
+
+def test_the_kubelet_restarting_while_the_plugin_is_down_keeps_every_claim(
+        kubelet_node: KubeletNode, kata_plugin: KataPlugin) -> None:
+    """A pod holds group 12. The plugin stops (SIGTERM, exit 0); the kubelet restarts
+    while no plugin serves kata-vfio.io/nic (its socket made anew, the device checkpoint
+    its only memory of the pod's device), and refuses a pod asking for one meanwhile;
+    then the plugin starts: it recovers the
+    allocation from the ledger and registers on the new socket, the allocatable list is
+    both groups again, the running pod keeps its container, its device and its claim,
+    and the next pod gets the free group 13."""
+    node = kubelet_node
+    device_pod(node, kata_plugin, "dp6", 1)
+    try:
+        wait_ready_line(node, "dp6")
+        running = node.container("dp6")
+        assert running is not None
+        assert node.holders() == {12: running["id"]}
+        registered = f"registered {kata_plugin.resource} with the kubelet"
+        times = kata_plugin.lines(registered)
+        assert kata_plugin.stop() == 0, kata_plugin.log()
+        before = kubelet_sock(node)
+        node.stop_kubelet()
+        node.start_kubelet()
+        # healthy can come before the device manager has made its socket anew
+        node.wait_for(lambda: new_kubelet_sock(node, before), 30, "a new kubelet.sock")
+        assert node.holders() == {12: running["id"]}
+        # no plugin serves the resource now: a pod asking for it is refused, none claimed
+        device_pod(node, kata_plugin, "dp6c", 1)
+        try:
+            status = node.wait_for(lambda: pod_status(node, "dp6c").get("reason"), 60,
+                                   "the kubelet's verdict on pod dp6c")
+            assert status == "UnexpectedAdmissionError", pod_status(node, "dp6c")
+            assert node.sandbox("dp6c") is None
+            assert node.holders() == {12: running["id"]}
+        finally:
+            node.delete_pod("dp6c")
+        kata_plugin.start()
+        kata_plugin.wait_line(registered, times + 1)
+        assert f"recovered 1 allocations from the ledger: {ALLOCATION}0000-03-00.0" \
+            in kata_plugin.log()
+        wait_allocatable(node, kata_plugin, [UNIT12, UNIT13])
+        assert pod_devices_of(node, "dp6") == {kata_plugin.resource: [UNIT12]}
+        now = node.container("dp6")
+        assert now is not None and now["id"] == running["id"]
+        assert now["state"] == "CONTAINER_RUNNING"
+        assert node.holders() == {12: running["id"]}
+        assert allocations(node) == {ALLOCATION + "0000-03-00.0": {12}}
+
+        device_pod(node, kata_plugin, "dp6b", 1)
+        try:
+            out = wait_ready_line(node, "dp6b")
+            assert node_lines(out) == {"/dev/vfio/vfio": "a:c4", "/dev/vfio/13": "f3:1"}, out
+            assert env_line(out) == "0000:04:00.0,0000:04:00.1"
+            other = node.container("dp6b")
+            assert other is not None
+            assert node.holders() == {12: running["id"], 13: other["id"]}
+            # the recovered allocation of the running pod was not released meanwhile
+            assert allocations(node) == {ALLOCATION + "0000-03-00.0": {12},
+                                         ALLOCATION + "0000-04-00.0": {13}}
+        finally:
+            stop_pod(node, "dp6b")
+    finally:
+        stop_pod(node, "dp6")

