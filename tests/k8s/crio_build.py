@@ -36,7 +36,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from k8s.build import (  # noqa: E402
-    BuildError, Target, cache_root, find_go, go_env, go_version, locked,
+    BuildError,
+    Target,
+    cache_root,
+    find_go,
+    go_env,
+    go_version,
+    locked,
 )
 
 CRIO = Target("crio", "github.com/cri-o/cri-o", "github.com/cri-o/cri-o/cmd/crio", "")

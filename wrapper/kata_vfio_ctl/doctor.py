@@ -417,11 +417,14 @@ def check_crio_engine(root: Path, kata_config: Path | None, release: Any) -> lis
     from kata_vfio_ctl import engines
 
     table, where = crio_runtime(root)
+    program = find_program("crio", root)
+    version = _version_line(program) if program else ""
+    seen = f"{version}: " if version else ""
     if table is None:
-        return [Check("cri-o", FAIL, f"kata-vfio is not registered in {root / 'etc/crio'}",
-                      "kata-vfio-ctl crio-register, then restart CRI-O")]
-    checks = [Check("cri-o", OK, f"kata-vfio (runtime_type = {table.get('runtime_type')!r}) "
-                    f"in {where}")]
+        return [Check("cri-o", FAIL, f"{seen}kata-vfio is not registered in "
+                      f"{root / 'etc/crio'}", "kata-vfio-ctl crio-register, then restart CRI-O")]
+    checks = [Check("cri-o", OK, f"{seen}kata-vfio (runtime_type = "
+                    f"{table.get('runtime_type')!r}) in {where}")]
     path = str(table.get("runtime_path") or "")
     if table.get("runtime_type") != "vm":
         checks.append(Check("cri-o:shim", FAIL, f"runtime_type = {table.get('runtime_type')!r}: "
@@ -436,6 +439,14 @@ def check_crio_engine(root: Path, kata_config: Path | None, release: Any) -> lis
                             "file", "kata-vfio-ctl crio-register --shim-path PATH"))
     else:
         checks.append(Check("cri-o:shim", OK, path))
+    root_dir = str(table.get("runtime_root") or "")
+    if table.get("runtime_type") == "vm" and not os.path.isabs(root_dir):
+        checks.append(Check("cri-o:runtime-root", FAIL, f"runtime_root = {root_dir!r}: CRI-O "
+                            "hands the shim its stdio FIFOs under the relative path crio/fifo, "
+                            "which the shim opens from the bundle: every pod fails (\"opening "
+                            "file crio/fifo/io/...: no such file or directory\")",
+                            "kata-vfio-ctl crio-register (writes runtime_root = "
+                            f"\"{engines.CRIO_RUNTIME_ROOT}\"), then restart CRI-O"))
     ours = [a for a in table.get("allowed_annotations") or []
             if str(a).startswith(engines.CRIO_FOREIGN_PREFIX)]
     if ours:
