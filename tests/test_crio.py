@@ -165,3 +165,34 @@ def test_a_group_in_use_is_refused_with_the_wrappers_line(crio: CrioNode) -> Non
     finally:
         crio.remove_pod(pod)
     assert holders(crio) == {}
+
+
+def test_a_dropin_without_runtime_root_fails_every_pod_and_doctor_says_so(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Issue 17 defect found with the real CRI-O: the drop-in crio-register wrote before
+    had no runtime_root; CRI-O then makes the shim's stdio FIFOs under the relative path
+    crio/fifo (from its own working directory) and the shim opens that path from the
+    bundle: no pod on the kata-vfio handler can start. doctor now names it."""
+    from kata_vfio_ctl.checks import FAIL
+    from kata_vfio_ctl.doctor import check_engines
+    from kata_vfio_host.settings import Settings
+
+    for node in _node(tmp_path_factory.mktemp("crio-old")):
+        assert node.register().returncode == 0
+        old = "".join(line for line in node.dropin.read_text().splitlines(keepends=True)
+                      if not line.startswith("runtime_root"))
+        node.dropin.write_text(old)  # what crio-register wrote before the fix
+        checks = {c.name: c for c in check_engines(node.root, node.root / "no-podman.conf",
+                                                   None, Settings(), "3.30")}
+        check = checks["cri-o:runtime-root"]
+        assert check.status == FAIL and "crio/fifo" in check.detail
+        assert check.fix.startswith("kata-vfio-ctl crio-register")
+        node.load_images()
+        node.start()
+        config = node.top / "old-pod.json"
+        config.write_text(json.dumps(node.pod_config("old", {DEVICES: "0000:03:00.0"})))
+        refused = node.crictl_run("runp", "--runtime", HANDLER, str(config))
+        assert refused.returncode != 0
+        assert re.search(r"opening file \\?\"crio/fifo/io/\S+ failed: .*no such file or "
+                         "directory", refused.stderr), refused.stderr
+        assert holders(node) == {}
