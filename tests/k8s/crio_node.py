@@ -261,6 +261,19 @@ class CrioNode:
                     (d / attr).write_text((hierarchy / attr).read_text())
 
     def remove_cgroup_parent(self) -> None:
+        # what is left in this node's cgroups is this node's: a pod whose start failed
+        # can leave runc's `runc init` waiting there once its shim is gone
+        for _ in range(50):
+            left = {int(pid) for hierarchy in self._hierarchies()
+                    for procs in (hierarchy / self.cgroup_parent.lstrip("/")).rglob(
+                        "cgroup.procs")
+                    for pid in procs.read_text().split()}
+            if not left:
+                break
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.1)
         for hierarchy in self._hierarchies():
             top = hierarchy / self.cgroup_parent.lstrip("/")
             if not top.is_dir():
