@@ -167,6 +167,26 @@ def test_a_group_in_use_is_refused_with_the_wrappers_line(crio: CrioNode) -> Non
     assert holders(crio) == {}
 
 
+def test_a_crio_restart_keeps_the_running_pod_and_its_claim(crio: CrioNode) -> None:
+    """crio-register ends with "restart CRI-O to use it": a restart with a VFIO pod running
+    leaves the pod, its shim and its claim alone; CRI-O reconnects to the shim, and
+    removing the pod afterwards still gives the group back."""
+    pod, ctr = started_app(crio, "keep1", {DEVICES: "0000:03:00.0"})
+    try:
+        crio.stop()
+        assert holders(crio) == {12: ctr}
+        crio.start()
+        status = crio.crictl_json("inspect", "-o", "json", ctr)["status"]
+        assert status["state"] == "CONTAINER_RUNNING"
+        seen = crio.crictl_run("exec", ctr, "/bin/stat", "-c", "%t:%T %n", "/dev/vfio/12")
+        assert seen.returncode == 0, seen.stderr
+        assert node_lines(seen.stdout) == {"/dev/vfio/12": "f3:0"}
+        assert holders(crio) == {12: ctr}
+    finally:
+        crio.remove_pod(pod)
+    assert holders(crio) == {}
+
+
 def test_a_dropin_without_runtime_root_fails_every_pod_and_doctor_says_so(
         tmp_path_factory: pytest.TempPathFactory) -> None:
     """Issue 17 defect found with the real CRI-O: the drop-in crio-register wrote before
