@@ -15,6 +15,7 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -107,6 +108,10 @@ def test_doctor_checks_the_real_crio_node(crio: CrioNode) -> None:
     assert str(crio.dropin) in checks["cri-o"].detail
     assert checks["cri-o:shim"].status == OK and checks["cri-o:shim"].detail == str(crio.shim)
     assert "cri-o:runtime-root" not in checks and "cri-o:annotations" not in checks
+    # the running CRI-O, asked over its socket, has the handler
+    assert checks["cri-o:running"].status == OK, checks["cri-o:running"]
+    assert checks["cri-o:running"].detail == (f"the CRI-O running at {crio.sock} serves "
+                                              "runtime handler kata-vfio")
     # what truly is missing here: Kata itself (runc's shim stands in for it)
     assert checks["cri-o:kata"].status == FAIL
     assert "no containerd-shim-kata-v2" in checks["cri-o:kata"].detail
@@ -216,3 +221,34 @@ def test_a_dropin_without_runtime_root_fails_every_pod_and_doctor_says_so(
         assert re.search(r"opening file \\?\"crio/fifo/io/\S+ failed: .*no such file or "
                          "directory", refused.stderr), refused.stderr
         assert holders(node) == {}
+
+
+def test_doctor_says_restart_crio_when_it_started_before_the_registration(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Issue 17 ("does not say that CRI-O must be restarted"): the drop-in is there, the
+    running CRI-O has not read it and refuses the handler; doctor asks the running CRI-O
+    and says to restart it, and is content once it was."""
+    from kata_vfio_ctl.checks import FAIL, OK
+    from kata_vfio_ctl.doctor import check_engines
+    from kata_vfio_host.settings import Settings
+
+    def doctor(node: CrioNode) -> dict[str, Any]:
+        return {c.name: c for c in check_engines(node.root, node.root / "no-podman.conf",
+                                                 None, Settings(), "3.30")}
+
+    for node in _node(tmp_path_factory.mktemp("crio-late")):
+        node.load_images()
+        node.start()
+        assert node.register().returncode == 0
+        checks = doctor(node)
+        assert checks["cri-o"].status == OK  # the files say registered ...
+        running = checks["cri-o:running"]  # ... the running CRI-O does not know it
+        assert running.status == FAIL and "has not loaded kata-vfio" in running.detail
+        assert running.fix == "restart CRI-O (systemctl restart crio)"
+        config = node.top / "late-pod.json"
+        config.write_text(json.dumps(node.pod_config("late")))
+        refused = node.crictl_run("runp", "--runtime", HANDLER, str(config))
+        assert refused.returncode != 0 and HANDLER in refused.stderr, refused.stderr
+        node.stop()
+        node.start()
+        assert doctor(node)["cri-o:running"].status == OK

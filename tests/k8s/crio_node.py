@@ -81,7 +81,8 @@ version_file_persist = "{top}/version-persist"
 clean_shutdown_file = "{top}/clean.shutdown"
 
 [crio.api]
-listen = "{top}/crio.sock"
+# listen: on the command line (the node's usual <root>/var/run/crio/crio.sock, where
+# doctor asks the running CRI-O)
 stream_address = "127.0.0.1"
 stream_port = "0"
 
@@ -140,7 +141,7 @@ class CrioNode:
         self.root = self.top / "root"
         self.state_dir = self.top / "kata-vfio-state"
         self.log_file = self.top / "kata-vfio.log"
-        self.sock = self.top / "crio.sock"
+        self.sock = self.root / "var/run/crio/crio.sock"
         self.cgroup_parent = f"/kata-vfio-crio-{os.getpid()}"
         for d in ("cni-conf", "cni-bin", "hooks", "cdi", "keys", "ns", "exits", "attach",
                   "pod-logs", "runc"):
@@ -161,6 +162,7 @@ class CrioNode:
         self.env = {"PATH": path, "KATA_VFIO_CONFIG": str(config), "HOME": str(self.top)}
         (self.root / "usr/bin").mkdir(parents=True)
         (self.root / "usr/bin/crio").symlink_to(self.crio_bins / "crio")
+        self.sock.parent.mkdir(parents=True)
         self.conf.parent.mkdir(parents=True)
         self.conf.write_text(crio_config(self.top, self.root, self.crio_bins / "pinns"))
         self.dropins.mkdir()
@@ -191,8 +193,8 @@ class CrioNode:
         self._log = open(self.top / "crio.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [str(self.crio_bins / "crio"), "--config", str(self.conf), "--config-dir",
-             str(self.dropins)], env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True, cwd=self.top)
+             str(self.dropins), "--listen", str(self.sock)], env=self.env, stdout=self._log,
+            stderr=subprocess.STDOUT, start_new_session=True, cwd=self.top)
         deadline = time.monotonic() + timeout
         while self.crictl_run("version").returncode != 0:
             if self.proc.poll() is not None:

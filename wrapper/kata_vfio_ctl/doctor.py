@@ -413,6 +413,38 @@ def crio_runtime(root: Path) -> tuple[dict[str, Any] | None, Path | None]:
     return table, where
 
 
+CRIO_SOCKET = "var/run/crio/crio.sock"  # CRI-O's default listen, under the node's root
+
+
+def check_crio_running(root: Path, program: str | None) -> Check:
+    """Whether the CRI-O running on this node has loaded kata-vfio (a drop-in written after
+    it started is not read until CRI-O restarts)."""
+    import tomllib
+
+    from kata_vfio.run import CommandError, run
+
+    sock = root / CRIO_SOCKET
+    if not sock.exists():
+        return Check("cri-o:running", WARN, f"{sock} is missing: is CRI-O running?")
+    if program is None:
+        return Check("cri-o:running", WARN, f"{sock} is there, but no crio program to ask it")
+    try:
+        out = run([program, "status", "--socket", str(sock), "config"],
+                  what=f"asking CRI-O at {sock} its configuration", timeout=20)
+        running = tomllib.loads(out.stdout)
+    except (CommandError, tomllib.TOMLDecodeError) as err:
+        return Check("cri-o:running", WARN, f"CRI-O at {sock} did not say its configuration: "
+                     + str(err).splitlines()[0][:200])
+    runtimes = ((running.get("crio") or {}).get("runtime") or {}).get("runtimes") or {}
+    if "kata-vfio" not in runtimes:
+        return Check("cri-o:running", FAIL, f"the CRI-O running at {sock} has not loaded "
+                     "kata-vfio (it was registered after CRI-O started): pods asking for "
+                     "runtime handler kata-vfio are refused", "restart CRI-O "
+                     "(systemctl restart crio)")
+    return Check("cri-o:running", OK, f"the CRI-O running at {sock} serves runtime handler "
+                 "kata-vfio")
+
+
 def check_crio_engine(root: Path, kata_config: Path | None, release: Any) -> list[Check]:
     from kata_vfio_ctl import engines
 
@@ -424,7 +456,8 @@ def check_crio_engine(root: Path, kata_config: Path | None, release: Any) -> lis
         return [Check("cri-o", FAIL, f"{seen}kata-vfio is not registered in "
                       f"{root / 'etc/crio'}", "kata-vfio-ctl crio-register, then restart CRI-O")]
     checks = [Check("cri-o", OK, f"{seen}kata-vfio (runtime_type = "
-                    f"{table.get('runtime_type')!r}) in {where}")]
+                    f"{table.get('runtime_type')!r}) in {where}"),
+              check_crio_running(root, program)]
     path = str(table.get("runtime_path") or "")
     if table.get("runtime_type") != "vm":
         checks.append(Check("cri-o:shim", FAIL, f"runtime_type = {table.get('runtime_type')!r}: "
