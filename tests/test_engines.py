@@ -288,6 +288,9 @@ def test_crio_dropin_is_what_crio_reads_and_goes_again(tmp_path: Path, shim: str
     assert data == {"crio": {"runtime": {"runtimes": {"kata-vfio": {
         "runtime_type": "vm",
         "runtime_path": shim,
+        # issue 17 (a real CRI-O): without it CRI-O hands the shim FIFOs under the
+        # relative crio/fifo and every pod fails (test_crio.py)
+        "runtime_root": "/run/kata-vfio/crio",
         "runtime_config_path": KATA_CONF,
         "privileged_without_host_devices": True,
     }}}}}

@@ -413,15 +413,51 @@ def crio_runtime(root: Path) -> tuple[dict[str, Any] | None, Path | None]:
     return table, where
 
 
+CRIO_SOCKET = "var/run/crio/crio.sock"  # CRI-O's default listen, under the node's root
+
+
+def check_crio_running(root: Path, program: str | None) -> Check:
+    """Whether the CRI-O running on this node has loaded kata-vfio (a drop-in written after
+    it started is not read until CRI-O restarts)."""
+    import tomllib
+
+    from kata_vfio.run import CommandError, run
+
+    sock = root / CRIO_SOCKET
+    if not sock.exists():
+        return Check("cri-o:running", WARN, f"{sock} is missing: is CRI-O running?")
+    if program is None:
+        return Check("cri-o:running", WARN, f"{sock} is there, but no crio program to ask it")
+    try:
+        out = run([program, "status", "--socket", str(sock), "config"],
+                  what=f"asking CRI-O at {sock} its configuration", timeout=20)
+        running = tomllib.loads(out.stdout)
+    except (CommandError, tomllib.TOMLDecodeError) as err:
+        return Check("cri-o:running", WARN, f"CRI-O at {sock} did not say its configuration: "
+                     + str(err).splitlines()[0][:200])
+    runtimes = ((running.get("crio") or {}).get("runtime") or {}).get("runtimes") or {}
+    if "kata-vfio" not in runtimes:
+        return Check("cri-o:running", FAIL, f"the CRI-O running at {sock} has not loaded "
+                     "kata-vfio (it was registered after CRI-O started): pods asking for "
+                     "runtime handler kata-vfio are refused", "restart CRI-O "
+                     "(systemctl restart crio)")
+    return Check("cri-o:running", OK, f"the CRI-O running at {sock} serves runtime handler "
+                 "kata-vfio")
+
+
 def check_crio_engine(root: Path, kata_config: Path | None, release: Any) -> list[Check]:
     from kata_vfio_ctl import engines
 
     table, where = crio_runtime(root)
+    program = find_program("crio", root)
+    version = _version_line(program) if program else ""
+    seen = f"{version}: " if version else ""
     if table is None:
-        return [Check("cri-o", FAIL, f"kata-vfio is not registered in {root / 'etc/crio'}",
-                      "kata-vfio-ctl crio-register, then restart CRI-O")]
-    checks = [Check("cri-o", OK, f"kata-vfio (runtime_type = {table.get('runtime_type')!r}) "
-                    f"in {where}")]
+        return [Check("cri-o", FAIL, f"{seen}kata-vfio is not registered in "
+                      f"{root / 'etc/crio'}", "kata-vfio-ctl crio-register, then restart CRI-O")]
+    checks = [Check("cri-o", OK, f"{seen}kata-vfio (runtime_type = "
+                    f"{table.get('runtime_type')!r}) in {where}"),
+              check_crio_running(root, program)]
     path = str(table.get("runtime_path") or "")
     if table.get("runtime_type") != "vm":
         checks.append(Check("cri-o:shim", FAIL, f"runtime_type = {table.get('runtime_type')!r}: "
@@ -436,6 +472,14 @@ def check_crio_engine(root: Path, kata_config: Path | None, release: Any) -> lis
                             "file", "kata-vfio-ctl crio-register --shim-path PATH"))
     else:
         checks.append(Check("cri-o:shim", OK, path))
+    root_dir = str(table.get("runtime_root") or "")
+    if table.get("runtime_type") == "vm" and not os.path.isabs(root_dir):
+        checks.append(Check("cri-o:runtime-root", FAIL, f"runtime_root = {root_dir!r}: CRI-O "
+                            "hands the shim its stdio FIFOs under the relative path crio/fifo, "
+                            "which the shim opens from the bundle: every pod fails (\"opening "
+                            "file crio/fifo/io/...: no such file or directory\")",
+                            "kata-vfio-ctl crio-register (writes runtime_root = "
+                            f"\"{engines.CRIO_RUNTIME_ROOT}\"), then restart CRI-O"))
     ours = [a for a in table.get("allowed_annotations") or []
             if str(a).startswith(engines.CRIO_FOREIGN_PREFIX)]
     if ours:

@@ -42,6 +42,10 @@ SHIM_PREFIX = "containerd-shim-"
 # devices/select/vf-config and the device plugin's io.kata-vfio.resource.<name> - reaches the
 # spec untouched, so the drop-in has no allowed_annotations at all.
 CRIO_FOREIGN_PREFIX = "io.kata-vfio."
+# CRI-O makes a vm runtime's stdio FIFOs under <runtime_root>/crio/fifo and hands the shim
+# that path; with no runtime_root it is the relative crio/fifo, which the shim opens from
+# the bundle directory: every pod fails ("opening file crio/fifo/io/...: no such file")
+CRIO_RUNTIME_ROOT = "/run/kata-vfio/crio"
 ANNOTATION_GLOB = "io.kata-vfio.*"
 # containerd config version -> the plugin whose `containerd.runtimes` holds runtimes
 CRI_PLUGINS = {1: "cri", 2: "io.containerd.grpc.v1.cri", 3: "io.containerd.cri.v1.runtime"}
@@ -457,12 +461,15 @@ def containerd_registration_is_ours(conf: Path) -> bool:
 # --- CRI-O ---------------------------------------------------------------------------
 
 
-def crio_dropin_text(runtime: ShimRuntime) -> str:
+def crio_dropin_text(runtime: ShimRuntime, runtime_root: str = CRIO_RUNTIME_ROOT) -> str:
     """The drop-in CRI-O reads after crio.conf; all of it is ours."""
     import json
 
     if runtime.shim_path is None:
         raise UsageError("CRI-O needs the shim's absolute path", "pass --shim-path")
+    if not os.path.isabs(runtime_root):
+        raise UsageError(f"runtime root {runtime_root!r} is not absolute",
+                         f"give a full path, e.g. --runtime-root {CRIO_RUNTIME_ROOT}")
     # JSON strings are valid TOML basic strings (the same escapes)
     lines = [
         CRIO_FIRST_LINE,
@@ -470,6 +477,7 @@ def crio_dropin_text(runtime: ShimRuntime) -> str:
         f"[crio.runtime.runtimes.{RUNTIME_NAME}]",
         'runtime_type = "vm"',
         f"runtime_path = {json.dumps(runtime.shim_path)}",
+        f"runtime_root = {json.dumps(runtime_root)}",
     ]
     if runtime.kata_config:
         lines.append(f"runtime_config_path = {json.dumps(runtime.kata_config)}")
@@ -497,7 +505,8 @@ def _crio_dropin_is_ours(dropin: Path) -> bool | None:
     return found.text.startswith(CRIO_FIRST_LINE + "\n")
 
 
-def register_crio(dropin: Path, runtime: ShimRuntime, *, dry_run: bool = False) -> bool:
+def register_crio(dropin: Path, runtime: ShimRuntime, *, dry_run: bool = False,
+                  runtime_root: str = CRIO_RUNTIME_ROOT) -> bool:
     """Write the drop-in; True when it changed. A file there that crio-register did not
     write (another drop-in, a link) is refused, never replaced."""
     from kata_vfio.files import write_atomically
@@ -506,7 +515,7 @@ def register_crio(dropin: Path, runtime: ShimRuntime, *, dry_run: bool = False) 
     if runtime.shim_path is None:
         raise UsageError("CRI-O needs the shim's absolute path", "pass --shim-path")
     check_shim_path(runtime.shim_path, require_prefix=True)
-    text = crio_dropin_text(runtime)
+    text = crio_dropin_text(runtime, runtime_root)
     ours = _crio_dropin_is_ours(dropin)
     if ours is False:
         raise ConfigError(f"{dropin} exists and was not written by kata-vfio-ctl; "
@@ -596,7 +605,8 @@ def cmd_containerd_unregister(args: argparse.Namespace) -> int:
 
 
 def cmd_crio_register(args: argparse.Namespace) -> int:
-    changed = register_crio(Path(args.dropin), _shim_runtime(args, crio=True))
+    changed = register_crio(Path(args.dropin), _shim_runtime(args, crio=True),
+                            runtime_root=args.runtime_root)
     print(f"{args.dropin}: {'written' if changed else 'already up to date'}; "
           "restart CRI-O to use it")
     return 0
@@ -697,6 +707,9 @@ def add_parsers(sub: Any) -> None:
 
     p = sub.add_parser("crio-register", help=f"write the CRI-O drop-in {CRIO_DROPIN.name}")
     p.add_argument("--dropin", default=str(CRIO_DROPIN))
+    p.add_argument("--runtime-root", metavar="DIR", default=CRIO_RUNTIME_ROOT,
+                   help="where CRI-O keeps the shim's stdio FIFOs (runtime_root; default: "
+                   f"{CRIO_RUNTIME_ROOT})")
     add_shim_options(p)
     p.set_defaults(func=cmd_crio_register)
 

@@ -719,7 +719,7 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "containerd-register": ("containerd-register",
                             "containerd-register --conf /etc/containerd/config.toml"),
     "containerd-unregister": ("containerd-unregister",),
-    "crio-register": ("crio-register",),
+    "crio-register": ("crio-register", "crio-register --runtime-root /run/kata-vfio/crio"),
     "crio-unregister": ("crio-unregister",),
     "k8s": ("k8s --daemonset | kubectl apply -f -", "k8s --runtimeclass",
             "k8s --pod --resource nvme"),
