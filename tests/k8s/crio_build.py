@@ -7,13 +7,14 @@ it requires github.com/cri-o/cri-o at one release (that release's go.mod has no 
 directives, so ours needs none). Then:
 
     go build -trimpath -ldflags '-s -w' -tags '<TAGS>' -o <dir>/crio github.com/cri-o/cri-o/cmd/crio
-    cc -std=c99 -Os -o <dir>/pinns <the module's pinns/src/*.c>
 
 CGO_ENABLED=0 with the tags below: no cgo library is needed (no seccomp filter, no gpgme
 signature checks, no btrfs or devicemapper storage: none of it is what the tests look
-at). pinns is CRI-O's small C helper that pins a pod's namespaces; CRI-O refuses to start
-without it (the tests' pods use the host's namespaces, so it is found, not run). The
-binaries go to <cache>/crio/crio-<release>_<go version>_<hash>/ (the hash of go.mod, go.sum
+at). CRI-O's C helper pinns (it pins a pod's namespaces) is not built: Go modules are the
+only way we may take CRI-O, and its C sources are no Go package. The test node's `pinns_path`
+names a program of ours that pins the namespaces these pods ask for with util-linux's
+`unshare` (PIN_NAMESPACES in tests/k8s/crio_node.py). The binary goes to
+<cache>/crio/crio-<release>_<go version>_<hash>/ (the hash of go.mod, go.sum
 and this recipe); a second run builds nothing.
 
 Usage: crio_build.py [--cache DIR] [--install-go]
@@ -49,8 +50,8 @@ CRIO = Target("crio", "github.com/cri-o/cri-o", "github.com/cri-o/cri-o/cmd/crio
 TAGS = ("containers_image_openpgp", "containers_image_ostree_stub",
         "exclude_graphdriver_btrfs", "exclude_graphdriver_devicemapper")
 RECIPE = ("CGO_ENABLED=0 GOTOOLCHAIN=local go build -mod=readonly -trimpath -ldflags '-s -w' "
-          f"-tags '{' '.join(TAGS)}'; cc -std=c99 -Os pinns/src/*.c")
-BINARIES = ("crio", "pinns")
+          f"-tags '{' '.join(TAGS)}'")
+BINARIES = ("crio",)
 
 
 def key(go_ver: str) -> str:
@@ -68,25 +69,15 @@ def _run(cmd: list[str], what: str, **kw: object) -> subprocess.CompletedProcess
     return r  # type: ignore[no-any-return]
 
 
-def module_dir(go: Path, env: dict[str, str]) -> Path:
-    """Where the Go module cache holds CRI-O's source (for pinns)."""
-    r = _run([str(go), "mod", "download", "-json", f"{CRIO.module}@{CRIO.release()}"],
-             f"go mod download {CRIO.module}", cwd=CRIO.moddir, env=env)
-    return Path(json.loads(r.stdout)["Dir"])
-
-
 def ensure_built(cache: Path | None = None, *, install_go: bool = False,
                  log: bool = False) -> Path:
-    """The directory holding crio and pinns; builds them when they are not cached."""
+    """The directory holding crio; builds it when it is not cached."""
     cache = cache or cache_root()
     go = find_go(install_go)
     go_ver = go_version(go)
     final = cache / "crio" / key(go_ver)
     if all((final / b).is_file() for b in BINARIES):
         return final
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        raise BuildError("no C compiler for CRI-O's pinns: apt-get install gcc")
     with locked(cache / "crio" / ".lock"):
         if all((final / b).is_file() for b in BINARIES):
             return final
@@ -101,11 +92,6 @@ def ensure_built(cache: Path | None = None, *, install_go: bool = False,
                   "-tags", " ".join(TAGS), "-o", str(staging / "crio"), CRIO.package],
                  f"building {CRIO.package}@{CRIO.release()}", cwd=CRIO.moddir, env=env)
             crio_seconds = round(time.monotonic() - started, 1)
-            sources = sorted(str(p) for p in (module_dir(go, env) / "pinns" / "src").glob("*.c"))
-            if not sources:
-                raise BuildError(f"{CRIO.module}@{CRIO.release()} has no pinns/src/*.c")
-            _run([cc, "-std=c99", "-Os", "-o", str(staging / "pinns"), *sources],
-                 "building pinns")
             (staging / "build.json").write_text(json.dumps(
                 {"go": go_ver, "go_path": str(go), "crio": CRIO.release(), "tags": TAGS,
                  "seconds": {"crio": crio_seconds,
@@ -125,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         started = time.monotonic()
         where = ensure_built(args.cache, install_go=args.install_go, log=True)
-        print(f"crio and pinns ready in {time.monotonic() - started:.1f} s", file=sys.stderr)
+        print(f"crio ready in {time.monotonic() - started:.1f} s", file=sys.stderr)
         print(where)
         return 0
     except BuildError as e:

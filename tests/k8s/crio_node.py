@@ -6,8 +6,10 @@ cgroupfs manager, runc with Debian's conmon as the default OCI runtime, no CNI p
 no NRI, a pause image of our own) and <root>/etc/crio/crio.conf.d/, where the drop-in is
 the one `kata-vfio-ctl crio-register` writes; crio runs with --config and --config-dir
 naming them, and <root>/usr/bin/crio is the binary, so `doctor` looks at this root as at a
-node. Pods use the host's namespaces (network, IPC, PID): no CNI is needed and pinns,
-which CRI-O needs to find, is not run.
+node. Pods use the host's namespaces (network, IPC, PID): no CNI is needed. CRI-O's C helper
+pinns, which pins a pod's own namespaces (here only UTS) on files, is not in any registry we
+may use: `pinns_path` names PIN_NAMESPACES, ours, which does that job with util-linux's
+`unshare --uts=FILE` (persistent namespaces) for the options CRI-O passes these pods.
 
 The kata-vfio runtime is `runtime_type = "vm"`: CRI-O starts containerd-shim-kata-vfio-v2
 with the containerd shim v2 protocol (`start`, then ttrpc), whose inner shim here is
@@ -64,6 +66,42 @@ if sys.argv[-1] == "start" and os.path.isfile("config.json"):
             json.dump(spec, f)
         os.replace("config.json.standin", "config.json")
 os.execvp("containerd-shim-runc-v2", ["containerd-shim-runc-v2", *sys.argv[1:]])
+"""
+
+
+# What CRI-O runs as pinns (`pinns -d DIR -f NAME --uts [--ipc=host] [--net=host] [-s k=v+…]`):
+# each namespace is kept on DIR/<ns>ns/NAME as a bind mount of its /proc/<pid>/ns file: a new
+# one with `unshare --<ns>=FILE`, the host's ("=host") with `mount --bind /proc/self/ns/<ns>`.
+# User and mount namespaces and sysctls are not what these pods ask for: refused in one line.
+PIN_NAMESPACES = """#!{python}
+import os, subprocess, sys
+names = {{"-u": "uts", "--uts": "uts", "-i": "ipc", "--ipc": "ipc", "-n": "net",
+          "--net": "net", "-c": "cgroup", "--cgroup": "cgroup"}}
+given = {{"-d": "dir", "--dir": "dir", "-f": "filename", "--filename": "filename"}}
+found, make, argv = {{}}, [], sys.argv[1:]
+while argv:
+    opt, _, val = argv.pop(0).partition("=")
+    if opt in given:  # a value: -d DIR, --dir=DIR
+        if not val and argv:
+            val = argv.pop(0)
+        found[given[opt]] = val
+    elif opt in names:  # an optional value: --uts makes one, --ipc=host pins the host's
+        make.append((names[opt], val == "host"))
+    else:
+        sys.exit(f"pin-namespaces: {{opt}} is not handled by this test node's stand-in for pinns")
+if not found.get("dir") or not found.get("filename") or not make:
+    sys.exit("pin-namespaces: usage: -d DIR -f NAME and at least one namespace to make")
+args = []
+for ns, host in make:
+    os.makedirs(os.path.join(found["dir"], ns + "ns"), exist_ok=True)
+    target = os.path.join(found["dir"], ns + "ns", found["filename"])
+    open(target, "a").close()
+    if host:
+        subprocess.run(["mount", "--bind", f"/proc/self/ns/{{ns}}", target], check=True)
+    else:
+        args.append(f"--{{ns}}={{target}}")
+if args:
+    subprocess.run(["unshare", *args, "true"], check=True)
 """
 
 
@@ -124,7 +162,7 @@ enable_nri = false
 class CrioNode:
     top: Path
     fs: FakeSysfs
-    crio_bins: Path                 # crio and pinns (tests/k8s/crio_build.py)
+    crio_bins: Path                 # crio (tests/k8s/crio_build.py)
     crictl: Path
     shim: Path                      # containerd-shim-kata-vfio-v2
     ctl: Path                       # kata-vfio-ctl
@@ -164,7 +202,10 @@ class CrioNode:
         (self.root / "usr/bin/crio").symlink_to(self.crio_bins / "crio")
         self.sock.parent.mkdir(parents=True)
         self.conf.parent.mkdir(parents=True)
-        self.conf.write_text(crio_config(self.top, self.root, self.crio_bins / "pinns"))
+        pinns = self.top / "bin" / "pin-namespaces"
+        pinns.write_text(PIN_NAMESPACES.format(python=sys.executable))
+        pinns.chmod(0o755)
+        self.conf.write_text(crio_config(self.top, self.root, pinns))
         self.dropins.mkdir()
 
     @property
