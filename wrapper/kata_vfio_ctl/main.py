@@ -56,7 +56,7 @@ def _event_log(args: argparse.Namespace) -> Any:
 
 
 def _host(args: argparse.Namespace) -> Any:
-    from kata_vfio_host.bindings import Host
+    from kata_vfio_host.ledger import Host
     from kata_vfio_host.settings import load_settings
 
     settings = load_settings()
@@ -246,8 +246,7 @@ def cmd_vfs(args: argparse.Namespace) -> int:
     import json
 
     from kata_vfio.pci import read_device
-    from kata_vfio_host.bindings import ADMIN
-    from kata_vfio_host.ledger import read_journal
+    from kata_vfio_host.ledger import ADMIN, read_journal
     from kata_vfio_host.sriov import set_vf_count, total_vfs, virtual_functions
 
     host = _host(args)
@@ -311,7 +310,9 @@ def cmd_boot(args: argparse.Namespace) -> int:
 def cmd_bind(args: argparse.Namespace) -> int:
     import json
 
-    from kata_vfio_host.bindings import ADMIN, bind_groups, plan_bind, wait_for_group_node
+    from kata_vfio_host.bindings import bind_groups, wait_for_group_node
+    from kata_vfio_host.bindplan import plan_bind
+    from kata_vfio_host.ledger import ADMIN
     from kata_vfio_host.usage import use_checker
 
     host = _host(args)
@@ -407,7 +408,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     import json
 
     from kata_vfio_ctl import persistent
-    from kata_vfio_host.bindings import release_gone, restore, restore_all
+    from kata_vfio_host.giveback import release_gone, restore, restore_all
 
     host = _host(args)
     if (args.all + args.stale + bool(args.addresses)) != 1:

@@ -89,8 +89,9 @@ def drop_persistent(host: Any, given_back: list[str], *, everything: bool) -> li
 def cmd_boot(args: argparse.Namespace, host: Any, log: Any) -> int:
     """`kata-vfio-ctl boot` on `host`, logging to `log` (main.py passes both: this module
     does not import main)."""
-    from kata_vfio_host.bindings import ADMIN, bind_groups, plan_bind, wait_for_group_node
-    from kata_vfio_host.ledger import forget_earlier_boots
+    from kata_vfio_host.bindings import bind_groups, wait_for_group_node
+    from kata_vfio_host.bindplan import plan_bind
+    from kata_vfio_host.ledger import ADMIN, forget_earlier_boots
     from kata_vfio_host.persist import persist_path, read_binds
     from kata_vfio_host.usage import use_checker
 

@@ -15,7 +15,8 @@ from kata_vfio.defaults import SELECT_ANNOTATION, VF_CONFIG_ANNOTATION
 from kata_vfio.errors import DeviceError
 from kata_vfio.jsonlog import wrapper_log
 from kata_vfio.pci import PciAddress, group_of
-from kata_vfio_host.bindings import acquire, apply_vf_config, release_container
+from kata_vfio_host.bindings import acquire, apply_vf_config
+from kata_vfio_host.giveback import release_container
 from kata_vfio_host.ledger import ContainerId, Host
 from kata_vfio_host.settings import Settings
 from kata_vfio_runtime.spec_edit import (
