@@ -87,8 +87,8 @@ def drop_persistent(host: Any, given_back: list[str], *, everything: bool) -> li
 
 
 def cmd_boot(args: argparse.Namespace, host: Any, log: Any) -> int:
-    """`kata-vfio-ctl boot` on `host`, logging to `log` (main.py passes both: this module
-    does not import main)."""
+    """`kata-vfio-ctl boot` on `host`, logging to `log` (bind.py passes both: this module
+    does not import bind)."""
     from kata_vfio_host.bindings import bind_groups, wait_for_group_node
     from kata_vfio_host.bindplan import plan_bind
     from kata_vfio_host.ledger import ADMIN, forget_earlier_boots
@@ -166,4 +166,4 @@ def add_parsers(sub: Any) -> Any:
         "boot", help="at boot (kata-vfio-boot.service): drop the previous boot's claims and "
                      "records, bind the persistent devices (bind --persist) again")
     p.add_argument("--timeout", type=float, default=5.0, help="wait for /dev/vfio/N (s)")
-    return p  # main.py sets its func: cmd_boot with the command's host and log
+    return p  # parser.py sets its func: cmd_boot with the command's host and log
