@@ -10,14 +10,7 @@ from __future__ import annotations
 import os
 
 from kata_vfio.errors import KataVfioError
-from kata_vfio.pci import (
-    IommuGroup,
-    PciAddress,
-    device_dir,
-    group_of,
-    is_vfio_driver,
-    read_link,
-)
+from kata_vfio.pci import IommuGroup, PciAddress, device_dir, group_of, is_vfio_driver, read_link
 from kata_vfio.rebind import give_back
 from kata_vfio_host.ledger import (
     ContainerId,
