@@ -3,7 +3,9 @@
 Every change is written to the ledger's journal before sysfs is touched (ledger.py);
 a process killed at any step leaves a journal that `restore_all` acts on (giveback.py).
 `acquire` is what a container's create calls, whatever engine started it; the plan of
-a bind (which devices move) is bindplan.py's.
+a bind (which devices move) is bindplan.py's. A create that needs no give-back (no
+failure, no owner gone) and no auto-bind imports none of giveback.py, bindplan.py and
+pool.py (`kata-vfio create`'s start-up): they are imported in the functions that use them.
 """
 
 from __future__ import annotations
@@ -26,21 +28,13 @@ from kata_vfio.pci import (
     vfio_group_class_dir,
 )
 from kata_vfio.rebind import load_vfio_pci, move_to
-from kata_vfio_host.bindplan import allowed, endpoints
-from kata_vfio_host.giveback import (
-    _netlink,
-    _release_within,
-    _restore_vf_locked,
-    _vf_group,
-    release_container,
-    restore,
-)
 from kata_vfio_host.ledger import (
     ADMIN,
     ContainerId,
     DeviceEntry,
     Host,
     Journal,
+    _vf_group,
     check_free,
     claim_gone,
     earlier_boot,
@@ -49,7 +43,6 @@ from kata_vfio_host.ledger import (
     read_journal_file,
     record_claims,
 )
-from kata_vfio_host.pool import _in_pool
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: `kata-vfio create` avoids importing typing
 if TYPE_CHECKING:
@@ -147,6 +140,8 @@ def _bind_locked(host: Host, plans: list[GroupPlan], owner: str, *, force: bool,
     try:
         bind_all(host, [(d.address, d.driver) for d in to_move])
     except BaseException:
+        from kata_vfio_host.giveback import restore
+
         restore(host, [d.address for d in devices], owner=owner, groups=[g for g, _ in plans])
         raise
     return [d.address for d in to_move]
@@ -156,6 +151,8 @@ def bind_all(host: Host, moves: list[tuple[PciAddress, str | None]]) -> None:
     """driver_override -> unbind -> drivers_probe for each (device, its driver as just
     read under the group locks), concurrently; raises the first failure once every
     thread is done."""
+    from kata_vfio_host.pool import _in_pool
+
     def move(host: Host, item: tuple[PciAddress, str | None]) -> None:
         move_to(host.sysfs, item[0], item[1], VFIO_PCI, host.write)
 
@@ -214,6 +211,7 @@ def apply_vf_config(host: Host, container: ContainerId, text: str) -> list[str]:
     first; the VFs must be the container's own. Returns what was set, one line each."""
     from pathlib import Path
 
+    from kata_vfio_host.giveback import _netlink
     from kata_vfio_host.ledger import VfOriginal
     from kata_vfio_host.vfconfig import parse_vf_config, vf_port
 
@@ -273,6 +271,8 @@ def acquire(host: Host, container: ContainerId, groups: list[IommuGroup],
             # what this create claimed went back under its locks; the container's other
             # groups (an earlier claim under the same id) only now, their locks taken in
             # order: a lower group's lock is never waited for while a higher one is held
+            from kata_vfio_host.giveback import release_container
+
             release_container(host, container)
         raise
 
@@ -293,6 +293,8 @@ def _acquire_locked(host: Host, container: ContainerId, wanted: list[IommuGroup]
         try:
             plans: dict[IommuGroup, list[PciDevice]] = {}
             for addr, group in by_addr.items() if allow else ():
+                from kata_vfio_host.bindplan import allowed, endpoints
+
                 _, devices = endpoints(host, addr)
                 if all(is_vfio_driver(d.driver) for d in devices):
                     continue  # no auto-bind: the spec edit says how to bind by hand
@@ -319,6 +321,8 @@ def _acquire_locked(host: Host, container: ContainerId, wanted: list[IommuGroup]
                 if on_claimed is not None:
                     on_claimed()
         except BaseException:
+            from kata_vfio_host.giveback import _release_within
+
             _release_within(host, container, numbers)
             raise
     return bound
@@ -337,6 +341,8 @@ def _repair_gone(host: Host, groups: list[IommuGroup], journal: Journal | None =
         if not live and any(_vf_group(host, a, v.group) == group.number
                             for a, v in journal.vf_configs.items()):
             # nobody live holds the group: whoever set these is gone
+            from kata_vfio_host.giveback import _restore_vf_locked
+
             report = _restore_vf_locked(host, None, force=True, groups={},
                                         only_groups={group.number})
             if report.failed:
@@ -348,6 +354,8 @@ def _repair_gone(host: Host, groups: list[IommuGroup], journal: Journal | None =
             continue
         mine = [PciAddress.parse(a) for a, e in journal.devices.items()
                 if e.owner == claim.owner and e.group == group.number]
+        from kata_vfio_host.giveback import restore
+
         report = restore(host, mine, claim.owner, groups=[group])
         if report.failed:
             raise DeviceError(f"IOMMU group {group} was left by {claim.owner}, which is gone, "

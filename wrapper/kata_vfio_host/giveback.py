@@ -10,13 +10,14 @@ from __future__ import annotations
 import os
 
 from kata_vfio.errors import KataVfioError
-from kata_vfio.pci import IommuGroup, PciAddress, device_dir, group_of, is_vfio_driver, read_link
+from kata_vfio.pci import IommuGroup, PciAddress, device_dir, is_vfio_driver, read_link
 from kata_vfio.rebind import give_back
 from kata_vfio_host.ledger import (
     ContainerId,
     DeviceEntry,
     Host,
     Journal,
+    _vf_group,
     claim_gone,
     earlier_boot,
     editing,
@@ -174,15 +175,6 @@ def _groups_of(host: Host, journal: Journal, owner: str | None) -> list[IommuGro
             if group is not None:
                 groups.add(group)
     return [IommuGroup(g) for g in groups]
-
-
-def _vf_group(host: Host, addr: str, recorded: int | None) -> int | None:
-    if recorded is not None:
-        return recorded
-    try:
-        return group_of(host.sysfs, PciAddress.parse(addr)).number
-    except (KataVfioError, OSError, ValueError):
-        return None
 
 
 def restore_all(host: Host, owner: str | None = None, *, force: bool = False
