@@ -288,7 +288,7 @@ def bench_ledger_scale(work: Path) -> None:
     create leaves in the journal). The creates on the two hosts alternate, so both see
     the same machine. Target: 1,000 <= 1.5x 10."""
     from kata_vfio.pci import IommuGroup
-    from kata_vfio_host.bindings import release_container
+    from kata_vfio_host.giveback import release_container
     from kata_vfio_host.ledger import ContainerId, DeviceEntry, claim_groups, editing, owner_name
 
     hosts = {}

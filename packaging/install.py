@@ -81,7 +81,7 @@ import json, sys
 man, bash, zsh, version = json.loads(sys.argv[1])
 from argparse_manpage.manpage import Manpage
 import shtab
-from kata_vfio_ctl.main import build_parser
+from kata_vfio_ctl.parser import build_parser
 parser = build_parser()
 data = {"project_name": "kata-vfio", "version": version, "manual_title": "kata-vfio manual",
         "manual_section": 1}

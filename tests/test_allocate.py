@@ -12,7 +12,7 @@ import pytest
 from kata_vfio.errors import DeviceError
 from kata_vfio.pci import PciAddress
 from kata_vfio_host.allocate import SELECT_ANNOTATION, parse_select
-from kata_vfio_host.bindings import release_container, restore_all
+from kata_vfio_host.giveback import release_container, restore_all
 from kata_vfio_host.ledger import Host, read_journal, read_journal_file
 from kata_vfio_host.settings import Settings
 from kata_vfio_runtime.lifecycle import prepare_bundle

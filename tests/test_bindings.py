@@ -15,13 +15,8 @@ import pytest
 from kata_vfio.errors import DeviceError
 from kata_vfio.manifest import DEVICES_ANNOTATION
 from kata_vfio.pci import PciAddress
-from kata_vfio_host.bindings import (
-    acquire,
-    bind_group,
-    bind_groups,
-    release_container,
-    restore_all,
-)
+from kata_vfio_host.bindings import acquire, bind_group, bind_groups
+from kata_vfio_host.giveback import release_container, restore_all
 from kata_vfio_host.ledger import ADMIN, ContainerId, Host, marker, read_journal
 from kata_vfio_runtime.spec_edit import requested_addresses
 from ledgerfiles import read_ledger
@@ -330,17 +325,17 @@ def test_sigkill_during_a_concurrent_restore_of_eight(
 def test_restore_keeps_an_entry_another_owner_wrote_meanwhile(
     host: Host, fakesys: FakeSysfs, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from kata_vfio_host import bindings
+    from kata_vfio_host import giveback
     from kata_vfio_host.ledger import DeviceEntry, editing
 
     bind_group(host, A("0000:00:03.0"), ADMIN)
-    give_back = bindings.give_back
+    give_back = giveback.give_back
 
     def rebound_meanwhile(*args: object, **kwargs: object) -> None:
         give_back(*args, **kwargs)  # type: ignore[arg-type]
         with editing(host) as journal:  # another owner binds it again before we finish
             journal.devices["0000:00:03.0"] = DeviceEntry("e1000e", None, 5, "container x")
 
-    monkeypatch.setattr(bindings, "give_back", rebound_meanwhile)
+    monkeypatch.setattr(giveback, "give_back", rebound_meanwhile)
     assert restore_all(host, ADMIN).restored == ["0000:00:03.0"]
     assert read_journal(host)["0000:00:03.0"]["owner"] == "container x"

@@ -354,7 +354,7 @@ def test_this_machines_own_nic_is_in_use(tmp_path: Path) -> None:
 def fake_host(ctl_config: Path, vfio_host: FakeSysfs, tmp_path: Path,
               monkeypatch: pytest.MonkeyPatch) -> tuple[FakeSysfs, FakeKernel, Host]:
     """kata-vfio-ctl in-process, its sysfs writes played by a fake kernel."""
-    import kata_vfio_ctl.main
+    import kata_vfio_ctl.base
 
     vfio_host.add_device("0000:08:00.0", group=40, driver="e1000e", net=("kvfio-enp8",))
     vfio_host.add_device("0000:08:00.1", group=40, driver="e1000e", net=("kvfio-enp8f1",),
@@ -364,7 +364,7 @@ def fake_host(ctl_config: Path, vfio_host: FakeSysfs, tmp_path: Path,
     vfio_host.add_child_interface("0000:00:03.0", "kvfio-virt0", "virtio2")
     kernel = FakeKernel(vfio_host)
     host = Host(sysfs=vfio_host.root, state_dir=tmp_path / "state", write=kernel.write)
-    monkeypatch.setattr(kata_vfio_ctl.main, "_host", lambda args: host)
+    monkeypatch.setattr(kata_vfio_ctl.base, "_host", lambda args: host)
     return vfio_host, kernel, host
 
 
@@ -435,7 +435,7 @@ def test_dry_run_prints_the_moves_and_changes_nothing(
 def test_bind_names_every_member_before_moving_it(
         fake_host: tuple[FakeSysfs, FakeKernel, Host], monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
-    import kata_vfio_ctl.main
+    import kata_vfio_ctl.base
 
     _, kernel, host = fake_host
     said_before_first_write: list[str] = []
@@ -448,7 +448,7 @@ def test_bind_names_every_member_before_moving_it(
             kernel.write(path, text)
 
     watched = Host(host.sysfs, host.state_dir, write)
-    monkeypatch.setattr(kata_vfio_ctl.main, "_host", lambda args: watched)
+    monkeypatch.setattr(kata_vfio_ctl.base, "_host", lambda args: watched)
     assert ctl(["bind", "--timeout", "0", "08:00.1"]) == 0
     lines = said_before_first_write[0].splitlines()
     assert lines == ["moving 0000:08:00.0 (8086:10d3, e1000e) -> vfio-pci",

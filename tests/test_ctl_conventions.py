@@ -218,7 +218,7 @@ def pf_host(tmp_path: Path, fakesys: FakeSysfs, kernel: FakeKernel,
     config.write_text(f'sysfs = "{fakesys.root}"\nstate_dir = "{host.state_dir}"\n'
                       f'log_file = "{tmp_path / "kata-vfio.log"}"\n')
     monkeypatch.setenv("KATA_VFIO_CONFIG", str(config))
-    monkeypatch.setattr("kata_vfio_ctl.main._host", lambda args: host)
+    monkeypatch.setattr("kata_vfio_ctl.base._host", lambda args: host)
     return host
 
 
@@ -306,7 +306,7 @@ def test_restore_stale_of_a_gone_container_whose_devices_stay_on_vfio(
 
 
 def subcommands() -> dict[str, object]:
-    from kata_vfio_ctl.main import build_parser
+    from kata_vfio_ctl.parser import build_parser
 
     parser = build_parser()
     action = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
@@ -318,7 +318,7 @@ def test_every_command_shows_examples_that_parse(name: str,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     import shlex
 
-    from kata_vfio_ctl.main import build_parser
+    from kata_vfio_ctl.parser import build_parser
 
     with pytest.raises(SystemExit) as done:
         ctl([name, "--help"])

@@ -15,15 +15,17 @@ from pathlib import Path
 
 import pytest
 
-from kata_vfio_ctl import engines
+from kata_vfio_ctl import engine_shim
 from kata_vfio_ctl.checks import FAIL, OK, WARN, Check
+from kata_vfio_ctl.containerd_conf import register_containerd
+from kata_vfio_ctl.crio_conf import register_crio
 from kata_vfio_ctl.doctor import (
     check_engines,
     check_iommu,
     check_memlock,
     render,
 )
-from kata_vfio_ctl.engines import ShimRuntime, register_containerd, register_crio
+from kata_vfio_ctl.engine_shim import ShimRuntime
 from kata_vfio_host.settings import Settings
 
 NO_SKIPS = os.environ.get("KATA_VFIO_NO_SKIPS") == "1"
@@ -188,7 +190,7 @@ def test_podman_with_kata3_is_told_it_cannot_work_not_that_it_is_unregistered(
 
 @pytest.fixture
 def shim(tmp_path: Path) -> str:
-    path = tmp_path / "kv/bin" / engines.SHIM_BINARY
+    path = tmp_path / "kv/bin" / engine_shim.SHIM_BINARY
     path.parent.mkdir(parents=True)
     path.write_text("#!/bin/sh\n")
     path.chmod(0o755)
@@ -218,8 +220,8 @@ def test_doctor_on_a_containerd_node_checks_containerd_not_podman(tmp_path: Path
     # Debian's containerd 1.6 ignores runtime_path: the shim must be on its PATH
     assert found["containerd:shim"].status == FAIL
     assert "containerd 1.6 ignores runtime_path" in found["containerd:shim"].detail
-    assert f"ln -s {shim} /usr/local/bin/{engines.SHIM_BINARY}" == found["containerd:shim"].fix
-    link_program(root, engines.SHIM_BINARY, shim, "usr/local/bin")
+    assert f"ln -s {shim} /usr/local/bin/{engine_shim.SHIM_BINARY}" == found["containerd:shim"].fix
+    link_program(root, engine_shim.SHIM_BINARY, shim, "usr/local/bin")
     assert by_name(check_engines(root, root / "none", None, Settings(), "3.30"))[
         "containerd:shim"].status == OK
     assert found["containerd:kata"].status == OK and "Kata 3.30" in found["containerd:kata"].detail
@@ -258,9 +260,9 @@ def test_containerd_register_says_the_shim_must_be_on_path_for_containerd_16(
     assert ctl(["containerd-register", "--conf", str(conf), "--shim-path", shim]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].endswith("restart containerd to use it")
-    assert out[1] == (f"containerd 1.6 ignores runtime_path: {engines.SHIM_BINARY} must be on "
+    assert out[1] == (f"containerd 1.6 ignores runtime_path: {engine_shim.SHIM_BINARY} must be on "
                       f"containerd's PATH (e.g. ln -s {shim} /usr/local/bin/"
-                      f"{engines.SHIM_BINARY})")
+                      f"{engine_shim.SHIM_BINARY})")
     # once it is there, nothing more to say
     monkeypatch.setenv("PATH", f"{Path(shim).parent}:/usr/bin:/bin")
     assert ctl(["containerd-register", "--conf", str(conf), "--shim-path", shim]) == 0
@@ -274,7 +276,7 @@ def test_doctor_on_a_crio_node(tmp_path: Path) -> None:
     root = tmp_path / "root"
     stand_in(root, "crio")
     stand_in(root, "containerd-shim-kata-v2")
-    shim = stand_in(tmp_path, engines.SHIM_BINARY, "kv/bin")
+    shim = stand_in(tmp_path, engine_shim.SHIM_BINARY, "kv/bin")
     kata = kata_conf(tmp_path / "kata/configuration-kata-vfio.toml", ports=0)
     (root / "etc/crio").mkdir(parents=True)
     (root / "etc/crio/crio.conf").write_text('[crio.runtime]\ndefault_runtime = "runc"\n')

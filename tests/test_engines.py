@@ -14,15 +14,15 @@ import pytest
 
 from kata_vfio.errors import ConfigError, KataVfioError, UsageError
 from kata_vfio_ctl import engines
-from kata_vfio_ctl.engines import (
-    ShimRuntime,
+from kata_vfio_ctl.containerd_conf import (
+    CONTAINERD_CONF,
     containerd_binary_version,
     register_containerd,
-    register_crio,
     registered_containerd,
     unregister_containerd,
-    unregister_crio,
 )
+from kata_vfio_ctl.crio_conf import CRIO_DROPIN, register_crio, unregister_crio
+from kata_vfio_ctl.engine_shim import ShimRuntime
 
 DATA = Path(__file__).parent / "data"
 SHIM = "/usr/local/bin/containerd-shim-kata-vfio-v2"
@@ -398,5 +398,5 @@ def test_install_and_uninstall_options(tmp_path: Path, shim: str) -> None:
     assert conf.read_text() == DEBIAN_ETC and not dropin.exists()
     # the flags alone mean the standard places
     args = uninstall.parse_args(["--containerd", "--crio"])
-    assert (args.containerd, args.crio) == (str(engines.CONTAINERD_CONF), str(engines.CRIO_DROPIN))
+    assert (args.containerd, args.crio) == (str(CONTAINERD_CONF), str(CRIO_DROPIN))
     assert engines.uninstall_engines(uninstall.parse_args([])) == []

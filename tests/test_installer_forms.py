@@ -23,12 +23,12 @@ import pytest
 
 from kata_vfio.errors import KataVfioError
 from kata_vfio_ctl import kata_conf, podman_conf
-from kata_vfio_ctl.engines import (
-    ShimRuntime,
+from kata_vfio_ctl.containerd_conf import (
     register_containerd,
     registered_containerd,
     unregister_containerd,
 )
+from kata_vfio_ctl.engine_shim import ShimRuntime
 from kata_vfio_ctl.kata3 import GENERATED_NAME, install_kata, uninstall_kata
 from kata_vfio_ctl.main import main as ctl_main
 from kata_vfio_host.settings import Settings

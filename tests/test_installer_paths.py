@@ -23,12 +23,12 @@ from pathlib import Path
 import pytest
 
 from kata_vfio.errors import ConfigError
-from kata_vfio_ctl.engines import (
-    ShimRuntime,
+from kata_vfio_ctl.containerd_conf import (
     register_containerd,
     registered_containerd,
     unregister_containerd,
 )
+from kata_vfio_ctl.engine_shim import ShimRuntime
 from kata_vfio_ctl.kata3 import GENERATED_NAME
 
 from fakesys import FakeSysfs

@@ -54,6 +54,9 @@ def test_passthrough_verb_imports_no_heavy_module(tmp_path: Path) -> None:
     assert not modules & (HEAVY | {"typing", "dataclasses", "pathlib", "re"})
     # the passthrough path never imports the host tools
     assert not {m for m in modules if m.startswith(("kata_vfio_ctl", "kata_vfio_host.bindings",
+                                                    "kata_vfio_host.bindplan",
+                                                    "kata_vfio_host.giveback",
+                                                    "kata_vfio_host.pool",
                                                     "kata_vfio_host.ledger"))}
 
 
@@ -144,4 +147,9 @@ def test_create_with_eight_devices_imports_only_what_it_uses(tmp_path: Path) -> 
         assert len(json.loads(edited["annotations"]["io.kata-vfio.manifest"])["groups"]) == 8
         assert {"kata_vfio_runtime.spec_edit", "kata_vfio_host.ledger"} <= modules
         assert not modules & (HEAVY | STARTUP_HEAVY), sorted(modules & (HEAVY | STARTUP_HEAVY))
+        # a create with nothing to give back and nothing to auto-bind loads none of the
+        # give-back, the bind planning or the thread pool (issue 18.3 split them out)
+        assert not {m for m in modules if m.startswith(("kata_vfio_host.giveback",
+                                                        "kata_vfio_host.bindplan",
+                                                        "kata_vfio_host.pool"))}
         shutil.rmtree(tmp_path / "state")  # the next one claims the groups afresh

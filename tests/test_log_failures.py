@@ -54,7 +54,7 @@ def test_a_dropped_line_is_counted_not_raised(tmp_path: Path) -> None:
 @pytest.fixture
 def full_log_host(vfio_host: FakeSysfs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                   ) -> tuple[FakeSysfs, Host]:
-    import kata_vfio_ctl.main
+    import kata_vfio_ctl.base
 
     config = tmp_path / "kv.toml"
     config.write_text(f'runtime = "/bin/true"\nsysfs = "{vfio_host.root}"\n'
@@ -62,7 +62,7 @@ def full_log_host(vfio_host: FakeSysfs, tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setenv("KATA_VFIO_CONFIG", str(config))
     kernel = FakeKernel(vfio_host)
     host = Host(sysfs=vfio_host.root, state_dir=tmp_path / "state", write=kernel.write)
-    monkeypatch.setattr(kata_vfio_ctl.main, "_host", lambda args: host)
+    monkeypatch.setattr(kata_vfio_ctl.base, "_host", lambda args: host)
     return vfio_host, host
 
 

@@ -15,7 +15,8 @@ import pytest
 from kata_vfio.errors import ConfigError, DeviceError
 from kata_vfio.manifest import DEVICES_ANNOTATION
 from kata_vfio.pci import IommuGroup, PciAddress
-from kata_vfio_host.bindings import acquire, bind_group, release_gone, restore_all
+from kata_vfio_host.bindings import acquire, bind_group
+from kata_vfio_host.giveback import release_gone, restore_all
 from kata_vfio_host.ledger import ADMIN, ContainerId, Host, marker, read_journal
 from kata_vfio_host.settings import load_settings
 from kata_vfio_runtime import lifecycle

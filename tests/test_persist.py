@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import kata_vfio_ctl.main
+import kata_vfio_ctl.base
 from kata_vfio.pci import PciAddress
 from kata_vfio_ctl.main import main as ctl
 from kata_vfio_host.bindings import acquire
@@ -33,7 +33,7 @@ class Machine:
         self.state = state
         self.boot = 1
         self.host = self._host()
-        monkeypatch.setattr(kata_vfio_ctl.main, "_host", lambda args: self.host)
+        monkeypatch.setattr(kata_vfio_ctl.base, "_host", lambda args: self.host)
 
     def _host(self) -> Host:
         return Host(self.fs.root, self.state, self.kernel.write, boot_id=f"boot-{self.boot}")
@@ -215,7 +215,7 @@ def test_the_boot_unit_runs_the_boot_command_before_the_engines() -> None:
     import configparser
     import shlex
 
-    from kata_vfio_ctl.main import build_parser
+    from kata_vfio_ctl.parser import build_parser
 
     unit = configparser.ConfigParser(strict=True, interpolation=None)
     unit.read(Path(__file__).parent.parent / "systemd/kata-vfio-boot.service")

@@ -28,7 +28,7 @@ NVME_GROUP = 14
 def live(vfio_host: FakeSysfs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
          ) -> tuple[FakeSysfs, Host, Path]:
     """Container c1 is running with the NVMe kata-vfio auto-bound for it."""
-    import kata_vfio_ctl.main
+    import kata_vfio_ctl.base
 
     state = tmp_path / "state"
     config = tmp_path / "kv.toml"
@@ -36,7 +36,7 @@ def live(vfio_host: FakeSysfs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                       f'state_dir = "{state}"\nlog_file = "{tmp_path / "log"}"\n')
     monkeypatch.setenv("KATA_VFIO_CONFIG", str(config))
     host = Host(vfio_host.root, state, FakeKernel(vfio_host).write)
-    monkeypatch.setattr(kata_vfio_ctl.main, "_host", lambda args: host)
+    monkeypatch.setattr(kata_vfio_ctl.base, "_host", lambda args: host)
     bundle = tmp_path / "bundles/c1"
     bundle.mkdir(parents=True)
     (bundle / "config.json").write_text(json.dumps(

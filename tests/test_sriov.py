@@ -32,7 +32,7 @@ def pf_host(tmp_path: Path, fakesys: FakeSysfs, kernel: FakeKernel,
                       '[autobind]\nallow = ["1b36:0010"]\n')
     monkeypatch.setenv("KATA_VFIO_CONFIG", str(config))
     # the CLI writes sysfs through the fake kernel too
-    monkeypatch.setattr("kata_vfio_ctl.main._host", lambda args: host)
+    monkeypatch.setattr("kata_vfio_ctl.base._host", lambda args: host)
     return host
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from kata_vfio.errors import DeviceError
 from kata_vfio.manifest import Manifest
-from kata_vfio_host.bindings import release_container, restore_all
+from kata_vfio_host.giveback import release_container, restore_all
 from kata_vfio_host.ledger import Host, read_journal_file
 from kata_vfio_host.settings import Settings
 from kata_vfio_host.vfconfig import Netlink, VfPort, parse_vf_config
@@ -147,7 +147,7 @@ def test_the_next_owner_gets_the_pfs_values_not_the_gone_owners(nic_host: Host,
     """A sets VF 0's MAC and VLAN and ends the containerd way (bundle removed, no delete);
     B gets the same VF and must find the PF's own values, and `restore --stale` must not
     touch the VF under B."""
-    from kata_vfio_host.bindings import release_gone
+    from kata_vfio_host.giveback import release_gone
 
     a = create(nic_host, tmp_path, "a", {"io.kata-vfio.devices": "0000:3b:02.0",
                                          "io.kata-vfio.vf-config": f"0000:3b:02.0 mac={MAC} "
@@ -187,7 +187,7 @@ def test_a_gone_owners_entry_on_a_live_containers_vf_is_never_reset(
     """The class, whatever left the entry there (a journal of an older version, a failed
     give-back): VF settings recorded by a gone owner for a VF a live container holds now
     stay on the VF for that container, and go back to the PF's values when it ends."""
-    from kata_vfio_host.bindings import release_gone
+    from kata_vfio_host.giveback import release_gone
     from kata_vfio_host.ledger import VfOriginal, editing
 
     b = create(nic_host, tmp_path, "b", {"io.kata-vfio.devices": "0000:3b:02.0"})

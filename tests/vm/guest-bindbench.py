@@ -11,7 +11,8 @@ from pathlib import Path
 
 sys.path.insert(0, "/usr/lib/kata-vfio")
 from kata_vfio.pci import PciAddress
-from kata_vfio_host.bindings import bind_groups, restore_all
+from kata_vfio_host.bindings import bind_groups
+from kata_vfio_host.giveback import restore_all
 from kata_vfio_host.ledger import ADMIN, Host
 from kata_vfio_host.sriov import set_vf_count
 

@@ -16,8 +16,15 @@ sys.path.insert(0, "/usr/lib/kata-vfio")
 from kata_vfio import rebind
 from kata_vfio.pci import PciAddress
 from kata_vfio_host import bindings, ledger
-from kata_vfio_host.bindings import ADMIN, bind_groups, restore_all
-from kata_vfio_host.ledger import Host
+from kata_vfio_host.bindings import bind_groups
+
+try:
+    from kata_vfio_host import giveback
+    from kata_vfio_host.giveback import restore_all
+except ImportError:  # a version from before the give-back had a module of its own
+    giveback = bindings
+    from kata_vfio_host.bindings import restore_all
+from kata_vfio_host.ledger import ADMIN, Host
 from kata_vfio_host.sriov import set_vf_count
 
 COUNT = int(os.environ.get("BINDTRACE_COUNT", "32"))
@@ -98,10 +105,10 @@ def instrument():
             enter(self)
             events.append((threading.get_native_id(), "flock acquire", "", t0, time.monotonic()))
         ledger.Locks.__enter__ = timed_enter
-    bindings.editing = _timed_cm("editing", ledger.editing)
+    bindings.editing = giveback.editing = _timed_cm("editing", ledger.editing)
     ledger._write_journal_file = timed("journal write", ledger._write_journal_file)
     ledger.read_journal_file = timed("journal read", ledger.read_journal_file)
-    bindings.read_journal_file = ledger.read_journal_file
+    bindings.read_journal_file = giveback.read_journal_file = ledger.read_journal_file
 
 
 def _timed_acquire(flock):

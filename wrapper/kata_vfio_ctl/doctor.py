@@ -322,19 +322,19 @@ def check_engine_kata(engine: str, kata_path: str | None, fallback: Path | None,
 
 def check_containerd_engine(root: Path, kata_config: Path | None, release: Any) -> list[Check]:
     from kata_vfio.errors import KataVfioError
-    from kata_vfio_ctl import engines
+    from kata_vfio_ctl import containerd_conf, engine_shim
 
     conf = root / "etc/containerd/config.toml"
     program = find_program("containerd", root)
     version: tuple[int, int] | None = None
     if program:
         try:
-            version = engines.containerd_binary_version(program)
+            version = containerd_conf.containerd_binary_version(program)
         except KataVfioError:
             version = None
     seen = f"containerd {version[0]}.{version[1]}" if version else "containerd"
     try:
-        table = engines.registered_containerd(conf)
+        table = containerd_conf.registered_containerd(conf)
     except KataVfioError as err:
         return [Check("containerd", FAIL, err.message, err.hint)]
     if table is None:
@@ -344,19 +344,19 @@ def check_containerd_engine(root: Path, kata_config: Path | None, release: Any) 
     checks = [Check("containerd", OK, f"{seen}: kata-vfio ({table.get('runtime_type')}) in "
                     f"{conf}")]
     path = table.get("runtime_path")
-    shim_on_path = find_program(engines.SHIM_BINARY, root)
+    shim_on_path = find_program(engine_shim.SHIM_BINARY, root)
     if version is not None and version < (1, 7) and not shim_on_path:
         checks.append(Check("containerd:shim", FAIL, f"{seen} ignores runtime_path "
-                            f"({path or 'not set'}) and finds no {engines.SHIM_BINARY} on its "
-                            "PATH", f"ln -s {path or '<kata-vfio>/bin/' + engines.SHIM_BINARY} "
-                            f"/usr/local/bin/{engines.SHIM_BINARY}"))
+                            f"({path or 'not set'}) and finds no {engine_shim.SHIM_BINARY} on its "
+                            "PATH", f"ln -s {path or '<kata-vfio>/bin/' + engine_shim.SHIM_BINARY} "
+                            f"/usr/local/bin/{engine_shim.SHIM_BINARY}"))
     elif path and not os.access(path, os.X_OK) and (version is None or version >= (1, 7)):
         checks.append(Check("containerd:shim", FAIL, f"runtime_path {path} is not an "
                             "executable file", "kata-vfio-ctl containerd-register --shim-path "
                             "PATH"))
     elif not path and not shim_on_path:
         checks.append(Check("containerd:shim", FAIL, f"no runtime_path and no "
-                            f"{engines.SHIM_BINARY} on containerd's PATH",
+                            f"{engine_shim.SHIM_BINARY} on containerd's PATH",
                             "kata-vfio-ctl containerd-register --shim-path PATH"))
     else:
         checks.append(Check("containerd:shim", OK, f"{shim_on_path or path}"))
@@ -446,7 +446,7 @@ def check_crio_running(root: Path, program: str | None) -> Check:
 
 
 def check_crio_engine(root: Path, kata_config: Path | None, release: Any) -> list[Check]:
-    from kata_vfio_ctl import engines
+    from kata_vfio_ctl import crio_conf, engine_shim
 
     table, where = crio_runtime(root)
     program = find_program("crio", root)
@@ -463,10 +463,10 @@ def check_crio_engine(root: Path, kata_config: Path | None, release: Any) -> lis
         checks.append(Check("cri-o:shim", FAIL, f"runtime_type = {table.get('runtime_type')!r}: "
                             "CRI-O would run the shim as an OCI runtime", "kata-vfio-ctl "
                             "crio-register (writes runtime_type = \"vm\")"))
-    elif not os.path.basename(path).startswith(engines.SHIM_PREFIX):
+    elif not os.path.basename(path).startswith(engine_shim.SHIM_PREFIX):
         checks.append(Check("cri-o:shim", FAIL, f"runtime_path {path!r}: CRI-O runs only shims "
-                            f"named {engines.SHIM_PREFIX}*", "kata-vfio-ctl crio-register "
-                            f"--shim-path /…/{engines.SHIM_BINARY}"))
+                            f"named {engine_shim.SHIM_PREFIX}*", "kata-vfio-ctl crio-register "
+                            f"--shim-path /…/{engine_shim.SHIM_BINARY}"))
     elif not os.access(path, os.X_OK):
         checks.append(Check("cri-o:shim", FAIL, f"runtime_path {path} is not an executable "
                             "file", "kata-vfio-ctl crio-register --shim-path PATH"))
@@ -479,9 +479,9 @@ def check_crio_engine(root: Path, kata_config: Path | None, release: Any) -> lis
                             "which the shim opens from the bundle: every pod fails (\"opening "
                             "file crio/fifo/io/...: no such file or directory\")",
                             "kata-vfio-ctl crio-register (writes runtime_root = "
-                            f"\"{engines.CRIO_RUNTIME_ROOT}\"), then restart CRI-O"))
+                            f"\"{crio_conf.CRIO_RUNTIME_ROOT}\"), then restart CRI-O"))
     ours = [a for a in table.get("allowed_annotations") or []
-            if str(a).startswith(engines.CRIO_FOREIGN_PREFIX)]
+            if str(a).startswith(crio_conf.CRIO_FOREIGN_PREFIX)]
     if ours:
         checks.append(Check("cri-o:annotations", FAIL, f"allowed_annotations lists {ours}: "
                             "CRI-O accepts only annotations it knows there (\"invalid "

@@ -9,7 +9,7 @@ asking for `kata-vfio.io/<name>: 1`.
 
 The pod annotation `io.kata-vfio.devices` reaches the shim wrapper because containerd's
 runtime passes `io.kata-vfio.*` pod annotations (`pod_annotations`) and CRI-O's lists it in
-`allowed_annotations` (see engines.py). Printed as YAML for `kubectl apply -f -` (a string
+`allowed_annotations` (see crio_conf.py). Printed as YAML for `kubectl apply -f -` (a string
 that could read as anything else is double-quoted, which YAML reads like JSON), or as a
 JSON List.
 """

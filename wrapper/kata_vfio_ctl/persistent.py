@@ -247,11 +247,12 @@ def _make_vfs(host: Any, record: Any, timeout: float) -> str:
 
 
 def cmd_boot(args: argparse.Namespace, host: Any, log: Any) -> int:
-    """`kata-vfio-ctl boot` on `host`, logging to `log` (main.py passes both: this module
-    does not import main)."""
+    """`kata-vfio-ctl boot` on `host`, logging to `log` (bind.py passes both: this module
+    does not import bind)."""
     from kata_vfio_ctl import plugin_ledger
-    from kata_vfio_host.bindings import ADMIN, bind_groups, plan_bind, wait_for_group_node
-    from kata_vfio_host.ledger import KUBERNETES_ALLOCATION, forget_earlier_boots
+    from kata_vfio_host.bindings import bind_groups, wait_for_group_node
+    from kata_vfio_host.bindplan import plan_bind
+    from kata_vfio_host.ledger import ADMIN, KUBERNETES_ALLOCATION, forget_earlier_boots
     from kata_vfio_host.persist import persist_path, read_persisted
     from kata_vfio_host.usage import use_checker
 
@@ -357,4 +358,4 @@ def add_parsers(sub: Any) -> Any:
                      "persistent devices (bind --persist) again")
     p.add_argument("--timeout", type=float, default=5.0,
                    help="wait for a PF's driver, its VFs, /dev/vfio/N (s)")
-    return p  # main.py sets its func: cmd_boot with the command's host and log
+    return p  # parser.py sets its func: cmd_boot with the command's host and log

@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING
 
 from kata_vfio.errors import DeviceError
 from kata_vfio.pci import IommuGroup, PciAddress
-from kata_vfio_host.bindings import acquire, release_container, wait_for_group_node
+from kata_vfio_host.bindings import acquire, wait_for_group_node
+from kata_vfio_host.giveback import release_container
 from kata_vfio_host.ledger import (
     KUBERNETES_ALLOCATION,
     ContainerId,

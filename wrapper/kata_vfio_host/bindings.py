@@ -1,10 +1,11 @@
-"""Handing host devices to vfio-pci and back, safely and crash-safely.
+"""Handing host devices to vfio-pci, safely and crash-safely, and a container's create.
 
 Every change is written to the ledger's journal before sysfs is touched (ledger.py);
-a process killed at any step leaves a journal that `restore_all` acts on. Giving
-back never stops at the first failure: each device is tried, each failure reported.
-`acquire` and `release_container` are what a container's create and delete call,
-whatever engine started it.
+a process killed at any step leaves a journal that `restore_all` acts on (giveback.py).
+`acquire` is what a container's create calls, whatever engine started it; the plan of
+a bind (which devices move) is bindplan.py's. A create that needs no give-back (no
+failure, no owner gone) and no auto-bind imports none of giveback.py, bindplan.py and
+pool.py (`kata-vfio create`'s start-up): they are imported in the functions that use them.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import os
 import time
 
-from kata_vfio.errors import DeviceError, KataVfioError
+from kata_vfio.errors import DeviceError
 from kata_vfio.pci import (
     VFIO_PCI,
     IommuGroup,
@@ -23,24 +24,22 @@ from kata_vfio.pci import (
     group_of,
     is_vfio_driver,
     read_bind_state,
-    read_device,
     read_link,
     vfio_group_class_dir,
 )
-from kata_vfio.rebind import give_back, load_vfio_pci, move_to
+from kata_vfio.rebind import load_vfio_pci, move_to
 from kata_vfio_host.ledger import (
     ADMIN,
-    KUBERNETES_ALLOCATION,
     ContainerId,
     DeviceEntry,
     Host,
     Journal,
+    _vf_group,
     check_free,
     claim_gone,
     earlier_boot,
     editing,
     group_locks,
-    marker,
     read_journal_file,
     record_claims,
 )
@@ -48,82 +47,17 @@ from kata_vfio_host.ledger import (
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: `kata-vfio create` avoids importing typing
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from typing import Any
 
-    from kata_vfio.pci import StrPath
+    from kata_vfio_host.bindplan import GroupPlan
     from kata_vfio_host.ledger import InUse
 
-__all__ = ["ADMIN", "Host", "RestoreReport", "acquire", "bind_group", "release_container",
-           "restore", "restore_all"]
-
-
-class RestoreReport:
-    def __init__(self) -> None:
-        self.restored: list[str] = []
-        self.failed: list[str] = []  # one line each: address and why
-        self.vf_settings: list[str] = []  # PF values set again, one line each
-        self.taken: list[str] = []  # with force: live containers whose claims were dropped
-        # records of an earlier boot dropped with nothing done: the reboot ended those binds
-        self.forgotten: list[str] = []
-        self.forgotten_devices: list[str] = []  # their addresses
-
-    def extend(self, other: RestoreReport) -> None:
-        self.restored += other.restored
-        self.failed += other.failed
-        self.vf_settings += other.vf_settings
-        self.taken += other.taken
-        self.forgotten += other.forgotten
-        self.forgotten_devices += other.forgotten_devices
-
-
-def live_holders(host: Host, journal: Journal) -> dict[int, str]:
-    """IOMMU group number -> the live container that holds it."""
-    return {g: c.owner for g, c in journal.claims.items() if not claim_gone(host, c)}
-
-
-def _held(addr: object, group: int, holder: str) -> str:
-    if holder.startswith("container " + KUBERNETES_ALLOCATION):  # no container, no VM yet
-        return (f"{addr}: IOMMU group {group} is held by Kubernetes allocation "
-                f"{holder.split(' ', 1)[1]} (kata-vfio-ctl device-plugin) for a pod whose "
-                "container has not taken it: the plugin gives it back once the kubelet no "
-                "longer lists the pod; or pass --force to take it (its claim is dropped)")
-    return (f"{addr}: IOMMU group {group} is held by live {holder}: giving it back would pull "
-            "it out of that container's VM; delete the container first, or pass --force to "
-            "take it (its claim is dropped)")
-
-
-def endpoints(host: Host, addr: PciAddress) -> tuple[IommuGroup, list[PciDevice]]:
-    """The device's group and every non-bridge member of it (all must go together)."""
-    group = group_of(host.sysfs, addr)
-    members = [read_device(host.sysfs, m) for m in group_members(host.sysfs, group)]
-    return group, [d for d in members if not d.is_bridge]
+__all__ = ["acquire", "apply_vf_config", "bind_group", "bind_groups", "wait_for_group_node"]
 
 
 def ensure_vfio_pci(host: Host) -> None:
     if not load_vfio_pci(host.sysfs, host.modprobe):
         raise DeviceError("the vfio-pci driver is not available",
                           "install the kernel's vfio-pci module (modprobe vfio-pci)")
-
-
-if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
-    from typing import Protocol, TypeVar
-
-    _T = TypeVar("_T")
-    _R = TypeVar("_R")
-
-    class Movable(Protocol):
-        """A device as a bind needs it: PciDevice (a container's create reads everything,
-        for the allow-list) or BindState (kata-vfio-ctl bind reads only this)."""
-
-        @property
-        def address(self) -> PciAddress: ...
-        @property
-        def driver(self) -> str | None: ...
-        @property
-        def driver_override(self) -> str | None: ...
-
-    GroupPlan = tuple[IommuGroup, Sequence[Movable]]
 
 
 def bind_pool_size(count: int) -> int:
@@ -206,6 +140,8 @@ def _bind_locked(host: Host, plans: list[GroupPlan], owner: str, *, force: bool,
     try:
         bind_all(host, [(d.address, d.driver) for d in to_move])
     except BaseException:
+        from kata_vfio_host.giveback import restore
+
         restore(host, [d.address for d in devices], owner=owner, groups=[g for g, _ in plans])
         raise
     return [d.address for d in to_move]
@@ -215,6 +151,8 @@ def bind_all(host: Host, moves: list[tuple[PciAddress, str | None]]) -> None:
     """driver_override -> unbind -> drivers_probe for each (device, its driver as just
     read under the group locks), concurrently; raises the first failure once every
     thread is done."""
+    from kata_vfio_host.pool import _in_pool
+
     def move(host: Host, item: tuple[PciAddress, str | None]) -> None:
         move_to(host.sysfs, item[0], item[1], VFIO_PCI, host.write)
 
@@ -268,203 +206,12 @@ def wait_for_group_node(host: Host, group: IommuGroup, timeout: float = 5.0) -> 
     return f"/dev/vfio/{group}"
 
 
-def _entry_groups(host: Host, addresses: list[PciAddress]) -> list[IommuGroup]:
-    journal = read_journal_file(host)
-    return [IommuGroup(e.group) for a in addresses
-            if (e := journal.devices.get(str(a))) is not None]
-
-
-def restore(host: Host, addresses: list[PciAddress], owner: str | None = None, *,
-            force: bool = False, groups: list[IommuGroup] | None = None) -> RestoreReport:
-    """See `_restore_locked`: under the groups' locks, as a claim is made (a create taking
-    over the group waits until the devices are back, and sees them back). `groups`: the
-    groups the devices' entries are in, when the caller knows them (only those groups'
-    ledger files are read)."""
-    if groups is None:
-        groups = _entry_groups(host, addresses)
-    with group_locks(host, groups):
-        return _restore_locked(host, addresses, owner, force=force,
-                               groups={g.number for g in groups})
-
-
-def _restore_locked(host: Host, addresses: list[PciAddress], owner: str | None = None, *,
-                    force: bool = False, groups: set[int] | None = None) -> RestoreReport:
-    """Give journalled devices back to their recorded drivers, each on its own: a device
-    that fails is reported and keeps its entry; the others go on. With `owner`, only
-    that owner's entries. A device that no longer exists has nothing to give back.
-    Without `owner` (the admin's restore) a device whose group a live container holds is
-    refused, unless `force`: then it goes back and that container's claim is dropped.
-
-    The kernel work runs concurrently, as a bind's does (vfio-pci wakes each device from
-    D3hot on the way out: a 10 ms sleep per device); the entries of the devices given
-    back leave the journal in one write at the end. A process killed before it leaves
-    entries that the next restore gives back again, which changes nothing for a device
-    already on its driver; an entry rewritten meanwhile by another owner stays."""
-    report = RestoreReport()
-    journal = read_journal_file(host, groups=groups)
-    held = live_holders(host, journal) if owner is None else {}
-    taken: dict[int, str] = {}
-    outcome: list[tuple[PciAddress, DeviceEntry | None]] = []
-    forgotten: list[tuple[PciAddress, DeviceEntry]] = []
-    for addr in dict.fromkeys(addresses):  # each once: two threads must not race on one
-        entry = journal.devices.get(str(addr))
-        if entry is not None and earlier_boot(host, entry.boot_id):
-            if owner is None or entry.owner == owner:
-                forgotten.append((addr, entry))  # the reboot gave it back: nothing to do
-            continue
-        if entry is not None and entry.group in held:
-            if not force:
-                report.failed.append(_held(addr, entry.group, held[entry.group]))
-                continue
-            taken[entry.group] = held[entry.group]
-        if entry is None or owner is None or entry.owner == owner:
-            outcome.append((addr, entry))
-    work = [(addr, entry) for addr, entry in outcome if entry is not None]
-    given = _in_pool(work, _give_back_one, host, GIVE_BACK_THREADS)
-    reasons = dict(zip([a for a, _ in work], given, strict=True))
-    done = []
-    for addr, entry in outcome:
-        if entry is None:
-            report.failed.append(f"{addr}: not bound by kata-vfio (see kata-vfio-ctl devices)")
-        elif reasons[addr] is not None:
-            report.failed.append(f"{addr}: {reasons[addr]}")
-        else:
-            report.restored.append(str(addr))
-            done.append((addr, entry))
-    given_groups = {entry.group for _, entry in done}
-    dropped = {g: who for g, who in taken.items() if g in given_groups}
-    for addr, entry in forgotten:
-        report.forgotten_devices.append(str(addr))
-        now = read_link(os.path.join(device_dir(host.sysfs, addr), "driver"))
-        report.forgotten.append(
-            f"{addr}: bound by {entry.owner} in an earlier boot, a bind the reboot ended "
-            f"(now on {now or 'no driver'}): its record dropped, the device not touched")
-    if done or forgotten:
-        with editing(host) as current:
-            for addr, entry in done + forgotten:
-                if current.devices.get(str(addr)) == entry:
-                    del current.devices[str(addr)]
-            for group in dropped:
-                current.claims.pop(group, None)
-    report.taken += [f"IOMMU group {g} taken from live {who} (--force): its claim dropped"
-                     for g, who in sorted(dropped.items())]
-    return report
-
-
-def _give_back_one(host: Host, item: tuple[PciAddress, DeviceEntry]) -> str | None:
-    """Give one device back; None, or why it failed (one line)."""
-    addr, entry = item
-    try:
-        if not os.path.exists(os.path.join(host.sysfs, "bus/pci/devices", str(addr))):
-            pass  # hot-unplugged: nothing left to give back
-        elif not is_vfio_driver(entry.driver):
-            give_back(host.sysfs, addr, entry.driver, entry.override, host.write)
-    except (KataVfioError, OSError) as exc:
-        return exc.one_line() if isinstance(exc, KataVfioError) else \
-            f"{exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}"
-    return None
-
-
-# Giving back sleeps in the kernel (vfio-pci wakes the device from D3hot: 10 ms each), so
-# threads beyond the CPUs overlap those sleeps: in the 2-vCPU bench guest 32 VFs went back
-# in 290 ms on 8 threads, 400 ms on 4, 700 ms on 2, 1.5 s one by one.
-GIVE_BACK_THREADS = 8
-
-
-def _in_pool(items: list[_T], work: Callable[[Host, _T], _R], host: Host,
-             threads: int, *, stop_on_error: bool = False) -> list[_R]:
-    """work(host, item) for every item on up to `threads` threads; the results in the
-    items' order. An exception other than what `work` handles is raised once all are done
-    (`stop_on_error`: no item is started after the first one)."""
-    if len(items) <= 1:
-        return [work(host, item) for item in items]
-    import threading
-
-    results: dict[int, _R] = {}
-    errors: list[BaseException] = []
-    todo = list(reversed(range(len(items))))
-    lock = threading.Lock()
-
-    def worker() -> None:
-        while True:
-            with lock:
-                if not todo or (stop_on_error and errors):
-                    return
-                index = todo.pop()
-            try:
-                results[index] = work(host, items[index])
-            except BaseException as exc:
-                with lock:
-                    errors.append(exc)
-
-    pool = [threading.Thread(target=worker, daemon=True)
-            for _ in range(min(len(items), threads))]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join()
-    if errors:
-        raise errors[0]
-    return [results[i] for i in range(len(items))]
-
-
-def _groups_of(host: Host, journal: Journal, owner: str | None) -> list[IommuGroup]:
-    """Every group the owner (None: anyone) has a claim, a device or VF settings in."""
-    groups = {g for g, c in journal.claims.items() if owner is None or c.owner == owner}
-    groups |= {e.group for e in journal.devices.values() if owner is None or e.owner == owner}
-    for addr, original in journal.vf_configs.items():
-        if owner is None or original.owner == owner:
-            group = _vf_group(host, addr, original.group)
-            if group is not None:
-                groups.add(group)
-    return [IommuGroup(g) for g in groups]
-
-
-def _vf_group(host: Host, addr: str, recorded: int | None) -> int | None:
-    if recorded is not None:
-        return recorded
-    try:
-        return group_of(host.sysfs, PciAddress.parse(addr)).number
-    except (KataVfioError, OSError, ValueError):
-        return None
-
-
-def restore_all(host: Host, owner: str | None = None, *, force: bool = False
-                ) -> RestoreReport:
-    """Give back everything journalled (of `owner`), under the locks of every group
-    involved: nothing is given back under a create deciding about the same group."""
-    locked = _groups_of(host, read_journal_file(host), owner)
-    with group_locks(host, locked):
-        numbers = {g.number for g in locked}
-        journal = read_journal_file(host)
-        addresses = [PciAddress.parse(a) for a, e in journal.devices.items()
-                     if (owner is None or e.owner == owner) and e.group in numbers]
-        report = restore_vf_configs(host, owner, force=force)
-        report.extend(_restore_locked(host, addresses, owner, force=force))
-        report.failed += journal.damaged
-        if owner is None and not report.failed:
-            # everything is back: drop the claims that held it (of the groups locked: a
-            # group claimed since is that create's)
-            with editing(host, groups=numbers) as current:
-                for group in [g for g, c in current.claims.items()
-                              if force or claim_gone(host, c)]:
-                    del current.claims[group]
-    return report
-
-
-def _netlink(host: Host) -> Any:
-    if host.netlink is not None:
-        return host.netlink
-    from kata_vfio_host.vfconfig import Netlink
-
-    return Netlink()
-
-
 def apply_vf_config(host: Host, container: ContainerId, text: str) -> list[str]:
     """Set the MAC/VLAN a container asked for on its VFs, recording what the PF had
     first; the VFs must be the container's own. Returns what was set, one line each."""
     from pathlib import Path
 
+    from kata_vfio_host.giveback import _netlink
     from kata_vfio_host.ledger import VfOriginal
     from kata_vfio_host.vfconfig import parse_vf_config, vf_port
 
@@ -500,145 +247,6 @@ def apply_vf_config(host: Host, container: ContainerId, text: str) -> list[str]:
     return done
 
 
-def restore_vf_configs(host: Host, owner: str | None = None, *, force: bool = False
-                       ) -> RestoreReport:
-    """Give PFs back the MAC/VLAN their VFs had before containers changed them, under
-    the VFs' group locks. Without `owner`, a live container's VF settings stay unless
-    `force`. A VF that a live container other than the entry's owner holds now is never
-    reset: that container has it, so the entry (the PF's own values) becomes its own, to
-    give back when it ends."""
-    journal = read_journal_file(host)
-    groups = {a: _vf_group(host, a, v.group) for a, v in journal.vf_configs.items()
-              if owner is None or v.owner == owner}
-    with group_locks(host, [IommuGroup(g) for g in groups.values() if g is not None]):
-        return _restore_vf_locked(host, owner, force=force, groups=groups)
-
-
-def _restore_vf_locked(host: Host, owner: str | None, *, force: bool,
-                       groups: dict[str, int | None], only_groups: set[int] | None = None
-                       ) -> RestoreReport:
-    from kata_vfio_host.ledger import VfOriginal
-    from kata_vfio_host.vfconfig import VfPort
-
-    report = RestoreReport()
-    journal = read_journal_file(host, groups=only_groups)
-    held = live_holders(host, journal)
-    live = set(held.values())
-    mine: dict[str, VfOriginal] = {}
-    handed: dict[str, VfOriginal] = {}
-    forgotten: dict[str, VfOriginal] = {}
-    where: dict[str, int | None] = {}  # each VF's group
-    for addr, original in journal.vf_configs.items():
-        if owner is not None and original.owner != owner:
-            continue
-        group = groups[addr] if addr in groups else _vf_group(host, addr, original.group)
-        if only_groups is not None and group not in only_groups:
-            continue
-        where[addr] = group
-        holder = held.get(group) if group is not None else None
-        if earlier_boot(host, original.boot_id):
-            forgotten[addr] = original  # the reboot reset the PF: nothing to set back
-        elif holder is not None and holder != original.owner and not (owner is None and force):
-            handed[addr] = VfOriginal(holder, original.pf_interface, original.index,
-                                      original.mac, original.vlan, original.boot_id, group)
-        elif owner is None and not force and (holder == original.owner or
-                                              (group is None and original.owner in live)):
-            report.failed.append(f"{addr}: VF settings of live {original.owner} kept; "
-                                 "delete the container first, or pass --force")
-        else:
-            mine[addr] = original
-    done: list[str] = []
-    netlink: Any = _netlink(host) if mine else None
-    for addr, original in mine.items():
-        mac, vlan = original.mac or "00:00:00:00:00:00", original.vlan or 0
-        try:
-            netlink.set(VfPort(original.pf_interface, original.index), mac, vlan)
-        except (KataVfioError, OSError) as exc:
-            report.failed.append(f"{addr}: VF settings: {exc}")
-            continue
-        done.append(addr)
-        report.vf_settings.append(f"{addr}: {original.pf_interface} vf {original.index} "
-                                  f"mac {mac} vlan {vlan}")
-    report.forgotten += [f"{addr}: VF settings recorded by {v.owner} in an earlier boot, "
-                         "which the reboot reset: the record dropped, nothing set"
-                         for addr, v in forgotten.items()]
-    if done or handed or forgotten:
-        with editing(host) as current:
-            for addr in done:
-                if current.vf_configs.get(addr) == mine[addr]:
-                    del current.vf_configs[addr]
-            for addr, original in forgotten.items():
-                if current.vf_configs.get(addr) == original:
-                    del current.vf_configs[addr]
-            for addr, entry in handed.items():
-                if current.vf_configs.get(addr) == journal.vf_configs[addr]:
-                    current.vf_configs[addr] = entry
-    return report
-
-
-def release_container(host: Host, container: str, *, only_gone: bool = False
-                      ) -> RestoreReport:
-    """A container is gone: give back what was bound for it and drop its claims. Its
-    marker goes only when everything went back, so a failure can be retried.
-
-    All of it under the locks of the container's groups, as its claims were made. With
-    `only_gone` (restore --stale) the container must still be gone once those locks are
-    held: a new container instance under the same id keeps what it claimed."""
-    cid = ContainerId.parse(container)
-    locked = _groups_of(host, read_journal_file(host), cid.owner)
-    with group_locks(host, locked):
-        if only_gone:
-            journal = read_journal_file(host)
-            if any(c.container == cid and not claim_gone(host, c)
-                   for c in journal.claims.values()):
-                return RestoreReport()
-        report = restore_all(host, cid.owner)
-        if not report.failed:
-            with editing(host, groups={g.number for g in locked}) as journal:
-                for group in [g for g, c in journal.claims.items() if c.container == cid]:
-                    del journal.claims[group]
-            try:
-                os.unlink(marker(host.state_dir, cid))
-            except FileNotFoundError:
-                pass
-    return report
-
-
-def _release_within(host: Host, cid: ContainerId, numbers: set[int]) -> RestoreReport:
-    """What `release_container` does, for these groups only (the caller holds their locks
-    and takes no lower one: see ledger.Locks); the marker stays (the container may hold
-    other groups)."""
-    report = _restore_vf_locked(host, cid.owner, force=False, groups={}, only_groups=numbers)
-    journal = read_journal_file(host, groups=numbers)
-    mine = [PciAddress.parse(a) for a, e in journal.devices.items() if e.owner == cid.owner]
-    report.extend(_restore_locked(host, mine, cid.owner, groups=numbers))
-    if not report.failed:
-        with editing(host, groups=numbers) as current:
-            for group in [g for g, c in current.claims.items() if c.container == cid]:
-                del current.claims[group]
-    return report
-
-
-def release_gone(host: Host) -> tuple[list[str], RestoreReport]:
-    """Release every container whose owner is gone (earlier boot, bundle removed)."""
-    from kata_vfio_host.ledger import gone_containers
-
-    report = RestoreReport()
-    gone = gone_containers(host)
-    for cid in gone:
-        report.extend(release_container(host, cid, only_gone=True))
-    return gone, report
-
-
-# --- a container's create: the allow-list, auto-bind, claims -----------------------------
-
-
-def allowed(patterns: tuple[str, ...], dev: PciDevice) -> bool:
-    from kata_vfio_host.allowlist import parse_allow_list
-
-    return any(rule.matches(dev) for rule in parse_allow_list(patterns))
-
-
 def acquire(host: Host, container: ContainerId, groups: list[IommuGroup],
             addresses: list[PciAddress], allow: tuple[str, ...], bundle: str | None,
             in_use: InUse | None = None, *, on_claimed: Callable[[], object] | None = None
@@ -663,6 +271,8 @@ def acquire(host: Host, container: ContainerId, groups: list[IommuGroup],
             # what this create claimed went back under its locks; the container's other
             # groups (an earlier claim under the same id) only now, their locks taken in
             # order: a lower group's lock is never waited for while a higher one is held
+            from kata_vfio_host.giveback import release_container
+
             release_container(host, container)
         raise
 
@@ -683,6 +293,8 @@ def _acquire_locked(host: Host, container: ContainerId, wanted: list[IommuGroup]
         try:
             plans: dict[IommuGroup, list[PciDevice]] = {}
             for addr, group in by_addr.items() if allow else ():
+                from kata_vfio_host.bindplan import allowed, endpoints
+
                 _, devices = endpoints(host, addr)
                 if all(is_vfio_driver(d.driver) for d in devices):
                     continue  # no auto-bind: the spec edit says how to bind by hand
@@ -709,6 +321,8 @@ def _acquire_locked(host: Host, container: ContainerId, wanted: list[IommuGroup]
                 if on_claimed is not None:
                     on_claimed()
         except BaseException:
+            from kata_vfio_host.giveback import _release_within
+
             _release_within(host, container, numbers)
             raise
     return bound
@@ -727,6 +341,8 @@ def _repair_gone(host: Host, groups: list[IommuGroup], journal: Journal | None =
         if not live and any(_vf_group(host, a, v.group) == group.number
                             for a, v in journal.vf_configs.items()):
             # nobody live holds the group: whoever set these is gone
+            from kata_vfio_host.giveback import _restore_vf_locked
+
             report = _restore_vf_locked(host, None, force=True, groups={},
                                         only_groups={group.number})
             if report.failed:
@@ -738,6 +354,8 @@ def _repair_gone(host: Host, groups: list[IommuGroup], journal: Journal | None =
             continue
         mine = [PciAddress.parse(a) for a, e in journal.devices.items()
                 if e.owner == claim.owner and e.group == group.number]
+        from kata_vfio_host.giveback import restore
+
         report = restore(host, mine, claim.owner, groups=[group])
         if report.failed:
             raise DeviceError(f"IOMMU group {group} was left by {claim.owner}, which is gone, "
@@ -747,13 +365,3 @@ def _repair_gone(host: Host, groups: list[IommuGroup], journal: Journal | None =
             current.claims.pop(group.number, None)
         changed = True
     return changed
-
-
-def plan_bind(sysfs: StrPath, addr: Any) -> tuple[Any, list[Any]]:
-    """addr's IOMMU group and the members a bind moves: every endpoint not on a vfio
-    driver yet (bridges stay where they are)."""
-    from kata_vfio.pci import group_members, group_of, is_vfio_driver, read_device
-
-    group = group_of(sysfs, addr)
-    members = [read_device(sysfs, m) for m in group_members(sysfs, group)]
-    return group, [d for d in members if not d.is_bridge and not is_vfio_driver(d.driver)]

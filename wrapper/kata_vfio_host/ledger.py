@@ -39,7 +39,7 @@ from _thread import get_ident
 
 from kata_vfio.errors import DeviceError, KataVfioError
 from kata_vfio.jsoncodec import dumps, loads
-from kata_vfio.pci import IommuGroup, PciAddress
+from kata_vfio.pci import IommuGroup, PciAddress, group_of
 from kata_vfio.rebind import MODPROBE, write_attr
 from kata_vfio_host.lockwait import flock_bounded
 
@@ -713,6 +713,15 @@ class editing:
 def read_journal(host: Host) -> dict[str, dict[str, Any]]:
     """The device table as plain objects (for listings and tests)."""
     return {a: e.to_obj() for a, e in read_journal_file(host).devices.items()}
+
+
+def _vf_group(host: Host, addr: str, recorded: int | None) -> int | None:
+    if recorded is not None:
+        return recorded
+    try:
+        return group_of(host.sysfs, PciAddress.parse(addr)).number
+    except (KataVfioError, OSError, ValueError):
+        return None
 
 
 # --- who owns what -------------------------------------------------------------------------

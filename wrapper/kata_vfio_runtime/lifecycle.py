@@ -15,7 +15,7 @@ from kata_vfio.defaults import SELECT_ANNOTATION, VF_CONFIG_ANNOTATION
 from kata_vfio.errors import DeviceError
 from kata_vfio.jsonlog import wrapper_log
 from kata_vfio.pci import PciAddress, group_of
-from kata_vfio_host.bindings import acquire, apply_vf_config, release_container
+from kata_vfio_host.bindings import acquire, apply_vf_config
 from kata_vfio_host.ledger import ContainerId, Host
 from kata_vfio_host.settings import Settings
 from kata_vfio_runtime.spec_edit import (
@@ -115,6 +115,7 @@ def prepare_bundle(container_id: str | None, bundle: StrPath, settings: Settings
             result = edit_bundle(bundle, settings, tuple(chosen), macs, spec)
     except BaseException as exc:
         from kata_vfio.boundary import describe
+        from kata_vfio_host.giveback import release_container
 
         log.error("create refused", bundle=str(bundle), error=describe(exc)[0])
         if acquired is not None:
@@ -159,6 +160,8 @@ def _edit_sandbox(bundle: StrPath, spec: dict[str, Any], settings: Settings, ask
 
 def release_after_delete(container_id: str, settings: Settings, host: Host) -> list[str]:
     """The container is gone: give its devices back. Returns the failures, one line each."""
+    from kata_vfio_host.giveback import release_container
+
     log = wrapper_log(settings.log_file, container_id=container_id, verb="delete")
     report = release_container(host, container_id)
     log.info("devices given back", devices=report.restored, failures=report.failed,
