@@ -289,7 +289,8 @@ def bench_ledger_scale(work: Path) -> None:
     the same machine. Target: 1,000 <= 1.5x 10."""
     from kata_vfio.pci import IommuGroup
     from kata_vfio_host.giveback import release_container
-    from kata_vfio_host.ledger import ContainerId, DeviceEntry, claim_groups, editing, owner_name
+    from kata_vfio_host.ledger import ContainerId, DeviceEntry, editing, owner_name
+    from kata_vfio_host.owners import claim_groups
 
     hosts = {}
     for live in (10, 1000):

@@ -11,7 +11,8 @@ import pytest
 from kata_vfio.errors import DeviceError
 from kata_vfio.pci import IommuGroup
 from kata_vfio_host.bindings import acquire
-from kata_vfio_host.ledger import ContainerId, Host, owner_of, read_journal_file
+from kata_vfio_host.ledger import ContainerId, Host, read_journal_file
+from kata_vfio_host.owners import owner_of
 
 from fakesys import FakeKernel, FakeSysfs
 

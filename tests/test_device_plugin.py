@@ -28,7 +28,8 @@ from kata_vfio_ctl.main import main as ctl_main
 from kata_vfio_ctl.plugin_devices import resources_from_settings
 from kata_vfio_host.bindings import acquire
 from kata_vfio_host.giveback import release_container
-from kata_vfio_host.ledger import ContainerId, Host, owner_of, read_journal_file
+from kata_vfio_host.ledger import ContainerId, Host, read_journal_file
+from kata_vfio_host.owners import owner_of
 from kata_vfio_host.settings import load_settings
 from plugin_peers import Kubelet, PodResources
 

@@ -57,7 +57,10 @@ def test_passthrough_verb_imports_no_heavy_module(tmp_path: Path) -> None:
                                                     "kata_vfio_host.bindplan",
                                                     "kata_vfio_host.giveback",
                                                     "kata_vfio_host.pool",
-                                                    "kata_vfio_host.ledger"))}
+                                                    "kata_vfio_host.ledger",
+                                                    "kata_vfio_host.owners",
+                                                    "kata_vfio_host.boots",
+                                                    "kata_vfio_host.locks"))}
 
 
 def test_shim_passthrough_actions_import_no_heavy_module(tmp_path: Path) -> None:

@@ -19,19 +19,17 @@ import pytest
 from kata_vfio.errors import DeviceError
 from kata_vfio.pci import IommuGroup, PciAddress
 from kata_vfio_ctl import plugin_ledger
-from kata_vfio_host import ledger
+from kata_vfio_host import ledger, locks, owners
 from kata_vfio_host.bindings import acquire
 from kata_vfio_host.ledger import (
     ContainerId,
     DeviceEntry,
     Host,
-    claim_groups,
     editing,
-    gone_containers,
-    owner_of,
     read_journal,
     read_journal_file,
 )
+from kata_vfio_host.owners import claim_groups, gone_containers, owner_of
 from ledgerfiles import read_ledger
 
 from fakesys import NVME, FakeKernel, FakeSysfs
@@ -174,7 +172,7 @@ def test_concurrent_creates_on_different_groups_lose_no_claim(tmp_path: Path) ->
                 group = IommuGroup(100 + n)
                 with ledger.group_locks(host, [group]), \
                         editing(host, groups={group.number}) as journal:
-                    ledger.record_claims(host, journal, ContainerId(f"c{n}"), [group], None)
+                    owners.record_claims(host, journal, ContainerId(f"c{n}"), [group], None)
                     journal.devices[f"0000:{n + 1:02x}:00.0"] = DeviceEntry(
                         None, None, group.number, f"container c{n}", "b", 1.0)
                 code = 0
@@ -199,7 +197,8 @@ sys.path[:0] = sys.argv[2].split(":")
 from kata_vfio.errors import DeviceError
 from kata_vfio.pci import IommuGroup, PciAddress
 from kata_vfio_host.bindings import acquire
-from kata_vfio_host.ledger import ContainerId, Host, claim_groups, group_locks, read_journal_file
+from kata_vfio_host.ledger import ContainerId, Host, group_locks, read_journal_file
+from kata_vfio_host.owners import claim_groups
 from fakesys import NVME, FakeKernel, FakeSysfs
 
 top = Path(sys.argv[1])
@@ -262,7 +261,7 @@ def test_nested_take_of_a_lower_group_held_elsewhere_fails_in_one_line(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The safety net: a nested block asking for a lower group than one it holds, while
     another process holds that lower one, gives up with one line instead of waiting."""
-    monkeypatch.setattr(ledger, "_OUT_OF_ORDER_WAIT", 0.3)
+    monkeypatch.setattr(locks, "_OUT_OF_ORDER_WAIT", 0.3)
     host = Host(tmp_path / "sys", tmp_path / "state", lambda *a: None, boot_id="b")
     r, w = os.pipe()
     pid = os.fork()

@@ -379,13 +379,13 @@ def test_release_gone_keeps_a_new_instance_under_the_same_id(
     b1 = bundle_dir(tmp_path, "x")
     acquire(host, ContainerId("x"), [], [A("0000:08:00.0")], ("1b36:*",), b1)
     shutil.rmtree(b1)
-    from kata_vfio_host import ledger
+    from kata_vfio_host import owners
 
-    seen = ledger.gone_containers(host)
+    seen = owners.gone_containers(host)
     assert seen == ["x"]
     acquire(host, ContainerId("x"), [], [A("0000:08:00.0")], ("1b36:*",),
             bundle_dir(tmp_path, "x2"))  # the new instance, before the release ran
-    monkeypatch.setattr(ledger, "gone_containers", lambda host: seen)  # what it saw first
+    monkeypatch.setattr(owners, "gone_containers", lambda host: seen)  # what it saw first
     _, report = release_gone(host)
     assert report.restored == [] and report.failed == []
     assert fakesys.driver("0000:08:00.0") == "vfio-pci"

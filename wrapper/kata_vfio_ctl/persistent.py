@@ -252,7 +252,9 @@ def cmd_boot(args: argparse.Namespace, host: Any, log: Any) -> int:
     from kata_vfio_ctl import plugin_ledger
     from kata_vfio_host.bindings import bind_groups, wait_for_group_node
     from kata_vfio_host.bindplan import plan_bind
-    from kata_vfio_host.ledger import ADMIN, KUBERNETES_ALLOCATION, forget_earlier_boots
+    from kata_vfio_host.boots import forget_earlier_boots
+    from kata_vfio_host.ledger import ADMIN
+    from kata_vfio_host.owners import KUBERNETES_ALLOCATION
     from kata_vfio_host.persist import persist_path, read_persisted
     from kata_vfio_host.usage import use_checker
 

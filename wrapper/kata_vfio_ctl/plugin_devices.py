@@ -37,7 +37,7 @@ from kata_vfio.pci import (
 )
 from kata_vfio_host.allocate import SelectRequest, parse_select
 from kata_vfio_host.allowlist import AllowRule, parse_rule
-from kata_vfio_host.ledger import KUBERNETES_ALLOCATION as ALLOCATION_PREFIX
+from kata_vfio_host.owners import KUBERNETES_ALLOCATION as ALLOCATION_PREFIX
 
 DOMAIN = "kata-vfio.io"
 HEALTHY = "Healthy"

@@ -5,7 +5,7 @@ the first device ID of the kubelet's request, ``:`` written ``-``), made by
 `bindings.acquire` under the same group locks and journal as every create: a group held
 by a live container is refused, never shared. When the pod's container starts, the shim's
 create asks for the same groups (the ``io.kata-vfio.devices`` annotation) and takes the
-claim over (`ledger.check_free`); the devices bound for the allocation stay recorded under
+claim over (`owners.check_free`); the devices bound for the allocation stay recorded under
 the allocation's owner, so a restarted container finds them still on vfio-pci.
 
 An allocation is released (its devices given back, its claims dropped) by
@@ -34,16 +34,15 @@ from kata_vfio.pci import IommuGroup, PciAddress
 from kata_vfio_host.bindings import acquire, wait_for_group_node
 from kata_vfio_host.giveback import release_container
 from kata_vfio_host.ledger import (
-    KUBERNETES_ALLOCATION,
     ContainerId,
     DeviceEntry,
     Host,
     Journal,
-    claim_gone,
     editing,
     group_locks,
     read_journal_file,
 )
+from kata_vfio_host.owners import KUBERNETES_ALLOCATION, claim_gone
 
 if TYPE_CHECKING:
     from kata_vfio_host.ledger import InUse
@@ -275,7 +274,7 @@ def release_allocation(host: Host, allocation: Allocation) -> bool:
     """Give the allocation's devices back and drop its claims and record, unless a live
     container (one that took it over) still holds one of its groups: then False."""
     # every lock release_container takes too, up front: a lock is never taken below one
-    # held (ledger.Locks)
+    # held (locks.Locks)
     owned = {e.group for e in read_journal_file(host).devices.values()
              if e.owner == allocation.owner}
     groups = [IommuGroup(g) for g in sorted(allocation.groups | owned)]
@@ -297,7 +296,7 @@ def forget_earlier_boots(host: Host) -> list[Allocation]:
     device entries went with the ledger's). A record written before records held a boot
     id goes when the ledger holds nothing of it: no claim of it, no device it bound, no
     live claim on one of its groups. Returns what went, by id."""
-    from kata_vfio_host.ledger import earlier_boot
+    from kata_vfio_host.boots import earlier_boot
 
     journal = read_journal_file(host)
     live = {g for g, c in journal.claims.items() if not claim_gone(host, c)}

@@ -30,13 +30,9 @@ from kata_vfio.pci import (
     read_device,
 )
 from kata_vfio_host.allowlist import parse_allow_list
-from kata_vfio_host.ledger import (
-    ContainerId,
-    Host,
-    Locks,
-    claim_gone,
-    read_journal_file,
-)
+from kata_vfio_host.ledger import ContainerId, Host, read_journal_file
+from kata_vfio_host.locks import Locks
+from kata_vfio_host.owners import claim_gone
 
 # ASCII digits only: \d would take other scripts' digits, which int() then reads
 _REQUEST = re.compile(r"^(?P<ids>.*?)(?:\*(?P<count>[0-9]+))?$")

@@ -28,6 +28,7 @@ from kata_vfio.pci import (
     vfio_group_class_dir,
 )
 from kata_vfio.rebind import load_vfio_pci, move_to
+from kata_vfio_host.boots import earlier_boot
 from kata_vfio_host.ledger import (
     ADMIN,
     ContainerId,
@@ -35,14 +36,11 @@ from kata_vfio_host.ledger import (
     Host,
     Journal,
     _vf_group,
-    check_free,
-    claim_gone,
-    earlier_boot,
     editing,
     group_locks,
     read_journal_file,
-    record_claims,
 )
+from kata_vfio_host.owners import check_free, claim_gone, record_claims
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: `kata-vfio create` avoids importing typing
 if TYPE_CHECKING:

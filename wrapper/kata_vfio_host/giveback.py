@@ -12,20 +12,19 @@ import os
 from kata_vfio.errors import KataVfioError
 from kata_vfio.pci import IommuGroup, PciAddress, device_dir, is_vfio_driver, read_link
 from kata_vfio.rebind import give_back
+from kata_vfio_host.boots import earlier_boot
 from kata_vfio_host.ledger import (
-    KUBERNETES_ALLOCATION,
     ContainerId,
     DeviceEntry,
     Host,
     Journal,
     _vf_group,
-    claim_gone,
-    earlier_boot,
     editing,
     group_locks,
     marker,
     read_journal_file,
 )
+from kata_vfio_host.owners import KUBERNETES_ALLOCATION, claim_gone
 from kata_vfio_host.pool import _in_pool
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: `kata-vfio create` avoids importing typing
@@ -320,7 +319,7 @@ def release_container(host: Host, container: str, *, only_gone: bool = False
 
 def _release_within(host: Host, cid: ContainerId, numbers: set[int]) -> RestoreReport:
     """What `release_container` does, for these groups only (the caller holds their locks
-    and takes no lower one: see ledger.Locks); the marker stays (the container may hold
+    and takes no lower one: see locks.Locks); the marker stays (the container may hold
     other groups)."""
     report = _restore_vf_locked(host, cid.owner, force=False, groups={}, only_groups=numbers)
     journal = read_journal_file(host, groups=numbers)
@@ -335,7 +334,7 @@ def _release_within(host: Host, cid: ContainerId, numbers: set[int]) -> RestoreR
 
 def release_gone(host: Host) -> tuple[list[str], RestoreReport]:
     """Release every container whose owner is gone (earlier boot, bundle removed)."""
-    from kata_vfio_host.ledger import gone_containers
+    from kata_vfio_host.owners import gone_containers
 
     report = RestoreReport()
     gone = gone_containers(host)

@@ -32,16 +32,13 @@ ascending group order, also across nested blocks (see `Locks`); the journal lock
 
 from __future__ import annotations
 
-import fcntl
 import os
-import time
-from _thread import get_ident
 
 from kata_vfio.errors import DeviceError, KataVfioError
 from kata_vfio.jsoncodec import dumps, loads
 from kata_vfio.pci import IommuGroup, PciAddress, group_of
 from kata_vfio.rebind import MODPROBE, write_attr
-from kata_vfio_host.lockwait import flock_bounded
+from kata_vfio_host.locks import Locks
 
 # `kata-vfio create` runs this once per container: no typing, dataclasses, contextlib,
 # pathlib or json (each costs a good part of a bare interpreter start).
@@ -531,6 +528,8 @@ def _of_this_boot(host: Host, before: dict[str, dict[str, Any]],
     never holds a half-written file. A create's or Allocate's claim saves one of the two
     disk flushes this way; records without this boot's id (an unknown boot, the damaged
     entries kept) and VF settings keep both."""
+    from kata_vfio_host.boots import UNKNOWN_BOOT, earlier_boot  # boots imports this module
+
     if host.boot_id == UNKNOWN_BOOT:
         return False
     for kind in _TABLES:
@@ -602,88 +601,6 @@ def _ensure_layout(host: Host) -> None:
         migrate(host)
 
 
-_HELD: set[tuple[int, str]] = set()  # (thread, lock path) this process holds now
-_OUT_OF_ORDER_WAIT = 10.0  # seconds a lock taken out of group order may be waited for
-
-
-def _group_number(path: str) -> int | None:
-    name = os.path.basename(path)
-    return int(name[6:]) if name.startswith("group-") and name[6:].isdigit() else None
-
-
-class Locks:
-    """flock(2) on lock files, taken in the order given, released in reverse when the
-    block ends (or the process dies). Re-entrant per thread: a path this thread holds
-    already is skipped (flock on a second open file would wait for ourselves).
-
-    Group locks are always taken in ascending group order, also across nested blocks:
-    a thread that holds group 7's lock and needs group 3's would deadlock with one that
-    holds 3 and waits for 7. Callers take every lock they need up front; should a nested
-    block still ask for a lower group than one it holds, it never waits blindly: it tries
-    for up to 10 s and then fails with one line instead of deadlocking."""
-
-    def __init__(self, paths: list[str]) -> None:
-        self._paths = paths
-        self._fds: list[tuple[int, tuple[int, str]]] = []
-
-    def __enter__(self) -> None:
-        thread = get_ident()
-        try:
-            made = None
-            for path in self._paths:
-                key = (thread, path)
-                if key in _HELD:
-                    continue
-                if os.path.dirname(path) != made:  # once for a bind's 32 group locks
-                    made = os.path.dirname(path)
-                    os.makedirs(made, exist_ok=True)
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-                number = _group_number(path)
-                highest = None if number is None else max(
-                    (n for t, p in _HELD if t == thread and os.path.dirname(p) == made
-                     if (n := _group_number(p)) is not None), default=None)
-                try:
-                    if highest is not None and number is not None and number < highest:
-                        _flock_out_of_order(fd, number, highest)
-                    else:
-                        flock_bounded(fd, path)  # says what it waits for, gives up after a bound
-                except BaseException:
-                    os.close(fd)
-                    raise
-                self._fds.append((fd, key))
-                _HELD.add(key)
-        except BaseException:
-            self._release()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self._release()
-
-    def release(self) -> None:
-        """End the block early (what `with` does at its end; a second call does nothing)."""
-        self._release()
-
-    def _release(self) -> None:
-        while self._fds:
-            fd, key = self._fds.pop()
-            _HELD.discard(key)
-            os.close(fd)
-
-
-def _flock_out_of_order(fd: int, number: int, highest: int) -> None:
-    deadline = time.monotonic() + _OUT_OF_ORDER_WAIT
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                raise DeviceError(f"IOMMU group {number}'s lock is held by another process "
-                                  f"while this one holds group {highest}'s",
-                                  "try again; locks are taken in group order") from None
-            time.sleep(0.01)
-
-
 def group_locks(host: Host, groups: list[IommuGroup]) -> Locks:
     """Every group's lock, taken in group order so two creates never deadlock."""
     return Locks([_join(host.state_dir, "locks", f"group-{g}") for g in sorted(set(groups))])
@@ -724,23 +641,11 @@ def _vf_group(host: Host, addr: str, recorded: int | None) -> int | None:
         return None
 
 
-# --- who owns what -------------------------------------------------------------------------
+# --- containers' markers and bundles' instance tokens (who owns what: owners.py) ----------
 
 
 def marker(state_dir: StrPath, container_id: str) -> str:
     return _join(state_dir, "containers", ContainerId.parse(container_id))
-
-
-def claim_gone(host: Host, claim: Claim) -> bool:
-    """Is the container behind a claim gone? Another boot, its bundle removed, or the
-    bundle there now made by another container instance (its token differs)."""
-    if claim.boot_id != host.boot_id:
-        return True
-    if claim.bundle is None:
-        return False
-    if claim.instance is None:  # a claim of an older version: the directory alone
-        return not os.path.isdir(claim.bundle)
-    return read_instance(claim.bundle) != claim.instance
 
 
 def read_instance(bundle: str) -> str | None:
@@ -777,45 +682,6 @@ def write_instance(bundle: str | None) -> str | None:
     return token
 
 
-def owner_of(host: Host, group: IommuGroup, journal: Journal | None = None) -> str | None:
-    """Who holds the group now: a live container's claim, else the admin if the admin
-    bound it. Devices bound for a container that is gone are restorable, owned by none."""
-    journal = journal if journal is not None else read_journal_file(host)
-    claim = journal.claims.get(group.number)
-    if claim is not None and not claim_gone(host, claim):
-        return claim.owner
-    if any(e.group == group.number and e.owner == ADMIN for e in journal.devices.values()):
-        return ADMIN
-    return None
-
-
-def gone_containers(host: Host, journal: Journal | None = None) -> list[str]:
-    """Containers with claims or devices whose owner is gone."""
-    journal = journal if journal is not None else read_journal_file(host)
-    live = {c.container for c in journal.claims.values() if not claim_gone(host, c)}
-    gone = {c.container for c in journal.claims.values() if claim_gone(host, c)}
-    for entry in journal.devices.values():
-        if entry.owner.startswith("container "):
-            cid = entry.owner[len("container "):]
-            if cid not in live:
-                gone.add(cid)
-    markers = _join(host.state_dir, "containers")
-    if os.path.isdir(markers):
-        for name in os.listdir(markers):
-            if name not in live and ContainerId.maybe(name) is not None:
-                try:
-                    with open(_join(markers, name), "rb") as f:
-                        info = loads(f.read())
-                    claim = Claim(name, _opt_str(info.get("boot_id")),
-                                  _opt_str(info.get("bundle")),
-                                  instance=_opt_str(info.get("instance")))
-                except (OSError, ValueError, AttributeError):
-                    claim = Claim(name, None, None)
-                if claim_gone(host, claim):
-                    gone.add(name)
-    return sorted(gone)
-
-
 def write_marker(host: Host, container: ContainerId, bundle: str | None,
                  instance: str | None = None) -> None:
     from kata_vfio.files import write_atomically
@@ -828,124 +694,3 @@ def write_marker(host: Host, container: ContainerId, bundle: str | None,
         record["instance"] = instance
     # a marker of this boot only: no disk flush (see write_atomically)
     write_atomically(path, dumps(record).encode(), mode=0o600, durable=False)
-
-
-def claim_groups(host: Host, container: ContainerId, groups: list[IommuGroup],
-                 bundle: str | None) -> None:
-    """Record that the container uses these groups (call under their group locks, after
-    `check_free`). The claim belongs to this container instance: the token it writes
-    into the bundle."""
-    with editing(host, groups={g.number for g in groups}) as journal:
-        record_claims(host, journal, container, groups, bundle)
-
-
-def record_claims(host: Host, journal: Journal, container: ContainerId,
-                  groups: list[IommuGroup], bundle: str | None) -> None:
-    """`claim_groups` inside an edit of the journal the caller makes anyway (a create
-    writes its claims and its devices' entries in one write)."""
-    instance = write_instance(bundle)
-    write_marker(host, container, bundle, instance)
-    now = time.time()
-    for group in groups:
-        journal.claims[group.number] = Claim(container, host.boot_id, bundle, now, instance)
-
-
-KUBERNETES_ALLOCATION = "kubernetes-allocation-"
-
-
-def check_free(host: Host, container: ContainerId, groups: list[IommuGroup], *,
-               journal: Journal | None = None) -> None:
-    """Refuse groups held by another live container (call under their group locks;
-    `journal`: as read under them).
-
-    The device plugin's allocations (claims of ``kubernetes-allocation-<id>``) are held
-    for the container the kubelet made them for: a container that asks for every group
-    of such an allocation takes it over (its claim replaces the allocation's); one that
-    asks for only some of them is refused like any other."""
-    journal = journal if journal is not None else read_journal_file(host)
-    wanted = {g.number for g in groups}
-    whole: Journal | None = None
-    for group in groups:
-        current = owner_of(host, group, journal)
-        if current in (None, ADMIN, container.owner):
-            continue
-        claim = journal.claims.get(group.number)
-        if claim is not None and claim.container.startswith(KUBERNETES_ALLOCATION):
-            # the allocation's other groups may lie outside the part of the journal read
-            whole = whole if whole is not None else read_journal_file(host)
-            allocation = {g for g, c in whole.claims.items()
-                          if c.container == claim.container and not claim_gone(host, c)}
-            if allocation <= wanted:
-                continue
-        raise DeviceError(f"IOMMU group {group} is in use by {current}",
-                          "wait for that container to be deleted")
-
-
-# --- earlier boots --------------------------------------------------------------------------
-
-UNKNOWN_BOOT = "unknown"  # what read_boot_id gives when /proc cannot tell
-
-
-def earlier_boot(host: Host, boot_id: str | None) -> bool:
-    """Was a record made in an earlier boot? Only a boot id that was read (neither None,
-    from older versions, nor unknown) and differs from this boot's says so. No driver
-    move and no container outlives the kernel that made it."""
-    return (boot_id is not None and host.boot_id != UNKNOWN_BOOT
-            and boot_id not in (UNKNOWN_BOOT, host.boot_id))
-
-
-class EarlierBoot:
-    """What `forget_earlier_boots` dropped."""
-
-    def __init__(self) -> None:
-        self.claims: dict[str, list[int]] = {}  # container -> the groups it claimed
-        self.devices: dict[str, DeviceEntry] = {}
-        self.vf_configs: dict[str, VfOriginal] = {}
-        self.markers: list[str] = []  # containers whose marker went
-
-
-def forget_earlier_boots(host: Host) -> EarlierBoot:
-    """Drop what earlier boots left: their claims (no container survives a reboot), their
-    device entries and VF settings records (the reboot reset those devices: there is
-    nothing left to give back) and their containers' markers. Records of this boot stay.
-    Under the locks of every group involved, as a release takes them."""
-    if host.boot_id == UNKNOWN_BOOT:
-        raise DeviceError(f"cannot read this boot's id ({BOOT_ID_PATH})",
-                          "mount /proc: earlier boots' records are told apart by it")
-    first = read_journal_file(host)
-    groups = {g for g, c in first.claims.items() if earlier_boot(host, c.boot_id)}
-    groups |= {e.group for e in first.devices.values() if earlier_boot(host, e.boot_id)}
-    groups |= {v.group for v in first.vf_configs.values()
-               if v.group is not None and earlier_boot(host, v.boot_id)}
-    dropped = EarlierBoot()
-    with group_locks(host, [IommuGroup(g) for g in groups]), editing(host) as journal:
-        current = {c.container for c in journal.claims.values()
-                   if not earlier_boot(host, c.boot_id)}
-        for group, claim in sorted(journal.claims.items()):
-            if earlier_boot(host, claim.boot_id):
-                dropped.claims.setdefault(claim.container, []).append(group)
-                del journal.claims[group]
-        for addr, entry in sorted(journal.devices.items()):
-            holder = entry.owner[len("container "):] if entry.owner.startswith(
-                "container ") else None
-            if earlier_boot(host, entry.boot_id) and holder not in current:
-                dropped.devices[addr] = entry
-                del journal.devices[addr]
-        for addr, original in sorted(journal.vf_configs.items()):
-            if earlier_boot(host, original.boot_id):
-                dropped.vf_configs[addr] = original
-                del journal.vf_configs[addr]
-        markers = _join(host.state_dir, "containers")
-        for name in sorted(os.listdir(markers)) if os.path.isdir(markers) else []:
-            if name in current or ContainerId.maybe(name) is None:
-                continue
-            try:
-                with open(_join(markers, name), "rb") as f:
-                    info = loads(f.read())
-                boot = _opt_str(info.get("boot_id")) if isinstance(info, dict) else None
-            except (OSError, ValueError):
-                boot = None
-            if earlier_boot(host, boot) or name in dropped.claims:
-                os.unlink(_join(markers, name))
-                dropped.markers.append(name)
-    return dropped

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 
 from kata_vfio.errors import DeviceError
 from kata_vfio.pci import PciAddress, device_dir, read_attr, read_device, read_link
-from kata_vfio_host.ledger import Host, claim_gone, read_journal_file
+from kata_vfio_host.ledger import Host, read_journal_file
+from kata_vfio_host.owners import claim_gone
 
 if TYPE_CHECKING:
     from kata_vfio.pci import StrPath
