@@ -38,8 +38,7 @@ def device_records(args: argparse.Namespace, host: Any) -> list[dict[str, Any]]:
         raise UsageError(f"bad --name pattern {args.name!r}: {exc}",
                          "a regular expression, e.g. --name 'I350|X710'") from None
     from kata_vfio_host.allocate import Pool
-    from kata_vfio_host.boots import earlier_boot
-    from kata_vfio_host.ledger import read_journal_file
+    from kata_vfio_host.ledger import earlier_boot, read_journal_file
     from kata_vfio_host.owners import claim_gone
     from kata_vfio_host.pciids import class_name
     from kata_vfio_host.persist import read_persisted

@@ -296,7 +296,7 @@ def forget_earlier_boots(host: Host) -> list[Allocation]:
     device entries went with the ledger's). A record written before records held a boot
     id goes when the ledger holds nothing of it: no claim of it, no device it bound, no
     live claim on one of its groups. Returns what went, by id."""
-    from kata_vfio_host.boots import earlier_boot
+    from kata_vfio_host.ledger import earlier_boot
 
     journal = read_journal_file(host)
     live = {g for g, c in journal.claims.items() if not claim_gone(host, c)}

@@ -28,7 +28,6 @@ from kata_vfio.pci import (
     vfio_group_class_dir,
 )
 from kata_vfio.rebind import load_vfio_pci, move_to
-from kata_vfio_host.boots import earlier_boot
 from kata_vfio_host.ledger import (
     ADMIN,
     ContainerId,
@@ -36,6 +35,7 @@ from kata_vfio_host.ledger import (
     Host,
     Journal,
     _vf_group,
+    earlier_boot,
     editing,
     group_locks,
     read_journal_file,

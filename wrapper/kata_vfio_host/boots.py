@@ -10,26 +10,18 @@ from kata_vfio.jsoncodec import loads
 from kata_vfio.pci import IommuGroup
 from kata_vfio_host.ledger import (
     BOOT_ID_PATH,
+    UNKNOWN_BOOT,
     ContainerId,
     DeviceEntry,
     Host,
     VfOriginal,
     _join,
     _opt_str,
+    earlier_boot,
     editing,
     group_locks,
     read_journal_file,
 )
-
-UNKNOWN_BOOT = "unknown"  # what read_boot_id gives when /proc cannot tell
-
-
-def earlier_boot(host: Host, boot_id: str | None) -> bool:
-    """Was a record made in an earlier boot? Only a boot id that was read (neither None,
-    from older versions, nor unknown) and differs from this boot's says so. No driver
-    move and no container outlives the kernel that made it."""
-    return (boot_id is not None and host.boot_id != UNKNOWN_BOOT
-            and boot_id not in (UNKNOWN_BOOT, host.boot_id))
 
 
 class EarlierBoot:

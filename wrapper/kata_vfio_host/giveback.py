@@ -12,13 +12,13 @@ import os
 from kata_vfio.errors import KataVfioError
 from kata_vfio.pci import IommuGroup, PciAddress, device_dir, is_vfio_driver, read_link
 from kata_vfio.rebind import give_back
-from kata_vfio_host.boots import earlier_boot
 from kata_vfio_host.ledger import (
     ContainerId,
     DeviceEntry,
     Host,
     Journal,
     _vf_group,
+    earlier_boot,
     editing,
     group_locks,
     marker,

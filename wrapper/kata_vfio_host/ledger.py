@@ -59,12 +59,23 @@ _ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01234
 _join = os.path.join
 
 
+UNKNOWN_BOOT = "unknown"  # what read_boot_id gives when /proc cannot tell
+
+
 def read_boot_id(path: StrPath = BOOT_ID_PATH) -> str:
     try:
         with open(path, "rb") as f:
             return f.read().decode("ascii").strip()
     except (OSError, UnicodeDecodeError):
-        return "unknown"
+        return UNKNOWN_BOOT
+
+
+def earlier_boot(host: Host, boot_id: str | None) -> bool:
+    """Was a record made in an earlier boot? Only a boot id that was read (neither None,
+    from older versions, nor unknown) and differs from this boot's says so. No driver
+    move and no container outlives the kernel that made it."""
+    return (boot_id is not None and host.boot_id != UNKNOWN_BOOT
+            and boot_id not in (UNKNOWN_BOOT, host.boot_id))
 
 
 class Host:
@@ -528,8 +539,6 @@ def _of_this_boot(host: Host, before: dict[str, dict[str, Any]],
     never holds a half-written file. A create's or Allocate's claim saves one of the two
     disk flushes this way; records without this boot's id (an unknown boot, the damaged
     entries kept) and VF settings keep both."""
-    from kata_vfio_host.boots import UNKNOWN_BOOT, earlier_boot  # boots imports this module
-
     if host.boot_id == UNKNOWN_BOOT:
         return False
     for kind in _TABLES:
