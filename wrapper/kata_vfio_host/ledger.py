@@ -37,6 +37,7 @@ import os
 import time
 from _thread import get_ident
 
+from kata_vfio.defaults import ID_HINT, id_problem, plain_container_id
 from kata_vfio.errors import DeviceError, KataVfioError
 from kata_vfio.jsoncodec import dumps, loads
 from kata_vfio.pci import IommuGroup, PciAddress
@@ -58,7 +59,6 @@ if TYPE_CHECKING:
 ADMIN = "kata-vfio-ctl"
 BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 INSTANCE_FILE = "kata-vfio.instance"  # in a claimed container's bundle directory
-_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 _join = os.path.join
 
 
@@ -104,9 +104,8 @@ class ContainerId(str):
 
     @classmethod
     def parse(cls, text: str | None) -> ContainerId:
-        if not text or len(text) > 256 or not set(text) <= _ID_CHARS or text.startswith("."):
-            raise DeviceError(f"container id {text!r} cannot name a state file",
-                              "use a plain container id (letters, digits, _ . -)")
+        if not plain_container_id(text):
+            raise DeviceError(id_problem(text), ID_HINT)
         return cls(text)
 
     @classmethod

@@ -13,10 +13,15 @@ import os
 import sys
 
 from kata_vfio.boundary import step
-from kata_vfio.defaults import DEFAULT_CONFIG, DEFAULT_RUNTIME, DEFAULT_STATE_DIR
+from kata_vfio.defaults import (
+    DEFAULT_CONFIG,
+    DEFAULT_RUNTIME,
+    DEFAULT_STATE_DIR,
+    plain_container_id,
+)
 from kata_vfio.errors import UsageError
 from kata_vfio_host.cache import config_path, read_cache, resolve_runtime
-from kata_vfio_runtime.args import EDIT_VERBS, Invocation, parse, plain_id
+from kata_vfio_runtime.args import EDIT_VERBS, Invocation, parse
 from kata_vfio_runtime.handover import hand_over
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: `typing` costs ~2 ms on every verb
@@ -129,7 +134,7 @@ def decide(argv: list[str], inv: Invocation) -> str | int:
         if inv.problem or needs_edit(inv.bundle or "."):
             return prepare_create(inv)
     runtime, state_dir = passthrough_settings()
-    if inv.verb == "delete" and plain_id(inv.container_id) \
+    if inv.verb == "delete" and plain_container_id(inv.container_id) \
             and os.path.exists(f"{state_dir}/containers/{inv.container_id}"):
         return delete_and_release(runtime, argv, inv)
     return runtime

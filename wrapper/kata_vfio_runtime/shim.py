@@ -27,10 +27,15 @@ import os
 import sys
 
 from kata_vfio.boundary import step
-from kata_vfio.defaults import DEFAULT_CONFIG, DEFAULT_SHIM, DEFAULT_STATE_DIR, SHIM_WRAPPER
+from kata_vfio.defaults import (
+    DEFAULT_CONFIG,
+    DEFAULT_SHIM,
+    DEFAULT_STATE_DIR,
+    SHIM_WRAPPER,
+    plain_container_id,
+)
 from kata_vfio.errors import ConfigError
 from kata_vfio_host.cache import config_path, read_cache, which
-from kata_vfio_runtime.args import plain_id
 from kata_vfio_runtime.handover import hand_over
 
 TYPE_CHECKING = False
@@ -172,7 +177,7 @@ def decide(argv: list[str], call: ShimCall) -> str | int:
             return prepare_start(call, me)
     shim, state_dir = passthrough_shim(me)
     cid = call.container_id or ""
-    if call.action == "delete" and plain_id(cid) \
+    if call.action == "delete" and plain_container_id(cid) \
             and os.path.exists(f"{state_dir}/containers/{cid}"):
         return delete_and_release(shim, argv, call)
     return shim

@@ -1,0 +1,112 @@
+"""One implementation per rule (issue 18 point 4): every entry point that applies a rule
+calls the same code, so they agree. Each table runs every entry point over the same inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from kata_vfio.defaults import id_problem
+from kata_vfio.errors import HookError, KataVfioError
+from kata_vfio.manifest import DEVICES_ANNOTATION, MANIFEST_ANNOTATION
+from kata_vfio_hook.state import parse_state
+from kata_vfio_host.ledger import ContainerId
+from kata_vfio_runtime import main as runtime_main
+from kata_vfio_runtime import shim
+
+from fakesys import FakeSysfs
+from wrapper_run import make_recorder, write_config
+
+# --- container ids: kata-vfio create, the shim's start, the hook, the ledger -------------
+
+PLAIN_IDS = ["c1", "0123abcdef" * 6, "k8s_pod.x-1", "a" * 200]
+# "a" * 256: the wrapper took it, then failed writing its marker ("File name too long");
+# "a" * 257: the hook took it while the wrapper and the ledger refused it
+UNUSABLE_IDS = ["", ".", "..", "../x", ".hidden", "a/b", "x y", "café", "a" * 201, "a" * 256,
+                "a" * 257, "c1\n"]
+
+
+def _with_devices(bundle: Path, where: Path) -> Path:
+    """A copy of `bundle` (runc spec) asking for group 12's device."""
+    where.mkdir()
+    (where / "rootfs").mkdir()
+    spec = json.loads((bundle / "config.json").read_text())
+    spec["annotations"] = {DEVICES_ANNOTATION: "0000:03:00.0"}
+    (where / "config.json").write_text(json.dumps(spec))
+    return where
+
+
+def _create(cid: str, bundle: Path, capsys: pytest.CaptureFixture[str]) -> str | None:
+    """`kata-vfio create --bundle B ID`: None when it edited and exec'd, else its line."""
+    before = (bundle / "config.json").read_text()
+    execs: list[list[str]] = []
+    runtime_main.main(["kata-vfio", "create", "--bundle", str(bundle), cid],
+                      exec_fn=lambda path, args: execs.append(list(args)))
+    err = capsys.readouterr().err
+    if execs:  # handed over (the exec seam returns, so main says 127)
+        assert MANIFEST_ANNOTATION in (bundle / "config.json").read_text()
+        return None
+    assert (bundle / "config.json").read_text() == before and execs == []
+    return err
+
+
+def _shim_start(cid: str, bundle: Path, capsys: pytest.CaptureFixture[str],
+                monkeypatch: pytest.MonkeyPatch) -> str | None:
+    """containerd's `<shim> -namespace NS -address A -id ID start` in the bundle."""
+    before = (bundle / "config.json").read_text()
+    monkeypatch.chdir(bundle)
+    execs: list[list[str]] = []
+    shim.main(["containerd-shim-kata-vfio-v2", "-namespace", "k8s.io", "-address",
+               "/run/containerd/containerd.sock", "-id", cid, "start"],
+              exec_fn=lambda path, args: execs.append(list(args)))
+    err = capsys.readouterr().err
+    if execs:  # handed over (the exec seam returns, so main says 127)
+        assert MANIFEST_ANNOTATION in (bundle / "config.json").read_text()
+        return None
+    assert (bundle / "config.json").read_text() == before and execs == []
+    return err
+
+
+def _hook(cid: str) -> str | None:
+    try:
+        parse_state(json.dumps({"id": cid, "pid": 4242, "bundle": ""}))
+    except HookError as exc:
+        return exc.one_line()
+    return None
+
+
+def _ledger(cid: str) -> str | None:
+    try:
+        ContainerId.parse(cid)
+    except KataVfioError as exc:
+        return exc.one_line()
+    return None
+
+
+@pytest.mark.parametrize("cid", PLAIN_IDS + UNUSABLE_IDS)
+def test_every_entry_point_takes_the_same_container_ids(
+        cid: str, vfio_host: FakeSysfs, bundle: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    recorder = make_recorder(tmp_path)
+    config = write_config(tmp_path, runtime=str(recorder), shim=str(recorder),
+                          sysfs=str(vfio_host.root), log_file=str(tmp_path / "kv.log"))
+    monkeypatch.setenv("KATA_VFIO_CONFIG", str(config))
+    answers = {
+        "kata-vfio create": _create(cid, _with_devices(bundle, tmp_path / "b1"), capsys),
+        "shim start": _shim_start(cid, _with_devices(bundle, tmp_path / "b2"), capsys,
+                                  monkeypatch),
+        "hook": _hook(cid),
+        "ledger": _ledger(cid),
+    }
+    if cid in PLAIN_IDS:
+        assert answers == dict.fromkeys(answers), answers
+        return
+    for where, line in answers.items():
+        assert line is not None, f"{where} took {cid!r}"
+        lines = line.strip().splitlines() if "\n" not in cid else [line.strip()]
+        assert len(lines) == 1 and id_problem(cid) in lines[0], (where, line)
+        assert "use a plain container id" in lines[0], (where, line)
+    assert not os.path.exists(tmp_path / "state" / "containers")  # nothing claimed
