@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,84 @@ def test_every_entry_point_takes_the_same_container_ids(
         assert len(lines) == 1 and id_problem(cid) in lines[0], (where, line)
         assert "use a plain container id" in lines[0], (where, line)
     assert not os.path.exists(tmp_path / "state" / "containers")  # nothing claimed
+
+
+# --- hex IDs: devices -d and select, the persistent-bind file, the manifest, addresses ----
+
+HEX_IDS = {  # text: the number every reader makes of it, or None where all refuse it
+    "8086": 0x8086, "10d3": 0x10D3, "0000": 0, "ffff": 0xFFFF,
+    # the manifest's reader took these (int(text, 16) does), every other reader not
+    "80_6": None, "808 ": None, "808": None, "00008086": None,
+    "+808": None, "808660": None, "80g6": None, "0x86": None, "": None,
+}
+
+
+def _ids_reader_answers(text: str) -> dict[str, int | None]:
+    from kata_vfio.manifest import ManifestDevice
+    from kata_vfio.pci import PciAddress
+    from kata_vfio_host.allocate import parse_ids
+    from kata_vfio_host.persist import parse_binds
+
+    answers: dict[str, int | None] = {}
+
+    def attempt(where: str, read: Callable[[], int | None]) -> None:
+        try:
+            answers[where] = read()
+        except KataVfioError:
+            answers[where] = None
+
+    attempt("devices -d / select", lambda: parse_ids(f"{text}:10d3", "devices -d").vendor)
+    attempt("persistent binds",
+            lambda: parse_binds(f"0000:03:00.0 {text}:10d3\n", "binds")[0].vendor)
+    device = {"host_address": "0000:03:00.0", "vendor": f"0x{text}", "device": "0x10d3",
+              "subsystem_vendor": "0x8086", "subsystem_device": "0x0000", "class": "0x020000"}
+    attempt("manifest", lambda: ManifestDevice.from_obj(device).identity.vendor)
+    attempt("PCI address domain", lambda: PciAddress.parse(f"{text}:03:00.0").domain)
+    return answers
+
+
+@pytest.mark.parametrize("text", list(HEX_IDS))
+def test_every_reader_takes_the_same_hex_ids(text: str) -> None:
+    answers = _ids_reader_answers(text)
+    assert answers == dict.fromkeys(answers, HEX_IDS[text]), answers
+
+
+# --- MACs: the manifest (the guest hook's side) and io.kata-vfio.vf-config ---------------
+
+MACS = {  # text: the MAC both readers make of it, or None
+    "52:54:00:12:34:56": "52:54:00:12:34:56", "52:54:00:AB:cd:EF": "52:54:00:ab:cd:ef",
+    "52:54:00:12:34": None, "52:54:00:12:34:56:78": None, "52-54-00-12-34-56": None,
+    "52:54:00:12:34:5g": None, "52:54:00:12:34:+5": None, "52:54:00:12:34:5": None,
+    "52:54:0:012:34:56": None,
+}
+
+
+@pytest.mark.parametrize("text", list(MACS))
+def test_manifest_and_vf_config_take_the_same_macs(text: str) -> None:
+    from kata_vfio.manifest import ManifestDevice
+    from kata_vfio_host.vfconfig import parse_vf_config
+
+    device = {"host_address": "0000:03:00.0", "vendor": "0x8086", "device": "0x10ca",
+              "subsystem_vendor": "0x8086", "subsystem_device": "0x0000", "class": "0x020000",
+              "mac": text}
+    answers: dict[str, str | None] = {}
+    try:
+        answers["manifest"] = ManifestDevice.from_obj(device).mac
+    except KataVfioError:
+        answers["manifest"] = None
+    try:
+        answers["vf-config"] = parse_vf_config(f"0000:03:00.0 mac={text}")[0].mac
+    except KataVfioError as exc:
+        assert "is not a unicast MAC" in exc.one_line()
+        answers["vf-config"] = None
+    assert answers == dict.fromkeys(answers, MACS[text]), answers
+
+
+@pytest.mark.parametrize("text", ["01:00:5e:00:00:01", "ff:ff:ff:ff:ff:ff", "00:00:00:00:00:00"])
+def test_vf_config_also_wants_a_unicast_mac(text: str) -> None:
+    """What a VF may be given is narrower than what a manifest may name: no multicast,
+    no all-zero (that clears the VF's MAC)."""
+    from kata_vfio_host.vfconfig import parse_vf_config
+
+    with pytest.raises(KataVfioError, match="is not a unicast MAC"):
+        parse_vf_config(f"0000:03:00.0 mac={text}")

@@ -39,6 +39,7 @@ from _thread import get_ident
 
 from kata_vfio.defaults import ID_HINT, id_problem, plain_container_id
 from kata_vfio.errors import DeviceError, KataVfioError
+from kata_vfio.hexcodes import HEX_DIGITS
 from kata_vfio.jsoncodec import dumps, loads
 from kata_vfio.pci import IommuGroup, PciAddress
 from kata_vfio.rebind import MODPROBE, write_attr
@@ -242,16 +243,13 @@ def _opt_str(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-_HEX = frozenset("0123456789abcdef")
-
-
 def _address_key(key: str) -> str:
     """The journal key of a device: `key` itself when it is already written as
     str(PciAddress) writes it (what the journal holds: checked in a few character tests,
     since a create reads every entry), else parsed (which refuses a malformed one)."""
     if (len(key) == 12 and key[4] == ":" and key[7] == ":" and key[10] == "."
-            and key[8] in "01" and key[11] in "01234567" and _HEX.issuperset(key[:4])
-            and _HEX.issuperset(key[5:7]) and key[9] in _HEX):
+            and key[8] in "01" and key[11] in "01234567" and HEX_DIGITS.issuperset(key[:4])
+            and HEX_DIGITS.issuperset(key[5:7]) and key[9] in HEX_DIGITS):
         return key
     return str(PciAddress.parse(key))
 

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 
 from kata_vfio.errors import ConfigError, KataVfioError
 from kata_vfio.files import UnsafeFileError, read_regular, write_atomically
+from kata_vfio.hexcodes import hex_number
 from kata_vfio.pci import PciAddress
 
 PERSIST_ENV = "KATA_VFIO_PERSIST"
@@ -62,12 +63,6 @@ class PersistentBind:
         return f"PersistentBind({self.line().strip()!r})"
 
 
-def _hex4(text: str) -> int | None:
-    if len(text) != 4 or any(c not in "0123456789abcdef" for c in text):
-        return None
-    return int(text, 16)
-
-
 def parse_binds(text: str, path: str) -> list[PersistentBind]:
     """The file's lines, strictly: blank lines and '#' comments aside, each line is one
     canonical address and its IDs, each address once."""
@@ -89,7 +84,8 @@ def parse_binds(text: str, path: str) -> list[PersistentBind]:
             raise ConfigError(f"{where}: {fields[0]!r} is not a PCI address in the form "
                               "DDDD:BB:SS.F (lower-case hex)", _FORMAT_HINT)
         ids = fields[1].split(":")
-        vendor, device = (_hex4(ids[0]), _hex4(ids[1])) if len(ids) == 2 else (None, None)
+        vendor, device = (hex_number(ids[0], 4), hex_number(ids[1], 4)) if len(ids) == 2 \
+            else (None, None)
         if vendor is None or device is None:
             raise ConfigError(f"{where}: {fields[1]!r} is not VVVV:DDDD (four lower-case hex "
                               "digits each)", _FORMAT_HINT)
