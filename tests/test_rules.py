@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -192,3 +194,70 @@ def test_vf_config_also_wants_a_unicast_mac(text: str) -> None:
 
     with pytest.raises(KataVfioError, match="is not a unicast MAC"):
         parse_vf_config(f"0000:03:00.0 mac={text}")
+
+
+# --- read-modify-write of state under a lock: the journal, the hook's claims, the binds ---
+
+
+class _Edit:
+    """One of the states kept by kata_vfio.files.edited: how to open an edit of it in
+    `directory`, change its one entry (the n-th way), and the files that hold it."""
+
+    def __init__(self, name: str, directory: Path) -> None:
+        self.name = name
+        self.dir = directory
+
+    def editing(self) -> Any:
+        if self.name == "journal":
+            from kata_vfio_host.ledger import Host, editing
+
+            return editing(Host(self.dir / "sys", self.dir / "state", lambda *a: None,
+                                boot_id="b"))
+        if self.name == "claims":
+            from kata_vfio_hook.claims import ledger
+
+            return ledger(self.dir / "claims", time.monotonic() + 5)
+        from kata_vfio_host.persist import editing_binds
+
+        return editing_binds(str(self.dir / "etc/binds"))
+
+    def change(self, value: Any, n: int) -> None:
+        if self.name == "journal":
+            from kata_vfio_host.ledger import Claim
+
+            value.claims[1] = Claim(f"c{n}", "b", None)
+        elif self.name == "claims":
+            from kata_vfio_hook.claims import Claim as GuestClaim
+
+            value["0000:00:01.0"] = GuestClaim(f"c{n}", 4242, n)
+        else:
+            from kata_vfio.pci import PciAddress
+            from kata_vfio_host.persist import PersistentBind
+
+            value[:] = [PersistentBind(PciAddress.parse("0000:01:00.0"), 0x8086, 0x10D0 + n)]
+
+    def files(self) -> dict[str, bytes]:
+        return {str(p.relative_to(self.dir)): p.read_bytes()
+                for p in sorted(self.dir.rglob("*")) if p.is_file()
+                and "lock" not in str(p.relative_to(self.dir)) and not p.name.startswith(".")}
+
+
+@pytest.mark.parametrize("name", ["journal", "claims", "persistent binds"])
+def test_every_state_is_edited_the_same_way(name: str, tmp_path: Path) -> None:
+    state = _Edit(name, tmp_path)
+    with state.editing() as value:
+        state.change(value, 1)
+    first = state.files()
+    assert len(first) == 1, first  # a change is written
+    with pytest.raises(RuntimeError), state.editing() as value:
+        state.change(value, 2)
+        raise RuntimeError("the caller failed")
+    assert state.files() == first  # nothing of a failed block is written
+    (path,) = [tmp_path / p for p in first]
+    inode = path.stat().st_ino
+    with state.editing() as value:
+        pass
+    assert path.stat().st_ino == inode  # no change, no rewrite
+    with state.editing() as value:
+        state.change(value, 2)
+    assert state.files() != first and path.stat().st_ino != inode  # a new file, renamed in

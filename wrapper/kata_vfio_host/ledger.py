@@ -39,6 +39,7 @@ from _thread import get_ident
 
 from kata_vfio.defaults import ID_HINT, id_problem, plain_container_id
 from kata_vfio.errors import DeviceError, KataVfioError
+from kata_vfio.files import edited
 from kata_vfio.hexcodes import HEX_DIGITS
 from kata_vfio.jsoncodec import dumps, loads
 from kata_vfio.pci import IommuGroup, PciAddress
@@ -483,8 +484,6 @@ def _write_journal_file(host: Host, journal: Journal) -> None:
                if name != _V2 and now.get(name, empty) != journal.read.get(name, empty)]
     if not changed:
         return
-    from kata_vfio.files import write_atomically
-
     os.makedirs(host.ledger_dir, mode=0o700, exist_ok=True)
 
     def order(name: str) -> tuple[int, int]:
@@ -497,9 +496,13 @@ def _write_journal_file(host: Host, journal: Journal) -> None:
         # caller holds: re-entrant), the journal lock for host.json (no group's)
         lock = _join(host.state_dir, "journal.lock") if name == HOST_FILE else \
             _join(host.state_dir, "locks", f"group-{name[6:-5]}")
-        with Locks([lock]):
-            current = _load(path) or {}
-            tables = {t: dict(current.get(t) or {}) for t in _TABLES}
+        def read(path: str = path) -> dict[str, dict[str, Any]]:
+            return _read_ledger_file(path)
+
+        def write(tables: dict[str, dict[str, Any]], path: str = path) -> None:
+            _write_ledger_file(path, tables)
+
+        with edited(Locks([lock]), read, write) as tables:
             for kind in _TABLES:
                 for key in before[kind].keys() | after[kind].keys():
                     if key in after[kind]:
@@ -507,14 +510,24 @@ def _write_journal_file(host: Host, journal: Journal) -> None:
                             tables[kind][key] = after[kind][key]
                     elif key in before[kind]:
                         tables[kind].pop(key, None)
-            if any(tables.values()):
-                write_atomically(path, _file_bytes(tables), mode=0o600)
-            else:  # nothing left of the group: no file (a released group costs nothing)
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
         journal.read[name] = after
+
+
+def _read_ledger_file(path: str) -> dict[str, dict[str, Any]]:
+    data = _load(path) or {}
+    return {t: dict(data.get(t) or {}) for t in _TABLES}
+
+
+def _write_ledger_file(path: str, tables: dict[str, dict[str, Any]]) -> None:
+    from kata_vfio.files import write_atomically
+
+    if any(tables.values()):
+        write_atomically(path, _file_bytes(tables), mode=0o600)
+    else:  # nothing left of the group: no file (a released group costs nothing)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 def _fsync_dir(path: str) -> None:
@@ -658,7 +671,7 @@ def group_locks(host: Host, groups: list[IommuGroup]) -> Locks:
     return Locks([_join(host.state_dir, "locks", f"group-{g}") for g in sorted(set(groups))])
 
 
-class editing:
+class editing(edited):
     """The ledger, to change in place; the files whose entries changed are written back
     when the block ends without an exception. With `groups`, only those groups' entries
     are read (the caller holds their locks); without, every group's. Either way a change
@@ -666,17 +679,17 @@ class editing:
     edit did not change in a file stays as it is there."""
 
     def __init__(self, host: Host, *, groups: set[int] | None = None) -> None:
-        self._host = host
-        self._groups = groups
+        super().__init__(None, lambda: _read_for_edit(host, groups),
+                         lambda journal: _write_journal_file(host, journal))
 
     def __enter__(self) -> Journal:
-        _ensure_layout(self._host)
-        self._journal = read_journal_file(self._host, groups=self._groups)
-        return self._journal
+        journal: Journal = super().__enter__()
+        return journal
 
-    def __exit__(self, kind: object, *rest: object) -> None:
-        if kind is None:
-            _write_journal_file(self._host, self._journal)
+
+def _read_for_edit(host: Host, groups: set[int] | None) -> Journal:
+    _ensure_layout(host)
+    return read_journal_file(host, groups=groups)
 
 
 def read_journal(host: Host) -> dict[str, dict[str, Any]]:

@@ -12,13 +12,12 @@ not write is an error naming it), written atomically, edited under a flock.
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from kata_vfio.errors import ConfigError, KataVfioError
-from kata_vfio.files import UnsafeFileError, read_regular, write_atomically
+from kata_vfio.files import UnsafeFileError, edited, file_lock, read_regular, write_atomically
 from kata_vfio.hexcodes import hex_number
 from kata_vfio.pci import PciAddress
 
@@ -135,25 +134,26 @@ def write_binds(path: str, binds: list[PersistentBind]) -> None:
                           "check the file system") from None
 
 
+class _BindsLock(file_lock):
+    def __init__(self, path: str) -> None:
+        self._binds = path
+        super().__init__(os.path.join(os.path.dirname(path) or ".",
+                                      f".{os.path.basename(path)}.lock"))
+
+    def __enter__(self) -> None:
+        try:
+            super().__enter__()
+        except OSError as exc:
+            raise ConfigError(f"cannot lock persistent binds file {self._binds}: "
+                              f"{exc.strerror or exc}", "run as root, on a writable /etc") \
+                from None
+
+
 @contextmanager
 def editing_binds(path: str | None = None) -> Iterator[list[PersistentBind]]:
     """The persistent binds to change in place, under a flock beside the file; written
     back (atomically) when the block ends without an exception and they changed."""
-    path = path or persist_path()
-    lock = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.lock")
-    try:
-        os.makedirs(os.path.dirname(lock) or ".", exist_ok=True)
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise ConfigError(f"cannot lock persistent binds file {path}: "
-                          f"{exc.strerror or exc}", "run as root, on a writable /etc") \
-            from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        binds = read_binds(path)
-        before = list(binds)
+    where = path or persist_path()
+    with edited(_BindsLock(where), lambda: read_binds(where),
+                lambda binds: write_binds(where, binds), snapshot=list) as binds:
         yield binds
-        if binds != before:
-            write_binds(path, binds)
-    finally:
-        os.close(fd)
