@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -261,3 +262,50 @@ def test_every_state_is_edited_the_same_way(name: str, tmp_path: Path) -> None:
     with state.editing() as value:
         state.change(value, 2)
     assert state.files() != first and path.stat().st_ino != inode  # a new file, renamed in
+
+
+# --- the one thread pool: the host's binds and give-backs, the hook's binds -------------
+
+
+@pytest.mark.parametrize(("items", "threads"), [(1, 8), (5, 1), (5, 2), (32, 8), (3, 8)])
+def test_the_thread_pool_bounds_orders_and_waits(items: int, threads: int) -> None:
+    from kata_vfio.threads import in_threads
+
+    lock = threading.Lock()
+    running, most, done = [0], [0], []
+
+    def work(n: int) -> int:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.01)
+        with lock:
+            running[0] -= 1
+            done.append(n)
+        return n * n
+
+    assert in_threads(list(range(items)), work, threads) == [n * n for n in range(items)]
+    assert most[0] <= min(items, threads) and sorted(done) == list(range(items))
+    if items > 1 and threads > 1:
+        assert most[0] > 1  # they did overlap
+
+
+@pytest.mark.parametrize("stop_on_error", [False, True])
+def test_the_thread_pool_raises_once_every_started_item_is_done(stop_on_error: bool) -> None:
+    from kata_vfio.threads import in_threads
+
+    done: list[int] = []
+
+    def work(n: int) -> None:
+        if n == 0:
+            raise OSError(5, "Input/output error")
+        time.sleep(0.02)
+        done.append(n)
+
+    with pytest.raises(OSError, match="Input/output"):
+        in_threads(list(range(6)), work, 2, stop_on_error=stop_on_error)
+    finished = list(done)
+    time.sleep(0.1)
+    assert done == finished  # nothing still running after the raise
+    # without stop_on_error every item ran; with it at most what the other thread had started
+    assert len(finished) == 5 if not stop_on_error else len(finished) <= 1

@@ -28,6 +28,7 @@ from kata_vfio.pci import (
     vfio_group_class_dir,
 )
 from kata_vfio.rebind import give_back, load_vfio_pci, move_to
+from kata_vfio.threads import in_threads
 from kata_vfio_host.ledger import (
     ADMIN,
     ContainerId,
@@ -101,10 +102,7 @@ def ensure_vfio_pci(host: Host) -> None:
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
-    from typing import Protocol, TypeVar
-
-    _T = TypeVar("_T")
-    _R = TypeVar("_R")
+    from typing import Protocol
 
     class Movable(Protocol):
         """A device as a bind needs it: PciDevice (a container's create reads everything,
@@ -212,7 +210,7 @@ def bind_all(host: Host, moves: list[tuple[PciAddress, str | None]]) -> None:
     def move(host: Host, item: tuple[PciAddress, str | None]) -> None:
         move_to(host.sysfs, item[0], item[1], VFIO_PCI, host.write)
 
-    _in_pool(moves, move, host, bind_pool_size(len(moves)), stop_on_error=True)
+    in_threads(moves, lambda m: move(host, m), bind_pool_size(len(moves)), stop_on_error=True)
 
 
 def bind_groups(host: Host, addresses: list[PciAddress], owner: str, *, force: bool = False,
@@ -314,7 +312,7 @@ def _restore_locked(host: Host, addresses: list[PciAddress], owner: str | None =
         if entry is None or owner is None or entry.owner == owner:
             outcome.append((addr, entry))
     work = [(addr, entry) for addr, entry in outcome if entry is not None]
-    given = _in_pool(work, _give_back_one, host, GIVE_BACK_THREADS)
+    given = in_threads(work, lambda w: _give_back_one(host, w), GIVE_BACK_THREADS)
     reasons = dict(zip([a for a, _ in work], given, strict=True))
     done = []
     for addr, entry in outcome:
@@ -363,43 +361,6 @@ def _give_back_one(host: Host, item: tuple[PciAddress, DeviceEntry]) -> str | No
 # threads beyond the CPUs overlap those sleeps: in the 2-vCPU bench guest 32 VFs went back
 # in 290 ms on 8 threads, 400 ms on 4, 700 ms on 2, 1.5 s one by one.
 GIVE_BACK_THREADS = 8
-
-
-def _in_pool(items: list[_T], work: Callable[[Host, _T], _R], host: Host,
-             threads: int, *, stop_on_error: bool = False) -> list[_R]:
-    """work(host, item) for every item on up to `threads` threads; the results in the
-    items' order. An exception other than what `work` handles is raised once all are done
-    (`stop_on_error`: no item is started after the first one)."""
-    if len(items) <= 1:
-        return [work(host, item) for item in items]
-    import threading
-
-    results: dict[int, _R] = {}
-    errors: list[BaseException] = []
-    todo = list(reversed(range(len(items))))
-    lock = threading.Lock()
-
-    def worker() -> None:
-        while True:
-            with lock:
-                if not todo or (stop_on_error and errors):
-                    return
-                index = todo.pop()
-            try:
-                results[index] = work(host, items[index])
-            except BaseException as exc:
-                with lock:
-                    errors.append(exc)
-
-    pool = [threading.Thread(target=worker, daemon=True)
-            for _ in range(min(len(items), threads))]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join()
-    if errors:
-        raise errors[0]
-    return [results[i] for i in range(len(items))]
 
 
 def _groups_of(host: Host, journal: Journal, owner: str | None) -> list[IommuGroup]:
