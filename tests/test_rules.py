@@ -309,3 +309,48 @@ def test_the_thread_pool_raises_once_every_started_item_is_done(stop_on_error: b
     assert done == finished  # nothing still running after the raise
     # without stop_on_error every item ran; with it at most what the other thread had started
     assert len(finished) == 5 if not stop_on_error else len(finished) <= 1
+
+
+# --- the two wrappers: kata-vfio (OCI runtime) and the containerd shim ------------------
+
+WRAPPERS = {  # name: (module, argv of a call that is handed straight over, what the inner is)
+    "kata-vfio": (runtime_main, ["kata-vfio", "--root", "/run/r", "state", "c1"], "runtime"),
+    "shim": (shim, ["containerd-shim-kata-vfio-v2", "-namespace", "k8s.io", "-id", "c1",
+                    "delete"], "shim"),
+}
+
+
+def _run_wrapper(name: str, capsys: pytest.CaptureFixture[str]) -> tuple[list[list[str]], str]:
+    module, argv, _ = WRAPPERS[name]
+    execs: list[list[str]] = []
+    module.main(list(argv), exec_fn=lambda path, args: execs.append(list(args)))
+    return execs, capsys.readouterr().err.strip()
+
+
+@pytest.mark.parametrize("name", list(WRAPPERS))
+def test_both_wrappers_find_their_inner_program_the_same_way(
+        name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from kata_vfio_runtime import wrapping
+
+    _, argv, setting = WRAPPERS[name]
+    recorder = make_recorder(tmp_path)
+    # a config.toml naming the inner program: handed over with the very same argv
+    config = write_config(tmp_path, **{setting: str(recorder)})
+    monkeypatch.setenv("KATA_VFIO_CONFIG", str(config))
+    execs, err = _run_wrapper(name, capsys)
+    assert execs == [[str(recorder), *argv[1:]]] and err == ""
+    # one it cannot find: one line, naming the file it came from
+    config.write_text(f'{setting} = "no-such-{setting}"\n')
+    execs, err = _run_wrapper(name, capsys)
+    assert execs == [] and len(err.splitlines()) == 1
+    assert f"inner {setting} 'no-such-{setting}' not found (from {config})" in err
+    # no config.toml at all: the default name, and a line that says it was the default
+    # (kata-vfio named the missing file instead)
+    missing = tmp_path / "etc/config.toml"
+    monkeypatch.setenv("KATA_VFIO_CONFIG", str(missing))
+    monkeypatch.setattr(wrapping, "DEFAULT_CONFIG", str(missing))
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    execs, err = _run_wrapper(name, capsys)
+    assert execs == [] and len(err.splitlines()) == 1
+    assert f"not found (from {wrapping.BUILT_IN})" in err, err
