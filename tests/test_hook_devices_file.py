@@ -33,9 +33,9 @@ from kata_vfio_hook import main as hook_main
 from kata_vfio_hook.main import run
 from kata_vfio_host.settings import Settings
 from kata_vfio_runtime.spec_edit import plan_edit
-from test_hook import Guest
 
 from fakesys import E1000E, NVME, FakeKernel, FakeSysfs
+from hookguest import Guest
 
 NIC = "kata-vfio.io/nic"
 
