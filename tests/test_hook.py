@@ -147,6 +147,7 @@ def test_poll_wakeups_bounded() -> None:
     assert time.monotonic() - started < 1
 
 
+@pytest.mark.host
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root")
 def test_nodes_land_in_the_containers_mount_namespace(tmp_path: Path) -> None:
     """A process with its own /dev mount, as a container before pivot_root: the nodes
