@@ -9,18 +9,16 @@ the create path imports the rest inside `prepare_create`.
 
 from __future__ import annotations
 
-import os
 import sys
 
 from kata_vfio.defaults import (
     DEFAULT_RUNTIME,
-    plain_container_id,
 )
 from kata_vfio.errors import UsageError
 from kata_vfio_host.cache import resolve_runtime
 from kata_vfio_runtime.args import EDIT_VERBS, Invocation, parse
 from kata_vfio_runtime.handover import hand_over
-from kata_vfio_runtime.wrapping import Wrapper, passthrough, prepare
+from kata_vfio_runtime.wrapping import Wrapper, holds_devices, passthrough, prepare
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: `typing` costs ~2 ms on every verb
 if TYPE_CHECKING:
@@ -107,8 +105,7 @@ def decide(argv: list[str], inv: Invocation) -> str | int:
         if inv.problem or needs_edit(inv.bundle or "."):
             return prepare_create(inv)
     runtime, state_dir = passthrough(KATA_VFIO)
-    if inv.verb == "delete" and plain_container_id(inv.container_id) \
-            and os.path.exists(f"{state_dir}/containers/{inv.container_id}"):
+    if inv.verb == "delete" and holds_devices(inv.container_id, state_dir):
         return delete_and_release(runtime, argv, inv)
     return runtime
 

@@ -29,12 +29,11 @@ import sys
 from kata_vfio.defaults import (
     DEFAULT_SHIM,
     SHIM_WRAPPER,
-    plain_container_id,
 )
 from kata_vfio.errors import ConfigError
 from kata_vfio_host.cache import config_path, which
 from kata_vfio_runtime.handover import hand_over
-from kata_vfio_runtime.wrapping import Wrapper, passthrough, prepare
+from kata_vfio_runtime.wrapping import Wrapper, holds_devices, passthrough, prepare
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -147,9 +146,7 @@ def decide(argv: list[str], call: ShimCall) -> str | int:
             return prepare(shim_wrapper(me), call.container_id, call.bundle,
                            verb="shim start", namespace=call.namespace)
     shim, state_dir = passthrough(shim_wrapper(me))
-    cid = call.container_id or ""
-    if call.action == "delete" and plain_container_id(cid) \
-            and os.path.exists(f"{state_dir}/containers/{cid}"):
+    if call.action == "delete" and holds_devices(call.container_id, state_dir):
         return delete_and_release(shim, argv, call)
     return shim
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 
 from kata_vfio.boundary import step
-from kata_vfio.defaults import DEFAULT_CONFIG, DEFAULT_STATE_DIR
+from kata_vfio.defaults import DEFAULT_CONFIG, DEFAULT_STATE_DIR, plain_container_id
 from kata_vfio_host.cache import config_path, read_cache
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: `typing` costs ~2 ms on every verb
@@ -59,6 +59,12 @@ def passthrough(wrapper: Wrapper) -> tuple[str, str]:
         settings = load_settings(path)
         inner, state_dir = getattr(settings, wrapper.setting), settings.state_dir
     return wrapper.resolve(inner, source), state_dir
+
+
+def holds_devices(container_id: str | None, state_dir: str) -> bool:
+    """Does a container's delete have devices to give back? (Its ledger marker exists.)"""
+    return plain_container_id(container_id) \
+        and os.path.exists(f"{state_dir}/containers/{container_id}")
 
 
 def prepare(wrapper: Wrapper, container_id: str | None, bundle: str | None,
