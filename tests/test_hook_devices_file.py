@@ -1,6 +1,6 @@
 """/run/kata-vfio/devices.json and env: the guest addresses the hook tells each container.
 
-On the fake guest trees of test_hook.py; the host half (the resource name from the
+On the fake guest trees of hookguest.py (the test_hook*.py files); the host half (the resource name from the
 io.kata-vfio.resource.<name> annotation into the manifest) on the fake host of
 test_spec_edit.py, and both together: the wrapper's manifest read by the hook.
 """
