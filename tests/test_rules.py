@@ -217,6 +217,12 @@ class _Edit:
             from kata_vfio_hook.claims import ledger
 
             return ledger(self.dir / "claims", time.monotonic() + 5)
+        if self.name == "plugin records":
+            from kata_vfio_ctl.plugin_ledger import editing_records
+            from kata_vfio_host.ledger import Host
+
+            return editing_records(Host(self.dir / "sys", self.dir / "state", lambda *a: None,
+                                        boot_id="b"))
         from kata_vfio_host.persist import editing_binds
 
         return editing_binds(str(self.dir / "etc/binds"))
@@ -226,6 +232,12 @@ class _Edit:
             from kata_vfio_host.ledger import Claim
 
             value.claims[1] = Claim(f"c{n}", "b", None)
+        elif self.name == "plugin records":
+            from kata_vfio_ctl.plugin_ledger import Allocation
+
+            cid = "kubernetes-allocation-0000-03-00.0"
+            value[cid] = Allocation(cid, "kata-vfio.io/nic", ("0000:03:00.0",),
+                                    frozenset({12}), float(n))
         elif self.name == "claims":
             from kata_vfio_hook.claims import Claim as GuestClaim
 
@@ -242,7 +254,7 @@ class _Edit:
                 and "lock" not in str(p.relative_to(self.dir)) and not p.name.startswith(".")}
 
 
-@pytest.mark.parametrize("name", ["journal", "claims", "persistent binds"])
+@pytest.mark.parametrize("name", ["journal", "claims", "persistent binds", "plugin records"])
 def test_every_state_is_edited_the_same_way(name: str, tmp_path: Path) -> None:
     state = _Edit(name, tmp_path)
     with state.editing() as value:
