@@ -1,8 +1,8 @@
 """/run/kata-vfio/devices.json and env: the guest addresses the hook tells each container.
 
-On the fake guest trees of hookguest.py (the test_hook*.py files); the host half (the resource name from the
-io.kata-vfio.resource.<name> annotation into the manifest) on the fake host of
-test_spec_edit.py, and both together: the wrapper's manifest read by the hook.
+On the fake guest trees of hookguest.py (the test_hook*.py files); the host half (the
+resource name from the io.kata-vfio.resource.<name> annotation into the manifest) on the
+fake host of test_spec_edit.py, and both together: the wrapper's manifest read by the hook.
 """
 
 from __future__ import annotations
