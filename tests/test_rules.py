@@ -115,7 +115,8 @@ def test_every_entry_point_takes_the_same_container_ids(
     assert not os.path.exists(tmp_path / "state" / "containers")  # nothing claimed
 
 
-# --- hex IDs: devices -d and select, the persistent-bind file, the manifest, addresses ----
+# --- hex IDs: devices -d and select, the persistent-bind file, the manifest, addresses,
+# the auto-bind allow-list ---------------------------------------------------------------
 
 HEX_IDS = {  # text: the number every reader makes of it, or None where all refuse it
     "8086": 0x8086, "10d3": 0x10D3, "0000": 0, "ffff": 0xFFFF,
@@ -129,6 +130,7 @@ def _ids_reader_answers(text: str) -> dict[str, int | None]:
     from kata_vfio.manifest import ManifestDevice
     from kata_vfio.pci import PciAddress
     from kata_vfio_host.allocate import parse_ids
+    from kata_vfio_host.allowlist import parse_rule
     from kata_vfio_host.persist import parse_binds
 
     answers: dict[str, int | None] = {}
@@ -146,6 +148,7 @@ def _ids_reader_answers(text: str) -> dict[str, int | None]:
               "subsystem_vendor": "0x8086", "subsystem_device": "0x0000", "class": "0x020000"}
     attempt("manifest", lambda: ManifestDevice.from_obj(device).identity.vendor)
     attempt("PCI address domain", lambda: PciAddress.parse(f"{text}:03:00.0").domain)
+    attempt("autobind allow", lambda: int(parse_rule(f"{text}:10d3").vendor or "-", 16))
     return answers
 
 
