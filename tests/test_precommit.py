@@ -16,14 +16,14 @@ VENV_BIN = REPO / ".venv/bin"
 CONFIG = REPO / ".pre-commit-config.yaml"
 
 
-def pre_commit(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PRE_COMMIT_HOME": str(cwd / ".pre-commit-home"), "NO_COLOR": "1"}
+def pre_commit(args: list[str], cwd: Path, home: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PRE_COMMIT_HOME": str(home), "NO_COLOR": "1"}
     return subprocess.run([str(VENV_BIN / "pre-commit"), *args], cwd=cwd, env=env, text=True,
                           capture_output=True, timeout=300)
 
 
 def test_the_configuration_is_valid_and_fetches_nothing(tmp_path: Path) -> None:
-    result = pre_commit(["validate-config", str(CONFIG)], tmp_path)
+    result = pre_commit(["validate-config", str(CONFIG)], tmp_path, tmp_path / "home")
     assert result.returncode == 0, result.stdout + result.stderr
     config = yaml.safe_load(CONFIG.read_text())
     assert [r["repo"] for r in config["repos"]] == ["local"]
@@ -44,18 +44,19 @@ def test_the_hooks_fail_on_a_bad_file(tmp_path: Path) -> None:
     subprocess.run(["git", "add", "bad.py", ".pre-commit-config.yaml"], cwd=tmp_path,
                    check=True)
     for hook, says in (("ruff", "F401"), ("ruff-format", "bad.py")):
-        result = pre_commit(["run", hook, "--files", "bad.py"], tmp_path)
+        result = pre_commit(["run", hook, "--files", "bad.py"], tmp_path, tmp_path / ".home")
         assert result.returncode == 1 and "Failed" in result.stdout and says in result.stdout, \
             (hook, result.stdout)
     (tmp_path / "bad.py").write_text("x = (1, 2)\n")
     for hook in ("ruff", "ruff-format"):
-        result = pre_commit(["run", hook, "--files", "bad.py"], tmp_path)
+        result = pre_commit(["run", hook, "--files", "bad.py"], tmp_path, tmp_path / ".home")
         assert result.returncode == 0, (hook, result.stdout)
 
 
-def test_the_mypy_hook_checks_what_make_lint_checks() -> None:
+def test_the_mypy_hook_checks_what_make_lint_checks(tmp_path: Path) -> None:
     """Run in this repository: mypy over pyproject's files, the set make lint checks."""
-    result = pre_commit(["run", "mypy", "--files", "common/kata_vfio/defaults.py"], REPO)
+    result = pre_commit(["run", "mypy", "--files", "common/kata_vfio/defaults.py"], REPO,
+                        tmp_path / "home")
     assert result.returncode == 0, result.stdout
     assert "Passed" in result.stdout
     makefile = (REPO / "Makefile").read_text()
