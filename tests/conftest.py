@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from fakesys import FakeKernel, FakeSysfs
+from hookguest import clock, guest  # noqa: F401  (the guest hook tests' fake guest and clock)
 from k8s.fixtures import cdi_node, kubelet_node  # noqa: F401  (the `kubelet` tests' nodes)
 
 

@@ -199,6 +199,7 @@ def test_two_concurrent_creates_one_wins(host: Host, fakesys: FakeSysfs, kernel:
     assert len(owners) == 1
 
 
+@pytest.mark.host
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root for veth interfaces")
 def test_network_use_is_seen_on_real_interfaces() -> None:
     from kata_vfio_host.usage import network_uses

@@ -81,6 +81,7 @@ def test_a_damaged_journal_is_one_line_naming_it(ctl_config: Path, vfio_host: Fa
     assert sysfs_snapshot(vfio_host) == before
 
 
+@pytest.mark.host
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
                     reason="needs root and unshare for a read-only bind mount")
 def test_bind_with_a_read_only_state_dir(ctl_config: Path, vfio_host: FakeSysfs,
@@ -331,6 +332,7 @@ def default_route_function() -> tuple[str, str] | None:
     return None
 
 
+@pytest.mark.host
 def test_this_machines_own_nic_is_in_use(tmp_path: Path) -> None:
     found = default_route_function()
     if found is None:

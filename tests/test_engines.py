@@ -248,6 +248,7 @@ def test_unusable_containerd_config_is_refused_untouched(tmp_path: Path, text: s
     assert conf.read_text() == text
 
 
+@pytest.mark.host
 @pytest.mark.skipif(not shutil.which("containerd"), reason="needs containerd")
 def test_real_containerd_reads_the_registration(tmp_path: Path) -> None:
     """containerd's own parser: `config default` output, registered, then `config dump`."""

@@ -1,8 +1,8 @@
 """/run/kata-vfio/devices.json and env: the guest addresses the hook tells each container.
 
-On the fake guest trees of test_hook.py; the host half (the resource name from the
-io.kata-vfio.resource.<name> annotation into the manifest) on the fake host of
-test_spec_edit.py, and both together: the wrapper's manifest read by the hook.
+On the fake guest trees of hookguest.py (the test_hook*.py files); the host half (the
+resource name from the io.kata-vfio.resource.<name> annotation into the manifest) on the
+fake host of test_spec_edit.py, and both together: the wrapper's manifest read by the hook.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from kata_vfio_hook import main as hook_main
 from kata_vfio_hook.main import run
 from kata_vfio_host.settings import Settings
 from kata_vfio_runtime.spec_edit import plan_edit
-from test_hook import Guest
 
 from fakesys import E1000E, NVME, FakeKernel, FakeSysfs
+from hookguest import Guest
 
 NIC = "kata-vfio.io/nic"
 

@@ -241,6 +241,7 @@ def test_a_missing_file_is_created_and_removed_again(tmp_path: Path, installer: 
     assert not conf.exists()
 
 
+@pytest.mark.host
 @pytest.mark.skipif(not shutil.which("containerd") and not os.environ.get("KATA_VFIO_NO_SKIPS"),
                     reason="needs containerd")
 @pytest.mark.parametrize("form", ["lf", "crlf", "no-final-newline"])

@@ -143,6 +143,7 @@ def test_dotted_runtimes_get_ours_where_containerd_reads_them(tmp_path: Path,
     assert conf.read_text() == DOTTED[version]
 
 
+@pytest.mark.host
 @pytest.mark.skipif(not shutil.which("containerd") and not os.environ.get("KATA_VFIO_NO_SKIPS"),
                     reason="needs containerd")
 def test_real_containerd_reads_a_dotted_registration(tmp_path: Path) -> None:

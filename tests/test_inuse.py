@@ -72,6 +72,7 @@ def both_up(ns: Netns) -> None:
     ns.ip("link", "set", "kv1", "up")  # carrier: now the kernel gives each an fe80:: address
 
 
+@pytest.mark.host
 def test_an_up_interface_with_only_its_ipv6_link_local_address_is_free(netns: Netns) -> None:
     """Every up interface gets an fe80:: address (and the kernel's fe80::/64 and ff00::/8
     routes): alone that carries nothing of the host's. Main counted it as "up with
@@ -85,6 +86,7 @@ def test_an_up_interface_with_only_its_ipv6_link_local_address_is_free(netns: Ne
     ]
 
 
+@pytest.mark.host
 @pytest.mark.parametrize(("route", "shown"), [
     (["route", "add", "10.9.0.0/16", "dev", "kv0", "table", "100"], "10.9.0.0/16"),
     (["-6", "route", "add", "2001:db8:9::/48", "dev", "kv0"], "2001:db8:9::/48"),
@@ -103,6 +105,7 @@ def test_a_route_through_an_interface_is_a_use(netns: Netns, route: list[str],
     assert netns.uses("kv0") == [f"interface kv0 carries routes ({shown})"]
 
 
+@pytest.mark.host
 def test_a_down_interface_with_an_address_is_free(netns: Netns) -> None:
     netns.ip("addr", "add", "192.0.2.77/24", "dev", "kv0")
     assert netns.uses("kv0") == []
@@ -110,6 +113,7 @@ def test_a_down_interface_with_an_address_is_free(netns: Netns) -> None:
     assert netns.uses("kv0") == ["interface kv0 is up with addresses 192.0.2.77"]
 
 
+@pytest.mark.host
 def test_a_bridge_port_is_in_use_whether_the_bridge_is_up_or_down(netns: Netns) -> None:
     """Conservative: taking a port changes the bridge the admin built (brought up later,
     it lacks the port); the line says how to free it."""
@@ -124,6 +128,7 @@ def test_a_bridge_port_is_in_use_whether_the_bridge_is_up_or_down(netns: Netns) 
     assert netns.uses("kv0") == []
 
 
+@pytest.mark.host
 def test_bind_refuses_a_bridge_port_on_the_fake_host(netns: Netns, vfio_host: FakeSysfs,
                                                      tmp_path: Path) -> None:
     """The whole path: the real kata-vfio-ctl, run in the namespace, on a fake PCI

@@ -156,6 +156,7 @@ def run_main(argv: list[str]) -> tuple[int, list[list[str]]]:
     return code, execs
 
 
+@pytest.mark.host
 def test_auto_bound_devices_go_back_when_the_edit_fails(
         wrapper: Path, tmp_path: Path, fakesys: FakeSysfs, host: Host,
         capsys: pytest.CaptureFixture[str]) -> None:
@@ -281,6 +282,7 @@ def tiny_fs(tmp_path: Path):  # type: ignore[no-untyped-def]
     subprocess.run(["umount", str(mnt)], check=True)
 
 
+@pytest.mark.host
 def test_full_filesystem_leaves_config_json_whole(
         wrapper: Path, tiny_fs: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Defect 2: on a nearly full filesystem config.json was cut at 20,480 bytes, exit 0."""
@@ -304,6 +306,7 @@ def test_full_filesystem_leaves_config_json_whole(
     assert [p.name for p in b.iterdir()] == ["config.json"]  # no temp file left behind
 
 
+@pytest.mark.host
 def test_full_state_dir_keeps_the_journal_readable(tiny_fs: Path, fakesys: FakeSysfs,
                                                    kernel: FakeKernel) -> None:
     """Defect 2: bindings.json was cut at 8,192 bytes and every restore said "damaged"."""

@@ -121,6 +121,7 @@ def test_restore_all_gives_pf_values_back(nic_host: Host, tmp_path: Path) -> Non
     assert nic_host.netlink.table[("enp59s0", 0)] == ("02:00:00:00:00:01", 0)
 
 
+@pytest.mark.host
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a veth pair")
 def test_the_netlink_request_reaches_the_kernel() -> None:
     """No SR-IOV NIC here and Debian's kernels lack CONFIG_NETDEVSIM (test_vm_netdevsim.py

@@ -15,6 +15,9 @@ from kata_vfio.errors import KataVfioError
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: the hook and create avoid importing typing
 if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
+
     from kata_vfio.pci import StrPath
 
 
@@ -110,3 +113,71 @@ def read_regular(path: StrPath, limit: int, what: str) -> bytes:
         raise UnsafeFileError(f"{what} {path} is larger than {limit} bytes",
                               "this is not a file the container engine wrote")
     return data
+
+
+class edited:  # a class, not contextlib: the hook's start-up
+    """Read-modify-write of kata-vfio's state, the one shape of the ledger's journal and
+    its files, the hook's claims and the persistent binds.
+
+    ``with edited(lock, read, write) as value:`` holds `lock` (a context manager; None when
+    the caller holds the lock already) for the whole block, hands out ``read()`` to change
+    in place and, when the block ends without an exception, calls ``write(value)`` still
+    under the lock. With `snapshot` (e.g. ``dict``, ``list``), a copy of what was read is
+    kept and `write` runs only when the value differs from it; without, `write` always
+    runs (a writer that compares for itself). On an exception nothing is written."""
+
+    def __init__(self, lock: Any, read: Callable[[], Any], write: Callable[[Any], None], *,
+                 snapshot: Callable[[Any], Any] | None = None) -> None:
+        self._lock = lock
+        self._read = read
+        self._write = write
+        self._snapshot = snapshot
+
+    def __enter__(self) -> Any:
+        if self._lock is not None:
+            self._lock.__enter__()
+        try:
+            self._value = self._read()
+            self._before = self._snapshot(self._value) if self._snapshot else None
+        except BaseException as exc:
+            if self._lock is not None:
+                self._lock.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        return self._value
+
+    def __exit__(self, kind: object, *rest: Any) -> None:
+        try:
+            if kind is None and (self._snapshot is None or self._value != self._before):
+                self._write(self._value)
+        finally:
+            if self._lock is not None:
+                self._lock.__exit__(kind, *rest)
+
+
+class file_lock:  # a class, not contextlib: the hook's start-up
+    """flock(2) on `path` (created, with its directory, if missing) for a block; closing
+    the file ends it (so does the process's death). `wait(fd, path)` takes the lock when
+    waiting must be bounded or reported; without it, flock waits as long as it takes."""
+
+    def __init__(self, path: str, wait: Callable[[int, str], None] | None = None, *,
+                 dir_mode: int = 0o755) -> None:
+        self._path = path
+        self._wait = wait
+        self._dir_mode = dir_mode
+
+    def __enter__(self) -> None:
+        import fcntl
+
+        os.makedirs(os.path.dirname(self._path) or ".", mode=self._dir_mode, exist_ok=True)
+        self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            if self._wait is None:
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+            else:
+                self._wait(self._fd, self._path)
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self._fd)

@@ -14,14 +14,24 @@ from __future__ import annotations
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing is what we avoid
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from types import ModuleType
     from typing import Any
 
 _WHITESPACE = " \t\n\r"
 
-try:
-    import _json
-except ImportError:  # pragma: no cover - CPython always has it
-    _json = None  # type: ignore[assignment]
+
+
+def _accelerator() -> ModuleType | None:
+    """CPython's `_json`; None on an interpreter without it (typed so, for mypy's
+    reachability of the fallbacks)."""
+    try:
+        import _json
+    except ImportError:  # pragma: no cover - CPython always has it
+        return None
+    return _json
+
+
+_json = _accelerator()
 
 
 class _Context:
@@ -36,7 +46,7 @@ class _Context:
 
 
 _scan: Callable[[str, int], tuple[Any, int]] | None = (
-    _json.make_scanner(_Context())  # type: ignore[arg-type]
+    _json.make_scanner(_Context())
     if _json is not None else None)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from kata_vfio import defaults
 from kata_vfio.defaults import HOTPLUG_TIMEOUT_DEFAULT, HOTPLUG_TIMEOUT_MAX
 from kata_vfio.errors import SpecError
+from kata_vfio.hexcodes import hex_number, parse_mac
 from kata_vfio.jsoncodec import dumps, loads
 from kata_vfio.pci import IommuGroup, PciAddress, PciIdentity
 
@@ -32,7 +33,6 @@ RESOURCE_DOMAIN = "kata-vfio.io"
 # /dev/vfio/<N> or io.kata-vfio.select): as if they were resource kata-vfio.io/devices.
 UNNAMED_RESOURCE = RESOURCE_DOMAIN + "/devices"
 
-_HEX = frozenset("0123456789abcdef")
 _ALNUM = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
 _NAME_CHARS = _ALNUM | frozenset("-_.")
 _DOMAIN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-.")
@@ -65,21 +65,17 @@ def resource_env_name(resource: str | None) -> str:
 def _parse_mac(value: object) -> str | None:
     if value is None:
         return None
-    if isinstance(value, str):
-        octets = value.lower().split(":")
-        if len(octets) == 6 and all(len(o) == 2 and set(o) <= _HEX for o in octets):
-            return value.lower()
+    mac = parse_mac(value)
+    if mac is not None:
+        return mac
     raise SpecError(f"manifest: {value!r} is not a MAC address", "regenerate the manifest")
 
 
 def _parse_id(obj: dict[str, Any], key: str, bits: int) -> int:
     value = obj.get(key)
     if isinstance(value, str) and value.startswith("0x"):
-        try:
-            number = int(value, 16)
-        except ValueError:
-            number = -1
-        if 0 <= number < (1 << bits):
+        number = hex_number(value[2:], bits // 4)  # as to_obj writes it
+        if number is not None:
             return number
     raise SpecError(f"manifest: {key}={value!r} is not a {bits}-bit hex number",
                     "regenerate the manifest")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 
 from kata_vfio.errors import DeviceError
+from kata_vfio.hexcodes import hex_number
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: see above
 if TYPE_CHECKING:
@@ -24,8 +25,6 @@ if TYPE_CHECKING:
 
 _join = os.path.join
 
-_HEX = frozenset("0123456789abcdef")
-
 VFIO_PCI = "vfio-pci"
 PCI_STUB = "pci-stub"
 CLASS_BRIDGE_PCI = 0x0604  # base class 0x06 (bridge), subclass 0x04 (PCI-to-PCI)
@@ -33,12 +32,13 @@ CLASS_NETWORK = 0x02
 
 
 def _hex_field(text: str, width: int, what: str, original: str) -> int:
-    if len(text) != width or not set(text) <= _HEX:
+    number = hex_number(text, width)
+    if number is None:
         raise DeviceError(
             f"malformed PCI address {original!r}: {what} must be {width} hex digits",
             "write addresses as DDDD:BB:SS.F, e.g. 0000:03:00.0",
         )
-    return int(text, 16)
+    return number
 
 
 class PciAddress(tuple[int, int, int, int]):

@@ -17,7 +17,7 @@ import os
 import time
 
 from kata_vfio.errors import HookError
-from kata_vfio.files import write_atomically
+from kata_vfio.files import edited, file_lock, write_atomically
 from kata_vfio.jsoncodec import dumps, loads
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: the hook imports no typing (its start-up)
@@ -95,7 +95,7 @@ def _parse(data: bytes, path: str) -> dict[str, Claim]:
 LOCK_POLL = 0.01  # seconds between tries for a lock another hook holds
 
 
-class ledger:  # a class, not contextlib (the hook's start-up): `with ledger(root) as c`
+class ledger(edited):  # `with ledger(root, until) as claims`
     """The claims (guest address -> Claim), held under the ledger's lock; changes made to
     the dict are written back atomically when the block ends without an exception.
 
@@ -106,17 +106,21 @@ class ledger:  # a class, not contextlib (the hook's start-up): `with ledger(roo
     def __init__(self, root: StrPath, until: float) -> None:
         self._root = os.fspath(root)
         self._until = until
+        path = os.path.join(self._root, LEDGER)
+        # held for one look at sysfs and one small write; the kernel drops it if we die
+        super().__init__(file_lock(os.path.join(self._root, LOCK), self._wait, dir_mode=0o700),
+                         lambda: _read(path), lambda claims: _write(path, claims),
+                         snapshot=dict)
 
-    def _lock(self) -> None:
+    def _wait(self, fd: int, path: str) -> None:
         started = time.monotonic()
         while True:
             try:
-                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return
             except BlockingIOError:
                 now = time.monotonic()
                 if now >= self._until:
-                    path = os.path.join(self._root, LOCK)
                     raise HookError(
                         f"waited {now - started:.1f} s for the claims lock {path}, which "
                         "another hook holds: no device is given",
@@ -124,31 +128,21 @@ class ledger:  # a class, not contextlib (the hook's start-up): `with ledger(roo
                 time.sleep(min(LOCK_POLL, self._until - now))
 
     def __enter__(self) -> dict[str, Claim]:
-        os.makedirs(self._root, mode=0o700, exist_ok=True)
-        self._fd = os.open(os.path.join(self._root, LOCK),
-                           os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            # held for one look at sysfs and one small write; the kernel drops it if we die
-            self._lock()
-            path = os.path.join(self._root, LEDGER)
-            try:
-                with open(path, "rb") as f:
-                    self._claims = _parse(f.read(), path)
-            except FileNotFoundError:
-                self._claims = {}
-        except BaseException:
-            os.close(self._fd)
-            raise
-        self._before = dict(self._claims)
-        return self._claims
+        claims: dict[str, Claim] = super().__enter__()
+        return claims
 
-    def __exit__(self, kind: object, *rest: object) -> None:
-        try:
-            if kind is None and self._claims != self._before:
-                text = dumps({a: c.to_obj() for a, c in sorted(self._claims.items())})
-                write_atomically(os.path.join(self._root, LEDGER), text.encode(), 0o600)
-        finally:
-            os.close(self._fd)
+
+def _read(path: str) -> dict[str, Claim]:
+    try:
+        with open(path, "rb") as f:
+            return _parse(f.read(), path)
+    except FileNotFoundError:
+        return {}
+
+
+def _write(path: str, claims: dict[str, Claim]) -> None:
+    text = dumps({a: c.to_obj() for a, c in sorted(claims.items())})
+    write_atomically(path, text.encode(), 0o600)
 
 
 def sort_out(claims: dict[str, Claim], container_id: str, proc: StrPath

@@ -152,11 +152,8 @@ def bind_all(roots: GuestRoots, devices: list[PciDevice], log: JsonLog,
              moved: list[PciDevice]) -> None:
     """Rebind every device to vfio-pci concurrently. Each device is added to `moved`
     before the first write to it, so the caller can give back everything touched."""
-    # _thread (documented, low level): `threading` costs the hook functools, collections
-    # and more at start-up, for a few threads that only wait on sysfs writes
-    import _thread
-
     from kata_vfio.rebind import bind_to
+    from kata_vfio.threads import in_threads
 
     errors: dict[PciAddress, KataVfioError | OSError] = {}
 
@@ -171,30 +168,7 @@ def bind_all(roots: GuestRoots, devices: list[PciDevice], log: JsonLog,
 
     todo = [d for d in devices if not is_vfio_driver(d.driver)]
     moved.extend(todo)
-    crashed: list[BaseException] = []
-
-    def worker(dev: PciDevice, finished: Any) -> None:
-        try:
-            bind(dev)
-        except BaseException as exc:  # re-raised below, in the hook's own thread
-            crashed.append(exc)
-        finally:
-            finished.release()
-
-    waits = []
-    for dev in todo[1:]:  # this thread binds the first device itself
-        finished = _thread.allocate_lock()
-        finished.acquire()
-        _thread.start_new_thread(worker, (dev, finished))
-        waits.append(finished)
-    try:
-        if todo:
-            bind(todo[0])
-    finally:
-        for finished in waits:
-            finished.acquire()
-    if crashed:
-        raise crashed[0]
+    in_threads(todo, bind, len(todo))  # a thread a device: each only waits on sysfs
     if errors:
         failed, failure = next(iter(errors.items()))
         detail = failure.one_line() if isinstance(failure, KataVfioError) else str(failure)

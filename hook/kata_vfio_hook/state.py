@@ -6,7 +6,7 @@ more: the C JSON codec and the errors.
 
 from __future__ import annotations
 
-from kata_vfio.defaults import MANIFEST_ANNOTATION
+from kata_vfio.defaults import ID_HINT, MANIFEST_ANNOTATION, id_problem, plain_container_id
 from kata_vfio.errors import HookError
 from kata_vfio.jsoncodec import loads
 
@@ -15,7 +15,6 @@ if TYPE_CHECKING:
     from typing import Any
 
 LIBCONTAINER = "/run/libcontainer"  # Kata 1.x keeps each container's spec below it
-_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 
 
 class State:
@@ -39,9 +38,8 @@ def parse_state(text: str) -> State:
     if not isinstance(data, dict):
         raise HookError("stdin is not the OCI state JSON", "run me as an OCI prestart hook")
     cid, pid, bundle = data.get("id"), data.get("pid"), data.get("bundle")
-    if not isinstance(cid, str) or not cid or not set(cid) <= _ID_CHARS or cid.startswith("."):
-        raise HookError(f"OCI state has no usable container id ({cid!r})",
-                        "run me as an OCI prestart hook")
+    if not plain_container_id(cid):
+        raise HookError(f"OCI state has {id_problem(cid)}", ID_HINT)
     if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
         raise HookError(f"OCI state of {cid} has no container pid",
                         "run me as a prestart hook, when the container's init exists")

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kata_vfio.errors import DeviceError
+from kata_vfio.files import edited
 from kata_vfio.pci import IommuGroup, PciAddress
 from kata_vfio_host.bindings import acquire, wait_for_group_node
 from kata_vfio_host.giveback import release_container
@@ -125,15 +126,31 @@ def _stale_in(host: Host, journal: Journal, cid: ContainerId, wanted: set[int]) 
 
 
 def _forget_groups(host: Host, cid: str, groups: set[int]) -> None:
-    record = read_records(host).get(cid)
-    if record is None:
-        return
-    left = record.groups - groups
-    if left:
-        _write_record(host, Allocation(record.id, record.resource, record.device_ids, left,
-                                       record.since, record.boot_id))
-    else:
+    with editing_records(host) as records:
+        record = records.get(cid)
+        if record is not None and record.groups - groups:
+            records[cid] = Allocation(record.id, record.resource, record.device_ids,
+                                      record.groups - groups, record.since,
+                                      record.boot_id)
+        elif record is not None:
+            del records[cid]
+
+
+def editing_records(host: Host) -> edited:
+    """The allocation records (id -> Allocation) to change in place; when the block ends
+    without an exception each changed record is written, each dropped one removed. The
+    caller holds the locks of the records' groups."""
+    return edited(None, lambda: read_records(host), lambda records: _write_records(host, records),
+                  snapshot=dict)
+
+
+def _write_records(host: Host, records: dict[str, Allocation]) -> None:
+    current = read_records(host)
+    for cid in current.keys() - records.keys():
         _remove_record(host, cid)
+    for cid, allocation in records.items():
+        if current.get(cid) != allocation:
+            _write_record(host, allocation)
 
 
 def _remove_record(host: Host, cid: str) -> None:

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 from kata_vfio.defaults import SELECT_ANNOTATION
 from kata_vfio.errors import DeviceError, KataVfioError
+from kata_vfio.hexcodes import hex_number
 from kata_vfio.pci import (
     IommuGroup,
     PciAddress,
@@ -65,11 +66,12 @@ def _part(text: str, widths: tuple[int, ...], whole: str, source: str,
           error: type[KataVfioError], example: str) -> int | None:
     if text in ("", "*"):
         return None
-    if len(text) not in widths or not all(c in "0123456789abcdef" for c in text):
+    number = hex_number(text, *widths)
+    if number is None:
         digits = " or ".join(str(w) for w in widths)
         raise error(f"{source}: {whole!r}: {text!r} is not a hex ID of {digits} digits",
                     f"write {IDS_SYNTAX}, e.g. {example}")
-    return int(text, 16)
+    return number
 
 
 def parse_ids(text: str, source: str, *, error: type[KataVfioError] = DeviceError,

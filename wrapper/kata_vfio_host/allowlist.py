@@ -17,9 +17,9 @@ from functools import cache
 from typing import NamedTuple
 
 from kata_vfio.errors import ConfigError
+from kata_vfio.hexcodes import hex_number
 from kata_vfio.pci import PciDevice
 
-_IDS = re.compile(r"^([0-9a-f]{4}|\*):([0-9a-f]{4}|\*)$")
 _ADDRESS_GLOB = re.compile(
     r"^[0-9a-f*?\[\]-]{1,5}:[0-9a-f*?\[\]-]{1,2}:[0-9a-f*?\[\]-]{1,2}\.[0-7*?\[\]-]$")
 
@@ -40,9 +40,8 @@ def parse_rule(text: str) -> AllowRule:
     p = text.strip().lower()
     if p == "*":
         return AllowRule()
-    m = _IDS.match(p)
-    if m:
-        vendor, device = m.groups()
+    vendor, colon, device = p.partition(":")
+    if colon and all(part == "*" or hex_number(part, 4) is not None for part in (vendor, device)):
         return AllowRule(None if vendor == "*" else vendor, None if device == "*" else device)
     if _ADDRESS_GLOB.match(p):
         return AllowRule(address_glob=p)

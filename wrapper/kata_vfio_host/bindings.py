@@ -5,7 +5,7 @@ a process killed at any step leaves a journal that `restore_all` acts on (giveba
 `acquire` is what a container's create calls, whatever engine started it; the plan of
 a bind (which devices move) is bindplan.py's. A create that needs no give-back (no
 failure, no owner gone) and no auto-bind imports none of giveback.py, bindplan.py and
-pool.py (`kata-vfio create`'s start-up): they are imported in the functions that use them.
+kata_vfio.threads (`kata-vfio create`'s start-up): they are imported in the functions that use them.
 """
 
 from __future__ import annotations
@@ -149,12 +149,12 @@ def bind_all(host: Host, moves: list[tuple[PciAddress, str | None]]) -> None:
     """driver_override -> unbind -> drivers_probe for each (device, its driver as just
     read under the group locks), concurrently; raises the first failure once every
     thread is done."""
-    from kata_vfio_host.pool import _in_pool
+    from kata_vfio.threads import in_threads
 
     def move(host: Host, item: tuple[PciAddress, str | None]) -> None:
         move_to(host.sysfs, item[0], item[1], VFIO_PCI, host.write)
 
-    _in_pool(moves, move, host, bind_pool_size(len(moves)), stop_on_error=True)
+    in_threads(moves, lambda m: move(host, m), bind_pool_size(len(moves)), stop_on_error=True)
 
 
 def bind_groups(host: Host, addresses: list[PciAddress], owner: str, *, force: bool = False,

@@ -12,6 +12,7 @@ import os
 from kata_vfio.errors import KataVfioError
 from kata_vfio.pci import IommuGroup, PciAddress, device_dir, is_vfio_driver, read_link
 from kata_vfio.rebind import give_back
+from kata_vfio.threads import in_threads
 from kata_vfio_host.ledger import (
     ContainerId,
     DeviceEntry,
@@ -25,7 +26,6 @@ from kata_vfio_host.ledger import (
     read_journal_file,
 )
 from kata_vfio_host.owners import KUBERNETES_ALLOCATION, claim_gone
-from kata_vfio_host.pool import _in_pool
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: `kata-vfio create` avoids importing typing
 if TYPE_CHECKING:
@@ -119,7 +119,7 @@ def _restore_locked(host: Host, addresses: list[PciAddress], owner: str | None =
         if entry is None or owner is None or entry.owner == owner:
             outcome.append((addr, entry))
     work = [(addr, entry) for addr, entry in outcome if entry is not None]
-    given = _in_pool(work, _give_back_one, host, GIVE_BACK_THREADS)
+    given = in_threads(work, lambda w: _give_back_one(host, w), GIVE_BACK_THREADS)
     reasons = dict(zip([a for a, _ in work], given, strict=True))
     done = []
     for addr, entry in outcome:

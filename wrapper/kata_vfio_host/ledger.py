@@ -34,7 +34,10 @@ from __future__ import annotations
 
 import os
 
+from kata_vfio.defaults import ID_HINT, id_problem, plain_container_id
 from kata_vfio.errors import DeviceError, KataVfioError
+from kata_vfio.files import edited
+from kata_vfio.hexcodes import HEX_DIGITS
 from kata_vfio.jsoncodec import dumps, loads
 from kata_vfio.pci import IommuGroup, PciAddress, group_of
 from kata_vfio.rebind import MODPROBE, write_attr
@@ -55,7 +58,6 @@ if TYPE_CHECKING:
 ADMIN = "kata-vfio-ctl"
 BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 INSTANCE_FILE = "kata-vfio.instance"  # in a claimed container's bundle directory
-_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 _join = os.path.join
 
 
@@ -112,9 +114,8 @@ class ContainerId(str):
 
     @classmethod
     def parse(cls, text: str | None) -> ContainerId:
-        if not text or len(text) > 256 or not set(text) <= _ID_CHARS or text.startswith("."):
-            raise DeviceError(f"container id {text!r} cannot name a state file",
-                              "use a plain container id (letters, digits, _ . -)")
+        if not plain_container_id(text):
+            raise DeviceError(id_problem(text), ID_HINT)
         return cls(text)
 
     @classmethod
@@ -251,16 +252,13 @@ def _opt_str(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-_HEX = frozenset("0123456789abcdef")
-
-
 def _address_key(key: str) -> str:
     """The journal key of a device: `key` itself when it is already written as
     str(PciAddress) writes it (what the journal holds: checked in a few character tests,
     since a create reads every entry), else parsed (which refuses a malformed one)."""
     if (len(key) == 12 and key[4] == ":" and key[7] == ":" and key[10] == "."
-            and key[8] in "01" and key[11] in "01234567" and _HEX.issuperset(key[:4])
-            and _HEX.issuperset(key[5:7]) and key[9] in _HEX):
+            and key[8] in "01" and key[11] in "01234567" and HEX_DIGITS.issuperset(key[:4])
+            and HEX_DIGITS.issuperset(key[5:7]) and key[9] in HEX_DIGITS):
         return key
     return str(PciAddress.parse(key))
 
@@ -494,8 +492,6 @@ def _write_journal_file(host: Host, journal: Journal) -> None:
                if name != _V2 and now.get(name, empty) != journal.read.get(name, empty)]
     if not changed:
         return
-    from kata_vfio.files import write_atomically
-
     os.makedirs(host.ledger_dir, mode=0o700, exist_ok=True)
 
     def order(name: str) -> tuple[int, int]:
@@ -508,9 +504,16 @@ def _write_journal_file(host: Host, journal: Journal) -> None:
         # caller holds: re-entrant), the journal lock for host.json (no group's)
         lock = _join(host.state_dir, "journal.lock") if name == HOST_FILE else \
             _join(host.state_dir, "locks", f"group-{name[6:-5]}")
-        with Locks([lock]):
-            current = _load(path) or {}
-            tables = {t: dict(current.get(t) or {}) for t in _TABLES}
+        def read(path: str = path) -> dict[str, dict[str, Any]]:
+            return _read_ledger_file(path)
+
+        def write(tables: dict[str, dict[str, Any]], path: str = path,
+                  before: dict[str, dict[str, Any]] = before,
+                  after: dict[str, dict[str, Any]] = after) -> None:
+            _write_ledger_file(path, tables,
+                               sync_directory=not _of_this_boot(host, before, after))
+
+        with edited(Locks([lock]), read, write) as tables:
             for kind in _TABLES:
                 for key in before[kind].keys() | after[kind].keys():
                     if key in after[kind]:
@@ -518,15 +521,25 @@ def _write_journal_file(host: Host, journal: Journal) -> None:
                             tables[kind][key] = after[kind][key]
                     elif key in before[kind]:
                         tables[kind].pop(key, None)
-            if any(tables.values()):
-                write_atomically(path, _file_bytes(tables), mode=0o600,
-                                 sync_directory=not _of_this_boot(host, before, after))
-            else:  # nothing left of the group: no file (a released group costs nothing)
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
         journal.read[name] = after
+
+
+def _read_ledger_file(path: str) -> dict[str, dict[str, Any]]:
+    data = _load(path) or {}
+    return {t: dict(data.get(t) or {}) for t in _TABLES}
+
+
+def _write_ledger_file(path: str, tables: dict[str, dict[str, Any]], *,
+                       sync_directory: bool = True) -> None:
+    from kata_vfio.files import write_atomically
+
+    if any(tables.values()):
+        write_atomically(path, _file_bytes(tables), mode=0o600, sync_directory=sync_directory)
+    else:  # nothing left of the group: no file (a released group costs nothing)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 def _of_this_boot(host: Host, before: dict[str, dict[str, Any]],
@@ -615,7 +628,7 @@ def group_locks(host: Host, groups: list[IommuGroup]) -> Locks:
     return Locks([_join(host.state_dir, "locks", f"group-{g}") for g in sorted(set(groups))])
 
 
-class editing:
+class editing(edited):
     """The ledger, to change in place; the files whose entries changed are written back
     when the block ends without an exception. With `groups`, only those groups' entries
     are read (the caller holds their locks); without, every group's. Either way a change
@@ -623,17 +636,17 @@ class editing:
     edit did not change in a file stays as it is there."""
 
     def __init__(self, host: Host, *, groups: set[int] | None = None) -> None:
-        self._host = host
-        self._groups = groups
+        super().__init__(None, lambda: _read_for_edit(host, groups),
+                         lambda journal: _write_journal_file(host, journal))
 
     def __enter__(self) -> Journal:
-        _ensure_layout(self._host)
-        self._journal = read_journal_file(self._host, groups=self._groups)
-        return self._journal
+        journal: Journal = super().__enter__()
+        return journal
 
-    def __exit__(self, kind: object, *rest: object) -> None:
-        if kind is None:
-            _write_journal_file(self._host, self._journal)
+
+def _read_for_edit(host: Host, groups: set[int] | None) -> Journal:
+    _ensure_layout(host)
+    return read_journal_file(host, groups=groups)
 
 
 def read_journal(host: Host) -> dict[str, dict[str, Any]]:

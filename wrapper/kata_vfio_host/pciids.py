@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from functools import cache
 from pathlib import Path
-from string import hexdigits as HEXDIGITS
+
+from kata_vfio.hexcodes import hex_number
 
 PCI_IDS = (Path("/usr/share/misc/pci.ids"), Path("/usr/share/hwdata/pci.ids"))
 
 
 def _hex_id(text: str) -> int | None:
-    text = text.strip()
-    return int(text, 16) if len(text) == 4 and all(c in HEXDIGITS for c in text) else None
+    return hex_number(text.strip().lower(), 4)
 
 
 def _pci_ids_text() -> str:
@@ -68,14 +68,14 @@ def _class_table() -> dict[tuple[int, int | None], str]:
             continue
         if line.startswith("C "):
             code = line[2:4]
-            cls = int(code, 16) if all(c in HEXDIGITS for c in code) and len(code) == 2 \
-                else None
+            cls = hex_number(code.lower(), 2)
             if cls is not None:
                 names[(cls, None)] = line[4:].strip()
         elif line.startswith("\t") and not line.startswith("\t\t") and cls is not None:
             code = line[1:3]
-            if len(code) == 2 and all(c in HEXDIGITS for c in code):
-                names[(cls, int(code, 16))] = line[3:].strip()
+            subclass = hex_number(code.lower(), 2)
+            if subclass is not None:
+                names[(cls, subclass)] = line[3:].strip()
         elif not line.startswith("\t"):
             cls = None  # another section
     return names

@@ -19,13 +19,13 @@ written atomically, edited under a flock.
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from kata_vfio.errors import ConfigError, KataVfioError
-from kata_vfio.files import UnsafeFileError, read_regular, write_atomically
+from kata_vfio.files import UnsafeFileError, edited, file_lock, read_regular, write_atomically
+from kata_vfio.hexcodes import hex_number
 from kata_vfio.pci import PciAddress
 
 PERSIST_ENV = "KATA_VFIO_PERSIST"
@@ -123,12 +123,6 @@ class Persisted:
     __hash__ = None  # type: ignore[assignment]  # mutable
 
 
-def _hex4(text: str) -> int | None:
-    if len(text) != 4 or any(c not in "0123456789abcdef" for c in text):
-        return None
-    return int(text, 16)
-
-
 def parse_binds(text: str, path: str) -> list[PersistentBind]:
     return parse_persisted(text, path).binds
 
@@ -165,7 +159,8 @@ def parse_persisted(text: str, path: str) -> Persisted:
             raise ConfigError(f"{where}: {fields[0]!r} is not a PCI address in the form "
                               "DDDD:BB:SS.F (lower-case hex)", _FORMAT_HINT)
         ids = fields[1].split(":")
-        vendor, device = (_hex4(ids[0]), _hex4(ids[1])) if len(ids) == 2 else (None, None)
+        vendor, device = (hex_number(ids[0], 4), hex_number(ids[1], 4)) if len(ids) == 2 \
+            else (None, None)
         if vendor is None or device is None:
             raise ConfigError(f"{where}: {fields[1]!r} is not VVVV:DDDD (four lower-case hex "
                               "digits each)", _FORMAT_HINT)
@@ -225,6 +220,21 @@ def write_persisted(path: str, persisted: Persisted) -> None:
                           "check the file system") from None
 
 
+class _BindsLock(file_lock):
+    def __init__(self, path: str) -> None:
+        self._binds = path
+        super().__init__(os.path.join(os.path.dirname(path) or ".",
+                                      f".{os.path.basename(path)}.lock"))
+
+    def __enter__(self) -> None:
+        try:
+            super().__enter__()
+        except OSError as exc:
+            raise ConfigError(f"cannot lock persistent binds file {self._binds}: "
+                              f"{exc.strerror or exc}", "run as root, on a writable /etc") \
+                from None
+
+
 @contextmanager
 def editing_binds(path: str | None = None) -> Iterator[list[PersistentBind]]:
     """The persistent binds to change in place (see `editing`)."""
@@ -237,21 +247,8 @@ def editing(path: str | None = None) -> Iterator[Persisted]:
     """The persistent binds and VF counts to change in place, under a flock beside the
     file; written back (atomically) when the block ends without an exception and they
     changed."""
-    path = path or persist_path()
-    lock = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.lock")
-    try:
-        os.makedirs(os.path.dirname(lock) or ".", exist_ok=True)
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise ConfigError(f"cannot lock persistent binds file {path}: "
-                          f"{exc.strerror or exc}", "run as root, on a writable /etc") \
-            from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        persisted = read_persisted(path)
-        before = persisted.copy()
+    where = path or persist_path()
+    with edited(_BindsLock(where), lambda: read_persisted(where),
+                lambda persisted: write_persisted(where, persisted),
+                snapshot=Persisted.copy) as persisted:
         yield persisted
-        if persisted != before:
-            write_persisted(path, persisted)
-    finally:
-        os.close(fd)

@@ -16,9 +16,8 @@ from typing import Any, NamedTuple
 
 from kata_vfio.defaults import VF_CONFIG_ANNOTATION
 from kata_vfio.errors import DeviceError
+from kata_vfio.hexcodes import parse_mac
 from kata_vfio.pci import PciAddress, interfaces_below, read_device
-
-_HEX = frozenset("0123456789abcdef")
 
 
 class VfSetting(NamedTuple):
@@ -35,12 +34,11 @@ class VfPort(NamedTuple):
 
 
 def _mac(text: str, whole: str) -> str:
-    octets = text.lower().split(":")
-    if len(octets) != 6 or not all(len(o) == 2 and set(o) <= _HEX for o in octets) \
-            or int(octets[0], 16) & 1 or octets == ["00"] * 6:  # 00:..:00 clears, not sets
+    mac = parse_mac(text)
+    if mac is None or int(mac[:2], 16) & 1 or mac == "00:00:00:00:00:00":  # that clears
         raise DeviceError(f"{VF_CONFIG_ANNOTATION}: {text!r} in {whole!r} is not a unicast MAC",
                           "write mac=52:54:00:12:34:56")
-    return text.lower()
+    return mac
 
 
 def parse_vf_config(text: str) -> list[VfSetting]:

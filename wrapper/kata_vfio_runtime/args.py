@@ -92,11 +92,3 @@ def parse(argv: list[str]) -> Invocation:
         i += 1
     return Invocation(verb, log_path, log_format, bundle, container_id, verb_index, problem)
 
-
-_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
-
-
-def plain_id(text: str | None) -> bool:
-    """Could this container id name a marker file? (`.`, `..`, paths: never.)"""
-    return bool(text) and len(text or "") <= 256 and set(text or "") <= _ID_CHARS \
-        and not (text or "").startswith(".")

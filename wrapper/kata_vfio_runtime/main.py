@@ -9,15 +9,16 @@ the create path imports the rest inside `prepare_create`.
 
 from __future__ import annotations
 
-import os
 import sys
 
-from kata_vfio.boundary import step
-from kata_vfio.defaults import DEFAULT_CONFIG, DEFAULT_RUNTIME, DEFAULT_STATE_DIR
+from kata_vfio.defaults import (
+    DEFAULT_RUNTIME,
+)
 from kata_vfio.errors import UsageError
-from kata_vfio_host.cache import config_path, read_cache, resolve_runtime
-from kata_vfio_runtime.args import EDIT_VERBS, Invocation, parse, plain_id
+from kata_vfio_host.cache import resolve_runtime
+from kata_vfio_runtime.args import EDIT_VERBS, Invocation, parse
 from kata_vfio_runtime.handover import hand_over
+from kata_vfio_runtime.wrapping import Wrapper, holds_devices, passthrough, prepare
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: `typing` costs ~2 ms on every verb
 if TYPE_CHECKING:
@@ -26,39 +27,14 @@ if TYPE_CHECKING:
 PROG = "kata-vfio"
 
 
-def passthrough_settings() -> tuple[str, str]:
-    """The inner runtime's path and the state directory, as cheaply as possible: the
-    settings cache when config.toml has not changed, else a full load (which refills it)."""
-    path = config_path()
-    cached = read_cache(path)
-    if cached is not None:
-        runtime, state_dir = cached[0], cached[1]
-    elif path == DEFAULT_CONFIG and not os.path.exists(path):
-        runtime, state_dir = DEFAULT_RUNTIME, DEFAULT_STATE_DIR
-    else:
-        from kata_vfio_host.settings import load_settings
-
-        settings = load_settings(path)
-        runtime, state_dir = settings.runtime, settings.state_dir
-    return resolve_runtime(runtime, path), state_dir
+KATA_VFIO = Wrapper(PROG, "runtime", DEFAULT_RUNTIME, 0, resolve_runtime)
 
 
 def prepare_create(inv: Invocation) -> str:
-    """Claim and edit for VFIO (lifecycle.prepare_bundle); returns the inner runtime."""
-    from kata_vfio.jsonlog import wrapper_log
-    from kata_vfio_host.settings import load_settings
-    from kata_vfio_runtime import lifecycle
-
+    """Claim and edit for VFIO (wrapping.prepare); returns the inner runtime."""
     if inv.problem:
         raise UsageError(f"create: {inv.problem}", "podman and conmon always pass --bundle DIR")
-    with step("loading the configuration"):
-        settings = load_settings()
-        runtime = resolve_runtime(settings.runtime, config_path())
-    log = wrapper_log(settings.log_file, container_id=inv.container_id, verb=inv.verb)
-    bundle = os.path.abspath(inv.bundle) if inv.bundle else os.getcwd()
-    lifecycle.prepare_bundle(inv.container_id, bundle, settings, lifecycle.host_of(settings),
-                             log.bind(runtime=runtime))
-    return runtime
+    return prepare(KATA_VFIO, inv.container_id, inv.bundle, verb=inv.verb)
 
 
 def delete_and_release(runtime: str, argv: list[str], inv: Invocation) -> int:
@@ -128,9 +104,8 @@ def decide(argv: list[str], inv: Invocation) -> str | int:
 
         if inv.problem or needs_edit(inv.bundle or "."):
             return prepare_create(inv)
-    runtime, state_dir = passthrough_settings()
-    if inv.verb == "delete" and plain_id(inv.container_id) \
-            and os.path.exists(f"{state_dir}/containers/{inv.container_id}"):
+    runtime, state_dir = passthrough(KATA_VFIO)
+    if inv.verb == "delete" and holds_devices(inv.container_id, state_dir):
         return delete_and_release(runtime, argv, inv)
     return runtime
 

@@ -26,12 +26,14 @@ from __future__ import annotations
 import os
 import sys
 
-from kata_vfio.boundary import step
-from kata_vfio.defaults import DEFAULT_CONFIG, DEFAULT_SHIM, DEFAULT_STATE_DIR, SHIM_WRAPPER
+from kata_vfio.defaults import (
+    DEFAULT_SHIM,
+    SHIM_WRAPPER,
+)
 from kata_vfio.errors import ConfigError
-from kata_vfio_host.cache import config_path, read_cache, which
-from kata_vfio_runtime.args import plain_id
+from kata_vfio_host.cache import config_path, which
 from kata_vfio_runtime.handover import hand_over
+from kata_vfio_runtime.wrapping import Wrapper, holds_devices, passthrough, prepare
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -99,38 +101,10 @@ def inner_shim(name: str, source: str, me: str) -> str:
     return found
 
 
-def passthrough_shim(me: str) -> tuple[str, str]:
-    """(inner shim, state dir) from the settings cache when config.toml is unchanged."""
-    path = config_path()
-    cached = read_cache(path)
-    source = path
-    if cached is not None:
-        shim, state_dir = cached[2], cached[1]
-    elif path == DEFAULT_CONFIG and not os.path.exists(path):
-        shim, state_dir = DEFAULT_SHIM, DEFAULT_STATE_DIR
-        source = "the built-in default"
-    else:
-        from kata_vfio_host.settings import load_settings
-
-        settings = load_settings(path)
-        shim, state_dir = settings.shim, settings.state_dir
-    return inner_shim(shim, source, me), state_dir
-
-
-def prepare_start(call: ShimCall, me: str) -> str:
-    from kata_vfio.jsonlog import wrapper_log
-    from kata_vfio_host.settings import load_settings
-    from kata_vfio_runtime import lifecycle
-
-    with step("loading the configuration"):
-        settings = load_settings()
-        shim = inner_shim(settings.shim, config_path(), me)
-    bundle = os.path.abspath(call.bundle) if call.bundle else os.getcwd()
-    log = wrapper_log(settings.log_file, container_id=call.container_id, verb="shim start",
-                      namespace=call.namespace, shim=shim)
-    lifecycle.prepare_bundle(call.container_id, bundle, settings, lifecycle.host_of(settings),
-                             log)
-    return shim
+def shim_wrapper(me: str) -> Wrapper:
+    """This wrapper's description; `me` (argv[0]) is what the inner shim must not be."""
+    return Wrapper(PROG, "shim", DEFAULT_SHIM, 2,
+                   lambda name, source: inner_shim(name, source, me))
 
 
 def delete_and_release(shim: str, argv: list[str], call: ShimCall) -> int:
@@ -164,16 +138,15 @@ def decide(argv: list[str], call: ShimCall) -> str | int:
         from kata_vfio.version import package_version
 
         print(f"{PROG}:\n  Version: {package_version()}", flush=True)
-        return passthrough_shim(me)[0]
+        return passthrough(shim_wrapper(me))[0]
     if call.action == "start":
         from kata_vfio_runtime.scan import needs_edit
 
         if needs_edit(call.bundle or "."):
-            return prepare_start(call, me)
-    shim, state_dir = passthrough_shim(me)
-    cid = call.container_id or ""
-    if call.action == "delete" and plain_id(cid) \
-            and os.path.exists(f"{state_dir}/containers/{cid}"):
+            return prepare(shim_wrapper(me), call.container_id, call.bundle,
+                           verb="shim start", namespace=call.namespace)
+    shim, state_dir = passthrough(shim_wrapper(me))
+    if call.action == "delete" and holds_devices(call.container_id, state_dir):
         return delete_and_release(shim, argv, call)
     return shim
 
