@@ -1,0 +1,121 @@
+"""`@value`: the one way kata-vfio writes a small immutable record.
+
+    @value
+    class PciIdentity:
+        vendor: int
+        device: int
+        class_code: int = 0
+
+        def describe(self) -> str: ...
+
+The class becomes a tuple subclass with no instance dict (``__slots__ = ()``): one
+read-only property per annotated field (an `itemgetter`, in annotation order), a
+``__new__`` taking the fields positionally or by name (defaults as written), a
+``Name(field=value, ...)`` repr unless the class writes its own, ``__match_args__``,
+``_fields`` and ``_replace``. Equality, hashing and ordering are the tuple's (field by
+field, in order). Methods, properties, class methods and a ``__new__`` of its own (which
+builds with ``tuple.__new__(cls, (...))``) stay as written.
+
+It imports nothing (the hot paths' rule, see `kata_vfio`); mypy reads it through
+`typing.dataclass_transform`, so the fields are checked like a frozen dataclass's.
+"""
+
+from __future__ import annotations
+
+from _operator import itemgetter
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, TypeVar, dataclass_transform
+
+    _T = TypeVar("_T")
+
+_SKIP = frozenset(("__dict__", "__weakref__", "__slots__"))
+
+
+def _repr(self: tuple[Any, ...]) -> str:
+    fields = ", ".join(f"{name}={field!r}"
+                       for name, field in zip(self._fields, self, strict=True))  # type: ignore[attr-defined]
+    return f"{type(self).__name__}({fields})"
+
+
+def _replace(self: Any, **changes: Any) -> Any:
+    return type(self)(**{name: changes.pop(name, field)
+                         for name, field in zip(self._fields, self, strict=True)}, **changes)
+
+
+def _getnewargs(self: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(self)  # copy and pickle call __new__ with the fields, not one tuple
+
+
+# `__new__` of 1..8 fields, compiled with this module: a class takes the one of its
+# arity under its own parameter names (CodeType.replace), so making a value class compiles
+# nothing (an exec costs ~80 µs a class, on every start of the hook and of create).
+def _new1(_cls, a):  # type: ignore[no-untyped-def]
+    return _tuple_new(_cls, (a,))
+def _new2(_cls, a, b):  # type: ignore[no-untyped-def]
+    return _tuple_new(_cls, (a, b))
+def _new3(_cls, a, b, c):  # type: ignore[no-untyped-def]
+    return _tuple_new(_cls, (a, b, c))
+def _new4(_cls, a, b, c, d):  # type: ignore[no-untyped-def]
+    return _tuple_new(_cls, (a, b, c, d))
+def _new5(_cls, a, b, c, d, e):  # type: ignore[no-untyped-def]
+    return _tuple_new(_cls, (a, b, c, d, e))
+def _new6(_cls, a, b, c, d, e, f):  # type: ignore[no-untyped-def]
+    return _tuple_new(_cls, (a, b, c, d, e, f))
+def _new7(_cls, a, b, c, d, e, f, g):  # type: ignore[no-untyped-def]
+    return _tuple_new(_cls, (a, b, c, d, e, f, g))
+def _new8(_cls, a, b, c, d, e, f, g, h):  # type: ignore[no-untyped-def]
+    return _tuple_new(_cls, (a, b, c, d, e, f, g, h))
+
+
+_tuple_new = tuple.__new__
+_NEW = (None, _new1, _new2, _new3, _new4, _new5, _new6, _new7, _new8)
+_function: Any = type(_new1)
+
+
+def _make_new(name: str, fields: tuple[str, ...], defaults: dict[str, Any]) -> Any:
+    if not 0 < len(fields) < len(_NEW):
+        raise TypeError(f"{name}: a value type has 1 to {len(_NEW) - 1} fields")
+    template = _NEW[len(fields)]
+    code = template.__code__  # type: ignore[union-attr]
+    code = code.replace(co_varnames=("_cls", *fields, *code.co_varnames[len(fields) + 1:]),
+                        co_name="__new__", co_qualname=f"{name}.__new__")
+    return _function(code, globals(), "__new__", tuple(defaults.values()) or None)
+
+
+def _value(cls: type) -> type:
+    own = cls.__dict__
+    annotations = own.get("__annotations__")
+    fields = tuple(cls.__annotations__ if annotations is None else annotations)
+    defaults = {}
+    for field in fields:
+        if field in own:
+            defaults[field] = own[field]
+        elif defaults:
+            raise TypeError(f"{cls.__name__}.{field}: a field without a default after one "
+                            "with a default")
+    namespace = {k: v for k, v in own.items() if k not in _SKIP and k not in defaults}
+    namespace["__slots__"] = ()
+    namespace["_fields"] = namespace["__match_args__"] = fields
+    for index, field in enumerate(fields):
+        namespace[field] = property(itemgetter(index), doc=f"Field {index}: {field}")
+    if "__new__" not in own:
+        namespace["__new__"] = _make_new(cls.__qualname__, fields, defaults)
+    namespace.setdefault("__repr__", _repr)
+    namespace.setdefault("_replace", _replace)
+    namespace.setdefault("__getnewargs__", _getnewargs)
+    made = type(cls.__name__, (tuple,), namespace)
+    for attribute in namespace.values():  # zero-argument super() and __class__ in methods
+        function = getattr(attribute, "__func__", attribute)
+        code = getattr(function, "__code__", None)
+        if code is not None and "__class__" in code.co_freevars:
+            function.__closure__[code.co_freevars.index("__class__")].cell_contents = made
+    return made
+
+
+if TYPE_CHECKING:
+    @dataclass_transform(eq_default=True, order_default=True, frozen_default=True)
+    def value(cls: type[_T]) -> type[_T]: ...
+else:
+    value = _value
