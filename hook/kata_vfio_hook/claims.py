@@ -20,9 +20,9 @@ from kata_vfio.errors import HookError
 from kata_vfio.files import write_atomically
 from kata_vfio.jsoncodec import dumps, loads
 
-TYPE_CHECKING = False  # not typing.TYPE_CHECKING: the hook imports no typing (its start-up)
+TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from kata_vfio.pci import StrPath
+    from kata_vfio.types import StrPath
 
 LEDGER = "claims.json"
 LOCK = ".lock"

@@ -12,13 +12,11 @@ from kata_vfio.rebind import MODPROBE, write_attr
 from kata_vfio_hook.state import LIBCONTAINER
 from kata_vfio_hook.vmdeps import ipv4_address
 
-TYPE_CHECKING = False  # not typing.TYPE_CHECKING: the hook imports no typing (its start-up)
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from kata_vfio.pci import StrPath
-    from kata_vfio.rebind import SysfsWrite
-    from kata_vfio_hook.vmdeps import Ipv4Lookup
+    from kata_vfio.types import Ipv4Lookup, StrPath, SysfsWrite
 
 
 class GuestRoots:

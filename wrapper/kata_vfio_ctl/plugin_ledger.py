@@ -43,7 +43,7 @@ from kata_vfio_host.ledger import (
 )
 
 if TYPE_CHECKING:
-    from kata_vfio_host.ledger import InUse
+    from kata_vfio.types import InUse
 
 RECORDS = "device-plugin"
 

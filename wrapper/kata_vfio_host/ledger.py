@@ -43,17 +43,12 @@ from kata_vfio.pci import IommuGroup, PciAddress
 from kata_vfio.rebind import MODPROBE, write_attr
 from kata_vfio_host.lockwait import flock_bounded
 
-# `kata-vfio create` runs this once per container: no typing, dataclasses, contextlib,
-# pathlib or json (each costs a good part of a bare interpreter start).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
     from typing import Any
 
-    from kata_vfio.pci import StrPath
-    from kata_vfio.rebind import SysfsWrite
-
-    InUse = Callable[[PciAddress], list[str]]
+    from kata_vfio.types import InUse as InUse  # noqa: PLC0414 (re-exported for bindings.py until it is split)
+    from kata_vfio.types import StrPath, SysfsWrite
 
 ADMIN = "kata-vfio-ctl"
 BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"

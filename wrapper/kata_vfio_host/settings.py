@@ -23,7 +23,7 @@ from kata_vfio.defaults import (
 from kata_vfio.errors import ConfigError
 from kata_vfio_host.cache import config_path, read_cache, read_config, write_cache
 
-TYPE_CHECKING = False  # not typing.TYPE_CHECKING: every create loads the settings
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 

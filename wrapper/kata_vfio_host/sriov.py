@@ -18,7 +18,7 @@ from kata_vfio.pci import PciAddress, device_dir, read_attr, read_device, read_l
 from kata_vfio_host.ledger import Host, claim_gone, read_journal_file
 
 if TYPE_CHECKING:
-    from kata_vfio.pci import StrPath
+    from kata_vfio.types import StrPath
 
 
 def virtual_functions(sysfs: StrPath, pf: PciAddress) -> list[PciAddress]:

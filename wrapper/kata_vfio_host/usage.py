@@ -21,7 +21,7 @@ from kata_vfio.pci import PciAddress, block_devices_below, interfaces_below, rea
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from kata_vfio.pci import StrPath
+    from kata_vfio.types import StrPath
 
 IFF_UP = 0x1
 RT_TABLE_LOCAL = 255  # the kernel's own local/broadcast/multicast routes of every address

@@ -33,7 +33,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from kata_vfio.pci import StrPath
+    from kata_vfio.types import StrPath
 
 
 def host_of(settings: Settings) -> Host:

@@ -35,7 +35,7 @@ from kata_vfio_runtime.handover import hand_over
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from kata_vfio_runtime.handover import ExecFn
+    from kata_vfio.types import ExecFn
 
 PROG = SHIM_WRAPPER
 # Go flag-package flags of containerd's shim command line that take a value

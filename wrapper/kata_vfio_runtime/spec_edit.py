@@ -45,7 +45,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from kata_vfio.pci import StrPath
+    from kata_vfio.types import StrPath
 
 VFIO_DIR = "/dev/vfio/"
 VFIO_CONTAINER_PATH = "/dev/vfio/vfio"
