@@ -13,8 +13,10 @@ read-only property per annotated field (an `itemgetter`, in annotation order), a
 ``__new__`` taking the fields positionally or by name (defaults as written), a
 ``Name(field=value, ...)`` repr unless the class writes its own, ``__match_args__``,
 ``_fields`` and ``_replace``. Equality, hashing and ordering are the tuple's (field by
-field, in order). Methods, properties, class methods and a ``__new__`` of its own (which
-builds with ``tuple.__new__(cls, (...))``) stay as written.
+field, in order). Methods, properties and class methods stay as written. A class whose
+constructor normalises its arguments writes its own ``__new__`` returning
+``build(cls, (field, ...))``, and its ``__init__`` signature for mypy under
+``if TYPE_CHECKING:`` (mypy would otherwise check calls against the fields' types).
 
 It imports nothing (the hot paths' rule, see `kata_vfio`); mypy reads it through
 `typing.dataclass_transform`, so the fields are checked like a frozen dataclass's.
@@ -48,7 +50,7 @@ def _getnewargs(self: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(self)  # copy and pickle call __new__ with the fields, not one tuple
 
 
-# `__new__` of 1..8 fields, compiled with this module: a class takes the one of its
+# `__new__` of 1..16 fields, compiled with this module: a class takes the one of its
 # arity under its own parameter names (CodeType.replace), so making a value class compiles
 # nothing (an exec costs ~80 µs a class, on every start of the hook and of create).
 def _new1(_cls, a):  # type: ignore[no-untyped-def]
@@ -67,10 +69,26 @@ def _new7(_cls, a, b, c, d, e, f, g):  # type: ignore[no-untyped-def]
     return _tuple_new(_cls, (a, b, c, d, e, f, g))
 def _new8(_cls, a, b, c, d, e, f, g, h):  # type: ignore[no-untyped-def]
     return _tuple_new(_cls, (a, b, c, d, e, f, g, h))
-
+def _new9(_cls, a, b, c, d, e, f, g, h, i):  # type: ignore[no-untyped-def]
+    return _tuple_new(_cls, (a, b, c, d, e, f, g, h, i))
+def _new10(_cls, a, b, c, d, e, f, g, h, i, j):  # type: ignore[no-untyped-def]
+    return _tuple_new(_cls, (a, b, c, d, e, f, g, h, i, j))
+def _new11(_cls, a, b, c, d, e, f, g, h, i, j, k):  # type: ignore[no-untyped-def]
+    return _tuple_new(_cls, (a, b, c, d, e, f, g, h, i, j, k))
+def _new12(_cls, a, b, c, d, e, f, g, h, i, j, k, m):  # type: ignore[no-untyped-def]
+    return _tuple_new(_cls, (a, b, c, d, e, f, g, h, i, j, k, m))
+def _new13(_cls, a, b, c, d, e, f, g, h, i, j, k, m, n):  # type: ignore[no-untyped-def]
+    return _tuple_new(_cls, (a, b, c, d, e, f, g, h, i, j, k, m, n))
+def _new14(_cls, a, b, c, d, e, f, g, h, i, j, k, m, n, o):  # type: ignore[no-untyped-def]
+    return _tuple_new(_cls, (a, b, c, d, e, f, g, h, i, j, k, m, n, o))
+def _new15(_cls, a, b, c, d, e, f, g, h, i, j, k, m, n, o, p):  # type: ignore[no-untyped-def]
+    return _tuple_new(_cls, (a, b, c, d, e, f, g, h, i, j, k, m, n, o, p))
+def _new16(_cls, a, b, c, d, e, f, g, h, i, j, k, m, n, o, p, q):  # type: ignore[no-untyped-def]
+    return _tuple_new(_cls, (a, b, c, d, e, f, g, h, i, j, k, m, n, o, p, q))
 
 _tuple_new = tuple.__new__
-_NEW = (None, _new1, _new2, _new3, _new4, _new5, _new6, _new7, _new8)
+_NEW = (None, _new1, _new2, _new3, _new4, _new5, _new6, _new7, _new8, _new9, _new10, _new11,
+        _new12, _new13, _new14, _new15, _new16)
 _function: Any = type(_new1)
 
 
@@ -117,5 +135,10 @@ def _value(cls: type) -> type:
 if TYPE_CHECKING:
     @dataclass_transform(eq_default=True, order_default=True, frozen_default=True)
     def value(cls: type[_T]) -> type[_T]: ...
+
+    def build(cls: type[_T], fields: tuple[Any, ...]) -> _T:
+        """The instance of `cls` with these fields: what a value class's own `__new__`
+        (one that normalises its arguments) returns."""
 else:
     value = _value
+    build = tuple.__new__

@@ -19,7 +19,9 @@ _ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01234
 
 
 class State:
-    """The OCI state the runtime passes on stdin."""
+    """The OCI state the runtime passes on stdin. Not a `kata_vfio.value` class: every
+    container's hook makes one, most with no manifest, and those import no more than
+    main.py does (tests/test_lean_paths.py)."""
 
     __slots__ = ("annotations", "bundle", "id", "pid")
 
