@@ -28,7 +28,6 @@ from kata_vfio_runtime.spec_edit import (
     sandbox_spec,
 )
 
-# Every VFIO container's create runs this: no typing, no pathlib.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any

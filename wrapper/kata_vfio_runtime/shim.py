@@ -29,6 +29,7 @@ import sys
 from kata_vfio.boundary import step
 from kata_vfio.defaults import DEFAULT_CONFIG, DEFAULT_SHIM, DEFAULT_STATE_DIR, SHIM_WRAPPER
 from kata_vfio.errors import ConfigError
+from kata_vfio.value import value
 from kata_vfio_host.cache import config_path, read_cache, which
 from kata_vfio_runtime.args import plain_id
 from kata_vfio_runtime.handover import hand_over
@@ -48,16 +49,13 @@ VALUE_FLAGS = frozenset({"namespace", "address", "publish-binary", "id", "bundle
 VERSION_FLAGS = frozenset({"v", "version"})
 
 
+@value
 class ShimCall:
-    __slots__ = ("action", "bundle", "container_id", "namespace", "version")
-
-    def __init__(self, action: str | None, container_id: str | None, namespace: str | None,
-                 bundle: str | None, version: bool = False) -> None:
-        self.action = action
-        self.container_id = container_id
-        self.namespace = namespace
-        self.bundle = bundle
-        self.version = version
+    action: str | None
+    container_id: str | None
+    namespace: str | None
+    bundle: str | None
+    version: bool = False
 
 
 def parse_shim_args(argv: list[str]) -> ShimCall:
