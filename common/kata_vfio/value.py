@@ -12,11 +12,12 @@ The class becomes a tuple subclass with no instance dict (``__slots__ = ()``): o
 read-only property per annotated field (an `itemgetter`, in annotation order), a
 ``__new__`` taking the fields positionally or by name (defaults as written), a
 ``Name(field=value, ...)`` repr unless the class writes its own, ``__match_args__``,
-``_fields`` and ``_replace``. Equality, hashing and ordering are the tuple's (field by
-field, in order). Methods, properties and class methods stay as written. A class whose
-constructor normalises its arguments writes its own ``__new__`` returning
-``build(cls, (field, ...))``, and its ``__init__`` signature for mypy under
-``if TYPE_CHECKING:`` (mypy would otherwise check calls against the fields' types).
+``_fields`` and ``_replace``; `as_dict` gives the fields by name. Equality, hashing and
+ordering are the tuple's (field by field, in order). Methods, properties and class
+methods stay as written. A class whose constructor normalises its arguments is
+``@value(init=False)`` and writes its own ``__new__`` returning
+``build(cls, (field, ...))``: mypy then checks calls against that ``__new__`` instead of
+the fields' types.
 
 It imports nothing (the hot paths' rule, see `kata_vfio`); mypy reads it through
 `typing.dataclass_transform`, so the fields are checked like a frozen dataclass's.
@@ -28,7 +29,8 @@ from _operator import itemgetter
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, TypeVar, dataclass_transform
+    from collections.abc import Callable
+    from typing import Any, TypeVar, dataclass_transform, overload
 
     _T = TypeVar("_T")
 
@@ -92,6 +94,12 @@ _NEW = (None, _new1, _new2, _new3, _new4, _new5, _new6, _new7, _new8, _new9, _ne
 _function: Any = type(_new1)
 
 
+def as_dict(record: object) -> dict[str, Any]:
+    """A value's fields by name (shallow: nested values stay values)."""
+    fields: tuple[Any, ...] = record  # type: ignore[assignment]
+    return dict(zip(record._fields, fields, strict=True))  # type: ignore[attr-defined]
+
+
 def _make_new(name: str, fields: tuple[str, ...], defaults: dict[str, Any]) -> Any:
     if not 0 < len(fields) < len(_NEW):
         raise TypeError(f"{name}: a value type has 1 to {len(_NEW) - 1} fields")
@@ -133,12 +141,19 @@ def _value(cls: type) -> type:
 
 
 if TYPE_CHECKING:
+    @overload
+    def value(cls: type[_T], /) -> type[_T]: ...
+    @overload
+    def value(*, init: bool = True) -> Callable[[type[_T]], type[_T]]: ...
     @dataclass_transform(eq_default=True, order_default=True, frozen_default=True)
-    def value(cls: type[_T]) -> type[_T]: ...
+    def value(cls: Any = None, /, *, init: bool = True) -> Any:
+        """`@value`, or `@value(init=False)` for a class with a `__new__` of its own."""
 
     def build(cls: type[_T], fields: tuple[Any, ...]) -> _T:
         """The instance of `cls` with these fields: what a value class's own `__new__`
         (one that normalises its arguments) returns."""
 else:
-    value = _value
+    def value(cls: Any = None, /, *, init: bool = True) -> Any:
+        return _value if cls is None else _value(cls)
+
     build = tuple.__new__

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, NamedTuple
+from typing import Any
 
 from kata_vfio.defaults import SELECT_ANNOTATION
 from kata_vfio.errors import DeviceError, KataVfioError
@@ -29,6 +29,7 @@ from kata_vfio.pci import (
     list_addresses,
     read_device,
 )
+from kata_vfio.value import value
 from kata_vfio_host.allowlist import parse_allow_list
 from kata_vfio_host.ledger import (
     ContainerId,
@@ -43,7 +44,8 @@ _REQUEST = re.compile(r"^(?P<ids>.*?)(?:\*(?P<count>[0-9]+))?$")
 MAX_COUNT = 256
 
 
-class SelectRequest(NamedTuple):
+@value
+class SelectRequest:
     text: str
     vendor: int | None
     device: int | None

@@ -14,17 +14,18 @@ from __future__ import annotations
 import fnmatch
 import re
 from functools import cache
-from typing import NamedTuple
 
 from kata_vfio.errors import ConfigError
 from kata_vfio.pci import PciDevice
+from kata_vfio.value import value
 
 _IDS = re.compile(r"^([0-9a-f]{4}|\*):([0-9a-f]{4}|\*)$")
 _ADDRESS_GLOB = re.compile(
     r"^[0-9a-f*?\[\]-]{1,5}:[0-9a-f*?\[\]-]{1,2}:[0-9a-f*?\[\]-]{1,2}\.[0-7*?\[\]-]$")
 
 
-class AllowRule(NamedTuple):
+@value
+class AllowRule:
     vendor: str | None = None   # "8086", or None for any
     device: str | None = None
     address_glob: str | None = None

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from kata_vfio.errors import ConfigError, KataVfioError
 from kata_vfio.files import UnsafeFileError, read_regular, write_atomically
 from kata_vfio.pci import PciAddress
+from kata_vfio.value import value
 
 PERSIST_ENV = "KATA_VFIO_PERSIST"
 DEFAULT_PERSIST = "/etc/kata-vfio/persistent-binds"
@@ -35,15 +36,13 @@ def persist_path() -> str:
     return os.environ.get(PERSIST_ENV) or DEFAULT_PERSIST
 
 
+@value
 class PersistentBind:
     """One device to bind at every boot: where it is and what it was."""
 
-    __slots__ = ("address", "device", "vendor")
-
-    def __init__(self, address: PciAddress, vendor: int, device: int) -> None:
-        self.address = address
-        self.vendor = vendor
-        self.device = device
+    address: PciAddress
+    vendor: int
+    device: int
 
     @property
     def ids(self) -> str:
@@ -51,12 +50,6 @@ class PersistentBind:
 
     def line(self) -> str:
         return f"{self.address} {self.ids}\n"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, PersistentBind) and self.line() == other.line()
-
-    def __hash__(self) -> int:
-        return hash(self.line())
 
     def __repr__(self) -> str:
         return f"PersistentBind({self.line().strip()!r})"

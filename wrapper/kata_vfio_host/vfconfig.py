@@ -12,22 +12,25 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from kata_vfio.defaults import VF_CONFIG_ANNOTATION
 from kata_vfio.errors import DeviceError
 from kata_vfio.pci import PciAddress, interfaces_below, read_device
+from kata_vfio.value import value
 
 _HEX = frozenset("0123456789abcdef")
 
 
-class VfSetting(NamedTuple):
+@value
+class VfSetting:
     vf: PciAddress
     mac: str | None
     vlan: int | None
 
 
-class VfPort(NamedTuple):
+@value
+class VfPort:
     """Where a VF's settings live: its PF's interface and the VF's index there."""
 
     pf_interface: str
