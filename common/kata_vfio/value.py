@@ -17,7 +17,8 @@ ordering are the tuple's (field by field, in order). Methods, properties and cla
 methods stay as written. A class whose constructor normalises its arguments is
 ``@value(init=False)`` and writes its own ``__new__`` returning
 ``build(cls, (field, ...))``: mypy then checks calls against that ``__new__`` instead of
-the fields' types.
+the fields' types. A class that compares by some fields only is ``@value(order=False)``
+and writes its comparisons.
 
 It imports nothing (the hot paths' rule, see `kata_vfio`); mypy reads it through
 `typing.dataclass_transform`, so the fields are checked like a frozen dataclass's.
@@ -144,16 +145,17 @@ if TYPE_CHECKING:
     @overload
     def value(cls: type[_T], /) -> type[_T]: ...
     @overload
-    def value(*, init: bool = True) -> Callable[[type[_T]], type[_T]]: ...
+    def value(*, init: bool = True, order: bool = True) -> Callable[[type[_T]], type[_T]]: ...
     @dataclass_transform(eq_default=True, order_default=True, frozen_default=True)
-    def value(cls: Any = None, /, *, init: bool = True) -> Any:
-        """`@value`, or `@value(init=False)` for a class with a `__new__` of its own."""
+    def value(cls: Any = None, /, *, init: bool = True, order: bool = True) -> Any:
+        """`@value`; `init=False`: a class with a `__new__` of its own; `order=False`: one
+        that compares by its own `__eq__`/`__lt__` (not every field)."""
 
     def build(cls: type[_T], fields: tuple[Any, ...]) -> _T:
         """The instance of `cls` with these fields: what a value class's own `__new__`
         (one that normalises its arguments) returns."""
 else:
-    def value(cls: Any = None, /, *, init: bool = True) -> Any:
+    def value(cls: Any = None, /, *, init: bool = True, order: bool = True) -> Any:
         return _value if cls is None else _value(cls)
 
     build = tuple.__new__

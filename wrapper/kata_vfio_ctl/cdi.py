@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +34,14 @@ from kata_vfio.pci import (
     usable_by_vfio,
     vfio_group_devnum,
 )
+from kata_vfio.value import value
 
 CDI_VERSION = "0.5.0"
 CDI_KIND = "kata-vfio.io/pci"
 DEFAULT_SPEC = Path("/etc/cdi/kata-vfio.json")
 
 
-@dataclass(frozen=True)
+@value
 class UsableGroup:
     """An IOMMU group a container can have: all members fit VFIO, /dev/vfio/N exists."""
 
@@ -50,7 +50,7 @@ class UsableGroup:
     endpoints: tuple[PciAddress, ...]  # the members that are not bridges
 
 
-@dataclass(frozen=True)
+@value
 class SkippedGroup:
     group: IommuGroup
     reason: str

@@ -35,6 +35,7 @@ from kata_vfio.pci import (
     read_device,
     read_link,
 )
+from kata_vfio.value import value
 from kata_vfio_host.allocate import SelectRequest, parse_select
 from kata_vfio_host.allowlist import AllowRule, parse_rule
 from kata_vfio_host.ledger import KUBERNETES_ALLOCATION as ALLOCATION_PREFIX
@@ -44,7 +45,7 @@ HEALTHY = "Healthy"
 UNHEALTHY = "Unhealthy"
 
 
-@dataclass(frozen=True)
+@value
 class Resource:
     name: str
     select: SelectRequest | None
@@ -80,7 +81,7 @@ def resources_from_settings(tables: tuple[dict[str, Any], ...]) -> list[Resource
             for t in tables]
 
 
-@dataclass(frozen=True)
+@value
 class Unit:
     id: str  # the group's first endpoint address
     group: IommuGroup

@@ -24,11 +24,11 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kata_vfio.errors import DeviceError
 from kata_vfio.pci import IommuGroup, PciAddress
+from kata_vfio.value import value
 from kata_vfio_host.bindings import acquire, release_container, wait_for_group_node
 from kata_vfio_host.ledger import (
     KUBERNETES_ALLOCATION,
@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 RECORDS = "device-plugin"
 
 
-@dataclass(frozen=True)
+@value
 class Allocation:
     id: str  # the ledger's container id: kubernetes-allocation-<id>
     resource: str  # kata-vfio.io/<name>, "" when only the ledger knew it
