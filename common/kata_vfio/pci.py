@@ -4,10 +4,7 @@ Every function that reads sysfs takes the sysfs root as a path (``/sys`` in
 production, a fake tree in tests) and gives paths back as strings. Untrusted strings
 are parsed into `PciAddress` / `IommuGroup` before they are ever joined to a path.
 
-The guest hook and ``kata-vfio create`` run this once per container, so it imports
-neither pathlib nor typing (with `re`, `enum` and `collections` behind them they cost
-more than a bare interpreter start): paths are `os.path` strings and the value types
-are `value` classes.
+On the hot paths (the lean-import rule, see `kata_vfio`): paths are `os.path` strings.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """Where the guest's kernel interfaces and the hook's own state are (fake trees in tests).
 
 Imported only when a container has a manifest. Paths are strings (os.path), as
-everywhere on the hook's path: pathlib and typing cost the hook's first run in a fresh
-VM more than a bare interpreter start.
+everywhere on the hook's path (the lean-import rule, see `kata_vfio`).
 """
 
 from __future__ import annotations
