@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import os
 
+from kata_vfio import value
 from kata_vfio.errors import DeviceError
-from kata_vfio.value import value
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

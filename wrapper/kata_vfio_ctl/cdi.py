@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kata_vfio import value
 from kata_vfio.errors import DeviceError
 from kata_vfio.pci import (
     VFIO_CONTAINER_DEVNUM,
@@ -34,7 +35,6 @@ from kata_vfio.pci import (
     usable_by_vfio,
     vfio_group_devnum,
 )
-from kata_vfio.value import value
 
 CDI_VERSION = "0.5.0"
 CDI_KIND = "kata-vfio.io/pci"

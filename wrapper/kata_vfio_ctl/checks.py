@@ -5,7 +5,7 @@ A leaf: it imports nothing of ours, so every module with checks can use it.
 
 from __future__ import annotations
 
-from kata_vfio.value import as_dict, value
+from kata_vfio import as_dict, value
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from kata_vfio import value
 from kata_vfio.errors import ConfigError, DeviceError
 from kata_vfio.pci import (
     PCI_STUB,
@@ -35,7 +36,6 @@ from kata_vfio.pci import (
     read_device,
     read_link,
 )
-from kata_vfio.value import value
 from kata_vfio_host.allocate import SelectRequest, parse_select
 from kata_vfio_host.allowlist import AllowRule, parse_rule
 from kata_vfio_host.ledger import KUBERNETES_ALLOCATION as ALLOCATION_PREFIX

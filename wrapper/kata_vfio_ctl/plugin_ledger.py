@@ -26,9 +26,9 @@ import os
 import time
 from typing import TYPE_CHECKING
 
+from kata_vfio import value
 from kata_vfio.errors import DeviceError
 from kata_vfio.pci import IommuGroup, PciAddress
-from kata_vfio.value import value
 from kata_vfio_host.bindings import acquire, release_container, wait_for_group_node
 from kata_vfio_host.ledger import (
     KUBERNETES_ALLOCATION,

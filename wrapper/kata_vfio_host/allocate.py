@@ -17,6 +17,7 @@ import os
 import re
 from typing import Any
 
+from kata_vfio import value
 from kata_vfio.defaults import SELECT_ANNOTATION
 from kata_vfio.errors import DeviceError, KataVfioError
 from kata_vfio.pci import (
@@ -29,7 +30,6 @@ from kata_vfio.pci import (
     list_addresses,
     read_device,
 )
-from kata_vfio.value import value
 from kata_vfio_host.allowlist import parse_allow_list
 from kata_vfio_host.ledger import (
     ContainerId,

@@ -15,9 +15,9 @@ import fnmatch
 import re
 from functools import cache
 
+from kata_vfio import value
 from kata_vfio.errors import ConfigError
 from kata_vfio.pci import PciDevice
-from kata_vfio.value import value
 
 _IDS = re.compile(r"^([0-9a-f]{4}|\*):([0-9a-f]{4}|\*)$")
 _ADDRESS_GLOB = re.compile(

@@ -37,11 +37,11 @@ import os
 import time
 from _thread import get_ident
 
+from kata_vfio import build, value
 from kata_vfio.errors import DeviceError, KataVfioError
 from kata_vfio.jsoncodec import dumps, loads
 from kata_vfio.pci import IommuGroup, PciAddress
 from kata_vfio.rebind import MODPROBE, write_attr
-from kata_vfio.value import build, value
 from kata_vfio_host.lockwait import flock_bounded
 
 TYPE_CHECKING = False

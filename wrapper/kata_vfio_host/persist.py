@@ -17,10 +17,10 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from kata_vfio import value
 from kata_vfio.errors import ConfigError, KataVfioError
 from kata_vfio.files import UnsafeFileError, read_regular, write_atomically
 from kata_vfio.pci import PciAddress
-from kata_vfio.value import value
 
 PERSIST_ENV = "KATA_VFIO_PERSIST"
 DEFAULT_PERSIST = "/etc/kata-vfio/persistent-binds"

@@ -14,10 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from kata_vfio import value
 from kata_vfio.defaults import VF_CONFIG_ANNOTATION
 from kata_vfio.errors import DeviceError
 from kata_vfio.pci import PciAddress, interfaces_below, read_device
-from kata_vfio.value import value
 
 _HEX = frozenset("0123456789abcdef")
 

@@ -6,7 +6,7 @@ and, for create/run, the bundle and container id, and hands the argv on as is.
 
 from __future__ import annotations
 
-from kata_vfio.value import value
+from kata_vfio import value
 
 # Global flags (runc, crun, Kata 1.x) that take a value in the `--flag value` form.
 GLOBAL_VALUE_FLAGS = frozenset(

@@ -26,10 +26,10 @@ from __future__ import annotations
 import os
 import sys
 
+from kata_vfio import value
 from kata_vfio.boundary import step
 from kata_vfio.defaults import DEFAULT_CONFIG, DEFAULT_SHIM, DEFAULT_STATE_DIR, SHIM_WRAPPER
 from kata_vfio.errors import ConfigError
-from kata_vfio.value import value
 from kata_vfio_host.cache import config_path, read_cache, which
 from kata_vfio_runtime.args import plain_id
 from kata_vfio_runtime.handover import hand_over
