@@ -19,9 +19,9 @@ from __future__ import annotations
 import os
 import stat
 
-TYPE_CHECKING = False  # not typing.TYPE_CHECKING: the hook imports no typing (its start-up)
+TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from kata_vfio.pci import StrPath
+    from kata_vfio.types import StrPath
 
 MAX_STACK = 8  # holders of holders: LVM on dm-crypt on md on a partition is four
 

@@ -15,7 +15,7 @@ import sys
 from kata_vfio.defaults import DEBUG_ENV
 from kata_vfio.errors import KataVfioError
 
-TYPE_CHECKING = False  # not typing.TYPE_CHECKING: this module is on the lean paths
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
 

@@ -13,12 +13,12 @@ import time
 
 from kata_vfio.errors import KataVfioError
 
-TYPE_CHECKING = False  # not typing.TYPE_CHECKING: the hook and create avoid importing typing
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any
 
-    from kata_vfio.pci import StrPath
+    from kata_vfio.types import StrPath
 
 
 def write_fully(fd: int, data: bytes) -> None:

@@ -12,11 +12,11 @@ import time
 
 from kata_vfio.jsoncodec import dumps
 
-TYPE_CHECKING = False  # not typing.TYPE_CHECKING: the hook and create avoid importing typing
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from kata_vfio.pci import StrPath
+    from kata_vfio.types import StrPath
 
 
 def _timestamp() -> str:

@@ -8,14 +8,14 @@ Keys a reader does not know are ignored, so an optional key (a device's ``mac`` 
 
 from __future__ import annotations
 
-from kata_vfio import defaults
+from kata_vfio import defaults, value
 from kata_vfio.defaults import HOTPLUG_TIMEOUT_DEFAULT, HOTPLUG_TIMEOUT_MAX
 from kata_vfio.errors import SpecError
 from kata_vfio.hexcodes import hex_number, parse_mac
 from kata_vfio.jsoncodec import dumps, loads
 from kata_vfio.pci import IommuGroup, PciAddress, PciIdentity
 
-TYPE_CHECKING = False  # not typing.TYPE_CHECKING: the hook and create avoid importing typing
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
@@ -89,31 +89,15 @@ def _parse_resource(value: object) -> str | None:
     raise SpecError(f"manifest: {value!r} is not a resource name", "regenerate the manifest")
 
 
-class ManifestDevice(tuple[PciAddress, PciIdentity, "str | None", "str | None"]):
+@value
+class ManifestDevice:
     """One device of the manifest: where it sat on the host, what it is, its MAC, and
     the resource name it was allocated as (kata-vfio.io/nvme), if any."""
 
-    __slots__ = ()
-
-    def __new__(cls, host_address: PciAddress, identity: PciIdentity,
-                mac: str | None = None, resource: str | None = None) -> ManifestDevice:
-        return tuple.__new__(cls, (host_address, identity, mac, resource))
-
-    @property
-    def host_address(self) -> PciAddress:
-        return self[0]
-
-    @property
-    def identity(self) -> PciIdentity:
-        return self[1]
-
-    @property
-    def mac(self) -> str | None:
-        return self[2]
-
-    @property
-    def resource(self) -> str | None:
-        return self[3]
+    host_address: PciAddress
+    identity: PciIdentity
+    mac: str | None = None
+    resource: str | None = None
 
     def to_obj(self) -> dict[str, Any]:
         ident = self.identity
@@ -147,37 +131,17 @@ class ManifestDevice(tuple[PciAddress, PciIdentity, "str | None", "str | None"])
                    _parse_resource(obj.get("resource")))
 
 
-class ManifestGroup(tuple[IommuGroup, "tuple[ManifestDevice, ...]"]):
-    __slots__ = ()
-
-    def __new__(cls, host_group: IommuGroup,
-                devices: tuple[ManifestDevice, ...]) -> ManifestGroup:
-        return tuple.__new__(cls, (host_group, devices))
-
-    @property
-    def host_group(self) -> IommuGroup:
-        return self[0]
-
-    @property
-    def devices(self) -> tuple[ManifestDevice, ...]:
-        return self[1]
+@value
+class ManifestGroup:
+    host_group: IommuGroup
+    devices: tuple[ManifestDevice, ...]
 
 
-class Manifest(tuple["tuple[ManifestGroup, ...]", float]):
-    __slots__ = ()
-
-    def __new__(cls, groups: tuple[ManifestGroup, ...],
-                hotplug_timeout: float = HOTPLUG_TIMEOUT_DEFAULT) -> Manifest:
-        return tuple.__new__(cls, (groups, hotplug_timeout))
-
-    @property
-    def groups(self) -> tuple[ManifestGroup, ...]:
-        return self[0]
-
-    @property
-    def hotplug_timeout(self) -> float:
-        """How long the guest hook waits for devices the hypervisor hot-plugs late."""
-        return self[1]
+@value
+class Manifest:
+    groups: tuple[ManifestGroup, ...]
+    # how long the guest hook waits for devices the hypervisor hot-plugs late
+    hotplug_timeout: float = HOTPLUG_TIMEOUT_DEFAULT
 
     @property
     def devices(self) -> list[ManifestDevice]:

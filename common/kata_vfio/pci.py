@@ -4,24 +4,20 @@ Every function that reads sysfs takes the sysfs root as a path (``/sys`` in
 production, a fake tree in tests) and gives paths back as strings. Untrusted strings
 are parsed into `PciAddress` / `IommuGroup` before they are ever joined to a path.
 
-The guest hook and ``kata-vfio create`` run this once per container, so it imports
-neither pathlib nor typing (with `re`, `enum` and `collections` behind them they cost
-more than a bare interpreter start): paths are `os.path` strings and the value types
-are plain tuple subclasses.
+On the hot paths (the lean-import rule, see `kata_vfio`): paths are `os.path` strings.
 """
 
 from __future__ import annotations
 
 import os
 
+from kata_vfio import value
 from kata_vfio.errors import DeviceError
 from kata_vfio.hexcodes import hex_number
 
-TYPE_CHECKING = False  # not typing.TYPE_CHECKING: see above
+TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from os import PathLike
-
-    StrPath = str | PathLike[str]
+    from kata_vfio.types import StrPath
 
 _join = os.path.join
 
@@ -41,30 +37,15 @@ def _hex_field(text: str, width: int, what: str, original: str) -> int:
     return number
 
 
-class PciAddress(tuple[int, int, int, int]):
+@value
+class PciAddress:
     """A PCI function address, ``DDDD:BB:SS.F``; prints canonically (lower-case).
     Ordered and hashed as (domain, bus, slot, function)."""
 
-    __slots__ = ()
-
-    def __new__(cls, domain: int, bus: int, slot: int, function: int) -> PciAddress:
-        return tuple.__new__(cls, (domain, bus, slot, function))
-
-    @property
-    def domain(self) -> int:
-        return self[0]
-
-    @property
-    def bus(self) -> int:
-        return self[1]
-
-    @property
-    def slot(self) -> int:
-        return self[2]
-
-    @property
-    def function(self) -> int:
-        return self[3]
+    domain: int
+    bus: int
+    slot: int
+    function: int
 
     def __repr__(self) -> str:
         return f"PciAddress({str(self)!r})"
@@ -97,20 +78,14 @@ class PciAddress(tuple[int, int, int, int]):
         return f"{self.domain:04x}:{self.bus:02x}:{self.slot:02x}.{self.function:x}"
 
 
-class IommuGroup(tuple[int]):
+@value
+class IommuGroup:
     """An IOMMU group number, as in ``/dev/vfio/<N>``."""
 
-    __slots__ = ()
-
-    def __new__(cls, number: int) -> IommuGroup:
-        return tuple.__new__(cls, (number,))
-
-    @property
-    def number(self) -> int:
-        return self[0]
+    number: int
 
     def __repr__(self) -> str:
-        return f"IommuGroup({self[0]})"
+        return f"IommuGroup({self.number})"
 
     @classmethod
     def parse(cls, text: str) -> IommuGroup:
@@ -125,37 +100,16 @@ class IommuGroup(tuple[int]):
         return str(self.number)
 
 
-class PciIdentity(tuple[int, int, int, int, int]):
+@value
+class PciIdentity:
     """What a PCI function is, as opposed to where it sits: the IDs that do not change
     when the function is passed from host to guest."""
 
-    __slots__ = ()
-
-    def __new__(cls, vendor: int, device: int, subsystem_vendor: int, subsystem_device: int,
-                class_code: int) -> PciIdentity:
-        return tuple.__new__(cls, (vendor, device, subsystem_vendor, subsystem_device,
-                                   class_code))
-
-    @property
-    def vendor(self) -> int:
-        return self[0]
-
-    @property
-    def device(self) -> int:
-        return self[1]
-
-    @property
-    def subsystem_vendor(self) -> int:
-        return self[2]
-
-    @property
-    def subsystem_device(self) -> int:
-        return self[3]
-
-    @property
-    def class_code(self) -> int:
-        """24 bits: base class, subclass, programming interface."""
-        return self[4]
+    vendor: int
+    device: int
+    subsystem_vendor: int
+    subsystem_device: int
+    class_code: int  # 24 bits: base class, subclass, programming interface
 
     @property
     def ids(self) -> str:
@@ -165,47 +119,17 @@ class PciIdentity(tuple[int, int, int, int, int]):
         return f"{self.ids} class {self.class_code:06x}"
 
 
-class PciDevice(tuple[PciAddress, PciIdentity, "str | None", "IommuGroup | None",
-                      "str | None", "PciAddress | None", "tuple[str, ...]"]):
+@value
+class PciDevice:
     """What sysfs says about one PCI function."""
 
-    __slots__ = ()
-
-    def __new__(cls, address: PciAddress, identity: PciIdentity, driver: str | None,
-                iommu_group: IommuGroup | None, driver_override: str | None = None,
-                physfn: PciAddress | None = None,
-                net_interfaces: tuple[str, ...] = ()) -> PciDevice:
-        return tuple.__new__(cls, (address, identity, driver, iommu_group, driver_override,
-                                   physfn, net_interfaces))
-
-    @property
-    def address(self) -> PciAddress:
-        return self[0]
-
-    @property
-    def identity(self) -> PciIdentity:
-        return self[1]
-
-    @property
-    def driver(self) -> str | None:
-        return self[2]
-
-    @property
-    def iommu_group(self) -> IommuGroup | None:
-        return self[3]
-
-    @property
-    def driver_override(self) -> str | None:
-        return self[4]
-
-    @property
-    def physfn(self) -> PciAddress | None:
-        """The PF of an SR-IOV VF."""
-        return self[5]
-
-    @property
-    def net_interfaces(self) -> tuple[str, ...]:
-        return self[6]
+    address: PciAddress
+    identity: PciIdentity
+    driver: str | None
+    iommu_group: IommuGroup | None
+    driver_override: str | None = None
+    physfn: PciAddress | None = None  # the PF of an SR-IOV VF
+    net_interfaces: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         return (f"PciDevice({self.address}, {self.identity.describe()}, driver={self.driver}, "
@@ -356,30 +280,14 @@ def read_device(sysfs: StrPath, addr: PciAddress) -> PciDevice:
     )
 
 
-class BindState(tuple[PciAddress, "str | None", "str | None", bool]):
+@value
+class BindState:
     """What moving a PCI function between drivers needs to know, and to give back."""
 
-    __slots__ = ()
-
-    def __new__(cls, address: PciAddress, driver: str | None, driver_override: str | None,
-                is_bridge: bool) -> BindState:
-        return tuple.__new__(cls, (address, driver, driver_override, is_bridge))
-
-    @property
-    def address(self) -> PciAddress:
-        return self[0]
-
-    @property
-    def driver(self) -> str | None:
-        return self[1]
-
-    @property
-    def driver_override(self) -> str | None:
-        return self[2]
-
-    @property
-    def is_bridge(self) -> bool:
-        return self[3]
+    address: PciAddress
+    driver: str | None
+    driver_override: str | None
+    is_bridge: bool
 
 
 def read_bind_state(sysfs: StrPath, addr: PciAddress) -> BindState:

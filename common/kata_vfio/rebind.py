@@ -21,14 +21,9 @@ from kata_vfio.pci import (
     read_link,
 )
 
-TYPE_CHECKING = False  # not typing.TYPE_CHECKING: the hook and create avoid importing typing
+TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
-    from kata_vfio.pci import StrPath
-
-    # The seam through which every sysfs attribute is written. Tests pass a fake kernel.
-    SysfsWrite = Callable[[str, str], None]
+    from kata_vfio.types import StrPath, SysfsWrite
 
 MODPROBE = ("/sbin/modprobe", "/usr/sbin/modprobe")
 VFIO_MODULES = ("vfio-pci", "vfio_iommu_type1")

@@ -11,9 +11,9 @@ import os
 
 from kata_vfio.errors import HookError
 
-TYPE_CHECKING = False  # not typing.TYPE_CHECKING: the hook imports no typing (its start-up)
+TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from kata_vfio.pci import StrPath
+    from kata_vfio.types import StrPath
 
 
 def devices_cgroup(proc: StrPath, pid: int) -> str | None:

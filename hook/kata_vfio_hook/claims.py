@@ -16,36 +16,24 @@ import fcntl
 import os
 import time
 
+from kata_vfio import value
 from kata_vfio.errors import HookError
 from kata_vfio.files import edited, file_lock, write_atomically
 from kata_vfio.jsoncodec import dumps, loads
 
-TYPE_CHECKING = False  # not typing.TYPE_CHECKING: the hook imports no typing (its start-up)
+TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from kata_vfio.pci import StrPath
+    from kata_vfio.types import StrPath
 
 LEDGER = "claims.json"
 LOCK = ".lock"
 
 
-class Claim(tuple[str, int, "int | None"]):
-    __slots__ = ()
-
-    def __new__(cls, container_id: str, pid: int, start: int | None) -> Claim:
-        return tuple.__new__(cls, (container_id, pid, start))
-
-    @property
-    def container_id(self) -> str:
-        return self[0]
-
-    @property
-    def pid(self) -> int:
-        return self[1]
-
-    @property
-    def start(self) -> int | None:
-        """The pid's start time in clock ticks since boot."""
-        return self[2]
+@value
+class Claim:
+    container_id: str
+    pid: int
+    start: int | None  # the pid's start time in clock ticks since boot
 
     def to_obj(self) -> dict[str, object]:
         return {"container_id": self.container_id, "pid": self.pid, "start": self.start}

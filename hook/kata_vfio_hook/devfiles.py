@@ -32,10 +32,9 @@ from kata_vfio.jsoncodec import dumps
 from kata_vfio.manifest import resource_env_name
 from kata_vfio_hook.nodes import open_rootfs, open_subdir
 
-TYPE_CHECKING = False  # not typing.TYPE_CHECKING: the hook imports no typing (its start-up)
+TYPE_CHECKING = False
 if TYPE_CHECKING:
-    # host address, guest address, guest IOMMU group, resource name
-    Placed = tuple[str, str, int, "str | None"]
+    from kata_vfio.types import Placed
 
 RUN_DIR = "/run/kata-vfio"  # as the container sees it
 DEVICES_FILE = "devices.json"

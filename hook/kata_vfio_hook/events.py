@@ -12,20 +12,14 @@ import os
 import select
 import time
 
-TYPE_CHECKING = False  # not typing.TYPE_CHECKING: the hook imports no typing (its start-up)
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from typing import Protocol, TypeVar
+    from typing import TypeVar
 
-    from kata_vfio.pci import StrPath
+    from kata_vfio.types import StrPath, Wakeups
 
     T = TypeVar("T")
-
-    class Wakeups(Protocol):
-        def wait(self, timeout: float) -> bool:
-            """Block until something may have changed (True) or `timeout` passed."""
-
-        def close(self) -> None: ...
 
 NETLINK_KOBJECT_UEVENT = 15
 KERNEL_EVENTS_GROUP = 1

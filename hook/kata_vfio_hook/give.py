@@ -23,11 +23,11 @@ from kata_vfio_hook.events import Deadline, process_started, wait_for
 from kata_vfio_hook.roots import GuestRoots
 from kata_vfio_hook.state import State
 
-TYPE_CHECKING = False  # not typing.TYPE_CHECKING: the hook imports no typing (its start-up)
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from kata_vfio_hook.events import Wakeups
+    from kata_vfio.types import Wakeups
 
 
 class Outcome:

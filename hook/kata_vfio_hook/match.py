@@ -13,9 +13,9 @@ import os
 from kata_vfio.manifest import ManifestDevice
 from kata_vfio.pci import PciAddress, PciDevice, device_dir, list_addresses, read_device
 
-TYPE_CHECKING = False  # not typing.TYPE_CHECKING: the hook imports no typing (its start-up)
+TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from kata_vfio.pci import StrPath
+    from kata_vfio.types import StrPath
 
 
 def guest_mac(sysfs: StrPath, dev: PciDevice) -> str | None:

@@ -15,11 +15,9 @@ import stat
 
 from kata_vfio.errors import HookError
 
-TYPE_CHECKING = False  # not typing.TYPE_CHECKING: the hook imports no typing (its start-up)
+TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from kata_vfio.pci import StrPath
-
-    Node = tuple[str, int, int]  # name under /dev/vfio, major, minor
+    from kata_vfio.types import StrPath, VfioNode
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -57,7 +55,7 @@ def rootfs_view(proc: StrPath, pid: int, rootfs: str) -> str:
     return f"{proc}/{pid}/root/{rootfs.lstrip('/')}"
 
 
-def make_nodes(rootfs: str, nodes: list[Node]) -> None:
+def make_nodes(rootfs: str, nodes: list[VfioNode]) -> None:
     """mknod each node at <rootfs>/dev/vfio/<name> (mode 0666), verified."""
     fds = [open_rootfs(rootfs)]
     hint = "the container image must not replace /dev/vfio"

@@ -35,13 +35,9 @@ from kata_vfio.pci import (
     is_vfio_driver,
 )
 
-TYPE_CHECKING = False  # not typing.TYPE_CHECKING: the hook imports no typing (its start-up)
+TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
-    from kata_vfio.pci import StrPath
-
-    Ipv4Lookup = Callable[[str], "str | None"]
+    from kata_vfio.types import Ipv4Lookup, StrPath
 
 SIOCGIFADDR = 0x8915  # struct ifreq: char ifr_name[16]; struct sockaddr_in ifr_addr
 IFF_UP = 0x1

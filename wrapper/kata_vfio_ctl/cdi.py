@@ -19,10 +19,10 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kata_vfio import value
 from kata_vfio.errors import DeviceError
 from kata_vfio.pci import (
     VFIO_CONTAINER_DEVNUM,
@@ -41,7 +41,7 @@ CDI_KIND = "kata-vfio.io/pci"
 DEFAULT_SPEC = Path("/etc/cdi/kata-vfio.json")
 
 
-@dataclass(frozen=True)
+@value
 class UsableGroup:
     """An IOMMU group a container can have: all members fit VFIO, /dev/vfio/N exists."""
 
@@ -50,7 +50,7 @@ class UsableGroup:
     endpoints: tuple[PciAddress, ...]  # the members that are not bridges
 
 
-@dataclass(frozen=True)
+@value
 class SkippedGroup:
     group: IommuGroup
     reason: str

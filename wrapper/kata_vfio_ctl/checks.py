@@ -5,12 +5,12 @@ A leaf: it imports nothing of ours, so every module with checks can use it.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from kata_vfio import as_dict, value
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 
 
-@dataclass(frozen=True)
+@value
 class Check:
     name: str
     status: str
@@ -18,4 +18,4 @@ class Check:
     fix: str = ""
 
     def as_dict(self) -> dict[str, str]:
-        return asdict(self)
+        return as_dict(self)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
+from kata_vfio import value
 from kata_vfio.errors import ConfigError, UsageError
 
 RUNTIME_NAME = "kata-vfio"
@@ -20,7 +20,7 @@ SHIM_BINARY = "containerd-shim-kata-vfio-v2"
 SHIM_PREFIX = "containerd-shim-"
 
 
-@dataclass(frozen=True)
+@value
 class ShimRuntime:
     """What an engine needs to start kata-vfio's shim wrapper."""
 

@@ -40,12 +40,13 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from functools import total_ordering
 from pathlib import Path
 from typing import Any
 
 import tomlkit
 
+from kata_vfio import value
 from kata_vfio.errors import ConfigError
 from kata_vfio_ctl.kata_conf import HYPERVISOR_ANNOTATION_PREFIX, annotation_enabled
 from kata_vfio_host.settings import GUEST_AGENT, GUEST_HOOK, Settings
@@ -63,11 +64,24 @@ class ReleaseUnknown(ConfigError):
     """Neither kata-runtime nor the configuration's keys tell which Kata this is."""
 
 
-@dataclass(frozen=True, order=True)
+@value(order=False)
+@total_ordering
 class KataRelease:
+    """Compared and ordered by (major, minor): `source` only says where it was read."""
+
     major: int
     minor: int
-    source: str = field(default="", compare=False)
+    source: str = ""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, KataRelease) \
+            and (self.major, self.minor) == (other.major, other.minor)
+
+    def __lt__(self, other: KataRelease) -> bool:
+        return (self.major, self.minor) < (other.major, other.minor)
+
+    def __hash__(self) -> int:
+        return hash((self.major, self.minor))
 
     def __str__(self) -> str:
         return f"Kata {self.major}.{self.minor}" + (f" ({self.source})" if self.source else "")
@@ -335,7 +349,7 @@ def _undo_config_key(config_file: Path, key: str, undo: dict[str, Any]) -> None:
 
 # --- install / uninstall --------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@value
 class InstallResult:
     release: KataRelease
     generated: Path | None  # None for Kata 1.x: the installed file was edited in place

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from kata_vfio import value
 from kata_vfio.errors import ConfigError, DeviceError
 from kata_vfio.pci import (
     PCI_STUB,
@@ -44,7 +45,7 @@ HEALTHY = "Healthy"
 UNHEALTHY = "Unhealthy"
 
 
-@dataclass(frozen=True)
+@value
 class Resource:
     name: str
     select: SelectRequest | None
@@ -80,7 +81,7 @@ def resources_from_settings(tables: tuple[dict[str, Any], ...]) -> list[Resource
             for t in tables]
 
 
-@dataclass(frozen=True)
+@value
 class Unit:
     id: str  # the group's first endpoint address
     group: IommuGroup

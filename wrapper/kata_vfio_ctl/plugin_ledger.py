@@ -26,9 +26,9 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from kata_vfio import value
 from kata_vfio.errors import DeviceError
 from kata_vfio.files import edited
 from kata_vfio.pci import IommuGroup, PciAddress
@@ -46,12 +46,12 @@ from kata_vfio_host.ledger import (
 from kata_vfio_host.owners import KUBERNETES_ALLOCATION, claim_gone
 
 if TYPE_CHECKING:
-    from kata_vfio_host.ledger import InUse
+    from kata_vfio.types import InUse
 
 RECORDS = "device-plugin"
 
 
-@dataclass(frozen=True)
+@value
 class Allocation:
     id: str  # the ledger's container id: kubernetes-allocation-<id>
     resource: str  # kata-vfio.io/<name>, "" when only the ledger knew it

@@ -11,16 +11,16 @@ is one line, never a hang.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kata_vfio import value
 from kata_vfio.errors import ConfigError
 
 CONF_LIMIT = 1 << 20  # configuration files are kilobytes; Kata's shipped one is ~30 KiB
 
 
-@dataclass(frozen=True)
+@value
 class FoundFile:
     """A file as found: its bytes (None: there is none) and the form to write back in."""
 
@@ -102,8 +102,8 @@ def without_empty_tables(data: dict[str, Any]) -> dict[str, Any]:
     installer compares before and after an edit, since taking our entry out may leave
     its empty parent table behind."""
     out = {}
-    for key, value in data.items():
-        kept = without_empty_tables(value) if isinstance(value, dict) else value
-        if kept or not isinstance(value, dict):
+    for key, item in data.items():
+        kept = without_empty_tables(item) if isinstance(item, dict) else item
+        if kept or not isinstance(item, dict):
             out[key] = kept
     return out

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, NamedTuple
+from typing import Any
 
+from kata_vfio import value
 from kata_vfio.defaults import SELECT_ANNOTATION
 from kata_vfio.errors import DeviceError, KataVfioError
 from kata_vfio.hexcodes import hex_number
@@ -40,7 +41,8 @@ _REQUEST = re.compile(r"^(?P<ids>.*?)(?:\*(?P<count>[0-9]+))?$")
 MAX_COUNT = 256
 
 
-class SelectRequest(NamedTuple):
+@value
+class SelectRequest:
     text: str
     vendor: int | None
     device: int | None

@@ -14,8 +14,8 @@ from __future__ import annotations
 import fnmatch
 import re
 from functools import cache
-from typing import NamedTuple
 
+from kata_vfio import value
 from kata_vfio.errors import ConfigError
 from kata_vfio.hexcodes import hex_number
 from kata_vfio.pci import PciDevice
@@ -24,7 +24,8 @@ _ADDRESS_GLOB = re.compile(
     r"^[0-9a-f*?\[\]-]{1,5}:[0-9a-f*?\[\]-]{1,2}:[0-9a-f*?\[\]-]{1,2}\.[0-7*?\[\]-]$")
 
 
-class AllowRule(NamedTuple):
+@value
+class AllowRule:
     vendor: str | None = None   # "8086", or None for any
     device: str | None = None
     address_glob: str | None = None

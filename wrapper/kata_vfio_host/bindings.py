@@ -46,8 +46,7 @@ TYPE_CHECKING = False  # not typing.TYPE_CHECKING: `kata-vfio create` avoids imp
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from kata_vfio_host.bindplan import GroupPlan
-    from kata_vfio_host.ledger import InUse
+    from kata_vfio.types import GroupPlan, InUse
 
 __all__ = ["acquire", "apply_vf_config", "bind_group", "bind_groups", "wait_for_group_node"]
 

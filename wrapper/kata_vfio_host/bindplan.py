@@ -20,7 +20,7 @@ TYPE_CHECKING = False  # not typing.TYPE_CHECKING: `kata-vfio create` avoids imp
 if TYPE_CHECKING:
     from typing import Any
 
-    from kata_vfio.pci import StrPath
+    from kata_vfio.types import StrPath
     from kata_vfio_host.ledger import Host
 
 
@@ -32,21 +32,7 @@ def endpoints(host: Host, addr: PciAddress) -> tuple[IommuGroup, list[PciDevice]
 
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
-    from typing import Protocol
-
-    class Movable(Protocol):
-        """A device as a bind needs it: PciDevice (a container's create reads everything,
-        for the allow-list) or BindState (kata-vfio-ctl bind reads only this)."""
-
-        @property
-        def address(self) -> PciAddress: ...
-        @property
-        def driver(self) -> str | None: ...
-        @property
-        def driver_override(self) -> str | None: ...
-
-    GroupPlan = tuple[IommuGroup, Sequence[Movable]]
+    from kata_vfio.types import GroupPlan, Movable  # noqa: F401  (the plan's shapes)
 
 
 # --- a container's create: the allow-list, auto-bind, claims -----------------------------

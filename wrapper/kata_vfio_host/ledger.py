@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import os
 
+from kata_vfio import build, value
 from kata_vfio.defaults import ID_HINT, id_problem, plain_container_id
 from kata_vfio.errors import DeviceError, KataVfioError
 from kata_vfio.files import edited
@@ -43,17 +44,11 @@ from kata_vfio.pci import IommuGroup, PciAddress, group_of
 from kata_vfio.rebind import MODPROBE, write_attr
 from kata_vfio_host.locks import Locks
 
-# `kata-vfio create` runs this once per container: no typing, dataclasses, contextlib,
-# pathlib or json (each costs a good part of a bare interpreter start).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
     from typing import Any
 
-    from kata_vfio.pci import StrPath
-    from kata_vfio.rebind import SysfsWrite
-
-    InUse = Callable[[PciAddress], list[str]]
+    from kata_vfio.types import StrPath, SysfsWrite
 
 ADMIN = "kata-vfio-ctl"
 BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
@@ -80,20 +75,22 @@ def earlier_boot(host: Host, boot_id: str | None) -> bool:
             and boot_id not in (UNKNOWN_BOOT, host.boot_id))
 
 
+@value(init=False)
 class Host:
     """The host's kernel interfaces and kata-vfio's state directory (paths as strings)."""
 
-    __slots__ = ("boot_id", "modprobe", "netlink", "state_dir", "sysfs", "write")
+    sysfs: str
+    state_dir: str
+    write: SysfsWrite
+    modprobe: tuple[str, ...]
+    boot_id: str
+    netlink: Any  # VF settings on the PF (vfconfig.Netlink when None)
 
-    def __init__(self, sysfs: StrPath, state_dir: StrPath, write: SysfsWrite = write_attr,
-                 modprobe: tuple[str, ...] = MODPROBE, boot_id: str | None = None,
-                 netlink: Any = None) -> None:
-        self.sysfs = os.fspath(sysfs)
-        self.state_dir = os.fspath(state_dir)
-        self.write = write
-        self.modprobe = modprobe
-        self.boot_id = read_boot_id() if boot_id is None else boot_id
-        self.netlink = netlink  # VF settings on the PF (vfconfig.Netlink when None)
+    def __new__(cls, sysfs: StrPath, state_dir: StrPath, write: SysfsWrite = write_attr,
+                modprobe: tuple[str, ...] = MODPROBE, boot_id: str | None = None,
+                netlink: Any = None) -> Host:
+        return build(cls, (os.fspath(sysfs), os.fspath(state_dir), write, modprobe,
+                           read_boot_id() if boot_id is None else boot_id, netlink))
 
     @property
     def journal(self) -> str:
@@ -134,57 +131,31 @@ def owner_name(container_id: str) -> str:
     return f"container {container_id}"
 
 
-class _Record:
-    """Value semantics for the journal's small records (what a frozen dataclass gives,
-    without the import and the class-creation cost)."""
-
-    __slots__: tuple[str, ...] = ()
-
-    def _values(self) -> tuple[Any, ...]:
-        return tuple(getattr(self, name) for name in self.__slots__)
-
-    def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and self._values() == other._values()  # type: ignore[attr-defined,unused-ignore]
-
-    def __hash__(self) -> int:
-        return hash(self._values())
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__)
-        return f"{type(self).__name__}({fields})"
-
-
-class DeviceEntry(_Record):
+@value
+class DeviceEntry:
     """A device kata-vfio moved: what to give it back to, its group and owner."""
 
-    __slots__ = ("boot_id", "driver", "group", "override", "owner", "since")
-
-    def __init__(self, driver: str | None, override: str | None, group: int, owner: str,
-                 boot_id: str | None = None, since: float = 0.0) -> None:
-        self.driver = driver
-        self.override = override
-        self.group = group
-        self.owner = owner
-        self.boot_id = boot_id
-        self.since = since
+    driver: str | None
+    override: str | None
+    group: int
+    owner: str
+    boot_id: str | None = None
+    since: float = 0.0
 
     def to_obj(self) -> dict[str, Any]:
         return {"driver": self.driver, "override": self.override, "group": self.group,
                 "owner": self.owner, "boot_id": self.boot_id, "since": self.since}
 
 
-class Claim(_Record):
+@value
+class Claim:
     """A container's use of an IOMMU group."""
 
-    __slots__ = ("boot_id", "bundle", "container", "instance", "since")
-
-    def __init__(self, container: str, boot_id: str | None, bundle: str | None,
-                 since: float = 0.0, instance: str | None = None) -> None:
-        self.container = container
-        self.boot_id = boot_id
-        self.bundle = bundle
-        self.since = since
-        self.instance = instance  # the token written into the bundle (None: older claims)
+    container: str
+    boot_id: str | None
+    bundle: str | None
+    since: float = 0.0
+    instance: str | None = None  # the token written into the bundle (None: older claims)
 
     @property
     def owner(self) -> str:
@@ -198,21 +169,17 @@ class Claim(_Record):
         return obj
 
 
-class VfOriginal(_Record):
+@value
+class VfOriginal:
     """What a PF had for one of its VFs before a container's io.kata-vfio.vf-config."""
 
-    __slots__ = ("boot_id", "group", "index", "mac", "owner", "pf_interface", "vlan")
-
-    def __init__(self, owner: str, pf_interface: str, index: int, mac: str | None,
-                 vlan: int | None, boot_id: str | None = None, group: int | None = None
-                 ) -> None:
-        self.owner = owner
-        self.pf_interface = pf_interface
-        self.index = index
-        self.mac = mac
-        self.vlan = vlan
-        self.boot_id = boot_id
-        self.group = group  # the VF's IOMMU group (None in entries of older versions)
+    owner: str
+    pf_interface: str
+    index: int
+    mac: str | None
+    vlan: int | None
+    boot_id: str | None = None
+    group: int | None = None  # the VF's IOMMU group (None in entries of older versions)
 
     def to_obj(self) -> dict[str, Any]:
         obj = {"owner": self.owner, "pf_interface": self.pf_interface, "index": self.index,
@@ -561,9 +528,9 @@ def _of_this_boot(host: Host, before: dict[str, dict[str, Any]],
                 continue
             if kind not in ("claims", "devices"):
                 return False
-            for value in (old, new):
-                boot = value.get("boot_id") if isinstance(value, dict) else None
-                if value is not None and not (boot == host.boot_id
+            for record in (old, new):
+                boot = record.get("boot_id") if isinstance(record, dict) else None
+                if record is not None and not (boot == host.boot_id
                                               or earlier_boot(host, boot)):
                     return False
     return True

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from kata_vfio.pci import PciAddress, device_dir
 
 if TYPE_CHECKING:
-    from kata_vfio.pci import StrPath
+    from kata_vfio.types import StrPath
 
 RTEXT_FILTER_VF = 1
 _ZERO_MAC = "00:00:00:00:00:00"

@@ -23,6 +23,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from kata_vfio import value
 from kata_vfio.errors import ConfigError, KataVfioError
 from kata_vfio.files import UnsafeFileError, edited, file_lock, read_regular, write_atomically
 from kata_vfio.hexcodes import hex_number
@@ -45,15 +46,13 @@ def persist_path() -> str:
     return os.environ.get(PERSIST_ENV) or DEFAULT_PERSIST
 
 
+@value
 class PersistentBind:
     """One device to bind at every boot: where it is and what it was."""
 
-    __slots__ = ("address", "device", "vendor")
-
-    def __init__(self, address: PciAddress, vendor: int, device: int) -> None:
-        self.address = address
-        self.vendor = vendor
-        self.device = device
+    address: PciAddress
+    vendor: int
+    device: int
 
     @property
     def ids(self) -> str:
@@ -62,27 +61,19 @@ class PersistentBind:
     def line(self) -> str:
         return f"{self.address} {self.ids}\n"
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, PersistentBind) and self.line() == other.line()
-
-    def __hash__(self) -> int:
-        return hash(self.line())
-
     def __repr__(self) -> str:
         return f"PersistentBind({self.line().strip()!r})"
 
 
+@value
 class PersistentVfs:
     """A PF whose VF count is made again at every boot: where it is, what it was, how
     many VFs."""
 
-    __slots__ = ("address", "count", "device", "vendor")
-
-    def __init__(self, address: PciAddress, vendor: int, device: int, count: int) -> None:
-        self.address = address
-        self.vendor = vendor
-        self.device = device
-        self.count = count
+    address: PciAddress
+    vendor: int
+    device: int
+    count: int
 
     @property
     def ids(self) -> str:
@@ -90,15 +81,6 @@ class PersistentVfs:
 
     def line(self) -> str:
         return f"{self.address} {self.ids} vfs={self.count}\n"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, PersistentVfs) and self.line() == other.line()
-
-    def __hash__(self) -> int:
-        return hash(self.line())
-
-    def __repr__(self) -> str:
-        return f"PersistentVfs({self.line().strip()!r})"
 
 
 class Persisted:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+from kata_vfio import as_dict, build, value
 from kata_vfio.defaults import (
     CONFIG_ENV,
     DEFAULT_CONFIG,
@@ -23,7 +24,7 @@ from kata_vfio.defaults import (
 from kata_vfio.errors import ConfigError
 from kata_vfio_host.cache import config_path, read_cache, read_config, write_cache
 
-TYPE_CHECKING = False  # not typing.TYPE_CHECKING: every create loads the settings
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
@@ -31,87 +32,52 @@ GUEST_HOOK = "hook"
 GUEST_AGENT = "agent"
 
 
+@value(init=False)
 class Settings:
-    """The validated configuration; read-only once made. (A plain class: a dataclass
-    costs `kata-vfio create` the dataclasses and inspect imports on every container.)"""
+    """The validated configuration; read-only once made."""
 
-    __slots__ = (
-        "annotations",
-        "autobind_allow",
-        "device_plugin_resources",
-        "dpdk_run_tmpfs",
-        "guest",
-        "guest_hook_path",
-        "hotplug_timeout",
-        "kata_config_path",
-        "log_file",
-        "raise_memlock",
-        "runtime",
-        "shim",
-        "state_dir",
-        "sysfs",
-    )
+    runtime: str
+    shim: str
+    guest_hook_path: str
+    annotations: dict[str, str]
+    log_file: str
+    sysfs: str
+    state_dir: str
+    autobind_allow: tuple[str, ...]
+    hotplug_timeout: float
+    # VFIO containers get RLIMIT_MEMLOCK unlimited (DPDK) ...
+    raise_memlock: bool
+    # ... and a tmpfs on /run/dpdk unless /run is mounted
+    dpdk_run_tmpfs: bool
+    # Kata >= 2: how the guest gets its devices ("hook": this project's guest hook
+    # with Kata's vfio_mode = "guest-kernel"; "agent": Kata's vfio_mode = "vfio") and
+    # the configuration file `kata-vfio-ctl install` generated. Empty: Kata 1.x, where
+    # the wrapper adds the guest_hook_path annotation instead of
+    # io.katacontainers.config_path.
+    guest: str
+    kata_config_path: str
+    # [[device_plugin.resource]] tables, checked at load: name, select (a string or
+    # None), devices (a list of address globs), cdi (bool)
+    device_plugin_resources: tuple[dict[str, Any], ...]
 
-    def __init__(self, *, runtime: str = DEFAULT_RUNTIME, shim: str = DEFAULT_SHIM,
-                 guest_hook_path: str = DEFAULT_GUEST_HOOK_PATH,
-                 annotations: dict[str, str] | None = None, log_file: str = DEFAULT_LOG_FILE,
-                 sysfs: str = DEFAULT_SYSFS, state_dir: str = DEFAULT_STATE_DIR,
-                 autobind_allow: tuple[str, ...] = (),
-                 hotplug_timeout: float = HOTPLUG_TIMEOUT_DEFAULT,
-                 raise_memlock: bool = True, dpdk_run_tmpfs: bool = True,
-                 guest: str = GUEST_HOOK, kata_config_path: str = "",
-                 device_plugin_resources: tuple[dict[str, Any], ...] = ()) -> None:
-        setattr_ = object.__setattr__
-        setattr_(self, "runtime", runtime)
-        setattr_(self, "shim", shim)
-        setattr_(self, "guest_hook_path", guest_hook_path)
-        setattr_(self, "annotations", dict(annotations or {}))
-        setattr_(self, "log_file", log_file)
-        setattr_(self, "sysfs", sysfs)
-        setattr_(self, "state_dir", state_dir)
-        setattr_(self, "autobind_allow", tuple(autobind_allow))
-        setattr_(self, "hotplug_timeout", hotplug_timeout)
-        # VFIO containers get RLIMIT_MEMLOCK unlimited (DPDK) ...
-        setattr_(self, "raise_memlock", raise_memlock)
-        # ... and a tmpfs on /run/dpdk unless /run is mounted
-        setattr_(self, "dpdk_run_tmpfs", dpdk_run_tmpfs)
-        # Kata >= 2: how the guest gets its devices ("hook": this project's guest hook
-        # with Kata's vfio_mode = "guest-kernel"; "agent": Kata's vfio_mode = "vfio") and
-        # the configuration file `kata-vfio-ctl install` generated. Empty: Kata 1.x, where
-        # the wrapper adds the guest_hook_path annotation instead of
-        # io.katacontainers.config_path.
-        setattr_(self, "guest", guest)
-        setattr_(self, "kata_config_path", kata_config_path)
-        # [[device_plugin.resource]] tables, checked at load: name, select (a string or
-        # None), devices (a list of address globs), cdi (bool)
-        setattr_(self, "device_plugin_resources", tuple(device_plugin_resources))
-
-    if TYPE_CHECKING:
-        runtime: str
-        shim: str
-        guest_hook_path: str
-        annotations: dict[str, str]
-        log_file: str
-        sysfs: str
-        state_dir: str
-        autobind_allow: tuple[str, ...]
-        hotplug_timeout: float
-        raise_memlock: bool
-        dpdk_run_tmpfs: bool
-        guest: str
-        kata_config_path: str
-        device_plugin_resources: tuple[dict[str, Any], ...]
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"Settings are read-only ({name})")
+    def __new__(cls, *, runtime: str = DEFAULT_RUNTIME, shim: str = DEFAULT_SHIM,
+                guest_hook_path: str = DEFAULT_GUEST_HOOK_PATH,
+                annotations: dict[str, str] | None = None, log_file: str = DEFAULT_LOG_FILE,
+                sysfs: str = DEFAULT_SYSFS, state_dir: str = DEFAULT_STATE_DIR,
+                autobind_allow: tuple[str, ...] = (),
+                hotplug_timeout: float = HOTPLUG_TIMEOUT_DEFAULT,
+                raise_memlock: bool = True, dpdk_run_tmpfs: bool = True,
+                guest: str = GUEST_HOOK, kata_config_path: str = "",
+                device_plugin_resources: tuple[dict[str, Any], ...] = ()) -> Settings:
+        return build(cls, (runtime, shim, guest_hook_path, dict(annotations or {}), log_file,
+                           sysfs, state_dir, tuple(autobind_allow), hotplug_timeout,
+                           raise_memlock, dpdk_run_tmpfs, guest, kata_config_path,
+                           tuple(device_plugin_resources)))
 
     def as_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.__slots__}
+        return as_dict(self)
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Settings) and self.as_dict() == other.as_dict()
-
-    __hash__ = None  # type: ignore[assignment]
+    __hash__ = None  # type: ignore[assignment]  # its dicts: compared, never hashed
 
     def __repr__(self) -> str:
         return f"Settings({self.as_dict()!r})"

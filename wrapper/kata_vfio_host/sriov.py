@@ -19,7 +19,7 @@ from kata_vfio_host.ledger import Host, read_journal_file
 from kata_vfio_host.owners import claim_gone
 
 if TYPE_CHECKING:
-    from kata_vfio.pci import StrPath
+    from kata_vfio.types import StrPath
 
 
 def virtual_functions(sysfs: StrPath, pf: PciAddress) -> list[PciAddress]:

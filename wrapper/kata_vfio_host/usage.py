@@ -12,16 +12,16 @@ hang. Each reason is one phrase naming what uses the device.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kata_vfio import value
 from kata_vfio.pci import PciAddress, block_devices_below, interfaces_below, read_device
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from kata_vfio.pci import StrPath
+    from kata_vfio.types import StrPath
 
 IFF_UP = 0x1
 RT_TABLE_LOCAL = 255  # the kernel's own local/broadcast/multicast routes of every address
@@ -32,7 +32,7 @@ UPPER_KINDS = frozenset({"vlan", "macvlan", "macvtap", "ipvlan", "ipvtap"})
 OVS_MASTER = "ovs-system"
 
 
-@dataclass(frozen=True)
+@value
 class Link:
     """What the in-use rules need of one interface (one RTM_NEWLINK)."""
 
@@ -44,7 +44,7 @@ class Link:
     lower: int = 0          # IFLA_LINK within this namespace (0 for another namespace's)
 
 
-@dataclass(frozen=True)
+@value
 class NetView:
     """One namespace's links, addresses (per index, IPv6 link-local left out) and routes
     (the output interfaces of each route that is neither the local table's nor the

@@ -12,21 +12,24 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
+from kata_vfio import value
 from kata_vfio.defaults import VF_CONFIG_ANNOTATION
 from kata_vfio.errors import DeviceError
 from kata_vfio.hexcodes import parse_mac
 from kata_vfio.pci import PciAddress, interfaces_below, read_device
 
 
-class VfSetting(NamedTuple):
+@value
+class VfSetting:
     vf: PciAddress
     mac: str | None
     vlan: int | None
 
 
-class VfPort(NamedTuple):
+@value
+class VfPort:
     """Where a VF's settings live: its PF's interface and the VF's index there."""
 
     pf_interface: str

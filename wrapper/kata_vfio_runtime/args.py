@@ -6,6 +6,8 @@ and, for create/run, the bundle and container id, and hands the argv on as is.
 
 from __future__ import annotations
 
+from kata_vfio import value
+
 # Global flags (runc, crun, Kata 1.x) that take a value in the `--flag value` form.
 GLOBAL_VALUE_FLAGS = frozenset(
     {"--root", "--log", "--log-format", "--log-level", "--criu", "--kata-config",
@@ -22,24 +24,17 @@ CREATE_VALUE_FLAGS = frozenset(
 EDIT_VERBS = frozenset({"create", "run"})
 
 
+@value
 class Invocation:
-    """What the wrapper needs to know of one runtime call (a plain class: dataclasses
-    costs milliseconds to import, and this module is on every verb's path)."""
+    """What the wrapper needs to know of one runtime call."""
 
-    __slots__ = ("bundle", "container_id", "log_format", "log_path", "problem", "verb",
-                 "verb_index")
-
-    def __init__(self, verb: str | None, log_path: str | None = None,
-                 log_format: str | None = None, bundle: str | None = None,
-                 container_id: str | None = None, verb_index: int = 0,
-                 problem: str | None = None) -> None:
-        self.verb = verb
-        self.log_path = log_path
-        self.log_format = log_format
-        self.bundle = bundle
-        self.container_id = container_id
-        self.verb_index = verb_index  # argv[1:verb_index] are the global flags
-        self.problem = problem  # a create/run command line we must not guess about
+    verb: str | None
+    log_path: str | None = None
+    log_format: str | None = None
+    bundle: str | None = None
+    container_id: str | None = None
+    verb_index: int = 0  # argv[1:verb_index] are the global flags
+    problem: str | None = None  # a create/run command line we must not guess about
 
 
 def _split(token: str) -> tuple[str, str | None]:

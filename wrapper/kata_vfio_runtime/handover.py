@@ -14,7 +14,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    ExecFn = Callable[[str, list[str]], object]
+    from kata_vfio.types import ExecFn
 
 
 def hand_over(prog: str, argv: list[str], decide: Callable[[], str | int],

@@ -28,12 +28,11 @@ from kata_vfio_runtime.spec_edit import (
     sandbox_spec,
 )
 
-# Every VFIO container's create runs this: no typing, no pathlib.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from kata_vfio.pci import StrPath
+    from kata_vfio.types import StrPath
 
 
 def host_of(settings: Settings) -> Host:

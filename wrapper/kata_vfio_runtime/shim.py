@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import sys
 
+from kata_vfio import value
 from kata_vfio.defaults import (
     DEFAULT_SHIM,
     SHIM_WRAPPER,
@@ -37,7 +38,7 @@ from kata_vfio_runtime.wrapping import Wrapper, holds_devices, passthrough, prep
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from kata_vfio_runtime.handover import ExecFn
+    from kata_vfio.types import ExecFn
 
 PROG = SHIM_WRAPPER
 # Go flag-package flags of containerd's shim command line that take a value
@@ -50,16 +51,13 @@ VALUE_FLAGS = frozenset({"namespace", "address", "publish-binary", "id", "bundle
 VERSION_FLAGS = frozenset({"v", "version"})
 
 
+@value
 class ShimCall:
-    __slots__ = ("action", "bundle", "container_id", "namespace", "version")
-
-    def __init__(self, action: str | None, container_id: str | None, namespace: str | None,
-                 bundle: str | None, version: bool = False) -> None:
-        self.action = action
-        self.container_id = container_id
-        self.namespace = namespace
-        self.bundle = bundle
-        self.version = version
+    action: str | None
+    container_id: str | None
+    namespace: str | None
+    bundle: str | None
+    version: bool = False
 
 
 def parse_shim_args(argv: list[str]) -> ShimCall:

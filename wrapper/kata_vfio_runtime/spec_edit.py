@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 
+from kata_vfio import value
 from kata_vfio.defaults import MAX_CONFIG_JSON_BYTES
 from kata_vfio.errors import DeviceError, SpecError
 from kata_vfio.files import read_regular, write_atomically
@@ -40,12 +41,11 @@ from kata_vfio.pci import (
 )
 from kata_vfio_host.settings import GUEST_AGENT, Settings
 
-# Every VFIO container's create runs this: no typing, dataclasses, copy, pathlib or json.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from kata_vfio.pci import StrPath
+    from kata_vfio.types import StrPath
 
 VFIO_DIR = "/dev/vfio/"
 VFIO_CONTAINER_PATH = "/dev/vfio/vfio"
@@ -58,23 +58,11 @@ ALLOCATED_ANNOTATION = "io.kata-vfio.allocated"
 OWN_ANNOTATIONS = (MANIFEST_ANNOTATION, GUEST_HOOK_PATH_ANNOTATION, ALLOCATED_ANNOTATION)
 
 
+@value
 class DeviceNode:
-    __slots__ = ("major", "minor", "path")
-
-    def __init__(self, path: str, major: int, minor: int) -> None:
-        self.path = path
-        self.major = major
-        self.minor = minor
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, DeviceNode) and \
-            (self.path, self.major, self.minor) == (other.path, other.major, other.minor)
-
-    def __hash__(self) -> int:
-        return hash((self.path, self.major, self.minor))
-
-    def __repr__(self) -> str:
-        return f"DeviceNode({self.path!r}, {self.major}, {self.minor})"
+    path: str
+    major: int
+    minor: int
 
     def spec_entry(self) -> dict[str, Any]:
         return {"path": self.path, "type": "c", "major": self.major, "minor": self.minor,
@@ -85,17 +73,13 @@ class DeviceNode:
                 "access": "rwm"}
 
 
+@value
 class SpecPlan:
-    __slots__ = ("annotations", "manifest", "memlock", "nodes", "run_tmpfs")
-
-    def __init__(self, nodes: tuple[DeviceNode, ...], annotations: dict[str, str],
-                 manifest: Manifest, memlock: int | None = None,
-                 run_tmpfs: bool = False) -> None:
-        self.nodes = nodes  # every VFIO node the container gets, /dev/vfio/vfio first
-        self.annotations = annotations
-        self.manifest = manifest
-        self.memlock = memlock  # RLIMIT_MEMLOCK to raise process.rlimits to, if lower
-        self.run_tmpfs = run_tmpfs  # a tmpfs on DPDK's runtime directory, unless /run is
+    nodes: tuple[DeviceNode, ...]  # every VFIO node the container gets, /dev/vfio/vfio first
+    annotations: dict[str, str]
+    manifest: Manifest
+    memlock: int | None = None  # RLIMIT_MEMLOCK to raise process.rlimits to, if lower
+    run_tmpfs: bool = False  # a tmpfs on DPDK's runtime directory, unless /run is
 
 
 # A userspace driver pins its DMA memory: without CAP_IPC_LOCK or a large RLIMIT_MEMLOCK,
@@ -404,13 +388,11 @@ def load_spec(bundle: StrPath) -> tuple[dict[str, Any], bytes]:
     return spec, raw
 
 
+@value
 class EditResult:
-    __slots__ = ("plan", "seconds", "written")
-
-    def __init__(self, plan: SpecPlan | None, written: bool, seconds: float) -> None:
-        self.plan = plan
-        self.written = written
-        self.seconds = seconds
+    plan: SpecPlan | None
+    written: bool
+    seconds: float
 
 
 def edit_bundle(bundle: StrPath, settings: Settings,
