@@ -28,11 +28,11 @@ APT_PACKAGES := $(NODE_APT_PACKAGES) $(TEST_APT_PACKAGES)
 # dpdk, dpdk-dev (dpdk-dev holds dpdk-testpmd): the DPDK VM test and `make demo`
 # `file`: virtme-ng (the nested VM tests) runs it on the kernel image.
 # dmsetup, mdadm: the IOMMU-host VM test stacks device-mapper and md devices on a disk it
-# then must refuse to bind (tests/test_vm_host.py)
+# then must refuse to bind (tests/e2e/test_vm_host.py)
 # man-db, zsh, logrotate: the install test renders the man page (man -l), loads the zsh
 # completion and rotates a log with the installed snippet
 # debootstrap: the fresh-node install test makes a Debian 12 root with only make and
-# NODE_APT_PACKAGES (tests/test_install_fresh_root.py, cached under $(KATA_VFIO_CACHE)/freshroot)
+# NODE_APT_PACKAGES (tests/e2e/test_install_fresh_root.py, cached under $(KATA_VFIO_CACHE)/freshroot)
 # Expensive builds of registry dependencies (netdevsim.ko) are cached here by their versions
 KATA_VFIO_CACHE ?= $(abspath $(BUILD))
 export KATA_VFIO_CACHE
@@ -98,7 +98,7 @@ install-dracut-module: venv
 	$(PY) initrd/dracut_module.py --modules-dir $(DRACUT_MODULES_DIR)
 
 # dpdk-testpmd forwarding in a container of a TCG guest, through podman, the wrapper and
-# the hook (demo/demo.py; the path tests/test_dpdk_vm.py checks): about 1 min after the
+# the hook (demo/demo.py; the path tests/e2e/test_dpdk_vm.py checks): about 1 min after the
 # installs (APT_PACKAGES, the venv)
 demo: initrd
 	$(PY) demo/demo.py --initrd $(abspath $(BUILD))/kata-vfio-initrd.img --kver $(KVER)

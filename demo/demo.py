@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """`make demo`: a DPDK program driving its devices from inside the container, the whole
-path explained as it goes (tests/dpdk_one_level.py, which tests/test_dpdk_vm.py checks).
+path explained as it goes (tests/dpdk_one_level.py, which tests/e2e/test_dpdk_vm.py checks).
 
 1. podman runs dpdk-testpmd with `--runtime kata-vfio`: the wrapper edits podman's spec
    (its host is a fake sysfs: this machine has no IOMMU; a stand-in records the spec

@@ -1,11 +1,11 @@
-"""The one-level DPDK path without Kata, shared by tests/test_dpdk_vm.py and `make demo`.
+"""The one-level DPDK path without Kata, shared by tests/e2e/test_dpdk_vm.py and `make demo`.
 
 podman 4.3 runs `--runtime kata-vfio` (our wrapper, registered with kata-vfio-ctl's own
 code; its host view of PCI is a fake sysfs and its inner runtime a spec recorder standing
 in for kata-runtime); the recorded spec is changed as Kata 1.x changes it on its way to
 the agent (`kata1_agent_spec`); a QEMU/TCG guest booted from `make initrd`'s image runs it
 with runc and kata-vfio-hook, and dpdk-testpmd forwards between the guest's two e1000e.
-tests/test_dpdk_vm.py's docstring says what is real and what stands in for Kata.
+tests/e2e/test_dpdk_vm.py's docstring says what is real and what stands in for Kata.
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ def podman_session(top: Path, timings: dict[str, float]) -> Iterator[Podman]:
 
 def kata1_agent_spec(spec: dict[str, Any], root: str) -> tuple[dict[str, Any], list[str]]:
     """The spec as kata-agent 1.x would get it, for runc in the guest (see
-    tests/test_dpdk_vm.py's docstring), and the list of what changed."""
+    tests/e2e/test_dpdk_vm.py's docstring), and the list of what changed."""
     out = copy.deepcopy(spec)
     changes: list[str] = []
     out["root"] = {**out.get("root", {}), "path": root}

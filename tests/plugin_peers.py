@@ -1,6 +1,6 @@
 """The kubelet's side of a device plugin, as gRPC servers on Unix sockets: its
 Registration service and its pod-resources List. Test peers of `kata-vfio-ctl
-device-plugin`, used on the host (tests/test_device_plugin.py) and in a guest
+device-plugin`, used on the host (tests/ctl/test_device_plugin.py) and in a guest
 (tests/vm/guest-plugin.py): only grpc and kata-vfio's own kubeapi modules."""
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ tempfile (each costs a good part of a bare interpreter start), nor the heavy lib
 ``TYPE_CHECKING = False`` (not ``typing.TYPE_CHECKING``) and imports type-only names
 under ``if TYPE_CHECKING:``, from the stub `kata_vfio.types` (Protocols, aliases) which
 has no run-time module; value types are `value` classes (below). ruff's TID253
-(pyproject.toml) and tests/test_lean_paths.py enforce it.
+(pyproject.toml) and tests/project/test_lean_paths.py enforce it.
 
 Value types: `value`, the one way kata-vfio writes a small immutable record.
 

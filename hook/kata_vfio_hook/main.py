@@ -4,7 +4,7 @@ kata-agent runs it as ``[name, "prestart"]`` with an empty environment and the O
 state on stdin, after the rootfs is ready and before pivot_root, and kills it
 after 10 s. Most containers have no VFIO devices: for them it reads stdin, finds
 no manifest and exits, having imported the C JSON codec and the error boundary only
-(no pathlib, no typing, no json package: see tests/test_lean_paths.py). The work is
+(no pathlib, no typing, no json package: see tests/project/test_lean_paths.py). The work is
 in give.py, which keeps to the same rule: the hook's first run in a fresh VM is what
 Kata waits for.
 """

@@ -20,7 +20,7 @@ LIBCONTAINER = "/run/libcontainer"  # Kata 1.x keeps each container's spec below
 class State:
     """The OCI state the runtime passes on stdin. Not a `kata_vfio.value` class: every
     container's hook makes one, most with no manifest, and those import no more than
-    main.py does (tests/test_lean_paths.py)."""
+    main.py does (tests/project/test_lean_paths.py)."""
 
     __slots__ = ("annotations", "bundle", "id", "pid")
 

@@ -1,4 +1,4 @@
-"""The whole real-Kata set-up, shared by tests/test_kata_e2e.py and `make bench`.
+"""The whole real-Kata set-up, shared by tests/e2e/test_kata_e2e.py and `make bench`.
 
 `environment(top)` takes the user's installed Kata 1.x (tests/kata/installed.py), builds
 the guest image, the launchers, the test configuration.toml (after `kata-vfio-ctl install`),

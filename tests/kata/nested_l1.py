@@ -1,4 +1,4 @@
-"""Runs INSIDE the virtme-ng L1 guest of tests/test_kata_nested_e2e.py (test-only).
+"""Runs INSIDE the virtme-ng L1 guest of tests/e2e/test_kata_nested_e2e.py (test-only).
 
 L1 is a TCG guest with a vIOMMU (intel-iommu, caching-mode=on) and one e1000e: a real
 IOMMU host. Here, against L1's real /sys (no fake tree, no stripping inner runtime):

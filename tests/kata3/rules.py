@@ -5,7 +5,7 @@ kata_vfio_ctl.kata3: the tests run the product's generated files and edited spec
 
 Kata's Go runtime is in no registry this project can use (the Go module proxy refuses it),
 so `make test` cannot ask Kata's own loader; `make test-kata` does, against an installed
-Kata (tests/test_kata3_real.py).
+Kata (tests/e2e/test_kata3_real.py).
 
 The rules:
 - `io.katacontainers.config_path` picks the configuration file (not gated);

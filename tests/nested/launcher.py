@@ -1,4 +1,4 @@
-"""Test-only OCI runtime for tests/test_nested_host_e2e.py: a VM launcher that does Kata
+"""Test-only OCI runtime for tests/e2e/test_nested_host_e2e.py: a VM launcher that does Kata
 1.x's part with a container's spec, and no more. Standard library only; run in L1 as
 `/usr/bin/python3 -I -S launcher.py --launcher-config FILE <OCI command line>`.
 

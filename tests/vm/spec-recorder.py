@@ -6,7 +6,7 @@ stand in on this host (it may not raise RLIMIT_MEMLOCK to unlimited, which is ex
 what the wrapper adds). So on `create` or `run` this program copies the bundle's
 config.json to $KVFIO_SPEC_DIR/<container id>.json and fails with one line naming
 the copy; `delete` (podman's clean-up after the failed create) succeeds, as there is
-nothing to delete; any other verb fails. tests/test_dpdk_vm.py runs the recorded spec
+nothing to delete; any other verb fails. tests/e2e/test_dpdk_vm.py runs the recorded spec
 in a guest.
 
 Run by a launcher that sets KVFIO_SPEC_DIR (podman gives runtimes a clean

@@ -218,9 +218,9 @@ def test_the_boot_unit_runs_the_boot_command_before_the_engines() -> None:
     from kata_vfio_ctl.parser import build_parser
 
     unit = configparser.ConfigParser(strict=True, interpolation=None)
-    unit.read(Path(__file__).parent.parent / "systemd/kata-vfio-boot.service")
+    unit.read(Path(__file__).resolve().parents[2] / "systemd/kata-vfio-boot.service")
     argv = shlex.split(unit["Service"]["ExecStart"])
-    # make install puts its PREFIX/bin in place of @BINDIR@ (tests/test_install.py)
+    # make install puts its PREFIX/bin in place of @BINDIR@ (tests/project/test_install.py)
     assert argv[0] == "@BINDIR@/kata-vfio-ctl" and unit["Service"]["Type"] == "oneshot"
     build_parser().parse_args(argv[1:])  # a command kata-vfio-ctl has (SystemExit if not)
     before = unit["Unit"]["Before"].split()

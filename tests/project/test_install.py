@@ -13,7 +13,7 @@ import pytest
 
 from fakesys import FakeSysfs
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PREFIX = "/usr/local"
 COMMANDS = ("kata-vfio-ctl", "kata-vfio", "containerd-shim-kata-vfio-v2")
 # what a node has: no venv, no source tree, nothing of the tests' environment

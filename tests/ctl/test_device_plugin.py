@@ -487,7 +487,7 @@ def test_allocate_waits_for_the_stopping_container_of_the_pod_that_had_the_devic
 def test_restore_names_an_allocation_left_by_a_stopped_plugin_as_the_plugins(
         tmp_path: Path, fakesys: FakeSysfs, kernel: FakeKernel,
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    """Seen on a real kernel (tests/test_vm_plugin.py): the plugin stopped with an
+    """Seen on a real kernel (tests/e2e/test_vm_plugin.py): the plugin stopped with an
     allocation whose pod never started, `restore --all` refused it as a "live container"
     to delete from its VM — there is no container and no VM. It is refused (the pod may
     still start) with a line that says whose it is and what gives it back; nothing moves."""
@@ -520,7 +520,7 @@ def test_restore_names_an_allocation_left_by_a_stopped_plugin_as_the_plugins(
 def test_a_gone_vf_is_reported_before_a_slow_survey_of_the_rest(
         tmp_path: Path, fakesys: FakeSysfs, kernel: FakeKernel,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Seen on a real kernel (tests/test_vm_plugin.py, 1.28 s): the VFs' removal changes
+    """Seen on a real kernel (tests/e2e/test_vm_plugin.py, 1.28 s): the VFs' removal changes
     the PCI layout, and the survey that follows (in-use checks of every matching function
     on a host driver: process and mount scans) ran before the gone VFs were reported.
     Gone endpoints are Unhealthy in the next message, whatever the survey costs."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PACKAGES = {
     "kata_vfio": REPO / "common" / "kata_vfio",
     "kata_vfio_host": REPO / "wrapper" / "kata_vfio_host",

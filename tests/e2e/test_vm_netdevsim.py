@@ -53,7 +53,7 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> GuestRun:
         INITRD, KVER, [Scenario("netdevsim", "{}", script=SCRIPT)], devices=(),
         console_log=log, host_tools=True, modules=tuple(built["depends"]),
         files={"/kvfio/netdevsim.ko": Path(built["ko"]),
-               "/kvfio/fakesys.py": Path(__file__).parent / "fakesys.py",
+               "/kvfio/fakesys.py": Path(__file__).resolve().parents[1] / "fakesys.py",
                "/usr/sbin/ip": Path(ip)})
 
 

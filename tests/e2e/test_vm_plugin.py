@@ -16,7 +16,7 @@ from vmtools import GuestRun
 pytestmark = pytest.mark.vm
 
 RESOURCE = "kata-vfio.io/nvme"
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # tests/
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from freshroot import make_root, mounts_under, root_env, run_in_root
 
 pytestmark = pytest.mark.freshroot
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SOURCE = "/root/kata-vfio"  # where the operator put the tree, inside the root
 # not the node's files: the kernel's and the run's file systems, the source copy and its
 # build, pip's download cache

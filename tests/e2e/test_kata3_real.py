@@ -5,7 +5,7 @@ accept the file that `install_kata` derives from the installed configuration-qem
 report q35, the plug mode and the hook path. The installed Kata is named by
 KATA_VFIO_KATA3_RUNTIME (and KATA_VFIO_KATA3_CONFIG; tests/kata/installed.py): Kata is in no
 registry this project can use, so `make test` checks the same files against Kata's documented
-rules instead (tests/test_kata3_rules.py) and this runs under `make test-kata`.
+rules instead (tests/ctl/test_kata3_rules.py) and this runs under `make test-kata`.
 
 Test-only: the installed configuration is copied to a scratch directory (the installation is
 never touched); where its kernel or image does not exist, the copy names Debian's
@@ -39,7 +39,7 @@ from kata import installed
 
 pytestmark = pytest.mark.kata3
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parents[1]  # tests/
 KATA_ENV = HERE / "kata3" / "kata_env.py"
 QEMU = Path("/usr/bin/qemu-system-x86_64")
 HOOKS = "/usr/share/oci/hooks"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = REPO / ".venv/bin"
 CONFIG = REPO / ".pre-commit-config.yaml"
 

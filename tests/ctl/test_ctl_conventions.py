@@ -85,7 +85,7 @@ def test_devices_d_and_select_share_one_parser(
 def pyproject_version() -> str:
     import tomllib
 
-    with open(Path(__file__).resolve().parent.parent / "pyproject.toml", "rb") as f:
+    with open(Path(__file__).resolve().parents[2] / "pyproject.toml", "rb") as f:
         return str(tomllib.load(f)["project"]["version"])
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 WHOLE_FILE_MARKS = {"vm", "podman", "containerd", "kubelet", "kata", "kata3", "dracut"}
 # what a test's code says when it touches the host
 HOST_WORDS = ('"unshare"', '"mount"', '"ip", "link", "add"', '"ip", "netns"', "/proc/net/route",
@@ -40,7 +40,7 @@ def _file_marks(tree: ast.Module) -> set[str]:
 
 def unmarked_host_tests() -> list[str]:
     found = []
-    for path in sorted(TESTS.glob("test_*.py")):
+    for path in sorted(TESTS.rglob("test_*.py")):
         if path.name == Path(__file__).name:  # its words are examples
             continue
         text = path.read_text()

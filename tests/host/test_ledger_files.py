@@ -34,8 +34,9 @@ from ledgerfiles import read_ledger
 
 from fakesys import NVME, FakeKernel, FakeSysfs
 
-REPO = Path(__file__).resolve().parent.parent
-V2 = Path(__file__).parent / "data/ledger-v2/bindings.json"  # written by the code of babc0a0
+REPO = Path(__file__).resolve().parents[2]
+# written by the code of babc0a0
+V2 = Path(__file__).resolve().parents[1] / "data/ledger-v2/bindings.json"
 V2_BOOT = "5f1c0b7e-fixture-boot"
 
 

@@ -1,6 +1,6 @@
 """The host half for real, nested: podman → kata-vfio → Kata 1.x inside a virtme-ng L1 guest.
 
-This host has no IOMMU, so tests/test_kata_e2e.py stands in for the host half of a
+This host has no IOMMU, so tests/e2e/test_kata_e2e.py stands in for the host half of a
 passthrough (fake sysfs, a test-only step dropping /dev/vfio/N). Here nothing is stood in
 for: an L1 TCG guest booted by virtme-ng (this host's root over 9p, q35 with
 `intel-iommu,intremap=on,caching-mode=on` and one e1000e at 00:10.0, ../shared/LAB.md

@@ -24,7 +24,7 @@ from kata_vfio_ctl.containerd_conf import (
 from kata_vfio_ctl.crio_conf import CRIO_DROPIN, register_crio, unregister_crio
 from kata_vfio_ctl.engine_shim import ShimRuntime
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 SHIM = "/usr/local/bin/containerd-shim-kata-vfio-v2"
 KATA_CONF = "/etc/kata-containers/kata-vfio.toml"
 

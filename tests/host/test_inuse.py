@@ -4,7 +4,7 @@ disks under mounts, swap and dm/md stacks matched by device number, not by name.
 
 Real interfaces live in a network namespace of the test's own (veth and bridge: what
 this machine's kernel has; bonds and VLANs are tested on Debian's kernel in the VM
-test, tests/test_vm_host.py); the code is pointed at the namespace with an IPRoute of
+test, tests/e2e/test_vm_host.py); the code is pointed at the namespace with an IPRoute of
 it, or runs there whole (`ip netns exec`, the real kata-vfio-ctl on the fake host).
 """
 

@@ -43,7 +43,7 @@ from kata import harness, rootfs, shim_harness
 from kata.env import Unavailable, kata1_host
 from wrapper_run import private_containerd_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RUNTIME = "io.containerd.kata-vfio.v2"
 DEVICES = "io.kata-vfio.devices"
 HOST_NICS = ("0000:03:00.0", "0000:04:00.0")

@@ -66,5 +66,5 @@ def test_errors_without_json_imported() -> None:
             "try:\n    loads('{\"a\": {\"b\": 1')\n"
             "except ValueError as e:\n    print('ValueError', e)\n")
     out = subprocess.run(["/usr/bin/python3", "-I", "-S", "-c", code], capture_output=True,
-                         text=True, check=True, cwd=Path(__file__).parent.parent).stdout
+                         text=True, check=True, cwd=Path(__file__).resolve().parents[2]).stdout
     assert out.startswith("ValueError Expecting ',' delimiter: line 1 column 14"), out

@@ -20,7 +20,7 @@ sections 3 and 7) is a real IOMMU host, and tests/nested/l1.py runs there agains
 Real: L1's IOMMU, PCI device, e1000e and vfio-pci drivers and sysfs; podman 4.3, conmon,
 kata-vfio (wrapper and kata-vfio-ctl, registered with `kata-vfio-ctl podman-register`);
 L2's VFIO passthrough through both vIOMMU levels; in L2, `make initrd`'s image with our hook,
-runc, and the container's view (tests/test_kata_nested_e2e.py's static vfio-viable checker).
+runc, and the container's view (tests/e2e/test_kata_nested_e2e.py's static vfio-viable checker).
 Stood in for: Kata 1.x (runtime, QEMU command line, shared filesystem, agent): the
 launcher does what Kata does with the spec (its docstring lists exactly what), and
 tests/nested/l2_container.py plays the agent's part in L2 (guest hooks, runc).

@@ -1,7 +1,7 @@
 """The generated Kata >= 2 configuration and the wrapper's edited spec, checked together
 against Kata's documented rules (tests/kata3/rules.py) — what `make test` can check without
 Kata's own loader, which no registry here serves (make test-kata runs that one:
-tests/test_kata3_real.py)."""
+tests/e2e/test_kata3_real.py)."""
 
 from __future__ import annotations
 
