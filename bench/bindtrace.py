@@ -21,22 +21,30 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--smp", type=int, default=2)
-    parser.add_argument("--pools", default="0",
-                        help="comma-separated thread counts to compare (0: ours)")
+    parser.add_argument(
+        "--pools", default="0", help="comma-separated thread counts to compare (0: ours)"
+    )
     parser.add_argument("--no-ftrace", action="store_true", help="Python timestamps only")
     parser.add_argument("--brief", action="store_true", help="only the walls and top phases")
     parser.add_argument("--raw", type=Path, help="write every record here as JSON lines")
     args = parser.parse_args()
     import vmtools
 
-    script = (f"#!/kvfio/bin/sh\nexport BINDTRACE_COUNT={args.count} "
-              f"BINDTRACE_ROUNDS={args.rounds} BINDTRACE_POOLS={args.pools} "
-              f"BINDTRACE_FTRACE={0 if args.no_ftrace else 1}\n"
-              "exec /usr/bin/python3 -I -S /kvfio/bindtrace.py \"$1\"\n")
-    run = vmtools.boot(args.initrd, args.kver,
-                       [vmtools.Scenario("bindtrace", "{}", script=script)],
-                       devices=vmtools.nvme_sriov_pf(32, addr="0x10"), host_tools=True,
-                       memory_mb=1536, smp=args.smp)
+    script = (
+        f"#!/kvfio/bin/sh\nexport BINDTRACE_COUNT={args.count} "
+        f"BINDTRACE_ROUNDS={args.rounds} BINDTRACE_POOLS={args.pools} "
+        f"BINDTRACE_FTRACE={0 if args.no_ftrace else 1}\n"
+        'exec /usr/bin/python3 -I -S /kvfio/bindtrace.py "$1"\n'
+    )
+    run = vmtools.boot(
+        args.initrd,
+        args.kver,
+        [vmtools.Scenario("bindtrace", "{}", script=script)],
+        devices=vmtools.nvme_sriov_pf(32, addr="0x10"),
+        host_tools=True,
+        memory_mb=1536,
+        smp=args.smp,
+    )
     records = [r for r in run.records if str(r.get("event", "")).startswith("bindtrace")]
     if args.raw:
         args.raw.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -56,9 +64,11 @@ def main() -> int:
         print(f"  {'phase':38} {'n':>4} {'sum ms':>8} {'mean ms':>8} {'union ms':>9}")
         for side in ("python", "kernel"):
             for label, s in sorted(r[side].items(), key=lambda kv: -kv[1]["sum_ms"]):
-                print(f"  {side[:2]} {label:35} {s['n']:4} {s['sum_ms']:8.1f} "
-                      f"{s['mean_ms']:8.2f} {s['union_ms']:9.1f}"
-                      + (f"  {','.join(s['comms'])}" if side == "kernel" else ""))
+                print(
+                    f"  {side[:2]} {label:35} {s['n']:4} {s['sum_ms']:8.1f} "
+                    f"{s['mean_ms']:8.2f} {s['union_ms']:9.1f}"
+                    + (f"  {','.join(s['comms'])}" if side == "kernel" else "")
+                )
     return 0
 
 

@@ -33,7 +33,7 @@ def bench_device_plugin(work: Path) -> None:
     kernel = FakeKernel(fs)
     vfs = []
     for p in range(2):  # two PFs of 128 driver-less VFs, each VF its own group
-        pf = f"0000:{0x3b + p * 4:02x}:00.0"
+        pf = f"0000:{0x3B + p * 4:02x}:00.0"
         fs.add_device(pf, (0x8086, 0x1572, 0x020000), group=1 + p, driver="i40e")
         for i in range(VFS // 2):
             vf = str(PciAddress(0, 0x3C + p * 4 + i // 64, (i % 64) // 8, i % 8))
@@ -54,11 +54,16 @@ def bench_device_plugin(work: Path) -> None:
     rpc.add_RegistrationServicer_to_server(Kubelet(), kubelet)
     kubelet.add_insecure_port(f"unix://{kubelet_dir / 'kubelet.sock'}")
     kubelet.start()
-    options = devplugin.Options(sysfs=str(fs.root), state_dir=str(work / "dp-state"),
-                                kubelet_dir=str(kubelet_dir),
-                                pod_resources=str(work / "none.sock"),
-                                cdi_dir=str(work / "dp-cdi"), write=kernel.write,
-                                boot_id="bench", proc=str(work / "no-proc"))
+    options = devplugin.Options(
+        sysfs=str(fs.root),
+        state_dir=str(work / "dp-state"),
+        kubelet_dir=str(kubelet_dir),
+        pod_resources=str(work / "none.sock"),
+        cdi_dir=str(work / "dp-cdi"),
+        write=kernel.write,
+        boot_id="bench",
+        proc=str(work / "no-proc"),
+    )
     resource = Resource("vf", parse_select("8086:154c")[0], ())
     from kata_vfio_ctl import plugin_ledger
 
@@ -84,8 +89,9 @@ def bench_device_plugin(work: Path) -> None:
         offered = len(next(stream).devices)
         took = []
         for vf in vfs[: VFS - 16]:  # the last 16 stay for the watch figure
-            request = pb.AllocateRequest(container_requests=[
-                pb.ContainerAllocateRequest(devices_ids=[vf])])
+            request = pb.AllocateRequest(
+                container_requests=[pb.ContainerAllocateRequest(devices_ids=[vf])]
+            )
             began = time.perf_counter()
             stub.Allocate(request, timeout=30)
             took.append(time.perf_counter() - began)
@@ -93,7 +99,7 @@ def bench_device_plugin(work: Path) -> None:
         p50 = statistics.median(took) * 1e3
         p99 = took[int(len(took) * 0.99) - 1] * 1e3
         delays = []
-        for vf in vfs[VFS - 16:VFS - 6]:
+        for vf in vfs[VFS - 16 : VFS - 6]:
             gone_at = time.perf_counter()
             fs.remove_device(vf)
             while True:
@@ -109,14 +115,20 @@ def bench_device_plugin(work: Path) -> None:
         plugin.stop()
         thread.join(10)
         kubelet.stop(grace=0)
-    print(f"device plugin, {offered} VFs offered (fake host, real gRPC): Allocate of one VF "
-          f"(ledger claim + bind) p50 {p50:.1f} ms, p99 {p99:.1f} ms over {len(took)} "
-          f"(target p99 <= 20 ms)")
+    print(
+        f"device plugin, {offered} VFs offered (fake host, real gRPC): Allocate of one VF "
+        f"(ledger claim + bind) p50 {p50:.1f} ms, p99 {p99:.1f} ms over {len(took)} "
+        f"(target p99 <= 20 ms)"
+    )
     in_ledger.sort()
-    print(f"  of which bindings.acquire (ledger locks, journal, bind): p50 "
-          f"{statistics.median(in_ledger) * 1e3:.1f} ms, p99 "
-          f"{in_ledger[int(len(in_ledger) * 0.99) - 1] * 1e3:.1f} ms (the journal holds up to "
-          f"{len(in_ledger)} allocations by the end)")
-    print(f"  VF removed -> ListAndWatch shows it Unhealthy: median "
-          f"{statistics.median(delays) * 1e3:.0f} ms, max {max(delays) * 1e3:.0f} ms over "
-          f"{len(delays)} (target <= 1 s; poll every {devplugin.POLL * 1e3:.0f} ms)")
+    print(
+        f"  of which bindings.acquire (ledger locks, journal, bind): p50 "
+        f"{statistics.median(in_ledger) * 1e3:.1f} ms, p99 "
+        f"{in_ledger[int(len(in_ledger) * 0.99) - 1] * 1e3:.1f} ms (the journal holds up to "
+        f"{len(in_ledger)} allocations by the end)"
+    )
+    print(
+        f"  VF removed -> ListAndWatch shows it Unhealthy: median "
+        f"{statistics.median(delays) * 1e3:.0f} ms, max {max(delays) * 1e3:.0f} ms over "
+        f"{len(delays)} (target <= 1 s; poll every {devplugin.POLL * 1e3:.0f} ms)"
+    )

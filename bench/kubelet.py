@@ -44,8 +44,13 @@ def bench_kubelet(work: Path, runs: int = RUNS) -> None:
         sandbox = node.sandbox(name)
         return sandbox is None or sandbox["state"] == "SANDBOX_NOTREADY"
 
-    with running_node(top, engine_host(top / "sys"), bins,
-                      venv / "containerd-shim-kata-vfio-v2", venv / "kata-vfio-ctl") as node:
+    with running_node(
+        top,
+        engine_host(top / "sys"),
+        bins,
+        venv / "containerd-shim-kata-vfio-v2",
+        venv / "kata-vfio-ctl",
+    ) as node:
         plugin = KataPlugin(node, "nic", "8086:10d3", release_grace=0.0)
         plugin.start()
         try:
@@ -65,8 +70,7 @@ def bench_kubelet(work: Path, runs: int = RUNS) -> None:
                         raise RuntimeError(f"pod {name} printed {line!r}")
                     container = node.container(name)
                     held = node.holders()
-                    if kind != "none" and (container is None
-                                           or held.get(12) != container["id"]):
+                    if kind != "none" and (container is None or held.get(12) != container["id"]):
                         raise RuntimeError(f"pod {name}'s container holds no group: {held}")
                     if i:
                         seconds[kind].append(t)
@@ -76,13 +80,18 @@ def bench_kubelet(work: Path, runs: int = RUNS) -> None:
                     if kind == "plugin":
                         # released (as the pod's grace would have it), so the next
                         # Allocate takes the usual path, not the hand-over of a stale one
-                        node.wait_for(lambda: not plugin_ledger.allocations(node.ledger()),
-                                      60, "the allocation's release")
+                        node.wait_for(
+                            lambda: not plugin_ledger.allocations(node.ledger()),
+                            60,
+                            "the allocation's release",
+                        )
         finally:
             plugin.stop()
     p50 = {k: statistics.median(v) * 1e3 for k, v in seconds.items()}
-    print(f"kubelet static pod to first line (medians of {runs}): 0 devices "
-          f"{p50['none']:.0f} ms; 1 device from the device plugin {p50['plugin']:.0f} ms -> "
-          f"{p50['plugin'] / p50['none']:.2f}x (target <= 1.2x); 1 device by the "
-          f"io.kata-vfio.devices annotation {p50['annotation']:.0f} ms -> "
-          f"{p50['annotation'] / p50['none']:.2f}x")
+    print(
+        f"kubelet static pod to first line (medians of {runs}): 0 devices "
+        f"{p50['none']:.0f} ms; 1 device from the device plugin {p50['plugin']:.0f} ms -> "
+        f"{p50['plugin'] / p50['none']:.2f}x (target <= 1.2x); 1 device by the "
+        f"io.kata-vfio.devices annotation {p50['annotation']:.0f} ms -> "
+        f"{p50['annotation'] / p50['none']:.2f}x"
+    )

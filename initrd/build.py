@@ -45,23 +45,45 @@ def build(kver: str, output: Path, with_hook: bool = True, extra_modules: str = 
         env = {**os.environ, "dracutbasedir": str(dracut_base(work, module))}
         modules = "base" + (" kata-vfio" if with_hook else "") + extra_modules
         output.parent.mkdir(parents=True, exist_ok=True)
-        run(["dracut", "--force", "--quiet", "--no-hostonly", "--no-hostonly-cmdline",
-             "--no-early-microcode", "--reproducible", "--modules", modules,
-             "--tmpdir", str(work), "--kver", kver, str(output)],
-            what=f"building {output} with dracut", env=env, timeout=900)
+        run(
+            [
+                "dracut",
+                "--force",
+                "--quiet",
+                "--no-hostonly",
+                "--no-hostonly-cmdline",
+                "--no-early-microcode",
+                "--reproducible",
+                "--modules",
+                modules,
+                "--tmpdir",
+                str(work),
+                "--kver",
+                kver,
+                str(output),
+            ],
+            what=f"building {output} with dracut",
+            env=env,
+            timeout=900,
+        )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--kver", required=True, help="kernel version, e.g. 6.1.0-28-amd64")
     parser.add_argument("--output", type=Path, required=True)
-    parser.add_argument("--without-hook", action="store_true",
-                        help="the same image without the kata-vfio module (size comparison)")
+    parser.add_argument(
+        "--without-hook",
+        action="store_true",
+        help="the same image without the kata-vfio module (size comparison)",
+    )
     parser.add_argument("--debug", action="store_true", help="tracebacks on errors")
     args = parser.parse_args()
     if not Path(f"/lib/modules/{args.kver}").is_dir():
-        print(f"build.py: no modules for kernel {args.kver}; install linux-image-{args.kver}",
-              file=sys.stderr)
+        print(
+            f"build.py: no modules for kernel {args.kver}; install linux-image-{args.kver}",
+            file=sys.stderr,
+        )
         return 1
 
     def body() -> int:

@@ -49,8 +49,10 @@ sys.exit(main(sys.argv))
 def package_dir(name: str) -> Path:
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"dracut_module.py: package {name} is not importable; "
-                         "run it with the venv's python (make install-dracut-module)")
+        raise SystemExit(
+            f"dracut_module.py: package {name} is not importable; "
+            "run it with the venv's python (make install-dracut-module)"
+        )
     return Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -58,8 +60,9 @@ def generate(moddir: Path, python: str = GUEST_PYTHON) -> None:
     """Fill `moddir` (holding module-setup.sh) with what install() reads."""
     pylib = moddir / PYLIB
     for name in HOOK_PACKAGES:
-        shutil.copytree(package_dir(name), pylib / name,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copytree(
+            package_dir(name), pylib / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+        )
     lines = []
     files = closure(python, pylib, HOOK_IMPORTS, HOOK_PACKAGES)
     for src, dst in files:
@@ -84,15 +87,18 @@ for src, cfile, dfile in json.loads(sys.argv[1]):
 """
 
 
-def compile_bytecode(python: str, moddir: Path, files: list[tuple[str, str]]
-                     ) -> list[tuple[str, str]]:
+def compile_bytecode(
+    python: str, moddir: Path, files: list[tuple[str, str]]
+) -> list[tuple[str, str]]:
     """Unchecked-hash pycs, compiled by the guest's own interpreter, for every .py the hook
     imports: (pyc relative to moddir, its place in the image's __pycache__). Reproducible:
     no timestamps inside, and the interpreter never rewrites them."""
     from kata_vfio.run import run
 
-    tag = run([python, "-I", "-S", "-c", "import sys; print(sys.implementation.cache_tag)"],
-              what="asking the guest python for its bytecode tag").stdout.strip()
+    tag = run(
+        [python, "-I", "-S", "-c", "import sys; print(sys.implementation.cache_tag)"],
+        what="asking the guest python for its bytecode tag",
+    ).stdout.strip()
     (moddir / "pyc").mkdir(exist_ok=True)
     jobs, pairs = [], []
     for n, (src, dst) in enumerate(sorted(f for f in files if f[0].endswith(".py"))):
@@ -101,8 +107,10 @@ def compile_bytecode(python: str, moddir: Path, files: list[tuple[str, str]]
         cfile = f"pyc/{n:04d}-{where.stem}.{tag}.pyc"
         jobs.append((str(source), str(moddir / cfile), dst))
         pairs.append((cfile, str(where.parent / "__pycache__" / f"{where.stem}.{tag}.pyc")))
-    run([python, "-I", "-S", "-c", _COMPILER, json.dumps(jobs)],
-        what="compiling the hook's bytecode")
+    run(
+        [python, "-I", "-S", "-c", _COMPILER, json.dumps(jobs)],
+        what="compiling the hook's bytecode",
+    )
     return pairs
 
 
@@ -131,18 +139,28 @@ def install_module(modules_dir: Path, python: str = GUEST_PYTHON) -> Path:
 def main() -> int:
     from kata_vfio.boundary import guarded
 
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--modules-dir", type=Path, default=SYSTEM_MODULES,
-                        help="dracut's modules.d (default: %(default)s)")
-    parser.add_argument("--python", default=GUEST_PYTHON,
-                        help="the interpreter the image gets (default: %(default)s)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--modules-dir",
+        type=Path,
+        default=SYSTEM_MODULES,
+        help="dracut's modules.d (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--python",
+        default=GUEST_PYTHON,
+        help="the interpreter the image gets (default: %(default)s)",
+    )
     args = parser.parse_args()
 
     def body() -> int:
         target = install_module(args.modules_dir, args.python)
-        print(f"{target}: installed; add it with add_dracutmodules+=\" kata-vfio \" "
-              "in a dracut.conf.d file, or dracut --add kata-vfio")
+        print(
+            f'{target}: installed; add it with add_dracutmodules+=" kata-vfio " '
+            "in a dracut.conf.d file, or dracut --add kata-vfio"
+        )
         return 0
 
     return guarded("dracut_module.py", body)

@@ -35,12 +35,21 @@ HERE = Path(__file__).resolve().parent
 AGENT_IN_GUEST = "/usr/bin/kata-agent"
 # What Kata 1.x's QEMU devices need in the guest (use_vsock = false: virtio-serial).
 KATA_DRIVERS = (
-    "virtio", "virtio_ring", "virtio_pci", "virtio_console",
-    "9p", "9pnet", "9pnet_virtio",
-    "virtio_net", "failover", "net_failover",
+    "virtio",
+    "virtio_ring",
+    "virtio_pci",
+    "virtio_console",
+    "9p",
+    "9pnet",
+    "9pnet_virtio",
+    "virtio_net",
+    "failover",
+    "net_failover",
     # the vfio modules are already in the base image (90kata-vfio); loaded here too so a
     # hot-plugged device finds vfio-pci registered
-    "vfio", "vfio_iommu_type1", "vfio_pci",
+    "vfio",
+    "vfio_iommu_type1",
+    "vfio_pci",
 )
 
 INIT = """#!/bin/bash
@@ -58,8 +67,9 @@ def module_files(kver: str, names: list[str]) -> list[Path]:
     """The .ko files of `names` and their dependencies, in load order (built-ins skipped)."""
     files: list[Path] = []
     for name in names:
-        r = subprocess.run(["modprobe", "-S", kver, "--show-depends", name],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            ["modprobe", "-S", kver, "--show-depends", name], capture_output=True, text=True
+        )
         if r.returncode != 0:
             raise SystemExit(f"kata_image: no module {name} for {kver}: {r.stderr.strip()}")
         for line in r.stdout.splitlines():
@@ -73,8 +83,13 @@ def module_files(kver: str, names: list[str]) -> list[Path]:
 
 def unpack(image: Path, dest: Path) -> None:
     dest.mkdir(parents=True)
-    subprocess.run(["lsinitrd", "--unpack", str(image.resolve())], cwd=dest, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        ["lsinitrd", "--unpack", str(image.resolve())],
+        cwd=dest,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def real_rel(path: str | Path, root: Path) -> Path:
@@ -92,9 +107,16 @@ def real_rel(path: str | Path, root: Path) -> Path:
     return cur
 
 
-def build_layer(base: Path, kver: str, agent: Path, layer: Path, drivers: list[str],
-                extra_files: list[tuple[Path, str]], work: Path, strip: bool = True
-                ) -> list[str]:
+def build_layer(
+    base: Path,
+    kver: str,
+    agent: Path,
+    layer: Path,
+    drivers: list[str],
+    extra_files: list[tuple[Path, str]],
+    work: Path,
+    strip: bool = True,
+) -> list[str]:
     """Fill `layer` with the files of the appended archive; returns the modules added."""
     full = work / "base"
     unpack(base, full)
@@ -129,8 +151,9 @@ def build_layer(base: Path, kver: str, agent: Path, layer: Path, drivers: list[s
     (layer / agent_rel).chmod(0o755)
 
     init = layer / "init"
-    init.write_text(INIT.format(modules=" ".join(shlex.quote(d) for d in drivers),
-                                agent=AGENT_IN_GUEST))
+    init.write_text(
+        INIT.format(modules=" ".join(shlex.quote(d) for d in drivers), agent=AGENT_IN_GUEST)
+    )
     init.chmod(0o755)
 
     for src, dest in extra_files:
@@ -147,29 +170,44 @@ def cpio(tree: Path, compress: bool) -> bytes:
     loader copies an uncompressed archive far faster than it inflates a gzipped one.
     """
     names = sorted(str(p.relative_to(tree)) for p in tree.rglob("*"))
-    r = subprocess.run(["cpio", "--quiet", "-o", "-H", "newc", "--reproducible", "-R", "0:0"],
-                       cwd=tree, input=("\n".join(names) + "\n").encode(), capture_output=True,
-                       check=False, text=False)
+    r = subprocess.run(
+        ["cpio", "--quiet", "-o", "-H", "newc", "--reproducible", "-R", "0:0"],
+        cwd=tree,
+        input=("\n".join(names) + "\n").encode(),
+        capture_output=True,
+        check=False,
+        text=False,
+    )
     if r.returncode != 0:
         raise SystemExit(f"kata_image: cpio failed: {r.stderr.decode(errors='replace')}")
     return gzip.compress(r.stdout, mtime=0) if compress else r.stdout
 
 
-def build(kver: str, output: Path, agent: Path, base_initrd: Path | None = None,
-          add_drivers: list[str] | None = None,
-          extra_files: list[tuple[Path, str]] | None = None,
-          python: str = sys.executable, strip: bool = True,
-          compress: bool = False) -> dict[str, Any]:
+def build(
+    kver: str,
+    output: Path,
+    agent: Path,
+    base_initrd: Path | None = None,
+    add_drivers: list[str] | None = None,
+    extra_files: list[tuple[Path, str]] | None = None,
+    python: str = sys.executable,
+    strip: bool = True,
+    compress: bool = False,
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="kata-vfio-kata-image.") as tmp:
         work = Path(tmp)
         base = base_initrd
         if base is None:
             base = work / "base.img"
-            subprocess.run([python, str(HERE / "build.py"), "--kver", kver, "--output",
-                            str(base)], check=True, stdout=subprocess.DEVNULL)
+            subprocess.run(
+                [python, str(HERE / "build.py"), "--kver", kver, "--output", str(base)],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
         drivers = list(dict.fromkeys([*KATA_DRIVERS, *(add_drivers or [])]))
-        added = build_layer(base, kver, agent, work / "layer", drivers, extra_files or [],
-                            work, strip)
+        added = build_layer(
+            base, kver, agent, work / "layer", drivers, extra_files or [], work, strip
+        )
         layer = cpio(work / "layer", compress)
         output.parent.mkdir(parents=True, exist_ok=True)
         tmp_out = output.with_name(output.name + ".tmp")
@@ -179,16 +217,25 @@ def build(kver: str, output: Path, agent: Path, base_initrd: Path | None = None,
             f.write(b"\0" * (-len(data) % 4))  # the kernel looks for the next archive at /4
             f.write(layer)
         tmp_out.replace(output)
-        return {"output": str(output), "bytes": output.stat().st_size,
-                "layer_bytes": len(layer), "modules_added": added, "drivers": drivers}
+        return {
+            "output": str(output),
+            "bytes": output.stat().st_size,
+            "layer_bytes": len(layer),
+            "modules_added": added,
+            "drivers": drivers,
+        }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kver", required=True)
     parser.add_argument("--output", type=Path, required=True)
-    parser.add_argument("--agent", type=Path, default=os.environ.get("KATA_AGENT"),
-                        help="kata-agent binary (default $KATA_AGENT)")
+    parser.add_argument(
+        "--agent",
+        type=Path,
+        default=os.environ.get("KATA_AGENT"),
+        help="kata-agent binary (default $KATA_AGENT)",
+    )
     parser.add_argument("--base-initrd", type=Path, help="reuse a `make initrd` image")
     parser.add_argument("--add-drivers", default="", help="more kernel modules (blank-separated)")
     parser.add_argument("--add-file", action="append", default=[], metavar="SRC:DEST")
@@ -205,12 +252,21 @@ def main(argv: list[str] | None = None) -> int:
         if not dest.startswith("/"):
             parser.error(f"--add-file {spec}: DEST must be absolute")
         extras.append((Path(src), dest))
-    info = build(args.kver, args.output, Path(args.agent), args.base_initrd,
-                 args.add_drivers.split(), extras, strip=not args.no_strip,
-                 compress=args.gzip)
+    info = build(
+        args.kver,
+        args.output,
+        Path(args.agent),
+        args.base_initrd,
+        args.add_drivers.split(),
+        extras,
+        strip=not args.no_strip,
+        compress=args.gzip,
+    )
     added = " ".join(info["modules_added"]) or "none"
-    print(f"{args.output}: {args.output.stat().st_size / 1e6:.1f} MB "
-          f"(kata layer {info['layer_bytes']} bytes, modules added: {added})")
+    print(
+        f"{args.output}: {args.output.stat().st_size / 1e6:.1f} MB "
+        f"(kata layer {info['layer_bytes']} bytes, modules added: {added})"
+    )
     return 0
 
 

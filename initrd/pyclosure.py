@@ -17,9 +17,17 @@ GUEST_LIB = "/usr/lib/kata-vfio"
 # functions that need them), plus the standard-library modules those lazy imports name.
 HOOK_PACKAGES = ("kata_vfio", "kata_vfio_hook")
 HOOK_IMPORTS = (
-    "threading", "subprocess", "select", "socket", "_socket", "_thread", "_json",
-    "encodings.ascii", "encodings.latin_1",
-    "encodings.utf_8", "encodings.aliases",
+    "threading",
+    "subprocess",
+    "select",
+    "socket",
+    "_socket",
+    "_thread",
+    "_json",
+    "encodings.ascii",
+    "encodings.latin_1",
+    "encodings.utf_8",
+    "encodings.aliases",
 )
 
 _LISTER = """
@@ -40,14 +48,26 @@ print(json.dumps(files))
 """
 
 
-def closure(python: str, package_root: Path, imports: tuple[str, ...],
-            packages: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+def closure(
+    python: str, package_root: Path, imports: tuple[str, ...], packages: tuple[str, ...] = ()
+) -> list[tuple[str, str]]:
     """(source, destination) for every file the imports load: each named module, every
     module of each named package, and everything those import."""
     # -B: importing must not leave __pycache__ behind in the package root
-    out = run([python, "-B", "-I", "-S", "-c", _LISTER, json.dumps([str(package_root)]),
-               json.dumps(list(imports)), json.dumps(list(packages))],
-              what="listing the Python modules the hook imports")
+    out = run(
+        [
+            python,
+            "-B",
+            "-I",
+            "-S",
+            "-c",
+            _LISTER,
+            json.dumps([str(package_root)]),
+            json.dumps(list(imports)),
+            json.dumps(list(packages)),
+        ],
+        what="listing the Python modules the hook imports",
+    )
     pairs = set()
     for path in json.loads(out.stdout).values():
         if path.endswith(".so"):  # extension modules: the libraries they link, too

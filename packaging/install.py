@@ -175,10 +175,22 @@ def _payload(layout: Layout, wheel: Path, python: str) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fresh = Path(tempfile.mkdtemp(prefix=".python.", dir=target.parent))
     try:
-        _run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check",
-              "--no-warn-script-location", "--root-user-action=ignore", "--target", str(fresh),
-              str(wheel)],
-             f"pip install of {wheel.name} into {layout.payload}")
+        _run(
+            [
+                python,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--disable-pip-version-check",
+                "--no-warn-script-location",
+                "--root-user-action=ignore",
+                "--target",
+                str(fresh),
+                str(wheel),
+            ],
+            f"pip install of {wheel.name} into {layout.payload}",
+        )
         shutil.rmtree(fresh / "bin", ignore_errors=True)  # pip's scripts: the launchers serve
         fresh.chmod(0o755)
         if target.exists():
@@ -193,8 +205,11 @@ def _launchers(layout: Layout, python: str) -> list[Path]:
     written = []
     for name, module in COMMANDS.items():
         path = layout.bindir / name
-        _write(layout.staged(path), LAUNCHER.format(python=python, name=name, module=module,
-                                                    payload_rel=rel), 0o755)
+        _write(
+            layout.staged(path),
+            LAUNCHER.format(python=python, name=name, module=module, payload_rel=rel),
+            0o755,
+        )
         written.append(path)
     return written
 
@@ -206,10 +221,14 @@ def _docs(layout: Layout, python: str, doctools: Path, version: str) -> list[Pat
     for path in (man, bash, zsh):
         layout.staged(path).parent.mkdir(parents=True, exist_ok=True)
     paths = [str(layout.staged(p)) for p in (man, bash, zsh)]
-    boot = (f"import sys; sys.path[:0] = {[str(layout.staged(layout.payload)), str(doctools)]!r}"
-            "\n" + _DOCS)
-    _run([python, "-I", "-S", "-c", boot, json.dumps([*paths, version])],
-         "generating the man page and completions (argparse-manpage, shtab)")
+    boot = (
+        f"import sys; sys.path[:0] = {[str(layout.staged(layout.payload)), str(doctools)]!r}"
+        "\n" + _DOCS
+    )
+    _run(
+        [python, "-I", "-S", "-c", boot, json.dumps([*paths, version])],
+        "generating the man page and completions (argparse-manpage, shtab)",
+    )
     for path in paths:
         os.chmod(path, 0o644)
     return [man, bash, zsh]
@@ -219,17 +238,29 @@ def _config_text(layout: Layout, python: str) -> str:
     boot = f"import sys; sys.path[:0] = {[str(layout.staged(layout.payload))]!r}\n" + _CONFIG
     done = subprocess.run([python, "-I", "-S", "-c", boot], capture_output=True, text=True)
     if done.returncode != 0:
-        raise InstallError("generating config.toml failed: "
-                           + (done.stderr.strip().splitlines() or ["no output"])[-1])
+        raise InstallError(
+            "generating config.toml failed: "
+            + (done.stderr.strip().splitlines() or ["no output"])[-1]
+        )
     return done.stdout
 
 
 def _dracut_module(layout: Layout, python: str) -> Path:
     target = layout.dracut_modules / "90kata-vfio"
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-           "PYTHONPATH": str(layout.staged(layout.payload))}
-    _run([python, str(REPO / "initrd/dracut_module.py"), "--modules-dir",
-          str(layout.staged(layout.dracut_modules))], "writing the dracut module", env)
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "PYTHONPATH": str(layout.staged(layout.payload)),
+    }
+    _run(
+        [
+            python,
+            str(REPO / "initrd/dracut_module.py"),
+            "--modules-dir",
+            str(layout.staged(layout.dracut_modules)),
+        ],
+        "writing the dracut module",
+        env,
+    )
     return target
 
 
@@ -240,9 +271,12 @@ def _units(layout: Layout) -> list[Path]:
     for unit in sorted(source.iterdir()) if source.is_dir() else []:
         if not unit.name.endswith(UNIT_SUFFIXES):
             continue
-        text = (unit.read_text().replace("@BINDIR@", str(layout.bindir))
-                .replace("@SYSCONFDIR@", str(layout.sysconfdir))
-                .replace("/usr/local/bin/kata-vfio", f"{layout.bindir}/kata-vfio"))
+        text = (
+            unit.read_text()
+            .replace("@BINDIR@", str(layout.bindir))
+            .replace("@SYSCONFDIR@", str(layout.sysconfdir))
+            .replace("/usr/local/bin/kata-vfio", f"{layout.bindir}/kata-vfio")
+        )
         path = layout.unitdir / unit.name
         _write(layout.staged(path), text)
         written.append(path)
@@ -257,9 +291,17 @@ def install(args: argparse.Namespace) -> int:
     old = _read_manifest(layout.staged(layout.manifest))
     # the directories this install creates (and those an earlier one did): uninstall
     # removes them when empty, and never a directory that was there before
-    targets = [layout.payload, layout.bindir, layout.mandir / "man1", layout.bash_completions,
-               layout.zsh_functions, layout.dracut_modules, layout.unitdir,
-               layout.config.parent, layout.logrotate.parent]
+    targets = [
+        layout.payload,
+        layout.bindir,
+        layout.mandir / "man1",
+        layout.bash_completions,
+        layout.zsh_functions,
+        layout.dracut_modules,
+        layout.unitdir,
+        layout.config.parent,
+        layout.logrotate.parent,
+    ]
     created = {e[1] for e in old if e[0] == "dir"}
     for target in targets:
         for parent in (target, *target.parents):
@@ -286,15 +328,19 @@ def install(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(layout.staged(layout.payload)))
     from kata_vfio.defaults import DEFAULT_LOG_FILE  # the installed package's own default
 
-    _write(layout.staged(layout.logrotate),
-           LOGROTATE.format(config=layout.config, log_file=DEFAULT_LOG_FILE))
+    _write(
+        layout.staged(layout.logrotate),
+        LOGROTATE.format(config=layout.config, log_file=DEFAULT_LOG_FILE),
+    )
     entries.append(("file", str(layout.logrotate)))
     entries.append(("file", str(layout.manifest)))
     # deepest first, so that uninstall empties a directory before its parent
     entries += [("dir", d) for d in sorted(created, key=lambda d: (-d.count("/"), d))]
     _write(layout.staged(layout.manifest), "".join("\t".join(e) + "\n" for e in entries))
-    print(f"installed kata-vfio {version}: {', '.join(COMMANDS)} in {layout.bindir}; "
-          f"uninstall with: make uninstall PREFIX={layout.prefix}")
+    print(
+        f"installed kata-vfio {version}: {', '.join(COMMANDS)} in {layout.bindir}; "
+        f"uninstall with: make uninstall PREFIX={layout.prefix}"
+    )
     return 0
 
 
@@ -303,8 +349,10 @@ def uninstall(args: argparse.Namespace) -> int:
     manifest = layout.staged(layout.manifest)
     entries = _read_manifest(manifest)
     if not entries:
-        raise InstallError(f"no kata-vfio installed under {layout.prefix} ({layout.manifest} "
-                           "is missing): give the PREFIX (and DESTDIR) the install used")
+        raise InstallError(
+            f"no kata-vfio installed under {layout.prefix} ({layout.manifest} "
+            "is missing): give the PREFIX (and DESTDIR) the install used"
+        )
     for kind, final, *rest in entries:
         path = layout.staged(Path(final))
         if kind == "dir":
@@ -332,8 +380,9 @@ def build_requirements(_: argparse.Namespace) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func in (("install", install), ("uninstall", uninstall)):
         p = sub.add_parser(name)
@@ -345,16 +394,21 @@ def main() -> int:
         p.add_argument("--python", default="/usr/bin/python3")
         if name == "install":
             p.add_argument("--wheel", required=True)
-            p.add_argument("--doctools", required=True,
-                           help="where the `build` extra is installed (pip --target)")
+            p.add_argument(
+                "--doctools",
+                required=True,
+                help="where the `build` extra is installed (pip --target)",
+            )
         p.set_defaults(func=func)
     sub.add_parser("build-requirements").set_defaults(func=build_requirements)
     args = parser.parse_args()
     for name in ("destdir", "prefix", "sysconfdir", "unitdir", "dracut_modules_dir"):
         value = getattr(args, name, "")
         if value and not value.startswith("/"):
-            print(f"install.py: {name.upper()} {value!r} is not an absolute path; give one",
-                  file=sys.stderr)
+            print(
+                f"install.py: {name.upper()} {value!r} is not an absolute path; give one",
+                file=sys.stderr,
+            )
             return 2
     try:
         code: int = args.func(args)

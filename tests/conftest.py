@@ -12,7 +12,8 @@ from k8s.fixtures import cdi_node, kubelet_node  # noqa: F401  (the `kubelet` te
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "dracut: runs the system's dracut on a scratch module directory (slow)")
+        "markers", "dracut: runs the system's dracut on a scratch module directory (slow)"
+    )
 
 
 @pytest.fixture

@@ -20,7 +20,8 @@ timeout -s INT SECONDS dpdk-testpmd --lcores 0@0,1@0 $A --iova-mode=va --no-huge
 # the same, each port from the hook's /run/kata-vfio/env (the README's line), no /sys scan
 TESTPMD_FROM_ENV = TESTPMD.replace(
     'A=""\nfor d in /sys/bus/pci/drivers/vfio-pci/0000:*; do A="$A -a ${d##*/}"; done\n',
-    "A=$(sed -n 's/^PCIDEVICE_[A-Z0-9_]*=/,/; s/,/ -a /gp' /run/kata-vfio/env)\n")
+    "A=$(sed -n 's/^PCIDEVICE_[A-Z0-9_]*=/,/; s/,/ -a /gp' /run/kata-vfio/env)\n",
+)
 assert TESTPMD_FROM_ENV != TESTPMD
 
 

@@ -36,8 +36,10 @@ from vmtools import GuestRun, Scenario
 
 HOST_NICS = ALL_HOST_NICS[:2]
 # the guest's two e1000e, on one hub so that each receives what the other sends
-GUEST_NICS = (vmtools.e1000e_on_hub("52:54:00:00:00:11", "kvfioh1", addr="0x3"),
-              vmtools.e1000e_on_hub("52:54:00:00:00:12", "kvfioh2", addr="0x4"))
+GUEST_NICS = (
+    vmtools.e1000e_on_hub("52:54:00:00:00:11", "kvfioh1", addr="0x3"),
+    vmtools.e1000e_on_hub("52:54:00:00:00:12", "kvfioh2", addr="0x4"),
+)
 GUEST_ADDRESSES = ("0000:00:03.0", "0000:00:04.0")
 IMAGE = "localhost/kata-vfio-dpdk-vm"
 GUEST_ROOTFS = "/kvfio/ctr/dpdk-rootfs"
@@ -62,8 +64,9 @@ def check_ready(initrd: Path, kver: str) -> None:
     if shutil.which("podman") is None:
         raise Missing("podman (make deps)")
     if not (initrd.is_file() and kver and vmtools.kernel_image(kver).exists()):
-        raise Missing("the guest image and kernel (`make initrd`; KATA_VFIO_INITRD, "
-                      "KATA_VFIO_KVER)")
+        raise Missing(
+            "the guest image and kernel (`make initrd`; KATA_VFIO_INITRD, KATA_VFIO_KVER)"
+        )
     if not wrapper().is_file():
         raise Missing("kata-vfio installed beside this Python (make venv)")
 
@@ -96,22 +99,34 @@ class Podman:
         """`podman run --rm` through the wrapper; the create fails by design (no Kata)."""
         cidfile = self.specs.parent / f"cid-{time.monotonic_ns()}"
         started = time.monotonic()
-        result = subprocess.run([*self.base, "run", "--rm", "--cidfile", str(cidfile), *args],
-                                env=self.env, text=True, capture_output=True, timeout=120)
+        result = subprocess.run(
+            [*self.base, "run", "--rm", "--cidfile", str(cidfile), *args],
+            env=self.env,
+            text=True,
+            capture_output=True,
+            timeout=120,
+        )
         took = time.monotonic() - started
         cid = cidfile.read_text().strip() if cidfile.exists() else ""
         recorded = self.specs / f"{cid}.json"
         if not (cid and recorded.is_file()):
-            raise RunFailed(f"podman recorded no spec (exit {result.returncode}): "
-                            f"{result.stderr.strip()}")
-        return Created(cid, result.returncode, result.stderr, took,
-                       json.loads(recorded.read_text()))
+            raise RunFailed(
+                f"podman recorded no spec (exit {result.returncode}): {result.stderr.strip()}"
+            )
+        return Created(
+            cid, result.returncode, result.stderr, took, json.loads(recorded.read_text())
+        )
 
     def run_testpmd(self, seconds: int = TESTPMD_SECONDS) -> Created:
         """testpmd on the two NICs, with no podman flag beyond the device request: what
         DPDK needs is the wrapper's."""
-        return self.run(*annotation(*HOST_NICS), IMAGE, "sh", "-c",
-                        TESTPMD_FROM_ENV.replace("SECONDS", str(seconds)))
+        return self.run(
+            *annotation(*HOST_NICS),
+            IMAGE,
+            "sh",
+            "-c",
+            TESTPMD_FROM_ENV.replace("SECONDS", str(seconds)),
+        )
 
 
 def _fake_host(top: Path) -> Path:
@@ -120,9 +135,13 @@ def _fake_host(top: Path) -> Path:
     fs = FakeSysfs(top / "sys")
 
     def add(addr: str, ident: PciIdentity, group: int) -> None:
-        fs.add_device(addr, (ident.vendor, ident.device, ident.class_code), group=group,
-                      driver="vfio-pci",
-                      subsystem=(ident.subsystem_vendor, ident.subsystem_device))
+        fs.add_device(
+            addr,
+            (ident.vendor, ident.device, ident.class_code),
+            group=group,
+            driver="vfio-pci",
+            subsystem=(ident.subsystem_vendor, ident.subsystem_device),
+        )
         fs.add_vfio_group(group, minor=group - 12)
 
     for n, addr in enumerate(HOST_NICS):
@@ -143,16 +162,26 @@ def podman_session(top: Path, timings: dict[str, float]) -> Iterator[Podman]:
     inner = top / "bin/kata-runtime-stand-in"
     inner.parent.mkdir()
     recorder = Path(vmtools.HERE) / "spec-recorder.py"
-    inner.write_text(f'#!/bin/sh\nKVFIO_SPEC_DIR={specs} exec /usr/bin/python3 -I -S '
-                     f'{recorder} "$@"\n')
+    inner.write_text(
+        f'#!/bin/sh\nKVFIO_SPEC_DIR={specs} exec /usr/bin/python3 -I -S {recorder} "$@"\n'
+    )
     inner.chmod(0o755)
     _, launcher = harness.write_wrapper_launcher(top, wrapper(), inner, sysfs, HOTPLUG_TIMEOUT)
     conf = top / "containers.conf"
     conf.write_text('[engine]\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\n')
     register(conf, str(launcher))
     env = {**os.environ, "CONTAINERS_CONF": str(conf)}
-    base = ["podman", "--root", str(top / "storage"), "--runroot", str(top / "run"),
-            "--storage-driver", "vfs", "--runtime", "kata-vfio"]
+    base = [
+        "podman",
+        "--root",
+        str(top / "storage"),
+        "--runroot",
+        str(top / "run"),
+        "--storage-driver",
+        "vfs",
+        "--runtime",
+        "kata-vfio",
+    ]
     try:
         t = time.monotonic()
         root = rootfs.dpdk_rootfs(top / "dpdk-rootfs")
@@ -160,8 +189,7 @@ def podman_session(top: Path, timings: dict[str, float]) -> Iterator[Podman]:
         timings["DPDK image built and imported"] = time.monotonic() - t
         yield Podman(base, env, specs, root)
     finally:
-        subprocess.run([*base, "rm", "--all", "--force"], env=env, capture_output=True,
-                       timeout=120)
+        subprocess.run([*base, "rm", "--all", "--force"], env=env, capture_output=True, timeout=120)
 
 
 def kata1_agent_spec(spec: dict[str, Any], root: str) -> tuple[dict[str, Any], list[str]]:
@@ -197,20 +225,27 @@ def kata1_agent_spec(spec: dict[str, Any], root: str) -> tuple[dict[str, Any], l
         namespaces.append(ns)
     linux["namespaces"] = namespaces
     devices = linux.get("devices") or []
-    linux["devices"] = [d for d in devices
-                        if not (d.get("type") == "c" and d["path"].startswith("/dev/vfio"))]
-    changes += [f"linux.devices: {d['path']} removed" for d in devices
-                if d not in linux["devices"]]
+    linux["devices"] = [
+        d for d in devices if not (d.get("type") == "c" and d["path"].startswith("/dev/vfio"))
+    ]
+    changes += [f"linux.devices: {d['path']} removed" for d in devices if d not in linux["devices"]]
     mounts = []
     for m in out.get("mounts") or []:
         if m["destination"] == "/dev/shm" and m.get("type") == "bind":
-            mounts.append({"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
-                           "options": ["noexec", "nosuid", "nodev", "mode=1777",
-                                       "size=65536k"]})
+            mounts.append(
+                {
+                    "destination": "/dev/shm",
+                    "type": "tmpfs",
+                    "source": "shm",
+                    "options": ["noexec", "nosuid", "nodev", "mode=1777", "size=65536k"],
+                }
+            )
             changes.append("mounts: /dev/shm bind -> tmpfs (handleShm)")
         elif m.get("type") == "bind":
-            changes.append(f"mounts: {m['destination']} (bind of a host file) dropped "
-                           "[test-only: Kata shares it over 9p]")
+            changes.append(
+                f"mounts: {m['destination']} (bind of a host file) dropped "
+                "[test-only: Kata shares it over 9p]"
+            )
         else:
             mounts.append(m)
     out["mounts"] = mounts
@@ -232,8 +267,9 @@ class Guest:
         return self.run.find("scenario", created.cid)
 
 
-def boot_guest(initrd: Path, kver: str, podman: Podman, created: list[Created],
-               console_log: Path) -> Guest:
+def boot_guest(
+    initrd: Path, kver: str, podman: Podman, created: list[Created], console_log: Path
+) -> Guest:
     """Boot the TCG guest with the two e1000e and run each recorded spec, changed as Kata
     1.x changes it, with runc and our hook (the guest's runc names each container by
     podman's id, as kata-agent does)."""
@@ -242,7 +278,14 @@ def boot_guest(initrd: Path, kver: str, podman: Podman, created: list[Created],
         spec, changed = kata1_agent_spec(one.spec, GUEST_ROOTFS)
         specs[one.cid], changes[one.cid] = spec, changed
         scenarios.append(Scenario(one.cid, "", spec=spec, files={"timeout": str(RUNC_TIMEOUT)}))
-    run = vmtools.boot(initrd, kver, scenarios, devices=GUEST_NICS, memory_mb=1536,
-                       timeout=300, console_log=console_log,
-                       trees={GUEST_ROOTFS: podman.rootfs})
+    run = vmtools.boot(
+        initrd,
+        kver,
+        scenarios,
+        devices=GUEST_NICS,
+        memory_mb=1536,
+        timeout=300,
+        console_log=console_log,
+        trees={GUEST_ROOTFS: podman.rootfs},
+    )
     return Guest(run, specs, changes)

@@ -27,8 +27,14 @@ class FakeSysfs:
     vfio_major: int = 243
 
     def __post_init__(self) -> None:
-        for d in ("devices/pci0000:00", "bus/pci/devices", "bus/pci/drivers",
-                  "kernel/iommu_groups", "class/vfio", "devices/virtual/vfio"):
+        for d in (
+            "devices/pci0000:00",
+            "bus/pci/devices",
+            "bus/pci/drivers",
+            "kernel/iommu_groups",
+            "class/vfio",
+            "devices/virtual/vfio",
+        ):
             (self.root / d).mkdir(parents=True, exist_ok=True)
         (self.root / "bus/pci/drivers_probe").write_text("")
         self.native: dict[str, str | None] = {}
@@ -85,8 +91,9 @@ class FakeSysfs:
     def _class_link(self, cls: str, name: str, below_root_complex: str) -> None:
         """/sys/class/<cls>/<name> -> ../../devices/pci0000:00/<path>, as the kernel links it."""
         (self.root / "class" / cls).mkdir(parents=True, exist_ok=True)
-        os.symlink(f"../../devices/pci0000:00/{below_root_complex}",
-                   self.root / "class" / cls / name)
+        os.symlink(
+            f"../../devices/pci0000:00/{below_root_complex}", self.root / "class" / cls / name
+        )
 
     def add_child_interface(self, addr: str, ifname: str, child: str = "virtio2") -> Path:
         """A network interface one device below the PCI function, as virtio-net makes it:
@@ -97,8 +104,9 @@ class FakeSysfs:
         self._class_link("net", ifname, f"{addr}/{child}/net/{ifname}")
         return d
 
-    def add_child_block(self, addr: str, disk: str, partitions: tuple[str, ...] = (),
-                        child: str = "virtio3") -> Path:
+    def add_child_block(
+        self, addr: str, disk: str, partitions: tuple[str, ...] = (), child: str = "virtio3"
+    ) -> Path:
         """A disk (and its partitions) below the PCI function, as virtio-blk makes it:
         ``<function>/virtio3/block/vda/vda1``."""
         addr = str(PciAddress.parse(addr))
@@ -110,8 +118,9 @@ class FakeSysfs:
             self._class_link("block", part, f"{addr}/{child}/block/{disk}/{part}")
         return d
 
-    def add_sriov_pf(self, pf: str, total: int, vf_ids: tuple[int, int, int],
-                     group_base: int) -> None:
+    def add_sriov_pf(
+        self, pf: str, total: int, vf_ids: tuple[int, int, int], group_base: int
+    ) -> None:
         """SR-IOV attributes on an existing device; FakeKernel makes VFs on sriov_numvfs
         writes (at bus+1, group_base + index), as the kernel's rules say."""
         d = self.dev_dir(pf)
@@ -168,8 +177,10 @@ class FakeSysfs:
         if driver:
             self.add_driver(driver)
             os.symlink(f"../../../bus/pci/drivers/{driver}", d / "driver")
-            os.symlink(f"../../../../devices/pci0000:00/{addr}",
-                       self.root / "bus/pci/drivers" / driver / addr)
+            os.symlink(
+                f"../../../../devices/pci0000:00/{addr}",
+                self.root / "bus/pci/drivers" / driver / addr,
+            )
 
     # -- reading ----------------------------------------------------------------------
     def driver(self, addr: str) -> str | None:
@@ -229,8 +240,9 @@ class FakeKernel:
         pf_addr = PciAddress.parse(pf)
         for i in range(count):
             vf = str(PciAddress(pf_addr.domain, pf_addr.bus + 1, i // 8, i % 8))
-            self.fs.add_device(vf, vf_ids, group=group_base + i,
-                               driver="vf-native" if autoprobe else None)
+            self.fs.add_device(
+                vf, vf_ids, group=group_base + i, driver="vf-native" if autoprobe else None
+            )
             self.fs.add_vf(pf, vf, i)
         (d / "sriov_numvfs").write_text(f"{count}\n")
 

@@ -31,10 +31,21 @@ from pathlib import Path
 SUITE = "bookworm"
 # what a command in the root sees: the root's own PATH and nothing of the caller's venv;
 # the caller's pip and proxy settings (they are the host's configuration, like /etc/apt)
-ROOT_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            "HOME": "/root", "LANG": "C.UTF-8", "DEBIAN_FRONTEND": "noninteractive"}
-PASSED_ENV_PREFIXES = ("PIP_", "http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY",
-                       "HTTPS_PROXY", "NO_PROXY")
+ROOT_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "HOME": "/root",
+    "LANG": "C.UTF-8",
+    "DEBIAN_FRONTEND": "noninteractive",
+}
+PASSED_ENV_PREFIXES = (
+    "PIP_",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+)
 HOST_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 
 
@@ -90,13 +101,21 @@ def host_sources(etc_apt: Path = Path("/etc/apt")) -> list[tuple[str, str, list[
                 found.append((words[0], words[1], words[2:], signed))
     for path in sorted((etc_apt / "sources.list.d").glob("*.sources")):
         for stanza in _deb822(path.read_text()):
-            if "deb" not in stanza.get("types", "").split() \
-                    or stanza.get("enabled", "yes").lower() == "no":
+            if (
+                "deb" not in stanza.get("types", "").split()
+                or stanza.get("enabled", "yes").lower() == "no"
+            ):
                 continue
             for uri in stanza.get("uris", "").split():
                 for suite in stanza.get("suites", "").split():
-                    found.append((uri, suite, stanza.get("components", "").split(),
-                                  stanza.get("signed-by", "")))
+                    found.append(
+                        (
+                            uri,
+                            suite,
+                            stanza.get("components", "").split(),
+                            stanza.get("signed-by", ""),
+                        )
+                    )
     return found
 
 
@@ -105,13 +124,16 @@ def host_mirror(suite: str = SUITE) -> str:
     for uri, name, components, _ in host_sources():
         if name == suite and "main" in components:
             return uri
-    raise FreshRootError(f"the host's apt sources have no {suite} main: debootstrap needs an "
-                         "archive; add one to /etc/apt/sources.list.d")
+    raise FreshRootError(
+        f"the host's apt sources have no {suite} main: debootstrap needs an "
+        "archive; add one to /etc/apt/sources.list.d"
+    )
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("KATA_VFIO_CACHE") or str(Path(__file__).resolve().parent.parent
-                                                     / "build")
+    base = os.environ.get("KATA_VFIO_CACHE") or str(
+        Path(__file__).resolve().parent.parent / "build"
+    )
     return Path(base) / "freshroot"
 
 
@@ -126,19 +148,32 @@ def tarball(suite: str, packages: list[str]) -> Path:
     work = Path(tempfile.mkdtemp(prefix=".debootstrap.", dir=path.parent))
     try:
         root = work / "root"
-        done = subprocess.run(["debootstrap", "--variant=minbase", f"--include={','.join(wanted)}",
-                               suite, str(root), host_mirror(suite)],
-                              capture_output=True, text=True, timeout=3600)
+        done = subprocess.run(
+            [
+                "debootstrap",
+                "--variant=minbase",
+                f"--include={','.join(wanted)}",
+                suite,
+                str(root),
+                host_mirror(suite),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=3600,
+        )
         if done.returncode != 0:
             tail = (done.stdout + done.stderr).strip().splitlines()[-3:]
-            raise FreshRootError(f"debootstrap {suite} failed (exit {done.returncode}): "
-                                 + " | ".join(tail))
+            raise FreshRootError(
+                f"debootstrap {suite} failed (exit {done.returncode}): " + " | ".join(tail)
+            )
         # what debootstrap downloaded is not part of a node
         shutil.rmtree(root / "var/cache/apt/archives", ignore_errors=True)
         (root / "var/cache/apt/archives/partial").mkdir(parents=True)
         fresh = work / "root.tar"
-        subprocess.run(["tar", "-C", str(root), "--numeric-owner", "--xattrs", "-cf",
-                        str(fresh), "."], check=True)
+        subprocess.run(
+            ["tar", "-C", str(root), "--numeric-owner", "--xattrs", "-cf", str(fresh), "."],
+            check=True,
+        )
         os.replace(fresh, path)
         (path.parent / f"{path.name}.packages").write_text("\n".join(wanted) + "\n")
     finally:
@@ -160,23 +195,41 @@ def copy_host_config(root: Path) -> None:
     for old in (root / "etc/apt/sources.list", *(root / "etc/apt/sources.list.d").glob("*")):
         if old.is_file():
             old.unlink()
-    files = [p for p in (etc_apt / "sources.list", *etc_apt.glob("sources.list.d/*.list"),
-                         *etc_apt.glob("sources.list.d/*.sources"),
-                         *etc_apt.glob("apt.conf.d/*"), *etc_apt.glob("trusted.gpg.d/*"),
-                         *etc_apt.glob("keyrings/*"), etc_apt / "trusted.gpg") if p.is_file()]
+    files = [
+        p
+        for p in (
+            etc_apt / "sources.list",
+            *etc_apt.glob("sources.list.d/*.list"),
+            *etc_apt.glob("sources.list.d/*.sources"),
+            *etc_apt.glob("apt.conf.d/*"),
+            *etc_apt.glob("trusted.gpg.d/*"),
+            *etc_apt.glob("keyrings/*"),
+            etc_apt / "trusted.gpg",
+        )
+        if p.is_file()
+    ]
     files += [Path(s) for *_, s in host_sources() if s.startswith("/") and Path(s).is_file()]
     certs = Path("/usr/local/share/ca-certificates")
     files += [p for p in certs.rglob("*") if p.is_file()] if certs.is_dir() else []
-    files += [p for p in (Path("/etc/ssl/certs/ca-certificates.crt"), Path("/etc/resolv.conf"),
-                          Path("/etc/hosts"), Path("/etc/pip.conf")) if p.is_file()]
+    files += [
+        p
+        for p in (
+            Path("/etc/ssl/certs/ca-certificates.crt"),
+            Path("/etc/resolv.conf"),
+            Path("/etc/hosts"),
+            Path("/etc/pip.conf"),
+        )
+        if p.is_file()
+    ]
     for path in files:
         _copy_host_file(path, root)
 
 
 def unpack(tar: Path, root: Path) -> None:
     root.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["tar", "-C", str(root), "--numeric-owner", "--xattrs", "-xf", str(tar)],
-                   check=True)
+    subprocess.run(
+        ["tar", "-C", str(root), "--numeric-owner", "--xattrs", "-xf", str(tar)], check=True
+    )
     copy_host_config(root)
 
 
@@ -208,18 +261,44 @@ def root_env(**extra: str) -> dict[str, str]:
     return {**ROOT_ENV, **passed, **extra}
 
 
-def run_in_root(root: Path, argv: list[str], *, env: dict[str, str] | None = None,
-                cwd: str = "/", timeout: float = 600, capture: bool = True,
-                sys_rw: bool = False) -> subprocess.CompletedProcess[str]:
+def run_in_root(
+    root: Path,
+    argv: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    cwd: str = "/",
+    timeout: float = 600,
+    capture: bool = True,
+    sys_rw: bool = False,
+) -> subprocess.CompletedProcess[str]:
     """argv inside `root` (cwd inside the root), with `env` (default: root_env())."""
     env = dict(env if env is not None else root_env())
     # read by _ENTER's shell, which the chroot's command then inherits
     env["FRESHROOT_SYS"] = "rw" if sys_rw else "ro"
     script = f'cd {cwd!r} 2>/dev/null || cd /; exec "$@"'
     return subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", _ENTER, "enter",
-         str(root), "/bin/sh", "-c", script, "in-root", *argv],
-        capture_output=capture, text=True, env=env, timeout=timeout)
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "sh",
+            "-c",
+            _ENTER,
+            "enter",
+            str(root),
+            "/bin/sh",
+            "-c",
+            script,
+            "in-root",
+            *argv,
+        ],
+        capture_output=capture,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
 
 
 def mounts_under(root: Path) -> list[str]:
@@ -234,8 +313,9 @@ def mounts_under(root: Path) -> list[str]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("make", help="unpack a fresh root (debootstrap when not cached)")
     p.add_argument("root")
@@ -250,8 +330,9 @@ def main() -> int:
         if args.command == "make":
             print(make_root(Path(args.root), args.packages, args.suite))
             return 0
-        done = run_in_root(Path(args.root), args.argv, capture=False, timeout=24 * 3600,
-                           sys_rw=args.sys_rw)
+        done = run_in_root(
+            Path(args.root), args.argv, capture=False, timeout=24 * 3600, sys_rw=args.sys_rw
+        )
         return done.returncode
     except FreshRootError as exc:
         print(f"freshroot.py: {exc}", file=sys.stderr)

@@ -21,15 +21,15 @@ from kata_vfio_hook.roots import GuestRoots
 from fakesys import E1000E, NVME, FakeKernel, FakeSysfs
 
 
-def mdev(addr: str, ids: tuple[int, int, int] = E1000E, mac: str | None = None
-         ) -> ManifestDevice:
+def mdev(addr: str, ids: tuple[int, int, int] = E1000E, mac: str | None = None) -> ManifestDevice:
     vendor, device, cls = ids
     return ManifestDevice(PciAddress.parse(addr), PciIdentity(vendor, device, 0x8086, 0, cls), mac)
 
 
 def manifest(*groups: tuple[int, list[ManifestDevice]], timeout: float = 0.5) -> str:
-    return Manifest(tuple(ManifestGroup(IommuGroup(n), tuple(d)) for n, d in groups),
-                    timeout).to_json()
+    return Manifest(
+        tuple(ManifestGroup(IommuGroup(n), tuple(d)) for n, d in groups), timeout
+    ).to_json()
 
 
 class Guest:
@@ -47,11 +47,18 @@ class Guest:
         (self.cgroupfs / "devices/kata/c1/devices.allow").write_text("")
         self.log_path = tmp / "hook.log"
         self.ipv4: dict[str, str] = {}  # interface -> address, as SIOCGIFADDR would say
-        self.roots = GuestRoots(sysfs=fs.root, proc=self.proc, cgroupfs=self.cgroupfs,
-                                libcontainer=tmp / "libcontainer", claims=tmp / "claims",
-                                modprobe=(),
-                                via_proc_root=False, write=kernel.write,
-                                uevents=False, ipv4_address=self.ipv4.get)
+        self.roots = GuestRoots(
+            sysfs=fs.root,
+            proc=self.proc,
+            cgroupfs=self.cgroupfs,
+            libcontainer=tmp / "libcontainer",
+            claims=tmp / "claims",
+            modprobe=(),
+            via_proc_root=False,
+            write=kernel.write,
+            uevents=False,
+            ipv4_address=self.ipv4.get,
+        )
 
     def start_process(self, pid: int, start: int = 1000, cgroup: str = "/kata/c1") -> None:
         """A container init as /proc shows it: stat (start time in field 22), cgroup."""
@@ -66,8 +73,16 @@ class Guest:
 
     def state(self, annotation: str | None, cid: str = "c1", pid: int = 4242) -> str:
         ann = {MANIFEST_ANNOTATION: annotation} if annotation else {}
-        return json.dumps({"ociVersion": "1.0.2", "id": cid, "pid": pid, "status": "created",
-                           "bundle": str(self.bundle), "annotations": ann})
+        return json.dumps(
+            {
+                "ociVersion": "1.0.2",
+                "id": cid,
+                "pid": pid,
+                "status": "created",
+                "bundle": str(self.bundle),
+                "annotations": ann,
+            }
+        )
 
     def run(self, annotation: str | None, cid: str = "c1", pid: int = 4242) -> int:
         return run(self.state(annotation, cid, pid), self.roots, JsonLog(self.log_path))
@@ -93,12 +108,15 @@ class Guest:
 @pytest.fixture
 def guest(tmp_path: Path, fakesys: FakeSysfs, kernel: FakeKernel) -> Guest:
     # three identical NICs (two behind one bridge-less group each) and an NVMe drive
-    fakesys.add_device("0000:00:02.0", group=2, driver="e1000e", net=("eth0",),
-                       mac="52:54:00:00:00:01")
-    fakesys.add_device("0000:00:03.0", group=3, driver="e1000e", net=("eth1",),
-                       mac="52:54:00:00:00:02")
-    fakesys.add_device("0000:00:04.0", group=4, driver="e1000e", net=("eth2",),
-                       mac="52:54:00:00:00:03")
+    fakesys.add_device(
+        "0000:00:02.0", group=2, driver="e1000e", net=("eth0",), mac="52:54:00:00:00:01"
+    )
+    fakesys.add_device(
+        "0000:00:03.0", group=3, driver="e1000e", net=("eth1",), mac="52:54:00:00:00:02"
+    )
+    fakesys.add_device(
+        "0000:00:04.0", group=4, driver="e1000e", net=("eth2",), mac="52:54:00:00:00:03"
+    )
     fakesys.add_device("0000:00:05.0", NVME, group=5, driver="nvme")
     return Guest(tmp_path, fakesys, kernel)
 

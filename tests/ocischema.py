@@ -24,5 +24,6 @@ def validator(name: str = "config-schema.json") -> jsonschema.Draft4Validator:
 
 
 def schema_errors(spec: dict[str, Any]) -> list[str]:
-    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
-            for e in validator().iter_errors(spec)]
+    return [
+        f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator().iter_errors(spec)
+    ]

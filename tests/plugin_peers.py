@@ -65,7 +65,12 @@ class PodResources(pr_rpc.PodResourcesListerServicer):  # type: ignore[misc]
         self.server.start()
 
     def List(self, request: Any, context: Any) -> Any:
-        containers = [pr.ContainerResources(name="app", devices=[
-            pr.ContainerDevices(resource_name=r, device_ids=[d])]) for r, d in self.listed]
-        return pr.ListPodResourcesResponse(pod_resources=[
-            pr.PodResources(name="pod", namespace="default", containers=containers)])
+        containers = [
+            pr.ContainerResources(
+                name="app", devices=[pr.ContainerDevices(resource_name=r, device_ids=[d])]
+            )
+            for r, d in self.listed
+        ]
+        return pr.ListPodResourcesResponse(
+            pod_resources=[pr.PodResources(name="pod", namespace="default", containers=containers)]
+        )

@@ -58,13 +58,19 @@ def wrapper_command() -> list[str]:
     return [sys.executable, "-m", "kata_vfio_runtime.main"]
 
 
-def run_wrapper(args: list[str], config: Path, record: Path, **kwargs: Any
-                ) -> subprocess.CompletedProcess[str]:
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": SOURCE_PATH,
-           "KATA_VFIO_CONFIG": str(config), "RECORDER_OUT": str(record),
-           **kwargs.pop("env", {})}
-    return subprocess.run([*wrapper_command(), *args], env=env, text=True,
-                          capture_output=True, timeout=60, **kwargs)
+def run_wrapper(
+    args: list[str], config: Path, record: Path, **kwargs: Any
+) -> subprocess.CompletedProcess[str]:
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "PYTHONPATH": SOURCE_PATH,
+        "KATA_VFIO_CONFIG": str(config),
+        "RECORDER_OUT": str(record),
+        **kwargs.pop("env", {}),
+    }
+    return subprocess.run(
+        [*wrapper_command(), *args], env=env, text=True, capture_output=True, timeout=60, **kwargs
+    )
 
 
 def installed(name: str) -> Path:
@@ -78,8 +84,9 @@ def installed(name: str) -> Path:
     return path
 
 
-def busybox_rootfs(root: Path, applets: tuple[str, ...] = (
-        "sh", "cat", "stat", "sleep", "ls", "echo", "true")) -> Path:
+def busybox_rootfs(
+    root: Path, applets: tuple[str, ...] = ("sh", "cat", "stat", "sleep", "ls", "echo", "true")
+) -> Path:
     """A container root filesystem of busybox and some applets."""
     import shutil
 
@@ -102,5 +109,6 @@ def private_containerd_config(top: Path) -> tuple[Path, Path, Path]:
         f'version = 2\nroot = "{top / "root"}"\nstate = "{task_root}"\n'
         'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
         f'[grpc]\n  address = "{sock}"\n[ttrpc]\n  address = "{sock}.ttrpc"\n'
-        f'[debug]\n  address = "{sock}.debug"\n')
+        f'[debug]\n  address = "{sock}.debug"\n'
+    )
     return cfg, sock, task_root / "io.containerd.runtime.v2.task"

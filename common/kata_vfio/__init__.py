@@ -56,14 +56,15 @@ _SKIP = frozenset(("__dict__", "__weakref__", "__slots__"))
 
 
 def _repr(self: tuple[Any, ...]) -> str:
-    fields = ", ".join(f"{name}={field!r}"
-                       for name, field in zip(self._fields, self, strict=True))  # type: ignore[attr-defined]
+    fields = ", ".join(f"{name}={field!r}" for name, field in zip(self._fields, self, strict=True))  # type: ignore[attr-defined]
     return f"{type(self).__name__}({fields})"
 
 
 def _replace(self: Any, **changes: Any) -> Any:
-    return type(self)(**{name: changes.pop(name, field)
-                         for name, field in zip(self._fields, self, strict=True)}, **changes)
+    return type(self)(
+        **{name: changes.pop(name, field) for name, field in zip(self._fields, self, strict=True)},
+        **changes,
+    )
 
 
 def _getnewargs(self: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -75,40 +76,88 @@ def _getnewargs(self: tuple[Any, ...]) -> tuple[Any, ...]:
 # nothing (an exec costs ~80 µs a class, on every start of the hook and of create).
 def _new1(_cls, a):  # type: ignore[no-untyped-def]
     return _tuple_new(_cls, (a,))
+
+
 def _new2(_cls, a, b):  # type: ignore[no-untyped-def]
     return _tuple_new(_cls, (a, b))
+
+
 def _new3(_cls, a, b, c):  # type: ignore[no-untyped-def]
     return _tuple_new(_cls, (a, b, c))
+
+
 def _new4(_cls, a, b, c, d):  # type: ignore[no-untyped-def]
     return _tuple_new(_cls, (a, b, c, d))
+
+
 def _new5(_cls, a, b, c, d, e):  # type: ignore[no-untyped-def]
     return _tuple_new(_cls, (a, b, c, d, e))
+
+
 def _new6(_cls, a, b, c, d, e, f):  # type: ignore[no-untyped-def]
     return _tuple_new(_cls, (a, b, c, d, e, f))
+
+
 def _new7(_cls, a, b, c, d, e, f, g):  # type: ignore[no-untyped-def]
     return _tuple_new(_cls, (a, b, c, d, e, f, g))
+
+
 def _new8(_cls, a, b, c, d, e, f, g, h):  # type: ignore[no-untyped-def]
     return _tuple_new(_cls, (a, b, c, d, e, f, g, h))
+
+
 def _new9(_cls, a, b, c, d, e, f, g, h, i):  # type: ignore[no-untyped-def]
     return _tuple_new(_cls, (a, b, c, d, e, f, g, h, i))
+
+
 def _new10(_cls, a, b, c, d, e, f, g, h, i, j):  # type: ignore[no-untyped-def]
     return _tuple_new(_cls, (a, b, c, d, e, f, g, h, i, j))
+
+
 def _new11(_cls, a, b, c, d, e, f, g, h, i, j, k):  # type: ignore[no-untyped-def]
     return _tuple_new(_cls, (a, b, c, d, e, f, g, h, i, j, k))
+
+
 def _new12(_cls, a, b, c, d, e, f, g, h, i, j, k, m):  # type: ignore[no-untyped-def]
     return _tuple_new(_cls, (a, b, c, d, e, f, g, h, i, j, k, m))
+
+
 def _new13(_cls, a, b, c, d, e, f, g, h, i, j, k, m, n):  # type: ignore[no-untyped-def]
     return _tuple_new(_cls, (a, b, c, d, e, f, g, h, i, j, k, m, n))
+
+
 def _new14(_cls, a, b, c, d, e, f, g, h, i, j, k, m, n, o):  # type: ignore[no-untyped-def]
     return _tuple_new(_cls, (a, b, c, d, e, f, g, h, i, j, k, m, n, o))
+
+
 def _new15(_cls, a, b, c, d, e, f, g, h, i, j, k, m, n, o, p):  # type: ignore[no-untyped-def]
     return _tuple_new(_cls, (a, b, c, d, e, f, g, h, i, j, k, m, n, o, p))
+
+
 def _new16(_cls, a, b, c, d, e, f, g, h, i, j, k, m, n, o, p, q):  # type: ignore[no-untyped-def]
     return _tuple_new(_cls, (a, b, c, d, e, f, g, h, i, j, k, m, n, o, p, q))
 
+
 _tuple_new = tuple.__new__
-_NEW = (None, _new1, _new2, _new3, _new4, _new5, _new6, _new7, _new8, _new9, _new10, _new11,
-        _new12, _new13, _new14, _new15, _new16)
+_NEW = (
+    None,
+    _new1,
+    _new2,
+    _new3,
+    _new4,
+    _new5,
+    _new6,
+    _new7,
+    _new8,
+    _new9,
+    _new10,
+    _new11,
+    _new12,
+    _new13,
+    _new14,
+    _new15,
+    _new16,
+)
 _function: Any = type(_new1)
 _WRAPPERS = (classmethod, staticmethod)
 
@@ -124,13 +173,17 @@ def _make_new(name: str, fields: tuple[str, ...], defaults: dict[str, Any]) -> A
         raise TypeError(f"{name}: a value type has 1 to {len(_NEW) - 1} fields")
     template = _NEW[len(fields)]
     code = template.__code__  # type: ignore[union-attr]
-    code = code.replace(co_varnames=("_cls", *fields, *code.co_varnames[len(fields) + 1:]),
-                        co_name="__new__", co_qualname=f"{name}.__new__")
+    code = code.replace(
+        co_varnames=("_cls", *fields, *code.co_varnames[len(fields) + 1 :]),
+        co_name="__new__",
+        co_qualname=f"{name}.__new__",
+    )
     return _function(code, globals(), "__new__", tuple(defaults.values()) or None)
 
 
 def _value(cls: type) -> type:
     from _operator import itemgetter  # a built-in module; here, not at the top: the hook
+
     # without a manifest makes no value class
     own = cls.__dict__
     annotations = own.get("__annotations__")
@@ -140,8 +193,9 @@ def _value(cls: type) -> type:
         if field in own:
             defaults[field] = own[field]
         elif defaults:
-            raise TypeError(f"{cls.__name__}.{field}: a field without a default after one "
-                            "with a default")
+            raise TypeError(
+                f"{cls.__name__}.{field}: a field without a default after one with a default"
+            )
     namespace = {k: v for k, v in own.items() if k not in _SKIP and k not in defaults}
     namespace["__slots__"] = ()
     namespace["_fields"] = namespace["__match_args__"] = fields
@@ -163,6 +217,7 @@ def _value(cls: type) -> type:
 
 
 if TYPE_CHECKING:
+
     @overload
     def value(cls: type[_T], /) -> type[_T]: ...
     @overload
@@ -176,6 +231,7 @@ if TYPE_CHECKING:
         """The instance of `cls` with these fields: what a value class's own `__new__`
         (one that normalises its arguments) returns."""
 else:
+
     def value(cls: Any = None, /, *, init: bool = True, order: bool = True) -> Any:
         return _value if cls is None else _value(cls)
 

@@ -48,8 +48,7 @@ class BlockUsers:
     def holders(self, name: str, depth: int = 0) -> list[str]:
         """dm/md devices stacked on `name` (``class/block/<name>/holders``), transitively."""
         try:
-            direct = sorted(os.listdir(os.path.join(self._sysfs, "class/block", name,
-                                                    "holders")))
+            direct = sorted(os.listdir(os.path.join(self._sysfs, "class/block", name, "holders")))
         except OSError:
             return []
         found = list(direct)
@@ -61,8 +60,7 @@ class BlockUsers:
     def number(self, name: str) -> str | None:
         """The kernel's ``major:minor`` of block device `name`, None if sysfs has none."""
         try:
-            with open(os.path.join(self._sysfs, "class/block", name, "dev"),
-                      encoding="ascii") as f:
+            with open(os.path.join(self._sysfs, "class/block", name, "dev"), encoding="ascii") as f:
                 text = f.read().strip()
         except (OSError, ValueError):
             return None
@@ -85,8 +83,7 @@ class BlockUsers:
 
     def _read(self, table: str) -> list[str]:
         try:
-            with open(os.path.join(self._proc, table), encoding="utf-8",
-                      errors="replace") as f:
+            with open(os.path.join(self._proc, table), encoding="utf-8", errors="replace") as f:
                 return f.read().splitlines()
         except OSError:
             return []

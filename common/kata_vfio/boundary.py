@@ -71,17 +71,27 @@ def describe(exc: BaseException, during: str | None = None) -> tuple[str, int]:
         if exc.filename2 is not None:
             path = f"{path} -> {exc.filename2}"
         reason = exc.strerror or type(exc).__name__
-        return (f"{reason}{': ' + str(path) if path else ''}{during}; "
-                f"check that path (permissions, free space, does it exist?)"), 1
+        return (
+            f"{reason}{': ' + str(path) if path else ''}{during}; "
+            f"check that path (permissions, free space, does it exist?)"
+        ), 1
     if isinstance(exc, UnicodeError):
-        return (f"unreadable text{during} ({exc}); the file or attribute holds bytes "
-                "that are not text"), 1
-    return (f"internal error{during}: {exc!r}{_where(exc)} "
-            f"(set {DEBUG_ENV}=1 for a traceback, and report it)"), 70
+        return (
+            f"unreadable text{during} ({exc}); the file or attribute holds bytes that are not text"
+        ), 1
+    return (
+        f"internal error{during}: {exc!r}{_where(exc)} "
+        f"(set {DEBUG_ENV}=1 for a traceback, and report it)"
+    ), 70
 
 
-def guarded(prog: str, body: Callable[[], int], *, debug: bool = False,
-            report: Callable[[str], None] | None = None) -> int:
+def guarded(
+    prog: str,
+    body: Callable[[], int],
+    *,
+    debug: bool = False,
+    report: Callable[[str], None] | None = None,
+) -> int:
     """Run an entry point's body; turn any failure into `prog: <one line>` and an exit code.
 
     `report` gets the line too (the runtime log podman reads, the hook's own log).

@@ -62,8 +62,12 @@ ID_HINT = "use a plain container id (1 to 200 letters, digits, _ . -, not starti
 
 def plain_container_id(text: object) -> TypeGuard[str]:
     """Could this container id name a file? (`.`, `..`, paths, empty: never.)"""
-    return isinstance(text, str) and 0 < len(text) <= MAX_ID_LENGTH \
-        and set(text) <= ID_CHARS and not text.startswith(".")
+    return (
+        isinstance(text, str)
+        and 0 < len(text) <= MAX_ID_LENGTH
+        and set(text) <= ID_CHARS
+        and not text.startswith(".")
+    )
 
 
 def id_problem(text: object) -> str:

@@ -30,8 +30,14 @@ def write_fully(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-def write_atomically(path: StrPath, data: bytes, mode: int = 0o644, *,
-                     durable: bool = True, sync_directory: bool = True) -> None:
+def write_atomically(
+    path: StrPath,
+    data: bytes,
+    mode: int = 0o644,
+    *,
+    durable: bool = True,
+    sync_directory: bool = True,
+) -> None:
     """Temp file beside `path`, written fully, checked, then renamed over it: a reader,
     or a process killed at any step, sees the old content or the new, never a mix.
 
@@ -96,8 +102,10 @@ def read_regular(path: StrPath, limit: int, what: str) -> bytes:
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise UnsafeFileError(f"{what} {path} is not a regular file",
-                                  "it must be a plain file written by the container engine")
+            raise UnsafeFileError(
+                f"{what} {path} is not a regular file",
+                "it must be a plain file written by the container engine",
+            )
         chunks = []
         left = limit + 1
         while left > 0:
@@ -110,8 +118,10 @@ def read_regular(path: StrPath, limit: int, what: str) -> bytes:
     finally:
         os.close(fd)
     if len(data) > limit:
-        raise UnsafeFileError(f"{what} {path} is larger than {limit} bytes",
-                              "this is not a file the container engine wrote")
+        raise UnsafeFileError(
+            f"{what} {path} is larger than {limit} bytes",
+            "this is not a file the container engine wrote",
+        )
     return data
 
 
@@ -126,8 +136,14 @@ class edited:  # a class, not contextlib: the hook's start-up
     kept and `write` runs only when the value differs from it; without, `write` always
     runs (a writer that compares for itself). On an exception nothing is written."""
 
-    def __init__(self, lock: Any, read: Callable[[], Any], write: Callable[[Any], None], *,
-                 snapshot: Callable[[Any], Any] | None = None) -> None:
+    def __init__(
+        self,
+        lock: Any,
+        read: Callable[[], Any],
+        write: Callable[[Any], None],
+        *,
+        snapshot: Callable[[Any], Any] | None = None,
+    ) -> None:
         self._lock = lock
         self._read = read
         self._write = write
@@ -159,8 +175,9 @@ class file_lock:  # a class, not contextlib: the hook's start-up
     the file ends it (so does the process's death). `wait(fd, path)` takes the lock when
     waiting must be bounded or reported; without it, flock waits as long as it takes."""
 
-    def __init__(self, path: str, wait: Callable[[int, str], None] | None = None, *,
-                 dir_mode: int = 0o755) -> None:
+    def __init__(
+        self, path: str, wait: Callable[[int, str], None] | None = None, *, dir_mode: int = 0o755
+    ) -> None:
         self._path = path
         self._wait = wait
         self._dir_mode = dir_mode

@@ -20,7 +20,6 @@ if TYPE_CHECKING:
 _WHITESPACE = " \t\n\r"
 
 
-
 def _accelerator() -> ModuleType | None:
     """CPython's `_json`; None on an interpreter without it (typed so, for mypy's
     reachability of the fallbacks)."""
@@ -46,8 +45,8 @@ class _Context:
 
 
 _scan: Callable[[str, int], tuple[Any, int]] | None = (
-    _json.make_scanner(_Context())
-    if _json is not None else None)
+    _json.make_scanner(_Context()) if _json is not None else None
+)
 
 
 def _where(text: str, pos: int) -> str:
@@ -63,8 +62,7 @@ def loads(data: str | bytes) -> Any:
         # not the utf-8-sig codec: one more encodings module to load (and ship in the VM)
         text = (data[3:] if data[:3] == b"\xef\xbb\xbf" else data).decode("utf-8")
     elif data.startswith("\ufeff"):
-        raise ValueError("Unexpected UTF-8 BOM (decode using utf-8-sig): line 1 column 1 "
-                         "(char 0)")
+        raise ValueError("Unexpected UTF-8 BOM (decode using utf-8-sig): line 1 column 1 (char 0)")
     else:
         text = data
     if _scan is None:  # pragma: no cover
@@ -93,8 +91,9 @@ def _refuse(obj: object) -> object:
     raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
 
 
-def dumps(obj: object, *, compact: bool = False,
-          default: Callable[[Any], Any] | None = None) -> str:
+def dumps(
+    obj: object, *, compact: bool = False, default: Callable[[Any], Any] | None = None
+) -> str:
     """json.dumps(obj) (ASCII, circular references refused); `compact` is
     separators=(",", ":"); `default` as json's."""
     items, keys = (",", ":") if compact else (", ", ": ")
@@ -102,6 +101,7 @@ def dumps(obj: object, *, compact: bool = False,
         import json
 
         return json.dumps(obj, separators=(items, keys), default=default)
-    encode = _json.make_encoder({}, default or _refuse, _json.encode_basestring_ascii, None,
-                                keys, items, False, False, True)
+    encode = _json.make_encoder(
+        {}, default or _refuse, _json.encode_basestring_ascii, None, keys, items, False, False, True
+    )
     return "".join(encode(obj, 0))

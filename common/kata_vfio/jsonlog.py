@@ -42,13 +42,17 @@ class JsonLog:
     def _emit(self, level: str, event: str, fields: dict[str, Any]) -> None:
         if self._path is None:
             return
-        record = {"timestamp": _timestamp(), "level": level, "event": event,
-                  **self._context, **fields}
+        record = {
+            "timestamp": _timestamp(),
+            "level": level,
+            "event": event,
+            **self._context,
+            **fields,
+        }
         line = dumps(record, compact=True, default=str) + "\n"
         data = line.encode()
         try:
-            fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK,
-                         0o600)
+            fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o600)
         except OSError:
             JsonLog.dropped += 1
             return

@@ -41,8 +41,12 @@ _DOMAIN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-.")
 def is_resource_name_part(text: str) -> bool:
     """Kubernetes' name part of a qualified name (an extended resource's after the '/'):
     at most 63 letters, digits, '-', '_', '.', a letter or digit at each end."""
-    return 0 < len(text) <= 63 and set(text) <= _NAME_CHARS \
-        and text[0] in _ALNUM and text[-1] in _ALNUM
+    return (
+        0 < len(text) <= 63
+        and set(text) <= _NAME_CHARS
+        and text[0] in _ALNUM
+        and text[-1] in _ALNUM
+    )
 
 
 def is_resource_name(text: object) -> bool:
@@ -50,8 +54,13 @@ def is_resource_name(text: object) -> bool:
     if not isinstance(text, str) or text.count("/") != 1:
         return False
     domain, name = text.split("/")
-    return 0 < len(domain) <= 253 and set(domain) <= _DOMAIN_CHARS \
-        and domain[0] in _ALNUM and domain[-1] in _ALNUM and is_resource_name_part(name)
+    return (
+        0 < len(domain) <= 253
+        and set(domain) <= _DOMAIN_CHARS
+        and domain[0] in _ALNUM
+        and domain[-1] in _ALNUM
+        and is_resource_name_part(name)
+    )
 
 
 def resource_env_name(resource: str | None) -> str:
@@ -77,8 +86,9 @@ def _parse_id(obj: dict[str, Any], key: str, bits: int) -> int:
         number = hex_number(value[2:], bits // 4)  # as to_obj writes it
         if number is not None:
             return number
-    raise SpecError(f"manifest: {key}={value!r} is not a {bits}-bit hex number",
-                    "regenerate the manifest")
+    raise SpecError(
+        f"manifest: {key}={value!r} is not a {bits}-bit hex number", "regenerate the manifest"
+    )
 
 
 def _parse_resource(value: object) -> str | None:
@@ -118,8 +128,9 @@ class ManifestDevice:
     @classmethod
     def from_obj(cls, obj: Any) -> ManifestDevice:
         if not isinstance(obj, dict) or not isinstance(obj.get("host_address"), str):
-            raise SpecError("manifest: a device entry has no host_address",
-                            "regenerate the manifest")
+            raise SpecError(
+                "manifest: a device entry has no host_address", "regenerate the manifest"
+            )
         identity = PciIdentity(
             vendor=_parse_id(obj, "vendor", 16),
             device=_parse_id(obj, "device", 16),
@@ -127,8 +138,12 @@ class ManifestDevice:
             subsystem_device=_parse_id(obj, "subsystem_device", 16),
             class_code=_parse_id(obj, "class", 24),
         )
-        return cls(PciAddress.parse(obj["host_address"]), identity, _parse_mac(obj.get("mac")),
-                   _parse_resource(obj.get("resource")))
+        return cls(
+            PciAddress.parse(obj["host_address"]),
+            identity,
+            _parse_mac(obj.get("mac")),
+            _parse_resource(obj.get("resource")),
+        )
 
 
 @value
@@ -165,8 +180,10 @@ class Manifest:
         try:
             data = loads(text)
         except ValueError as exc:
-            raise SpecError(f"manifest annotation is not JSON ({exc})",
-                            "regenerate it with the kata-vfio wrapper") from None
+            raise SpecError(
+                f"manifest annotation is not JSON ({exc})",
+                "regenerate it with the kata-vfio wrapper",
+            ) from None
         if not isinstance(data, dict) or data.get("version") != MANIFEST_VERSION:
             raise SpecError(
                 f"manifest version {data.get('version') if isinstance(data, dict) else None!r}"
@@ -177,14 +194,19 @@ class Manifest:
         for g in data.get("groups") or []:
             number = g.get("host_group") if isinstance(g, dict) else None
             if not isinstance(number, int) or isinstance(number, bool) or number < 0:
-                raise SpecError("manifest: a group has no host_group number",
-                                "regenerate the manifest")
+                raise SpecError(
+                    "manifest: a group has no host_group number", "regenerate the manifest"
+                )
             devices = tuple(ManifestDevice.from_obj(d) for d in g.get("devices") or [])
             groups.append(ManifestGroup(IommuGroup(number), devices))
         timeout = data.get("hotplug_timeout", HOTPLUG_TIMEOUT_DEFAULT)
-        if not isinstance(timeout, int | float) or isinstance(timeout, bool) \
-                or not 0 <= timeout <= HOTPLUG_TIMEOUT_MAX:
-            raise SpecError(f"manifest: hotplug_timeout={timeout!r} is not 0.."
-                            f"{HOTPLUG_TIMEOUT_MAX:g} seconds",
-                            "fix hotplug_timeout in the host's kata-vfio config.toml")
+        if (
+            not isinstance(timeout, int | float)
+            or isinstance(timeout, bool)
+            or not 0 <= timeout <= HOTPLUG_TIMEOUT_MAX
+        ):
+            raise SpecError(
+                f"manifest: hotplug_timeout={timeout!r} is not 0..{HOTPLUG_TIMEOUT_MAX:g} seconds",
+                "fix hotplug_timeout in the host's kata-vfio config.toml",
+            )
         return cls(tuple(groups), float(timeout))

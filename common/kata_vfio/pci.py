@@ -132,8 +132,10 @@ class PciDevice:
     net_interfaces: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
-        return (f"PciDevice({self.address}, {self.identity.describe()}, driver={self.driver}, "
-                f"group={self.iommu_group})")
+        return (
+            f"PciDevice({self.address}, {self.identity.describe()}, driver={self.driver}, "
+            f"group={self.iommu_group})"
+        )
 
     @property
     def vendor(self) -> int:
@@ -175,8 +177,9 @@ def is_vfio_driver(driver: str | None) -> bool:
 
 def usable_by_vfio(dev: PciDevice) -> bool:
     """The kernel's group viability rule for one member of an IOMMU group."""
-    return (dev.driver is None or dev.driver == PCI_STUB or is_vfio_driver(dev.driver)
-            or dev.is_bridge)
+    return (
+        dev.driver is None or dev.driver == PCI_STUB or is_vfio_driver(dev.driver) or dev.is_bridge
+    )
 
 
 # --- sysfs paths: the kernel contract in one place ------------------------------------
@@ -212,11 +215,12 @@ def read_attr(path: StrPath) -> str:
             os.close(fd)
         return data.decode("ascii").strip()
     except UnicodeDecodeError:
-        raise DeviceError(f"{path} holds bytes that are not ASCII",
-                          "is this a sysfs tree? check the attribute by hand") from None
+        raise DeviceError(
+            f"{path} holds bytes that are not ASCII",
+            "is this a sysfs tree? check the attribute by hand",
+        ) from None
     except PermissionError:
-        raise DeviceError(f"cannot read {path}: permission denied",
-                          "run as root") from None
+        raise DeviceError(f"cannot read {path}: permission denied", "run as root") from None
 
 
 def _read_hex(path: StrPath) -> int:
@@ -224,8 +228,10 @@ def _read_hex(path: StrPath) -> int:
     try:
         return int(text, 16)
     except ValueError:
-        raise DeviceError(f"{path} holds {text!r}, not a hex number",
-                          "is this a sysfs tree? check the attribute by hand") from None
+        raise DeviceError(
+            f"{path} holds {text!r}, not a hex number",
+            "is this a sysfs tree? check the attribute by hand",
+        ) from None
 
 
 def read_link(path: StrPath) -> str | None:
@@ -241,8 +247,9 @@ def read_link(path: StrPath) -> str | None:
     except OSError as exc:
         if exc.errno == 22:  # EINVAL: a plain file where a link was expected
             raise DeviceError(f"{path} is not a symlink", "is this a sysfs tree?") from None
-        raise DeviceError(f"cannot read the link {path}: {exc.strerror}",
-                          "run as root, and check the kernel log") from None
+        raise DeviceError(
+            f"cannot read the link {path}: {exc.strerror}", "run as root, and check the kernel log"
+        ) from None
 
 
 def read_identity(base: str) -> PciIdentity:
@@ -303,9 +310,12 @@ def read_bind_state(sysfs: StrPath, addr: PciAddress) -> BindState:
         override = read_attr(_join(base, "driver_override"))
     except FileNotFoundError:
         override = ""
-    return BindState(addr, read_link(_join(base, "driver")),
-                     None if override in ("", "(null)") else override,
-                     class_code >> 8 == CLASS_BRIDGE_PCI)
+    return BindState(
+        addr,
+        read_link(_join(base, "driver")),
+        None if override in ("", "(null)") else override,
+        class_code >> 8 == CLASS_BRIDGE_PCI,
+    )
 
 
 def list_addresses(sysfs: StrPath) -> list[PciAddress]:
@@ -375,12 +385,14 @@ class ClassIndex:
             except OSError:
                 names = []
             found = self._paths[cls] = {
-                name: os.path.realpath(_join(class_dir, name)) for name in names}
+                name: os.path.realpath(_join(class_dir, name)) for name in names
+            }
         return found
 
 
-def _class_entries_below(sysfs: StrPath, cls: str, addr: PciAddress,
-                         index: ClassIndex | None) -> set[str]:
+def _class_entries_below(
+    sysfs: StrPath, cls: str, addr: PciAddress, index: ClassIndex | None
+) -> set[str]:
     """Names in /sys/class/<cls> whose device lies anywhere below the PCI function:
     a virtio NIC's interface sits at <function>/virtio2/net/eth0, not <function>/net/."""
     base = os.path.realpath(device_dir(sysfs, addr)) + "/"
@@ -388,8 +400,9 @@ def _class_entries_below(sysfs: StrPath, cls: str, addr: PciAddress,
     return {name for name, path in paths.items() if path.startswith(base)}
 
 
-def interfaces_below(sysfs: StrPath, addr: PciAddress, index: ClassIndex | None = None
-                     ) -> list[str]:
+def interfaces_below(
+    sysfs: StrPath, addr: PciAddress, index: ClassIndex | None = None
+) -> list[str]:
     """Network interfaces the PCI function provides, directly or through a child device.
     `index`: /sys/class resolved once for several calls."""
     direct = _join(device_dir(sysfs, addr), "net")
@@ -397,7 +410,8 @@ def interfaces_below(sysfs: StrPath, addr: PciAddress, index: ClassIndex | None 
     return sorted(names | _class_entries_below(sysfs, "net", addr, index))
 
 
-def block_devices_below(sysfs: StrPath, addr: PciAddress, index: ClassIndex | None = None
-                        ) -> list[str]:
+def block_devices_below(
+    sysfs: StrPath, addr: PciAddress, index: ClassIndex | None = None
+) -> list[str]:
     """Block devices (disks and partitions) the PCI function provides, at any depth."""
     return sorted(_class_entries_below(sysfs, "block", addr, index))

@@ -40,8 +40,7 @@ def load_vfio_pci(sysfs: StrPath, modprobe: tuple[str, ...] = MODPROBE) -> bool:
     if found is not None:
         for module in VFIO_MODULES:
             # the driver directory below is the verdict; modprobe's own failure is not
-            run([found, "-q", module], what=f"loading {module}", env={}, timeout=30,
-                check=False)
+            run([found, "-q", module], what=f"loading {module}", env={}, timeout=30, check=False)
     return os.path.isdir(driver_dir(sysfs, VFIO_PCI))
 
 
@@ -69,8 +68,13 @@ def bind_to(
     return before
 
 
-def move_to(sysfs: StrPath, addr: PciAddress, before: str | None, driver: str,
-            write: SysfsWrite = write_attr) -> None:
+def move_to(
+    sysfs: StrPath,
+    addr: PciAddress,
+    before: str | None,
+    driver: str,
+    write: SysfsWrite = write_attr,
+) -> None:
     """`bind_to` for a caller that has just read the device's driver (`before`, not
     `driver`) under its own locks: the same writes and check, one sysfs read fewer."""
     base = device_dir(sysfs, addr)
@@ -119,4 +123,3 @@ def _probe(sysfs: StrPath, addr: PciAddress, write: SysfsWrite) -> None:
         # the driver link, checked by the caller, is what counts.
         if exc.errno not in (errno.EINVAL, errno.ENODEV, errno.ENOENT):
             raise
-

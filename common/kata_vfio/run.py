@@ -44,21 +44,34 @@ def run(
     program = os.path.basename(argv[0])
     try:
         done = subprocess.run(
-            list(argv), env=None if env is None else dict(env), timeout=timeout,
-            capture_output=capture, text=True, encoding="utf-8", errors="replace",
-            input=input, cwd=cwd, check=False)
+            list(argv),
+            env=None if env is None else dict(env),
+            timeout=timeout,
+            capture_output=capture,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+            input=input,
+            cwd=cwd,
+            check=False,
+        )
     except FileNotFoundError:
-        raise CommandError(f"{what}: {program} not found",
-                           hint or f"install {program} or put it on PATH") from None
+        raise CommandError(
+            f"{what}: {program} not found", hint or f"install {program} or put it on PATH"
+        ) from None
     except PermissionError:
-        raise CommandError(f"{what}: {argv[0]} is not executable",
-                           hint or f"check the permissions of {argv[0]}") from None
+        raise CommandError(
+            f"{what}: {argv[0]} is not executable", hint or f"check the permissions of {argv[0]}"
+        ) from None
     except subprocess.TimeoutExpired:
-        raise CommandError(f"{what}: {program} did not finish within {timeout:g} s",
-                           hint or f"run it by hand: {' '.join(argv)}") from None
+        raise CommandError(
+            f"{what}: {program} did not finish within {timeout:g} s",
+            hint or f"run it by hand: {' '.join(argv)}",
+        ) from None
     if check and done.returncode != 0:
         said = _last_words(done.stderr) or _last_words(done.stdout)
         raise CommandError(
             f"{what}: {program} exited with {done.returncode}" + (f": {said}" if said else ""),
-            hint or f"run it by hand to see more: {' '.join(argv)}")
+            hint or f"run it by hand to see more: {' '.join(argv)}",
+        )
     return done

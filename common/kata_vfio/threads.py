@@ -19,8 +19,9 @@ if TYPE_CHECKING:
     _R = TypeVar("_R")
 
 
-def in_threads(items: list[_T], work: Callable[[_T], _R], threads: int, *,
-               stop_on_error: bool = False) -> list[_R]:
+def in_threads(
+    items: list[_T], work: Callable[[_T], _R], threads: int, *, stop_on_error: bool = False
+) -> list[_R]:
     """work(item) for every item on up to `threads` threads, the calling thread one of
     them; the results in the items' order. An exception `work` raises is raised here once
     every started item is done (`stop_on_error`: no item is started after the first one)."""

@@ -29,7 +29,6 @@ Ipv4Lookup = Callable[[str], str | None]
 # A node under /dev/vfio: name, major, minor.
 VfioNode = tuple[str, int, int]
 
-
 class Movable(Protocol):
     """A device as a bind needs it: PciDevice (a container's create reads everything,
     for the allow-list) or BindState (kata-vfio-ctl bind reads only this)."""
@@ -40,7 +39,6 @@ class Movable(Protocol):
     def driver(self) -> str | None: ...
     @property
     def driver_override(self) -> str | None: ...
-
 
 # One IOMMU group of a bind and the devices of it that move.
 GroupPlan = tuple[IommuGroup, Sequence[Movable]]

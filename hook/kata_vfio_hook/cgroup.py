@@ -35,8 +35,7 @@ def devices_cgroup(proc: StrPath, pid: int) -> str | None:
     return None
 
 
-def allow_devices(cgroupfs: StrPath, cgroup_path: str, devnums: list[tuple[int, int]]
-                  ) -> str:
+def allow_devices(cgroupfs: StrPath, cgroup_path: str, devnums: list[tuple[int, int]]) -> str:
     allow = os.path.join(cgroupfs, "devices", cgroup_path.lstrip("/"), "devices.allow")
     for major, minor in devnums:
         with open(allow, "w", encoding="ascii") as f:  # one rule per write(2)

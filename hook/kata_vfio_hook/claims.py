@@ -45,7 +45,7 @@ def start_ticks(proc: StrPath, pid: int | str) -> int | None:
     try:
         with open(os.path.join(proc, str(pid), "stat"), "rb") as f:
             text = f.read()
-        return int(text[text.rindex(b")") + 2:].split()[19])
+        return int(text[text.rindex(b")") + 2 :].split()[19])
     except (OSError, ValueError, IndexError):
         return None
 
@@ -55,9 +55,11 @@ def is_live(proc: StrPath, claim: Claim) -> bool:
 
 
 def _damaged(path: str, why: str) -> HookError:
-    return HookError(f"the claims file {path} is damaged ({why}): which container holds "
-                     "which device is unknown, so no device is given",
-                     "remove it once no container of this pod holds VFIO devices")
+    return HookError(
+        f"the claims file {path} is damaged ({why}): which container holds "
+        "which device is unknown, so no device is given",
+        "remove it once no container of this pod holds VFIO devices",
+    )
 
 
 def _parse(data: bytes, path: str) -> dict[str, Claim]:
@@ -71,10 +73,17 @@ def _parse(data: bytes, path: str) -> dict[str, Claim]:
         raise _damaged(path, "not an object")
     claims = {}
     for addr, obj in raw.items():
-        cid, pid, start = (obj.get("container_id"), obj.get("pid"), obj.get("start")) \
-            if isinstance(obj, dict) else (None, None, None)
-        if not (isinstance(cid, str) and cid and type(pid) is int
-                and (start is None or type(start) is int)):
+        cid, pid, start = (
+            (obj.get("container_id"), obj.get("pid"), obj.get("start"))
+            if isinstance(obj, dict)
+            else (None, None, None)
+        )
+        if not (
+            isinstance(cid, str)
+            and cid
+            and type(pid) is int
+            and (start is None or type(start) is int)
+        ):
             raise _damaged(path, f"entry {addr!r} is not a claim")
         claims[addr] = Claim(cid, pid, start)
     return claims
@@ -96,9 +105,12 @@ class ledger(edited):  # `with ledger(root, until) as claims`
         self._until = until
         path = os.path.join(self._root, LEDGER)
         # held for one look at sysfs and one small write; the kernel drops it if we die
-        super().__init__(file_lock(os.path.join(self._root, LOCK), self._wait, dir_mode=0o700),
-                         lambda: _read(path), lambda claims: _write(path, claims),
-                         snapshot=dict)
+        super().__init__(
+            file_lock(os.path.join(self._root, LOCK), self._wait, dir_mode=0o700),
+            lambda: _read(path),
+            lambda claims: _write(path, claims),
+            snapshot=dict,
+        )
 
     def _wait(self, fd: int, path: str) -> None:
         started = time.monotonic()
@@ -112,7 +124,8 @@ class ledger(edited):  # `with ledger(root, until) as claims`
                     raise HookError(
                         f"waited {now - started:.1f} s for the claims lock {path}, which "
                         "another hook holds: no device is given",
-                        "a hook stuck in this guest holds it; restart the pod") from None
+                        "a hook stuck in this guest holds it; restart the pod",
+                    ) from None
                 time.sleep(min(LOCK_POLL, self._until - now))
 
     def __enter__(self) -> dict[str, Claim]:
@@ -133,8 +146,9 @@ def _write(path: str, claims: dict[str, Claim]) -> None:
     write_atomically(path, text.encode(), 0o600)
 
 
-def sort_out(claims: dict[str, Claim], container_id: str, proc: StrPath
-             ) -> tuple[set[str], dict[str, Claim]]:
+def sort_out(
+    claims: dict[str, Claim], container_id: str, proc: StrPath
+) -> tuple[set[str], dict[str, Claim]]:
     """(addresses this container claimed before, claims of other live containers);
     drops the claims of containers that are gone."""
     mine: set[str] = set()

@@ -49,8 +49,12 @@ def render(placed: list[Placed]) -> list[tuple[str, bytes]]:
     devices = {}
     env: dict[str, list[str]] = {}
     for host, guest, group, resource in placed:
-        devices[host] = {"guest_address": guest, "guest_group": group,
-                         "node": f"/dev/vfio/{group}", "resource": resource}
+        devices[host] = {
+            "guest_address": guest,
+            "guest_group": group,
+            "node": f"/dev/vfio/{group}",
+            "resource": resource,
+        }
         env.setdefault(resource_env_name(resource), []).append(guest)
     listing = dumps({"version": 1, "devices": devices}) + "\n"
     lines = "".join(f"{key}={','.join(guests)}\n" for key, guests in env.items())
@@ -63,8 +67,7 @@ def _open_run_dir(rootfs: str, create: bool = True) -> list[int]:
     fds = [open_rootfs(rootfs)]
     try:
         fds.append(open_subdir(fds[-1], "run", "the container's /run", _HINT, create))
-        fds.append(open_subdir(fds[-1], "kata-vfio", f"the container's {RUN_DIR}", _HINT,
-                               create))
+        fds.append(open_subdir(fds[-1], "kata-vfio", f"the container's {RUN_DIR}", _HINT, create))
     except BaseException:
         for fd in reversed(fds):
             os.close(fd)
@@ -76,8 +79,12 @@ def _replace(dir_fd: int, name: str, data: bytes) -> None:
     # a name only this process uses; O_EXCL | O_NOFOLLOW: nothing the image put there
     tmp = f".{name}.{os.getpid()}.{time.monotonic_ns()}"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     FILE_MODE, dir_fd=dir_fd)
+        fd = os.open(
+            tmp,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            FILE_MODE,
+            dir_fd=dir_fd,
+        )
         try:
             try:
                 os.fchmod(fd, FILE_MODE)  # os.open's mode went through the umask
@@ -92,9 +99,11 @@ def _replace(dir_fd: int, name: str, data: bytes) -> None:
                 pass
             raise
     except OSError as exc:
-        raise HookError(f"cannot write the container's {RUN_DIR}/{name}: {exc.strerror}",
-                        f"{RUN_DIR}/{name} must be a file the hook may replace; "
-                        "remove it from the container image") from None
+        raise HookError(
+            f"cannot write the container's {RUN_DIR}/{name}: {exc.strerror}",
+            f"{RUN_DIR}/{name} must be a file the hook may replace; "
+            "remove it from the container image",
+        ) from None
 
 
 def write(rootfs: str, placed: list[Placed]) -> None:

@@ -32,8 +32,7 @@ class UeventWakeups:
         # _socket, the C module behind `socket`: socket.py costs the hook `enum`'s import
         import _socket
 
-        self._sock = _socket.socket(_socket.AF_NETLINK, _socket.SOCK_DGRAM,
-                                    NETLINK_KOBJECT_UEVENT)
+        self._sock = _socket.socket(_socket.AF_NETLINK, _socket.SOCK_DGRAM, NETLINK_KOBJECT_UEVENT)
         self._sock.bind((0, KERNEL_EVENTS_GROUP))
         self._sock.setblocking(False)
 

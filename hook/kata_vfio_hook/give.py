@@ -35,8 +35,8 @@ class Outcome:
 
     def __init__(self, log: JsonLog) -> None:
         self.log = log
-        self.mapping: dict[str, str] = {}   # host address -> guest address
-        self.groups: dict[str, str] = {}    # host group -> guest group(s)
+        self.mapping: dict[str, str] = {}  # host address -> guest address
+        self.groups: dict[str, str] = {}  # host group -> guest group(s)
         self.steps_ms: dict[str, float] = {}
 
     def phase(self, event: str, doing: str) -> _Phase:
@@ -61,8 +61,9 @@ class _Phase:
 
 
 def _describe(want: ManifestDevice) -> str:
-    return (f"{want.host_address} [{want.identity.describe()}"
-            f"{' mac ' + want.mac if want.mac else ''}]")
+    return (
+        f"{want.host_address} [{want.identity.describe()}{' mac ' + want.mac if want.mac else ''}]"
+    )
 
 
 class _Look:
@@ -70,14 +71,20 @@ class _Look:
 
     missing: list[int]
     refused: list[tuple[PciDevice, str]]  # candidates the VM depends on, and why
-    held: list[tuple[PciDevice, str]]     # candidates other live containers hold
+    held: list[tuple[PciDevice, str]]  # candidates other live containers hold
 
     def __init__(self) -> None:
         self.missing, self.refused, self.held = [], [], []
 
 
-def locate(manifest: Manifest, state: State, roots: GuestRoots, wakeups: Wakeups,
-           timeout: float, lock_until: float) -> list[PciDevice]:
+def locate(
+    manifest: Manifest,
+    state: State,
+    roots: GuestRoots,
+    wakeups: Wakeups,
+    timeout: float,
+    lock_until: float,
+) -> list[PciDevice]:
     """The guest device for each manifest device, waiting (bounded) for late hot-plugs,
     and claimed for the container in the ledger before this returns.
 
@@ -130,26 +137,33 @@ def locate(manifest: Manifest, state: State, roots: GuestRoots, wakeups: Wakeups
                 f"refusing guest device {dev.address} [{dev.identity.describe()}]: "
                 f"the VM depends on it ({why})",
                 "a manifest may name only devices passed through from the host; "
-                "was the io.kata-vfio.manifest annotation forged?")
-    held = "".join(f"; guest device {dev.address} is held by container {cid}"
-                   for dev, cid in look.held
-                   if any(w.identity == dev.identity for w in missing))
+                "was the io.kata-vfio.manifest annotation forged?",
+            )
+    held = "".join(
+        f"; guest device {dev.address} is held by container {cid}"
+        for dev, cid in look.held
+        if any(w.identity == dev.identity for w in missing)
+    )
     names = ", ".join(_describe(w) for w in missing)
     raise HookError(
         f"host device {names} not found in the guest after {timeout:.3g} s{held}",
-        "was it passed to the VM? check the hypervisor log and the guest's PCI devices")
+        "was it passed to the VM? check the hypervisor log and the guest's PCI devices",
+    )
 
 
 def ensure_vfio_driver(roots: GuestRoots) -> None:
     from kata_vfio.rebind import load_vfio_pci
 
     if not load_vfio_pci(roots.sysfs, roots.modprobe):
-        raise HookError("the vfio-pci driver is not available in the guest",
-                        "build the guest image with kata-vfio's dracut module (make initrd)")
+        raise HookError(
+            "the vfio-pci driver is not available in the guest",
+            "build the guest image with kata-vfio's dracut module (make initrd)",
+        )
 
 
-def bind_all(roots: GuestRoots, devices: list[PciDevice], log: JsonLog,
-             moved: list[PciDevice]) -> None:
+def bind_all(
+    roots: GuestRoots, devices: list[PciDevice], log: JsonLog, moved: list[PciDevice]
+) -> None:
     """Rebind every device to vfio-pci concurrently. Each device is added to `moved`
     before the first write to it, so the caller can give back everything touched."""
     from kata_vfio.rebind import bind_to
@@ -163,8 +177,13 @@ def bind_all(roots: GuestRoots, devices: list[PciDevice], log: JsonLog,
             bind_to(roots.sysfs, dev.address, VFIO_PCI, roots.write)
         except (KataVfioError, OSError) as exc:
             errors[dev.address] = exc
-        log.info("bind", guest_address=str(dev.address), from_driver=dev.driver,
-                 ok=dev.address not in errors, ms=round((time.monotonic() - started) * 1e3, 3))
+        log.info(
+            "bind",
+            guest_address=str(dev.address),
+            from_driver=dev.driver,
+            ok=dev.address not in errors,
+            ms=round((time.monotonic() - started) * 1e3, 3),
+        )
 
     todo = [d for d in devices if not is_vfio_driver(d.driver)]
     moved.extend(todo)
@@ -172,8 +191,10 @@ def bind_all(roots: GuestRoots, devices: list[PciDevice], log: JsonLog,
     if errors:
         failed, failure = next(iter(errors.items()))
         detail = failure.one_line() if isinstance(failure, KataVfioError) else str(failure)
-        raise HookError(f"cannot bind guest device {failed} to vfio-pci: {detail}",
-                        "devices were given back to their drivers")
+        raise HookError(
+            f"cannot bind guest device {failed} to vfio-pci: {detail}",
+            "devices were given back to their drivers",
+        )
 
 
 def give_back_all(roots: GuestRoots, moved: list[PciDevice], log: JsonLog) -> None:
@@ -200,12 +221,14 @@ def check_groups(roots: GuestRoots, devices: list[PciDevice]) -> list[int]:
             if not usable_by_vfio(dev):
                 raise HookError(
                     f"guest IOMMU group {group} also holds {member} on driver {dev.driver}",
-                    "pass the whole host group to the VM, or hot-plug on a root port")
+                    "pass the whole host group to the VM, or hot-plug on a root port",
+                )
     return [g.number for g in groups]
 
 
-def group_devnums(roots: GuestRoots, groups: list[int], wakeups: Wakeups, timeout: float
-                  ) -> dict[int, tuple[int, int]]:
+def group_devnums(
+    roots: GuestRoots, groups: list[int], wakeups: Wakeups, timeout: float
+) -> dict[int, tuple[int, int]]:
     from kata_vfio.pci import IommuGroup, vfio_group_devnum
 
     def attempt() -> dict[int, tuple[int, int]] | None:
@@ -216,13 +239,22 @@ def group_devnums(roots: GuestRoots, groups: list[int], wakeups: Wakeups, timeou
 
     numbers = wait_for(attempt, wakeups, timeout)
     if numbers is None:
-        raise HookError(f"/dev/vfio/{groups} did not appear {timeout:.3g} s after binding",
-                        "check the guest kernel log for vfio errors")
+        raise HookError(
+            f"/dev/vfio/{groups} did not appear {timeout:.3g} s after binding",
+            "check the guest kernel log for vfio errors",
+        )
     return numbers
 
 
-def give_devices(state: State, manifest: Manifest, spec: dict[str, Any], roots: GuestRoots,
-                 log: JsonLog, wakeups: Wakeups, started: float) -> Outcome:
+def give_devices(
+    state: State,
+    manifest: Manifest,
+    spec: dict[str, Any],
+    roots: GuestRoots,
+    log: JsonLog,
+    wakeups: Wakeups,
+    started: float,
+) -> Outcome:
     """Everything the hook does for one container that has VFIO devices. On failure, the
     /run/kata-vfio files an earlier start of the container left are removed too (Kata >= 2
     starts a container whose hook failed)."""
@@ -233,25 +265,36 @@ def give_devices(state: State, manifest: Manifest, spec: dict[str, Any], roots: 
         raise
 
 
-def _give_devices(state: State, manifest: Manifest, spec: dict[str, Any], roots: GuestRoots,
-                  log: JsonLog, wakeups: Wakeups, started: float) -> Outcome:
+def _give_devices(
+    state: State,
+    manifest: Manifest,
+    spec: dict[str, Any],
+    roots: GuestRoots,
+    log: JsonLog,
+    wakeups: Wakeups,
+    started: float,
+) -> Outcome:
     from kata_vfio_hook.claims import release
 
     deadline = Deadline(HOOK_DEADLINE, process_started(roots.proc) or started)
     out = Outcome(log)
     with out.phase("locate", "locating devices"):
         wait = min(manifest.hotplug_timeout, deadline.left() - GROUP_WAIT)
-        devices = locate(manifest, state, roots, wakeups, max(wait, 0.0),
-                         deadline.at - GROUP_WAIT)
+        devices = locate(manifest, state, roots, wakeups, max(wait, 0.0), deadline.at - GROUP_WAIT)
     for want, dev in zip(manifest.devices, devices, strict=True):
         out.mapping[str(want.host_address)] = str(dev.address)
-        log.info("found", host_address=str(want.host_address), guest_address=str(dev.address),
-                 driver=dev.driver)
+        log.info(
+            "found",
+            host_address=str(want.host_address),
+            guest_address=str(dev.address),
+            driver=dev.driver,
+        )
     moved: list[PciDevice] = []
     try:
         if not os.path.isdir(os.path.join(roots.proc, str(state.pid))):
-            raise HookError(f"the container's init (pid {state.pid}) has exited",
-                            "nothing to give devices to")
+            raise HookError(
+                f"the container's init (pid {state.pid}) has exited", "nothing to give devices to"
+            )
         with out.phase("vfio driver", "loading vfio-pci"):
             ensure_vfio_driver(roots)
         with out.phase("rebind", "binding devices to vfio-pci"):
@@ -277,8 +320,7 @@ def container_root(state: State, spec: dict[str, Any], roots: GuestRoots) -> str
     return rootfs_view(roots.proc, state.pid, rootfs) if roots.via_proc_root else rootfs
 
 
-def _forget_files(state: State, spec: dict[str, Any], roots: GuestRoots,
-                  log: JsonLog) -> None:
+def _forget_files(state: State, spec: dict[str, Any], roots: GuestRoots, log: JsonLog) -> None:
     from kata_vfio_hook.devfiles import forget
 
     try:
@@ -287,9 +329,16 @@ def _forget_files(state: State, spec: dict[str, Any], roots: GuestRoots,
         log.info("no /run/kata-vfio files removed", error=str(exc))
 
 
-def _finish(state: State, manifest: Manifest, spec: dict[str, Any], roots: GuestRoots,
-            out: Outcome, devices: list[PciDevice], wakeups: Wakeups,
-            deadline: Deadline) -> None:
+def _finish(
+    state: State,
+    manifest: Manifest,
+    spec: dict[str, Any],
+    roots: GuestRoots,
+    out: Outcome,
+    devices: list[PciDevice],
+    wakeups: Wakeups,
+    deadline: Deadline,
+) -> None:
     """After binding: the groups, the nodes in the container, the cgroup rules, and last
     the files that tell the container its guest addresses."""
     from kata_vfio.pci import VFIO_CONTAINER_DEVNUM, group_of
@@ -300,11 +349,16 @@ def _finish(state: State, manifest: Manifest, spec: dict[str, Any], roots: Guest
     log = out.log
     with out.phase("groups", "waiting for the VFIO groups"):
         guest_groups = check_groups(roots, devices)
-        numbers = group_devnums(roots, guest_groups, wakeups,
-                                min(GROUP_WAIT, deadline.left()))
-    placed = [(str(want.host_address), str(dev.address),
-               group_of(roots.sysfs, dev.address).number, want.resource)
-              for want, dev in zip(manifest.devices, devices, strict=True)]
+        numbers = group_devnums(roots, guest_groups, wakeups, min(GROUP_WAIT, deadline.left()))
+    placed = [
+        (
+            str(want.host_address),
+            str(dev.address),
+            group_of(roots.sysfs, dev.address).number,
+            want.resource,
+        )
+        for want, dev in zip(manifest.devices, devices, strict=True)
+    ]
     guest_group = {host: group for host, _, group, _ in placed}
     for group in manifest.groups:
         guest = {guest_group[str(d.host_address)] for d in group.devices}

@@ -28,8 +28,13 @@ PROG = "kata-vfio-hook"
 LOG_PATH = "/tmp/kata-vfio-hook.log"
 
 
-def run(stdin_text: str, roots: GuestRoots | None = None, log: JsonLog | None = None,
-        started: float | None = None, context: dict[str, Any] | None = None) -> int:
+def run(
+    stdin_text: str,
+    roots: GuestRoots | None = None,
+    log: JsonLog | None = None,
+    started: float | None = None,
+    context: dict[str, Any] | None = None,
+) -> int:
     """The hook for one container; raises on failure (main() reports). `context` is
     what the log records carry (main's error report uses it too)."""
     started = time.monotonic() if started is None else started
@@ -56,8 +61,13 @@ def run(stdin_text: str, roots: GuestRoots | None = None, log: JsonLog | None = 
         out = give_devices(state, manifest, spec, roots, log, wakeups, started)
     finally:
         wakeups.close()
-    log.info("done", host_to_guest=out.mapping, groups=out.groups, steps_ms=out.steps_ms,
-             total_ms=round((time.monotonic() - started) * 1e3, 3))
+    log.info(
+        "done",
+        host_to_guest=out.mapping,
+        groups=out.groups,
+        steps_ms=out.steps_ms,
+        total_ms=round((time.monotonic() - started) * 1e3, 3),
+    )
     return 0
 
 
@@ -74,8 +84,9 @@ def main(argv: list[str] | None = None, roots: GuestRoots | None = None) -> int:
     def report(line: str) -> None:
         _open_log(context).error("failed", error=line)
 
-    return guarded(PROG, lambda: run(sys.stdin.read(), roots, None, started, context),
-                   report=report)
+    return guarded(
+        PROG, lambda: run(sys.stdin.read(), roots, None, started, context), report=report
+    )
 
 
 if __name__ == "__main__":

@@ -21,8 +21,9 @@ if TYPE_CHECKING:
 def guest_mac(sysfs: StrPath, dev: PciDevice) -> str | None:
     for ifname in dev.net_interfaces:
         try:
-            with open(os.path.join(device_dir(sysfs, dev.address), "net", ifname, "address"),
-                      "rb") as f:
+            with open(
+                os.path.join(device_dir(sysfs, dev.address), "net", ifname, "address"), "rb"
+            ) as f:
                 return f.read().decode("ascii", "replace").strip().lower()
         except OSError:
             continue
@@ -58,8 +59,11 @@ def assign(
         if want.mac is None:
             continue
         for dev in guest:
-            if dev.address not in taken and _same_kind(want, dev) \
-                    and macs.get(dev.address) == want.mac:
+            if (
+                dev.address not in taken
+                and _same_kind(want, dev)
+                and macs.get(dev.address) == want.mac
+            ):
                 found[i] = dev
                 taken.add(dev.address)
                 break
@@ -73,4 +77,3 @@ def assign(
                 taken.add(dev.address)
                 break
     return found, [i for i in range(len(wanted)) if i not in found]
-

@@ -46,8 +46,10 @@ def open_rootfs(rootfs: str) -> int:
     try:
         return os.open(rootfs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
-        raise HookError(f"cannot open the container's rootfs {rootfs}: {exc.strerror}",
-                        "is the container's init still there?") from None
+        raise HookError(
+            f"cannot open the container's rootfs {rootfs}: {exc.strerror}",
+            "is the container's init still there?",
+        ) from None
 
 
 def rootfs_view(proc: StrPath, pid: int, rootfs: str) -> str:
@@ -73,7 +75,8 @@ def make_nodes(rootfs: str, nodes: list[VfioNode]) -> None:
             if not stat.S_ISCHR(st.st_mode) or st.st_rdev != want:
                 raise HookError(
                     f"/dev/vfio/{name} in the container exists but is not char {major}:{minor}",
-                    "remove it from the container image")
+                    "remove it from the container image",
+                )
             os.chmod(name, 0o666, dir_fd=vfio_fd)  # mknod's mode went through the umask
     finally:
         for fd in reversed(fds):

@@ -35,19 +35,26 @@ def parse_state(text: str) -> State:
     try:
         data = loads(text)
     except ValueError:
-        raise HookError("stdin is not the OCI state JSON",
-                        "run me as an OCI prestart hook") from None
+        raise HookError(
+            "stdin is not the OCI state JSON", "run me as an OCI prestart hook"
+        ) from None
     if not isinstance(data, dict):
         raise HookError("stdin is not the OCI state JSON", "run me as an OCI prestart hook")
     cid, pid, bundle = data.get("id"), data.get("pid"), data.get("bundle")
     if not plain_container_id(cid):
         raise HookError(f"OCI state has {id_problem(cid)}", ID_HINT)
     if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
-        raise HookError(f"OCI state of {cid} has no container pid",
-                        "run me as a prestart hook, when the container's init exists")
+        raise HookError(
+            f"OCI state of {cid} has no container pid",
+            "run me as a prestart hook, when the container's init exists",
+        )
     annotations = data.get("annotations") or {}
-    return State(cid, pid, bundle if isinstance(bundle, str) else "",
-                 annotations if isinstance(annotations, dict) else {})
+    return State(
+        cid,
+        pid,
+        bundle if isinstance(bundle, str) else "",
+        annotations if isinstance(annotations, dict) else {},
+    )
 
 
 def _load_json(path: str) -> dict[str, Any] | None:

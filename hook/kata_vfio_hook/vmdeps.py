@@ -52,8 +52,7 @@ def ipv4_address(ifname: str) -> str | None:
 
     sock = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
     try:
-        ifreq = fcntl.ioctl(sock.fileno(), SIOCGIFADDR,
-                            struct.pack("16s16x", ifname.encode()[:15]))
+        ifreq = fcntl.ioctl(sock.fileno(), SIOCGIFADDR, struct.pack("16s16x", ifname.encode()[:15]))
     except OSError as exc:
         if exc.errno in (errno.EADDRNOTAVAIL, errno.ENODEV, errno.ENXIO):
             return None
@@ -130,8 +129,9 @@ class VmDependencies:
 
     def _address_if_up(self, ifname: str) -> str | None:
         try:
-            with open(os.path.join(self._sysfs, "class/net", ifname, "flags"),
-                      encoding="ascii") as f:
+            with open(
+                os.path.join(self._sysfs, "class/net", ifname, "flags"), encoding="ascii"
+            ) as f:
                 flags = int(f.read().strip(), 16)
         except (OSError, ValueError):
             return None  # not in this network namespace, or gone

@@ -10,8 +10,23 @@ import pytest
 
 from kata_vfio import jsoncodec
 
-VALUES = ["x", "é\u2028\"\\\n\t\x00", 0, -1, 10**30, 2.5, -0.0, 1e300, None, True, False,
-          [], {}, [1, [2, [3, {"a": None}]]], {"b": 1, "a": [1.5, "z"], "": {}}]
+VALUES = [
+    "x",
+    'é\u2028"\\\n\t\x00',
+    0,
+    -1,
+    10**30,
+    2.5,
+    -0.0,
+    1e300,
+    None,
+    True,
+    False,
+    [],
+    {},
+    [1, [2, [3, {"a": None}]]],
+    {"b": 1, "a": [1.5, "z"], "": {}},
+]
 
 
 @pytest.mark.parametrize("value", VALUES, ids=repr)
@@ -30,8 +45,22 @@ def test_a_real_config_json(tmp_path: Path) -> None:
     assert jsoncodec.dumps(spec) == json.dumps(spec)
 
 
-@pytest.mark.parametrize("text", ["", "  ", "{", "[1,]", '{"a":1} x', "nul", '"\\x"',
-                                  '{"a" 1}', "[1] [2]", '{"a":1,}', "\ufeff{}"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "  ",
+        "{",
+        "[1,]",
+        '{"a":1} x',
+        "nul",
+        '"\\x"',
+        '{"a" 1}',
+        "[1] [2]",
+        '{"a":1,}',
+        "\ufeff{}",
+    ],
+)
 def test_same_errors(text: str) -> None:
     with pytest.raises(ValueError) as ours:
         jsoncodec.loads(text)
@@ -61,10 +90,17 @@ def test_errors_without_json_imported() -> None:
     """In a process that never imported json (the wrapper's create, the guest hook), a
     bad document is a ValueError with json's message, on every CPython 3.11 (3.11.2's C
     scanner fails without an exception there)."""
-    code = ("import sys; sys.path.insert(0, 'common')\n"
-            "from kata_vfio.jsoncodec import loads\n"
-            "try:\n    loads('{\"a\": {\"b\": 1')\n"
-            "except ValueError as e:\n    print('ValueError', e)\n")
-    out = subprocess.run(["/usr/bin/python3", "-I", "-S", "-c", code], capture_output=True,
-                         text=True, check=True, cwd=Path(__file__).resolve().parents[2]).stdout
+    code = (
+        "import sys; sys.path.insert(0, 'common')\n"
+        "from kata_vfio.jsoncodec import loads\n"
+        'try:\n    loads(\'{"a": {"b": 1\')\n'
+        "except ValueError as e:\n    print('ValueError', e)\n"
+    )
+    out = subprocess.run(
+        ["/usr/bin/python3", "-I", "-S", "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[2],
+    ).stdout
     assert out.startswith("ValueError Expecting ',' delimiter: line 1 column 14"), out

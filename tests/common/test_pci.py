@@ -19,8 +19,12 @@ from fakesys import BRIDGE, NVME, FakeKernel, FakeSysfs
 
 @pytest.mark.parametrize(
     ("text", "canonical"),
-    [("0000:03:00.0", "0000:03:00.0"), ("0000:AF:1F.7", "0000:af:1f.7"),
-     (" 0001:00:02.1 ", "0001:00:02.1"), ("10000:e1:00.0", "10000:e1:00.0")],
+    [
+        ("0000:03:00.0", "0000:03:00.0"),
+        ("0000:AF:1F.7", "0000:af:1f.7"),
+        (" 0001:00:02.1 ", "0001:00:02.1"),
+        ("10000:e1:00.0", "10000:e1:00.0"),
+    ],
 )
 def test_address_parses_and_prints_canonically(text: str, canonical: str) -> None:
     assert str(PciAddress.parse(text)) == canonical
@@ -28,8 +32,19 @@ def test_address_parses_and_prints_canonically(text: str, canonical: str) -> Non
 
 @pytest.mark.parametrize(
     "text",
-    ["", "03:00.0", "0000:03:00", "0000:zz:00.0", "0000:03:20.0", "0000:03:00.8",
-     "../../etc", "0000:03:00.0/../x", "0000:3:00.0", "0000:03:00.0.1", "0000:03:00.00"],
+    [
+        "",
+        "03:00.0",
+        "0000:03:00",
+        "0000:zz:00.0",
+        "0000:03:20.0",
+        "0000:03:00.8",
+        "../../etc",
+        "0000:03:00.0/../x",
+        "0000:3:00.0",
+        "0000:03:00.0.1",
+        "0000:03:00.00",
+    ],
 )
 def test_malformed_addresses_are_refused(text: str) -> None:
     with pytest.raises(DeviceError, match="malformed PCI address"):
@@ -43,7 +58,7 @@ def test_group_numbers_are_plain_decimals(text: str) -> None:
 
 
 def test_device_facts_come_from_sysfs(fakesys: FakeSysfs) -> None:
-    fakesys.add_device("0000:00:03.0", NVME, group=4, driver="nvme", subsystem=(0x1af4, 0x1100))
+    fakesys.add_device("0000:00:03.0", NVME, group=4, driver="nvme", subsystem=(0x1AF4, 0x1100))
     dev = read_device(fakesys.root, PciAddress.parse("0000:00:03.0"))
     assert (dev.vendor, dev.device, dev.class_code) == NVME
     assert (dev.subsystem_vendor, dev.subsystem_device) == (0x1AF4, 0x1100)

@@ -29,8 +29,20 @@ from wrapper_run import make_recorder, write_config
 PLAIN_IDS = ["c1", "0123abcdef" * 6, "k8s_pod.x-1", "a" * 200]
 # "a" * 256: the wrapper took it, then failed writing its marker ("File name too long");
 # "a" * 257: the hook took it while the wrapper and the ledger refused it
-UNUSABLE_IDS = ["", ".", "..", "../x", ".hidden", "a/b", "x y", "café", "a" * 201, "a" * 256,
-                "a" * 257, "c1\n"]
+UNUSABLE_IDS = [
+    "",
+    ".",
+    "..",
+    "../x",
+    ".hidden",
+    "a/b",
+    "x y",
+    "café",
+    "a" * 201,
+    "a" * 256,
+    "a" * 257,
+    "c1\n",
+]
 
 
 def _with_devices(bundle: Path, where: Path) -> Path:
@@ -43,8 +55,9 @@ def _with_devices(bundle: Path, where: Path) -> Path:
     return where
 
 
-def _edit_or_refuse(main: Any, argv: list[str], bundle: Path,
-                    capsys: pytest.CaptureFixture[str]) -> str | None:
+def _edit_or_refuse(
+    main: Any, argv: list[str], bundle: Path, capsys: pytest.CaptureFixture[str]
+) -> str | None:
     """Run a wrapper's main on `bundle`: None when it edited the spec and exec'd, else its
     stderr (the spec untouched, nothing exec'd)."""
     before = (bundle / "config.json").read_text()
@@ -60,17 +73,31 @@ def _edit_or_refuse(main: Any, argv: list[str], bundle: Path,
 
 def _create(cid: str, bundle: Path, capsys: pytest.CaptureFixture[str]) -> str | None:
     """`kata-vfio create --bundle B ID`."""
-    return _edit_or_refuse(runtime_main.main,
-                           ["kata-vfio", "create", "--bundle", str(bundle), cid], bundle, capsys)
+    return _edit_or_refuse(
+        runtime_main.main, ["kata-vfio", "create", "--bundle", str(bundle), cid], bundle, capsys
+    )
 
 
-def _shim_start(cid: str, bundle: Path, capsys: pytest.CaptureFixture[str],
-                monkeypatch: pytest.MonkeyPatch) -> str | None:
+def _shim_start(
+    cid: str, bundle: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> str | None:
     """containerd's `<shim> -namespace NS -address A -id ID start` in the bundle."""
     monkeypatch.chdir(bundle)
-    return _edit_or_refuse(shim.main, ["containerd-shim-kata-vfio-v2", "-namespace", "k8s.io",
-                                       "-address", "/run/containerd/containerd.sock", "-id",
-                                       cid, "start"], bundle, capsys)
+    return _edit_or_refuse(
+        shim.main,
+        [
+            "containerd-shim-kata-vfio-v2",
+            "-namespace",
+            "k8s.io",
+            "-address",
+            "/run/containerd/containerd.sock",
+            "-id",
+            cid,
+            "start",
+        ],
+        bundle,
+        capsys,
+    )
 
 
 def _hook(cid: str) -> str | None:
@@ -91,16 +118,25 @@ def _ledger(cid: str) -> str | None:
 
 @pytest.mark.parametrize("cid", PLAIN_IDS + UNUSABLE_IDS)
 def test_every_entry_point_takes_the_same_container_ids(
-        cid: str, vfio_host: FakeSysfs, bundle: Path, tmp_path: Path,
-        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    cid: str,
+    vfio_host: FakeSysfs,
+    bundle: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     recorder = make_recorder(tmp_path)
-    config = write_config(tmp_path, runtime=str(recorder), shim=str(recorder),
-                          sysfs=str(vfio_host.root), log_file=str(tmp_path / "kv.log"))
+    config = write_config(
+        tmp_path,
+        runtime=str(recorder),
+        shim=str(recorder),
+        sysfs=str(vfio_host.root),
+        log_file=str(tmp_path / "kv.log"),
+    )
     monkeypatch.setenv("KATA_VFIO_CONFIG", str(config))
     answers = {
         "kata-vfio create": _create(cid, _with_devices(bundle, tmp_path / "b1"), capsys),
-        "shim start": _shim_start(cid, _with_devices(bundle, tmp_path / "b2"), capsys,
-                                  monkeypatch),
+        "shim start": _shim_start(cid, _with_devices(bundle, tmp_path / "b2"), capsys, monkeypatch),
         "hook": _hook(cid),
         "ledger": _ledger(cid),
     }
@@ -119,10 +155,20 @@ def test_every_entry_point_takes_the_same_container_ids(
 # the auto-bind allow-list ---------------------------------------------------------------
 
 HEX_IDS = {  # text: the number every reader makes of it, or None where all refuse it
-    "8086": 0x8086, "10d3": 0x10D3, "0000": 0, "ffff": 0xFFFF,
+    "8086": 0x8086,
+    "10d3": 0x10D3,
+    "0000": 0,
+    "ffff": 0xFFFF,
     # the manifest's reader took these (int(text, 16) does), every other reader not
-    "80_6": None, "808 ": None, "808": None, "00008086": None,
-    "+808": None, "808660": None, "80g6": None, "0x86": None, "": None,
+    "80_6": None,
+    "808 ": None,
+    "808": None,
+    "00008086": None,
+    "+808": None,
+    "808660": None,
+    "80g6": None,
+    "0x86": None,
+    "": None,
 }
 
 
@@ -142,10 +188,17 @@ def _ids_reader_answers(text: str) -> dict[str, int | None]:
             answers[where] = None
 
     attempt("devices -d / select", lambda: parse_ids(f"{text}:10d3", "devices -d").vendor)
-    attempt("persistent binds",
-            lambda: parse_binds(f"0000:03:00.0 {text}:10d3\n", "binds")[0].vendor)
-    device = {"host_address": "0000:03:00.0", "vendor": f"0x{text}", "device": "0x10d3",
-              "subsystem_vendor": "0x8086", "subsystem_device": "0x0000", "class": "0x020000"}
+    attempt(
+        "persistent binds", lambda: parse_binds(f"0000:03:00.0 {text}:10d3\n", "binds")[0].vendor
+    )
+    device = {
+        "host_address": "0000:03:00.0",
+        "vendor": f"0x{text}",
+        "device": "0x10d3",
+        "subsystem_vendor": "0x8086",
+        "subsystem_device": "0x0000",
+        "class": "0x020000",
+    }
     attempt("manifest", lambda: ManifestDevice.from_obj(device).identity.vendor)
     attempt("PCI address domain", lambda: PciAddress.parse(f"{text}:03:00.0").domain)
     attempt("autobind allow", lambda: int(parse_rule(f"{text}:10d3").vendor or "-", 16))
@@ -161,9 +214,14 @@ def test_every_reader_takes_the_same_hex_ids(text: str) -> None:
 # --- MACs: the manifest (the guest hook's side) and io.kata-vfio.vf-config ---------------
 
 MACS = {  # text: the MAC both readers make of it, or None
-    "52:54:00:12:34:56": "52:54:00:12:34:56", "52:54:00:AB:cd:EF": "52:54:00:ab:cd:ef",
-    "52:54:00:12:34": None, "52:54:00:12:34:56:78": None, "52-54-00-12-34-56": None,
-    "52:54:00:12:34:5g": None, "52:54:00:12:34:+5": None, "52:54:00:12:34:5": None,
+    "52:54:00:12:34:56": "52:54:00:12:34:56",
+    "52:54:00:AB:cd:EF": "52:54:00:ab:cd:ef",
+    "52:54:00:12:34": None,
+    "52:54:00:12:34:56:78": None,
+    "52-54-00-12-34-56": None,
+    "52:54:00:12:34:5g": None,
+    "52:54:00:12:34:+5": None,
+    "52:54:00:12:34:5": None,
     "52:54:0:012:34:56": None,
 }
 
@@ -173,9 +231,15 @@ def test_manifest_and_vf_config_take_the_same_macs(text: str) -> None:
     from kata_vfio.manifest import ManifestDevice
     from kata_vfio_host.vfconfig import parse_vf_config
 
-    device = {"host_address": "0000:03:00.0", "vendor": "0x8086", "device": "0x10ca",
-              "subsystem_vendor": "0x8086", "subsystem_device": "0x0000", "class": "0x020000",
-              "mac": text}
+    device = {
+        "host_address": "0000:03:00.0",
+        "vendor": "0x8086",
+        "device": "0x10ca",
+        "subsystem_vendor": "0x8086",
+        "subsystem_device": "0x0000",
+        "class": "0x020000",
+        "mac": text,
+    }
     answers: dict[str, str | None] = {}
     try:
         answers["manifest"] = ManifestDevice.from_obj(device).mac
@@ -214,8 +278,7 @@ class _Edit:
         if self.name == "journal":
             from kata_vfio_host.ledger import Host, editing
 
-            return editing(Host(self.dir / "sys", self.dir / "state", lambda *a: None,
-                                boot_id="b"))
+            return editing(Host(self.dir / "sys", self.dir / "state", lambda *a: None, boot_id="b"))
         if self.name == "claims":
             from kata_vfio_hook.claims import ledger
 
@@ -224,8 +287,9 @@ class _Edit:
             from kata_vfio_ctl.plugin_ledger import editing_records
             from kata_vfio_host.ledger import Host
 
-            return editing_records(Host(self.dir / "sys", self.dir / "state", lambda *a: None,
-                                        boot_id="b"))
+            return editing_records(
+                Host(self.dir / "sys", self.dir / "state", lambda *a: None, boot_id="b")
+            )
         from kata_vfio_host.persist import editing_binds
 
         return editing_binds(str(self.dir / "etc/binds"))
@@ -239,8 +303,9 @@ class _Edit:
             from kata_vfio_ctl.plugin_ledger import Allocation
 
             cid = "kubernetes-allocation-0000-03-00.0"
-            value[cid] = Allocation(cid, "kata-vfio.io/nic", ("0000:03:00.0",),
-                                    frozenset({12}), float(n))
+            value[cid] = Allocation(
+                cid, "kata-vfio.io/nic", ("0000:03:00.0",), frozenset({12}), float(n)
+            )
         elif self.name == "claims":
             from kata_vfio_hook.claims import Claim as GuestClaim
 
@@ -252,9 +317,13 @@ class _Edit:
             value[:] = [PersistentBind(PciAddress.parse("0000:01:00.0"), 0x8086, 0x10D0 + n)]
 
     def files(self) -> dict[str, bytes]:
-        return {str(p.relative_to(self.dir)): p.read_bytes()
-                for p in sorted(self.dir.rglob("*")) if p.is_file()
-                and "lock" not in str(p.relative_to(self.dir)) and not p.name.startswith(".")}
+        return {
+            str(p.relative_to(self.dir)): p.read_bytes()
+            for p in sorted(self.dir.rglob("*"))
+            if p.is_file()
+            and "lock" not in str(p.relative_to(self.dir))
+            and not p.name.startswith(".")
+        }
 
 
 @pytest.mark.parametrize("name", ["journal", "claims", "persistent binds", "plugin records"])
@@ -329,8 +398,11 @@ def test_the_thread_pool_raises_once_every_started_item_is_done(stop_on_error: b
 
 WRAPPERS = {  # name: (module, argv of a call that is handed straight over, what the inner is)
     "kata-vfio": (runtime_main, ["kata-vfio", "--root", "/run/r", "state", "c1"], "runtime"),
-    "shim": (shim, ["containerd-shim-kata-vfio-v2", "-namespace", "k8s.io", "-id", "c1",
-                    "delete"], "shim"),
+    "shim": (
+        shim,
+        ["containerd-shim-kata-vfio-v2", "-namespace", "k8s.io", "-id", "c1", "delete"],
+        "shim",
+    ),
 }
 
 
@@ -343,8 +415,8 @@ def _run_wrapper(name: str, capsys: pytest.CaptureFixture[str]) -> tuple[list[li
 
 @pytest.mark.parametrize("name", list(WRAPPERS))
 def test_both_wrappers_find_their_inner_program_the_same_way(
-        name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from kata_vfio_runtime import wrapping
 
     _, argv, setting = WRAPPERS[name]

@@ -38,8 +38,9 @@ def test_a_vlan_is_ascii_digits_and_bounded(vlan: str) -> None:
         parse_vf_config(f"0000:3b:02.0 vlan={vlan}")
 
 
-@pytest.mark.parametrize("mac", ["00:00:00:00:00:00", "ff:ff:ff:ff:ff:ff",
-                                 "52:54:00:12:34:5\u0666"])
+@pytest.mark.parametrize(
+    "mac", ["00:00:00:00:00:00", "ff:ff:ff:ff:ff:ff", "52:54:00:12:34:5\u0666"]
+)
 def test_a_mac_that_sets_no_unicast_address_is_refused(mac: str) -> None:
     with pytest.raises(DeviceError, match="not a unicast MAC"):
         parse_vf_config(f"0000:3b:02.0 mac={mac}")
@@ -53,10 +54,15 @@ def test_a_non_finite_hotplug_timeout_is_refused_at_load(tmp_path: Path, value: 
         load_settings(str(conf))
 
 
-def test_a_nan_timeout_reaches_no_manifest(tmp_path: Path, vfio_host: FakeSysfs,
-                                           bundle: Path) -> None:
-    config = write_config(tmp_path, runtime=str(make_recorder(tmp_path)),
-                          sysfs=str(vfio_host.root), log_file=str(tmp_path / "log"))
+def test_a_nan_timeout_reaches_no_manifest(
+    tmp_path: Path, vfio_host: FakeSysfs, bundle: Path
+) -> None:
+    config = write_config(
+        tmp_path,
+        runtime=str(make_recorder(tmp_path)),
+        sysfs=str(vfio_host.root),
+        log_file=str(tmp_path / "log"),
+    )
     config.write_text(config.read_text() + "hotplug_timeout = nan\n")
     spec = json.loads((bundle / "config.json").read_text())
     spec["annotations"] = {DEVICES_ANNOTATION: "0000:03:00.0"}

@@ -39,8 +39,11 @@ def test_fields_defaults_and_methods() -> None:
     assert repr(port) == "Port(name='eth0', index=0, tags=('a',))"
     assert as_dict(port) == {"name": "eth0", "index": 0, "tags": ("a",)}
     assert port._replace(index=3) == Port("eth0", 3, ("a",))
-    assert sorted([Port("b"), Port("a", 2), Port("a", 1)]) == [Port("a", 1), Port("a", 2),
-                                                               Port("b")]
+    assert sorted([Port("b"), Port("a", 2), Port("a", 1)]) == [
+        Port("a", 1),
+        Port("a", 2),
+        Port("b"),
+    ]
     assert len({Port("a"), Port("a")}) == 1
 
 
@@ -69,6 +72,7 @@ def test_an_own_new_normalises_and_super_works_in_methods() -> None:
 
 def test_a_field_without_default_after_one_with_is_refused() -> None:
     with pytest.raises(TypeError, match="without a default"):
+
         @value
         class Bad:
             a: int = 0

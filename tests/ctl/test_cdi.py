@@ -40,8 +40,9 @@ def test_one_device_per_endpoint_of_each_usable_group(vfio_host: FakeSysfs) -> N
         (21, (243, 2), ["0000:06:10.0"]),
     ]
     reasons = {g.group.number: g.reason for g in skipped}
-    assert reasons[14] == ("0000:05:00.0 is on nvme (hand the group to vfio-pci: "
-                           "kata-vfio-ctl bind 0000:05:00.0)")
+    assert reasons[14] == (
+        "0000:05:00.0 is on nvme (hand the group to vfio-pci: kata-vfio-ctl bind 0000:05:00.0)"
+    )
     assert reasons[20].startswith("0000:06:00.0 is on igb")
     assert reasons[30].startswith("/dev/vfio/30 does not exist")
 
@@ -55,8 +56,9 @@ def test_one_device_per_endpoint_of_each_usable_group(vfio_host: FakeSysfs) -> N
             {"name": "0000:04:01.0", "containerEdits": {"deviceNodes": [group_node(13, 1)]}},
             {"name": "0000:06:10.0", "containerEdits": {"deviceNodes": [group_node(21, 2)]}},
         ],
-        "containerEdits": {"deviceNodes": [
-            {"path": "/dev/vfio/vfio", "type": "c", "major": 10, "minor": 196}]},
+        "containerEdits": {
+            "deviceNodes": [{"path": "/dev/vfio/vfio", "type": "c", "major": 10, "minor": 196}]
+        },
     }
 
 
@@ -67,7 +69,11 @@ def test_command_writes_the_spec_atomically_and_says_what_it_left_out(
     assert ctl("cdi", "--sysfs", str(vfio_host.root), "--output", str(out)) == 0
     spec = json.loads(out.read_text())
     assert [d["name"] for d in spec["devices"]] == [
-        "0000:03:00.0", "0000:04:00.0", "0000:04:01.0", "0000:06:10.0"]
+        "0000:03:00.0",
+        "0000:04:00.0",
+        "0000:04:01.0",
+        "0000:06:10.0",
+    ]
     assert oct(out.stat().st_mode & 0o777) == "0o644"
     assert sorted(p.name for p in out.parent.iterdir()) == ["kata-vfio.json"]  # no temp left
     captured = capsys.readouterr()
@@ -78,12 +84,15 @@ def test_command_writes_the_spec_atomically_and_says_what_it_left_out(
     assert json.loads(capsys.readouterr().out) == spec
 
 
-def test_no_usable_group_removes_a_stale_spec(fakesys: FakeSysfs, tmp_path: Path,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_no_usable_group_removes_a_stale_spec(
+    fakesys: FakeSysfs, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     fakesys.add_device("0000:05:00.0", group=14, driver="nvme")
     out = tmp_path / "kata-vfio.json"
     out.write_text('{"cdiVersion": "0.5.0", "kind": "kata-vfio.io/pci", "devices": []}')
     assert ctl("cdi", "--sysfs", str(fakesys.root), "--output", str(out)) == 1
     assert not out.exists()
-    assert ("no IOMMU group is usable by VFIO on this host, so there is no CDI device "
-            f"({out} removed); hand a device to vfio-pci first") in capsys.readouterr().out
+    assert (
+        "no IOMMU group is usable by VFIO on this host, so there is no CDI device "
+        f"({out} removed); hand a device to vfio-pci first"
+    ) in capsys.readouterr().out

@@ -29,23 +29,32 @@ PROG = "kata-vfio-ctl: "
 @pytest.fixture
 def ctl_config(vfio_host: FakeSysfs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     config = tmp_path / "kv.toml"
-    config.write_text(f'runtime = "/bin/true"\nsysfs = "{vfio_host.root}"\n'
-                      f'state_dir = "{tmp_path / "state"}"\n')
+    config.write_text(
+        f'runtime = "/bin/true"\nsysfs = "{vfio_host.root}"\nstate_dir = "{tmp_path / "state"}"\n'
+    )
     monkeypatch.setenv("KATA_VFIO_CONFIG", str(config))
     return config
 
 
-def run_ctl(args: list[str], config: Path, *, path: str | None = None, user: str | None = None,
-            **kwargs: object) -> subprocess.CompletedProcess[str]:
+def run_ctl(
+    args: list[str],
+    config: Path,
+    *,
+    path: str | None = None,
+    user: str | None = None,
+    **kwargs: object,
+) -> subprocess.CompletedProcess[str]:
     """kata-vfio-ctl in its own process, as a user starts it."""
-    env = {"PATH": path if path is not None else os.environ.get("PATH", "/usr/bin:/bin"),
-           "PYTHONPATH": SOURCE_PATH, "KATA_VFIO_CONFIG": str(config)}
+    env = {
+        "PATH": path if path is not None else os.environ.get("PATH", "/usr/bin:/bin"),
+        "PYTHONPATH": SOURCE_PATH,
+        "KATA_VFIO_CONFIG": str(config),
+    }
     argv = [sys.executable, "-m", "kata_vfio_ctl.main", *args]
     if user is not None:
         argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *argv]
     kwargs.setdefault("stdout", subprocess.PIPE)
-    return subprocess.run(argv, env=env, stderr=subprocess.PIPE, text=True, timeout=60,
-                          **kwargs)  # type: ignore[call-overload, no-any-return]
+    return subprocess.run(argv, env=env, stderr=subprocess.PIPE, text=True, timeout=60, **kwargs)  # type: ignore[call-overload, no-any-return]
 
 
 def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
@@ -64,11 +73,13 @@ def sysfs_snapshot(fs: FakeSysfs) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("journal", ["null", "[]", '{"devices": []}', "directory"])
-@pytest.mark.parametrize("argv", [["devices"], ["bind", "0000:05:00.0"], ["restore", "--all"],
-                                  ["restore", "0000:03:00.0"]])
-def test_a_damaged_journal_is_one_line_naming_it(ctl_config: Path, vfio_host: FakeSysfs,
-                                                 tmp_path: Path, journal: str,
-                                                 argv: list[str]) -> None:
+@pytest.mark.parametrize(
+    "argv",
+    [["devices"], ["bind", "0000:05:00.0"], ["restore", "--all"], ["restore", "0000:03:00.0"]],
+)
+def test_a_damaged_journal_is_one_line_naming_it(
+    ctl_config: Path, vfio_host: FakeSysfs, tmp_path: Path, journal: str, argv: list[str]
+) -> None:
     path = tmp_path / "state/bindings.json"
     path.parent.mkdir(parents=True)
     if journal == "directory":
@@ -82,19 +93,29 @@ def test_a_damaged_journal_is_one_line_naming_it(ctl_config: Path, vfio_host: Fa
 
 
 @pytest.mark.host
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
-                    reason="needs root and unshare for a read-only bind mount")
-def test_bind_with_a_read_only_state_dir(ctl_config: Path, vfio_host: FakeSysfs,
-                                         tmp_path: Path) -> None:
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None,
+    reason="needs root and unshare for a read-only bind mount",
+)
+def test_bind_with_a_read_only_state_dir(
+    ctl_config: Path, vfio_host: FakeSysfs, tmp_path: Path
+) -> None:
     state = tmp_path / "state"
     state.mkdir()
     before = sysfs_snapshot(vfio_host)
     env_argv = [sys.executable, "-m", "kata_vfio_ctl.main", "bind", "0000:05:00.0"]
     script = f'mount --bind -o ro "{state}" "{state}" && exec "$@"'
-    result = subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", *env_argv],
-                            env={"PATH": os.environ["PATH"], "PYTHONPATH": SOURCE_PATH,
-                                 "KATA_VFIO_CONFIG": str(ctl_config)},
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script, "sh", *env_argv],
+        env={
+            "PATH": os.environ["PATH"],
+            "PYTHONPATH": SOURCE_PATH,
+            "KATA_VFIO_CONFIG": str(ctl_config),
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     line = one_line_error(result)
     assert "Read-only file system" in line and str(state) in line
     assert sysfs_snapshot(vfio_host) == before
@@ -106,8 +127,7 @@ def test_a_bad_name_pattern_is_a_usage_error(ctl_config: Path) -> None:
     assert result.returncode == 2 and "--name" in line and "'('" in line
 
 
-def test_a_non_ascii_sysfs_attribute_names_the_file(ctl_config: Path,
-                                                    vfio_host: FakeSysfs) -> None:
+def test_a_non_ascii_sysfs_attribute_names_the_file(ctl_config: Path, vfio_host: FakeSysfs) -> None:
     (vfio_host.dev_dir("0000:05:00.0") / "vendor").write_bytes(b"0x1b\xff6\n")
     for argv in (["devices"], ["devices", "--json"], ["bind", "0000:05:00.0"]):
         line = one_line_error(run_ctl(argv, ctl_config))
@@ -141,29 +161,46 @@ def kata_with_initrd(tmp_path: Path) -> Path:
 def test_doctor_without_modinfo_says_so(bare_config: Path, tmp_path: Path) -> None:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()  # nothing on PATH: no modinfo, no lsinitrd
-    result = run_ctl(["doctor", "--conf", str(tmp_path / "c.conf")], bare_config,
-                     path=str(bin_dir))
+    result = run_ctl(["doctor", "--conf", str(tmp_path / "c.conf")], bare_config, path=str(bin_dir))
     one_line_error(result)
     assert "modinfo not found" in result.stdout
 
 
-def test_doctor_without_lsinitrd_says_so(ctl_config: Path, tmp_path: Path,
-                                         kata_with_initrd: Path) -> None:
-    result = run_ctl(["doctor", "--kata-config", str(kata_with_initrd),
-                      "--conf", str(tmp_path / "c.conf")], ctl_config, path=str(tmp_path / "x"))
+def test_doctor_without_lsinitrd_says_so(
+    ctl_config: Path, tmp_path: Path, kata_with_initrd: Path
+) -> None:
+    result = run_ctl(
+        ["doctor", "--kata-config", str(kata_with_initrd), "--conf", str(tmp_path / "c.conf")],
+        ctl_config,
+        path=str(tmp_path / "x"),
+    )
     one_line_error(result)
     assert "lsinitrd not found" in result.stdout
 
 
-def test_doctor_reads_lsinitrd_output_that_is_not_utf8(bare_config: Path, tmp_path: Path,
-                                                       kata_with_initrd: Path) -> None:
+def test_doctor_reads_lsinitrd_output_that_is_not_utf8(
+    bare_config: Path, tmp_path: Path, kata_with_initrd: Path
+) -> None:
     bin_dir = tmp_path / "bin"
-    fake_tool(bin_dir, "lsinitrd",
-              r"printf '\377\376 not text\n-rwxr-xr-x   1 root root  212 Nov 24 08:00 "
-              r"usr/share/oci/hooks/prestart/kata-vfio-hook\n'")
+    fake_tool(
+        bin_dir,
+        "lsinitrd",
+        r"printf '\377\376 not text\n-rwxr-xr-x   1 root root  212 Nov 24 08:00 "
+        r"usr/share/oci/hooks/prestart/kata-vfio-hook\n'",
+    )
     fake_tool(bin_dir, "modinfo", "echo 'modinfo: ERROR: Module vfio-pci not found.' >&2; exit 1")
-    result = run_ctl(["doctor", "--json", "--kata-config", str(kata_with_initrd),
-                      "--conf", str(tmp_path / "c.conf")], bare_config, path=str(bin_dir))
+    result = run_ctl(
+        [
+            "doctor",
+            "--json",
+            "--kata-config",
+            str(kata_with_initrd),
+            "--conf",
+            str(tmp_path / "c.conf"),
+        ],
+        bare_config,
+        path=str(bin_dir),
+    )
     one_line_error(result)
     checks = {c["name"]: c for c in json.loads(result.stdout)}
     assert checks["kata:initrd"]["status"] == "ok"
@@ -190,10 +227,11 @@ def world_readable_host() -> Iterator[tuple[FakeSysfs, Path]]:
         shutil.rmtree(top)
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
-                    reason="needs root and setpriv to run as another user")
-def test_bind_as_non_root_names_the_attribute(world_readable_host: tuple[FakeSysfs, Path]
-                                              ) -> None:
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="needs root and setpriv to run as another user",
+)
+def test_bind_as_non_root_names_the_attribute(world_readable_host: tuple[FakeSysfs, Path]) -> None:
     fs, config = world_readable_host
     before = sysfs_snapshot(fs)
     line = one_line_error(run_ctl(["bind", "0000:03:00.0"], config, user="65534"))
@@ -215,21 +253,31 @@ def test_devices_into_a_closed_pipe_exits_quietly(ctl_config: Path) -> None:
 
 def test_devices_piped_into_head(ctl_config: Path) -> None:
     command = f'"{sys.executable}" -m kata_vfio_ctl.main devices --json | head -c 10'
-    result = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True,
-                            text=True, timeout=60,
-                            env={"PATH": os.environ["PATH"], "PYTHONPATH": SOURCE_PATH,
-                                 "KATA_VFIO_CONFIG": str(ctl_config)})
+    result = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", command],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={
+            "PATH": os.environ["PATH"],
+            "PYTHONPATH": SOURCE_PATH,
+            "KATA_VFIO_CONFIG": str(ctl_config),
+        },
+    )
     assert result.returncode == 0 and result.stderr == ""
     assert len(result.stdout) == 10
 
 
-def test_a_damaged_pci_ids_costs_names_not_the_listing(tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_damaged_pci_ids_costs_names_not_the_listing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from kata_vfio_host import pciids
 
     ids = tmp_path / "pci.ids"
-    ids.write_bytes(b"8086  Intel Corporation\n\t10d3  82574L\nzz\xff garbage\n\tq  x\n"
-                    b"1b36  Red Hat\n\t0010  QEMU NVM Express\n")
+    ids.write_bytes(
+        b"8086  Intel Corporation\n\t10d3  82574L\nzz\xff garbage\n\tq  x\n"
+        b"1b36  Red Hat\n\t0010  QEMU NVM Express\n"
+    )
     monkeypatch.setattr(pciids, "PCI_IDS", (ids,))
     pciids._table.cache_clear()
     try:
@@ -247,14 +295,13 @@ def test_debug_shows_the_traceback(ctl_config: Path) -> None:
 # --- devices in use, however deep their interfaces sit (defect 9) -------------------
 
 
-def test_an_interface_below_a_virtio_function_is_in_use(ctl_config: Path,
-                                                        vfio_host: FakeSysfs,
-                                                        tmp_path: Path) -> None:
+def test_an_interface_below_a_virtio_function_is_in_use(
+    ctl_config: Path, vfio_host: FakeSysfs, tmp_path: Path
+) -> None:
     from kata_vfio_host.usage import uses
 
     # "lo" exists and is up with addresses on every host: the fake virtio NIC's name
-    vfio_host.add_device("0000:00:03.0", (0x1AF4, 0x1041, 0x020000), group=30,
-                         driver="virtio-pci")
+    vfio_host.add_device("0000:00:03.0", (0x1AF4, 0x1041, 0x020000), group=30, driver="virtio-pci")
     vfio_host.add_child_interface("0000:00:03.0", "lo", "virtio2")
     proc = tmp_path / "proc"
     (proc / "self").mkdir(parents=True)
@@ -271,33 +318,43 @@ def test_an_interface_below_a_virtio_function_is_in_use(ctl_config: Path,
 def test_a_disk_below_a_virtio_function_is_in_use(vfio_host: FakeSysfs, tmp_path: Path) -> None:
     from kata_vfio_host.usage import uses
 
-    vfio_host.add_device("0000:00:05.0", (0x1AF4, 0x1042, 0x010000), group=31,
-                         driver="virtio-pci")
+    vfio_host.add_device("0000:00:05.0", (0x1AF4, 0x1042, 0x010000), group=31, driver="virtio-pci")
     vfio_host.add_child_block("0000:00:05.0", "vdz", ("vdz1",))
     proc = tmp_path / "proc"
     (proc / "self").mkdir(parents=True)
     (proc / "self/mounts").write_text("/dev/vdz1 /srv ext4 rw 0 0\n")
     assert uses(vfio_host.root, proc, PciAddress.parse("0000:00:05.0")) == [
-        "block device /dev/vdz1 is mounted on /srv"]
+        "block device /dev/vdz1 is mounted on /srv"
+    ]
 
 
-@pytest.mark.parametrize(("mounts", "swaps", "holder", "reason"), [
-    ("", "/dev/vdz2 partition 1048572 0 -2\n", None, "block device /dev/vdz2 is active swap"),
-    ("/dev/dm-0 / ext4 rw 0 0\n", "", "vdz1",
-     "block device /dev/vdz1 is under dm-0, which is mounted on /"),
-    ("", "/dev/dm-0 partition 1 0 -2\n", "vdz", "block device /dev/vdz is under dm-0, which "
-                                                 "is active swap"),
-    ("", "", "vdz1", "block device /dev/vdz1 is held by dm-0 (device-mapper or md)"),
-])
-def test_a_disk_the_host_stands_on_is_in_use(vfio_host: FakeSysfs, tmp_path: Path,
-                                             mounts: str, swaps: str, holder: str | None,
-                                             reason: str) -> None:
+@pytest.mark.parametrize(
+    ("mounts", "swaps", "holder", "reason"),
+    [
+        ("", "/dev/vdz2 partition 1048572 0 -2\n", None, "block device /dev/vdz2 is active swap"),
+        (
+            "/dev/dm-0 / ext4 rw 0 0\n",
+            "",
+            "vdz1",
+            "block device /dev/vdz1 is under dm-0, which is mounted on /",
+        ),
+        (
+            "",
+            "/dev/dm-0 partition 1 0 -2\n",
+            "vdz",
+            "block device /dev/vdz is under dm-0, which is active swap",
+        ),
+        ("", "", "vdz1", "block device /dev/vdz1 is held by dm-0 (device-mapper or md)"),
+    ],
+)
+def test_a_disk_the_host_stands_on_is_in_use(
+    vfio_host: FakeSysfs, tmp_path: Path, mounts: str, swaps: str, holder: str | None, reason: str
+) -> None:
     """Beyond a mounted partition: active swap, and a device-mapper/md device (LVM,
     dm-crypt, RAID) stacked on the disk or a partition, mounted, swap or merely there."""
     from kata_vfio_host.usage import uses
 
-    vfio_host.add_device("0000:00:05.0", (0x1AF4, 0x1042, 0x010000), group=31,
-                         driver="virtio-pci")
+    vfio_host.add_device("0000:00:05.0", (0x1AF4, 0x1042, 0x010000), group=31, driver="virtio-pci")
     vfio_host.add_child_block("0000:00:05.0", "vdz", ("vdz1", "vdz2"))
     dm = vfio_host.root / "devices/virtual/block/dm-0"
     dm.mkdir(parents=True)
@@ -353,16 +410,17 @@ def test_this_machines_own_nic_is_in_use(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def fake_host(ctl_config: Path, vfio_host: FakeSysfs, tmp_path: Path,
-              monkeypatch: pytest.MonkeyPatch) -> tuple[FakeSysfs, FakeKernel, Host]:
+def fake_host(
+    ctl_config: Path, vfio_host: FakeSysfs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[FakeSysfs, FakeKernel, Host]:
     """kata-vfio-ctl in-process, its sysfs writes played by a fake kernel."""
     import kata_vfio_ctl.base
 
     vfio_host.add_device("0000:08:00.0", group=40, driver="e1000e", net=("kvfio-enp8",))
-    vfio_host.add_device("0000:08:00.1", group=40, driver="e1000e", net=("kvfio-enp8f1",),
-                         mac="52:54:00:12:34:57")
-    vfio_host.add_device("0000:00:03.0", (0x1AF4, 0x1041, 0x020000), group=30,
-                         driver="virtio-pci")
+    vfio_host.add_device(
+        "0000:08:00.1", group=40, driver="e1000e", net=("kvfio-enp8f1",), mac="52:54:00:12:34:57"
+    )
+    vfio_host.add_device("0000:00:03.0", (0x1AF4, 0x1041, 0x020000), group=30, driver="virtio-pci")
     vfio_host.add_child_interface("0000:00:03.0", "kvfio-virt0", "virtio2")
     kernel = FakeKernel(vfio_host)
     host = Host(sysfs=vfio_host.root, state_dir=tmp_path / "state", write=kernel.write)
@@ -370,8 +428,9 @@ def fake_host(ctl_config: Path, vfio_host: FakeSysfs, tmp_path: Path,
     return vfio_host, kernel, host
 
 
-def test_bind_takes_the_short_address_form(fake_host: tuple[FakeSysfs, FakeKernel, Host],
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_bind_takes_the_short_address_form(
+    fake_host: tuple[FakeSysfs, FakeKernel, Host], capsys: pytest.CaptureFixture[str]
+) -> None:
     fs, _, host = fake_host
     assert ctl(["bind", "--timeout", "0", "05:00.0"]) == 0, capsys.readouterr().err
     assert fs.driver("0000:05:00.0") == "vfio-pci"
@@ -381,30 +440,37 @@ def test_bind_takes_the_short_address_form(fake_host: tuple[FakeSysfs, FakeKerne
     assert "0000:05:00.0: given back" in capsys.readouterr().out
 
 
-def test_bind_takes_an_interface_name(fake_host: tuple[FakeSysfs, FakeKernel, Host],
-                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_bind_takes_an_interface_name(
+    fake_host: tuple[FakeSysfs, FakeKernel, Host], capsys: pytest.CaptureFixture[str]
+) -> None:
     fs, _, _ = fake_host
     assert ctl(["bind", "--timeout", "0", "kvfio-enp8f1"]) == 0, capsys.readouterr().err
     assert fs.driver("0000:08:00.1") == fs.driver("0000:08:00.0") == "vfio-pci"
 
 
 def test_an_interface_below_a_virtio_device_names_the_pci_function_above(
-        fake_host: tuple[FakeSysfs, FakeKernel, Host],
-        capsys: pytest.CaptureFixture[str]) -> None:
+    fake_host: tuple[FakeSysfs, FakeKernel, Host], capsys: pytest.CaptureFixture[str]
+) -> None:
     assert ctl(["bind", "--dry-run", "kvfio-virt0"]) == 0, capsys.readouterr().err
     assert "0000:00:03.0 (1af4:1041, virtio-pci) -> vfio-pci" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize(("argument", "message"), [
-    ("lo", "no PCI device or network interface 'lo'"),
-    ("0000:03:00.0/../x", "malformed PCI address"),
-    ("kvfio-enp8/../../x", "malformed PCI address"),
-    ("03:00", "malformed PCI address"),
-    ("1:03:00.0", "malformed PCI address"),
-])
-def test_bad_device_arguments(fake_host: tuple[FakeSysfs, FakeKernel, Host],
-                              capsys: pytest.CaptureFixture[str], argument: str,
-                              message: str) -> None:
+@pytest.mark.parametrize(
+    ("argument", "message"),
+    [
+        ("lo", "no PCI device or network interface 'lo'"),
+        ("0000:03:00.0/../x", "malformed PCI address"),
+        ("kvfio-enp8/../../x", "malformed PCI address"),
+        ("03:00", "malformed PCI address"),
+        ("1:03:00.0", "malformed PCI address"),
+    ],
+)
+def test_bad_device_arguments(
+    fake_host: tuple[FakeSysfs, FakeKernel, Host],
+    capsys: pytest.CaptureFixture[str],
+    argument: str,
+    message: str,
+) -> None:
     _, kernel, _ = fake_host
     assert ctl(["bind", argument]) != 0
     err = capsys.readouterr().err.strip().splitlines()
@@ -412,8 +478,9 @@ def test_bad_device_arguments(fake_host: tuple[FakeSysfs, FakeKernel, Host],
     assert kernel.writes == []
 
 
-def test_a_virtual_interface_is_not_a_pci_device(fake_host: tuple[FakeSysfs, FakeKernel, Host],
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_virtual_interface_is_not_a_pci_device(
+    fake_host: tuple[FakeSysfs, FakeKernel, Host], capsys: pytest.CaptureFixture[str]
+) -> None:
     fs, kernel, _ = fake_host
     (fs.root / "devices/virtual/net/kvfio-br9").mkdir(parents=True)
     (fs.root / "class/net/kvfio-br9").symlink_to("../../devices/virtual/net/kvfio-br9")
@@ -423,8 +490,8 @@ def test_a_virtual_interface_is_not_a_pci_device(fake_host: tuple[FakeSysfs, Fak
 
 
 def test_dry_run_prints_the_moves_and_changes_nothing(
-        fake_host: tuple[FakeSysfs, FakeKernel, Host],
-        capsys: pytest.CaptureFixture[str]) -> None:
+    fake_host: tuple[FakeSysfs, FakeKernel, Host], capsys: pytest.CaptureFixture[str]
+) -> None:
     fs, kernel, host = fake_host
     assert ctl(["bind", "--dry-run", "0000:08:00.0"]) == 0
     out = capsys.readouterr().out
@@ -435,8 +502,10 @@ def test_dry_run_prints_the_moves_and_changes_nothing(
 
 
 def test_bind_names_every_member_before_moving_it(
-        fake_host: tuple[FakeSysfs, FakeKernel, Host], monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    fake_host: tuple[FakeSysfs, FakeKernel, Host],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     import kata_vfio_ctl.base
 
     _, kernel, host = fake_host
@@ -453,12 +522,15 @@ def test_bind_names_every_member_before_moving_it(
     monkeypatch.setattr(kata_vfio_ctl.base, "_host", lambda args: watched)
     assert ctl(["bind", "--timeout", "0", "08:00.1"]) == 0
     lines = said_before_first_write[0].splitlines()
-    assert lines == ["moving 0000:08:00.0 (8086:10d3, e1000e) -> vfio-pci",
-                     "moving 0000:08:00.1 (8086:10d3, e1000e) -> vfio-pci"]
+    assert lines == [
+        "moving 0000:08:00.0 (8086:10d3, e1000e) -> vfio-pci",
+        "moving 0000:08:00.1 (8086:10d3, e1000e) -> vfio-pci",
+    ]
 
 
-def test_dry_run_reports_a_refusal(fake_host: tuple[FakeSysfs, FakeKernel, Host],
-                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_dry_run_reports_a_refusal(
+    fake_host: tuple[FakeSysfs, FakeKernel, Host], capsys: pytest.CaptureFixture[str]
+) -> None:
     fs, kernel, _ = fake_host
     fs.add_device("0000:09:00.0", NVME, group=41, driver="nvme")
     fs.add_child_interface("0000:09:00.0", "lo", "virtio7")  # up with addresses everywhere
@@ -468,7 +540,8 @@ def test_dry_run_reports_a_refusal(fake_host: tuple[FakeSysfs, FakeKernel, Host]
 
 
 def test_one_walk_over_proc_for_the_devices_of_one_command(
-        fakesys: FakeSysfs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fakesys: FakeSysfs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Issue 10: `kata-vfio-ctl bind A B C …` checks each device before and again under
     the group locks; the walk over every process's open files (a readlink per descriptor
     of every process) is done once for all of them, not twice per device."""

@@ -70,8 +70,14 @@ def build_host(fs: FakeSysfs) -> None:
 class Run:
     """A plugin in a thread, with its kubelet, pod-resources server and logs."""
 
-    def __init__(self, tmp_path: Path, fs: FakeSysfs, kernel: FakeKernel,
-                 config: str = CONFIG, grace: float = 3600.0) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        fs: FakeSysfs,
+        kernel: FakeKernel,
+        config: str = CONFIG,
+        grace: float = 3600.0,
+    ) -> None:
         self.tmp_path = tmp_path
         self.fs = fs
         self.kubelet = Kubelet(tmp_path / "device-plugins")
@@ -81,10 +87,15 @@ class Run:
         cfg.write_text(config)
         self.settings = load_settings(str(cfg))
         self.options = devplugin.Options(
-            sysfs=str(fs.root), state_dir=str(tmp_path / "state"),
+            sysfs=str(fs.root),
+            state_dir=str(tmp_path / "state"),
             kubelet_dir=str(self.kubelet.path.parent),
-            pod_resources=str(tmp_path / "pod-resources.sock"), cdi_dir=str(tmp_path / "cdi"),
-            release_grace=grace, write=kernel.write, boot_id="b1")
+            pod_resources=str(tmp_path / "pod-resources.sock"),
+            cdi_dir=str(tmp_path / "cdi"),
+            release_grace=grace,
+            write=kernel.write,
+            boot_id="b1",
+        )
         self.host = Host(fs.root, tmp_path / "state", kernel.write, boot_id="b1")
         self.logs: list[str] = []
         self.plugin: devplugin.Plugin | None = None
@@ -92,8 +103,10 @@ class Run:
 
     def start(self) -> devplugin.Plugin:
         self.plugin = devplugin.Plugin(
-            self.options, resources_from_settings(self.settings.device_plugin_resources),
-            log=self.logs.append)
+            self.options,
+            resources_from_settings(self.settings.device_plugin_resources),
+            log=self.logs.append,
+        )
         before = len(self.kubelet.requests)
         self.thread = threading.Thread(target=self.plugin.run, daemon=True)
         self.thread.start()
@@ -143,8 +156,9 @@ def first_list(stub: Any) -> tuple[dict[str, tuple[str, list[int]]], Any]:
 
 
 def allocate(stub: Any, *ids: str) -> Any:
-    request = pb.AllocateRequest(container_requests=[
-        pb.ContainerAllocateRequest(devices_ids=list(ids))])
+    request = pb.AllocateRequest(
+        container_requests=[pb.ContainerAllocateRequest(devices_ids=list(ids))]
+    )
     return stub.Allocate(request, timeout=10).container_responses[0]
 
 
@@ -152,34 +166,48 @@ def test_registers_and_offers_each_whole_matching_group(run: Run) -> None:
     run.start()
     request = run.kubelet.requests[0]
     assert (request.version, request.endpoint, request.resource_name) == (
-        "v1beta1", "kata-vfio-nvme.sock", "kata-vfio.io/nvme")
+        "v1beta1",
+        "kata-vfio-nvme.sock",
+        "kata-vfio.io/nvme",
+    )
     assert request.options.get_preferred_allocation_available
     stub = run.stub()
     assert stub.GetDevicePluginOptions(pb.Empty()).get_preferred_allocation_available
     devices, stream = first_list(stub)
     stream.cancel()
-    assert devices == {**{vf: ("Healthy", [0]) for vf in PF1_VFS},
-                       **{vf: ("Healthy", [1]) for vf in PF2_VFS}}
+    assert devices == {
+        **{vf: ("Healthy", [0]) for vf in PF1_VFS},
+        **{vf: ("Healthy", [1]) for vf in PF2_VFS},
+    }
     # the PFs (their VFs would go with them) and the mixed group are left out, one line each
-    assert "IOMMU group 30 not offered as kata-vfio.io/nvme: 0000:00:05.1 [8086:10d3] in " \
-           "the same group does not match" in run.logs
-    assert any(line.startswith("IOMMU group 4 not offered") and "virtual functions" in line
-               for line in run.logs)
+    assert (
+        "IOMMU group 30 not offered as kata-vfio.io/nvme: 0000:00:05.1 [8086:10d3] in "
+        "the same group does not match" in run.logs
+    )
+    assert any(
+        line.startswith("IOMMU group 4 not offered") and "virtual functions" in line
+        for line in run.logs
+    )
 
 
 def test_allocate_binds_through_the_ledger_and_answers_nodes_env_and_cdi(
-        run: Run, fakesys: FakeSysfs) -> None:
+    run: Run, fakesys: FakeSysfs
+) -> None:
     run.start()
     stub = run.stub()
     reply = allocate(stub, PF1_VFS[1], PF1_VFS[0])
     assert [(d.container_path, d.host_path, d.permissions) for d in reply.devices] == [
-        ("/dev/vfio/vfio", "/dev/vfio/vfio", "rw"), ("/dev/vfio/10", "/dev/vfio/10", "rw"),
-        ("/dev/vfio/11", "/dev/vfio/11", "rw")]
+        ("/dev/vfio/vfio", "/dev/vfio/vfio", "rw"),
+        ("/dev/vfio/10", "/dev/vfio/10", "rw"),
+        ("/dev/vfio/11", "/dev/vfio/11", "rw"),
+    ]
     both = f"{PF1_VFS[0]},{PF1_VFS[1]}"
     assert dict(reply.envs) == {"PCIDEVICE_KATA_VFIO_IO_NVME": both}
     assert dict(reply.annotations) == {"io.kata-vfio.resource.nvme": both}
-    assert [c.name for c in reply.cdi_devices] == [f"kata-vfio.io/nvme={PF1_VFS[0]}",
-                                                   f"kata-vfio.io/nvme={PF1_VFS[1]}"]
+    assert [c.name for c in reply.cdi_devices] == [
+        f"kata-vfio.io/nvme={PF1_VFS[0]}",
+        f"kata-vfio.io/nvme={PF1_VFS[1]}",
+    ]
     assert fakesys.driver(PF1_VFS[0]) == fakesys.driver(PF1_VFS[1]) == "vfio-pci"
     owner = "container kubernetes-allocation-0000-00-04.1"
     assert owner_of(run.host, IommuGroup(10)) == owner == owner_of(run.host, IommuGroup(11))
@@ -188,13 +216,16 @@ def test_allocate_binds_through_the_ledger_and_answers_nodes_env_and_cdi(
     assert spec["cdiVersion"] == "0.5.0" and spec["kind"] == "kata-vfio.io/nvme"
     assert {d["name"]: d["containerEdits"]["deviceNodes"] for d in spec["devices"]} == {
         PF1_VFS[0]: [{"path": "/dev/vfio/10", "type": "c", "major": 243, "minor": 10}],
-        PF1_VFS[1]: [{"path": "/dev/vfio/11", "type": "c", "major": 243, "minor": 11}]}
+        PF1_VFS[1]: [{"path": "/dev/vfio/11", "type": "c", "major": 243, "minor": 11}],
+    }
     assert spec["containerEdits"]["deviceNodes"] == [
-        {"path": "/dev/vfio/vfio", "type": "c", "major": 10, "minor": 196}]
+        {"path": "/dev/vfio/vfio", "type": "c", "major": 10, "minor": 196}
+    ]
 
 
 def test_a_group_a_container_holds_is_refused_and_nothing_is_claimed(
-        run: Run, fakesys: FakeSysfs) -> None:
+    run: Run, fakesys: FakeSysfs
+) -> None:
     run.start()
     acquire(run.host, ContainerId.parse("podman-one"), [IommuGroup(12)], [], (), None)
     stub = run.stub()
@@ -243,22 +274,25 @@ def test_preferred_allocation_keeps_must_include_and_one_pf(run: Run) -> None:
     stub = run.stub()
 
     def prefer(available: list[str], must: list[str], size: int) -> list[str]:
-        request = pb.PreferredAllocationRequest(container_requests=[
-            pb.ContainerPreferredAllocationRequest(available_deviceIDs=available,
-                                                   must_include_deviceIDs=must,
-                                                   allocation_size=size)])
+        request = pb.PreferredAllocationRequest(
+            container_requests=[
+                pb.ContainerPreferredAllocationRequest(
+                    available_deviceIDs=available, must_include_deviceIDs=must, allocation_size=size
+                )
+            ]
+        )
         reply = stub.GetPreferredAllocation(request, timeout=5)
         return list(reply.container_responses[0].deviceIDs)
 
     everything = PF2_VFS + PF1_VFS
     assert prefer(everything, [], 3) == PF1_VFS[:3]  # the PF with the most free VFs
     assert prefer(everything, [PF2_VFS[2]], 3) == [PF2_VFS[2], PF2_VFS[0], PF2_VFS[1]]
-    assert prefer(everything, [PF2_VFS[1]], 4) == [PF2_VFS[1], PF2_VFS[0], PF2_VFS[2],
-                                                   PF1_VFS[0]]
+    assert prefer(everything, [PF2_VFS[1]], 4) == [PF2_VFS[1], PF2_VFS[0], PF2_VFS[2], PF1_VFS[0]]
 
 
-def test_an_allocation_whose_pod_is_gone_is_released(tmp_path: Path, fakesys: FakeSysfs,
-                                                     kernel: FakeKernel) -> None:
+def test_an_allocation_whose_pod_is_gone_is_released(
+    tmp_path: Path, fakesys: FakeSysfs, kernel: FakeKernel
+) -> None:
     build_host(fakesys)
     r = Run(tmp_path, fakesys, kernel, grace=0.0)
     try:
@@ -298,19 +332,22 @@ def test_within_the_grace_period_nothing_is_released(run: Run, fakesys: FakeSysf
 
 
 def test_the_kubelet_handing_a_device_out_again_ends_the_old_allocation(
-        run: Run, fakesys: FakeSysfs) -> None:
+    run: Run, fakesys: FakeSysfs
+) -> None:
     run.start()
     stub = run.stub()
     allocate(stub, PF1_VFS[0], PF1_VFS[1])
     allocate(stub, PF1_VFS[1])  # the kubelet gave VF 2 to a new pod: the old one is gone
     assert owner_of(run.host, IommuGroup(11)) == "container kubernetes-allocation-0000-00-04.2"
     assert owner_of(run.host, IommuGroup(10)) == "container kubernetes-allocation-0000-00-04.1"
-    assert {e.owner for a, e in read_journal_file(run.host).devices.items()
-            if a == PF1_VFS[1]} == {"container kubernetes-allocation-0000-00-04.2"}
+    assert {e.owner for a, e in read_journal_file(run.host).devices.items() if a == PF1_VFS[1]} == {
+        "container kubernetes-allocation-0000-00-04.2"
+    }
 
 
 def test_re_registers_when_the_kubelet_restarts_and_recovers_after_its_own_restart(
-        run: Run, fakesys: FakeSysfs) -> None:
+    run: Run, fakesys: FakeSysfs
+) -> None:
     run.start()
     allocate(run.stub(), PF1_VFS[0])
     run.channel.close()
@@ -325,8 +362,7 @@ def test_re_registers_when_the_kubelet_restarts_and_recovers_after_its_own_resta
     run.stop_plugin()
     assert not (run.kubelet.path.parent / "kata-vfio-nvme.sock").exists()
     plugin = run.start()
-    assert "recovered 1 allocations from the ledger: kubernetes-allocation-0000-00-04.1" \
-        in run.logs
+    assert "recovered 1 allocations from the ledger: kubernetes-allocation-0000-00-04.1" in run.logs
     devices, stream = first_list(run.stub())
     stream.cancel()
     assert devices[PF1_VFS[0]][0] == "Healthy"  # its own allocation: no foreign holder
@@ -345,33 +381,57 @@ def test_the_pods_container_takes_the_allocation_over(run: Run) -> None:
 
 
 BAD_CONFIGS = [
-    ('[[device_plugin.resource]]\nname = "Bad Name"\nselect = "1b36:0010"\n',
-     "device_plugin.resource.0.name: 'Bad Name' does not match"),
-    ('[[device_plugin.resource]]\nname = "nvme"\n',
-     "device_plugin.resource[0] (nvme): neither select nor devices says which devices"),
-    ('[[device_plugin.resource]]\nname = "nvme"\nselect = "1b36:0010*2"\n',
-     "select '1b36:0010*2' is not one VENDOR:DEVICE[:CLASS]"),
-    ('[[device_plugin.resource]]\nname = "nvme"\nselect = "1b36:zz"\n',
-     "select '1b36:zz': io.kata-vfio.select: '1b36:zz': 'zz' is not a hex ID"),
-    ('[[device_plugin.resource]]\nname = "nvme"\ndevices = ["8086:10d3"]\n',
-     "devices: '8086:10d3' is not a PCI address glob"),
-    ('[[device_plugin.resource]]\nname = "a"\nselect = "::0108"\n'
-     '[[device_plugin.resource]]\nname = "a"\nselect = "::0200"\n',
-     "device_plugin.resource[1] (a): the name is used twice"),
-    ('[[device_plugin.resource]]\nname = "nvme"\nselect = "1b36:0010"\ncolour = 1\n',
-     "Additional properties are not allowed ('colour' was unexpected)"),
+    (
+        '[[device_plugin.resource]]\nname = "Bad Name"\nselect = "1b36:0010"\n',
+        "device_plugin.resource.0.name: 'Bad Name' does not match",
+    ),
+    (
+        '[[device_plugin.resource]]\nname = "nvme"\n',
+        "device_plugin.resource[0] (nvme): neither select nor devices says which devices",
+    ),
+    (
+        '[[device_plugin.resource]]\nname = "nvme"\nselect = "1b36:0010*2"\n',
+        "select '1b36:0010*2' is not one VENDOR:DEVICE[:CLASS]",
+    ),
+    (
+        '[[device_plugin.resource]]\nname = "nvme"\nselect = "1b36:zz"\n',
+        "select '1b36:zz': io.kata-vfio.select: '1b36:zz': 'zz' is not a hex ID",
+    ),
+    (
+        '[[device_plugin.resource]]\nname = "nvme"\ndevices = ["8086:10d3"]\n',
+        "devices: '8086:10d3' is not a PCI address glob",
+    ),
+    (
+        '[[device_plugin.resource]]\nname = "a"\nselect = "::0108"\n'
+        '[[device_plugin.resource]]\nname = "a"\nselect = "::0200"\n',
+        "device_plugin.resource[1] (a): the name is used twice",
+    ),
+    (
+        '[[device_plugin.resource]]\nname = "nvme"\nselect = "1b36:0010"\ncolour = 1\n',
+        "Additional properties are not allowed ('colour' was unexpected)",
+    ),
     ('runtime = "runc"\n', "config.toml has no [[device_plugin.resource]]"),
 ]
 
 
 @pytest.mark.parametrize(("text", "message"), BAD_CONFIGS)
-def test_a_bad_configuration_exits_with_one_line(tmp_path: Path, text: str, message: str,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_bad_configuration_exits_with_one_line(
+    tmp_path: Path, text: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     cfg = tmp_path / "config.toml"
     cfg.write_text(text)
     kubelet_dir = tmp_path / "device-plugins"
-    code = ctl_main(["device-plugin", "--config", str(cfg), "--kubelet-dir", str(kubelet_dir),
-                     "--sysfs", str(tmp_path)])
+    code = ctl_main(
+        [
+            "device-plugin",
+            "--config",
+            str(cfg),
+            "--kubelet-dir",
+            str(kubelet_dir),
+            "--sysfs",
+            str(tmp_path),
+        ]
+    )
     err = capsys.readouterr().err
     assert code != 0
     assert len(err.strip().splitlines()) == 1 and message in err, err
@@ -380,23 +440,30 @@ def test_a_bad_configuration_exits_with_one_line(tmp_path: Path, text: str, mess
 
 def test_good_configuration_reads_back(tmp_path: Path) -> None:
     cfg = tmp_path / "config.toml"
-    cfg.write_text('[[device_plugin.resource]]\nname = "nics"\nselect = "8086:10ca:0200"\n'
-                   'devices = ["0000:3b:*.*"]\n')
+    cfg.write_text(
+        '[[device_plugin.resource]]\nname = "nics"\nselect = "8086:10ca:0200"\n'
+        'devices = ["0000:3b:*.*"]\n'
+    )
     resources = resources_from_settings(load_settings(str(cfg)).device_plugin_resources)
     assert [(r.resource_name, r.env_name, r.cdi) for r in resources] == [
-        ("kata-vfio.io/nics", "PCIDEVICE_KATA_VFIO_IO_NICS", False)]
+        ("kata-vfio.io/nics", "PCIDEVICE_KATA_VFIO_IO_NICS", False)
+    ]
     with pytest.raises(ConfigError):
         resources_from_settings(())
     assert os.environ.get("KATA_VFIO_CONFIG") != str(cfg)
 
 
-def test_a_pod_request_is_all_or_nothing_across_its_containers(run: Run,
-                                                               fakesys: FakeSysfs) -> None:
+def test_a_pod_request_is_all_or_nothing_across_its_containers(
+    run: Run, fakesys: FakeSysfs
+) -> None:
     run.start()
     acquire(run.host, ContainerId.parse("podman-one"), [IommuGroup(21)], [], (), None)
-    request = pb.AllocateRequest(container_requests=[
-        pb.ContainerAllocateRequest(devices_ids=[PF2_VFS[0]]),
-        pb.ContainerAllocateRequest(devices_ids=[PF2_VFS[1]])])  # held by podman-one
+    request = pb.AllocateRequest(
+        container_requests=[
+            pb.ContainerAllocateRequest(devices_ids=[PF2_VFS[0]]),
+            pb.ContainerAllocateRequest(devices_ids=[PF2_VFS[1]]),
+        ]
+    )  # held by podman-one
     with pytest.raises(grpc.RpcError) as err:
         run.stub().Allocate(request, timeout=10)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -418,28 +485,43 @@ def test_the_command_serves_until_sigterm(tmp_path: Path, fakesys: FakeSysfs) ->
 
     engine_host(fakesys.root)  # groups 12 (03:00.0) and 13 (04:00.0, 04:00.1) on vfio-pci
     cfg = tmp_path / "config.toml"
-    cfg.write_text(f'sysfs = "{fakesys.root}"\nstate_dir = "{tmp_path / "state"}"\n'
-                   '[[device_plugin.resource]]\nname = "nic"\nselect = "8086:10d3"\n')
+    cfg.write_text(
+        f'sysfs = "{fakesys.root}"\nstate_dir = "{tmp_path / "state"}"\n'
+        '[[device_plugin.resource]]\nname = "nic"\nselect = "8086:10d3"\n'
+    )
     kubelet = Kubelet(tmp_path / "device-plugins")
     kubelet.start()
     proc = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from kata_vfio_ctl.main import main; "
-                               "sys.exit(main())", "device-plugin", "--config", str(cfg),
-         "--kubelet-dir", str(kubelet.path.parent), "--pod-resources", str(tmp_path / "no"),
-         "--vfio-dev", "/host/dev/vfio"],
-        env={**os.environ, "PYTHONPATH": SOURCE_PATH}, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys; from kata_vfio_ctl.main import main; sys.exit(main())",
+            "device-plugin",
+            "--config",
+            str(cfg),
+            "--kubelet-dir",
+            str(kubelet.path.parent),
+            "--pod-resources",
+            str(tmp_path / "no"),
+            "--vfio-dev",
+            "/host/dev/vfio",
+        ],
+        env={**os.environ, "PYTHONPATH": SOURCE_PATH},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_for(lambda: kubelet.requests, timeout=30, what="registration")
         assert kubelet.requests[0].resource_name == "kata-vfio.io/nic"
         with grpc.insecure_channel(
-                f"unix://{kubelet.path.parent / 'kata-vfio-nic.sock'}") as channel:
+            f"unix://{kubelet.path.parent / 'kata-vfio-nic.sock'}"
+        ) as channel:
             stub = rpc.DevicePluginStub(channel)
             devices, stream = first_list(stub)
             stream.cancel()
             assert sorted(devices) == ["0000:03:00.0", "0000:04:00.0"]
             reply = allocate(stub, "0000:04:00.0")
-        assert [d.host_path for d in reply.devices] == ["/host/dev/vfio/vfio",
-                                                        "/host/dev/vfio/13"]
+        assert [d.host_path for d in reply.devices] == ["/host/dev/vfio/vfio", "/host/dev/vfio/13"]
         assert dict(reply.envs) == {"PCIDEVICE_KATA_VFIO_IO_NIC": "0000:04:00.0,0000:04:00.1"}
         host = Host(fakesys.root, tmp_path / "state")
         assert owner_of(host, IommuGroup(13)) == "container kubernetes-allocation-0000-04-00.0"
@@ -455,8 +537,7 @@ def test_the_command_serves_until_sigterm(tmp_path: Path, fakesys: FakeSysfs) ->
         kubelet.stop()
 
 
-def test_allocate_waits_for_the_stopping_container_of_the_pod_that_had_the_device(
-        run: Run) -> None:
+def test_allocate_waits_for_the_stopping_container_of_the_pod_that_had_the_device(run: Run) -> None:
     """The kubelet hands a device out again as soon as its pod is no longer active, while
     the container that took the allocation over is still stopping: Allocate waits for it
     to let go (up to --handover-wait) instead of refusing the new pod. A group held by a
@@ -474,8 +555,9 @@ def test_allocate_waits_for_the_stopping_container_of_the_pod_that_had_the_devic
     stopped.join()
     assert 0.4 < waited < 10, waited
     assert [d.container_path for d in reply.devices] == ["/dev/vfio/vfio", "/dev/vfio/10"]
-    assert owner_of(run.host, IommuGroup(10)) == "container kubernetes-allocation-" \
-        + PF1_VFS[0].replace(":", "-")
+    assert owner_of(run.host, IommuGroup(10)) == "container kubernetes-allocation-" + PF1_VFS[
+        0
+    ].replace(":", "-")
     # a podman container's group (no allocation of ours): refused without waiting
     acquire(run.host, ContainerId.parse("other"), [IommuGroup(11)], [], (), None)
     started = time.monotonic()
@@ -485,8 +567,12 @@ def test_allocate_waits_for_the_stopping_container_of_the_pod_that_had_the_devic
 
 
 def test_restore_names_an_allocation_left_by_a_stopped_plugin_as_the_plugins(
-        tmp_path: Path, fakesys: FakeSysfs, kernel: FakeKernel,
-        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path,
+    fakesys: FakeSysfs,
+    kernel: FakeKernel,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     """Seen on a real kernel (tests/e2e/test_vm_plugin.py): the plugin stopped with an
     allocation whose pod never started, `restore --all` refused it as a "live container"
     to delete from its VM — there is no container and no VM. It is refused (the pod may
@@ -508,8 +594,10 @@ def test_restore_names_an_allocation_left_by_a_stopped_plugin_as_the_plugins(
     assert ctl_main(["restore", "--all"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
-    assert "IOMMU group 10 is held by Kubernetes allocation " \
-           "kubernetes-allocation-0000-00-04.1 (kata-vfio-ctl device-plugin)" in err[0], err
+    assert (
+        "IOMMU group 10 is held by Kubernetes allocation "
+        "kubernetes-allocation-0000-00-04.1 (kata-vfio-ctl device-plugin)" in err[0]
+    ), err
     assert "VM" not in err[0] and "delete the container" not in err[0], err
     assert "--force" in err[0]
     assert fakesys.driver(PF1_VFS[0]) == "vfio-pci"
@@ -518,8 +606,8 @@ def test_restore_names_an_allocation_left_by_a_stopped_plugin_as_the_plugins(
 
 
 def test_a_gone_vf_is_reported_before_a_slow_survey_of_the_rest(
-        tmp_path: Path, fakesys: FakeSysfs, kernel: FakeKernel,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, fakesys: FakeSysfs, kernel: FakeKernel, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Seen on a real kernel (tests/e2e/test_vm_plugin.py, 1.28 s): the VFs' removal changes
     the PCI layout, and the survey that follows (in-use checks of every matching function
     on a host driver: process and mount scans) ran before the gone VFs were reported.
@@ -536,6 +624,7 @@ def test_a_gone_vf_is_reported_before_a_slow_survey_of_the_rest(
             if slow.is_set():
                 reported.wait(timeout=30)
             return []
+
         return uses
 
     monkeypatch.setattr(usage, "use_checker", checker)

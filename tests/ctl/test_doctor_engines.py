@@ -29,9 +29,11 @@ from kata_vfio_ctl.engine_shim import ShimRuntime
 from kata_vfio_host.settings import Settings
 
 NO_SKIPS = os.environ.get("KATA_VFIO_NO_SKIPS") == "1"
-LONG_CMDLINE = ("BOOT_IMAGE=/boot/vmlinuz-6.1.0-57-amd64 root=UUID=0b9c3a7e-5f6d-4c1e-9d2a-"
-                "7b1f3e0c4d5a ro quiet splash console=tty0 console=ttyS0,115200n8 "
-                "systemd.unified_cgroup_hierarchy=1 " + "x" * 400)
+LONG_CMDLINE = (
+    "BOOT_IMAGE=/boot/vmlinuz-6.1.0-57-amd64 root=UUID=0b9c3a7e-5f6d-4c1e-9d2a-"
+    "7b1f3e0c4d5a ro quiet splash console=tty0 console=ttyS0,115200n8 "
+    "systemd.unified_cgroup_hierarchy=1 " + "x" * 400
+)
 KATA3 = """\
 [hypervisor.qemu]
 path = "/opt/kata/bin/qemu-system-x86_64"
@@ -83,9 +85,15 @@ def kata_conf(path: Path, hot: str = "root-port", cold: str = "no-port", ports: 
 # --- the IOMMU fix: the host's boot loader, only the parameters to add -------------------
 
 
-def host(tmp_path: Path, *, vendor: str = "GenuineIntel", flags: str = "fpu vme sse4_2",
-         cmdline: str = LONG_CMDLINE, dmi: str = "", tables: tuple[str, ...] = ("APIC",)
-         ) -> tuple[Path, Path, Path]:
+def host(
+    tmp_path: Path,
+    *,
+    vendor: str = "GenuineIntel",
+    flags: str = "fpu vme sse4_2",
+    cmdline: str = LONG_CMDLINE,
+    dmi: str = "",
+    tables: tuple[str, ...] = ("APIC",),
+) -> tuple[Path, Path, Path]:
     root, sysfs, proc = tmp_path / "root", tmp_path / "sys", tmp_path / "proc"
     root.mkdir(parents=True)
     proc.mkdir()
@@ -102,7 +110,8 @@ def host(tmp_path: Path, *, vendor: str = "GenuineIntel", flags: str = "fpu vme 
 
 
 def test_iommu_fix_on_a_grub_host_names_the_file_the_command_and_only_what_to_add(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     root, sysfs, proc = host(tmp_path)
     (root / "etc/default").mkdir(parents=True)
     (root / "etc/default/grub").write_text('GRUB_CMDLINE_LINUX=""\n')
@@ -128,15 +137,17 @@ def test_iommu_fix_on_a_systemd_boot_host_adds_only_what_is_missing(tmp_path: Pa
     assert "lacks amd_iommu=on)" in check.detail
 
 
-def test_iommu_on_a_vm_without_a_viommu_says_its_hypervisor_must_give_one(
-        tmp_path: Path) -> None:
+def test_iommu_on_a_vm_without_a_viommu_says_its_hypervisor_must_give_one(tmp_path: Path) -> None:
     root, sysfs, proc = host(tmp_path, flags="fpu sse4_2 hypervisor", dmi="QEMU")
     (root / "etc/default").mkdir(parents=True)
     (root / "etc/default/grub").write_text("")
     check = check_iommu(sysfs, proc, root)
     assert check.status == FAIL
-    assert "this host is a virtual machine (DMI says 'QEMU Standard PC (Q35 + ICH9, 2009)')" \
-        in check.detail and "no DMAR or IVRS ACPI table" in check.detail
+    assert (
+        "this host is a virtual machine (DMI says 'QEMU Standard PC (Q35 + ICH9, 2009)')"
+        in check.detail
+        and "no DMAR or IVRS ACPI table" in check.detail
+    )
     assert check.fix.startswith("the VM's hypervisor must give it one")
     assert "intel-iommu" in check.fix and "GRUB" not in check.fix
     # only the cpuinfo flag (no DMI): still a VM
@@ -167,7 +178,8 @@ def test_memlock_says_what_vfio_containers_get_not_the_shells_limit() -> None:
 
 
 def test_podman_with_kata3_is_told_it_cannot_work_not_that_it_is_unregistered(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     root = tmp_path / "root"
     link_program(root, "podman", real("podman"))
     conf = root / "etc/containers/containers.conf"
@@ -175,8 +187,10 @@ def test_podman_with_kata3_is_told_it_cannot_work_not_that_it_is_unregistered(
     checks = by_name(check_engines(root, conf, kata, Settings(), "3.30"))
     podman = checks["podman"]
     assert podman.status == WARN
-    assert "podman (podman version 4.3.1) cannot run Kata containers with Kata 3.30" \
-        in podman.detail and "needs Kata 1.x" in podman.detail
+    assert (
+        "podman (podman version 4.3.1) cannot run Kata containers with Kata 3.30" in podman.detail
+        and "needs Kata 1.x" in podman.detail
+    )
     assert "not registered" not in podman.detail
     assert "containerd or CRI-O" in podman.fix
     # Kata 1.x: the registration is what matters
@@ -201,57 +215,65 @@ def containerd_node(tmp_path: Path, shim: str, kata: Path) -> Path:
     root = tmp_path / "root"
     link_program(root, "containerd", real("containerd"))
     stand_in(root, "containerd-shim-kata-v2", "opt/kata/bin")
-    register_containerd(root / "etc/containerd/config.toml", ShimRuntime(shim, str(kata)),
-                        version=2)
+    register_containerd(
+        root / "etc/containerd/config.toml", ShimRuntime(shim, str(kata)), version=2
+    )
     return root
 
 
-def test_doctor_on_a_containerd_node_checks_containerd_not_podman(tmp_path: Path,
-                                                                  shim: str) -> None:
+def test_doctor_on_a_containerd_node_checks_containerd_not_podman(
+    tmp_path: Path, shim: str
+) -> None:
     kata = kata_conf(tmp_path / "kata/configuration-kata-vfio.toml")
     root = containerd_node(tmp_path, shim, kata)
-    checks = check_engines(root, root / "etc/containers/containers.conf", None, Settings(),
-                           "3.30")
+    checks = check_engines(root, root / "etc/containers/containers.conf", None, Settings(), "3.30")
     found = by_name(checks)
     assert "podman" not in found  # "podman not registered" failed containerd nodes
     assert found["containerd"].status == OK
-    assert found["containerd"].detail.startswith("containerd 1.6: kata-vfio (io.containerd."
-                                                 "kata-vfio.v2) in ")
+    assert found["containerd"].detail.startswith(
+        "containerd 1.6: kata-vfio (io.containerd.kata-vfio.v2) in "
+    )
     # Debian's containerd 1.6 ignores runtime_path: the shim must be on its PATH
     assert found["containerd:shim"].status == FAIL
     assert "containerd 1.6 ignores runtime_path" in found["containerd:shim"].detail
     assert f"ln -s {shim} /usr/local/bin/{engine_shim.SHIM_BINARY}" == found["containerd:shim"].fix
     link_program(root, engine_shim.SHIM_BINARY, shim, "usr/local/bin")
-    assert by_name(check_engines(root, root / "none", None, Settings(), "3.30"))[
-        "containerd:shim"].status == OK
+    assert (
+        by_name(check_engines(root, root / "none", None, Settings(), "3.30"))[
+            "containerd:shim"
+        ].status
+        == OK
+    )
     assert found["containerd:kata"].status == OK and "Kata 3.30" in found["containerd:kata"].detail
     assert found["containerd:plug"].status == OK
     assert str(kata) in found["containerd:plug"].detail
 
 
-@pytest.mark.parametrize(("hot", "cold", "ports", "status", "says"), [
-    ("no-port", "no-port", 2, FAIL, "port is not set for device"),
-    ("root-port", "root-port", 2, FAIL, "both set, and Kata takes only one"),
-    ("root-port", "no-port", 0, FAIL, "root-port but pcie_root_port = 0"),
-    ("switch-port", "no-port", 2, FAIL, "switch-port but pcie_switch_port = 0"),
-    ("no-port", "root-port", 2, WARN, "No PCI mapping found for container"),
-])
+@pytest.mark.parametrize(
+    ("hot", "cold", "ports", "status", "says"),
+    [
+        ("no-port", "no-port", 2, FAIL, "port is not set for device"),
+        ("root-port", "root-port", 2, FAIL, "both set, and Kata takes only one"),
+        ("root-port", "no-port", 0, FAIL, "root-port but pcie_root_port = 0"),
+        ("switch-port", "no-port", 2, FAIL, "switch-port but pcie_switch_port = 0"),
+        ("no-port", "root-port", 2, WARN, "No PCI mapping found for container"),
+    ],
+)
 def test_plug_ports_are_checked_in_the_file_containerds_shim_reads(
-        tmp_path: Path, shim: str, hot: str, cold: str, ports: int, status: str,
-        says: str) -> None:
+    tmp_path: Path, shim: str, hot: str, cold: str, ports: int, status: str, says: str
+) -> None:
     """kata#9014: the setting went into another file than the one the shim loads."""
     named = kata_conf(tmp_path / "kata/configuration-kata-vfio.toml", hot, cold, ports)
     other = kata_conf(tmp_path / "etc/kata-containers/configuration.toml")  # all fine
     root = containerd_node(tmp_path, shim, named)
-    plug = by_name(check_engines(root, root / "none", other, Settings(), "3.30"))[
-        "containerd:plug"]
+    plug = by_name(check_engines(root, root / "none", other, Settings(), "3.30"))["containerd:plug"]
     assert plug.status == status and says in plug.detail
     assert plug.detail.startswith(f"{named} (named by the kata-vfio runtime): ")
 
 
 def test_containerd_register_says_the_shim_must_be_on_path_for_containerd_16(
-        tmp_path: Path, shim: str, capsys: pytest.CaptureFixture[str],
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, shim: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from kata_vfio_ctl.main import main as ctl
 
     real("containerd")
@@ -260,9 +282,11 @@ def test_containerd_register_says_the_shim_must_be_on_path_for_containerd_16(
     assert ctl(["containerd-register", "--conf", str(conf), "--shim-path", shim]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].endswith("restart containerd to use it")
-    assert out[1] == (f"containerd 1.6 ignores runtime_path: {engine_shim.SHIM_BINARY} must be on "
-                      f"containerd's PATH (e.g. ln -s {shim} /usr/local/bin/"
-                      f"{engine_shim.SHIM_BINARY})")
+    assert out[1] == (
+        f"containerd 1.6 ignores runtime_path: {engine_shim.SHIM_BINARY} must be on "
+        f"containerd's PATH (e.g. ln -s {shim} /usr/local/bin/"
+        f"{engine_shim.SHIM_BINARY})"
+    )
     # once it is there, nothing more to say
     monkeypatch.setenv("PATH", f"{Path(shim).parent}:/usr/bin:/bin")
     assert ctl(["containerd-register", "--conf", str(conf), "--shim-path", shim]) == 0
@@ -290,8 +314,10 @@ def test_doctor_on_a_crio_node(tmp_path: Path) -> None:
     checks = by_name(check_engines(root, none, None, Settings(), "3.30"))
     assert checks["cri-o"].status == OK and str(dropin) in checks["cri-o"].detail
     assert checks["cri-o:shim"].status == OK and "cri-o:annotations" not in checks
-    assert checks["cri-o:plug"].status == FAIL and "root-port but pcie_root_port = 0" in \
-        checks["cri-o:plug"].detail
+    assert (
+        checks["cri-o:plug"].status == FAIL
+        and "root-port but pcie_root_port = 0" in checks["cri-o:plug"].detail
+    )
     # a drop-in of the old crio-register, listing our keys CRI-O refuses there
     text = dropin.read_text() + 'allowed_annotations = ["io.kata-vfio.devices"]\n'
     dropin.write_text(text)
@@ -304,19 +330,23 @@ def test_doctor_on_a_crio_node(tmp_path: Path) -> None:
 
 
 def test_doctor_on_a_kubelet_node_checks_the_device_plugins_sockets(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     root = tmp_path / "root"
     stand_in(root, "kubelet")
     plugins = root / "var/lib/kubelet/device-plugins"
     plugins.mkdir(parents=True)
     settings = Settings(device_plugin_resources=({"name": "nvme", "select": "1b36:0010"},))
     checks = by_name(check_engines(root, root / "none", None, settings, "3.30"))
-    assert checks["kubelet"].status == WARN and "is the kubelet running?" in \
-        checks["kubelet"].detail
+    assert (
+        checks["kubelet"].status == WARN and "is the kubelet running?" in checks["kubelet"].detail
+    )
     plugin = checks["kubelet:device-plugin"]
     assert plugin.status == FAIL
-    assert plugin.detail == (f"config.toml offers kata-vfio.io/nvme, but kata-vfio-nvme.sock is "
-                             f"not in {plugins}: the device plugin is not running")
+    assert plugin.detail == (
+        f"config.toml offers kata-vfio.io/nvme, but kata-vfio-nvme.sock is "
+        f"not in {plugins}: the device plugin is not running"
+    )
     with socket.socket(socket.AF_UNIX) as kubelet, socket.socket(socket.AF_UNIX) as ours:
         monkeypatch.chdir(plugins)  # a socket's path has a 108-byte limit
         kubelet.bind("kubelet.sock")
@@ -325,16 +355,17 @@ def test_doctor_on_a_kubelet_node_checks_the_device_plugins_sockets(
     assert checks["kubelet"].status == OK
     assert checks["kubelet:device-plugin"].status == OK
     assert "serving kata-vfio.io/nvme" in checks["kubelet:device-plugin"].detail
-    assert "[ok  ] kubelet:device-plugin: serving kata-vfio.io/nvme" in render(list(
-        checks.values()))
+    assert "[ok  ] kubelet:device-plugin: serving kata-vfio.io/nvme" in render(
+        list(checks.values())
+    )
 
 
 # --- install -------------------------------------------------------------------------------
 
 
-def test_install_does_not_register_podman_for_kata3(tmp_path: Path,
-                                                    capsys: pytest.CaptureFixture[str],
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_install_does_not_register_podman_for_kata3(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from kata_vfio_ctl.main import main as ctl
 
     config = tmp_path / "kv.toml"
@@ -342,42 +373,64 @@ def test_install_does_not_register_podman_for_kata3(tmp_path: Path,
     monkeypatch.setenv("KATA_VFIO_CONFIG", str(config))
     kata = kata_conf(tmp_path / "kata/configuration.toml")
     podman = tmp_path / "containers.conf"
-    assert ctl(["install", "--kata-config", str(kata), "--kata-version", "3.30",
-                "--conf", str(podman), "--runtime-path", "/usr/bin/kata-vfio"]) == 0
+    assert (
+        ctl(
+            [
+                "install",
+                "--kata-config",
+                str(kata),
+                "--kata-version",
+                "3.30",
+                "--conf",
+                str(podman),
+                "--runtime-path",
+                "/usr/bin/kata-vfio",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert not podman.exists()
-    assert (f"{podman}: podman not registered: Kata 3.30 (--kata-version) has no OCI command "
-            "line for podman (only Kata 1.x does); use --containerd or --crio") in out
+    assert (
+        f"{podman}: podman not registered: Kata 3.30 (--kata-version) has no OCI command "
+        "line for podman (only Kata 1.x does); use --containerd or --crio"
+    ) in out
 
 
-def test_kata1_shim_under_containerd_is_told_it_ignores_config_path(tmp_path: Path,
-                                                                     shim: str) -> None:
+def test_kata1_shim_under_containerd_is_told_it_ignores_config_path(
+    tmp_path: Path, shim: str
+) -> None:
     named = kata_conf(tmp_path / "kata/configuration-kata-vfio.toml")
     root = containerd_node(tmp_path, shim, named)
     etc = root / "etc/kata-containers/configuration.toml"
     etc.parent.mkdir(parents=True)
-    etc.write_text('[hypervisor.qemu]\nhotplug_vfio_on_root_bus = false\npcie_root_port = 0\n'
-                   '[proxy.kata]\n')
+    etc.write_text(
+        "[hypervisor.qemu]\nhotplug_vfio_on_root_bus = false\npcie_root_port = 0\n[proxy.kata]\n"
+    )
     found = by_name(check_engines(root, root / "none", None, Settings(), "1.13"))
     assert found["containerd:kata-config"].status == FAIL
     assert found["containerd:kata-config"].detail == (
         f"Kata 1.13 (--kata-version)'s shim ignores ConfigPath = '{named}': it reads only "
         "/etc/kata-containers/configuration.toml or "
-        "/usr/share/defaults/kata-containers/configuration.toml")
+        "/usr/share/defaults/kata-containers/configuration.toml"
+    )
     # the plug ports are read where that shim reads them
     plug = found["containerd:plug"]
-    assert plug.detail.startswith(f"{etc} (what Kata 1.x's shim reads): "
-                                  "hotplug_vfio_on_root_bus = False")
+    assert plug.detail.startswith(
+        f"{etc} (what Kata 1.x's shim reads): hotplug_vfio_on_root_bus = False"
+    )
     assert plug.status == WARN and "kata#2899" in plug.detail
 
 
 def test_podman_unregistered_beside_a_registered_containerd_does_not_fail_the_node(
-        tmp_path: Path, shim: str) -> None:
+    tmp_path: Path, shim: str
+) -> None:
     kata = kata_conf(tmp_path / "kata/configuration-kata-vfio.toml")
     root = containerd_node(tmp_path, shim, kata)
     link_program(root, "podman", real("podman"))
-    found = by_name(check_engines(root, root / "etc/containers/containers.conf", None,
-                                  Settings(), "1.13"))
+    found = by_name(
+        check_engines(root, root / "etc/containers/containers.conf", None, Settings(), "1.13")
+    )
     assert found["containerd"].status == OK
     assert found["podman"].status == WARN
     assert found["podman"].detail.endswith("(kata-vfio is registered with containerd)")

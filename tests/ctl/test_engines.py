@@ -87,8 +87,11 @@ SAMPLES = {
     "containerd-1.6-default": ((DATA / "containerd-1.6-default.toml").read_text(), 2),
     "debian-etc": (DEBIAN_ETC, 2),
     "containerd-2-v3": (V3_SAMPLE, 3),
-    "v2-cri-only": ('version = 2\n[plugins."io.containerd.grpc.v1.cri"]\n'
-                    '  sandbox_image = "registry.k8s.io/pause:3.6"\n', 2),
+    "v2-cri-only": (
+        'version = 2\n[plugins."io.containerd.grpc.v1.cri"]\n'
+        '  sandbox_image = "registry.k8s.io/pause:3.6"\n',
+        2,
+    ),
     "v2-no-plugins": ('version = 2\nroot = "/var/lib/containerd"  # moved\n', 2),
     "v1-no-version": ('[plugins.cri]\n  sandbox_image = "k8s.gcr.io/pause:3.2"\n', 1),
 }
@@ -163,9 +166,13 @@ def test_reregistering_with_other_settings_still_unregisters_exactly(tmp_path: P
     assert register_containerd(conf, ShimRuntime())
     assert register_containerd(conf, ShimRuntime(SHIM, KATA_CONF))
     assert registered_containerd(conf) == {
-        "runtime_type": "io.containerd.kata-vfio.v2", "runtime_path": SHIM,
-        "pod_annotations": ["io.kata-vfio.*"], "container_annotations": ["io.kata-vfio.*"],
-        "privileged_without_host_devices": True, "options": {"ConfigPath": KATA_CONF}}
+        "runtime_type": "io.containerd.kata-vfio.v2",
+        "runtime_path": SHIM,
+        "pod_annotations": ["io.kata-vfio.*"],
+        "container_annotations": ["io.kata-vfio.*"],
+        "privileged_without_host_devices": True,
+        "options": {"ConfigPath": KATA_CONF},
+    }
     assert unregister_containerd(conf)
     assert conf.read_text() == V3_SAMPLE
 
@@ -177,20 +184,29 @@ def test_new_runtime_lines_up_with_its_siblings(tmp_path: Path) -> None:
     lines = conf.read_text().splitlines()
     head = lines.index(
         '        [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.kata-vfio]'
-        ' # added by kata-vfio-ctl')  # the mark: unregister takes out only what it added
+        " # added by kata-vfio-ctl"
+    )  # the mark: unregister takes out only what it added
     assert lines[head + 1] == '          runtime_type = "io.containerd.kata-vfio.v2"'
     assert '            ConfigPath = "/etc/kata-containers/kata-vfio.toml"' in lines
     # a blank line still separates the next table from ours
-    nxt = next(i for i in range(head + 1, len(lines))
-               if lines[i].lstrip().startswith("[") and "kata-vfio" not in lines[i])
+    nxt = next(
+        i
+        for i in range(head + 1, len(lines))
+        if lines[i].lstrip().startswith("[") and "kata-vfio" not in lines[i]
+    )
     assert lines[nxt - 1] == ""
 
 
 @pytest.mark.parametrize(
     ("version_line", "version"),
-    [("containerd github.com/containerd/containerd 1.6.20~ds1 1.6.20~ds1-1+deb12u3", 2),
-     ("containerd containerd.io 1.7.24 88bf19b2105c8b17560993bee28a01ddc2f97182", 2),
-     ("containerd github.com/containerd/containerd/v2 v2.0.0 207ad711eabd375a01713109a8a197d", 3)],
+    [
+        ("containerd github.com/containerd/containerd 1.6.20~ds1 1.6.20~ds1-1+deb12u3", 2),
+        ("containerd containerd.io 1.7.24 88bf19b2105c8b17560993bee28a01ddc2f97182", 2),
+        (
+            "containerd github.com/containerd/containerd/v2 v2.0.0 207ad711eabd375a01713109a8a197d",
+            3,
+        ),
+    ],
 )
 def test_missing_file_is_created_for_the_installed_containerd_and_removed_again(
     tmp_path: Path, version_line: str, version: int
@@ -207,8 +223,7 @@ def test_missing_file_is_created_for_the_installed_containerd_and_removed_again(
 
 
 @pytest.mark.parametrize("original", ["", "# nothing configured yet\n"])
-def test_keyless_file_gets_a_marked_version_that_goes_again(tmp_path: Path,
-                                                            original: str) -> None:
+def test_keyless_file_gets_a_marked_version_that_goes_again(tmp_path: Path, original: str) -> None:
     conf = tmp_path / "config.toml"
     conf.write_text(original)
     containerd = fake_containerd(tmp_path, "containerd github.com/containerd/containerd 1.6.20")
@@ -219,28 +234,37 @@ def test_keyless_file_gets_a_marked_version_that_goes_again(tmp_path: Path,
 
 
 def test_containerd_version_parsing_and_failures(tmp_path: Path) -> None:
-    assert containerd_binary_version(fake_containerd(
-        tmp_path, "containerd github.com/containerd/containerd/v2 v2.1.3 c787fb98")) == (2, 1)
+    assert containerd_binary_version(
+        fake_containerd(tmp_path, "containerd github.com/containerd/containerd/v2 v2.1.3 c787fb98")
+    ) == (2, 1)
     with pytest.raises(ConfigError, match="cannot read a version"):
         containerd_binary_version(fake_containerd(tmp_path, "containerd dev"))
     with pytest.raises(KataVfioError, match=r"containerd not found.*--config-version"):
-        register_containerd(tmp_path / "new.toml", ShimRuntime(),
-                            containerd=str(tmp_path / "missing/containerd"))
+        register_containerd(
+            tmp_path / "new.toml", ShimRuntime(), containerd=str(tmp_path / "missing/containerd")
+        )
     assert not (tmp_path / "new.toml").exists()
     # an explicit version needs no containerd at all
-    assert register_containerd(tmp_path / "new.toml", ShimRuntime(), version=3,
-                               containerd=str(tmp_path / "missing/containerd"))
+    assert register_containerd(
+        tmp_path / "new.toml",
+        ShimRuntime(),
+        version=3,
+        containerd=str(tmp_path / "missing/containerd"),
+    )
     assert "kata-vfio" in runtimes_of((tmp_path / "new.toml").read_text(), 3)
 
 
 @pytest.mark.parametrize(
     ("text", "message"),
-    [("version = 7\n", "unknown config version 7"),
-     ('version = 2\n[plugins]\n"io.containerd.grpc.v1.cri" = 1\n', "is not a table"),
-     ("version = [\n", "is not valid TOML")],
+    [
+        ("version = 7\n", "unknown config version 7"),
+        ('version = 2\n[plugins]\n"io.containerd.grpc.v1.cri" = 1\n', "is not a table"),
+        ("version = [\n", "is not valid TOML"),
+    ],
 )
-def test_unusable_containerd_config_is_refused_untouched(tmp_path: Path, text: str,
-                                                          message: str) -> None:
+def test_unusable_containerd_config_is_refused_untouched(
+    tmp_path: Path, text: str, message: str
+) -> None:
     conf = tmp_path / "config.toml"
     conf.write_text(text)
     with pytest.raises(ConfigError, match=message):
@@ -252,15 +276,21 @@ def test_unusable_containerd_config_is_refused_untouched(tmp_path: Path, text: s
 @pytest.mark.skipif(not shutil.which("containerd"), reason="needs containerd")
 def test_real_containerd_reads_the_registration(tmp_path: Path) -> None:
     """containerd's own parser: `config default` output, registered, then `config dump`."""
-    default = subprocess.run(["containerd", "config", "default"], capture_output=True,
-                             text=True, check=True).stdout
+    default = subprocess.run(
+        ["containerd", "config", "default"], capture_output=True, text=True, check=True
+    ).stdout
     conf = tmp_path / "config.toml"
     conf.write_text(default)
     register_containerd(conf, ShimRuntime(SHIM, KATA_CONF))
-    dumped = subprocess.run(["containerd", "--config", str(conf), "config", "dump"],
-                            capture_output=True, text=True, check=True).stdout
-    ours = tomllib.loads(dumped)["plugins"]["io.containerd.grpc.v1.cri"]["containerd"][
-        "runtimes"]["kata-vfio"]
+    dumped = subprocess.run(
+        ["containerd", "--config", str(conf), "config", "dump"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    ours = tomllib.loads(dumped)["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["runtimes"][
+        "kata-vfio"
+    ]
     assert ours["runtime_type"] == "io.containerd.kata-vfio.v2"
     assert ours["runtime_path"] == SHIM
     assert ours["pod_annotations"] == ours["container_annotations"] == ["io.kata-vfio.*"]
@@ -286,26 +316,35 @@ def test_crio_dropin_is_what_crio_reads_and_goes_again(tmp_path: Path, shim: str
     dropin = tmp_path / "etc/crio/crio.conf.d/50-kata-vfio.conf"
     assert register_crio(dropin, ShimRuntime(shim, KATA_CONF))
     data = tomllib.loads(dropin.read_text())
-    assert data == {"crio": {"runtime": {"runtimes": {"kata-vfio": {
-        "runtime_type": "vm",
-        "runtime_path": shim,
-        # issue 17 (a real CRI-O): without it CRI-O hands the shim FIFOs under the
-        # relative crio/fifo and every pod fails (test_crio.py)
-        "runtime_root": "/run/kata-vfio/crio",
-        "runtime_config_path": KATA_CONF,
-        "privileged_without_host_devices": True,
-    }}}}}
+    assert data == {
+        "crio": {
+            "runtime": {
+                "runtimes": {
+                    "kata-vfio": {
+                        "runtime_type": "vm",
+                        "runtime_path": shim,
+                        # issue 17 (a real CRI-O): without it CRI-O hands the shim FIFOs under the
+                        # relative crio/fifo and every pod fails (test_crio.py)
+                        "runtime_root": "/run/kata-vfio/crio",
+                        "runtime_config_path": KATA_CONF,
+                        "privileged_without_host_devices": True,
+                    }
+                }
+            }
+        }
+    }
     # issue 16: CRI-O refuses an allowed_annotations entry it does not know ("invalid
     # allowed_annotation") and drops only its own annotations, by prefix: io.kata-vfio.*
     # (the device plugin's io.kata-vfio.resource.<name> too) pass as they are
-    assert "allowed_annotations" not in dropin.read_text().replace(
-        "# no allowed_annotations", "")
+    assert "allowed_annotations" not in dropin.read_text().replace("# no allowed_annotations", "")
     assert dropin.read_text().startswith("# kata-vfio:")
     assert oct(dropin.stat().st_mode & 0o777) == "0o644"
     assert not register_crio(dropin, ShimRuntime(shim, KATA_CONF))
     assert register_crio(dropin, ShimRuntime(shim))  # no Kata config: the shim's default
-    assert "runtime_config_path" not in tomllib.loads(dropin.read_text())[
-        "crio"]["runtime"]["runtimes"]["kata-vfio"]
+    assert (
+        "runtime_config_path"
+        not in tomllib.loads(dropin.read_text())["crio"]["runtime"]["runtimes"]["kata-vfio"]
+    )
     assert unregister_crio(dropin)
     assert not dropin.exists()
     assert not unregister_crio(dropin)
@@ -320,7 +359,8 @@ def test_crio_quotes_awkward_paths(tmp_path: Path) -> None:
     dropin = tmp_path / "50-kata-vfio.conf"
     register_crio(dropin, ShimRuntime(str(path)))
     assert tomllib.loads(dropin.read_text())["crio"]["runtime"]["runtimes"]["kata-vfio"][
-        "runtime_path"] == str(path)
+        "runtime_path"
+    ] == str(path)
 
 
 def test_crio_refuses_a_shim_it_would_not_run(tmp_path: Path, shim: str) -> None:
@@ -354,12 +394,23 @@ def ctl(*argv: str) -> int:
         return err.exit_code
 
 
-def test_command_line_round_trips(tmp_path: Path, shim: str,
-                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_command_line_round_trips(
+    tmp_path: Path, shim: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     conf = tmp_path / "config.toml"
     conf.write_text(DEBIAN_ETC)
-    assert ctl("containerd-register", "--conf", str(conf), "--shim-path", shim,
-               "--kata-config", KATA_CONF) == 0
+    assert (
+        ctl(
+            "containerd-register",
+            "--conf",
+            str(conf),
+            "--shim-path",
+            shim,
+            "--kata-config",
+            KATA_CONF,
+        )
+        == 0
+    )
     assert "registered runtime kata-vfio" in capsys.readouterr().out
     assert registered_containerd(conf)["runtime_path"] == shim  # type: ignore[index]
     assert ctl("containerd-unregister", "--conf", str(conf)) == 0
@@ -371,8 +422,18 @@ def test_command_line_round_trips(tmp_path: Path, shim: str,
     assert ctl("crio-unregister", "--dropin", str(dropin)) == 0
     assert not dropin.exists()
     assert ctl("crio-register", "--dropin", str(dropin), "--shim-path", "/x/kata-shim") == 2
-    assert ctl("containerd-register", "--conf", str(conf), "--config-version", "3",
-               "--shim-path", "relative/containerd-shim-kata-vfio-v2") == 2
+    assert (
+        ctl(
+            "containerd-register",
+            "--conf",
+            str(conf),
+            "--config-version",
+            "3",
+            "--shim-path",
+            "relative/containerd-shim-kata-vfio-v2",
+        )
+        == 2
+    )
 
 
 def test_install_and_uninstall_options(tmp_path: Path, shim: str) -> None:
@@ -382,20 +443,24 @@ def test_install_and_uninstall_options(tmp_path: Path, shim: str) -> None:
     dropin = tmp_path / "50-kata-vfio.conf"
     install = argparse.ArgumentParser()
     engines.add_install_options(install, install=True)
-    args = install.parse_args(["--containerd", str(conf), "--crio", str(dropin),
-                               "--shim-path", shim])
+    args = install.parse_args(
+        ["--containerd", str(conf), "--crio", str(dropin), "--shim-path", shim]
+    )
     news = engines.install_engines(args, KATA_CONF)
     # issue 17: each registration says the engine must be restarted to see it
     assert news[0] == f"{conf}: registered kata-vfio; restart containerd to use it"
     assert news[-1] == f"{dropin}: written; restart CRI-O to use it"
     assert registered_containerd(conf)["options"] == {"ConfigPath": KATA_CONF}  # type: ignore[index]
-    assert tomllib.loads(dropin.read_text())["crio"]["runtime"]["runtimes"]["kata-vfio"][
-        "runtime_config_path"] == KATA_CONF
+    assert (
+        tomllib.loads(dropin.read_text())["crio"]["runtime"]["runtimes"]["kata-vfio"][
+            "runtime_config_path"
+        ]
+        == KATA_CONF
+    )
     uninstall = argparse.ArgumentParser()
     engines.add_install_options(uninstall, install=False)
     args = uninstall.parse_args(["--containerd", str(conf), "--crio", str(dropin)])
-    assert engines.uninstall_engines(args) == [f"{conf}: removed kata-vfio",
-                                               f"{dropin}: removed"]
+    assert engines.uninstall_engines(args) == [f"{conf}: removed kata-vfio", f"{dropin}: removed"]
     assert conf.read_text() == DEBIAN_ETC and not dropin.exists()
     # the flags alone mean the standard places
     args = uninstall.parse_args(["--containerd", "--crio"])

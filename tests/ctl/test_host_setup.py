@@ -38,9 +38,15 @@ def test_install_is_idempotent_and_uninstall_restores(tmp_path: Path) -> None:
     state = tmp_path / "state"
     assert not all(ok for _, ok, _ in check(conf, "/usr/share/oci/hooks", {}))
     changed = install(conf, state, "/usr/share/oci/hooks", {})
-    assert set(changed) == {"machine_type", "enable_iommu", "hotplug_vfio_on_root_bus",
-                            "pcie_root_port", "guest_hook_path", "kernel_params",
-                            "enable_annotations"}
+    assert set(changed) == {
+        "machine_type",
+        "enable_iommu",
+        "hotplug_vfio_on_root_bus",
+        "pcie_root_port",
+        "guest_hook_path",
+        "kernel_params",
+        "enable_annotations",
+    }
     assert all(ok for _, ok, _ in check(conf, "/usr/share/oci/hooks", {}))
     text = conf.read_text()
     assert "# comment kept" in text and 'internetworking_model = "tcfilter"' in text
@@ -68,8 +74,18 @@ def test_doctor_on_a_host_without_iommu(fakesys: FakeSysfs, tmp_path: Path) -> N
     kata = tmp_path / "configuration.toml"
     kata.write_text(KATA)
     (tmp_path / "root").mkdir()
-    checks = {c.name: c for c in run_checks(fakesys.root, proc, kata, tmp_path / "none.conf",
-                                            "/usr/share/oci/hooks", {}, root=tmp_path / "root")}
+    checks = {
+        c.name: c
+        for c in run_checks(
+            fakesys.root,
+            proc,
+            kata,
+            tmp_path / "none.conf",
+            "/usr/share/oci/hooks",
+            {},
+            root=tmp_path / "root",
+        )
+    }
     assert checks["iommu"].status == FAIL and "intel_iommu=on" in checks["iommu"].fix
     assert "root=/dev/sda1" not in checks["iommu"].fix  # only what to add (issue 17)
     assert checks["interrupt-remapping"].status == FAIL
@@ -81,8 +97,12 @@ def test_doctor_on_a_host_without_iommu(fakesys: FakeSysfs, tmp_path: Path) -> N
 def test_doctor_on_a_ready_host(vfio_host: FakeSysfs, tmp_path: Path) -> None:
     proc = fake_proc(tmp_path, "intel_iommu=on iommu=pt", "IR-PCI-MSI")
     vfio_host.add_driver("vfio-pci")
-    checks = {c.name: c for c in run_checks(vfio_host.root, proc, None, tmp_path / "x",
-                                            "/usr/share/oci/hooks", {}, root=tmp_path)}
+    checks = {
+        c.name: c
+        for c in run_checks(
+            vfio_host.root, proc, None, tmp_path / "x", "/usr/share/oci/hooks", {}, root=tmp_path
+        )
+    }
     assert checks["iommu"].status == OK and checks["interrupt-remapping"].status == OK
     assert checks["vfio-modules"].status == OK
     assert checks["kata-config"].status == FAIL
@@ -91,8 +111,9 @@ def test_doctor_on_a_ready_host(vfio_host: FakeSysfs, tmp_path: Path) -> None:
 @pytest.fixture
 def ctl_env(vfio_host: FakeSysfs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     config = tmp_path / "kv.toml"
-    config.write_text(f'runtime = "/bin/true"\nsysfs = "{vfio_host.root}"\n'
-                      f'state_dir = "{tmp_path / "state"}"\n')
+    config.write_text(
+        f'runtime = "/bin/true"\nsysfs = "{vfio_host.root}"\nstate_dir = "{tmp_path / "state"}"\n'
+    )
     monkeypatch.setenv("KATA_VFIO_CONFIG", str(config))
     return tmp_path
 
@@ -101,8 +122,13 @@ def test_devices_json_matches_sysfs(ctl_env: Path, capsys: pytest.CaptureFixture
     assert ctl(["devices", "--json"]) == 0
     records = {r["address"]: r for r in json.loads(capsys.readouterr().out)}
     nvme = records["0000:05:00.0"]
-    assert (nvme["vendor"], nvme["device"], nvme["class"], nvme["driver"], nvme["iommu_group"]) \
-        == ("1b36", "0010", "010802", "nvme", 14)
+    assert (nvme["vendor"], nvme["device"], nvme["class"], nvme["driver"], nvme["iommu_group"]) == (
+        "1b36",
+        "0010",
+        "010802",
+        "nvme",
+        14,
+    )
     assert "NVM Express" in nvme["name"]  # from pci.ids
     assert records["0000:04:00.0"]["group_members"] == ["0000:00:1e.0", "0000:04:01.0"]
     assert records["0000:06:10.0"]["physfn"] == "0000:06:00.0"
@@ -115,18 +141,24 @@ def test_devices_json_matches_sysfs(ctl_env: Path, capsys: pytest.CaptureFixture
     assert "0000:03:00.0" in table and "0000:05:00.0" not in table
 
 
-@pytest.mark.parametrize(("argv", "message"), [
-    (["bind", "0000:09:00.0"], "no PCI device 0000:09:00.0 on this host"),
-    (["bind", "../../etc"], "malformed PCI address '../../etc'"),
-    (["bind", "0000:zz:00.0"], "malformed PCI address '0000:zz:00.0'"),
-    (["bind", "0000:07:00.0"], "has no IOMMU group"),
-    (["restore", "0000:05:00.0"], "0000:05:00.0: not bound by kata-vfio"),
-    (["restore"], "give addresses, --all or --stale"),
-    (["devices", "-d", "80x6:1"], "devices -d: '80x6:1': '80x6' is not a hex ID"),
-])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["bind", "0000:09:00.0"], "no PCI device 0000:09:00.0 on this host"),
+        (["bind", "../../etc"], "malformed PCI address '../../etc'"),
+        (["bind", "0000:zz:00.0"], "malformed PCI address '0000:zz:00.0'"),
+        (["bind", "0000:07:00.0"], "has no IOMMU group"),
+        (["restore", "0000:05:00.0"], "0000:05:00.0: not bound by kata-vfio"),
+        (["restore"], "give addresses, --all or --stale"),
+        (["devices", "-d", "80x6:1"], "devices -d: '80x6:1': '80x6' is not a hex ID"),
+    ],
+)
 def test_bad_input_is_one_line_and_changes_nothing(
-    ctl_env: Path, vfio_host: FakeSysfs, capsys: pytest.CaptureFixture[str],
-    argv: list[str], message: str
+    ctl_env: Path,
+    vfio_host: FakeSysfs,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    message: str,
 ) -> None:
     before = {p: p.read_text() for p in vfio_host.root.rglob("driver_override")}
     assert ctl(argv) != 0

@@ -51,11 +51,11 @@ vfio_mode = "guest-kernel"
 
 @dataclass(frozen=True)
 class Installer:
-    samples: dict[str, str]            # layout -> file text (LF, final newline)
+    samples: dict[str, str]  # layout -> file text (LF, final newline)
     install: Callable[[Path, Path], None]
     uninstall: Callable[[Path, Path], None]
     installed: Callable[[Path, Path], bool]  # what the engine reads says it took
-    must_take: frozenset[str]          # layouts that must be installed, not refused
+    must_take: frozenset[str]  # layouts that must be installed, not refused
 
 
 def containerd_install(conf: Path, tmp: Path) -> None:
@@ -77,9 +77,11 @@ def containerd_installed(conf: Path, tmp: Path) -> bool:
 
 def podman_installed(conf: Path, tmp: Path) -> bool:
     engine = tomllib.loads(conf.read_text()).get("engine", {})
-    return bool(engine["runtimes"]["kata-vfio"] == [RUNTIME]
-                and "kata-vfio" in engine["runtime_supports_json"]
-                and "kata-vfio" in engine["runtime_supports_kvm"])
+    return bool(
+        engine["runtimes"]["kata-vfio"] == [RUNTIME]
+        and "kata-vfio" in engine["runtime_supports_json"]
+        and "kata-vfio" in engine["runtime_supports_kvm"]
+    )
 
 
 def kata1_installed(conf: Path, tmp: Path) -> bool:
@@ -103,22 +105,24 @@ def kata3_uninstall(conf: Path, tmp: Path) -> None:
 
 
 def kata3_installed(conf: Path, tmp: Path) -> bool:
-    return bool(tomllib.loads(conf.read_text())["kata_config_path"]
-                == str(_kata3(tmp).with_name(GENERATED_NAME)))
+    return bool(
+        tomllib.loads(conf.read_text())["kata_config_path"]
+        == str(_kata3(tmp).with_name(GENERATED_NAME))
+    )
 
 
 INSTALLERS = {
     "podman": Installer(
         samples={
             "tables": '# site settings\n[containers]\nlog_driver = "k8s-file"  # keep\n\n'
-                      '[engine]\nruntime_supports_json = [\n  "runc",\n  "crun",\n]\n\n'
-                      '[engine.runtimes]\nrunc = ["/usr/sbin/runc"]\n',
+            '[engine]\nruntime_supports_json = [\n  "runc",\n  "crun",\n]\n\n'
+            '[engine.runtimes]\nrunc = ["/usr/sbin/runc"]\n',
             "no-engine": '[containers]\nlog_driver = "k8s-file"\n',
             "dotted": '[engine]\nruntimes.runc = ["/usr/sbin/runc"]  # dotted\n',
             "top-dotted": 'engine.runtimes.runc = ["/usr/sbin/runc"]\n',
             "inline": '[engine]\nruntimes = { runc = ["/usr/sbin/runc"] }\n',
             "array-of-tables": '[engine]\ncgroup_manager = "cgroupfs"\n\n'
-                               '[[engine.x]]\nname = "a"\n\n[[engine.x]]\nname = "b"\n',
+            '[[engine.x]]\nname = "a"\n\n[[engine.x]]\nname = "b"\n',
             "empty": "",
         },
         install=lambda conf, tmp: podman_conf.register(conf, RUNTIME) and None,
@@ -128,41 +132,41 @@ INSTALLERS = {
     ),
     "containerd": Installer(
         samples={
-            "tables": 'version = 2\n\n# site comment\n[plugins]\n'
-                      '  [plugins."io.containerd.grpc.v1.cri"]\n'
-                      '    sandbox_image = "pause:3.6"  # keep\n'
-                      '    [plugins."io.containerd.grpc.v1.cri".containerd]\n'
-                      '      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes]\n'
-                      '        [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]\n'
-                      '          runtime_type = "io.containerd.runc.v2"\n',
+            "tables": "version = 2\n\n# site comment\n[plugins]\n"
+            '  [plugins."io.containerd.grpc.v1.cri"]\n'
+            '    sandbox_image = "pause:3.6"  # keep\n'
+            '    [plugins."io.containerd.grpc.v1.cri".containerd]\n'
+            '      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes]\n'
+            '        [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]\n'
+            '          runtime_type = "io.containerd.runc.v2"\n',
             "dotted": 'version = 2\n[plugins."io.containerd.grpc.v1.cri"]\n'
-                      '  containerd.runtimes.runc.runtime_type = "io.containerd.runc.v2"\n',
+            '  containerd.runtimes.runc.runtime_type = "io.containerd.runc.v2"\n',
             "dotted-containerd": 'version = 2\n[plugins."io.containerd.grpc.v1.cri".containerd]\n'
-                                 '  runtimes.runc.runtime_type = "io.containerd.runc.v2"\n',
-            "top-dotted": 'version = 2\n'
-                          'plugins."io.containerd.grpc.v1.cri".sandbox_image = "pause:3.6"\n',
+            '  runtimes.runc.runtime_type = "io.containerd.runc.v2"\n',
+            "top-dotted": "version = 2\n"
+            'plugins."io.containerd.grpc.v1.cri".sandbox_image = "pause:3.6"\n',
             "inline": 'version = 2\n[plugins."io.containerd.grpc.v1.cri".containerd]\n'
-                      '  runtimes = { runc = { runtime_type = "io.containerd.runc.v2" } }\n',
+            '  runtimes = { runc = { runtime_type = "io.containerd.runc.v2" } }\n',
             "array-of-tables": 'version = 2\n[plugins."io.containerd.grpc.v1.cri"]\n'
-                               '  sandbox_image = "pause:3.6"\n\n[[x]]\n  name = "a"\n',
+            '  sandbox_image = "pause:3.6"\n\n[[x]]\n  name = "a"\n',
             "empty": "",
         },
         install=containerd_install,
         uninstall=lambda conf, tmp: unregister_containerd(conf) and None,
         installed=containerd_installed,
-        must_take=frozenset({"tables", "dotted", "dotted-containerd", "top-dotted",
-                             "array-of-tables", "empty"}),
+        must_take=frozenset(
+            {"tables", "dotted", "dotted-containerd", "top-dotted", "array-of-tables", "empty"}
+        ),
     ),
     "kata1": Installer(
         samples={
             "tables": '# Kata 1.x\n[hypervisor.qemu]\npath = "/usr/bin/qemu"\n'
-                      'machine_type = "pc"  # was\nkernel_params = "quiet"\n'
-                      'enable_annotations = [\n  "enable_iommu",\n]\n\n'
-                      '[proxy.kata]\npath = "/usr/libexec/kata-proxy"\n',
+            'machine_type = "pc"  # was\nkernel_params = "quiet"\n'
+            'enable_annotations = [\n  "enable_iommu",\n]\n\n'
+            '[proxy.kata]\npath = "/usr/libexec/kata-proxy"\n',
             "dotted": '[hypervisor]\nqemu.path = "/usr/bin/qemu"\nqemu.machine_type = "pc"\n',
             "inline": 'hypervisor = { qemu = { path = "/usr/bin/qemu" } }\n',
-            "array-of-tables": '[hypervisor.qemu]\npath = "/usr/bin/qemu"\n\n'
-                               '[[x]]\nname = "a"\n',
+            "array-of-tables": '[hypervisor.qemu]\npath = "/usr/bin/qemu"\n\n[[x]]\nname = "a"\n',
         },
         install=lambda conf, tmp: kata_conf.install(conf, tmp / "state", HOOKS, {}) and None,
         uninstall=lambda conf, tmp: kata_conf.uninstall(conf, tmp / "state") and None,
@@ -172,7 +176,7 @@ INSTALLERS = {
     "kata3-config.toml": Installer(
         samples={
             "tables": '# kata-vfio\nruntime = "kata-runtime"  # keep\n\n[annotations]\n'
-                      '"io.example" = "1"\n',
+            '"io.example" = "1"\n',
             "dotted": 'annotations."io.example" = "1"\n',
             "inline": 'annotations = { "io.example" = "1" }\n',
             "array-of-tables": 'runtime = "kata-runtime"\n\n[[x]]\nname = "a"\n',
@@ -194,14 +198,19 @@ FORMS: dict[str, Callable[[str], bytes]] = {
     "symlink": lambda text: text.encode(),
 }
 
-CASES = [(name, layout, form) for name, inst in INSTALLERS.items()
-         for layout in inst.samples for form in FORMS
-         if not (layout == "empty" and form != "lf")]
+CASES = [
+    (name, layout, form)
+    for name, inst in INSTALLERS.items()
+    for layout in inst.samples
+    for form in FORMS
+    if not (layout == "empty" and form != "lf")
+]
 
 
 @pytest.mark.parametrize(("installer", "layout", "form"), CASES)
 def test_install_then_uninstall_gives_back_the_bytes_or_is_refused(
-        tmp_path: Path, installer: str, layout: str, form: str) -> None:
+    tmp_path: Path, installer: str, layout: str, form: str
+) -> None:
     inst = INSTALLERS[installer]
     original = FORMS[form](inst.samples[layout])
     conf = tmp_path / "etc" / "file.toml"
@@ -242,22 +251,32 @@ def test_a_missing_file_is_created_and_removed_again(tmp_path: Path, installer: 
 
 
 @pytest.mark.host
-@pytest.mark.skipif(not shutil.which("containerd") and not os.environ.get("KATA_VFIO_NO_SKIPS"),
-                    reason="needs containerd")
+@pytest.mark.skipif(
+    not shutil.which("containerd") and not os.environ.get("KATA_VFIO_NO_SKIPS"),
+    reason="needs containerd",
+)
 @pytest.mark.parametrize("form", ["lf", "crlf", "no-final-newline"])
-@pytest.mark.parametrize("layout", ["tables", "dotted", "dotted-containerd", "top-dotted",
-                                    "array-of-tables"])
+@pytest.mark.parametrize(
+    "layout", ["tables", "dotted", "dotted-containerd", "top-dotted", "array-of-tables"]
+)
 def test_real_containerd_reads_the_registration_in_every_layout(
-        tmp_path: Path, layout: str, form: str) -> None:
+    tmp_path: Path, layout: str, form: str
+) -> None:
     """containerd 1.6's own parser (`containerd -c FILE config dump`) on each layout."""
     conf = tmp_path / "config.toml"
     original = FORMS[form](INSTALLERS["containerd"].samples[layout])
     conf.write_bytes(original)
     containerd_install(conf, tmp_path)
-    dumped = subprocess.run(["containerd", "-c", str(conf), "config", "dump"],
-                            capture_output=True, text=True, check=True, timeout=60).stdout
-    ours = tomllib.loads(dumped)["plugins"]["io.containerd.grpc.v1.cri"]["containerd"][
-        "runtimes"]["kata-vfio"]
+    dumped = subprocess.run(
+        ["containerd", "-c", str(conf), "config", "dump"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    ours = tomllib.loads(dumped)["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["runtimes"][
+        "kata-vfio"
+    ]
     assert ours["runtime_type"] == "io.containerd.kata-vfio.v2"
     assert ours["runtime_path"] == SHIM and ours["options"] == {"ConfigPath": KATA_CONF}
     assert ours["pod_annotations"] == ours["container_annotations"] == ["io.kata-vfio.*"]
@@ -265,12 +284,16 @@ def test_real_containerd_reads_the_registration_in_every_layout(
     assert conf.read_bytes() == original
 
 
-@pytest.mark.parametrize("argv", [
-    ["containerd-register", "--config-version", "2"],
-    ["podman-register", "--runtime-path", RUNTIME],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["containerd-register", "--config-version", "2"],
+        ["podman-register", "--runtime-path", RUNTIME],
+    ],
+)
 def test_a_layout_that_cannot_be_edited_is_one_line_not_an_internal_error(
-        tmp_path: Path, argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
     name = "containerd" if argv[0].startswith("containerd") else "podman"
     conf = tmp_path / "file.toml"
     original = INSTALLERS[name].samples["inline"].replace("\n", "\r\n").encode()

@@ -58,10 +58,19 @@ vfio_mode = "guest-kernel"
 
 def run_ctl(args: list[str], config: Path) -> subprocess.CompletedProcess[str]:
     """kata-vfio-ctl in its own process; the timeout is the test for "no hang"."""
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": SOURCE_PATH,
-           "KATA_VFIO_CONFIG": str(config)}
-    return subprocess.run([sys.executable, "-m", "kata_vfio_ctl.main", *args], env=env,
-                          capture_output=True, text=True, timeout=30, check=False)
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "PYTHONPATH": SOURCE_PATH,
+        "KATA_VFIO_CONFIG": str(config),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "kata_vfio_ctl.main", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
 
 
 def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
@@ -90,8 +99,10 @@ def shim(tmp_path: Path) -> str:
 
 # --- defect 9: the admin's own kata-vfio runtime ---------------------------------------------
 
+
 def test_an_admins_own_kata_vfio_runtime_is_refused_and_left_alone(
-        tmp_path: Path, config: Path) -> None:
+    tmp_path: Path, config: Path
+) -> None:
     conf = tmp_path / "config.toml"
     conf.write_text(ADMINS_OWN)
     with pytest.raises(ConfigError, match=r"already has a kata-vfio runtime .* did not add"):
@@ -121,21 +132,19 @@ def test_our_own_registration_is_still_updated_and_removed(tmp_path: Path) -> No
 
 DOTTED = {
     2: 'version = 2\n[plugins."io.containerd.grpc.v1.cri"]\n'
-       '  containerd.runtimes.runc.runtime_type = "io.containerd.runc.v2"\n',
+    '  containerd.runtimes.runc.runtime_type = "io.containerd.runc.v2"\n',
     3: "version = 3\n[plugins.'io.containerd.cri.v1.runtime']\n"
-       "  containerd.runtimes.runc.runtime_type = 'io.containerd.runc.v2'\n",
+    "  containerd.runtimes.runc.runtime_type = 'io.containerd.runc.v2'\n",
 }
 PLUGIN = {2: "io.containerd.grpc.v1.cri", 3: "io.containerd.cri.v1.runtime"}
 
 
 @pytest.mark.parametrize("version", [2, 3])
-def test_dotted_runtimes_get_ours_where_containerd_reads_them(tmp_path: Path,
-                                                              version: int) -> None:
+def test_dotted_runtimes_get_ours_where_containerd_reads_them(tmp_path: Path, version: int) -> None:
     conf = tmp_path / "config.toml"
     conf.write_text(DOTTED[version])
     assert register_containerd(conf, ShimRuntime(SHIM, KATA_CONF))
-    runtimes = tomllib.loads(conf.read_text())["plugins"][PLUGIN[version]]["containerd"][
-        "runtimes"]
+    runtimes = tomllib.loads(conf.read_text())["plugins"][PLUGIN[version]]["containerd"]["runtimes"]
     assert set(runtimes) == {"runc", "kata-vfio"}  # beside runc, not in a table of its own
     assert runtimes["kata-vfio"]["runtime_type"] == "io.containerd.kata-vfio.v2"
     assert "containerd" not in tomllib.loads(conf.read_text())  # no top-level table
@@ -144,22 +153,31 @@ def test_dotted_runtimes_get_ours_where_containerd_reads_them(tmp_path: Path,
 
 
 @pytest.mark.host
-@pytest.mark.skipif(not shutil.which("containerd") and not os.environ.get("KATA_VFIO_NO_SKIPS"),
-                    reason="needs containerd")
+@pytest.mark.skipif(
+    not shutil.which("containerd") and not os.environ.get("KATA_VFIO_NO_SKIPS"),
+    reason="needs containerd",
+)
 def test_real_containerd_reads_a_dotted_registration(tmp_path: Path) -> None:
     conf = tmp_path / "config.toml"
     conf.write_text(DOTTED[2])
     register_containerd(conf, ShimRuntime(SHIM, KATA_CONF))
-    dumped = subprocess.run(["containerd", "-c", str(conf), "config", "dump"],
-                            capture_output=True, text=True, check=True, timeout=60).stdout
+    dumped = subprocess.run(
+        ["containerd", "-c", str(conf), "config", "dump"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
     runtimes = tomllib.loads(dumped)["plugins"]["io.containerd.grpc.v1.cri"]["containerd"][
-        "runtimes"]
+        "runtimes"
+    ]
     assert runtimes["kata-vfio"]["runtime_type"] == "io.containerd.kata-vfio.v2"
     assert runtimes["kata-vfio"]["options"] == {"ConfigPath": KATA_CONF}
     assert runtimes["runc"]["runtime_type"] == "io.containerd.runc.v2"
 
 
 # --- a wrong path never deletes what was installed before ---------------------------------------
+
 
 def test_unregister_pointed_at_another_containerd_config(tmp_path: Path, config: Path) -> None:
     right, wrong = tmp_path / "config.toml", tmp_path / "other.toml"
@@ -173,13 +191,15 @@ def test_unregister_pointed_at_another_containerd_config(tmp_path: Path, config:
 
 
 def test_crio_never_replaces_nor_removes_a_dropin_it_did_not_write(
-        tmp_path: Path, config: Path, shim: str) -> None:
+    tmp_path: Path, config: Path, shim: str
+) -> None:
     dropin = tmp_path / "crio.conf.d" / "10-crun.conf"
     dropin.parent.mkdir()
     theirs = '[crio.runtime.runtimes.crun]\nruntime_path = "/usr/bin/crun"\n'
     dropin.write_text(theirs)
-    line = one_line_error(run_ctl(["crio-register", "--dropin", str(dropin),
-                                   "--shim-path", shim], config))
+    line = one_line_error(
+        run_ctl(["crio-register", "--dropin", str(dropin), "--shim-path", shim], config)
+    )
     assert "not written by kata-vfio-ctl" in line
     done = run_ctl(["crio-unregister", "--dropin", str(dropin)], config)
     assert done.returncode == 0 and "left alone" in done.stdout
@@ -187,26 +207,32 @@ def test_crio_never_replaces_nor_removes_a_dropin_it_did_not_write(
     # a link at the drop-in's place is not ours either: never replaced by a file
     link = tmp_path / "crio.conf.d" / "50-kata-vfio.conf"
     link.symlink_to(dropin)
-    one_line_error(run_ctl(["crio-register", "--dropin", str(link), "--shim-path", shim],
-                           config))
+    one_line_error(run_ctl(["crio-register", "--dropin", str(link), "--shim-path", shim], config))
     run_ctl(["crio-unregister", "--dropin", str(link)], config)
     assert link.is_symlink() and dropin.read_text() == theirs
 
 
 def test_podman_unregister_pointed_at_another_file(tmp_path: Path, config: Path) -> None:
     right, wrong = tmp_path / "containers.conf", tmp_path / "user.conf"
-    theirs = ('[engine]\nruntime_supports_json = ["runc", "kata-vfio"]\n\n'
-              '[engine.runtimes]\nkata-vfio = ["/home/me/kata-vfio"]\n')
+    theirs = (
+        '[engine]\nruntime_supports_json = ["runc", "kata-vfio"]\n\n'
+        '[engine.runtimes]\nkata-vfio = ["/home/me/kata-vfio"]\n'
+    )
     wrong.write_text(theirs)
-    assert run_ctl(["podman-register", "--conf", str(right), "--runtime-path", "/x/kata-vfio"],
-                   config).returncode == 0
+    assert (
+        run_ctl(
+            ["podman-register", "--conf", str(right), "--runtime-path", "/x/kata-vfio"], config
+        ).returncode
+        == 0
+    )
     registered = right.read_bytes()
     done = run_ctl(["podman-unregister", "--conf", str(wrong)], config)
     assert done.returncode == 0 and "left alone" in done.stdout
     assert wrong.read_text() == theirs and right.read_bytes() == registered
     # and a register there refuses to replace the admin's runtime with ours
-    line = one_line_error(run_ctl(["podman-register", "--conf", str(wrong),
-                                   "--runtime-path", "/x/kata-vfio"], config))
+    line = one_line_error(
+        run_ctl(["podman-register", "--conf", str(wrong), "--runtime-path", "/x/kata-vfio"], config)
+    )
     assert "did not add" in line
     assert wrong.read_text() == theirs
 
@@ -222,8 +248,22 @@ def test_uninstall_pointed_at_another_kata_configuration(tmp_path: Path, config:
     other.write_text(KATA3)
     podman = tmp_path / "containers.conf"
     args = ["--conf", str(podman)]
-    assert run_ctl(["install", "--kata-config", str(kata), "--kata-version", "3.30",
-                    "--runtime-path", "/x/kata-vfio", *args], config).returncode == 0
+    assert (
+        run_ctl(
+            [
+                "install",
+                "--kata-config",
+                str(kata),
+                "--kata-version",
+                "3.30",
+                "--runtime-path",
+                "/x/kata-vfio",
+                *args,
+            ],
+            config,
+        ).returncode
+        == 0
+    )
     generated = kata.with_name(GENERATED_NAME)
     record = tmp_path / "state" / "install-kata.json"
     before = (generated.read_bytes(), record.read_bytes(), config.read_bytes())
@@ -253,7 +293,8 @@ def test_kata1_uninstall_of_another_file_keeps_the_record(tmp_path: Path) -> Non
 
 
 def test_cdi_never_removes_nor_replaces_a_spec_it_did_not_write(
-        fakesys: FakeSysfs, tmp_path: Path, config: Path) -> None:
+    fakesys: FakeSysfs, tmp_path: Path, config: Path
+) -> None:
     fakesys.add_device("0000:05:00.0", group=14, driver="nvme")  # no usable group
     spec = tmp_path / "cdi" / "vendor.json"
     spec.parent.mkdir()
@@ -266,6 +307,7 @@ def test_cdi_never_removes_nor_replaces_a_spec_it_did_not_write(
 
 # --- every file read may be a FIFO, a device or huge --------------------------------------------
 
+
 def _make(kind: str, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if kind == "fifo":
@@ -277,38 +319,88 @@ def _make(kind: str, path: Path) -> None:
 
 
 ENTRY_POINTS = {
-    "containerd-register": lambda f, shim: ["containerd-register", "--conf", f,
-                                            "--config-version", "2"],
+    "containerd-register": lambda f, shim: [
+        "containerd-register",
+        "--conf",
+        f,
+        "--config-version",
+        "2",
+    ],
     "containerd-unregister": lambda f, shim: ["containerd-unregister", "--conf", f],
     "crio-register": lambda f, shim: ["crio-register", "--dropin", f, "--shim-path", shim],
     "crio-unregister": lambda f, shim: ["crio-unregister", "--dropin", f],
     "podman-register": lambda f, shim: ["podman-register", "--conf", f, "--runtime-path", "/x"],
     "podman-unregister": lambda f, shim: ["podman-unregister", "--conf", f],
-    "install --kata-config": lambda f, shim: ["install", "--kata-config", f, "--kata-version",
-                                              "1.13", "--conf", f + ".podman"],
-    "uninstall --kata-config": lambda f, shim: ["uninstall", "--kata-config", f,
-                                                "--conf", f + ".podman"],
-    "install --containerd": lambda f, shim: ["install", "--kata-config", "KATA",
-                                             "--kata-version", "3.30", "--conf", f + ".podman",
-                                             "--containerd", f],
-    "install --conf": lambda f, shim: ["install", "--kata-config", "KATA1", "--kata-version",
-                                       "1.13", "--conf", f],
+    "install --kata-config": lambda f, shim: [
+        "install",
+        "--kata-config",
+        f,
+        "--kata-version",
+        "1.13",
+        "--conf",
+        f + ".podman",
+    ],
+    "uninstall --kata-config": lambda f, shim: [
+        "uninstall",
+        "--kata-config",
+        f,
+        "--conf",
+        f + ".podman",
+    ],
+    "install --containerd": lambda f, shim: [
+        "install",
+        "--kata-config",
+        "KATA",
+        "--kata-version",
+        "3.30",
+        "--conf",
+        f + ".podman",
+        "--containerd",
+        f,
+    ],
+    "install --conf": lambda f, shim: [
+        "install",
+        "--kata-config",
+        "KATA1",
+        "--kata-version",
+        "1.13",
+        "--conf",
+        f,
+    ],
     "doctor --conf": lambda f, shim: ["doctor", "--kata-config", "KATA", "--conf", f],
     "doctor --kata-config": lambda f, shim: ["doctor", "--kata-config", f, "--conf", f + ".x"],
-    "install record": lambda f, shim: ["install", "--kata-config", "KATA1", "--conf",
-                                       f + ".podman"],
-    "uninstall record": lambda f, shim: ["uninstall", "--kata-config", "KATA1", "--conf",
-                                         f + ".podman"],
+    "install record": lambda f, shim: [
+        "install",
+        "--kata-config",
+        "KATA1",
+        "--conf",
+        f + ".podman",
+    ],
+    "uninstall record": lambda f, shim: [
+        "uninstall",
+        "--kata-config",
+        "KATA1",
+        "--conf",
+        f + ".podman",
+    ],
     "install-kata record": lambda f, shim: ["uninstall", "--conf", f + ".podman"],
     "install-kata record (install)": lambda f, shim: [
-        "install", "--kata-config", "KATA", "--kata-version", "3.30", "--conf", f + ".podman"],
+        "install",
+        "--kata-config",
+        "KATA",
+        "--kata-version",
+        "3.30",
+        "--conf",
+        f + ".podman",
+    ],
 }
 
 
 @pytest.mark.parametrize("kind", ["fifo", "device", "huge"])
 @pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
 def test_a_file_that_is_no_plain_file_is_one_line_and_no_hang(
-        tmp_path: Path, config: Path, shim: str, entry: str, kind: str) -> None:
+    tmp_path: Path, config: Path, shim: str, entry: str, kind: str
+) -> None:
     kata = tmp_path / "kata" / "configuration.toml"
     kata.parent.mkdir()
     kata.write_text(KATA3)
@@ -322,8 +414,10 @@ def test_a_file_that_is_no_plain_file_is_one_line_and_no_hang(
     else:
         bad = tmp_path / "etc" / "file"
     _make(kind, bad)
-    argv = [a.replace("KATA1", str(kata1)).replace("KATA", str(kata))
-            for a in ENTRY_POINTS[entry](str(bad), shim)]
+    argv = [
+        a.replace("KATA1", str(kata1)).replace("KATA", str(kata))
+        for a in ENTRY_POINTS[entry](str(bad), shim)
+    ]
     done = run_ctl(argv, config)
     if entry == "crio-unregister":  # not a drop-in crio-register wrote: never removed
         assert done.returncode == 0 and "left alone" in done.stdout, done

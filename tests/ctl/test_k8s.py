@@ -32,51 +32,98 @@ def parse_yaml(text: str) -> list[Any]:
     if python is None or probe.returncode != 0:
         pytest.skip("needs python3-yaml")
     done = subprocess.run(
-        [python, "-c", "import json, sys, yaml; "
-                       "print(json.dumps(list(yaml.safe_load_all(sys.stdin))))"],
-        input=text, capture_output=True, text=True, check=True)
+        [
+            python,
+            "-c",
+            "import json, sys, yaml; print(json.dumps(list(yaml.safe_load_all(sys.stdin))))",
+        ],
+        input=text,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(done.stdout)  # type: ignore[no-any-return]
 
 
 def test_runtimeclass_and_sample_pod(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out = ctl(capsys, "runtimeclass", "--overhead-cpu", "250m",
-                    "--overhead-memory", "160Mi", "--device", "0000:03:00.0",
-                    "--device", "0000:04:00.1")
+    code, out = ctl(
+        capsys,
+        "runtimeclass",
+        "--overhead-cpu",
+        "250m",
+        "--overhead-memory",
+        "160Mi",
+        "--device",
+        "0000:03:00.0",
+        "--device",
+        "0000:04:00.1",
+    )
     assert code == 0
     runtime_class, pod = parse_yaml(out)
     assert runtime_class == {
-        "apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass",
-        "metadata": {"name": "kata-vfio"}, "handler": "kata-vfio",
-        "overhead": {"podFixed": {"cpu": "250m", "memory": "160Mi"}}}
+        "apiVersion": "node.k8s.io/v1",
+        "kind": "RuntimeClass",
+        "metadata": {"name": "kata-vfio"},
+        "handler": "kata-vfio",
+        "overhead": {"podFixed": {"cpu": "250m", "memory": "160Mi"}},
+    }
     assert pod["kind"] == "Pod"
     assert pod["spec"]["runtimeClassName"] == "kata-vfio"
     assert pod["metadata"]["annotations"] == {"io.kata-vfio.devices": "0000:03:00.0,0000:04:00.1"}
     assert pod["spec"]["containers"][0]["securityContext"] == {
-        "capabilities": {"add": ["IPC_LOCK"]}}
+        "capabilities": {"add": ["IPC_LOCK"]}
+    }
     assert "\n---\n" in out
 
-    code, out = ctl(capsys, "runtimeclass", "--overhead-cpu", "250m",
-                    "--overhead-memory", "160Mi", "--device", "0000:03:00.0",
-                    "--device", "0000:04:00.1", "--json")
-    assert json.loads(out) == {"apiVersion": "v1", "kind": "List",
-                               "items": [runtime_class, pod]}
+    code, out = ctl(
+        capsys,
+        "runtimeclass",
+        "--overhead-cpu",
+        "250m",
+        "--overhead-memory",
+        "160Mi",
+        "--device",
+        "0000:03:00.0",
+        "--device",
+        "0000:04:00.1",
+        "--json",
+    )
+    assert json.loads(out) == {"apiVersion": "v1", "kind": "List", "items": [runtime_class, pod]}
 
 
-def test_defaults_without_overhead_and_only_the_class(capsys: pytest.CaptureFixture[str]
-                                                      ) -> None:
+def test_defaults_without_overhead_and_only_the_class(capsys: pytest.CaptureFixture[str]) -> None:
     _, out = ctl(capsys, "runtimeclass", "--no-pod", "--json")
-    assert json.loads(out)["items"] == [{
-        "apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass",
-        "metadata": {"name": "kata-vfio"}, "handler": "kata-vfio"}]
+    assert json.loads(out)["items"] == [
+        {
+            "apiVersion": "node.k8s.io/v1",
+            "kind": "RuntimeClass",
+            "metadata": {"name": "kata-vfio"},
+            "handler": "kata-vfio",
+        }
+    ]
     _, out = ctl(capsys, "runtimeclass")
-    assert parse_yaml(out)[1]["metadata"]["annotations"] == {
-        "io.kata-vfio.devices": "0000:03:00.0"}
+    assert parse_yaml(out)[1]["metadata"]["annotations"] == {"io.kata-vfio.devices": "0000:03:00.0"}
 
 
-@pytest.mark.parametrize("value", ["yes", "off", "Null", "0000:03:00.0", "12:30", "1e3",
-                                   'quote " and \\ and\nnewline', "-c", "a: b", "#x", "[x]"])
-def test_strings_that_yaml_would_misread_stay_strings(capsys: pytest.CaptureFixture[str],
-                                                      value: str) -> None:
+@pytest.mark.parametrize(
+    "value",
+    [
+        "yes",
+        "off",
+        "Null",
+        "0000:03:00.0",
+        "12:30",
+        "1e3",
+        'quote " and \\ and\nnewline',
+        "-c",
+        "a: b",
+        "#x",
+        "[x]",
+    ],
+)
+def test_strings_that_yaml_would_misread_stay_strings(
+    capsys: pytest.CaptureFixture[str], value: str
+) -> None:
     _, out = ctl(capsys, "runtimeclass", f"--handler={value}", f"--image={value}")
     runtime_class, pod = parse_yaml(out)
     assert runtime_class["handler"] == value
@@ -101,8 +148,9 @@ def k8s_validate(obj: Any) -> None:
 
 
 @pytest.mark.parametrize("flag", ["--daemonset", "--runtimeclass", "--pod"])
-def test_each_k8s_manifest_is_one_valid_object(capsys: pytest.CaptureFixture[str],
-                                               flag: str) -> None:
+def test_each_k8s_manifest_is_one_valid_object(
+    capsys: pytest.CaptureFixture[str], flag: str
+) -> None:
     code, out = ctl(capsys, "k8s", flag)
     assert code == 0
     (obj,) = parse_yaml(out)  # exactly one manifest: `| kubectl apply -f -` applies it alone
@@ -111,10 +159,16 @@ def test_each_k8s_manifest_is_one_valid_object(capsys: pytest.CaptureFixture[str
     assert code == 0 and json.loads(out) == obj
 
 
-def test_daemonset_is_privileged_with_the_host_paths(capsys: pytest.CaptureFixture[str]
-                                                     ) -> None:
-    _, out = ctl(capsys, "k8s", "--daemonset", "--image", "registry.example/kata-vfio:1",
-                 "--node-label", "example.com/vfio=yes")
+def test_daemonset_is_privileged_with_the_host_paths(capsys: pytest.CaptureFixture[str]) -> None:
+    _, out = ctl(
+        capsys,
+        "k8s",
+        "--daemonset",
+        "--image",
+        "registry.example/kata-vfio:1",
+        "--node-label",
+        "example.com/vfio=yes",
+    )
     (ds,) = parse_yaml(out)
     pod = ds["spec"]["template"]["spec"]
     (container,) = pod["containers"]
@@ -123,8 +177,14 @@ def test_daemonset_is_privileged_with_the_host_paths(capsys: pytest.CaptureFixtu
     assert container["command"] == ["kata-vfio-ctl", "device-plugin"]
     assert pod["nodeSelector"] == {"example.com/vfio": "yes"}
     paths = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"]}
-    assert set(paths.values()) >= {"/sys", "/dev/vfio", "/var/lib/kubelet/device-plugins",
-                                   "/etc/kata-vfio", "/var/lib/kata-vfio", "/var/run/cdi"}
+    assert set(paths.values()) >= {
+        "/sys",
+        "/dev/vfio",
+        "/var/lib/kubelet/device-plugins",
+        "/etc/kata-vfio",
+        "/var/lib/kata-vfio",
+        "/var/run/cdi",
+    }
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     assert mounts == paths  # each host path at the same place inside
     assert ds["spec"]["selector"]["matchLabels"] == ds["spec"]["template"]["metadata"]["labels"]
@@ -154,9 +214,9 @@ def test_the_validator_catches_a_broken_manifest(capsys: pytest.CaptureFixture[s
         k8s_validate(ds)
 
 
-@pytest.mark.parametrize("argv", [["--node-label", "novalue"], ["--resource", "Bad Name"],
-                                  ["--node-label", "a b=c"]])
-def test_bad_k8s_options_are_refused(capsys: pytest.CaptureFixture[str], argv: list[str]
-                                     ) -> None:
+@pytest.mark.parametrize(
+    "argv", [["--node-label", "novalue"], ["--resource", "Bad Name"], ["--node-label", "a b=c"]]
+)
+def test_bad_k8s_options_are_refused(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
     code, out = ctl(capsys, "k8s", "--pod", *argv)
     assert code != 0 and out == ""

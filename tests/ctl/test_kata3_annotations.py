@@ -39,7 +39,8 @@ def test_kata1_default_keeps_the_guest_hook_path_annotation(vfio_host: FakeSysfs
 
 @pytest.mark.parametrize(("guest", "vfio_mode"), [("hook", None), ("agent", "vfio")])
 def test_kata3_names_the_generated_file_and_no_gated_key(
-        vfio_host: FakeSysfs, guest: str, vfio_mode: str | None) -> None:
+    vfio_host: FakeSysfs, guest: str, vfio_mode: str | None
+) -> None:
     settings = Settings(sysfs=str(vfio_host.root), guest=guest, kata_config_path=GENERATED)
     plan = plan_edit(spec_asking_for("0000:03:00.0"), settings)
     assert plan is not None
@@ -52,8 +53,10 @@ def test_kata3_names_the_generated_file_and_no_gated_key(
 def test_kata3_edit_of_a_bundle(vfio_host: FakeSysfs, bundle: Path) -> None:
     spec = json.loads((bundle / "config.json").read_text())
     # a config_path the container brought is replaced for a VFIO container
-    spec["annotations"] = {DEVICES_ANNOTATION: "0000:04:00.0",
-                           KATA_CONFIG_PATH_ANNOTATION: "/tmp/evil.toml"}
+    spec["annotations"] = {
+        DEVICES_ANNOTATION: "0000:04:00.0",
+        KATA_CONFIG_PATH_ANNOTATION: "/tmp/evil.toml",
+    }
     (bundle / "config.json").write_text(json.dumps(spec))
     settings = Settings(sysfs=str(vfio_host.root), guest="agent", kata_config_path=GENERATED)
     assert edit_bundle(bundle, settings).written
@@ -63,16 +66,18 @@ def test_kata3_edit_of_a_bundle(vfio_host: FakeSysfs, bundle: Path) -> None:
     assert GUEST_HOOK_PATH_ANNOTATION not in annotations
 
 
-def test_a_container_without_vfio_gets_no_kata3_annotations(vfio_host: FakeSysfs,
-                                                            bundle: Path) -> None:
+def test_a_container_without_vfio_gets_no_kata3_annotations(
+    vfio_host: FakeSysfs, bundle: Path
+) -> None:
     before = (bundle / "config.json").read_bytes()
     settings = Settings(sysfs=str(vfio_host.root), kata_config_path=GENERATED)
     assert not edit_bundle(bundle, settings).written
     assert (bundle / "config.json").read_bytes() == before
 
 
-def test_config_toml_guest_and_kata_config_path(tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_config_toml_guest_and_kata_config_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr("kata_vfio_host.cache.CACHE_DIR", str(tmp_path / "cache"))
     conf = tmp_path / "config.toml"
     conf.write_text(f'guest = "agent"\nkata_config_path = "{GENERATED}"\n')
@@ -81,8 +86,10 @@ def test_config_toml_guest_and_kata_config_path(tmp_path: Path,
     assert load_settings(str(conf)) == settings  # and through the settings cache
     defaults = tmp_path / "defaults.toml"
     defaults.write_text('runtime = "kata-runtime"\n')
-    assert (load_settings(str(defaults)).guest, load_settings(str(defaults)).kata_config_path) \
-        == ("hook", "")
+    assert (load_settings(str(defaults)).guest, load_settings(str(defaults)).kata_config_path) == (
+        "hook",
+        "",
+    )
     for bad in ('guest = "kernel"\n', 'kata_config_path = "relative.toml"\n'):
         conf.write_text(bad)
         with pytest.raises(ConfigError):

@@ -32,13 +32,19 @@ def installed(tmp_path: Path, text: str) -> Path:
     return kata
 
 
-def generate(tmp_path: Path, text: str, version: str, guest: str,
-             annotations: dict[str, str] | None = None) -> tuple[Path, Path]:
+def generate(
+    tmp_path: Path, text: str, version: str, guest: str, annotations: dict[str, str] | None = None
+) -> tuple[Path, Path]:
     """`kata-vfio-ctl install`'s step: (installed file, generated file)."""
     kata = installed(tmp_path, text)
     settings = Settings(guest=guest, annotations=annotations or {})
-    result = install_kata(kata, settings, tmp_path / "config.toml", tmp_path / "state",
-                          runtimes=fake_runtime(tmp_path, version))
+    result = install_kata(
+        kata,
+        settings,
+        tmp_path / "config.toml",
+        tmp_path / "state",
+        runtimes=fake_runtime(tmp_path, version),
+    )
     assert result.generated == kata.with_name(GENERATED_NAME)
     return kata, result.generated
 
@@ -55,19 +61,26 @@ def edited_spec(bundle: Path, host: FakeSysfs, settings: Settings) -> dict[str, 
 @pytest.mark.parametrize("annotations", [{}, EXTRA])
 @pytest.mark.parametrize("guest", ["hook", "agent"])
 def test_generated_configuration_and_edited_spec_pass_kata3s_rules(
-        tmp_path: Path, bundle: Path, vfio_host: FakeSysfs, guest: str,
-        annotations: dict[str, str]) -> None:
+    tmp_path: Path, bundle: Path, vfio_host: FakeSysfs, guest: str, annotations: dict[str, str]
+) -> None:
     kata, generated = generate(tmp_path, KATA3, "3.30.0", guest, annotations)
-    settings = Settings(sysfs=str(vfio_host.root), guest=guest, annotations=annotations,
-                        kata_config_path=str(generated))
+    settings = Settings(
+        sysfs=str(vfio_host.root),
+        guest=guest,
+        annotations=annotations,
+        kata_config_path=str(generated),
+    )
     spec = edited_spec(bundle, vfio_host, settings)
     seen = sandbox(spec, kata, release=(3, 30))
     assert seen.problems == []
     assert seen.config == generated  # the config_path annotation chose the generated file
     assert len(seen.vfio_devices) == 2
     hv = seen.hypervisor
-    assert (hv["machine_type"], hv["enable_iommu"], hv["hot_plug_vfio"]) == \
-        ("q35", True, "root-port")
+    assert (hv["machine_type"], hv["enable_iommu"], hv["hot_plug_vfio"]) == (
+        "q35",
+        True,
+        "root-port",
+    )
     assert hv["pcie_root_port"] >= len(seen.vfio_devices)
     if guest == "hook":
         assert (seen.vfio_mode, hv["guest_hook_path"]) == ("guest-kernel", HOOKS)
@@ -75,8 +88,9 @@ def test_generated_configuration_and_edited_spec_pass_kata3s_rules(
         assert (seen.vfio_mode, hv["guest_hook_path"]) == ("vfio", "")
 
 
-def test_stock_kata3_refuses_the_kata1_style_annotation(tmp_path: Path, bundle: Path,
-                                                        vfio_host: FakeSysfs) -> None:
+def test_stock_kata3_refuses_the_kata1_style_annotation(
+    tmp_path: Path, bundle: Path, vfio_host: FakeSysfs
+) -> None:
     """Why the generated file exists: with the stock file and the wrapper's Kata 1.x
     default (the guest_hook_path annotation) Kata >= 2 refuses the container."""
     kata = installed(tmp_path, KATA3)
@@ -90,14 +104,23 @@ def test_stock_kata3_refuses_the_kata1_style_annotation(tmp_path: Path, bundle: 
 
 
 def test_older_kata2_generated_file_gives_each_device_its_root_port(
-        tmp_path: Path, vfio_host: FakeSysfs) -> None:
+    tmp_path: Path, vfio_host: FakeSysfs
+) -> None:
     kata, generated = generate(tmp_path, KATA2, "2.2.3", "hook")
-    stock = sandbox(edited_spec(new_bundle(tmp_path / "b1"), vfio_host, Settings(
-        sysfs=str(vfio_host.root), guest_hook_path=HOOKS)), kata, release=(2, 2))
+    stock = sandbox(
+        edited_spec(
+            new_bundle(tmp_path / "b1"),
+            vfio_host,
+            Settings(sysfs=str(vfio_host.root), guest_hook_path=HOOKS),
+        ),
+        kata,
+        release=(2, 2),
+    )
     assert any("one guest IOMMU group" in p for p in stock.refusals("path"))
     settings = Settings(sysfs=str(vfio_host.root), kata_config_path=str(generated))
-    seen = sandbox(edited_spec(new_bundle(tmp_path / "b2"), vfio_host, settings), kata,
-                   release=(2, 2))
+    seen = sandbox(
+        edited_spec(new_bundle(tmp_path / "b2"), vfio_host, settings), kata, release=(2, 2)
+    )
     assert seen.problems == [] and seen.config == generated
 
 
@@ -107,16 +130,21 @@ def new_bundle(path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("change", "problem"), [
-    (("enable_iommu = true", "enable_iommu = false"), "no guest IOMMU"),
-    (('hot_plug_vfio = "root-port"', 'hot_plug_vfio = "no-port"'),
-     "Incorrect hot plug configuration"),
-    (('machine_type = "q35"', 'machine_type = "pc"'), "needs machine_type q35"),
-    (('guest_hook_path = "/usr/share/oci/hooks"', 'guest_hook_path = ""'), "no nodes"),
-])
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        (("enable_iommu = true", "enable_iommu = false"), "no guest IOMMU"),
+        (
+            ('hot_plug_vfio = "root-port"', 'hot_plug_vfio = "no-port"'),
+            "Incorrect hot plug configuration",
+        ),
+        (('machine_type = "q35"', 'machine_type = "pc"'), "needs machine_type q35"),
+        (('guest_hook_path = "/usr/share/oci/hooks"', 'guest_hook_path = ""'), "no nodes"),
+    ],
+)
 def test_the_rules_notice_a_generated_file_that_lost_a_setting(
-        tmp_path: Path, bundle: Path, vfio_host: FakeSysfs, change: tuple[str, str],
-        problem: str) -> None:
+    tmp_path: Path, bundle: Path, vfio_host: FakeSysfs, change: tuple[str, str], problem: str
+) -> None:
     """The model is no rubber stamp: each setting the generated file carries is needed."""
     kata, generated = generate(tmp_path, KATA3, "3.30.0", "hook")
     text = generated.read_text()

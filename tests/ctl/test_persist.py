@@ -56,9 +56,11 @@ class Machine:
 @pytest.fixture
 def machine(vfio_host: FakeSysfs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Machine:
     config = tmp_path / "kv.toml"
-    config.write_text(f'runtime = "/bin/true"\nsysfs = "{vfio_host.root}"\n'
-                      f'state_dir = "{tmp_path / "state"}"\n'
-                      f'log_file = "{tmp_path / "log"}"\n')
+    config.write_text(
+        f'runtime = "/bin/true"\nsysfs = "{vfio_host.root}"\n'
+        f'state_dir = "{tmp_path / "state"}"\n'
+        f'log_file = "{tmp_path / "log"}"\n'
+    )
     monkeypatch.setenv("KATA_VFIO_CONFIG", str(config))
     monkeypatch.setenv("KATA_VFIO_PERSIST", str(tmp_path / "etc/persistent-binds"))
     vfio_host.add_device(NIC, group=40, driver="e1000e")
@@ -76,7 +78,8 @@ def claim(machine: Machine, cid: str, addr: str, tmp_path: Path) -> None:
 
 
 def test_boot_binds_the_persistent_device_again_and_clears_the_old_claims(
-        machine: Machine, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    machine: Machine, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert ctl(["bind", "--persist", "--timeout", "0", NIC]) == 0, capsys.readouterr().err
     assert f"{NIC}: bound again at every boot" in capsys.readouterr().out
     claim(machine, "ctr-a", "0000:09:00.0", tmp_path)
@@ -89,8 +92,10 @@ def test_boot_binds_the_persistent_device_again_and_clears_the_old_claims(
     assert "cleared the claims of containers ctr-a, ctr-b from the previous boot" in out
     assert f"re-bound {NIC} (8086:10d3, persistent): {NIC} (e1000e) -> vfio-pci" in out
     assert "given back" not in out
-    assert ("0000:09:00.0: the previous boot's bind by container ctr-a ended with the reboot "
-            "(now on nvme): its record dropped, the device not touched") in out
+    assert (
+        "0000:09:00.0: the previous boot's bind by container ctr-a ended with the reboot "
+        "(now on nvme): its record dropped, the device not touched"
+    ) in out
     assert read_journal_file(machine.host).claims == {}
     assert machine.fs.driver("0000:09:00.0") == "nvme"  # untouched: the reboot did it
     assert read_journal(machine.host)[NIC]["boot_id"] == "boot-2"
@@ -98,7 +103,8 @@ def test_boot_binds_the_persistent_device_again_and_clears_the_old_claims(
 
 
 def test_restore_after_a_reboot_without_the_boot_command_gives_nothing_back(
-        machine: Machine, capsys: pytest.CaptureFixture[str]) -> None:
+    machine: Machine, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Before the fix `restore --all` wrote driver_override and said "given back" for a
     device the reboot had given back already."""
     assert ctl(["bind", "--timeout", "0", "0000:09:00.0"]) == 0
@@ -107,14 +113,17 @@ def test_restore_after_a_reboot_without_the_boot_command_gives_nothing_back(
     assert ctl(["restore", "--all"]) == 0
     out = capsys.readouterr().out
     assert "given back" not in out
-    assert ("0000:09:00.0: bound by kata-vfio-ctl in an earlier boot, a bind the reboot "
-            "ended (now on nvme): its record dropped, the device not touched") in out
+    assert (
+        "0000:09:00.0: bound by kata-vfio-ctl in an earlier boot, a bind the reboot "
+        "ended (now on nvme): its record dropped, the device not touched"
+    ) in out
     assert machine.kernel.writes == []
     assert read_journal(machine.host) == {}
 
 
 def test_bind_after_a_reboot_records_the_driver_of_this_boot(
-        machine: Machine, capsys: pytest.CaptureFixture[str]) -> None:
+    machine: Machine, capsys: pytest.CaptureFixture[str]
+) -> None:
     """An earlier boot's record is not kept over a new bind: it would make the new
     bind look like history to the next restore, which then would not give it back."""
     assert ctl(["bind", "--timeout", "0", "0000:09:00.0"]) == 0
@@ -127,7 +136,8 @@ def test_bind_after_a_reboot_records_the_driver_of_this_boot(
 
 
 def test_restore_removes_the_persistence_and_says_so(
-        machine: Machine, capsys: pytest.CaptureFixture[str]) -> None:
+    machine: Machine, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert ctl(["bind", "--persist", "--timeout", "0", NIC, "0000:09:00.0"]) == 0
     capsys.readouterr()
     assert ctl(["restore", NIC]) == 0
@@ -140,7 +150,8 @@ def test_restore_removes_the_persistence_and_says_so(
 
 
 def test_boot_refuses_a_device_whose_ids_changed_and_binds_the_rest(
-        machine: Machine, capsys: pytest.CaptureFixture[str]) -> None:
+    machine: Machine, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert ctl(["bind", "--persist", "--timeout", "0", NIC, "0000:09:00.0"]) == 0
     machine.reboot()
     (machine.fs.dev_dir(NIC) / "device").write_text("0x10d4\n")  # another card there
@@ -152,12 +163,12 @@ def test_boot_refuses_a_device_whose_ids_changed_and_binds_the_rest(
     assert machine.fs.driver("0000:09:00.0") == "vfio-pci"
 
 
-def test_boot_without_a_boot_id_is_refused(machine: Machine,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_boot_without_a_boot_id_is_refused(
+    machine: Machine, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert ctl(["bind", "--persist", "--timeout", "0", NIC]) == 0
     machine.reboot()
-    machine.host = Host(machine.fs.root, machine.state, machine.kernel.write,
-                        boot_id="unknown")
+    machine.host = Host(machine.fs.root, machine.state, machine.kernel.write, boot_id="unknown")
     capsys.readouterr()
     assert ctl(["boot"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
@@ -169,8 +180,7 @@ BAD_FILES = [
     ("0000:08:00.0\n", "line 1: '0000:08:00.0' is not an address and its IDs"),
     ("# c\n08:00.0 8086:10d3\n", "line 2: '08:00.0' is not a PCI address in the form"),
     ("0000:08:00.0 8086:10D3\n", "line 1: '8086:10D3' is not VVVV:DDDD"),
-    ("0000:08:00.0 8086:10d3\n0000:08:00.0 8086:10d3\n", "line 2: 0000:08:00.0 is listed "
-                                                         "twice"),
+    ("0000:08:00.0 8086:10d3\n0000:08:00.0 8086:10d3\n", "line 2: 0000:08:00.0 is listed twice"),
     (b"0000:08:00.0 8086:10d3 \xff\n", "holds bytes that are not ASCII"),
     ("directory", "is not a regular file"),
     ("fifo", "is not a regular file"),
@@ -178,11 +188,23 @@ BAD_FILES = [
 
 
 @pytest.mark.parametrize(("content", "message"), BAD_FILES)
-@pytest.mark.parametrize("argv", [["boot"], ["bind", "--persist", "0000:0a:00.0"],
-                                  ["restore", "0000:09:00.0"], ["restore", "--all"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["boot"],
+        ["bind", "--persist", "0000:0a:00.0"],
+        ["restore", "0000:09:00.0"],
+        ["restore", "--all"],
+    ],
+)
 def test_a_bad_persist_file_is_one_line_and_changes_nothing(
-        machine: Machine, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-        content: str | bytes, message: str, argv: list[str]) -> None:
+    machine: Machine,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    content: str | bytes,
+    message: str,
+    argv: list[str],
+) -> None:
     assert ctl(["bind", "--timeout", "0", "0000:09:00.0"]) == 0
     claim(machine, "ctr-a", "0000:0a:00.0", tmp_path) if argv[0] != "bind" else None
     machine.reboot() if argv == ["boot"] else None
@@ -207,8 +229,7 @@ def test_a_bad_persist_file_is_one_line_and_changes_nothing(
     after = read_journal_file(machine.host)
     assert (after.claims, after.devices) == (journal.claims, journal.devices)
     if content not in ("directory", "fifo"):
-        assert path.read_bytes() == (content.encode() if isinstance(content, str)
-                                     else content)
+        assert path.read_bytes() == (content.encode() if isinstance(content, str) else content)
 
 
 def test_the_boot_unit_runs_the_boot_command_before_the_engines() -> None:
@@ -230,7 +251,8 @@ def test_the_boot_unit_runs_the_boot_command_before_the_engines() -> None:
 
 
 def test_devices_after_a_reboot_names_no_binder_and_shows_persistence(
-        machine: Machine, capsys: pytest.CaptureFixture[str]) -> None:
+    machine: Machine, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Before the fix `devices` said "bound by kata-vfio-ctl" for a device the reboot had
     put back on its driver."""
     import json
@@ -251,6 +273,7 @@ def test_devices_after_a_reboot_names_no_binder_and_shows_persistence(
 
 # -- VF counts that survive a reboot, and the device plugin's records (issue 17) -------
 
+
 def persist_file(tmp_path: Path) -> str:
     path = tmp_path / "etc/persistent-binds"
     return path.read_text() if path.exists() else ""
@@ -261,7 +284,8 @@ def numvfs(machine: Machine) -> int:
 
 
 def test_boot_makes_the_persistent_vfs_again_then_binds_the_persistent_vf(
-        machine: Machine, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    machine: Machine, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Before the fix `vfs` had no --persist and the PF had no VFs after a reboot: a
     persistent bind of a VF found nothing at boot."""
     assert ctl(["vfs", PF, "2", "--persist"]) == 0, capsys.readouterr().err
@@ -281,28 +305,30 @@ def test_boot_makes_the_persistent_vfs_again_then_binds_the_persistent_vf(
     assert (machine.fs.dev_dir(PF) / "sriov_drivers_autoprobe").read_text() == "0"
     lines = out.splitlines()
     made = lines.index(f"made 2 VFs of {PF} (1b36:0010, persistent) again: {VF0}, {VF1}")
-    rebound = next(i for i, line in enumerate(lines)
-                   if line.startswith(f"re-bound {VF1} (1b36:0010, persistent): {VF1} "
-                                      "(no driver) -> vfio-pci"))
+    rebound = next(
+        i
+        for i, line in enumerate(lines)
+        if line.startswith(f"re-bound {VF1} (1b36:0010, persistent): {VF1} (no driver) -> vfio-pci")
+    )
     assert made < rebound  # the VFs first, then the binds
     # run again: nothing made, nothing moved, and it says so
     assert ctl(["boot", "--timeout", "0"]) == 0
     again = capsys.readouterr().out
-    assert f"{PF} (1b36:0010, persistent): already has 2 VFs ({VF0}, {VF1}), nothing made" \
-        in again
+    assert f"{PF} (1b36:0010, persistent): already has 2 VFs ({VF0}, {VF1}), nothing made" in again
     assert f"{VF1} (1b36:0010, persistent): already on vfio-pci" in again
 
 
 @pytest.mark.parametrize("dry_run", [False, True])
 def test_a_persistent_bind_of_a_vf_whose_count_is_not_persistent_is_refused(
-        machine: Machine, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-        dry_run: bool) -> None:
+    machine: Machine, tmp_path: Path, capsys: pytest.CaptureFixture[str], dry_run: bool
+) -> None:
     """Before the fix the bind was made persistent, and after a reboot it bound nothing."""
     assert ctl(["vfs", PF, "2"]) == 0
     machine.kernel.writes.clear()
     capsys.readouterr()
-    assert ctl(["bind", "--persist", "--timeout", "0", VF0]
-               + (["--dry-run"] if dry_run else [])) == 1
+    assert (
+        ctl(["bind", "--persist", "--timeout", "0", VF0] + (["--dry-run"] if dry_run else [])) == 1
+    )
     captured = capsys.readouterr()
     err = captured.err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(PROG), err
@@ -314,7 +340,8 @@ def test_a_persistent_bind_of_a_vf_whose_count_is_not_persistent_is_refused(
 
 
 def test_vfs_to_zero_drops_the_count_and_the_binds_of_its_vfs(
-        machine: Machine, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    machine: Machine, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert ctl(["vfs", PF, "2", "--persist"]) == 0
     assert ctl(["bind", "--persist", "--timeout", "0", VF1]) == 0
     capsys.readouterr()
@@ -333,7 +360,8 @@ def test_vfs_to_zero_drops_the_count_and_the_binds_of_its_vfs(
 
 
 def test_resizing_a_persistent_count_keeps_it_persistent_at_the_new_count(
-        machine: Machine, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    machine: Machine, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert ctl(["vfs", PF, "2", "--persist"]) == 0
     capsys.readouterr()
     assert ctl(["vfs", PF, "3"]) == 0
@@ -346,15 +374,19 @@ def test_resizing_a_persistent_count_keeps_it_persistent_at_the_new_count(
 
 
 def test_no_persist_is_refused_while_a_persistent_vf_bind_needs_the_count(
-        machine: Machine, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    machine: Machine, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert ctl(["vfs", PF, "2", "--persist"]) == 0
     assert ctl(["bind", "--persist", "--timeout", "0", VF0]) == 0
     before = persist_file(tmp_path)
     capsys.readouterr()
     assert ctl(["vfs", PF, "2", "--no-persist"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"the persistent binds of {VF0} need the VF count of {PF}" \
-        in err[0] and f"kata-vfio-ctl restore {VF0}" in err[0]
+    assert (
+        len(err) == 1
+        and f"the persistent binds of {VF0} need the VF count of {PF}" in err[0]
+        and f"kata-vfio-ctl restore {VF0}" in err[0]
+    )
     assert persist_file(tmp_path) == before and machine.fs.driver(VF0) == "vfio-pci"
     assert ctl(["restore", VF0]) == 0
     assert ctl(["vfs", PF, "2", "--no-persist"]) == 0
@@ -366,8 +398,8 @@ def test_no_persist_is_refused_while_a_persistent_vf_bind_needs_the_count(
 
 @pytest.mark.parametrize("change", ["gone", "other card", "other count"])
 def test_boot_says_which_vfs_it_could_not_make_and_does_the_rest(
-        machine: Machine, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-        change: str) -> None:
+    machine: Machine, tmp_path: Path, capsys: pytest.CaptureFixture[str], change: str
+) -> None:
     assert ctl(["vfs", PF, "2", "--persist"]) == 0
     assert ctl(["bind", "--persist", "--timeout", "0", VF0, NIC]) == 0
     machine.reboot()
@@ -384,26 +416,31 @@ def test_boot_says_which_vfs_it_could_not_make_and_does_the_rest(
     assert machine.fs.driver(NIC) == "vfio-pci"
     err = captured.err.strip().splitlines()
     assert all(line.startswith(PROG) for line in err), err
-    reason = {"gone": f"{PF} is not on this host now: its 2 VFs not made",
-              "other card": f"{PF} is now 1b36:0011, not 1b36:0010 as when its VF count "
-                            "was persisted: no VFs made",
-              "other count": f"{PF} has 1 VFs now, not 2 as persisted: left alone"}[change]
+    reason = {
+        "gone": f"{PF} is not on this host now: its 2 VFs not made",
+        "other card": f"{PF} is now 1b36:0011, not 1b36:0010 as when its VF count "
+        "was persisted: no VFs made",
+        "other count": f"{PF} has 1 VFs now, not 2 as persisted: left alone",
+    }[change]
     assert f"cannot make the VFs of {PF} (1b36:0010, 2 VFs, persistent): {reason}" in err[0]
     if change == "other count":  # VF0 exists (the other VF count made it): bound
         assert len(err) == 1 and machine.fs.driver(VF0) == "vfio-pci"
         return
-    assert len(err) == 2 and err[1].startswith(f"{PROG}cannot bind {VF0} (1b36:0010, "
-                                               f"persistent): {VF0} is not on this host now")
+    assert len(err) == 2 and err[1].startswith(
+        f"{PROG}cannot bind {VF0} (1b36:0010, persistent): {VF0} is not on this host now"
+    )
     assert f"a VF of {PF}, whose VFs were not made?" in err[1]
     if change == "gone":  # the record of a PF that is not there can still be dropped
         assert ctl(["vfs", PF, "0"]) == 0
-        assert f"{PF}: not on this host; its VFs are no longer made at boot" \
-            in capsys.readouterr().out
+        assert (
+            f"{PF}: not on this host; its VFs are no longer made at boot" in capsys.readouterr().out
+        )
         assert f"{PF} " not in persist_file(tmp_path)
 
 
 def test_boot_drops_the_device_plugins_allocations_of_the_previous_boot(
-        machine: Machine, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    machine: Machine, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Before the fix `boot` cleared the allocation's ledger claim as a container's and
     left its record: the restarted plugin "recovered" an allocation of the previous boot."""
     import json
@@ -412,24 +449,41 @@ def test_boot_drops_the_device_plugins_allocations_of_the_previous_boot(
     from kata_vfio_ctl import plugin_ledger
 
     def allocate(addr: str, group: int) -> str:
-        return plugin_ledger.allocate(machine.host, "kata-vfio.io/nvme", [addr],
-                                      [IommuGroup(group)], [PciAddress.parse(addr)], None).id
+        return plugin_ledger.allocate(
+            machine.host,
+            "kata-vfio.io/nvme",
+            [addr],
+            [IommuGroup(group)],
+            [PciAddress.parse(addr)],
+            None,
+        ).id
 
     old = allocate("0000:0a:00.0", 42)
     claim(machine, "ctr-a", "0000:09:00.0", tmp_path)
     records = machine.state / "device-plugin"
     legacy = records / "kubernetes-allocation-legacy.json"  # written before boot ids
-    legacy.write_text(json.dumps({"id": "kubernetes-allocation-legacy", "resource": "r",
-                                  "device_ids": ["x"], "groups": [49], "since": 1.0}))
+    legacy.write_text(
+        json.dumps(
+            {
+                "id": "kubernetes-allocation-legacy",
+                "resource": "r",
+                "device_ids": ["x"],
+                "groups": [49],
+                "since": 1.0,
+            }
+        )
+    )
     machine.reboot()
     mine = allocate(NIC, 40)  # this boot's (the plugin ran before boot): kept
     capsys.readouterr()
     assert ctl(["boot", "--timeout", "0"]) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert "cleared the claims of containers ctr-a from the previous boot" in out
-    assert (f"cleared the device plugin's allocations {old} (kata-vfio.io/nvme), "
-            "kubernetes-allocation-legacy (r) from the previous boot (no pod survives a "
-            "reboot)") in out
+    assert (
+        f"cleared the device plugin's allocations {old} (kata-vfio.io/nvme), "
+        "kubernetes-allocation-legacy (r) from the previous boot (no pod survives a "
+        "reboot)"
+    ) in out
     assert set(plugin_ledger.allocations(machine.host)) == {mine}
     assert sorted(os.listdir(records)) == [f"{mine}.json"]
     assert machine.fs.driver(NIC) == "vfio-pci"  # this boot's allocation untouched

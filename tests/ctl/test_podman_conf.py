@@ -29,8 +29,10 @@ def test_register_keeps_comments_and_is_idempotent(tmp_path: Path) -> None:
     text = conf.read_text()
     assert "# site settings, keep me" in text and "# inline comment" in text
     data = tomllib.loads(text)
-    assert data["engine"]["runtimes"] == {"runc": ["/usr/sbin/runc"],
-                                          "kata-vfio": ["/opt/kata-vfio/bin/kata-vfio"]}
+    assert data["engine"]["runtimes"] == {
+        "runc": ["/usr/sbin/runc"],
+        "kata-vfio": ["/opt/kata-vfio/bin/kata-vfio"],
+    }
     assert data["engine"]["runtime_supports_json"] == ["runc", "my-runtime", "kata-vfio"]
     assert "kata-runtime" in data["engine"]["runtime_supports_kvm"]
     assert data["engine"]["runtime_supports_kvm"][-1] == "kata-vfio"

@@ -30,8 +30,10 @@ from wrapper_run import busybox_rootfs, installed
 
 pytestmark = [
     pytest.mark.podman,
-    pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("podman")
-                       or not shutil.which("unshare"), reason="needs root, podman, unshare"),
+    pytest.mark.skipif(
+        os.geteuid() != 0 or not shutil.which("podman") or not shutil.which("unshare"),
+        reason="needs root, podman, unshare",
+    ),
 ]
 IMAGE = "localhost/kata-vfio-cdi-busybox"
 
@@ -56,8 +58,9 @@ class Podman:
     host_etc_cdi: list[str] | None  # what the host's /etc/cdi held before the tests
 
     def run(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run([*self.base, *args], env=self.env, text=True,
-                                capture_output=True, timeout=120)
+        result = subprocess.run(
+            [*self.base, *args], env=self.env, text=True, capture_output=True, timeout=120
+        )
         if check:
             assert result.returncode == 0, result.stderr
         return result
@@ -71,30 +74,45 @@ def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
     fs.add_device("0000:05:00.0", group=14, driver="nvme")  # not usable: not in the spec
     log_file = top / "kata-vfio.log"
     config = top / "kata-vfio.toml"
-    config.write_text(f'runtime = "runc"\nsysfs = "{fs.root}"\nlog_file = "{log_file}"\n'
-                      f'state_dir = "{top / "state"}"\n'
-                      # runc stands in for Kata: without CAP_SYS_RESOURCE here it cannot
-                      # raise RLIMIT_MEMLOCK (Kata applies it inside the guest)
-                      'raise_memlock = false\n')
+    config.write_text(
+        f'runtime = "runc"\nsysfs = "{fs.root}"\nlog_file = "{log_file}"\n'
+        f'state_dir = "{top / "state"}"\n'
+        # runc stands in for Kata: without CAP_SYS_RESOURCE here it cannot
+        # raise RLIMIT_MEMLOCK (Kata applies it inside the guest)
+        "raise_memlock = false\n"
+    )
     launcher = top / "bin" / "kata-vfio"
     launcher.parent.mkdir()
     wrapper = installed("kata-vfio")
-    launcher.write_text(f"#!/bin/sh\nKATA_VFIO_CONFIG={config} exec {wrapper} \"$@\"\n")
+    launcher.write_text(f'#!/bin/sh\nKATA_VFIO_CONFIG={config} exec {wrapper} "$@"\n')
     launcher.chmod(0o755)
     conf = top / "containers.conf"
-    conf.write_text('[containers]\ndefault_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]\n'
-                    '[engine]\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\n')
+    conf.write_text(
+        '[containers]\ndefault_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]\n'
+        '[engine]\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\n'
+    )
     register(conf, str(launcher))
     for d in ("etc-upper", "etc-work", "cdi"):
         (top / d).mkdir()
     script = top / "podman-cdi"
     script.write_text(PODMAN_IN_NAMESPACE)
     script.chmod(0o755)
-    env = {**os.environ, "CONTAINERS_CONF": str(conf), "TOP": str(top),
-           "CDI_DIR": str(top / "cdi")}
-    base = ["unshare", "--mount", "--propagation", "private", str(script),
-            "--root", str(top / "storage"), "--runroot", str(top / "run"),
-            "--storage-driver", "vfs", "--runtime", "kata-vfio"]
+    env = {**os.environ, "CONTAINERS_CONF": str(conf), "TOP": str(top), "CDI_DIR": str(top / "cdi")}
+    base = [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        str(script),
+        "--root",
+        str(top / "storage"),
+        "--runroot",
+        str(top / "run"),
+        "--storage-driver",
+        "vfs",
+        "--runtime",
+        "kata-vfio",
+    ]
     rootfs = busybox_rootfs(top / "rootfs", ("sh", "stat", "ls", "cat"))
     subprocess.run(["tar", "-C", str(rootfs), "-cf", str(top / "rootfs.tar"), "."], check=True)
     pm = Podman(base, env, fs, log_file, top, host_etc_cdi)
@@ -119,17 +137,32 @@ def wrapper_events(pm: Podman, cidfile: Path) -> list[dict[str, object]]:
     ("address", "group", "numbers"),
     [("0000:03:00.0", "12", "f3:0"), ("0000:04:00.1", "13", "f3:1")],
 )
-def test_device_by_address_gives_the_group_node(podman: Podman, tmp_path: Path,
-                                                address: str, group: str, numbers: str) -> None:
+def test_device_by_address_gives_the_group_node(
+    podman: Podman, tmp_path: Path, address: str, group: str, numbers: str
+) -> None:
     cidfile = tmp_path / "cid"
-    result = podman.run("run", "--rm", "--cidfile", str(cidfile), "--network", "none",
-                        "--device", f"kata-vfio.io/pci={address}", IMAGE,
-                        "stat", "-c", "%F %t:%T %n", "/dev/vfio/vfio", f"/dev/vfio/{group}",
-                        check=True)
+    result = podman.run(
+        "run",
+        "--rm",
+        "--cidfile",
+        str(cidfile),
+        "--network",
+        "none",
+        "--device",
+        f"kata-vfio.io/pci={address}",
+        IMAGE,
+        "stat",
+        "-c",
+        "%F %t:%T %n",
+        "/dev/vfio/vfio",
+        f"/dev/vfio/{group}",
+        check=True,
+    )
     # major:minor in hex, as stat prints them: 10:196 = a:c4, 243:N = f3:N
     assert result.stdout.splitlines() == [
         "character special file a:c4 /dev/vfio/vfio",
-        f"character special file {numbers} /dev/vfio/{group}"]
+        f"character special file {numbers} /dev/vfio/{group}",
+    ]
     # the wrapper resolved the group from the node CDI added, with all its members
     events = wrapper_events(podman, cidfile)
     assert events and events[0]["event"] == "spec edited"
@@ -138,16 +171,34 @@ def test_device_by_address_gives_the_group_node(podman: Podman, tmp_path: Path,
 
 
 def test_two_cdi_devices_in_one_container(podman: Podman) -> None:
-    result = podman.run("run", "--rm", "--network", "none",
-                        "--device", "kata-vfio.io/pci=0000:03:00.0",
-                        "--device", "kata-vfio.io/pci=0000:04:00.0", IMAGE,
-                        "ls", "/dev/vfio", check=True)
+    result = podman.run(
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--device",
+        "kata-vfio.io/pci=0000:03:00.0",
+        "--device",
+        "kata-vfio.io/pci=0000:04:00.0",
+        IMAGE,
+        "ls",
+        "/dev/vfio",
+        check=True,
+    )
     assert result.stdout.split() == ["12", "13", "vfio"]
 
 
 def test_a_device_not_in_the_spec_is_refused_by_podman(podman: Podman) -> None:
-    result = podman.run("run", "--rm", "--network", "none",
-                        "--device", "kata-vfio.io/pci=0000:05:00.0", IMAGE, "true")
+    result = podman.run(
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--device",
+        "kata-vfio.io/pci=0000:05:00.0",
+        IMAGE,
+        "true",
+    )
     assert result.returncode != 0
     assert "unresolvable CDI devices kata-vfio.io/pci=0000:05:00.0" in result.stderr
 

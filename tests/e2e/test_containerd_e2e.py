@@ -26,8 +26,10 @@ from wrapper_run import busybox_rootfs, installed, private_containerd_config
 
 pytestmark = [
     pytest.mark.containerd,
-    pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("containerd"),
-                       reason="needs root and containerd (Debian's containerd package)"),
+    pytest.mark.skipif(
+        os.geteuid() != 0 or not shutil.which("containerd"),
+        reason="needs root and containerd (Debian's containerd package)",
+    ),
 ]
 RUNTIME = "io.containerd.kata-vfio.v2"
 DEVICES = "io.kata-vfio.devices"
@@ -42,16 +44,23 @@ class Containerd:
     rootfs: Path
     env: dict[str, str]
 
-    def ctr(self, *args: str, check: bool = False, timeout: float = 60
-            ) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(["ctr", "--address", str(self.sock), *args], env=self.env,
-                                text=True, capture_output=True, timeout=timeout)
+    def ctr(
+        self, *args: str, check: bool = False, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            ["ctr", "--address", str(self.sock), *args],
+            env=self.env,
+            text=True,
+            capture_output=True,
+            timeout=timeout,
+        )
         if check:
             assert result.returncode == 0, result.stderr
         return result
 
-    def run(self, cid: str, *cmd: str, annotation: str | None = None,
-            extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, cid: str, *cmd: str, annotation: str | None = None, extra: tuple[str, ...] = ()
+    ) -> subprocess.CompletedProcess[str]:
         args = ["run", "--rm", "--runtime", RUNTIME, *extra]
         if annotation:
             args += ["--annotation", f"{DEVICES}={annotation}"]
@@ -73,25 +82,30 @@ def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]
     state_dir = top / "state"
     log_file = top / "kata-vfio.log"
     config = top / "kata-vfio.toml"
-    config.write_text(f'shim = "containerd-shim-runc-v2"\nsysfs = "{fs.root}"\n'
-                      f'log_file = "{log_file}"\nstate_dir = "{state_dir}"\n'
-                      # runc stands in for Kata: without CAP_SYS_RESOURCE here it cannot
-                      # raise RLIMIT_MEMLOCK (Kata applies it inside the guest)
-                      'raise_memlock = false\n')
+    config.write_text(
+        f'shim = "containerd-shim-runc-v2"\nsysfs = "{fs.root}"\n'
+        f'log_file = "{log_file}"\nstate_dir = "{state_dir}"\n'
+        # runc stands in for Kata: without CAP_SYS_RESOURCE here it cannot
+        # raise RLIMIT_MEMLOCK (Kata applies it inside the guest)
+        "raise_memlock = false\n"
+    )
     # containerd finds containerd-shim-kata-vfio-v2 on its PATH, and hands its own
     # environment (KATA_VFIO_CONFIG) to the shims it starts
     bindir = top / "bin"
     bindir.mkdir()
     (bindir / "containerd-shim-kata-vfio-v2").symlink_to(installed("containerd-shim-kata-vfio-v2"))
-    env = {**os.environ, "KATA_VFIO_CONFIG": str(config),
-           "PATH": f"{bindir}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+    env = {
+        **os.environ,
+        "KATA_VFIO_CONFIG": str(config),
+        "PATH": f"{bindir}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+    }
     cfg, sock, tasks = private_containerd_config(top)
     rootfs = busybox_rootfs(top / "rootfs")
     daemon_log = open(top / "containerd.log", "w")  # noqa: SIM115
-    daemon = subprocess.Popen(["containerd", "--config", str(cfg)], env=env,
-                              stdout=daemon_log, stderr=subprocess.STDOUT)
-    cd = Containerd(sock, state_dir, tasks, log_file,
-                    rootfs, env)
+    daemon = subprocess.Popen(
+        ["containerd", "--config", str(cfg)], env=env, stdout=daemon_log, stderr=subprocess.STDOUT
+    )
+    cd = Containerd(sock, state_dir, tasks, log_file, rootfs, env)
     deadline = time.monotonic() + 30
     while cd.ctr("version").returncode != 0:
         assert daemon.poll() is None, (top / "containerd.log").read_text()[-2000:]
@@ -114,8 +128,15 @@ def stat_nodes(result: subprocess.CompletedProcess[str]) -> dict[str, str]:
 
 
 def test_vfio_container_gets_its_nodes(containerd: Containerd) -> None:
-    result = containerd.run("nodes1", "/bin/stat", "-c", "%t:%T %n", "/dev/vfio/vfio",
-                            "/dev/vfio/13", annotation="0000:04:00.1")
+    result = containerd.run(
+        "nodes1",
+        "/bin/stat",
+        "-c",
+        "%t:%T %n",
+        "/dev/vfio/vfio",
+        "/dev/vfio/13",
+        annotation="0000:04:00.1",
+    )
     assert stat_nodes(result) == {"/dev/vfio/vfio": "a:c4", "/dev/vfio/13": "f3:1"}
     events = [json.loads(line) for line in containerd.log_file.read_text().splitlines()]
     mine = [e for e in events if e.get("container_id") == "nodes1"]
@@ -135,16 +156,27 @@ def test_plain_container_runs_untouched(containerd: Containerd) -> None:
 def test_unknown_address_fails_ctr_run_with_the_wrappers_line(containerd: Containerd) -> None:
     result = containerd.run("bad1", "/bin/true", annotation="0000:09:00.0")
     assert result.returncode != 0
-    assert "containerd-shim-kata-vfio-v2: no PCI device 0000:09:00.0 on this host" in \
-        result.stderr
+    assert "containerd-shim-kata-vfio-v2: no PCI device 0000:09:00.0 on this host" in result.stderr
     assert not containerd.marker("bad1").exists()
 
 
-def start_detached(cd: Containerd, cid: str, annotation: str,
-                   extra: tuple[str, ...] = ()) -> None:
-    cd.ctr("run", "-d", "--null-io", "--runtime", RUNTIME, "--annotation",
-           f"{DEVICES}={annotation}", *extra, "--rootfs", str(cd.rootfs), cid,
-           "/bin/sleep", "600", check=True)
+def start_detached(cd: Containerd, cid: str, annotation: str, extra: tuple[str, ...] = ()) -> None:
+    cd.ctr(
+        "run",
+        "-d",
+        "--null-io",
+        "--runtime",
+        RUNTIME,
+        "--annotation",
+        f"{DEVICES}={annotation}",
+        *extra,
+        "--rootfs",
+        str(cd.rootfs),
+        cid,
+        "/bin/sleep",
+        "600",
+        check=True,
+    )
 
 
 def remove(cd: Containerd, cid: str) -> None:
@@ -166,8 +198,9 @@ def test_a_group_in_use_is_refused_until_its_owner_is_deleted(containerd: Contai
         remove(containerd, "own1")
     # containerd deleted own1 over ttrpc, not through the wrapper: its bundle is gone,
     # so its claim owns nothing and the next create takes the group
-    result = containerd.run("own2", "/bin/stat", "-c", "%t:%T %n", "/dev/vfio/12",
-                            annotation="0000:03:00.0")
+    result = containerd.run(
+        "own2", "/bin/stat", "-c", "%t:%T %n", "/dev/vfio/12", annotation="0000:03:00.0"
+    )
     assert stat_nodes(result) == {"/dev/vfio/12": "f3:0"}
 
 
@@ -176,21 +209,46 @@ def test_pod_style_group_of_two_containers(containerd: Containerd) -> None:
     sandbox's spec and the app container's (containerd's pod_annotations); the sandbox
     claims nothing and gets no node, the app container gets the device."""
     pod_ask = "0000:03:00.0"
-    start_detached(containerd, "pod1", pod_ask,
-                   ("--annotation", "io.kubernetes.cri.container-type=sandbox",
-                    "--annotation", "io.kubernetes.cri.sandbox-id=pod1"))
+    start_detached(
+        containerd,
+        "pod1",
+        pod_ask,
+        (
+            "--annotation",
+            "io.kubernetes.cri.container-type=sandbox",
+            "--annotation",
+            "io.kubernetes.cri.sandbox-id=pod1",
+        ),
+    )
     try:
         assert containerd.claims() == {}
         none = containerd.ctr("tasks", "exec", "--exec-id", "x0", "pod1", "/bin/ls", "/dev")
         assert none.returncode == 0 and "vfio" not in none.stdout.split(), none.stdout
-        start_detached(containerd, "pod1-app", pod_ask,
-                       ("--annotation", "io.kubernetes.cri.container-type=container",
-                        "--annotation", "io.kubernetes.cri.sandbox-id=pod1"))
+        start_detached(
+            containerd,
+            "pod1-app",
+            pod_ask,
+            (
+                "--annotation",
+                "io.kubernetes.cri.container-type=container",
+                "--annotation",
+                "io.kubernetes.cri.sandbox-id=pod1",
+            ),
+        )
         try:
             claims = containerd.claims()
             assert {g: c["container"] for g, c in claims.items()} == {"12": "pod1-app"}
-            seen = containerd.ctr("tasks", "exec", "--exec-id", "x1", "pod1-app", "/bin/stat", "-c",
-                                  "%t:%T %n", "/dev/vfio/12")
+            seen = containerd.ctr(
+                "tasks",
+                "exec",
+                "--exec-id",
+                "x1",
+                "pod1-app",
+                "/bin/stat",
+                "-c",
+                "%t:%T %n",
+                "/dev/vfio/12",
+            )
             assert stat_nodes(seen) == {"/dev/vfio/12": "f3:0"}
         finally:
             remove(containerd, "pod1-app")
@@ -203,8 +261,9 @@ def test_shim_delete_after_the_server_was_killed(containerd: Containerd) -> None
     through the wrapper, which hands the devices back after the inner shim's clean-up."""
     start_detached(containerd, "dead1", "0000:03:00.0")
     assert containerd.marker("dead1").exists()
-    servers = subprocess.run(["pgrep", "-f", "containerd-shim-runc-v2.*-id dead1"],
-                             capture_output=True, text=True).stdout.split()
+    servers = subprocess.run(
+        ["pgrep", "-f", "containerd-shim-runc-v2.*-id dead1"], capture_output=True, text=True
+    ).stdout.split()
     assert servers, "no shim server for dead1"
     for pid in servers:
         os.kill(int(pid), signal.SIGKILL)

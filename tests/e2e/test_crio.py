@@ -29,8 +29,11 @@ from wrapper_run import installed
 pytestmark = [pytest.mark.crio]
 DEVICES = "io.kata-vfio.devices"
 MANIFEST = "io.kata-vfio.manifest"
-STAT_AND_WAIT = ["/bin/sh", "-c", "stat -c '%t:%T %n' /dev/vfio/vfio /dev/vfio/13; "
-                 "echo ready; exec sleep 600"]
+STAT_AND_WAIT = [
+    "/bin/sh",
+    "-c",
+    "stat -c '%t:%T %n' /dev/vfio/vfio /dev/vfio/13; echo ready; exec sleep 600",
+]
 
 
 def _node(top: Path) -> Iterator[CrioNode]:
@@ -45,8 +48,14 @@ def _node(top: Path) -> Iterator[CrioNode]:
     except BuildError as e:
         pytest.fail(f"no CRI-O or crictl: {e}")
     fs = engine_host(top / "sys")
-    with crio_node(top, fs, crio_bins, crictl, installed("containerd-shim-kata-vfio-v2"),
-                   installed("kata-vfio-ctl")) as node:
+    with crio_node(
+        top,
+        fs,
+        crio_bins,
+        crictl,
+        installed("containerd-shim-kata-vfio-v2"),
+        installed("kata-vfio-ctl"),
+    ) as node:
         yield node
 
 
@@ -63,8 +72,10 @@ def crio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CrioNode]:
 
 def node_lines(text: str) -> dict[str, str]:
     """`stat -c '%t:%T %n'` output -> path: major:minor (hex)."""
-    return {m.group(2): m.group(1)
-            for m in re.finditer(r"^([0-9a-f]+:[0-9a-f]+) (/dev/\S+)$", text, re.M)}
+    return {
+        m.group(2): m.group(1)
+        for m in re.finditer(r"^([0-9a-f]+:[0-9a-f]+) (/dev/\S+)$", text, re.M)
+    }
 
 
 def started_app(crio: CrioNode, name: str, annotations: dict[str, str]) -> tuple[str, str]:
@@ -72,8 +83,11 @@ def started_app(crio: CrioNode, name: str, annotations: dict[str, str]) -> tuple
     pod = crio.run_pod(name, annotations)
     ctr = crio.create_container(pod, name, STAT_AND_WAIT)
     crio.crictl_ok("start", ctr)
-    crio.wait_for(lambda: "ready" in crio.crictl_run("logs", ctr).stdout, 60,
-                  f"{name}'s container to print ready")
+    crio.wait_for(
+        lambda: "ready" in crio.crictl_run("logs", ctr).stdout,
+        60,
+        f"{name}'s container to print ready",
+    )
     return pod, ctr
 
 
@@ -100,8 +114,10 @@ def test_doctor_checks_the_real_crio_node(crio: CrioNode) -> None:
     from kata_vfio_ctl.doctor import check_engines
     from kata_vfio_host.settings import Settings
 
-    checks = {c.name: c for c in check_engines(crio.root, crio.root / "no-podman.conf", None,
-                                               Settings(), "3.30")}
+    checks = {
+        c.name: c
+        for c in check_engines(crio.root, crio.root / "no-podman.conf", None, Settings(), "3.30")
+    }
     assert checks["cri-o"].status == OK, checks["cri-o"]
     # the real binary's own version line, and the drop-in CRI-O is running with
     assert checks["cri-o"].detail.startswith("crio version 1.34.0: ")
@@ -110,15 +126,17 @@ def test_doctor_checks_the_real_crio_node(crio: CrioNode) -> None:
     assert "cri-o:runtime-root" not in checks and "cri-o:annotations" not in checks
     # the running CRI-O, asked over its socket, has the handler
     assert checks["cri-o:running"].status == OK, checks["cri-o:running"]
-    assert checks["cri-o:running"].detail == (f"the CRI-O running at {crio.sock} serves "
-                                              "runtime handler kata-vfio")
+    assert checks["cri-o:running"].detail == (
+        f"the CRI-O running at {crio.sock} serves runtime handler kata-vfio"
+    )
     # what truly is missing here: Kata itself (runc's shim stands in for it)
     assert checks["cri-o:kata"].status == FAIL
     assert "no containerd-shim-kata-v2" in checks["cri-o:kata"].detail
 
 
 def test_a_pod_on_the_kata_vfio_handler_gets_its_devices_and_gives_them_back(
-        crio: CrioNode) -> None:
+    crio: CrioNode,
+) -> None:
     pod, ctr = started_app(crio, "vfio1", {DEVICES: "0000:04:00.1"})
     removed = False
     try:
@@ -193,7 +211,8 @@ def test_a_crio_restart_keeps_the_running_pod_and_its_claim(crio: CrioNode) -> N
 
 
 def test_a_dropin_without_runtime_root_fails_every_pod_and_doctor_says_so(
-        tmp_path_factory: pytest.TempPathFactory) -> None:
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
     """Issue 17 defect found with the real CRI-O: the drop-in crio-register wrote before
     had no runtime_root; CRI-O then makes the shim's stdio FIFOs under the relative path
     crio/fifo (from its own working directory) and the shim opens that path from the
@@ -204,11 +223,18 @@ def test_a_dropin_without_runtime_root_fails_every_pod_and_doctor_says_so(
 
     for node in _node(tmp_path_factory.mktemp("crio-old")):
         assert node.register().returncode == 0
-        old = "".join(line for line in node.dropin.read_text().splitlines(keepends=True)
-                      if not line.startswith("runtime_root"))
+        old = "".join(
+            line
+            for line in node.dropin.read_text().splitlines(keepends=True)
+            if not line.startswith("runtime_root")
+        )
         node.dropin.write_text(old)  # what crio-register wrote before the fix
-        checks = {c.name: c for c in check_engines(node.root, node.root / "no-podman.conf",
-                                                   None, Settings(), "3.30")}
+        checks = {
+            c.name: c
+            for c in check_engines(
+                node.root, node.root / "no-podman.conf", None, Settings(), "3.30"
+            )
+        }
         check = checks["cri-o:runtime-root"]
         assert check.status == FAIL and "crio/fifo" in check.detail
         assert check.fix.startswith("kata-vfio-ctl crio-register")
@@ -218,13 +244,17 @@ def test_a_dropin_without_runtime_root_fails_every_pod_and_doctor_says_so(
         config.write_text(json.dumps(node.pod_config("old", {DEVICES: "0000:03:00.0"})))
         refused = node.crictl_run("runp", "--runtime", HANDLER, str(config))
         assert refused.returncode != 0
-        assert re.search(r"opening file \\?\"crio/fifo/io/\S+ failed: .*no such file or "
-                         "directory", refused.stderr), refused.stderr
+        assert re.search(
+            r"opening file \\?\"crio/fifo/io/\S+ failed: .*no such file or "
+            "directory",
+            refused.stderr,
+        ), refused.stderr
         assert holders(node) == {}
 
 
 def test_doctor_says_restart_crio_when_it_started_before_the_registration(
-        tmp_path_factory: pytest.TempPathFactory) -> None:
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
     """Issue 17 ("does not say that CRI-O must be restarted"): the drop-in is there, the
     running CRI-O has not read it and refuses the handler; doctor asks the running CRI-O
     and says to restart it, and is content once it was."""
@@ -233,8 +263,12 @@ def test_doctor_says_restart_crio_when_it_started_before_the_registration(
     from kata_vfio_host.settings import Settings
 
     def doctor(node: CrioNode) -> dict[str, Any]:
-        return {c.name: c for c in check_engines(node.root, node.root / "no-podman.conf",
-                                                 None, Settings(), "3.30")}
+        return {
+            c.name: c
+            for c in check_engines(
+                node.root, node.root / "no-podman.conf", None, Settings(), "3.30"
+            )
+        }
 
     for node in _node(tmp_path_factory.mktemp("crio-late")):
         node.load_images()

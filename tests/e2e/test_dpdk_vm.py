@@ -109,8 +109,9 @@ def host(request: pytest.FixtureRequest) -> Iterator[Host]:
         check_ready(INITRD, KVER)
     except Missing as err:
         pytest.fail(f"the DPDK VM test needs {err}")
-    with run_directory(request, "kata-vfio-dpdk-vm.", "DPDK VM test",
-                       drop_when_kept=("storage",)) as top:
+    with run_directory(
+        request, "kata-vfio-dpdk-vm.", "DPDK VM test", drop_when_kept=("storage",)
+    ) as top:
         timings: dict[str, float] = {}
         with podman_session(top, timings) as podman:
             dpdk = podman.run_testpmd()
@@ -124,17 +125,27 @@ def host(request: pytest.FixtureRequest) -> Iterator[Host]:
 def guest(host: Host) -> Guest:
     started = time.monotonic()
     # the quick failure first
-    guest = boot_guest(INITRD, KVER, host.podman, [host.absent, host.dpdk],
-                       host.top / "console.log")
+    guest = boot_guest(
+        INITRD, KVER, host.podman, [host.absent, host.dpdk], host.top / "console.log"
+    )
     host.timings["guest: archive, boot, both containers"] = time.monotonic() - started
     for created in (host.absent, host.dpdk):
-        result = next((r for r in guest.run.records if r.get("event") == "result"
-                       and r.get("name") == created.cid), None)
+        result = next(
+            (
+                r
+                for r in guest.run.records
+                if r.get("event") == "result" and r.get("name") == created.cid
+            ),
+            None,
+        )
         if result is not None:
-            host.timings[f"guest runc run ({'dpdk' if created is host.dpdk else 'absent'})"] \
-                = result["seconds"]
-    print(f"\nDPDK VM test timings (s): "
-          f"{json.dumps({k: round(v, 1) for k, v in host.timings.items()})}")
+            host.timings[f"guest runc run ({'dpdk' if created is host.dpdk else 'absent'})"] = (
+                result["seconds"]
+            )
+    print(
+        f"\nDPDK VM test timings (s): "
+        f"{json.dumps({k: round(v, 1) for k, v in host.timings.items()})}"
+    )
     print(f"agent stand-in changes (dpdk): {json.dumps(guest.changes[host.dpdk.cid], indent=1)}")
     (host.top / "guest-records.json").write_text(json.dumps(guest.run.records, indent=1))
     return guest
@@ -145,8 +156,10 @@ def test_wrapper_gave_the_spec_what_dpdk_needs(host: Host) -> None:
     # the wrapper exec'd its inner runtime with the edited spec: podman fails the create
     # with the recorder's line (podman's exit code for an OCI runtime error)
     assert created.returncode == 126, created.stderr
-    assert "Error: OCI runtime error: kata-vfio: spec-recorder: recorded the spec for Kata" \
-        in created.stderr, created.stderr
+    assert (
+        "Error: OCI runtime error: kata-vfio: spec-recorder: recorded the spec for Kata"
+        in created.stderr
+    ), created.stderr
     process = created.spec["process"]
     memlock = [r for r in process["rlimits"] if r["type"] == "RLIMIT_MEMLOCK"]
     assert memlock == [{"type": "RLIMIT_MEMLOCK", "hard": UNLIMITED, "soft": UNLIMITED}]
@@ -169,8 +182,9 @@ def test_agent_stand_in_keeps_the_wrappers_additions(host: Host, guest: Guest) -
         # every mount that is not a bind of a host path, the wrapper's /run/dpdk included
         kept = [m for m in created.spec["mounts"] if m["type"] != "bind"]
         assert [m for m in spec["mounts"] if m in kept] == kept
-        assert [m["type"] for m in spec["mounts"] if m["destination"] == "/run/dpdk"] == \
-            ["tmpfs"], spec["mounts"]
+        assert [m["type"] for m in spec["mounts"] if m["destination"] == "/run/dpdk"] == [
+            "tmpfs"
+        ], spec["mounts"]
         assert not [d for d in spec["linux"]["devices"] if d["path"].startswith("/dev/vfio")]
         dropped = [c for c in guest.changes[created.cid] if "test-only" in c]
         assert all(any(f" {p} " in c for p in HOST_FILE_BINDS) for c in dropped), dropped
@@ -199,8 +213,7 @@ def test_testpmd_forwards_between_the_two_e1000e(host: Host, guest: Guest) -> No
     assert result["rc"] == 0, out + guest.run.console[-3000:]
     assert "Cannot set up DMA remapping" not in out, out
     for addr in GUEST_ADDRESSES:
-        assert re.search(rf"Probe PCI driver: net_e1000_em \(8086:10d3\) device: {addr}", out), \
-            out
+        assert re.search(rf"Probe PCI driver: net_e1000_em \(8086:10d3\) device: {addr}", out), out
     stats = port_stats(out)
     print(f"\ntestpmd in the guest: {len(stats)} port statistics, last: {stats[-2:]}")
     for port in (0, 1):
@@ -210,12 +223,13 @@ def test_testpmd_forwards_between_the_two_e1000e(host: Host, guest: Guest) -> No
         assert mine[-1][0] > mine[0][0] and mine[-1][1] > mine[0][1], out
 
 
-def test_absent_device_fails_the_container_with_the_hooks_line(host: Host,
-                                                                guest: Guest) -> None:
+def test_absent_device_fails_the_container_with_the_hooks_line(host: Host, guest: Guest) -> None:
     result = guest.result(host.absent)
     assert result["rc"] != 0
-    assert (f"kata-vfio-hook: host device {HOST_ABSENT} [1b36:0010 class 010802] not found "
-            f"in the guest after {HOTPLUG_TIMEOUT:g} s") in result["stderr"], result["stderr"]
+    assert (
+        f"kata-vfio-hook: host device {HOST_ABSENT} [1b36:0010 class 010802] not found "
+        f"in the guest after {HOTPLUG_TIMEOUT:g} s"
+    ) in result["stderr"], result["stderr"]
     assert ABSENT_MARK not in result["stdout"]
     # the whole runc run, hook included, ends before kata-agent would kill the hook (10 s)
     assert result["seconds"] < 10, result["seconds"]

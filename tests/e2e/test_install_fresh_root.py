@@ -34,10 +34,21 @@ NOT_THE_NODE = ("proc", "sys", "dev", "run", "tmp", SOURCE.lstrip("/"), "root/.c
 def node_packages() -> list[str]:
     """NODE_APT_PACKAGES as the Makefile has it."""
     done = subprocess.run(
-        ["make", "-s", "--no-print-directory", "-C", str(REPO), "--eval",
-         "freshroot-node-packages: ; @echo $(NODE_APT_PACKAGES)", "freshroot-node-packages"],
-        capture_output=True, text=True, check=True,
-        env={k: v for k, v in os.environ.items() if not k.startswith("MAKE")})
+        [
+            "make",
+            "-s",
+            "--no-print-directory",
+            "-C",
+            str(REPO),
+            "--eval",
+            "freshroot-node-packages: ; @echo $(NODE_APT_PACKAGES)",
+            "freshroot-node-packages",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("MAKE")},
+    )
     return done.stdout.split()
 
 
@@ -46,8 +57,9 @@ def listing(root: Path) -> set[str]:
     paths = set()
     for dirpath, dirnames, filenames in os.walk(root):
         rel = os.path.relpath(dirpath, root)
-        if rel != "." and (rel in NOT_THE_NODE or rel.startswith(
-                tuple(p + "/" for p in NOT_THE_NODE))):
+        if rel != "." and (
+            rel in NOT_THE_NODE or rel.startswith(tuple(p + "/" for p in NOT_THE_NODE))
+        ):
             dirnames[:] = []
             continue
         for name in dirnames + filenames:
@@ -57,9 +69,24 @@ def listing(root: Path) -> set[str]:
 
 def copy_tree(root: Path) -> None:
     """The tree as the operator has it: what git tracks, and what is new and not ignored."""
-    names = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others",
-                            "--exclude-standard"], capture_output=True, check=True
-                           ).stdout.decode().split("\0")
+    names = (
+        subprocess.run(
+            [
+                "git",
+                "-C",
+                str(REPO),
+                "ls-files",
+                "-z",
+                "--cached",
+                "--others",
+                "--exclude-standard",
+            ],
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     target = root / SOURCE.lstrip("/")
     for name in filter(None, names):
         source = REPO / name
@@ -83,8 +110,9 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, set[s
     before = listing(root)
     done = in_root(root, ["make", "-C", SOURCE, "install"])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "installing Debian packages" not in done.stdout, \
+    assert "installing Debian packages" not in done.stdout, (
         "make install wanted Debian packages NODE_APT_PACKAGES does not have: " + done.stdout
+    )
     yield root, before
     subprocess.run(["rm", "-rf", "--one-file-system", str(root)], check=True)
 
@@ -100,7 +128,8 @@ def test_the_installed_commands_run_on_the_fresh_node(node: tuple[Path, set[str]
     fs.add_device("0000:03:00.0", group=12, driver="e1000e")
     (root / "tmp/config.toml").write_text(
         'runtime = "/bin/true"\nshim = "/bin/true"\nsysfs = "/tmp/sys"\n'
-        'state_dir = "/tmp/state"\nlog_file = "/tmp/kata-vfio.log"\n')
+        'state_dir = "/tmp/state"\nlog_file = "/tmp/kata-vfio.log"\n'
+    )
     config = {"KATA_VFIO_CONFIG": "/tmp/config.toml"}
     devices = in_root(root, ["kata-vfio-ctl", "devices"], **config)
     assert devices.returncode == 0, devices.stderr
@@ -109,12 +138,16 @@ def test_the_installed_commands_run_on_the_fresh_node(node: tuple[Path, set[str]
     assert "82574L" in devices.stdout, devices.stdout
 
     # runc's form (then the inner runtime's own lines), and containerd shims' form
-    for argv, lines in ((["kata-vfio", "--version"], ["kata-vfio version 0.1.0"]),
-                        (["containerd-shim-kata-vfio-v2", "--version"],
-                         ["containerd-shim-kata-vfio-v2:", "  Version: 0.1.0"])):
+    for argv, lines in (
+        (["kata-vfio", "--version"], ["kata-vfio version 0.1.0"]),
+        (
+            ["containerd-shim-kata-vfio-v2", "--version"],
+            ["containerd-shim-kata-vfio-v2:", "  Version: 0.1.0"],
+        ),
+    ):
         ran = in_root(root, argv, **config)
         assert ran.returncode == 0, (argv, ran.stderr)
-        assert ran.stdout.splitlines()[:len(lines)] == lines, (argv, ran.stdout)
+        assert ran.stdout.splitlines()[: len(lines)] == lines, (argv, ran.stdout)
 
     # doctor on the node's real /sys and the installed config.toml: this host has no
     # IOMMU and the root no Kata and no engine; each failure is a [fail] line with its fix,
@@ -133,17 +166,27 @@ def test_the_installed_commands_run_on_the_fresh_node(node: tuple[Path, set[str]
 def test_the_man_page_and_completion_on_the_fresh_node(node: tuple[Path, set[str]]) -> None:
     root, _ = node
     page = root / "usr/local/share/man/man1/kata-vfio-ctl.1"
-    rendered = subprocess.run(["man", "-l", str(page)], capture_output=True, text=True,
-                              env={"PATH": "/usr/bin:/bin", "MANPAGER": "cat",
-                                   "MANWIDTH": "100", "LANG": "C.UTF-8"}, check=True)
+    rendered = subprocess.run(
+        ["man", "-l", str(page)],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "MANPAGER": "cat", "MANWIDTH": "100", "LANG": "C.UTF-8"},
+        check=True,
+    )
     assert "kata-vfio-ctl devices" in rendered.stdout
     # the node's own bash loads the completion and offers the parser's subcommands
-    words = in_root(root, ["bash", "-c",
-                           "source /usr/local/share/bash-completion/completions/kata-vfio-ctl"
-                           " && f=$(complete -p kata-vfio-ctl | sed 's/.* -F \\([^ ]*\\).*/\\1/')"
-                           " && COMP_WORDS=(kata-vfio-ctl re) COMP_CWORD=1 "
-                           "COMP_LINE='kata-vfio-ctl re' COMP_POINT=16"
-                           " && $f kata-vfio-ctl re && printf '%s\\n' \"${COMPREPLY[@]}\""])
+    words = in_root(
+        root,
+        [
+            "bash",
+            "-c",
+            "source /usr/local/share/bash-completion/completions/kata-vfio-ctl"
+            " && f=$(complete -p kata-vfio-ctl | sed 's/.* -F \\([^ ]*\\).*/\\1/')"
+            " && COMP_WORDS=(kata-vfio-ctl re) COMP_CWORD=1 "
+            "COMP_LINE='kata-vfio-ctl re' COMP_POINT=16"
+            " && $f kata-vfio-ctl re && printf '%s\\n' \"${COMPREPLY[@]}\"",
+        ],
+    )
     assert words.returncode == 0, words.stderr
     assert "restore" in words.stdout.split(), words
 

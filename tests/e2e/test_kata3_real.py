@@ -99,21 +99,37 @@ def installed_config(kata3: dict[str, Path], scratch: Path) -> Path:
 
 def in_kata_namespace(scratch: Path, *argv: str) -> subprocess.CompletedProcess[str]:
     workdir = Path(tempfile.mkdtemp(prefix="dev-", dir=scratch))
-    return subprocess.run(["unshare", "-m", "--propagation", "private", sys.executable,
-                           str(KATA_ENV), str(workdir), "--", *argv],
-                          capture_output=True, text=True, timeout=120, check=False)
+    return subprocess.run(
+        [
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            sys.executable,
+            str(KATA_ENV),
+            str(workdir),
+            "--",
+            *argv,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def kata_env(kata3: dict[str, Path], scratch: Path, config: Path) -> dict[str, Any]:
-    done = in_kata_namespace(scratch, str(kata3["kata-runtime"]), "--config", str(config),
-                             "kata-env", "--json")
+    done = in_kata_namespace(
+        scratch, str(kata3["kata-runtime"]), "--config", str(config), "kata-env", "--json"
+    )
     assert done.returncode == 0, f"kata-env refused {config}: {done.stderr.strip()}"
     return json.loads(done.stdout)  # type: ignore[no-any-return]
 
 
 @pytest.mark.parametrize("guest", ["hook", "agent"])
 def test_installed_kata_accepts_the_generated_configuration(
-        kata3: dict[str, Path], scratch: Path, guest: str) -> None:
+    kata3: dict[str, Path], scratch: Path, guest: str
+) -> None:
     copy = installed_config(kata3, scratch)
     config_toml = scratch / "etc/kata-vfio/config.toml"
     state = scratch / "state"
@@ -121,8 +137,9 @@ def test_installed_kata_accepts_the_generated_configuration(
     release = KataRelease(*installed.runtime_version(kata3["kata-runtime"]))
     settings = Settings(guest=guest)
 
-    result = install_kata(copy, settings, config_toml, state,
-                          runtimes=(str(kata3["kata-runtime"]),))
+    result = install_kata(
+        copy, settings, config_toml, state, runtimes=(str(kata3["kata-runtime"]),)
+    )
     generated = copy.with_name(GENERATED_NAME)
     assert result.release == release  # from the real `kata-runtime --version`
     assert result.generated == generated
@@ -134,8 +151,7 @@ def test_installed_kata_accepts_the_generated_configuration(
     assert env["Runtime"]["Config"]["Path"] == str(generated)
     assert hypervisor["MachineType"] == "q35"
     if release.has_port_plugging:
-        assert (hypervisor["HotPlugVFIO"], hypervisor["ColdPlugVFIO"]) == \
-            ("root-port", "no-port")
+        assert (hypervisor["HotPlugVFIO"], hypervisor["ColdPlugVFIO"]) == ("root-port", "no-port")
         assert hypervisor["PCIeRootPort"] >= 1
     else:
         assert hypervisor["HotplugVFIOOnRootBus"] is True

@@ -53,8 +53,9 @@ pytestmark = [pytest.mark.kata]
 
 @pytest.fixture(scope="module")
 def kata(request: pytest.FixtureRequest) -> Iterator[Kata]:
-    with harness.run_directory(request, "kata-vfio-kata-e2e.", "kata e2e",
-                               drop_when_kept=("storage",)) as top:
+    with harness.run_directory(
+        request, "kata-vfio-kata-e2e.", "kata e2e", drop_when_kept=("storage",)
+    ) as top:
         try:
             with environment(top) as k:
                 yield k
@@ -82,8 +83,9 @@ def test_busybox_gets_vfio_nodes_from_the_guest_hook(kata: Kata) -> None:
     assert "vfio" in groups and len(groups) == 3, lines  # vfio + one group per e1000e
     on_vfio = [x.split()[1] for x in lines if x.startswith("vfio-pci ")]
     assert len(on_vfio) == 2, lines
-    assert sorted(x.split()[1] for x in lines if x.startswith("opened ")) == \
-        sorted(f"/dev/vfio/{g}" for g in groups)
+    assert sorted(x.split()[1] for x in lines if x.startswith("opened ")) == sorted(
+        f"/dev/vfio/{g}" for g in groups
+    )
     # the spec kata-runtime got had the host group entries dropped, the rest kept
     inner = kata.inner_records()
     assert any(cid in e["argv"] and e["dropped"] == 2 for e in inner)  # type: ignore[operator]
@@ -120,8 +122,10 @@ def test_absent_device_fails_podman_run_with_the_hooks_line(kata: Kata) -> None:
     assert result.returncode != 0
     assert "kata-vfio-hook: " in result.stderr, result.stderr
     assert HOST_ABSENT in result.stderr, result.stderr
-    print(f"\nabsent device: podman run exit {result.returncode} after {took:.1f} s: "
-          f"{result.stderr.strip().splitlines()[-1]}")
+    print(
+        f"\nabsent device: podman run exit {result.returncode} after {took:.1f} s: "
+        f"{result.stderr.strip().splitlines()[-1]}"
+    )
     # 15 s on an idle machine (measured 13-14.5 s: TCG boot ~11 s + the hook's wait). TCG
     # time stretches with the machine's load (22-27 s at load 6 on 2 cores), so the bound
     # scales with what a successful run took just before: "fails promptly", not Kata's
@@ -137,8 +141,8 @@ def test_dpdk_testpmd_forwards_between_two_e1000e(kata: Kata) -> None:
     # No --ulimit memlock, no --cap-add IPC_LOCK, no --tmpfs /run: what DPDK needs beyond
     # the nodes comes from kata-vfio (RLIMIT_MEMLOCK, a tmpfs on /run/dpdk), not the image
     result, cid, took = kata.run(
-        *annotation(*HOST_NICS), DPDK, "sh", "-c", TESTPMD.replace("SECONDS", "30"),
-        timeout=300)
+        *annotation(*HOST_NICS), DPDK, "sh", "-c", TESTPMD.replace("SECONDS", "30"), timeout=300
+    )
     kata.timings["podman run dpdk-testpmd (30 s of testpmd)"] = took
     out = result.stdout + result.stderr
     (kata.top / "testpmd.out").write_text(out)
@@ -148,8 +152,11 @@ def test_dpdk_testpmd_forwards_between_two_e1000e(kata: Kata) -> None:
     # (DPDK's socket cannot be bound on Kata 1.x's 9p rootfs) as the only mount there
     spec = [e for e in kata.inner_records() if cid in e["argv"]]  # type: ignore[operator]
     assert spec, kata.inner_records()
-    memlock = [r for r in spec[-1]["rlimits"]  # type: ignore[attr-defined]
-               if r["type"] == "RLIMIT_MEMLOCK"]
+    memlock = [
+        r
+        for r in spec[-1]["rlimits"]  # type: ignore[attr-defined]
+        if r["type"] == "RLIMIT_MEMLOCK"
+    ]
     assert memlock == [{"type": "RLIMIT_MEMLOCK", "hard": 2**64 - 1, "soft": 2**64 - 1}], spec
     for kind, caps in spec[-1]["capabilities"].items():  # type: ignore[attr-defined]
         assert "CAP_IPC_LOCK" not in caps, (kind, caps)

@@ -56,11 +56,9 @@ L1_DEVICE = "0000:00:10.0"  # virtme-ng takes slot 5; ours from 0x10 up (LAB.md 
 # L1 from boot to its script's end: ~5 min measured (two container cycles), bounded so the
 # whole test stays under 10 min
 L1_TIMEOUT = float(os.environ.get("KATA_VFIO_NESTED_TIMEOUT", "540"))
-BINARIES = ("kata-runtime", "kata-netmon", "kata-proxy", "kata-shim",
-            "configuration-qemu.toml")
+BINARIES = ("kata-runtime", "kata-netmon", "kata-proxy", "kata-shim", "configuration-qemu.toml")
 
 pytestmark = [pytest.mark.kata, pytest.mark.vm]
-
 
 
 def _check(ok: bool, reason: str) -> None:
@@ -98,21 +96,43 @@ def prepare(top: Path) -> tuple[list[str], Path]:
     busybox = rootfs.busybox_rootfs(top / "busybox")
     vfio_viable(top / "vfio-viable.c", busybox / "bin/vfio-viable")
     plan = top / "plan.json"
-    plan.write_text(json.dumps({
-        "top": str(top), "venv_bin": str(venv_bin), "device": L1_DEVICE,
-        "kernel": str(extract_vmlinux(guest_kernel, top / "vmlinux")),
-        "image": str(image), "busybox": str(busybox),
-        "binaries": {n: str(bins / n) for n in BINARIES},
-        "debug": os.environ.get("KATA_VFIO_KATA_DEBUG") == "1",
-    }))
+    plan.write_text(
+        json.dumps(
+            {
+                "top": str(top),
+                "venv_bin": str(venv_bin),
+                "device": L1_DEVICE,
+                "kernel": str(extract_vmlinux(guest_kernel, top / "vmlinux")),
+                "image": str(image),
+                "busybox": str(busybox),
+                "binaries": {n: str(bins / n) for n in BINARIES},
+                "debug": os.environ.get("KATA_VFIO_KATA_DEBUG") == "1",
+            }
+        )
+    )
     l1_cmd = f"{venv_bin / 'python'} {REPO / 'tests/kata/nested_l1.py'} {plan}"
     vng_cmd = [
-        str(vng), "--run", str(kernel), "--disable-kvm", "--disable-microvm", "--force-9p",
-        "--cpus", "2", "--memory", "3G", "--append", "intel_iommu=on",
-        "--rwdir", str(top), *l1_sources(), "--exec", l1_cmd,
+        str(vng),
+        "--run",
+        str(kernel),
+        "--disable-kvm",
+        "--disable-microvm",
+        "--force-9p",
+        "--cpus",
+        "2",
+        "--memory",
+        "3G",
+        "--append",
+        "intel_iommu=on",
+        "--rwdir",
+        str(top),
+        *l1_sources(),
+        "--exec",
+        l1_cmd,
         "--qemu-opts=-machine q35,kernel-irqchip=split "
         "-device intel-iommu,intremap=on,caching-mode=on "
-        "-netdev user,id=kvfion0 -device e1000e,netdev=kvfion0,romfile=,addr=0x10"]
+        "-netdev user,id=kvfion0 -device e1000e,netdev=kvfion0,romfile=,addr=0x10",
+    ]
     return vng_cmd, plan
 
 
@@ -129,14 +149,24 @@ def nested(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
         env = {**os.environ, "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}"}
         started = time.monotonic()
         try:
-            proc = subprocess.run(vng_cmd, env=env, text=True, capture_output=True,
-                                  timeout=L1_TIMEOUT, stdin=subprocess.DEVNULL)
+            proc = subprocess.run(
+                vng_cmd,
+                env=env,
+                text=True,
+                capture_output=True,
+                timeout=L1_TIMEOUT,
+                stdin=subprocess.DEVNULL,
+            )
             output = proc.stdout + "\n--- stderr ---\n" + proc.stderr
         except subprocess.TimeoutExpired as exc:
             # vng is gone; its QEMU (L1) is not: it runs the command line naming `top`
             harness.kill_pids(harness.qemu_pids(str(top)))
-            output = f"L1 timed out after {L1_TIMEOUT:g} s (KATA_VFIO_NESTED_TIMEOUT)\n" + \
-                str(exc.stdout or "") + "\n--- stderr ---\n" + str(exc.stderr or "")
+            output = (
+                f"L1 timed out after {L1_TIMEOUT:g} s (KATA_VFIO_NESTED_TIMEOUT)\n"
+                + str(exc.stdout or "")
+                + "\n--- stderr ---\n"
+                + str(exc.stderr or "")
+            )
         took = time.monotonic() - started
         (top / "l1.out").write_text(output)
         path = top / "result.json"
@@ -148,8 +178,11 @@ def nested(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
 
 
 def test_real_vfio_group_passes_through_kata_into_the_container(nested: dict) -> None:
-    info = json.dumps({k: v for k, v in nested.items() if k != "l1_output_tail"},
-                      indent=1)[-6000:] + "\n" + nested.get("l1_output_tail", "")
+    info = (
+        json.dumps({k: v for k, v in nested.items() if k != "l1_output_tail"}, indent=1)[-6000:]
+        + "\n"
+        + nested.get("l1_output_tail", "")
+    )
     assert "error" not in nested, info
     assert nested.get("l1", {}).get("driver") == "e1000e", info
     assert nested["l1"].get("kvm"), info  # L1's emulated SVM: L2 on KVM
@@ -162,8 +195,9 @@ def test_real_vfio_group_passes_through_kata_into_the_container(nested: dict) ->
     assert "vfio" in groups and len(groups) == 2, info  # vfio + the L2 group of the device
     on_vfio = [x.split()[1] for x in lines if x.startswith("vfio-pci ")]
     assert len(on_vfio) == 1, info
-    assert sorted(x.split()[1] for x in lines if x.startswith("opened ")) == \
-        sorted(f"/dev/vfio/{g}" for g in groups), info
+    assert sorted(x.split()[1] for x in lines if x.startswith("opened ")) == sorted(
+        f"/dev/vfio/{g}" for g in groups
+    ), info
     guest_group = next(g for g in groups if g != "vfio")
     assert "api 0" in lines and f"group {guest_group} viable 1" in lines, info
     # kata-agent ran our hook in L2: its log (relayed through L2's console) names the

@@ -76,8 +76,13 @@ class Shim:
     timings: dict[str, float] = field(default_factory=dict)
 
     def ctr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["ctr", "--address", str(self.sock), *args], env=self.env,
-                              text=True, capture_output=True, timeout=timeout)
+        return subprocess.run(
+            ["ctr", "--address", str(self.sock), *args],
+            env=self.env,
+            text=True,
+            capture_output=True,
+            timeout=timeout,
+        )
 
     def console(self, cid: str) -> str:
         return harness.console_text(self.console_dir, cid)
@@ -107,8 +112,9 @@ def shim(request: pytest.FixtureRequest) -> Iterator[Shim]:
 
 
 def _shim(top: Path) -> Iterator[Shim]:
-    tools = {t: "Debian's containerd, util-linux" for t in ("containerd", "ctr", "unshare",
-                                                                "mountpoint")}
+    tools = {
+        t: "Debian's containerd, util-linux" for t in ("containerd", "ctr", "unshare", "mountpoint")
+    }
     try:
         host = kata1_host("containerd-shim-kata-vfio-v2", tools, shim_v2=True)
     except Unavailable as exc:
@@ -119,8 +125,9 @@ def _shim(top: Path) -> Iterator[Shim]:
 
     console_dir, kata_config = harness.prepare_kata(top, kver, kernel, bins, timings)
     inner_log = top / "inner-shim.log"
-    inner = shim_harness.write_inner_shim(top / "bin/kata-shim-test",
-                                          bins["containerd-shim-kata-v2"], inner_log)
+    inner = shim_harness.write_inner_shim(
+        top / "bin/kata-shim-test", bins["containerd-shim-kata-v2"], inner_log
+    )
 
     fs = FakeSysfs(top / "sys")
     for addr, group, minor in zip(HOST_NICS, HOST_GROUPS, (0, 1), strict=True):
@@ -131,23 +138,40 @@ def _shim(top: Path) -> Iterator[Shim]:
     config = top / "kata-vfio.toml"
     config.write_text(
         f'shim = "{inner}"\nsysfs = "{fs.root}"\nlog_file = "{log_file}"\n'
-        f'state_dir = "{state_dir}"\nhotplug_timeout = {HOTPLUG_TIMEOUT}\n')
+        f'state_dir = "{state_dir}"\nhotplug_timeout = {HOTPLUG_TIMEOUT}\n'
+    )
     # the kata-vfio settings in Kata's file: the product's step (podman's registration
     # goes to a throwaway file; containerd needs none for `ctr run --runtime`)
-    subprocess.run([str(ctl), "install", "--kata-config", str(kata_config),
-                    "--conf", str(top / "containers.conf"), "--runtime-path", str(wrapper)],
-                   env={**os.environ, "KATA_VFIO_CONFIG": str(config)}, check=True,
-                   capture_output=True, text=True)
+    subprocess.run(
+        [
+            str(ctl),
+            "install",
+            "--kata-config",
+            str(kata_config),
+            "--conf",
+            str(top / "containers.conf"),
+            "--runtime-path",
+            str(wrapper),
+        ],
+        env={**os.environ, "KATA_VFIO_CONFIG": str(config)},
+        check=True,
+        capture_output=True,
+        text=True,
+    )
 
     # containerd finds containerd-shim-kata-vfio-v2 on its PATH and hands its environment
     # (KATA_VFIO_CONFIG) to the shims
     bindir = top / "bin"
     (bindir / "containerd-shim-kata-vfio-v2").symlink_to(wrapper)
-    env = {**os.environ, "KATA_VFIO_CONFIG": str(config),
-           "PATH": f"{bindir}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+    env = {
+        **os.environ,
+        "KATA_VFIO_CONFIG": str(config),
+        "PATH": f"{bindir}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+    }
     cfg, sock, tasks = private_containerd_config(top)
-    script = shim_harness.namespace_script(kata_config, top / "ns", harness.SHARED_SANDBOXES,
-                                           ["containerd", "--config", str(cfg)])
+    script = shim_harness.namespace_script(
+        kata_config, top / "ns", harness.SHARED_SANDBOXES, ["containerd", "--config", str(cfg)]
+    )
     (top / "ns.sh").write_text(script)
     root = rootfs.busybox_rootfs(top / "busybox")
     for applet in ("sort", "tr", "mv"):  # SEE_SCRIPT's, beyond rootfs.BUSYBOX_APPLETS
@@ -158,9 +182,23 @@ def _shim(top: Path) -> Iterator[Shim]:
         daemon_log = stack.enter_context((top / "containerd.log").open("w"))
         daemon = subprocess.Popen(
             ["unshare", "-m", "--propagation", "private", "sh", str(top / "ns.sh")],
-            env=env, stdout=daemon_log, stderr=subprocess.STDOUT)
-        s = Shim(top, sock, env, root, console_dir, inner_log, log_file, state_dir,
-                 tasks, config, timings)
+            env=env,
+            stdout=daemon_log,
+            stderr=subprocess.STDOUT,
+        )
+        s = Shim(
+            top,
+            sock,
+            env,
+            root,
+            console_dir,
+            inner_log,
+            log_file,
+            state_dir,
+            tasks,
+            config,
+            timings,
+        )
         try:
             deadline = time.monotonic() + 30
             while s.ctr("version").returncode != 0:
@@ -196,8 +234,9 @@ exec sleep 600
 
 
 def shim_pids(cid: str) -> list[int]:
-    r = subprocess.run(["pgrep", "-f", f"containerd-shim-kata-v2.*-id {cid}( |$)"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["pgrep", "-f", f"containerd-shim-kata-v2.*-id {cid}( |$)"], capture_output=True, text=True
+    )
     return [int(p) for p in r.stdout.split()]
 
 
@@ -206,10 +245,24 @@ def test_container_in_the_kata_guest_gets_its_nodes_through_the_shim(shim: Shim)
     out = shim.top / "out"
     out.mkdir()
     started = time.monotonic()
-    r = shim.ctr("run", "-d", "--null-io", "--runtime", RUNTIME,
-                 "--annotation", f"{DEVICES}={','.join(HOST_NICS)}",
-                 "--mount", f"type=bind,src={out},dst=/out,options=rbind:rw",
-                 "--rootfs", str(shim.rootfs), cid, "/bin/sh", "-c", SEE_SCRIPT, timeout=240)
+    r = shim.ctr(
+        "run",
+        "-d",
+        "--null-io",
+        "--runtime",
+        RUNTIME,
+        "--annotation",
+        f"{DEVICES}={','.join(HOST_NICS)}",
+        "--mount",
+        f"type=bind,src={out},dst=/out,options=rbind:rw",
+        "--rootfs",
+        str(shim.rootfs),
+        cid,
+        "/bin/sh",
+        "-c",
+        SEE_SCRIPT,
+        timeout=240,
+    )
     shim.timings["ctr run -d (to return)"] = time.monotonic() - started
     assert r.returncode == 0, r.stderr + shim.console(cid)[-3000:]
     try:
@@ -225,8 +278,9 @@ def test_container_in_the_kata_guest_gets_its_nodes_through_the_shim(shim: Shim)
         nodes = {x.split()[1]: x.split()[2] for x in seen if x.startswith("node ")}
         assert nodes["/dev/vfio/vfio"] == "a:c4", seen
         assert all(n.split(":")[0] != "a" for p, n in nodes.items() if p != "/dev/vfio/vfio")
-        assert sorted(x.split()[1] for x in seen if x.startswith("opened ")) == \
-            sorted(f"/dev/vfio/{g}" for g in groups)
+        assert sorted(x.split()[1] for x in seen if x.startswith("opened ")) == sorted(
+            f"/dev/vfio/{g}" for g in groups
+        )
         # it ran in the Kata guest: a QEMU for this sandbox, served by the real 1.x shim
         assert harness.qemu_pids(cid), "no QEMU for the container"
         assert shim_pids(cid), "no containerd-shim-kata-v2 server for the container"
@@ -244,8 +298,9 @@ def test_container_in_the_kata_guest_gets_its_nodes_through_the_shim(shim: Shim)
         assert mine and mine[0]["event"] == "spec edited" and mine[0]["verb"] == "shim start"
         inner = [json.loads(x) for x in shim.inner_log.read_text().splitlines()]
         assert any(cid in e["argv"] and e["dropped"] == 2 for e in inner), inner
-        assert sorted(g for g, c in shim.claims().items() if c["container"] == cid) == \
-            sorted(HOST_GROUPS)
+        assert sorted(g for g, c in shim.claims().items() if c["container"] == cid) == sorted(
+            HOST_GROUPS
+        )
     finally:
         t = time.monotonic()
         shim.remove(cid)
@@ -258,9 +313,12 @@ def test_container_in_the_kata_guest_gets_its_nodes_through_the_shim(shim: Shim)
     # containerd deleted over ttrpc, never through the wrapper: the bundle is gone, so the
     # claim owns nothing any more, and restore --stale says so and drops it
     assert not (shim.task_root / "default" / cid).exists()
-    r = subprocess.run([str(Path(sys.executable).with_name("kata-vfio-ctl")), "restore",
-                        "--stale"], env={**os.environ, "KATA_VFIO_CONFIG": str(shim.config)},
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [str(Path(sys.executable).with_name("kata-vfio-ctl")), "restore", "--stale"],
+        env={**os.environ, "KATA_VFIO_CONFIG": str(shim.config)},
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert f"container {cid} is gone" in r.stdout, r.stdout
     assert not any(c["container"] == cid for c in shim.claims().values())

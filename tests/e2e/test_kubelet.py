@@ -29,8 +29,10 @@ STAT = "/bin/stat -c '%t:%T %n'"
 
 def node_lines(text: str) -> dict[str, str]:
     """`stat -c '%t:%T %n'` output -> path: major:minor (hex)."""
-    return {m.group(2): m.group(1)
-            for m in re.finditer(r"^([0-9a-f]+:[0-9a-f]+) (/dev/\S+)$", text, re.M)}
+    return {
+        m.group(2): m.group(1)
+        for m in re.finditer(r"^([0-9a-f]+:[0-9a-f]+) (/dev/\S+)$", text, re.M)
+    }
 
 
 def wait_ready_line(node: KubeletNode, name: str, line: str = "ready") -> str:
@@ -40,6 +42,7 @@ def wait_ready_line(node: KubeletNode, name: str, line: str = "ready") -> str:
             if f" {line}\n" in text:
                 return "".join(row.split(" ", 3)[-1] + "\n" for row in text.splitlines())
         return None
+
     return node.wait_for(printed, 120, f"pod {name} to print {line!r}")  # type: ignore[no-any-return]
 
 
@@ -47,6 +50,7 @@ def wait_pod_gone(node: KubeletNode, name: str) -> None:
     def gone() -> bool:
         sandbox = node.sandbox(name)
         return sandbox is None or sandbox["state"] == "SANDBOX_NOTREADY"
+
     node.wait_for(gone, 60, f"the kubelet to stop pod {name}")
 
 
@@ -74,14 +78,12 @@ def test_a_static_pod_runs_on_the_kata_vfio_runtime(kubelet_node: KubeletNode) -
         wait_pod_gone(kubelet_node, "hello")
 
 
-def test_a_pods_device_goes_to_its_container_not_its_sandbox(
-        kubelet_node: KubeletNode) -> None:
+def test_a_pods_device_goes_to_its_container_not_its_sandbox(kubelet_node: KubeletNode) -> None:
     """Issue 15 defect 1 through a real kubelet: the pod annotation reaches the sandbox's
     spec and the container's (containerd's pod_annotations); the sandbox claims nothing and
     gets no manifest or node; the app container gets /dev/vfio/vfio and /dev/vfio/13 and
     the claim; deleting the pod frees group 13 for the next pod."""
-    command = ["/bin/sh", "-c", f"{STAT} /dev/vfio/vfio /dev/vfio/13; echo ready; "
-               "exec sleep 600"]
+    command = ["/bin/sh", "-c", f"{STAT} /dev/vfio/vfio /dev/vfio/13; echo ready; exec sleep 600"]
     kubelet_node.write_pod("vfio1", command, annotations={DEVICES: "0000:04:00.1"})
     try:
         out = wait_ready_line(kubelet_node, "vfio1")
@@ -119,7 +121,8 @@ def test_a_pods_device_goes_to_its_container_not_its_sandbox(
 
 
 def test_a_device_plugin_registers_and_its_devices_reach_a_pod(
-        kubelet_node: KubeletNode, tmp_path_factory: pytest.TempPathFactory) -> None:
+    kubelet_node: KubeletNode, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     """The harness's device-plugin path with a test peer plugin (not kata-vfio's): it
     registers on this kubelet's device-plugins socket, the kubelet lists its devices as
     allocatable (PodResources GetAllocatableResources), a static pod asking for one is
@@ -131,12 +134,16 @@ def test_a_device_plugin_registers_and_its_devices_reach_a_pod(
     peer.start()
     try:
         seen = kubelet_node.wait_for(
-            lambda: allocatable(api, kubelet_node.pod_resources_sock).get(resource), 30,
-            f"{resource} in the kubelet's allocatable resources")
+            lambda: allocatable(api, kubelet_node.pod_resources_sock).get(resource),
+            30,
+            f"{resource} in the kubelet's allocatable resources",
+        )
         assert seen == ["peer-0", "peer-1"]
-        kubelet_node.write_pod("peer1", ["/bin/sh", "-c", "echo got=$KATA_VFIO_PEER_DEVICES; "
-                                         "echo ready; exec sleep 600"],
-                               limits={resource: "1"})
+        kubelet_node.write_pod(
+            "peer1",
+            ["/bin/sh", "-c", "echo got=$KATA_VFIO_PEER_DEVICES; echo ready; exec sleep 600"],
+            limits={resource: "1"},
+        )
         try:
             out = wait_ready_line(kubelet_node, "peer1")
             assert len(peer.allocations) == 1 and len(peer.allocations[0]) == 1
@@ -174,18 +181,24 @@ def kata_plugin(kubelet_node: KubeletNode) -> Iterator[KataPlugin]:
 
 def wait_allocatable(node: KubeletNode, plugin: KataPlugin, ids: list[str]) -> None:
     api = compiled()
-    node.wait_for(lambda: allocatable(api, node.pod_resources_sock).get(plugin.resource) == ids,
-                  60, f"{plugin.resource} {ids} in the kubelet's allocatable resources")
+    node.wait_for(
+        lambda: allocatable(api, node.pod_resources_sock).get(plugin.resource) == ids,
+        60,
+        f"{plugin.resource} {ids} in the kubelet's allocatable resources",
+    )
 
 
 def device_pod(node: KubeletNode, plugin: KataPlugin, name: str, count: int) -> Path:
-    command = ["/bin/sh", "-c", f"{STAT} /dev/vfio/*; echo env=${plugin.env_name}; "
-               "echo ready; exec sleep 600"]
+    command = [
+        "/bin/sh",
+        "-c",
+        f"{STAT} /dev/vfio/*; echo env=${plugin.env_name}; echo ready; exec sleep 600",
+    ]
     return node.write_pod(name, command, limits={plugin.resource: str(count)})
 
 
 def env_line(out: str) -> str:
-    return next(line[len("env="):] for line in out.splitlines() if line.startswith("env="))
+    return next(line[len("env=") :] for line in out.splitlines() if line.startswith("env="))
 
 
 def allocations(node: KubeletNode) -> dict[str, frozenset[int]]:
@@ -199,7 +212,8 @@ def stop_pod(node: KubeletNode, name: str) -> None:
 
 
 def test_our_plugin_registers_and_a_pod_gets_a_whole_group(
-        kubelet_node: KubeletNode, kata_plugin: KataPlugin) -> None:
+    kubelet_node: KubeletNode, kata_plugin: KataPlugin
+) -> None:
     """kata-vfio's plugin on the real kubelet: registered, the kubelet lists one device per
     group as allocatable (the fixture waits for it), a static pod asking for one is
     admitted and its container sees /dev/vfio/vfio and its group's node with the host's
@@ -229,7 +243,8 @@ def pod_status(node: KubeletNode, name: str) -> dict[str, Any]:
 
 
 def test_a_pod_asking_for_more_than_is_free_is_refused_and_nothing_is_claimed(
-        kubelet_node: KubeletNode, kata_plugin: KataPlugin) -> None:
+    kubelet_node: KubeletNode, kata_plugin: KataPlugin
+) -> None:
     """With one of the two groups in use, a pod asking for two is refused by the kubelet's
     admission (UnexpectedAdmissionError in its status, no sandbox made); the ledger holds
     only the running pod's claim and no allocation was made for the refused one."""
@@ -242,8 +257,11 @@ def test_a_pod_asking_for_more_than_is_free_is_refused_and_nothing_is_claimed(
         before = allocations(node)
         device_pod(node, kata_plugin, "big", 2)
         try:
-            status = node.wait_for(lambda: pod_status(node, "big").get("reason"), 60,
-                                   "the kubelet's verdict on pod big")
+            status = node.wait_for(
+                lambda: pod_status(node, "big").get("reason"),
+                60,
+                "the kubelet's verdict on pod big",
+            )
             assert status == "UnexpectedAdmissionError"
             message = pod_status(node, "big")["message"]
             assert kata_plugin.resource in message and "Requested: 2" in message, message
@@ -258,7 +276,8 @@ def test_a_pod_asking_for_more_than_is_free_is_refused_and_nothing_is_claimed(
 
 
 def test_deleting_the_pod_frees_its_group_for_the_next_pod(
-        kubelet_node: KubeletNode, kata_plugin: KataPlugin) -> None:
+    kubelet_node: KubeletNode, kata_plugin: KataPlugin
+) -> None:
     """Removing the static manifest stops the pod; once no container holds the group, the
     grace period (--release-grace 2) has passed and the kubelet's PodResources no longer
     lists the device, the plugin releases the allocation (its log says so, the ledger
@@ -289,9 +308,12 @@ def test_deleting_the_pod_frees_its_group_for_the_next_pod(
 def pod_devices_of(node: KubeletNode, name: str) -> dict[str, list[str]]:
     """The pod's devices as the kubelet's PodResources lists them; a kubelet that just
     restarted lists its pods again within a few seconds."""
+
     def listed() -> dict[str, list[str]] | None:
         return pod_devices(compiled(), node.pod_resources_sock).get(  # type: ignore[no-any-return]
-            (f"{name}-{NODE_NAME}", "app"))
+            (f"{name}-{NODE_NAME}", "app")
+        )
+
     return node.wait_for(listed, 30, f"pod {name} in the kubelet's PodResources")  # type: ignore[no-any-return]
 
 
@@ -308,7 +330,8 @@ def new_kubelet_sock(node: KubeletNode, before: tuple[int, int]) -> bool:
 
 
 def test_restarting_the_plugin_then_the_kubelet_keeps_every_allocation(
-        kubelet_node: KubeletNode, kata_plugin: KataPlugin) -> None:
+    kubelet_node: KubeletNode, kata_plugin: KataPlugin
+) -> None:
     """A pod holds group 12. The plugin restarts (SIGTERM, exit 0, started again): it
     recovers the allocation from the ledger and registers again. Then the kubelet
     restarts: kubelet.sock is made anew, the plugin registers on it, the allocatable list
@@ -327,8 +350,10 @@ def test_restarting_the_plugin_then_the_kubelet_keeps_every_allocation(
         assert kata_plugin.stop() == 0, kata_plugin.log()
         kata_plugin.start()
         kata_plugin.wait_line(registered, times + 1)
-        assert f"recovered 1 allocations from the ledger: {ALLOCATION}0000-03-00.0" \
+        assert (
+            f"recovered 1 allocations from the ledger: {ALLOCATION}0000-03-00.0"
             in kata_plugin.log()
+        )
         wait_allocatable(node, kata_plugin, [UNIT12, UNIT13])
         assert node.holders() == holders
         assert allocations(node) == {ALLOCATION + "0000-03-00.0": {12}}
@@ -360,7 +385,8 @@ def test_restarting_the_plugin_then_the_kubelet_keeps_every_allocation(
 
 
 def test_a_pod_made_while_the_last_one_stops_gets_its_group(
-        kubelet_node: KubeletNode, kata_plugin: KataPlugin) -> None:
+    kubelet_node: KubeletNode, kata_plugin: KataPlugin
+) -> None:
     """The manifest of a pod holding group 12 removed and at once a new pod asking for
     both groups written: the kubelet hands group 12's device out again while the old
     container is still being stopped; the new pod starts with both groups."""
@@ -373,8 +399,11 @@ def test_a_pod_made_while_the_last_one_stops_gets_its_group(
     device_pod(node, kata_plugin, "dp5b", 2)
     try:
         out = wait_ready_line(node, "dp5b")
-        assert node_lines(out) == {"/dev/vfio/vfio": "a:c4", "/dev/vfio/12": "f3:0",
-                                   "/dev/vfio/13": "f3:1"}, out
+        assert node_lines(out) == {
+            "/dev/vfio/vfio": "a:c4",
+            "/dev/vfio/12": "f3:0",
+            "/dev/vfio/13": "f3:1",
+        }, out
         second = node.container("dp5b")
         assert second is not None
         assert node.holders() == {12: second["id"], 13: second["id"]}
@@ -384,7 +413,8 @@ def test_a_pod_made_while_the_last_one_stops_gets_its_group(
 
 
 def test_the_kubelet_restarting_while_the_plugin_is_down_keeps_every_claim(
-        kubelet_node: KubeletNode, kata_plugin: KataPlugin) -> None:
+    kubelet_node: KubeletNode, kata_plugin: KataPlugin
+) -> None:
     """A pod holds group 12. The plugin stops (SIGTERM, exit 0); the kubelet restarts
     while no plugin serves kata-vfio.io/nic (its socket made anew, the device checkpoint
     its only memory of the pod's device), and refuses a pod asking for one meanwhile;
@@ -411,8 +441,11 @@ def test_the_kubelet_restarting_while_the_plugin_is_down_keeps_every_claim(
         # no plugin serves the resource now: a pod asking for it is refused, none claimed
         device_pod(node, kata_plugin, "dp6c", 1)
         try:
-            status = node.wait_for(lambda: pod_status(node, "dp6c").get("reason"), 60,
-                                   "the kubelet's verdict on pod dp6c")
+            status = node.wait_for(
+                lambda: pod_status(node, "dp6c").get("reason"),
+                60,
+                "the kubelet's verdict on pod dp6c",
+            )
             assert status == "UnexpectedAdmissionError", pod_status(node, "dp6c")
             assert node.sandbox("dp6c") is None
             assert node.holders() == {12: running["id"]}
@@ -420,8 +453,10 @@ def test_the_kubelet_restarting_while_the_plugin_is_down_keeps_every_claim(
             node.delete_pod("dp6c")
         kata_plugin.start()
         kata_plugin.wait_line(registered, times + 1)
-        assert f"recovered 1 allocations from the ledger: {ALLOCATION}0000-03-00.0" \
+        assert (
+            f"recovered 1 allocations from the ledger: {ALLOCATION}0000-03-00.0"
             in kata_plugin.log()
+        )
         wait_allocatable(node, kata_plugin, [UNIT12, UNIT13])
         assert pod_devices_of(node, "dp6") == {kata_plugin.resource: [UNIT12]}
         now = node.container("dp6")
@@ -439,8 +474,10 @@ def test_the_kubelet_restarting_while_the_plugin_is_down_keeps_every_claim(
             assert other is not None
             assert node.holders() == {12: running["id"], 13: other["id"]}
             # the recovered allocation of the running pod was not released meanwhile
-            assert allocations(node) == {ALLOCATION + "0000-03-00.0": {12},
-                                         ALLOCATION + "0000-04-00.0": {13}}
+            assert allocations(node) == {
+                ALLOCATION + "0000-03-00.0": {12},
+                ALLOCATION + "0000-04-00.0": {13},
+            }
         finally:
             stop_pod(node, "dp6b")
     finally:

@@ -36,9 +36,11 @@ from test_kubelet import (
 pytestmark = [pytest.mark.kubelet]
 SPEC = "kata-vfio.io-nic.json"
 # each node: its major:minor, then what opening it for reading answered
-PROBE = ("for n in /dev/vfio/*; do /bin/stat -c '%t:%T %n' $n; "
-         "echo \"open $n: $(/bin/cat $n 2>&1 </dev/null | tail -n 1)\"; done; "
-         "echo env=$PCIDEVICE_KATA_VFIO_IO_NIC; echo ready; exec sleep 600")
+PROBE = (
+    "for n in /dev/vfio/*; do /bin/stat -c '%t:%T %n' $n; "
+    'echo "open $n: $(/bin/cat $n 2>&1 </dev/null | tail -n 1)"; done; '
+    "echo env=$PCIDEVICE_KATA_VFIO_IO_NIC; echo ready; exec sleep 600"
+)
 
 
 @contextmanager
@@ -48,8 +50,13 @@ def cdi_plugin(node: KubeletNode, cdi_dir: Path) -> Iterator[KataPlugin]:
     try:
         plugin.wait_line(f"registered {plugin.resource} with the kubelet")
         api = compiled()
-        node.wait_for(lambda: allocatable(api, node.pod_resources_sock).get(plugin.resource)
-                      == [UNIT12, UNIT13], 60, f"{plugin.resource} in the allocatable list")
+        node.wait_for(
+            lambda: (
+                allocatable(api, node.pod_resources_sock).get(plugin.resource) == [UNIT12, UNIT13]
+            ),
+            60,
+            f"{plugin.resource} in the allocatable list",
+        )
         yield plugin
     finally:
         assert plugin.stop() == 0, plugin.log()
@@ -95,11 +102,17 @@ def test_a_cdi_plugins_pod_gets_its_nodes_from_the_cdi_spec(cdi_node: KubeletNod
             assert container is not None
             assert node.holders() == {12: container["id"]}
             linux = node.spec_of(container["id"])["linux"]
-            vfio = {d["path"]: (d["type"], d["major"], d["minor"])
-                    for d in linux["devices"] if d["path"].startswith("/dev/vfio/")}
+            vfio = {
+                d["path"]: (d["type"], d["major"], d["minor"])
+                for d in linux["devices"]
+                if d["path"].startswith("/dev/vfio/")
+            }
             assert vfio == {"/dev/vfio/vfio": ("c", 10, 196), "/dev/vfio/12": ("c", 243, 0)}
-            rules = {(r.get("major"), r.get("minor")) for r in linux["resources"]["devices"]
-                     if r.get("allow") and r.get("type") == "c"}
+            rules = {
+                (r.get("major"), r.get("minor"))
+                for r in linux["resources"]["devices"]
+                if r.get("allow") and r.get("type") == "c"
+            }
             assert {(10, 196), (243, 0)} <= rules
         finally:
             stop_pod(node, "cdi1")
@@ -118,7 +131,8 @@ def pod_waiting(node: KubeletNode, name: str) -> dict[str, Any] | None:
 
 
 def test_a_cdi_name_containerd_cannot_resolve_stops_the_container(
-        cdi_node: KubeletNode, tmp_path: Path) -> None:
+    cdi_node: KubeletNode, tmp_path: Path
+) -> None:
     """The proof that containerd resolves the names: a plugin whose --cdi-dir is not one
     containerd reads gives the same Allocate answer, and the container is not created —
     the kubelet reports containerd's 'unresolvable CDI devices kata-vfio.io/nic=<id>', no
@@ -135,13 +149,19 @@ def test_a_cdi_name_containerd_cannot_resolve_stops_the_container(
         released = plugin.lines(RELEASED)
         node.write_pod("cdi2", ["/bin/sh", "-c", PROBE], limits={plugin.resource: "1"})
         try:
-            waiting = node.wait_for(lambda: pod_waiting(node, "cdi2"), 120,
-                                    "the kubelet to report why cdi2's container waits")
+            waiting = node.wait_for(
+                lambda: pod_waiting(node, "cdi2"),
+                120,
+                "the kubelet to report why cdi2's container waits",
+            )
             assert waiting["reason"] == "CreateContainerError", waiting
-            assert re.search(r"unresolvable CDI devices kata-vfio\.io/nic=0000:0[34]:00\.0",
-                             waiting["message"]), waiting
-            assert node.container("cdi2") is None or \
-                node.container("cdi2")["state"] != "CONTAINER_RUNNING"
+            assert re.search(
+                r"unresolvable CDI devices kata-vfio\.io/nic=0000:0[34]:00\.0", waiting["message"]
+            ), waiting
+            assert (
+                node.container("cdi2") is None
+                or node.container("cdi2")["state"] != "CONTAINER_RUNNING"
+            )
             # the allocation holds the group, no container took it over
             assert [h for h in node.holders().values() if not h.startswith(ALLOCATION)] == []
         finally:

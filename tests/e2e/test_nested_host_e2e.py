@@ -77,8 +77,14 @@ def l2_initrd(out: Path, product: Path, kver: str, work: Path) -> Path:
     binds to first, and the program playing kata-agent's part), each starting 4-byte
     aligned. The launcher appends each container's own archive."""
     test_cpio = work / "l2-test.cpio"
-    vmtools.build_test_cpio(test_cpio, kver, [], (), modules=(L1_DRIVER,),
-                            files={L2_PROGRAM: NESTED / "l2_container.py"})
+    vmtools.build_test_cpio(
+        test_cpio,
+        kver,
+        [],
+        (),
+        modules=(L1_DRIVER,),
+        files={L2_PROGRAM: NESTED / "l2_container.py"},
+    )
     with open(out, "wb") as f:
         for data in (uncompressed_initrd(product.read_bytes()), test_cpio.read_bytes()):
             f.write(data + b"\0" * (-len(data) % 4))
@@ -110,17 +116,41 @@ def prepare(top: Path, timings: dict[str, float]) -> list[str]:
     vfio_viable(top / "vfio-viable.c", busybox / "bin/vfio-viable")
     timings["prepare on the host"] = round(time.monotonic() - t, 1)
     plan = top / "plan.json"
-    plan.write_text(json.dumps({
-        "top": str(top), "venv_bin": str(venv_bin), "device": L1_DEVICE,
-        "kernel": str(vmlinux), "initrd": str(initrd), "busybox": str(busybox)}))
+    plan.write_text(
+        json.dumps(
+            {
+                "top": str(top),
+                "venv_bin": str(venv_bin),
+                "device": L1_DEVICE,
+                "kernel": str(vmlinux),
+                "initrd": str(initrd),
+                "busybox": str(busybox),
+            }
+        )
+    )
     l1_cmd = f"{venv_bin / 'python'} {NESTED / 'l1.py'} {plan}"
     return [
-        str(vng), "--run", str(kernel), "--disable-kvm", "--disable-microvm", "--force-9p",
-        "--cpus", "2", "--memory", "3G", "--append", "intel_iommu=on",
-        "--rwdir", str(top), *l1_sources(), "--exec", l1_cmd,
+        str(vng),
+        "--run",
+        str(kernel),
+        "--disable-kvm",
+        "--disable-microvm",
+        "--force-9p",
+        "--cpus",
+        "2",
+        "--memory",
+        "3G",
+        "--append",
+        "intel_iommu=on",
+        "--rwdir",
+        str(top),
+        *l1_sources(),
+        "--exec",
+        l1_cmd,
         "--qemu-opts=-machine q35,kernel-irqchip=split "
         "-device intel-iommu,intremap=on,caching-mode=on "
-        f"-netdev user,id=kvfion0 -device {L1_DRIVER},netdev=kvfion0,romfile=,addr=0x10"]
+        f"-netdev user,id=kvfion0 -device {L1_DRIVER},netdev=kvfion0,romfile=,addr=0x10",
+    ]
 
 
 def _text(data: str | bytes | None) -> str:
@@ -132,8 +162,9 @@ def _consoles(top: Path) -> str:
     """The tails of every L2 console, for a failure message."""
     out = []
     for path in sorted((top / "console").glob("*.console")):
-        out.append(f"--- L2 console {path.name} (tail) ---\n"
-                   + path.read_text(errors="replace")[-2500:])
+        out.append(
+            f"--- L2 console {path.name} (tail) ---\n" + path.read_text(errors="replace")[-2500:]
+        )
     return "\n".join(out)
 
 
@@ -150,8 +181,14 @@ def nested(request: pytest.FixtureRequest) -> Iterator[dict[str, object]]:
         started = time.monotonic()
         timed_out = None
         try:
-            proc = subprocess.run(vng_cmd, env=env, text=True, capture_output=True,
-                                  timeout=L1_TIMEOUT, stdin=subprocess.DEVNULL)
+            proc = subprocess.run(
+                vng_cmd,
+                env=env,
+                text=True,
+                capture_output=True,
+                timeout=L1_TIMEOUT,
+                stdin=subprocess.DEVNULL,
+            )
             output = proc.stdout + "\n--- stderr ---\n" + proc.stderr
         except subprocess.TimeoutExpired as exc:
             # vng is gone; its QEMU (L1) is not: it runs the command line naming `top`
@@ -168,13 +205,17 @@ def nested(request: pytest.FixtureRequest) -> Iterator[dict[str, object]]:
         result["l1_seconds"] = round(took, 1)
         result["host_steps"] = timings
         result["l1_output_tail"] = output[-4000:]
-        print(f"\nnested host: prepare {timings.get('prepare on the host')} s, "
-              f"L1 {took:.1f} s; steps in L1: {json.dumps(result.get('steps'))}")
+        print(
+            f"\nnested host: prepare {timings.get('prepare on the host')} s, "
+            f"L1 {took:.1f} s; steps in L1: {json.dumps(result.get('steps'))}"
+        )
         for cycle in ("run", "autobind_run"):
             data = result.get(cycle)
             if isinstance(data, dict):
-                print(f"  {cycle}: L2, seconds from the container's start: "
-                      f"{json.dumps(data.get('l2_timing'))}")
+                print(
+                    f"  {cycle}: L2, seconds from the container's start: "
+                    f"{json.dumps(data.get('l2_timing'))}"
+                )
         yield result
 
 
@@ -182,13 +223,17 @@ def _lines(run: dict[str, object]) -> list[str]:
     return str(run.get("out", "")).splitlines()
 
 
-def test_real_vfio_group_reaches_the_container_through_kata_vfio(
-        nested: dict[str, object]) -> None:
+def test_real_vfio_group_reaches_the_container_through_kata_vfio(nested: dict[str, object]) -> None:
     text = ("l1_output_tail", "l2_consoles")
-    info = "\n".join([
-        json.dumps({k: v for k, v in nested.items() if k not in text}, indent=1)[-9000:],
-        "--- L1 output (tail) ---", str(nested.get("l1_output_tail", "")),
-        str(nested.get("l2_consoles", "")), str(nested.get("l1_timeout", ""))])
+    info = "\n".join(
+        [
+            json.dumps({k: v for k, v in nested.items() if k not in text}, indent=1)[-9000:],
+            "--- L1 output (tail) ---",
+            str(nested.get("l1_output_tail", "")),
+            str(nested.get("l2_consoles", "")),
+            str(nested.get("l1_timeout", "")),
+        ]
+    )
     # L1 ran to its end (else: how far it came, with L1's output and L2's console tails)
     assert "l1_timeout" not in nested and "error" not in nested, info
     l1 = nested.get("l1")
@@ -214,8 +259,9 @@ def test_real_vfio_group_reaches_the_container_through_kata_vfio(
     assert "vfio" in groups and len(groups) == 2, info  # vfio + the L2 group of the device
     on_vfio = [x.split()[1] for x in lines if x.startswith("vfio-pci ")]
     assert len(on_vfio) == 1, info
-    assert sorted(x.split()[1] for x in lines if x.startswith("opened ")) == \
-        sorted(f"/dev/vfio/{g}" for g in groups), info
+    assert sorted(x.split()[1] for x in lines if x.startswith("opened ")) == sorted(
+        f"/dev/vfio/{g}" for g in groups
+    ), info
     guest_group = next(g for g in groups if g != "vfio")
     assert "api 0" in lines and f"group {guest_group} viable 1" in lines, info
     # in L2 the device came up on its native driver, and our hook, run by runc as the

@@ -25,8 +25,11 @@ E1000E_A, E1000E_B, NVME, E1000_A, E1000_B = DEFAULT_DEVICES
 ABSENT = EmulatedDevice("", "mlx5_core", PciIdentity(0x15B3, 0x101E, 0x15B3, 0x0001, 0x020000))
 PASSED = ("0000:00:03.0", "0000:00:05.0", "0000:01:01.0", "0000:01:02.0")
 # a device of the VM itself, as Kata's virtio net/blk/vsock are (modern virtio: 1af4:1041)
-VM_OWN = EmulatedDevice("virtio-net-pci,disable-legacy=on,addr=0x9", "virtio_pci",
-                        PciIdentity(0x1AF4, 0x1041, 0x1AF4, 0x1100, 0x020000))
+VM_OWN = EmulatedDevice(
+    "virtio-net-pci,disable-legacy=on,addr=0x9",
+    "virtio_pci",
+    PciIdentity(0x1AF4, 0x1041, 0x1AF4, 0x1100, 0x020000),
+)
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +43,23 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> GuestRun:
     # two containers of one pod, as a device plugin allocated them (resource "nic" each, by
     # io.kata-vfio.resource.nic) plus devices by address; a lives while b starts
     pod_a = host_manifest(top / "host4", [[E1000E_A], [NVME]], resources={0: "nic"})
-    pod_b = host_manifest(top / "host5", [[E1000E_B], [E1000_A, E1000_B]], first_group=40,
-                          resources={0: "nic"})
-    return vmtools.boot(INITRD, KVER, [Scenario("forged", forged), Scenario("missing", missing),
-                                       Scenario("main", main), Scenario("again", main),
-                                       pod_container("pod-a", pod_a, {"detach": ""}),
-                                       pod_container("pod-b", pod_b, {"after": "pod-a\n"})],
-                        devices=(*DEFAULT_DEVICES, VM_OWN), console_log=top / "console.log")
+    pod_b = host_manifest(
+        top / "host5", [[E1000E_B], [E1000_A, E1000_B]], first_group=40, resources={0: "nic"}
+    )
+    return vmtools.boot(
+        INITRD,
+        KVER,
+        [
+            Scenario("forged", forged),
+            Scenario("missing", missing),
+            Scenario("main", main),
+            Scenario("again", main),
+            pod_container("pod-a", pod_a, {"detach": ""}),
+            pod_container("pod-b", pod_b, {"after": "pod-a\n"}),
+        ],
+        devices=(*DEFAULT_DEVICES, VM_OWN),
+        console_log=top / "console.log",
+    )
 
 
 def pod_container(name: str, manifest_json: str, files: dict[str, str]) -> Scenario:
@@ -56,15 +69,24 @@ def pod_container(name: str, manifest_json: str, files: dict[str, str]) -> Scena
     if "detach" in files:
         scenario.command = [*scenario.command, "--stay"]
     spec = vmtools.container_spec(name, scenario)
-    spec["mounts"].append({"destination": "/run", "type": "tmpfs", "source": "tmpfs",
-                           "options": ["nosuid", "nodev", "mode=755"]})
+    spec["mounts"].append(
+        {
+            "destination": "/run",
+            "type": "tmpfs",
+            "source": "tmpfs",
+            "options": ["nosuid", "nodev", "mode=755"],
+        }
+    )
     scenario.spec = spec
     return scenario
 
 
 def container_reports(stdout: str) -> list[dict[str, Any]]:
-    return [dict(json.loads(line.split(" ", 1)[1])) for line in stdout.splitlines()
-            if line.startswith("KVFIO-CONTAINER ")]
+    return [
+        dict(json.loads(line.split(" ", 1)[1]))
+        for line in stdout.splitlines()
+        if line.startswith("KVFIO-CONTAINER ")
+    ]
 
 
 def container_report(result: dict[str, Any]) -> dict[str, Any]:
@@ -103,8 +125,20 @@ def test_devices_rebound_and_others_untouched(guest: GuestRun) -> None:
 def test_hook_log_has_every_step(guest: GuestRun) -> None:
     log = guest.find("result", "main")["hook_log"]
     events = [entry["event"] for entry in log]
-    for step in ("start", "found", "locate", "vfio driver", "bind", "rebind", "groups",
-                 "group mapping", "nodes", "devices cgroup", "cgroup", "done"):
+    for step in (
+        "start",
+        "found",
+        "locate",
+        "vfio driver",
+        "bind",
+        "rebind",
+        "groups",
+        "group mapping",
+        "nodes",
+        "devices cgroup",
+        "cgroup",
+        "done",
+    ):
         assert step in events, events
     done = log[-1]
     assert done["container_id"] == "main" and done["hook"] == ["prestart"]
@@ -121,8 +155,10 @@ def test_second_container_with_the_same_devices(guest: GuestRun) -> None:
 def test_missing_device_fails_creation_within_the_bound(guest: GuestRun) -> None:
     result = guest.find("result", "missing")
     assert result["rc"] != 0
-    assert "kata-vfio-hook: host device 0000:1f:00.0 [15b3:101e class 020000] not found " \
+    assert (
+        "kata-vfio-hook: host device 0000:1f:00.0 [15b3:101e class 020000] not found "
         "in the guest after 1 s" in result["stderr"]
+    )
     assert result["seconds"] < 10
     before = guest.find("scenario", "missing")["drivers_before"]
     assert result["drivers_after"] == before  # not even the NVMe that was there
@@ -133,8 +169,10 @@ def test_forged_manifest_naming_the_vms_own_virtio_device_is_refused(guest: Gues
     assert before["0000:00:09.0"] == "virtio-pci"
     result = guest.find("result", "forged")
     assert result["rc"] != 0
-    assert "kata-vfio-hook: refusing guest device 0000:00:09.0 [1af4:1041 class 020000]: " \
+    assert (
+        "kata-vfio-hook: refusing guest device 0000:00:09.0 [1af4:1041 class 020000]: "
         "the VM depends on it (driver virtio-pci)" in result["stderr"]
+    )
     assert result["drivers_after"] == before
     assert not [e for e in result["hook_log"] if e["event"] == "bind"]
 
@@ -145,23 +183,27 @@ def test_container_reads_its_guest_addresses_in_run_kata_vfio(guest: GuestRun) -
     assert files is not None and sorted(files) == ["devices.json", "env"], files
     listing = json.loads(files["devices.json"]["text"])
     done = [e for e in result["hook_log"] if e["event"] == "done"][-1]
-    assert {h: d["guest_address"] for h, d in listing["devices"].items()} == \
-        done["host_to_guest"]
-    assert files["env"]["text"] == \
-        f"PCIDEVICE_KATA_VFIO_IO_DEVICES={','.join(done['host_to_guest'].values())}\n"
+    assert {h: d["guest_address"] for h, d in listing["devices"].items()} == done["host_to_guest"]
+    assert (
+        files["env"]["text"]
+        == f"PCIDEVICE_KATA_VFIO_IO_DEVICES={','.join(done['host_to_guest'].values())}\n"
+    )
 
 
 POD = {  # host address -> guest address: identical e1000e, the one a holds is not b's
     "pod-a": {"0000:1e:00.0": "0000:00:03.0", "0000:1f:00.0": "0000:00:05.0"},
-    "pod-b": {"0000:28:00.0": "0000:00:04.0", "0000:29:00.0": "0000:01:01.0",
-              "0000:29:00.1": "0000:01:02.0"},
+    "pod-b": {
+        "0000:28:00.0": "0000:00:04.0",
+        "0000:29:00.0": "0000:01:01.0",
+        "0000:29:00.1": "0000:01:02.0",
+    },
 }
 POD_NIC = {"0000:1e:00.0": "kata-vfio.io/nic", "0000:28:00.0": "kata-vfio.io/nic"}
 POD_ENV = {
     "pod-a": "PCIDEVICE_KATA_VFIO_IO_NIC=0000:00:03.0\n"
-             "PCIDEVICE_KATA_VFIO_IO_DEVICES=0000:00:05.0\n",
+    "PCIDEVICE_KATA_VFIO_IO_DEVICES=0000:00:05.0\n",
     "pod-b": "PCIDEVICE_KATA_VFIO_IO_NIC=0000:00:04.0\n"
-             "PCIDEVICE_KATA_VFIO_IO_DEVICES=0000:01:01.0,0000:01:02.0\n",
+    "PCIDEVICE_KATA_VFIO_IO_DEVICES=0000:01:01.0,0000:01:02.0\n",
 }
 
 
@@ -192,8 +234,7 @@ def test_each_container_of_a_pod_sees_only_its_own_devices(guest: GuestRun, name
     assert files["env"]["text"] == POD_ENV[name]
 
 
-def test_a_pod_container_still_sees_only_its_own_once_the_other_started(
-        guest: GuestRun) -> None:
+def test_a_pod_container_still_sees_only_its_own_once_the_other_started(guest: GuestRun) -> None:
     """a, asked again after b's hook ran: the same files, nothing of b's."""
     first = container_report(guest.find("result", "pod-a"))
     assert first["run_files"] is not None

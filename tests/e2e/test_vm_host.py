@@ -35,8 +35,9 @@ def partitioned_disk(path: Path, count: int = 4) -> Path:
     for i in range(count):
         start = first + i * PARTITION_SECTORS
         # status, CHS start (unused: LBA), type 0x83, CHS end, LBA start, sectors
-        table += struct.pack("<B3sB3sII", 0, b"\xfe\xff\xff", 0x83, b"\xfe\xff\xff",
-                             start, PARTITION_SECTORS)
+        table += struct.pack(
+            "<B3sB3sII", 0, b"\xfe\xff\xff", 0x83, b"\xfe\xff\xff", start, PARTITION_SECTORS
+        )
     mbr = bytes(446) + table.ljust(64, b"\0") + b"\x55\xaa"
     with open(path, "wb") as f:
         f.write(mbr)
@@ -50,12 +51,18 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> GuestRun:
         pytest.skip("needs `make initrd` (KATA_VFIO_INITRD, KATA_VFIO_KVER): run `make test`")
     tmp = tmp_path_factory.mktemp("vmhost")
     disk = partitioned_disk(tmp / "disk.img")
-    devices = (*vmtools.DEFAULT_DEVICES, vmtools.nvme_with_disk("kvfio-disk", disk,
-                                                                 addr="0x6"))
-    return vmtools.boot(INITRD, KVER, [Scenario("host", "{}", script=SCRIPT)],
-                        devices=devices, console_log=tmp / "console.log", host_tools=True,
-                        modules=STACK_MODULES, files={t: Path(t) for t in STACK_TOOLS},
-                        timeout=900)
+    devices = (*vmtools.DEFAULT_DEVICES, vmtools.nvme_with_disk("kvfio-disk", disk, addr="0x6"))
+    return vmtools.boot(
+        INITRD,
+        KVER,
+        [Scenario("host", "{}", script=SCRIPT)],
+        devices=devices,
+        console_log=tmp / "console.log",
+        host_tools=True,
+        modules=STACK_MODULES,
+        files={t: Path(t) for t in STACK_TOOLS},
+        timeout=900,
+    )
 
 
 def step(guest: GuestRun, name: str) -> dict[str, Any]:
@@ -69,8 +76,10 @@ def test_devices_json_matches_sysfs(guest: GuestRun) -> None:
     view = guest.find("sysfs")["view"]
     result = step(guest, "devices")
     assert result["rc"] == 0, result["stderr"]
-    listed = {r["address"]: {"driver": r["driver"], "iommu_group": r["iommu_group"]}
-              for r in json.loads(result["stdout"])}
+    listed = {
+        r["address"]: {"driver": r["driver"], "iommu_group": r["iommu_group"]}
+        for r in json.loads(result["stdout"])
+    }
     assert listed == view
 
 
@@ -127,8 +136,9 @@ def test_bind_by_interface_name_and_restore_by_short_address(guest: GuestRun) ->
 
 def setups_ok(guest: GuestRun, *names: str) -> None:
     for name in names:
-        record = next((r for r in guest.records
-                       if r.get("event") == "setup" and r.get("name") == name), None)
+        record = next(
+            (r for r in guest.records if r.get("event") == "setup" and r.get("name") == name), None
+        )
         assert record is not None, f"no setup {name}; console:\n{guest.console[-4000:]}"
         assert record["rc"] == 0, record
 
@@ -169,7 +179,8 @@ def test_a_disk_with_swap_on_a_partition_is_refused(guest: GuestRun) -> None:
 
 
 def test_a_disk_under_device_mapper_is_refused_also_mounted_through_its_mapper_node(
-        guest: GuestRun) -> None:
+    guest: GuestRun,
+) -> None:
     """No udev in the guest: dmsetup makes /dev/mapper/kvlin a node of its own; the mount
     through it still counts as dm-0's."""
     disk = disk_name(guest)

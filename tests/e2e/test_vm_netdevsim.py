@@ -50,11 +50,19 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> GuestRun:
     assert ip is not None, "iproute2 is missing: make deps installs it"
     log = tmp_path_factory.mktemp("vmnsim") / "console.log"
     return vmtools.boot(
-        INITRD, KVER, [Scenario("netdevsim", "{}", script=SCRIPT)], devices=(),
-        console_log=log, host_tools=True, modules=tuple(built["depends"]),
-        files={"/kvfio/netdevsim.ko": Path(built["ko"]),
-               "/kvfio/fakesys.py": Path(__file__).resolve().parents[1] / "fakesys.py",
-               "/usr/sbin/ip": Path(ip)})
+        INITRD,
+        KVER,
+        [Scenario("netdevsim", "{}", script=SCRIPT)],
+        devices=(),
+        console_log=log,
+        host_tools=True,
+        modules=tuple(built["depends"]),
+        files={
+            "/kvfio/netdevsim.ko": Path(built["ko"]),
+            "/kvfio/fakesys.py": Path(__file__).resolve().parents[1] / "fakesys.py",
+            "/usr/sbin/ip": Path(ip),
+        },
+    )
 
 
 def record(guest: GuestRun, event: str, **match: Any) -> dict[str, Any]:
@@ -99,17 +107,23 @@ def test_one_container_sets_two_vfs_and_delete_gives_both_back(guest: GuestRun) 
     pf = record(guest, "pf")["pf"]
     call(guest, "create-c1")
     assert vf_table(guest, "c1-created") == {
-        **BEFORE, 0: ("52:54:00:12:34:56", 100), 1: ("52:54:00:12:34:57", 200)}
+        **BEFORE,
+        0: ("52:54:00:12:34:56", 100),
+        1: ("52:54:00:12:34:57", 200),
+    }
     # the PF's own values are in the ledger while the container runs
     originals = journal(guest, "c1-created")
-    assert {a: (o["pf_interface"], o["index"], o["mac"], o["vlan"])
-            for a, o in originals.items()} == {
-        "0000:3b:02.0": (pf, 0, "02:00:00:00:00:01", 0), "0000:3b:02.1": (pf, 1, None, 7)}
+    assert {
+        a: (o["pf_interface"], o["index"], o["mac"], o["vlan"]) for a, o in originals.items()
+    } == {"0000:3b:02.0": (pf, 0, "02:00:00:00:00:01", 0), "0000:3b:02.1": (pf, 1, None, 7)}
     # the manifest tells the guest hook each VF's MAC
-    manifest = Manifest.from_json(record(guest, "spec", name="c1")["annotations"]
-                                  ["io.kata-vfio.manifest"])
+    manifest = Manifest.from_json(
+        record(guest, "spec", name="c1")["annotations"]["io.kata-vfio.manifest"]
+    )
     assert {str(d.host_address): d.mac for d in manifest.devices} == {
-        "0000:3b:02.0": "52:54:00:12:34:56", "0000:3b:02.1": "52:54:00:12:34:57"}
+        "0000:3b:02.0": "52:54:00:12:34:56",
+        "0000:3b:02.1": "52:54:00:12:34:57",
+    }
     call(guest, "delete-c1")
     assert vf_table(guest, "c1-deleted") == BEFORE
     assert journal(guest, "c1-deleted") == {}
@@ -125,7 +139,8 @@ def test_a_vlan_is_cleared_back_to_none_by_restore_all(guest: GuestRun) -> None:
     assert vf_table(guest, "refused-all") == {**BEFORE, 2: (ZERO, 300)}
     restored = call(guest, "restore-all")
     pf = record(guest, "pf")["pf"]
-    assert restored["stdout"] == (f"0000:3b:02.2: {pf} vf 2 mac {ZERO} vlan 0: "
-                                  "the PF's VF settings given back\n")
+    assert restored["stdout"] == (
+        f"0000:3b:02.2: {pf} vf 2 mac {ZERO} vlan 0: the PF's VF settings given back\n"
+    )
     assert vf_table(guest, "restored-all") == BEFORE
     assert journal(guest, "restored-all") == {}

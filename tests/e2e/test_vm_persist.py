@@ -41,18 +41,31 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> GuestRun:
     state = tmp / "state.img"
     with open(state, "wb") as f:
         f.truncate(32 << 20)
-    devices = (*vmtools.DEFAULT_DEVICES,
-               vmtools.nvme_with_disk("kvfio-state", state, addr="0x6"),
-               *vmtools.nvme_sriov_pf(2, addr="0x7"))
-    return vmtools.boot(INITRD, KVER, [Scenario("persist", "{}", script=SCRIPT)],
-                        devices=devices, console_log=tmp / "console.log", host_tools=True,
-                        modules=("ext4",), timeout=1200, reboots=True)
+    devices = (
+        *vmtools.DEFAULT_DEVICES,
+        vmtools.nvme_with_disk("kvfio-state", state, addr="0x6"),
+        *vmtools.nvme_sriov_pf(2, addr="0x7"),
+    )
+    return vmtools.boot(
+        INITRD,
+        KVER,
+        [Scenario("persist", "{}", script=SCRIPT)],
+        devices=devices,
+        console_log=tmp / "console.log",
+        host_tools=True,
+        modules=("ext4",),
+        timeout=1200,
+        reboots=True,
+    )
 
 
 def step(guest: GuestRun, boot: int, name: str) -> dict[str, Any]:
     for record in guest.records:
-        if record.get("event") == "ctl" and record.get("boot") == boot \
-                and record.get("step") == name:
+        if (
+            record.get("event") == "ctl"
+            and record.get("boot") == boot
+            and record.get("step") == name
+        ):
             return record
     raise AssertionError(f"no step {name} in boot {boot}; console:\n{guest.console[-6000:]}")
 
@@ -96,8 +109,10 @@ def test_the_boot_command_binds_again_and_clears_the_old_claims(guest: GuestRun)
     assert "cleared the claims of containers ctr-a, ctr-b from the previous boot" in out
     assert f"re-bound {NIC} (8086:10d3, persistent): {NIC} (e1000e) -> vfio-pci" in out
     assert "given back" not in out
-    assert (f"{NVME}: the previous boot's bind by container ctr-a ended with the reboot "
-            "(now on nvme): its record dropped, the device not touched") in out
+    assert (
+        f"{NVME}: the previous boot's bind by container ctr-a ended with the reboot "
+        "(now on nvme): its record dropped, the device not touched"
+    ) in out
     assert event(guest, "claims", 2)["claims"] == {}  # the ledger's own reading
     again = step(guest, 2, "boot-again")
     assert again["rc"] == 0, again["stderr"]
@@ -106,7 +121,8 @@ def test_the_boot_command_binds_again_and_clears_the_old_claims(guest: GuestRun)
 
 
 def test_restore_all_after_a_reboot_without_the_boot_command_gives_nothing_back(
-        guest: GuestRun) -> None:
+    guest: GuestRun,
+) -> None:
     assert step(guest, 2, "bind-plain")["drivers"][NVME] == "vfio-pci"
     before = event(guest, "booted-state", 3)["drivers"]
     assert before[NIC] == "e1000e" and before[NVME] == "nvme"
@@ -115,8 +131,10 @@ def test_restore_all_after_a_reboot_without_the_boot_command_gives_nothing_back(
     out = restored["stdout"]
     assert "given back" not in out
     for addr, driver in ((NIC, "e1000e"), (NVME, "nvme")):
-        assert (f"{addr}: bound by kata-vfio-ctl in an earlier boot, a bind the reboot ended "
-                f"(now on {driver})") in out
+        assert (
+            f"{addr}: bound by kata-vfio-ctl in an earlier boot, a bind the reboot ended "
+            f"(now on {driver})"
+        ) in out
     assert f"{NIC}: no longer bound at boot" in out
     assert restored["drivers"] == before  # nothing moved
     nothing = step(guest, 3, "boot")
@@ -124,8 +142,7 @@ def test_restore_all_after_a_reboot_without_the_boot_command_gives_nothing_back(
     assert nothing["drivers"][NIC] == "e1000e"
 
 
-def test_boot_makes_the_persistent_vfs_again_and_binds_the_persistent_vf(
-        guest: GuestRun) -> None:
+def test_boot_makes_the_persistent_vfs_again_and_binds_the_persistent_vf(guest: GuestRun) -> None:
     made = step(guest, 1, "vfs-persist")
     assert made["rc"] == 0, made["stderr"]
     assert f"{SRIOV_PF}: 2 VFs made again at every boot" in made["stdout"]
@@ -141,8 +158,7 @@ def test_boot_makes_the_persistent_vfs_again_and_binds_the_persistent_vf(
     assert ran["rc"] == 0, ran["stderr"]
     out = ran["stdout"]
     assert f"made 2 VFs of {SRIOV_PF} (1b36:0010, persistent) again: {', '.join(vfs)}" in out
-    assert f"re-bound {vfs[1]} (1b36:0010, persistent): {vfs[1]} (no driver) -> vfio-pci" \
-        in out
+    assert f"re-bound {vfs[1]} (1b36:0010, persistent): {vfs[1]} (no driver) -> vfio-pci" in out
     state = event(guest, "claims", 2)
     assert state["numvfs"] == 2 and state["vfs"] == vfs  # the same VFs, at the same places
     assert state["drivers"][vfs[1]] == "vfio-pci" and state["drivers"][vfs[0]] is None
@@ -151,18 +167,21 @@ def test_boot_makes_the_persistent_vfs_again_and_binds_the_persistent_vf(
     assert f"{vfs[1]} (1b36:0010, persistent): already on vfio-pci" in again
 
 
-def test_boot_drops_the_device_plugins_allocation_of_the_previous_boot(
-        guest: GuestRun) -> None:
+def test_boot_drops_the_device_plugins_allocation_of_the_previous_boot(guest: GuestRun) -> None:
     allocation = event(guest, "allocation", 1)
     assert allocation["drivers"][ALLOCATED] == "vfio-pci"
     assert allocation["plugin_records"] == [f"{allocation['id']}.json"]
     assert event(guest, "booted-state", 2)["plugin_records"] == [f"{allocation['id']}.json"]
     out = step(guest, 2, "boot")["stdout"]
-    assert (f"cleared the device plugin's allocations {allocation['id']} (kata-vfio.io/nic) "
-            "from the previous boot (no pod survives a reboot)") in out
+    assert (
+        f"cleared the device plugin's allocations {allocation['id']} (kata-vfio.io/nic) "
+        "from the previous boot (no pod survives a reboot)"
+    ) in out
     assert event(guest, "claims", 2)["plugin_records"] == []  # the record is gone
-    assert f"{ALLOCATED}: the previous boot's bind by container {allocation['id']} ended " \
+    assert (
+        f"{ALLOCATED}: the previous boot's bind by container {allocation['id']} ended "
         "with the reboot (now on e1000e)" in out
+    )
 
 
 def test_vfs_to_zero_drops_the_persistent_vfs_and_their_binds(guest: GuestRun) -> None:

@@ -23,8 +23,11 @@ HERE = Path(__file__).resolve().parents[1]  # tests/
 def guest(tmp_path_factory: pytest.TempPathFactory) -> GuestRun:
     log = tmp_path_factory.mktemp("vmplugin") / "console.log"
     return vmtools.boot_sriov_host(
-        "/kvfio/plugin.py", log, host_packages=vmtools.PLUGIN_PACKAGES,
-        files={"/kvfio/plugin_peers.py": HERE / "plugin_peers.py"})
+        "/kvfio/plugin.py",
+        log,
+        host_packages=vmtools.PLUGIN_PACKAGES,
+        files={"/kvfio/plugin_peers.py": HERE / "plugin_peers.py"},
+    )
 
 
 def allocation(addr: str) -> str:
@@ -48,20 +51,26 @@ def test_registers_and_offers_each_vf_not_the_pf(guest: GuestRun) -> None:
     assert len(vfs) == 3 and all(made["drivers"][v] is None for v in vfs)  # autoprobe off
     assert len({*groups.values(), made["pf_group"]}) == 4  # a group each
     request = guest.record("registered")["request"]
-    assert request == {"version": "v1beta1", "endpoint": "kata-vfio-nvme.sock",
-                       "resource_name": RESOURCE, "preferred": True}
+    assert request == {
+        "version": "v1beta1",
+        "endpoint": "kata-vfio-nvme.sock",
+        "resource_name": RESOURCE,
+        "preferred": True,
+    }
     offered = guest.record("offered")
     assert offered["devices"] == {v: "Healthy" for v in vfs}  # one unit per group, no PF
-    assert (f"kata-vfio-ctl device-plugin: IOMMU group {made['pf_group']} not offered as "
-            f"{RESOURCE}: {pf} provides virtual functions (they would go with it)"
-            ) in offered["log"]
+    assert (
+        f"kata-vfio-ctl device-plugin: IOMMU group {made['pf_group']} not offered as "
+        f"{RESOURCE}: {pf} provides virtual functions (they would go with it)"
+    ) in offered["log"]
 
 
 def check_allocated(reply: dict[str, Any], ids: list[str], groups: dict[str, int]) -> None:
     assert "error" not in reply, reply["error"]
     numbers = [groups[a] for a in ids]
     assert reply["devices"] == [["/dev/vfio/vfio", "/dev/vfio/vfio", "rw"]] + [
-        [f"/dev/vfio/{g}", f"/dev/vfio/{g}", "rw"] for g in numbers]
+        [f"/dev/vfio/{g}", f"/dev/vfio/{g}", "rw"] for g in numbers
+    ]
     both = ",".join(ids)
     assert reply["envs"] == {"PCIDEVICE_KATA_VFIO_IO_NVME": both}
     assert reply["annotations"] == {"io.kata-vfio.resource.nvme": both}
@@ -81,22 +90,27 @@ def test_allocate_binds_the_vfs_to_vfio_pci_for_real(guest: GuestRun) -> None:
     check_allocated(b, vfs[2:], groups)
     assert b["owners"][vfs[0]] == allocation(vfs[0])
     # the CDI spec names each group's real node numbers (the minor is not the group's)
-    nodes = {d["name"]: d["containerEdits"]["deviceNodes"]
-             for d in guest.record("cdi")["spec"]["devices"]}
+    nodes = {
+        d["name"]: d["containerEdits"]["deviceNodes"]
+        for d in guest.record("cdi")["spec"]["devices"]
+    }
     for reply, ids in ((a, vfs[:2]), (b, vfs[2:])):
         for vf in ids:
             major, minor = reply["groups"][vf]["dev"]
-            assert nodes[vf] == [{"path": f"/dev/vfio/{groups[vf]}", "type": "c",
-                                  "major": major, "minor": minor}]
+            assert nodes[vf] == [
+                {"path": f"/dev/vfio/{groups[vf]}", "type": "c", "major": major, "minor": minor}
+            ]
 
 
 def test_a_pod_that_never_started_is_released_and_restore_gives_the_rest_back(
-        guest: GuestRun) -> None:
+    guest: GuestRun,
+) -> None:
     _, vfs, groups = layout(guest)
     released = guest.record("released")
     assert released["line"] == (
         f"kata-vfio-ctl device-plugin: released {allocation(vfs[0])} (its pod is gone): "
-        f"groups {groups[vfs[0]]}, {groups[vfs[1]]}")
+        f"groups {groups[vfs[0]]}, {groups[vfs[1]]}"
+    )
     # no working nvme driver for QEMU's VFs: they go back to what they had, no driver
     assert released["drivers"] == {vfs[0]: None, vfs[1]: None, vfs[2]: "vfio-pci"}
     assert released["nodes"] == {vfs[0]: False, vfs[1]: False, vfs[2]: True}
@@ -106,8 +120,10 @@ def test_a_pod_that_never_started_is_released_and_restore_gives_the_rest_back(
     # B's pod may still start: restore says whose it is and moves nothing
     refused = guest.record("restore-refused")
     assert refused["rc"] != 0 and refused["stderr"].count("\n") == 1
-    assert (f"{vfs[2]}: IOMMU group {groups[vfs[2]]} is held by Kubernetes allocation "
-            f"{allocation(vfs[2])} (kata-vfio-ctl device-plugin)") in refused["stderr"]
+    assert (
+        f"{vfs[2]}: IOMMU group {groups[vfs[2]]} is held by Kubernetes allocation "
+        f"{allocation(vfs[2])} (kata-vfio-ctl device-plugin)"
+    ) in refused["stderr"]
     assert refused["drivers"][vfs[2]] == "vfio-pci"
     assert refused["owners"][vfs[2]] == allocation(vfs[2])
     restored = guest.record("restore")

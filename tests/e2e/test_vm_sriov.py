@@ -37,8 +37,9 @@ def test_vfs_are_made_for_vfio(guest: GuestRun) -> None:
     *lines, next_step = made["stdout"].splitlines()  # one line a VF, then the next step
     vfs = [line.split(": ", 1)[0] for line in lines]
     assert len(vfs) == 4 and all(made["drivers"][v] is None for v in vfs)  # autoprobe off
-    assert next_step.startswith("next: kata-vfio-ctl bind ") and all(
-        v in next_step for v in vfs), next_step
+    assert next_step.startswith("next: kata-vfio-ctl bind ") and all(v in next_step for v in vfs), (
+        next_step
+    )
     groups = sriov["groups"]
     assert len({groups[v] for v in vfs} | {groups[pf]}) == 5  # a group each
     assert call(guest, "vfs-4-again")["rc"] == 0
@@ -66,8 +67,7 @@ def test_select_allocates_distinct_vfs_and_the_third_is_refused(guest: GuestRun)
     assert refused["rc"] != 0 and c3["allocated"] is None
     assert "held by container c1" in refused["stderr"]
     assert "held by container c2" in refused["stderr"]
-    owners = {r["address"]: r["owner"] for r in
-              json.loads(call(guest, "devices-owned")["stdout"])}
+    owners = {r["address"]: r["owner"] for r in json.loads(call(guest, "devices-owned")["stdout"])}
     assert {owners[a] for a in first} == {"c1"} and {owners[a] for a in second} == {"c2"}
 
 

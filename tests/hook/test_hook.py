@@ -32,8 +32,9 @@ def test_no_manifest_touches_nothing(guest: Guest) -> None:
 
 
 def test_devices_rebound_nodes_made_and_cgroup_allowed(guest: Guest) -> None:
-    m = manifest((7, [mdev("0000:81:00.0", mac="52:54:00:00:00:03")]),
-                 (9, [mdev("0000:82:00.0", NVME)]))
+    m = manifest(
+        (7, [mdev("0000:81:00.0", mac="52:54:00:00:00:03")]), (9, [mdev("0000:82:00.0", NVME)])
+    )
     assert guest.run(m) == 0
     assert guest.fs.driver("0000:00:04.0") == "vfio-pci"  # picked by MAC, not address
     assert guest.fs.driver("0000:00:05.0") == "vfio-pci"
@@ -49,8 +50,7 @@ def test_devices_rebound_nodes_made_and_cgroup_allowed(guest: Guest) -> None:
     for expected in ("start", "found", "bind", "rebind", "group mapping", "nodes", "done"):
         assert expected in events
     done = log[-1]
-    assert done["host_to_guest"] == {"0000:81:00.0": "0000:00:04.0",
-                                     "0000:82:00.0": "0000:00:05.0"}
+    assert done["host_to_guest"] == {"0000:81:00.0": "0000:00:04.0", "0000:82:00.0": "0000:00:05.0"}
     assert done["groups"] == {"7": "4", "9": "5"} and done["container_id"] == "c1"
 
 
@@ -70,8 +70,11 @@ def test_identical_devices_assigned_in_address_order_and_rerun_is_harmless(
 ) -> None:
     m = manifest((7, [mdev("0000:81:00.0"), mdev("0000:81:00.1")]))
     assert guest.run(m) == 0
-    assert [guest.fs.driver(a) for a in ("0000:00:02.0", "0000:00:03.0", "0000:00:04.0")] == \
-        ["vfio-pci", "vfio-pci", "e1000e"]
+    assert [guest.fs.driver(a) for a in ("0000:00:02.0", "0000:00:03.0", "0000:00:04.0")] == [
+        "vfio-pci",
+        "vfio-pci",
+        "e1000e",
+    ]
     guest.kernel.writes.clear()
     assert guest.run(m) == 0
     assert guest.kernel.writes == []
@@ -92,11 +95,16 @@ def test_late_hotplug_is_waited_for(guest: Guest) -> None:
 
 
 def test_missing_device_fails_within_the_bound_touching_nothing(guest: Guest) -> None:
-    m = manifest((7, [mdev("0000:81:00.0", NVME), mdev("0000:82:00.0", (0x15B3, 0x101E,
-                                                                      0x020000))]), timeout=0.3)
+    m = manifest(
+        (7, [mdev("0000:81:00.0", NVME), mdev("0000:82:00.0", (0x15B3, 0x101E, 0x020000))]),
+        timeout=0.3,
+    )
     started = time.monotonic()
-    with pytest.raises(HookError, match=r"host device 0000:82:00\.0 \[15b3:101e class 020000\] "
-                                        r"not found in the guest after 0\.3 s"):
+    with pytest.raises(
+        HookError,
+        match=r"host device 0000:82:00\.0 \[15b3:101e class 020000\] "
+        r"not found in the guest after 0\.3 s",
+    ):
         guest.run(m)
     assert time.monotonic() - started < 2
     assert guest.kernel.writes == []
@@ -123,19 +131,24 @@ def test_symlinked_dev_vfio_in_the_image_is_refused(guest: Guest, tmp_path: Path
 def test_manifest_from_kata1_libcontainer_spec(guest: Guest, tmp_path: Path) -> None:
     spec_dir = tmp_path / "libcontainer/c1"
     spec_dir.mkdir(parents=True)
-    spec = {"root": {"path": str(guest.bundle / "rootfs")},
-            "annotations": {MANIFEST_ANNOTATION: manifest((7, [mdev("0000:81:00.0", NVME)]))}}
+    spec = {
+        "root": {"path": str(guest.bundle / "rootfs")},
+        "annotations": {MANIFEST_ANNOTATION: manifest((7, [mdev("0000:81:00.0", NVME)]))},
+    }
     (spec_dir / "config.json").write_text(json.dumps(spec))
     state = json.dumps({"id": "c1", "pid": 4242, "bundle": ""})
     assert run(state, guest.roots, JsonLog(None)) == 0
     assert guest.fs.driver("0000:00:05.0") == "vfio-pci"
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("", "stdin is not the OCI state JSON"),
-    ('{"id": "../x", "pid": 1}', "no usable container id"),
-    ('{"id": "c1", "pid": 0}', "has no container pid"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "stdin is not the OCI state JSON"),
+        ('{"id": "../x", "pid": 1}', "no usable container id"),
+        ('{"id": "c1", "pid": 0}', "has no container pid"),
+    ],
+)
 def test_bad_state(text: str, message: str) -> None:
     with pytest.raises(HookError, match=message):
         parse_state(text)
@@ -155,17 +168,40 @@ def test_nodes_land_in_the_containers_mount_namespace(tmp_path: Path) -> None:
     rootfs = tmp_path / "rootfs"
     (rootfs / "dev").mkdir(parents=True)
     ctr = subprocess.Popen(
-        ["unshare", "-m", "--propagation", "private", "sh", "-c",
-         f"mount -t tmpfs ctr-dev {rootfs}/dev && echo ready && exec sleep 60"],
-        stdout=subprocess.PIPE, text=True)
+        [
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            f"mount -t tmpfs ctr-dev {rootfs}/dev && echo ready && exec sleep 60",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert ctr.stdout is not None and ctr.stdout.readline().strip() == "ready"
-        make_nodes(rootfs_view(Path("/proc"), ctr.pid, str(rootfs)),
-                   [("vfio", 10, 196), ("7", 243, 7)])
+        make_nodes(
+            rootfs_view(Path("/proc"), ctr.pid, str(rootfs)), [("vfio", 10, 196), ("7", 243, 7)]
+        )
         assert not (rootfs / "dev/vfio").exists()  # our view: untouched
-        seen = subprocess.run(["nsenter", "-t", str(ctr.pid), "-m", "stat", "-c", "%F %t:%T %a",
-                               f"{rootfs}/dev/vfio/vfio", f"{rootfs}/dev/vfio/7"],
-                              capture_output=True, text=True, check=True).stdout.splitlines()
+        seen = subprocess.run(
+            [
+                "nsenter",
+                "-t",
+                str(ctr.pid),
+                "-m",
+                "stat",
+                "-c",
+                "%F %t:%T %a",
+                f"{rootfs}/dev/vfio/vfio",
+                f"{rootfs}/dev/vfio/7",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.splitlines()
         assert seen == ["character special file a:c4 666", "character special file f3:7 666"]
     finally:
         ctr.kill()

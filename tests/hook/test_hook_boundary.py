@@ -17,8 +17,10 @@ from hookguest import Guest, manifest, mdev
 
 
 def test_an_unexpected_error_names_its_step_and_place(
-    guest: Guest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str]
+    guest: Guest,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     import io
 
@@ -28,15 +30,18 @@ def test_an_unexpected_error_names_its_step_and_place(
         raise ValueError("boom")
 
     monkeypatch.setattr("kata_vfio_hook.cgroup.devices_cgroup", broken)
-    monkeypatch.setattr(sys, "stdin", io.StringIO(guest.state(manifest(
-        (7, [mdev("0000:81:00.0")])))))
+    monkeypatch.setattr(
+        sys, "stdin", io.StringIO(guest.state(manifest((7, [mdev("0000:81:00.0")]))))
+    )
     monkeypatch.setattr(hook_main, "LOG_PATH", str(tmp_path / "main.log"))
     assert hook_main.main(["kata-vfio-hook", "prestart"], guest.roots) == 70
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1
-    assert re.match(r"kata-vfio-hook: internal error while allowing the devices in the "
-                    r"container's cgroup: ValueError\('boom'\) at test_hook_boundary\.py:\d+ ",
-                    err[0])
+    assert re.match(
+        r"kata-vfio-hook: internal error while allowing the devices in the "
+        r"container's cgroup: ValueError\('boom'\) at test_hook_boundary\.py:\d+ ",
+        err[0],
+    )
     assert guest.fs.driver("0000:00:02.0") == "e1000e"  # given back on this failure too
     logged = json.loads((tmp_path / "main.log").read_text().splitlines()[-1])
     assert logged["error"] in err[0] and logged["container_id"] == "c1"
@@ -45,8 +50,21 @@ def test_an_unexpected_error_names_its_step_and_place(
 # The hook's first run in a fresh VM is what Kata waits for (issue 8: ≤ 4× a bare
 # interpreter start): its code imports the standard library's cheap modules only.
 # _operator: built into the interpreter, like _thread (the itemgetter of kata_vfio's value types)
-HOOK_STDLIB = {"os", "sys", "time", "errno", "fcntl", "stat", "struct", "select", "_socket",
-               "_thread", "_json", "__future__", "_operator"}
+HOOK_STDLIB = {
+    "os",
+    "sys",
+    "time",
+    "errno",
+    "fcntl",
+    "stat",
+    "struct",
+    "select",
+    "_socket",
+    "_thread",
+    "_json",
+    "__future__",
+    "_operator",
+}
 
 
 def test_a_whole_hook_run_imports_only_cheap_standard_modules(guest: Guest) -> None:
@@ -76,12 +94,23 @@ def test_a_whole_hook_run_imports_only_cheap_standard_modules(guest: Guest) -> N
         from kata_vfio_hook.roots import GuestRoots as FreshRoots
 
         r = guest.roots
-        roots = FreshRoots(sysfs=r.sysfs, proc=r.proc, cgroupfs=r.cgroupfs,
-                           libcontainer=r.libcontainer, claims=r.claims, modprobe=(),
-                           via_proc_root=False, write=r.write, uevents=False,
-                           ipv4_address=r.ipv4_address)
-        m = manifest((7, [mdev("0000:81:00.0", mac="52:54:00:00:00:03")]),
-                     (9, [mdev("0000:82:00.0", NVME)]), (2, [mdev("0000:83:00.0")]))
+        roots = FreshRoots(
+            sysfs=r.sysfs,
+            proc=r.proc,
+            cgroupfs=r.cgroupfs,
+            libcontainer=r.libcontainer,
+            claims=r.claims,
+            modprobe=(),
+            via_proc_root=False,
+            write=r.write,
+            uevents=False,
+            ipv4_address=r.ipv4_address,
+        )
+        m = manifest(
+            (7, [mdev("0000:81:00.0", mac="52:54:00:00:00:03")]),
+            (9, [mdev("0000:82:00.0", NVME)]),
+            (2, [mdev("0000:83:00.0")]),
+        )
         assert fresh_main.run(guest.state(m), roots, FreshLog(guest.log_path)) == 0
     finally:
         builtins.__import__ = real_import

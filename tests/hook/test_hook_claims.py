@@ -35,10 +35,18 @@ def test_identical_devices_go_to_different_containers_of_a_pod(guest: Guest) -> 
     assert guest.claims() == {"0000:00:02.0": "c", "0000:00:03.0": "b"}
 
 
-@pytest.mark.parametrize("damage", [
-    b"{not json", b"[]", b'{"0000:00:02.0": "a"}', b'{"0000:00:02.0": {"container_id": "a"}}',
-    b'{"0000:00:02.0": {"container_id": "a", "pid": "100", "start": 1000}}',
-    b'{"0000:00:02.0": {"container_id": "a", "pid": true, "start": 1000}}', b"\xff\xfe"])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        b"{not json",
+        b"[]",
+        b'{"0000:00:02.0": "a"}',
+        b'{"0000:00:02.0": {"container_id": "a"}}',
+        b'{"0000:00:02.0": {"container_id": "a", "pid": "100", "start": 1000}}',
+        b'{"0000:00:02.0": {"container_id": "a", "pid": true, "start": 1000}}',
+        b"\xff\xfe",
+    ],
+)
 def test_a_damaged_claims_file_fails_closed(guest: Guest, damage: bytes) -> None:
     """Container a holds a device; its claim record is damaged: the next container gets
     nothing (one line naming the file), rather than a device a live container holds."""
@@ -57,7 +65,8 @@ def test_a_damaged_claims_file_fails_closed(guest: Guest, damage: bytes) -> None
 
 
 def test_a_held_claims_lock_is_waited_for_within_the_deadline(
-        guest: Guest, monkeypatch: pytest.MonkeyPatch) -> None:
+    guest: Guest, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Another hook stuck holding the claims lock: this one gives up before its deadline,
     with one line saying what it waited for, and binds nothing."""
     import fcntl
@@ -72,8 +81,9 @@ def test_a_held_claims_lock_is_waited_for_within_the_deadline(
     guest.start_process(100)
     started = time.monotonic()
     try:
-        with pytest.raises(KataVfioError, match=f"for the claims lock {lock}, which another "
-                                                "hook holds") as err:
+        with pytest.raises(
+            KataVfioError, match=f"for the claims lock {lock}, which another hook holds"
+        ) as err:
             guest.run(manifest((7, [mdev("0000:81:00.0")])), "a", 100)
     finally:
         os.close(holder)
@@ -116,10 +126,13 @@ def test_a_device_held_by_a_live_container_is_not_given_twice(guest: Guest) -> N
     guest.start_process(200)
     assert guest.run(two_nics, "a", 100) == 0
     assert guest.given() == ["0000:00:02.0", "0000:00:03.0"]
-    with pytest.raises(HookError, match=r"host device 0000:81:00\.1 .* not found in the guest "
-                                        r"after 0\.2 s; guest device 0000:00:02\.0 is held by "
-                                        r"container a; guest device 0000:00:03\.0 is held by "
-                                        r"container a"):
+    with pytest.raises(
+        HookError,
+        match=r"host device 0000:81:00\.1 .* not found in the guest "
+        r"after 0\.2 s; guest device 0000:00:02\.0 is held by "
+        r"container a; guest device 0000:00:03\.0 is held by "
+        r"container a",
+    ):
         guest.run(two_nics, "b", 200)
     assert guest.claims() == {"0000:00:02.0": "a", "0000:00:03.0": "a"}
     assert guest.fs.driver("0000:00:04.0") == "e1000e"  # b touched nothing

@@ -25,10 +25,12 @@ def test_devices_that_never_appear_end_the_hook_before_the_deadline(
     tck = os.sysconf("SC_CLK_TCK")
     (guest.proc / "uptime").write_text("1000.00 900.00\n")
     (guest.proc / "self/stat").write_text(
-        f"77 (python3) R {' '.join(['0'] * 18)} {(1000 - 3) * tck} 0\n")
+        f"77 (python3) R {' '.join(['0'] * 18)} {(1000 - 3) * tck} 0\n"
+    )
     process_start = clock.now - 3
-    m = manifest((7, [mdev("0000:81:00.0", (0x15B3, 0x101E, 0x020000))]),
-                 timeout=HOTPLUG_TIMEOUT_MAX)
+    m = manifest(
+        (7, [mdev("0000:81:00.0", (0x15B3, 0x101E, 0x020000))]), timeout=HOTPLUG_TIMEOUT_MAX
+    )
     with pytest.raises(HookError, match="not found in the guest after 4 s"):
         guest.run(m)
     assert clock.now - process_start <= HOOK_DEADLINE < HOOK_KILL_AFTER
@@ -41,8 +43,9 @@ def test_groups_that_never_appear_end_the_hook_before_the_deadline(
     /dev/vfio/<N>: the group wait gets only what is left."""
     started = clock.now
     plug = ("0000:00:06.0", (0x15B3, 0x101E, 0x020000))
-    clock.at.append((started + 5.9, lambda: guest.fs.add_device(plug[0], plug[1], group=6,
-                                                                driver="mlx5_core")))
+    clock.at.append(
+        (started + 5.9, lambda: guest.fs.add_device(plug[0], plug[1], group=6, driver="mlx5_core"))
+    )
     real_write = guest.kernel.write
 
     def slow_probe(path: Path, text: str) -> None:

@@ -47,21 +47,25 @@ def _fail_cgroup_write(guest: Guest) -> None:
     shutil.rmtree(guest.cgroupfs / "devices/kata/c1")
 
 
-@pytest.mark.parametrize(("breakage", "error"), [
-    (_fail_in_group_check, "guest IOMMU group 6 also holds 0000:00:06.1 on driver e1000e"),
-    (_fail_no_vfio_node, r"/dev/vfio/\[3, 6\] did not appear"),
-    (_fail_pid_exits, "cannot open the container's rootfs"),
-    (_fail_dev_vfio_symlink, "is not a plain directory"),
-    (_fail_cgroup_write, "devices.allow"),
-])
+@pytest.mark.parametrize(
+    ("breakage", "error"),
+    [
+        (_fail_in_group_check, "guest IOMMU group 6 also holds 0000:00:06.1 on driver e1000e"),
+        (_fail_no_vfio_node, r"/dev/vfio/\[3, 6\] did not appear"),
+        (_fail_pid_exits, "cannot open the container's rootfs"),
+        (_fail_dev_vfio_symlink, "is not a plain directory"),
+        (_fail_cgroup_write, "devices.allow"),
+    ],
+)
 def test_every_failure_after_binding_gives_the_devices_back(
     guest: Guest, clock: FakeClock, breakage: Any, error: str
 ) -> None:
-    guest.fs.add_device("0000:00:06.0", (0x15B3, 0x101E, 0x020000), group=6,
-                        driver="mlx5_core")
+    guest.fs.add_device("0000:00:06.0", (0x15B3, 0x101E, 0x020000), group=6, driver="mlx5_core")
     breakage(guest)
-    m = manifest((7, [mdev("0000:81:00.0", mac="52:54:00:00:00:02")]),
-                 (8, [mdev("0000:82:00.0", (0x15B3, 0x101E, 0x020000))]))
+    m = manifest(
+        (7, [mdev("0000:81:00.0", mac="52:54:00:00:00:02")]),
+        (8, [mdev("0000:82:00.0", (0x15B3, 0x101E, 0x020000))]),
+    )
     with pytest.raises((KataVfioError, OSError), match=error):
         guest.run(m)
     assert any(w.endswith("drivers_probe") for w, _ in guest.kernel.writes)  # it did bind
@@ -74,8 +78,7 @@ def test_every_failure_after_binding_gives_the_devices_back(
 
 
 def test_a_device_already_on_a_vfio_variant_driver_is_used_as_it_is(guest: Guest) -> None:
-    guest.fs.add_device("0000:00:06.0", (0x15B3, 0x101E, 0x020000), group=6,
-                        driver="mlx5_vfio_pci")
+    guest.fs.add_device("0000:00:06.0", (0x15B3, 0x101E, 0x020000), group=6, driver="mlx5_vfio_pci")
     guest.fs.add_vfio_group(6)
     assert guest.run(manifest((7, [mdev("0000:81:00.0", (0x15B3, 0x101E, 0x020000))]))) == 0
     assert guest.kernel.writes == []

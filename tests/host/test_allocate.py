@@ -32,18 +32,23 @@ class NoLog:
 def make_bundle(tmp_path: Path, name: str, select: str) -> Path:
     b = tmp_path / "bundles" / name
     b.mkdir(parents=True)
-    (b / "config.json").write_text(json.dumps(
-        {"ociVersion": "1.0.2", "process": {"args": ["true"]}, "root": {"path": "rootfs"},
-         "linux": {"resources": {"devices": [{"allow": False, "access": "rwm"}]}},
-         "annotations": {SELECT_ANNOTATION: select}}))
+    (b / "config.json").write_text(
+        json.dumps(
+            {
+                "ociVersion": "1.0.2",
+                "process": {"args": ["true"]},
+                "root": {"path": "rootfs"},
+                "linux": {"resources": {"devices": [{"allow": False, "access": "rwm"}]}},
+                "annotations": {SELECT_ANNOTATION: select},
+            }
+        )
+    )
     return b
 
 
-def create(host: Host, tmp_path: Path, name: str, select: str,
-           allow: tuple[str, ...]) -> list[str]:
+def create(host: Host, tmp_path: Path, name: str, select: str, allow: tuple[str, ...]) -> list[str]:
     b = make_bundle(tmp_path, name, select)
-    settings = Settings(sysfs=str(host.sysfs), state_dir=str(host.state_dir),
-                        autobind_allow=allow)
+    settings = Settings(sysfs=str(host.sysfs), state_dir=str(host.state_dir), autobind_allow=allow)
     prepare_bundle(name, b, settings, host, NoLog())
     spec = json.loads((b / "config.json").read_text())
     return spec["annotations"][ALLOCATED_ANNOTATION].split(",")
@@ -61,31 +66,33 @@ def sriov_host(tmp_path: Path, fakesys: FakeSysfs, kernel: FakeKernel) -> Host:
     return Host(fakesys.root, tmp_path / "state", kernel.write, boot_id="b1")
 
 
-@pytest.mark.parametrize(("text", "parsed"), [
-    ("1b36:0010*2", [(0x1B36, 0x0010, None, 2)]),
-    ("8086:154c", [(0x8086, 0x154C, None, 1)]),
-    ("::0200", [(None, None, 0x0200, 1)]),
-    ("*:*:010802*3, 8086:*", [(None, None, 0x010802, 3), (0x8086, None, None, 1)]),
-])
+@pytest.mark.parametrize(
+    ("text", "parsed"),
+    [
+        ("1b36:0010*2", [(0x1B36, 0x0010, None, 2)]),
+        ("8086:154c", [(0x8086, 0x154C, None, 1)]),
+        ("::0200", [(None, None, 0x0200, 1)]),
+        ("*:*:010802*3, 8086:*", [(None, None, 0x010802, 3), (0x8086, None, None, 1)]),
+    ],
+)
 def test_select_syntax(text: str, parsed: list[tuple[object, ...]]) -> None:
     got = [(r.vendor, r.device, r.class_code, r.wanted) for r in parse_select(text)]
     assert got == parsed
 
 
-@pytest.mark.parametrize("text", ["", "1b36", "1b36:0010*0", "1b36:zzzz", "1b36:0010*x",
-                                  "1b36:0010:02", "../../x:1"])
+@pytest.mark.parametrize(
+    "text", ["", "1b36", "1b36:0010*0", "1b36:zzzz", "1b36:0010*x", "1b36:0010:02", "../../x:1"]
+)
 def test_bad_select_is_one_clear_error(text: str) -> None:
     with pytest.raises(DeviceError, match=r"io\.kata-vfio\.select"):
         parse_select(text)
 
 
-def test_three_creates_over_four_vfs(sriov_host: Host, tmp_path: Path,
-                                     fakesys: FakeSysfs) -> None:
+def test_three_creates_over_four_vfs(sriov_host: Host, tmp_path: Path, fakesys: FakeSysfs) -> None:
     allow = ("1b36:0010",)
     first = create(sriov_host, tmp_path, "a", "1b36:0010*2", allow)
     second = create(sriov_host, tmp_path, "b", "1b36:0010*2", allow)
-    assert first == ["0000:00:04.1", "0000:00:04.2"] and second == ["0000:00:04.3",
-                                                                   "0000:00:04.4"]
+    assert first == ["0000:00:04.1", "0000:00:04.2"] and second == ["0000:00:04.3", "0000:00:04.4"]
     assert all(fakesys.driver(a) == "vfio-pci" for a in first + second)
     before = (tmp_path / "bundles").exists()
     with pytest.raises(DeviceError) as err:
@@ -106,8 +113,9 @@ def test_three_creates_over_four_vfs(sriov_host: Host, tmp_path: Path,
     assert all(fakesys.driver(f"0000:00:04.{i}") is None for i in range(1, 5))
 
 
-def test_select_adds_devices_beyond_the_named_ones(sriov_host: Host, tmp_path: Path,
-                                                  fakesys: FakeSysfs) -> None:
+def test_select_adds_devices_beyond_the_named_ones(
+    sriov_host: Host, tmp_path: Path, fakesys: FakeSysfs
+) -> None:
     """io.kata-vfio.devices and io.kata-vfio.select together: the selection picks among
     the devices not already named (two devices, not the named one twice)."""
     allow = ("1b36:0010",)
@@ -115,36 +123,48 @@ def test_select_adds_devices_beyond_the_named_ones(sriov_host: Host, tmp_path: P
     spec = json.loads((b / "config.json").read_text())
     spec["annotations"]["io.kata-vfio.devices"] = "0000:00:04.1"
     (b / "config.json").write_text(json.dumps(spec))
-    settings = Settings(sysfs=str(sriov_host.sysfs), state_dir=str(sriov_host.state_dir),
-                        autobind_allow=allow)
+    settings = Settings(
+        sysfs=str(sriov_host.sysfs), state_dir=str(sriov_host.state_dir), autobind_allow=allow
+    )
     prepare_bundle("both", b, settings, sriov_host, NoLog())
     annotations = json.loads((b / "config.json").read_text())["annotations"]
     assert annotations[ALLOCATED_ANNOTATION] == "0000:00:04.2"
     manifest = json.loads(annotations["io.kata-vfio.manifest"])
-    assert sorted(d["host_address"] for g in manifest["groups"] for d in g["devices"]) == \
-        ["0000:00:04.1", "0000:00:04.2"]
-    claimed = {g for g, c in read_journal_file(sriov_host).claims.items()
-               if c.container == "both"}
+    assert sorted(d["host_address"] for g in manifest["groups"] for d in g["devices"]) == [
+        "0000:00:04.1",
+        "0000:00:04.2",
+    ]
+    claimed = {g for g, c in read_journal_file(sriov_host).claims.items() if c.container == "both"}
     assert claimed == {10, 11}
 
 
 def test_select_that_only_the_named_device_would_satisfy_is_refused(
-        sriov_host: Host, tmp_path: Path) -> None:
+    sriov_host: Host, tmp_path: Path
+) -> None:
     b = make_bundle(tmp_path, "one", "1b36:0010*4")
     spec = json.loads((b / "config.json").read_text())
     spec["annotations"]["io.kata-vfio.devices"] = "0000:00:04.1"
     (b / "config.json").write_text(json.dumps(spec))
-    settings = Settings(sysfs=str(sriov_host.sysfs), state_dir=str(sriov_host.state_dir),
-                        autobind_allow=("1b36:0010",))
-    with pytest.raises(DeviceError, match=r"3 of 4 free.*0000:00:04\.1 named by the "
-                                          "container already"):
+    settings = Settings(
+        sysfs=str(sriov_host.sysfs),
+        state_dir=str(sriov_host.state_dir),
+        autobind_allow=("1b36:0010",),
+    )
+    with pytest.raises(
+        DeviceError,
+        match=r"3 of 4 free.*0000:00:04\.1 named by the "
+        "container already",
+    ):
         prepare_bundle("one", b, settings, sriov_host, NoLog())
     assert read_journal_file(sriov_host).claims == {}
 
 
 def test_not_allowed_devices_are_not_free(sriov_host: Host, tmp_path: Path) -> None:
-    with pytest.raises(DeviceError, match=r"0000:00:05.0 is in IOMMU group 5 with 0000:00:05.0 "
-                                          r"on e1000e, not in the auto-bind allow-list"):
+    with pytest.raises(
+        DeviceError,
+        match=r"0000:00:05.0 is in IOMMU group 5 with 0000:00:05.0 "
+        r"on e1000e, not in the auto-bind allow-list",
+    ):
         create(sriov_host, tmp_path, "n", "8086:10d3", ("1b36:0010",))
     assert read_journal(sriov_host) == {}
 
@@ -154,15 +174,19 @@ def test_a_forged_allocated_annotation_is_replaced(sriov_host: Host, tmp_path: P
     spec = json.loads((b / "config.json").read_text())
     spec["annotations"][ALLOCATED_ANNOTATION] = "0000:00:05.0"
     (b / "config.json").write_text(json.dumps(spec))
-    settings = Settings(sysfs=str(sriov_host.sysfs), state_dir=str(sriov_host.state_dir),
-                        autobind_allow=("1b36:0010",))
+    settings = Settings(
+        sysfs=str(sriov_host.sysfs),
+        state_dir=str(sriov_host.state_dir),
+        autobind_allow=("1b36:0010",),
+    )
     prepare_bundle("f", b, settings, sriov_host, NoLog())
     annotations = json.loads((b / "config.json").read_text())["annotations"]
     assert annotations[ALLOCATED_ANNOTATION] == "0000:00:04.1"
 
 
-def test_hundred_concurrent_creates_get_distinct_devices(tmp_path: Path, fakesys: FakeSysfs,
-                                                         kernel: FakeKernel) -> None:
+def test_hundred_concurrent_creates_get_distinct_devices(
+    tmp_path: Path, fakesys: FakeSysfs, kernel: FakeKernel
+) -> None:
     """FastIOV scale on a fake host of 128 VFs: 100 creates at once, each `*1`."""
     fakesys.add_device("0000:3b:00.0", group=1, driver="igb")
     for i in range(128):

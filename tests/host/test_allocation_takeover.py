@@ -37,8 +37,10 @@ def test_the_container_asking_for_the_whole_allocation_takes_it_over(host: Host)
 
 def test_a_container_asking_for_part_of_an_allocation_is_refused(host: Host) -> None:
     claim(host, "kubernetes-allocation-0000-03-00.0", [12, 13])
-    with pytest.raises(DeviceError, match=re.escape(
-            "IOMMU group 12 is in use by container kubernetes-allocation-0000-03-00.0")):
+    with pytest.raises(
+        DeviceError,
+        match=re.escape("IOMMU group 12 is in use by container kubernetes-allocation-0000-03-00.0"),
+    ):
         claim(host, "other", [12, 14])
     assert owner_of(host, IommuGroup(12)) == "container kubernetes-allocation-0000-03-00.0"
     assert owner_of(host, IommuGroup(14)) is None  # nothing claimed for the refused one

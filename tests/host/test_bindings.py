@@ -28,8 +28,9 @@ def A(text: str) -> PciAddress:
     return PciAddress.parse(text)
 
 
-def autobind(spec: dict[str, object], host: Host, allow: tuple[str, ...], cid: str,
-             bundle: str | None = None) -> list[PciAddress]:
+def autobind(
+    spec: dict[str, object], host: Host, allow: tuple[str, ...], cid: str, bundle: str | None = None
+) -> list[PciAddress]:
     """What a container's create asks of the ledger for an io.kata-vfio.devices request."""
     return acquire(host, ContainerId.parse(cid), [], requested_addresses(spec), allow, bundle)
 
@@ -84,8 +85,11 @@ def test_pf_and_vf_in_one_group_go_together(host: Host, fakesys: FakeSysfs) -> N
 
 def test_in_use_is_refused_unless_forced(host: Host, fakesys: FakeSysfs) -> None:
     def in_use(addr: PciAddress) -> list[str]:
-        return ["interface enp6s0 is up with addresses 192.0.2.1"] if str(addr) == \
-            "0000:06:00.0" else []
+        return (
+            ["interface enp6s0 is up with addresses 192.0.2.1"]
+            if str(addr) == "0000:06:00.0"
+            else []
+        )
 
     with pytest.raises(DeviceError, match=r"0000:06:00\.0 is in use: interface enp6s0"):
         bind_group(host, A("0000:06:10.0"), ADMIN, in_use=in_use)
@@ -169,8 +173,9 @@ def test_sigkill_at_every_step_is_repaired_by_restore_all(
     assert read_journal(host) == {}
 
 
-def test_two_concurrent_creates_one_wins(host: Host, fakesys: FakeSysfs, kernel: FakeKernel,
-                                          tmp_path: Path) -> None:
+def test_two_concurrent_creates_one_wins(
+    host: Host, fakesys: FakeSysfs, kernel: FakeKernel, tmp_path: Path
+) -> None:
     def slow_write(path: Path, text: str) -> None:
         time.sleep(0.05)  # widen the race window
         kernel.write(path, text)
@@ -182,8 +187,12 @@ def test_two_concurrent_creates_one_wins(host: Host, fakesys: FakeSysfs, kernel:
         if pid == 0:
             out = tmp_path / f"result-{cid}"
             try:
-                autobind(spec_for("0000:05:01.0"), Host(host.sysfs, host.state_dir, slow_write),
-                         ("8086:*",), cid)
+                autobind(
+                    spec_for("0000:05:01.0"),
+                    Host(host.sysfs, host.state_dir, slow_write),
+                    ("8086:*",),
+                    cid,
+                )
                 out.write_text("ok")
             except DeviceError as err:
                 out.write_text(str(err))
@@ -215,9 +224,11 @@ def test_network_use_is_seen_on_real_interfaces() -> None:
         assert network_uses("kvfio-t0") == ["interface kvfio-t0 is up with addresses 192.0.2.10"]
         ip("link", "add", "kvfio-br0", "type", "bridge")
         ip("link", "set", "kvfio-t1", "master", "kvfio-br0")
-        assert network_uses("kvfio-t1") == ["interface kvfio-t1 is a member of bridge "
-                                            "kvfio-br0, which is down (ip link set kvfio-t1 "
-                                            "nomaster frees it)"]
+        assert network_uses("kvfio-t1") == [
+            "interface kvfio-t1 is a member of bridge "
+            "kvfio-br0, which is down (ip link set kvfio-t1 "
+            "nomaster frees it)"
+        ]
         assert network_uses("kvfio-nonexistent") == []
     finally:
         subprocess.run(["ip", "link", "del", "kvfio-t0"], check=False)
@@ -249,8 +260,7 @@ def test_sigkill_during_a_concurrent_bind_of_eight(
     if pid == 0:
         dying = Host(host.sysfs, host.state_dir, dying_writer(kernel, die_after_writes))
         try:
-            bind_groups(dying, [A(f"0000:{0x40 + i:02x}:00.0") for i in range(CONCURRENT)],
-                        ADMIN)
+            bind_groups(dying, [A(f"0000:{0x40 + i:02x}:00.0") for i in range(CONCURRENT)], ADMIN)
         finally:
             os._exit(0)
     _, status = os.waitpid(pid, 0)
@@ -275,11 +285,13 @@ def test_a_bind_of_eight_groups_reads_and_writes_the_journal_once(
     host = Host(fakesys.root, tmp_path / "state", kernel.write)
     calls: list[str] = []
     read, write = ledger.read_journal_file, ledger._write_journal_file
-    monkeypatch.setattr(ledger, "read_journal_file",
-                        lambda h, **kw: calls.append("read") or read(h, **kw))
+    monkeypatch.setattr(
+        ledger, "read_journal_file", lambda h, **kw: calls.append("read") or read(h, **kw)
+    )
     monkeypatch.setattr(bindings, "read_journal_file", ledger.read_journal_file)
-    monkeypatch.setattr(ledger, "_write_journal_file",
-                        lambda h, j: calls.append("write") or write(h, j))
+    monkeypatch.setattr(
+        ledger, "_write_journal_file", lambda h, j: calls.append("write") or write(h, j)
+    )
     bind_groups(host, [A(f"0000:{0x40 + i:02x}:00.0") for i in range(CONCURRENT)], ADMIN)
     assert calls == ["read", "write"]
     assert set(drivers(fakesys).values()) == {"vfio-pci"}
@@ -309,8 +321,7 @@ def test_sigkill_during_a_concurrent_restore_of_eight(
     pid = os.fork()
     if pid == 0:
         try:
-            restore_all(Host(host.sysfs, host.state_dir,
-                             dying_writer(kernel, die_after_writes)))
+            restore_all(Host(host.sysfs, host.state_dir, dying_writer(kernel, die_after_writes)))
         finally:
             os._exit(0)
     _, status = os.waitpid(pid, 0)

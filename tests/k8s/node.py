@@ -48,9 +48,14 @@ BUSYBOX_IMAGE = "kata-vfio.test/busybox:1"
 APPLETS = ("sh", "cat", "stat", "sleep", "ls", "echo", "true", "env", "test")
 # What the kubelet writes at start unless it finds it so (its container manager's kernel
 # tunables); inside its own mount namespace these are bind mounts of private copies
-KERNEL_TUNABLES = ("vm/overcommit_memory", "vm/panic_on_oom", "kernel/panic",
-                   "kernel/panic_on_oops", "kernel/keys/root_maxkeys",
-                   "kernel/keys/root_maxbytes")
+KERNEL_TUNABLES = (
+    "vm/overcommit_memory",
+    "vm/panic_on_oom",
+    "kernel/panic",
+    "kernel/panic_on_oops",
+    "kernel/keys/root_maxkeys",
+    "kernel/keys/root_maxbytes",
+)
 CGROUP_V1 = Path("/sys/fs/cgroup")
 DEVICE_PLUGINS = Path("/var/lib/kubelet/device-plugins")  # fixed in the kubelet
 
@@ -60,8 +65,15 @@ class NodeError(Exception):
 
 
 # -- images ---------------------------------------------------------------------------------
-def _tar_add(tar: tarfile.TarFile, name: str, data: bytes | None = None, *,
-             kind: bytes = tarfile.REGTYPE, mode: int = 0o755, link: str = "") -> None:
+def _tar_add(
+    tar: tarfile.TarFile,
+    name: str,
+    data: bytes | None = None,
+    *,
+    kind: bytes = tarfile.REGTYPE,
+    mode: int = 0o755,
+    link: str = "",
+) -> None:
     info = tarfile.TarInfo(name)
     info.type, info.mode, info.mtime, info.linkname = kind, mode, 0, link
     info.size = len(data or b"")
@@ -90,22 +102,34 @@ def oci_archive(out: Path, ref: str, layer: bytes, entrypoint: list[str] | None)
         return {"digest": digest, "size": len(data)}
 
     layer_desc = blob(layer)
-    config = {"architecture": "amd64", "os": "linux",
-              "config": {"Env": ["PATH=/bin"], **({"Entrypoint": entrypoint} if entrypoint
-                                                  else {})},
-              "rootfs": {"type": "layers", "diff_ids": [layer_desc["digest"]]}}
+    config = {
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Env": ["PATH=/bin"], **({"Entrypoint": entrypoint} if entrypoint else {})},
+        "rootfs": {"type": "layers", "diff_ids": [layer_desc["digest"]]},
+    }
     config_desc = blob(json.dumps(config).encode())
-    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                           **config_desc},
-                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
-                            **layer_desc}]}
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **config_desc},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", **layer_desc}],
+    }
     manifest_desc = blob(json.dumps(manifest).encode())
-    index = {"schemaVersion": 2, "manifests": [{
-        "mediaType": "application/vnd.oci.image.manifest.v1+json", **manifest_desc,
-        "platform": {"architecture": "amd64", "os": "linux"},
-        "annotations": {"io.containerd.image.name": ref,
-                        "org.opencontainers.image.ref.name": ref.rsplit(":", 1)[1]}}]}
+    index = {
+        "schemaVersion": 2,
+        "manifests": [
+            {
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                **manifest_desc,
+                "platform": {"architecture": "amd64", "os": "linux"},
+                "annotations": {
+                    "io.containerd.image.name": ref,
+                    "org.opencontainers.image.ref.name": ref.rsplit(":", 1)[1],
+                },
+            }
+        ],
+    }
     with tarfile.open(out, "w") as tar:
         _tar_add(tar, "oci-layout", b'{"imageLayoutVersion":"1.0.0"}', mode=0o644)
         _tar_add(tar, "index.json", json.dumps(index).encode(), mode=0o644)
@@ -132,50 +156,71 @@ def containerd_config(top: Path, sock: Path, cdi_dir: Path | None = None) -> str
     cdi = [f"  enable_cdi = {'true' if cdi_dir else 'false'}"]
     if cdi_dir is not None:
         cdi.append(f'  cdi_spec_dirs = ["{cdi_dir}"]')
-    return "\n".join([
-        "version = 2",
-        f'root = "{top / "root"}"', f'state = "{top / "state"}"',
-        f'[grpc]\n  address = "{sock}"', f'[ttrpc]\n  address = "{sock}.ttrpc"',
-        f'[debug]\n  address = "{sock}.debug"',
-        f"[{cri}]",
-        f'  sandbox_image = "{PAUSE_IMAGE}"',
-        '  stream_server_address = "127.0.0.1"', '  stream_server_port = "0"',
-        *cdi,
-        # no CAP_SYS_RESOURCE on this machine: a container may not get a lower
-        # oom_score_adj than containerd's (the kubelet asks -998 for sandboxes)
-        "  restrict_oom_score_adj = true",
-        f"[{cri}.containerd]",
-        '  default_runtime_name = "kata-vfio"', '  snapshotter = "overlayfs"',
-        f"[{cri}.cni]",
-        f'  bin_dir = "{top / "cni-bin"}"', f'  conf_dir = "{top / "cni-conf"}"',
-        "",
-    ])
+    return "\n".join(
+        [
+            "version = 2",
+            f'root = "{top / "root"}"',
+            f'state = "{top / "state"}"',
+            f'[grpc]\n  address = "{sock}"',
+            f'[ttrpc]\n  address = "{sock}.ttrpc"',
+            f'[debug]\n  address = "{sock}.debug"',
+            f"[{cri}]",
+            f'  sandbox_image = "{PAUSE_IMAGE}"',
+            '  stream_server_address = "127.0.0.1"',
+            '  stream_server_port = "0"',
+            *cdi,
+            # no CAP_SYS_RESOURCE on this machine: a container may not get a lower
+            # oom_score_adj than containerd's (the kubelet asks -998 for sandboxes)
+            "  restrict_oom_score_adj = true",
+            f"[{cri}.containerd]",
+            '  default_runtime_name = "kata-vfio"',
+            '  snapshotter = "overlayfs"',
+            f"[{cri}.cni]",
+            f'  bin_dir = "{top / "cni-bin"}"',
+            f'  conf_dir = "{top / "cni-conf"}"',
+            "",
+        ]
+    )
 
 
 def kubelet_config(node: KubeletNode) -> dict[str, Any]:
     return {
-        "apiVersion": "kubelet.config.k8s.io/v1beta1", "kind": "KubeletConfiguration",
-        "staticPodPath": str(node.manifests), "fileCheckFrequency": "1s",
+        "apiVersion": "kubelet.config.k8s.io/v1beta1",
+        "kind": "KubeletConfiguration",
+        "staticPodPath": str(node.manifests),
+        "fileCheckFrequency": "1s",
         "syncFrequency": "5s",
         "containerRuntimeEndpoint": f"unix://{node.containerd_sock}",
         "imageServiceEndpoint": f"unix://{node.containerd_sock}",
         # no systemd here (the machine's init is not systemd): containerd's runc shim
         # without options uses cgroupfs too
-        "cgroupDriver": "cgroupfs", "cgroupRoot": node.cgroup_root,
-        "failSwapOn": False, "failCgroupV1": False,
-        "address": "127.0.0.1", "port": node.port, "readOnlyPort": node.read_only_port,
-        "healthzBindAddress": "127.0.0.1", "healthzPort": node.healthz_port,
+        "cgroupDriver": "cgroupfs",
+        "cgroupRoot": node.cgroup_root,
+        "failSwapOn": False,
+        "failCgroupV1": False,
+        "address": "127.0.0.1",
+        "port": node.port,
+        "readOnlyPort": node.read_only_port,
+        "healthzBindAddress": "127.0.0.1",
+        "healthzPort": node.healthz_port,
         "authentication": {"anonymous": {"enabled": True}, "webhook": {"enabled": False}},
         "authorization": {"mode": "AlwaysAllow"},
         "podLogsDir": str(node.top / "pod-logs"),
         "volumePluginDir": str(node.top / "volume-plugins"),
-        "makeIPTablesUtilChains": False, "hairpinMode": "none",
+        "makeIPTablesUtilChains": False,
+        "hairpinMode": "none",
         "resolvConf": "/etc/resolv.conf",
         # the machine's disks and memory belong to others too: never evict, never GC
-        "evictionHard": {"memory.available": "1Mi", "nodefs.available": "1%",
-                         "imagefs.available": "1%", "nodefs.inodesFree": "1%"},
-        "imageGCHighThresholdPercent": 100, "imageGCLowThresholdPercent": 99,
-        "shutdownGracePeriod": "0s", "registerNode": False,
+        "evictionHard": {
+            "memory.available": "1Mi",
+            "nodefs.available": "1%",
+            "imagefs.available": "1%",
+            "nodefs.inodesFree": "1%",
+        },
+        "imageGCHighThresholdPercent": 100,
+        "imageGCLowThresholdPercent": 99,
+        "shutdownGracePeriod": "0s",
+        "registerNode": False,
         "serializeImagePulls": False,
     }
 
@@ -185,9 +230,9 @@ def kubelet_config(node: KubeletNode) -> dict[str, Any]:
 class KubeletNode:
     top: Path
     fs: FakeSysfs
-    bins: Path                      # kubelet and crictl (tests/k8s/build.py)
-    shim: Path                      # containerd-shim-kata-vfio-v2
-    ctl: Path                       # kata-vfio-ctl
+    bins: Path  # kubelet and crictl (tests/k8s/build.py)
+    shim: Path  # containerd-shim-kata-vfio-v2
+    ctl: Path  # kata-vfio-ctl
     containerd_bins: Path | None = None  # containerd 2's (build.py --containerd); None: PATH's
     state_dir: Path = field(init=False)
     log_file: Path = field(init=False)
@@ -210,8 +255,14 @@ class KubeletNode:
         self.root_dir = self.top / "kubelet"
         self.containerd_sock = self.top / "containerd.sock"
         self.cgroup_root = f"/kata-vfio-kubelet-{os.getpid()}-{self.top.name}"
-        for d in (self.manifests, self.root_dir, self.top / "cni-bin", self.top / "cni-conf",
-                  self.top / "pod-logs", self.top / "volume-plugins"):
+        for d in (
+            self.manifests,
+            self.root_dir,
+            self.top / "cni-bin",
+            self.top / "cni-conf",
+            self.top / "pod-logs",
+            self.top / "volume-plugins",
+        ):
             d.mkdir(parents=True, exist_ok=True)
 
     # -- paths the tests use
@@ -231,8 +282,9 @@ class KubeletNode:
     # -- starting and stopping
     def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
         log = open(self.top / f"{name}.log", "ab")  # noqa: SIM115
-        proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         self._procs.append((proc, log))
         return proc
 
@@ -242,10 +294,12 @@ class KubeletNode:
 
     def start_containerd(self) -> None:
         config = self.top / "kata-vfio.toml"
-        config.write_text(f'shim = "containerd-shim-runc-v2"\nsysfs = "{self.fs.root}"\n'
-                          f'log_file = "{self.log_file}"\nstate_dir = "{self.state_dir}"\n'
-                          # runc stands in for Kata: it cannot raise RLIMIT_MEMLOCK here
-                          'raise_memlock = false\n')
+        config.write_text(
+            f'shim = "containerd-shim-runc-v2"\nsysfs = "{self.fs.root}"\n'
+            f'log_file = "{self.log_file}"\nstate_dir = "{self.state_dir}"\n'
+            # runc stands in for Kata: it cannot raise RLIMIT_MEMLOCK here
+            "raise_memlock = false\n"
+        )
         # containerd 1.6 ignores the runtime_path kata-vfio-ctl writes (1.7 reads it) and
         # looks for containerd-shim-kata-vfio-v2 on its PATH
         bindir = self.top / "bin"
@@ -257,18 +311,30 @@ class KubeletNode:
         # in the sandbox's shim without running any shim binary, the wrapper included.
         # Debian's (1.6) answers with a plain address (as shims on containerd 1.x's shim
         # library do), so containerd 2 runs the wrapper for every container
-        self.env = {"PATH": f"{bindir}:{path}", "KATA_VFIO_CONFIG": str(config),
-                    "HOME": str(self.top)}
+        self.env = {
+            "PATH": f"{bindir}:{path}",
+            "KATA_VFIO_CONFIG": str(config),
+            "HOME": str(self.top),
+        }
         conf = self.top / "containerd.toml"
         if self.cdi_dir is not None:
             self.cdi_dir.mkdir(exist_ok=True)
         conf.write_text(containerd_config(self.top, self.containerd_sock, self.cdi_dir))
         # the runtime table is the one users get from kata-vfio-ctl
-        subprocess.run([str(self.ctl), "containerd-register", "--conf", str(conf),
-                        "--shim-path", str(self.shim)], check=True, capture_output=True,
-                       env=self.env)
-        binary = str(self.containerd_bins / "containerd") if self.containerd_bins else \
-            "containerd"
+        subprocess.run(
+            [
+                str(self.ctl),
+                "containerd-register",
+                "--conf",
+                str(conf),
+                "--shim-path",
+                str(self.shim),
+            ],
+            check=True,
+            capture_output=True,
+            env=self.env,
+        )
+        binary = str(self.containerd_bins / "containerd") if self.containerd_bins else "containerd"
         proc = self._spawn("containerd", [binary, "--config", str(conf)])
         deadline = time.monotonic() + 60
         while self.ctr("version").returncode != 0:
@@ -278,10 +344,8 @@ class KubeletNode:
                 raise NodeError("containerd did not come up:\n" + self.log_tail("containerd"))
             time.sleep(0.2)
         layer = busybox_layer()
-        for ref, entrypoint in ((PAUSE_IMAGE, ["/bin/sleep", "2147483647"]),
-                                (BUSYBOX_IMAGE, None)):
-            archive = oci_archive(self.top / f"{ref.split('/')[1]}.tar", ref, layer,
-                                  entrypoint)
+        for ref, entrypoint in ((PAUSE_IMAGE, ["/bin/sleep", "2147483647"]), (BUSYBOX_IMAGE, None)):
+            archive = oci_archive(self.top / f"{ref.split('/')[1]}.tar", ref, layer, entrypoint)
             result = self.ctr("-n", NAMESPACE, "images", "import", str(archive))
             if result.returncode != 0:
                 raise NodeError(f"ctr images import {archive}: {result.stderr.strip()}")
@@ -309,19 +373,29 @@ class KubeletNode:
                 self._created.append(d)
         script.append(f"mount --bind {self.device_plugins} {DEVICE_PLUGINS}")
         script.append('exec "$@"')
-        cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-               "\n".join(script), "kubelet",
-               str(self.bins / "kubelet"), f"--config={config}",
-               f"--root-dir={self.root_dir}", f"--cert-dir={self.top / 'pki'}",
-               f"--hostname-override={NODE_NAME}", "--v=2"]
+        cmd = [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            "\n".join(script),
+            "kubelet",
+            str(self.bins / "kubelet"),
+            f"--config={config}",
+            f"--root-dir={self.root_dir}",
+            f"--cert-dir={self.top / 'pki'}",
+            f"--hostname-override={NODE_NAME}",
+            "--v=2",
+        ]
         self.kubelet_proc = self._spawn("kubelet", cmd)
         deadline = time.monotonic() + 120
         while not self.healthy():
             if self.kubelet_proc.poll() is not None:
                 raise NodeError("the kubelet exited:\n" + self.log_tail("kubelet"))
             if time.monotonic() > deadline:
-                raise NodeError("the kubelet did not become healthy:\n"
-                                + self.log_tail("kubelet"))
+                raise NodeError("the kubelet did not become healthy:\n" + self.log_tail("kubelet"))
             time.sleep(0.5)
 
     def stop_kubelet(self) -> None:
@@ -343,9 +417,14 @@ class KubeletNode:
             with contextlib.suppress(Exception):
                 # stopped is enough: the sandboxes are removed below (the kubelet takes
                 # its time to remove those of static pods, 30 s and more)
-                self.wait_for(lambda: all(p["state"] == "SANDBOX_NOTREADY" for p in
-                                          self.crictl_json("pods", "-o", "json")["items"]),
-                              30, "the kubelet to stop its pods")
+                self.wait_for(
+                    lambda: all(
+                        p["state"] == "SANDBOX_NOTREADY"
+                        for p in self.crictl_json("pods", "-o", "json")["items"]
+                    ),
+                    30,
+                    "the kubelet to stop its pods",
+                )
         self.stop_kubelet()
         with contextlib.suppress(Exception):
             for pod in self.crictl_json("pods", "-q", raw=True).split():
@@ -374,8 +453,11 @@ class KubeletNode:
     def _hierarchies(self) -> list[Path]:
         if not CGROUP_V1.is_dir():
             return []
-        return [p for p in CGROUP_V1.iterdir() if p.is_dir() and not p.is_symlink()
-                and (p / "cgroup.procs").exists()]
+        return [
+            p
+            for p in CGROUP_V1.iterdir()
+            if p.is_dir() and not p.is_symlink() and (p / "cgroup.procs").exists()
+        ]
 
     def make_cgroup_root(self) -> None:
         for hierarchy in self._hierarchies():
@@ -390,8 +472,9 @@ class KubeletNode:
             top = hierarchy / self.cgroup_root.lstrip("/")
             if not top.is_dir():
                 continue
-            for d in sorted((p for p in top.rglob("*") if p.is_dir()),
-                            key=lambda p: len(p.parts), reverse=True):
+            for d in sorted(
+                (p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True
+            ):
                 with contextlib.suppress(OSError):
                     d.rmdir()
             with contextlib.suppress(OSError):
@@ -400,17 +483,33 @@ class KubeletNode:
     # -- looking at it
     def ctr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         ctr = str(self.containerd_bins / "ctr") if self.containerd_bins else "ctr"
-        return subprocess.run([ctr, "--address", str(self.containerd_sock), *args],
-                              env=self.env, text=True, capture_output=True, timeout=timeout)
+        return subprocess.run(
+            [ctr, "--address", str(self.containerd_sock), *args],
+            env=self.env,
+            text=True,
+            capture_output=True,
+            timeout=timeout,
+        )
 
     def crictl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         config = self.top / "crictl.yaml"
         if not config.exists():
-            config.write_text(json.dumps({"runtime-endpoint": f"unix://{self.containerd_sock}",
-                                          "image-endpoint": f"unix://{self.containerd_sock}",
-                                          "timeout": 30}))
-        return subprocess.run([str(self.bins / "crictl"), "--config", str(config), *args],
-                              env=self.env, text=True, capture_output=True, timeout=timeout)
+            config.write_text(
+                json.dumps(
+                    {
+                        "runtime-endpoint": f"unix://{self.containerd_sock}",
+                        "image-endpoint": f"unix://{self.containerd_sock}",
+                        "timeout": 30,
+                    }
+                )
+            )
+        return subprocess.run(
+            [str(self.bins / "crictl"), "--config", str(config), *args],
+            env=self.env,
+            text=True,
+            capture_output=True,
+            timeout=timeout,
+        )
 
     def crictl_json(self, *args: str, raw: bool = False) -> Any:
         result = self.crictl(*args)
@@ -420,16 +519,18 @@ class KubeletNode:
 
     def healthy(self) -> bool:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.healthz_port}/healthz",
-                                        timeout=2) as r:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{self.healthz_port}/healthz", timeout=2
+            ) as r:
                 return bool(r.status == 200)
         except OSError:
             return False
 
     def kubelet_pods(self) -> list[dict[str, Any]]:
         """The pods the kubelet itself reports (its read-only port's /pods)."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.read_only_port}/pods",
-                                    timeout=10) as r:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{self.read_only_port}/pods", timeout=10
+        ) as r:
             return list(json.load(r)["items"] or [])  # null before the first pod
 
     def ledger(self) -> Any:
@@ -455,21 +556,36 @@ class KubeletNode:
         return [json.loads(line) for line in self.log_file.read_text().splitlines() if line]
 
     # -- pods
-    def write_pod(self, name: str, command: list[str], *,
-                  annotations: dict[str, str] | None = None,
-                  limits: dict[str, str] | None = None,
-                  restart: str = "Never") -> Path:
+    def write_pod(
+        self,
+        name: str,
+        command: list[str],
+        *,
+        annotations: dict[str, str] | None = None,
+        limits: dict[str, str] | None = None,
+        restart: str = "Never",
+    ) -> Path:
         """A static pod of one container `app` on the host's network."""
-        container: dict[str, Any] = {"name": "app", "image": BUSYBOX_IMAGE,
-                                     "imagePullPolicy": "Never", "command": command}
+        container: dict[str, Any] = {
+            "name": "app",
+            "image": BUSYBOX_IMAGE,
+            "imagePullPolicy": "Never",
+            "command": command,
+        }
         if limits:
             container["resources"] = {"limits": limits}
-        pod = {"apiVersion": "v1", "kind": "Pod",
-               "metadata": {"name": name, "namespace": "default",
-                            "annotations": annotations or {}},
-               "spec": {"hostNetwork": True, "dnsPolicy": "Default",
-                        "restartPolicy": restart, "terminationGracePeriodSeconds": 1,
-                        "containers": [container]}}
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name, "namespace": "default", "annotations": annotations or {}},
+            "spec": {
+                "hostNetwork": True,
+                "dnsPolicy": "Default",
+                "restartPolicy": restart,
+                "terminationGracePeriodSeconds": 1,
+                "containers": [container],
+            },
+        }
         path = self.manifests / f"{name}.json"
         tmp = self.top / f".{name}.json"  # the kubelet reads every file there: move in whole
         tmp.write_text(json.dumps(pod))
@@ -480,16 +596,18 @@ class KubeletNode:
         (self.manifests / f"{name}.json").unlink()
 
     def sandbox(self, name: str) -> dict[str, Any] | None:
-        pods = self.crictl_json("pods", "--label", f"io.kubernetes.pod.name={name}-{NODE_NAME}",
-                                "-o", "json")["items"]
+        pods = self.crictl_json(
+            "pods", "--label", f"io.kubernetes.pod.name={name}-{NODE_NAME}", "-o", "json"
+        )["items"]
         return pods[0] if pods else None
 
     def container(self, name: str, container: str = "app") -> dict[str, Any] | None:
         sandbox = self.sandbox(name)
         if sandbox is None:
             return None
-        items = self.crictl_json("ps", "-a", "--pod", sandbox["id"], "--name",
-                                 f"^{container}$", "-o", "json")["containers"]
+        items = self.crictl_json(
+            "ps", "-a", "--pod", sandbox["id"], "--name", f"^{container}$", "-o", "json"
+        )["containers"]
         return items[0] if items else None
 
     def wait_for(self, check: Any, timeout: float, what: str) -> Any:
@@ -499,14 +617,17 @@ class KubeletNode:
             if value:
                 return value
             if time.monotonic() > deadline:
-                raise NodeError(f"timed out after {timeout:.0f} s waiting for {what}\n"
-                                "kubelet: " + self.log_tail("kubelet", 4000))
+                raise NodeError(
+                    f"timed out after {timeout:.0f} s waiting for {what}\n"
+                    "kubelet: " + self.log_tail("kubelet", 4000)
+                )
             time.sleep(0.2)
 
     def wait_exited(self, name: str, timeout: float = 120) -> dict[str, Any]:
         def exited() -> dict[str, Any] | None:
             c = self.container(name)
             return c if c is not None and c["state"] == "CONTAINER_EXITED" else None
+
         return self.wait_for(exited, timeout, f"pod {name}'s container to exit")  # type: ignore[no-any-return]
 
     def log_files(self, name: str, container: str = "app") -> list[Path]:
@@ -515,8 +636,9 @@ class KubeletNode:
         pattern = f"default_{name}-{NODE_NAME}_*/{container}/*.log"
         return sorted((self.top / "pod-logs").glob(pattern))
 
-    def first_line_seconds(self, name: str, command: list[str], timeout: float = 120,
-                           **pod: Any) -> tuple[float, str]:
+    def first_line_seconds(
+        self, name: str, command: list[str], timeout: float = 120, **pod: Any
+    ) -> tuple[float, str]:
         """Seconds from writing a static pod's manifest to its container's first output
         line in the kubelet's log file, and that line (for the benchmark)."""
         started = time.monotonic()
@@ -529,8 +651,9 @@ class KubeletNode:
                     # CRI log line: <time> <stream> <P|F> <text>
                     return time.monotonic() - started, text.split("\n")[0].split(" ", 3)[-1]
             time.sleep(0.01)
-        raise NodeError(f"pod {name} printed nothing in {timeout:.0f} s\n"
-                        + self.log_tail("kubelet", 3000))
+        raise NodeError(
+            f"pod {name} printed nothing in {timeout:.0f} s\n" + self.log_tail("kubelet", 3000)
+        )
 
     def logs(self, container_id: str) -> str:
         result = self.crictl("logs", container_id)
@@ -560,14 +683,16 @@ def _shims_of(sock: Path) -> list[int]:
 def _unmount_under(top: Path) -> None:
     """containerd's overlay and shm mounts of this node's pods, innermost first."""
     mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
-    for target in sorted((m for m in mounts if m.startswith(str(top) + "/")),
-                         key=len, reverse=True):
+    for target in sorted(
+        (m for m in mounts if m.startswith(str(top) + "/")), key=len, reverse=True
+    ):
         subprocess.run(["umount", "-l", target], capture_output=True)
 
 
 @contextlib.contextmanager
-def running_node(top: Path, fs: FakeSysfs, bins: Path, shim: Path, ctl: Path,
-                 containerd_bins: Path | None = None) -> Iterator[KubeletNode]:
+def running_node(
+    top: Path, fs: FakeSysfs, bins: Path, shim: Path, ctl: Path, containerd_bins: Path | None = None
+) -> Iterator[KubeletNode]:
     node = KubeletNode(top, fs, bins, shim, ctl, containerd_bins)
     try:
         node.start_containerd()
@@ -578,8 +703,9 @@ def running_node(top: Path, fs: FakeSysfs, bins: Path, shim: Path, ctl: Path,
 
 
 def kubelet_version(bins: Path) -> str:
-    return subprocess.run([str(bins / "kubelet"), "--version"], capture_output=True,
-                          text=True).stdout.strip()
+    return subprocess.run(
+        [str(bins / "kubelet"), "--version"], capture_output=True, text=True
+    ).stdout.strip()
 
 
 def require_tools() -> str | None:

@@ -43,9 +43,11 @@ class KataPlugin:
         self.vfio_dev = top / "dev-vfio"
         self.log_path = top / "device-plugin.log"
         base = (top / "kata-vfio.toml").read_text()
-        self.config.write_text(base + "\n[[device_plugin.resource]]\n"
-                               f'name = "{self.name}"\nselect = "{self.select}"\n'
-                               + ("cdi = true\n" if self.cdi_dir is not None else ""))
+        self.config.write_text(
+            base + "\n[[device_plugin.resource]]\n"
+            f'name = "{self.name}"\nselect = "{self.select}"\n'
+            + ("cdi = true\n" if self.cdi_dir is not None else "")
+        )
         self.make_vfio_nodes()
 
     @property
@@ -72,13 +74,26 @@ class KataPlugin:
         assert self.proc is None or self.proc.poll() is not None
         self._log = open(self.log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [str(self.node.ctl), "device-plugin", "--config", str(self.config),
-             "--kubelet-dir", str(self.node.device_plugins),
-             "--pod-resources", str(self.node.pod_resources_sock),
-             "--vfio-dev", str(self.vfio_dev), "--release-grace", str(self.release_grace),
-             *(["--cdi-dir", str(self.cdi_dir)] if self.cdi_dir is not None else [])],
-            env=self.node.env, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True)
+            [
+                str(self.node.ctl),
+                "device-plugin",
+                "--config",
+                str(self.config),
+                "--kubelet-dir",
+                str(self.node.device_plugins),
+                "--pod-resources",
+                str(self.node.pod_resources_sock),
+                "--vfio-dev",
+                str(self.vfio_dev),
+                "--release-grace",
+                str(self.release_grace),
+                *(["--cdi-dir", str(self.cdi_dir)] if self.cdi_dir is not None else []),
+            ],
+            env=self.node.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def stop(self) -> int:
         """SIGTERM, as a DaemonSet's pod is stopped; its exit status."""
@@ -107,6 +122,8 @@ class KataPlugin:
             if self.proc is not None and self.proc.poll() is not None:
                 raise AssertionError("the device plugin exited:\n" + self.log())
             if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {text!r} x{count} in the "
-                                     "device plugin's log:\n" + self.log())
+                raise AssertionError(
+                    f"timed out waiting for {text!r} x{count} in the "
+                    "device plugin's log:\n" + self.log()
+                )
             time.sleep(0.1)

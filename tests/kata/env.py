@@ -43,8 +43,9 @@ def guest_kver() -> str:
     kver = os.environ.get("KATA_VFIO_KVER")
     if kver:
         return kver
-    r = subprocess.run(["dpkg-query", "-W", "-f=${Depends}", "linux-image-amd64"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["dpkg-query", "-W", "-f=${Depends}", "linux-image-amd64"], capture_output=True, text=True
+    )
     m = re.search(r"linux-image-(\d[^ ,]*)", r.stdout)
     return m.group(1) if m else os.uname().release
 
@@ -57,6 +58,7 @@ def annotation(*addresses: str) -> list[str]:
 @dataclass
 class Streamed:
     """A `podman run` read line by line: each line with the seconds since the start."""
+
     returncode: int
     lines: list[tuple[float, str]]
     cid: str
@@ -80,21 +82,30 @@ class Kata:
     inner_log: Path
     timings: dict[str, float] = field(default_factory=dict)
 
-    def podman(self, *args: str, timeout: float = 240, stdin: str | None = None
-               ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*self.base, *args], env=self.env, text=True, input=stdin,
-                              capture_output=True, timeout=timeout)
+    def podman(
+        self, *args: str, timeout: float = 240, stdin: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*self.base, *args],
+            env=self.env,
+            text=True,
+            input=stdin,
+            capture_output=True,
+            timeout=timeout,
+        )
 
     def _cidfile(self) -> Path:
         return self.top / f"cid-{time.monotonic_ns()}"
 
-    def run(self, *args: str, timeout: float = 240) -> tuple[subprocess.CompletedProcess[str],
-                                                            str, float]:
+    def run(
+        self, *args: str, timeout: float = 240
+    ) -> tuple[subprocess.CompletedProcess[str], str, float]:
         """podman run --rm with a cid file: (result, container id, seconds)."""
         cidfile = self._cidfile()
         started = time.monotonic()
-        result = self.podman("run", "--rm", "--cidfile", str(cidfile), *ULIMITS, *args,
-                             timeout=timeout)
+        result = self.podman(
+            "run", "--rm", "--cidfile", str(cidfile), *ULIMITS, *args, timeout=timeout
+        )
         took = time.monotonic() - started
         cid = cidfile.read_text().strip() if cidfile.exists() else ""
         return result, cid, took
@@ -104,10 +115,14 @@ class Kata:
         moment `podman` was started (pass -t for line-buffered output from C programs)."""
         cidfile = self._cidfile()
         started = time.monotonic()
-        proc = subprocess.Popen([*self.base, "run", "--rm", "--cidfile", str(cidfile),
-                                 *ULIMITS, *args], env=self.env, text=True,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [*self.base, "run", "--rm", "--cidfile", str(cidfile), *ULIMITS, *args],
+            env=self.env,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         lines = []
         assert proc.stdout is not None
         try:
@@ -161,8 +176,7 @@ class Kata1Host:
     timings: dict[str, float]
 
 
-def kata1_host(wrapper_name: str, tools: dict[str, str], *, shim_v2: bool = False
-               ) -> Kata1Host:
+def kata1_host(wrapper_name: str, tools: dict[str, str], *, shim_v2: bool = False) -> Kata1Host:
     """The prerequisites and the installed Kata 1.x (Unavailable names the first one
     missing). `tools`: programs the set-up needs, each with where it comes from."""
     _check(os.geteuid() == 0, "needs root")
@@ -187,8 +201,9 @@ def environment(top: Path) -> Iterator[Kata]:
 
     console_dir, kata_config = harness.prepare_kata(top, kver, kernel, bins, timings)
     inner_log = top / "inner-runtime.log"
-    inner = harness.write_inner_runtime(top / "bin/kata-runtime-test", bins["kata-runtime"],
-                                        kata_config, inner_log)
+    inner = harness.write_inner_runtime(
+        top / "bin/kata-runtime-test", bins["kata-runtime"], kata_config, inner_log
+    )
 
     fs = FakeSysfs(top / "sys")
     for n, addr in enumerate(HOST_NICS):
@@ -196,22 +211,43 @@ def environment(top: Path) -> Iterator[Kata]:
         fs.add_vfio_group(12 + n, minor=n)
     fs.add_device(HOST_ABSENT, NVME, group=20, driver="vfio-pci", subsystem=(0x1AF4, 0x1100))
     fs.add_vfio_group(20, minor=len(HOST_NICS))
-    config, launcher = harness.write_wrapper_launcher(top, wrapper, inner, fs.root,
-                                                      HOTPLUG_TIMEOUT)
+    config, launcher = harness.write_wrapper_launcher(top, wrapper, inner, fs.root, HOTPLUG_TIMEOUT)
     conf = top / "containers.conf"
     conf.write_text('[engine]\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\n')
     # the kata-vfio settings in Kata's file and the podman registration: the product's step
-    subprocess.run([str(ctl), "install", "--kata-config", str(kata_config), "--conf", str(conf),
-                    "--runtime-path", str(launcher)],
-                   env={**os.environ, "KATA_VFIO_CONFIG": str(config)}, check=True,
-                   capture_output=True, text=True)
+    subprocess.run(
+        [
+            str(ctl),
+            "install",
+            "--kata-config",
+            str(kata_config),
+            "--conf",
+            str(conf),
+            "--runtime-path",
+            str(launcher),
+        ],
+        env={**os.environ, "KATA_VFIO_CONFIG": str(config)},
+        check=True,
+        capture_output=True,
+        text=True,
+    )
 
     env = {**os.environ, "CONTAINERS_CONF": str(conf)}
-    base_cmd = ["podman", "--root", str(top / "storage"), "--runroot", str(top / "run"),
-                "--storage-driver", "vfs", "--runtime", "kata-vfio"]
+    base_cmd = [
+        "podman",
+        "--root",
+        str(top / "storage"),
+        "--runroot",
+        str(top / "run"),
+        "--storage-driver",
+        "vfs",
+        "--runtime",
+        "kata-vfio",
+    ]
     t = time.monotonic()
-    rootfs.import_image(base_cmd, env, rootfs.busybox_rootfs(top / "busybox"),
-                        top / "busybox.tar", BUSYBOX)
+    rootfs.import_image(
+        base_cmd, env, rootfs.busybox_rootfs(top / "busybox"), top / "busybox.tar", BUSYBOX
+    )
     rootfs.import_image(base_cmd, env, rootfs.dpdk_rootfs(top / "dpdk"), top / "dpdk.tar", DPDK)
     timings["images"] = time.monotonic() - t
 

@@ -34,8 +34,7 @@ QEMU = "/usr/bin/qemu-system-x86_64"
 # hub for the 4-device benchmark (the 2-device tests get the first two: identical devices
 # are matched in address order). Placed high on the root complex, away from the slots Kata
 # gives its own devices.
-E1000E_MACS = ("52:54:00:00:00:11", "52:54:00:00:00:12", "52:54:00:00:00:13",
-               "52:54:00:00:00:14")
+E1000E_MACS = ("52:54:00:00:00:11", "52:54:00:00:00:12", "52:54:00:00:00:13", "52:54:00:00:00:14")
 E1000E_SLOTS = ("0x1a", "0x1b", "0x1c", "0x1d")
 
 
@@ -43,9 +42,13 @@ def e1000e_args(count: int = len(E1000E_MACS)) -> tuple[str, ...]:
     """QEMU arguments for `count` e1000e: pairs on one hub each (hub 0: the first two)."""
     args: list[str] = []
     for n in range(count):
-        args += ["-netdev", f"hubport,id=kvfioh{n + 1},hubid={n // 2}",
-                 "-device", f"e1000e,netdev=kvfioh{n + 1},mac={E1000E_MACS[n]},romfile=,"
-                            f"bus=pcie.0,addr={E1000E_SLOTS[n]}"]
+        args += [
+            "-netdev",
+            f"hubport,id=kvfioh{n + 1},hubid={n // 2}",
+            "-device",
+            f"e1000e,netdev=kvfioh{n + 1},mac={E1000E_MACS[n]},romfile=,"
+            f"bus=pcie.0,addr={E1000E_SLOTS[n]}",
+        ]
     return tuple(args)
 
 
@@ -68,8 +71,11 @@ def _start_syslogd(log_file: Path) -> subprocess.Popen[bytes]:
     with contextlib.suppress(FileNotFoundError):
         os.unlink("/dev/log")  # a stale socket from a killed listener
     busybox = shutil.which("busybox") or "/bin/busybox"
-    proc = subprocess.Popen([busybox, "syslogd", "-n", "-O", str(log_file)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [busybox, "syslogd", "-n", "-O", str(log_file)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 5
     while not _dev_log_alive():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -131,8 +137,12 @@ def syslog(log_file: Path) -> Iterator[Path | None]:
 # -- mount propagation ----------------------------------------------------------------
 def _propagation(path: Path) -> tuple[str, str]:
     """(target of the mount holding `path`, its propagation)."""
-    r = subprocess.run(["findmnt", "-n", "-o", "TARGET,PROPAGATION", "-T", str(path)],
-                       capture_output=True, text=True, check=True)
+    r = subprocess.run(
+        ["findmnt", "-n", "-o", "TARGET,PROPAGATION", "-T", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     target, prop = r.stdout.split()[:2]
     return target, prop
 
@@ -151,8 +161,9 @@ def shared_sandboxes() -> bool:
     if "shared" in prop.split(","):
         return False
     if target != str(SHARED_SANDBOXES):
-        subprocess.run(["mount", "--bind", str(SHARED_SANDBOXES), str(SHARED_SANDBOXES)],
-                       check=True)
+        subprocess.run(
+            ["mount", "--bind", str(SHARED_SANDBOXES), str(SHARED_SANDBOXES)], check=True
+        )
     subprocess.run(["mount", "--make-shared", str(SHARED_SANDBOXES)], check=True)
     return True
 
@@ -206,8 +217,9 @@ os.execv(QEMU, [QEMU, *out] if args[:1] != ["--version"] else [QEMU, *args])
 '''
 
 
-def write_qemu_launcher(path: Path, console_dir: Path, extra: tuple[str, ...] = E1000E_ARGS,
-                        qemu: str = QEMU) -> Path:
+def write_qemu_launcher(
+    path: Path, console_dir: Path, extra: tuple[str, ...] = E1000E_ARGS, qemu: str = QEMU
+) -> Path:
     console_dir.mkdir(parents=True, exist_ok=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(LAUNCHER.format(qemu=qemu, console_dir=str(console_dir), extra=list(extra)))
@@ -233,7 +245,7 @@ def _set(text: str, table: str, key: str, value: str) -> str:
     if target is None:
         body = f"\n{key} = {value}" + body
     else:
-        body = body[:target.start()] + f"{key} = {value}" + body[target.end():]
+        body = body[: target.start()] + f"{key} = {value}" + body[target.end() :]
     return text[:start] + body + text[end:]
 
 
@@ -243,9 +255,13 @@ def _drop(text: str, table: str, key: str) -> str:
         return text
     nxt = re.compile(r"^\[", re.M).search(text, m.end())
     end = nxt.start() if nxt else len(text)
-    body = re.sub(rf"^[ \t]*{re.escape(key)}[ \t]*=.*$", f"# {key}: removed by the kata-vfio test",
-                  text[m.end():end], flags=re.M)
-    return text[:m.end()] + body + text[end:]
+    body = re.sub(
+        rf"^[ \t]*{re.escape(key)}[ \t]*=.*$",
+        f"# {key}: removed by the kata-vfio test",
+        text[m.end() : end],
+        flags=re.M,
+    )
+    return text[: m.end()] + body + text[end:]
 
 
 def q(value: str | bool | int) -> str:
@@ -256,8 +272,16 @@ def q(value: str | bool | int) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def write_kata_config(generated: Path, out: Path, *, qemu: Path, kernel: Path, initrd: Path,
-                      binaries: dict[str, Path], debug: bool = False) -> Path:
+def write_kata_config(
+    generated: Path,
+    out: Path,
+    *,
+    qemu: Path,
+    kernel: Path,
+    initrd: Path,
+    binaries: dict[str, Path],
+    debug: bool = False,
+) -> Path:
     """Kata 1.x's generated configuration-qemu.toml with the test-only changes.
 
     Test-only: hypervisor path (the launcher), kernel, initrd instead of image, no
@@ -341,15 +365,16 @@ os.execv(KATA, [KATA, "--kata-config", CONFIG, *args])
 
 def write_inner_runtime(path: Path, kata_runtime: Path, kata_config: Path, log: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(INNER_RUNTIME.format(kata=str(kata_runtime), config=str(kata_config),
-                                         log=str(log)))
+    path.write_text(
+        INNER_RUNTIME.format(kata=str(kata_runtime), config=str(kata_config), log=str(log))
+    )
     path.chmod(0o755)
     return path
 
 
-
-def write_wrapper_launcher(top: Path, wrapper: Path, inner: Path, sysfs: Path,
-                           hotplug_timeout: float) -> tuple[Path, Path]:
+def write_wrapper_launcher(
+    top: Path, wrapper: Path, inner: Path, sysfs: Path, hotplug_timeout: float
+) -> tuple[Path, Path]:
     """The wrapper's configuration (its inner runtime, the host sysfs it sees, its log and
     state under `top`) and the launcher `top/bin/kata-vfio` that carries its path: podman
     gives runtimes a clean environment and keys runtime features by basename.
@@ -357,12 +382,14 @@ def write_wrapper_launcher(top: Path, wrapper: Path, inner: Path, sysfs: Path,
     config = top / "kata-vfio.toml"
     config.write_text(
         f'runtime = "{inner}"\nsysfs = "{sysfs}"\nlog_file = "{top / "kata-vfio.log"}"\n'
-        f'state_dir = "{top / "state"}"\nhotplug_timeout = {hotplug_timeout}\n')
+        f'state_dir = "{top / "state"}"\nhotplug_timeout = {hotplug_timeout}\n'
+    )
     launcher = top / "bin/kata-vfio"
     launcher.parent.mkdir(parents=True, exist_ok=True)
-    launcher.write_text(f"#!/bin/sh\nKATA_VFIO_CONFIG={config} exec {wrapper} \"$@\"\n")
+    launcher.write_text(f'#!/bin/sh\nKATA_VFIO_CONFIG={config} exec {wrapper} "$@"\n')
     launcher.chmod(0o755)
     return config, launcher
+
 
 # -- processes ---------------------------------------------------------------------------
 def qemu_pids(marker: str) -> list[int]:
@@ -375,8 +402,11 @@ def qemu_pids(marker: str) -> list[int]:
             cmd = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if cmd and cmd[0].endswith(b"qemu-system-x86_64") and \
-                any(marker.encode() in c for c in cmd):
+        if (
+            cmd
+            and cmd[0].endswith(b"qemu-system-x86_64")
+            and any(marker.encode() in c for c in cmd)
+        ):
             pids.append(int(entry.name))
     return pids
 
@@ -420,9 +450,20 @@ def build_guest_image(image: Path, kver: str, agent: Path) -> Path:
 
     repo = Path(__file__).resolve().parent.parent.parent
     relay = repo / "tests/kata/guest/zz-kata-vfio-test-relay"
-    cmd = [sys.executable, str(repo / "initrd/kata_image.py"), "--kver", kver,
-           "--output", str(image), "--agent", str(agent), "--add-drivers", "e1000e",
-           "--add-file", f"{relay}:/usr/share/oci/hooks/prestart/zz-kata-vfio-test-relay"]
+    cmd = [
+        sys.executable,
+        str(repo / "initrd/kata_image.py"),
+        "--kver",
+        kver,
+        "--output",
+        str(image),
+        "--agent",
+        str(agent),
+        "--add-drivers",
+        "e1000e",
+        "--add-file",
+        f"{relay}:/usr/share/oci/hooks/prestart/zz-kata-vfio-test-relay",
+    ]
     base = os.environ.get("KATA_VFIO_INITRD")
     if base and Path(base).is_file():
         cmd += ["--base-initrd", base]
@@ -430,8 +471,9 @@ def build_guest_image(image: Path, kver: str, agent: Path) -> Path:
     return image
 
 
-def prepare_kata(top: Path, kver: str, kernel: Path, bins: dict[str, Path],
-                 timings: dict[str, float]) -> tuple[Path, Path]:
+def prepare_kata(
+    top: Path, kver: str, kernel: Path, bins: dict[str, Path], timings: dict[str, float]
+) -> tuple[Path, Path]:
     """What every real-Kata test sets up under `top`: the guest image, the TCG launcher
     writing each sandbox's console into a directory, and the test configuration.
     Returns (console directory, configuration.toml)."""
@@ -443,16 +485,21 @@ def prepare_kata(top: Path, kver: str, kernel: Path, bins: dict[str, Path],
     console_dir = top / "console"
     qemu = write_qemu_launcher(top / "bin/qemu-tcg", console_dir)
     kata_config = write_kata_config(
-        bins["configuration-qemu.toml"], top / "kata/configuration.toml", qemu=qemu,
-        kernel=kernel, initrd=image, binaries=bins,
-        debug=os.environ.get("KATA_VFIO_KATA_DEBUG") == "1")
+        bins["configuration-qemu.toml"],
+        top / "kata/configuration.toml",
+        qemu=qemu,
+        kernel=kernel,
+        initrd=image,
+        binaries=bins,
+        debug=os.environ.get("KATA_VFIO_KATA_DEBUG") == "1",
+    )
     return console_dir, kata_config
 
 
-
 @contextlib.contextmanager
-def run_directory(request: object, prefix: str, what: str,
-                  drop_when_kept: tuple[str, ...] = ()) -> Iterator[Path]:
+def run_directory(
+    request: object, prefix: str, what: str, drop_when_kept: tuple[str, ...] = ()
+) -> Iterator[Path]:
     """A real-Kata test module's working directory, under /var/tmp rather than pytest's
     tmp_path (a concurrent pytest session prunes /tmp/pytest-of-<user>/ down to 3 runs and
     would delete podman's storage, launchers and configurations while VMs use them).

@@ -38,10 +38,14 @@ import sys
 import tomllib
 from pathlib import Path
 
-KATA1_CONFIGS = ("/etc/kata-containers/configuration.toml",
-                 "/usr/share/defaults/kata-containers/configuration.toml")
-KATA3_CONFIGS = ("/opt/kata/share/defaults/kata-containers/configuration-qemu.toml",
-                 "/usr/share/defaults/kata-containers/configuration-qemu.toml")
+KATA1_CONFIGS = (
+    "/etc/kata-containers/configuration.toml",
+    "/usr/share/defaults/kata-containers/configuration.toml",
+)
+KATA3_CONFIGS = (
+    "/opt/kata/share/defaults/kata-containers/configuration-qemu.toml",
+    "/usr/share/defaults/kata-containers/configuration-qemu.toml",
+)
 HOW = "see README, 'Against your Kata'"
 
 
@@ -57,8 +61,11 @@ def _given(var: str, default: str | None, what: str) -> Path:
             raise Unavailable(f"{var}={value}: no such file ({what})")
         return path
     if default:
-        found = shutil.which(default) if "/" not in default else (
-            default if Path(default).is_file() else None)
+        found = (
+            shutil.which(default)
+            if "/" not in default
+            else (default if Path(default).is_file() else None)
+        )
         if found:
             return Path(found)
     raise Unavailable(f"no {what}: set {var}=PATH ({HOW})")
@@ -76,8 +83,9 @@ def _first(var: str, candidates: tuple[str, ...], what: str) -> Path:
 def runtime_version(runtime: Path) -> tuple[int, int]:
     """(major, minor) from `kata-runtime --version` ("kata-runtime  : 1.13.0")."""
     try:
-        out = subprocess.run([str(runtime), "--version"], capture_output=True, text=True,
-                             timeout=30, check=False).stdout
+        out = subprocess.run(
+            [str(runtime), "--version"], capture_output=True, text=True, timeout=30, check=False
+        ).stdout
     except OSError as exc:
         raise Unavailable(f"{runtime} does not run: {exc}") from exc
     m = re.search(r"kata-runtime\s*:\s*(\d+)\.(\d+)", out)
@@ -107,9 +115,11 @@ def kata1(*, shim_v2: bool = False) -> dict[str, Path]:
     runtime = _given("KATA_VFIO_KATA_RUNTIME", "kata-runtime", "Kata 1.x kata-runtime")
     major, minor = runtime_version(runtime)
     if major != 1:
-        raise Unavailable(f"{runtime} is Kata {major}.{minor}: these tests need Kata 1.x's "
-                          "OCI command line (set KATA_VFIO_KATA_RUNTIME to a 1.x kata-runtime; "
-                          "a Kata >= 2 goes in KATA_VFIO_KATA3_RUNTIME)")
+        raise Unavailable(
+            f"{runtime} is Kata {major}.{minor}: these tests need Kata 1.x's "
+            "OCI command line (set KATA_VFIO_KATA_RUNTIME to a 1.x kata-runtime; "
+            "a Kata >= 2 goes in KATA_VFIO_KATA3_RUNTIME)"
+        )
     config = _first("KATA_VFIO_KATA_CONFIG", KATA1_CONFIGS, "Kata 1.x configuration.toml")
     bins = {
         "kata-runtime": runtime,
@@ -117,12 +127,14 @@ def kata1(*, shim_v2: bool = False) -> dict[str, Path]:
         "kata-shim": _config_path(config, "shim.kata", "kata-shim"),
         "kata-proxy": _config_path(config, "proxy.kata", "kata-proxy"),
         "kata-netmon": _config_path(config, "netmon", "kata-netmon"),
-        "kata-agent": _given("KATA_VFIO_KATA_AGENT", None, "Kata 1.x kata-agent for the guest "
-                             "image"),
+        "kata-agent": _given(
+            "KATA_VFIO_KATA_AGENT", None, "Kata 1.x kata-agent for the guest image"
+        ),
     }
     if shim_v2:
         bins["containerd-shim-kata-v2"] = _given(
-            "KATA_VFIO_KATA_SHIM_V2", "containerd-shim-kata-v2", "Kata 1.x containerd-shim-kata-v2")
+            "KATA_VFIO_KATA_SHIM_V2", "containerd-shim-kata-v2", "Kata 1.x containerd-shim-kata-v2"
+        )
     return bins
 
 
@@ -135,8 +147,10 @@ def kata3() -> dict[str, Path]:
     runtime = _given("KATA_VFIO_KATA3_RUNTIME", None, "Kata >= 2 kata-runtime")
     major, minor = runtime_version(runtime)
     if major < 2:
-        raise Unavailable(f"{runtime} is Kata {major}.{minor}: KATA_VFIO_KATA3_RUNTIME names "
-                          "a Kata >= 2 (a 1.x goes in KATA_VFIO_KATA_RUNTIME)")
+        raise Unavailable(
+            f"{runtime} is Kata {major}.{minor}: KATA_VFIO_KATA3_RUNTIME names "
+            "a Kata >= 2 (a 1.x goes in KATA_VFIO_KATA_RUNTIME)"
+        )
     config = _first("KATA_VFIO_KATA3_CONFIG", KATA3_CONFIGS, "Kata >= 2 configuration-qemu.toml")
     return {"kata-runtime": runtime, "configuration-qemu.toml": config}
 
@@ -144,8 +158,9 @@ def kata3() -> dict[str, Path]:
 def main() -> int:
     """Which real-Kata tests the environment allows: the marker expression on stdout."""
     markers, missing = [], []
-    if any(os.environ.get(v) for v in ("KATA_VFIO_KATA_RUNTIME", "KATA_VFIO_KATA_AGENT")) or \
-            not os.environ.get("KATA_VFIO_KATA3_RUNTIME"):
+    if any(
+        os.environ.get(v) for v in ("KATA_VFIO_KATA_RUNTIME", "KATA_VFIO_KATA_AGENT")
+    ) or not os.environ.get("KATA_VFIO_KATA3_RUNTIME"):
         try:
             kata1()
             markers.append("kata")

@@ -122,14 +122,16 @@ sys.exit(rc)
 def write_l2_launcher(path: Path, console_dir: Path) -> Path:
     console_dir.mkdir(parents=True, exist_ok=True)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(L2_LAUNCHER.format(qemu=harness.QEMU, console_dir=str(console_dir),
-                                       wait=BOOT_WAIT))
+    path.write_text(
+        L2_LAUNCHER.format(qemu=harness.QEMU, console_dir=str(console_dir), wait=BOOT_WAIT)
+    )
     path.chmod(0o755)
     return path
 
 
-def autobind_cycle(podman: list[str], penv: dict[str, str], config: Path, addr: str,
-                   console_dir: Path) -> None:
+def autobind_cycle(
+    podman: list[str], penv: dict[str, str], config: Path, addr: str, console_dir: Path
+) -> None:
     """Second cycle: no `kata-vfio-ctl bind`. The device (on e1000e again) is asked for by
     address and allowed in `[autobind]`: kata-vfio binds it itself at create, Kata hot-plugs
     it, the hook gives it to the container; `podman rm` (the wrapper's delete) gives it
@@ -138,9 +140,24 @@ def autobind_cycle(podman: list[str], penv: dict[str, str], config: Path, addr: 
     cidfile = Path("/run/kata-vfio-nested/cid-autobind")
     t = time.monotonic()
     try:
-        r = run([*podman, "run", "-d", "--cidfile", str(cidfile), "--network", "none",
-                 "--annotation", f"io.kata-vfio.devices={addr}", BUSYBOX,
-                 "sh", "-c", NODES_SCRIPT + "echo ready; exec sleep 600"], env=penv)
+        r = run(
+            [
+                *podman,
+                "run",
+                "-d",
+                "--cidfile",
+                str(cidfile),
+                "--network",
+                "none",
+                "--annotation",
+                f"io.kata-vfio.devices={addr}",
+                BUSYBOX,
+                "sh",
+                "-c",
+                NODES_SCRIPT + "echo ready; exec sleep 600",
+            ],
+            env=penv,
+        )
         rc, err = r.returncode, r.stderr
     except subprocess.TimeoutExpired as exc:
         rc, err = -1, f"timeout: {exc}"
@@ -150,16 +167,26 @@ def autobind_cycle(podman: list[str], penv: dict[str, str], config: Path, addr: 
         out = run([*podman, "logs", cid], env=penv).stdout
         time.sleep(0.5)
     step("podman run -d (auto-bind) to the container's output", time.monotonic() - t)
-    report("autobind_run", {"rc": rc, "out": out, "err": err[-4000:], "cid": cid,
-                            "driver": driver_of(addr)})
-    report("autobind_hook_log",
-           harness.relayed_hook_log(harness.console_text(console_dir, cid)) if cid else [])
+    report(
+        "autobind_run",
+        {"rc": rc, "out": out, "err": err[-4000:], "cid": cid, "driver": driver_of(addr)},
+    )
+    report(
+        "autobind_hook_log",
+        harness.relayed_hook_log(harness.console_text(console_dir, cid)) if cid else [],
+    )
     t = time.monotonic()
     r = run([*podman, "rm", "-f", "-t", "0", cid or "none"], env=penv)
     step("podman rm -f (auto-bound device given back)", time.monotonic() - t)
-    report("autobind_rm", {"rc": r.returncode, "err": r.stderr[-2000:],
-                           "driver": driver_of(addr),
-                           "qemu_left": harness.qemu_pids(str(console_dir))})
+    report(
+        "autobind_rm",
+        {
+            "rc": r.returncode,
+            "err": r.stderr[-2000:],
+            "driver": driver_of(addr),
+            "qemu_left": harness.qemu_pids(str(console_dir)),
+        },
+    )
 
 
 def main() -> int:
@@ -172,9 +199,16 @@ def main() -> int:
     venv_bin = Path(plan["venv_bin"])
     os.environ["PATH"] = f"{venv_bin}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
     addr = plan["device"]
-    report("l1", {"uname": os.uname().release, "device": addr, "driver": driver_of(addr),
-                  "iommu_groups": len(os.listdir("/sys/kernel/iommu_groups")),
-                  "kvm": os.path.exists("/dev/kvm")})  # L2 runs on it
+    report(
+        "l1",
+        {
+            "uname": os.uname().release,
+            "device": addr,
+            "driver": driver_of(addr),
+            "iommu_groups": len(os.listdir("/sys/kernel/iommu_groups")),
+            "kvm": os.path.exists("/dev/kvm"),
+        },
+    )  # L2 runs on it
     cgroup_v1()
     work = Path("/run/kata-vfio-nested")  # L1's own tmpfs: podman storage, state
     work.mkdir(parents=True, exist_ok=True)
@@ -192,12 +226,13 @@ def main() -> int:
     kata_config = top / "kata/configuration.toml"
     inner = top / "bin/kata-runtime"
     inner.parent.mkdir(parents=True, exist_ok=True)
-    inner.write_text(f"#!/bin/sh\nexec {bins['kata-runtime']} --kata-config {kata_config} "
-                     '"$@"\n')
+    inner.write_text(f'#!/bin/sh\nexec {bins["kata-runtime"]} --kata-config {kata_config} "$@"\n')
     inner.chmod(0o755)
     config = top / "kata-vfio.toml"
-    config.write_text(f'runtime = "{inner}"\nlog_file = "{top / "kata-vfio.log"}"\n'
-                      f'state_dir = "{work / "state"}"\n')
+    config.write_text(
+        f'runtime = "{inner}"\nlog_file = "{top / "kata-vfio.log"}"\n'
+        f'state_dir = "{work / "state"}"\n'
+    )
     env = {**os.environ, "KATA_VFIO_CONFIG": str(config)}
     ctl = str(venv_bin / "kata-vfio-ctl")
 
@@ -205,9 +240,15 @@ def main() -> int:
     # device comes from the real hot-plug) and paths, then `kata-vfio-ctl install`
     console_dir = top / "console"
     qemu = write_l2_launcher(top / "bin/qemu-l2", console_dir)
-    harness.write_kata_config(bins["configuration-qemu.toml"], kata_config, qemu=qemu,
-                              kernel=kernel, initrd=image,
-                              binaries=bins, debug=bool(plan.get("debug")))
+    harness.write_kata_config(
+        bins["configuration-qemu.toml"],
+        kata_config,
+        qemu=qemu,
+        kernel=kernel,
+        initrd=image,
+        binaries=bins,
+        debug=bool(plan.get("debug")),
+    )
     text = kata_config.read_text()
     hv = "hypervisor.qemu"
     text = harness._set(text, hv, "default_memory", str(L2_MEMORY_MB))
@@ -219,20 +260,41 @@ def main() -> int:
     text = harness._set(text, hv, "kernel_params", harness.q(params))
     kata_config.write_text(text)
     launcher = top / "bin/kata-vfio"
-    launcher.write_text(f"#!/bin/sh\nKATA_VFIO_CONFIG={config} exec {venv_bin / 'kata-vfio'} "
-                        '"$@"\n')
+    launcher.write_text(
+        f'#!/bin/sh\nKATA_VFIO_CONFIG={config} exec {venv_bin / "kata-vfio"} "$@"\n'
+    )
     launcher.chmod(0o755)
     conf = top / "containers.conf"
     conf.write_text('[engine]\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\n')
-    r = run([ctl, "install", "--kata-config", str(kata_config), "--conf", str(conf),
-             "--runtime-path", str(launcher)], env=env)
+    r = run(
+        [
+            ctl,
+            "install",
+            "--kata-config",
+            str(kata_config),
+            "--conf",
+            str(conf),
+            "--runtime-path",
+            str(launcher),
+        ],
+        env=env,
+    )
     report("install", {"rc": r.returncode, "err": r.stderr[-2000:]})
     if r.returncode:
         return 1
 
     penv = {**env, "CONTAINERS_CONF": str(conf)}
-    podman = ["podman", "--root", str(work / "storage"), "--runroot", str(work / "run"),
-              "--storage-driver", "vfs", "--runtime", "kata-vfio"]
+    podman = [
+        "podman",
+        "--root",
+        str(work / "storage"),
+        "--runroot",
+        str(work / "run"),
+        "--storage-driver",
+        "vfs",
+        "--runtime",
+        "kata-vfio",
+    ]
     t = time.monotonic()
     rootfs.import_image(podman, penv, Path(plan["busybox"]), work / "busybox.tar", BUSYBOX)
     step("podman import", time.monotonic() - t)
@@ -244,25 +306,51 @@ def main() -> int:
         r = run([ctl, "bind", addr], env=env)
         step("kata-vfio-ctl bind", time.monotonic() - t)
         group = os.path.basename(os.readlink(f"/sys/bus/pci/devices/{addr}/iommu_group"))
-        report("bind", {"rc": r.returncode, "out": r.stdout[-2000:], "err": r.stderr[-2000:],
-                        "driver": driver_of(addr), "group": group,
-                        "node": os.path.exists(f"/dev/vfio/{group}")})
+        report(
+            "bind",
+            {
+                "rc": r.returncode,
+                "out": r.stdout[-2000:],
+                "err": r.stderr[-2000:],
+                "driver": driver_of(addr),
+                "group": group,
+                "node": os.path.exists(f"/dev/vfio/{group}"),
+            },
+        )
         if r.returncode:
             return 1
         cidfile = work / "cid"
         t = time.monotonic()
         try:
-            r = run([*podman, "run", "--rm", "--cidfile", str(cidfile), "--network", "none",
-                     "--device", f"/dev/vfio/{group}", BUSYBOX, "sh", "-c", NODES_SCRIPT],
-                    env=penv, timeout=300)
+            r = run(
+                [
+                    *podman,
+                    "run",
+                    "--rm",
+                    "--cidfile",
+                    str(cidfile),
+                    "--network",
+                    "none",
+                    "--device",
+                    f"/dev/vfio/{group}",
+                    BUSYBOX,
+                    "sh",
+                    "-c",
+                    NODES_SCRIPT,
+                ],
+                env=penv,
+                timeout=300,
+            )
             rc, out, err = r.returncode, r.stdout, r.stderr
         except subprocess.TimeoutExpired as exc:
             rc, out, err = -1, str(exc.stdout or ""), f"timeout: {exc}"
         step("podman run --rm (1 real VFIO device)", time.monotonic() - t)
         cid = cidfile.read_text().strip() if cidfile.exists() else ""
         report("run", {"rc": rc, "out": out, "err": err[-4000:], "cid": cid})
-        report("hook_log", harness.relayed_hook_log(harness.console_text(console_dir, cid))
-               if cid else [])
+        report(
+            "hook_log",
+            harness.relayed_hook_log(harness.console_text(console_dir, cid)) if cid else [],
+        )
         report("qemu_left", harness.qemu_pids(str(console_dir)))
         if rc != 0:
             r = run(["dmesg"])
@@ -271,8 +359,15 @@ def main() -> int:
         t = time.monotonic()
         r = run([ctl, "restore", addr], env=env)
         step("kata-vfio-ctl restore", time.monotonic() - t)
-        report("restore", {"rc": r.returncode, "out": r.stdout[-2000:],
-                           "err": r.stderr[-2000:], "driver": driver_of(addr)})
+        report(
+            "restore",
+            {
+                "rc": r.returncode,
+                "out": r.stdout[-2000:],
+                "err": r.stderr[-2000:],
+                "driver": driver_of(addr),
+            },
+        )
         if rc == 0 and driver_of(addr) == "e1000e":
             autobind_cycle(podman, penv, config, addr, console_dir)
     step("L1 script", time.monotonic() - started)

@@ -11,9 +11,32 @@ import subprocess
 import sys
 from pathlib import Path
 
-BUSYBOX_APPLETS = ("sh", "cat", "stat", "sleep", "ls", "echo", "grep", "head", "tail",
-                   "mkdir", "ps", "kill", "timeout", "wc", "dd", "test", "[", "true", "false",
-                   "env", "mount", "readlink", "find", "sed")
+BUSYBOX_APPLETS = (
+    "sh",
+    "cat",
+    "stat",
+    "sleep",
+    "ls",
+    "echo",
+    "grep",
+    "head",
+    "tail",
+    "mkdir",
+    "ps",
+    "kill",
+    "timeout",
+    "wc",
+    "dd",
+    "test",
+    "[",
+    "true",
+    "false",
+    "env",
+    "mount",
+    "readlink",
+    "find",
+    "sed",
+)
 PMD_DIR = "/usr/lib/x86_64-linux-gnu/dpdk/pmds-23.0"
 # The only plugins EAL finds in the image (EAL dlopens every .so in its driver directory;
 # fewer is faster under TCG): PCI bus, vdev bus, the e1000/e1000e PMD, the ring mempool.
@@ -25,8 +48,12 @@ def ensure_dpdk() -> None:
     if shutil.which("dpdk-testpmd"):
         return
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *DPDK_APT],
-                   check=True, env=env, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        ["apt-get", "install", "-y", "-q", "--no-install-recommends", *DPDK_APT],
+        check=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
 
 
 def _copy(src: str | Path, root: Path) -> None:
@@ -100,12 +127,10 @@ def dpdk_rootfs(root: Path) -> Path:
     return root
 
 
-def import_image(podman: list[str], env: dict[str, str], root: Path, tar: Path,
-                 name: str) -> None:
+def import_image(podman: list[str], env: dict[str, str], root: Path, tar: Path, name: str) -> None:
     subprocess.run(["tar", "-C", str(root), "-cf", str(tar), "."], check=True)
     # podman's progress lines are noise: its stderr is shown only when the import fails
-    r = subprocess.run([*podman, "import", str(tar), name], env=env, capture_output=True,
-                       text=True)
+    r = subprocess.run([*podman, "import", str(tar), name], env=env, capture_output=True, text=True)
     if r.returncode != 0:
         sys.stderr.write(r.stderr)
         raise subprocess.CalledProcessError(r.returncode, r.args, r.stdout, r.stderr)

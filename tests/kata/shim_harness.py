@@ -76,20 +76,27 @@ def namespace_script(kata_config: Path, scratch: Path, sandboxes: Path, argv: li
     while not anchor.exists():
         anchor = anchor.parent
     q = shlex.quote
-    lines = ["set -e", f"mkdir -p {q(str(scratch))}",
-             f"mount -t tmpfs kata-vfio-test {q(str(scratch))}"]
+    lines = [
+        "set -e",
+        f"mkdir -p {q(str(scratch))}",
+        f"mount -t tmpfs kata-vfio-test {q(str(scratch))}",
+    ]
     if anchor == target:
         lines.append(f"mount -t tmpfs -o mode=0755 kata-vfio-test {q(str(target))}")
     else:
         up, work = scratch / "upper", scratch / "work"
-        lines += [f"mkdir -p {q(str(up))} {q(str(work))}",
-                  f"mount -t overlay kata-vfio-test -o lowerdir={anchor},upperdir={up},"
-                  f"workdir={work} {q(str(anchor))}",
-                  f"mkdir -p {q(str(target))}"]
-    lines += [f"cp {q(str(kata_config))} {q(str(target / 'configuration.toml'))}",
-              f"mkdir -p {q(str(sandboxes))}",
-              f"mountpoint -q {q(str(sandboxes))} || "
-              f"mount --bind {q(str(sandboxes))} {q(str(sandboxes))}",
-              f"mount --make-shared {q(str(sandboxes))}",
-              "exec " + " ".join(q(a) for a in argv)]
+        lines += [
+            f"mkdir -p {q(str(up))} {q(str(work))}",
+            f"mount -t overlay kata-vfio-test -o lowerdir={anchor},upperdir={up},"
+            f"workdir={work} {q(str(anchor))}",
+            f"mkdir -p {q(str(target))}",
+        ]
+    lines += [
+        f"cp {q(str(kata_config))} {q(str(target / 'configuration.toml'))}",
+        f"mkdir -p {q(str(sandboxes))}",
+        f"mountpoint -q {q(str(sandboxes))} || "
+        f"mount --bind {q(str(sandboxes))} {q(str(sandboxes))}",
+        f"mount --make-shared {q(str(sandboxes))}",
+        "exec " + " ".join(q(a) for a in argv),
+    ]
     return "\n".join(lines) + "\n"

@@ -43,8 +43,18 @@ def main(argv: list[str]) -> int:
     upper, work = scratch / "upper", scratch / "work"
     upper.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "overlay", "kata-vfio-test-dev", "-o",
-                    f"lowerdir=/dev,upperdir={upper},workdir={work}", "/dev"], check=True)
+    subprocess.run(
+        [
+            "mount",
+            "-t",
+            "overlay",
+            "kata-vfio-test-dev",
+            "-o",
+            f"lowerdir=/dev,upperdir={upper},workdir={work}",
+            "/dev",
+        ],
+        check=True,
+    )
     Path("/dev/vhost-vsock").touch()
     try:
         os.unlink("/dev/log")
@@ -54,8 +64,9 @@ def main(argv: list[str]) -> int:
     log.bind("/dev/log")
     os.chmod("/dev/log", 0o666)
     threading.Thread(target=drain, args=(log,), daemon=True).start()
-    done = subprocess.run(command, capture_output=True, check=False,
-                          user=NOBODY, group=NOBODY, extra_groups=[])
+    done = subprocess.run(
+        command, capture_output=True, check=False, user=NOBODY, group=NOBODY, extra_groups=[]
+    )
     sys.stdout.buffer.write(done.stdout)
     sys.stderr.buffer.write(done.stderr)
     return done.returncode

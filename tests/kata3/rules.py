@@ -68,8 +68,7 @@ def _value(key: str, text: str, current: object) -> object:
     return text
 
 
-def sandbox(spec: dict[str, Any], default_config: Path, *, release: tuple[int, int]
-            ) -> Sandbox:
+def sandbox(spec: dict[str, Any], default_config: Path, *, release: tuple[int, int]) -> Sandbox:
     annotations: dict[str, str] = dict(spec.get("annotations") or {})
     config = Path(annotations.get(CONFIG_PATH) or default_config)
     doc = tomllib.loads(config.read_text())
@@ -82,7 +81,7 @@ def sandbox(spec: dict[str, Any], default_config: Path, *, release: tuple[int, i
     enabled = [str(p) for p in hv.get("enable_annotations", [])]
     for name, text in sorted(annotations.items()):
         if name.startswith(HYPERVISOR):
-            key = name[len(HYPERVISOR):]
+            key = name[len(HYPERVISOR) :]
             if not any(re.search(pattern, key) for pattern in enabled):
                 out.problems.append(("kata", f"annotation {name} is not enabled"))
                 continue
@@ -110,17 +109,27 @@ def sandbox(spec: dict[str, Any], default_config: Path, *, release: tuple[int, i
             out.problems.append(("kata", f"{port} needs machine_type q35"))
         elif port == "root-port" and hot == "root-port" and int(hv.get("pcie_root_port", 0)) < 1:
             out.problems.append(("kata", "root-port hot-plug with pcie_root_port = 0"))
-    elif not (hv.get("hotplug_vfio_on_root_bus") is True and
-              int(hv.get("pcie_root_port", 0)) > 0):
-        out.problems.append(("path", "devices hot-plugged behind a bridge share one guest "
-                                     "IOMMU group (hotplug_vfio_on_root_bus, pcie_root_port)"))
+    elif not (hv.get("hotplug_vfio_on_root_bus") is True and int(hv.get("pcie_root_port", 0)) > 0):
+        out.problems.append(
+            (
+                "path",
+                "devices hot-plugged behind a bridge share one guest "
+                "IOMMU group (hotplug_vfio_on_root_bus, pcie_root_port)",
+            )
+        )
     if out.vfio_mode == "vfio" and not iommu:
         out.problems.append(("kata", 'vfio_mode "vfio" without enable_iommu: no guest groups'))
     if out.vfio_mode == "guest-kernel":
         if not hv.get("guest_hook_path"):
-            out.problems.append(("path", "guest-kernel mode strips /dev/vfio and no guest "
-                                         "hook is configured: the container gets no nodes"))
+            out.problems.append(
+                (
+                    "path",
+                    "guest-kernel mode strips /dev/vfio and no guest "
+                    "hook is configured: the container gets no nodes",
+                )
+            )
         if not iommu:
-            out.problems.append(("path", "no guest IOMMU (enable_iommu): the hook cannot "
-                                         "bind vfio-pci"))
+            out.problems.append(
+                ("path", "no guest IOMMU (enable_iommu): the hook cannot bind vfio-pci")
+            )
     return out

@@ -21,8 +21,9 @@ def l1_sources() -> list[str]:
     import sys
 
     repo = Path(__file__).resolve().parents[2]
-    dirs = [repo] + ([] if Path(sys.prefix).resolve().is_relative_to(repo)
-                     else [Path(sys.prefix).resolve()])
+    dirs = [repo] + (
+        [] if Path(sys.prefix).resolve().is_relative_to(repo) else [Path(sys.prefix).resolve()]
+    )
     return [arg for d in dirs for arg in ("--rodir", str(d))]
 
 
@@ -52,11 +53,11 @@ def _newc_end(data: bytes) -> int:
     """Where the plain newc cpio archive at the start of `data` ends (after its trailer)."""
     pos = 0
     while True:
-        if data[pos:pos + 6] not in (b"070701", b"070702"):
+        if data[pos : pos + 6] not in (b"070701", b"070702"):
             raise Unavailable(f"initrd: no cpio header at {pos}")
-        filesize = int(data[pos + 54:pos + 62], 16)
-        namesize = int(data[pos + 94:pos + 102], 16)
-        name = data[pos + 110:pos + 110 + namesize - 1]
+        filesize = int(data[pos + 54 : pos + 62], 16)
+        namesize = int(data[pos + 94 : pos + 102], 16)
+        name = data[pos + 110 : pos + 110 + namesize - 1]
         pos += 110 + namesize
         pos += -pos % 4
         pos += filesize

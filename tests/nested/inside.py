@@ -35,8 +35,9 @@ def cgroup_v1() -> None:
     subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=755", "cgroup", str(root)], check=True)
     for name, opts in [*((c, c) for c in CGROUP_V1), ("systemd", "none,name=systemd")]:
         (root / name).mkdir()
-        subprocess.run(["mount", "-t", "cgroup", "-o", opts, "cgroup", str(root / name)],
-                       check=True)
+        subprocess.run(
+            ["mount", "-t", "cgroup", "-o", opts, "cgroup", str(root / name)], check=True
+        )
 
 
 def driver_of(addr: str) -> str | None:
@@ -64,12 +65,16 @@ class Results:
         self.report("steps", steps)
 
 
-def run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 300.0
-        ) -> subprocess.CompletedProcess[str]:
+def run(
+    cmd: list[str], env: dict[str, str] | None = None, timeout: float = 300.0
+) -> subprocess.CompletedProcess[str]:
     """The command's result; one that outlives `timeout` is a result too (exit -1)."""
     try:
         return subprocess.run(cmd, env=env, text=True, capture_output=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
-        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else \
-            str(exc.stdout or "")
+        out = (
+            exc.stdout.decode(errors="replace")
+            if isinstance(exc.stdout, bytes)
+            else str(exc.stdout or "")
+        )
         return subprocess.CompletedProcess(cmd, -1, out, f"timeout after {timeout:g} s")

@@ -61,7 +61,7 @@ def say(line):
             return
         for start in range(0, len(data), PIECE):
             mark = b"KVFIO= " if start + PIECE >= len(data) else b"KVFIO+ "
-            os.write(KMSG, b"<2>" + mark + data[start:start + PIECE] + b"\n")
+            os.write(KMSG, b"<2>" + mark + data[start : start + PIECE] + b"\n")
 
 
 def emit(**record):
@@ -135,18 +135,30 @@ def main():
         json.dump(spec, f)
     with open("/proc/uptime") as f:
         uptime = float(f.read().split()[0])
-    emit(event="l2", id=cid, uptime=uptime, drivers=drivers(),
-         hooks=[h["path"] for h in hooks],
-         vfio_in_spec=[d.get("path") for d in spec.get("linux", {}).get("devices") or []
-                       if str(d.get("path", "")).startswith("/dev/vfio")],
-         resources_devices=spec.get("linux", {}).get("resources", {}).get("devices"))
-    proc = subprocess.Popen(["/usr/sbin/runc", "--root", "/run/runc", "run", "--no-pivot",
-                             "--bundle", bundle, cid],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    emit(
+        event="l2",
+        id=cid,
+        uptime=uptime,
+        drivers=drivers(),
+        hooks=[h["path"] for h in hooks],
+        vfio_in_spec=[
+            d.get("path")
+            for d in spec.get("linux", {}).get("devices") or []
+            if str(d.get("path", "")).startswith("/dev/vfio")
+        ],
+        resources_devices=spec.get("linux", {}).get("resources", {}).get("devices"),
+    )
+    proc = subprocess.Popen(
+        ["/usr/sbin/runc", "--root", "/run/runc", "run", "--no-pivot", "--bundle", bundle, cid],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     once = HookLogOnce()
-    threads = [threading.Thread(target=relay, args=(s, m, once))
-               for s, m in ((proc.stdout, "KVFIO-OUT "), (proc.stderr, "KVFIO-ERR "))]
+    threads = [
+        threading.Thread(target=relay, args=(s, m, once))
+        for s, m in ((proc.stdout, "KVFIO-OUT "), (proc.stderr, "KVFIO-ERR "))
+    ]
     for t in threads:
         t.start()
     code = proc.wait()

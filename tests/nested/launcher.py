@@ -63,8 +63,12 @@ VFIO_PREFIX = "/dev/vfio/"
 RESOURCES_DROPPED = ("devices", "pids", "blockIO", "hugepageLimits", "network")
 NAMESPACES_DROPPED = ("network", "cgroup")
 PCI_BRIDGE_CLASS = 0x0604
-SHM_MOUNT = {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
-             "options": ["noexec", "nosuid", "nodev", "mode=1777", "size=65536k"]}
+SHM_MOUNT = {
+    "destination": "/dev/shm",
+    "type": "tmpfs",
+    "source": "shm",
+    "options": ["noexec", "nosuid", "nodev", "mode=1777", "size=65536k"],
+}
 # In L2: the program that plays kata-agent's part (put there by the test's archive), and
 # where this launcher's per-container archive puts the container (guest-init.sh runs every
 # /kvfio/scenarios/*/run)
@@ -74,8 +78,7 @@ L2_RUN = f'#!/kvfio/bin/sh\nexec /usr/bin/python3 -I -S {L2_PROGRAM} "$1"\n'
 # marked lines on L2's console (tests/nested/l2_container.py writes them)
 MARK_OUT, MARK_ERR, MARK_EXIT, MARK_RECORD = "KVFIO-OUT ", "KVFIO-ERR ", "KVFIO-EXIT ", "KVFIO "
 MARK_PIECE, MARK_LAST_PIECE = "KVFIO+ ", "KVFIO= "
-GLOBAL_WITH_VALUE = ("--root", "--log", "--log-format", "--criu", "--rootless",
-                     "--launcher-config")
+GLOBAL_WITH_VALUE = ("--root", "--log", "--log-format", "--criu", "--rootless", "--launcher-config")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 PR_SET_PDEATHSIG = 1
 
@@ -88,14 +91,14 @@ class Config:
     """The launcher's configuration (a JSON file written by the test in L1)."""
 
     def __init__(self, data: dict[str, object]) -> None:
-        self.state_dir = str(data["state_dir"])        # per-container state
-        self.console_dir = str(data["console_dir"])    # ID.console, ID.argv, ID.qemu.log
+        self.state_dir = str(data["state_dir"])  # per-container state
+        self.console_dir = str(data["console_dir"])  # ID.console, ID.argv, ID.qemu.log
         self.qemu = str(data.get("qemu", "/usr/bin/qemu-system-x86_64"))
-        self.kernel = str(data["kernel"])              # L2's kernel (vmlinux, PVH)
-        self.initrd = str(data["initrd"])              # L2's initrd, 4-byte aligned length
+        self.kernel = str(data["kernel"])  # L2's kernel (vmlinux, PVH)
+        self.initrd = str(data["initrd"])  # L2's initrd, 4-byte aligned length
         self.memory_mb = int(str(data.get("memory_mb", 512)))
         self.vcpus = int(str(data.get("vcpus", 1)))
-        self.append = str(data.get("append", ""))      # more kernel parameters
+        self.append = str(data.get("append", ""))  # more kernel parameters
         self.boot_timeout = float(str(data.get("boot_timeout", 180)))
         self.sysfs = str(data.get("sysfs", "/sys"))
 
@@ -118,14 +121,20 @@ class Invocation:
         self.verb = argv[i] if i < len(argv) else ""
         self.options: dict[str, str] = {}
         self.positional: list[str] = []
-        rest = argv[i + 1:]
+        rest = argv[i + 1 :]
         j = 0
         while j < len(rest):
             arg = rest[j]
             if arg.startswith("-") and not arg.lstrip("-").isdigit():
                 name, eq, value = arg.partition("=")
-                takes_value = name in ("--bundle", "-b", "--pid-file", "--console-socket",
-                                       "--preserve-fds", "--signal")
+                takes_value = name in (
+                    "--bundle",
+                    "-b",
+                    "--pid-file",
+                    "--console-socket",
+                    "--preserve-fds",
+                    "--signal",
+                )
                 if not eq and takes_value and j + 1 < len(rest):
                     value = rest[j + 1]
                     j += 1
@@ -145,8 +154,11 @@ def log_error(inv: Invocation | None, message: str) -> None:
     os.write(2, f"l2-launcher: {message}\n".encode())
     log = inv.globals.get("--log") if inv else None
     if log:
-        record = {"level": "error", "msg": message,
-                  "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        record = {
+            "level": "error",
+            "msg": message,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
         try:
             with open(log, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -205,10 +217,10 @@ class Pieces:
 
     def feed(self, line: str) -> str | None:
         if line.startswith(MARK_PIECE):
-            self.partial += line[len(MARK_PIECE):]
+            self.partial += line[len(MARK_PIECE) :]
             return None
         if line.startswith(MARK_LAST_PIECE):
-            line, self.partial = self.partial + line[len(MARK_LAST_PIECE):], ""
+            line, self.partial = self.partial + line[len(MARK_LAST_PIECE) :], ""
         return line
 
 
@@ -236,10 +248,13 @@ def vfio_devices(spec: dict[str, object], sysfs: str) -> list[str]:
     out: list[str] = []
     for dev in devices if isinstance(devices, list) else []:
         path = str(dev.get("path", ""))
-        if dev.get("type") != "c" or not path.startswith(VFIO_PREFIX) or \
-                path == VFIO_PREFIX + "vfio":
+        if (
+            dev.get("type") != "c"
+            or not path.startswith(VFIO_PREFIX)
+            or path == VFIO_PREFIX + "vfio"
+        ):
             continue
-        group = path[len(VFIO_PREFIX):]
+        group = path[len(VFIO_PREFIX) :]
         gdir = f"{sysfs}/kernel/iommu_groups/{group}/devices"
         try:
             members = sorted(os.listdir(gdir))
@@ -286,11 +301,16 @@ def guest_spec(spec: dict[str, object], bundle: str, stage: str) -> dict[str, ob
     if is_systemd_cgroup(cgroups_path):
         _, prefix, name = cgroups_path.split(":")
         linux["cgroupsPath"] = f"/{prefix}/{name}"
-    linux["namespaces"] = [{"type": ns["type"]} for ns in linux.get("namespaces") or []
-                           if ns.get("type") not in NAMESPACES_DROPPED]
-    linux["devices"] = [d for d in linux.get("devices") or []
-                        if not (d.get("type") == "c"
-                                and str(d.get("path", "")).startswith(VFIO_PREFIX))]
+    linux["namespaces"] = [
+        {"type": ns["type"]}
+        for ns in linux.get("namespaces") or []
+        if ns.get("type") not in NAMESPACES_DROPPED
+    ]
+    linux["devices"] = [
+        d
+        for d in linux.get("devices") or []
+        if not (d.get("type") == "c" and str(d.get("path", "")).startswith(VFIO_PREFIX))
+    ]
     mounts = []
     for i, mount in enumerate(g.get("mounts") or []):
         options = mount.get("options") or []
@@ -322,27 +342,59 @@ def container_archive(spec: dict[str, object], bundle: str, cid: str, sdir: str)
         f.write(L2_RUN)
     os.chmod(f"{stage}/run", 0o755)
     out = f"{sdir}/container.cpio"
-    names = subprocess.run(["find", ".", "-mindepth", "1"], cwd=stage_root, check=True,
-                           capture_output=True).stdout
+    names = subprocess.run(
+        ["find", ".", "-mindepth", "1"], cwd=stage_root, check=True, capture_output=True
+    ).stdout
     with open(out, "wb") as f:
-        subprocess.run(["cpio", "--quiet", "-o", "-H", "newc"], cwd=stage_root, input=names,
-                       stdout=f, check=True)
+        subprocess.run(
+            ["cpio", "--quiet", "-o", "-H", "newc"],
+            cwd=stage_root,
+            input=names,
+            stdout=f,
+            check=True,
+        )
     shutil.rmtree(stage_root)
     return out
 
 
-def qemu_argv(cfg: Config, cid: str, devices: list[str], initrd: str, console: str
-              ) -> list[str]:
+def qemu_argv(cfg: Config, cid: str, devices: list[str], initrd: str, console: str) -> list[str]:
     # kvfio.console=kmsg: L2's lines through the kernel's log (tests/vm/guest-init.sh says
     # why), unthrottled, without timestamps
-    append = ("console=ttyS0 rdinit=/kvfio/init intel_iommu=on iommu=pt panic=-1 loglevel=4 "
-              "kvfio.console=kmsg printk.devkmsg=on printk.time=0 " + cfg.append).strip()
-    argv = [cfg.qemu, "-name", f"kata-vfio-l2-{cid[:12]}", "-accel", "kvm",
-            "-machine", "q35,kernel-irqchip=split", "-cpu", "host",
-            "-smp", str(cfg.vcpus), "-m", str(cfg.memory_mb), "-nodefaults", "-no-reboot",
-            "-display", "none", "-monitor", "none", "-serial", f"file:{console}",
-            "-device", "intel-iommu,intremap=on,caching-mode=on",
-            "-kernel", cfg.kernel, "-initrd", initrd, "-append", append]
+    append = (
+        "console=ttyS0 rdinit=/kvfio/init intel_iommu=on iommu=pt panic=-1 loglevel=4 "
+        "kvfio.console=kmsg printk.devkmsg=on printk.time=0 " + cfg.append
+    ).strip()
+    argv = [
+        cfg.qemu,
+        "-name",
+        f"kata-vfio-l2-{cid[:12]}",
+        "-accel",
+        "kvm",
+        "-machine",
+        "q35,kernel-irqchip=split",
+        "-cpu",
+        "host",
+        "-smp",
+        str(cfg.vcpus),
+        "-m",
+        str(cfg.memory_mb),
+        "-nodefaults",
+        "-no-reboot",
+        "-display",
+        "none",
+        "-monitor",
+        "none",
+        "-serial",
+        f"file:{console}",
+        "-device",
+        "intel-iommu,intremap=on,caching-mode=on",
+        "-kernel",
+        cfg.kernel,
+        "-initrd",
+        initrd,
+        "-append",
+        append,
+    ]
     for addr in devices:
         argv += ["-device", f"vfio-pci,host={addr}"]
     return argv
@@ -360,14 +412,19 @@ class _BootTimeout(Exception):
     """L2 did not reach its init in time; the message is the console's tail."""
 
 
-def _run_l2(cfg: Config, argv: list[str], sdir: str, base: str, console: str,
-            mark: Callable[[str], None]) -> tuple[int | None, subprocess.Popen[bytes]]:
+def _run_l2(
+    cfg: Config, argv: list[str], sdir: str, base: str, console: str, mark: Callable[[str], None]
+) -> tuple[int | None, subprocess.Popen[bytes]]:
     """One boot of L2: QEMU started, the console relayed until L2 is off; returns the
     container's exit code (None if L2 never said it) and the QEMU process."""
     with open(base + ".qemu.log", "ab") as qlog:
-        qemu = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qlog,
-                                stderr=subprocess.STDOUT,
-                                preexec_fn=_die_with_parent)  # noqa: PLW1509 (one thread)
+        qemu = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=qlog,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 (one thread)
+        )
     st = proc_stat(qemu.pid)
     write_atomic(f"{sdir}/qemu.pid", f"{qemu.pid} {st[1] if st else ''}\n")
     mark("QEMU started")
@@ -405,13 +462,13 @@ def _run_l2(cfg: Config, argv: list[str], sdir: str, base: str, console: str,
             for prefix, fd_out in ((MARK_OUT, 1), (MARK_ERR, 2)):
                 if line.startswith(prefix):
                     try:
-                        text = json.loads(line[len(prefix):])
+                        text = json.loads(line[len(prefix) :])
                     except ValueError:
                         continue
                     mark("the container's first output")
                     write_all(fd_out, (str(text) + "\n").encode())
             if line.startswith(MARK_EXIT):
-                code = int(line[len(MARK_EXIT):].split()[0])
+                code = int(line[len(MARK_EXIT) :].split()[0])
                 mark("the container's exit")
         if ended and not chunk:
             mark("L2 off")
@@ -463,16 +520,20 @@ def supervise(cfg: Config, cid: str, sdir: str, devices: list[str]) -> int:
         except _BootTimeout as exc:
             mark(f"L2 boot {attempt} did not reach init")
             if attempt == 2:
-                raise Failure(f"L2 did not reach its init within {cfg.boot_timeout:g} s, "
-                              f"twice; console tail:\n{exc}") from None
+                raise Failure(
+                    f"L2 did not reach its init within {cfg.boot_timeout:g} s, "
+                    f"twice; console tail:\n{exc}"
+                ) from None
             try:
                 os.replace(console, f"{console}.attempt{attempt}")
             except FileNotFoundError:
                 pass
     if code is None:
-        raise Failure(f"L2 ended without the container's exit status (QEMU exit "
-                      f"{qemu.returncode}); QEMU said:\n{tail(base + '.qemu.log')}\n"
-                      f"console tail:\n{tail(console)}")
+        raise Failure(
+            f"L2 ended without the container's exit status (QEMU exit "
+            f"{qemu.returncode}); QEMU said:\n{tail(base + '.qemu.log')}\n"
+            f"console tail:\n{tail(console)}"
+        )
     return code
 
 
@@ -546,9 +607,15 @@ def cmd_create(cfg: Config, inv: Invocation) -> int:
         os.close(master)
         os.close(slave)
     st = proc_stat(pid)
-    state = {"id": cid, "pid": pid, "starttime": st[1] if st else "", "bundle": bundle,
-             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-             "annotations": spec.get("annotations") or {}, "devices": devices}
+    state = {
+        "id": cid,
+        "pid": pid,
+        "starttime": st[1] if st else "",
+        "bundle": bundle,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "annotations": spec.get("annotations") or {},
+        "devices": devices,
+    }
     write_atomic(f"{sdir}/state.json", json.dumps(state))
     if pid_file:
         write_atomic(pid_file, str(pid))
@@ -585,10 +652,20 @@ def cmd_state(cfg: Config, inv: Invocation) -> int:
     cid = inv.positional[0] if inv.positional else ""
     sdir, state = load_state(cfg, cid)
     status = status_of(sdir, state)
-    print(json.dumps({"ociVersion": "1.0.2", "id": cid, "status": status,
-                      "pid": state["pid"] if status != "stopped" else 0,
-                      "bundle": state["bundle"], "created": state["created"],
-                      "annotations": state["annotations"]}, indent=2))
+    print(
+        json.dumps(
+            {
+                "ociVersion": "1.0.2",
+                "id": cid,
+                "status": status,
+                "pid": state["pid"] if status != "stopped" else 0,
+                "bundle": state["bundle"],
+                "created": state["created"],
+                "annotations": state["annotations"],
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -640,8 +717,13 @@ def cmd_delete(cfg: Config, inv: Invocation) -> int:
     return 0
 
 
-VERBS = {"create": cmd_create, "start": cmd_start, "state": cmd_state, "kill": cmd_kill,
-         "delete": cmd_delete}
+VERBS = {
+    "create": cmd_create,
+    "start": cmd_start,
+    "state": cmd_state,
+    "kill": cmd_kill,
+    "delete": cmd_delete,
+}
 
 
 def main(argv: list[str]) -> int:

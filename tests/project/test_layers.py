@@ -50,7 +50,7 @@ def imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join([*anchor, *([base] if base else [])])
             for alias in node.names:
                 if f"{base}.{alias.name}" in known:
@@ -107,7 +107,8 @@ def test_the_graph_is_read() -> None:
     assert "kata_vfio_hook.state" in edges["kata_vfio_hook.main"]
     assert "kata_vfio.jsoncodec" in edges["kata_vfio_hook.state"]
     assert "kata_vfio_host.ledger" in edges["kata_vfio_ctl.main"] | {
-        m for v in edges["kata_vfio_ctl.main"] for m in edges[v]}
+        m for v in edges["kata_vfio_ctl.main"] for m in edges[v]
+    }
 
 
 def test_no_import_circle() -> None:
@@ -121,8 +122,12 @@ def test_circles_are_found() -> None:
 
 
 def test_no_import_from_a_lower_layer_to_a_higher() -> None:
-    wrong = sorted(f"{a} imports {b}" for a, outs in graph().items() for b in outs
-                   if b.split(".")[0] not in ALLOWED[a.split(".")[0]])
+    wrong = sorted(
+        f"{a} imports {b}"
+        for a, outs in graph().items()
+        for b in outs
+        if b.split(".")[0] not in ALLOWED[a.split(".")[0]]
+    )
     assert not wrong, "\n".join(wrong)
 
 

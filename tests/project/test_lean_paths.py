@@ -32,13 +32,17 @@ print("MODULES " + " ".join(sorted(sys.modules)), file=sys.__stdout__)
 """
 
 
-def imported(module: str, argv: list[str], stdin: str = "",
-             config: str = "/nonexistent.toml") -> set[str]:
+def imported(
+    module: str, argv: list[str], stdin: str = "", config: str = "/nonexistent.toml"
+) -> set[str]:
     code = PROBE.format(module=module, argv=argv, stdin=stdin)
-    out = subprocess.run([sys.executable, "-c",
-                          f"import sys; sys.path[:0] = {SOURCE_PATH.split(':')!r}\n" + code],
-                         capture_output=True, text=True, check=True,
-                         env={"KATA_VFIO_CONFIG": config, "PATH": "/usr/bin:/bin"}).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", f"import sys; sys.path[:0] = {SOURCE_PATH.split(':')!r}\n" + code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"KATA_VFIO_CONFIG": config, "PATH": "/usr/bin:/bin"},
+    ).stdout
     return set(out.strip().splitlines()[-1].split()[1:])
 
 
@@ -53,21 +57,40 @@ def test_passthrough_verb_imports_no_heavy_module(tmp_path: Path) -> None:
     assert "kata_vfio_runtime.main" in modules
     assert not modules & (HEAVY | {"typing", "dataclasses", "pathlib", "re"})
     # the passthrough path never imports the host tools
-    assert not {m for m in modules if m.startswith(("kata_vfio_ctl", "kata_vfio_host.bindings",
-                                                    "kata_vfio_host.bindplan",
-                                                    "kata_vfio_host.giveback",
-                                                    "kata_vfio_host.ledger",
-                                                    "kata_vfio_host.owners",
-                                                    "kata_vfio_host.boots",
-                                                    "kata_vfio_host.locks"))}
+    assert not {
+        m
+        for m in modules
+        if m.startswith(
+            (
+                "kata_vfio_ctl",
+                "kata_vfio_host.bindings",
+                "kata_vfio_host.bindplan",
+                "kata_vfio_host.giveback",
+                "kata_vfio_host.ledger",
+                "kata_vfio_host.owners",
+                "kata_vfio_host.boots",
+                "kata_vfio_host.locks",
+            )
+        )
+    }
 
 
 def test_shim_passthrough_actions_import_no_heavy_module(tmp_path: Path) -> None:
     config = tmp_path / "config.toml"
     config.write_text('shim = "true"\n')
-    for argv in (["containerd-shim-kata-vfio-v2", "-v"],
-                 ["containerd-shim-kata-vfio-v2", "-namespace", "default", "-address", "/s",
-                  "-id", "x", "delete"]):
+    for argv in (
+        ["containerd-shim-kata-vfio-v2", "-v"],
+        [
+            "containerd-shim-kata-vfio-v2",
+            "-namespace",
+            "default",
+            "-address",
+            "/s",
+            "-id",
+            "x",
+            "delete",
+        ],
+    ):
         imported("kata_vfio_runtime.shim", argv, config=str(config))  # fills the cache
         modules = imported("kata_vfio_runtime.shim", argv, config=str(config))
         assert "kata_vfio_runtime.shim" in modules
@@ -81,12 +104,32 @@ def test_hook_without_manifest_imports_no_heavy_module() -> None:
     state = json.dumps({"id": "c", "pid": 1, "bundle": "/nonexistent"})
     modules = imported("kata_vfio_hook.main", ["kata-vfio-hook", "prestart"], state)
     assert "kata_vfio_hook.main" in modules and "kata_vfio.boundary" in modules
-    assert not modules & (HEAVY | {"threading", "subprocess", "ctypes", "socket", "fcntl",
-                                   "tempfile", "select", "typing", "pathlib", "dataclasses"})
+    assert not modules & (
+        HEAVY
+        | {
+            "threading",
+            "subprocess",
+            "ctypes",
+            "socket",
+            "fcntl",
+            "tempfile",
+            "select",
+            "typing",
+            "pathlib",
+            "dataclasses",
+        }
+    )
     ours = {m for m in modules if m.startswith("kata_vfio")}
-    assert ours <= {"kata_vfio", "kata_vfio.boundary", "kata_vfio.defaults", "kata_vfio.errors",
-                    "kata_vfio.jsoncodec", "kata_vfio_hook", "kata_vfio_hook.main",
-                    "kata_vfio_hook.state"}
+    assert ours <= {
+        "kata_vfio",
+        "kata_vfio.boundary",
+        "kata_vfio.defaults",
+        "kata_vfio.errors",
+        "kata_vfio.jsoncodec",
+        "kata_vfio_hook",
+        "kata_vfio_hook.main",
+        "kata_vfio_hook.state",
+    }
     assert "json" not in modules
 
 
@@ -96,25 +139,40 @@ def test_create_of_a_container_without_devices_stays_lean(tmp_path: Path) -> Non
     config.write_text('runtime = "true"\n')
     bundle = tmp_path / "bundle"
     bundle.mkdir()
-    (bundle / "config.json").write_text(json.dumps(
-        {"ociVersion": "1.0.2", "process": {"args": ["sh"]}, "annotations": {"a": "b"}}))
+    (bundle / "config.json").write_text(
+        json.dumps({"ociVersion": "1.0.2", "process": {"args": ["sh"]}, "annotations": {"a": "b"}})
+    )
     argv = ["kata-vfio", "create", "--bundle", str(bundle), "plain"]
     imported("kata_vfio_runtime.main", argv, config=str(config))  # fills the cache
     modules = imported("kata_vfio_runtime.main", argv, config=str(config))
     assert not modules & (HEAVY | {"typing", "dataclasses", "pathlib", "re", "json"})
-    assert not {m for m in modules if m.startswith(("kata_vfio_host.ledger",
-                                                    "kata_vfio_runtime.spec_edit"))}
+    assert not {
+        m for m in modules if m.startswith(("kata_vfio_host.ledger", "kata_vfio_runtime.spec_edit"))
+    }
     # one escaped character is enough to take the full path (JSON can hide "vfio")
     (bundle / "config.json").write_text('{"annotations": {"io.kata-\\u0076fio.devices": "x"}}')
-    assert "kata_vfio_runtime.spec_edit" in imported("kata_vfio_runtime.main", argv,
-                                                     config=str(config))
+    assert "kata_vfio_runtime.spec_edit" in imported(
+        "kata_vfio_runtime.main", argv, config=str(config)
+    )
 
 
 # What `kata-vfio create` of a VFIO container and the guest hook with a manifest must not
 # import: each costs a good part of a bare interpreter start (`re` comes with json,
 # pathlib and enum; inspect with dataclasses), and both run once per container.
-STARTUP_HEAVY = {"typing", "dataclasses", "pathlib", "re", "json", "enum", "inspect",
-                 "copy", "contextlib", "collections", "functools", "tempfile"}
+STARTUP_HEAVY = {
+    "typing",
+    "dataclasses",
+    "pathlib",
+    "re",
+    "json",
+    "enum",
+    "inspect",
+    "copy",
+    "contextlib",
+    "collections",
+    "functools",
+    "tempfile",
+}
 
 
 def test_create_with_eight_devices_imports_only_what_it_uses(tmp_path: Path) -> None:
@@ -126,19 +184,39 @@ def test_create_with_eight_devices_imports_only_what_it_uses(tmp_path: Path) -> 
     fs = FakeSysfs(tmp_path / "sys")
     addresses = fs.add_vfio_endpoints(8, 0x40, 100)
     config = tmp_path / "config.toml"
-    config.write_text(f'runtime = "true"\nshim = "true"\nsysfs = "{fs.root}"\n'
-                      f'log_file = "{tmp_path}/log"\n'
-                      f'state_dir = "{tmp_path}/state"\n')
+    config.write_text(
+        f'runtime = "true"\nshim = "true"\nsysfs = "{fs.root}"\n'
+        f'log_file = "{tmp_path}/log"\n'
+        f'state_dir = "{tmp_path}/state"\n'
+    )
     bundle = tmp_path / "bundle"
     bundle.mkdir()
-    spec = {"ociVersion": "1.0.2", "process": {"args": ["sh"]},
-            "annotations": {"io.kata-vfio.devices": ",".join(addresses)}}
+    spec = {
+        "ociVersion": "1.0.2",
+        "process": {"args": ["sh"]},
+        "annotations": {"io.kata-vfio.devices": ",".join(addresses)},
+    }
     # the podman wrapper's create, and the shim wrapper's start (containerd, CRI-O)
-    for n, (module, argv) in enumerate((
+    for n, (module, argv) in enumerate(
+        (
             ("kata_vfio_runtime.main", ["kata-vfio", "create", "--bundle", str(bundle), "c8"]),
-            ("kata_vfio_runtime.shim", ["containerd-shim-kata-vfio-v2", "-namespace", "k8s",
-                                        "-address", "/s", "-bundle", str(bundle), "-id", "s8",
-                                        "start"]))):
+            (
+                "kata_vfio_runtime.shim",
+                [
+                    "containerd-shim-kata-vfio-v2",
+                    "-namespace",
+                    "k8s",
+                    "-address",
+                    "/s",
+                    "-bundle",
+                    str(bundle),
+                    "-id",
+                    "s8",
+                    "start",
+                ],
+            ),
+        )
+    ):
         (bundle / "config.json").write_text(json.dumps(spec))
         if n == 0:
             imported(module, argv, config=str(config))  # fills the cache
@@ -151,7 +229,11 @@ def test_create_with_eight_devices_imports_only_what_it_uses(tmp_path: Path) -> 
         assert not modules & (HEAVY | STARTUP_HEAVY), sorted(modules & (HEAVY | STARTUP_HEAVY))
         # a create with nothing to give back and nothing to auto-bind loads none of the
         # give-back, the bind planning or the thread pool (issue 18.3 split them out)
-        assert not {m for m in modules if m.startswith(("kata_vfio_host.giveback",
-                                                        "kata_vfio_host.bindplan",
-                                                        "kata_vfio.threads"))}
+        assert not {
+            m
+            for m in modules
+            if m.startswith(
+                ("kata_vfio_host.giveback", "kata_vfio_host.bindplan", "kata_vfio.threads")
+            )
+        }
         shutil.rmtree(tmp_path / "state")  # the next one claims the groups afresh

@@ -18,8 +18,14 @@ CONFIG = REPO / ".pre-commit-config.yaml"
 
 def pre_commit(args: list[str], cwd: Path, home: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PRE_COMMIT_HOME": str(home), "NO_COLOR": "1"}
-    return subprocess.run([str(VENV_BIN / "pre-commit"), *args], cwd=cwd, env=env, text=True,
-                          capture_output=True, timeout=300)
+    return subprocess.run(
+        [str(VENV_BIN / "pre-commit"), *args],
+        cwd=cwd,
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=300,
+    )
 
 
 def test_the_configuration_is_valid_and_fetches_nothing(tmp_path: Path) -> None:
@@ -41,12 +47,13 @@ def test_the_hooks_fail_on_a_bad_file(tmp_path: Path) -> None:
     shutil.copy(CONFIG, tmp_path / ".pre-commit-config.yaml")
     (tmp_path / ".venv").symlink_to(REPO / ".venv")
     (tmp_path / "bad.py").write_text("import os\nx=( 1,\n2)\n")
-    subprocess.run(["git", "add", "bad.py", ".pre-commit-config.yaml"], cwd=tmp_path,
-                   check=True)
+    subprocess.run(["git", "add", "bad.py", ".pre-commit-config.yaml"], cwd=tmp_path, check=True)
     for hook, says in (("ruff", "F401"), ("ruff-format", "bad.py")):
         result = pre_commit(["run", hook, "--files", "bad.py"], tmp_path, tmp_path / ".home")
-        assert result.returncode == 1 and "Failed" in result.stdout and says in result.stdout, \
-            (hook, result.stdout)
+        assert result.returncode == 1 and "Failed" in result.stdout and says in result.stdout, (
+            hook,
+            result.stdout,
+        )
     (tmp_path / "bad.py").write_text("x = (1, 2)\n")
     for hook in ("ruff", "ruff-format"):
         result = pre_commit(["run", hook, "--files", "bad.py"], tmp_path, tmp_path / ".home")
@@ -55,8 +62,9 @@ def test_the_hooks_fail_on_a_bad_file(tmp_path: Path) -> None:
 
 def test_the_mypy_hook_checks_what_make_lint_checks(tmp_path: Path) -> None:
     """Run in this repository: mypy over pyproject's files, the set make lint checks."""
-    result = pre_commit(["run", "mypy", "--files", "common/kata_vfio/defaults.py"], REPO,
-                        tmp_path / "home")
+    result = pre_commit(
+        ["run", "mypy", "--files", "common/kata_vfio/defaults.py"], REPO, tmp_path / "home"
+    )
     assert result.returncode == 0, result.stdout
     assert "Passed" in result.stdout
     makefile = (REPO / "Makefile").read_text()

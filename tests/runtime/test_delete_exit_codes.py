@@ -33,31 +33,56 @@ def auto_bound_container(tmp_path: Path, fs: FakeSysfs, cid: str) -> Path:
     settings = Settings(sysfs=str(fs.root), state_dir=str(state), autobind_allow=(NVME_ADDR,))
     bundle = tmp_path / "bundles" / cid
     bundle.mkdir(parents=True)
-    (bundle / "config.json").write_text(json.dumps(
-        {"ociVersion": "1.0.2", "process": {"args": ["true"]}, "root": {"path": "rootfs"},
-         "annotations": {DEVICES_ANNOTATION: NVME_ADDR}}))
-    prepare_bundle(cid, str(bundle), settings, Host(fs.root, state, kernel.write),
-                   JsonLog(None))
+    (bundle / "config.json").write_text(
+        json.dumps(
+            {
+                "ociVersion": "1.0.2",
+                "process": {"args": ["true"]},
+                "root": {"path": "rootfs"},
+                "annotations": {DEVICES_ANNOTATION: NVME_ADDR},
+            }
+        )
+    )
+    prepare_bundle(cid, str(bundle), settings, Host(fs.root, state, kernel.write), JsonLog(None))
     assert fs.driver(NVME_ADDR) == "vfio-pci"
     recorder = make_recorder(tmp_path)
-    return write_config(tmp_path, runtime=str(recorder), shim=str(recorder),
-                        sysfs=str(fs.root), log_file=str(tmp_path / "log"),
-                        autobind={"allow": [NVME_ADDR]})
+    return write_config(
+        tmp_path,
+        runtime=str(recorder),
+        shim=str(recorder),
+        sysfs=str(fs.root),
+        log_file=str(tmp_path / "log"),
+        autobind={"allow": [NVME_ADDR]},
+    )
 
 
 @pytest.mark.parametrize("wrapper", ["kata-vfio", "shim"])
-def test_delete_that_cannot_give_back_exits_non_zero(tmp_path: Path, vfio_host: FakeSysfs,
-                                                     wrapper: str) -> None:
+def test_delete_that_cannot_give_back_exits_non_zero(
+    tmp_path: Path, vfio_host: FakeSysfs, wrapper: str
+) -> None:
     config = auto_bound_container(tmp_path, vfio_host, "c1")
     if wrapper == "kata-vfio":
         argv = [sys.executable, "-m", "kata_vfio_runtime.main", "delete", "c1"]
     else:
-        argv = [sys.executable, "-m", "kata_vfio_runtime.shim", "-namespace", "default",
-                "-address", "/run/containerd/containerd.sock", "-id", "c1", "delete"]
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": SOURCE_PATH,
-           "KATA_VFIO_CONFIG": str(config), "RECORDER_OUT": str(tmp_path / "record.json")}
-    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60,
-                          check=False)
+        argv = [
+            sys.executable,
+            "-m",
+            "kata_vfio_runtime.shim",
+            "-namespace",
+            "default",
+            "-address",
+            "/run/containerd/containerd.sock",
+            "-id",
+            "c1",
+            "delete",
+        ]
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "PYTHONPATH": SOURCE_PATH,
+        "KATA_VFIO_CONFIG": str(config),
+        "RECORDER_OUT": str(tmp_path / "record.json"),
+    }
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=False)
     assert (tmp_path / "record.json").exists()  # the inner delete ran and succeeded
     assert done.returncode != 0, done.stderr
     lines = done.stderr.strip().splitlines()

@@ -21,16 +21,25 @@ from kata_vfio_runtime.spec_edit import KATA_CONFIG_PATH_ANNOTATION
 from fakesys import FakeKernel, FakeSysfs
 
 GENERATED = "/etc/kata-containers/configuration-kata-vfio.toml"
-ENGINES = [("io.kubernetes.cri.container-type", "sandbox", "container"),
-           ("io.kubernetes.cri-o.ContainerType", "sandbox", "container")]
+ENGINES = [
+    ("io.kubernetes.cri.container-type", "sandbox", "container"),
+    ("io.kubernetes.cri-o.ContainerType", "sandbox", "container"),
+]
 
 
 def bundle_with(tmp_path: Path, name: str, annotations: dict[str, str]) -> Path:
     b = tmp_path / "bundles" / name
     b.mkdir(parents=True)
-    (b / "config.json").write_text(json.dumps(
-        {"ociVersion": "1.0.2", "process": {"args": ["true"]}, "root": {"path": "rootfs"},
-         "annotations": annotations}))
+    (b / "config.json").write_text(
+        json.dumps(
+            {
+                "ociVersion": "1.0.2",
+                "process": {"args": ["true"]},
+                "root": {"path": "rootfs"},
+                "annotations": annotations,
+            }
+        )
+    )
     return b
 
 
@@ -39,14 +48,21 @@ def spec_of(b: Path) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(("key", "sandbox", "container"), ENGINES)
-@pytest.mark.parametrize("ask", [{DEVICES_ANNOTATION: "0000:03:00.0"},
-                                 {SELECT_ANNOTATION: "8086:10d3*1"}])
+@pytest.mark.parametrize(
+    "ask", [{DEVICES_ANNOTATION: "0000:03:00.0"}, {SELECT_ANNOTATION: "8086:10d3*1"}]
+)
 def test_the_pods_devices_go_to_its_container_not_its_sandbox(
-        tmp_path: Path, vfio_host: FakeSysfs, key: str, sandbox: str, container: str,
-        ask: dict[str, str]) -> None:
+    tmp_path: Path,
+    vfio_host: FakeSysfs,
+    key: str,
+    sandbox: str,
+    container: str,
+    ask: dict[str, str],
+) -> None:
     host = Host(vfio_host.root, tmp_path / "state", FakeKernel(vfio_host).write)
-    settings = Settings(sysfs=str(vfio_host.root), state_dir=str(host.state_dir),
-                        kata_config_path=GENERATED)
+    settings = Settings(
+        sysfs=str(vfio_host.root), state_dir=str(host.state_dir), kata_config_path=GENERATED
+    )
     pod = {**ask, key: sandbox}
     sb = bundle_with(tmp_path, "pod1", pod)
     result = prepare_bundle("pod1", str(sb), settings, host, JsonLog(None))
@@ -64,11 +80,13 @@ def test_the_pods_devices_go_to_its_container_not_its_sandbox(
     assert owners == {"app1"}
 
 
-def test_a_sandbox_of_a_pod_without_devices_is_left_alone(tmp_path: Path,
-                                                          vfio_host: FakeSysfs) -> None:
+def test_a_sandbox_of_a_pod_without_devices_is_left_alone(
+    tmp_path: Path, vfio_host: FakeSysfs
+) -> None:
     host = Host(vfio_host.root, tmp_path / "state", FakeKernel(vfio_host).write)
-    settings = Settings(sysfs=str(vfio_host.root), state_dir=str(host.state_dir),
-                        kata_config_path=GENERATED)
+    settings = Settings(
+        sysfs=str(vfio_host.root), state_dir=str(host.state_dir), kata_config_path=GENERATED
+    )
     sb = bundle_with(tmp_path, "pod2", {"io.kubernetes.cri.container-type": "sandbox"})
     before = (sb / "config.json").read_bytes()
     assert not prepare_bundle("pod2", str(sb), settings, host, JsonLog(None)).written

@@ -21,8 +21,12 @@ from wrapper_run import SOURCE_PATH, make_recorder, run_wrapper, wrapper_command
 @pytest.fixture
 def runtime_env(tmp_path: Path, vfio_host: FakeSysfs) -> tuple[Path, Path]:
     recorder = make_recorder(tmp_path)
-    config = write_config(tmp_path, runtime=str(recorder), sysfs=str(vfio_host.root),
-                          log_file=str(tmp_path / "kata-vfio.log"))
+    config = write_config(
+        tmp_path,
+        runtime=str(recorder),
+        sysfs=str(vfio_host.root),
+        log_file=str(tmp_path / "kata-vfio.log"),
+    )
     return config, tmp_path / "record.json"
 
 
@@ -37,8 +41,7 @@ def test_inner_runtime_gets_the_same_argv(
     # the wrapper says nothing of its own, except its version line before the inner's
     from kata_vfio.version import package_version
 
-    ours = f"kata-vfio version {package_version()}\n" if argv[1:] in (["--version"], ["-v"]) \
-        else ""
+    ours = f"kata-vfio version {package_version()}\n" if argv[1:] in (["--version"], ["-v"]) else ""
     assert (result.stdout, result.stderr) == (ours, "")
     recorded = json.loads(record.read_text())
     assert recorded["argv"][1:] == argv[1:]
@@ -49,11 +52,20 @@ def test_same_pid_stdin_and_inherited_fds(runtime_env: tuple[Path, Path], bundle
     read_end, write_end = os.pipe()
     os.write(write_end, b"preserved fd payload")
     os.close(write_end)
-    env = {"PATH": os.environ["PATH"], "PYTHONPATH": SOURCE_PATH,
-           "KATA_VFIO_CONFIG": str(config), "RECORDER_OUT": str(record), "RECORDER_EXIT": "7"}
+    env = {
+        "PATH": os.environ["PATH"],
+        "PYTHONPATH": SOURCE_PATH,
+        "KATA_VFIO_CONFIG": str(config),
+        "RECORDER_OUT": str(record),
+        "RECORDER_EXIT": "7",
+    }
     proc = subprocess.Popen(
         [*wrapper_command(), "create", "--bundle", str(bundle), "--preserve-fds", "1", "ctr"],
-        env=env, stdin=subprocess.PIPE, pass_fds=(read_end,), text=True)
+        env=env,
+        stdin=subprocess.PIPE,
+        pass_fds=(read_end,),
+        text=True,
+    )
     proc.communicate("stdin for the container", timeout=60)
     os.close(read_end)
     recorded = json.loads(record.read_text())
@@ -87,23 +99,36 @@ def podman_device(group: int) -> dict[str, Any]:
 ERRORS = [
     ("bad-json", None, None, "is not valid JSON"),
     ("no-bundle", None, None, "bundle directory"),
-    ("device-path", "/dev/vfio/../../etc", None,
-     "'/dev/vfio/../../etc' is neither /dev/vfio/vfio nor /dev/vfio/<group number>"),
+    (
+        "device-path",
+        "/dev/vfio/../../etc",
+        None,
+        "'/dev/vfio/../../etc' is neither /dev/vfio/vfio nor /dev/vfio/<group number>",
+    ),
     ("unknown-group", "/dev/vfio/99", None, "IOMMU group 99 does not exist on this host"),
     ("malformed-address", None, "0000:zz:00.0", "malformed PCI address '0000:zz:00.0'"),
     ("traversal-address", None, "../../../etc/passwd", "malformed PCI address"),
     ("unknown-address", None, "0000:09:00.0", "no PCI device 0000:09:00.0 on this host"),
     ("no-iommu-group", None, "0000:07:00.0", "boot the host with intel_iommu=on"),
-    ("host-driver", None, "0000:05:00.0",
-     "PCI device 0000:05:00.0 in IOMMU group 14 is bound to nvme, not vfio-pci; "
-     "hand it to vfio-pci first: kata-vfio-ctl bind 0000:05:00.0"),
+    (
+        "host-driver",
+        None,
+        "0000:05:00.0",
+        "PCI device 0000:05:00.0 in IOMMU group 14 is bound to nvme, not vfio-pci; "
+        "hand it to vfio-pci first: kata-vfio-ctl bind 0000:05:00.0",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("case", "device_path", "address", "message"), ERRORS)
 def test_bad_requests_fail_cleanly(
-    runtime_env: tuple[Path, Path], bundle: Path, tmp_path: Path,
-    case: str, device_path: str | None, address: str | None, message: str
+    runtime_env: tuple[Path, Path],
+    bundle: Path,
+    tmp_path: Path,
+    case: str,
+    device_path: str | None,
+    address: str | None,
+    message: str,
 ) -> None:
     config, record = runtime_env
     spec = json.loads((bundle / "config.json").read_text())
@@ -112,13 +137,19 @@ def test_bad_requests_fail_cleanly(
     if address:
         spec["annotations"] = {DEVICES_ANNOTATION: address}
     # truncated JSON that asks for a device (a plain broken spec is the inner runtime's)
-    text = ('{"annotations": {"io.kata-vfio.devices": "0000:03:00.0"' if case == "bad-json"
-            else json.dumps(spec))
+    text = (
+        '{"annotations": {"io.kata-vfio.devices": "0000:03:00.0"'
+        if case == "bad-json"
+        else json.dumps(spec)
+    )
     (bundle / "config.json").write_text(text)
     target = tmp_path / "missing" if case == "no-bundle" else bundle
     runtime_log = tmp_path / "runtime.log"
-    result = run_wrapper(["--log", str(runtime_log), "--log-format=json", "create", "--bundle",
-                          str(target), "ctr"], config, record)
+    result = run_wrapper(
+        ["--log", str(runtime_log), "--log-format=json", "create", "--bundle", str(target), "ctr"],
+        config,
+        record,
+    )
     assert result.returncode == 1
     assert result.stdout == ""
     lines = result.stderr.splitlines()
@@ -132,10 +163,12 @@ def test_bad_requests_fail_cleanly(
 
 @pytest.mark.parametrize(
     ("content", "message"),
-    [("runtime = 3\n", "runtime: 3 is not of type 'string'"),
-     ("runtim = 'runc'\n", "Additional properties are not allowed"),
-     ("runtime = \n", "is not valid TOML"),
-     ("runtime = 'no-such-runtime-here'\n", "inner runtime 'no-such-runtime-here' not found")],
+    [
+        ("runtime = 3\n", "runtime: 3 is not of type 'string'"),
+        ("runtim = 'runc'\n", "Additional properties are not allowed"),
+        ("runtime = \n", "is not valid TOML"),
+        ("runtime = 'no-such-runtime-here'\n", "inner runtime 'no-such-runtime-here' not found"),
+    ],
 )
 def test_bad_config_is_one_clear_line(
     tmp_path: Path, bundle: Path, content: str, message: str

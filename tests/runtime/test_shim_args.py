@@ -9,14 +9,22 @@ import pytest
 from kata_vfio_runtime.shim import parse_shim_args
 
 SHIM = "containerd-shim-kata-vfio-v2"
-CONTAINERD = ["-namespace", "k8s.io", "-address", "/run/containerd/containerd.sock",
-              "-publish-binary", "/usr/bin/containerd"]
+CONTAINERD = [
+    "-namespace",
+    "k8s.io",
+    "-address",
+    "/run/containerd/containerd.sock",
+    "-publish-binary",
+    "/usr/bin/containerd",
+]
 # (argv after the program name) -> (action, id, namespace, bundle, version)
 CASES = [
     # containerd 1.7/2.x's start, and its clean-up delete (shim v2's manager)
     ([*CONTAINERD, "-id", "abc", "start"], ("start", "abc", "k8s.io", None, False)),
-    ([*CONTAINERD, "-id", "abc", "-bundle", "/run/b", "delete"],
-     ("delete", "abc", "k8s.io", "/run/b", False)),
+    (
+        [*CONTAINERD, "-id", "abc", "-bundle", "/run/b", "delete"],
+        ("delete", "abc", "k8s.io", "/run/b", False),
+    ),
     # -debug, a boolean, before the action (containerd with debug logging)
     ([*CONTAINERD, "-id", "abc", "-debug", "start"], ("start", "abc", "k8s.io", None, False)),
     (["-debug", "-namespace", "ns", "-id", "x", "start"], ("start", "x", "ns", None, False)),
@@ -27,8 +35,10 @@ CASES = [
     (["-id=a=b", "start"], ("start", "a=b", None, None, False)),  # split at the first =
     # value flags that take the next argument even when it looks like a flag (Go does)
     (["-id", "-debug", "start"], ("start", "-debug", None, None, False)),
-    (["-socket", "/s", "-debug-address", "/d", "-id", "x", "start"],
-     ("start", "x", None, None, False)),
+    (
+        ["-socket", "/s", "-debug-address", "/d", "-id", "x", "start"],
+        ("start", "x", None, None, False),
+    ),
     # the ttrpc server mode: no action at all
     ([*CONTAINERD, "-id", "abc"], (None, "abc", "k8s.io", None, False)),
     ([], (None, None, None, None, False)),
@@ -59,5 +69,4 @@ CASES = [
 @pytest.mark.parametrize(("argv", "expected"), CASES)
 def test_shim_command_lines(argv: list[str], expected: tuple[object, ...]) -> None:
     call = parse_shim_args([SHIM, *argv])
-    assert (call.action, call.container_id, call.namespace, call.bundle, call.version) == \
-        expected
+    assert (call.action, call.container_id, call.namespace, call.bundle, call.version) == expected

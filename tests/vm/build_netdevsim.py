@@ -101,20 +101,27 @@ def inputs(kver: str) -> dict[str, str]:
     source_pkg = f"linux-source-{series(kver)}"
     source = installed_version(source_pkg)
     if source is None or not source_tarball(kver).is_file():
-        raise BuildError(f"no {source_tarball(kver)}: install {source_pkg}={image} "
-                         "(make deps installs linux-source)")
+        raise BuildError(
+            f"no {source_tarball(kver)}: install {source_pkg}={image} "
+            "(make deps installs linux-source)"
+        )
     if source != image:
-        raise BuildError(f"{source_pkg} is {source} but the guest kernel linux-image-{kver} is "
-                         f"{image}: install {source_pkg}={image} or update the kernel")
+        raise BuildError(
+            f"{source_pkg} is {source} but the guest kernel linux-image-{kver} is "
+            f"{image}: install {source_pkg}={image} or update the kernel"
+        )
     headers = installed_version(f"linux-headers-{kver}")
     if headers is None or not (headers_dir(kver) / "Makefile").is_file():
-        raise BuildError(f"no {headers_dir(kver)}: install linux-headers-{kver} (make deps "
-                         "installs linux-headers-amd64, which follows linux-image-amd64)")
+        raise BuildError(
+            f"no {headers_dir(kver)}: install linux-headers-{kver} (make deps "
+            "installs linux-headers-amd64, which follows linux-image-amd64)"
+        )
     if headers != image:
-        raise BuildError(f"linux-headers-{kver} is {headers} but linux-image-{kver} is {image}: "
-                         f"install linux-headers-{kver}={image}")
-    return {"kver": kver, "image": image, "source": source, "headers": headers,
-            "recipe": RECIPE}
+        raise BuildError(
+            f"linux-headers-{kver} is {headers} but linux-image-{kver} is {image}: "
+            f"install linux-headers-{kver}={image}"
+        )
+    return {"kver": kver, "image": image, "source": source, "headers": headers, "recipe": RECIPE}
 
 
 def build_dir(key: dict[str, str], cache: Path | None = None) -> Path:
@@ -136,8 +143,11 @@ def ensure_apt(log: TextIO) -> None:
         print(f"installing Debian packages: {' '.join(missing)}", file=log, flush=True)
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
         subprocess.run(["apt-get", "update", "-q"], check=True, env=env)
-        subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing],
-                       check=True, env=env)
+        subprocess.run(
+            ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing],
+            check=True,
+            env=env,
+        )
 
 
 @contextlib.contextmanager
@@ -150,8 +160,9 @@ def locked(out: Path) -> Iterator[None]:
 
 
 def modinfo(ko: Path, field: str) -> str:
-    return subprocess.run(["modinfo", "-F", field, str(ko)], capture_output=True, text=True,
-                          check=True).stdout.strip()
+    return subprocess.run(
+        ["modinfo", "-F", field, str(ko)], capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
 def _compile(key: dict[str, str], out: Path, jobs: int, log: TextIO) -> float:
@@ -159,28 +170,46 @@ def _compile(key: dict[str, str], out: Path, jobs: int, log: TextIO) -> float:
     t0 = time.monotonic()
     top = f"linux-source-{series(kver)}"
     with tempfile.TemporaryDirectory(prefix="src.", dir=out) as tmp:
-        print(f"[netdevsim] extracting {top}/{SUBDIR} from {source_tarball(kver)}", file=log,
-              flush=True)
-        subprocess.run(["tar", "-xJf", str(source_tarball(kver)), "-C", tmp, f"{top}/{SUBDIR}"],
-                       check=True)
+        print(
+            f"[netdevsim] extracting {top}/{SUBDIR} from {source_tarball(kver)}",
+            file=log,
+            flush=True,
+        )
+        subprocess.run(
+            ["tar", "-xJf", str(source_tarball(kver)), "-C", tmp, f"{top}/{SUBDIR}"], check=True
+        )
         src = Path(tmp) / top / SUBDIR
-        cmd = ["make", "-C", str(headers_dir(kver)), f"M={src}", "CONFIG_NETDEVSIM=m",
-               f"-j{jobs}", "modules"]
+        cmd = [
+            "make",
+            "-C",
+            str(headers_dir(kver)),
+            f"M={src}",
+            "CONFIG_NETDEVSIM=m",
+            f"-j{jobs}",
+            "modules",
+        ]
         print(f"[netdevsim] {' '.join(cmd)}", file=log, flush=True)
         with (out / "build.log").open("w") as lf:
             r = subprocess.run(cmd, stdout=lf, stderr=subprocess.STDOUT)
         if r.returncode != 0 or not (src / "netdevsim.ko").is_file():
             tail = (out / "build.log").read_text(errors="replace")[-3000:]
-            raise BuildError(f"building netdevsim for {kver} failed (exit {r.returncode}), "
-                             f"log {out / 'build.log'}:\n{tail}")
+            raise BuildError(
+                f"building netdevsim for {kver} failed (exit {r.returncode}), "
+                f"log {out / 'build.log'}:\n{tail}"
+            )
         shutil.copy2(src / "netdevsim.ko", module_path(out))
     # as Debian's own modules: no debug info (5 MB less in every test guest's initrd)
     subprocess.run(["strip", "--strip-debug", str(module_path(out))], check=True)
     return round(time.monotonic() - t0, 1)
 
 
-def build(kver: str | None = None, cache: Path | None = None, jobs: int | None = None,
-          apt: bool = True, log: TextIO = sys.stderr) -> dict[str, Any]:
+def build(
+    kver: str | None = None,
+    cache: Path | None = None,
+    jobs: int | None = None,
+    apt: bool = True,
+    log: TextIO = sys.stderr,
+) -> dict[str, Any]:
     kver = kver or default_kver()
     if apt:
         ensure_apt(log)
@@ -197,10 +226,15 @@ def build(kver: str | None = None, cache: Path | None = None, jobs: int | None =
         vermagic = modinfo(ko, "vermagic")
         if vermagic.split()[:1] != [kver]:
             ko.unlink()
-            raise BuildError(f"the module built for {kver} says it is for {vermagic!r}: "
-                             f"are /usr/src/linux-headers-{kver} damaged?")
+            raise BuildError(
+                f"the module built for {kver} says it is for {vermagic!r}: "
+                f"are /usr/src/linux-headers-{kver} damaged?"
+            )
         info: dict[str, Any] = {
-            **key, "dir": str(out), "ko": str(ko), "vermagic": vermagic,
+            **key,
+            "dir": str(out),
+            "ko": str(ko),
+            "vermagic": vermagic,
             "depends": [d for d in modinfo(ko, "depends").split(",") if d],
             "seconds": seconds,
         }
@@ -213,14 +247,22 @@ def build(kver: str | None = None, cache: Path | None = None, jobs: int | None =
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    ap.add_argument("--kver", default=None, help="default: $KATA_VFIO_KVER or the kernel "
-                    "linux-image-amd64 depends on")
-    ap.add_argument("--cache", type=Path, default=None,
-                    help="cache root (default $KATA_VFIO_CACHE or <repo>/build)")
+    ap.add_argument(
+        "--kver",
+        default=None,
+        help="default: $KATA_VFIO_KVER or the kernel linux-image-amd64 depends on",
+    )
+    ap.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help="cache root (default $KATA_VFIO_CACHE or <repo>/build)",
+    )
     ap.add_argument("--jobs", type=int, default=None)
     ap.add_argument("--no-apt", action="store_true", help="do not install Debian packages")
-    ap.add_argument("--print", dest="print_name", choices=["ko"],
-                    help="print only the module's path")
+    ap.add_argument(
+        "--print", dest="print_name", choices=["ko"], help="print only the module's path"
+    )
     args = ap.parse_args(argv)
     try:
         info = build(args.kver, args.cache, args.jobs, apt=not args.no_apt)

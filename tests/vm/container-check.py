@@ -44,10 +44,13 @@ def report():
             continue
         st = os.stat(f"/dev/vfio/{name}")
         fd = os.open(f"/dev/vfio/{name}", os.O_RDWR)
-        _argsz, flags = struct.unpack("II", fcntl.ioctl(fd, VFIO_GROUP_GET_STATUS,
-                                                        struct.pack("II", 8, 0)))
-        out["groups"][name] = {"viable": bool(flags & VFIO_GROUP_FLAGS_VIABLE),
-                               "dev": [os.major(st.st_rdev), os.minor(st.st_rdev)]}
+        _argsz, flags = struct.unpack(
+            "II", fcntl.ioctl(fd, VFIO_GROUP_GET_STATUS, struct.pack("II", 8, 0))
+        )
+        out["groups"][name] = {
+            "viable": bool(flags & VFIO_GROUP_FLAGS_VIABLE),
+            "dev": [os.major(st.st_rdev), os.minor(st.st_rdev)],
+        }
         os.close(fd)
     out["run_files"] = run_files()
     print("KVFIO-CONTAINER " + json.dumps(out), flush=True)

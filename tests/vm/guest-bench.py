@@ -63,20 +63,32 @@ def main():
     # before kata-agent starts: the hook's first run then finds vfio-pci registered
     modprobe = next(m for m in ("/sbin/modprobe", "/usr/sbin/modprobe") if os.path.exists(m))
     subprocess.run([modprobe, "-a", "vfio", "vfio_iommu_type1", "vfio_pci"], check=True)
-    results = {"bare": [timed(["/usr/bin/python3", "-I", "-S", "-c", "pass"])
-                        for _ in range(RUNS)]}
+    results = {"bare": [timed(["/usr/bin/python3", "-I", "-S", "-c", "pass"]) for _ in range(RUNS)]}
     for label in ("1", "N"):
         with open(f"{scenario}/manifest-{label}.json") as f:
             manifest = f.read()
-        state = json.dumps({"ociVersion": "1.0.2", "id": f"bench{label}", "pid": pid,
-                            "bundle": bundle, "annotations": {"io.kata-vfio.manifest": manifest}})
+        state = json.dumps(
+            {
+                "ociVersion": "1.0.2",
+                "id": f"bench{label}",
+                "pid": pid,
+                "bundle": bundle,
+                "annotations": {"io.kata-vfio.manifest": manifest},
+            }
+        )
         walls, rebinds, totals, steps = [], [], [], []
         for _ in range(RUNS):
-            for name in os.listdir(f"{bundle}/rootfs/dev/vfio") if os.path.isdir(
-                    f"{bundle}/rootfs/dev/vfio") else []:
+            for name in (
+                os.listdir(f"{bundle}/rootfs/dev/vfio")
+                if os.path.isdir(f"{bundle}/rootfs/dev/vfio")
+                else []
+            ):
                 os.unlink(f"{bundle}/rootfs/dev/vfio/{name}")
-            log_start = os.path.getsize("/tmp/kata-vfio-hook.log") if os.path.exists(
-                "/tmp/kata-vfio-hook.log") else 0
+            log_start = (
+                os.path.getsize("/tmp/kata-vfio-hook.log")
+                if os.path.exists("/tmp/kata-vfio-hook.log")
+                else 0
+            )
             walls.append(timed([HOOK, "prestart"], state))
             with open("/tmp/kata-vfio-hook.log") as f:
                 f.seek(log_start)
@@ -99,7 +111,8 @@ def main():
         results[f"rebind{label}"] = rebinds
         results[f"steps{label}"] = steps[1:] if label == "1" else steps
         results[f"devices{label}"] = len(json.loads(manifest)["groups"]) and sum(
-            len(g["devices"]) for g in json.loads(manifest)["groups"])
+            len(g["devices"]) for g in json.loads(manifest)["groups"]
+        )
     ctr.kill()
     print("KVFIO " + json.dumps({"event": "bench", **results}), flush=True)
 

@@ -18,8 +18,9 @@ from kata_vfio_host.sriov import set_vf_count
 
 PCI = "/sys/bus/pci/devices"
 ROUNDS = {1: 11, 8: 11, 32: 5}  # more of the short runs: one host hiccup is their whole time
-pf = next(a for a in sorted(os.listdir(PCI))
-          if os.path.exists(os.path.join(PCI, a, "sriov_totalvfs")))
+pf = next(
+    a for a in sorted(os.listdir(PCI)) if os.path.exists(os.path.join(PCI, a, "sriov_totalvfs"))
+)
 host = Host(Path("/sys"), Path("/run/kata-vfio-bench"))
 vfs = set_vf_count(host, PciAddress.parse(pf), 32)
 
@@ -40,10 +41,18 @@ for count in (1, 8, 32):
     for _ in range(ROUNDS[count]):  # alternated, medians: TCG timing is noisy, the host shared
         serials.append(timed(lambda some=some: [bind_groups(host, [vf], ADMIN) for vf in some]))
         concurrents.append(timed(lambda some=some: bind_groups(host, some, ADMIN)))
-    print("KVFIO " + json.dumps({
-        "event": "bindbench", "count": count, "serial_ms": statistics.median(serials),
-        "concurrent_ms": statistics.median(concurrents),
-        # each round's pair, run back to back: their ratio is less exposed to host load
-        "ratios": sorted(c / s for s, c in zip(serials, concurrents, strict=True))}),
-        flush=True)
+    print(
+        "KVFIO "
+        + json.dumps(
+            {
+                "event": "bindbench",
+                "count": count,
+                "serial_ms": statistics.median(serials),
+                "concurrent_ms": statistics.median(concurrents),
+                # each round's pair, run back to back: their ratio is less exposed to host load
+                "ratios": sorted(c / s for s, c in zip(serials, concurrents, strict=True)),
+            }
+        ),
+        flush=True,
+    )
 set_vf_count(host, PciAddress.parse(pf), 0)

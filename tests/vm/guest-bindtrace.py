@@ -34,18 +34,49 @@ FTRACE = os.environ.get("BINDTRACE_FTRACE", "1") == "1"
 POOL = [0]
 TRACING = "/sys/kernel/tracing"
 KERNEL_FUNCS = [
-    "driver_override_store", "drivers_probe_store", "bus_find_device", "device_attach",
-    "__device_attach", "bus_for_each_drv", "__driver_probe_device", "really_probe",
-    "pci_device_probe", "local_pci_probe", "vfio_pci_probe", "vfio_pci_core_register_device",
-    "vfio_assign_device_set", "vfio_pci_vf_init", "vfio_pci_probe_power_state",
-    "vfio_pci_set_power_state", "pci_set_power_state", "vfio_register_group_dev",
-    "vfio_create_group", "cdev_device_add", "device_add", "driver_bound", "driver_sysfs_add",
-    "kobject_uevent_env", "pci_pm_runtime_suspend", "pci_pm_runtime_resume",
-    "vfio_pci_core_runtime_suspend", "msleep", "usleep_range_state",
-    "__mutex_lock_slowpath", "rwsem_down_write_slowpath", "rwsem_down_read_slowpath",
-    "kernfs_fop_write_iter", "pm_runtime_work", "rpm_suspend", "rpm_resume",
-    "iommu_group_get", "pci_dev_d3_sleep", "pci_power_up", "vfio_pci_core_enable",
-    "device_links_driver_bound", "pci_read_config_word", "pci_write_config_word",
+    "driver_override_store",
+    "drivers_probe_store",
+    "bus_find_device",
+    "device_attach",
+    "__device_attach",
+    "bus_for_each_drv",
+    "__driver_probe_device",
+    "really_probe",
+    "pci_device_probe",
+    "local_pci_probe",
+    "vfio_pci_probe",
+    "vfio_pci_core_register_device",
+    "vfio_assign_device_set",
+    "vfio_pci_vf_init",
+    "vfio_pci_probe_power_state",
+    "vfio_pci_set_power_state",
+    "pci_set_power_state",
+    "vfio_register_group_dev",
+    "vfio_create_group",
+    "cdev_device_add",
+    "device_add",
+    "driver_bound",
+    "driver_sysfs_add",
+    "kobject_uevent_env",
+    "pci_pm_runtime_suspend",
+    "pci_pm_runtime_resume",
+    "vfio_pci_core_runtime_suspend",
+    "msleep",
+    "usleep_range_state",
+    "__mutex_lock_slowpath",
+    "rwsem_down_write_slowpath",
+    "rwsem_down_read_slowpath",
+    "kernfs_fop_write_iter",
+    "pm_runtime_work",
+    "rpm_suspend",
+    "rpm_resume",
+    "iommu_group_get",
+    "pci_dev_d3_sleep",
+    "pci_power_up",
+    "vfio_pci_core_enable",
+    "device_links_driver_bound",
+    "pci_read_config_word",
+    "pci_write_config_word",
 ]
 
 events = []  # (thread native id, label, detail, t0, t1)
@@ -63,6 +94,7 @@ def timed(label, fn, detail=None):
         finally:
             d = detail(*args) if detail else ""
             events.append((threading.get_native_id(), label, d, t0, time.monotonic()))
+
     return wrapper
 
 
@@ -72,8 +104,15 @@ def timed_write(path, text):
         rebind.write_attr(path, text)
     finally:
         path = str(path)
-        events.append((threading.get_native_id(), "write " + os.path.basename(path),
-                       os.path.basename(os.path.dirname(path)), t0, time.monotonic()))
+        events.append(
+            (
+                threading.get_native_id(),
+                "write " + os.path.basename(path),
+                os.path.basename(os.path.dirname(path)),
+                t0,
+                time.monotonic(),
+            )
+        )
 
 
 def _wrap(module, name, detail=None):
@@ -86,8 +125,14 @@ def instrument():
     addr = lambda s, a, *r: str(a)  # noqa: E731
     for name in ("read_bind_state", "group_of", "read_device"):
         _wrap(bindings, name, addr)
-    for name in ("group_members", "ensure_vfio_pci", "bind_all", "_bind_locked", "endpoints",
-                 "_live_claim"):
+    for name in (
+        "group_members",
+        "ensure_vfio_pci",
+        "bind_all",
+        "_bind_locked",
+        "endpoints",
+        "_live_claim",
+    ):
         _wrap(bindings, name)
     for name in ("move_to", "bind_to"):  # the kernel work of one device
         _wrap(bindings, name, addr)
@@ -104,6 +149,7 @@ def instrument():
             t0 = time.monotonic()
             enter(self)
             events.append((threading.get_native_id(), "flock acquire", "", t0, time.monotonic()))
+
         ledger.Locks.__enter__ = timed_enter
     bindings.editing = giveback.editing = _timed_cm("editing", ledger.editing)
     ledger._write_journal_file = timed("journal write", ledger._write_journal_file)
@@ -118,9 +164,11 @@ def _timed_acquire(flock):
     def wrapper(path, *args):
         t0 = time.monotonic()
         with flock(path, *args):
-            events.append((threading.get_native_id(), "flock acquire", path.name, t0,
-                           time.monotonic()))
+            events.append(
+                (threading.get_native_id(), "flock acquire", path.name, t0, time.monotonic())
+            )
             yield
+
     return wrapper
 
 
@@ -133,6 +181,7 @@ def _timed_cm(label, cm):
         with cm(*args) as value:
             yield value
         events.append((threading.get_native_id(), label, "", t0, time.monotonic()))
+
     return wrapper
 
 
@@ -164,8 +213,10 @@ def setup_ftrace():
     return funcs, sorted(set(KERNEL_FUNCS) - set(funcs))
 
 
-LINE = re.compile(r"^\s*(\d+\.\d+)\s*\|\s*(\d+)\)\s*(\S+)-(\d+)\s*\|\s*(?:[+!#*@$&]\s*)?"
-                  r"(?:(\d+\.\d+) us)?\s*\|\s*(.*)$")
+LINE = re.compile(
+    r"^\s*(\d+\.\d+)\s*\|\s*(\d+)\)\s*(\S+)-(\d+)\s*\|\s*(?:[+!#*@$&]\s*)?"
+    r"(?:(\d+\.\d+) us)?\s*\|\s*(.*)$"
+)
 
 
 def read_ftrace():
@@ -182,24 +233,37 @@ def read_ftrace():
             if body.endswith("{"):
                 stack.append((body[:-1].strip().rstrip("()"), ts, comm))
             elif body.startswith("}"):
-                name = body.split("/*")[1].split("*/")[0].strip().rstrip("()") \
-                    if "/*" in body else None
+                name = (
+                    body.split("/*")[1].split("*/")[0].strip().rstrip("()")
+                    if "/*" in body
+                    else None
+                )
                 while stack:
                     fn, t0, c = stack.pop()
                     if name is None or fn == name:
                         parent = stack[-1][0] if stack else ""
-                        out.append((pid, c, fn, t0, t0 + float(dur or 0) / 1e6
-                                    if dur else ts, parent))
+                        out.append(
+                            (pid, c, fn, t0, t0 + float(dur or 0) / 1e6 if dur else ts, parent)
+                        )
                         break
             elif body.endswith(";") and dur:
-                out.append((pid, comm, body[:-1].strip().rstrip("()"), ts,
-                            ts + float(dur) / 1e6, stack[-1][0] if stack else ""))
+                out.append(
+                    (
+                        pid,
+                        comm,
+                        body[:-1].strip().rstrip("()"),
+                        ts,
+                        ts + float(dur) / 1e6,
+                        stack[-1][0] if stack else "",
+                    )
+                )
     return out
 
 
 def summarize(mode, wall, t_begin, t_end, kernel):
     """Per phase: count, sum of durations, and the span (first start to last end); the
     union of the intervals (time with at least one in flight) shows the concurrency."""
+
     def stats(items):
         items = [(a, b) for a, b in items if b >= t_begin and a <= t_end]
         if not items:
@@ -214,11 +278,14 @@ def summarize(mode, wall, t_begin, t_end, kernel):
             else:
                 cur_b = max(cur_b, b)
         union += cur_b - cur_a
-        return {"n": len(items), "sum_ms": round(total * 1e3, 2),
-                "mean_ms": round(total / len(items) * 1e3, 3),
-                "union_ms": round(union * 1e3, 2),
-                "first_ms": round((ivs[0][0] - t_begin) * 1e3, 2),
-                "last_end_ms": round((max(b for _, b in items) - t_begin) * 1e3, 2)}
+        return {
+            "n": len(items),
+            "sum_ms": round(total * 1e3, 2),
+            "mean_ms": round(total / len(items) * 1e3, 3),
+            "union_ms": round(union * 1e3, 2),
+            "first_ms": round((ivs[0][0] - t_begin) * 1e3, 2),
+            "last_end_ms": round((max(b for _, b in items) - t_begin) * 1e3, 2),
+        }
 
     py = {}
     for label in sorted({e[1] for e in events}):
@@ -231,15 +298,26 @@ def summarize(mode, wall, t_begin, t_end, kernel):
         if s:
             s["comms"] = sorted({k[1] for k in kernel if k[2] == fn})[:4]
             kfn[fn] = s
-    for fn in ("__mutex_lock_slowpath", "rwsem_down_write_slowpath",
-               "rwsem_down_read_slowpath", "usleep_range_state", "msleep"):
+    for fn in (
+        "__mutex_lock_slowpath",
+        "rwsem_down_write_slowpath",
+        "rwsem_down_read_slowpath",
+        "usleep_range_state",
+        "msleep",
+    ):
         for parent in sorted({k[5] for k in kernel if k[2] == fn}):
             s = stats([(k[3], k[4]) for k in kernel if k[2] == fn and k[5] == parent])
             if s:
                 s["comms"] = []
                 kfn[f"{fn} in {parent or '?'}"] = s
-    emit(event="bindtrace", mode=mode, count=COUNT, wall_ms=round(wall * 1e3, 1),
-         python=py, kernel=kfn)
+    emit(
+        event="bindtrace",
+        mode=mode,
+        count=COUNT,
+        wall_ms=round(wall * 1e3, 1),
+        python=py,
+        kernel=kfn,
+    )
 
 
 def timeline(t_begin):
@@ -248,13 +326,17 @@ def timeline(t_begin):
     for tid, label, detail, a, b in events:
         if label.startswith("write ") or label in ("current_driver", "move_to", "bind_to"):
             rows.setdefault(detail, []).append(
-                (label, tid, round((a - t_begin) * 1e3, 2), round((b - t_begin) * 1e3, 2)))
+                (label, tid, round((a - t_begin) * 1e3, 2), round((b - t_begin) * 1e3, 2))
+            )
     return rows
 
 
 def main():
-    pf = next(a for a in sorted(os.listdir("/sys/bus/pci/devices"))
-              if os.path.exists(f"/sys/bus/pci/devices/{a}/sriov_totalvfs"))
+    pf = next(
+        a
+        for a in sorted(os.listdir("/sys/bus/pci/devices"))
+        if os.path.exists(f"/sys/bus/pci/devices/{a}/sriov_totalvfs")
+    )
     host = Host(Path("/sys"), Path("/run/kata-vfio-bench"), write=timed_write)
     vfs = set_vf_count(host, PciAddress.parse(pf), COUNT)
     bind_groups(host, vfs[:1], ADMIN)  # loads vfio-pci
@@ -286,17 +368,34 @@ def main():
             summarize(mode, t_end - t_begin, t_begin, t_end + 0.3, kernel)
             if mode.startswith("concurrent") and rnd == ROUNDS - 1 and FTRACE:
                 emit(event="bindtrace-timeline", rows=timeline(t_begin))
-                emit(event="bindtrace-kernel", rows=[
-                    (p, c, f, round((a - t_begin) * 1e3, 3), round((b - t_begin) * 1e3, 3), up)
-                    for p, c, f, a, b, up in kernel
-                    if f in ("drivers_probe_store", "vfio_pci_probe", "pci_set_power_state",
-                             "__mutex_lock_slowpath", "driver_override_store",
-                             "vfio_register_group_dev", "msleep", "pm_runtime_work",
-                             "rwsem_down_write_slowpath", "rwsem_down_read_slowpath")])
+                emit(
+                    event="bindtrace-kernel",
+                    rows=[
+                        (p, c, f, round((a - t_begin) * 1e3, 3), round((b - t_begin) * 1e3, 3), up)
+                        for p, c, f, a, b, up in kernel
+                        if f
+                        in (
+                            "drivers_probe_store",
+                            "vfio_pci_probe",
+                            "pci_set_power_state",
+                            "__mutex_lock_slowpath",
+                            "driver_override_store",
+                            "vfio_register_group_dev",
+                            "msleep",
+                            "pm_runtime_work",
+                            "rwsem_down_write_slowpath",
+                            "rwsem_down_read_slowpath",
+                        )
+                    ],
+                )
             t0 = time.monotonic()
             report = restore_all(host)
-            emit(event="bindtrace-restore", after=mode, count=COUNT,
-                 restore_ms=round((time.monotonic() - t0) * 1e3, 1))
+            emit(
+                event="bindtrace-restore",
+                after=mode,
+                count=COUNT,
+                restore_ms=round((time.monotonic() - t0) * 1e3, 1),
+            )
             assert not report.failed, report.failed
     set_vf_count(host, PciAddress.parse(pf), 0)
 

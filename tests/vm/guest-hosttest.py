@@ -11,8 +11,10 @@ import sys
 import time
 
 PCI = "/sys/bus/pci/devices"
-CTL = ("import sys; sys.path.insert(0, '/usr/lib/kata-vfio'); "
-       "from kata_vfio_ctl.main import main; sys.exit(main(sys.argv[1:]))")
+CTL = (
+    "import sys; sys.path.insert(0, '/usr/lib/kata-vfio'); "
+    "from kata_vfio_ctl.main import main; sys.exit(main(sys.argv[1:]))"
+)
 
 
 def emit(**record):
@@ -25,21 +27,35 @@ def driver(addr):
 
 
 def ctl(step, *args):
-    proc = subprocess.run(["/usr/bin/python3", "-I", "-S", "-c", CTL, *args],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        ["/usr/bin/python3", "-I", "-S", "-c", CTL, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     drivers = {a: driver(a) for a in sorted(os.listdir(PCI))}
-    emit(event="ctl", step=step, args=list(args), rc=proc.returncode, stdout=proc.stdout,
-         stderr=proc.stderr, drivers=drivers,
-         dev_vfio=sorted(os.listdir("/dev/vfio")) if os.path.isdir("/dev/vfio") else [])
+    emit(
+        event="ctl",
+        step=step,
+        args=list(args),
+        rc=proc.returncode,
+        stdout=proc.stdout,
+        stderr=proc.stderr,
+        drivers=drivers,
+        dev_vfio=sorted(os.listdir("/dev/vfio")) if os.path.isdir("/dev/vfio") else [],
+    )
 
 
 def sysfs_view():
     out = {}
     for addr in sorted(os.listdir(PCI)):
         group = os.path.join(PCI, addr, "iommu_group")
-        out[addr] = {"driver": driver(addr),
-                     "iommu_group": int(os.path.basename(os.readlink(group)))
-                     if os.path.islink(group) else None}
+        out[addr] = {
+            "driver": driver(addr),
+            "iommu_group": int(os.path.basename(os.readlink(group)))
+            if os.path.islink(group)
+            else None,
+        }
     return out
 
 
@@ -55,32 +71,40 @@ ctl("restore-short", "restore", "00:04.0")
 ctl("bind-bridged", "bind", "0000:01:02.0")
 ctl("restore-all", "restore", "--all")
 ifname = os.listdir(os.path.join(PCI, "0000:00:03.0", "net"))[0]
-subprocess.run(["/kvfio/bin/busybox", "ip", "addr", "add", "192.0.2.1/24", "dev", ifname],
-               check=True)
+subprocess.run(
+    ["/kvfio/bin/busybox", "ip", "addr", "add", "192.0.2.1/24", "dev", ifname], check=True
+)
 subprocess.run(["/kvfio/bin/busybox", "ip", "link", "set", ifname, "up"], check=True)
 ctl("bind-in-use", "bind", "0000:00:03.0")
 
 
 # --- what the host stands on: a disk under mounts, swap, dm and md; NIC stacks --------
 BB = "/kvfio/bin/busybox"
-IP = "/usr/sbin/ip"       # iproute2's: busybox's ip makes no bridges, bonds or VLANs
+IP = "/usr/sbin/ip"  # iproute2's: busybox's ip makes no bridges, bonds or VLANs
 DISK_FN = "0000:00:06.0"  # the NVMe drive with a disk (four partitions, by the harness)
 NIC_FN = "0000:00:04.0"
 
 
 def setup(name, *argv):
     """One step of building or tearing down a stack; its outcome is a record."""
-    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=60,
-                          stdin=subprocess.DEVNULL, env={"PATH": "/usr/sbin:/usr/bin",
-                                                         "DM_DISABLE_UDEV": "1"})
-    emit(event="setup", name=name, args=list(argv), rc=proc.returncode,
-         stderr=proc.stderr[-400:])
+    proc = subprocess.run(
+        list(argv),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        env={"PATH": "/usr/sbin:/usr/bin", "DM_DISABLE_UDEV": "1"},
+    )
+    emit(event="setup", name=name, args=list(argv), rc=proc.returncode, stderr=proc.stderr[-400:])
 
 
 def blocks_below(fn):
     base = os.path.realpath(os.path.join(PCI, fn)) + "/"
-    return sorted(n for n in os.listdir("/sys/class/block")
-                  if os.path.realpath(os.path.join("/sys/class/block", n)).startswith(base))
+    return sorted(
+        n
+        for n in os.listdir("/sys/class/block")
+        if os.path.realpath(os.path.join("/sys/class/block", n)).startswith(base)
+    )
 
 
 def wait_for(fn, count, seconds=30):
@@ -116,26 +140,58 @@ setup("swapoff-p2", BB, "swapoff", p2)
 
 with open(f"/sys/class/block/{disk}p3/size") as f:
     sectors = f.read().strip()
-setup("dm-create", "/usr/sbin/dmsetup", "create", "kvlin", "--noudevsync",
-      "--table", f"0 {sectors} linear {p3} 0")
-emit(event="mapper", islink=os.path.islink("/dev/mapper/kvlin"),
-     exists=os.path.exists("/dev/mapper/kvlin"))
+setup(
+    "dm-create",
+    "/usr/sbin/dmsetup",
+    "create",
+    "kvlin",
+    "--noudevsync",
+    "--table",
+    f"0 {sectors} linear {p3} 0",
+)
+emit(
+    event="mapper",
+    islink=os.path.islink("/dev/mapper/kvlin"),
+    exists=os.path.exists("/dev/mapper/kvlin"),
+)
 ctl("bind-dm", "bind", DISK_FN)
 setup("mkfs-dm", BB, "mke2fs", "-q", "/dev/mapper/kvlin")
 setup("mount-dm", BB, "mount", "-t", "ext4", "/dev/mapper/kvlin", "/mnt/kv")
 ctl("bind-dm-mounted", "bind", DISK_FN)
 setup("umount-dm", BB, "umount", "/mnt/kv")
 
-setup("md-create", "/usr/sbin/mdadm", "--create", "/dev/md0", "--level=1",
-      "--raid-devices=2", "--metadata=1.2", "--run", "--assume-clean", "/dev/mapper/kvlin", p4)
+setup(
+    "md-create",
+    "/usr/sbin/mdadm",
+    "--create",
+    "/dev/md0",
+    "--level=1",
+    "--raid-devices=2",
+    "--metadata=1.2",
+    "--run",
+    "--assume-clean",
+    "/dev/mapper/kvlin",
+    p4,
+)
 setup("mkfs-md", BB, "mke2fs", "-q", "/dev/md0")
 setup("mount-md", BB, "mount", "-t", "ext4", "/dev/md0", "/mnt/kv")
 ctl("bind-md-over-dm-mounted", "bind", DISK_FN)
 setup("umount-md", BB, "umount", "/mnt/kv")
 setup("md-stop", "/usr/sbin/mdadm", "--stop", "/dev/md0")
 setup("dm-remove", "/usr/sbin/dmsetup", "remove", "--noudevsync", "kvlin")
-setup("md-create-parts", "/usr/sbin/mdadm", "--create", "/dev/md1", "--level=1",
-      "--raid-devices=2", "--metadata=1.2", "--run", "--assume-clean", p3, p4)
+setup(
+    "md-create-parts",
+    "/usr/sbin/mdadm",
+    "--create",
+    "/dev/md1",
+    "--level=1",
+    "--raid-devices=2",
+    "--metadata=1.2",
+    "--run",
+    "--assume-clean",
+    p3,
+    p4,
+)
 ctl("bind-md", "bind", DISK_FN)
 setup("md-stop-parts", "/usr/sbin/mdadm", "--stop", "/dev/md1")
 setup("md-zero", "/usr/sbin/mdadm", "--zero-superblock", p3, p4)
@@ -147,8 +203,9 @@ emit(event="disk-back", names=wait_for(DISK_FN, 5))
 setup("nic-up", IP, "link", "set", nic(), "up")
 deadline = time.monotonic() + 10
 while time.monotonic() < deadline:
-    addrs = subprocess.run([IP, "-6", "-o", "addr", "show", "dev", nic()],
-                           capture_output=True, text=True).stdout
+    addrs = subprocess.run(
+        [IP, "-6", "-o", "addr", "show", "dev", nic()], capture_output=True, text=True
+    ).stdout
     if "fe80::" in addrs and "tentative" not in addrs:
         break
     time.sleep(0.2)
@@ -172,8 +229,7 @@ setup("bond-up", IP, "link", "set", "kvbond0", "up")
 ctl("bind-bond-port", "bind", NIC_FN)
 setup("bond-del", IP, "link", "del", "kvbond0")
 
-setup("vlan-add", IP, "link", "add", "link", nic(), "name", "kvvlan5", "type", "vlan",
-      "id", "5")
+setup("vlan-add", IP, "link", "add", "link", nic(), "name", "kvvlan5", "type", "vlan", "id", "5")
 setup("vlan-addr", IP, "addr", "add", "198.51.100.7/24", "dev", "kvvlan5")
 setup("vlan-lower-up", IP, "link", "set", nic(), "up")
 setup("vlan-up", IP, "link", "set", "kvvlan5", "up")

@@ -29,8 +29,9 @@ FAKESYS = "/tmp/fakesys"
 STATE = "/run/kata-vfio-state"
 LIB = "import sys; sys.path.insert(0, '/usr/lib/kata-vfio'); "
 CTL = LIB + "from kata_vfio_ctl.main import main; sys.exit(main(sys.argv[1:]))"
-WRAPPER = LIB + ("from kata_vfio_runtime.main import main; "
-                 "sys.exit(main(['kata-vfio', *sys.argv[1:]]))")
+WRAPPER = LIB + (
+    "from kata_vfio_runtime.main import main; sys.exit(main(['kata-vfio', *sys.argv[1:]]))"
+)
 CONFIG = "/tmp/kata-vfio.toml"
 ENV = {"KATA_VFIO_CONFIG": CONFIG, "PATH": "/kvfio/bin:/usr/sbin:/usr/bin:/bin"}
 
@@ -41,8 +42,7 @@ def emit(**record):
 
 def sh(*argv):
     proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=60, env=ENV)
-    return {"argv": list(argv), "rc": proc.returncode, "stdout": proc.stdout,
-            "stderr": proc.stderr}
+    return {"argv": list(argv), "rc": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr}
 
 
 def write(path, text):
@@ -56,10 +56,21 @@ def show(pf, step):
 
 
 def call(step, code, *args):
-    proc = subprocess.run(["/usr/bin/python3", "-I", "-S", "-c", code, *args], env=ENV,
-                          capture_output=True, text=True, timeout=120)
-    emit(event="call", step=step, args=list(args), rc=proc.returncode, stdout=proc.stdout,
-         stderr=proc.stderr)
+    proc = subprocess.run(
+        ["/usr/bin/python3", "-I", "-S", "-c", code, *args],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    emit(
+        event="call",
+        step=step,
+        args=list(args),
+        rc=proc.returncode,
+        stdout=proc.stdout,
+        stderr=proc.stderr,
+    )
     return proc
 
 
@@ -75,10 +86,21 @@ def journal_vf_configs(step):
 def create(name, devices, vf_config):
     path = f"/tmp/bundles/{name}"
     os.makedirs(f"{path}/rootfs", exist_ok=True)
-    write(f"{path}/config.json", json.dumps(
-        {"ociVersion": "1.0.2", "process": {"args": ["/bin/true"]}, "root": {"path": "rootfs"},
-         "linux": {"resources": {"devices": []}},
-         "annotations": {"io.kata-vfio.devices": devices, "io.kata-vfio.vf-config": vf_config}}))
+    write(
+        f"{path}/config.json",
+        json.dumps(
+            {
+                "ociVersion": "1.0.2",
+                "process": {"args": ["/bin/true"]},
+                "root": {"path": "rootfs"},
+                "linux": {"resources": {"devices": []}},
+                "annotations": {
+                    "io.kata-vfio.devices": devices,
+                    "io.kata-vfio.vf-config": vf_config,
+                },
+            }
+        ),
+    )
     call(f"create-{name}", WRAPPER, "create", "--bundle", path, name)
     with open(f"{path}/config.json") as f:
         emit(event="spec", name=name, annotations=json.load(f).get("annotations", {}))
@@ -86,8 +108,11 @@ def create(name, devices, vf_config):
 
 def make_pf():
     """netdevsim device NSIM_ID with one port and NUM_VFS VFs; its interface name."""
-    emit(event="insmod", **sh("insmod", "/kvfio/netdevsim.ko"),
-         modules=sorted(os.listdir("/sys/module")))
+    emit(
+        event="insmod",
+        **sh("insmod", "/kvfio/netdevsim.ko"),
+        modules=sorted(os.listdir("/sys/module")),
+    )
     write("/sys/bus/netdevsim/new_device", f"{NSIM_ID} 1")
     write(f"{NSIM_DEV}/sriov_numvfs", str(NUM_VFS))
     deadline = time.monotonic() + 10
@@ -113,17 +138,26 @@ def fake_pci(pf):
 
 pf = make_pf()
 # what an admin left on the PF before any container: VF 0 a MAC, VF 1 a VLAN
-emit(event="admin", step="vf0", **sh("ip", "link", "set", "dev", pf, "vf", "0", "mac",
-                                     "02:00:00:00:00:01"))
+emit(
+    event="admin",
+    step="vf0",
+    **sh("ip", "link", "set", "dev", pf, "vf", "0", "mac", "02:00:00:00:00:01"),
+)
 emit(event="admin", step="vf1", **sh("ip", "link", "set", "dev", pf, "vf", "1", "vlan", "7"))
 show(pf, "before")
 fake_pci(pf)
-write(CONFIG, f'runtime = "/kvfio/bin/true"\nstate_dir = "{STATE}"\nsysfs = "{FAKESYS}"\n'
-              'log_file = "/tmp/kata-vfio.log"\n')
+write(
+    CONFIG,
+    f'runtime = "/kvfio/bin/true"\nstate_dir = "{STATE}"\nsysfs = "{FAKESYS}"\n'
+    'log_file = "/tmp/kata-vfio.log"\n',
+)
 
 # one container, two VFs of the same PF
-create("c1", "0000:3b:02.0,0000:3b:02.1",
-       "0000:3b:02.0 mac=52:54:00:12:34:56 vlan=100; 0000:3b:02.1 mac=52:54:00:12:34:57 vlan=200")
+create(
+    "c1",
+    "0000:3b:02.0,0000:3b:02.1",
+    "0000:3b:02.0 mac=52:54:00:12:34:56 vlan=100; 0000:3b:02.1 mac=52:54:00:12:34:57 vlan=200",
+)
 show(pf, "c1-created")
 journal_vf_configs("c1-created")
 call("delete-c1", WRAPPER, "delete", "c1")

@@ -22,8 +22,10 @@ STATE = "/kvfio/state"
 DISK_FN = "0000:00:06.0"
 SRIOV_PF = "0000:00:07.0"
 ALLOCATED = "0000:00:03.0"  # the device plugin's allocation
-CTL = ("import sys; sys.path.insert(0, '/usr/lib/kata-vfio'); "
-       "from kata_vfio_ctl.main import main; sys.exit(main(sys.argv[1:]))")
+CTL = (
+    "import sys; sys.path.insert(0, '/usr/lib/kata-vfio'); "
+    "from kata_vfio_ctl.main import main; sys.exit(main(sys.argv[1:]))"
+)
 
 
 def emit(**record):
@@ -40,18 +42,33 @@ def drivers():
 
 
 def ctl(boot, step, *args):
-    proc = subprocess.run(["/usr/bin/python3", "-I", "-S", "-c", CTL, *args],
-                          capture_output=True, text=True, timeout=120)
-    emit(event="ctl", boot=boot, step=step, args=list(args), rc=proc.returncode,
-         stdout=proc.stdout, stderr=proc.stderr, drivers=drivers())
+    proc = subprocess.run(
+        ["/usr/bin/python3", "-I", "-S", "-c", CTL, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    emit(
+        event="ctl",
+        boot=boot,
+        step=step,
+        args=list(args),
+        rc=proc.returncode,
+        stdout=proc.stdout,
+        stderr=proc.stderr,
+        drivers=drivers(),
+    )
 
 
 def disk():
     base = os.path.realpath(os.path.join(PCI, DISK_FN)) + "/"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        names = sorted(n for n in os.listdir("/sys/class/block")
-                       if os.path.realpath(os.path.join("/sys/class/block", n)).startswith(base))
+        names = sorted(
+            n
+            for n in os.listdir("/sys/class/block")
+            if os.path.realpath(os.path.join("/sys/class/block", n)).startswith(base)
+        )
         if names:
             return "/dev/" + names[0]
         time.sleep(0.2)
@@ -77,9 +94,11 @@ def sriov_state():
         count = int(f.read())
     vfs = sorted((n for n in os.listdir(pf) if n.startswith("virtfn")), key=lambda n: int(n[6:]))
     records = "/var/lib/kata-vfio/device-plugin"
-    return {"numvfs": count, "vfs": [os.path.basename(os.readlink(os.path.join(pf, n)))
-                                     for n in vfs],
-            "plugin_records": sorted(os.listdir(records)) if os.path.isdir(records) else []}
+    return {
+        "numvfs": count,
+        "vfs": [os.path.basename(os.readlink(os.path.join(pf, n))) for n in vfs],
+        "plugin_records": sorted(os.listdir(records)) if os.path.isdir(records) else [],
+    }
 
 
 def plugin_allocation():
@@ -90,8 +109,9 @@ def plugin_allocation():
 
     host = Host("/sys", "/var/lib/kata-vfio")
     addr = PciAddress.parse(ALLOCATED)
-    allocation = plugin_ledger.allocate(host, "kata-vfio.io/nic", [ALLOCATED],
-                                        [group_of("/sys", addr)], [addr], None)
+    allocation = plugin_ledger.allocate(
+        host, "kata-vfio.io/nic", [ALLOCATED], [group_of("/sys", addr)], [addr], None
+    )
     emit(event="allocation", boot=1, id=allocation.id, drivers=drivers(), **sriov_state())
 
 
@@ -103,8 +123,10 @@ def container_claims():
     from kata_vfio_host.ledger import ContainerId, Host
 
     host = Host("/sys", "/var/lib/kata-vfio")
-    for cid, addr, allow in (("ctr-a", "0000:00:05.0", "1b36:0010"),
-                             ("ctr-b", "0000:01:01.0", "8086:100e")):
+    for cid, addr, allow in (
+        ("ctr-a", "0000:00:05.0", "1b36:0010"),
+        ("ctr-b", "0000:01:01.0", "8086:100e"),
+    ):
         bundle = f"/run/bundles/{cid}"
         os.makedirs(bundle)
         acquire(host, ContainerId(cid), [], [PciAddress.parse(addr)], (allow,), bundle)
@@ -112,8 +134,9 @@ def container_claims():
 
 device = disk()
 os.makedirs(STATE)
-first = subprocess.run([BB, "mount", "-t", "ext4", device, STATE], capture_output=True,
-                       stdin=subprocess.DEVNULL)
+first = subprocess.run(
+    [BB, "mount", "-t", "ext4", device, STATE], capture_output=True, stdin=subprocess.DEVNULL
+)
 if first.returncode != 0:  # the first boot: a fresh state disk
     run(BB, "mke2fs", "-q", device)
     run(BB, "mount", "-t", "ext4", device, STATE)
@@ -129,8 +152,13 @@ for sub, where in (("etc", "/etc/kata-vfio"), ("lib", "/var/lib/kata-vfio")):
     os.makedirs(where, exist_ok=True)
     run(BB, "mount", "-o", "bind", os.path.join(STATE, sub), where)
 with open("/proc/sys/kernel/random/boot_id") as f:
-    emit(event="booted-state", boot=boot, boot_id=f.read().strip(), drivers=drivers(),
-         **sriov_state())
+    emit(
+        event="booted-state",
+        boot=boot,
+        boot_id=f.read().strip(),
+        drivers=drivers(),
+        **sriov_state(),
+    )
 
 if boot == 1:
     ctl(boot, "bind-persist", "bind", "--persist", "0000:00:04.0")
@@ -142,8 +170,7 @@ if boot == 1:
 elif boot == 2:
     ctl(boot, "devices", "devices", "--json")
     ctl(boot, "boot", "boot", "--timeout", "30")
-    emit(event="claims", boot=boot, claims=ledger_claims(), drivers=drivers(),
-         **sriov_state())
+    emit(event="claims", boot=boot, claims=ledger_claims(), drivers=drivers(), **sriov_state())
     ctl(boot, "boot-again", "boot")
     ctl(boot, "bind-plain", "bind", "0000:00:05.0")
     ctl(boot, "vfs-0", "vfs", SRIOV_PF, "0")  # kata-vfio bound a VF: refused

@@ -65,10 +65,14 @@ def write(path, value):
 
 
 def ctl(*args):
-    proc = subprocess.run(["/usr/bin/python3", "-I", "-S", "-c", CTL, *args], env=ENV,
-                          capture_output=True, text=True, timeout=120)
-    return {"args": list(args), "rc": proc.returncode, "stdout": proc.stdout,
-            "stderr": proc.stderr}
+    proc = subprocess.run(
+        ["/usr/bin/python3", "-I", "-S", "-c", CTL, *args],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return {"args": list(args), "rc": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr}
 
 
 def read_json(path):
@@ -103,15 +107,19 @@ def group_status(number):
     try:
         fd = os.open(path, os.O_RDWR)
         try:
-            _argsz, flags = struct.unpack("II", fcntl.ioctl(
-                fd, VFIO_GROUP_GET_STATUS, struct.pack("II", 8, 0)))
+            _argsz, flags = struct.unpack(
+                "II", fcntl.ioctl(fd, VFIO_GROUP_GET_STATUS, struct.pack("II", 8, 0))
+            )
         finally:
             os.close(fd)
     finally:
         os.close(container)
     st = os.stat(path)
-    return {"node": True, "viable": bool(flags & VFIO_GROUP_FLAGS_VIABLE),
-            "dev": [os.major(st.st_rdev), os.minor(st.st_rdev)]}
+    return {
+        "node": True,
+        "viable": bool(flags & VFIO_GROUP_FLAGS_VIABLE),
+        "dev": [os.major(st.st_rdev), os.minor(st.st_rdev)],
+    }
 
 
 class Watch:
@@ -127,8 +135,9 @@ class Watch:
         try:
             for message in self.stream:
                 with self.cond:
-                    self.messages.append((time.monotonic(),
-                                          {d.ID: d.health for d in message.devices}))
+                    self.messages.append(
+                        (time.monotonic(), {d.ID: d.health for d in message.devices})
+                    )
                     self.cond.notify_all()
         except grpc.RpcError:
             pass
@@ -154,10 +163,26 @@ class Plugin:
         self.log_path = log
         self.log_file = open(log, "w")  # noqa: SIM115  (the plugin's stdout until stop)
         self.proc = subprocess.Popen(
-            ["/usr/bin/python3", "-I", "-S", "-c", CTL, "device-plugin",
-             "--kubelet-dir", KUBELET_DIR, "--pod-resources", POD_RESOURCES,
-             "--cdi-dir", "/run/cdi", "--release-grace", "0"],
-            env=ENV, stdout=self.log_file, stderr=subprocess.STDOUT)
+            [
+                "/usr/bin/python3",
+                "-I",
+                "-S",
+                "-c",
+                CTL,
+                "device-plugin",
+                "--kubelet-dir",
+                KUBELET_DIR,
+                "--pod-resources",
+                POD_RESOURCES,
+                "--cdi-dir",
+                "/run/cdi",
+                "--release-grace",
+                "0",
+            ],
+            env=ENV,
+            stdout=self.log_file,
+            stderr=subprocess.STDOUT,
+        )
 
     def lines(self):
         with open(self.log_path) as f:
@@ -186,17 +211,20 @@ class Plugin:
 
 
 def allocate(stub, *ids):
-    request = pb.AllocateRequest(container_requests=[
-        pb.ContainerAllocateRequest(devices_ids=list(ids))])
+    request = pb.AllocateRequest(
+        container_requests=[pb.ContainerAllocateRequest(devices_ids=list(ids))]
+    )
     started = time.monotonic()
     try:
         reply = stub.Allocate(request, timeout=120).container_responses[0]
     except grpc.RpcError as exc:
         return {"ids": list(ids), "error": f"{exc.code().name}: {exc.details()}"}
     return {
-        "ids": list(ids), "seconds": round(time.monotonic() - started, 3),
+        "ids": list(ids),
+        "seconds": round(time.monotonic() - started, 3),
         "devices": [[d.container_path, d.host_path, d.permissions] for d in reply.devices],
-        "envs": dict(reply.envs), "annotations": dict(reply.annotations),
+        "envs": dict(reply.envs),
+        "annotations": dict(reply.annotations),
         "cdi": [c.name for c in reply.cdi_devices],
         "drivers": {a: driver(a) for a in ids},
         "groups": {a: group_status(group_of(a)) | {"number": group_of(a)} for a in ids},
@@ -204,19 +232,28 @@ def allocate(stub, *ids):
 
 
 def main():
-    pf = next(a for a in sorted(os.listdir(PCI))
-              if os.path.exists(os.path.join(PCI, a, "sriov_totalvfs")))
+    pf = next(
+        a for a in sorted(os.listdir(PCI)) if os.path.exists(os.path.join(PCI, a, "sriov_totalvfs"))
+    )
     with open(CONFIG, "w") as f:
-        f.write('state_dir = "/run/kata-vfio-state"\nlog_file = "/tmp/kata-vfio.log"\n'
-                '[[device_plugin.resource]]\nname = "nvme"\nselect = "1b36:0010"\n'
-                'cdi = true\n')
+        f.write(
+            'state_dir = "/run/kata-vfio-state"\nlog_file = "/tmp/kata-vfio.log"\n'
+            '[[device_plugin.resource]]\nname = "nvme"\nselect = "1b36:0010"\n'
+            "cdi = true\n"
+        )
     # the admin makes the VFs for vfio: no VF driver probing
     write(os.path.join(PCI, pf, "sriov_drivers_autoprobe"), "0")
     write(os.path.join(PCI, pf, "sriov_numvfs"), "3")
-    vfs = [os.path.basename(os.readlink(os.path.join(PCI, pf, f"virtfn{i}")))
-           for i in range(3)]
-    emit(event="vfs", pf=pf, vfs=vfs, pf_driver=driver(pf), pf_group=group_of(pf),
-         groups={v: group_of(v) for v in vfs}, drivers={v: driver(v) for v in vfs})
+    vfs = [os.path.basename(os.readlink(os.path.join(PCI, pf, f"virtfn{i}"))) for i in range(3)]
+    emit(
+        event="vfs",
+        pf=pf,
+        vfs=vfs,
+        pf_driver=driver(pf),
+        pf_group=group_of(pf),
+        groups={v: group_of(v) for v in vfs},
+        drivers={v: driver(v) for v in vfs},
+    )
 
     kubelet = Kubelet(Path(KUBELET_DIR))
     kubelet.start()
@@ -225,11 +262,19 @@ def main():
     plugin = Plugin("/tmp/plugin-1.log")
     registered = plugin.wait_line("registered ", timeout=120)
     request = kubelet.requests[0] if kubelet.requests else None
-    emit(event="registered", line=registered, seconds=round(time.monotonic() - started, 2),
-         request=None if request is None else {
-             "version": request.version, "endpoint": request.endpoint,
-             "resource_name": request.resource_name,
-             "preferred": request.options.get_preferred_allocation_available})
+    emit(
+        event="registered",
+        line=registered,
+        seconds=round(time.monotonic() - started, 2),
+        request=None
+        if request is None
+        else {
+            "version": request.version,
+            "endpoint": request.endpoint,
+            "resource_name": request.resource_name,
+            "preferred": request.options.get_preferred_allocation_available,
+        },
+    )
     if request is None:
         emit(event="plugin-log", lines=plugin.lines())
         return
@@ -254,24 +299,34 @@ def main():
     pods.listed = [(RESOURCE, vfs[2])]
     gone_at = time.monotonic()
     line = plugin.wait_line("released kubernetes-allocation-", timeout=60)
-    emit(event="released", line=line, seconds=round(time.monotonic() - gone_at, 2),
-         drivers={v: driver(v) for v in vfs}, owners=owners(),
-         nodes={v: os.path.exists(f"/dev/vfio/{group_of(v)}") for v in vfs})
+    emit(
+        event="released",
+        line=line,
+        seconds=round(time.monotonic() - gone_at, 2),
+        drivers={v: driver(v) for v in vfs},
+        owners=owners(),
+        nodes={v: os.path.exists(f"/dev/vfio/{group_of(v)}") for v in vfs},
+    )
 
     # the CDI spec names the groups whose /dev/vfio node exists: A's go (a poll later)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and any(
-            d["name"] in vfs[:2] for d in (read_json(cdi) or {"devices": []})["devices"]):
+        d["name"] in vfs[:2] for d in (read_json(cdi) or {"devices": []})["devices"]
+    ):
         time.sleep(0.1)
     emit(event="cdi-after-release", spec=read_json(cdi))
     # B's pod has not started: restore refuses it as the plugin's, then the admin takes it
     # back with --force
     refused = ctl("restore", "--all")
-    emit(event="restore-refused", **refused, drivers={v: driver(v) for v in vfs},
-         owners=owners())
+    emit(event="restore-refused", **refused, drivers={v: driver(v) for v in vfs}, owners=owners())
     restored = ctl("restore", "--all", "--force")
-    emit(event="restore", **restored, drivers={v: driver(v) for v in vfs}, owners=owners(),
-         nodes={v: os.path.exists(f"/dev/vfio/{group_of(v)}") for v in vfs})
+    emit(
+        event="restore",
+        **restored,
+        drivers={v: driver(v) for v in vfs},
+        owners=owners(),
+        nodes={v: os.path.exists(f"/dev/vfio/{group_of(v)}") for v in vfs},
+    )
 
     # the admin removes the VFs (sriov_numvfs lowered) while the kubelet watches
     with watch.cond:
@@ -279,11 +334,16 @@ def main():
     write_at = time.monotonic()
     write(os.path.join(PCI, pf, "sriov_numvfs"), "0")
     written_at = time.monotonic()
-    at, devices = watch.wait(lambda d: all(d.get(v, "gone") != "Healthy" for v in vfs),
-                             after=write_at)
-    emit(event="removed", write_seconds=round(written_at - write_at, 3),
-         seconds=None if at is None else round(at - write_at, 3), devices=devices,
-         present=[v for v in vfs if os.path.exists(os.path.join(PCI, v))])
+    at, devices = watch.wait(
+        lambda d: all(d.get(v, "gone") != "Healthy" for v in vfs), after=write_at
+    )
+    emit(
+        event="removed",
+        write_seconds=round(written_at - write_at, 3),
+        seconds=None if at is None else round(at - write_at, 3),
+        devices=devices,
+        present=[v for v in vfs if os.path.exists(os.path.join(PCI, v))],
+    )
 
     # the PF without VFs: offered itself, and nvme is a real driver to give it back to
     _, devices = watch.wait(lambda d: d.get(pf) == "Healthy", timeout=30)
@@ -295,13 +355,23 @@ def main():
     # its pod is gone: the plugin gives the PF back to nvme
     pods.listed = []
     line = plugin.wait_line("released kubernetes-allocation-" + pf.replace(":", "-"), timeout=60)
-    emit(event="released-pf", line=line, driver=driver(pf), owners=owners(),
-         controllers=sorted(os.listdir(os.path.join(PCI, pf, "nvme")))
-         if os.path.isdir(os.path.join(PCI, pf, "nvme")) else None)
+    emit(
+        event="released-pf",
+        line=line,
+        driver=driver(pf),
+        owners=owners(),
+        controllers=sorted(os.listdir(os.path.join(PCI, pf, "nvme")))
+        if os.path.isdir(os.path.join(PCI, pf, "nvme"))
+        else None,
+    )
     channel.close()
     rc = plugin.stop()
-    emit(event="stopped", rc=rc, socket=os.path.exists(f"{KUBELET_DIR}/{request.endpoint}"),
-         log=plugin.lines())
+    emit(
+        event="stopped",
+        rc=rc,
+        socket=os.path.exists(f"{KUBELET_DIR}/{request.endpoint}"),
+        log=plugin.lines(),
+    )
     restored = ctl("restore", "--all")
     emit(event="restore-pf", **restored, pf_driver=driver(pf), owners=owners())
     kubelet.stop()

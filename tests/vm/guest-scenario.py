@@ -93,10 +93,13 @@ def run_detached(scenario, name):
     """`runc run -d`: returns once the container started (its hooks ran) and reported."""
     os.makedirs(DETACHED_OUT, exist_ok=True)
     with open(os.path.join(DETACHED_OUT, name + ".out"), "w") as out:
-        proc = subprocess.run([*RUNC, "run", "-d", "--no-pivot", "--bundle",
-                               os.path.join(scenario, "bundle"), name],
-                              stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                              timeout=runc_timeout(scenario))
+        proc = subprocess.run(
+            [*RUNC, "run", "-d", "--no-pivot", "--bundle", os.path.join(scenario, "bundle"), name],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            timeout=runc_timeout(scenario),
+        )
     text = wait_for_reports(name, 1, 30) if proc.returncode == 0 else reports(name)[1]
     return subprocess.CompletedProcess(proc.args, proc.returncode, text, text)
 
@@ -113,8 +116,12 @@ def collect(scenario):
         emit(event="detached", name=name, stdout=wait_for_reports(name, 2, 30))
         subprocess.run([*RUNC, "kill", name, "KILL"], capture_output=True, timeout=30)
         for _ in range(50):  # kill is asynchronous: delete --force once it is stopped
-            if subprocess.run([*RUNC, "delete", "--force", name], capture_output=True,
-                              timeout=30).returncode == 0:
+            if (
+                subprocess.run(
+                    [*RUNC, "delete", "--force", name], capture_output=True, timeout=30
+                ).returncode
+                == 0
+            ):
                 break
             time.sleep(0.1)
 
@@ -129,17 +136,29 @@ def main():
     if os.path.exists(os.path.join(scenario, "detach")):
         proc = run_detached(scenario, name)
     else:
-        proc = subprocess.run([*RUNC, "run", "--no-pivot", "--bundle",
-                               os.path.join(scenario, "bundle"), name],
-                              capture_output=True, text=True, timeout=runc_timeout(scenario))
+        proc = subprocess.run(
+            [*RUNC, "run", "--no-pivot", "--bundle", os.path.join(scenario, "bundle"), name],
+            capture_output=True,
+            text=True,
+            timeout=runc_timeout(scenario),
+        )
     vfio_devs = {}
     if os.path.isdir("/sys/class/vfio"):
         for group in os.listdir("/sys/class/vfio"):
             with open(f"/sys/class/vfio/{group}/dev") as f:
                 vfio_devs[group] = [int(x) for x in f.read().strip().split(":")]
-    emit(event="result", name=name, rc=proc.returncode, seconds=time.monotonic() - started,
-         stdout=proc.stdout, stderr=proc.stderr, drivers_after=drivers(), groups=groups(),
-         vfio_devs=vfio_devs, hook_log=hook_log()[log_start:])
+    emit(
+        event="result",
+        name=name,
+        rc=proc.returncode,
+        seconds=time.monotonic() - started,
+        stdout=proc.stdout,
+        stderr=proc.stderr,
+        drivers_after=drivers(),
+        groups=groups(),
+        vfio_devs=vfio_devs,
+        hook_log=hook_log()[log_start:],
+    )
     collect(scenario)
 
 

@@ -33,12 +33,12 @@ HOOK_IN_GUEST = "/usr/share/oci/hooks/prestart/kata-vfio-hook"
 class EmulatedDevice:
     """One QEMU device, with the PCI identity a host would report for it."""
 
-    qemu: str            # -device argument
-    guest_driver: str    # the native guest driver module
+    qemu: str  # -device argument
+    guest_driver: str  # the native guest driver module
     identity: PciIdentity
     mac: str | None = None
     netdev: str | None = None  # a -netdev argument the device needs, given before it
-    drive: str | None = None   # a -drive argument the device needs, given before it
+    drive: str | None = None  # a -drive argument the device needs, given before it
 
 
 E1000E_ID = PciIdentity(0x8086, 0x10D3, 0x8086, 0x0000, 0x020000)
@@ -56,8 +56,13 @@ def e1000e_on_hub(mac: str, port: str, hub: int = 0, **placement: str) -> Emulat
     (LAB.md section 1), without any network outside the VM. No option ROM: nothing boots
     from it."""
     where = "".join(f",{k}={v}" for k, v in placement.items())
-    return EmulatedDevice(f"e1000e,netdev={port},mac={mac},romfile={where}", "e1000e",
-                          E1000E_ID, mac, netdev=f"hubport,id={port},hubid={hub}")
+    return EmulatedDevice(
+        f"e1000e,netdev={port},mac={mac},romfile={where}",
+        "e1000e",
+        E1000E_ID,
+        mac,
+        netdev=f"hubport,id={port},hubid={hub}",
+    )
 
 
 def e1000(mac: str, **placement: str) -> EmulatedDevice:
@@ -75,8 +80,12 @@ def nvme_with_disk(serial: str, image: Path, **placement: str) -> EmulatedDevice
     partitions in the guest)."""
     where = "".join(f",{k}={v}" for k, v in placement.items())
     drive_id = f"kvdisk-{serial}"
-    return EmulatedDevice(f"nvme,serial={serial},drive={drive_id}{where}", "nvme", NVME_ID,
-                          drive=f"file={image},if=none,id={drive_id},format=raw")
+    return EmulatedDevice(
+        f"nvme,serial={serial},drive={drive_id}{where}",
+        "nvme",
+        NVME_ID,
+        drive=f"file={image},if=none,id={drive_id},format=raw",
+    )
 
 
 def nvme_sriov_pf(max_vfs: int, **placement: str) -> tuple[EmulatedDevice, ...]:
@@ -85,10 +94,13 @@ def nvme_sriov_pf(max_vfs: int, **placement: str) -> tuple[EmulatedDevice, ...]:
     where = "".join(f",{k}={v}" for k, v in placement.items())
     return (
         EmulatedDevice("nvme-subsys,id=kvsub0,nqn=kvsub0", "nvme", NVME_ID),
-        EmulatedDevice(f"nvme,serial=kvfio-pf,subsys=kvsub0,sriov_max_vfs={max_vfs},"
-                       f"sriov_vq_flexible={2 * max_vfs},sriov_vi_flexible={max_vfs},"
-                       f"max_ioqpairs={2 * max_vfs + 2},msix_qsize={max_vfs + 2}{where}",
-                       "nvme", NVME_ID),
+        EmulatedDevice(
+            f"nvme,serial=kvfio-pf,subsys=kvsub0,sriov_max_vfs={max_vfs},"
+            f"sriov_vq_flexible={2 * max_vfs},sriov_vi_flexible={max_vfs},"
+            f"max_ioqpairs={2 * max_vfs + 2},msix_qsize={max_vfs + 2}{where}",
+            "nvme",
+            NVME_ID,
+        ),
     )
 
 
@@ -113,8 +125,9 @@ class Scenario:
 
     name: str
     manifest_json: str
-    command: list[str] = field(default_factory=lambda: [
-        "/usr/bin/python3", "-I", "-S", "/check.py"])
+    command: list[str] = field(
+        default_factory=lambda: ["/usr/bin/python3", "-I", "-S", "/check.py"]
+    )
     script: str | None = None  # a shell script run instead of the container (bench)
     files: dict[str, str] = field(default_factory=dict)  # extra files in the scenario dir
     spec: dict[str, Any] | None = None  # the bundle's whole config.json (else container_spec)
@@ -140,8 +153,12 @@ def native_modules(kver: str, drivers: list[str]) -> list[str]:
     """insmod order for the drivers and their dependencies."""
     ordered: list[str] = []
     for drv in drivers:
-        out = subprocess.run(["modprobe", "--show-depends", "-S", kver, drv],
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            ["modprobe", "--show-depends", "-S", kver, drv],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         for line in out.splitlines():
             if line.startswith("insmod "):
                 ko = line.split()[1]
@@ -156,8 +173,9 @@ def container_spec(name: str, scenario: Scenario) -> dict[str, Any]:
     spec["process"]["args"] = scenario.command
     spec["root"] = {"path": "/kvfio/ctr/rootfs", "readonly": True}
     spec["hostname"] = name
-    spec["mounts"].append({"destination": "/usr", "type": "bind", "source": "/usr",
-                           "options": ["rbind", "ro"]})
+    spec["mounts"].append(
+        {"destination": "/usr", "type": "bind", "source": "/usr", "options": ["rbind", "ro"]}
+    )
     spec["hooks"] = {"prestart": [guest_prestart_hook()]}
     spec["annotations"] = {"io.kata-vfio.manifest": scenario.manifest_json}
     return spec
@@ -166,8 +184,7 @@ def container_spec(name: str, scenario: Scenario) -> dict[str, Any]:
 def guest_prestart_hook() -> dict[str, Any]:
     """Our hook as an OCI prestart hook, as kata-agent runs guest hooks: [name, "prestart"],
     empty environment, 10 s."""
-    return {"path": HOOK_IN_GUEST, "args": ["kata-vfio-hook", "prestart"], "env": [],
-            "timeout": 10}
+    return {"path": HOOK_IN_GUEST, "args": ["kata-vfio-hook", "prestart"], "env": [], "timeout": 10}
 
 
 def _runc_spec() -> dict[str, Any]:
@@ -176,8 +193,16 @@ def _runc_spec() -> dict[str, Any]:
         return json.loads((Path(tmp) / "config.json").read_text())
 
 
-STDLIB_SKIP = ("test", "idlelib", "tkinter", "ensurepip", "lib2to3", "pydoc_data",
-               "turtledemo", "__pycache__")
+STDLIB_SKIP = (
+    "test",
+    "idlelib",
+    "tkinter",
+    "ensurepip",
+    "lib2to3",
+    "pydoc_data",
+    "turtledemo",
+    "__pycache__",
+)
 
 
 # The guest-side test programs, each named: nothing goes into a test VM by pattern.
@@ -192,9 +217,23 @@ GUEST_PROGRAMS = {
     "guest-persist.py": "/kvfio/persist.py",
     "guest-plugin.py": "/kvfio/plugin.py",
 }
-HOST_PACKAGES = ("kata_vfio", "kata_vfio_host", "kata_vfio_ctl", "kata_vfio_runtime",
-                 "pyroute2", "psutil", "tomlkit", "jsonschema", "jsonschema_specifications",
-                 "referencing", "rpds", "attr", "attrs", "typing_extensions.py", "structlog")
+HOST_PACKAGES = (
+    "kata_vfio",
+    "kata_vfio_host",
+    "kata_vfio_ctl",
+    "kata_vfio_runtime",
+    "pyroute2",
+    "psutil",
+    "tomlkit",
+    "jsonschema",
+    "jsonschema_specifications",
+    "referencing",
+    "rpds",
+    "attr",
+    "attrs",
+    "typing_extensions.py",
+    "structlog",
+)
 PLUGIN_PACKAGES = ("grpc", "google")  # the device plugin's gRPC: grpcio, protobuf
 
 
@@ -207,8 +246,9 @@ def add_host_tools(root: Path, more: tuple[str, ...] = ()) -> None:
     stdlib = Path(sysconfig.get_paths(vars={"base": "/usr", "installed_base": "/usr"})["stdlib"])
     for path in stdlib.rglob("*"):
         rel = path.relative_to(stdlib)
-        if path.is_file() and not any(part in STDLIB_SKIP or part.startswith("config-")
-                                      for part in rel.parts):
+        if path.is_file() and not any(
+            part in STDLIB_SKIP or part.startswith("config-") for part in rel.parts
+        ):
             _copy(path, root)
             if path.suffix == ".so":
                 for lib in shared_libs(str(path)):
@@ -216,7 +256,7 @@ def add_host_tools(root: Path, more: tuple[str, ...] = ()) -> None:
     site = Path(sysconfig.get_paths()["purelib"])
     for package in (*HOST_PACKAGES, *more):
         top = site / package
-        for path in (top.rglob("*") if top.is_dir() else [top]):
+        for path in top.rglob("*") if top.is_dir() else [top]:
             if path.is_file() and "__pycache__" not in path.parts:
                 _copy(path, root, f"/usr/lib/kata-vfio/{path.relative_to(site)}")
                 if path.suffix == ".so":
@@ -224,11 +264,17 @@ def add_host_tools(root: Path, more: tuple[str, ...] = ()) -> None:
                         _copy(lib, root)
 
 
-def build_test_cpio(out: Path, kver: str, scenarios: list[Scenario],
-                    devices: tuple[EmulatedDevice, ...], host_tools: bool = False,
-                    modules: tuple[str, ...] = (), files: dict[str, Path] | None = None,
-                    trees: dict[str, Path] | None = None,
-                    host_packages: tuple[str, ...] = ()) -> None:
+def build_test_cpio(
+    out: Path,
+    kver: str,
+    scenarios: list[Scenario],
+    devices: tuple[EmulatedDevice, ...],
+    host_tools: bool = False,
+    modules: tuple[str, ...] = (),
+    files: dict[str, Path] | None = None,
+    trees: dict[str, Path] | None = None,
+    host_packages: tuple[str, ...] = (),
+) -> None:
     """The test-only archive appended to the product initrd. `modules`: more kernel modules
     (by name, with what they depend on) loaded at boot; `files`: guest path -> host file,
     an executable with the shared libraries it links; `trees`: guest directory -> host
@@ -239,8 +285,7 @@ def build_test_cpio(out: Path, kver: str, scenarios: list[Scenario],
         _copy(HERE / "guest-init.sh", root, "/kvfio/init")
         (root / "kvfio/init").chmod(0o755)
         _copy("/bin/busybox", root, "/kvfio/bin/busybox")
-        for applet in ("sh", "cat", "ls", "sleep", "echo", "insmod", "poweroff", "mount",
-                       "true"):
+        for applet in ("sh", "cat", "ls", "sleep", "echo", "insmod", "poweroff", "mount", "true"):
             (root / "kvfio/bin" / applet).symlink_to("busybox")
         for name, dest in GUEST_PROGRAMS.items():
             _copy(HERE / name, root, dest)
@@ -274,19 +319,28 @@ def build_test_cpio(out: Path, kver: str, scenarios: list[Scenario],
         for i, scenario in enumerate(scenarios):
             sdir = root / "kvfio/scenarios" / f"{i:02d}-{scenario.name}"
             (sdir / "bundle").mkdir(parents=True)
-            spec = scenario.spec if scenario.spec is not None else \
-                container_spec(scenario.name, scenario)
+            spec = (
+                scenario.spec
+                if scenario.spec is not None
+                else container_spec(scenario.name, scenario)
+            )
             (sdir / "bundle/config.json").write_text(json.dumps(spec))
             for fname, content in scenario.files.items():
                 (sdir / fname).write_text(content)
             run = sdir / "run"
             run.write_text(scenario.script if scenario.script is not None else RUN_SCENARIO)
             run.chmod(0o755)
-        files = subprocess.run(["find", ".", "-mindepth", "1"], cwd=root, check=True,
-                               capture_output=True, text=True).stdout
+        files = subprocess.run(
+            ["find", ".", "-mindepth", "1"], cwd=root, check=True, capture_output=True, text=True
+        ).stdout
         with open(out, "wb") as f:
-            subprocess.run(["cpio", "--quiet", "-o", "-H", "newc"], cwd=root, input=files.encode(),
-                           stdout=f, check=True)
+            subprocess.run(
+                ["cpio", "--quiet", "-o", "-H", "newc"],
+                cwd=root,
+                input=files.encode(),
+                stdout=f,
+                check=True,
+            )
 
 
 @dataclass
@@ -308,12 +362,22 @@ class GuestRun:
         raise AssertionError(f"no {event} {match}; console:\n{self.console[-4000:]}")
 
 
-def boot(initrd: Path, kver: str, scenarios: list[Scenario],
-         devices: tuple[EmulatedDevice, ...] = DEFAULT_DEVICES, timeout: float = 300,
-         memory_mb: int = 1024, console_log: Path | None = None,
-         host_tools: bool = False, smp: int = 1, modules: tuple[str, ...] = (),
-         files: dict[str, Path] | None = None, trees: dict[str, Path] | None = None,
-         reboots: bool = False, host_packages: tuple[str, ...] = ()) -> GuestRun:
+def boot(
+    initrd: Path,
+    kver: str,
+    scenarios: list[Scenario],
+    devices: tuple[EmulatedDevice, ...] = DEFAULT_DEVICES,
+    timeout: float = 300,
+    memory_mb: int = 1024,
+    console_log: Path | None = None,
+    host_tools: bool = False,
+    smp: int = 1,
+    modules: tuple[str, ...] = (),
+    files: dict[str, Path] | None = None,
+    trees: dict[str, Path] | None = None,
+    reboots: bool = False,
+    host_packages: tuple[str, ...] = (),
+) -> GuestRun:
     """Boot the product initrd plus the test archive; return the console and KVFIO records.
     `modules`, `files`, `trees` and `host_packages`: see build_test_cpio. `reboots`: a
     guest reboot boots the same VM again (QEMU resets it) instead of ending the run."""
@@ -321,23 +385,44 @@ def boot(initrd: Path, kver: str, scenarios: list[Scenario],
         combined = Path(tmp) / "initrd.img"
         console_file = console_log or Path(tmp) / "console.log"
         test_cpio = Path(tmp) / "test.cpio"
-        build_test_cpio(test_cpio, kver, scenarios, devices, host_tools, modules, files, trees,
-                        host_packages)
+        build_test_cpio(
+            test_cpio, kver, scenarios, devices, host_tools, modules, files, trees, host_packages
+        )
         with open(combined, "wb") as out:
             for part in (initrd, test_cpio):
                 data = part.read_bytes()
                 # each archive must start 4-byte aligned: pad with zeros, which the kernel skips
                 out.write(data + b"\0" * (-len(data) % 512))
         cmd = [
-            "qemu-system-x86_64", "-accel", "tcg", "-machine", "q35,kernel-irqchip=split",
-            "-device", "intel-iommu,intremap=on,caching-mode=on", "-cpu", "max", "-smp", str(smp),
-            "-m", str(memory_mb), "-display", "none", *([] if reboots else ["-no-reboot"]),
+            "qemu-system-x86_64",
+            "-accel",
+            "tcg",
+            "-machine",
+            "q35,kernel-irqchip=split",
+            "-device",
+            "intel-iommu,intremap=on,caching-mode=on",
+            "-cpu",
+            "max",
+            "-smp",
+            str(smp),
+            "-m",
+            str(memory_mb),
+            "-display",
+            "none",
+            *([] if reboots else ["-no-reboot"]),
             "-nodefaults",
-            "-serial", f"file:{console_file}", "-monitor", "none",
-            "-kernel", str(kernel_image(kver)), "-initrd", str(combined),
-            "-append", "console=ttyS0 rdinit=/kvfio/init intel_iommu=on iommu=pt panic=-1 "
-                       "loglevel=4",
-            "-device", BRIDGE,
+            "-serial",
+            f"file:{console_file}",
+            "-monitor",
+            "none",
+            "-kernel",
+            str(kernel_image(kver)),
+            "-initrd",
+            str(combined),
+            "-append",
+            "console=ttyS0 rdinit=/kvfio/init intel_iommu=on iommu=pt panic=-1 loglevel=4",
+            "-device",
+            BRIDGE,
         ]
         for dev in devices:
             if dev.netdev:
@@ -346,8 +431,9 @@ def boot(initrd: Path, kver: str, scenarios: list[Scenario],
                 cmd += ["-drive", dev.drive]
             cmd += ["-device", dev.qemu]
         try:
-            proc = subprocess.run(cmd, capture_output=True, timeout=timeout, check=False,
-                                  stdin=subprocess.DEVNULL)
+            proc = subprocess.run(
+                cmd, capture_output=True, timeout=timeout, check=False, stdin=subprocess.DEVNULL
+            )
             stderr = proc.stderr.decode(errors="replace")
         except subprocess.TimeoutExpired:
             stderr = f"QEMU killed after {timeout:g} s"
@@ -356,14 +442,13 @@ def boot(initrd: Path, kver: str, scenarios: list[Scenario],
     for line in console.splitlines():
         if line.startswith("KVFIO "):
             try:
-                records.append(json.loads(line[len("KVFIO "):]))
+                records.append(json.loads(line[len("KVFIO ") :]))
             except ValueError:
                 pass
     return GuestRun(console + stderr, records)
 
 
-def boot_sriov_host(program: str, console_log: Path, max_vfs: int = 4,
-                    **options: Any) -> GuestRun:
+def boot_sriov_host(program: str, console_log: Path, max_vfs: int = 4, **options: Any) -> GuestRun:
     """One boot of the guest as an SR-IOV host for the host tools: QEMU's NVMe as a PF
     with `max_vfs` VFs (slot 6), kata-vfio-ctl in the guest, and the guest program
     `program` (a GUEST_PROGRAMS destination) run once. `options`: more of boot's.
@@ -376,14 +461,24 @@ def boot_sriov_host(program: str, console_log: Path, max_vfs: int = 4,
         pytest.skip("needs `make initrd` (KATA_VFIO_INITRD, KATA_VFIO_KVER): run `make test`")
     script = f'#!/kvfio/bin/sh\nexec /usr/bin/python3 -I -S {program} "$1"\n'
     name = Path(program).stem
-    return boot(initrd, kver, [Scenario(name, "{}", script=script)],
-                devices=nvme_sriov_pf(max_vfs, addr="0x6"), console_log=console_log,
-                host_tools=True, **options)
+    return boot(
+        initrd,
+        kver,
+        [Scenario(name, "{}", script=script)],
+        devices=nvme_sriov_pf(max_vfs, addr="0x6"),
+        console_log=console_log,
+        host_tools=True,
+        **options,
+    )
 
 
-def host_manifest(sysfs_root: Path, groups: list[list[EmulatedDevice]],
-                  hotplug_timeout: float = 5.0, first_group: int = 30,
-                  resources: dict[int, str] | None = None) -> str:
+def host_manifest(
+    sysfs_root: Path,
+    groups: list[list[EmulatedDevice]],
+    hotplug_timeout: float = 5.0,
+    first_group: int = 30,
+    resources: dict[int, str] | None = None,
+) -> str:
     """The manifest the host wrapper's own code writes for these devices, each inner
     list one host IOMMU group bound to vfio-pci (a fake host sysfs stands in for the host).
     Host group numbers (and buses) count from `first_group`; `resources`: index in
@@ -410,9 +505,12 @@ def host_manifest(sysfs_root: Path, groups: list[list[EmulatedDevice]],
             ddir = sysfs_root / "devices" / addr
             ddir.mkdir(parents=True)
             ident = dev.identity
-            for attr, value in (("vendor", ident.vendor), ("device", ident.device),
-                                ("subsystem_vendor", ident.subsystem_vendor),
-                                ("subsystem_device", ident.subsystem_device)):
+            for attr, value in (
+                ("vendor", ident.vendor),
+                ("device", ident.device),
+                ("subsystem_vendor", ident.subsystem_vendor),
+                ("subsystem_device", ident.subsystem_device),
+            ):
                 (ddir / attr).write_text(f"0x{value:04x}\n")
             (ddir / "class").write_text(f"0x{ident.class_code:06x}\n")
             os.symlink(f"../../../kernel/iommu_groups/{g}", ddir / "iommu_group")
@@ -421,8 +519,9 @@ def host_manifest(sysfs_root: Path, groups: list[list[EmulatedDevice]],
             os.symlink(f"../../../devices/{addr}", sysfs_root / "bus/pci/devices" / addr)
             os.symlink(f"../../../../devices/{addr}", gdir / addr)
             asked.append(addr)
-    annotations = {f"io.kata-vfio.resource.{name}": ",".join(addresses)
-                   for name, addresses in named.items()}
+    annotations = {
+        f"io.kata-vfio.resource.{name}": ",".join(addresses) for name, addresses in named.items()
+    }
     if wanted:
         annotations["io.kata-vfio.devices"] = ",".join(wanted)
     spec: dict[str, Any] = {"annotations": annotations}

@@ -21,8 +21,13 @@ def _event_log(args: argparse.Namespace) -> Any:
     from kata_vfio_host.hostlog import file_logger
     from kata_vfio_host.settings import load_settings
 
-    return file_logger(load_settings().log_file, warn=sys.stderr, journal=sys.stderr,
-                       tool=PROG, command=args.command)
+    return file_logger(
+        load_settings().log_file,
+        warn=sys.stderr,
+        journal=sys.stderr,
+        tool=PROG,
+        command=args.command,
+    )
 
 
 def _host(args: argparse.Namespace) -> Any:
@@ -35,8 +40,12 @@ def _host(args: argparse.Namespace) -> Any:
 
 def valid_interface_name(text: str) -> bool:
     """The kernel's rule for interface names (dev_valid_name): a safe path component."""
-    return (0 < len(text) < IFNAMSIZ and text not in (".", "..") and text.isprintable()
-            and not any(c in text for c in "/: \t\n"))
+    return (
+        0 < len(text) < IFNAMSIZ
+        and text not in (".", "..")
+        and text.isprintable()
+        and not any(c in text for c in "/: \t\n")
+    )
 
 
 def function_of_interface(sysfs: Path, ifname: str) -> Any:
@@ -47,9 +56,11 @@ def function_of_interface(sysfs: Path, ifname: str) -> Any:
 
     link = Path(sysfs) / "class/net" / ifname
     if not os.path.lexists(link):
-        raise DeviceError(f"no PCI device or network interface {ifname!r} on this host",
-                          "give DDDD:BB:SS.F, BB:SS.F or an interface name; "
-                          "list them with: kata-vfio-ctl devices")
+        raise DeviceError(
+            f"no PCI device or network interface {ifname!r} on this host",
+            "give DDDD:BB:SS.F, BB:SS.F or an interface name; "
+            "list them with: kata-vfio-ctl devices",
+        )
     target = Path(os.path.realpath(link))
     root = Path(os.path.realpath(sysfs))
     below = target.relative_to(root).parts if target.is_relative_to(root) else ()
@@ -60,9 +71,10 @@ def function_of_interface(sysfs: Path, ifname: str) -> Any:
             continue
         if os.path.isdir(device_dir(sysfs, addr)):
             return addr
-    raise DeviceError(f"interface {ifname} is not on a PCI device ({target})",
-                      "only PCI functions can be handed to vfio-pci; "
-                      "list them with: kata-vfio-ctl devices")
+    raise DeviceError(
+        f"interface {ifname} is not on a PCI device ({target})",
+        "only PCI functions can be handed to vfio-pci; list them with: kata-vfio-ctl devices",
+    )
 
 
 def device_argument(sysfs: Path, text: str) -> Any:

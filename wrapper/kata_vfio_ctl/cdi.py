@@ -59,16 +59,22 @@ class SkippedGroup:
 def _why_unusable(members: list[PciDevice]) -> str | None:
     for dev in members:
         if not usable_by_vfio(dev):
-            return (f"{dev.address} is on {dev.driver} "
-                    f"(hand the group to vfio-pci: kata-vfio-ctl bind {dev.address})")
+            return (
+                f"{dev.address} is on {dev.driver} "
+                f"(hand the group to vfio-pci: kata-vfio-ctl bind {dev.address})"
+            )
     return None
 
 
 def survey_groups(sysfs: Path) -> tuple[list[UsableGroup], list[SkippedGroup]]:
     """Every IOMMU group with a PCI function, sorted: usable ones and why the others are not."""
-    groups = sorted({dev.iommu_group for dev in
-                     (read_device(sysfs, addr) for addr in list_addresses(sysfs))
-                     if dev.iommu_group is not None})
+    groups = sorted(
+        {
+            dev.iommu_group
+            for dev in (read_device(sysfs, addr) for addr in list_addresses(sysfs))
+            if dev.iommu_group is not None
+        }
+    )
     usable, skipped = [], []
     for group in groups:
         members = [read_device(sysfs, addr) for addr in group_members(sysfs, group)]
@@ -80,8 +86,10 @@ def survey_groups(sysfs: Path) -> tuple[list[UsableGroup], list[SkippedGroup]]:
             try:
                 devnum = vfio_group_devnum(sysfs, group)
             except DeviceError:
-                reason = (f"/dev/vfio/{group} does not exist (vfio-pci has not claimed it: "
-                          f"kata-vfio-ctl bind {endpoints[0]})")
+                reason = (
+                    f"/dev/vfio/{group} does not exist (vfio-pci has not claimed it: "
+                    f"kata-vfio-ctl bind {endpoints[0]})"
+                )
         if reason is not None:
             skipped.append(SkippedGroup(group, reason))
         else:
@@ -99,8 +107,10 @@ def build_spec(groups: list[UsableGroup]) -> dict[str, Any]:
     """The CDI spec for these groups (at least one: CDI refuses a spec without devices)."""
     by_address = sorted((addr, g) for g in groups for addr in g.endpoints)
     devices = [
-        {"name": str(addr),
-         "containerEdits": {"deviceNodes": [_char_node(f"/dev/vfio/{g.group}", g.devnum)]}}
+        {
+            "name": str(addr),
+            "containerEdits": {"deviceNodes": [_char_node(f"/dev/vfio/{g.group}", g.devnum)]},
+        }
         for addr, g in by_address
     ]
     return {
@@ -108,8 +118,7 @@ def build_spec(groups: list[UsableGroup]) -> dict[str, Any]:
         "kind": CDI_KIND,
         "devices": devices,
         # applied once whenever any of the devices above is asked for
-        "containerEdits": {"deviceNodes": [_char_node("/dev/vfio/vfio",
-                                                      VFIO_CONTAINER_DEVNUM)]},
+        "containerEdits": {"deviceNodes": [_char_node("/dev/vfio/vfio", VFIO_CONTAINER_DEVNUM)]},
     }
 
 
@@ -144,8 +153,10 @@ def write_spec(path: Path, spec: dict[str, Any]) -> None:
 
     kind = str(spec["kind"])
     if spec_is_ours(path, kind) is False:
-        raise ConfigError(f"{path} exists and is not a {kind} spec; nothing was changed",
-                          f"pass --output with a file of its own, e.g. {DEFAULT_SPEC}")
+        raise ConfigError(
+            f"{path} exists and is not a {kind} spec; nothing was changed",
+            f"pass --output with a file of its own, e.g. {DEFAULT_SPEC}",
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(path, (json.dumps(spec, indent=2) + "\n").encode(), mode=0o644)
 
@@ -163,7 +174,8 @@ def cmd_cdi(args: argparse.Namespace) -> int:
         raise DeviceError(
             "no IOMMU group is usable by VFIO on this host, so there is no CDI device"
             + (f" ({args.output} removed)" if removed else ""),
-            "hand a device to vfio-pci first: kata-vfio-ctl bind ADDRESS")
+            "hand a device to vfio-pci first: kata-vfio-ctl bind ADDRESS",
+        )
     spec = build_spec(usable)
     if args.output == "-":
         print(json.dumps(spec, indent=2))
@@ -184,7 +196,11 @@ def _remove(path: Path) -> bool:
 
 def add_parsers(sub: Any) -> None:
     p = sub.add_parser("cdi", help=f"write a CDI spec ({CDI_KIND}=ADDRESS) for usable groups")
-    p.add_argument("--output", default=str(DEFAULT_SPEC), metavar="PATH",
-                   help=f"where to write it, - for stdout (default: {DEFAULT_SPEC})")
+    p.add_argument(
+        "--output",
+        default=str(DEFAULT_SPEC),
+        metavar="PATH",
+        help=f"where to write it, - for stdout (default: {DEFAULT_SPEC})",
+    )
     p.add_argument("--sysfs", help="sysfs root (default: from config.toml, else /sys)")
     p.set_defaults(func=cmd_cdi)

@@ -28,8 +28,10 @@ CRI_PLUGINS = {1: "cri", 2: "io.containerd.grpc.v1.cri", 3: "io.containerd.cri.v
 # What register adds (our runtime table's header, a `version` key) carries this mark, so
 # unregister takes out only what is ours, never an admin's own kata-vfio runtime.
 ADDED_MARK = "# added by kata-vfio-ctl"
-CREATED_HEADER = ("# Created by kata-vfio-ctl containerd-register; "
-                  "kata-vfio-ctl containerd-unregister removes this file again.\n")
+CREATED_HEADER = (
+    "# Created by kata-vfio-ctl containerd-register; "
+    "kata-vfio-ctl containerd-unregister removes this file again.\n"
+)
 
 
 def containerd_binary_version(binary: str = "containerd") -> tuple[int, int]:
@@ -37,12 +39,17 @@ def containerd_binary_version(binary: str = "containerd") -> tuple[int, int]:
     containerd 1.6.20~ds1 …" or "… containerd/v2 v2.0.0 …"."""
     from kata_vfio.run import run
 
-    out = run([binary, "--version"], what="asking containerd for its version",
-              hint="pass --config-version 2 (containerd 1.6/1.7) or 3 (containerd 2.x)").stdout
+    out = run(
+        [binary, "--version"],
+        what="asking containerd for its version",
+        hint="pass --config-version 2 (containerd 1.6/1.7) or 3 (containerd 2.x)",
+    ).stdout
     match = re.search(r"(?<![\w.])v?(\d+)\.(\d+)\.\d+", out)
     if match is None:
-        raise ConfigError(f"cannot read a version in {out.strip()!r}",
-                          "pass --config-version 2 (containerd 1.6/1.7) or 3 (containerd 2.x)")
+        raise ConfigError(
+            f"cannot read a version in {out.strip()!r}",
+            "pass --config-version 2 (containerd 1.6/1.7) or 3 (containerd 2.x)",
+        )
     return int(match.group(1)), int(match.group(2))
 
 
@@ -55,10 +62,11 @@ def config_version(data: Any, conf: Path, containerd: str = "containerd") -> int
     """
     if "version" in data:
         version = data["version"]
-        if not isinstance(version, int) or isinstance(version, bool) \
-                or version not in CRI_PLUGINS:
-            raise ConfigError(f"{conf}: unknown config version {version!r}",
-                              "containerd 1.x writes version = 2, containerd 2.x version = 3")
+        if not isinstance(version, int) or isinstance(version, bool) or version not in CRI_PLUGINS:
+            raise ConfigError(
+                f"{conf}: unknown config version {version!r}",
+                "containerd 1.x writes version = 2, containerd 2.x version = 3",
+            )
         return int(version)
     if len(data):
         return 1
@@ -98,8 +106,9 @@ def _runtimes(data: dict[str, Any], version: int, conf: Path) -> dict[str, Any] 
             return None
         node = node[key]
         if not isinstance(node, dict):
-            raise ConfigError(f"{conf}: {_dotted(path[:depth + 1])} is not a table",
-                              "fix the file by hand first")
+            raise ConfigError(
+                f"{conf}: {_dotted(path[: depth + 1])} is not a table", "fix the file by hand first"
+            )
     return node  # type: ignore[no-any-return]
 
 
@@ -109,8 +118,11 @@ def _indents(runtimes: Any) -> tuple[str, str]:
 
     for _, item in runtimes.value.body:
         if isinstance(item, tomlkit.items.Table) and not item.is_super_table():
-            keys = [v for _, v in item.value.body
-                    if not isinstance(v, (tomlkit.items.Whitespace, tomlkit.items.Table))]
+            keys = [
+                v
+                for _, v in item.value.body
+                if not isinstance(v, (tomlkit.items.Whitespace, tomlkit.items.Table))
+            ]
             head = item.trivia.indent.lstrip("\n")
             return head, keys[0].trivia.indent if keys else head + "  "
     return "", ""
@@ -229,7 +241,7 @@ def _our_blocks(text: str) -> list[tuple[int, int]]:
         path = _header_path(line) if line.lstrip().startswith("[") else None
         if path is None and not line.lstrip().startswith("[["):
             continue
-        if start is not None and (path is None or path[:len(ours)] != ours):
+        if start is not None and (path is None or path[: len(ours)] != ours):
             blocks.append((start, i))
             start = None
         if start is None and path in OURS and line.rstrip().endswith(ADDED_MARK):
@@ -253,8 +265,9 @@ def _take_out(text: str) -> str:
     except tomllib.TOMLDecodeError:
         return text
     if list(left) == ["version"]:
-        text = re.sub(rf"(?m)^version[ \t]*=[ \t]*\d+[ \t]*{re.escape(ADDED_MARK)}[ \t]*\n",
-                      "", text)
+        text = re.sub(
+            rf"(?m)^version[ \t]*=[ \t]*\d+[ \t]*{re.escape(ADDED_MARK)}[ \t]*\n", "", text
+        )
     return text
 
 
@@ -295,8 +308,14 @@ def _problem(base: str, new: str, version: int, runtime: ShimRuntime, back: str)
     return None
 
 
-def register_containerd(conf: Path, runtime: ShimRuntime, *, version: int | None = None,
-                        containerd: str = "containerd", dry_run: bool = False) -> bool:
+def register_containerd(
+    conf: Path,
+    runtime: ShimRuntime,
+    *,
+    version: int | None = None,
+    containerd: str = "containerd",
+    dry_run: bool = False,
+) -> bool:
     """Add (or update) the kata-vfio runtime; True when the file changed.
 
     The result is checked before anything is written: our runtime where containerd reads
@@ -317,11 +336,15 @@ def register_containerd(conf: Path, runtime: ShimRuntime, *, version: int | None
             raise ConfigError(
                 f"{conf} already has a {RUNTIME_NAME} runtime ([{where}]) that kata-vfio-ctl "
                 "did not add; nothing was changed",
-                "rename or remove that table and register again, or keep it as it is")
+                "rename or remove that table and register again, or keep it as it is",
+            )
         if runtimes[RUNTIME_NAME] == wanted_runtime(runtime):
             return False
-        base = "".join(line for i, line in enumerate(text.splitlines(keepends=True))
-                       if not any(s <= i < e for s, e in _our_blocks(text)))
+        base = "".join(
+            line
+            for i, line in enumerate(text.splitlines(keepends=True))
+            if not any(s <= i < e for s, e in _our_blocks(text))
+        )
     back = CREATED_HEADER if not found.exists else _take_out(base)
     reasons = []
     for attempt in (_insert_nested, _append_table):
@@ -329,8 +352,10 @@ def register_containerd(conf: Path, runtime: ShimRuntime, *, version: int | None
             new = attempt(base, version, runtime, not found.exists)
         except Exception as exc:  # tomlkit refuses some layouts (inline tables ...)
             if "Inline tables" in str(exc):
-                reasons = ["a table above it is written inline ({ ... }), and TOML lets "
-                           "nobody add to an inline table"]
+                reasons = [
+                    "a table above it is written inline ({ ... }), and TOML lets "
+                    "nobody add to an inline table"
+                ]
                 break
             reasons.append(str(exc))
             continue
@@ -345,7 +370,8 @@ def register_containerd(conf: Path, runtime: ShimRuntime, *, version: int | None
     raise ConfigError(
         f"{conf}: cannot add [{where}] to this layout safely ({'; '.join(reasons)}); "
         "nothing was changed",
-        f"write the tables above it as [..] headers, or add [{where}] by hand")
+        f"write the tables above it as [..] headers, or add [{where}] by hand",
+    )
 
 
 def unregister_containerd(conf: Path) -> bool:
@@ -360,8 +386,12 @@ def unregister_containerd(conf: Path) -> bool:
     text = found.text
     new = _take_out(text)
     before = tomllib.loads(text)
-    versions = [v for v in CRI_PLUGINS if (*_runtimes_path(v), RUNTIME_NAME) in
-                {_header_path(text.splitlines()[s]) for s, _ in _our_blocks(text)}]
+    versions = [
+        v
+        for v in CRI_PLUGINS
+        if (*_runtimes_path(v), RUNTIME_NAME)
+        in {_header_path(text.splitlines()[s]) for s, _ in _our_blocks(text)}
+    ]
     try:
         after = tomllib.loads(new)
         problem = None
@@ -372,9 +402,11 @@ def unregister_containerd(conf: Path) -> bool:
     except tomllib.TOMLDecodeError as exc:
         problem = f"the result would not be valid TOML: {exc}"
     if problem is not None:
-        raise ConfigError(f"{conf}: cannot take the {RUNTIME_NAME} runtime out of this layout "
-                          f"safely ({problem}); nothing was changed",
-                          f"remove its [..runtimes.{RUNTIME_NAME}] table by hand")
+        raise ConfigError(
+            f"{conf}: cannot take the {RUNTIME_NAME} runtime out of this layout "
+            f"safely ({problem}); nothing was changed",
+            f"remove its [..runtimes.{RUNTIME_NAME}] table by hand",
+        )
     if new == CREATED_HEADER and not os.path.islink(conf):
         conf.unlink()
     else:

@@ -32,8 +32,10 @@ def crio_dropin_text(runtime: ShimRuntime, runtime_root: str = CRIO_RUNTIME_ROOT
     if runtime.shim_path is None:
         raise UsageError("CRI-O needs the shim's absolute path", "pass --shim-path")
     if not os.path.isabs(runtime_root):
-        raise UsageError(f"runtime root {runtime_root!r} is not absolute",
-                         f"give a full path, e.g. --runtime-root {CRIO_RUNTIME_ROOT}")
+        raise UsageError(
+            f"runtime root {runtime_root!r} is not absolute",
+            f"give a full path, e.g. --runtime-root {CRIO_RUNTIME_ROOT}",
+        )
     # JSON strings are valid TOML basic strings (the same escapes)
     lines = [
         CRIO_FIRST_LINE,
@@ -69,8 +71,13 @@ def _crio_dropin_is_ours(dropin: Path) -> bool | None:
     return found.text.startswith(CRIO_FIRST_LINE + "\n")
 
 
-def register_crio(dropin: Path, runtime: ShimRuntime, *, dry_run: bool = False,
-                  runtime_root: str = CRIO_RUNTIME_ROOT) -> bool:
+def register_crio(
+    dropin: Path,
+    runtime: ShimRuntime,
+    *,
+    dry_run: bool = False,
+    runtime_root: str = CRIO_RUNTIME_ROOT,
+) -> bool:
     """Write the drop-in; True when it changed. A file there that crio-register did not
     write (another drop-in, a link) is refused, never replaced."""
     from kata_vfio.files import write_atomically
@@ -82,10 +89,10 @@ def register_crio(dropin: Path, runtime: ShimRuntime, *, dry_run: bool = False,
     text = crio_dropin_text(runtime, runtime_root)
     ours = _crio_dropin_is_ours(dropin)
     if ours is False:
-        raise ConfigError(f"{dropin} exists and was not written by kata-vfio-ctl; "
-                          "nothing was changed",
-                          "pass --dropin with a file name of kata-vfio's own, e.g. "
-                          f"{CRIO_DROPIN}")
+        raise ConfigError(
+            f"{dropin} exists and was not written by kata-vfio-ctl; nothing was changed",
+            f"pass --dropin with a file name of kata-vfio's own, e.g. {CRIO_DROPIN}",
+        )
     if ours and read_found(dropin, "CRI-O drop-in").raw == text.encode():
         return False
     if dry_run:

@@ -17,8 +17,9 @@ def id_filter(text: str) -> Callable[[Any], bool]:
     """lspci -d style: VENDOR:DEVICE[:CLASS], the parser io.kata-vfio.select uses."""
     from kata_vfio_host.allocate import parse_ids
 
-    return parse_ids(text, "devices -d", error=UsageError,
-                     example="8086:*, 8086:10d3 or ::0200").matches
+    return parse_ids(
+        text, "devices -d", error=UsageError, example="8086:*, 8086:10d3 or ::0200"
+    ).matches
 
 
 def device_records(args: argparse.Namespace, host: Any) -> list[dict[str, Any]]:
@@ -35,8 +36,10 @@ def device_records(args: argparse.Namespace, host: Any) -> list[dict[str, Any]]:
     try:
         name_re = re.compile(args.name, re.IGNORECASE) if args.name else None
     except re.error as exc:
-        raise UsageError(f"bad --name pattern {args.name!r}: {exc}",
-                         "a regular expression, e.g. --name 'I350|X710'") from None
+        raise UsageError(
+            f"bad --name pattern {args.name!r}: {exc}",
+            "a regular expression, e.g. --name 'I350|X710'",
+        ) from None
     from kata_vfio_host.allocate import Pool
     from kata_vfio_host.ledger import earlier_boot, read_journal_file
     from kata_vfio_host.owners import claim_gone
@@ -54,28 +57,37 @@ def device_records(args: argparse.Namespace, host: Any) -> list[dict[str, Any]]:
         else:
             exact.add(str(device_argument(host.sysfs, text)))
     # a bind of an earlier boot ended with it: nobody has bound the device now
-    journal = {a: e for a, e in read_journal(host).items()
-               if not earlier_boot(host, e.get("boot_id"))}
+    journal = {
+        a: e for a, e in read_journal(host).items() if not earlier_boot(host, e.get("boot_id"))
+    }
     persisted = read_persisted()
     persistent = {str(b.address) for b in persisted.binds}
     vf_counts = {str(v.address): v.count for v in persisted.vfs}
-    claims = {g: c for g, c in read_journal_file(host).claims.items()
-              if not claim_gone(host, c)}
+    claims = {g: c for g, c in read_journal_file(host).claims.items() if not claim_gone(host, c)}
     pool = Pool(host, load_settings().autobind_allow)
     records: list[dict[str, Any]] = []
     for addr in list_addresses(host.sysfs):
-        if args.addresses and str(addr) not in exact \
-                and not any(fnmatch.fnmatch(str(addr), g) for g in globs):
+        if (
+            args.addresses
+            and str(addr) not in exact
+            and not any(fnmatch.fnmatch(str(addr), g) for g in globs)
+        ):
             continue
         dev = read_device(host.sysfs, addr)
         name = device_name(dev.vendor, dev.device)
         if any(not m(dev) for m in matchers) or (name_re and not name_re.search(name)):
             continue
         base = Path(host.sysfs) / "bus/pci/devices" / str(addr)
-        virtfns = sorted(os.path.basename(os.readlink(base / n)) for n in os.listdir(base)
-                         if n.startswith("virtfn"))
-        others = [str(m) for m in group_members(host.sysfs, dev.iommu_group)
-                  if m != addr] if dev.iommu_group is not None else []
+        virtfns = sorted(
+            os.path.basename(os.readlink(base / n))
+            for n in os.listdir(base)
+            if n.startswith("virtfn")
+        )
+        others = (
+            [str(m) for m in group_members(host.sysfs, dev.iommu_group) if m != addr]
+            if dev.iommu_group is not None
+            else []
+        )
         claim = claims.get(dev.iommu_group.number) if dev.iommu_group is not None else None
         not_free: str | None
         if dev.is_bridge or dev.iommu_group is None:
@@ -87,22 +99,32 @@ def device_records(args: argparse.Namespace, host: Any) -> list[dict[str, Any]]:
                 args.not_free.append((str(addr), not_free))  # for "nothing is free"
             continue
         total = base / "sriov_totalvfs"
-        records.append({
-            "address": str(addr), "vendor": f"{dev.vendor:04x}", "device": f"{dev.device:04x}",
-            "subsystem_vendor": f"{dev.subsystem_vendor:04x}",
-            "subsystem_device": f"{dev.subsystem_device:04x}",
-            "class": f"{dev.class_code:06x}", "class_name": class_name(dev.class_code),
-            "name": name, "driver": dev.driver,
-            "iommu_group": dev.iommu_group.number if dev.iommu_group is not None else None,
-            "group_members": others, "physfn": str(dev.physfn) if dev.physfn else None,
-            "virtfns": virtfns, "interfaces": interfaces_below(host.sysfs, addr),
-            "in_use": [] if dev.is_bridge else uses(addr),
-            "bound_by": (journal.get(str(addr)) or {}).get("owner"),
-            "owner": claim.container if claim is not None else None,
-            "sriov_totalvfs": int(total.read_text()) if total.exists() else None,
-            "free": not_free is None, "not_free": not_free,
-            "persistent": str(addr) in persistent, "persistent_vfs": vf_counts.get(str(addr)),
-        })
+        records.append(
+            {
+                "address": str(addr),
+                "vendor": f"{dev.vendor:04x}",
+                "device": f"{dev.device:04x}",
+                "subsystem_vendor": f"{dev.subsystem_vendor:04x}",
+                "subsystem_device": f"{dev.subsystem_device:04x}",
+                "class": f"{dev.class_code:06x}",
+                "class_name": class_name(dev.class_code),
+                "name": name,
+                "driver": dev.driver,
+                "iommu_group": dev.iommu_group.number if dev.iommu_group is not None else None,
+                "group_members": others,
+                "physfn": str(dev.physfn) if dev.physfn else None,
+                "virtfns": virtfns,
+                "interfaces": interfaces_below(host.sysfs, addr),
+                "in_use": [] if dev.is_bridge else uses(addr),
+                "bound_by": (journal.get(str(addr)) or {}).get("owner"),
+                "owner": claim.container if claim is not None else None,
+                "sriov_totalvfs": int(total.read_text()) if total.exists() else None,
+                "free": not_free is None,
+                "not_free": not_free,
+                "persistent": str(addr) in persistent,
+                "persistent_vfs": vf_counts.get(str(addr)),
+            }
+        )
     return records
 
 
@@ -117,27 +139,32 @@ def cmd_devices(args: argparse.Namespace) -> int:
     if args.free and not records:
         # why nothing is free, device by device (bridges are never handed out)
         reasons = [(a, why) for a, why in args.not_free if why != "a bridge"]
-        print("nothing is free" + (":" if reasons else
-                                   " (no device matches; kata-vfio-ctl devices lists them)"))
+        print(
+            "nothing is free"
+            + (":" if reasons else " (no device matches; kata-vfio-ctl devices lists them)")
+        )
         for addr, why in reasons:
             print(f"  {addr}: {why}")
         return 0
-    print(f"{'ADDRESS':13} {'IDS':9} {'CLASS':6} {'DRIVER':12} {'GROUP':>5}  "
-          f"{'OWNER':14} NAME")
+    print(f"{'ADDRESS':13} {'IDS':9} {'CLASS':6} {'DRIVER':12} {'GROUP':>5}  {'OWNER':14} NAME")
     for r in records:
         group = "-" if r["iommu_group"] is None else str(r["iommu_group"])
         owner = (r["owner"] or "-")[:14]
-        print(f"{r['address']:13} {r['vendor']}:{r['device']} {r['class'][:4]:6} "
-              f"{r['driver'] or '-':12} {group:>5}  {owner:14} {r['class_name']}: "
-              f"{r['name']}")
+        print(
+            f"{r['address']:13} {r['vendor']}:{r['device']} {r['class'][:4]:6} "
+            f"{r['driver'] or '-':12} {group:>5}  {owner:14} {r['class_name']}: "
+            f"{r['name']}"
+        )
         notes = []
         if r["group_members"]:
             notes.append(f"group also: {', '.join(r['group_members'])}")
         if r["physfn"]:
             notes.append(f"VF of {r['physfn']}")
         if r["virtfns"] or r["sriov_totalvfs"]:
-            notes.append(f"VFs ({len(r['virtfns'])} of {r['sriov_totalvfs']}): "
-                         f"{', '.join(r['virtfns']) or 'none'}")
+            notes.append(
+                f"VFs ({len(r['virtfns'])} of {r['sriov_totalvfs']}): "
+                f"{', '.join(r['virtfns']) or 'none'}"
+            )
         if r["interfaces"]:
             notes.append(f"net: {', '.join(r['interfaces'])}")
         notes += [f"IN USE: {u}" for u in r["in_use"]]

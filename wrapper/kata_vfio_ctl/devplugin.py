@@ -73,9 +73,11 @@ def _api() -> tuple[Any, Any]:
     try:
         from kata_vfio_ctl.kubeapi import deviceplugin_pb2, deviceplugin_pb2_grpc
     except ImportError as exc:
-        raise DeviceError(f"the kubelet API modules are missing ({exc})",
-                          "build kata-vfio with its build (pip install . or make venv): "
-                          "it generates them from kubeapi/*.proto") from None
+        raise DeviceError(
+            f"the kubelet API modules are missing ({exc})",
+            "build kata-vfio with its build (pip install . or make venv): "
+            "it generates them from kubeapi/*.proto",
+        ) from None
     return deviceplugin_pb2, deviceplugin_pb2_grpc
 
 
@@ -118,8 +120,7 @@ class State:
 
 
 class Plugin:
-    def __init__(self, options: Options, resources: list[Resource], log: Log = stderr_log
-                 ) -> None:
+    def __init__(self, options: Options, resources: list[Resource], log: Log = stderr_log) -> None:
         from kata_vfio_host.ledger import Host
         from kata_vfio_host.usage import use_checker
 
@@ -166,8 +167,9 @@ class Plugin:
         if key != self._layout:
             if self._layout is not None:
                 self._publish_gone()  # first: the survey's in-use checks can take seconds
-            units, skipped = survey(self.options.sysfs, list(self.resources.values()),
-                                    self._host_uses)
+            units, skipped = survey(
+                self.options.sysfs, list(self.resources.values()), self._host_uses
+            )
             for line in skipped:
                 if line not in self._said:
                     self._said.add(line)
@@ -184,11 +186,15 @@ class Plugin:
         ours: set[int] = set()
         for allocation in recorded.values():
             ours |= allocation.groups
-        health = {name: {uid: self.check.health(u, holders.get(u.group.number),
-                                                u.group.number in ours)
-                         if uid in self._surveyed.get(name, ()) else UNHEALTHY
-                         for uid, u in found.items()}
-                  for name, found in new_units.items()}
+        health = {
+            name: {
+                uid: self.check.health(u, holders.get(u.group.number), u.group.number in ours)
+                if uid in self._surveyed.get(name, ())
+                else UNHEALTHY
+                for uid, u in found.items()
+            }
+            for name, found in new_units.items()
+        }
         changed = new_units != self.state.units or health != self.state.health
         if changed:
             with self.state.cond:
@@ -203,11 +209,15 @@ class Plugin:
     def _publish_gone(self) -> None:
         """Units with an endpoint gone from sysfs: Unhealthy in the next message."""
         sysfs = self.options.sysfs
-        health = {name: {uid: UNHEALTHY if any(not os.path.isdir(device_dir(sysfs, a))
-                                               for a in unit.endpoints)
-                         else self.state.health.get(name, {}).get(uid, HEALTHY)
-                         for uid, unit in found.items()}
-                  for name, found in self.state.units.items()}
+        health = {
+            name: {
+                uid: UNHEALTHY
+                if any(not os.path.isdir(device_dir(sysfs, a)) for a in unit.endpoints)
+                else self.state.health.get(name, {}).get(uid, HEALTHY)
+                for uid, unit in found.items()
+            }
+            for name, found in self.state.units.items()
+        }
         if health != self.state.health:
             with self.state.cond:
                 self.state.health = health
@@ -221,8 +231,11 @@ class Plugin:
             topology = None
             if unit.numa_node is not None:
                 topology = pb.TopologyInfo(nodes=[pb.NUMANode(ID=unit.numa_node)])
-            devices.append(pb.Device(ID=uid, health=self.state.health[name].get(uid, HEALTHY),
-                                     topology=topology))
+            devices.append(
+                pb.Device(
+                    ID=uid, health=self.state.health[name].get(uid, HEALTHY), topology=topology
+                )
+            )
         return pb.ListAndWatchResponse(devices=devices)
 
     # -- CDI ----------------------------------------------------------------------------
@@ -240,9 +253,13 @@ class Plugin:
         usable = []
         for unit in sorted(self.state.units.get(name, {}).values(), key=lambda u: u.group):
             try:
-                usable.append(UsableGroup(unit.group,
-                                          vfio_group_devnum(self.options.sysfs, unit.group),
-                                          unit.endpoints))
+                usable.append(
+                    UsableGroup(
+                        unit.group,
+                        vfio_group_devnum(self.options.sysfs, unit.group),
+                        unit.endpoints,
+                    )
+                )
             except DeviceError:
                 continue
         spec = build_spec(usable) if usable else None
@@ -267,8 +284,10 @@ class Plugin:
         units = self.state.units.get(name, {})
         unknown = [d for d in device_ids if d not in units]
         if not device_ids or unknown:
-            raise DeviceError(f"{resource.resource_name}: unknown device IDs {unknown}",
-                              "the kubelet asks only for devices this plugin listed")
+            raise DeviceError(
+                f"{resource.resource_name}: unknown device IDs {unknown}",
+                "the kubelet asks only for devices this plugin listed",
+            )
         chosen = [units[d] for d in sorted(device_ids, key=PciAddress.parse)]
         groups = [u.group for u in chosen]
         endpoints = [a for u in chosen for a in u.endpoints]
@@ -277,34 +296,54 @@ class Plugin:
         # an Allocate under way, so the poll loop goes on), then claim
         held = plugin_ledger.wait_for_stopping(self.host, groups, self.options.handover_wait)
         if held:
-            self.log(f"{resource.resource_name}: the container of the pod that had IOMMU "
-                     f"group{'s' if len(held) > 1 else ''} "
-                     f"{', '.join(str(g) for g in sorted(held))} did not stop within "
-                     f"{self.options.handover_wait:g} s (--handover-wait)")
+            self.log(
+                f"{resource.resource_name}: the container of the pod that had IOMMU "
+                f"group{'s' if len(held) > 1 else ''} "
+                f"{', '.join(str(g) for g in sorted(held))} did not stop within "
+                f"{self.options.handover_wait:g} s (--handover-wait)"
+            )
         with self._count_lock:
             self._allocating += 1
         try:
             with self._lock:
-                plugin_ledger.allocate(self.host, resource.resource_name, device_ids, groups,
-                                       endpoints, self._host_uses)
+                plugin_ledger.allocate(
+                    self.host,
+                    resource.resource_name,
+                    device_ids,
+                    groups,
+                    endpoints,
+                    self._host_uses,
+                )
         finally:
             with self._count_lock:
                 self._allocating -= 1
         addresses = ",".join(str(a) for a in endpoints)
-        specs = [pb.DeviceSpec(container_path="/dev/vfio/vfio",
-                               host_path=os.path.join(self.options.vfio_dev, "vfio"),
-                               permissions="rw")]
-        specs += [pb.DeviceSpec(container_path=f"/dev/vfio/{g}",
-                                host_path=os.path.join(self.options.vfio_dev, str(g)),
-                                permissions="rw") for g in groups]
+        specs = [
+            pb.DeviceSpec(
+                container_path="/dev/vfio/vfio",
+                host_path=os.path.join(self.options.vfio_dev, "vfio"),
+                permissions="rw",
+            )
+        ]
+        specs += [
+            pb.DeviceSpec(
+                container_path=f"/dev/vfio/{g}",
+                host_path=os.path.join(self.options.vfio_dev, str(g)),
+                permissions="rw",
+            )
+            for g in groups
+        ]
         response = pb.ContainerAllocateResponse(
-            envs={resource.env_name: addresses}, devices=specs,
-            annotations={RESOURCE_ANNOTATION_PREFIX + resource.name: addresses})
+            envs={resource.env_name: addresses},
+            devices=specs,
+            annotations={RESOURCE_ANNOTATION_PREFIX + resource.name: addresses},
+        )
         if resource.cdi:
             with self._refresh_lock:  # the poll loop writes it too
                 self.write_cdi(name)
             response.cdi_devices.extend(
-                [pb.CDIDevice(name=f"{resource.resource_name}={u.id}") for u in chosen])
+                [pb.CDIDevice(name=f"{resource.resource_name}={u.id}") for u in chosen]
+            )
         return response
 
     # -- releases -----------------------------------------------------------------------
@@ -321,12 +360,19 @@ class Plugin:
                 stub = podresources_pb2_grpc.PodResourcesListerStub(channel)
                 reply = stub.List(podresources_pb2.ListPodResourcesRequest(), timeout=5)
         except grpc.RpcError as exc:
-            self._say_once(f"pod-resources {path} does not answer ({exc.code().name}); "
-                           "allocations are released when their devices are handed out "
-                           "again")
+            self._say_once(
+                f"pod-resources {path} does not answer ({exc.code().name}); "
+                "allocations are released when their devices are handed out "
+                "again"
+            )
             return None
-        return {(d.resource_name, i) for pod in reply.pod_resources
-                for c in pod.containers for d in c.devices for i in d.device_ids}
+        return {
+            (d.resource_name, i)
+            for pod in reply.pod_resources
+            for c in pod.containers
+            for d in c.devices
+            for i in d.device_ids
+        }
 
     def _say_once(self, line: str) -> None:
         if line not in self._said:
@@ -336,13 +382,15 @@ class Plugin:
     def release_gone(self, now: float | None = None) -> list[str]:
         """Release the allocations whose pods are gone (see the module's docstring)."""
         now = time.time() if now is None else now
-        candidates = [a for a in plugin_ledger.allocations(self.host).values()
-                      if now - a.since >= self.options.release_grace]
+        candidates = [
+            a
+            for a in plugin_ledger.allocations(self.host).values()
+            if now - a.since >= self.options.release_grace
+        ]
         if not candidates:
             return []
         holders = plugin_ledger.live_holders(self.host)
-        candidates = [a for a in candidates
-                      if all(holders.get(g, a.id) == a.id for g in a.groups)]
+        candidates = [a for a in candidates if all(holders.get(g, a.id) == a.id for g in a.groups)]
         if not candidates:
             return []
         listed = self.pod_resource_ids()
@@ -359,20 +407,25 @@ class Plugin:
                     self._say_once(exc.one_line())
                     continue
             if done:
-                self.log(f"released {allocation.id} (its pod is gone): groups "
-                         f"{', '.join(str(g) for g in sorted(allocation.groups))}")
+                self.log(
+                    f"released {allocation.id} (its pod is gone): groups "
+                    f"{', '.join(str(g) for g in sorted(allocation.groups))}"
+                )
                 released.append(allocation.id)
         return released
 
-    def _still_listed(self, allocation: plugin_ledger.Allocation,
-                      listed: set[tuple[str, str]]) -> bool:
+    def _still_listed(
+        self, allocation: plugin_ledger.Allocation, listed: set[tuple[str, str]]
+    ) -> bool:
         if allocation.resource:
             return any((allocation.resource, d) in listed for d in allocation.device_ids)
         # known only from the ledger (no record): any listed device of its groups
         for name, found in self.state.units.items():
             resource_name = self.resources[name].resource_name
-            if any((resource_name, uid) in listed and unit.group.number in allocation.groups
-                   for uid, unit in found.items()):
+            if any(
+                (resource_name, uid) in listed and unit.group.number in allocation.groups
+                for uid, unit in found.items()
+            ):
                 return True
         return False
 
@@ -407,11 +460,15 @@ class Plugin:
         kubelet = os.path.join(self.options.kubelet_dir, KUBELET_SOCKET)
         resource = self.resources[name]
         with grpc.insecure_channel(f"unix://{kubelet}") as channel:
-            rpc.RegistrationStub(channel).Register(pb.RegisterRequest(
-                version=API_VERSION, endpoint=resource.socket_name,
-                resource_name=resource.resource_name,
-                options=pb.DevicePluginOptions(get_preferred_allocation_available=True)),
-                timeout=10)
+            rpc.RegistrationStub(channel).Register(
+                pb.RegisterRequest(
+                    version=API_VERSION,
+                    endpoint=resource.socket_name,
+                    resource_name=resource.resource_name,
+                    options=pb.DevicePluginOptions(get_preferred_allocation_available=True),
+                ),
+                timeout=10,
+            )
         self.log(f"registered {resource.resource_name} with the kubelet ({kubelet})")
 
     def _kubelet_identity(self) -> tuple[int, int] | None:
@@ -426,8 +483,11 @@ class Plugin:
         ours is gone (a kubelet starting removes the directory's sockets)."""
         import grpc
 
-        gone = [n for n in self.resources
-                if n not in self._servers or not os.path.exists(self.socket_path(n))]
+        gone = [
+            n
+            for n in self.resources
+            if n not in self._servers or not os.path.exists(self.socket_path(n))
+        ]
         for name in gone:
             self.serve(name)
         seen = self._kubelet_identity()
@@ -442,16 +502,20 @@ class Plugin:
             try:
                 self.register(name)
             except grpc.RpcError as exc:
-                self._say_once(f"registering {self.resources[name].resource_name} failed "
-                               f"({exc.code().name}: {exc.details()}); retrying")
+                self._say_once(
+                    f"registering {self.resources[name].resource_name} failed "
+                    f"({exc.code().name}: {exc.details()}); retrying"
+                )
                 return
         self._kubelet_seen = seen
 
     def start(self) -> None:
         recovered = plugin_ledger.allocations(self.host)
         if recovered:
-            self.log(f"recovered {len(recovered)} allocations from the ledger: "
-                     + ", ".join(sorted(recovered)))
+            self.log(
+                f"recovered {len(recovered)} allocations from the ledger: "
+                + ", ".join(sorted(recovered))
+            )
         self.refresh()
         for name in self.resources:
             self.serve(name)
@@ -500,8 +564,9 @@ class Servicer:
 
     def GetDevicePluginOptions(self, request: Any, context: Any) -> Any:
         pb, _ = _api()
-        return pb.DevicePluginOptions(pre_start_required=False,
-                                      get_preferred_allocation_available=True)
+        return pb.DevicePluginOptions(
+            pre_start_required=False, get_preferred_allocation_available=True
+        )
 
     def ListAndWatch(self, request: Any, context: Any) -> Iterator[Any]:
         state = self.plugin.state
@@ -519,9 +584,17 @@ class Servicer:
     def GetPreferredAllocation(self, request: Any, context: Any) -> Any:
         pb, _ = _api()
         units = self.plugin.state.units.get(self.name, {})
-        replies = [pb.ContainerPreferredAllocationResponse(deviceIDs=preferred(
-            units, list(r.available_deviceIDs), list(r.must_include_deviceIDs),
-            r.allocation_size)) for r in request.container_requests]
+        replies = [
+            pb.ContainerPreferredAllocationResponse(
+                deviceIDs=preferred(
+                    units,
+                    list(r.available_deviceIDs),
+                    list(r.must_include_deviceIDs),
+                    r.allocation_size,
+                )
+            )
+            for r in request.container_requests
+        ]
         return pb.PreferredAllocationResponse(container_responses=replies)
 
     def Allocate(self, request: Any, context: Any) -> Any:
@@ -538,7 +611,8 @@ class Servicer:
         except KataVfioError as exc:
             for ids in done:  # all or nothing for the pod's request
                 allocation = plugin_ledger.allocations(self.plugin.host).get(
-                    plugin_ledger.allocation_id(ids))
+                    plugin_ledger.allocation_id(ids)
+                )
                 if allocation is not None:
                     plugin_ledger.release_allocation(self.plugin.host, allocation)
             self.plugin.log(f"Allocate refused: {exc.one_line()}")
@@ -556,10 +630,16 @@ def cmd_device_plugin(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     resources = resources_from_settings(settings.device_plugin_resources)
     _api()
-    options = Options(sysfs=args.sysfs or settings.sysfs, state_dir=settings.state_dir,
-                      kubelet_dir=args.kubelet_dir, pod_resources=args.pod_resources,
-                      cdi_dir=args.cdi_dir, vfio_dev=args.vfio_dev,
-                      release_grace=args.release_grace, handover_wait=args.handover_wait)
+    options = Options(
+        sysfs=args.sysfs or settings.sysfs,
+        state_dir=settings.state_dir,
+        kubelet_dir=args.kubelet_dir,
+        pod_resources=args.pod_resources,
+        cdi_dir=args.cdi_dir,
+        vfio_dev=args.vfio_dev,
+        release_grace=args.release_grace,
+        handover_wait=args.handover_wait,
+    )
     plugin = Plugin(options, resources)
     import signal
 
@@ -571,25 +651,50 @@ def cmd_device_plugin(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub: Any) -> None:
-    p = sub.add_parser("device-plugin",
-                       help="run the Kubernetes device plugin (kata-vfio.io/<name> resources)")
-    p.add_argument("--kubelet-dir", default=DEFAULT_KUBELET_DIR,
-                   help=f"the kubelet's device-plugin directory (default {DEFAULT_KUBELET_DIR})")
-    p.add_argument("--pod-resources", default=DEFAULT_POD_RESOURCES, metavar="SOCKET",
-                   help="the kubelet's pod-resources socket, to release allocations of "
-                        f"pods that are gone (default {DEFAULT_POD_RESOURCES})")
-    p.add_argument("--cdi-dir", default=DEFAULT_CDI_DIR,
-                   help=f"where CDI specs go for cdi = true (default {DEFAULT_CDI_DIR})")
-    p.add_argument("--vfio-dev", default="/dev/vfio", metavar="DIR",
-                   help="the host's /dev/vfio, as the DeviceSpecs' host paths")
-    p.add_argument("--release-grace", type=float, default=60.0, metavar="SECONDS",
-                   help="an allocation no container took is kept at least this long")
-    p.add_argument("--handover-wait", type=float, default=30.0, metavar="SECONDS",
-                   help="how long Allocate waits for the container of a pod that is being "
-                        "stopped to let go of a group the kubelet hands out again (default "
-                        "30, the kubelet's default termination grace)")
-    p.add_argument("--config", help="config.toml (default: KATA_VFIO_CONFIG, else "
-                                    "/etc/kata-vfio/config.toml)")
+    p = sub.add_parser(
+        "device-plugin", help="run the Kubernetes device plugin (kata-vfio.io/<name> resources)"
+    )
+    p.add_argument(
+        "--kubelet-dir",
+        default=DEFAULT_KUBELET_DIR,
+        help=f"the kubelet's device-plugin directory (default {DEFAULT_KUBELET_DIR})",
+    )
+    p.add_argument(
+        "--pod-resources",
+        default=DEFAULT_POD_RESOURCES,
+        metavar="SOCKET",
+        help="the kubelet's pod-resources socket, to release allocations of "
+        f"pods that are gone (default {DEFAULT_POD_RESOURCES})",
+    )
+    p.add_argument(
+        "--cdi-dir",
+        default=DEFAULT_CDI_DIR,
+        help=f"where CDI specs go for cdi = true (default {DEFAULT_CDI_DIR})",
+    )
+    p.add_argument(
+        "--vfio-dev",
+        default="/dev/vfio",
+        metavar="DIR",
+        help="the host's /dev/vfio, as the DeviceSpecs' host paths",
+    )
+    p.add_argument(
+        "--release-grace",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="an allocation no container took is kept at least this long",
+    )
+    p.add_argument(
+        "--handover-wait",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long Allocate waits for the container of a pod that is being "
+        "stopped to let go of a group the kubelet hands out again (default "
+        "30, the kubelet's default termination grace)",
+    )
+    p.add_argument(
+        "--config", help="config.toml (default: KATA_VFIO_CONFIG, else /etc/kata-vfio/config.toml)"
+    )
     p.add_argument("--sysfs", help="sysfs root (default: from config.toml, else /sys)")
     p.set_defaults(func=cmd_device_plugin)
-

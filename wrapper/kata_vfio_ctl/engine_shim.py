@@ -24,7 +24,7 @@ SHIM_PREFIX = "containerd-shim-"
 class ShimRuntime:
     """What an engine needs to start kata-vfio's shim wrapper."""
 
-    shim_path: str | None = None    # absolute path; None: containerd finds it on its PATH
+    shim_path: str | None = None  # absolute path; None: containerd finds it on its PATH
     kata_config: str | None = None  # the Kata configuration.toml the shim should use
 
 
@@ -36,13 +36,16 @@ def default_shim_path() -> str:
 def check_shim_path(path: str, *, require_prefix: bool) -> None:
     """An engine execs this path itself: absolute, executable, named as it demands."""
     if not os.path.isabs(path):
-        raise UsageError(f"shim path {path!r} is not absolute",
-                         f"give the full path of {SHIM_BINARY}")
+        raise UsageError(
+            f"shim path {path!r} is not absolute", f"give the full path of {SHIM_BINARY}"
+        )
     if require_prefix and not os.path.basename(path).startswith(SHIM_PREFIX):
         raise UsageError(
             f"CRI-O only runs shims named {SHIM_PREFIX}*, not {os.path.basename(path)!r}",
-            f"point --shim-path at {SHIM_BINARY} (a symlink with that name will do)")
+            f"point --shim-path at {SHIM_BINARY} (a symlink with that name will do)",
+        )
     if not (os.path.isfile(path) and os.access(path, os.X_OK)):
-        raise ConfigError(f"{path} is not an executable file",
-                          f"install kata-vfio so that {SHIM_BINARY} exists, or pass "
-                          "--shim-path")
+        raise ConfigError(
+            f"{path} is not an executable file",
+            f"install kata-vfio so that {SHIM_BINARY} exists, or pass --shim-path",
+        )

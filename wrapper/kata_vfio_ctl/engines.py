@@ -37,8 +37,7 @@ from kata_vfio_ctl.engine_shim import (
 
 
 def _crio_absent(dropin: Path) -> str:
-    return "absent" if not os.path.lexists(dropin) else \
-        "not written by kata-vfio-ctl: left alone"
+    return "absent" if not os.path.lexists(dropin) else "not written by kata-vfio-ctl: left alone"
 
 
 def _containerd_absent(conf: Path) -> str:
@@ -72,19 +71,24 @@ def containerd_path_note(runtime: ShimRuntime, containerd: str = "containerd") -
     if (major, minor) >= (1, 7):
         return None
     found = shutil.which(SHIM_BINARY)
-    if found is not None and (runtime.shim_path is None
-                              or os.path.realpath(found) == os.path.realpath(runtime.shim_path)):
+    if found is not None and (
+        runtime.shim_path is None or os.path.realpath(found) == os.path.realpath(runtime.shim_path)
+    ):
         return None
     where = runtime.shim_path or default_shim_path()
-    return (f"containerd {major}.{minor} ignores runtime_path: {SHIM_BINARY} must be on "
-            f"containerd's PATH (e.g. ln -s {where} /usr/local/bin/{SHIM_BINARY})")
+    return (
+        f"containerd {major}.{minor} ignores runtime_path: {SHIM_BINARY} must be on "
+        f"containerd's PATH (e.g. ln -s {where} /usr/local/bin/{SHIM_BINARY})"
+    )
 
 
 def cmd_containerd_register(args: argparse.Namespace) -> int:
     runtime = _shim_runtime(args, crio=False)
     changed = register_containerd(Path(args.conf), runtime, version=args.config_version)
-    print(f"{args.conf}: {'registered' if changed else 'already registered'} runtime "
-          f"{RUNTIME_NAME} ({SHIM_RUNTIME_TYPE}); restart containerd to use it")
+    print(
+        f"{args.conf}: {'registered' if changed else 'already registered'} runtime "
+        f"{RUNTIME_NAME} ({SHIM_RUNTIME_TYPE}); restart containerd to use it"
+    )
     note = containerd_path_note(runtime)
     if note:
         print(note)
@@ -99,10 +103,12 @@ def cmd_containerd_unregister(args: argparse.Namespace) -> int:
 
 
 def cmd_crio_register(args: argparse.Namespace) -> int:
-    changed = register_crio(Path(args.dropin), _shim_runtime(args, crio=True),
-                            runtime_root=args.runtime_root)
-    print(f"{args.dropin}: {'written' if changed else 'already up to date'}; "
-          "restart CRI-O to use it")
+    changed = register_crio(
+        Path(args.dropin), _shim_runtime(args, crio=True), runtime_root=args.runtime_root
+    )
+    print(
+        f"{args.dropin}: {'written' if changed else 'already up to date'}; restart CRI-O to use it"
+    )
     return 0
 
 
@@ -114,17 +120,31 @@ def cmd_crio_unregister(args: argparse.Namespace) -> int:
 
 def add_install_options(p: argparse.ArgumentParser, *, install: bool) -> None:
     """`install`/`uninstall --containerd [CONFIG] --crio [DROPIN]`."""
-    p.add_argument("--containerd", nargs="?", const=str(CONTAINERD_CONF), metavar="CONFIG",
-                   help=f"also (un)register with containerd (default: {CONTAINERD_CONF})")
-    p.add_argument("--crio", nargs="?", const=str(CRIO_DROPIN), metavar="DROPIN",
-                   help=f"also (un)register with CRI-O (default: {CRIO_DROPIN})")
+    p.add_argument(
+        "--containerd",
+        nargs="?",
+        const=str(CONTAINERD_CONF),
+        metavar="CONFIG",
+        help=f"also (un)register with containerd (default: {CONTAINERD_CONF})",
+    )
+    p.add_argument(
+        "--crio",
+        nargs="?",
+        const=str(CRIO_DROPIN),
+        metavar="DROPIN",
+        help=f"also (un)register with CRI-O (default: {CRIO_DROPIN})",
+    )
     if install:
-        p.add_argument("--shim-path", metavar="PATH",
-                       help=f"absolute path of {SHIM_BINARY} (default: beside kata-vfio-ctl)")
+        p.add_argument(
+            "--shim-path",
+            metavar="PATH",
+            help=f"absolute path of {SHIM_BINARY} (default: beside kata-vfio-ctl)",
+        )
 
 
-def install_engines(args: argparse.Namespace, kata_config: str | None, *,
-                    dry_run: bool = False) -> list[str]:
+def install_engines(
+    args: argparse.Namespace, kata_config: str | None, *, dry_run: bool = False
+) -> list[str]:
     """Register with the engines `install` was asked for; one line of news each.
 
     `kata_config` is the Kata configuration the shim should use (ConfigPath /
@@ -134,21 +154,27 @@ def install_engines(args: argparse.Namespace, kata_config: str | None, *,
     """
     news = []
     if args.containerd:
-        runtime = _shim_runtime(argparse.Namespace(shim_path=args.shim_path,
-                                                   kata_config=kata_config), crio=False)
+        runtime = _shim_runtime(
+            argparse.Namespace(shim_path=args.shim_path, kata_config=kata_config), crio=False
+        )
         changed = register_containerd(Path(args.containerd), runtime, dry_run=dry_run)
-        news.append(f"{args.containerd}: "
-                    f"{'registered' if changed else 'already registered'} {RUNTIME_NAME}"
-                    + ("; restart containerd to use it" if changed else ""))
+        news.append(
+            f"{args.containerd}: "
+            f"{'registered' if changed else 'already registered'} {RUNTIME_NAME}"
+            + ("; restart containerd to use it" if changed else "")
+        )
         note = None if dry_run else containerd_path_note(runtime)
         if note:
             news.append(note)
     if args.crio:
-        runtime = _shim_runtime(argparse.Namespace(shim_path=args.shim_path,
-                                                   kata_config=kata_config), crio=True)
+        runtime = _shim_runtime(
+            argparse.Namespace(shim_path=args.shim_path, kata_config=kata_config), crio=True
+        )
         changed = register_crio(Path(args.crio), runtime, dry_run=dry_run)
-        news.append(f"{args.crio}: "
-                    + ("written; restart CRI-O to use it" if changed else "already up to date"))
+        news.append(
+            f"{args.crio}: "
+            + ("written; restart CRI-O to use it" if changed else "already up to date")
+        )
     return news
 
 
@@ -161,16 +187,24 @@ def podman_skip_reason(kata_config: Path, kata_version: str | None) -> str | Non
     release = detect_release(kata_config, read_toml(kata_config), kata_version)
     if release.major < 2:
         return None
-    return (f"{release} has no OCI command line for podman (only Kata 1.x does); use "
-            "--containerd or --crio")
+    return (
+        f"{release} has no OCI command line for podman (only Kata 1.x does); use "
+        "--containerd or --crio"
+    )
 
 
 def uninstall_engines(args: argparse.Namespace) -> list[str]:
     news = []
     if args.containerd:
         conf = Path(args.containerd)
-        news.append(f"{conf}: " + (f"removed {RUNTIME_NAME}" if unregister_containerd(conf)
-                                   else _containerd_absent(conf)))
+        news.append(
+            f"{conf}: "
+            + (
+                f"removed {RUNTIME_NAME}"
+                if unregister_containerd(conf)
+                else _containerd_absent(conf)
+            )
+        )
     if args.crio:
         dropin = Path(args.crio)
         news.append(f"{dropin}: {'removed' if unregister_crio(dropin) else _crio_absent(dropin)}")
@@ -178,20 +212,31 @@ def uninstall_engines(args: argparse.Namespace) -> list[str]:
 
 
 def add_shim_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--shim-path", metavar="PATH",
-                   help=f"absolute path of {SHIM_BINARY} (default: beside kata-vfio-ctl)")
-    p.add_argument("--kata-config", metavar="PATH",
-                   help="Kata configuration.toml the shim uses (default: Kata's own search)")
+    p.add_argument(
+        "--shim-path",
+        metavar="PATH",
+        help=f"absolute path of {SHIM_BINARY} (default: beside kata-vfio-ctl)",
+    )
+    p.add_argument(
+        "--kata-config",
+        metavar="PATH",
+        help="Kata configuration.toml the shim uses (default: Kata's own search)",
+    )
 
 
 def add_parsers(sub: Any) -> None:
     """containerd-register/-unregister, crio-register/-unregister."""
-    p = sub.add_parser("containerd-register",
-                       help=f"add the {RUNTIME_NAME} runtime to containerd's config.toml")
+    p = sub.add_parser(
+        "containerd-register", help=f"add the {RUNTIME_NAME} runtime to containerd's config.toml"
+    )
     p.add_argument("--conf", default=str(CONTAINERD_CONF))
-    p.add_argument("--config-version", type=int, choices=sorted(CRI_PLUGINS),
-                   help="config format when the file does not say (default: from "
-                        "`containerd --version`: 2 for 1.x, 3 for 2.x)")
+    p.add_argument(
+        "--config-version",
+        type=int,
+        choices=sorted(CRI_PLUGINS),
+        help="config format when the file does not say (default: from "
+        "`containerd --version`: 2 for 1.x, 3 for 2.x)",
+    )
     add_shim_options(p)
     p.set_defaults(func=cmd_containerd_register)
 
@@ -201,9 +246,13 @@ def add_parsers(sub: Any) -> None:
 
     p = sub.add_parser("crio-register", help=f"write the CRI-O drop-in {CRIO_DROPIN.name}")
     p.add_argument("--dropin", default=str(CRIO_DROPIN))
-    p.add_argument("--runtime-root", metavar="DIR", default=CRIO_RUNTIME_ROOT,
-                   help="where CRI-O keeps the shim's stdio FIFOs (runtime_root; default: "
-                   f"{CRIO_RUNTIME_ROOT})")
+    p.add_argument(
+        "--runtime-root",
+        metavar="DIR",
+        default=CRIO_RUNTIME_ROOT,
+        help="where CRI-O keeps the shim's stdio FIFOs (runtime_root; default: "
+        f"{CRIO_RUNTIME_ROOT})",
+    )
     add_shim_options(p)
     p.set_defaults(func=cmd_crio_register)
 

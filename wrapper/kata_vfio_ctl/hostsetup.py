@@ -14,8 +14,10 @@ def cmd_podman_register(args: argparse.Namespace) -> int:
     from kata_vfio_ctl.podman_conf import register
 
     changed = register(Path(args.conf), args.runtime_path)
-    print(f"{'registered' if changed else 'already registered'}: kata-vfio = "
-          f"[{args.runtime_path!r}] in {args.conf}")
+    print(
+        f"{'registered' if changed else 'already registered'}: kata-vfio = "
+        f"[{args.runtime_path!r}] in {args.conf}"
+    )
     return 0
 
 
@@ -31,8 +33,7 @@ def podman_absent(conf: Path) -> str:
     from kata_vfio_ctl.podman_conf import registered
 
     value, ours = registered(conf)
-    return "not registered" if value is None or ours else \
-        "not added by kata-vfio-ctl, left alone"
+    return "not registered" if value is None or ours else "not added by kata-vfio-ctl, left alone"
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -44,9 +45,16 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from kata_vfio_host.settings import load_settings
 
     settings = load_settings()
-    checks = run_checks(Path(settings.sysfs), Path("/proc"), find_config(args.kata_config),
-                        Path(args.conf), settings.guest_hook_path, settings.annotations,
-                        settings=settings, kata_version=args.kata_version)
+    checks = run_checks(
+        Path(settings.sysfs),
+        Path("/proc"),
+        find_config(args.kata_config),
+        Path(args.conf),
+        settings.guest_hook_path,
+        settings.annotations,
+        settings=settings,
+        kata_version=args.kata_version,
+    )
     print(json.dumps(as_json(checks), indent=1) if args.json else render(checks))
     failed = [c.name for c in checks if c.status == FAIL]
     if failed:
@@ -77,8 +85,14 @@ def cmd_install(args: argparse.Namespace) -> int:
     install_engines(args, str(kata), dry_run=True)
     # Kata 1.x: kata_conf's in-place edit; Kata >= 2: configuration-kata-vfio.toml beside
     # it, named by kata_config_path in config.toml
-    result = install_kata(kata, settings, Path(config_path()), Path(settings.state_dir),
-                          initrd=args.guest_initrd, kata_version=args.kata_version)
+    result = install_kata(
+        kata,
+        settings,
+        Path(config_path()),
+        Path(settings.state_dir),
+        initrd=args.guest_initrd,
+        kata_version=args.kata_version,
+    )
     for line in result.lines:
         print(line)
     if skip_podman is None:
@@ -100,13 +114,20 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
 
     settings = load_settings()
     kata = find_config(args.kata_config)
-    lines = uninstall_kata(kata, settings, Path(config_path()), Path(settings.state_dir),
-                           named=args.kata_config is not None)
+    lines = uninstall_kata(
+        kata,
+        settings,
+        Path(config_path()),
+        Path(settings.state_dir),
+        named=args.kata_config is not None,
+    )
     for line in lines or [f"{kata or 'Kata configuration'}: nothing to undo"]:
         print(line)
     removed = unregister(Path(args.conf))
-    print(f"{args.conf}: "
-          + ("removed kata-vfio" if removed else f"kata-vfio {podman_absent(Path(args.conf))}"))
+    print(
+        f"{args.conf}: "
+        + ("removed kata-vfio" if removed else f"kata-vfio {podman_absent(Path(args.conf))}")
+    )
     from kata_vfio_ctl.engines import uninstall_engines
 
     for line in uninstall_engines(args):

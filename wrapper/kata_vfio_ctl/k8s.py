@@ -34,10 +34,13 @@ _PLAIN = re.compile(r"[A-Za-z][A-Za-z0-9_./-]*")
 _YAML_WORDS = frozenset(["y", "n", "yes", "no", "true", "false", "on", "off", "null"])
 
 
-def runtime_class(name: str, handler: str, cpu: str | None, memory: str | None
-                  ) -> dict[str, Any]:
-    rc: dict[str, Any] = {"apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass",
-                          "metadata": {"name": name}, "handler": handler}
+def runtime_class(name: str, handler: str, cpu: str | None, memory: str | None) -> dict[str, Any]:
+    rc: dict[str, Any] = {
+        "apiVersion": "node.k8s.io/v1",
+        "kind": "RuntimeClass",
+        "metadata": {"name": name},
+        "handler": handler,
+    }
     pod_fixed = {k: v for k, v in (("cpu", cpu), ("memory", memory)) if v}
     if pod_fixed:
         # what the VM costs beyond the containers' own requests (scheduling and quotas)
@@ -45,8 +48,7 @@ def runtime_class(name: str, handler: str, cpu: str | None, memory: str | None
     return rc
 
 
-def sample_pod(runtime_class_name: str, addresses: list[PciAddress], image: str
-               ) -> dict[str, Any]:
+def sample_pod(runtime_class_name: str, addresses: list[PciAddress], image: str) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -57,13 +59,15 @@ def sample_pod(runtime_class_name: str, addresses: list[PciAddress], image: str
         "spec": {
             "runtimeClassName": runtime_class_name,
             "restartPolicy": "Never",
-            "containers": [{
-                "name": "app",
-                "image": image,
-                "command": ["sh", "-c", "ls -l /dev/vfio && sleep 3600"],
-                # userspace drivers pin the memory they hand to the device for DMA
-                "securityContext": {"capabilities": {"add": ["IPC_LOCK"]}},
-            }],
+            "containers": [
+                {
+                    "name": "app",
+                    "image": image,
+                    "command": ["sh", "-c", "ls -l /dev/vfio && sleep 3600"],
+                    # userspace drivers pin the memory they hand to the device for DMA
+                    "securityContext": {"capabilities": {"add": ["IPC_LOCK"]}},
+                }
+            ],
         },
     }
 
@@ -81,12 +85,16 @@ def _scalar(value: Any) -> str:
 
 def _is_flow(value: Any) -> bool:
     return not isinstance(value, dict) and not (
-        isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value))
+        isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value)
+    )
 
 
 def _flow(value: Any) -> str:
-    return "[" + ", ".join(_scalar(v) for v in value) + "]" if isinstance(value, list) \
+    return (
+        "[" + ", ".join(_scalar(v) for v in value) + "]"
+        if isinstance(value, list)
         else _scalar(value)
+    )
 
 
 def to_yaml(value: Any, indent: int = 0) -> list[str]:
@@ -114,8 +122,10 @@ def to_yaml(value: Any, indent: int = 0) -> list[str]:
 def cmd_runtimeclass(args: argparse.Namespace) -> int:
     addresses = [PciAddress.parse(a) for a in args.device or [SAMPLE_DEVICE]]
     if not args.handler:
-        raise UsageError("the handler must not be empty",
-                         "it is the runtime name in containerd's or CRI-O's configuration")
+        raise UsageError(
+            "the handler must not be empty",
+            "it is the runtime name in containerd's or CRI-O's configuration",
+        )
     objects = [runtime_class(args.name, args.handler, args.overhead_cpu, args.overhead_memory)]
     if not args.no_pod:
         objects.append(sample_pod(args.name, addresses, args.image))
@@ -143,15 +153,18 @@ PLUGIN_HOST_PATHS = (
 
 def node_label(text: str) -> tuple[str, str]:
     key, eq, value = text.partition("=")
-    if not eq or not re.fullmatch(r"([a-z0-9.-]+/)?[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", key) \
-            or not re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9_.-]{0,61}[A-Za-z0-9]?)?", value):
-        raise UsageError(f"--node-label {text!r} is not KEY=VALUE",
-                         f"e.g. --node-label {DEFAULT_NODE_LABEL}")
+    if (
+        not eq
+        or not re.fullmatch(r"([a-z0-9.-]+/)?[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", key)
+        or not re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9_.-]{0,61}[A-Za-z0-9]?)?", value)
+    ):
+        raise UsageError(
+            f"--node-label {text!r} is not KEY=VALUE", f"e.g. --node-label {DEFAULT_NODE_LABEL}"
+        )
     return key, value
 
 
-def device_plugin_daemonset(image: str, namespace: str, label: tuple[str, str]
-                            ) -> dict[str, Any]:
+def device_plugin_daemonset(image: str, namespace: str, label: tuple[str, str]) -> dict[str, Any]:
     labels = {"app.kubernetes.io/name": DAEMONSET}
     return {
         "apiVersion": "apps/v1",
@@ -170,18 +183,26 @@ def device_plugin_daemonset(image: str, namespace: str, label: tuple[str, str]
                     # /dev/vfio groups)
                     "hostNetwork": True,
                     "hostPID": True,
-                    "containers": [{
-                        "name": "device-plugin",
-                        "image": image,
-                        "command": ["kata-vfio-ctl", "device-plugin"],
-                        "securityContext": {"privileged": True},
-                        "volumeMounts": [
-                            {"name": name, "mountPath": path, **({"readOnly": True} if ro
-                                                                  else {})}
-                            for name, path, _, ro in PLUGIN_HOST_PATHS],
-                    }],
-                    "volumes": [{"name": name, "hostPath": {"path": path, "type": kind}}
-                                for name, path, kind, _ in PLUGIN_HOST_PATHS],
+                    "containers": [
+                        {
+                            "name": "device-plugin",
+                            "image": image,
+                            "command": ["kata-vfio-ctl", "device-plugin"],
+                            "securityContext": {"privileged": True},
+                            "volumeMounts": [
+                                {
+                                    "name": name,
+                                    "mountPath": path,
+                                    **({"readOnly": True} if ro else {}),
+                                }
+                                for name, path, _, ro in PLUGIN_HOST_PATHS
+                            ],
+                        }
+                    ],
+                    "volumes": [
+                        {"name": name, "hostPath": {"path": path, "type": kind}}
+                        for name, path, kind, _ in PLUGIN_HOST_PATHS
+                    ],
                 },
             },
         },
@@ -199,13 +220,15 @@ def resource_pod(runtime_class_name: str, resource: str, image: str) -> dict[str
         "spec": {
             "runtimeClassName": runtime_class_name,
             "restartPolicy": "Never",
-            "containers": [{
-                "name": "app",
-                "image": image,
-                "command": ["sh", "-c", f"echo {env}=${env}; ls -l /dev/vfio && sleep 3600"],
-                "resources": {"limits": {f"{DOMAIN}/{resource}": 1}},
-                "securityContext": {"capabilities": {"add": ["IPC_LOCK"]}},
-            }],
+            "containers": [
+                {
+                    "name": "app",
+                    "image": image,
+                    "command": ["sh", "-c", f"echo {env}=${env}; ls -l /dev/vfio && sleep 3600"],
+                    "resources": {"limits": {f"{DOMAIN}/{resource}": 1}},
+                    "securityContext": {"capabilities": {"add": ["IPC_LOCK"]}},
+                }
+            ],
         },
     }
 
@@ -213,8 +236,10 @@ def resource_pod(runtime_class_name: str, resource: str, image: str) -> dict[str
 def cmd_k8s(args: argparse.Namespace) -> int:
     label = node_label(args.node_label)
     if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", args.resource):
-        raise UsageError(f"--resource {args.resource!r} is not a resource name",
-                         "the name of a [[device_plugin.resource]], e.g. nvme")
+        raise UsageError(
+            f"--resource {args.resource!r} is not a resource name",
+            "the name of a [[device_plugin.resource]], e.g. nvme",
+        )
     if args.daemonset:
         obj = device_plugin_daemonset(args.image, args.namespace, label)
     elif args.runtimeclass:
@@ -227,44 +252,84 @@ def cmd_k8s(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub: Any) -> None:
-    p = sub.add_parser("k8s", help="print one Kubernetes manifest: the device plugin's "
-                                   "DaemonSet, the RuntimeClass or a sample Pod")
+    p = sub.add_parser(
+        "k8s",
+        help="print one Kubernetes manifest: the device plugin's "
+        "DaemonSet, the RuntimeClass or a sample Pod",
+    )
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--daemonset", action="store_true",
-                       help="the device plugin DaemonSet (privileged, host paths)")
-    which.add_argument("--runtimeclass", action="store_true",
-                       help="the RuntimeClass (handler, overhead, nodeSelector)")
-    which.add_argument("--pod", action="store_true",
-                       help="a sample Pod asking for kata-vfio.io/<resource>: 1")
-    p.add_argument("--image", default=DEFAULT_IMAGE,
-                   help=f"the DaemonSet's image, with kata-vfio installed ({DEFAULT_IMAGE})")
+    which.add_argument(
+        "--daemonset",
+        action="store_true",
+        help="the device plugin DaemonSet (privileged, host paths)",
+    )
+    which.add_argument(
+        "--runtimeclass",
+        action="store_true",
+        help="the RuntimeClass (handler, overhead, nodeSelector)",
+    )
+    which.add_argument(
+        "--pod", action="store_true", help="a sample Pod asking for kata-vfio.io/<resource>: 1"
+    )
+    p.add_argument(
+        "--image",
+        default=DEFAULT_IMAGE,
+        help=f"the DaemonSet's image, with kata-vfio installed ({DEFAULT_IMAGE})",
+    )
     p.add_argument("--namespace", default="kube-system", help="the DaemonSet's namespace")
-    p.add_argument("--node-label", default=DEFAULT_NODE_LABEL, metavar="KEY=VALUE",
-                   help="nodes with kata-vfio (DaemonSet and RuntimeClass nodeSelector; "
-                        f"default {DEFAULT_NODE_LABEL})")
+    p.add_argument(
+        "--node-label",
+        default=DEFAULT_NODE_LABEL,
+        metavar="KEY=VALUE",
+        help="nodes with kata-vfio (DaemonSet and RuntimeClass nodeSelector; "
+        f"default {DEFAULT_NODE_LABEL})",
+    )
     p.add_argument("--name", default=RUNTIME_CLASS, help="RuntimeClass name")
-    p.add_argument("--handler", default=RUNTIME_CLASS,
-                   help="the engine's runtime name (containerd/CRI-O registration)")
-    p.add_argument("--overhead-cpu", default="250m", metavar="QUANTITY",
-                   help="overhead.podFixed.cpu (default 250m)")
-    p.add_argument("--overhead-memory", default="160Mi", metavar="QUANTITY",
-                   help="overhead.podFixed.memory (default 160Mi)")
-    p.add_argument("--resource", default="nvme",
-                   help="the sample Pod's [[device_plugin.resource]] name (default nvme)")
+    p.add_argument(
+        "--handler",
+        default=RUNTIME_CLASS,
+        help="the engine's runtime name (containerd/CRI-O registration)",
+    )
+    p.add_argument(
+        "--overhead-cpu",
+        default="250m",
+        metavar="QUANTITY",
+        help="overhead.podFixed.cpu (default 250m)",
+    )
+    p.add_argument(
+        "--overhead-memory",
+        default="160Mi",
+        metavar="QUANTITY",
+        help="overhead.podFixed.memory (default 160Mi)",
+    )
+    p.add_argument(
+        "--resource",
+        default="nvme",
+        help="the sample Pod's [[device_plugin.resource]] name (default nvme)",
+    )
     p.add_argument("--pod-image", default="busybox", help="the sample Pod's image")
     p.add_argument("--json", action="store_true", help="JSON instead of YAML")
     p.set_defaults(func=cmd_k8s)
 
-    p = sub.add_parser("runtimeclass",
-                       help="print a Kubernetes RuntimeClass for kata-vfio and a sample Pod")
+    p = sub.add_parser(
+        "runtimeclass", help="print a Kubernetes RuntimeClass for kata-vfio and a sample Pod"
+    )
     p.add_argument("--name", default=RUNTIME_CLASS, help="RuntimeClass name")
-    p.add_argument("--handler", default=RUNTIME_CLASS,
-                   help="the engine's runtime name (containerd/CRI-O registration)")
+    p.add_argument(
+        "--handler",
+        default=RUNTIME_CLASS,
+        help="the engine's runtime name (containerd/CRI-O registration)",
+    )
     p.add_argument("--overhead-cpu", metavar="QUANTITY", help="overhead.podFixed.cpu, e.g. 250m")
-    p.add_argument("--overhead-memory", metavar="QUANTITY",
-                   help="overhead.podFixed.memory, e.g. 160Mi")
-    p.add_argument("--device", action="append", metavar="ADDRESS",
-                   help=f"PCI address for the sample Pod (repeatable; default {SAMPLE_DEVICE})")
+    p.add_argument(
+        "--overhead-memory", metavar="QUANTITY", help="overhead.podFixed.memory, e.g. 160Mi"
+    )
+    p.add_argument(
+        "--device",
+        action="append",
+        metavar="ADDRESS",
+        help=f"PCI address for the sample Pod (repeatable; default {SAMPLE_DEVICE})",
+    )
     p.add_argument("--image", default="busybox", help="the sample Pod's image")
     p.add_argument("--no-pod", action="store_true", help="only the RuntimeClass")
     p.add_argument("--json", action="store_true", help="a JSON List instead of YAML")

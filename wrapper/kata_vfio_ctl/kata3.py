@@ -74,8 +74,10 @@ class KataRelease:
     source: str = ""
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, KataRelease) \
-            and (self.major, self.minor) == (other.major, other.minor)
+        return isinstance(other, KataRelease) and (self.major, self.minor) == (
+            other.major,
+            other.minor,
+        )
 
     def __lt__(self, other: KataRelease) -> bool:
         return (self.major, self.minor) < (other.major, other.minor)
@@ -143,24 +145,31 @@ def parse_release_option(text: str) -> KataRelease:
     return KataRelease(int(found[1]), int(found[2] or 0), "--kata-version")
 
 
-def detect_release(path: Path, data: dict[str, Any], explicit: str | None = None,
-                   runtimes: tuple[str, ...] = KATA_RUNTIMES) -> KataRelease:
+def detect_release(
+    path: Path,
+    data: dict[str, Any],
+    explicit: str | None = None,
+    runtimes: tuple[str, ...] = KATA_RUNTIMES,
+) -> KataRelease:
     if explicit:
         return parse_release_option(explicit)
     by_keys = release_from_keys(data)
     by_program = release_from_program(runtimes)
     if by_program is None:
         if by_keys is None:
-            raise ReleaseUnknown(f"cannot tell which Kata uses {path}: no kata-runtime to ask, "
-                              "and none of the keys that differ between Kata 1.x and 2.x/3.x",
-                              "pass --kata-version (e.g. 1.13 or 3.30)")
+            raise ReleaseUnknown(
+                f"cannot tell which Kata uses {path}: no kata-runtime to ask, "
+                "and none of the keys that differ between Kata 1.x and 2.x/3.x",
+                "pass --kata-version (e.g. 1.13 or 3.30)",
+            )
         return by_keys
     if by_keys is None:
         return by_program
     if (by_program.major == 1) != (by_keys.major == 1):
         raise ConfigError(
             f"{by_program} but {path} looks like Kata {by_keys.major}.x",
-            "pass --kata-version to say which Kata uses this configuration")
+            "pass --kata-version to say which Kata uses this configuration",
+        )
     return by_program
 
 
@@ -174,9 +183,11 @@ def _qemu_or_first(data: Any) -> Any:
 def _qemu_table(doc: Any, path: Path) -> Any:
     hypervisors = doc.get("hypervisor") or {}
     if "qemu" not in hypervisors:
-        raise ConfigError(f"{path} has no [hypervisor.qemu] table",
-                          "kata-vfio needs QEMU (q35 with a virtual IOMMU): pass the "
-                          "configuration of Kata's qemu flavour with --kata-config")
+        raise ConfigError(
+            f"{path} has no [hypervisor.qemu] table",
+            "kata-vfio needs QEMU (q35 with a virtual IOMMU): pass the "
+            "configuration of Kata's qemu flavour with --kata-config",
+        )
     return hypervisors["qemu"]
 
 
@@ -193,9 +204,13 @@ def read_toml(path: Path) -> dict[str, Any]:
 
 # --- the generated file ---------------------------------------------------------------------
 
+
 def generated_path(installed: Path, settings: Settings) -> Path:
-    return Path(settings.kata_config_path) if settings.kata_config_path \
+    return (
+        Path(settings.kata_config_path)
+        if settings.kata_config_path
         else installed.with_name(GENERATED_NAME)
+    )
 
 
 def _plain(value: Any) -> Any:
@@ -215,15 +230,20 @@ def _root_ports(table: Any) -> int:
     return have if isinstance(have, int) and have >= PCIE_ROOT_PORTS else PCIE_ROOT_PORTS
 
 
-def derive(text: str, installed: Path, release: KataRelease, settings: Settings,
-           initrd: str | None = None) -> str:
+def derive(
+    text: str, installed: Path, release: KataRelease, settings: Settings, initrd: str | None = None
+) -> str:
     """The generated configuration's text, from the installed configuration's text."""
     if settings.guest not in (GUEST_HOOK, GUEST_AGENT):
-        raise ConfigError(f"guest = {settings.guest!r} in config.toml",
-                          f'write guest = "{GUEST_HOOK}" or guest = "{GUEST_AGENT}"')
+        raise ConfigError(
+            f"guest = {settings.guest!r} in config.toml",
+            f'write guest = "{GUEST_HOOK}" or guest = "{GUEST_AGENT}"',
+        )
     if settings.guest == GUEST_AGENT and not release.has_vfio_mode:
-        raise ConfigError(f'guest = "agent" needs Kata >= 2.3 (vfio_mode); this is {release}',
-                          'use guest = "hook", or upgrade Kata')
+        raise ConfigError(
+            f'guest = "agent" needs Kata >= 2.3 (vfio_mode); this is {release}',
+            'use guest = "hook", or upgrade Kata',
+        )
     doc = tomlkit.parse(text)
     qemu = _qemu_table(doc, installed)
     _set(qemu, "machine_type", "q35")
@@ -239,8 +259,11 @@ def derive(text: str, installed: Path, release: KataRelease, settings: Settings,
         _set(qemu, "initrd", initrd)
         if "image" in qemu:
             del qemu["image"]  # Kata refuses a configuration with both
-    wanted = [k[len(HYPERVISOR_ANNOTATION_PREFIX):] for k in settings.annotations
-              if k.startswith(HYPERVISOR_ANNOTATION_PREFIX)]
+    wanted = [
+        k[len(HYPERVISOR_ANNOTATION_PREFIX) :]
+        for k in settings.annotations
+        if k.startswith(HYPERVISOR_ANNOTATION_PREFIX)
+    ]
     enabled = [str(p) for p in _plain(qemu.get("enable_annotations")) or []]
     missing = [s for s in wanted if not annotation_enabled(enabled, s)]
     if missing:
@@ -252,13 +275,18 @@ def derive(text: str, installed: Path, release: KataRelease, settings: Settings,
     if release.has_vfio_mode:
         if "runtime" not in doc:
             doc.add("runtime", tomlkit.table())
-        _set(doc["runtime"], "vfio_mode",
-             VFIO_MODE_AGENT if settings.guest == GUEST_AGENT else VFIO_MODE_HOOK)
-    header = (f"{MARKER} from {installed}\n"
-              f"# for Kata {release.major}.{release.minor}, guest = \"{settings.guest}\". "
-              "`kata-vfio-ctl uninstall` removes it;\n# run install again after changing "
-              "either file. VFIO containers name it in their\n"
-              "# io.katacontainers.config_path annotation.\n\n")
+        _set(
+            doc["runtime"],
+            "vfio_mode",
+            VFIO_MODE_AGENT if settings.guest == GUEST_AGENT else VFIO_MODE_HOOK,
+        )
+    header = (
+        f"{MARKER} from {installed}\n"
+        f'# for Kata {release.major}.{release.minor}, guest = "{settings.guest}". '
+        "`kata-vfio-ctl uninstall` removes it;\n# run install again after changing "
+        "either file. VFIO containers name it in their\n"
+        "# io.katacontainers.config_path annotation.\n\n"
+    )
     return header + tomlkit.dumps(doc)
 
 
@@ -285,10 +313,11 @@ def generated_from(path: Path) -> Path | None:
     if first is None:
         return None
     prefix = f"{MARKER} from "
-    return Path(first[len(prefix):]) if first.startswith(prefix) else None
+    return Path(first[len(prefix) :]) if first.startswith(prefix) else None
 
 
 # --- kata-vfio's config.toml: kata_config_path ----------------------------------------------
+
 
 def _set_config_key(config_file: Path, key: str, value: str) -> dict[str, Any]:
     """Set `key` in config.toml (tomlkit keeps the rest); returns what undoes it: the
@@ -298,8 +327,12 @@ def _set_config_key(config_file: Path, key: str, value: str) -> dict[str, Any]:
     found = read_found(config_file, "kata-vfio config")
     before = found.raw.decode() if found.raw is not None else None
     doc = _parse_config(config_file, found.text)
-    undo: dict[str, Any] = {"before": before, "after": before,
-                            "present": key in doc, "value": _plain(doc.get(key))}
+    undo: dict[str, Any] = {
+        "before": before,
+        "after": before,
+        "present": key in doc,
+        "value": _plain(doc.get(key)),
+    }
     if undo["value"] == value:
         return undo
     doc[key] = value  # tomlkit puts a new top-level key before the first table
@@ -308,8 +341,10 @@ def _set_config_key(config_file: Path, key: str, value: str) -> dict[str, Any]:
 
     want = dict(tomllib.loads(found.text), **{key: value})
     if tomllib.loads(text) != want:
-        raise ConfigError(f"{config_file}: cannot set {key} in this layout safely; "
-                          "nothing was changed", f'add {key} = "{value}" at its top by hand')
+        raise ConfigError(
+            f"{config_file}: cannot set {key} in this layout safely; nothing was changed",
+            f'add {key} = "{value}" at its top by hand',
+        )
     undo["after"] = found.render(text).decode()
     found.save(text)
     return undo
@@ -322,8 +357,9 @@ def _parse_config(config_file: Path, text: str) -> Any:
         tomllib.loads(text)
         return tomlkit.parse(text)
     except Exception as exc:
-        raise ConfigError(f"{config_file} is not valid TOML: {exc}",
-                          "fix it by hand first") from None
+        raise ConfigError(
+            f"{config_file} is not valid TOML: {exc}", "fix it by hand first"
+        ) from None
 
 
 def _undo_config_key(config_file: Path, key: str, undo: dict[str, Any]) -> None:
@@ -340,7 +376,7 @@ def _undo_config_key(config_file: Path, key: str, undo: dict[str, Any]) -> None:
             write_atomically(found.target, str(undo["before"]).encode())
         return
     doc = _parse_config(config_file, found.text)  # edited since: take out (or put back)
-    if undo.get("present"):                       # the one key
+    if undo.get("present"):  # the one key
         doc[key] = undo["value"]
     elif key in doc:
         del doc[key]
@@ -348,6 +384,7 @@ def _undo_config_key(config_file: Path, key: str, undo: dict[str, Any]) -> None:
 
 
 # --- install / uninstall --------------------------------------------------------------------
+
 
 @value
 class InstallResult:
@@ -373,9 +410,16 @@ def _write_record(state_dir: Path, record: dict[str, Any]) -> None:
     write_atomically(_record_path(state_dir), json.dumps(record, indent=1).encode())
 
 
-def install_kata(installed: Path, settings: Settings, config_file: Path, state_dir: Path, *,
-                 initrd: str | None = None, kata_version: str | None = None,
-                 runtimes: tuple[str, ...] = KATA_RUNTIMES) -> InstallResult:
+def install_kata(
+    installed: Path,
+    settings: Settings,
+    config_file: Path,
+    state_dir: Path,
+    *,
+    initrd: str | None = None,
+    kata_version: str | None = None,
+    runtimes: tuple[str, ...] = KATA_RUNTIMES,
+) -> InstallResult:
     """Kata 1.x: kata_conf.install (in place). Kata >= 2: write the generated file and set
     kata_config_path in `config_file` (kata-vfio's config.toml). Idempotent."""
     from kata_vfio.files import write_atomically
@@ -389,30 +433,44 @@ def install_kata(installed: Path, settings: Settings, config_file: Path, state_d
             raise ConfigError(
                 f"kata_config_path is set in {config_file}, but this is {release}: the wrapper "
                 "would name a configuration file instead of adding the guest_hook_path "
-                "annotation Kata 1.x needs", "remove kata_config_path from config.toml")
+                "annotation Kata 1.x needs",
+                "remove kata_config_path from config.toml",
+            )
         if initrd:
-            raise ConfigError("--guest-initrd is for Kata >= 2",
-                              f"for {release} set initrd = \"{initrd}\" in {installed}")
+            raise ConfigError(
+                "--guest-initrd is for Kata >= 2",
+                f'for {release} set initrd = "{initrd}" in {installed}',
+            )
         changed = install(installed, state_dir, settings.guest_hook_path, settings.annotations)
-        return InstallResult(release, None, (
-            f"{installed}: {release}: "
-            + ("set " + ", ".join(changed) if changed else "already configured"),))
+        return InstallResult(
+            release,
+            None,
+            (
+                f"{installed}: {release}: "
+                + ("set " + ", ".join(changed) if changed else "already configured"),
+            ),
+        )
     if initrd:
         initrd = os.path.abspath(initrd)
         if not os.path.isfile(initrd):
-            raise ConfigError(f"guest initrd {initrd} does not exist",
-                              "build it with `make initrd`, or leave --guest-initrd out")
+            raise ConfigError(
+                f"guest initrd {initrd} does not exist",
+                "build it with `make initrd`, or leave --guest-initrd out",
+            )
     target = generated_path(installed, settings)
     if target.resolve() == installed.resolve():
-        raise ConfigError(f"kata_config_path {target} is the installed configuration",
-                          "point kata_config_path at a file of its own, or remove it")
+        raise ConfigError(
+            f"kata_config_path {target} is the installed configuration",
+            "point kata_config_path at a file of its own, or remove it",
+        )
     if target.exists() and not is_generated(target):
-        raise ConfigError(f"{target} exists and was not written by kata-vfio",
-                          "move it away, or set kata_config_path to another file")
+        raise ConfigError(
+            f"{target} exists and was not written by kata-vfio",
+            "move it away, or set kata_config_path to another file",
+        )
     from kata_vfio_ctl.textfile import read_bytes, read_text
 
-    text = derive(read_text(installed, "Kata configuration"), installed, release, settings,
-                  initrd)
+    text = derive(read_text(installed, "Kata configuration"), installed, release, settings, initrd)
     record = _read_record(state_dir)  # before anything is written: it may be unreadable
     lines = []
     if read_bytes(target, "generated Kata configuration") == text.encode():
@@ -427,12 +485,18 @@ def install_kata(installed: Path, settings: Settings, config_file: Path, state_d
     record[str(target)] = entry
     _write_record(state_dir, record)
     if undo["after"] != undo["before"]:
-        lines.append(f"{config_file}: kata_config_path = \"{target}\"")
+        lines.append(f'{config_file}: kata_config_path = "{target}"')
     return InstallResult(release, target, tuple(lines))
 
 
-def uninstall_kata(installed: Path | None, settings: Settings, config_file: Path,
-                   state_dir: Path, *, named: bool = False) -> list[str]:
+def uninstall_kata(
+    installed: Path | None,
+    settings: Settings,
+    config_file: Path,
+    state_dir: Path,
+    *,
+    named: bool = False,
+) -> list[str]:
     """Remove every generated file install recorded (and its config.toml key); undo the
     Kata 1.x in-place edit of `installed`.
 
@@ -444,8 +508,11 @@ def uninstall_kata(installed: Path | None, settings: Settings, config_file: Path
     for name, entry in sorted(record.items()):
         target = Path(name)
         source = str(entry.get("installed") or "")
-        if named and installed is not None and (
-                os.path.realpath(source) != os.path.realpath(installed)):
+        if (
+            named
+            and installed is not None
+            and (os.path.realpath(source) != os.path.realpath(installed))
+        ):
             kept[name] = entry
             lines.append(f"{target}: left alone (derived from {source}, not {installed})")
             continue
@@ -460,14 +527,21 @@ def uninstall_kata(installed: Path | None, settings: Settings, config_file: Path
             lines.append(f"{entry.get('config_file') or config_file}: kata_config_path removed")
     if record:
         _write_record(state_dir, kept)
-    elif settings.kata_config_path and is_generated(Path(settings.kata_config_path)) and (
-            not named or installed is None or _same_file(
-                generated_from(Path(settings.kata_config_path)), installed)):
+    elif (
+        settings.kata_config_path
+        and is_generated(Path(settings.kata_config_path))
+        and (
+            not named
+            or installed is None
+            or _same_file(generated_from(Path(settings.kata_config_path)), installed)
+        )
+    ):
         # the record went with its state dir: still remove the file, and the key naming it
         Path(settings.kata_config_path).unlink()
         lines.append(f"{settings.kata_config_path}: removed")
-        _undo_config_key(config_file, "kata_config_path",
-                         {"before": None, "after": "", "present": False})
+        _undo_config_key(
+            config_file, "kata_config_path", {"before": None, "after": "", "present": False}
+        )
         lines.append(f"{config_file}: kata_config_path removed")
     if installed is not None and installed.exists():
         from kata_vfio_ctl.kata_conf import uninstall

@@ -15,10 +15,12 @@ import tomlkit
 
 from kata_vfio.errors import ConfigError
 
-KATA_CONFIGS = (Path("/etc/kata-containers/configuration.toml"),
-                Path("/usr/share/defaults/kata-containers/configuration.toml"),
-                # Kata's release tarball and kata-deploy (3.x)
-                Path("/opt/kata/share/defaults/kata-containers/configuration.toml"))
+KATA_CONFIGS = (
+    Path("/etc/kata-containers/configuration.toml"),
+    Path("/usr/share/defaults/kata-containers/configuration.toml"),
+    # Kata's release tarball and kata-deploy (3.x)
+    Path("/opt/kata/share/defaults/kata-containers/configuration.toml"),
+)
 IOMMU_PARAMS = ("intel_iommu=on", "iommu=pt")
 HYPERVISOR_ANNOTATION_PREFIX = "io.katacontainers.config.hypervisor."
 
@@ -40,8 +42,10 @@ def hypervisor_table(doc: Any, path: Path) -> tuple[str, Any]:
 def wanted_settings(guest_hook_path: str, annotations: dict[str, str]) -> dict[str, Any]:
     """Key -> value kata-vfio needs in the hypervisor table (lists: entries to include)."""
     suffixes = ["enable_iommu", "guest_hook_path"] + [
-        k[len(HYPERVISOR_ANNOTATION_PREFIX):] for k in annotations
-        if k.startswith(HYPERVISOR_ANNOTATION_PREFIX)]
+        k[len(HYPERVISOR_ANNOTATION_PREFIX) :]
+        for k in annotations
+        if k.startswith(HYPERVISOR_ANNOTATION_PREFIX)
+    ]
     return {
         "machine_type": "q35",
         "enable_iommu": True,
@@ -65,13 +69,13 @@ def _read(path: Path) -> Any:
 
     found = read_found(path, "Kata configuration")
     if not found.exists:
-        raise ConfigError(f"Kata configuration {path} does not exist",
-                          "pass --kata-config PATH")
+        raise ConfigError(f"Kata configuration {path} does not exist", "pass --kata-config PATH")
     return found
 
 
-def check(path: Path, guest_hook_path: str, annotations: dict[str, str]
-          ) -> list[tuple[str, bool, str]]:
+def check(
+    path: Path, guest_hook_path: str, annotations: dict[str, str]
+) -> list[tuple[str, bool, str]]:
     """(setting, ok, what to set) for each setting kata-vfio needs."""
     import tomllib
 
@@ -112,11 +116,13 @@ def read_record(record_path: Path) -> dict[str, Any]:
     try:
         data = json.loads(raw)
     except ValueError as exc:
-        raise ConfigError(f"cannot read install record {record_path}: {exc}",
-                          "remove it and run install again") from None
+        raise ConfigError(
+            f"cannot read install record {record_path}: {exc}", "remove it and run install again"
+        ) from None
     if not isinstance(data, dict):
-        raise ConfigError(f"install record {record_path} is not a JSON object",
-                          "remove it and run install again")
+        raise ConfigError(
+            f"install record {record_path} is not a JSON object", "remove it and run install again"
+        )
     return data
 
 
@@ -161,8 +167,9 @@ def _problem(before: str, after: str, path: Path, values: dict[str, Any]) -> str
     return None
 
 
-def install(path: Path, state_dir: Path, guest_hook_path: str,
-            annotations: dict[str, str]) -> list[str]:
+def install(
+    path: Path, state_dir: Path, guest_hook_path: str, annotations: dict[str, str]
+) -> list[str]:
     """Set what kata-vfio needs; returns the keys changed. Idempotent.
 
     The record (keyed by the file's real path) keeps each value replaced and the file's
@@ -201,10 +208,12 @@ def install(path: Path, state_dir: Path, guest_hook_path: str,
         text = tomlkit.dumps(doc)
         problem = _problem(found.text, text, path, {k: table[k] for k in changed})
         if problem is not None:
-            raise ConfigError(f"{path}: cannot set {', '.join(changed)} in this layout safely "
-                              f"({problem}); nothing was changed",
-                              "write [hypervisor.NAME] as a table of plain keys, or set them "
-                              "by hand (kata-vfio-ctl doctor says what is missing)")
+            raise ConfigError(
+                f"{path}: cannot set {', '.join(changed)} in this layout safely "
+                f"({problem}); nothing was changed",
+                "write [hypervisor.NAME] as a table of plain keys, or set them "
+                "by hand (kata-vfio-ctl doctor says what is missing)",
+            )
         if entry.get("after") not in (None, found.raw.decode()):
             entry["before"] = None  # edited since the last install: its bytes are not ours
         entry["after"] = found.render(text).decode()

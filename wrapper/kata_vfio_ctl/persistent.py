@@ -37,14 +37,20 @@ def _require_vf_count(host: Any, persisted: Any, vf: PciAddress, pf: PciAddress)
     record = persisted.vf_count(pf)
     index = vf_index(host.sysfs, pf, vf)
     dev = read_device(host.sysfs, pf)
-    if record is not None and (record.vendor, record.device) == (dev.vendor, dev.device) \
-            and index is not None and index < record.count:
+    if (
+        record is not None
+        and (record.vendor, record.device) == (dev.vendor, dev.device)
+        and index is not None
+        and index < record.count
+    ):
         return
     count = len(virtual_functions(host.sysfs, pf))
-    raise DeviceError(f"{vf} is a VF of {pf}, whose VF count is not persistent: after a "
-                      f"reboot {vf} does not exist, so it cannot be bound at boot",
-                      f"persist the VF count first: kata-vfio-ctl vfs {pf} {count} "
-                      "--persist; nothing was changed")
+    raise DeviceError(
+        f"{vf} is a VF of {pf}, whose VF count is not persistent: after a "
+        f"reboot {vf} does not exist, so it cannot be bound at boot",
+        f"persist the VF count first: kata-vfio-ctl vfs {pf} {count} "
+        "--persist; nothing was changed",
+    )
 
 
 def check_persistable(host: Any, addresses: list[Any]) -> None:
@@ -91,8 +97,14 @@ def put_back(before: Any) -> None:
         persisted.vfs[:] = before.vfs
 
 
-def record_vfs(host: Any, pf: PciAddress, count: int, persist: bool | None,
-               old_vfs: list[PciAddress], resizing: bool) -> tuple[Any, list[str]]:
+def record_vfs(
+    host: Any,
+    pf: PciAddress,
+    count: int,
+    persist: bool | None,
+    old_vfs: list[PciAddress],
+    resizing: bool,
+) -> tuple[Any, list[str]]:
     """Before `vfs` sets the count: the persistent VF count and binds made to match what
     the command leaves. `persist` None keeps a persistent count persistent (at the new
     count); 0 VFs is never persistent. VFs that go take their persistent binds along
@@ -110,27 +122,31 @@ def record_vfs(host: Any, pf: PciAddress, count: int, persist: bool | None,
     path = persist_path()
     if want is None:
         # the VFs stay, but would not be there at boot: their persistent binds say they are
-        needing = [str(b.address) for b in current.binds
-                   if b.address in set(old_vfs) - removed]
+        needing = [str(b.address) for b in current.binds if b.address in set(old_vfs) - removed]
         if needing:
-            raise DeviceError(f"the persistent binds of {', '.join(needing)} need the VF "
-                              f"count of {pf} made at boot",
-                              f"give them back first (kata-vfio-ctl restore "
-                              f"{' '.join(needing)}); nothing was changed")
+            raise DeviceError(
+                f"the persistent binds of {', '.join(needing)} need the VF "
+                f"count of {pf} made at boot",
+                f"give them back first (kata-vfio-ctl restore "
+                f"{' '.join(needing)}); nothing was changed",
+            )
     gone = [b for b in current.binds if b.address in removed]
-    lines = [f"{b.address}: no longer bound at boot (its VF went; removed from {path})"
-             for b in gone]
+    lines = [
+        f"{b.address}: no longer bound at boot (its VF went; removed from {path})" for b in gone
+    ]
     if want is not None:
-        lines.append(f"{pf}: {count} VFs made again at every boot (kata-vfio-boot.service; "
-                     f"listed in {path})")
+        lines.append(
+            f"{pf}: {count} VFs made again at every boot (kata-vfio-boot.service; listed in {path})"
+        )
     elif record is not None:
         lines.append(f"{pf}: its VFs are no longer made at boot (removed from {path})")
     if want == record and not gone:
         return None, lines
     with editing() as persisted:
         before = persisted.copy()
-        persisted.vfs[:] = [v for v in persisted.vfs if v.address != pf] + \
-            ([want] if want is not None else [])
+        persisted.vfs[:] = [v for v in persisted.vfs if v.address != pf] + (
+            [want] if want is not None else []
+        )
         persisted.binds[:] = [b for b in persisted.binds if b.address not in removed]
     return before, lines
 
@@ -147,8 +163,10 @@ def forget_absent_pf(host: Any, pf: PciAddress) -> list[str]:
         if record is None:
             return []
         persisted.vfs.remove(record)
-    return [f"{pf}: not on this host; its VFs are no longer made at boot (removed from "
-            f"{persist_path()})"]
+    return [
+        f"{pf}: not on this host; its VFs are no longer made at boot (removed from "
+        f"{persist_path()})"
+    ]
 
 
 def check_readable() -> None:
@@ -180,8 +198,9 @@ def drop_persistent(host: Any, given_back: list[str], *, everything: bool) -> li
         kept = []
         for b in binds:
             if everything or b.address in back or group(b.address) in back_groups:
-                lines.append(f"{b.address}: no longer bound at boot (removed from "
-                             f"{persist_path()})")
+                lines.append(
+                    f"{b.address}: no longer bound at boot (removed from {persist_path()})"
+                )
             else:
                 kept.append(b)
         binds[:] = kept
@@ -203,45 +222,51 @@ def _make_vfs(host: Any, record: Any, timeout: float) -> str:
     if not os.path.isdir(base):
         from kata_vfio_host.persist import persist_path
 
-        raise DeviceError(f"{pf} is not on this host now: its {record.count} VFs not made",
-                          f"plug it back, or drop it: kata-vfio-ctl vfs {pf} 0 removes it "
-                          f"from {persist_path()}")
+        raise DeviceError(
+            f"{pf} is not on this host now: its {record.count} VFs not made",
+            f"plug it back, or drop it: kata-vfio-ctl vfs {pf} 0 removes it from {persist_path()}",
+        )
     dev = read_device(host.sysfs, pf)
     if (dev.vendor, dev.device) != (record.vendor, record.device):
-        raise DeviceError(f"{pf} is now {dev.vendor:04x}:{dev.device:04x}, not {record.ids} "
-                          "as when its VF count was persisted: no VFs made",
-                          f"kata-vfio-ctl vfs {pf} 0 to forget it, or vfs {pf} N --persist "
-                          "for this card")
+        raise DeviceError(
+            f"{pf} is now {dev.vendor:04x}:{dev.device:04x}, not {record.ids} "
+            "as when its VF count was persisted: no VFs made",
+            f"kata-vfio-ctl vfs {pf} 0 to forget it, or vfs {pf} N --persist for this card",
+        )
     total = total_vfs(host.sysfs, pf)
     if record.count > total:
-        raise DeviceError(f"{pf} supports {total} VFs now, not {record.count}: none made",
-                          f"kata-vfio-ctl vfs {pf} {total} --persist to persist fewer")
+        raise DeviceError(
+            f"{pf} supports {total} VFs now, not {record.count}: none made",
+            f"kata-vfio-ctl vfs {pf} {total} --persist to persist fewer",
+        )
     deadline = time.monotonic() + timeout
     while read_device(host.sysfs, pf).driver is None:  # its sriov_configure makes them
         if time.monotonic() >= deadline:
-            raise DeviceError(f"{pf} has no driver after {timeout:g} s: its driver makes "
-                              f"the VFs, none made",
-                              "load the PF's driver early (modprobe, /etc/modules-load.d)")
+            raise DeviceError(
+                f"{pf} has no driver after {timeout:g} s: its driver makes the VFs, none made",
+                "load the PF's driver early (modprobe, /etc/modules-load.d)",
+            )
         time.sleep(0.05)
     current = int(read_attr(os.path.join(base, "sriov_numvfs")))
     if current == record.count:
         vfs = virtual_functions(host.sysfs, pf)
-        return (f"{what}: already has {current} VFs ({', '.join(map(str, vfs))}), "
-                "nothing made")
+        return f"{what}: already has {current} VFs ({', '.join(map(str, vfs))}), nothing made"
     if current:
-        raise DeviceError(f"{pf} has {current} VFs now, not {record.count} as persisted: "
-                          "left alone",
-                          f"kata-vfio-ctl vfs {pf} {record.count} to set them, or vfs {pf} "
-                          f"{current} --persist to keep these")
+        raise DeviceError(
+            f"{pf} has {current} VFs now, not {record.count} as persisted: left alone",
+            f"kata-vfio-ctl vfs {pf} {record.count} to set them, or vfs {pf} "
+            f"{current} --persist to keep these",
+        )
     set_vf_count(host, pf, record.count)
     while True:  # the kernel adds each VF's device as the write returns; udev may lag
         vfs = virtual_functions(host.sysfs, pf)
-        if len(vfs) == record.count and all(os.path.isdir(device_dir(host.sysfs, v))
-                                             for v in vfs):
+        if len(vfs) == record.count and all(os.path.isdir(device_dir(host.sysfs, v)) for v in vfs):
             break
         if time.monotonic() >= deadline:
-            raise DeviceError(f"{pf}: only {len(vfs)} of {record.count} VFs appeared "
-                              f"within {timeout:g} s", "check the kernel log (dmesg)")
+            raise DeviceError(
+                f"{pf}: only {len(vfs)} of {record.count} VFs appeared within {timeout:g} s",
+                "check the kernel log (dmesg)",
+            )
         time.sleep(0.05)
     return f"made {record.count} VFs of {what} again: {', '.join(map(str, vfs))}"
 
@@ -266,16 +291,23 @@ def cmd_boot(args: argparse.Namespace, host: Any, log: Any) -> int:
     lines: list[str] = []
     failed: list[str] = []
     containers = sorted(c for c in dropped.claims if not c.startswith(KUBERNETES_ALLOCATION))
-    allocations = sorted({*records, *(c for c in dropped.claims
-                                      if c.startswith(KUBERNETES_ALLOCATION))})
+    allocations = sorted(
+        {*records, *(c for c in dropped.claims if c.startswith(KUBERNETES_ALLOCATION))}
+    )
     if containers:
-        lines.append(f"cleared the claims of containers {', '.join(containers)} from the "
-                     "previous boot (no container survives a reboot)")
+        lines.append(
+            f"cleared the claims of containers {', '.join(containers)} from the "
+            "previous boot (no container survives a reboot)"
+        )
     if allocations:
-        named = [f"{a} ({records[a].resource})" if a in records and records[a].resource
-                 else a for a in allocations]
-        lines.append(f"cleared the device plugin's allocations {', '.join(named)} from the "
-                     "previous boot (no pod survives a reboot)")
+        named = [
+            f"{a} ({records[a].resource})" if a in records and records[a].resource else a
+            for a in allocations
+        ]
+        lines.append(
+            f"cleared the device plugin's allocations {', '.join(named)} from the "
+            "previous boot (no pod survives a reboot)"
+        )
     made: list[str] = []
     vf_failed: list[str] = []
     for v in persisted.vfs:
@@ -284,8 +316,9 @@ def cmd_boot(args: argparse.Namespace, host: Any, log: Any) -> int:
                 lines.append(_make_vfs(host, v, args.timeout))
         except (KataVfioError, OSError) as exc:
             reason = exc.one_line() if isinstance(exc, KataVfioError) else str(exc)
-            failed.append(f"make the VFs of {v.address} ({v.ids}, {v.count} VFs, "
-                          f"persistent): {reason}")
+            failed.append(
+                f"make the VFs of {v.address} ({v.ids}, {v.count} VFs, persistent): {reason}"
+            )
             vf_failed.append(str(v.address))
             continue
         made.append(str(v.address))
@@ -293,12 +326,16 @@ def cmd_boot(args: argparse.Namespace, host: Any, log: Any) -> int:
 
     for addr, entry in dropped.devices.items():
         now = read_link(os.path.join(device_dir(host.sysfs, PciAddress.parse(addr)), "driver"))
-        lines.append(f"{addr}: the previous boot's bind by {entry.owner} ended with the "
-                     f"reboot (now on {now or 'no driver'}): its record dropped, the device "
-                     "not touched")
+        lines.append(
+            f"{addr}: the previous boot's bind by {entry.owner} ended with the "
+            f"reboot (now on {now or 'no driver'}): its record dropped, the device "
+            "not touched"
+        )
     for addr, original in dropped.vf_configs.items():
-        lines.append(f"{addr}: the previous boot's VF settings of {original.owner}: "
-                     "record dropped (the reboot reset them)")
+        lines.append(
+            f"{addr}: the previous boot's VF settings of {original.owner}: "
+            "record dropped (the reboot reset them)"
+        )
     in_use = use_checker(host.sysfs, Path("/proc"))
     bound: list[str] = []
     for b in persisted.binds:
@@ -307,20 +344,24 @@ def cmd_boot(args: argparse.Namespace, host: Any, log: Any) -> int:
             with step(f"binding {b.address} again"):
                 from kata_vfio.pci import read_device
 
-                if not os.path.isdir(os.path.join(host.sysfs, "bus/pci/devices",
-                                                  str(b.address))):
+                if not os.path.isdir(os.path.join(host.sysfs, "bus/pci/devices", str(b.address))):
                     raise DeviceError(
                         f"{b.address} is not on this host now",
-                        (f"a VF of {', '.join(vf_failed)}, whose VFs were not made? see "
-                         "above; " if vf_failed else "") +
-                        f"plug it back, or drop it: kata-vfio-ctl restore {b.address}")
+                        (
+                            f"a VF of {', '.join(vf_failed)}, whose VFs were not made? see above; "
+                            if vf_failed
+                            else ""
+                        )
+                        + f"plug it back, or drop it: kata-vfio-ctl restore {b.address}",
+                    )
                 dev = read_device(host.sysfs, b.address)
                 if (dev.vendor, dev.device) != (b.vendor, b.device):
                     raise DeviceError(
                         f"{b.address} is now {dev.vendor:04x}:{dev.device:04x}, not {b.ids} "
                         "as when bound with --persist: not bound",
                         f"kata-vfio-ctl restore {b.address} to forget it, or bind --persist "
-                        "it again")
+                        "it again",
+                    )
                 group, moves = plan_bind(host.sysfs, b.address)
                 bind_groups(host, [b.address], ADMIN, in_use=in_use)
                 node = wait_for_group_node(host, group, args.timeout)
@@ -333,11 +374,17 @@ def cmd_boot(args: argparse.Namespace, host: Any, log: Any) -> int:
             moved = ", ".join(f"{d.address} ({d.driver or 'no driver'})" for d in moves)
             lines.append(f"re-bound {what}: {moved} -> vfio-pci, IOMMU group {group}: {node}")
         else:
-            lines.append(f"{what}: already on vfio-pci (IOMMU group {group}: {node}), "
-                         "nothing moved")
-    fields = {"claims_cleared": containers, "allocations_cleared": allocations,
-              "records_dropped": sorted(dropped.devices), "vfs_made": made, "bound": bound,
-              "failures": failed}
+            lines.append(
+                f"{what}: already on vfio-pci (IOMMU group {group}: {node}), nothing moved"
+            )
+    fields = {
+        "claims_cleared": containers,
+        "allocations_cleared": allocations,
+        "records_dropped": sorted(dropped.devices),
+        "vfs_made": made,
+        "bound": bound,
+        "failures": failed,
+    }
     if failed:
         log.error("boot", **fields)
     else:
@@ -345,8 +392,10 @@ def cmd_boot(args: argparse.Namespace, host: Any, log: Any) -> int:
     for line in lines:
         print(line)
     if not lines and not failed:
-        print(f"nothing to do: no records of earlier boots, no persistent binds or VF "
-              f"counts in {persist_path()}")
+        print(
+            f"nothing to do: no records of earlier boots, no persistent binds or VF "
+            f"counts in {persist_path()}"
+        )
     sys.stdout.flush()
     for failure in failed:
         print(f"{PROG}: cannot {failure}", file=sys.stderr)
@@ -355,9 +404,15 @@ def cmd_boot(args: argparse.Namespace, host: Any, log: Any) -> int:
 
 def add_parsers(sub: Any) -> Any:
     p = sub.add_parser(
-        "boot", help="at boot (kata-vfio-boot.service): drop the previous boot's claims and "
-                     "records, make the persistent VF counts (vfs --persist) and bind the "
-                     "persistent devices (bind --persist) again")
-    p.add_argument("--timeout", type=float, default=5.0,
-                   help="wait for a PF's driver, its VFs, /dev/vfio/N (s)")
+        "boot",
+        help="at boot (kata-vfio-boot.service): drop the previous boot's claims and "
+        "records, make the persistent VF counts (vfs --persist) and bind the "
+        "persistent devices (bind --persist) again",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=5.0,
+        help="wait for a PF's driver, its VFs, /dev/vfio/N (s)",
+    )
     return p  # parser.py sets its func: cmd_boot with the command's host and log

@@ -73,12 +73,19 @@ class Resource:
 def resources_from_settings(tables: tuple[dict[str, Any], ...]) -> list[Resource]:
     """The settings' [[device_plugin.resource]] (checked at load) as Resources."""
     if not tables:
-        raise ConfigError("config.toml has no [[device_plugin.resource]]",
-                          'add one: [[device_plugin.resource]] name = "nvme" '
-                          'select = "1b36:0010"')
-    return [Resource(t["name"], parse_select(t["select"])[0] if t.get("select") else None,
-                     tuple(parse_rule(p) for p in t.get("devices", ())), bool(t.get("cdi")))
-            for t in tables]
+        raise ConfigError(
+            "config.toml has no [[device_plugin.resource]]",
+            'add one: [[device_plugin.resource]] name = "nvme" select = "1b36:0010"',
+        )
+    return [
+        Resource(
+            t["name"],
+            parse_select(t["select"])[0] if t.get("select") else None,
+            tuple(parse_rule(p) for p in t.get("devices", ())),
+            bool(t.get("cdi")),
+        )
+        for t in tables
+    ]
 
 
 @value
@@ -116,8 +123,9 @@ def layout_key(sysfs: str) -> tuple[tuple[str, str | None], ...]:
     return tuple((n, read_link(os.path.join(root, n, "iommu_group"))) for n in names)
 
 
-def survey(sysfs: str, resources: list[Resource], in_use: Callable[[PciAddress], list[str]]
-           ) -> tuple[dict[str, list[Unit]], list[str]]:
+def survey(
+    sysfs: str, resources: list[Resource], in_use: Callable[[PciAddress], list[str]]
+) -> tuple[dict[str, list[Unit]], list[str]]:
     """The units of each resource, and one line per group left out saying why."""
     devices: dict[PciAddress, PciDevice] = {}
     for addr in list_addresses(sysfs):
@@ -144,18 +152,29 @@ def survey(sysfs: str, resources: list[Resource], in_use: Callable[[PciAddress],
                 continue
             why = _why_not_offered(sysfs, resource, endpoints, in_use)
             if why is not None:
-                skipped.append(f"IOMMU group {group} not offered as {resource.resource_name}: "
-                               f"{why}")
+                skipped.append(
+                    f"IOMMU group {group} not offered as {resource.resource_name}: {why}"
+                )
                 continue
             first = endpoints[0]
-            units[resource.name].append(Unit(str(first.address), group,
-                                             tuple(d.address for d in endpoints),
-                                             numa_node(sysfs, first.address), first.physfn))
+            units[resource.name].append(
+                Unit(
+                    str(first.address),
+                    group,
+                    tuple(d.address for d in endpoints),
+                    numa_node(sysfs, first.address),
+                    first.physfn,
+                )
+            )
     return units, skipped
 
 
-def _why_not_offered(sysfs: str, resource: Resource, endpoints: list[PciDevice],
-                     in_use: Callable[[PciAddress], list[str]]) -> str | None:
+def _why_not_offered(
+    sysfs: str,
+    resource: Resource,
+    endpoints: list[PciDevice],
+    in_use: Callable[[PciAddress], list[str]],
+) -> str | None:
     for dev in endpoints:
         if not resource.matches(dev):
             return f"{dev.address} [{dev.ids}] in the same group does not match"
@@ -196,16 +215,21 @@ class HealthCheck:
                 return UNHEALTHY
             link = read_link(os.path.join(base, "driver"))
             driver = os.path.basename(link) if link else None
-            if driver is not None and not is_vfio_driver(driver) and driver != PCI_STUB \
-                    and self._host_uses(addr, driver):
+            if (
+                driver is not None
+                and not is_vfio_driver(driver)
+                and driver != PCI_STUB
+                and self._host_uses(addr, driver)
+            ):
                 return UNHEALTHY
         if holder is not None and not ours and not holder.startswith(ALLOCATION_PREFIX):
             return UNHEALTHY
         return HEALTHY
 
 
-def preferred(units: dict[str, Unit], available: list[str], must_include: list[str],
-              size: int) -> list[str]:
+def preferred(
+    units: dict[str, Unit], available: list[str], must_include: list[str], size: int
+) -> list[str]:
     """GetPreferredAllocation's rule: every must_include device first; then devices of the
     PFs already chosen, in address order; then of the PF with the most available devices
     (ties: lower PF address), and so on; devices without a PF (each its own) last, in
@@ -222,9 +246,10 @@ def preferred(units: dict[str, Unit], available: list[str], must_include: list[s
             by_pf.setdefault(str(parent), []).append(dev)
     used_pfs = [str(units[d].pf) for d in chosen if units[d].pf is not None]
     order = list(dict.fromkeys(p for p in used_pfs if p in by_pf))
-    order += sorted((p for p in by_pf if p not in order),
-                    key=lambda p: (-len(by_pf[p]), PciAddress.parse(p)))
+    order += sorted(
+        (p for p in by_pf if p not in order), key=lambda p: (-len(by_pf[p]), PciAddress.parse(p))
+    )
     for pf in order:
-        chosen += by_pf[pf][:size - len(chosen)]
-    chosen += loose[:size - len(chosen)]
+        chosen += by_pf[pf][: size - len(chosen)]
+    chosen += loose[: size - len(chosen)]
     return chosen[:size]

@@ -78,9 +78,14 @@ def _write_record(host: Host, allocation: Allocation) -> None:
 
     path = _record_path(host, allocation.id)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    data = {"id": allocation.id, "resource": allocation.resource,
-            "device_ids": list(allocation.device_ids), "groups": sorted(allocation.groups),
-            "since": allocation.since, "boot_id": allocation.boot_id}
+    data = {
+        "id": allocation.id,
+        "resource": allocation.resource,
+        "device_ids": list(allocation.device_ids),
+        "groups": sorted(allocation.groups),
+        "since": allocation.since,
+        "boot_id": allocation.boot_id,
+    }
     write_atomically(path, json.dumps(data).encode(), mode=0o600, durable=False)
 
 
@@ -97,18 +102,25 @@ def _hand_over_stale(host: Host, cid: ContainerId, groups: list[IommuGroup]) -> 
         live = {g: c for g, c in journal.claims.items() if not claim_gone(host, c)}
         for g in wanted:
             claim = live.get(g)
-            if claim is not None and claim.container.startswith(KUBERNETES_ALLOCATION) \
-                    and claim.container != cid:
+            if (
+                claim is not None
+                and claim.container.startswith(KUBERNETES_ALLOCATION)
+                and claim.container != cid
+            ):
                 losers.add(claim.container)
                 del journal.claims[g]
         for addr, entry in list(journal.devices.items()):
             holder = live.get(entry.group)
-            if entry.group in wanted and entry.owner != cid.owner \
-                    and entry.owner.startswith("container " + KUBERNETES_ALLOCATION) \
-                    and (holder is None or holder.container.startswith(KUBERNETES_ALLOCATION)):
-                losers.add(entry.owner[len("container "):])
-                journal.devices[addr] = DeviceEntry(entry.driver, entry.override, entry.group,
-                                                    cid.owner, entry.boot_id, entry.since)
+            if (
+                entry.group in wanted
+                and entry.owner != cid.owner
+                and entry.owner.startswith("container " + KUBERNETES_ALLOCATION)
+                and (holder is None or holder.container.startswith(KUBERNETES_ALLOCATION))
+            ):
+                losers.add(entry.owner[len("container ") :])
+                journal.devices[addr] = DeviceEntry(
+                    entry.driver, entry.override, entry.group, cid.owner, entry.boot_id, entry.since
+                )
     for loser in losers:
         _forget_groups(host, loser, wanted)
     return sorted(losers)
@@ -117,21 +129,33 @@ def _hand_over_stale(host: Host, cid: ContainerId, groups: list[IommuGroup]) -> 
 def _stale_in(host: Host, journal: Journal, cid: ContainerId, wanted: set[int]) -> bool:
     for g in wanted:
         claim = journal.claims.get(g)
-        if claim is not None and claim.container.startswith(KUBERNETES_ALLOCATION) \
-                and claim.container != cid and not claim_gone(host, claim):
+        if (
+            claim is not None
+            and claim.container.startswith(KUBERNETES_ALLOCATION)
+            and claim.container != cid
+            and not claim_gone(host, claim)
+        ):
             return True
-    return any(e.group in wanted and e.owner != cid.owner
-               and e.owner.startswith("container " + KUBERNETES_ALLOCATION)
-               for e in journal.devices.values())
+    return any(
+        e.group in wanted
+        and e.owner != cid.owner
+        and e.owner.startswith("container " + KUBERNETES_ALLOCATION)
+        for e in journal.devices.values()
+    )
 
 
 def _forget_groups(host: Host, cid: str, groups: set[int]) -> None:
     with editing_records(host) as records:
         record = records.get(cid)
         if record is not None and record.groups - groups:
-            records[cid] = Allocation(record.id, record.resource, record.device_ids,
-                                      record.groups - groups, record.since,
-                                      record.boot_id)
+            records[cid] = Allocation(
+                record.id,
+                record.resource,
+                record.device_ids,
+                record.groups - groups,
+                record.since,
+                record.boot_id,
+            )
         elif record is not None:
             del records[cid]
 
@@ -140,8 +164,12 @@ def editing_records(host: Host) -> edited:
     """The allocation records (id -> Allocation) to change in place; when the block ends
     without an exception each changed record is written, each dropped one removed. The
     caller holds the locks of the records' groups."""
-    return edited(None, lambda: read_records(host), lambda records: _write_records(host, records),
-                  snapshot=dict)
+    return edited(
+        None,
+        lambda: read_records(host),
+        lambda records: _write_records(host, records),
+        snapshot=dict,
+    )
 
 
 def _write_records(host: Host, records: dict[str, Allocation]) -> None:
@@ -166,8 +194,13 @@ def stopping_holders(host: Host, groups: list[IommuGroup]) -> dict[int, str]:
     when the pod that had it is no longer active, so such a container is being stopped."""
     wanted = {g.number for g in groups}
     journal = read_journal_file(host, groups=wanted)  # only these groups' claims parsed
-    held = {g: c.container for g, c in journal.claims.items() if g in wanted
-            and not c.container.startswith(KUBERNETES_ALLOCATION) and not claim_gone(host, c)}
+    held = {
+        g: c.container
+        for g, c in journal.claims.items()
+        if g in wanted
+        and not c.container.startswith(KUBERNETES_ALLOCATION)
+        and not claim_gone(host, c)
+    }
     if not held:
         return {}
     ours: set[int] = set()
@@ -187,15 +220,27 @@ def wait_for_stopping(host: Host, groups: list[IommuGroup], timeout: float) -> d
         time.sleep(0.05)
 
 
-def allocate(host: Host, resource: str, device_ids: list[str], groups: list[IommuGroup],
-             endpoints: list[PciAddress], in_use: InUse | None) -> Allocation:
+def allocate(
+    host: Host,
+    resource: str,
+    device_ids: list[str],
+    groups: list[IommuGroup],
+    endpoints: list[PciAddress],
+    in_use: InUse | None,
+) -> Allocation:
     """Claim the groups for a new allocation and bind their endpoints to vfio-pci (the
     resource's configuration is the admin's permission to bind them); wait for the
     /dev/vfio nodes. Nothing stays claimed or bound on failure."""
     cid = allocation_id(device_ids)
     _hand_over_stale(host, cid, groups)
-    allocation = Allocation(cid, resource, tuple(sorted(device_ids)),
-                            frozenset(g.number for g in groups), time.time(), host.boot_id)
+    allocation = Allocation(
+        cid,
+        resource,
+        tuple(sorted(device_ids)),
+        frozenset(g.number for g in groups),
+        time.time(),
+        host.boot_id,
+    )
     acquire(host, cid, groups, endpoints, tuple(str(a) for a in endpoints), None, in_use)
     try:
         for group in groups:
@@ -239,11 +284,14 @@ def _read_records(directory: str) -> dict[str, Allocation]:
                 data = json.loads(f.read())
             cid = str(ContainerId.parse(data["id"]))
             boot_id = data.get("boot_id")
-            found[cid] = Allocation(cid, str(data["resource"]),
-                                    tuple(str(d) for d in data["device_ids"]),
-                                    frozenset(int(g) for g in data["groups"]),
-                                    float(data["since"]),
-                                    boot_id if isinstance(boot_id, str) else None)
+            found[cid] = Allocation(
+                cid,
+                str(data["resource"]),
+                tuple(str(d) for d in data["device_ids"]),
+                frozenset(int(g) for g in data["groups"]),
+                float(data["since"]),
+                boot_id if isinstance(boot_id, str) else None,
+            )
         except (OSError, ValueError, KeyError, TypeError, DeviceError):
             continue  # not ours, or half written by a killed plugin: the ledger still tells
     return found
@@ -262,7 +310,7 @@ def allocations(host: Host, journal: Journal | None = None) -> dict[str, Allocat
             since[claim.container] = claim.since
     for entry in journal.devices.values():
         if entry.owner.startswith("container " + KUBERNETES_ALLOCATION):
-            cid = entry.owner[len("container "):]
+            cid = entry.owner[len("container ") :]
             groups.setdefault(cid, set()).add(entry.group)
             since.setdefault(cid, entry.since)
     for cid, numbers in groups.items():
@@ -270,8 +318,14 @@ def allocations(host: Host, journal: Journal | None = None) -> dict[str, Allocat
         if known is None:
             found[cid] = Allocation(cid, "", (), frozenset(numbers), since.get(cid, 0.0))
         else:
-            found[cid] = Allocation(cid, known.resource, known.device_ids,
-                                    known.groups | numbers, known.since, known.boot_id)
+            found[cid] = Allocation(
+                cid,
+                known.resource,
+                known.device_ids,
+                known.groups | numbers,
+                known.since,
+                known.boot_id,
+            )
     return found
 
 
@@ -292,8 +346,9 @@ def release_allocation(host: Host, allocation: Allocation) -> bool:
     container (one that took it over) still holds one of its groups: then False."""
     # every lock release_container takes too, up front: a lock is never taken below one
     # held (locks.Locks)
-    owned = {e.group for e in read_journal_file(host).devices.values()
-             if e.owner == allocation.owner}
+    owned = {
+        e.group for e in read_journal_file(host).devices.values() if e.owner == allocation.owner
+    }
     groups = [IommuGroup(g) for g in sorted(allocation.groups | owned)]
     with group_locks(host, groups):
         holders = live_holders(host)
@@ -301,8 +356,10 @@ def release_allocation(host: Host, allocation: Allocation) -> bool:
             return False
         report = release_container(host, allocation.id)
     if report.failed:
-        raise DeviceError(f"{allocation.id}: cannot give back: {report.failed[0]}",
-                          "check the kernel log; kata-vfio-ctl restore --stale retries")
+        raise DeviceError(
+            f"{allocation.id}: cannot give back: {report.failed[0]}",
+            "check the kernel log; kata-vfio-ctl restore --stale retries",
+        )
     _remove_record(host, allocation.id)
     return True
 
@@ -322,9 +379,11 @@ def forget_earlier_boots(host: Host) -> list[Allocation]:
         if record.boot_id is not None:
             stale = earlier_boot(host, record.boot_id)
         else:
-            stale = not (any(c.container == cid for c in journal.claims.values())
-                         or any(e.owner == record.owner for e in journal.devices.values())
-                         or record.groups & live)
+            stale = not (
+                any(c.container == cid for c in journal.claims.values())
+                or any(e.owner == record.owner for e in journal.devices.values())
+                or record.groups & live
+            )
         if stale:
             _remove_record(host, cid)
             dropped.append(record)

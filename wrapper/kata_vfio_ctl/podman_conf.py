@@ -21,14 +21,18 @@ RUNTIME_NAME = "kata-vfio"
 # podman 4.x defaults, from containers/common pkg/config/default.go
 DEFAULT_SUPPORTS_JSON = ["crun", "runc", "kata", "runsc", "youki", "krun"]
 DEFAULT_SUPPORTS_KVM = ["kata", "kata-runtime", "kata-qemu", "kata-fc", "krun"]
-FEATURE_LISTS = {"runtime_supports_json": DEFAULT_SUPPORTS_JSON,
-                 "runtime_supports_kvm": DEFAULT_SUPPORTS_KVM}
+FEATURE_LISTS = {
+    "runtime_supports_json": DEFAULT_SUPPORTS_JSON,
+    "runtime_supports_kvm": DEFAULT_SUPPORTS_KVM,
+}
 
 
 def _refuse_distribution_file(conf: Path) -> None:
     if str(conf.resolve()).startswith("/usr/share/"):
-        raise ConfigError(f"{conf} belongs to the distribution and is replaced on upgrade",
-                          "register in /etc/containers/containers.conf instead")
+        raise ConfigError(
+            f"{conf} belongs to the distribution and is replaced on upgrade",
+            "register in /etc/containers/containers.conf instead",
+        )
 
 
 # What register adds carries this mark (a comment on its line), so that unregister takes
@@ -36,8 +40,10 @@ def _refuse_distribution_file(conf: Path) -> None:
 # by mistake. The runtime's mark also names the feature lists register appended it to.
 MARK = "# added by kata-vfio-ctl"
 LISTED = ", listed in "
-CREATED_HEADER = ("# Created by kata-vfio-ctl podman-register; "
-                  "kata-vfio-ctl podman-unregister removes this file again.\n")
+CREATED_HEADER = (
+    "# Created by kata-vfio-ctl podman-register; "
+    "kata-vfio-ctl podman-unregister removes this file again.\n"
+)
 
 
 def _read(conf: Path) -> Any:
@@ -134,7 +140,8 @@ def _problem(base: str, new: str, runtime_path: str, name: str, back: str) -> st
         return f"the result would not be valid TOML: {exc}"
     engine = after.get("engine") or {}
     if (engine.get("runtimes") or {}).get(name) != [runtime_path] or not all(
-            name in (engine.get(key) or []) for key in FEATURE_LISTS):
+        name in (engine.get(key) or []) for key in FEATURE_LISTS
+    ):
         return "the runtime would not land in [engine.runtimes]"
     del engine["runtimes"][name]
     old = before.get("engine") or {}
@@ -150,8 +157,9 @@ def _problem(base: str, new: str, runtime_path: str, name: str, back: str) -> st
     return None
 
 
-def register(conf: Path, runtime_path: str, name: str = RUNTIME_NAME, *,
-             dry_run: bool = False) -> bool:
+def register(
+    conf: Path, runtime_path: str, name: str = RUNTIME_NAME, *, dry_run: bool = False
+) -> bool:
     """Add the runtime and its feature entries; True when the file changed.
 
     Checked before anything is written: the runtime where podman reads it, every other
@@ -168,13 +176,15 @@ def register(conf: Path, runtime_path: str, name: str = RUNTIME_NAME, *,
     if isinstance(runtimes, dict) and name in runtimes:
         mine = _marked(_item(runtimes, name))
         if runtimes[name] == [runtime_path] and (
-                not mine or all(name in (engine.get(k) or []) for k in FEATURE_LISTS)):
+            not mine or all(name in (engine.get(k) or []) for k in FEATURE_LISTS)
+        ):
             return False
         if not mine:
             raise ConfigError(
                 f"{conf} already has a runtime {name} = {runtimes[name].unwrap()!r} that "
                 "kata-vfio-ctl did not add; nothing was changed",
-                "rename or remove it and register again, or keep it as it is")
+                "rename or remove it and register again, or keep it as it is",
+            )
         base = _take_out(text, name) or text
     back = CREATED_HEADER if not found.exists else base
     try:
@@ -185,10 +195,12 @@ def register(conf: Path, runtime_path: str, name: str = RUNTIME_NAME, *,
     except Exception:  # tomlkit cannot edit some layouts (dotted keys out of order ...)
         problem = "[engine] is made of dotted keys or inline tables here"
     if problem is not None:
-        raise ConfigError(f"{conf}: cannot add the {name} runtime to this layout safely "
-                          f"({problem}); nothing was changed",
-                          f'write [engine] and [engine.runtimes] as tables, or add {name} = '
-                          f'["{runtime_path}"] to [engine.runtimes] by hand')
+        raise ConfigError(
+            f"{conf}: cannot add the {name} runtime to this layout safely "
+            f"({problem}); nothing was changed",
+            f"write [engine] and [engine.runtimes] as tables, or add {name} = "
+            f'["{runtime_path}"] to [engine.runtimes] by hand',
+        )
     if new == text:
         return False
     if not dry_run:
@@ -209,9 +221,11 @@ def unregister(conf: Path, name: str = RUNTIME_NAME) -> bool:
     try:
         new = _take_out(found.text, name)
     except Exception:  # tomlkit cannot edit some layouts
-        raise ConfigError(f"{conf}: cannot take the {name} runtime out of this layout safely; "
-                          "nothing was changed", f"remove {name} from [engine.runtimes] by "
-                          "hand") from None
+        raise ConfigError(
+            f"{conf}: cannot take the {name} runtime out of this layout safely; "
+            "nothing was changed",
+            f"remove {name} from [engine.runtimes] by hand",
+        ) from None
     if new is None:
         return False
     if new == CREATED_HEADER and not os.path.islink(conf):

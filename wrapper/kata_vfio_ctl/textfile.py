@@ -24,12 +24,12 @@ CONF_LIMIT = 1 << 20  # configuration files are kilobytes; Kata's shipped one is
 class FoundFile:
     """A file as found: its bytes (None: there is none) and the form to write back in."""
 
-    path: Path        # as the user named it
-    target: Path      # where its bytes live: `path` with symbolic links resolved
+    path: Path  # as the user named it
+    target: Path  # where its bytes live: `path` with symbolic links resolved
     raw: bytes | None
     crlf: bool = False
     final_newline: bool = True
-    text: str = ""    # LF line ends and a final newline: what the editors work on
+    text: str = ""  # LF line ends and a final newline: what the editors work on
 
     @property
     def exists(self) -> bool:
@@ -59,17 +59,20 @@ def read_bytes(path: Path, what: str, limit: int = CONF_LIMIT) -> bytes | None:
         return read_regular(path, limit, what)
     except FileNotFoundError:
         if os.path.lexists(path):
-            raise ConfigError(f"{what} {path} is a symbolic link to "
-                              f"{os.path.realpath(path)}, which does not exist",
-                              "fix or remove the link first") from None
+            raise ConfigError(
+                f"{what} {path} is a symbolic link to "
+                f"{os.path.realpath(path)}, which does not exist",
+                "fix or remove the link first",
+            ) from None
         return None
     except IsADirectoryError:
         raise ConfigError(f"{what} {path} is a directory", "name the file itself") from None
     except UnsafeFileError as exc:
         raise ConfigError(exc.message, "name a plain text file") from None
     except OSError as exc:
-        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}",
-                          "check the path and its permissions") from None
+        raise ConfigError(
+            f"cannot read {what} {path}: {exc.strerror}", "check the path and its permissions"
+        ) from None
 
 
 def read_found(path: Path, what: str, limit: int = CONF_LIMIT) -> FoundFile:
@@ -80,8 +83,10 @@ def read_found(path: Path, what: str, limit: int = CONF_LIMIT) -> FoundFile:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {exc.start})",
-                          "TOML files are UTF-8: fix the file first") from None
+        raise ConfigError(
+            f"{what} {path} is not UTF-8 text (byte {exc.start})",
+            "TOML files are UTF-8: fix the file first",
+        ) from None
     crlf = "\r\n" in text and text.count("\r\n") == text.count("\n")
     if crlf:
         text = text.replace("\r\n", "\n")

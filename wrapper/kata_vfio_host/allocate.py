@@ -64,21 +64,35 @@ class SelectRequest:
 IDS_SYNTAX = "VENDOR:DEVICE[:CLASS] in hex, empty or * for any"
 
 
-def _part(text: str, widths: tuple[int, ...], whole: str, source: str,
-          error: type[KataVfioError], example: str) -> int | None:
+def _part(
+    text: str,
+    widths: tuple[int, ...],
+    whole: str,
+    source: str,
+    error: type[KataVfioError],
+    example: str,
+) -> int | None:
     if text in ("", "*"):
         return None
     number = hex_number(text, *widths)
     if number is None:
         digits = " or ".join(str(w) for w in widths)
-        raise error(f"{source}: {whole!r}: {text!r} is not a hex ID of {digits} digits",
-                    f"write {IDS_SYNTAX}, e.g. {example}")
+        raise error(
+            f"{source}: {whole!r}: {text!r} is not a hex ID of {digits} digits",
+            f"write {IDS_SYNTAX}, e.g. {example}",
+        )
     return number
 
 
-def parse_ids(text: str, source: str, *, error: type[KataVfioError] = DeviceError,
-              example: str = "8086:154c or ::0200", whole: str | None = None,
-              wanted: int = 1) -> SelectRequest:
+def parse_ids(
+    text: str,
+    source: str,
+    *,
+    error: type[KataVfioError] = DeviceError,
+    example: str = "8086:154c or ::0200",
+    whole: str | None = None,
+    wanted: int = 1,
+) -> SelectRequest:
     """lspci's ``-d`` syntax, the one parser of ``kata-vfio-ctl devices -d`` and
     ``io.kata-vfio.select``: VENDOR:DEVICE[:CLASS], each part hex, empty or ``*``;
     CLASS is the class and subclass (``0200``) or the full 24-bit code (``020000``).
@@ -86,14 +100,19 @@ def parse_ids(text: str, source: str, *, error: type[KataVfioError] = DeviceErro
     whole = text if whole is None else whole
     fields = text.lower().split(":")
     if not 2 <= len(fields) <= 3:
-        raise error(f"{source}: {whole!r} is not VENDOR:DEVICE[:CLASS]",
-                    f"write {IDS_SYNTAX}, e.g. {example}")
+        raise error(
+            f"{source}: {whole!r} is not VENDOR:DEVICE[:CLASS]",
+            f"write {IDS_SYNTAX}, e.g. {example}",
+        )
     cls = fields[2] if len(fields) == 3 else ""
     return SelectRequest(
-        whole, _part(fields[0], (4,), whole, source, error, example),
+        whole,
+        _part(fields[0], (4,), whole, source, error, example),
         _part(fields[1], (4,), whole, source, error, example),
-        _part(cls, (4, 6), whole, source, error, example), 24 if len(cls) == 6 else 16,
-        wanted)
+        _part(cls, (4, 6), whole, source, error, example),
+        24 if len(cls) == 6 else 16,
+        wanted,
+    )
 
 
 def parse_select(text: str) -> list[SelectRequest]:
@@ -101,22 +120,28 @@ def parse_select(text: str) -> list[SelectRequest]:
     parts = text.replace(",", " ").split()
     example = "1b36:0010*2, 8086:154c or ::0200"
     if not parts:
-        raise DeviceError(f"annotation {SELECT_ANNOTATION} is empty",
-                          "write VENDOR:DEVICE[:CLASS][*COUNT], e.g. 1b36:0010*2")
+        raise DeviceError(
+            f"annotation {SELECT_ANNOTATION} is empty",
+            "write VENDOR:DEVICE[:CLASS][*COUNT], e.g. 1b36:0010*2",
+        )
     requests = []
     for raw in parts:
         m = _REQUEST.match(raw.lower())
         if m is None:
-            raise DeviceError(f"{SELECT_ANNOTATION}: {raw!r} is not VENDOR:DEVICE[:CLASS][*COUNT]",
-                              f"e.g. {example}")
+            raise DeviceError(
+                f"{SELECT_ANNOTATION}: {raw!r} is not VENDOR:DEVICE[:CLASS][*COUNT]",
+                f"e.g. {example}",
+            )
         digits = m.group("count") or "1"
         count = int(digits) if len(digits) <= len(str(MAX_COUNT)) else MAX_COUNT + 1
-        request = parse_ids(m.group("ids"), SELECT_ANNOTATION, example=example, whole=raw,
-                            wanted=count)
+        request = parse_ids(
+            m.group("ids"), SELECT_ANNOTATION, example=example, whole=raw, wanted=count
+        )
         if not 1 <= count <= MAX_COUNT:
             asked = digits if len(digits) <= 12 else f"{digits[:12]}… ({len(digits)} digits)"
-            raise DeviceError(f"{SELECT_ANNOTATION}: asks for {asked} devices",
-                              f"ask for 1 to {MAX_COUNT}")
+            raise DeviceError(
+                f"{SELECT_ANNOTATION}: asks for {asked} devices", f"ask for 1 to {MAX_COUNT}"
+            )
         requests.append(request)
     return requests
 
@@ -134,8 +159,13 @@ def allocation_lock(host: Host) -> Locks:
     return Locks([os.path.join(host.state_dir, "locks", "allocate")])
 
 
-def _group_state(host: Host, group: IommuGroup, allow: tuple[str, ...],
-                 holders: _LiveHolders, cache: dict[int, str | None]) -> str | None:
+def _group_state(
+    host: Host,
+    group: IommuGroup,
+    allow: tuple[str, ...],
+    holders: _LiveHolders,
+    cache: dict[int, str | None],
+) -> str | None:
     """None when the group can be given to a container; else why not."""
     if group.number in cache:
         return cache[group.number]
@@ -149,8 +179,10 @@ def _group_state(host: Host, group: IommuGroup, allow: tuple[str, ...],
             if dev.is_bridge or is_vfio_driver(dev.driver):
                 continue
             if not any(rule.matches(dev) for rule in rules):  # it would have to be bound
-                why = (f"is in IOMMU group {group} with {dev.address} on "
-                       f"{dev.driver or 'no driver'}, not in the auto-bind allow-list")
+                why = (
+                    f"is in IOMMU group {group} with {dev.address} on "
+                    f"{dev.driver or 'no driver'}, not in the auto-bind allow-list"
+                )
                 break
     cache[group.number] = why
     return why
@@ -170,8 +202,13 @@ class _LiveHolders:
     def get(self, group: int) -> str | None:
         if group not in self._known:
             claim = self._claims.get(group)
-            self._known[group] = None if claim is None or claim.container == self._container \
-                or claim_gone(self._host, claim) else claim.owner
+            self._known[group] = (
+                None
+                if claim is None
+                or claim.container == self._container
+                or claim_gone(self._host, claim)
+                else claim.owner
+            )
         return self._known[group]
 
     def __contains__(self, group: object) -> bool:
@@ -189,8 +226,7 @@ class Pool:
     be read before the allocation lock; who holds what, drivers and VF counts are read
     by `refresh` and `why_not_free`, under it."""
 
-    def __init__(self, host: Host, allow: tuple[str, ...], container: str | None = None
-                 ) -> None:
+    def __init__(self, host: Host, allow: tuple[str, ...], container: str | None = None) -> None:
         self.host = host
         self.allow = allow
         self.container = container
@@ -205,8 +241,7 @@ class Pool:
 
     def refresh(self) -> None:
         """Who holds which group now (call under the allocation lock)."""
-        self.holders = _LiveHolders(self.host, read_journal_file(self.host).claims,
-                                    self.container)
+        self.holders = _LiveHolders(self.host, read_journal_file(self.host).claims, self.container)
         self._groups: dict[int, str | None] = {}
 
     def why_not_free(self, dev: PciDevice) -> str | None:
@@ -218,9 +253,15 @@ class Pool:
         return _group_state(self.host, dev.iommu_group, self.allow, self.holders, self._groups)
 
 
-def choose(host: Host, requests: list[SelectRequest], allow: tuple[str, ...],
-           container: ContainerId, named: frozenset[int] = frozenset(), *,
-           pool: Pool | None = None) -> list[PciAddress]:
+def choose(
+    host: Host,
+    requests: list[SelectRequest],
+    allow: tuple[str, ...],
+    container: ContainerId,
+    named: frozenset[int] = frozenset(),
+    *,
+    pool: Pool | None = None,
+) -> list[PciAddress]:
     """The devices to give the container, or a DeviceError saying what is missing.
     `named`: the IOMMU groups the container already asks for by address or node: a
     selection adds devices beyond them, never one of them again. Call under the
@@ -258,5 +299,6 @@ def choose(host: Host, requests: list[SelectRequest], allow: tuple[str, ...],
                 f"{SELECT_ANNOTATION} {request.text}: {got} of {request.wanted} free, "
                 f"{len(matching)} devices match" + (f": {detail}" if detail else ""),
                 "wait for a holder to be deleted, or bind or create more devices "
-                "(kata-vfio-ctl bind, kata-vfio-ctl vfs)")
+                "(kata-vfio-ctl bind, kata-vfio-ctl vfs)",
+            )
     return chosen

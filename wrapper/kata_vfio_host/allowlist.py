@@ -21,20 +21,23 @@ from kata_vfio.hexcodes import hex_number
 from kata_vfio.pci import PciDevice
 
 _ADDRESS_GLOB = re.compile(
-    r"^[0-9a-f*?\[\]-]{1,5}:[0-9a-f*?\[\]-]{1,2}:[0-9a-f*?\[\]-]{1,2}\.[0-7*?\[\]-]$")
+    r"^[0-9a-f*?\[\]-]{1,5}:[0-9a-f*?\[\]-]{1,2}:[0-9a-f*?\[\]-]{1,2}\.[0-7*?\[\]-]$"
+)
 
 
 @value
 class AllowRule:
-    vendor: str | None = None   # "8086", or None for any
+    vendor: str | None = None  # "8086", or None for any
     device: str | None = None
     address_glob: str | None = None
 
     def matches(self, dev: PciDevice) -> bool:
         if self.address_glob is not None:
             return fnmatch.fnmatchcase(str(dev.address), self.address_glob)
-        return (self.vendor in (None, f"{dev.vendor:04x}")
-                and self.device in (None, f"{dev.device:04x}"))
+        return self.vendor in (None, f"{dev.vendor:04x}") and self.device in (
+            None,
+            f"{dev.device:04x}",
+        )
 
 
 def parse_rule(text: str) -> AllowRule:
@@ -48,8 +51,8 @@ def parse_rule(text: str) -> AllowRule:
         return AllowRule(address_glob=p)
     raise ConfigError(
         f"[autobind] allow: {text!r} is neither VENDOR:DEVICE nor a PCI address glob",
-        "write e.g. \"8086:10d3\", \"15b3:*\" or \"0000:03:*.*\"; empty parts are not "
-        "wildcards")
+        'write e.g. "8086:10d3", "15b3:*" or "0000:03:*.*"; empty parts are not wildcards',
+    )
 
 
 @cache

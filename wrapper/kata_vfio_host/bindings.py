@@ -53,8 +53,10 @@ __all__ = ["acquire", "apply_vf_config", "bind_group", "bind_groups", "wait_for_
 
 def ensure_vfio_pci(host: Host) -> None:
     if not load_vfio_pci(host.sysfs, host.modprobe):
-        raise DeviceError("the vfio-pci driver is not available",
-                          "install the kernel's vfio-pci module (modprobe vfio-pci)")
+        raise DeviceError(
+            "the vfio-pci driver is not available",
+            "install the kernel's vfio-pci module (modprobe vfio-pci)",
+        )
 
 
 def bind_pool_size(count: int) -> int:
@@ -83,10 +85,17 @@ def _vf_groups(host: Host, pf: PciAddress) -> list[tuple[str, int]]:
     return sorted(found)
 
 
-def _bind_locked(host: Host, plans: list[GroupPlan], owner: str, *, force: bool,
-                 in_use: InUse | None, refuse_claimed: bool = False,
-                 add_claims: Callable[[Journal], object] | None = None,
-                 on_claimed: Callable[[], object] | None = None) -> list[PciAddress]:
+def _bind_locked(
+    host: Host,
+    plans: list[GroupPlan],
+    owner: str,
+    *,
+    force: bool,
+    in_use: InUse | None,
+    refuse_claimed: bool = False,
+    add_claims: Callable[[Journal], object] | None = None,
+    on_claimed: Callable[[], object] | None = None,
+) -> list[PciAddress]:
     """Bind the groups' endpoints (caller holds the group locks); returns what moved.
 
     The journal gets every device first, in one write (with `refuse_claimed`, after
@@ -100,8 +109,10 @@ def _bind_locked(host: Host, plans: list[GroupPlan], owner: str, *, force: bool,
         for dev in to_move:
             uses = in_use(dev.address)
             if uses:
-                raise DeviceError(f"PCI device {dev.address} is in use: {'; '.join(uses)}",
-                                  "stop using it first, or pass --force")
+                raise DeviceError(
+                    f"PCI device {dev.address} is in use: {'; '.join(uses)}",
+                    "stop using it first, or pass --force",
+                )
     now = time.time()
     pf_vfs = [(dev, _vf_groups(host, dev.address)) for dev in to_move]
     decided = {g.number for g, _ in plans} | {g for _, vfs in pf_vfs for _, g in vfs}
@@ -113,20 +124,28 @@ def _bind_locked(host: Host, plans: list[GroupPlan], owner: str, *, force: bool,
                     raise DeviceError(
                         f"PCI device {dev.address} is the PF of {vf}, which {held.owner} "
                         "holds: taking the PF from its driver would take the VF from that "
-                        "container", "delete that container first")
+                        "container",
+                        "delete that container first",
+                    )
         for group, members in plans:
             claim = journal.claims.get(group.number) if refuse_claimed else None
             if claim is not None and not claim_gone(host, claim):
-                raise DeviceError(f"IOMMU group {group} is in use by {claim.owner}",
-                                  "wait for that container to be deleted")
+                raise DeviceError(
+                    f"IOMMU group {group} is in use by {claim.owner}",
+                    "wait for that container to be deleted",
+                )
             for d in members:
                 known = journal.devices.get(str(d.address))
-                if known is not None and not earlier_boot(host, known.boot_id) and (
-                        known.owner == owner or is_vfio_driver(d.driver)):
+                if (
+                    known is not None
+                    and not earlier_boot(host, known.boot_id)
+                    and (known.owner == owner or is_vfio_driver(d.driver))
+                ):
                     continue  # keep the original driver recorded when it was moved
                 # (an entry of an earlier boot is history: the reboot gave the device back)
                 journal.devices[str(d.address)] = DeviceEntry(
-                    d.driver, d.driver_override, group.number, owner, host.boot_id, now)
+                    d.driver, d.driver_override, group.number, owner, host.boot_id, now
+                )
         if add_claims is not None:
             add_claims(journal)
     if on_claimed is not None:
@@ -156,9 +175,15 @@ def bind_all(host: Host, moves: list[tuple[PciAddress, str | None]]) -> None:
     in_threads(moves, lambda m: move(host, m), bind_pool_size(len(moves)), stop_on_error=True)
 
 
-def bind_groups(host: Host, addresses: list[PciAddress], owner: str, *, force: bool = False,
-                in_use: InUse | None = None,
-                on_decided: Callable[[], object] | None = None) -> list[IommuGroup]:
+def bind_groups(
+    host: Host,
+    addresses: list[PciAddress],
+    owner: str,
+    *,
+    force: bool = False,
+    in_use: InUse | None = None,
+    on_decided: Callable[[], object] | None = None,
+) -> list[IommuGroup]:
     """Bind the groups of all these devices to vfio-pci at once (concurrent kernel work),
     journalled; returns the groups. A group held by a live container is refused.
     `on_decided` runs once every refusal is past, before the kernel work.
@@ -173,13 +198,21 @@ def bind_groups(host: Host, addresses: list[PciAddress], owner: str, *, force: b
         for group in groups:
             states = [read_bind_state(host.sysfs, m) for m in group_members(host.sysfs, group)]
             plans.append((group, [s for s in states if not s.is_bridge]))
-        _bind_locked(host, plans, owner, force=force, in_use=in_use,
-                     refuse_claimed=owner == ADMIN, on_claimed=on_decided)
+        _bind_locked(
+            host,
+            plans,
+            owner,
+            force=force,
+            in_use=in_use,
+            refuse_claimed=owner == ADMIN,
+            on_claimed=on_decided,
+        )
     return list(groups)
 
 
-def bind_group(host: Host, addr: PciAddress, owner: str, *, force: bool = False,
-               in_use: InUse | None = None) -> IommuGroup:
+def bind_group(
+    host: Host, addr: PciAddress, owner: str, *, force: bool = False, in_use: InUse | None = None
+) -> IommuGroup:
     """Bind every endpoint of addr's group to vfio-pci, journalled; returns the group.
 
     `in_use(PciAddress) -> list[str]` names what uses a device; any use refuses the
@@ -196,8 +229,10 @@ def wait_for_group_node(host: Host, group: IommuGroup, timeout: float = 5.0) -> 
     while not os.path.exists(node):
         left = deadline - time.monotonic()
         if left <= 0:
-            raise DeviceError(f"/dev/vfio/{group} did not appear after binding",
-                              "check the kernel log for vfio errors")
+            raise DeviceError(
+                f"/dev/vfio/{group} did not appear after binding",
+                "check the kernel log for vfio errors",
+            )
         time.sleep(min(delay, left))
         delay = min(delay * 2, 0.02)  # bounded: a late node is seen within 20 ms
     return f"/dev/vfio/{group}"
@@ -219,9 +254,11 @@ def apply_vf_config(host: Host, container: ContainerId, text: str) -> list[str]:
         with group_locks(host, [group]):
             claim = read_journal_file(host).claims.get(group.number)
             if claim is None or claim.container != container:
-                raise DeviceError(f"io.kata-vfio.vf-config names {setting.vf}, which is not one "
-                                  f"of container {container}'s devices",
-                                  "ask for the VF too (io.kata-vfio.devices or select)")
+                raise DeviceError(
+                    f"io.kata-vfio.vf-config names {setting.vf}, which is not one "
+                    f"of container {container}'s devices",
+                    "ask for the VF too (io.kata-vfio.devices or select)",
+                )
             port = vf_port(Path(host.sysfs), setting.vf)
             mac, vlan = netlink.get(port)
             # the original first: a crash leaves what to undo
@@ -229,25 +266,46 @@ def apply_vf_config(host: Host, container: ContainerId, text: str) -> list[str]:
                 known = journal.vf_configs.get(str(setting.vf))
                 if known is None:
                     journal.vf_configs[str(setting.vf)] = VfOriginal(
-                        container.owner, port.pf_interface, port.vf_index, mac, vlan,
-                        host.boot_id, group.number)
+                        container.owner,
+                        port.pf_interface,
+                        port.vf_index,
+                        mac,
+                        vlan,
+                        host.boot_id,
+                        group.number,
+                    )
                 elif known.owner != container.owner:
                     # settings an earlier owner left: the PF's own values are still those
                     # recorded then, never what that owner set
                     journal.vf_configs[str(setting.vf)] = VfOriginal(
-                        container.owner, known.pf_interface, known.index, known.mac,
-                        known.vlan, host.boot_id, group.number)
+                        container.owner,
+                        known.pf_interface,
+                        known.index,
+                        known.mac,
+                        known.vlan,
+                        host.boot_id,
+                        group.number,
+                    )
             netlink.set(port, setting.mac, setting.vlan)
-        done.append(f"{setting.vf}: {port.pf_interface} vf {port.vf_index}"
-                    f"{' mac ' + setting.mac if setting.mac else ''}"
-                    f"{' vlan ' + str(setting.vlan) if setting.vlan is not None else ''}")
+        done.append(
+            f"{setting.vf}: {port.pf_interface} vf {port.vf_index}"
+            f"{' mac ' + setting.mac if setting.mac else ''}"
+            f"{' vlan ' + str(setting.vlan) if setting.vlan is not None else ''}"
+        )
     return done
 
 
-def acquire(host: Host, container: ContainerId, groups: list[IommuGroup],
-            addresses: list[PciAddress], allow: tuple[str, ...], bundle: str | None,
-            in_use: InUse | None = None, *, on_claimed: Callable[[], object] | None = None
-            ) -> list[PciAddress]:
+def acquire(
+    host: Host,
+    container: ContainerId,
+    groups: list[IommuGroup],
+    addresses: list[PciAddress],
+    allow: tuple[str, ...],
+    bundle: str | None,
+    in_use: InUse | None = None,
+    *,
+    on_claimed: Callable[[], object] | None = None,
+) -> list[PciAddress]:
     """Everything a container's create needs from the ledger, under the group locks:
     devices of owners that are gone are handed back, groups held by another live
     container refused, requested devices not yet on vfio-pci auto-bound if the admin's
@@ -261,8 +319,9 @@ def acquire(host: Host, container: ContainerId, groups: list[IommuGroup],
         return []
     started: list[bool] = []  # past the checks: a failure from there releases
     try:
-        return _acquire_locked(host, container, wanted, by_addr, allow, bundle, in_use,
-                               on_claimed, started)
+        return _acquire_locked(
+            host, container, wanted, by_addr, allow, bundle, in_use, on_claimed, started
+        )
     except BaseException:
         if started:
             # what this create claimed went back under its locks; the container's other
@@ -274,11 +333,17 @@ def acquire(host: Host, container: ContainerId, groups: list[IommuGroup],
         raise
 
 
-def _acquire_locked(host: Host, container: ContainerId, wanted: list[IommuGroup],
-                    by_addr: dict[PciAddress, IommuGroup], allow: tuple[str, ...],
-                    bundle: str | None, in_use: InUse | None,
-                    on_claimed: Callable[[], object] | None, started: list[bool]
-                    ) -> list[PciAddress]:
+def _acquire_locked(
+    host: Host,
+    container: ContainerId,
+    wanted: list[IommuGroup],
+    by_addr: dict[PciAddress, IommuGroup],
+    allow: tuple[str, ...],
+    bundle: str | None,
+    in_use: InUse | None,
+    on_claimed: Callable[[], object] | None,
+    started: list[bool],
+) -> list[PciAddress]:
     bound: list[PciAddress] = []
     with group_locks(host, wanted):
         numbers = {g.number for g in wanted}
@@ -301,8 +366,10 @@ def _acquire_locked(host: Host, container: ContainerId, wanted: list[IommuGroup]
                             f"PCI device {dev.address} [{dev.ids}] in IOMMU group {group} is "
                             f"bound to {dev.driver} and not in the auto-bind allow-list",
                             f"bind it first (kata-vfio-ctl bind {dev.address}) or allow it in "
-                            "[autobind] allow of config.toml")
+                            "[autobind] allow of config.toml",
+                        )
                 plans[group] = devices
+
             # the claims (and marker) with the devices' entries, before any kernel work:
             # a crash from here on is repaired by the delete podman runs after a failed
             # create, or by any later create
@@ -310,8 +377,15 @@ def _acquire_locked(host: Host, container: ContainerId, wanted: list[IommuGroup]
                 record_claims(host, journal, container, wanted, bundle)
 
             if plans:
-                bound = _bind_locked(host, list(plans.items()), container.owner, force=False,
-                                     in_use=in_use, add_claims=claim, on_claimed=on_claimed)
+                bound = _bind_locked(
+                    host,
+                    list(plans.items()),
+                    container.owner,
+                    force=False,
+                    in_use=in_use,
+                    add_claims=claim,
+                    on_claimed=on_claimed,
+                )
             else:
                 with editing(host, groups=numbers) as current:
                     claim(current)
@@ -325,8 +399,7 @@ def _acquire_locked(host: Host, container: ContainerId, wanted: list[IommuGroup]
     return bound
 
 
-def _repair_gone(host: Host, groups: list[IommuGroup], journal: Journal | None = None
-                 ) -> bool:
+def _repair_gone(host: Host, groups: list[IommuGroup], journal: Journal | None = None) -> bool:
     """Hand back what owners that are gone left in these (locked) groups: VF settings
     first (the next owner starts from the PF's own values), then devices. True when it
     changed the journal (`journal`: as read under the locks)."""
@@ -335,29 +408,38 @@ def _repair_gone(host: Host, groups: list[IommuGroup], journal: Journal | None =
     for group in groups:
         claim = journal.claims.get(group.number)
         live = claim is not None and not claim_gone(host, claim)
-        if not live and any(_vf_group(host, a, v.group) == group.number
-                            for a, v in journal.vf_configs.items()):
+        if not live and any(
+            _vf_group(host, a, v.group) == group.number for a, v in journal.vf_configs.items()
+        ):
             # nobody live holds the group: whoever set these is gone
             from kata_vfio_host.giveback import _restore_vf_locked
 
-            report = _restore_vf_locked(host, None, force=True, groups={},
-                                        only_groups={group.number})
+            report = _restore_vf_locked(
+                host, None, force=True, groups={}, only_groups={group.number}
+            )
             if report.failed:
-                raise DeviceError(f"IOMMU group {group}: the VF settings a container that is "
-                                  f"gone left cannot be set back: {report.failed[0]}",
-                                  "run kata-vfio-ctl restore --stale and check the PF")
+                raise DeviceError(
+                    f"IOMMU group {group}: the VF settings a container that is "
+                    f"gone left cannot be set back: {report.failed[0]}",
+                    "run kata-vfio-ctl restore --stale and check the PF",
+                )
             changed = True
         if claim is None or live:
             continue
-        mine = [PciAddress.parse(a) for a, e in journal.devices.items()
-                if e.owner == claim.owner and e.group == group.number]
+        mine = [
+            PciAddress.parse(a)
+            for a, e in journal.devices.items()
+            if e.owner == claim.owner and e.group == group.number
+        ]
         from kata_vfio_host.giveback import restore
 
         report = restore(host, mine, claim.owner, groups=[group])
         if report.failed:
-            raise DeviceError(f"IOMMU group {group} was left by {claim.owner}, which is gone, "
-                              f"and cannot be given back: {report.failed[0]}",
-                              "run kata-vfio-ctl restore --stale and check the kernel log")
+            raise DeviceError(
+                f"IOMMU group {group} was left by {claim.owner}, which is gone, "
+                f"and cannot be given back: {report.failed[0]}",
+                "run kata-vfio-ctl restore --stale and check the kernel log",
+            )
         with editing(host, groups={group.number}) as current:
             current.claims.pop(group.number, None)
         changed = True

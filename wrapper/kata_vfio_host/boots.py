@@ -40,24 +40,31 @@ def forget_earlier_boots(host: Host) -> EarlierBoot:
     nothing left to give back) and their containers' markers. Records of this boot stay.
     Under the locks of every group involved, as a release takes them."""
     if host.boot_id == UNKNOWN_BOOT:
-        raise DeviceError(f"cannot read this boot's id ({BOOT_ID_PATH})",
-                          "mount /proc: earlier boots' records are told apart by it")
+        raise DeviceError(
+            f"cannot read this boot's id ({BOOT_ID_PATH})",
+            "mount /proc: earlier boots' records are told apart by it",
+        )
     first = read_journal_file(host)
     groups = {g for g, c in first.claims.items() if earlier_boot(host, c.boot_id)}
     groups |= {e.group for e in first.devices.values() if earlier_boot(host, e.boot_id)}
-    groups |= {v.group for v in first.vf_configs.values()
-               if v.group is not None and earlier_boot(host, v.boot_id)}
+    groups |= {
+        v.group
+        for v in first.vf_configs.values()
+        if v.group is not None and earlier_boot(host, v.boot_id)
+    }
     dropped = EarlierBoot()
     with group_locks(host, [IommuGroup(g) for g in groups]), editing(host) as journal:
-        current = {c.container for c in journal.claims.values()
-                   if not earlier_boot(host, c.boot_id)}
+        current = {
+            c.container for c in journal.claims.values() if not earlier_boot(host, c.boot_id)
+        }
         for group, claim in sorted(journal.claims.items()):
             if earlier_boot(host, claim.boot_id):
                 dropped.claims.setdefault(claim.container, []).append(group)
                 del journal.claims[group]
         for addr, entry in sorted(journal.devices.items()):
-            holder = entry.owner[len("container "):] if entry.owner.startswith(
-                "container ") else None
+            holder = (
+                entry.owner[len("container ") :] if entry.owner.startswith("container ") else None
+            )
             if earlier_boot(host, entry.boot_id) and holder not in current:
                 dropped.devices[addr] = entry
                 del journal.devices[addr]

@@ -27,8 +27,7 @@ def read_config(path: str) -> bytes:
     try:
         return read_regular(path, CONFIG_LIMIT, "config file")
     except UnsafeFileError as exc:
-        raise ConfigError(exc.message, "point it at a plain TOML file, as in the README") \
-            from None
+        raise ConfigError(exc.message, "point it at a plain TOML file, as in the README") from None
 
 
 def config_path() -> str:
@@ -51,7 +50,7 @@ def resolve_runtime(runtime: str, source: str) -> str:
     if found is None:
         raise ConfigError(
             f"inner runtime {runtime!r} not found (from {source})",
-            f"install it, or set runtime = \"/path/to/runtime\" in {config_path()}",
+            f'install it, or set runtime = "/path/to/runtime" in {config_path()}',
         )
     return found
 
@@ -60,8 +59,9 @@ def _cache_file(path: str) -> str:
     return os.path.join(CACHE_DIR, os.path.abspath(path).replace("/", "%"))
 
 
-def write_cache(path: str, raw: bytes, runtime: str, state_dir: str, shim: str,
-                full: str = "") -> None:
+def write_cache(
+    path: str, raw: bytes, runtime: str, state_dir: str, shim: str, full: str = ""
+) -> None:
     """Remember a valid load of `path` whose content was `raw`: the values passthrough
     verbs need on their own lines (no JSON: `json` imports `re`), then `full`, the create
     path's whole validated settings as JSON, then `raw` itself, the key (a config.toml is
@@ -90,8 +90,12 @@ def read_cache(path: str) -> list[str] | None:
     except (OSError, ConfigError):
         return None
     parts = cached.split(b"\n", 6)
-    if len(parts) < 7 or parts[0] != _CACHE_TAG.encode() or parts[6] != raw \
-            or parts[5] != str(len(raw)).encode():
+    if (
+        len(parts) < 7
+        or parts[0] != _CACHE_TAG.encode()
+        or parts[6] != raw
+        or parts[5] != str(len(raw)).encode()
+    ):
         return None
     try:
         return [x.decode() for x in parts[1:5]]

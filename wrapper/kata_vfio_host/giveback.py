@@ -58,23 +58,34 @@ def live_holders(host: Host, journal: Journal) -> dict[int, str]:
 
 def _held(addr: object, group: int, holder: str) -> str:
     if holder.startswith("container " + KUBERNETES_ALLOCATION):  # no container, no VM yet
-        return (f"{addr}: IOMMU group {group} is held by Kubernetes allocation "
-                f"{holder.split(' ', 1)[1]} (kata-vfio-ctl device-plugin) for a pod whose "
-                "container has not taken it: the plugin gives it back once the kubelet no "
-                "longer lists the pod; or pass --force to take it (its claim is dropped)")
-    return (f"{addr}: IOMMU group {group} is held by live {holder}: giving it back would pull "
-            "it out of that container's VM; delete the container first, or pass --force to "
-            "take it (its claim is dropped)")
+        return (
+            f"{addr}: IOMMU group {group} is held by Kubernetes allocation "
+            f"{holder.split(' ', 1)[1]} (kata-vfio-ctl device-plugin) for a pod whose "
+            "container has not taken it: the plugin gives it back once the kubelet no "
+            "longer lists the pod; or pass --force to take it (its claim is dropped)"
+        )
+    return (
+        f"{addr}: IOMMU group {group} is held by live {holder}: giving it back would pull "
+        "it out of that container's VM; delete the container first, or pass --force to "
+        "take it (its claim is dropped)"
+    )
 
 
 def _entry_groups(host: Host, addresses: list[PciAddress]) -> list[IommuGroup]:
     journal = read_journal_file(host)
-    return [IommuGroup(e.group) for a in addresses
-            if (e := journal.devices.get(str(a))) is not None]
+    return [
+        IommuGroup(e.group) for a in addresses if (e := journal.devices.get(str(a))) is not None
+    ]
 
 
-def restore(host: Host, addresses: list[PciAddress], owner: str | None = None, *,
-            force: bool = False, groups: list[IommuGroup] | None = None) -> RestoreReport:
+def restore(
+    host: Host,
+    addresses: list[PciAddress],
+    owner: str | None = None,
+    *,
+    force: bool = False,
+    groups: list[IommuGroup] | None = None,
+) -> RestoreReport:
     """See `_restore_locked`: under the groups' locks, as a claim is made (a create taking
     over the group waits until the devices are back, and sees them back). `groups`: the
     groups the devices' entries are in, when the caller knows them (only those groups'
@@ -82,12 +93,19 @@ def restore(host: Host, addresses: list[PciAddress], owner: str | None = None, *
     if groups is None:
         groups = _entry_groups(host, addresses)
     with group_locks(host, groups):
-        return _restore_locked(host, addresses, owner, force=force,
-                               groups={g.number for g in groups})
+        return _restore_locked(
+            host, addresses, owner, force=force, groups={g.number for g in groups}
+        )
 
 
-def _restore_locked(host: Host, addresses: list[PciAddress], owner: str | None = None, *,
-                    force: bool = False, groups: set[int] | None = None) -> RestoreReport:
+def _restore_locked(
+    host: Host,
+    addresses: list[PciAddress],
+    owner: str | None = None,
+    *,
+    force: bool = False,
+    groups: set[int] | None = None,
+) -> RestoreReport:
     """Give journalled devices back to their recorded drivers, each on its own: a device
     that fails is reported and keeps its entry; the others go on. With `owner`, only
     that owner's entries. A device that no longer exists has nothing to give back.
@@ -137,7 +155,8 @@ def _restore_locked(host: Host, addresses: list[PciAddress], owner: str | None =
         now = read_link(os.path.join(device_dir(host.sysfs, addr), "driver"))
         report.forgotten.append(
             f"{addr}: bound by {entry.owner} in an earlier boot, a bind the reboot ended "
-            f"(now on {now or 'no driver'}): its record dropped, the device not touched")
+            f"(now on {now or 'no driver'}): its record dropped, the device not touched"
+        )
     if done or forgotten:
         with editing(host) as current:
             for addr, entry in done + forgotten:
@@ -145,8 +164,10 @@ def _restore_locked(host: Host, addresses: list[PciAddress], owner: str | None =
                     del current.devices[str(addr)]
             for group in dropped:
                 current.claims.pop(group, None)
-    report.taken += [f"IOMMU group {g} taken from live {who} (--force): its claim dropped"
-                     for g, who in sorted(dropped.items())]
+    report.taken += [
+        f"IOMMU group {g} taken from live {who} (--force): its claim dropped"
+        for g, who in sorted(dropped.items())
+    ]
     return report
 
 
@@ -159,8 +180,11 @@ def _give_back_one(host: Host, item: tuple[PciAddress, DeviceEntry]) -> str | No
         elif not is_vfio_driver(entry.driver):
             give_back(host.sysfs, addr, entry.driver, entry.override, host.write)
     except (KataVfioError, OSError) as exc:
-        return exc.one_line() if isinstance(exc, KataVfioError) else \
-            f"{exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}"
+        return (
+            exc.one_line()
+            if isinstance(exc, KataVfioError)
+            else f"{exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}"
+        )
     return None
 
 
@@ -182,16 +206,18 @@ def _groups_of(host: Host, journal: Journal, owner: str | None) -> list[IommuGro
     return [IommuGroup(g) for g in groups]
 
 
-def restore_all(host: Host, owner: str | None = None, *, force: bool = False
-                ) -> RestoreReport:
+def restore_all(host: Host, owner: str | None = None, *, force: bool = False) -> RestoreReport:
     """Give back everything journalled (of `owner`), under the locks of every group
     involved: nothing is given back under a create deciding about the same group."""
     locked = _groups_of(host, read_journal_file(host), owner)
     with group_locks(host, locked):
         numbers = {g.number for g in locked}
         journal = read_journal_file(host)
-        addresses = [PciAddress.parse(a) for a, e in journal.devices.items()
-                     if (owner is None or e.owner == owner) and e.group in numbers]
+        addresses = [
+            PciAddress.parse(a)
+            for a, e in journal.devices.items()
+            if (owner is None or e.owner == owner) and e.group in numbers
+        ]
         report = restore_vf_configs(host, owner, force=force)
         report.extend(_restore_locked(host, addresses, owner, force=force))
         report.failed += journal.damaged
@@ -199,8 +225,7 @@ def restore_all(host: Host, owner: str | None = None, *, force: bool = False
             # everything is back: drop the claims that held it (of the groups locked: a
             # group claimed since is that create's)
             with editing(host, groups=numbers) as current:
-                for group in [g for g, c in current.claims.items()
-                              if force or claim_gone(host, c)]:
+                for group in [g for g, c in current.claims.items() if force or claim_gone(host, c)]:
                     del current.claims[group]
     return report
 
@@ -213,23 +238,32 @@ def _netlink(host: Host) -> Any:
     return Netlink()
 
 
-def restore_vf_configs(host: Host, owner: str | None = None, *, force: bool = False
-                       ) -> RestoreReport:
+def restore_vf_configs(
+    host: Host, owner: str | None = None, *, force: bool = False
+) -> RestoreReport:
     """Give PFs back the MAC/VLAN their VFs had before containers changed them, under
     the VFs' group locks. Without `owner`, a live container's VF settings stay unless
     `force`. A VF that a live container other than the entry's owner holds now is never
     reset: that container has it, so the entry (the PF's own values) becomes its own, to
     give back when it ends."""
     journal = read_journal_file(host)
-    groups = {a: _vf_group(host, a, v.group) for a, v in journal.vf_configs.items()
-              if owner is None or v.owner == owner}
+    groups = {
+        a: _vf_group(host, a, v.group)
+        for a, v in journal.vf_configs.items()
+        if owner is None or v.owner == owner
+    }
     with group_locks(host, [IommuGroup(g) for g in groups.values() if g is not None]):
         return _restore_vf_locked(host, owner, force=force, groups=groups)
 
 
-def _restore_vf_locked(host: Host, owner: str | None, *, force: bool,
-                       groups: dict[str, int | None], only_groups: set[int] | None = None
-                       ) -> RestoreReport:
+def _restore_vf_locked(
+    host: Host,
+    owner: str | None,
+    *,
+    force: bool,
+    groups: dict[str, int | None],
+    only_groups: set[int] | None = None,
+) -> RestoreReport:
     from kata_vfio_host.ledger import VfOriginal
     from kata_vfio_host.vfconfig import VfPort
 
@@ -252,12 +286,24 @@ def _restore_vf_locked(host: Host, owner: str | None, *, force: bool,
         if earlier_boot(host, original.boot_id):
             forgotten[addr] = original  # the reboot reset the PF: nothing to set back
         elif holder is not None and holder != original.owner and not (owner is None and force):
-            handed[addr] = VfOriginal(holder, original.pf_interface, original.index,
-                                      original.mac, original.vlan, original.boot_id, group)
-        elif owner is None and not force and (holder == original.owner or
-                                              (group is None and original.owner in live)):
-            report.failed.append(f"{addr}: VF settings of live {original.owner} kept; "
-                                 "delete the container first, or pass --force")
+            handed[addr] = VfOriginal(
+                holder,
+                original.pf_interface,
+                original.index,
+                original.mac,
+                original.vlan,
+                original.boot_id,
+                group,
+            )
+        elif (
+            owner is None
+            and not force
+            and (holder == original.owner or (group is None and original.owner in live))
+        ):
+            report.failed.append(
+                f"{addr}: VF settings of live {original.owner} kept; "
+                "delete the container first, or pass --force"
+            )
         else:
             mine[addr] = original
     done: list[str] = []
@@ -270,11 +316,14 @@ def _restore_vf_locked(host: Host, owner: str | None, *, force: bool,
             report.failed.append(f"{addr}: VF settings: {exc}")
             continue
         done.append(addr)
-        report.vf_settings.append(f"{addr}: {original.pf_interface} vf {original.index} "
-                                  f"mac {mac} vlan {vlan}")
-    report.forgotten += [f"{addr}: VF settings recorded by {v.owner} in an earlier boot, "
-                         "which the reboot reset: the record dropped, nothing set"
-                         for addr, v in forgotten.items()]
+        report.vf_settings.append(
+            f"{addr}: {original.pf_interface} vf {original.index} mac {mac} vlan {vlan}"
+        )
+    report.forgotten += [
+        f"{addr}: VF settings recorded by {v.owner} in an earlier boot, "
+        "which the reboot reset: the record dropped, nothing set"
+        for addr, v in forgotten.items()
+    ]
     if done or handed or forgotten:
         with editing(host) as current:
             for addr in done:
@@ -289,8 +338,7 @@ def _restore_vf_locked(host: Host, owner: str | None, *, force: bool,
     return report
 
 
-def release_container(host: Host, container: str, *, only_gone: bool = False
-                      ) -> RestoreReport:
+def release_container(host: Host, container: str, *, only_gone: bool = False) -> RestoreReport:
     """A container is gone: give back what was bound for it and drop its claims. Its
     marker goes only when everything went back, so a failure can be retried.
 
@@ -302,8 +350,7 @@ def release_container(host: Host, container: str, *, only_gone: bool = False
     with group_locks(host, locked):
         if only_gone:
             journal = read_journal_file(host)
-            if any(c.container == cid and not claim_gone(host, c)
-                   for c in journal.claims.values()):
+            if any(c.container == cid and not claim_gone(host, c) for c in journal.claims.values()):
                 return RestoreReport()
         report = restore_all(host, cid.owner)
         if not report.failed:

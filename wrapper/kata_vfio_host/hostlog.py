@@ -25,8 +25,11 @@ class DroppingFile:
     def _drop(self, why: str) -> None:
         self.dropped += 1
         if self.dropped == 1 and self._warn is not None:
-            print(f"kata-vfio-ctl: warning: cannot write the log {self.path} ({why}); "
-                  "going on without it", file=self._warn)
+            print(
+                f"kata-vfio-ctl: warning: cannot write the log {self.path} ({why}); "
+                "going on without it",
+                file=self._warn,
+            )
 
     def write(self, text: str) -> None:
         if self.stream is None:
@@ -73,8 +76,10 @@ def journal_line(event: Mapping[str, Any]) -> str:
 
     fields = {k: v for k, v in event.items() if k not in ("event", "level", "timestamp", "tool")}
     words = " ".join(f"{k}={json.dumps(v, default=str)}" for k, v in fields.items())
-    return (f"<{PRIORITY.get(str(event.get('level')), 6)}>{event.get('tool', 'kata-vfio')}: "
-            f"{event.get('event')}" + (f" {words}" if words else ""))
+    return (
+        f"<{PRIORITY.get(str(event.get('level')), 6)}>{event.get('tool', 'kata-vfio')}: "
+        f"{event.get('event')}" + (f" {words}" if words else "")
+    )
 
 
 class _ToJournal:
@@ -83,8 +88,9 @@ class _ToJournal:
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
 
-    def __call__(self, logger: Any, name: str, event: MutableMapping[str, Any]
-                 ) -> MutableMapping[str, Any]:
+    def __call__(
+        self, logger: Any, name: str, event: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
         try:
             print(journal_line(event), file=self.stream, flush=True)
         except (OSError, ValueError):
@@ -92,8 +98,9 @@ class _ToJournal:
         return event
 
 
-def file_logger(path: str | None, *, warn: TextIO | None = None,
-                journal: TextIO | None = None, **context: Any) -> Any:
+def file_logger(
+    path: str | None, *, warn: TextIO | None = None, journal: TextIO | None = None, **context: Any
+) -> Any:
     """A bound structlog logger writing JSON lines to `path` (None: nowhere). A log that
     cannot be written drops its lines (DroppingFile); `warn`: where to say so once.
     `journal`: a stream that, when systemd connected it to the journal (JOURNAL_STREAM),
@@ -105,15 +112,17 @@ def file_logger(path: str | None, *, warn: TextIO | None = None,
         except OSError:
             opened = None
         stream = DroppingFile(path, opened, warn)
-    factory: Any = (structlog.WriteLoggerFactory(file=stream) if stream is not None
-                    else structlog.ReturnLoggerFactory())
+    factory: Any = (
+        structlog.WriteLoggerFactory(file=stream)
+        if stream is not None
+        else structlog.ReturnLoggerFactory()
+    )
     logger = structlog.wrap_logger(
         factory(),
         processors=[
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            *([_ToJournal(journal)] if journal is not None and journal_stream(journal)
-              else []),
+            *([_ToJournal(journal)] if journal is not None and journal_stream(journal) else []),
             structlog.processors.JSONRenderer(default=str),
         ],
     )

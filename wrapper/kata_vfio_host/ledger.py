@@ -71,8 +71,11 @@ def earlier_boot(host: Host, boot_id: str | None) -> bool:
     """Was a record made in an earlier boot? Only a boot id that was read (neither None,
     from older versions, nor unknown) and differs from this boot's says so. No driver
     move and no container outlives the kernel that made it."""
-    return (boot_id is not None and host.boot_id != UNKNOWN_BOOT
-            and boot_id not in (UNKNOWN_BOOT, host.boot_id))
+    return (
+        boot_id is not None
+        and host.boot_id != UNKNOWN_BOOT
+        and boot_id not in (UNKNOWN_BOOT, host.boot_id)
+    )
 
 
 @value(init=False)
@@ -86,11 +89,26 @@ class Host:
     boot_id: str
     netlink: Any  # VF settings on the PF (vfconfig.Netlink when None)
 
-    def __new__(cls, sysfs: StrPath, state_dir: StrPath, write: SysfsWrite = write_attr,
-                modprobe: tuple[str, ...] = MODPROBE, boot_id: str | None = None,
-                netlink: Any = None) -> Host:
-        return build(cls, (os.fspath(sysfs), os.fspath(state_dir), write, modprobe,
-                           read_boot_id() if boot_id is None else boot_id, netlink))
+    def __new__(
+        cls,
+        sysfs: StrPath,
+        state_dir: StrPath,
+        write: SysfsWrite = write_attr,
+        modprobe: tuple[str, ...] = MODPROBE,
+        boot_id: str | None = None,
+        netlink: Any = None,
+    ) -> Host:
+        return build(
+            cls,
+            (
+                os.fspath(sysfs),
+                os.fspath(state_dir),
+                write,
+                modprobe,
+                read_boot_id() if boot_id is None else boot_id,
+                netlink,
+            ),
+        )
 
     @property
     def journal(self) -> str:
@@ -143,8 +161,14 @@ class DeviceEntry:
     since: float = 0.0
 
     def to_obj(self) -> dict[str, Any]:
-        return {"driver": self.driver, "override": self.override, "group": self.group,
-                "owner": self.owner, "boot_id": self.boot_id, "since": self.since}
+        return {
+            "driver": self.driver,
+            "override": self.override,
+            "group": self.group,
+            "owner": self.owner,
+            "boot_id": self.boot_id,
+            "since": self.since,
+        }
 
 
 @value
@@ -162,8 +186,12 @@ class Claim:
         return owner_name(self.container)
 
     def to_obj(self) -> dict[str, Any]:
-        obj = {"container": self.container, "boot_id": self.boot_id, "bundle": self.bundle,
-               "since": self.since}
+        obj = {
+            "container": self.container,
+            "boot_id": self.boot_id,
+            "bundle": self.bundle,
+            "since": self.since,
+        }
         if self.instance is not None:
             obj["instance"] = self.instance
         return obj
@@ -182,22 +210,37 @@ class VfOriginal:
     group: int | None = None  # the VF's IOMMU group (None in entries of older versions)
 
     def to_obj(self) -> dict[str, Any]:
-        obj = {"owner": self.owner, "pf_interface": self.pf_interface, "index": self.index,
-               "mac": self.mac, "vlan": self.vlan, "boot_id": self.boot_id}
+        obj = {
+            "owner": self.owner,
+            "pf_interface": self.pf_interface,
+            "index": self.index,
+            "mac": self.mac,
+            "vlan": self.vlan,
+            "boot_id": self.boot_id,
+        }
         if self.group is not None:
             obj["group"] = self.group
         return obj
 
 
 def _parse_vf_original(obj: Any) -> VfOriginal:
-    if not isinstance(obj, dict) or not isinstance(obj.get("owner"), str) \
-            or not isinstance(obj.get("pf_interface"), str) \
-            or not isinstance(obj.get("index"), int):
+    if (
+        not isinstance(obj, dict)
+        or not isinstance(obj.get("owner"), str)
+        or not isinstance(obj.get("pf_interface"), str)
+        or not isinstance(obj.get("index"), int)
+    ):
         raise ValueError("needs owner, pf_interface and index")
     vlan, group = obj.get("vlan"), obj.get("group")
-    return VfOriginal(obj["owner"], obj["pf_interface"], obj["index"], _opt_str(obj.get("mac")),
-                      vlan if isinstance(vlan, int) else None, _opt_str(obj.get("boot_id")),
-                      group if isinstance(group, int) else None)
+    return VfOriginal(
+        obj["owner"],
+        obj["pf_interface"],
+        obj["index"],
+        _opt_str(obj.get("mac")),
+        vlan if isinstance(vlan, int) else None,
+        _opt_str(obj.get("boot_id")),
+        group if isinstance(group, int) else None,
+    )
 
 
 class Journal:
@@ -223,24 +266,40 @@ def _address_key(key: str) -> str:
     """The journal key of a device: `key` itself when it is already written as
     str(PciAddress) writes it (what the journal holds: checked in a few character tests,
     since a create reads every entry), else parsed (which refuses a malformed one)."""
-    if (len(key) == 12 and key[4] == ":" and key[7] == ":" and key[10] == "."
-            and key[8] in "01" and key[11] in "01234567" and HEX_DIGITS.issuperset(key[:4])
-            and HEX_DIGITS.issuperset(key[5:7]) and key[9] in HEX_DIGITS):
+    if (
+        len(key) == 12
+        and key[4] == ":"
+        and key[7] == ":"
+        and key[10] == "."
+        and key[8] in "01"
+        and key[11] in "01234567"
+        and HEX_DIGITS.issuperset(key[:4])
+        and HEX_DIGITS.issuperset(key[5:7])
+        and key[9] in HEX_DIGITS
+    ):
         return key
     return str(PciAddress.parse(key))
 
 
 def _parse_device(obj: Any) -> DeviceEntry:
-    if not isinstance(obj, dict) or not isinstance(obj.get("group"), int) \
-            or not isinstance(obj.get("owner"), str):
+    if (
+        not isinstance(obj, dict)
+        or not isinstance(obj.get("group"), int)
+        or not isinstance(obj.get("owner"), str)
+    ):
         raise ValueError("needs group and owner")
     driver = obj.get("driver")
     if driver is not None and (not isinstance(driver, str) or "/" in driver or not driver):
         raise ValueError(f"driver {driver!r}")
     since = obj.get("since", 0.0)
-    return DeviceEntry(driver, _opt_str(obj.get("override")), obj["group"], obj["owner"],
-                       _opt_str(obj.get("boot_id")),
-                       float(since) if isinstance(since, int | float) else 0.0)
+    return DeviceEntry(
+        driver,
+        _opt_str(obj.get("override")),
+        obj["group"],
+        obj["owner"],
+        _opt_str(obj.get("boot_id")),
+        float(since) if isinstance(since, int | float) else 0.0,
+    )
 
 
 def _parse_claim(obj: Any) -> Claim:
@@ -248,9 +307,13 @@ def _parse_claim(obj: Any) -> Claim:
         raise ValueError("not an object")
     ContainerId.parse(obj.get("container"))
     since = obj.get("since", 0.0)
-    return Claim(obj["container"], _opt_str(obj.get("boot_id")), _opt_str(obj.get("bundle")),
-                 float(since) if isinstance(since, int | float) else 0.0,
-                 _opt_str(obj.get("instance")))
+    return Claim(
+        obj["container"],
+        _opt_str(obj.get("boot_id")),
+        _opt_str(obj.get("bundle")),
+        float(since) if isinstance(since, int | float) else 0.0,
+        _opt_str(obj.get("instance")),
+    )
 
 
 # --- the ledger's files: one per IOMMU group ----------------------------------------------
@@ -281,8 +344,12 @@ def _group_file(group: int) -> str:
 
 
 def _is_ledger_file(name: str) -> bool:
-    return name == HOST_FILE or (name.startswith("group-") and name.endswith(".json")
-                                 and name[6:-5].isdigit() and name[6:-5].isascii())
+    return name == HOST_FILE or (
+        name.startswith("group-")
+        and name.endswith(".json")
+        and name[6:-5].isdigit()
+        and name[6:-5].isascii()
+    )
 
 
 def _load(path: str) -> dict[str, Any] | None:
@@ -293,25 +360,28 @@ def _load(path: str) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     except IsADirectoryError:
-        raise DeviceError(f"{path} is a directory, not part of kata-vfio's ledger",
-                          "move it away; the ledger's files are JSON files") from None
+        raise DeviceError(
+            f"{path} is a directory, not part of kata-vfio's ledger",
+            "move it away; the ledger's files are JSON files",
+        ) from None
     except OSError as exc:
         raise DeviceError(f"cannot read {path}: {exc.strerror}", "run as root") from None
     try:
         data = loads(raw)
     except (ValueError, UnicodeDecodeError):
-        raise DeviceError(f"{path} is damaged (not JSON)",
-                          "check it by hand; it records which drivers to give devices back to"
-                          ) from None
-    if not isinstance(data, dict) or not all(isinstance(data.get(t, {}), dict)
-                                             for t in _TABLES):
-        raise DeviceError(f"{path} is damaged (not a kata-vfio journal object)",
-                          "check it by hand; it records which drivers to give devices back to")
+        raise DeviceError(
+            f"{path} is damaged (not JSON)",
+            "check it by hand; it records which drivers to give devices back to",
+        ) from None
+    if not isinstance(data, dict) or not all(isinstance(data.get(t, {}), dict) for t in _TABLES):
+        raise DeviceError(
+            f"{path} is damaged (not a kata-vfio journal object)",
+            "check it by hand; it records which drivers to give devices back to",
+        )
     return data
 
 
-def _parse_into(journal: Journal, data: dict[str, Any], name: str,
-                groups: set[int] | None) -> None:
+def _parse_into(journal: Journal, data: dict[str, Any], name: str, groups: set[int] | None) -> None:
     """Add one file's entries (of `groups`, None: all) to the journal; remember what the
     file held as the entries' own objects, to write back only what changed."""
     seen: dict[str, dict[str, Any]] = {t: {} for t in _TABLES}
@@ -321,8 +391,12 @@ def _parse_into(journal: Journal, data: dict[str, Any], name: str,
         journal.kept_in[str(key)] = name
         seen["damaged_devices"][str(key)] = obj
     for key, obj in data.get("devices", {}).items():
-        if groups is not None and type(obj) is dict and type(obj.get("group")) is int \
-                and obj["group"] not in groups:
+        if (
+            groups is not None
+            and type(obj) is dict
+            and type(obj.get("group")) is int
+            and obj["group"] not in groups
+        ):
             continue  # another group's (in bindings.json): not this read's business
         try:
             entry = _parse_device(obj)
@@ -381,8 +455,7 @@ def read_journal_file(host: Host, *, groups: set[int] | None = None) -> Journal:
         try:
             names = sorted(n for n in os.listdir(directory) if _is_ledger_file(n))
         except OSError as exc:
-            raise DeviceError(f"cannot read {directory}: {exc.strerror}", "run as root"
-                              ) from None
+            raise DeviceError(f"cannot read {directory}: {exc.strerror}", "run as root") from None
     else:
         names = [_group_file(g) for g in sorted(groups)] + [HOST_FILE]
     for name in names:
@@ -426,13 +499,15 @@ def _split_v2(data: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
         return files.setdefault(name, {t: {} for t in _TABLES})[kind]
 
     for key, obj in data.get("claims", {}).items():
-        table(_group_file(int(key)) if key.isdigit() and key.isascii() else HOST_FILE,
-              "claims")[key] = obj
+        table(_group_file(int(key)) if key.isdigit() and key.isascii() else HOST_FILE, "claims")[
+            key
+        ] = obj
     for kind in ("devices", "vf_configs"):
         for key, obj in data.get(kind, {}).items():
             group = obj.get("group") if type(obj) is dict else None
-            table(_file_of_group(group if type(group) is int and group >= 0 else None),
-                  kind)[key] = obj
+            table(_file_of_group(group if type(group) is int and group >= 0 else None), kind)[
+                key
+            ] = obj
     for key, obj in data.get("damaged_devices", {}).items():
         table(HOST_FILE, "damaged_devices")[key] = obj
     return files
@@ -443,8 +518,11 @@ def _file_bytes(tables: dict[str, dict[str, Any]]) -> bytes:
     for kind in _TABLES:
         if tables.get(kind):
             items = tables[kind].items()
-            data[kind] = dict(sorted(items, key=lambda kv: (len(kv[0]), kv[0]))
-                              if kind == "claims" else sorted(items))
+            data[kind] = dict(
+                sorted(items, key=lambda kv: (len(kv[0]), kv[0]))
+                if kind == "claims"
+                else sorted(items)
+            )
     return dumps(data).encode()
 
 
@@ -455,8 +533,11 @@ def _write_journal_file(host: Host, journal: Journal) -> None:
     as they are, whoever wrote them."""
     now = _tables(journal)
     empty: dict[str, dict[str, Any]] = {t: {} for t in _TABLES}
-    changed = [name for name in set(now) | set(journal.read)
-               if name != _V2 and now.get(name, empty) != journal.read.get(name, empty)]
+    changed = [
+        name
+        for name in set(now) | set(journal.read)
+        if name != _V2 and now.get(name, empty) != journal.read.get(name, empty)
+    ]
     if not changed:
         return
     os.makedirs(host.ledger_dir, mode=0o700, exist_ok=True)
@@ -469,16 +550,22 @@ def _write_journal_file(host: Host, journal: Journal) -> None:
         path = _join(host.ledger_dir, name)
         # each file is read again and written under its lock: the group's (which the
         # caller holds: re-entrant), the journal lock for host.json (no group's)
-        lock = _join(host.state_dir, "journal.lock") if name == HOST_FILE else \
-            _join(host.state_dir, "locks", f"group-{name[6:-5]}")
+        lock = (
+            _join(host.state_dir, "journal.lock")
+            if name == HOST_FILE
+            else _join(host.state_dir, "locks", f"group-{name[6:-5]}")
+        )
+
         def read(path: str = path) -> dict[str, dict[str, Any]]:
             return _read_ledger_file(path)
 
-        def write(tables: dict[str, dict[str, Any]], path: str = path,
-                  before: dict[str, dict[str, Any]] = before,
-                  after: dict[str, dict[str, Any]] = after) -> None:
-            _write_ledger_file(path, tables,
-                               sync_directory=not _of_this_boot(host, before, after))
+        def write(
+            tables: dict[str, dict[str, Any]],
+            path: str = path,
+            before: dict[str, dict[str, Any]] = before,
+            after: dict[str, dict[str, Any]] = after,
+        ) -> None:
+            _write_ledger_file(path, tables, sync_directory=not _of_this_boot(host, before, after))
 
         with edited(Locks([lock]), read, write) as tables:
             for kind in _TABLES:
@@ -496,8 +583,9 @@ def _read_ledger_file(path: str) -> dict[str, dict[str, Any]]:
     return {t: dict(data.get(t) or {}) for t in _TABLES}
 
 
-def _write_ledger_file(path: str, tables: dict[str, dict[str, Any]], *,
-                       sync_directory: bool = True) -> None:
+def _write_ledger_file(
+    path: str, tables: dict[str, dict[str, Any]], *, sync_directory: bool = True
+) -> None:
     from kata_vfio.files import write_atomically
 
     if any(tables.values()):
@@ -509,8 +597,9 @@ def _write_ledger_file(path: str, tables: dict[str, dict[str, Any]], *,
             pass
 
 
-def _of_this_boot(host: Host, before: dict[str, dict[str, Any]],
-                  after: dict[str, dict[str, Any]]) -> bool:
+def _of_this_boot(
+    host: Host, before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]]
+) -> bool:
     """Does this edit of a file change only records that a reboot makes history (a
     claim or device entry of this boot or an earlier one)? Then its rename
     need not survive a power loss: the next boot is another boot, forget_earlier_boots
@@ -530,8 +619,7 @@ def _of_this_boot(host: Host, before: dict[str, dict[str, Any]],
                 return False
             for record in (old, new):
                 boot = record.get("boot_id") if isinstance(record, dict) else None
-                if record is not None and not (boot == host.boot_id
-                                              or earlier_boot(host, boot)):
+                if record is not None and not (boot == host.boot_id or earlier_boot(host, boot)):
                     return False
     return True
 
@@ -603,8 +691,11 @@ class editing(edited):
     edit did not change in a file stays as it is there."""
 
     def __init__(self, host: Host, *, groups: set[int] | None = None) -> None:
-        super().__init__(None, lambda: _read_for_edit(host, groups),
-                         lambda journal: _write_journal_file(host, journal))
+        super().__init__(
+            None,
+            lambda: _read_for_edit(host, groups),
+            lambda journal: _write_journal_file(host, journal),
+        )
 
     def __enter__(self) -> Journal:
         journal: Journal = super().__enter__()
@@ -640,8 +731,9 @@ def marker(state_dir: StrPath, container_id: str) -> str:
 def read_instance(bundle: str) -> str | None:
     """The instance token in a bundle directory (None: no bundle, or no token)."""
     try:
-        fd = os.open(_join(bundle, INSTANCE_FILE), os.O_RDONLY | os.O_NOFOLLOW |
-                     os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(
+            _join(bundle, INSTANCE_FILE), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        )
     except OSError:
         return None
     try:
@@ -664,21 +756,20 @@ def write_instance(bundle: str | None) -> str | None:
 
     token = os.urandom(16).hex()
     try:
-        write_atomically(_join(bundle, INSTANCE_FILE), token.encode(), mode=0o600,
-                         durable=False)
+        write_atomically(_join(bundle, INSTANCE_FILE), token.encode(), mode=0o600, durable=False)
     except OSError:
         return None
     return token
 
 
-def write_marker(host: Host, container: ContainerId, bundle: str | None,
-                 instance: str | None = None) -> None:
+def write_marker(
+    host: Host, container: ContainerId, bundle: str | None, instance: str | None = None
+) -> None:
     from kata_vfio.files import write_atomically
 
     path = marker(host.state_dir, container)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    record: dict[str, Any] = {"owner": container.owner, "boot_id": host.boot_id,
-                              "bundle": bundle}
+    record: dict[str, Any] = {"owner": container.owner, "boot_id": host.boot_id, "bundle": bundle}
     if instance is not None:
         record["instance"] = instance
     # a marker of this boot only: no disk flush (see write_atomically)

@@ -48,9 +48,19 @@ class Locks:
                     os.makedirs(made, exist_ok=True)
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
                 number = _group_number(path)
-                highest = None if number is None else max(
-                    (n for t, p in _HELD if t == thread and os.path.dirname(p) == made
-                     if (n := _group_number(p)) is not None), default=None)
+                highest = (
+                    None
+                    if number is None
+                    else max(
+                        (
+                            n
+                            for t, p in _HELD
+                            if t == thread and os.path.dirname(p) == made
+                            if (n := _group_number(p)) is not None
+                        ),
+                        default=None,
+                    )
+                )
                 try:
                     if highest is not None and number is not None and number < highest:
                         _flock_out_of_order(fd, number, highest)
@@ -87,7 +97,9 @@ def _flock_out_of_order(fd: int, number: int, highest: int) -> None:
             return
         except BlockingIOError:
             if time.monotonic() >= deadline:
-                raise DeviceError(f"IOMMU group {number}'s lock is held by another process "
-                                  f"while this one holds group {highest}'s",
-                                  "try again; locks are taken in group order") from None
+                raise DeviceError(
+                    f"IOMMU group {number}'s lock is held by another process "
+                    f"while this one holds group {highest}'s",
+                    "try again; locks are taken in group order",
+                ) from None
             time.sleep(0.01)

@@ -42,8 +42,10 @@ def lock_timeout() -> float:
     except ValueError:
         value = -1.0
     if not 0 < value < 1e6:
-        raise KataVfioError(f"{TIMEOUT_ENV}={text[:20]!r} is not a number of seconds",
-                            f"set it to e.g. 60, or unset it for {DEFAULT_TIMEOUT:g}")
+        raise KataVfioError(
+            f"{TIMEOUT_ENV}={text[:20]!r} is not a number of seconds",
+            f"set it to e.g. 60, or unset it for {DEFAULT_TIMEOUT:g}",
+        )
     return value
 
 
@@ -102,9 +104,12 @@ def flock_bounded(fd: int, path: str) -> None:
                 f"gave up after {bound:g} s waiting for the lock {path}, held by "
                 f"{holder or 'another process'}",
                 "let that command finish (or stop it) and try again; "
-                f"{TIMEOUT_ENV}=SECONDS waits longer")
+                f"{TIMEOUT_ENV}=SECONDS waits longer",
+            )
         if not told and waited >= NOTICE_AFTER and notice is not None:
             told = True
             holder = lock_holder(fd)
-            notice(f"waiting for the lock {path}, held by {holder or 'another process'} "
-                   f"(giving up after {bound:g} s)")
+            notice(
+                f"waiting for the lock {path}, held by {holder or 'another process'} "
+                f"(giving up after {bound:g} s)"
+            )

@@ -23,8 +23,11 @@ def vf_index(sysfs: StrPath, pf: PciAddress, vf: PciAddress) -> int | None:
     """N such that <pf>/virtfnN points at the VF."""
     pf_dir = Path(device_dir(sysfs, pf))
     for name in os.listdir(pf_dir):
-        if name.startswith("virtfn") and name[6:].isdigit() \
-                and os.path.basename(os.readlink(pf_dir / name)) == str(vf):
+        if (
+            name.startswith("virtfn")
+            and name[6:].isdigit()
+            and os.path.basename(os.readlink(pf_dir / name)) == str(vf)
+        ):
             return int(name[6:])
     return None
 

@@ -56,7 +56,7 @@ def gone_containers(host: Host, journal: Journal | None = None) -> list[str]:
     gone = {c.container for c in journal.claims.values() if claim_gone(host, c)}
     for entry in journal.devices.values():
         if entry.owner.startswith("container "):
-            cid = entry.owner[len("container "):]
+            cid = entry.owner[len("container ") :]
             if cid not in live:
                 gone.add(cid)
     markers = _join(host.state_dir, "containers")
@@ -66,9 +66,12 @@ def gone_containers(host: Host, journal: Journal | None = None) -> list[str]:
                 try:
                     with open(_join(markers, name), "rb") as f:
                         info = loads(f.read())
-                    claim = Claim(name, _opt_str(info.get("boot_id")),
-                                  _opt_str(info.get("bundle")),
-                                  instance=_opt_str(info.get("instance")))
+                    claim = Claim(
+                        name,
+                        _opt_str(info.get("boot_id")),
+                        _opt_str(info.get("bundle")),
+                        instance=_opt_str(info.get("instance")),
+                    )
                 except (OSError, ValueError, AttributeError):
                     claim = Claim(name, None, None)
                 if claim_gone(host, claim):
@@ -76,8 +79,9 @@ def gone_containers(host: Host, journal: Journal | None = None) -> list[str]:
     return sorted(gone)
 
 
-def claim_groups(host: Host, container: ContainerId, groups: list[IommuGroup],
-                 bundle: str | None) -> None:
+def claim_groups(
+    host: Host, container: ContainerId, groups: list[IommuGroup], bundle: str | None
+) -> None:
     """Record that the container uses these groups (call under their group locks, after
     `check_free`). The claim belongs to this container instance: the token it writes
     into the bundle."""
@@ -85,8 +89,13 @@ def claim_groups(host: Host, container: ContainerId, groups: list[IommuGroup],
         record_claims(host, journal, container, groups, bundle)
 
 
-def record_claims(host: Host, journal: Journal, container: ContainerId,
-                  groups: list[IommuGroup], bundle: str | None) -> None:
+def record_claims(
+    host: Host,
+    journal: Journal,
+    container: ContainerId,
+    groups: list[IommuGroup],
+    bundle: str | None,
+) -> None:
     """`claim_groups` inside an edit of the journal the caller makes anyway (a create
     writes its claims and its devices' entries in one write)."""
     instance = write_instance(bundle)
@@ -99,8 +108,9 @@ def record_claims(host: Host, journal: Journal, container: ContainerId,
 KUBERNETES_ALLOCATION = "kubernetes-allocation-"
 
 
-def check_free(host: Host, container: ContainerId, groups: list[IommuGroup], *,
-               journal: Journal | None = None) -> None:
+def check_free(
+    host: Host, container: ContainerId, groups: list[IommuGroup], *, journal: Journal | None = None
+) -> None:
     """Refuse groups held by another live container (call under their group locks;
     `journal`: as read under them).
 
@@ -119,9 +129,13 @@ def check_free(host: Host, container: ContainerId, groups: list[IommuGroup], *,
         if claim is not None and claim.container.startswith(KUBERNETES_ALLOCATION):
             # the allocation's other groups may lie outside the part of the journal read
             whole = whole if whole is not None else read_journal_file(host)
-            allocation = {g for g, c in whole.claims.items()
-                          if c.container == claim.container and not claim_gone(host, c)}
+            allocation = {
+                g
+                for g, c in whole.claims.items()
+                if c.container == claim.container and not claim_gone(host, c)
+            }
             if allocation <= wanted:
                 continue
-        raise DeviceError(f"IOMMU group {group} is in use by {current}",
-                          "wait for that container to be deleted")
+        raise DeviceError(
+            f"IOMMU group {group} is in use by {current}", "wait for that container to be deleted"
+        )

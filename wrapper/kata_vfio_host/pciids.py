@@ -63,7 +63,7 @@ def _class_table() -> dict[tuple[int, int | None], str]:
     if start < 0:
         return names
     cls = None
-    for line in text[start + 1:].splitlines():
+    for line in text[start + 1 :].splitlines():
         if not line or line.startswith("#"):
             continue
         if line.startswith("C "):

@@ -32,14 +32,18 @@ from kata_vfio.pci import PciAddress
 PERSIST_ENV = "KATA_VFIO_PERSIST"
 DEFAULT_PERSIST = "/etc/kata-vfio/persistent-binds"
 LIMIT = 1 << 20  # a few lines per device; a bigger file is not ours
-HEADER = ("# kata-vfio-ctl bind --persist: bound to vfio-pci again at every boot by\n"
-          "# kata-vfio-ctl boot (kata-vfio-boot.service); kata-vfio-ctl restore removes a\n"
-          "# line. One 'DDDD:BB:SS.F VVVV:DDDD' (address, IDs when bound) per line.\n"
-          "# kata-vfio-ctl vfs --persist: 'DDDD:BB:SS.F VVVV:DDDD vfs=N', a PF given N VFs\n"
-          "# again at boot, before the binds; kata-vfio-ctl vfs PF 0 removes it.\n")
-_FORMAT_HINT = ("fix or delete that line: each line is 'DDDD:BB:SS.F VVVV:DDDD' (e.g. "
-                "'0000:03:00.0 8086:10d3'), as kata-vfio-ctl bind --persist writes it, or "
-                "'DDDD:BB:SS.F VVVV:DDDD vfs=N', as vfs --persist writes it")
+HEADER = (
+    "# kata-vfio-ctl bind --persist: bound to vfio-pci again at every boot by\n"
+    "# kata-vfio-ctl boot (kata-vfio-boot.service); kata-vfio-ctl restore removes a\n"
+    "# line. One 'DDDD:BB:SS.F VVVV:DDDD' (address, IDs when bound) per line.\n"
+    "# kata-vfio-ctl vfs --persist: 'DDDD:BB:SS.F VVVV:DDDD vfs=N', a PF given N VFs\n"
+    "# again at boot, before the binds; kata-vfio-ctl vfs PF 0 removes it.\n"
+)
+_FORMAT_HINT = (
+    "fix or delete that line: each line is 'DDDD:BB:SS.F VVVV:DDDD' (e.g. "
+    "'0000:03:00.0 8086:10d3'), as kata-vfio-ctl bind --persist writes it, or "
+    "'DDDD:BB:SS.F VVVV:DDDD vfs=N', as vfs --persist writes it"
+)
 
 
 def persist_path() -> str:
@@ -99,8 +103,7 @@ class Persisted:
         return Persisted(list(self.binds), list(self.vfs))
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Persisted) and (self.binds, self.vfs) == (other.binds,
-                                                                           other.vfs)
+        return isinstance(other, Persisted) and (self.binds, self.vfs) == (other.binds, other.vfs)
 
     __hash__ = None  # type: ignore[assignment]  # mutable
 
@@ -125,11 +128,17 @@ def parse_persisted(text: str, path: str) -> Persisted:
         count = None
         if len(fields) == 3:
             value = fields[2].removeprefix("vfs=")
-            if not fields[2].startswith("vfs=") or not value.isascii() \
-                    or not value.isdigit() or len(value) > 5 or int(value) == 0 \
-                    or str(int(value)) != value:
-                raise ConfigError(f"{where}: {fields[2]!r} is not vfs=N (a VF count from 1)",
-                                  _FORMAT_HINT)
+            if (
+                not fields[2].startswith("vfs=")
+                or not value.isascii()
+                or not value.isdigit()
+                or len(value) > 5
+                or int(value) == 0
+                or str(int(value)) != value
+            ):
+                raise ConfigError(
+                    f"{where}: {fields[2]!r} is not vfs=N (a VF count from 1)", _FORMAT_HINT
+                )
             count = int(value)
         elif len(fields) != 2:
             raise ConfigError(f"{where}: {line!r} is not an address and its IDs", _FORMAT_HINT)
@@ -138,19 +147,27 @@ def parse_persisted(text: str, path: str) -> Persisted:
         except KataVfioError:
             addr = None
         if addr is None or str(addr) != fields[0]:
-            raise ConfigError(f"{where}: {fields[0]!r} is not a PCI address in the form "
-                              "DDDD:BB:SS.F (lower-case hex)", _FORMAT_HINT)
+            raise ConfigError(
+                f"{where}: {fields[0]!r} is not a PCI address in the form "
+                "DDDD:BB:SS.F (lower-case hex)",
+                _FORMAT_HINT,
+            )
         ids = fields[1].split(":")
-        vendor, device = (hex_number(ids[0], 4), hex_number(ids[1], 4)) if len(ids) == 2 \
-            else (None, None)
+        vendor, device = (
+            (hex_number(ids[0], 4), hex_number(ids[1], 4)) if len(ids) == 2 else (None, None)
+        )
         if vendor is None or device is None:
-            raise ConfigError(f"{where}: {fields[1]!r} is not VVVV:DDDD (four lower-case hex "
-                              "digits each)", _FORMAT_HINT)
+            raise ConfigError(
+                f"{where}: {fields[1]!r} is not VVVV:DDDD (four lower-case hex digits each)",
+                _FORMAT_HINT,
+            )
         key = fields[0] if count is None else f"{fields[0]} vfs"
         if key in seen:
-            raise ConfigError(f"{where}: {fields[0]} is listed twice"
-                              f"{'' if count is None else ' with a VF count'}",
-                              "delete one of the two lines")
+            raise ConfigError(
+                f"{where}: {fields[0]} is listed twice"
+                f"{'' if count is None else ' with a VF count'}",
+                "delete one of the two lines",
+            )
         seen.add(key)
         if count is None:
             binds.append(PersistentBind(addr, vendor, device))
@@ -172,20 +189,27 @@ def read_persisted(path: str | None = None) -> Persisted:
     except FileNotFoundError:
         return Persisted([], [])
     except UnsafeFileError as exc:
-        raise ConfigError(exc.message, f"move it away: {path} is kata-vfio-ctl's own list "
-                          "of persistent binds, a plain text file") from None
+        raise ConfigError(
+            exc.message,
+            f"move it away: {path} is kata-vfio-ctl's own list "
+            "of persistent binds, a plain text file",
+        ) from None
     except OSError as exc:
         if exc.errno == errno.EISDIR:
-            raise ConfigError(f"persistent binds file {path} is a directory",
-                              "move it away; kata-vfio-ctl bind --persist writes a plain "
-                              "file there") from None
-        raise ConfigError(f"cannot read persistent binds file {path}: {exc.strerror}",
-                          "run as root") from None
+            raise ConfigError(
+                f"persistent binds file {path} is a directory",
+                "move it away; kata-vfio-ctl bind --persist writes a plain file there",
+            ) from None
+        raise ConfigError(
+            f"cannot read persistent binds file {path}: {exc.strerror}", "run as root"
+        ) from None
     try:
         text = raw.decode("ascii")
     except UnicodeDecodeError:
-        raise ConfigError(f"persistent binds file {path} holds bytes that are not ASCII",
-                          _FORMAT_HINT.replace("that line", "the file")) from None
+        raise ConfigError(
+            f"persistent binds file {path} holds bytes that are not ASCII",
+            _FORMAT_HINT.replace("that line", "the file"),
+        ) from None
     return parse_persisted(text, path)
 
 
@@ -195,26 +219,29 @@ def write_persisted(path: str, persisted: Persisted) -> None:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         write_atomically(path, (HEADER + "".join(lines)).encode(), mode=0o644)
     except OSError as exc:
-        raise ConfigError(f"cannot write persistent binds file {path}: "
-                          f"{exc.strerror or exc}",
-                          "run as root, on a writable /etc" if exc.errno in
-                          (errno.EACCES, errno.EPERM, errno.EROFS) else
-                          "check the file system") from None
+        raise ConfigError(
+            f"cannot write persistent binds file {path}: {exc.strerror or exc}",
+            "run as root, on a writable /etc"
+            if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+            else "check the file system",
+        ) from None
 
 
 class _BindsLock(file_lock):
     def __init__(self, path: str) -> None:
         self._binds = path
-        super().__init__(os.path.join(os.path.dirname(path) or ".",
-                                      f".{os.path.basename(path)}.lock"))
+        super().__init__(
+            os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.lock")
+        )
 
     def __enter__(self) -> None:
         try:
             super().__enter__()
         except OSError as exc:
-            raise ConfigError(f"cannot lock persistent binds file {self._binds}: "
-                              f"{exc.strerror or exc}", "run as root, on a writable /etc") \
-                from None
+            raise ConfigError(
+                f"cannot lock persistent binds file {self._binds}: {exc.strerror or exc}",
+                "run as root, on a writable /etc",
+            ) from None
 
 
 @contextmanager
@@ -230,7 +257,10 @@ def editing(path: str | None = None) -> Iterator[Persisted]:
     file; written back (atomically) when the block ends without an exception and they
     changed."""
     where = path or persist_path()
-    with edited(_BindsLock(where), lambda: read_persisted(where),
-                lambda persisted: write_persisted(where, persisted),
-                snapshot=Persisted.copy) as persisted:
+    with edited(
+        _BindsLock(where),
+        lambda: read_persisted(where),
+        lambda persisted: write_persisted(where, persisted),
+        snapshot=Persisted.copy,
+    ) as persisted:
         yield persisted

@@ -60,19 +60,43 @@ class Settings:
     # None), devices (a list of address globs), cdi (bool)
     device_plugin_resources: tuple[dict[str, Any], ...]
 
-    def __new__(cls, *, runtime: str = DEFAULT_RUNTIME, shim: str = DEFAULT_SHIM,
-                guest_hook_path: str = DEFAULT_GUEST_HOOK_PATH,
-                annotations: dict[str, str] | None = None, log_file: str = DEFAULT_LOG_FILE,
-                sysfs: str = DEFAULT_SYSFS, state_dir: str = DEFAULT_STATE_DIR,
-                autobind_allow: tuple[str, ...] = (),
-                hotplug_timeout: float = HOTPLUG_TIMEOUT_DEFAULT,
-                raise_memlock: bool = True, dpdk_run_tmpfs: bool = True,
-                guest: str = GUEST_HOOK, kata_config_path: str = "",
-                device_plugin_resources: tuple[dict[str, Any], ...] = ()) -> Settings:
-        return build(cls, (runtime, shim, guest_hook_path, dict(annotations or {}), log_file,
-                           sysfs, state_dir, tuple(autobind_allow), hotplug_timeout,
-                           raise_memlock, dpdk_run_tmpfs, guest, kata_config_path,
-                           tuple(device_plugin_resources)))
+    def __new__(
+        cls,
+        *,
+        runtime: str = DEFAULT_RUNTIME,
+        shim: str = DEFAULT_SHIM,
+        guest_hook_path: str = DEFAULT_GUEST_HOOK_PATH,
+        annotations: dict[str, str] | None = None,
+        log_file: str = DEFAULT_LOG_FILE,
+        sysfs: str = DEFAULT_SYSFS,
+        state_dir: str = DEFAULT_STATE_DIR,
+        autobind_allow: tuple[str, ...] = (),
+        hotplug_timeout: float = HOTPLUG_TIMEOUT_DEFAULT,
+        raise_memlock: bool = True,
+        dpdk_run_tmpfs: bool = True,
+        guest: str = GUEST_HOOK,
+        kata_config_path: str = "",
+        device_plugin_resources: tuple[dict[str, Any], ...] = (),
+    ) -> Settings:
+        return build(
+            cls,
+            (
+                runtime,
+                shim,
+                guest_hook_path,
+                dict(annotations or {}),
+                log_file,
+                sysfs,
+                state_dir,
+                tuple(autobind_allow),
+                hotplug_timeout,
+                raise_memlock,
+                dpdk_run_tmpfs,
+                guest,
+                kata_config_path,
+                tuple(device_plugin_resources),
+            ),
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return as_dict(self)
@@ -109,11 +133,13 @@ def load_settings(path: str | None = None) -> Settings:
     except FileNotFoundError:
         if path == DEFAULT_CONFIG:
             return Settings()
-        raise ConfigError(f"config file {path} does not exist",
-                          f"create it or unset {CONFIG_ENV}") from None
+        raise ConfigError(
+            f"config file {path} does not exist", f"create it or unset {CONFIG_ENV}"
+        ) from None
     except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}",
-                          "check its permissions") from None
+        raise ConfigError(
+            f"cannot read config file {path}: {exc.strerror}", "check its permissions"
+        ) from None
     import math
     import tomllib
 
@@ -124,8 +150,10 @@ def load_settings(path: str | None = None) -> Settings:
     _validate(data, path)
     timeout = data.get("hotplug_timeout", HOTPLUG_TIMEOUT_DEFAULT)
     if isinstance(timeout, float) and math.isnan(timeout):  # NaN passes both schema bounds
-        raise ConfigError(f"{path}: hotplug_timeout: nan is not a number of seconds",
-                          f"write a number from 0 to {HOTPLUG_TIMEOUT_MAX}")
+        raise ConfigError(
+            f"{path}: hotplug_timeout: nan is not a number of seconds",
+            f"write a number from 0 to {HOTPLUG_TIMEOUT_MAX}",
+        )
     autobind = data.get("autobind", {})
     from kata_vfio_host.allowlist import parse_allow_list
 
@@ -151,8 +179,9 @@ def load_settings(path: str | None = None) -> Settings:
     )
     from kata_vfio.jsoncodec import dumps
 
-    write_cache(path, raw, settings.runtime, settings.state_dir, settings.shim,
-                dumps(settings.as_dict()))
+    write_cache(
+        path, raw, settings.runtime, settings.state_dir, settings.shim, dumps(settings.as_dict())
+    )
     return settings
 
 
@@ -165,13 +194,17 @@ def _validate(data: dict[str, Any], path: str) -> None:
         schema = json.loads(f.read())
     # the bound lives in defaults.py, shared with the manifest parser and the hook
     schema["properties"]["hotplug_timeout"]["maximum"] = HOTPLUG_TIMEOUT_MAX
-    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(data),
-                    key=lambda e: list(e.absolute_path))
+    errors = sorted(
+        jsonschema.Draft202012Validator(schema).iter_errors(data),
+        key=lambda e: list(e.absolute_path),
+    )
     if errors:
         err = errors[0]
         where = ".".join(str(p) for p in err.absolute_path) or "(top level)"
-        raise ConfigError(f"{path}: {where}: {err.message}",
-                          "see the configuration section of the kata-vfio README")
+        raise ConfigError(
+            f"{path}: {where}: {err.message}",
+            "see the configuration section of the kata-vfio README",
+        )
 
 
 def _device_plugin_resources(tables: list[dict[str, Any]], path: str) -> list[dict[str, Any]]:
@@ -188,33 +221,48 @@ def _device_plugin_resources(tables: list[dict[str, Any]], path: str) -> list[di
         name = table["name"]
         where = f"{path}: device_plugin.resource[{index}] ({name})"
         if name in seen:
-            raise ConfigError(f"{where}: the name is used twice",
-                              "give each [[device_plugin.resource]] its own name")
+            raise ConfigError(
+                f"{where}: the name is used twice",
+                "give each [[device_plugin.resource]] its own name",
+            )
         seen.add(name)
         select, devices = table.get("select"), list(table.get("devices", ()))
         if select is None and not devices:
-            raise ConfigError(f"{where}: neither select nor devices says which devices",
-                              'add select = "VENDOR:DEVICE[:CLASS]" or devices = [ADDRESS_GLOB]')
+            raise ConfigError(
+                f"{where}: neither select nor devices says which devices",
+                'add select = "VENDOR:DEVICE[:CLASS]" or devices = [ADDRESS_GLOB]',
+            )
         if select is not None:
             try:
                 requests = parse_select(select)
             except KataVfioError as exc:
-                raise ConfigError(f"{where}: select {select!r}: {exc.message}",
-                                  "write VENDOR:DEVICE[:CLASS], e.g. 1b36:0010 or ::0108"
-                                  ) from None
+                raise ConfigError(
+                    f"{where}: select {select!r}: {exc.message}",
+                    "write VENDOR:DEVICE[:CLASS], e.g. 1b36:0010 or ::0108",
+                ) from None
             if len(requests) != 1 or _has_count(select):
-                raise ConfigError(f"{where}: select {select!r} is not one VENDOR:DEVICE[:CLASS]",
-                                  "one kind per resource, without a count (the kubelet counts)")
+                raise ConfigError(
+                    f"{where}: select {select!r} is not one VENDOR:DEVICE[:CLASS]",
+                    "one kind per resource, without a count (the kubelet counts)",
+                )
         for pattern in devices:
             try:
                 rule = parse_rule(pattern)
             except KataVfioError:
                 rule = None
             if rule is None or rule.address_glob is None:
-                raise ConfigError(f"{where}: devices: {pattern!r} is not a PCI address glob",
-                                  'write e.g. "0000:3b:*.*" or "0000:03:00.?"')
-        resources.append({"name": name, "select": select, "devices": devices,
-                          "cdi": bool(table.get("cdi", False))})
+                raise ConfigError(
+                    f"{where}: devices: {pattern!r} is not a PCI address glob",
+                    'write e.g. "0000:3b:*.*" or "0000:03:00.?"',
+                )
+        resources.append(
+            {
+                "name": name,
+                "select": select,
+                "devices": devices,
+                "cdi": bool(table.get("cdi", False)),
+            }
+        )
     return resources
 
 

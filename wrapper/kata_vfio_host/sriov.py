@@ -37,8 +37,10 @@ def total_vfs(sysfs: StrPath, pf: PciAddress) -> int:
     read_device(sysfs, pf)  # "no PCI device ..." first
     path = Path(device_dir(sysfs, pf)) / "sriov_totalvfs"
     if not path.exists():
-        raise DeviceError(f"PCI device {pf} has no SR-IOV capability (no sriov_totalvfs)",
-                          "list SR-IOV devices with: kata-vfio-ctl devices (PF lines show VFs)")
+        raise DeviceError(
+            f"PCI device {pf} has no SR-IOV capability (no sriov_totalvfs)",
+            "list SR-IOV devices with: kata-vfio-ctl devices (PF lines show VFs)",
+        )
     return int(read_attr(path))
 
 
@@ -64,13 +66,16 @@ def vf_holders(host: Host, vfs: list[PciAddress], in_use: object = None) -> list
     return reasons
 
 
-def set_vf_count(host: Host, pf: PciAddress, count: int, *, force: bool = False
-                 ) -> list[PciAddress]:
+def set_vf_count(
+    host: Host, pf: PciAddress, count: int, *, force: bool = False
+) -> list[PciAddress]:
     """Make `pf` have exactly `count` VFs, driver-less, ready for vfio-pci; returns them."""
     total = total_vfs(host.sysfs, pf)
     if not 0 <= count <= total:
-        raise DeviceError(f"PCI device {pf} supports 0 to {total} virtual functions, not "
-                          f"{count}", f"ask for at most {total}")
+        raise DeviceError(
+            f"PCI device {pf} supports 0 to {total} virtual functions, not {count}",
+            f"ask for at most {total}",
+        )
     base = Path(device_dir(host.sysfs, pf))
     current = int(read_attr(base / "sriov_numvfs"))
     if current == count:
@@ -79,10 +84,10 @@ def set_vf_count(host: Host, pf: PciAddress, count: int, *, force: bool = False
         old = virtual_functions(host.sysfs, pf)
         reasons = vf_holders(host, old)
         if reasons and not force:
-            raise DeviceError(f"cannot remove the virtual functions of {pf}: "
-                              + "; ".join(reasons),
-                              "delete those containers or stop those processes, "
-                              "or pass --force")
+            raise DeviceError(
+                f"cannot remove the virtual functions of {pf}: " + "; ".join(reasons),
+                "delete those containers or stop those processes, or pass --force",
+            )
         host.write(str(base / "sriov_numvfs"), "0")  # the kernel refuses N -> M directly
         _forget(host, old)
     if count:

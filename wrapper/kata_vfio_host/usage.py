@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 IFF_UP = 0x1
 RT_TABLE_LOCAL = 255  # the kernel's own local/broadcast/multicast routes of every address
-RTPROT_KERNEL = 2     # routes the kernel made for an address (its prefix, fe80::/64)
+RTPROT_KERNEL = 2  # routes the kernel made for an address (its prefix, fe80::/64)
 IPV6_LINK_LOCAL = "fe80:"
 # kinds stacked on a lower device by IFLA_LINK (a veth's IFLA_LINK is its peer: not one)
 UPPER_KINDS = frozenset({"vlan", "macvlan", "macvtap", "ipvlan", "ipvtap"})
@@ -38,10 +38,10 @@ class Link:
 
     index: int
     name: str
-    kind: str = ""          # IFLA_INFO_KIND: bridge, bond, team, openvswitch, vlan, veth, ""
-    up: bool = False        # IFF_UP, the administrative state
-    master: int = 0         # IFLA_MASTER: the bridge/bond/team/OVS datapath it is a port of
-    lower: int = 0          # IFLA_LINK within this namespace (0 for another namespace's)
+    kind: str = ""  # IFLA_INFO_KIND: bridge, bond, team, openvswitch, vlan, veth, ""
+    up: bool = False  # IFF_UP, the administrative state
+    master: int = 0  # IFLA_MASTER: the bridge/bond/team/OVS datapath it is a port of
+    lower: int = 0  # IFLA_LINK within this namespace (0 for another namespace's)
 
 
 @value
@@ -69,15 +69,14 @@ class NetView:
             # Conservative: a port is in use whatever its master's state. Taking it changes
             # the bridge/bond the admin built (a down bond comes back up without it), and an
             # Open vSwitch port's master ovs-system is always down while it switches.
-            if master is not None and (master.name == OVS_MASTER
-                                       or master.kind == "openvswitch"):
+            if master is not None and (master.name == OVS_MASTER or master.kind == "openvswitch"):
                 reasons.append(f"interface {name} is an Open vSwitch port")
             elif master is not None:
                 kind = f"{master.kind} " if master.kind else ""
-                state = "up" if master.up else "down (ip link set " \
-                    f"{name} nomaster frees it)"
-                reasons.append(f"interface {name} is a member of {kind}{master.name}, "
-                               f"which is {state}")
+                state = "up" if master.up else f"down (ip link set {name} nomaster frees it)"
+                reasons.append(
+                    f"interface {name} is a member of {kind}{master.name}, which is {state}"
+                )
             else:
                 reasons.append(f"interface {name} is a member of interface {link.master}")
         addresses = self.addresses.get(link.index, [])
@@ -90,8 +89,10 @@ class NetView:
         if depth < 8:
             for upper in sorted(self.links.values(), key=lambda u: u.name):
                 if upper.lower == link.index and upper.kind in UPPER_KINDS:
-                    reasons += [f"{reason} ({upper.kind} on {name})"
-                                for reason in self._uses(upper, depth + 1)]
+                    reasons += [
+                        f"{reason} ({upper.kind} on {name})"
+                        for reason in self._uses(upper, depth + 1)
+                    ]
         return reasons
 
 
@@ -103,9 +104,13 @@ def read_net_view(ipr: Any) -> NetView:
         kind = (info.get_attr("IFLA_INFO_KIND") if info is not None else None) or ""
         same_ns = msg.get_attr("IFLA_LINK_NETNSID") is None
         links[msg["index"]] = Link(
-            index=msg["index"], name=msg.get_attr("IFLA_IFNAME") or "", kind=kind,
-            up=bool(msg["flags"] & IFF_UP), master=msg.get_attr("IFLA_MASTER") or 0,
-            lower=(msg.get_attr("IFLA_LINK") or 0) if same_ns else 0)
+            index=msg["index"],
+            name=msg.get_attr("IFLA_IFNAME") or "",
+            kind=kind,
+            up=bool(msg["flags"] & IFF_UP),
+            master=msg.get_attr("IFLA_MASTER") or 0,
+            lower=(msg.get_attr("IFLA_LINK") or 0) if same_ns else 0,
+        )
     addresses: dict[int, list[str]] = {}
     for msg in ipr.get_addr():
         address = msg.get_attr("IFA_ADDRESS") or ""
@@ -173,10 +178,11 @@ def vfio_holders_by_group(proc: Path) -> dict[int, list[str]]:
         except OSError:
             continue
         for link in sorted(links):
-            number = link[len("/dev/vfio/"):] if link.startswith("/dev/vfio/") else ""
+            number = link[len("/dev/vfio/") :] if link.startswith("/dev/vfio/") else ""
             if number.isdigit():
                 found.setdefault(int(number), []).append(
-                    f"{link} is open in process {p.info['pid']} ({p.info['name']})")
+                    f"{link} is open in process {p.info['pid']} ({p.info['name']})"
+                )
     return found
 
 

@@ -39,8 +39,10 @@ class VfPort:
 def _mac(text: str, whole: str) -> str:
     mac = parse_mac(text)
     if mac is None or int(mac[:2], 16) & 1 or mac == "00:00:00:00:00:00":  # that clears
-        raise DeviceError(f"{VF_CONFIG_ANNOTATION}: {text!r} in {whole!r} is not a unicast MAC",
-                          "write mac=52:54:00:12:34:56")
+        raise DeviceError(
+            f"{VF_CONFIG_ANNOTATION}: {text!r} in {whole!r} is not a unicast MAC",
+            "write mac=52:54:00:12:34:56",
+        )
     return mac
 
 
@@ -56,35 +58,50 @@ def parse_vf_config(text: str) -> list[VfSetting]:
             key, eq, value = field.partition("=")
             if key == "mac" and eq:
                 mac = _mac(value, entry)
-            elif key == "vlan" and eq and value.isascii() and value.isdigit() \
-                    and len(value) <= 4 and int(value) <= 4095:
+            elif (
+                key == "vlan"
+                and eq
+                and value.isascii()
+                and value.isdigit()
+                and len(value) <= 4
+                and int(value) <= 4095
+            ):
                 vlan = int(value)
             else:
-                raise DeviceError(f"{VF_CONFIG_ANNOTATION}: {field!r} in {entry!r} is not "
-                                  "mac=XX:XX:XX:XX:XX:XX or vlan=0..4095",
-                                  "e.g. 0000:3b:02.1 mac=52:54:00:12:34:56 vlan=100")
+                raise DeviceError(
+                    f"{VF_CONFIG_ANNOTATION}: {field!r} in {entry!r} is not "
+                    "mac=XX:XX:XX:XX:XX:XX or vlan=0..4095",
+                    "e.g. 0000:3b:02.1 mac=52:54:00:12:34:56 vlan=100",
+                )
         if mac is None and vlan is None:
-            raise DeviceError(f"{VF_CONFIG_ANNOTATION}: {entry!r} sets nothing",
-                              "give mac=… and/or vlan=…")
+            raise DeviceError(
+                f"{VF_CONFIG_ANNOTATION}: {entry!r} sets nothing", "give mac=… and/or vlan=…"
+            )
         settings.append(VfSetting(addr, mac, vlan))
     if not settings:
-        raise DeviceError(f"annotation {VF_CONFIG_ANNOTATION} is empty",
-                          "e.g. 0000:3b:02.1 mac=52:54:00:12:34:56 vlan=100")
+        raise DeviceError(
+            f"annotation {VF_CONFIG_ANNOTATION} is empty",
+            "e.g. 0000:3b:02.1 mac=52:54:00:12:34:56 vlan=100",
+        )
     return settings
 
 
 def vf_port(sysfs: Path, vf: PciAddress) -> VfPort:
     dev = read_device(sysfs, vf)
     if dev.physfn is None:
-        raise DeviceError(f"{VF_CONFIG_ANNOTATION}: {vf} is not an SR-IOV virtual function",
-                          "MAC and VLAN can be set for VFs only")
+        raise DeviceError(
+            f"{VF_CONFIG_ANNOTATION}: {vf} is not an SR-IOV virtual function",
+            "MAC and VLAN can be set for VFs only",
+        )
     from kata_vfio_host.netinfo import vf_index
 
     index = vf_index(sysfs, dev.physfn, vf)
     interfaces = interfaces_below(sysfs, dev.physfn)
     if index is None or not interfaces:
-        raise DeviceError(f"{VF_CONFIG_ANNOTATION}: the PF {dev.physfn} of {vf} has no network "
-                          "interface", "bind the PF to its network driver first")
+        raise DeviceError(
+            f"{VF_CONFIG_ANNOTATION}: the PF {dev.physfn} of {vf} has no network interface",
+            "bind the PF to its network driver first",
+        )
     return VfPort(interfaces[0], index)
 
 
@@ -121,7 +138,7 @@ class Netlink:
             raise DeviceError(
                 f"{port.pf_interface} refused VF {port.vf_index} settings {spec}: "
                 f"{os.strerror(exc.code)}",
-                "does the PF's driver support VF MAC/VLAN (ip link set … vf N mac …)?"
+                "does the PF's driver support VF MAC/VLAN (ip link set … vf N mac …)?",
             ) from None
 
 

@@ -10,8 +10,15 @@ from kata_vfio import value
 
 # Global flags (runc, crun, Kata 1.x) that take a value in the `--flag value` form.
 GLOBAL_VALUE_FLAGS = frozenset(
-    {"--root", "--log", "--log-format", "--log-level", "--criu", "--kata-config",
-     "--cgroup-manager"}
+    {
+        "--root",
+        "--log",
+        "--log-format",
+        "--log-level",
+        "--criu",
+        "--kata-config",
+        "--cgroup-manager",
+    }
 )
 # runc's --rootless takes true|false|auto, but may also stand alone in other runtimes.
 ROOTLESS_VALUES = frozenset({"true", "false", "auto"})
@@ -52,8 +59,12 @@ def parse(argv: list[str]) -> Invocation:
         if value is None and name in GLOBAL_VALUE_FLAGS and i + 1 < len(argv):
             value = argv[i + 1]
             i += 1
-        elif value is None and name == "--rootless" and i + 1 < len(argv) \
-                and argv[i + 1] in ROOTLESS_VALUES:
+        elif (
+            value is None
+            and name == "--rootless"
+            and i + 1 < len(argv)
+            and argv[i + 1] in ROOTLESS_VALUES
+        ):
             i += 1
         if name == "--log":
             log_path = value
@@ -64,7 +75,7 @@ def parse(argv: list[str]) -> Invocation:
         return Invocation(None, log_path, log_format)
     verb = argv[i]
     if verb == "delete":  # delete [--force] ID: the id says whose devices to give back
-        ids = [a for a in argv[i + 1:] if not a.startswith("-")]
+        ids = [a for a in argv[i + 1 :] if not a.startswith("-")]
         return Invocation(verb, log_path, log_format, None, ids[0] if ids else None, i)
     if verb not in EDIT_VERBS:
         return Invocation(verb, log_path, log_format, verb_index=i)
@@ -86,4 +97,3 @@ def parse(argv: list[str]) -> Invocation:
             container_id = token
         i += 1
     return Invocation(verb, log_path, log_format, bundle, container_id, verb_index, problem)
-

@@ -17,9 +17,13 @@ if TYPE_CHECKING:
     from kata_vfio.types import ExecFn
 
 
-def hand_over(prog: str, argv: list[str], decide: Callable[[], str | int],
-              exec_fn: ExecFn | None = None,
-              report: Callable[[str], None] | None = None) -> int:
+def hand_over(
+    prog: str,
+    argv: list[str],
+    decide: Callable[[], str | int],
+    exec_fn: ExecFn | None = None,
+    report: Callable[[str], None] | None = None,
+) -> int:
     outcome: list[str | int] = []
 
     def body() -> int:

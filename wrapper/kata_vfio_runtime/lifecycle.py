@@ -39,8 +39,9 @@ def host_of(settings: Settings) -> Host:
     return Host(sysfs=settings.sysfs, state_dir=settings.state_dir)
 
 
-def prepare_bundle(container_id: str | None, bundle: StrPath, settings: Settings, host: Host,
-                   log: Any) -> EditResult:
+def prepare_bundle(
+    container_id: str | None, bundle: StrPath, settings: Settings, host: Host, log: Any
+) -> EditResult:
     """Claim (and, if the allow-list permits, auto-bind) the container's devices, then edit
     <bundle>/config.json. On any failure nothing stays bound or claimed for it."""
     acquired = None
@@ -51,14 +52,18 @@ def prepare_bundle(container_id: str | None, bundle: StrPath, settings: Settings
         addresses = requested_addresses(spec)
         select = (spec.get("annotations") or {}).get(SELECT_ANNOTATION)
         if is_sandbox(spec):
-            return _edit_sandbox(bundle, spec, settings, bool(groups or addresses or
-                                                              select is not None), log)
+            return _edit_sandbox(
+                bundle, spec, settings, bool(groups or addresses or select is not None), log
+            )
         chosen: list[PciAddress] = []
         macs: dict[PciAddress, str] = {}
-        if (spec.get("annotations") or {}).get(VF_CONFIG_ANNOTATION) is not None \
-                and not (groups or addresses or select is not None):
-            raise DeviceError(f"{VF_CONFIG_ANNOTATION} names VFs the container does not ask for",
-                              "ask for them with io.kata-vfio.devices or io.kata-vfio.select")
+        if (spec.get("annotations") or {}).get(VF_CONFIG_ANNOTATION) is not None and not (
+            groups or addresses or select is not None
+        ):
+            raise DeviceError(
+                f"{VF_CONFIG_ANNOTATION} names VFs the container does not ask for",
+                "ask for them with io.kata-vfio.devices or io.kata-vfio.select",
+            )
         if groups or addresses or select is not None:
             acquired = ContainerId.parse(container_id)
 
@@ -76,8 +81,15 @@ def prepare_bundle(container_id: str | None, bundle: StrPath, settings: Settings
 
             with step("claiming the container's IOMMU groups"):
                 if select is None:
-                    bound = acquire(host, acquired, groups, addresses, settings.autobind_allow,
-                                    str(bundle), in_use=in_use)
+                    bound = acquire(
+                        host,
+                        acquired,
+                        groups,
+                        addresses,
+                        settings.autobind_allow,
+                        str(bundle),
+                        in_use=in_use,
+                    )
                 else:
                     from kata_vfio_host.allocate import (
                         Pool,
@@ -87,18 +99,28 @@ def prepare_bundle(container_id: str | None, bundle: StrPath, settings: Settings
                     )
 
                     requests = parse_select(str(select))
-                    named = frozenset({g.number for g in groups} |
-                                      {group_of(host.sysfs, a).number for a in addresses})
+                    named = frozenset(
+                        {g.number for g in groups}
+                        | {group_of(host.sysfs, a).number for a in addresses}
+                    )
                     # the lock covers the choice and its claims only: the binds of one
                     # allocation run while the next one chooses
                     pool = Pool(host, settings.autobind_allow, acquired)  # what devices are
                     lock = allocation_lock(host)
                     with lock:
-                        chosen = choose(host, requests, settings.autobind_allow, acquired,
-                                        named, pool=pool)
-                        bound = acquire(host, acquired, groups, addresses + chosen,
-                                        settings.autobind_allow, str(bundle), in_use=in_use,
-                                        on_claimed=lock.release)
+                        chosen = choose(
+                            host, requests, settings.autobind_allow, acquired, named, pool=pool
+                        )
+                        bound = acquire(
+                            host,
+                            acquired,
+                            groups,
+                            addresses + chosen,
+                            settings.autobind_allow,
+                            str(bundle),
+                            in_use=in_use,
+                            on_claimed=lock.release,
+                        )
                     log.info("allocated", select=select, devices=[str(a) for a in chosen])
             if bound:
                 log.info("auto-bound", devices=[str(a) for a in bound])
@@ -132,13 +154,16 @@ def prepare_bundle(container_id: str | None, bundle: StrPath, settings: Settings
             edit_ms=round(result.seconds * 1000, 3),
         )
     elif result.written:
-        log.warning("removed manifest/guest-hook annotations the container brought itself",
-                    bundle=str(bundle))
+        log.warning(
+            "removed manifest/guest-hook annotations the container brought itself",
+            bundle=str(bundle),
+        )
     return result
 
 
-def _edit_sandbox(bundle: StrPath, spec: dict[str, Any], settings: Settings, asks: bool,
-                  log: Any) -> EditResult:
+def _edit_sandbox(
+    bundle: StrPath, spec: dict[str, Any], settings: Settings, asks: bool, log: Any
+) -> EditResult:
     """A CRI pod sandbox: nothing claimed, no manifest, no nodes (see sandbox_spec)."""
     import time
 
@@ -149,11 +174,11 @@ def _edit_sandbox(bundle: StrPath, spec: dict[str, Any], settings: Settings, ask
     new = sandbox_spec(spec, settings, asks)
     if new != spec:
         with step(f"editing {bundle}/config.json"):
-            write_atomically(os.path.join(bundle, "config.json"), dumps(new).encode(),
-                             durable=False)
+            write_atomically(
+                os.path.join(bundle, "config.json"), dumps(new).encode(), durable=False
+            )
     if asks:
-        log.info("pod sandbox: its containers get the devices they ask for",
-                 bundle=str(bundle))
+        log.info("pod sandbox: its containers get the devices they ask for", bundle=str(bundle))
     return EditResult(None, new != spec, time.perf_counter() - started)
 
 
@@ -163,6 +188,10 @@ def release_after_delete(container_id: str, settings: Settings, host: Host) -> l
 
     log = wrapper_log(settings.log_file, container_id=container_id, verb="delete")
     report = release_container(host, container_id)
-    log.info("devices given back", devices=report.restored, failures=report.failed,
-             vf_settings=report.vf_settings)
+    log.info(
+        "devices given back",
+        devices=report.restored,
+        failures=report.failed,
+        vf_settings=report.vf_settings,
+    )
     return report.failed

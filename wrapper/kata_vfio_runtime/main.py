@@ -47,19 +47,30 @@ def delete_and_release(runtime: str, argv: list[str], inv: Invocation) -> int:
     from kata_vfio_runtime import lifecycle
 
     settings = load_settings()
-    code = run([runtime, *argv[1:]], what="deleting the container", capture=False,
-               timeout=None, check=False).returncode
+    code = run(
+        [runtime, *argv[1:]],
+        what="deleting the container",
+        capture=False,
+        timeout=None,
+        check=False,
+    ).returncode
     if code != 0:
-        state = run([runtime, *argv[1:inv.verb_index], "state", inv.container_id or ""],
-                    what="asking the inner runtime about the container", check=False,
-                    timeout=60)
+        state = run(
+            [runtime, *argv[1 : inv.verb_index], "state", inv.container_id or ""],
+            what="asking the inner runtime about the container",
+            check=False,
+            timeout=60,
+        )
         if state.returncode == 0:
             wrapper_log(settings.log_file, container_id=inv.container_id, verb="delete").warning(
                 "inner delete failed and the container still exists: its devices stay bound "
-                "and owned", exit_code=code)
+                "and owned",
+                exit_code=code,
+            )
             return code
-    failed = lifecycle.release_after_delete(inv.container_id or "", settings,
-                                            lifecycle.host_of(settings))
+    failed = lifecycle.release_after_delete(
+        inv.container_id or "", settings, lifecycle.host_of(settings)
+    )
     if failed:
         report_line(f"delete {inv.container_id}: could not give back {'; '.join(failed)}", inv)
         return code or 1
@@ -113,8 +124,9 @@ def decide(argv: list[str], inv: Invocation) -> str | int:
 def main(argv: list[str] | None = None, exec_fn: ExecFn | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
     inv = parse(argv)
-    return hand_over(PROG, argv, lambda: decide(argv, inv), exec_fn,
-                     report=lambda line: log_record(line, inv))
+    return hand_over(
+        PROG, argv, lambda: decide(argv, inv), exec_fn, report=lambda line: log_record(line, inv)
+    )
 
 
 if __name__ == "__main__":

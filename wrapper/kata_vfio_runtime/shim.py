@@ -42,8 +42,9 @@ if TYPE_CHECKING:
 
 PROG = SHIM_WRAPPER
 # Go flag-package flags of containerd's shim command line that take a value
-VALUE_FLAGS = frozenset({"namespace", "address", "publish-binary", "id", "bundle", "socket",
-                         "debug-address"})
+VALUE_FLAGS = frozenset(
+    {"namespace", "address", "publish-binary", "id", "bundle", "socket", "debug-address"}
+)
 
 
 # containerd's shim flag set has a boolean -v ("show the shim version and exit"); Go's
@@ -78,31 +79,37 @@ def parse_shim_args(argv: list[str]) -> ShimCall:
     if i < len(argv) and argv[i] == "--":
         i += 1
     action = argv[i] if i < len(argv) else None
-    version = any(values.get(f, "false") not in ("false", "0", "f", "F", "FALSE", "False")
-                  for f in VERSION_FLAGS)
-    return ShimCall(action, values.get("id"), values.get("namespace"), values.get("bundle"),
-                    version)
+    version = any(
+        values.get(f, "false") not in ("false", "0", "f", "F", "FALSE", "False")
+        for f in VERSION_FLAGS
+    )
+    return ShimCall(
+        action, values.get("id"), values.get("namespace"), values.get("bundle"), version
+    )
 
 
 def inner_shim(name: str, source: str, me: str) -> str:
     """The inner shim's path; never this wrapper itself (that would exec forever)."""
     found = which(name)
     if found is None:
-        raise ConfigError(f"inner shim {name!r} not found (from {source})",
-                          f"install it, or set shim = \"/path/to/shim\" in {config_path()}")
+        raise ConfigError(
+            f"inner shim {name!r} not found (from {source})",
+            f'install it, or set shim = "/path/to/shim" in {config_path()}',
+        )
     mine = which(me) if "/" not in me else me
-    if os.path.basename(found) == SHIM_WRAPPER or \
-            (mine is not None and os.path.realpath(found) == os.path.realpath(mine)):
-        raise ConfigError(f"inner shim {found} is {SHIM_WRAPPER} itself (from {source})",
-                          f"set shim = \"{DEFAULT_SHIM}\" (or another real shim) in "
-                          f"{config_path()}")
+    if os.path.basename(found) == SHIM_WRAPPER or (
+        mine is not None and os.path.realpath(found) == os.path.realpath(mine)
+    ):
+        raise ConfigError(
+            f"inner shim {found} is {SHIM_WRAPPER} itself (from {source})",
+            f'set shim = "{DEFAULT_SHIM}" (or another real shim) in {config_path()}',
+        )
     return found
 
 
 def shim_wrapper(me: str) -> Wrapper:
     """This wrapper's description; `me` (argv[0]) is what the inner shim must not be."""
-    return Wrapper(PROG, "shim", DEFAULT_SHIM, 2,
-                   lambda name, source: inner_shim(name, source, me))
+    return Wrapper(PROG, "shim", DEFAULT_SHIM, 2, lambda name, source: inner_shim(name, source, me))
 
 
 def delete_and_release(shim: str, argv: list[str], call: ShimCall) -> int:
@@ -113,17 +120,21 @@ def delete_and_release(shim: str, argv: list[str], call: ShimCall) -> int:
     from kata_vfio_host.settings import load_settings
     from kata_vfio_runtime import lifecycle
 
-    code = run([shim, *argv[1:]], what="the inner shim's delete", capture=False, timeout=None,
-               check=False).returncode
+    code = run(
+        [shim, *argv[1:]], what="the inner shim's delete", capture=False, timeout=None, check=False
+    ).returncode
     if code != 0:
         return code
     settings = load_settings()
-    failed = lifecycle.release_after_delete(call.container_id or "", settings,
-                                            lifecycle.host_of(settings))
+    failed = lifecycle.release_after_delete(
+        call.container_id or "", settings, lifecycle.host_of(settings)
+    )
     if failed:
         # containerd reads the answer from stdout and shows stderr with a non-zero exit
-        print(f"{PROG}: delete {call.container_id}: could not give back {'; '.join(failed)}",
-              file=sys.stderr)
+        print(
+            f"{PROG}: delete {call.container_id}: could not give back {'; '.join(failed)}",
+            file=sys.stderr,
+        )
         return 1
     return code
 
@@ -141,8 +152,13 @@ def decide(argv: list[str], call: ShimCall) -> str | int:
         from kata_vfio_runtime.scan import needs_edit
 
         if needs_edit(call.bundle or "."):
-            return prepare(shim_wrapper(me), call.container_id, call.bundle,
-                           verb="shim start", namespace=call.namespace)
+            return prepare(
+                shim_wrapper(me),
+                call.container_id,
+                call.bundle,
+                verb="shim start",
+                namespace=call.namespace,
+            )
     shim, state_dir = passthrough(shim_wrapper(me))
     if call.action == "delete" and holds_devices(call.container_id, state_dir):
         return delete_and_release(shim, argv, call)

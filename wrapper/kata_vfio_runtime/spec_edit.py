@@ -65,12 +65,24 @@ class DeviceNode:
     minor: int
 
     def spec_entry(self) -> dict[str, Any]:
-        return {"path": self.path, "type": "c", "major": self.major, "minor": self.minor,
-                "fileMode": 0o666, "uid": 0, "gid": 0}
+        return {
+            "path": self.path,
+            "type": "c",
+            "major": self.major,
+            "minor": self.minor,
+            "fileMode": 0o666,
+            "uid": 0,
+            "gid": 0,
+        }
 
     def allow_rule(self) -> dict[str, Any]:
-        return {"allow": True, "type": "c", "major": self.major, "minor": self.minor,
-                "access": "rwm"}
+        return {
+            "allow": True,
+            "type": "c",
+            "major": self.major,
+            "minor": self.minor,
+            "access": "rwm",
+        }
 
 
 @value
@@ -91,8 +103,12 @@ RLIM_INFINITY = (1 << 64) - 1
 # Kata 1.x serves the container's rootfs over 9p, where bind() of a socket fails (ENXIO:
 # "EAL: failed to bind /var/run/dpdk/rte/mp_socket"). A tmpfs there (inside the VM) fixes it.
 DPDK_RUN_DIRS = ("/run", "/var/run", "/run/dpdk", "/var/run/dpdk")
-DPDK_RUN_TMPFS = {"destination": "/run/dpdk", "type": "tmpfs", "source": "tmpfs",
-                  "options": ["nosuid", "nodev", "mode=755", "size=64m"]}
+DPDK_RUN_TMPFS = {
+    "destination": "/run/dpdk",
+    "type": "tmpfs",
+    "source": "tmpfs",
+    "options": ["nosuid", "nodev", "mode=755", "size=64m"],
+}
 
 
 def parse_address_list(text: str, annotation: str = DEVICES_ANNOTATION) -> list[PciAddress]:
@@ -100,14 +116,16 @@ def parse_address_list(text: str, annotation: str = DEVICES_ANNOTATION) -> list[
     (podman's --annotation splits its argument at commas unless it is CSV-quoted)."""
     parts = text.replace(",", " ").split()
     if not parts:
-        raise DeviceError(f"annotation {annotation} is empty",
-                          "list PCI addresses, e.g. 0000:03:00.0,0000:03:00.1")
+        raise DeviceError(
+            f"annotation {annotation} is empty",
+            "list PCI addresses, e.g. 0000:03:00.0,0000:03:00.1",
+        )
     return [PciAddress.parse(p) for p in parts]
 
 
 def group_of_entry(path: str) -> IommuGroup | None:
     """The host group of a ``/dev/vfio/<N>`` spec entry; None for /dev/vfio/vfio."""
-    name = path[len(VFIO_DIR):]
+    name = path[len(VFIO_DIR) :]
     if name == "vfio":
         return None
     try:
@@ -119,8 +137,9 @@ def group_of_entry(path: str) -> IommuGroup | None:
         ) from None
 
 
-def _manifest_device(sysfs: StrPath, dev: PciDevice, macs: dict[PciAddress, str],
-                     resources: dict[PciAddress, str]) -> ManifestDevice:
+def _manifest_device(
+    sysfs: StrPath, dev: PciDevice, macs: dict[PciAddress, str], resources: dict[PciAddress, str]
+) -> ManifestDevice:
     mac = macs.get(dev.address)  # set by io.kata-vfio.vf-config just now
     if mac is None and dev.physfn is not None and dev.is_network:
         from kata_vfio_host.netinfo import vf_mac
@@ -129,9 +148,12 @@ def _manifest_device(sysfs: StrPath, dev: PciDevice, macs: dict[PciAddress, str]
     return ManifestDevice(dev.address, dev.identity, mac, resources.get(dev.address))
 
 
-def resolve_group(sysfs: StrPath, group: IommuGroup,
-                  macs: dict[PciAddress, str] | None = None,
-                  resources: dict[PciAddress, str] | None = None) -> ManifestGroup:
+def resolve_group(
+    sysfs: StrPath,
+    group: IommuGroup,
+    macs: dict[PciAddress, str] | None = None,
+    resources: dict[PciAddress, str] | None = None,
+) -> ManifestGroup:
     """The group's endpoints, after checking every member can be left to VFIO."""
     devices = []
     for addr in group_members(sysfs, group):
@@ -149,8 +171,10 @@ def resolve_group(sysfs: StrPath, group: IommuGroup,
 def _devnum(entry: dict[str, Any], key: str, path: str) -> int:
     value = entry.get(key, -1)
     if not isinstance(value, int) or isinstance(value, bool):
-        raise SpecError(f"config.json device {path}: {key} {value!r} is not a number",
-                        "let the container engine write the device entry")
+        raise SpecError(
+            f"config.json device {path}: {key} {value!r} is not a number",
+            "let the container engine write the device entry",
+        )
     return value
 
 
@@ -166,16 +190,17 @@ def requested_groups(spec: dict[str, Any]) -> dict[IommuGroup, DeviceNode | None
         if not isinstance(path, str):
             continue
         canonical = os.path.normpath("/" + path.lstrip("/"))
-        if (canonical + "/" == VFIO_DIR or canonical.startswith(VFIO_DIR)) \
-                and canonical != path:
-            raise SpecError(f"config.json device path {path!r} is not canonical",
-                                f"write it as {canonical}")
+        if (canonical + "/" == VFIO_DIR or canonical.startswith(VFIO_DIR)) and canonical != path:
+            raise SpecError(
+                f"config.json device path {path!r} is not canonical", f"write it as {canonical}"
+            )
         if not path.startswith(VFIO_DIR):
             continue
         group = group_of_entry(path)
         if group is not None:
-            groups[group] = DeviceNode(path, _devnum(entry, "major", path),
-                                       _devnum(entry, "minor", path))
+            groups[group] = DeviceNode(
+                path, _devnum(entry, "major", path), _devnum(entry, "minor", path)
+            )
     return groups
 
 
@@ -183,8 +208,10 @@ def requested_addresses(spec: dict[str, Any]) -> list[PciAddress]:
     """The devices io.kata-vfio.devices names, then those only resource annotations name."""
     wanted = (spec.get("annotations") or {}).get(DEVICES_ANNOTATION)
     if wanted is not None and not isinstance(wanted, str):
-        raise DeviceError(f"annotation {DEVICES_ANNOTATION} is not a string",
-                          "list PCI addresses, e.g. 0000:03:00.0,0000:03:00.1")
+        raise DeviceError(
+            f"annotation {DEVICES_ANNOTATION} is not a string",
+            "list PCI addresses, e.g. 0000:03:00.0,0000:03:00.1",
+        )
     addresses = parse_address_list(wanted) if wanted is not None else []
     addresses += [a for a in requested_resources(spec) if a not in addresses]
     return addresses
@@ -196,28 +223,36 @@ def requested_resources(spec: dict[str, Any]) -> dict[PciAddress, str]:
     annotations = spec.get("annotations") or {}
     named: dict[PciAddress, str] = {}
     for key in sorted(k for k in annotations if k.startswith(RESOURCE_ANNOTATION_PREFIX)):
-        name = key[len(RESOURCE_ANNOTATION_PREFIX):]
+        name = key[len(RESOURCE_ANNOTATION_PREFIX) :]
         if not is_resource_name_part(name):
-            raise DeviceError(f"annotation {key}: {name!r} is not a resource name",
-                              "use the device plugin's name: at most 63 letters, digits, "
-                              "'-', '_' or '.', a letter or digit first and last")
+            raise DeviceError(
+                f"annotation {key}: {name!r} is not a resource name",
+                "use the device plugin's name: at most 63 letters, digits, "
+                "'-', '_' or '.', a letter or digit first and last",
+            )
         value = annotations[key]
         if not isinstance(value, str):
-            raise DeviceError(f"annotation {key} is not a string",
-                              "list PCI addresses, e.g. 0000:03:00.0,0000:03:00.1")
+            raise DeviceError(
+                f"annotation {key} is not a string",
+                "list PCI addresses, e.g. 0000:03:00.0,0000:03:00.1",
+            )
         resource = f"{RESOURCE_DOMAIN}/{name}"
         for addr in parse_address_list(value, key):
             other = named.setdefault(addr, resource)
             if other != resource:
-                raise DeviceError(f"PCI device {addr} is named by two resources, {other} and "
-                                  f"{resource}",
-                                  "name each device in one io.kata-vfio.resource.* annotation")
+                raise DeviceError(
+                    f"PCI device {addr} is named by two resources, {other} and {resource}",
+                    "name each device in one io.kata-vfio.resource.* annotation",
+                )
     return named
 
 
-def plan_edit(spec: dict[str, Any], settings: Settings,
-              allocated: tuple[PciAddress, ...] = (),
-              macs: dict[PciAddress, str] | None = None) -> SpecPlan | None:
+def plan_edit(
+    spec: dict[str, Any],
+    settings: Settings,
+    allocated: tuple[PciAddress, ...] = (),
+    macs: dict[PciAddress, str] | None = None,
+) -> SpecPlan | None:
     """What to add to `spec`; None when the container asks for no VFIO device.
     `allocated`: devices the wrapper chose for an io.kata-vfio.select request."""
     sysfs = settings.sysfs
@@ -239,7 +274,8 @@ def plan_edit(spec: dict[str, Any], settings: Settings,
             raise DeviceError(
                 f"config.json gives {node.path} as {node.major}:{node.minor}, but the host's "
                 f"/dev/vfio/{group} is {host_devnum[0]}:{host_devnum[1]}",
-                f"pass the host's node: --device /dev/vfio/{group}")
+                f"pass the host's node: --device /dev/vfio/{group}",
+            )
         nodes.append(node)
     manifest = Manifest(tuple(resolved), settings.hotplug_timeout)
     annotations = {
@@ -249,8 +285,13 @@ def plan_edit(spec: dict[str, Any], settings: Settings,
     }
     if allocated:
         annotations[ALLOCATED_ANNOTATION] = ",".join(str(a) for a in allocated)
-    return SpecPlan(tuple(nodes), annotations, manifest,
-                    RLIM_INFINITY if settings.raise_memlock else None, settings.dpdk_run_tmpfs)
+    return SpecPlan(
+        tuple(nodes),
+        annotations,
+        manifest,
+        RLIM_INFINITY if settings.raise_memlock else None,
+        settings.dpdk_run_tmpfs,
+    )
 
 
 def kata_annotations(settings: Settings) -> dict[str, str]:
@@ -270,8 +311,11 @@ def kata_annotations(settings: Settings) -> dict[str, str]:
 
 def _has_allow_rule(rules: list[Any], node: DeviceNode) -> bool:
     return any(
-        isinstance(r, dict) and r.get("allow") is True and r.get("type") in ("c", "a")
-        and r.get("major", node.major) == node.major and r.get("minor", node.minor) == node.minor
+        isinstance(r, dict)
+        and r.get("allow") is True
+        and r.get("type") in ("c", "a")
+        and r.get("major", node.major) == node.major
+        and r.get("minor", node.minor) == node.minor
         and set("rw") <= set(r.get("access", "rwm"))
         for r in rules
     )
@@ -313,8 +357,11 @@ def apply_plan(spec: dict[str, Any], plan: SpecPlan) -> dict[str, Any]:
     if plan.memlock is not None and isinstance(new.get("process"), dict):
         raise_memlock(new["process"], plan.memlock)
     mounts = new.get("mounts")
-    if plan.run_tmpfs and isinstance(mounts, list) and not any(
-            isinstance(m, dict) and m.get("destination") in DPDK_RUN_DIRS for m in mounts):
+    if (
+        plan.run_tmpfs
+        and isinstance(mounts, list)
+        and not any(isinstance(m, dict) and m.get("destination") in DPDK_RUN_DIRS for m in mounts)
+    ):
         mounts.append(_json_copy(DPDK_RUN_TMPFS))
     return new
 
@@ -335,15 +382,18 @@ def raise_memlock(process: dict[str, Any], limit: int) -> None:
 
 # On CRI engines a pod's annotations reach the pod sandbox's spec as well as each of its
 # containers' specs; these say which one a spec is (Kata's shim tells them apart the same way)
-CONTAINER_TYPE_ANNOTATIONS = ("io.kubernetes.cri.container-type",   # containerd
-                              "io.kubernetes.cri-o.ContainerType")  # CRI-O
+CONTAINER_TYPE_ANNOTATIONS = (
+    "io.kubernetes.cri.container-type",  # containerd
+    "io.kubernetes.cri-o.ContainerType",
+)  # CRI-O
 SANDBOX = "sandbox"
 
 
 def is_sandbox(spec: dict[str, Any]) -> bool:
     annotations = spec.get("annotations")
     return isinstance(annotations, dict) and any(
-        annotations.get(key) == SANDBOX for key in CONTAINER_TYPE_ANNOTATIONS)
+        annotations.get(key) == SANDBOX for key in CONTAINER_TYPE_ANNOTATIONS
+    )
 
 
 def sandbox_spec(spec: dict[str, Any], settings: Settings, asks: bool) -> dict[str, Any]:
@@ -370,19 +420,23 @@ def strip_own_annotations(spec: dict[str, Any]) -> dict[str, Any]:
 
 def load_spec(bundle: StrPath) -> tuple[dict[str, Any], bytes]:
     if not os.path.isdir(bundle):
-        raise SpecError(f"bundle directory {bundle} does not exist",
-                        "pass the OCI bundle with --bundle")
+        raise SpecError(
+            f"bundle directory {bundle} does not exist", "pass the OCI bundle with --bundle"
+        )
     path = os.path.join(bundle, "config.json")
     try:
         raw = read_regular(path, MAX_CONFIG_JSON_BYTES, "config.json")
     except OSError as exc:
-        raise SpecError(f"cannot read {path}: {exc.strerror}",
-                        "the bundle must hold the container's config.json") from None
+        raise SpecError(
+            f"cannot read {path}: {exc.strerror}",
+            "the bundle must hold the container's config.json",
+        ) from None
     try:
         spec = loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise SpecError(f"{path} is not valid JSON ({exc})",
-                        "let the container engine write the bundle") from None
+        raise SpecError(
+            f"{path} is not valid JSON ({exc})", "let the container engine write the bundle"
+        ) from None
     if not isinstance(spec, dict):
         raise SpecError(f"{path} is not a JSON object", "let the container engine write the bundle")
     return spec, raw
@@ -395,10 +449,13 @@ class EditResult:
     seconds: float
 
 
-def edit_bundle(bundle: StrPath, settings: Settings,
-                allocated: tuple[PciAddress, ...] = (),
-                macs: dict[PciAddress, str] | None = None,
-                spec: dict[str, Any] | None = None) -> EditResult:
+def edit_bundle(
+    bundle: StrPath,
+    settings: Settings,
+    allocated: tuple[PciAddress, ...] = (),
+    macs: dict[PciAddress, str] | None = None,
+    spec: dict[str, Any] | None = None,
+) -> EditResult:
     """Plan and apply the VFIO edit to <bundle>/config.json; raises before any write.
     `spec`: config.json as the caller has just read it (load_spec), to skip a re-read."""
     started = time.perf_counter()
@@ -408,7 +465,6 @@ def edit_bundle(bundle: StrPath, settings: Settings,
     new = apply_plan(spec, plan) if plan is not None else strip_own_annotations(spec)
     written = False
     if new != spec:
-        write_atomically(os.path.join(bundle, "config.json"), dumps(new).encode(),
-                         durable=False)
+        write_atomically(os.path.join(bundle, "config.json"), dumps(new).encode(), durable=False)
         written = True
     return EditResult(plan, written, time.perf_counter() - started)

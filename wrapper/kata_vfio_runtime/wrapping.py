@@ -34,8 +34,14 @@ class Wrapper:
 
     __slots__ = ("cache_index", "default", "name", "resolve", "setting")
 
-    def __init__(self, name: str, setting: str, default: str, cache_index: int,
-                 resolve: Callable[[str, str], str]) -> None:
+    def __init__(
+        self,
+        name: str,
+        setting: str,
+        default: str,
+        cache_index: int,
+        resolve: Callable[[str, str], str],
+    ) -> None:
         self.name = name  # the program's name, in front of its error lines
         self.setting = setting  # config.toml's key (and Settings' field) for the real one
         self.default = default
@@ -63,12 +69,14 @@ def passthrough(wrapper: Wrapper) -> tuple[str, str]:
 
 def holds_devices(container_id: str | None, state_dir: str) -> bool:
     """Does a container's delete have devices to give back? (Its ledger marker exists.)"""
-    return plain_container_id(container_id) \
-        and os.path.exists(f"{state_dir}/containers/{container_id}")
+    return plain_container_id(container_id) and os.path.exists(
+        f"{state_dir}/containers/{container_id}"
+    )
 
 
-def prepare(wrapper: Wrapper, container_id: str | None, bundle: str | None,
-            **log_fields: Any) -> str:
+def prepare(
+    wrapper: Wrapper, container_id: str | None, bundle: str | None, **log_fields: Any
+) -> str:
     """Claim and edit the bundle (the working directory when None) for VFIO; returns the
     real program's path. On any failure nothing stays bound or claimed."""
     from kata_vfio.jsonlog import wrapper_log
@@ -79,7 +87,11 @@ def prepare(wrapper: Wrapper, container_id: str | None, bundle: str | None,
         settings = load_settings()
         inner = wrapper.resolve(getattr(settings, wrapper.setting), config_path())
     log = wrapper_log(settings.log_file, container_id=container_id, **log_fields)
-    lifecycle.prepare_bundle(container_id, os.path.abspath(bundle) if bundle else os.getcwd(),
-                             settings, lifecycle.host_of(settings),
-                             log.bind(**{wrapper.setting: inner}))
+    lifecycle.prepare_bundle(
+        container_id,
+        os.path.abspath(bundle) if bundle else os.getcwd(),
+        settings,
+        lifecycle.host_of(settings),
+        log.bind(**{wrapper.setting: inner}),
+    )
     return inner

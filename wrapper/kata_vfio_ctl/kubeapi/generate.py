@@ -24,9 +24,17 @@ def generate(output_root: Path) -> None:
     includes = Path(grpc_tools.__file__).parent / "_proto"
     for name in PROTOS:
         proto = f"kata_vfio_ctl/kubeapi/{name}"
-        code = protoc.main(["protoc", f"-I{SOURCE_ROOT}", f"-I{includes}",
-                            f"--python_out={output_root}", f"--pyi_out={output_root}",
-                            f"--grpc_python_out={output_root}", proto])
+        code = protoc.main(
+            [
+                "protoc",
+                f"-I{SOURCE_ROOT}",
+                f"-I{includes}",
+                f"--python_out={output_root}",
+                f"--pyi_out={output_root}",
+                f"--grpc_python_out={output_root}",
+                proto,
+            ]
+        )
         if code != 0:
             raise SystemExit(f"protoc failed on {proto} (exit {code})")
 
