@@ -74,6 +74,7 @@ venv: $(VENV)/.installed
 
 lint: venv
 	$(VENV)/bin/ruff check common wrapper hook tests initrd bench demo packaging
+	$(VENV)/bin/ruff format --check common wrapper hook tests initrd bench demo packaging
 	$(VENV)/bin/mypy  # the packages named in pyproject.toml ([tool.mypy] files)
 
 # Everything but the tests against an installed Kata: unit tests, real podman, containerd,
