@@ -13,7 +13,7 @@ A newcomer's `make demo` from scratch (README, "Develop"), the cache private to 
 
     python3 tests/freshroot.py make R python3 python3-venv python3-pip make git ca-certificates
     git clone . R/root/kata-vfio
-    python3 tests/freshroot.py run --sys-rw R -- sh -c 'cd /root/kata-vfio && time make demo'
+    python3 tests/freshroot.py run --sys-rw R -- bash -c 'cd /root/kata-vfio && time make demo'
     rm -rf --one-file-system R
 """
 
