@@ -189,7 +189,9 @@ def make_root(root: Path, packages: list[str], suite: str = SUITE) -> Path:
 
 # in a private mount namespace: the root bound on itself (a machine's / is a mount point:
 # podman's layer unpacking remounts it), proc, the host's /sys (read-only unless sys_rw)
-# and /dev, a tmpfs on /run, then chroot; the mounts end with the namespace
+# and /dev, a tmpfs on /run, then pivot_root, not chroot: the namespace's own root is the
+# fresh root, so a command that enters a mount namespace (nsenter -m, setns) lands in the
+# fresh root as on a machine, not in the host's /; the mounts end with the namespace
 _ENTER = """set -e
 root=$1; shift
 mount --bind "$root" "$root"
@@ -199,7 +201,12 @@ mount --rbind /sys "$root/sys"
 mount --rbind /dev "$root/dev"
 mkdir -p "$root/dev/pts" "$root/run" "$root/tmp"
 mount -t tmpfs tmpfs "$root/run"
-exec chroot "$root" "$@"
+mkdir -p "$root/run/freshroot-host"
+cd "$root"
+pivot_root . run/freshroot-host
+umount -l /run/freshroot-host
+rmdir /run/freshroot-host
+exec chroot / "$@"
 """
 
 
