@@ -1,7 +1,7 @@
 """A fresh Debian root, as a new node or a newcomer's machine starts: debootstrap minbase
 with only the packages asked for, cached as a tarball under $KATA_VFIO_CACHE by suite and
 package list, then commands run inside it (a private mount namespace with /proc, /sys and
-/dev, chroot): every mount goes with the namespace when the command ends.
+/dev, pivot_root into it): every mount goes with the namespace when the command ends.
 
 The root's apt sources, apt settings, keyrings and CA certificates are the host's own,
 copied in at run time; no archive host is named here.
