@@ -1,7 +1,7 @@
 """A fresh Debian root, as a new node or a newcomer's machine starts: debootstrap minbase
 with only the packages asked for, cached as a tarball under $KATA_VFIO_CACHE by suite and
 package list, then commands run inside it (a private mount namespace with /proc, /sys and
-/dev, chroot): every mount goes with the namespace when the command ends.
+/dev, pivot_root into it): every mount goes with the namespace when the command ends.
 
 The root's apt sources, apt settings, keyrings and CA certificates are the host's own,
 copied in at run time; no archive host is named here.
@@ -13,7 +13,7 @@ A newcomer's `make demo` from scratch (README, "Develop"), the cache private to 
 
     python3 tests/freshroot.py make R python3 python3-venv python3-pip make git ca-certificates
     git clone . R/root/kata-vfio
-    python3 tests/freshroot.py run --sys-rw R -- sh -c 'cd /root/kata-vfio && time make demo'
+    python3 tests/freshroot.py run --sys-rw R -- bash -c 'cd /root/kata-vfio && time make demo'
     rm -rf --one-file-system R
 """
 
@@ -242,7 +242,9 @@ def make_root(root: Path, packages: list[str], suite: str = SUITE) -> Path:
 
 # in a private mount namespace: the root bound on itself (a machine's / is a mount point:
 # podman's layer unpacking remounts it), proc, the host's /sys (read-only unless sys_rw)
-# and /dev, a tmpfs on /run, then chroot; the mounts end with the namespace
+# and /dev, a tmpfs on /run, then pivot_root, not chroot: the namespace's own root is the
+# fresh root, so a command that enters a mount namespace (nsenter -m, setns) lands in the
+# fresh root as on a machine, not in the host's /; the mounts end with the namespace
 _ENTER = """set -e
 root=$1; shift
 mount --bind "$root" "$root"
@@ -252,7 +254,12 @@ mount --rbind /sys "$root/sys"
 mount --rbind /dev "$root/dev"
 mkdir -p "$root/dev/pts" "$root/run" "$root/tmp"
 mount -t tmpfs tmpfs "$root/run"
-exec chroot "$root" "$@"
+mkdir -p "$root/run/freshroot-host"
+cd "$root"
+pivot_root . run/freshroot-host
+umount -l /run/freshroot-host
+rmdir /run/freshroot-host
+exec chroot / "$@"
 """
 
 

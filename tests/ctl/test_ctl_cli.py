@@ -36,6 +36,15 @@ def ctl_config(vfio_host: FakeSysfs, tmp_path: Path, monkeypatch: pytest.MonkeyP
     return config
 
 
+def closed_to_others(paths: list[Path]) -> Path | None:
+    """The first directory on the way to `paths` that other users cannot enter, if any."""
+    for path in paths:
+        for step in reversed([path, *path.parents]):
+            if step.is_dir() and not step.stat().st_mode & 0o001:
+                return step
+    return None
+
+
 def run_ctl(
     args: list[str],
     config: Path,
@@ -52,6 +61,15 @@ def run_ctl(
     }
     argv = [sys.executable, "-m", "kata_vfio_ctl.main", *args]
     if user is not None:
+        closed = closed_to_others([Path(sys.prefix), *map(Path, SOURCE_PATH.split(os.pathsep))])
+        if closed is not None:
+            mode = closed.stat().st_mode & 0o777
+            pytest.fail(
+                f"{closed} is closed to other users (mode {mode:o}):"
+                f" this test runs kata-vfio-ctl from this venv and tree as user {user};"
+                " keep the checkout where other users can read it (not under /root)",
+                pytrace=False,
+            )
         argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *argv]
     kwargs.setdefault("stdout", subprocess.PIPE)
     return subprocess.run(argv, env=env, stderr=subprocess.PIPE, text=True, timeout=60, **kwargs)  # type: ignore[call-overload, no-any-return]

@@ -200,3 +200,20 @@ def test_uninstall_leaves_the_fresh_node_as_it_was(node: tuple[Path, set[str]]) 
     after = listing(root)
     assert after - before == set(), "left behind by make uninstall"
     assert before - after == set(), "removed by make uninstall, and not ours"
+
+
+def test_a_mount_namespace_entered_in_the_root_has_the_roots_files(
+    node: tuple[Path, set[str]],
+) -> None:
+    """As on a machine, a command that enters another process's mount namespace (nsenter -m,
+    as the hook's tests and engines do) sees the node's / there, not the host's."""
+    root, _ = node
+    (root / "tmp/only-on-this-node").write_text("")
+    script = (
+        "unshare -m --propagation private sleep 60 & sleep 1; "
+        "nsenter -t $! -m ls -d /tmp/only-on-this-node; ok=$?; kill $!; exit $ok"
+    )
+    seen = in_root(root, ["sh", "-c", script])
+    assert seen.returncode == 0 and seen.stdout.strip() == "/tmp/only-on-this-node", (
+        seen.stdout + seen.stderr
+    )
