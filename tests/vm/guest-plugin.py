@@ -86,7 +86,8 @@ def owners():
     """Each function's ledger owner (a claim's container id), as `kata-vfio-ctl devices`
     reads it (in this process: a command's start costs seconds under TCG)."""
     from kata_vfio.pci import IommuGroup
-    from kata_vfio_host.ledger import Host, owner_of
+    from kata_vfio_host.ledger import Host
+    from kata_vfio_host.owners import owner_of
 
     host = Host("/sys", "/run/kata-vfio-state")
     found = {}
