@@ -40,11 +40,12 @@ from k8s.node import (
     NodeError,
     _unmount_under,
     busybox_layer,
+    make_v1_cgroup,
     oci_archive,
+    remove_v1_cgroup,
 )
 
 HANDLER = "kata-vfio"
-CGROUP_V1 = Path("/sys/fs/cgroup")
 # The inner shim kata-vfio's wrapper execs: runc's, standing in for Kata's. CRI-O gives every
 # pod's infra container oomScoreAdj -998 (a fixed value, no setting to restrict it, unlike
 # containerd's restrict_oom_score_adj); runc cannot write a value below its own process's
@@ -254,7 +255,7 @@ class CrioNode:
 
     # -- CRI-O itself
     def start(self, timeout: float = 120) -> None:
-        self.make_cgroup_parent()
+        make_v1_cgroup(self.cgroup_parent)
         self._log = open(self.top / "crio.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [
@@ -331,58 +332,14 @@ class CrioNode:
         for pid in _processes_mentioning(str(self.top)):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        self.remove_cgroup_parent()
+        # what is left in this node's cgroups is this node's: a pod whose start failed
+        # can leave runc's `runc init` waiting there once its shim is gone
+        remove_v1_cgroup(self.cgroup_parent, kill_left=True)
         _unmount_under(self.top)
 
     def log_tail(self, chars: int = 4000) -> str:
         path = self.top / "crio.log"
         return path.read_text(errors="replace")[-chars:] if path.exists() else ""
-
-    # -- cgroups of its own (cgroupfs, v1 here)
-    def _hierarchies(self) -> list[Path]:
-        if not CGROUP_V1.is_dir():
-            return []
-        return [
-            p
-            for p in CGROUP_V1.iterdir()
-            if p.is_dir() and not p.is_symlink() and (p / "cgroup.procs").exists()
-        ]
-
-    def make_cgroup_parent(self) -> None:
-        for hierarchy in self._hierarchies():
-            d = hierarchy / self.cgroup_parent.lstrip("/")
-            d.mkdir(exist_ok=True)
-            if hierarchy.name == "cpuset":
-                for attr in ("cpuset.cpus", "cpuset.mems"):
-                    (d / attr).write_text((hierarchy / attr).read_text())
-
-    def remove_cgroup_parent(self) -> None:
-        # what is left in this node's cgroups is this node's: a pod whose start failed
-        # can leave runc's `runc init` waiting there once its shim is gone
-        for _ in range(50):
-            left = {
-                int(pid)
-                for hierarchy in self._hierarchies()
-                for procs in (hierarchy / self.cgroup_parent.lstrip("/")).rglob("cgroup.procs")
-                for pid in procs.read_text().split()
-            }
-            if not left:
-                break
-            for pid in left:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            time.sleep(0.1)
-        for hierarchy in self._hierarchies():
-            top = hierarchy / self.cgroup_parent.lstrip("/")
-            if not top.is_dir():
-                continue
-            for d in sorted(
-                (p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True
-            ):
-                with contextlib.suppress(OSError):
-                    d.rmdir()
-            with contextlib.suppress(OSError):
-                top.rmdir()
 
     # -- crictl
     def crictl_run(self, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:

@@ -353,7 +353,7 @@ class KubeletNode:
     def start_kubelet(self) -> None:
         config = self.top / "kubelet.yaml"
         config.write_text(json.dumps(kubelet_config(self), indent=1))  # JSON is YAML
-        self.make_cgroup_root()
+        make_v1_cgroup(self.cgroup_root)
         private = self.top / "proc-sys"
         # unshare gives the kubelet a private mount namespace; the kernel settings it
         # writes are bind mounts of copies there (the host keeps its own)
@@ -443,42 +443,11 @@ class KubeletNode:
         for pid in _shims_of(self.containerd_sock):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        self.remove_cgroup_root()
+        remove_v1_cgroup(self.cgroup_root)
         _unmount_under(self.top)
         for d in reversed(self._created):
             with contextlib.suppress(OSError):
                 d.rmdir()
-
-    # -- cgroups of its own
-    def _hierarchies(self) -> list[Path]:
-        if not CGROUP_V1.is_dir():
-            return []
-        return [
-            p
-            for p in CGROUP_V1.iterdir()
-            if p.is_dir() and not p.is_symlink() and (p / "cgroup.procs").exists()
-        ]
-
-    def make_cgroup_root(self) -> None:
-        for hierarchy in self._hierarchies():
-            d = hierarchy / self.cgroup_root.lstrip("/")
-            d.mkdir(exist_ok=True)
-            if hierarchy.name == "cpuset":
-                for attr in ("cpuset.cpus", "cpuset.mems"):
-                    (d / attr).write_text((hierarchy / attr).read_text())
-
-    def remove_cgroup_root(self) -> None:
-        for hierarchy in self._hierarchies():
-            top = hierarchy / self.cgroup_root.lstrip("/")
-            if not top.is_dir():
-                continue
-            for d in sorted(
-                (p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True
-            ):
-                with contextlib.suppress(OSError):
-                    d.rmdir()
-            with contextlib.suppress(OSError):
-                top.rmdir()
 
     # -- looking at it
     def ctr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -716,3 +685,55 @@ def require_tools() -> str | None:
     if not Path("/bin/busybox").exists():
         return "/bin/busybox is not installed (Debian's busybox-static)"
     return None
+
+
+# -- a node's cgroups of its own (cgroupfs on this host's v1 hierarchies) ---------------------
+
+
+def cgroup_v1_hierarchies() -> list[Path]:
+    if not CGROUP_V1.is_dir():
+        return []
+    return [
+        p
+        for p in CGROUP_V1.iterdir()
+        if p.is_dir() and not p.is_symlink() and (p / "cgroup.procs").exists()
+    ]
+
+
+def make_v1_cgroup(name: str) -> None:
+    """`name` (e.g. /kata-vfio-kubelet-PID) in every hierarchy; cpuset's needs its values."""
+    for hierarchy in cgroup_v1_hierarchies():
+        d = hierarchy / name.lstrip("/")
+        d.mkdir(exist_ok=True)
+        if hierarchy.name == "cpuset":
+            for attr in ("cpuset.cpus", "cpuset.mems"):
+                (d / attr).write_text((hierarchy / attr).read_text())
+
+
+def remove_v1_cgroup(name: str, *, kill_left: bool = False) -> None:
+    """`name` and everything below it, deepest first; `kill_left`: first SIGKILL what is
+    still in it (a node's own processes only ever run there)."""
+    for _ in range(50 if kill_left else 0):
+        left = {
+            int(pid)
+            for hierarchy in cgroup_v1_hierarchies()
+            for procs in (hierarchy / name.lstrip("/")).rglob("cgroup.procs")
+            for pid in procs.read_text().split()
+        }
+        if not left:
+            break
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
+    for hierarchy in cgroup_v1_hierarchies():
+        top = hierarchy / name.lstrip("/")
+        if not top.is_dir():
+            continue
+        for d in sorted(
+            (p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True
+        ):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        with contextlib.suppress(OSError):
+            top.rmdir()
