@@ -42,6 +42,7 @@ from k8s.node import (
     busybox_layer,
     make_v1_cgroup,
     oci_archive,
+    poll_until,
     remove_v1_cgroup,
 )
 
@@ -420,17 +421,7 @@ class CrioNode:
         return [json.loads(line) for line in self.log_file.read_text().splitlines() if line]
 
     def wait_for(self, check: Any, timeout: float, what: str) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            value = check()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise NodeError(
-                    f"timed out after {timeout:.0f} s waiting for {what}\n"
-                    "crio: " + self.log_tail(3000)
-                )
-            time.sleep(0.2)
+        return poll_until(check, timeout, what, lambda: "crio: " + self.log_tail(3000))
 
 
 def _processes_mentioning(text: str) -> list[int]:

@@ -580,17 +580,9 @@ class KubeletNode:
         return items[0] if items else None
 
     def wait_for(self, check: Any, timeout: float, what: str) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            value = check()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise NodeError(
-                    f"timed out after {timeout:.0f} s waiting for {what}\n"
-                    "kubelet: " + self.log_tail("kubelet", 4000)
-                )
-            time.sleep(0.2)
+        return poll_until(
+            check, timeout, what, lambda: "kubelet: " + self.log_tail("kubelet", 4000)
+        )
 
     def wait_exited(self, name: str, timeout: float = 120) -> dict[str, Any]:
         def exited() -> dict[str, Any] | None:
@@ -737,3 +729,16 @@ def remove_v1_cgroup(name: str, *, kill_left: bool = False) -> None:
                 d.rmdir()
         with contextlib.suppress(OSError):
             top.rmdir()
+
+
+def poll_until(check: Any, timeout: float, what: str, log_tail: Any) -> Any:
+    """check()'s first true value, polled every 0.2 s; after `timeout` s a NodeError naming
+    `what`, with `log_tail()` (the node's log) to show why."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise NodeError(f"timed out after {timeout:.0f} s waiting for {what}\n" + log_tail())
+        time.sleep(0.2)
