@@ -14,30 +14,33 @@ under ``if TYPE_CHECKING:``, from the stub `kata_vfio.types` (Protocols, aliases
 has no run-time module; value types are `value` classes (below). ruff's TID253
 (pyproject.toml) and tests/project/test_lean_paths.py enforce it.
 
-Value types: `value`, the one way kata-vfio writes a small immutable record.
+Value types: `Value`, the one way kata-vfio writes a small immutable record.
 
-    @value
-    class PciIdentity:
+    class PciIdentity(Value):
         vendor: int
         device: int
         class_code: int = 0
 
         def describe(self) -> str: ...
 
-The class becomes a tuple subclass with no instance dict (``__slots__ = ()``): one
-read-only property per annotated field (an `itemgetter`, in annotation order), a
-``__new__`` taking the fields positionally or by name (defaults as written), a
-``Name(field=value, ...)`` repr unless the class writes its own, ``__match_args__``,
-``_fields`` and ``_replace``; `as_dict` gives the fields by name. Equality, hashing and
-ordering are the tuple's (field by field, in order). Methods, properties and class
-methods stay as written. A class whose constructor normalises its arguments is
-``@value(init=False)`` and writes its own ``__new__`` returning
+The class is a tuple subclass with no instance dict (``__slots__ = ()``), made once by
+`Value`'s metaclass from the class body: one read-only property per annotated field (in
+annotation order), a ``__new__`` taking the fields positionally or by name (defaults as
+written), a ``Name(field=value, ...)`` repr unless the class writes its own,
+``__match_args__``, ``_fields`` and ``_replace``; `as_dict` gives the fields by name.
+Equality, hashing and ordering are the tuple's (field by field, in order). Methods,
+properties and class methods stay as written. A class whose constructor normalises its
+arguments is ``class Name(Value, init=False)`` and writes its own ``__new__`` returning
 ``build(cls, (field, ...))``: mypy then checks calls against that ``__new__`` instead of
-the fields' types. A class that compares by some fields only is ``@value(order=False)``
-and writes its comparisons.
+the fields' types. A class that orders by some fields only is
+``class Name(Value, order=False)``: it gets none of the tuple's ``<``, ``<=``, ``>``,
+``>=`` and writes its own (``functools.total_ordering`` fills in the rest). A class that
+writes its own ``__eq__`` gets the ``!=`` that negates it, not the tuple's.
 
-It imports nothing but the built-in `_operator`; mypy reads it through
-`typing.dataclass_transform`, so the fields are checked like a frozen dataclass's.
+It imports nothing and makes each class once (a decorator would make it twice: the class
+statement's class, then the tuple subclass), because the hook and ``create`` make these
+classes on every start. mypy reads it through `typing.dataclass_transform`, so the fields
+are checked like a frozen dataclass's.
 """
 
 from __future__ import annotations
@@ -47,33 +50,81 @@ __version__ = "0.1.0"
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
-    from typing import Any, TypeVar, dataclass_transform, overload
+    from typing import Any, TypeVar, dataclass_transform
 
     _T = TypeVar("_T")
 
-_SKIP = frozenset(("__dict__", "__weakref__", "__slots__"))
+_ORDERING = ("__lt__", "__le__", "__gt__", "__ge__")
 
 
-def _repr(self: tuple[Any, ...]) -> str:
-    fields = ", ".join(f"{name}={field!r}" for name, field in zip(self._fields, self, strict=True))  # type: ignore[attr-defined]
-    return f"{type(self).__name__}({fields})"
+# A field's property and a class's `__new__` are made from these functions, compiled with
+# this module, so making a value class compiles nothing and imports nothing (an exec costs
+# ~80 µs a class, `_operator`'s itemgetter ~100 µs on the first import, on every start of
+# the hook and of create).
+def _get0(self):  # type: ignore[no-untyped-def]
+    return self[0]
 
 
-def _replace(self: Any, **changes: Any) -> Any:
-    return type(self)(
-        **{name: changes.pop(name, field) for name, field in zip(self._fields, self, strict=True)},
-        **changes,
-    )
+def _get1(self):  # type: ignore[no-untyped-def]
+    return self[1]
 
 
-def _getnewargs(self: tuple[Any, ...]) -> tuple[Any, ...]:
-    return tuple(self)  # copy and pickle call __new__ with the fields, not one tuple
+def _get2(self):  # type: ignore[no-untyped-def]
+    return self[2]
 
 
-# `__new__` of 1..16 fields, compiled with this module: a class takes the one of its
-# arity under its own parameter names (CodeType.replace), so making a value class compiles
-# nothing (an exec costs ~80 µs a class, on every start of the hook and of create).
+def _get3(self):  # type: ignore[no-untyped-def]
+    return self[3]
+
+
+def _get4(self):  # type: ignore[no-untyped-def]
+    return self[4]
+
+
+def _get5(self):  # type: ignore[no-untyped-def]
+    return self[5]
+
+
+def _get6(self):  # type: ignore[no-untyped-def]
+    return self[6]
+
+
+def _get7(self):  # type: ignore[no-untyped-def]
+    return self[7]
+
+
+def _get8(self):  # type: ignore[no-untyped-def]
+    return self[8]
+
+
+def _get9(self):  # type: ignore[no-untyped-def]
+    return self[9]
+
+
+def _get10(self):  # type: ignore[no-untyped-def]
+    return self[10]
+
+
+def _get11(self):  # type: ignore[no-untyped-def]
+    return self[11]
+
+
+def _get12(self):  # type: ignore[no-untyped-def]
+    return self[12]
+
+
+def _get13(self):  # type: ignore[no-untyped-def]
+    return self[13]
+
+
+def _get14(self):  # type: ignore[no-untyped-def]
+    return self[14]
+
+
+def _get15(self):  # type: ignore[no-untyped-def]
+    return self[15]
+
+
 def _new1(_cls, a):  # type: ignore[no-untyped-def]
     return _tuple_new(_cls, (a,))
 
@@ -139,6 +190,24 @@ def _new16(_cls, a, b, c, d, e, f, g, h, i, j, k, m, n, o, p, q):  # type: ignor
 
 
 _tuple_new = tuple.__new__
+_GET = (
+    _get0,
+    _get1,
+    _get2,
+    _get3,
+    _get4,
+    _get5,
+    _get6,
+    _get7,
+    _get8,
+    _get9,
+    _get10,
+    _get11,
+    _get12,
+    _get13,
+    _get14,
+    _get15,
+)
 _NEW = (
     None,
     _new1,
@@ -159,7 +228,6 @@ _NEW = (
     _new16,
 )
 _function: Any = type(_new1)
-_WRAPPERS = (classmethod, staticmethod)
 
 
 def as_dict(record: object) -> dict[str, Any]:
@@ -168,71 +236,94 @@ def as_dict(record: object) -> dict[str, Any]:
     return dict(zip(record._fields, fields, strict=True))  # type: ignore[attr-defined]
 
 
-def _make_new(name: str, fields: tuple[str, ...], defaults: dict[str, Any]) -> Any:
-    if not 0 < len(fields) < len(_NEW):
-        raise TypeError(f"{name}: a value type has 1 to {len(_NEW) - 1} fields")
-    template = _NEW[len(fields)]
-    code = template.__code__  # type: ignore[union-attr]
+def _make_new(qualname: str, fields: tuple[str, ...], defaults: tuple[Any, ...]) -> Any:
+    code = _NEW[len(fields)].__code__  # type: ignore[union-attr]
     code = code.replace(
         co_varnames=("_cls", *fields, *code.co_varnames[len(fields) + 1 :]),
         co_name="__new__",
-        co_qualname=f"{name}.__new__",
+        co_qualname=f"{qualname}.__new__",
     )
-    return _function(code, globals(), "__new__", tuple(defaults.values()) or None)
+    return _function(code, globals(), "__new__", defaults or None)
 
 
-def _value(cls: type) -> type:
-    from _operator import itemgetter  # a built-in module; here, not at the top: the hook
+def _repr(self: Any) -> str:
+    fields = ", ".join(f"{name}={field!r}" for name, field in zip(self._fields, self, strict=True))
+    return f"{type(self).__name__}({fields})"
 
-    # without a manifest makes no value class
-    own = cls.__dict__
-    annotations = own.get("__annotations__")
-    fields = tuple(cls.__annotations__ if annotations is None else annotations)
-    defaults = {}
-    for field in fields:
-        if field in own:
-            defaults[field] = own[field]
-        elif defaults:
+
+class _Shape(type):
+    """`Value`'s metaclass: turns a class body's annotations into the tuple's fields."""
+
+    def __new__(
+        mcls,
+        name: str,
+        bases: tuple[type, ...],
+        namespace: dict[str, Any],
+        *,
+        init: bool = True,
+        order: bool = True,
+    ) -> _Shape:
+        if bases == (tuple,):  # Value itself
+            return type.__new__(mcls, name, bases, namespace)
+        if bases != (Value,):
+            raise TypeError(f"{name}: a value type derives from Value alone")
+        fields = tuple(namespace.get("__annotations__", ()))
+        if not 0 < len(fields) < len(_NEW):
+            raise TypeError(f"{name}: a value type has 1 to {len(_NEW) - 1} fields")
+        if ("__new__" in namespace) == init:
             raise TypeError(
-                f"{cls.__name__}.{field}: a field without a default after one with a default"
+                f"{name}: a value type with its own __new__ is (Value, init=False), and only it"
             )
-    namespace = {k: v for k, v in own.items() if k not in _SKIP and k not in defaults}
-    namespace["__slots__"] = ()
-    namespace["_fields"] = namespace["__match_args__"] = fields
-    for index, field in enumerate(fields):
-        namespace[field] = property(itemgetter(index), doc=field)
-    if "__new__" not in own:
-        namespace["__new__"] = _make_new(cls.__qualname__, fields, defaults)
-    namespace.setdefault("__repr__", _repr)
-    namespace.setdefault("_replace", _replace)
-    namespace.setdefault("__getnewargs__", _getnewargs)
-    made = type(cls.__name__, (tuple,), namespace)
-    for attribute in namespace.values():  # zero-argument super() and __class__ in methods
-        # (type checks, not getattr with a default: a failed lookup costs a microsecond)
-        function = attribute.__func__ if type(attribute) in _WRAPPERS else attribute
-        if type(function) is _function and "__class__" in function.__code__.co_freevars:
-            cells = function.__closure__
-            cells[function.__code__.co_freevars.index("__class__")].cell_contents = made
-    return made
+        defaults = []
+        for index, field in enumerate(fields):
+            if field in namespace:
+                defaults.append(namespace[field])
+            elif defaults:
+                raise TypeError(f"{name}.{field}: a field without a default after one with one")
+            namespace[field] = property(_GET[index], doc=field)
+        namespace["__slots__"] = ()
+        namespace["_fields"] = namespace["__match_args__"] = fields
+        if init:
+            namespace["__new__"] = _make_new(namespace["__qualname__"], fields, tuple(defaults))
+        if "__repr__" not in namespace:  # per class: super().__repr__() is the tuple's
+            namespace["__repr__"] = _repr
+        if "__eq__" in namespace:  # != from the class's ==, not the tuple's field by field
+            namespace.setdefault("__ne__", object.__ne__)
+        if not order:
+            for method in _ORDERING:
+                namespace.setdefault(method, getattr(object, method))
+        return type.__new__(mcls, name, bases, namespace)
 
 
 if TYPE_CHECKING:
 
-    @overload
-    def value(cls: type[_T], /) -> type[_T]: ...
-    @overload
-    def value(*, init: bool = True, order: bool = True) -> Callable[[type[_T]], type[_T]]: ...
     @dataclass_transform(eq_default=True, order_default=True, frozen_default=True)
-    def value(cls: Any = None, /, *, init: bool = True, order: bool = True) -> Any:
-        """`@value`; `init=False`: a class with a `__new__` of its own; `order=False`: one
-        that compares by its own `__eq__`/`__lt__` (not every field)."""
+    class Value(metaclass=_Shape):
+        """A value type: ``class Name(Value)``, ``(Value, init=False)``,
+        ``(Value, order=False)`` (see the module docstring)."""
+
+        _fields: tuple[str, ...]
+
+        def _replace(self: _T, **changes: Any) -> _T: ...
 
     def build(cls: type[_T], fields: tuple[Any, ...]) -> _T:
         """The instance of `cls` with these fields: what a value class's own `__new__`
         (one that normalises its arguments) returns."""
 else:
 
-    def value(cls: Any = None, /, *, init: bool = True, order: bool = True) -> Any:
-        return _value if cls is None else _value(cls)
+    class Value(tuple, metaclass=_Shape):
+        __slots__ = ()
+
+        def _replace(self, **changes):
+            return type(self)(
+                **{
+                    name: changes.pop(name, field)
+                    for name, field in zip(self._fields, self, strict=True)
+                },
+                **changes,
+            )
+
+        def __getnewargs__(self):
+            return tuple(self)  # copy and pickle call __new__ with the fields, not one tuple
 
     build = tuple.__new__

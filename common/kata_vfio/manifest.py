@@ -8,7 +8,7 @@ Keys a reader does not know are ignored, so an optional key (a device's ``mac`` 
 
 from __future__ import annotations
 
-from kata_vfio import defaults, value
+from kata_vfio import Value, defaults
 from kata_vfio.defaults import HOTPLUG_TIMEOUT_DEFAULT, HOTPLUG_TIMEOUT_MAX
 from kata_vfio.errors import SpecError
 from kata_vfio.hexcodes import hex_number, parse_mac
@@ -99,8 +99,7 @@ def _parse_resource(value: object) -> str | None:
     raise SpecError(f"manifest: {value!r} is not a resource name", "regenerate the manifest")
 
 
-@value
-class ManifestDevice:
+class ManifestDevice(Value):
     """One device of the manifest: where it sat on the host, what it is, its MAC, and
     the resource name it was allocated as (kata-vfio.io/nvme), if any."""
 
@@ -146,14 +145,12 @@ class ManifestDevice:
         )
 
 
-@value
-class ManifestGroup:
+class ManifestGroup(Value):
     host_group: IommuGroup
     devices: tuple[ManifestDevice, ...]
 
 
-@value
-class Manifest:
+class Manifest(Value):
     groups: tuple[ManifestGroup, ...]
     # how long the guest hook waits for devices the hypervisor hot-plugs late
     hotplug_timeout: float = HOTPLUG_TIMEOUT_DEFAULT

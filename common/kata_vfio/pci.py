@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from kata_vfio import value
+from kata_vfio import Value
 from kata_vfio.errors import DeviceError
 from kata_vfio.hexcodes import hex_number
 
@@ -37,8 +37,7 @@ def _hex_field(text: str, width: int, what: str, original: str) -> int:
     return number
 
 
-@value
-class PciAddress:
+class PciAddress(Value):
     """A PCI function address, ``DDDD:BB:SS.F``; prints canonically (lower-case).
     Ordered and hashed as (domain, bus, slot, function)."""
 
@@ -78,8 +77,7 @@ class PciAddress:
         return f"{self.domain:04x}:{self.bus:02x}:{self.slot:02x}.{self.function:x}"
 
 
-@value
-class IommuGroup:
+class IommuGroup(Value):
     """An IOMMU group number, as in ``/dev/vfio/<N>``."""
 
     number: int
@@ -100,8 +98,7 @@ class IommuGroup:
         return str(self.number)
 
 
-@value
-class PciIdentity:
+class PciIdentity(Value):
     """What a PCI function is, as opposed to where it sits: the IDs that do not change
     when the function is passed from host to guest."""
 
@@ -119,8 +116,7 @@ class PciIdentity:
         return f"{self.ids} class {self.class_code:06x}"
 
 
-@value
-class PciDevice:
+class PciDevice(Value):
     """What sysfs says about one PCI function."""
 
     address: PciAddress
@@ -287,8 +283,7 @@ def read_device(sysfs: StrPath, addr: PciAddress) -> PciDevice:
     )
 
 
-@value
-class BindState:
+class BindState(Value):
     """What moving a PCI function between drivers needs to know, and to give back."""
 
     address: PciAddress

@@ -16,7 +16,7 @@ import fcntl
 import os
 import time
 
-from kata_vfio import value
+from kata_vfio import Value
 from kata_vfio.errors import HookError
 from kata_vfio.files import edited, file_lock, write_atomically
 from kata_vfio.jsoncodec import dumps, loads
@@ -29,8 +29,7 @@ LEDGER = "claims.json"
 LOCK = ".lock"
 
 
-@value
-class Claim:
+class Claim(Value):
     container_id: str
     pid: int
     start: int | None  # the pid's start time in clock ticks since boot

@@ -6,7 +6,7 @@ everywhere on the hook's path (the lean-import rule, see `kata_vfio`).
 
 from __future__ import annotations
 
-from kata_vfio import value
+from kata_vfio import Value
 from kata_vfio.defaults import GUEST_CLAIMS_DIR
 from kata_vfio.rebind import MODPROBE, write_attr
 from kata_vfio_hook.state import LIBCONTAINER
@@ -17,8 +17,7 @@ if TYPE_CHECKING:
     from kata_vfio.types import Ipv4Lookup, StrPath, SysfsWrite
 
 
-@value
-class GuestRoots:
+class GuestRoots(Value):
     """sysfs, /proc, the cgroup tree, Kata 1.x's libcontainer directory and the claim
     ledger's directory; plus the seams tests replace (sysfs writes, uevents, addresses)."""
 

@@ -7,12 +7,11 @@ import pickle
 
 import pytest
 
-from kata_vfio import as_dict, build, value
+from kata_vfio import Value, as_dict, build
 from kata_vfio.pci import PciAddress, PciIdentity
 
 
-@value
-class Port:
+class Port(Value):
     name: str
     index: int = 0
     tags: tuple[str, ...] = ()
@@ -21,8 +20,7 @@ class Port:
         return f"{self.name}/{self.index}"
 
 
-@value(init=False)
-class Named:
+class Named(Value, init=False):
     name: str
 
     def __new__(cls, name: object) -> Named:
@@ -73,7 +71,45 @@ def test_an_own_new_normalises_and_super_works_in_methods() -> None:
 def test_a_field_without_default_after_one_with_is_refused() -> None:
     with pytest.raises(TypeError, match="without a default"):
 
-        @value
-        class Bad:
+        class Bad(Value):
             a: int = 0
             b: int
+
+
+def test_order_false_leaves_the_ordering_to_the_class() -> None:
+    from kata_vfio_ctl.kata3 import KataRelease
+
+    # ordered by (major, minor) alone: the tuple's ordering would also compare `source`
+    old, new = KataRelease(3, 2, "b-file"), KataRelease(3, 2, "a-program")
+    assert old == new and not old != new and old <= new and old >= new and not old < new and not old > new
+    assert KataRelease(2, 9, "z") < KataRelease(3, 0, "a") <= KataRelease(3, 0, "")
+
+    class Loose(Value, order=False):
+        name: str
+
+    with pytest.raises(TypeError):
+        _ = Loose("a") < Loose("b")  # type: ignore[operator]
+    assert Loose("a") == Loose("a")
+
+
+def test_the_class_statement_says_whether_it_writes_its_own_new() -> None:
+    with pytest.raises(TypeError, match="init=False"):
+
+        class Own(Value):
+            name: str
+
+            def __new__(cls, name: str) -> Own:
+                return build(cls, (name,))
+
+    with pytest.raises(TypeError, match="init=False"):
+
+        class NoNew(Value, init=False):
+            name: str
+
+
+def test_a_value_type_derives_from_value_alone() -> None:
+    assert Port.__mro__[1:] == (Value, tuple, object)
+    with pytest.raises(TypeError, match="from Value alone"):
+
+        class Deeper(Port):  # type: ignore[misc]
+            extra: int

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kata_vfio import value
+from kata_vfio import Value
 from kata_vfio.errors import DeviceError
 from kata_vfio.pci import (
     VFIO_CONTAINER_DEVNUM,
@@ -41,8 +41,7 @@ CDI_KIND = "kata-vfio.io/pci"
 DEFAULT_SPEC = Path("/etc/cdi/kata-vfio.json")
 
 
-@value
-class UsableGroup:
+class UsableGroup(Value):
     """An IOMMU group a container can have: all members fit VFIO, /dev/vfio/N exists."""
 
     group: IommuGroup
@@ -50,8 +49,7 @@ class UsableGroup:
     endpoints: tuple[PciAddress, ...]  # the members that are not bridges
 
 
-@value
-class SkippedGroup:
+class SkippedGroup(Value):
     group: IommuGroup
     reason: str
 

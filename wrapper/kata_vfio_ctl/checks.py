@@ -5,13 +5,12 @@ A leaf: it imports nothing of ours, so every module with checks can use it.
 
 from __future__ import annotations
 
-from kata_vfio import as_dict, value
+from kata_vfio import Value, as_dict
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 
 
-@value
-class Check:
+class Check(Value):
     name: str
     status: str
     detail: str

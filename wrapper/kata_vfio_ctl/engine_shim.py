@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from kata_vfio import value
+from kata_vfio import Value
 from kata_vfio.errors import ConfigError, UsageError
 
 RUNTIME_NAME = "kata-vfio"
@@ -20,8 +20,7 @@ SHIM_BINARY = "containerd-shim-kata-vfio-v2"
 SHIM_PREFIX = "containerd-shim-"
 
 
-@value
-class ShimRuntime:
+class ShimRuntime(Value):
     """What an engine needs to start kata-vfio's shim wrapper."""
 
     shim_path: str | None = None  # absolute path; None: containerd finds it on its PATH

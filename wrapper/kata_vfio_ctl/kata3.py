@@ -46,7 +46,7 @@ from typing import Any
 
 import tomlkit
 
-from kata_vfio import value
+from kata_vfio import Value
 from kata_vfio.errors import ConfigError
 from kata_vfio_ctl.kata_conf import HYPERVISOR_ANNOTATION_PREFIX, annotation_enabled
 from kata_vfio_host.settings import GUEST_AGENT, GUEST_HOOK, Settings
@@ -64,9 +64,8 @@ class ReleaseUnknown(ConfigError):
     """Neither kata-runtime nor the configuration's keys tell which Kata this is."""
 
 
-@value(order=False)
 @total_ordering
-class KataRelease:
+class KataRelease(Value, order=False):
     """Compared and ordered by (major, minor): `source` only says where it was read."""
 
     major: int
@@ -386,8 +385,7 @@ def _undo_config_key(config_file: Path, key: str, undo: dict[str, Any]) -> None:
 # --- install / uninstall --------------------------------------------------------------------
 
 
-@value
-class InstallResult:
+class InstallResult(Value):
     release: KataRelease
     generated: Path | None  # None for Kata 1.x: the installed file was edited in place
     lines: tuple[str, ...]

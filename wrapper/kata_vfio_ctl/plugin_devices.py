@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kata_vfio import value
+from kata_vfio import Value
 from kata_vfio.errors import ConfigError, DeviceError
 from kata_vfio.pci import (
     PCI_STUB,
@@ -45,8 +45,7 @@ HEALTHY = "Healthy"
 UNHEALTHY = "Unhealthy"
 
 
-@value
-class Resource:
+class Resource(Value):
     name: str
     select: SelectRequest | None
     globs: tuple[AllowRule, ...]
@@ -88,8 +87,7 @@ def resources_from_settings(tables: tuple[dict[str, Any], ...]) -> list[Resource
     ]
 
 
-@value
-class Unit:
+class Unit(Value):
     id: str  # the group's first endpoint address
     group: IommuGroup
     endpoints: tuple[PciAddress, ...]

@@ -28,7 +28,7 @@ import os
 import time
 from typing import TYPE_CHECKING
 
-from kata_vfio import value
+from kata_vfio import Value
 from kata_vfio.errors import DeviceError
 from kata_vfio.files import edited
 from kata_vfio.pci import IommuGroup, PciAddress
@@ -51,8 +51,7 @@ if TYPE_CHECKING:
 RECORDS = "device-plugin"
 
 
-@value
-class Allocation:
+class Allocation(Value):
     id: str  # the ledger's container id: kubernetes-allocation-<id>
     resource: str  # kata-vfio.io/<name>, "" when only the ledger knew it
     device_ids: tuple[str, ...]

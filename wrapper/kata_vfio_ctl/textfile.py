@@ -14,14 +14,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from kata_vfio import value
+from kata_vfio import Value
 from kata_vfio.errors import ConfigError
 
 CONF_LIMIT = 1 << 20  # configuration files are kilobytes; Kata's shipped one is ~30 KiB
 
 
-@value
-class FoundFile:
+class FoundFile(Value):
     """A file as found: its bytes (None: there is none) and the form to write back in."""
 
     path: Path  # as the user named it

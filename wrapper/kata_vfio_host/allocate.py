@@ -17,7 +17,7 @@ import os
 import re
 from typing import Any
 
-from kata_vfio import value
+from kata_vfio import Value
 from kata_vfio.defaults import SELECT_ANNOTATION
 from kata_vfio.errors import DeviceError, KataVfioError
 from kata_vfio.hexcodes import hex_number
@@ -41,8 +41,7 @@ _REQUEST = re.compile(r"^(?P<ids>.*?)(?:\*(?P<count>[0-9]+))?$")
 MAX_COUNT = 256
 
 
-@value
-class SelectRequest:
+class SelectRequest(Value):
     text: str
     vendor: int | None
     device: int | None

@@ -15,7 +15,7 @@ import fnmatch
 import re
 from functools import cache
 
-from kata_vfio import value
+from kata_vfio import Value
 from kata_vfio.errors import ConfigError
 from kata_vfio.hexcodes import hex_number
 from kata_vfio.pci import PciDevice
@@ -25,8 +25,7 @@ _ADDRESS_GLOB = re.compile(
 )
 
 
-@value
-class AllowRule:
+class AllowRule(Value):
     vendor: str | None = None  # "8086", or None for any
     device: str | None = None
     address_glob: str | None = None

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import os
 
-from kata_vfio import build, value
+from kata_vfio import Value, build
 from kata_vfio.defaults import ID_HINT, id_problem, plain_container_id
 from kata_vfio.errors import DeviceError, KataVfioError
 from kata_vfio.files import edited
@@ -78,8 +78,7 @@ def earlier_boot(host: Host, boot_id: str | None) -> bool:
     )
 
 
-@value(init=False)
-class Host:
+class Host(Value, init=False):
     """The host's kernel interfaces and kata-vfio's state directory (paths as strings)."""
 
     sysfs: str
@@ -149,8 +148,7 @@ def owner_name(container_id: str) -> str:
     return f"container {container_id}"
 
 
-@value
-class DeviceEntry:
+class DeviceEntry(Value):
     """A device kata-vfio moved: what to give it back to, its group and owner."""
 
     driver: str | None
@@ -171,8 +169,7 @@ class DeviceEntry:
         }
 
 
-@value
-class Claim:
+class Claim(Value):
     """A container's use of an IOMMU group."""
 
     container: str
@@ -197,8 +194,7 @@ class Claim:
         return obj
 
 
-@value
-class VfOriginal:
+class VfOriginal(Value):
     """What a PF had for one of its VFs before a container's io.kata-vfio.vf-config."""
 
     owner: str

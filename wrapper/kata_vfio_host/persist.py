@@ -23,7 +23,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from kata_vfio import value
+from kata_vfio import Value
 from kata_vfio.errors import ConfigError, KataVfioError
 from kata_vfio.files import UnsafeFileError, edited, file_lock, read_regular, write_atomically
 from kata_vfio.hexcodes import hex_number
@@ -50,8 +50,7 @@ def persist_path() -> str:
     return os.environ.get(PERSIST_ENV) or DEFAULT_PERSIST
 
 
-@value
-class PersistentBind:
+class PersistentBind(Value):
     """One device to bind at every boot: where it is and what it was."""
 
     address: PciAddress
@@ -69,8 +68,7 @@ class PersistentBind:
         return f"PersistentBind({self.line().strip()!r})"
 
 
-@value
-class PersistentVfs:
+class PersistentVfs(Value):
     """A PF whose VF count is made again at every boot: where it is, what it was, how
     many VFs."""
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from kata_vfio import as_dict, build, value
+from kata_vfio import Value, as_dict, build
 from kata_vfio.defaults import (
     CONFIG_ENV,
     DEFAULT_CONFIG,
@@ -32,8 +32,7 @@ GUEST_HOOK = "hook"
 GUEST_AGENT = "agent"
 
 
-@value(init=False)
-class Settings:
+class Settings(Value, init=False):
     """The validated configuration; read-only once made."""
 
     runtime: str

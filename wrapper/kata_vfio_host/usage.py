@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kata_vfio import value
+from kata_vfio import Value
 from kata_vfio.pci import PciAddress, block_devices_below, interfaces_below, read_device
 
 if TYPE_CHECKING:
@@ -32,8 +32,7 @@ UPPER_KINDS = frozenset({"vlan", "macvlan", "macvtap", "ipvlan", "ipvtap"})
 OVS_MASTER = "ovs-system"
 
 
-@value
-class Link:
+class Link(Value):
     """What the in-use rules need of one interface (one RTM_NEWLINK)."""
 
     index: int
@@ -44,8 +43,7 @@ class Link:
     lower: int = 0  # IFLA_LINK within this namespace (0 for another namespace's)
 
 
-@value
-class NetView:
+class NetView(Value):
     """One namespace's links, addresses (per index, IPv6 link-local left out) and routes
     (the output interfaces of each route that is neither the local table's nor the
     kernel's own for an address)."""

@@ -14,22 +14,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kata_vfio import value
+from kata_vfio import Value
 from kata_vfio.defaults import VF_CONFIG_ANNOTATION
 from kata_vfio.errors import DeviceError
 from kata_vfio.hexcodes import parse_mac
 from kata_vfio.pci import PciAddress, interfaces_below, read_device
 
 
-@value
-class VfSetting:
+class VfSetting(Value):
     vf: PciAddress
     mac: str | None
     vlan: int | None
 
 
-@value
-class VfPort:
+class VfPort(Value):
     """Where a VF's settings live: its PF's interface and the VF's index there."""
 
     pf_interface: str

@@ -6,7 +6,7 @@ and, for create/run, the bundle and container id, and hands the argv on as is.
 
 from __future__ import annotations
 
-from kata_vfio import value
+from kata_vfio import Value
 
 # Global flags (runc, crun, Kata 1.x) that take a value in the `--flag value` form.
 GLOBAL_VALUE_FLAGS = frozenset(
@@ -31,8 +31,7 @@ CREATE_VALUE_FLAGS = frozenset(
 EDIT_VERBS = frozenset({"create", "run"})
 
 
-@value
-class Invocation:
+class Invocation(Value):
     """What the wrapper needs to know of one runtime call."""
 
     verb: str | None

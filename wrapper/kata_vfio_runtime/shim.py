@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import sys
 
-from kata_vfio import value
+from kata_vfio import Value
 from kata_vfio.defaults import (
     DEFAULT_SHIM,
     SHIM_WRAPPER,
@@ -52,8 +52,7 @@ VALUE_FLAGS = frozenset(
 VERSION_FLAGS = frozenset({"v", "version"})
 
 
-@value
-class ShimCall:
+class ShimCall(Value):
     action: str | None
     container_id: str | None
     namespace: str | None

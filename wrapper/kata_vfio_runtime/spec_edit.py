@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 
-from kata_vfio import value
+from kata_vfio import Value
 from kata_vfio.defaults import MAX_CONFIG_JSON_BYTES
 from kata_vfio.errors import DeviceError, SpecError
 from kata_vfio.files import read_regular, write_atomically
@@ -58,8 +58,7 @@ ALLOCATED_ANNOTATION = "io.kata-vfio.allocated"
 OWN_ANNOTATIONS = (MANIFEST_ANNOTATION, GUEST_HOOK_PATH_ANNOTATION, ALLOCATED_ANNOTATION)
 
 
-@value
-class DeviceNode:
+class DeviceNode(Value):
     path: str
     major: int
     minor: int
@@ -85,8 +84,7 @@ class DeviceNode:
         }
 
 
-@value
-class SpecPlan:
+class SpecPlan(Value):
     nodes: tuple[DeviceNode, ...]  # every VFIO node the container gets, /dev/vfio/vfio first
     annotations: dict[str, str]
     manifest: Manifest
@@ -442,8 +440,7 @@ def load_spec(bundle: StrPath) -> tuple[dict[str, Any], bytes]:
     return spec, raw
 
 
-@value
-class EditResult:
+class EditResult(Value):
     plan: SpecPlan | None
     written: bool
     seconds: float
