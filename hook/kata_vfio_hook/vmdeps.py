@@ -24,7 +24,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import struct
 
 from kata_vfio.blockuse import BlockUsers
 from kata_vfio.pci import (
@@ -47,12 +46,15 @@ IPV6_SCOPE_HOST = 0x10
 
 def ipv4_address(ifname: str) -> str | None:
     """The interface's IPv4 address by SIOCGIFADDR, None if it has none (or is gone)."""
-    # _socket, the C module behind `socket`: socket.py costs the hook `enum`'s import
+    # _socket and _struct, the C modules behind `socket` and `struct`: socket.py costs the
+    # hook `enum`'s import, struct.py a module of its own; here, not at the top: only a
+    # device with a network interface asks
     import _socket
+    import _struct
 
     sock = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
     try:
-        ifreq = fcntl.ioctl(sock.fileno(), SIOCGIFADDR, struct.pack("16s16x", ifname.encode()[:15]))
+        ifreq = fcntl.ioctl(sock.fileno(), SIOCGIFADDR, _struct.pack("16s16x", ifname.encode()[:15]))
     except OSError as exc:
         if exc.errno in (errno.EADDRNOTAVAIL, errno.ENODEV, errno.ENXIO):
             return None
