@@ -57,72 +57,29 @@ if TYPE_CHECKING:
 _ORDERING = ("__lt__", "__le__", "__gt__", "__ge__")
 
 
-# A field's property and a class's `__new__` are made from these functions, compiled with
-# this module, so making a value class compiles nothing and imports nothing (an exec costs
-# ~80 µs a class, `_operator`'s itemgetter ~100 µs on the first import, on every start of
-# the hook and of create).
+# A field's property reads `self[index]` through a function made from `_get0` with the
+# index as its constant, once per index; a class's `__new__` is the template of its arity
+# below under the class's own parameter names. So making a value class compiles nothing and
+# imports nothing (an exec costs ~80 µs a class, `_operator`'s itemgetter ~70 µs on its
+# first import: on every start of the hook and of create).
 def _get0(self):  # type: ignore[no-untyped-def]
     return self[0]
 
 
-def _get1(self):  # type: ignore[no-untyped-def]
-    return self[1]
+_getters = [_get0]
 
 
-def _get2(self):  # type: ignore[no-untyped-def]
-    return self[2]
-
-
-def _get3(self):  # type: ignore[no-untyped-def]
-    return self[3]
-
-
-def _get4(self):  # type: ignore[no-untyped-def]
-    return self[4]
-
-
-def _get5(self):  # type: ignore[no-untyped-def]
-    return self[5]
-
-
-def _get6(self):  # type: ignore[no-untyped-def]
-    return self[6]
-
-
-def _get7(self):  # type: ignore[no-untyped-def]
-    return self[7]
-
-
-def _get8(self):  # type: ignore[no-untyped-def]
-    return self[8]
-
-
-def _get9(self):  # type: ignore[no-untyped-def]
-    return self[9]
-
-
-def _get10(self):  # type: ignore[no-untyped-def]
-    return self[10]
-
-
-def _get11(self):  # type: ignore[no-untyped-def]
-    return self[11]
-
-
-def _get12(self):  # type: ignore[no-untyped-def]
-    return self[12]
-
-
-def _get13(self):  # type: ignore[no-untyped-def]
-    return self[13]
-
-
-def _get14(self):  # type: ignore[no-untyped-def]
-    return self[14]
-
-
-def _get15(self):  # type: ignore[no-untyped-def]
-    return self[15]
+def _getter(index: int) -> Any:
+    while len(_getters) <= index:
+        code = _get0.__code__
+        at = len(_getters)
+        code = code.replace(
+            co_consts=tuple(at if type(c) is int else c for c in code.co_consts),
+            co_name=f"_get{at}",
+            co_qualname=f"_get{at}",
+        )
+        _getters.append(_function(code, globals(), f"_get{at}"))
+    return _getters[index]
 
 
 def _new1(_cls, a):  # type: ignore[no-untyped-def]
@@ -173,41 +130,8 @@ def _new12(_cls, a, b, c, d, e, f, g, h, i, j, k, m):  # type: ignore[no-untyped
     return _tuple_new(_cls, (a, b, c, d, e, f, g, h, i, j, k, m))
 
 
-def _new13(_cls, a, b, c, d, e, f, g, h, i, j, k, m, n):  # type: ignore[no-untyped-def]
-    return _tuple_new(_cls, (a, b, c, d, e, f, g, h, i, j, k, m, n))
-
-
-def _new14(_cls, a, b, c, d, e, f, g, h, i, j, k, m, n, o):  # type: ignore[no-untyped-def]
-    return _tuple_new(_cls, (a, b, c, d, e, f, g, h, i, j, k, m, n, o))
-
-
-def _new15(_cls, a, b, c, d, e, f, g, h, i, j, k, m, n, o, p):  # type: ignore[no-untyped-def]
-    return _tuple_new(_cls, (a, b, c, d, e, f, g, h, i, j, k, m, n, o, p))
-
-
-def _new16(_cls, a, b, c, d, e, f, g, h, i, j, k, m, n, o, p, q):  # type: ignore[no-untyped-def]
-    return _tuple_new(_cls, (a, b, c, d, e, f, g, h, i, j, k, m, n, o, p, q))
-
-
 _tuple_new = tuple.__new__
-_GET = (
-    _get0,
-    _get1,
-    _get2,
-    _get3,
-    _get4,
-    _get5,
-    _get6,
-    _get7,
-    _get8,
-    _get9,
-    _get10,
-    _get11,
-    _get12,
-    _get13,
-    _get14,
-    _get15,
-)
+_function: Any = type(_get0)
 _NEW = (
     None,
     _new1,
@@ -222,12 +146,7 @@ _NEW = (
     _new10,
     _new11,
     _new12,
-    _new13,
-    _new14,
-    _new15,
-    _new16,
 )
-_function: Any = type(_new1)
 
 
 def as_dict(record: object) -> dict[str, Any]:
@@ -268,8 +187,10 @@ class _Shape(type):
         if bases != (Value,):
             raise TypeError(f"{name}: a value type derives from Value alone")
         fields = tuple(namespace.get("__annotations__", ()))
-        if not 0 < len(fields) < len(_NEW):
-            raise TypeError(f"{name}: a value type has 1 to {len(_NEW) - 1} fields")
+        if not fields or (init and len(fields) >= len(_NEW)):
+            raise TypeError(
+                f"{name}: a value type has 1 to {len(_NEW) - 1} fields (more with init=False)"
+            )
         if ("__new__" in namespace) == init:
             raise TypeError(
                 f"{name}: a value type with its own __new__ is (Value, init=False), and only it"
@@ -280,7 +201,7 @@ class _Shape(type):
                 defaults.append(namespace[field])
             elif defaults:
                 raise TypeError(f"{name}.{field}: a field without a default after one with one")
-            namespace[field] = property(_GET[index], doc=field)
+            namespace[field] = property(_getter(index), doc=field)
         namespace["__slots__"] = ()
         namespace["_fields"] = namespace["__match_args__"] = fields
         if init:

@@ -54,7 +54,8 @@ def ipv4_address(ifname: str) -> str | None:
 
     sock = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
     try:
-        ifreq = fcntl.ioctl(sock.fileno(), SIOCGIFADDR, _struct.pack("16s16x", ifname.encode()[:15]))
+        request = _struct.pack("16s16x", ifname.encode()[:15])
+        ifreq = fcntl.ioctl(sock.fileno(), SIOCGIFADDR, request)
     except OSError as exc:
         if exc.errno in (errno.EADDRNOTAVAIL, errno.ENODEV, errno.ENXIO):
             return None
