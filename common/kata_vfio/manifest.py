@@ -8,12 +8,12 @@ Keys a reader does not know are ignored, so an optional key (a device's ``mac`` 
 
 from __future__ import annotations
 
-from kata_vfio import Value, defaults
+from kata_vfio import defaults
 from kata_vfio.defaults import HOTPLUG_TIMEOUT_DEFAULT, HOTPLUG_TIMEOUT_MAX
 from kata_vfio.errors import SpecError
-from kata_vfio.hexcodes import hex_number, parse_mac
 from kata_vfio.jsoncodec import dumps, loads
-from kata_vfio.pci import IommuGroup, PciAddress, PciIdentity
+from kata_vfio.pci import IommuGroup, PciAddress, PciIdentity, hex_number, parse_mac
+from kata_vfio.value import Value
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

@@ -5,15 +5,23 @@ production, a fake tree in tests) and gives paths back as strings. Untrusted str
 are parsed into `PciAddress` / `IommuGroup` before they are ever joined to a path.
 
 On the hot paths (the lean-import rule, see `kata_vfio`): paths are `os.path` strings.
+
+Hex numbers and MAC addresses are read here, the one strict way every reader shares: PCI
+addresses, vendor/device/class IDs (devices -d, io.kata-vfio.select, the persistent-bind
+file, pci.ids, the manifest), the ledger's keys, the MACs of VFs (the manifest,
+io.kata-vfio.vf-config). Lower-case digits only, an exact width, nothing else:
+`int(text, 16)` alone would also take `0x`, a sign, `_` between digits and surrounding
+white space. Callers that accept upper case from an operator lower-case the text first.
+(Here, not in a module of their own: every reader of them reads PCI text too, and each
+module more costs the hook's start.)
 """
 
 from __future__ import annotations
 
 import os
 
-from kata_vfio import Value
 from kata_vfio.errors import DeviceError
-from kata_vfio.hexcodes import hex_number
+from kata_vfio.value import Value
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -25,6 +33,27 @@ VFIO_PCI = "vfio-pci"
 PCI_STUB = "pci-stub"
 CLASS_BRIDGE_PCI = 0x0604  # base class 0x06 (bridge), subclass 0x04 (PCI-to-PCI)
 CLASS_NETWORK = 0x02
+
+HEX_DIGITS = frozenset("0123456789abcdef")
+
+
+def hex_number(text: str, *widths: int) -> int | None:
+    """`text` as a number when it is exactly one of `widths` lower-case hex digits, else None."""
+    if text and len(text) in widths and set(text) <= HEX_DIGITS:
+        return int(text, 16)
+    return None
+
+
+def parse_mac(text: object) -> str | None:
+    """A MAC address (six `:`-separated octets of two hex digits, either case), lower-cased;
+    None when `text` is not one."""
+    if not isinstance(text, str):
+        return None
+    mac = text.lower()
+    octets = mac.split(":")
+    if len(octets) == 6 and all(hex_number(o, 2) is not None for o in octets):
+        return mac
+    return None
 
 
 def _hex_field(text: str, width: int, what: str, original: str) -> int:

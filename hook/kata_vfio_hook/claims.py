@@ -16,10 +16,10 @@ import fcntl
 import os
 import time
 
-from kata_vfio import Value
 from kata_vfio.errors import HookError
 from kata_vfio.files import edited, file_lock, write_atomically
 from kata_vfio.jsoncodec import dumps, loads
+from kata_vfio.value import Value
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

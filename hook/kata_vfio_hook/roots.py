@@ -6,9 +6,9 @@ everywhere on the hook's path (the lean-import rule, see `kata_vfio`).
 
 from __future__ import annotations
 
-from kata_vfio import Value
 from kata_vfio.defaults import GUEST_CLAIMS_DIR
 from kata_vfio.rebind import MODPROBE, write_attr
+from kata_vfio.value import Value
 from kata_vfio_hook.state import LIBCONTAINER
 from kata_vfio_hook.vmdeps import ipv4_address
 

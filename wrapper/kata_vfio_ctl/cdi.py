@@ -22,7 +22,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kata_vfio import Value
 from kata_vfio.errors import DeviceError
 from kata_vfio.pci import (
     VFIO_CONTAINER_DEVNUM,
@@ -35,6 +34,7 @@ from kata_vfio.pci import (
     usable_by_vfio,
     vfio_group_devnum,
 )
+from kata_vfio.value import Value
 
 CDI_VERSION = "0.5.0"
 CDI_KIND = "kata-vfio.io/pci"

@@ -5,7 +5,7 @@ A leaf: it imports nothing of ours, so every module with checks can use it.
 
 from __future__ import annotations
 
-from kata_vfio import Value, as_dict
+from kata_vfio.value import Value, as_dict
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 

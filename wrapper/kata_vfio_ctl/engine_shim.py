@@ -12,8 +12,8 @@ import os
 import sys
 from pathlib import Path
 
-from kata_vfio import Value
 from kata_vfio.errors import ConfigError, UsageError
+from kata_vfio.value import Value
 
 RUNTIME_NAME = "kata-vfio"
 SHIM_BINARY = "containerd-shim-kata-vfio-v2"

@@ -46,8 +46,8 @@ from typing import Any
 
 import tomlkit
 
-from kata_vfio import Value
 from kata_vfio.errors import ConfigError
+from kata_vfio.value import Value
 from kata_vfio_ctl.kata_conf import HYPERVISOR_ANNOTATION_PREFIX, annotation_enabled
 from kata_vfio_host.settings import GUEST_AGENT, GUEST_HOOK, Settings
 

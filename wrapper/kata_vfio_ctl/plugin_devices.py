@@ -22,7 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kata_vfio import Value
 from kata_vfio.errors import ConfigError, DeviceError
 from kata_vfio.pci import (
     PCI_STUB,
@@ -36,6 +35,7 @@ from kata_vfio.pci import (
     read_device,
     read_link,
 )
+from kata_vfio.value import Value
 from kata_vfio_host.allocate import SelectRequest, parse_select
 from kata_vfio_host.allowlist import AllowRule, parse_rule
 from kata_vfio_host.owners import KUBERNETES_ALLOCATION as ALLOCATION_PREFIX

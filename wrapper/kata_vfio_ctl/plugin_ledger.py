@@ -28,10 +28,10 @@ import os
 import time
 from typing import TYPE_CHECKING
 
-from kata_vfio import Value
 from kata_vfio.errors import DeviceError
 from kata_vfio.files import edited
 from kata_vfio.pci import IommuGroup, PciAddress
+from kata_vfio.value import Value
 from kata_vfio_host.bindings import acquire, wait_for_group_node
 from kata_vfio_host.giveback import release_container
 from kata_vfio_host.ledger import (

@@ -14,8 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from kata_vfio import Value
 from kata_vfio.errors import ConfigError
+from kata_vfio.value import Value
 
 CONF_LIMIT = 1 << 20  # configuration files are kilobytes; Kata's shipped one is ~30 KiB
 

@@ -17,20 +17,20 @@ import os
 import re
 from typing import Any
 
-from kata_vfio import Value
 from kata_vfio.defaults import SELECT_ANNOTATION
 from kata_vfio.errors import DeviceError, KataVfioError
-from kata_vfio.hexcodes import hex_number
 from kata_vfio.pci import (
     IommuGroup,
     PciAddress,
     PciDevice,
     device_dir,
     group_members,
+    hex_number,
     is_vfio_driver,
     list_addresses,
     read_device,
 )
+from kata_vfio.value import Value
 from kata_vfio_host.allowlist import parse_allow_list
 from kata_vfio_host.ledger import ContainerId, Host, read_journal_file
 from kata_vfio_host.locks import Locks

@@ -15,10 +15,9 @@ import fnmatch
 import re
 from functools import cache
 
-from kata_vfio import Value
 from kata_vfio.errors import ConfigError
-from kata_vfio.hexcodes import hex_number
-from kata_vfio.pci import PciDevice
+from kata_vfio.pci import PciDevice, hex_number
+from kata_vfio.value import Value
 
 _ADDRESS_GLOB = re.compile(
     r"^[0-9a-f*?\[\]-]{1,5}:[0-9a-f*?\[\]-]{1,2}:[0-9a-f*?\[\]-]{1,2}\.[0-7*?\[\]-]$"

@@ -34,14 +34,13 @@ from __future__ import annotations
 
 import os
 
-from kata_vfio import Value, build
 from kata_vfio.defaults import ID_HINT, id_problem, plain_container_id
 from kata_vfio.errors import DeviceError, KataVfioError
 from kata_vfio.files import edited
-from kata_vfio.hexcodes import HEX_DIGITS
 from kata_vfio.jsoncodec import dumps, loads
-from kata_vfio.pci import IommuGroup, PciAddress, group_of
+from kata_vfio.pci import HEX_DIGITS, IommuGroup, PciAddress, group_of
 from kata_vfio.rebind import MODPROBE, write_attr
+from kata_vfio.value import Value, build
 from kata_vfio_host.locks import Locks
 
 TYPE_CHECKING = False

@@ -23,11 +23,10 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from kata_vfio import Value
 from kata_vfio.errors import ConfigError, KataVfioError
 from kata_vfio.files import UnsafeFileError, edited, file_lock, read_regular, write_atomically
-from kata_vfio.hexcodes import hex_number
-from kata_vfio.pci import PciAddress
+from kata_vfio.pci import PciAddress, hex_number
+from kata_vfio.value import Value
 
 PERSIST_ENV = "KATA_VFIO_PERSIST"
 DEFAULT_PERSIST = "/etc/kata-vfio/persistent-binds"

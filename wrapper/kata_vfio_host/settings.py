@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 
-from kata_vfio import Value, as_dict, build
 from kata_vfio.defaults import (
     CONFIG_ENV,
     DEFAULT_CONFIG,
@@ -22,6 +21,7 @@ from kata_vfio.defaults import (
     HOTPLUG_TIMEOUT_MAX,
 )
 from kata_vfio.errors import ConfigError
+from kata_vfio.value import Value, as_dict, build
 from kata_vfio_host.cache import config_path, read_cache, read_config, write_cache
 
 TYPE_CHECKING = False

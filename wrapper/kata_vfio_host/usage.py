@@ -15,8 +15,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kata_vfio import Value
 from kata_vfio.pci import PciAddress, block_devices_below, interfaces_below, read_device
+from kata_vfio.value import Value
 
 if TYPE_CHECKING:
     from collections.abc import Callable

@@ -14,11 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kata_vfio import Value
 from kata_vfio.defaults import VF_CONFIG_ANNOTATION
 from kata_vfio.errors import DeviceError
-from kata_vfio.hexcodes import parse_mac
-from kata_vfio.pci import PciAddress, interfaces_below, read_device
+from kata_vfio.pci import PciAddress, interfaces_below, parse_mac, read_device
+from kata_vfio.value import Value
 
 
 class VfSetting(Value):

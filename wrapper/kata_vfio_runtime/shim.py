@@ -26,12 +26,12 @@ from __future__ import annotations
 import os
 import sys
 
-from kata_vfio import Value
 from kata_vfio.defaults import (
     DEFAULT_SHIM,
     SHIM_WRAPPER,
 )
 from kata_vfio.errors import ConfigError
+from kata_vfio.value import Value
 from kata_vfio_host.cache import config_path, which
 from kata_vfio_runtime.handover import hand_over
 from kata_vfio_runtime.wrapping import Wrapper, holds_devices, passthrough, prepare

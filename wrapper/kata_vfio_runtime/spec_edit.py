@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import time
 
-from kata_vfio import Value
 from kata_vfio.defaults import MAX_CONFIG_JSON_BYTES
 from kata_vfio.errors import DeviceError, SpecError
 from kata_vfio.files import read_regular, write_atomically
@@ -39,6 +38,7 @@ from kata_vfio.pci import (
     usable_by_vfio,
     vfio_group_devnum,
 )
+from kata_vfio.value import Value
 from kata_vfio_host.settings import GUEST_AGENT, Settings
 
 TYPE_CHECKING = False
