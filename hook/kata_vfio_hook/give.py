@@ -167,7 +167,6 @@ def bind_all(
     """Rebind every device to vfio-pci concurrently. Each device is added to `moved`
     before the first write to it, so the caller can give back everything touched."""
     from kata_vfio.rebind import bind_to
-    from kata_vfio.threads import in_threads
 
     errors: dict[PciAddress, KataVfioError | OSError] = {}
 
@@ -187,7 +186,13 @@ def bind_all(
 
     todo = [d for d in devices if not is_vfio_driver(d.driver)]
     moved.extend(todo)
-    in_threads(todo, bind, len(todo))  # a thread a device: each only waits on sysfs
+    if len(todo) > 1:  # a thread a device: each only waits on sysfs
+        from kata_vfio.threads import in_threads
+
+        in_threads(todo, bind, len(todo))
+    else:  # one device binds here, without loading the pool (most containers have one)
+        for dev in todo:
+            bind(dev)
     if errors:
         failed, failure = next(iter(errors.items()))
         detail = failure.one_line() if isinstance(failure, KataVfioError) else str(failure)
@@ -343,8 +348,7 @@ def _finish(
     the files that tell the container its guest addresses."""
     from kata_vfio.pci import VFIO_CONTAINER_DEVNUM, group_of
     from kata_vfio_hook import devfiles
-    from kata_vfio_hook.cgroup import allow_devices, devices_cgroup
-    from kata_vfio_hook.nodes import make_nodes
+    from kata_vfio_hook.nodes import allow_devices, devices_cgroup, make_nodes
 
     log = out.log
     with out.phase("groups", "waiting for the VFIO groups"):

@@ -1,4 +1,5 @@
-"""Creating /dev/vfio nodes inside the container, as runc creates device nodes.
+"""Creating /dev/vfio nodes inside the container, as runc creates device nodes, and
+letting the container open them through its devices cgroup.
 
 The hook runs in kata-agent's namespaces after the container's rootfs is set up
 and before pivot_root. The container's /dev is a mount in the container's own
@@ -6,6 +7,12 @@ mount namespace; /proc/<pid>/root walks paths in that namespace, so the nodes ar
 made through it, with neither setns nor a child process. Relative to the rootfs,
 every path component is opened with O_NOFOLLOW so a symlink in the image cannot
 send a node outside; EEXIST is accepted; type and major:minor are checked after.
+
+The cgroup: under cgroup v1, "c M:m rwm" appended to the container's devices.allow.
+cgroup v2 has no such file (device access is a BPF program the runtime attached from the
+spec's linux.resources.devices), so there the spec's rules decide, and we say so. (Here,
+not in a module of its own: a node is no use without its rule, and each module more
+costs every hook start.)
 """
 
 from __future__ import annotations
@@ -81,3 +88,30 @@ def make_nodes(rootfs: str, nodes: list[VfioNode]) -> None:
     finally:
         for fd in reversed(fds):
             os.close(fd)
+
+
+def devices_cgroup(proc: StrPath, pid: int) -> str | None:
+    """The pid's cgroup v1 devices path ('/a/b'), or None without a v1 devices hierarchy."""
+    try:
+        with open(os.path.join(proc, str(pid), "cgroup"), encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        parts = line.split(":", 2)  # "hierarchy-ID:controllers:path"
+        if len(parts) != 3:
+            raise HookError(f"odd line {line!r} in /proc/{pid}/cgroup", "check the guest")
+        _, controllers, path = parts
+        if "devices" in controllers.split(","):
+            if ".." in path.split("/"):
+                raise HookError(f"odd cgroup path {path!r} for pid {pid}", "check the guest")
+            return path
+    return None
+
+
+def allow_devices(cgroupfs: StrPath, cgroup_path: str, devnums: list[tuple[int, int]]) -> str:
+    allow = os.path.join(cgroupfs, "devices", cgroup_path.lstrip("/"), "devices.allow")
+    for major, minor in devnums:
+        with open(allow, "w", encoding="ascii") as f:  # one rule per write(2)
+            f.write(f"c {major}:{minor} rwm")
+    return allow

@@ -29,7 +29,7 @@ def test_an_unexpected_error_names_its_step_and_place(
     def broken(*args: Any) -> None:
         raise ValueError("boom")
 
-    monkeypatch.setattr("kata_vfio_hook.cgroup.devices_cgroup", broken)
+    monkeypatch.setattr("kata_vfio_hook.nodes.devices_cgroup", broken)
     monkeypatch.setattr(
         sys, "stdin", io.StringIO(guest.state(manifest((7, [mdev("0000:81:00.0")]))))
     )
@@ -67,11 +67,9 @@ HOOK_STDLIB = {
 }
 
 
-def test_a_whole_hook_run_imports_only_cheap_standard_modules(guest: Guest) -> None:
-    """Every import statement our modules execute during a full run (devices found,
-    rebound concurrently, groups, nodes, cgroup, log), with our modules imported afresh so
-    their top-level imports count too: nothing beyond the cheap list (no pathlib, typing,
-    json, re, threading, socket, contextlib, dataclasses)."""
+def fresh_run(guest: Guest, text: str) -> tuple[set[str], set[str]]:
+    """One hook run with our modules imported afresh, so their top-level imports count
+    too: (the standard modules our code imported, our modules the run loaded)."""
     import builtins
 
     ours = ("kata_vfio", "kata_vfio_hook")
@@ -106,17 +104,37 @@ def test_a_whole_hook_run_imports_only_cheap_standard_modules(guest: Guest) -> N
             uevents=False,
             ipv4_address=r.ipv4_address,
         )
-        m = manifest(
-            (7, [mdev("0000:81:00.0", mac="52:54:00:00:00:03")]),
-            (9, [mdev("0000:82:00.0", NVME)]),
-            (2, [mdev("0000:83:00.0")]),
-        )
-        assert fresh_main.run(guest.state(m), roots, FreshLog(guest.log_path)) == 0
+        assert fresh_main.run(guest.state(text), roots, FreshLog(guest.log_path)) == 0
     finally:
         builtins.__import__ = real_import
-        for name in [k for k in sys.modules if k.split(".")[0] in ours]:
+        loaded = {k for k in sys.modules if k.split(".")[0] in ours}
+        for name in loaded:
             del sys.modules[name]
         sys.modules.update(saved)
+    return seen, loaded
+
+
+def test_a_whole_hook_run_imports_only_cheap_standard_modules(guest: Guest) -> None:
+    """Every import statement our modules execute during a full run (devices found,
+    rebound concurrently, groups, nodes, cgroup, log): nothing beyond the cheap list (no
+    pathlib, typing, json, re, threading, socket, contextlib, dataclasses)."""
+    m = manifest(
+        (7, [mdev("0000:81:00.0", mac="52:54:00:00:00:03")]),
+        (9, [mdev("0000:82:00.0", NVME)]),
+        (2, [mdev("0000:83:00.0")]),
+    )
+    seen, loaded = fresh_run(guest, m)
     assert guest.given() == ["0000:00:02.0", "0000:00:04.0", "0000:00:05.0"]
     assert {"_thread", "_json"} <= seen  # the concurrent bind and the codec did run
     assert seen <= HOOK_STDLIB, sorted(seen - HOOK_STDLIB)
+    assert "kata_vfio.threads" in loaded
+
+
+def test_one_device_binds_without_loading_the_thread_pool(guest: Guest) -> None:
+    """Most containers ask for one device: it is rebound in the hook's own thread, and
+    the pool's module (one more module on every start) is never loaded."""
+    seen, loaded = fresh_run(guest, manifest((9, [mdev("0000:82:00.0", NVME)])))
+    assert guest.given() == ["0000:00:05.0"]
+    assert guest.fs.driver("0000:00:05.0") == "vfio-pci"
+    assert "kata_vfio.threads" not in loaded and "_thread" not in seen
+    assert {"kata_vfio_hook.give", "kata_vfio.rebind"} <= loaded
