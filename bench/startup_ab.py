@@ -35,7 +35,7 @@ PACKAGES = ("common/kata_vfio", "hook/kata_vfio_hook")
 # tests/hook/test_hook_boundary.py records them); a module a tree does not have is left out
 # for it (3746a10 had no kata_vfio.value nor kata_vfio.threads: its pool was in give.py)
 NO_MANIFEST = ["kata_vfio_hook.main"]
-ONE_DEVICE = [
+ONE_NIC = [
     *NO_MANIFEST,
     *(f"kata_vfio.{m}" for m in ("value", "manifest", "pci", "rebind", "jsonlog", "files")),
     *(
@@ -44,7 +44,8 @@ ONE_DEVICE = [
     ),
     "kata_vfio_hook.devfiles",
 ]
-SEVERAL_DEVICES = [*ONE_DEVICE, "kata_vfio.threads"]
+ONE_DRIVE = [*ONE_NIC, "kata_vfio.blockuse"]  # an NVMe drive: make bench's hook(1)
+SEVERAL_DEVICES = [*ONE_DRIVE, "kata_vfio.threads"]
 
 
 def lay_out(source: Path, lib: Path) -> None:
@@ -133,7 +134,8 @@ def main() -> int:
         print(f"bare python3 -I -S start: {bare[0]:.2f} ms wall, {bare[1]:.2f} ms CPU")
         for label, modules in (
             ("no manifest", NO_MANIFEST),
-            ("one device", ONE_DEVICE),
+            ("one NIC", ONE_NIC),
+            ("one NVMe drive", ONE_DRIVE),
             ("several devices", SEVERAL_DEVICES),
         ):
             result = compare(libs, modules, args.runs)

@@ -25,7 +25,6 @@ import errno
 import fcntl
 import os
 
-from kata_vfio.blockuse import BlockUsers
 from kata_vfio.pci import (
     ClassIndex,
     PciDevice,
@@ -36,6 +35,7 @@ from kata_vfio.pci import (
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from kata_vfio.blockuse import BlockUsers
     from kata_vfio.types import Ipv4Lookup, StrPath
 
 SIOCGIFADDR = 0x8915  # struct ifreq: char ifr_name[16]; struct sockaddr_in ifr_addr
@@ -72,7 +72,7 @@ class VmDependencies:
         self._sysfs = sysfs
         self._proc = proc
         self._ipv4 = ipv4 or ipv4_address
-        self._blocks = BlockUsers(sysfs, proc)
+        self._blocks: BlockUsers | None = None  # made for the first block device
         self._inet6: dict[str, str] | None = None
         self._routes: set[str] | None = None
         self._classes = ClassIndex(sysfs)  # /sys/class/{net,block} resolved once per run
@@ -95,6 +95,10 @@ class VmDependencies:
 
     # -- block devices ------------------------------------------------------------------
     def _block_user(self, name: str) -> str | None:
+        if self._blocks is None:  # here, not at the top: a NIC's hook never loads it
+            from kata_vfio.blockuse import BlockUsers
+
+            self._blocks = BlockUsers(self._sysfs, self._proc)
         return self._blocks.user(name)
 
     # -- interfaces ---------------------------------------------------------------------

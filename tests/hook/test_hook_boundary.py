@@ -133,8 +133,17 @@ def test_a_whole_hook_run_imports_only_cheap_standard_modules(guest: Guest) -> N
 def test_one_device_binds_without_loading_the_thread_pool(guest: Guest) -> None:
     """Most containers ask for one device: it is rebound in the hook's own thread, and
     the pool's module (one more module on every start) is never loaded."""
+    guest.fs.add_child_block("0000:00:05.0", "nvme0n1", child="nvme/nvme0")  # not in use
     seen, loaded = fresh_run(guest, manifest((9, [mdev("0000:82:00.0", NVME)])))
     assert guest.given() == ["0000:00:05.0"]
     assert guest.fs.driver("0000:00:05.0") == "vfio-pci"
     assert "kata_vfio.threads" not in loaded and "_thread" not in seen
-    assert {"kata_vfio_hook.give", "kata_vfio.rebind"} <= loaded
+    assert {"kata_vfio_hook.give", "kata_vfio.rebind", "kata_vfio.blockuse"} <= loaded
+
+
+def test_a_nic_is_checked_without_loading_the_block_device_tables(guest: Guest) -> None:
+    """A NIC (DPDK's case) has no block devices below it: the tables of what uses block
+    devices (mounts, swaps, holders) are neither read nor their module loaded."""
+    seen, loaded = fresh_run(guest, manifest((2, [mdev("0000:83:00.0")])))
+    assert len(guest.given()) == 1
+    assert "kata_vfio.blockuse" not in loaded and "kata_vfio_hook.vmdeps" in loaded
