@@ -144,6 +144,6 @@ def test_one_device_binds_without_loading_the_thread_pool(guest: Guest) -> None:
 def test_a_nic_is_checked_without_loading_the_block_device_tables(guest: Guest) -> None:
     """A NIC (DPDK's case) has no block devices below it: the tables of what uses block
     devices (mounts, swaps, holders) are neither read nor their module loaded."""
-    seen, loaded = fresh_run(guest, manifest((2, [mdev("0000:83:00.0")])))
+    _, loaded = fresh_run(guest, manifest((2, [mdev("0000:83:00.0")])))
     assert len(guest.given()) == 1
     assert "kata_vfio.blockuse" not in loaded and "kata_vfio_hook.vmdeps" in loaded
